@@ -1,0 +1,122 @@
+//! Plain float element types: F32, F16 and BF16. Conversions, row dequantize/quantize and the
+//! scalar reference dot products (accumulated in f64, so the SIMD twins are checked against the
+//! most accurate sum rather than one particular summation order).
+
+use half::f16;
+
+/// IEEE half bits → f32.
+#[inline]
+pub fn f16_to_f32(bits: u16) -> f32 {
+    f16::from_bits(bits).to_f32()
+}
+
+/// f32 → IEEE half bits, round to nearest even (what ggml's F16C and reference paths do).
+#[inline]
+pub fn f32_to_f16(x: f32) -> u16 {
+    f16::from_f32(x).to_bits()
+}
+
+/// bfloat16 bits → f32.
+#[inline]
+pub fn bf16_to_f32(bits: u16) -> f32 {
+    f32::from_bits((bits as u32) << 16)
+}
+
+/// f32 → bfloat16 bits with round-to-nearest-even; NaN stays a (quiet) NaN.
+#[inline]
+pub fn f32_to_bf16(x: f32) -> u16 {
+    let u = x.to_bits();
+    if (u & 0x7fff_ffff) > 0x7f80_0000 {
+        return ((u >> 16) | 64) as u16;
+    }
+    ((u + (0x7fff + ((u >> 16) & 1))) >> 16) as u16
+}
+
+#[inline]
+fn u16_at(b: &[u8], i: usize) -> u16 {
+    u16::from_le_bytes([b[2 * i], b[2 * i + 1]])
+}
+
+#[inline]
+fn f32_at(b: &[u8], i: usize) -> f32 {
+    f32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]])
+}
+
+pub fn dequantize_f32(src: &[u8], dst: &mut [f32]) {
+    for (i, d) in dst.iter_mut().enumerate() {
+        *d = f32_at(src, i);
+    }
+}
+
+pub fn dequantize_f16(src: &[u8], dst: &mut [f32]) {
+    for (i, d) in dst.iter_mut().enumerate() {
+        *d = f16_to_f32(u16_at(src, i));
+    }
+}
+
+pub fn dequantize_bf16(src: &[u8], dst: &mut [f32]) {
+    for (i, d) in dst.iter_mut().enumerate() {
+        *d = bf16_to_f32(u16_at(src, i));
+    }
+}
+
+pub fn quantize_f32(src: &[f32], dst: &mut [u8]) {
+    for (x, d) in src.iter().zip(dst.chunks_exact_mut(4)) {
+        d.copy_from_slice(&x.to_le_bytes());
+    }
+}
+
+pub fn quantize_f16(src: &[f32], dst: &mut [u8]) {
+    for (x, d) in src.iter().zip(dst.chunks_exact_mut(2)) {
+        d.copy_from_slice(&f32_to_f16(*x).to_le_bytes());
+    }
+}
+
+pub fn quantize_bf16(src: &[f32], dst: &mut [u8]) {
+    for (x, d) in src.iter().zip(dst.chunks_exact_mut(2)) {
+        d.copy_from_slice(&f32_to_bf16(*x).to_le_bytes());
+    }
+}
+
+pub fn dot_f32(w: &[u8], a: &[u8]) -> f32 {
+    let n = w.len() / 4;
+    (0..n)
+        .map(|i| f32_at(w, i) as f64 * f32_at(a, i) as f64)
+        .sum::<f64>() as f32
+}
+
+pub fn dot_f16(w: &[u8], a: &[u8]) -> f32 {
+    let n = w.len() / 2;
+    (0..n)
+        .map(|i| f16_to_f32(u16_at(w, i)) as f64 * f16_to_f32(u16_at(a, i)) as f64)
+        .sum::<f64>() as f32
+}
+
+pub fn dot_bf16(w: &[u8], a: &[u8]) -> f32 {
+    let n = w.len() / 2;
+    (0..n)
+        .map(|i| bf16_to_f32(u16_at(w, i)) as f64 * bf16_to_f32(u16_at(a, i)) as f64)
+        .sum::<f64>() as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_rounds_to_nearest_even() {
+        // 1.0 + 2^-8 lies exactly between two bf16 values: ties go to the even mantissa (1.0).
+        assert_eq!(f32_to_bf16(1.0 + 1.0 / 256.0), 0x3f80);
+        // 1.0 + 3·2^-8 ties between 1+2^-7 (odd) and 1+2^-6 (even): goes up.
+        assert_eq!(f32_to_bf16(1.0 + 3.0 / 256.0), 0x3f82);
+        assert!(bf16_to_f32(f32_to_bf16(f32::NAN)).is_nan());
+        assert_eq!(bf16_to_f32(f32_to_bf16(-2.5)), -2.5);
+    }
+
+    #[test]
+    fn f16_round_trip() {
+        for x in [0.0f32, -0.0, 1.0, -65504.0, 6.1035156e-5, 0.33325195] {
+            assert_eq!(f16_to_f32(f32_to_f16(x)), x);
+        }
+    }
+}

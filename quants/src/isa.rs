@@ -1,0 +1,172 @@
+//! Instruction-set tiers and their runtime detection. The active tier is chosen once, at first
+//! use: the best one this CPU supports, or the one named by `GGRUN_ISA` (scalar, avx2, avx512,
+//! avx512vnni, neon, neon-dotprod) when this CPU supports it. AMX is never used: some VMs list it
+//! in /proc/cpuinfo but fault on its instructions.
+
+use std::sync::OnceLock;
+
+/// A kernel tier. Higher tiers fall back to lower ones kernel by kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Isa {
+    Scalar,
+    /// x86-64 AVX2 + FMA + F16C.
+    Avx2,
+    /// AVX-512 F/BW/VL (plus the AVX2 tier).
+    Avx512,
+    /// AVX-512 with VNNI (`vpdpbusd`).
+    Avx512Vnni,
+    /// AArch64 Advanced SIMD.
+    Neon,
+    /// NEON with the dot-product extension (`sdot`).
+    NeonDotprod,
+}
+
+impl Isa {
+    pub const ALL: [Isa; 6] = [
+        Isa::Scalar,
+        Isa::Avx2,
+        Isa::Avx512,
+        Isa::Avx512Vnni,
+        Isa::Neon,
+        Isa::NeonDotprod,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+            Isa::Avx512Vnni => "avx512vnni",
+            Isa::Neon => "neon",
+            Isa::NeonDotprod => "neon-dotprod",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Isa> {
+        Isa::ALL
+            .into_iter()
+            .find(|i| i.name().eq_ignore_ascii_case(s.trim()))
+    }
+
+    /// Whether this CPU can run kernels of this tier.
+    pub fn is_available(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                Isa::Avx2.is_available()
+                    && is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vl")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => Isa::Avx512.is_available() && is_x86_feature_detected!("avx512vnni"),
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => std::arch::is_aarch64_feature_detected!("neon"),
+            #[cfg(target_arch = "aarch64")]
+            Isa::NeonDotprod => {
+                std::arch::is_aarch64_feature_detected!("neon")
+                    && std::arch::is_aarch64_feature_detected!("dotprod")
+            }
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+
+    /// Every tier this CPU supports, lowest first.
+    pub fn available() -> Vec<Isa> {
+        Isa::ALL.into_iter().filter(|i| i.is_available()).collect()
+    }
+
+    /// The best tier this CPU supports.
+    pub fn detect() -> Isa {
+        *Isa::available().last().expect("scalar is always available")
+    }
+}
+
+/// Why the active tier is what it is: the detected tier, and a note when `GGRUN_ISA` asked for one
+/// this CPU lacks or that does not exist.
+#[derive(Clone, Debug)]
+pub struct Selection {
+    pub active: Isa,
+    pub detected: Isa,
+    pub warning: Option<String>,
+}
+
+fn select(request: Option<&str>) -> Selection {
+    let detected = Isa::detect();
+    let Some(req) = request.filter(|s| !s.trim().is_empty()) else {
+        return Selection {
+            active: detected,
+            detected,
+            warning: None,
+        };
+    };
+    match Isa::from_name(req) {
+        Some(isa) if isa.is_available() => Selection {
+            active: isa,
+            detected,
+            warning: None,
+        },
+        Some(isa) => Selection {
+            active: detected,
+            detected,
+            warning: Some(format!(
+                "GGRUN_ISA={}: this CPU lacks it; using {}",
+                isa.name(),
+                detected.name()
+            )),
+        },
+        None => Selection {
+            active: detected,
+            detected,
+            warning: Some(format!(
+                "GGRUN_ISA={req}: unknown (expected one of {}); using {}",
+                Isa::ALL.map(|i| i.name()).join(", "),
+                detected.name()
+            )),
+        },
+    }
+}
+
+/// The tier selected for this process (detected once, then fixed).
+pub fn selection() -> &'static Selection {
+    static SEL: OnceLock<Selection> = OnceLock::new();
+    SEL.get_or_init(|| select(std::env::var("GGRUN_ISA").ok().as_deref()))
+}
+
+/// The active tier.
+pub fn active() -> Isa {
+    selection().active
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn override_is_clamped_to_what_the_cpu_has() {
+        assert_eq!(select(Some("scalar")).active, Isa::Scalar);
+        assert_eq!(select(None).active, Isa::detect());
+        let bad = select(Some("avx9000"));
+        assert_eq!(bad.active, Isa::detect());
+        assert!(bad.warning.unwrap().contains("unknown"));
+        for isa in Isa::ALL {
+            let s = select(Some(isa.name()));
+            assert_eq!(
+                s.active,
+                if isa.is_available() {
+                    isa
+                } else {
+                    Isa::detect()
+                }
+            );
+        }
+    }
+}

@@ -1,0 +1,283 @@
+//! `ggrun-quants`: the tensor element formats of GGUF/ggml.
+//!
+//! For every supported weight type there is a block struct, a scalar reference dequantizer, a
+//! reference quantizer (bit-exact with ggml's), and the dot product of a weight row with an
+//! activation row quantized to the type's partner format ([`GgmlType::vec_dot_type`]). SIMD twins
+//! (AVX2, AVX-512 with VNNI, NEON with dotprod) are picked once at start-up by runtime feature
+//! detection ([`isa`]); `GGRUN_ISA=scalar` forces the scalar path.
+//!
+//! Rows are passed as byte slices, exactly as they sit in a GGUF file; a row of `n` elements of
+//! type `t` is `t.row_bytes(n)` bytes.
+
+pub mod float;
+pub mod isa;
+pub mod kquants;
+pub mod legacy;
+mod types;
+
+#[cfg(target_arch = "aarch64")]
+mod neon;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+pub use isa::Isa;
+pub use types::GgmlType;
+
+use bytemuck::{cast_slice, cast_slice_mut};
+
+/// `dot(weight_row, activation_row)`: both rows as bytes, the activation in the weight type's
+/// `vec_dot_type`, with the same number of elements.
+pub type DotFn = fn(&[u8], &[u8]) -> f32;
+/// Dequantize a row of bytes into `dst` (whose length is the element count).
+pub type DequantizeFn = fn(&[u8], &mut [f32]);
+/// Quantize a row of floats into bytes (`dst` is exactly the row's byte length).
+pub type QuantizeFn = fn(&[f32], &mut [u8]);
+
+/// The kernels of one weight type on one instruction set.
+#[derive(Clone, Copy)]
+pub struct Kernels {
+    pub ty: GgmlType,
+    /// The activation format `dot` expects.
+    pub act_ty: GgmlType,
+    pub dot: DotFn,
+    pub dequantize: DequantizeFn,
+    /// Quantizes an activation row to `act_ty` (the rounding llama.cpp's SIMD paths use).
+    pub quantize_act: QuantizeFn,
+}
+
+/// Errors of the row-level helpers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QuantError {
+    Unsupported(GgmlType),
+    BadLength {
+        ty: GgmlType,
+        elements: usize,
+        bytes: usize,
+    },
+}
+
+impl std::fmt::Display for QuantError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            QuantError::Unsupported(t) => write!(f, "tensor type {t} is not supported"),
+            QuantError::BadLength {
+                ty,
+                elements,
+                bytes,
+            } => write!(
+                f,
+                "{bytes} bytes do not hold {elements} elements of type {ty}"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for QuantError {}
+
+fn check(ty: GgmlType, elements: usize, bytes: usize) -> Result<(), QuantError> {
+    match ty.row_bytes(elements as u64) {
+        Some(b) if b == bytes as u64 => Ok(()),
+        _ => Err(QuantError::BadLength {
+            ty,
+            elements,
+            bytes,
+        }),
+    }
+}
+
+// Byte-slice adapters around the typed scalar functions.
+macro_rules! bytes_fn {
+    (dequant $name:ident, $f:path) => {
+        pub(crate) fn $name(src: &[u8], dst: &mut [f32]) {
+            $f(cast_slice(src), dst)
+        }
+    };
+    (quant $name:ident, $f:path) => {
+        pub(crate) fn $name(src: &[f32], dst: &mut [u8]) {
+            $f(src, cast_slice_mut(dst))
+        }
+    };
+    (dot $name:ident, $f:path) => {
+        pub(crate) fn $name(w: &[u8], a: &[u8]) -> f32 {
+            $f(cast_slice(w), cast_slice(a))
+        }
+    };
+}
+
+pub(crate) mod scalar {
+    //! Byte-slice entry points of the scalar reference kernels.
+    use super::*;
+    use crate::{kquants as k, legacy as l};
+    bytes_fn!(dequant dq_q4_0, l::dequantize_q4_0);
+    bytes_fn!(dequant dq_q4_1, l::dequantize_q4_1);
+    bytes_fn!(dequant dq_q5_0, l::dequantize_q5_0);
+    bytes_fn!(dequant dq_q5_1, l::dequantize_q5_1);
+    bytes_fn!(dequant dq_q8_0, l::dequantize_q8_0);
+    bytes_fn!(dequant dq_q8_1, l::dequantize_q8_1);
+    bytes_fn!(dequant dq_iq4_nl, l::dequantize_iq4_nl);
+    bytes_fn!(dequant dq_q2_k, k::dequantize_q2k);
+    bytes_fn!(dequant dq_q3_k, k::dequantize_q3k);
+    bytes_fn!(dequant dq_q4_k, k::dequantize_q4k);
+    bytes_fn!(dequant dq_q5_k, k::dequantize_q5k);
+    bytes_fn!(dequant dq_q6_k, k::dequantize_q6k);
+    bytes_fn!(dequant dq_q8_k, k::dequantize_q8k);
+    bytes_fn!(quant q_q4_0, l::quantize_q4_0);
+    bytes_fn!(quant q_q4_1, l::quantize_q4_1);
+    bytes_fn!(quant q_q5_0, l::quantize_q5_0);
+    bytes_fn!(quant q_q5_1, l::quantize_q5_1);
+    bytes_fn!(quant q_q8_0_ref, l::quantize_q8_0_ref);
+    bytes_fn!(quant q_q8_0, l::quantize_q8_0);
+    bytes_fn!(quant q_q8_1, l::quantize_q8_1);
+    bytes_fn!(quant q_q8_1_ref, l::quantize_q8_1_ref);
+    bytes_fn!(quant q_iq4_nl, l::quantize_iq4_nl);
+    bytes_fn!(quant q_q2_k, k::quantize_q2k);
+    bytes_fn!(quant q_q3_k, k::quantize_q3k);
+    bytes_fn!(quant q_q4_k, k::quantize_q4k);
+    bytes_fn!(quant q_q5_k, k::quantize_q5k);
+    bytes_fn!(quant q_q6_k, k::quantize_q6k);
+    bytes_fn!(quant q_q8_k, k::quantize_q8k);
+    bytes_fn!(dot dot_q4_0, l::dot_q4_0);
+    bytes_fn!(dot dot_q4_1, l::dot_q4_1);
+    bytes_fn!(dot dot_q5_0, l::dot_q5_0);
+    bytes_fn!(dot dot_q5_1, l::dot_q5_1);
+    bytes_fn!(dot dot_q8_0, l::dot_q8_0);
+    bytes_fn!(dot dot_iq4_nl, l::dot_iq4_nl);
+    bytes_fn!(dot dot_q2_k, k::dot_q2k);
+    bytes_fn!(dot dot_q3_k, k::dot_q3k);
+    bytes_fn!(dot dot_q4_k, k::dot_q4k);
+    bytes_fn!(dot dot_q5_k, k::dot_q5k);
+    bytes_fn!(dot dot_q6_k, k::dot_q6k);
+}
+
+/// The scalar dequantizer of `ty` (any type with a float meaning, activation formats included).
+pub fn dequantize_fn(ty: GgmlType) -> Option<DequantizeFn> {
+    use GgmlType::*;
+    Some(match ty {
+        F32 => float::dequantize_f32,
+        F16 => float::dequantize_f16,
+        BF16 => float::dequantize_bf16,
+        Q4_0 => scalar::dq_q4_0,
+        Q4_1 => scalar::dq_q4_1,
+        Q5_0 => scalar::dq_q5_0,
+        Q5_1 => scalar::dq_q5_1,
+        Q8_0 => scalar::dq_q8_0,
+        Q8_1 => scalar::dq_q8_1,
+        IQ4_NL => scalar::dq_iq4_nl,
+        Q2_K => scalar::dq_q2_k,
+        Q3_K => scalar::dq_q3_k,
+        Q4_K => scalar::dq_q4_k,
+        Q5_K => scalar::dq_q5_k,
+        Q6_K => scalar::dq_q6_k,
+        Q8_K => scalar::dq_q8_k,
+        _ => return None,
+    })
+}
+
+/// The reference quantizer of `ty`: what llama-quantize writes for a weight of this type when no
+/// importance matrix is given (ggml's `quantize_row_*_ref`; for IQ4_NL, `quantize_iq4_nl`).
+/// For Q8_0/Q8_1 this is the reference rounding (half away from zero); see
+/// [`Kernels::quantize_act`] for the activation rounding.
+pub fn reference_quantize_fn(ty: GgmlType) -> Option<QuantizeFn> {
+    use GgmlType::*;
+    Some(match ty {
+        F32 => float::quantize_f32,
+        F16 => float::quantize_f16,
+        BF16 => float::quantize_bf16,
+        Q4_0 => scalar::q_q4_0,
+        Q4_1 => scalar::q_q4_1,
+        Q5_0 => scalar::q_q5_0,
+        Q5_1 => scalar::q_q5_1,
+        Q8_0 => scalar::q_q8_0_ref,
+        Q8_1 => scalar::q_q8_1_ref,
+        IQ4_NL => scalar::q_iq4_nl,
+        Q2_K => scalar::q_q2_k,
+        Q3_K => scalar::q_q3_k,
+        Q4_K => scalar::q_q4_k,
+        Q5_K => scalar::q_q5_k,
+        Q6_K => scalar::q_q6_k,
+        Q8_K => scalar::q_q8_k,
+        _ => return None,
+    })
+}
+
+/// The scalar kernels of `ty`, the reference every SIMD kernel is tested against.
+pub fn scalar_kernels(ty: GgmlType) -> Option<Kernels> {
+    use GgmlType::*;
+    let act_ty = ty.vec_dot_type()?;
+    let dot: DotFn = match ty {
+        F32 => float::dot_f32,
+        F16 => float::dot_f16,
+        BF16 => float::dot_bf16,
+        Q4_0 => scalar::dot_q4_0,
+        Q4_1 => scalar::dot_q4_1,
+        Q5_0 => scalar::dot_q5_0,
+        Q5_1 => scalar::dot_q5_1,
+        Q8_0 => scalar::dot_q8_0,
+        IQ4_NL => scalar::dot_iq4_nl,
+        Q2_K => scalar::dot_q2_k,
+        Q3_K => scalar::dot_q3_k,
+        Q4_K => scalar::dot_q4_k,
+        Q5_K => scalar::dot_q5_k,
+        Q6_K => scalar::dot_q6_k,
+        _ => return None,
+    };
+    let quantize_act: QuantizeFn = match act_ty {
+        Q8_0 => scalar::q_q8_0,
+        Q8_1 => scalar::q_q8_1,
+        Q8_K => scalar::q_q8_k,
+        F32 => float::quantize_f32,
+        F16 => float::quantize_f16,
+        BF16 => float::quantize_bf16,
+        _ => return None,
+    };
+    Some(Kernels {
+        ty,
+        act_ty,
+        dot,
+        dequantize: dequantize_fn(ty)?,
+        quantize_act,
+    })
+}
+
+/// The kernels of `ty` on instruction set `isa` (falling back, kernel by kernel, to the best lower
+/// tier that has one, and finally to scalar). `isa` must be supported by this CPU
+/// ([`Isa::is_available`]); otherwise the scalar kernels are returned.
+pub fn kernels_for(ty: GgmlType, isa: Isa) -> Option<Kernels> {
+    let k = scalar_kernels(ty)?;
+    if !isa.is_available() {
+        return Some(k);
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        Some(x86::specialize(k, isa))
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        Some(neon::specialize(k, isa))
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        Some(k)
+    }
+}
+
+/// The kernels of `ty` on the active instruction set ([`isa::active`]).
+pub fn kernels(ty: GgmlType) -> Option<Kernels> {
+    kernels_for(ty, isa::active())
+}
+
+/// Dequantize one row (`dst.len()` elements) of type `ty`.
+pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), QuantError> {
+    let f = dequantize_fn(ty).ok_or(QuantError::Unsupported(ty))?;
+    check(ty, dst.len(), src.len())?;
+    f(src, dst);
+    Ok(())
+}
+
+/// Quantize one row with the reference quantizer of `ty` ([`reference_quantize_fn`]).
+pub fn quantize_row(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<(), QuantError> {
+    let f = reference_quantize_fn(ty).ok_or(QuantError::Unsupported(ty))?;
+    check(ty, src.len(), dst.len())?;
+    f(src, dst);
+    Ok(())
+}

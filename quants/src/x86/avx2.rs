@@ -1,0 +1,559 @@
+//! AVX2 (+FMA, F16C) kernels. Every function here is `unsafe` only because it needs those CPU
+//! features; the byte-slice wrappers at the bottom are installed by `x86::specialize` only after
+//! `Isa::Avx2.is_available()` returned true.
+//!
+//! Legacy types: each block is unpacked to 32 signed (or unsigned) bytes in one register and
+//! multiplied with the activation bytes by `vpmaddubsw` (sign trick for signed weights); block
+//! sums are scaled and accumulated in 8 float lanes. K-quants: a super-block is unpacked to eight
+//! registers of 32 unsigned values, multiplied with the activation and weighted by the sub-block
+//! scales in 32-bit integers; the offset terms use the activation's bsums. The K-quant results
+//! are bit-exact with the scalar reference (same integers, same float expression per block).
+
+use core::arch::x86_64::*;
+
+use crate::kquants::{
+    q3k_scales, scale_min_k4, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K,
+};
+use crate::legacy::{
+    h, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, BlockQ8_1, IQ4NL_VALUES,
+};
+use bytemuck::{cast_slice, cast_slice_mut};
+
+// ---------------------------------------------------------------------------------------------
+// Helpers.
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(super) unsafe fn fp16(b: [u8; 2]) -> f32 {
+    _mm_cvtss_f32(_mm_cvtph_ps(
+        _mm_cvtsi32_si128(u16::from_le_bytes(b) as i32),
+    ))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(super) unsafe fn hsum_ps(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn hsum_epi32(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+    let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01>(s));
+    _mm_cvtsi128_si32(s)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn load32(p: &[i8; 32]) -> __m256i {
+    _mm256_loadu_si256(p.as_ptr().cast())
+}
+
+/// 32 nibbles in element order: low nibbles (elements 0..15) then high nibbles (16..31).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(super) unsafe fn nibbles(qs: &[u8; 16]) -> __m256i {
+    let t = _mm_loadu_si128(qs.as_ptr().cast());
+    let m = _mm_set1_epi8(15);
+    _mm256_set_m128i(
+        _mm_and_si128(_mm_srli_epi16::<4>(t), m),
+        _mm_and_si128(t, m),
+    )
+}
+
+/// Byte i is 0xFF where bit i of the little-endian u32 `qh` is set, else 0.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(super) unsafe fn bits_to_bytes(qh: [u8; 4]) -> __m256i {
+    let v = _mm256_set1_epi32(u32::from_le_bytes(qh) as i32);
+    let shuf = _mm256_set_epi64x(
+        0x0303_0303_0303_0303,
+        0x0202_0202_0202_0202,
+        0x0101_0101_0101_0101,
+        0,
+    );
+    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(v, shuf), bit), bit)
+}
+
+// Weight blocks as 32 signed bytes.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(super) unsafe fn q4_0_i8(b: &BlockQ4_0) -> __m256i {
+    _mm256_sub_epi8(nibbles(&b.qs), _mm256_set1_epi8(8))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(super) unsafe fn q5_0_i8(b: &BlockQ5_0) -> __m256i {
+    // nibble | 0xF0 is nibble − 16 as a signed byte: set where the fifth bit is clear.
+    let clear = _mm256_andnot_si256(bits_to_bytes(b.qh), _mm256_set1_epi8(0xF0u8 as i8));
+    _mm256_or_si256(nibbles(&b.qs), clear)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(super) unsafe fn q8_0_i8(b: &BlockQ8_0) -> __m256i {
+    load32(&b.qs)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(super) unsafe fn iq4_nl_i8(b: &BlockQ4_0) -> __m256i {
+    let t = _mm_loadu_si128(IQ4NL_VALUES.as_ptr().cast());
+    _mm256_shuffle_epi8(_mm256_set_m128i(t, t), nibbles(&b.qs))
+}
+
+// Unsigned weight blocks (Q4_1 / Q5_1).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(super) unsafe fn q4_1_u8(b: &BlockQ4_1) -> __m256i {
+    nibbles(&b.qs)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(super) unsafe fn q5_1_u8(b: &BlockQ5_1) -> __m256i {
+    let hi = _mm256_and_si256(bits_to_bytes(b.qh), _mm256_set1_epi8(0x10));
+    _mm256_or_si256(nibbles(&b.qs), hi)
+}
+
+/// Σ w·a of signed bytes, as 8 lanes of i32.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(super) unsafe fn dot_i8(w: __m256i, a: __m256i) -> __m256i {
+    let p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
+    _mm256_madd_epi16(p, _mm256_set1_epi16(1))
+}
+
+/// Σ w·a with unsigned w (< 128), as 8 lanes of i32.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn dot_u8(w: __m256i, a: __m256i) -> __m256i {
+    _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Legacy dot products.
+
+macro_rules! signed_dot {
+    ($name:ident, $wb:ty, $unpack:ident) => {
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn $name(w: &[$wb], a: &[BlockQ8_0]) -> f32 {
+            let mut acc = _mm256_setzero_ps();
+            for (b, y) in w.iter().zip(a) {
+                let s = _mm256_cvtepi32_ps(dot_i8($unpack(b), load32(&y.qs)));
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(fp16(b.d) * fp16(y.d)), s, acc);
+            }
+            hsum_ps(acc)
+        }
+    };
+}
+
+macro_rules! unsigned_dot {
+    ($name:ident, $wb:ty, $unpack:ident) => {
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn $name(w: &[$wb], a: &[BlockQ8_1]) -> f32 {
+            let mut acc = _mm256_setzero_ps();
+            let mut mins = 0.0f32;
+            for (b, y) in w.iter().zip(a) {
+                let s = _mm256_cvtepi32_ps(dot_u8($unpack(b), load32(&y.qs)));
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(fp16(b.d) * fp16(y.d)), s, acc);
+                mins += fp16(b.m) * fp16(y.s);
+            }
+            hsum_ps(acc) + mins
+        }
+    };
+}
+
+signed_dot!(dot_q4_0_impl, BlockQ4_0, q4_0_i8);
+signed_dot!(dot_q5_0_impl, BlockQ5_0, q5_0_i8);
+signed_dot!(dot_q8_0_impl, BlockQ8_0, q8_0_i8);
+signed_dot!(dot_iq4_nl_impl, BlockQ4_0, iq4_nl_i8);
+unsigned_dot!(dot_q4_1_impl, BlockQ4_1, q4_1_u8);
+unsigned_dot!(dot_q5_1_impl, BlockQ5_1, q5_1_u8);
+
+// ---------------------------------------------------------------------------------------------
+// Legacy dequantize (bit-exact with scalar: one float multiply per element).
+
+macro_rules! signed_dequant {
+    ($name:ident, $wb:ty, $unpack:ident) => {
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn $name(w: &[$wb], out: &mut [f32]) {
+            for (b, o) in w.iter().zip(out.chunks_exact_mut(32)) {
+                let q = $unpack(b);
+                let d = _mm256_set1_ps(fp16(b.d));
+                let lo = _mm256_castsi256_si128(q);
+                let hi = _mm256_extracti128_si256::<1>(q);
+                let parts = [
+                    lo,
+                    _mm_unpackhi_epi64(lo, lo),
+                    hi,
+                    _mm_unpackhi_epi64(hi, hi),
+                ];
+                for (k, p) in parts.iter().enumerate() {
+                    let f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(*p));
+                    _mm256_storeu_ps(o.as_mut_ptr().add(8 * k), _mm256_mul_ps(f, d));
+                }
+            }
+        }
+    };
+}
+
+signed_dequant!(dequant_q4_0_impl, BlockQ4_0, q4_0_i8);
+signed_dequant!(dequant_q5_0_impl, BlockQ5_0, q5_0_i8);
+signed_dequant!(dequant_q8_0_impl, BlockQ8_0, q8_0_i8);
+signed_dequant!(dequant_iq4_nl_impl, BlockQ4_0, iq4_nl_i8);
+
+// ---------------------------------------------------------------------------------------------
+// Activation quantizers (bit-exact with `legacy::quantize_q8_0` / `quantize_q8_1`).
+
+/// Rounds one block of 32 floats to bytes the way llama.cpp's AVX paths do; returns (d, Σq).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn q8_block(x: &[f32], qs: &mut [i8; 32]) -> (f32, i32) {
+    let v = [
+        _mm256_loadu_ps(x.as_ptr()),
+        _mm256_loadu_ps(x.as_ptr().add(8)),
+        _mm256_loadu_ps(x.as_ptr().add(16)),
+        _mm256_loadu_ps(x.as_ptr().add(24)),
+    ];
+    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let mut m = _mm256_and_ps(v[0], abs);
+    for vi in &v[1..] {
+        m = _mm256_max_ps(m, _mm256_and_ps(*vi, abs));
+    }
+    let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+    let m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    let m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    let amax = _mm_cvtss_f32(m4);
+    let d = amax / 127.0;
+    let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+    const RN: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    let i: [__m256i; 4] = [
+        _mm256_cvtps_epi32(_mm256_round_ps::<RN>(_mm256_mul_ps(v[0], id))),
+        _mm256_cvtps_epi32(_mm256_round_ps::<RN>(_mm256_mul_ps(v[1], id))),
+        _mm256_cvtps_epi32(_mm256_round_ps::<RN>(_mm256_mul_ps(v[2], id))),
+        _mm256_cvtps_epi32(_mm256_round_ps::<RN>(_mm256_mul_ps(v[3], id))),
+    ];
+    let sum = hsum_epi32(_mm256_add_epi32(
+        _mm256_add_epi32(i[0], i[1]),
+        _mm256_add_epi32(i[2], i[3]),
+    ));
+    let p16a = _mm256_packs_epi32(i[0], i[1]);
+    let p16b = _mm256_packs_epi32(i[2], i[3]);
+    let p8 = _mm256_packs_epi16(p16a, p16b);
+    // The packs interleave 128-bit lanes; put the eight 4-byte groups back in order.
+    let p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(qs.as_mut_ptr().cast(), p8);
+    (d, sum)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_q8_0_impl(x: &[f32], out: &mut [BlockQ8_0]) {
+    for (xb, b) in x.chunks_exact(32).zip(out.iter_mut()) {
+        let (d, _) = q8_block(xb, &mut b.qs);
+        b.d = crate::float::f32_to_f16(d).to_le_bytes();
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_q8_1_impl(x: &[f32], out: &mut [BlockQ8_1]) {
+    for (xb, b) in x.chunks_exact(32).zip(out.iter_mut()) {
+        let (d, sum) = q8_block(xb, &mut b.qs);
+        b.d = crate::float::f32_to_f16(d).to_le_bytes();
+        b.s = crate::float::f32_to_f16(sum as f32 * d).to_le_bytes();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// K-quants.
+
+/// Σ_j scales[j] · Σ_{i ∈ sub-block j} q_i·a_i over one super-block; `q` holds 8 × 32 unsigned
+/// values (< 128) in element order, sub-blocks are runs of 16.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn kdot(q: &[__m256i; 8], a: &BlockQ8K, scales: &[i16; 16]) -> i32 {
+    let mut acc = _mm256_setzero_si256();
+    for c in 0..8 {
+        let ay = _mm256_loadu_si256(a.qs.as_ptr().add(32 * c).cast());
+        let p = _mm256_maddubs_epi16(q[c], ay);
+        let sc = _mm256_set_m128i(
+            _mm_set1_epi16(scales[2 * c + 1]),
+            _mm_set1_epi16(scales[2 * c]),
+        );
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, sc));
+    }
+    hsum_epi32(acc)
+}
+
+/// The 2-bit fields of a Q2_K/Q3_K `qs` as 8 chunks of 32 (chunk 4h+p: half h, shift 2p).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn two_bit_chunks(qs: &[u8; 64]) -> [__m256i; 8] {
+    let m3 = _mm256_set1_epi8(3);
+    let mut q = [_mm256_setzero_si256(); 8];
+    for half in 0..2 {
+        let v = _mm256_loadu_si256(qs.as_ptr().add(32 * half).cast());
+        q[4 * half] = _mm256_and_si256(v, m3);
+        q[4 * half + 1] = _mm256_and_si256(_mm256_srli_epi16::<2>(v), m3);
+        q[4 * half + 2] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), m3);
+        q[4 * half + 3] = _mm256_and_si256(_mm256_srli_epi16::<6>(v), m3);
+    }
+    q
+}
+
+/// Where bit `bit` of each byte of `v` is set: `val`, else 0.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn bit_to(v: __m256i, bit: usize, val: i8) -> __m256i {
+    let m = _mm256_set1_epi8((1u8 << bit) as i8);
+    _mm256_and_si256(
+        _mm256_cmpeq_epi8(_mm256_and_si256(v, m), m),
+        _mm256_set1_epi8(val),
+    )
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q2k_impl(w: &[BlockQ2K], a: &[BlockQ8K]) -> f32 {
+    w.iter()
+        .zip(a)
+        .map(|(b, y)| {
+            let q = two_bit_chunks(&b.qs);
+            let scales = b.scales.map(|s| (s & 15) as i16);
+            let sum = kdot(&q, y, &scales);
+            let msum: i32 = (0..16).map(|j| (b.scales[j] >> 4) as i32 * y.bsum(j)).sum();
+            y.d() * (h(b.d) * sum as f32 - h(b.dmin) * msum as f32)
+        })
+        .sum()
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q3k_impl(w: &[BlockQ3K], a: &[BlockQ8K]) -> f32 {
+    w.iter()
+        .zip(a)
+        .map(|(b, y)| {
+            let mut q = two_bit_chunks(&b.qs);
+            let hm = _mm256_loadu_si256(b.hmask.as_ptr().cast());
+            for (c, qc) in q.iter_mut().enumerate() {
+                *qc = _mm256_or_si256(*qc, bit_to(hm, c, 4));
+            }
+            let sc = q3k_scales(&b.scales);
+            let scales = sc.map(|s| s as i16);
+            // Values were stored as q + 4 (0..7): remove 4 · Σ scale · bsum.
+            let off: i32 = (0..16).map(|j| sc[j] as i32 * y.bsum(j)).sum();
+            let sum = kdot(&q, y, &scales) - 4 * off;
+            y.d() * h(b.d) * sum as f32
+        })
+        .sum()
+}
+
+/// Q4_K/Q5_K: the per-16 scale array and the mins term from the packed 6-bit scales.
+#[inline]
+fn k4_scales(s: &[u8; 12], y: &BlockQ8K) -> ([i16; 16], i32) {
+    let mut scales = [0i16; 16];
+    let mut msum = 0i32;
+    for j in 0..8 {
+        let (sc, mn) = scale_min_k4(j, s);
+        scales[2 * j] = sc as i16;
+        scales[2 * j + 1] = sc as i16;
+        msum += mn as i32 * (y.bsum(2 * j) + y.bsum(2 * j + 1));
+    }
+    (scales, msum)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q4k_impl(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
+    let m4 = _mm256_set1_epi8(15);
+    w.iter()
+        .zip(a)
+        .map(|(b, y)| {
+            let mut q = [_mm256_setzero_si256(); 8];
+            for c in 0..4 {
+                let v = _mm256_loadu_si256(b.qs.as_ptr().add(32 * c).cast());
+                q[2 * c] = _mm256_and_si256(v, m4);
+                q[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4);
+            }
+            let (scales, msum) = k4_scales(&b.scales, y);
+            let sum = kdot(&q, y, &scales);
+            y.d() * (h(b.d) * sum as f32 - h(b.dmin) * msum as f32)
+        })
+        .sum()
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q5k_impl(w: &[BlockQ5K], a: &[BlockQ8K]) -> f32 {
+    let m4 = _mm256_set1_epi8(15);
+    w.iter()
+        .zip(a)
+        .map(|(b, y)| {
+            let qh = _mm256_loadu_si256(b.qh.as_ptr().cast());
+            let mut q = [_mm256_setzero_si256(); 8];
+            for c in 0..4 {
+                let v = _mm256_loadu_si256(b.qs.as_ptr().add(32 * c).cast());
+                q[2 * c] = _mm256_or_si256(_mm256_and_si256(v, m4), bit_to(qh, 2 * c, 16));
+                q[2 * c + 1] = _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4),
+                    bit_to(qh, 2 * c + 1, 16),
+                );
+            }
+            let (scales, msum) = k4_scales(&b.scales, y);
+            let sum = kdot(&q, y, &scales);
+            y.d() * (h(b.d) * sum as f32 - h(b.dmin) * msum as f32)
+        })
+        .sum()
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q6k_impl(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
+    let m4 = _mm256_set1_epi8(15);
+    let m3 = _mm256_set1_epi8(3);
+    w.iter()
+        .zip(a)
+        .map(|(b, y)| {
+            let mut q = [_mm256_setzero_si256(); 8];
+            for half in 0..2 {
+                let l0 = _mm256_loadu_si256(b.ql.as_ptr().add(64 * half).cast());
+                let l1 = _mm256_loadu_si256(b.ql.as_ptr().add(64 * half + 32).cast());
+                let hh = _mm256_loadu_si256(b.qh.as_ptr().add(32 * half).cast());
+                let hb = |v: __m256i| _mm256_slli_epi16::<4>(_mm256_and_si256(v, m3));
+                q[4 * half] = _mm256_or_si256(_mm256_and_si256(l0, m4), hb(hh));
+                q[4 * half + 1] =
+                    _mm256_or_si256(_mm256_and_si256(l1, m4), hb(_mm256_srli_epi16::<2>(hh)));
+                q[4 * half + 2] = _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(l0), m4),
+                    hb(_mm256_srli_epi16::<4>(hh)),
+                );
+                q[4 * half + 3] = _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(l1), m4),
+                    hb(_mm256_srli_epi16::<6>(hh)),
+                );
+            }
+            let scales = b.scales.map(|s| s as i16);
+            // Values were stored as q + 32 (0..63): remove 32 · Σ scale · bsum.
+            let off: i32 = (0..16).map(|j| b.scales[j] as i32 * y.bsum(j)).sum();
+            let sum = kdot(&q, y, &scales) - 32 * off;
+            y.d() * h(b.d) * sum as f32
+        })
+        .sum()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Float dot products.
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_f32_impl(w: &[f32], a: &[f32]) -> f32 {
+    let n = w.len().min(a.len());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 32 <= n {
+        for (k, ac) in acc.iter_mut().enumerate() {
+            let x = _mm256_loadu_ps(w.as_ptr().add(i + 8 * k));
+            let y = _mm256_loadu_ps(a.as_ptr().add(i + 8 * k));
+            *ac = _mm256_fmadd_ps(x, y, *ac);
+        }
+        i += 32;
+    }
+    let mut s = hsum_ps(_mm256_add_ps(
+        _mm256_add_ps(acc[0], acc[1]),
+        _mm256_add_ps(acc[2], acc[3]),
+    ));
+    while i < n {
+        s += w[i] * a[i];
+        i += 1;
+    }
+    s
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_f16_impl(w: &[u16], a: &[u16]) -> f32 {
+    let n = w.len().min(a.len());
+    let mut acc = [_mm256_setzero_ps(); 2];
+    let mut i = 0;
+    while i + 16 <= n {
+        for (k, ac) in acc.iter_mut().enumerate() {
+            let x = _mm256_cvtph_ps(_mm_loadu_si128(w.as_ptr().add(i + 8 * k).cast()));
+            let y = _mm256_cvtph_ps(_mm_loadu_si128(a.as_ptr().add(i + 8 * k).cast()));
+            *ac = _mm256_fmadd_ps(x, y, *ac);
+        }
+        i += 16;
+    }
+    let mut s = hsum_ps(_mm256_add_ps(acc[0], acc[1]));
+    while i < n {
+        s += crate::float::f16_to_f32(w[i]) * crate::float::f16_to_f32(a[i]);
+        i += 1;
+    }
+    s
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_bf16_impl(w: &[u16], a: &[u16]) -> f32 {
+    let n = w.len().min(a.len());
+    let mut acc = _mm256_setzero_ps();
+    let mut i = 0;
+    let widen = |p: *const u16| {
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
+            _mm_loadu_si128(p.cast()),
+        )))
+    };
+    while i + 8 <= n {
+        acc = _mm256_fmadd_ps(widen(w.as_ptr().add(i)), widen(a.as_ptr().add(i)), acc);
+        i += 8;
+    }
+    let mut s = hsum_ps(acc);
+    while i < n {
+        s += crate::float::bf16_to_f32(w[i]) * crate::float::bf16_to_f32(a[i]);
+        i += 1;
+    }
+    s
+}
+
+// ---------------------------------------------------------------------------------------------
+// Byte-slice entry points installed in the kernel table.
+
+macro_rules! entry {
+    (dot $name:ident, $imp:ident) => {
+        pub(crate) fn $name(w: &[u8], a: &[u8]) -> f32 {
+            // SAFETY: installed by x86::specialize only when Isa::Avx2 is available.
+            unsafe { $imp(cast_slice(w), cast_slice(a)) }
+        }
+    };
+    (dequant $name:ident, $imp:ident) => {
+        pub(crate) fn $name(src: &[u8], dst: &mut [f32]) {
+            // SAFETY: installed by x86::specialize only when Isa::Avx2 is available.
+            unsafe { $imp(cast_slice(src), dst) }
+        }
+    };
+    (quant $name:ident, $imp:ident) => {
+        pub(crate) fn $name(src: &[f32], dst: &mut [u8]) {
+            // SAFETY: installed by x86::specialize only when Isa::Avx2 is available.
+            unsafe { $imp(src, cast_slice_mut(dst)) }
+        }
+    };
+}
+
+entry!(dot dot_q4_0, dot_q4_0_impl);
+entry!(dot dot_q4_1, dot_q4_1_impl);
+entry!(dot dot_q5_0, dot_q5_0_impl);
+entry!(dot dot_q5_1, dot_q5_1_impl);
+entry!(dot dot_q8_0, dot_q8_0_impl);
+entry!(dot dot_iq4_nl, dot_iq4_nl_impl);
+entry!(dot dot_q2_k, dot_q2k_impl);
+entry!(dot dot_q3_k, dot_q3k_impl);
+entry!(dot dot_q4_k, dot_q4k_impl);
+entry!(dot dot_q5_k, dot_q5k_impl);
+entry!(dot dot_q6_k, dot_q6k_impl);
+entry!(dot dot_f32, dot_f32_impl);
+entry!(dot dot_f16, dot_f16_impl);
+entry!(dot dot_bf16, dot_bf16_impl);
+entry!(dequant dequant_q4_0, dequant_q4_0_impl);
+entry!(dequant dequant_q5_0, dequant_q5_0_impl);
+entry!(dequant dequant_q8_0, dequant_q8_0_impl);
+entry!(dequant dequant_iq4_nl, dequant_iq4_nl_impl);
+entry!(quant quantize_q8_0, quantize_q8_0_impl);
+entry!(quant quantize_q8_1, quantize_q8_1_impl);

@@ -1,0 +1,86 @@
+//! x86-64 SIMD kernels and the table that installs them per tier.
+
+mod avx2;
+mod avx512;
+
+use crate::{GgmlType, Isa, Kernels};
+
+/// `k` (the scalar kernels of one type) with every kernel that `isa` or a lower x86 tier
+/// implements swapped in. The caller has checked `isa.is_available()`.
+pub(crate) fn specialize(mut k: Kernels, isa: Isa) -> Kernels {
+    use GgmlType::*;
+    if isa < Isa::Avx2 || isa > Isa::Avx512Vnni {
+        return k;
+    }
+    match k.ty {
+        Q4_0 => (k.dot, k.dequantize) = (avx2::dot_q4_0, avx2::dequant_q4_0),
+        Q5_0 => (k.dot, k.dequantize) = (avx2::dot_q5_0, avx2::dequant_q5_0),
+        Q8_0 => (k.dot, k.dequantize) = (avx2::dot_q8_0, avx2::dequant_q8_0),
+        IQ4_NL => (k.dot, k.dequantize) = (avx2::dot_iq4_nl, avx2::dequant_iq4_nl),
+        Q4_1 => k.dot = avx2::dot_q4_1,
+        Q5_1 => k.dot = avx2::dot_q5_1,
+        Q2_K => k.dot = avx2::dot_q2_k,
+        Q3_K => k.dot = avx2::dot_q3_k,
+        Q4_K => k.dot = avx2::dot_q4_k,
+        Q5_K => k.dot = avx2::dot_q5_k,
+        Q6_K => k.dot = avx2::dot_q6_k,
+        F32 => k.dot = avx2::dot_f32,
+        F16 => k.dot = avx2::dot_f16,
+        BF16 => k.dot = avx2::dot_bf16,
+        _ => {}
+    }
+    match k.act_ty {
+        Q8_0 => k.quantize_act = avx2::quantize_q8_0,
+        Q8_1 => k.quantize_act = avx2::quantize_q8_1,
+        _ => {}
+    }
+    let vnni = isa == Isa::Avx512Vnni;
+    if isa >= Isa::Avx512 {
+        match k.ty {
+            Q4_0 => {
+                k.dot = if vnni {
+                    avx512::dot_q4_0_vnni
+                } else {
+                    avx512::dot_q4_0_bw
+                }
+            }
+            Q5_0 => {
+                k.dot = if vnni {
+                    avx512::dot_q5_0_vnni
+                } else {
+                    avx512::dot_q5_0_bw
+                }
+            }
+            Q8_0 => {
+                k.dot = if vnni {
+                    avx512::dot_q8_0_vnni
+                } else {
+                    avx512::dot_q8_0_bw
+                }
+            }
+            IQ4_NL => {
+                k.dot = if vnni {
+                    avx512::dot_iq4_nl_vnni
+                } else {
+                    avx512::dot_iq4_nl_bw
+                }
+            }
+            Q4_1 => {
+                k.dot = if vnni {
+                    avx512::dot_q4_1_vnni
+                } else {
+                    avx512::dot_q4_1_bw
+                }
+            }
+            Q5_1 => {
+                k.dot = if vnni {
+                    avx512::dot_q5_1_vnni
+                } else {
+                    avx512::dot_q5_1_bw
+                }
+            }
+            _ => {}
+        }
+    }
+    k
+}

@@ -1,0 +1,259 @@
+//! Every kernel of every available instruction set against the scalar reference, on fresh random
+//! data (seeded per run from the clock unless GGRUN_TEST_SEED is set; the seed is printed so a
+//! failure can be replayed).
+//!
+//! Tolerances: dequantize, activation quantizers and K-quant dots are bit-exact (same integers,
+//! same float expression). Legacy and float dots sum block results in another order than the
+//! scalar loop: |simd − scalar| ≤ 1e-5 · Σ|block terms| + 1e-6.
+
+use ggrun_quants::{
+    dequantize_fn, kernels_for, reference_quantize_fn, scalar_kernels, GgmlType, Isa,
+};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+const WEIGHT_TYPES: [GgmlType; 14] = [
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::BF16,
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
+    GgmlType::IQ4_NL,
+    GgmlType::Q2_K,
+    GgmlType::Q3_K,
+    GgmlType::Q4_K,
+    GgmlType::Q5_K,
+    GgmlType::Q6_K,
+];
+
+fn rng() -> SmallRng {
+    let seed = std::env::var("GGRUN_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("GGRUN_TEST_SEED={seed}");
+    SmallRng::seed_from_u64(seed)
+}
+
+/// Random floats with a random scale, some outliers and some exact zeros.
+fn floats(r: &mut SmallRng, n: usize) -> Vec<f32> {
+    let scale = 10f32.powf(r.random_range(-3.0..2.0));
+    (0..n)
+        .map(|_| match r.random_range(0..20) {
+            0 => 0.0,
+            1 => scale * r.random_range(-8.0..8.0),
+            _ => scale * r.random_range(-1.0..1.0),
+        })
+        .collect()
+}
+
+fn quantize(ty: GgmlType, x: &[f32]) -> Vec<u8> {
+    let mut out = vec![0u8; ty.row_bytes(x.len() as u64).unwrap() as usize];
+    reference_quantize_fn(ty).unwrap()(x, &mut out);
+    out
+}
+
+/// Element counts to try: one block, an odd number of blocks, and Nemotron's row widths.
+fn lengths(ty: GgmlType) -> Vec<usize> {
+    let bs = ty.block_size().max(32);
+    let mut v = vec![bs, 3 * bs, 7 * bs];
+    for n in [2688usize, 1856, 4096] {
+        if n % bs == 0 {
+            v.push(n);
+        }
+    }
+    v
+}
+
+fn simd_tiers() -> Vec<Isa> {
+    Isa::available()
+        .into_iter()
+        .filter(|i| *i != Isa::Scalar)
+        .collect()
+}
+
+#[test]
+fn dot_products_match_scalar_on_every_tier() {
+    let mut r = rng();
+    for ty in WEIGHT_TYPES {
+        let s = scalar_kernels(ty).unwrap();
+        for n in lengths(ty) {
+            for _ in 0..20 {
+                let w = quantize(ty, &floats(&mut r, n));
+                let x = floats(&mut r, n);
+                let mut a = vec![0u8; s.act_ty.row_bytes(n as u64).unwrap() as usize];
+                (s.quantize_act)(&x, &mut a);
+                let want = (s.dot)(&w, &a);
+                // Bound for reordering error: the dot of absolute dequantized values.
+                let (mut wf, mut af) = (vec![0f32; n], vec![0f32; n]);
+                (s.dequantize)(&w, &mut wf);
+                dequantize_fn(s.act_ty).unwrap()(&a, &mut af);
+                let mag: f32 = wf.iter().zip(&af).map(|(p, q)| (p * q).abs()).sum();
+                for isa in simd_tiers() {
+                    let k = kernels_for(ty, isa).unwrap();
+                    let got = (k.dot)(&w, &a);
+                    if ty.is_k_quant() {
+                        assert_eq!(
+                            got.to_bits(),
+                            want.to_bits(),
+                            "{ty} {isa:?} n={n}: {got} vs {want}"
+                        );
+                    } else {
+                        let tol = 1e-5 * mag + 1e-6;
+                        assert!(
+                            (got - want).abs() <= tol,
+                            "{ty} {isa:?} n={n}: {got} vs {want} (tol {tol})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn dequantize_and_activation_quantizers_are_bit_exact_on_every_tier() {
+    let mut r = rng();
+    for ty in WEIGHT_TYPES {
+        let s = scalar_kernels(ty).unwrap();
+        for n in lengths(ty) {
+            let w = quantize(ty, &floats(&mut r, n));
+            let x = floats(&mut r, n);
+            let mut want = vec![0f32; n];
+            (s.dequantize)(&w, &mut want);
+            let mut want_a = vec![0u8; s.act_ty.row_bytes(n as u64).unwrap() as usize];
+            (s.quantize_act)(&x, &mut want_a);
+            for isa in simd_tiers() {
+                let k = kernels_for(ty, isa).unwrap();
+                let mut got = vec![0f32; n];
+                (k.dequantize)(&w, &mut got);
+                assert!(
+                    got.iter()
+                        .zip(&want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{ty} {isa:?} dequantize"
+                );
+                let mut got_a = vec![0u8; want_a.len()];
+                (k.quantize_act)(&x, &mut got_a);
+                assert_eq!(
+                    got_a, want_a,
+                    "{ty} {isa:?} activation quantizer ({})",
+                    k.act_ty
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn scalar_dot_equals_the_dot_of_dequantized_rows() {
+    // Checks each scalar dot formula against the independent dequantize formulas.
+    let mut r = rng();
+    for ty in WEIGHT_TYPES {
+        let s = scalar_kernels(ty).unwrap();
+        for n in lengths(ty) {
+            let w = quantize(ty, &floats(&mut r, n));
+            let x = floats(&mut r, n);
+            let mut a = vec![0u8; s.act_ty.row_bytes(n as u64).unwrap() as usize];
+            (s.quantize_act)(&x, &mut a);
+            let (mut wf, mut af) = (vec![0f32; n], vec![0f32; n]);
+            (s.dequantize)(&w, &mut wf);
+            dequantize_fn(s.act_ty).unwrap()(&a, &mut af);
+            let exact: f64 = wf.iter().zip(&af).map(|(p, q)| *p as f64 * *q as f64).sum();
+            let mag: f64 = wf
+                .iter()
+                .zip(&af)
+                .map(|(p, q)| (*p as f64 * *q as f64).abs())
+                .sum();
+            let got = (s.dot)(&w, &a) as f64;
+            // Q4_1/Q5_1 fold the min through the f16-rounded s = d·Σq: allow that rounding.
+            let tol = if matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1) {
+                2e-3
+            } else {
+                1e-5
+            } * mag
+                + 1e-6;
+            assert!((got - exact).abs() <= tol, "{ty} n={n}: {got} vs {exact}");
+        }
+    }
+}
+
+#[test]
+fn reference_quantizers_round_trip_within_their_step() {
+    let mut r = rng();
+    // Worst-case error per element relative to the block's max |x| (generous bounds per type).
+    let bound = |ty: GgmlType| match ty {
+        GgmlType::F32 => 0.0,
+        GgmlType::F16 | GgmlType::BF16 => 4e-3,
+        GgmlType::Q8_0 => 0.01,
+        GgmlType::Q6_K | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q5_K => 0.07,
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4_K | GgmlType::IQ4_NL => 0.14,
+        GgmlType::Q3_K => 0.3,
+        _ => 0.6,
+    };
+    for ty in WEIGHT_TYPES {
+        let n = lengths(ty)[1];
+        let x = floats(&mut r, n);
+        let w = quantize(ty, &x);
+        let mut y = vec![0f32; n];
+        dequantize_fn(ty).unwrap()(&w, &mut y);
+        let bs = ty.block_size().max(32);
+        for (xb, yb) in x.chunks(bs).zip(y.chunks(bs)) {
+            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (a, b) in xb.iter().zip(yb) {
+                assert!(
+                    (a - b).abs() <= bound(ty) * amax + 1e-30,
+                    "{ty}: {a} -> {b} (amax {amax})"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn q8_activation_roundings_differ_only_on_ties() {
+    use ggrun_quants::legacy::{quantize_q8_0, quantize_q8_0_ref, BlockQ8_0};
+    // 0.5 steps: x·127/amax lands exactly on .5 for these values.
+    let mut x = [0f32; 32];
+    x[0] = 127.0;
+    x[1] = 2.5;
+    x[2] = -3.5;
+    x[3] = 0.5;
+    let mut simd = [BlockQ8_0 {
+        d: [0; 2],
+        qs: [0; 32],
+    }];
+    let mut refb = simd;
+    quantize_q8_0(&x, &mut simd);
+    quantize_q8_0_ref(&x, &mut refb);
+    assert_eq!(&simd[0].qs[..4], &[127, 2, -4, 0]); // half to even
+    assert_eq!(&refb[0].qs[..4], &[127, 3, -4, 1]); // half away from zero
+                                                    // Away from ties the two agree.
+    let mut r = rng();
+    let x = floats(&mut r, 4096);
+    let mut a = vec![
+        BlockQ8_0 {
+            d: [0; 2],
+            qs: [0; 32]
+        };
+        128
+    ];
+    let mut b = a.clone();
+    quantize_q8_0(&x, &mut a);
+    quantize_q8_0_ref(&x, &mut b);
+    let differing = a
+        .iter()
+        .zip(&b)
+        .flat_map(|(p, q)| p.qs.iter().zip(q.qs.iter()))
+        .filter(|(p, q)| p != q)
+        .count();
+    assert!(differing <= 8, "{differing} of 4096 differ");
+}
