@@ -81,6 +81,19 @@ fn simd_tiers() -> Vec<Isa> {
 }
 
 #[test]
+fn expected_tiers_are_present() {
+    // CI names the tiers it expects each machine to test (GGRUN_EXPECT_ISA=avx2, or
+    // neon-dotprod under qemu), so SIMD tests cannot pass by silently testing nothing.
+    eprintln!("tiers: {:?}", Isa::available());
+    if let Ok(want) = std::env::var("GGRUN_EXPECT_ISA") {
+        for name in want.split(',').filter(|s| !s.is_empty()) {
+            let isa = Isa::from_name(name).unwrap_or_else(|| panic!("unknown tier {name}"));
+            assert!(isa.is_available(), "{name} expected but not available");
+        }
+    }
+}
+
+#[test]
 fn dot_products_match_scalar_on_every_tier() {
     let mut r = rng();
     for ty in WEIGHT_TYPES {
