@@ -1,1 +1,25 @@
-fn main() {}
+//! The `ggrun` binary: parse the command line, run it, turn any error into one line on stderr and
+//! exit status 1. A closed stdout (`ggrun ... | head -1`) ends the program quietly.
+
+use clap::Parser;
+use ggrun::cli::{run, Cli};
+
+fn main() {
+    let cli = Cli::parse();
+    if let Some(w) = &ggrun_quants::isa::selection().warning {
+        eprintln!("warning: {w}");
+    }
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    if let Err(e) = run(cli, &mut out) {
+        let broken_pipe = e
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe);
+        if broken_pipe {
+            std::process::exit(0);
+        }
+        let msg = format!("{e:#}").replace('\n', " ");
+        eprintln!("error: {msg}");
+        std::process::exit(1);
+    }
+}

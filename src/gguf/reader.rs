@@ -1,0 +1,320 @@
+//! Parsing one GGUF file: header, metadata and tensor infos are read from the memory map and
+//! validated against the file before any tensor byte is touched. Every count is checked against
+//! the bytes left before anything is allocated, so a hostile file cannot make us allocate more
+//! than its own size.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use byteorder::{ByteOrder, LittleEndian};
+use ggrun_quants::GgmlType;
+use memmap2::Mmap;
+
+use super::value::{Value, ValueType};
+use super::{GgufError, Metadata, TensorInfo, DEFAULT_ALIGNMENT, MAX_DIMS};
+
+const MAGIC: &[u8; 4] = b"GGUF";
+/// Arrays nest at most this deep (real files use 1; the format allows more).
+const MAX_ARRAY_DEPTH: usize = 8;
+
+/// One parsed GGUF file: its mapping, metadata and tensor table.
+pub struct GgufFile {
+    pub path: PathBuf,
+    pub version: u32,
+    pub metadata: Metadata,
+    pub tensors: Vec<TensorInfo>,
+    /// Offset of the data section from the start of the file.
+    pub data_offset: u64,
+    pub alignment: u64,
+    mmap: Option<Mmap>,
+}
+
+impl GgufFile {
+    /// Memory-maps and parses `path`.
+    pub fn open(path: &Path) -> Result<GgufFile, GgufError> {
+        let file = File::open(path).map_err(|e| GgufError::io(path, e))?;
+        let len = file.metadata().map_err(|e| GgufError::io(path, e))?.len();
+        if len == 0 {
+            return Err(GgufError::Format("empty file".into()));
+        }
+        // SAFETY: the mapping is read-only and private to this process; if another process
+        // truncates the file while it is mapped, reads may fault (SIGBUS), which is the accepted
+        // risk of mmap-based loaders (llama.cpp has the same). We never write through it.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| GgufError::io(path, e))?;
+        let mut g = parse(&mmap, path)?;
+        g.mmap = Some(mmap);
+        Ok(g)
+    }
+
+    /// The whole file as bytes.
+    pub fn bytes(&self) -> &[u8] {
+        self.mmap.as_deref().unwrap_or(&[])
+    }
+
+    /// The bytes of tensor `t` (which must come from this file's table).
+    pub fn tensor_data(&self, t: &TensorInfo) -> &[u8] {
+        let start = (self.data_offset + t.offset) as usize;
+        &self.bytes()[start..start + t.size_bytes as usize]
+    }
+}
+
+/// A little-endian cursor over the mapped bytes that never reads past the end.
+struct Cursor<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn remaining(&self) -> u64 {
+        (self.buf.len() - self.pos) as u64
+    }
+
+    fn take(&mut self, n: u64, what: &str) -> Result<&'a [u8], GgufError> {
+        if n > self.remaining() {
+            return Err(GgufError::Format(format!(
+                "{what} at byte {} needs {n} bytes but the file ends after {}",
+                self.pos,
+                self.remaining()
+            )));
+        }
+        let s = &self.buf[self.pos..self.pos + n as usize];
+        self.pos += n as usize;
+        Ok(s)
+    }
+
+    fn u8(&mut self, what: &str) -> Result<u8, GgufError> {
+        Ok(self.take(1, what)?[0])
+    }
+    fn u16(&mut self, what: &str) -> Result<u16, GgufError> {
+        Ok(LittleEndian::read_u16(self.take(2, what)?))
+    }
+    fn u32(&mut self, what: &str) -> Result<u32, GgufError> {
+        Ok(LittleEndian::read_u32(self.take(4, what)?))
+    }
+    fn u64(&mut self, what: &str) -> Result<u64, GgufError> {
+        Ok(LittleEndian::read_u64(self.take(8, what)?))
+    }
+
+    fn string(&mut self, what: &str) -> Result<String, GgufError> {
+        let len = self.u64(what)?;
+        let bytes = self.take(len, what)?;
+        Ok(String::from_utf8_lossy(bytes).into_owned())
+    }
+
+    /// A name (key or tensor name): must be valid UTF-8.
+    fn name(&mut self, what: &str) -> Result<String, GgufError> {
+        let len = self.u64(what)?;
+        let bytes = self.take(len, what)?;
+        String::from_utf8(bytes.to_vec())
+            .map_err(|_| GgufError::Format(format!("{what} is not valid UTF-8")))
+    }
+
+    /// Checks that `count` items of at least `min` bytes each can fit in what is left.
+    fn check_count(&self, count: u64, min: u64, what: &str) -> Result<(), GgufError> {
+        match count.checked_mul(min) {
+            Some(need) if need <= self.remaining() => Ok(()),
+            _ => Err(GgufError::Format(format!(
+                "{what}: count {count} cannot fit in the {} bytes left in the file",
+                self.remaining()
+            ))),
+        }
+    }
+
+    fn value(&mut self, ty: ValueType, key: &str, depth: usize) -> Result<Value, GgufError> {
+        let w = key;
+        Ok(match ty {
+            ValueType::U8 => Value::U8(self.u8(w)?),
+            ValueType::I8 => Value::I8(self.u8(w)? as i8),
+            ValueType::U16 => Value::U16(self.u16(w)?),
+            ValueType::I16 => Value::I16(self.u16(w)? as i16),
+            ValueType::U32 => Value::U32(self.u32(w)?),
+            ValueType::I32 => Value::I32(self.u32(w)? as i32),
+            ValueType::F32 => Value::F32(f32::from_bits(self.u32(w)?)),
+            ValueType::Bool => match self.u8(w)? {
+                0 => Value::Bool(false),
+                1 => Value::Bool(true),
+                b => {
+                    return Err(GgufError::Format(format!(
+                        "{key}: bool byte is {b}, not 0 or 1"
+                    )))
+                }
+            },
+            ValueType::String => Value::String(self.string(w)?),
+            ValueType::U64 => Value::U64(self.u64(w)?),
+            ValueType::I64 => Value::I64(self.u64(w)? as i64),
+            ValueType::F64 => Value::F64(f64::from_bits(self.u64(w)?)),
+            ValueType::Array => {
+                if depth >= MAX_ARRAY_DEPTH {
+                    return Err(GgufError::Format(format!(
+                        "{key}: arrays nested deeper than {MAX_ARRAY_DEPTH}"
+                    )));
+                }
+                let id = self.u32(w)?;
+                let et = ValueType::from_id(id).ok_or_else(|| {
+                    GgufError::Format(format!("{key}: unknown array element type {id}"))
+                })?;
+                let count = self.u64(w)?;
+                self.check_count(count, et.min_size(), key)?;
+                let mut v = Vec::with_capacity(count as usize);
+                for _ in 0..count {
+                    v.push(self.value(et, key, depth + 1)?);
+                }
+                Value::Array(et, v)
+            }
+        })
+    }
+}
+
+/// Parses GGUF bytes (the whole file). `path` is used in messages only.
+pub fn parse(buf: &[u8], path: &Path) -> Result<GgufFile, GgufError> {
+    let mut c = Cursor { buf, pos: 0 };
+    let magic = c.take(4, "magic").map_err(|_| {
+        GgufError::Format(format!(
+            "file is {} bytes, too short for a GGUF header",
+            buf.len()
+        ))
+    })?;
+    if magic != MAGIC {
+        return Err(GgufError::Format(format!(
+            "not a GGUF file (magic {:02x?}, expected \"GGUF\")",
+            magic
+        )));
+    }
+    let version = c.u32("version")?;
+    match version {
+        2 | 3 => {}
+        1 => {
+            return Err(GgufError::Format(
+                "GGUF version 1 is obsolete and not supported".into(),
+            ))
+        }
+        v if v.swap_bytes() == 2 || v.swap_bytes() == 3 => {
+            return Err(GgufError::Format(
+                "big-endian GGUF files are not supported".into(),
+            ))
+        }
+        v => {
+            return Err(GgufError::Format(format!(
+                "unsupported GGUF version {v} (expected 2 or 3)"
+            )))
+        }
+    }
+    let n_tensors = c.u64("tensor count")?;
+    let n_kv = c.u64("metadata count")?;
+    // A key-value pair takes at least 8 + 1 + 4 + 1 bytes, a tensor info 8 + 4 + 4 + 8.
+    c.check_count(n_kv, 14, "metadata count")?;
+    c.check_count(n_tensors, 24, "tensor count")?;
+
+    let mut metadata = Metadata::default();
+    for i in 0..n_kv {
+        let key = c.name(&format!("metadata key #{i}"))?;
+        let id = c.u32(&key)?;
+        let ty = ValueType::from_id(id)
+            .ok_or_else(|| GgufError::Format(format!("{key}: unknown value type {id}")))?;
+        let v = c.value(ty, &key, 0)?;
+        if metadata.insert(key.clone(), v).is_some() {
+            return Err(GgufError::Format(format!("duplicate metadata key {key}")));
+        }
+    }
+
+    let alignment = match metadata.get("general.alignment") {
+        None => DEFAULT_ALIGNMENT,
+        Some(Value::U32(a)) if a.is_power_of_two() => *a as u64,
+        Some(Value::U32(a)) => {
+            return Err(GgufError::Format(format!(
+                "general.alignment: {a} is not a power of two"
+            )))
+        }
+        Some(v) => {
+            return Err(GgufError::Format(format!(
+                "general.alignment: expected u32, found {}",
+                v.type_description()
+            )))
+        }
+    };
+
+    let mut names = HashSet::new();
+    let mut tensors = Vec::with_capacity(n_tensors as usize);
+    for i in 0..n_tensors {
+        let name = c.name(&format!("tensor name #{i}"))?;
+        let n_dims = c.u32(&name)?;
+        if n_dims as usize > MAX_DIMS {
+            return Err(GgufError::Format(format!(
+                "tensor {name}: {n_dims} dimensions (at most {MAX_DIMS})"
+            )));
+        }
+        let mut dims = Vec::with_capacity(n_dims as usize);
+        for _ in 0..n_dims {
+            let d = c.u64(&name)?;
+            if d > i64::MAX as u64 {
+                return Err(GgufError::Format(format!(
+                    "tensor {name}: dimension {d} is negative"
+                )));
+            }
+            dims.push(d);
+        }
+        let type_id = c.u32(&name)?;
+        let ty = GgmlType::from_id(type_id).ok_or_else(|| {
+            GgufError::Format(format!("tensor {name}: unknown tensor type id {type_id}"))
+        })?;
+        let offset = c.u64(&name)?;
+        let info = TensorInfo::new(name, dims, ty, offset)?;
+        if !names.insert(info.name.clone()) {
+            return Err(GgufError::Format(format!(
+                "duplicate tensor name {}",
+                info.name
+            )));
+        }
+        tensors.push(info);
+    }
+
+    let data_offset = (c.pos as u64).div_ceil(alignment) * alignment;
+    let data_len = (buf.len() as u64).saturating_sub(data_offset);
+    validate_layout(&tensors, alignment, data_len)?;
+    Ok(GgufFile {
+        path: path.to_path_buf(),
+        version,
+        metadata,
+        tensors,
+        data_offset,
+        alignment,
+        mmap: None,
+    })
+}
+
+/// Offsets aligned, every tensor inside the data section, no two overlapping.
+fn validate_layout(tensors: &[TensorInfo], alignment: u64, data_len: u64) -> Result<(), GgufError> {
+    let mut spans: BTreeMap<u64, (u64, &str)> = BTreeMap::new();
+    for t in tensors {
+        if t.offset % alignment != 0 {
+            return Err(GgufError::Format(format!(
+                "tensor {}: offset {} is not a multiple of the alignment {alignment}",
+                t.name, t.offset
+            )));
+        }
+        let end = t.offset.checked_add(t.size_bytes).filter(|e| *e <= data_len).ok_or_else(|| {
+            GgufError::Format(format!(
+                "tensor {}: bytes {}..{} lie past the end of the data section ({data_len} bytes; file truncated?)",
+                t.name,
+                t.offset,
+                t.offset as u128 + t.size_bytes as u128
+            ))
+        })?;
+        if t.size_bytes == 0 {
+            continue;
+        }
+        // The span starting last before `end` is the only one that can overlap, since the
+        // spans already accepted do not overlap one another.
+        if let Some((_, &(e, other))) = spans.range(..end).next_back() {
+            if e > t.offset {
+                return Err(GgufError::Format(format!(
+                    "tensors {other} and {} overlap in the file",
+                    t.name
+                )));
+            }
+        }
+        spans.insert(t.offset, (end, &t.name));
+    }
+    Ok(())
+}

@@ -1,0 +1,163 @@
+//! Writing GGUF files (version 3): metadata of every value type and aligned tensor data. Used by
+//! tests (the hostile-file corpus starts from valid files it writes) and by the synthetic-model
+//! generator.
+
+use std::io::Write;
+use std::path::Path;
+
+use byteorder::{LittleEndian, WriteBytesExt};
+use ggrun_quants::GgmlType;
+
+use super::value::{Value, ValueType};
+use super::DEFAULT_ALIGNMENT;
+
+/// Collects metadata and tensors, then writes them out in one go.
+pub struct GgufWriter {
+    pub version: u32,
+    pub alignment: u64,
+    metadata: Vec<(String, Value)>,
+    tensors: Vec<(String, Vec<u64>, GgmlType, Vec<u8>)>,
+}
+
+impl Default for GgufWriter {
+    fn default() -> Self {
+        GgufWriter {
+            version: 3,
+            alignment: DEFAULT_ALIGNMENT,
+            metadata: Vec::new(),
+            tensors: Vec::new(),
+        }
+    }
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.write_u64::<LittleEndian>(s.len() as u64).unwrap();
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn put_value(out: &mut Vec<u8>, v: &Value) {
+    match v {
+        Value::U8(x) => out.push(*x),
+        Value::I8(x) => out.push(*x as u8),
+        Value::U16(x) => out.write_u16::<LittleEndian>(*x).unwrap(),
+        Value::I16(x) => out.write_i16::<LittleEndian>(*x).unwrap(),
+        Value::U32(x) => out.write_u32::<LittleEndian>(*x).unwrap(),
+        Value::I32(x) => out.write_i32::<LittleEndian>(*x).unwrap(),
+        Value::F32(x) => out.write_f32::<LittleEndian>(*x).unwrap(),
+        Value::Bool(x) => out.push(*x as u8),
+        Value::String(s) => put_str(out, s),
+        Value::Array(t, items) => {
+            out.write_u32::<LittleEndian>(*t as u32).unwrap();
+            out.write_u64::<LittleEndian>(items.len() as u64).unwrap();
+            for i in items {
+                put_value(out, i);
+            }
+        }
+        Value::U64(x) => out.write_u64::<LittleEndian>(*x).unwrap(),
+        Value::I64(x) => out.write_i64::<LittleEndian>(*x).unwrap(),
+        Value::F64(x) => out.write_f64::<LittleEndian>(*x).unwrap(),
+    }
+}
+
+impl GgufWriter {
+    pub fn new() -> GgufWriter {
+        GgufWriter::default()
+    }
+
+    /// Adds (or, for a key already present, appends a duplicate of) a metadata pair.
+    pub fn kv(&mut self, key: &str, v: Value) -> &mut Self {
+        self.metadata.push((key.to_string(), v));
+        self
+    }
+
+    /// Adds a tensor; `data` must be its exact bytes (checked when written).
+    pub fn tensor(&mut self, name: &str, dims: &[u64], ty: GgmlType, data: Vec<u8>) -> &mut Self {
+        self.tensors
+            .push((name.to_string(), dims.to_vec(), ty, data));
+        self
+    }
+
+    /// Adds an F32 tensor from values.
+    pub fn tensor_f32(&mut self, name: &str, dims: &[u64], values: &[f32]) -> &mut Self {
+        let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.tensor(name, dims, GgmlType::F32, data)
+    }
+
+    /// The file as bytes. Panics if a tensor's data does not match its shape (a programming
+    /// error in the caller, never input-dependent).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(b"GGUF");
+        out.write_u32::<LittleEndian>(self.version).unwrap();
+        out.write_u64::<LittleEndian>(self.tensors.len() as u64)
+            .unwrap();
+        out.write_u64::<LittleEndian>(self.metadata.len() as u64)
+            .unwrap();
+        for (k, v) in &self.metadata {
+            put_str(&mut out, k);
+            out.write_u32::<LittleEndian>(v.value_type() as u32)
+                .unwrap();
+            put_value(&mut out, v);
+        }
+        let align = |x: u64| x.div_ceil(self.alignment) * self.alignment;
+        let mut offset = 0u64;
+        for (name, dims, ty, data) in &self.tensors {
+            let want = ty.row_bytes(dims[0]).unwrap() * dims[1..].iter().product::<u64>();
+            assert_eq!(
+                want,
+                data.len() as u64,
+                "tensor {name}: data size does not match shape"
+            );
+            put_str(&mut out, name);
+            out.write_u32::<LittleEndian>(dims.len() as u32).unwrap();
+            for d in dims {
+                out.write_u64::<LittleEndian>(*d).unwrap();
+            }
+            out.write_u32::<LittleEndian>(ty.id()).unwrap();
+            out.write_u64::<LittleEndian>(offset).unwrap();
+            offset = align(offset + data.len() as u64);
+        }
+        out.resize(align(out.len() as u64) as usize, 0);
+        for (_, _, _, data) in &self.tensors {
+            out.extend_from_slice(data);
+            out.resize(align(out.len() as u64) as usize, 0);
+        }
+        out
+    }
+
+    pub fn write(&self, path: &Path) -> std::io::Result<()> {
+        let mut f = std::fs::File::create(path)?;
+        f.write_all(&self.to_bytes())
+    }
+}
+
+/// Shorthand constructors for tests and generators.
+impl Value {
+    pub fn str(s: &str) -> Value {
+        Value::String(s.to_string())
+    }
+    pub fn strs<S: AsRef<str>>(items: &[S]) -> Value {
+        Value::Array(
+            ValueType::String,
+            items.iter().map(|s| Value::str(s.as_ref())).collect(),
+        )
+    }
+    pub fn u32s(items: &[u32]) -> Value {
+        Value::Array(
+            ValueType::U32,
+            items.iter().map(|&x| Value::U32(x)).collect(),
+        )
+    }
+    pub fn i32s(items: &[i32]) -> Value {
+        Value::Array(
+            ValueType::I32,
+            items.iter().map(|&x| Value::I32(x)).collect(),
+        )
+    }
+    pub fn f32s(items: &[f32]) -> Value {
+        Value::Array(
+            ValueType::F32,
+            items.iter().map(|&x| Value::F32(x)).collect(),
+        )
+    }
+}

@@ -1,0 +1,317 @@
+//! `ggrun info`: what a GGUF model is and what it needs — architecture, size, tensor types,
+//! tokenizer, the layer pattern of hybrid models, and memory by group (non-expert weights,
+//! routed experts per MoE layer, KV cache per 1k tokens, recurrent state per sequence).
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Value as Json};
+
+use crate::gguf::{MetaError, Model};
+
+/// Bytes and tensor count of one type.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct TypeStats {
+    pub count: usize,
+    pub bytes: u64,
+}
+
+/// Everything `ggrun info` reports.
+#[derive(Clone, Debug)]
+pub struct ModelInfo {
+    pub architecture: String,
+    pub name: Option<String>,
+    pub gguf_version: u32,
+    pub split_parts: usize,
+    pub file_bytes: u64,
+    pub tensor_count: usize,
+    pub parameters: u64,
+    pub types: BTreeMap<String, TypeStats>,
+    pub context_length: Option<usize>,
+    pub block_count: Option<usize>,
+    pub tokenizer_model: Option<String>,
+    pub vocab_size: Option<usize>,
+    pub chat_template: bool,
+    /// One letter per layer for hybrid stacks: M Mamba-2, * attention, E MoE, - dense MLP.
+    pub layer_pattern: Option<String>,
+    pub non_expert_bytes: u64,
+    pub expert_bytes: u64,
+    /// Routed-expert bytes of each MoE layer, by layer index.
+    pub expert_bytes_per_layer: BTreeMap<usize, u64>,
+    /// F16 K and V for 1024 tokens over all attention layers.
+    pub kv_bytes_per_1k: Option<u64>,
+    /// Conv + SSM state of all Mamba layers for one sequence (independent of context length).
+    pub recurrent_state_bytes: u64,
+}
+
+fn layer_of(name: &str) -> Option<usize> {
+    name.strip_prefix("blk.")?.split('.').next()?.parse().ok()
+}
+
+/// Routed-expert tensors: the stacked per-expert weights (`*_exps`), plus their per-expert
+/// scales/biases if any.
+fn is_routed_expert(name: &str) -> bool {
+    name.contains("_exps.")
+}
+
+impl ModelInfo {
+    pub fn from_model(m: &Model) -> Result<ModelInfo, MetaError> {
+        let md = m.metadata();
+        let arch = md.get_str("general.architecture")?.to_string();
+        let key = |k: &str| format!("{arch}.{k}");
+        let opt_usize = |k: &str| md.get(&key(k)).map(|_| md.get_usize(&key(k))).transpose();
+
+        let mut types: BTreeMap<String, TypeStats> = BTreeMap::new();
+        let (mut parameters, mut expert_bytes, mut total) = (0u64, 0u64, 0u64);
+        let mut expert_bytes_per_layer = BTreeMap::new();
+        for t in m.tensors() {
+            let e = types.entry(t.ty.name().to_string()).or_default();
+            e.count += 1;
+            e.bytes += t.size_bytes;
+            parameters += t.elements();
+            total += t.size_bytes;
+            if is_routed_expert(&t.name) {
+                expert_bytes += t.size_bytes;
+                if let Some(l) = layer_of(&t.name) {
+                    *expert_bytes_per_layer.entry(l).or_insert(0) += t.size_bytes;
+                }
+            }
+        }
+
+        let block_count = opt_usize("block_count")?;
+        let layer_pattern = match (arch.as_str(), block_count) {
+            ("nemotron_h" | "nemotron_h_moe", Some(n)) => Some(nemotron_pattern(m, &arch, n)?),
+            _ => None,
+        };
+        let (kv_bytes_per_1k, recurrent_state_bytes) =
+            state_sizes(m, &arch, block_count, layer_pattern.as_deref())?;
+
+        Ok(ModelInfo {
+            name: md
+                .get("general.name")
+                .and_then(|v| v.as_str())
+                .map(str::to_string),
+            gguf_version: m.parts[0].version,
+            split_parts: m.parts.len(),
+            file_bytes: m.file_bytes(),
+            tensor_count: m.tensor_count(),
+            parameters,
+            types,
+            context_length: opt_usize("context_length")?,
+            block_count,
+            tokenizer_model: md
+                .get("tokenizer.ggml.model")
+                .and_then(|v| v.as_str())
+                .map(str::to_string),
+            vocab_size: md.array_len("tokenizer.ggml.tokens").ok(),
+            chat_template: md.get("tokenizer.chat_template").is_some(),
+            layer_pattern,
+            non_expert_bytes: total - expert_bytes,
+            expert_bytes,
+            expert_bytes_per_layer,
+            kv_bytes_per_1k,
+            recurrent_state_bytes,
+            architecture: arch,
+        })
+    }
+
+    pub fn to_json(&self) -> Json {
+        let types: serde_json::Map<String, Json> = self
+            .types
+            .iter()
+            .map(|(k, v)| (k.clone(), json!({"count": v.count, "bytes": v.bytes})))
+            .collect();
+        let per_layer: serde_json::Map<String, Json> = self
+            .expert_bytes_per_layer
+            .iter()
+            .map(|(l, b)| (l.to_string(), json!(b)))
+            .collect();
+        json!({
+            "architecture": self.architecture,
+            "name": self.name,
+            "gguf_version": self.gguf_version,
+            "split_parts": self.split_parts,
+            "file_bytes": self.file_bytes,
+            "tensor_count": self.tensor_count,
+            "parameters": self.parameters,
+            "types": types,
+            "context_length": self.context_length,
+            "block_count": self.block_count,
+            "tokenizer": {"model": self.tokenizer_model, "vocab_size": self.vocab_size},
+            "chat_template": self.chat_template,
+            "layer_pattern": self.layer_pattern,
+            "memory": {
+                "non_expert_bytes": self.non_expert_bytes,
+                "expert_bytes": self.expert_bytes,
+                "expert_bytes_per_moe_layer": per_layer,
+                "kv_cache_bytes_per_1k_tokens": self.kv_bytes_per_1k,
+                "recurrent_state_bytes_per_sequence": self.recurrent_state_bytes,
+            },
+        })
+    }
+
+    /// The human-readable report.
+    pub fn to_text(&self) -> String {
+        let mut s = String::new();
+        let mut line = |k: &str, v: String| s.push_str(&format!("{k:<24}{v}\n"));
+        line("architecture", self.architecture.clone());
+        if let Some(n) = &self.name {
+            line("name", n.clone());
+        }
+        line(
+            "file",
+            format!(
+                "GGUF v{}, {} part(s), {}",
+                self.gguf_version,
+                self.split_parts,
+                human_bytes(self.file_bytes)
+            ),
+        );
+        line(
+            "parameters",
+            format!("{} ({})", self.parameters, human_count(self.parameters)),
+        );
+        line("tensors", self.tensor_count.to_string());
+        for (t, st) in &self.types {
+            line(
+                &format!("  {t}"),
+                format!("{:>5} tensors  {:>12}", st.count, human_bytes(st.bytes)),
+            );
+        }
+        line("context length", opt(self.context_length));
+        line("layers", opt(self.block_count));
+        if let Some(p) = &self.layer_pattern {
+            line("layer pattern", p.clone());
+        }
+        line(
+            "tokenizer",
+            format!(
+                "{}, vocab {}",
+                self.tokenizer_model.as_deref().unwrap_or("none"),
+                opt(self.vocab_size)
+            ),
+        );
+        line(
+            "chat template",
+            if self.chat_template { "yes" } else { "no" }.into(),
+        );
+        line("non-expert weights", human_bytes(self.non_expert_bytes));
+        if self.expert_bytes > 0 {
+            let n = self.expert_bytes_per_layer.len().max(1) as u64;
+            line(
+                "routed experts",
+                format!(
+                    "{} in {} MoE layers ({} per layer)",
+                    human_bytes(self.expert_bytes),
+                    self.expert_bytes_per_layer.len(),
+                    human_bytes(self.expert_bytes / n)
+                ),
+            );
+        }
+        if let Some(kv) = self.kv_bytes_per_1k {
+            line(
+                "KV cache (f16)",
+                format!("{} per 1k tokens", human_bytes(kv)),
+            );
+        }
+        if self.recurrent_state_bytes > 0 {
+            line(
+                "recurrent state",
+                format!("{} per sequence", human_bytes(self.recurrent_state_bytes)),
+            );
+        }
+        s
+    }
+}
+
+fn opt(v: Option<usize>) -> String {
+    v.map_or("unknown".into(), |x| x.to_string())
+}
+
+/// 1.5 GiB, 320.0 KiB, ...
+pub fn human_bytes(b: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut x = b as f64;
+    let mut i = 0;
+    while x >= 1024.0 && i < U.len() - 1 {
+        x /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{b} B")
+    } else {
+        format!("{x:.2} {}", U[i])
+    }
+}
+
+fn human_count(n: u64) -> String {
+    match n {
+        n if n >= 1_000_000_000 => format!("{:.2} B", n as f64 / 1e9),
+        n if n >= 1_000_000 => format!("{:.2} M", n as f64 / 1e6),
+        n if n >= 1_000 => format!("{:.1} K", n as f64 / 1e3),
+        n => n.to_string(),
+    }
+}
+
+/// Nemotron-H layer kinds from the per-layer arrays (the spec's rule).
+fn nemotron_pattern(m: &Model, arch: &str, n: usize) -> Result<String, MetaError> {
+    let md = m.metadata();
+    let kv = md.get_per_layer(&format!("{arch}.attention.head_count_kv"), n)?;
+    let ff = md.get_per_layer(&format!("{arch}.feed_forward_length"), n)?;
+    Ok((0..n)
+        .map(|i| match (kv[i], ff[i]) {
+            (0, 0) => 'M',
+            (_, 0) => '*',
+            _ if m.tensor(&format!("blk.{i}.ffn_gate_inp.weight")).is_some() => 'E',
+            _ => '-',
+        })
+        .collect())
+}
+
+/// (KV bytes per 1k tokens, recurrent state bytes per sequence).
+fn state_sizes(
+    m: &Model,
+    arch: &str,
+    block_count: Option<usize>,
+    pattern: Option<&str>,
+) -> Result<(Option<u64>, u64), MetaError> {
+    let md = m.metadata();
+    let key = |k: &str| format!("{arch}.{k}");
+    let Some(n) = block_count else {
+        return Ok((None, 0));
+    };
+    let Ok(n_head) = md.get_usize(&key("attention.head_count")) else {
+        return Ok((None, 0));
+    };
+    let n_kv = match md.get(&key("attention.head_count_kv")) {
+        Some(_) => md.get_per_layer(&key("attention.head_count_kv"), n)?,
+        None => vec![n_head; n],
+    };
+    let n_embd = md.get_usize(&key("embedding_length")).unwrap_or(0);
+    let hd_default = n_embd.checked_div(n_head).unwrap_or(0);
+    let k_len = md
+        .get_usize(&key("attention.key_length"))
+        .unwrap_or(hd_default) as u64;
+    let v_len = md
+        .get_usize(&key("attention.value_length"))
+        .unwrap_or(hd_default) as u64;
+    let kinds: Vec<char> = match pattern {
+        Some(p) => p.chars().collect(),
+        None => vec!['*'; n],
+    };
+    let kv: u64 = (0..n)
+        .filter(|&i| kinds[i] == '*' && n_kv[i] > 0)
+        .map(|i| n_kv[i] as u64 * (k_len + v_len) * 2 * 1024)
+        .sum();
+    let mut rec = 0u64;
+    let mamba_layers = kinds.iter().filter(|&&k| k == 'M').count() as u64;
+    if mamba_layers > 0 {
+        let d_conv = md.get_usize(&key("ssm.conv_kernel"))? as u64;
+        let d_inner = md.get_usize(&key("ssm.inner_size"))? as u64;
+        let d_state = md.get_usize(&key("ssm.state_size"))? as u64;
+        let n_group = md.get_usize(&key("ssm.group_count"))? as u64;
+        let conv = d_conv.saturating_sub(1) * (d_inner + 2 * n_group * d_state) * 4;
+        let ssm = d_inner * d_state * 4;
+        rec = mamba_layers * (conv + ssm);
+    }
+    Ok((Some(kv), rec))
+}
