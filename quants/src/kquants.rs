@@ -291,7 +291,7 @@ fn make_qx_quants(nmax: i32, x: &[f32], l_out: &mut [i8], qw: Option<&[f32]>) ->
         let l = quant(iscale, i);
         l_out[i] = (l + nmax) as i8;
         sumlx += w(i) * x[i] * l as f32;
-        suml2 += w(i) * (l * l) as f32;
+        suml2 += w(i) * l as f32 * l as f32;
     }
     let mut scale = if suml2 != 0.0 { sumlx / suml2 } else { 0.0 };
     let mut best = scale * sumlx;
@@ -304,7 +304,7 @@ fn make_qx_quants(nmax: i32, x: &[f32], l_out: &mut [i8], qw: Option<&[f32]>) ->
         for i in 0..x.len() {
             let l = quant(iscale, i);
             slx += w(i) * x[i] * l as f32;
-            sl2 += w(i) * (l * l) as f32;
+            sl2 += w(i) * l as f32 * l as f32;
         }
         if sl2 > 0.0 && slx * slx > best * sl2 {
             for i in 0..x.len() {
@@ -338,7 +338,7 @@ fn make_q3_quants(nmax: i32, x: &[f32], l_out: &mut [i8]) -> f32 {
         l_out[i] = l as i8;
         let w = x[i] * x[i];
         sumlx += w * x[i] * l as f32;
-        suml2 += w * (l * l) as f32;
+        suml2 += w * l as f32 * l as f32;
     }
     for _ in 0..5 {
         let mut changed = 0;
@@ -351,7 +351,7 @@ fn make_q3_quants(nmax: i32, x: &[f32], l_out: &mut [i8]) -> f32 {
                 let new_l = nearest_int(x[i] * sl2 / slx).clamp(-nmax, nmax - 1);
                 if new_l != l_out[i] as i32 {
                     slx += w * x[i] * new_l as f32;
-                    sl2 += w * (new_l * new_l) as f32;
+                    sl2 += w * new_l as f32 * new_l as f32;
                     if sl2 > 0.0 && slx * slx * suml2 > sumlx * sumlx * sl2 {
                         l_out[i] = new_l as i8;
                         sumlx = slx;

@@ -1,0 +1,206 @@
+//! `ggrun info` and the reader against every fixture and SmolLM2, checked with an independent
+//! reader (gguf-py, through tests/tools/gguf_py_dump.py); and the reference quantizers against the
+//! bytes llama-quantize wrote into the quantized fixtures.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use ggrun::gguf::Model;
+use ggrun::info::ModelInfo;
+use ggrun_quants::{reference_quantize_fn, GgmlType};
+
+fn gguf_py(model: &Path) -> (serde_json::Value, Vec<f32>) {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = dir.path().join("dump");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tools/gguf_py_dump.py");
+    let st = std::process::Command::new("python3")
+        .arg(script)
+        .arg(model)
+        .arg(&prefix)
+        .status()
+        .expect("python3 with gguf and numpy (pip install gguf numpy)");
+    assert!(
+        st.success(),
+        "gguf_py_dump.py failed on {}",
+        model.display()
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(prefix.with_extension("json")).unwrap())
+            .unwrap();
+    let raw = std::fs::read(prefix.with_extension("f32")).unwrap();
+    let vals = raw
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    (json, vals)
+}
+
+fn check_against_gguf_py(path: &Path) {
+    let m = Model::open(path).unwrap();
+    let info = ModelInfo::from_model(&m).unwrap();
+    let (py, values) = gguf_py(path);
+    assert_eq!(
+        info.tensor_count as u64,
+        py["tensor_count"].as_u64().unwrap()
+    );
+    assert_eq!(info.parameters, py["parameters"].as_u64().unwrap());
+    let py_types: BTreeMap<String, (u64, u64)> = py["types"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                (v["count"].as_u64().unwrap(), v["bytes"].as_u64().unwrap()),
+            )
+        })
+        .collect();
+    let ours: BTreeMap<String, (u64, u64)> = info
+        .types
+        .iter()
+        .map(|(k, v)| (k.clone(), (v.count as u64, v.bytes)))
+        .collect();
+    assert_eq!(ours, py_types, "{}", path.display());
+    // Dequantized values, tensor by tensor in file order, bit for bit.
+    let mut off = 0usize;
+    for (t, pt) in m.tensors().zip(py["tensors"].as_array().unwrap()) {
+        assert_eq!(t.name, pt["name"].as_str().unwrap());
+        assert_eq!(t.ty.name(), pt["type"].as_str().unwrap());
+        let n = t.elements() as usize;
+        let want = &values[off..off + n];
+        off += n;
+        let got = m.tensor(&t.name).unwrap().to_f32().unwrap();
+        let bad = got
+            .iter()
+            .zip(want)
+            .position(|(a, b)| a.to_bits() != b.to_bits());
+        assert!(
+            bad.is_none(),
+            "{} {}: element {} is {} (gguf-py {})",
+            path.display(),
+            t.name,
+            bad.unwrap(),
+            got[bad.unwrap()],
+            want[bad.unwrap()]
+        );
+    }
+    assert_eq!(off, values.len());
+}
+
+#[test]
+fn reader_and_info_agree_with_gguf_py_on_every_fixture() {
+    for p in common::fixture_models() {
+        check_against_gguf_py(&p);
+    }
+}
+
+#[test]
+fn reader_and_info_agree_with_gguf_py_on_smollm2() {
+    check_against_gguf_py(&common::smollm2());
+}
+
+#[test]
+fn info_json_has_the_documented_keys_on_every_model() {
+    let mut models = common::fixture_models();
+    models.push(common::smollm2());
+    for p in models {
+        let out = common::ggrun()
+            .arg("info")
+            .arg("--json")
+            .arg(&p)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            p.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(stdout.lines().count(), 1, "one JSON object on one line");
+        let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        for k in ["architecture", "tensor_count", "parameters", "types"] {
+            assert!(v.get(k).is_some(), "{}: no {k}", p.display());
+        }
+        let text = common::ggrun().arg("info").arg(&p).output().unwrap();
+        assert!(text.status.success());
+    }
+}
+
+#[test]
+fn info_reports_nemotron_layer_patterns_and_state() {
+    for p in common::fixture_models() {
+        let info = ModelInfo::from_model(&Model::open(&p).unwrap()).unwrap();
+        let name = p.file_name().unwrap().to_str().unwrap();
+        // Patterns from the fixtures README.
+        let want = if name.starts_with("nemo-dense-tiny") {
+            "M-M*-M"
+        } else {
+            "MEM*EM*E"
+        };
+        assert_eq!(info.layer_pattern.as_deref(), Some(want), "{name}");
+        // 2 kv heads × (32 + 32) dims × 2 bytes × 1024 tokens per attention layer.
+        let attn = want.matches('*').count() as u64;
+        assert_eq!(info.kv_bytes_per_1k, Some(attn * 2 * 64 * 2 * 1024));
+        // conv 3 × (512 + 2·2·32) f32 + SSM 512 × 32 f32 per Mamba layer.
+        let mamba = want.matches('M').count() as u64;
+        assert_eq!(
+            info.recurrent_state_bytes,
+            mamba * (3 * 640 * 4 + 512 * 32 * 4)
+        );
+        let moe = want.matches('E').count();
+        assert_eq!(info.expert_bytes_per_layer.len(), moe);
+        assert_eq!(
+            info.non_expert_bytes + info.expert_bytes,
+            info.types.values().map(|t| t.bytes).sum::<u64>()
+        );
+    }
+}
+
+/// Re-quantizing the F32 fixture's tensors with our reference quantizers reproduces, byte for
+/// byte, what llama-quantize wrote into each quantized fixture.
+#[test]
+fn reference_quantizers_reproduce_llama_quantize_bytes() {
+    let dir = common::fixtures();
+    let pairs = [
+        ("nemo-tiny-f32.gguf", "nemo-tiny-q4_0.gguf"),
+        ("nemo-tiny-f32.gguf", "nemo-tiny-q8_0.gguf"),
+        ("nemo-tiny-f32.gguf", "nemo-tiny-q4_k_m.gguf"),
+        ("nemo-tiny-f32.gguf", "nemo-tiny-q3_k_m.gguf"),
+        ("nemo-dense-tiny-f32.gguf", "nemo-dense-tiny-q4_k_m.gguf"),
+    ];
+    let mut report = Vec::new();
+    let mut checked = BTreeMap::<GgmlType, usize>::new();
+    for (src, dst) in pairs {
+        let f = Model::open(&dir.join(src)).unwrap();
+        let q = Model::open(&dir.join(dst)).unwrap();
+        for t in q.tensors() {
+            if t.ty == GgmlType::F32 {
+                continue;
+            }
+            let x = f.tensor(&t.name).unwrap().to_f32().unwrap();
+            let mut out = vec![0u8; t.size_bytes as usize];
+            let quant = reference_quantize_fn(t.ty).unwrap();
+            let row = t.row_len() as usize;
+            let rb = out.len() / t.rows() as usize;
+            for (xr, or) in x.chunks(row).zip(out.chunks_mut(rb)) {
+                quant(xr, or);
+            }
+            *checked.entry(t.ty).or_default() += 1;
+            let want = q.tensor(&t.name).unwrap().data;
+            if out != want {
+                let diff = out.iter().zip(want).filter(|(a, b)| a != b).count();
+                report.push(format!(
+                    "{dst} {} ({}): {diff} of {} bytes differ",
+                    t.name,
+                    t.ty,
+                    want.len()
+                ));
+            }
+        }
+    }
+    eprintln!("checked: {checked:?}");
+    assert!(report.is_empty(), "{}", report.join("\n"));
+}
