@@ -43,6 +43,9 @@ pub struct ModelInfo {
     pub recurrent_state_bytes: u64,
 }
 
+/// Sanity bound on `{arch}.block_count` (real models have at most a few hundred layers).
+const MAX_LAYERS: usize = 1 << 16;
+
 fn layer_of(name: &str) -> Option<usize> {
     name.strip_prefix("blk.")?.split('.').next()?.parse().ok()
 }
@@ -78,6 +81,13 @@ impl ModelInfo {
         }
 
         let block_count = opt_usize("block_count")?;
+        if let Some(n) = block_count.filter(|&n| n > MAX_LAYERS) {
+            return Err(MetaError::OutOfRange {
+                key: key("block_count"),
+                value: n.to_string(),
+                why: "more layers than any model has",
+            });
+        }
         let layer_pattern = match (arch.as_str(), block_count) {
             ("nemotron_h" | "nemotron_h_moe", Some(n)) => Some(nemotron_pattern(m, &arch, n)?),
             _ => None,
@@ -298,20 +308,33 @@ fn state_sizes(
         Some(p) => p.chars().collect(),
         None => vec!['*'; n],
     };
-    let kv: u64 = (0..n)
+    // u128 so that hostile metadata cannot overflow; clamped when reported.
+    let kv: u128 = (0..n)
         .filter(|&i| kinds[i] == '*' && n_kv[i] > 0)
-        .map(|i| n_kv[i] as u64 * (k_len + v_len) * 2 * 1024)
-        .sum();
-    let mut rec = 0u64;
-    let mamba_layers = kinds.iter().filter(|&&k| k == 'M').count() as u64;
+        .map(|i| {
+            (n_kv[i] as u128)
+                .saturating_mul(k_len as u128 + v_len as u128)
+                .saturating_mul(2048)
+        })
+        .fold(0u128, u128::saturating_add);
+    let mut rec = 0u128;
+    let mamba_layers = kinds.iter().filter(|&&k| k == 'M').count() as u128;
     if mamba_layers > 0 {
-        let d_conv = md.get_usize(&key("ssm.conv_kernel"))? as u64;
-        let d_inner = md.get_usize(&key("ssm.inner_size"))? as u64;
-        let d_state = md.get_usize(&key("ssm.state_size"))? as u64;
-        let n_group = md.get_usize(&key("ssm.group_count"))? as u64;
-        let conv = d_conv.saturating_sub(1) * (d_inner + 2 * n_group * d_state) * 4;
-        let ssm = d_inner * d_state * 4;
-        rec = mamba_layers * (conv + ssm);
+        let d_conv = md.get_usize(&key("ssm.conv_kernel"))? as u128;
+        let d_inner = md.get_usize(&key("ssm.inner_size"))? as u128;
+        let d_state = md.get_usize(&key("ssm.state_size"))? as u128;
+        let n_group = md.get_usize(&key("ssm.group_count"))? as u128;
+        let channels = n_group
+            .saturating_mul(d_state)
+            .saturating_mul(2)
+            .saturating_add(d_inner);
+        let conv = d_conv
+            .saturating_sub(1)
+            .saturating_mul(channels)
+            .saturating_mul(4);
+        let ssm = d_inner.saturating_mul(d_state).saturating_mul(4);
+        rec = mamba_layers.saturating_mul(conv.saturating_add(ssm));
     }
-    Ok((Some(kv), rec))
+    let clamp = |x: u128| x.min(u64::MAX as u128) as u64;
+    Ok((Some(clamp(kv)), clamp(rec)))
 }
