@@ -77,7 +77,7 @@ impl Raw {
     }
     /// Pads to 32 and appends `n` data bytes.
     fn data(&mut self, n: usize) -> &mut Self {
-        while self.0.len() % 32 != 0 {
+        while !self.0.len().is_multiple_of(32) {
             self.0.push(0);
         }
         self.0.extend(std::iter::repeat_n(0x11u8, n));
@@ -299,6 +299,15 @@ fn open_and_describe(path: &Path) -> Result<(), String> {
 #[test]
 fn corpus_has_at_least_25_distinct_breakages() {
     let c = corpus();
+    // GGRUN_WRITE_FUZZ_SEEDS=DIR also writes the corpus and a valid file there, as fuzzing seeds.
+    if let Some(dir) = std::env::var_os("GGRUN_WRITE_FUZZ_SEEDS") {
+        let dir = std::path::PathBuf::from(dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("valid.gguf"), valid().to_bytes()).unwrap();
+        for (i, (_, bytes, _)) in c.iter().enumerate() {
+            std::fs::write(dir.join(format!("case{i}.gguf")), bytes).unwrap();
+        }
+    }
     assert!(c.len() >= 25, "{}", c.len());
     let names: std::collections::HashSet<_> = c.iter().map(|x| x.0).collect();
     assert_eq!(names.len(), c.len());

@@ -4,6 +4,10 @@
 //! `quantize_row_*_ref`, which llama-quantize uses when no importance matrix is given) and the
 //! scalar reference dot products.
 
+// The quantizers transcribe ggml's reference loops index for index, so that they can be checked
+// against it line by line; iterator rewrites would hide that correspondence.
+#![allow(clippy::needless_range_loop)]
+
 use crate::legacy::h;
 use bytemuck::{Pod, Zeroable};
 
@@ -198,9 +202,12 @@ pub fn dequantize_q2k(blocks: &[BlockQ2K], out: &mut [f32]) {
     for (b, o) in blocks.iter().zip(out.chunks_exact_mut(QK_K)) {
         let (d, dmin) = (h(b.d), h(b.dmin));
         let q = unpack_q2k(b);
-        for (i, v) in o.iter_mut().enumerate() {
-            let sc = b.scales[i / 16];
-            *v = d * (sc & 15) as f32 * q[i] as f32 - dmin * (sc >> 4) as f32;
+        for (j, (os, qs)) in o.chunks_exact_mut(16).zip(q.chunks_exact(16)).enumerate() {
+            let sc = b.scales[j];
+            let (dl, ml) = (d * (sc & 15) as f32, dmin * (sc >> 4) as f32);
+            for (v, &x) in os.iter_mut().zip(qs) {
+                *v = dl * x as f32 - ml;
+            }
         }
     }
 }
@@ -220,9 +227,12 @@ pub fn dequantize_q4k(blocks: &[BlockQ4K], out: &mut [f32]) {
     for (b, o) in blocks.iter().zip(out.chunks_exact_mut(QK_K)) {
         let (d, dmin) = (h(b.d), h(b.dmin));
         let q = unpack_q4k(b);
-        for (i, v) in o.iter_mut().enumerate() {
-            let (sc, mn) = scale_min_k4(i / 32, &b.scales);
-            *v = d * sc as f32 * q[i] as f32 - dmin * mn as f32;
+        for (j, (os, qs)) in o.chunks_exact_mut(32).zip(q.chunks_exact(32)).enumerate() {
+            let (sc, mn) = scale_min_k4(j, &b.scales);
+            let (dl, ml) = (d * sc as f32, dmin * mn as f32);
+            for (v, &x) in os.iter_mut().zip(qs) {
+                *v = dl * x as f32 - ml;
+            }
         }
     }
 }
@@ -231,9 +241,12 @@ pub fn dequantize_q5k(blocks: &[BlockQ5K], out: &mut [f32]) {
     for (b, o) in blocks.iter().zip(out.chunks_exact_mut(QK_K)) {
         let (d, dmin) = (h(b.d), h(b.dmin));
         let q = unpack_q5k(b);
-        for (i, v) in o.iter_mut().enumerate() {
-            let (sc, mn) = scale_min_k4(i / 32, &b.scales);
-            *v = d * sc as f32 * q[i] as f32 - dmin * mn as f32;
+        for (j, (os, qs)) in o.chunks_exact_mut(32).zip(q.chunks_exact(32)).enumerate() {
+            let (sc, mn) = scale_min_k4(j, &b.scales);
+            let (dl, ml) = (d * sc as f32, dmin * mn as f32);
+            for (v, &x) in os.iter_mut().zip(qs) {
+                *v = dl * x as f32 - ml;
+            }
         }
     }
 }

@@ -119,8 +119,8 @@ impl<'a> TensorView<'a> {
 
     /// The whole tensor as f32 (dequantized); `None` for types without a float meaning here.
     pub fn to_f32(&self) -> Option<Vec<f32>> {
-        let mut out = vec![0f32; self.info.elements() as usize];
         let f = ggrun_quants::dequantize_fn(self.info.ty)?;
+        let mut out = vec![0f32; self.info.elements() as usize];
         f(self.data, &mut out);
         Some(out)
     }

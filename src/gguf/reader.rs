@@ -27,7 +27,16 @@ pub struct GgufFile {
     /// Offset of the data section from the start of the file.
     pub data_offset: u64,
     pub alignment: u64,
-    mmap: Option<Mmap>,
+    backing: Backing,
+}
+
+/// Where the file's bytes live.
+enum Backing {
+    /// Not attached yet (inside `parse`).
+    None,
+    Mapped(Mmap),
+    /// Bytes already in memory (tests, fuzzing, generated models).
+    Owned(Vec<u8>),
 }
 
 impl GgufFile {
@@ -43,13 +52,24 @@ impl GgufFile {
         // risk of mmap-based loaders (llama.cpp has the same). We never write through it.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| GgufError::io(path, e))?;
         let mut g = parse(&mmap, path)?;
-        g.mmap = Some(mmap);
+        g.backing = Backing::Mapped(mmap);
+        Ok(g)
+    }
+
+    /// Parses a file held in memory; `path` names it in messages.
+    pub fn from_bytes(bytes: Vec<u8>, path: &Path) -> Result<GgufFile, GgufError> {
+        let mut g = parse(&bytes, path)?;
+        g.backing = Backing::Owned(bytes);
         Ok(g)
     }
 
     /// The whole file as bytes.
     pub fn bytes(&self) -> &[u8] {
-        self.mmap.as_deref().unwrap_or(&[])
+        match &self.backing {
+            Backing::None => &[],
+            Backing::Mapped(m) => m,
+            Backing::Owned(v) => v,
+        }
     }
 
     /// The bytes of tensor `t` (which must come from this file's table).
@@ -166,7 +186,8 @@ impl<'a> Cursor<'a> {
     }
 }
 
-/// Parses GGUF bytes (the whole file). `path` is used in messages only.
+/// Parses GGUF bytes (the whole file) into a table with no bytes attached (use
+/// [`GgufFile::open`] or [`GgufFile::from_bytes`] to read tensors). `path` is used in messages.
 pub fn parse(buf: &[u8], path: &Path) -> Result<GgufFile, GgufError> {
     let mut c = Cursor { buf, pos: 0 };
     let magic = c.take(4, "magic").map_err(|_| {
@@ -279,7 +300,7 @@ pub fn parse(buf: &[u8], path: &Path) -> Result<GgufFile, GgufError> {
         tensors,
         data_offset,
         alignment,
-        mmap: None,
+        backing: Backing::None,
     })
 }
 

@@ -1,0 +1,56 @@
+//! The binary's behaviour at its edges: SIMD tier override, missing files, a closed stdout.
+
+mod common;
+
+use std::process::Stdio;
+
+#[test]
+fn ggrun_isa_forces_the_scalar_tier_and_warns_on_unknown_names() {
+    let out = common::ggrun()
+        .arg("cpu")
+        .env("GGRUN_ISA", "scalar")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("active: scalar\n"));
+
+    let out = common::ggrun()
+        .arg("cpu")
+        .env("GGRUN_ISA", "sse9")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("warning: GGRUN_ISA=sse9: unknown"), "{err}");
+    let best = ggrun_quants::Isa::detect().name();
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with(&format!("active: {best}\n")));
+}
+
+#[test]
+fn missing_file_is_a_one_line_error() {
+    let out = common::ggrun()
+        .args(["info", "/nonexistent/model.gguf"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("error: /nonexistent/model.gguf: "), "{err}");
+}
+
+#[test]
+fn a_closed_stdout_ends_quietly() {
+    let model = common::fixture_models().remove(0);
+    let mut child = common::ggrun()
+        .arg("info")
+        .arg(&model)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // the reader goes away before anything is written
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.code(), Some(0), "{err}");
+}
