@@ -213,6 +213,13 @@ fn corpus() -> Vec<(&'static str, Vec<u8>, &'static str)> {
     let mut r = Raw::header(3, 1, 0);
     r.tensor("a", &[8], 0, 4).data(128);
     v.push(("misaligned offset", r.0, "not a multiple of the alignment"));
+    let mut r = Raw::header(3, 1, 0);
+    r.tensor("a", &[0], 0, 0).0.push(0x11);
+    v.push((
+        "empty tensor, data section past EOF",
+        r.0,
+        "data section would start",
+    ));
     v.push((
         "data section truncated",
         good[..good.len() - 100].to_vec(),

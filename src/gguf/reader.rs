@@ -291,6 +291,12 @@ pub fn parse(buf: &[u8], path: &Path) -> Result<GgufFile, GgufError> {
     }
 
     let data_offset = (c.pos as u64).div_ceil(alignment) * alignment;
+    if !tensors.is_empty() && data_offset > buf.len() as u64 {
+        return Err(GgufError::Format(format!(
+            "the data section would start at byte {data_offset}, past the end of the file ({} bytes)",
+            buf.len()
+        )));
+    }
     let data_len = (buf.len() as u64).saturating_sub(data_offset);
     validate_layout(&tensors, alignment, data_len)?;
     Ok(GgufFile {
