@@ -6,7 +6,9 @@
 
 use core::arch::x86_64::*;
 
-use super::avx2::{dot_i8, fp16, hsum_ps, iq4_nl_i8, q4_0_i8, q4_1_u8, q5_0_i8, q5_1_u8, q8_0_i8};
+use super::avx2::{
+    dot_i8, fp16_mul, hsum_ps, iq4_nl_i8, q4_0_i8, q4_1_u8, q5_0_i8, q5_1_u8, q8_0_i8,
+};
 use crate::legacy::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, BlockQ8_1};
 use bytemuck::cast_slice;
 
@@ -67,7 +69,7 @@ macro_rules! signed_dot512 {
                 let (b0, b1, y0, y1) = (&w[2 * i], &w[2 * i + 1], &a[2 * i], &a[2 * i + 1]);
                 let (u, s) = abs_and_signed(join($unpack(b0), $unpack(b1)), load2(&y0.qs, &y1.qs));
                 let sum = _mm512_cvtepi32_ps($dp(u, s));
-                let d = scales2(fp16(b0.d) * fp16(y0.d), fp16(b1.d) * fp16(y1.d));
+                let d = scales2(fp16_mul(b0.d, y0.d), fp16_mul(b1.d, y1.d));
                 acc = _mm512_fmadd_ps(d, sum, acc);
             }
             let mut total = _mm512_reduce_add_ps(acc);
@@ -77,7 +79,7 @@ macro_rules! signed_dot512 {
                     $unpack(b),
                     _mm256_loadu_si256(y.qs.as_ptr().cast()),
                 ));
-                total += hsum_ps(_mm256_mul_ps(_mm256_set1_ps(fp16(b.d) * fp16(y.d)), s));
+                total += hsum_ps(_mm256_mul_ps(_mm256_set1_ps(fp16_mul(b.d, y.d)), s));
             }
             total
         }
@@ -95,17 +97,17 @@ macro_rules! unsigned_dot512 {
                 let (b0, b1, y0, y1) = (&w[2 * i], &w[2 * i + 1], &a[2 * i], &a[2 * i + 1]);
                 let sum =
                     _mm512_cvtepi32_ps($dp(join($unpack(b0), $unpack(b1)), load2(&y0.qs, &y1.qs)));
-                let d = scales2(fp16(b0.d) * fp16(y0.d), fp16(b1.d) * fp16(y1.d));
+                let d = scales2(fp16_mul(b0.d, y0.d), fp16_mul(b1.d, y1.d));
                 acc = _mm512_fmadd_ps(d, sum, acc);
-                mins += fp16(b0.m) * fp16(y0.s) + fp16(b1.m) * fp16(y1.s);
+                mins += fp16_mul(b0.m, y0.s) + fp16_mul(b1.m, y1.s);
             }
             let mut total = _mm512_reduce_add_ps(acc);
             if w.len() % 2 == 1 {
                 let (b, y) = (&w[w.len() - 1], &a[w.len() - 1]);
                 let p = _mm256_maddubs_epi16($unpack(b), _mm256_loadu_si256(y.qs.as_ptr().cast()));
                 let s = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
-                total += hsum_ps(_mm256_mul_ps(_mm256_set1_ps(fp16(b.d) * fp16(y.d)), s));
-                mins += fp16(b.m) * fp16(y.s);
+                total += hsum_ps(_mm256_mul_ps(_mm256_set1_ps(fp16_mul(b.d, y.d)), s));
+                mins += fp16_mul(b.m, y.s);
             }
             total + mins
         }
