@@ -797,14 +797,24 @@ pub fn dot_q3k(w: &[BlockQ3K], a: &[BlockQ8K]) -> f32 {
         .sum()
 }
 
-fn dot_k4_like(q: &[i8; QK_K], scales: &[u8; 12], d: f32, dmin: f32, a: &BlockQ8K) -> f32 {
-    let s = isums16(q, &a.qs);
-    let (mut sum, mut msum) = (0i32, 0i32);
+/// Q4_K / Q5_K: the sub-block scales repeated per run of 16 (what the kernels multiply by), and
+/// the mins term Σ min_j · (activation sum of sub-block j).
+pub(crate) fn k4_scales16(s: &[u8; 12], a: &BlockQ8K) -> ([i16; 16], i32) {
+    let mut scales = [0i16; 16];
+    let mut msum = 0i32;
     for j in 0..8 {
-        let (sc, mn) = scale_min_k4(j, scales);
-        sum += sc as i32 * (s[2 * j] + s[2 * j + 1]);
+        let (sc, mn) = scale_min_k4(j, s);
+        scales[2 * j] = sc as i16;
+        scales[2 * j + 1] = sc as i16;
         msum += mn as i32 * (a.bsum(2 * j) + a.bsum(2 * j + 1));
     }
+    (scales, msum)
+}
+
+fn dot_k4_like(q: &[i8; QK_K], scales: &[u8; 12], d: f32, dmin: f32, a: &BlockQ8K) -> f32 {
+    let s = isums16(q, &a.qs);
+    let (sc16, msum) = k4_scales16(scales, a);
+    let sum: i32 = (0..16).map(|j| sc16[j] as i32 * s[j]).sum();
     a.d() * (d * sum as f32 - dmin * msum as f32)
 }
 

@@ -7,7 +7,7 @@
 use core::arch::aarch64::*;
 
 use crate::kquants::{
-    q3k_scales, scale_min_k4, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K,
+    k4_scales16, q3k_scales, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K,
 };
 use crate::legacy::{
     h, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, BlockQ8_1, IQ4NL_VALUES,
@@ -336,18 +336,6 @@ unsafe fn unpack_q6k(b: &BlockQ6K) -> [int8x16_t; 16] {
     q
 }
 
-fn k4_scales(s: &[u8; 12], y: &BlockQ8K) -> ([i16; 16], i32) {
-    let mut scales = [0i16; 16];
-    let mut msum = 0i32;
-    for j in 0..8 {
-        let (sc, mn) = scale_min_k4(j, s);
-        scales[2 * j] = sc as i16;
-        scales[2 * j + 1] = sc as i16;
-        msum += mn as i32 * (y.bsum(2 * j) + y.bsum(2 * j + 1));
-    }
-    (scales, msum)
-}
-
 macro_rules! kquant_dots {
     ($feat:literal, $kdot:ident, $q2:ident, $q3:ident, $q4:ident, $q5:ident, $q6:ident) => {
         #[target_feature(enable = $feat)]
@@ -373,7 +361,7 @@ macro_rules! kquant_dots {
         unsafe fn $q4(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
             let mut total = 0.0f32;
             for (b, y) in w.iter().zip(a) {
-                let (scales, msum) = k4_scales(&b.scales, y);
+                let (scales, msum) = k4_scales16(&b.scales, y);
                 let sum = $kdot(&unpack_q4k(b), y, &scales);
                 total += y.d() * (h(b.d) * sum as f32 - h(b.dmin) * msum as f32);
             }
@@ -383,7 +371,7 @@ macro_rules! kquant_dots {
         unsafe fn $q5(w: &[BlockQ5K], a: &[BlockQ8K]) -> f32 {
             let mut total = 0.0f32;
             for (b, y) in w.iter().zip(a) {
-                let (scales, msum) = k4_scales(&b.scales, y);
+                let (scales, msum) = k4_scales16(&b.scales, y);
                 let sum = $kdot(&unpack_q5k(b), y, &scales);
                 total += y.d() * (h(b.d) * sum as f32 - h(b.dmin) * msum as f32);
             }

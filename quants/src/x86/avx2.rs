@@ -12,7 +12,7 @@
 use core::arch::x86_64::*;
 
 use crate::kquants::{
-    q3k_scales, scale_min_k4, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K,
+    k4_scales16, q3k_scales, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K,
 };
 use crate::legacy::{
     h, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, BlockQ8_1, IQ4NL_VALUES,
@@ -365,20 +365,6 @@ unsafe fn dot_q3k_impl(w: &[BlockQ3K], a: &[BlockQ8K]) -> f32 {
         .sum()
 }
 
-/// Q4_K/Q5_K: the per-16 scale array and the mins term from the packed 6-bit scales.
-#[inline]
-fn k4_scales(s: &[u8; 12], y: &BlockQ8K) -> ([i16; 16], i32) {
-    let mut scales = [0i16; 16];
-    let mut msum = 0i32;
-    for j in 0..8 {
-        let (sc, mn) = scale_min_k4(j, s);
-        scales[2 * j] = sc as i16;
-        scales[2 * j + 1] = sc as i16;
-        msum += mn as i32 * (y.bsum(2 * j) + y.bsum(2 * j + 1));
-    }
-    (scales, msum)
-}
-
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q4k_impl(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
     let m4 = _mm256_set1_epi8(15);
@@ -391,7 +377,7 @@ unsafe fn dot_q4k_impl(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
                 q[2 * c] = _mm256_and_si256(v, m4);
                 q[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4);
             }
-            let (scales, msum) = k4_scales(&b.scales, y);
+            let (scales, msum) = k4_scales16(&b.scales, y);
             let sum = kdot(&q, y, &scales);
             y.d() * (h(b.d) * sum as f32 - h(b.dmin) * msum as f32)
         })
@@ -414,7 +400,7 @@ unsafe fn dot_q5k_impl(w: &[BlockQ5K], a: &[BlockQ8K]) -> f32 {
                     bit_to(qh, 2 * c + 1, 16),
                 );
             }
-            let (scales, msum) = k4_scales(&b.scales, y);
+            let (scales, msum) = k4_scales16(&b.scales, y);
             let sum = kdot(&q, y, &scales);
             y.d() * (h(b.d) * sum as f32 - h(b.dmin) * msum as f32)
         })
