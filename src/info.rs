@@ -90,6 +90,7 @@ impl ModelInfo {
         }
         let layer_pattern = match (arch.as_str(), block_count) {
             ("nemotron_h" | "nemotron_h_moe", Some(n)) => Some(nemotron_pattern(m, &arch, n)?),
+            ("mamba" | "mamba2", Some(n)) => Some("M".repeat(n)),
             _ => None,
         };
         let (kv_bytes_per_1k, recurrent_state_bytes) =
@@ -289,9 +290,7 @@ fn state_sizes(
     let Some(n) = block_count else {
         return Ok((None, 0));
     };
-    let Ok(n_head) = md.get_usize(&key("attention.head_count")) else {
-        return Ok((None, 0));
-    };
+    let n_head = md.get_usize(&key("attention.head_count")).unwrap_or(0);
     let n_kv = match md.get(&key("attention.head_count_kv")) {
         Some(_) => md.get_per_layer(&key("attention.head_count_kv"), n)?,
         None => vec![n_head; n],
@@ -309,6 +308,7 @@ fn state_sizes(
         None => vec!['*'; n],
     };
     // u128 so that hostile metadata cannot overflow; clamped when reported.
+    let attention = n_head > 0;
     let kv: u128 = (0..n)
         .filter(|&i| kinds[i] == '*' && n_kv[i] > 0)
         .map(|i| {
@@ -323,7 +323,11 @@ fn state_sizes(
         let d_conv = md.get_usize(&key("ssm.conv_kernel"))? as u128;
         let d_inner = md.get_usize(&key("ssm.inner_size"))? as u128;
         let d_state = md.get_usize(&key("ssm.state_size"))? as u128;
-        let n_group = md.get_usize(&key("ssm.group_count"))? as u128;
+        // Mamba-1 has no groups: B and C are not part of the conv input.
+        let n_group = match md.get(&key("ssm.group_count")) {
+            Some(_) => md.get_usize(&key("ssm.group_count"))? as u128,
+            None => 0,
+        };
         let channels = n_group
             .saturating_mul(d_state)
             .saturating_mul(2)
@@ -336,5 +340,55 @@ fn state_sizes(
         rec = mamba_layers.saturating_mul(conv.saturating_add(ssm));
     }
     let clamp = |x: u128| x.min(u64::MAX as u128) as u64;
-    Ok((Some(clamp(kv)), clamp(rec)))
+    Ok((attention.then(|| clamp(kv)), clamp(rec)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::{GgufFile, GgufWriter, Value};
+    use std::path::Path;
+
+    fn model(w: &GgufWriter) -> Model {
+        let f = GgufFile::from_bytes(w.to_bytes(), Path::new("t.gguf")).unwrap();
+        Model::from_parts(vec![f]).unwrap()
+    }
+
+    #[test]
+    fn pure_mamba2_has_state_but_no_kv_cache() {
+        let mut w = GgufWriter::new();
+        w.kv("general.architecture", Value::str("mamba2"))
+            .kv("mamba2.block_count", Value::U32(3))
+            .kv("mamba2.ssm.conv_kernel", Value::U32(4))
+            .kv("mamba2.ssm.inner_size", Value::U32(64))
+            .kv("mamba2.ssm.state_size", Value::U32(16))
+            .kv("mamba2.ssm.group_count", Value::U32(1));
+        let info = ModelInfo::from_model(&model(&w)).unwrap();
+        assert_eq!(info.layer_pattern.as_deref(), Some("MMM"));
+        assert_eq!(info.kv_bytes_per_1k, None);
+        assert_eq!(
+            info.recurrent_state_bytes,
+            3 * (3 * (64 + 32) * 4 + 64 * 16 * 4)
+        );
+    }
+
+    #[test]
+    fn llama_kv_cache_uses_head_count_kv_and_head_dim() {
+        let mut w = GgufWriter::new();
+        w.kv("general.architecture", Value::str("llama"))
+            .kv("llama.block_count", Value::U32(30))
+            .kv("llama.embedding_length", Value::U32(576))
+            .kv("llama.attention.head_count", Value::U32(9))
+            .kv("llama.attention.head_count_kv", Value::U32(3))
+            .tensor_f32("blk.0.ffn_up_exps.weight", &[32, 2, 2], &[0.0; 128])
+            .tensor_f32("output_norm.weight", &[32], &[1.0; 32]);
+        let info = ModelInfo::from_model(&model(&w)).unwrap();
+        // 30 layers × 3 kv heads × (64 + 64) dims × 2 bytes × 1024 tokens.
+        assert_eq!(info.kv_bytes_per_1k, Some(30 * 3 * 128 * 2 * 1024));
+        assert_eq!(info.layer_pattern, None);
+        assert_eq!(info.expert_bytes, 512);
+        assert_eq!(info.expert_bytes_per_layer.get(&0), Some(&512));
+        assert_eq!(info.non_expert_bytes, 128);
+        assert_eq!(info.parameters, 160);
+    }
 }

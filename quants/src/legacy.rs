@@ -261,64 +261,71 @@ pub fn quantize_q5_1(x: &[f32], out: &mut [BlockQ5_1]) {
     }
 }
 
-/// ggml's `quantize_row_q8_0_ref`: d = amax/127, q = round-half-away(x · (1/d)).
-pub fn quantize_q8_0_ref(x: &[f32], out: &mut [BlockQ8_0]) {
+/// How an 8-bit activation block is rounded.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Q8Rounding {
+    /// ggml's `_ref`: id = 1/d, round half away from zero.
+    Reference,
+    /// llama.cpp's SIMD paths (AVX2/AVX-512/NEON alike): id = 127/amax, round half to even.
+    Simd,
+}
+
+/// Rounds one block of 32 to bytes; returns (d, Σq).
+#[inline]
+fn q8_block(xb: &[f32], qs: &mut [i8; 32], r: Q8Rounding) -> (f32, i32) {
+    let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let id = match r {
+        Q8Rounding::Reference => inv(d),
+        Q8Rounding::Simd if amax != 0.0 => 127.0 / amax,
+        Q8Rounding::Simd => 0.0,
+    };
+    let mut sum = 0i32;
+    for (q, v) in qs.iter_mut().zip(xb) {
+        *q = match r {
+            Q8Rounding::Reference => (v * id).round(),
+            Q8Rounding::Simd => (v * id).round_ties_even(),
+        } as i8;
+        sum += *q as i32;
+    }
+    (d, sum)
+}
+
+fn quantize_q8_0_with(x: &[f32], out: &mut [BlockQ8_0], r: Q8Rounding) {
     for (xb, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
-        let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-        let d = amax / 127.0;
-        let id = inv(d);
+        let (d, _) = q8_block(xb, &mut b.qs, r);
         b.d = to_h(d);
-        for (q, v) in b.qs.iter_mut().zip(xb) {
-            *q = (v * id).round() as i8;
-        }
     }
 }
 
-/// ggml's `quantize_row_q8_1_ref`: as Q8_0, plus s = d · Σq.
-pub fn quantize_q8_1_ref(x: &[f32], out: &mut [BlockQ8_1]) {
+fn quantize_q8_1_with(x: &[f32], out: &mut [BlockQ8_1], r: Q8Rounding) {
     for (xb, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
-        let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-        let d = amax / 127.0;
-        let id = inv(d);
+        let (d, sum) = q8_block(xb, &mut b.qs, r);
         b.d = to_h(d);
-        let mut sum = 0i32;
-        for (q, v) in b.qs.iter_mut().zip(xb) {
-            *q = (v * id).round() as i8;
-            sum += *q as i32;
-        }
         b.s = to_h(sum as f32 * d);
     }
+}
+
+/// ggml's `quantize_row_q8_0_ref`: d = amax/127, q = round-half-away(x · (1/d)).
+pub fn quantize_q8_0_ref(x: &[f32], out: &mut [BlockQ8_0]) {
+    quantize_q8_0_with(x, out, Q8Rounding::Reference)
+}
+
+/// ggml's `quantize_row_q8_1_ref`: as Q8_0, plus s = f16(d · Σq).
+pub fn quantize_q8_1_ref(x: &[f32], out: &mut [BlockQ8_1]) {
+    quantize_q8_1_with(x, out, Q8Rounding::Reference)
 }
 
 /// The Q8_0 activation quantizer llama.cpp's SIMD paths run (AVX2/AVX-512/NEON alike):
 /// id = 127/amax and round half to even. This is what the CPU goldens were computed with, and what
 /// ggrun's kernels use; the SIMD twins of this function are bit-exact with it.
 pub fn quantize_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
-    for (xb, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
-        let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-        b.d = to_h(d);
-        for (q, v) in b.qs.iter_mut().zip(xb) {
-            *q = (v * id).round_ties_even() as i8;
-        }
-    }
+    quantize_q8_0_with(x, out, Q8Rounding::Simd)
 }
 
 /// Q8_1 with the SIMD paths' rounding (see [`quantize_q8_0`]); s = f16(d · Σq).
 pub fn quantize_q8_1(x: &[f32], out: &mut [BlockQ8_1]) {
-    for (xb, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
-        let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-        b.d = to_h(d);
-        let mut sum = 0i32;
-        for (q, v) in b.qs.iter_mut().zip(xb) {
-            *q = (v * id).round_ties_even() as i8;
-            sum += *q as i32;
-        }
-        b.s = to_h(sum as f32 * d);
-    }
+    quantize_q8_1_with(x, out, Q8Rounding::Simd)
 }
 
 /// Index of the codebook entry nearest to `x` (ggml's `best_index_int8`: binary search; an exact
