@@ -1,7 +1,11 @@
 //! ggrun: a GGUF-native LLM runner for large sparse MoE and hybrid models.
 //!
-//! Layers (dependencies point down): `cli` → `info` → `gguf` → `ggrun_quants`.
+//! Layers (dependencies point down): `cli` → `info`, `model` → `backend` → `gguf`,
+//! `ggrun_quants`.
 
+pub mod backend;
 pub mod cli;
 pub mod gguf;
 pub mod info;
+pub mod model;
+pub mod tokenizer;

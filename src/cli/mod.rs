@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+use crate::backend::cpu::{Cpu, Precision};
 use crate::gguf::Model;
 use crate::info::ModelInfo;
 
@@ -32,6 +33,42 @@ pub enum Command {
     },
     /// Print the SIMD tier in use and the tiers this CPU supports.
     Cpu,
+    /// Token ids of TEXT as one JSON array (BOS added when the model's metadata asks for it).
+    Tokenize {
+        #[arg(short = 'm', long = "model")]
+        model: PathBuf,
+        /// Do not turn control tokens written in the text (e.g. <|im_start|>) into their ids.
+        #[arg(long)]
+        no_special: bool,
+        /// Print [id, piece] pairs instead of ids.
+        #[arg(long)]
+        pieces: bool,
+        text: String,
+    },
+    /// Logits of a token sequence: one batched prefill, then greedy decode steps one token at a
+    /// time. Writes raw little-endian f32 rows (n_vocab each) and prints one JSON line.
+    Logits {
+        #[arg(short = 'm', long = "model")]
+        model: PathBuf,
+        /// Comma-separated token ids.
+        #[arg(long, value_delimiter = ',', required = true, num_args = 1..)]
+        tokens: Vec<u32>,
+        /// Greedy decode steps after the prefill.
+        #[arg(long, default_value_t = 0)]
+        decode: usize,
+        #[arg(long)]
+        out: PathBuf,
+        /// Threads (default: physical cores).
+        #[arg(short = 't', long, default_value_t = 0)]
+        threads: usize,
+        /// Context size in tokens (default: prompt + decode steps).
+        #[arg(short = 'c', long = "ctx-size", default_value_t = 0)]
+        ctx_size: usize,
+        /// Exact mode: weights dequantized to f32, activations and KV cache in f32
+        /// (also GGRUN_EXACT=1).
+        #[arg(long)]
+        exact: bool,
+    },
 }
 
 /// Runs a parsed command, writing results to `out`.
@@ -45,6 +82,76 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             } else {
                 write!(out, "{}", info.to_text())?;
             }
+        }
+        Command::Logits {
+            model,
+            tokens,
+            decode,
+            out: path,
+            threads,
+            ctx_size,
+            exact,
+        } => {
+            let exact = exact || std::env::var("GGRUN_EXACT").is_ok_and(|v| v == "1");
+            let precision = if exact {
+                Precision::Exact
+            } else {
+                Precision::Normal
+            };
+            let g = Model::open(&model)?;
+            let m = crate::model::load(&g)?;
+            let cpu = Cpu::new(threads, precision)?;
+            let n_ctx = if ctx_size == 0 {
+                tokens.len() + decode
+            } else {
+                ctx_size
+            };
+            if tokens.len() + decode > n_ctx {
+                anyhow::bail!(
+                    "{} prompt tokens + {decode} decode steps do not fit in a context of {n_ctx} (raise -c/--ctx-size)",
+                    tokens.len()
+                );
+            }
+            let mut state = m.new_state(n_ctx, precision);
+            let mut rows = m.forward(&cpu, &mut state, &tokens, true)?;
+            let nv = m.n_vocab();
+            let mut generated = Vec::with_capacity(decode);
+            for _ in 0..decode {
+                let last = &rows[rows.len() - nv..];
+                let tok = argmax(last) as u32;
+                generated.push(tok);
+                let r = m.forward(&cpu, &mut state, &[tok], false)?;
+                rows.extend_from_slice(&r);
+            }
+            let bytes: Vec<u8> = rows.iter().flat_map(|v| v.to_le_bytes()).collect();
+            std::fs::write(&path, bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            writeln!(
+                out,
+                "{}",
+                serde_json::json!({"rows": rows.len() / nv, "n_vocab": nv, "generated": generated})
+            )?;
+        }
+        Command::Tokenize {
+            model,
+            no_special,
+            pieces,
+            text,
+        } => {
+            let g = Model::open(&model)?;
+            let tok = crate::tokenizer::Tokenizer::from_metadata(g.metadata())?;
+            let ids = tok.encode(&text, !no_special)?;
+            let v = if pieces {
+                serde_json::json!(ids
+                    .iter()
+                    .map(|&i| serde_json::json!([
+                        i,
+                        String::from_utf8_lossy(&tok.token_bytes(i, true))
+                    ]))
+                    .collect::<Vec<_>>())
+            } else {
+                serde_json::json!(ids)
+            };
+            writeln!(out, "{v}")?;
         }
         Command::Cpu => {
             let sel = ggrun_quants::isa::selection();
@@ -62,4 +169,15 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
     }
     out.flush()?;
     Ok(())
+}
+
+/// Index of the largest value (the first on ties).
+pub fn argmax(v: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best
 }

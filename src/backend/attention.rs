@@ -1,0 +1,108 @@
+//! Causal grouped-query attention over a per-sequence KV cache.
+//!
+//! Normal precision mirrors llama.cpp's F16 cache without flash attention: K and V are stored
+//! rounded to f16, and the query and the softmax weights meet them rounded to f16. Exact
+//! precision keeps everything in f32.
+
+use anyhow::{bail, Result};
+
+use super::cpu::round_f16;
+use crate::model::LayerState;
+
+/// Shape of one attention layer.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnShape {
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+}
+
+/// A fresh cache for `n_ctx` positions.
+pub fn new_cache(shape: &AttnShape, n_ctx: usize, f16: bool) -> LayerState {
+    let row = shape.n_head_kv * shape.head_dim;
+    LayerState::Attention {
+        k: vec![0.0; row * n_ctx],
+        v: vec![0.0; row * n_ctx],
+        len: 0,
+        row,
+        capacity: n_ctx,
+        f16,
+    }
+}
+
+/// Appends `t` tokens' k and v (t × n_head_kv·head_dim each) and returns the attention output
+/// (t × n_head·head_dim) for queries `q` (t × n_head·head_dim) at the new positions.
+pub fn attend(
+    state: &mut LayerState,
+    s: &AttnShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    t: usize,
+) -> Result<Vec<f32>> {
+    let LayerState::Attention {
+        k: kc,
+        v: vc,
+        len,
+        row,
+        capacity,
+        f16,
+    } = state
+    else {
+        bail!("layer state is not an attention cache");
+    };
+    let (row, f16) = (*row, *f16);
+    if *len + t > *capacity {
+        bail!("context is full ({} tokens): raise -c/--ctx-size", capacity);
+    }
+    let past = *len;
+    let store = |dst: &mut [f32], src: &[f32]| {
+        for (d, x) in dst.iter_mut().zip(src) {
+            *d = if f16 { round_f16(*x) } else { *x };
+        }
+    };
+    store(&mut kc[past * row..(past + t) * row], k);
+    store(&mut vc[past * row..(past + t) * row], v);
+    *len += t;
+
+    let (nh, hd) = (s.n_head, s.head_dim);
+    let group = nh / s.n_head_kv;
+    let mut out = vec![0f32; t * nh * hd];
+    let mut scores = vec![0f32; past + t];
+    let mut qh = vec![0f32; hd];
+    for ti in 0..t {
+        let n = past + ti + 1;
+        for h in 0..nh {
+            let kvh = h / group;
+            for (d, x) in qh
+                .iter_mut()
+                .zip(&q[(ti * nh + h) * hd..(ti * nh + h + 1) * hd])
+            {
+                *d = if f16 { round_f16(*x) } else { *x };
+            }
+            let mut max = f32::NEG_INFINITY;
+            for (p, sc) in scores[..n].iter_mut().enumerate() {
+                let kr = &kc[p * row + kvh * hd..p * row + (kvh + 1) * hd];
+                let dot: f32 = kr.iter().zip(&qh).map(|(a, b)| a * b).sum();
+                *sc = dot * s.scale;
+                max = max.max(*sc);
+            }
+            let mut sum = 0f64;
+            for sc in scores[..n].iter_mut() {
+                *sc = (*sc - max).exp();
+                sum += *sc as f64;
+            }
+            let inv = (1.0 / sum) as f32;
+            let o = &mut out[(ti * nh + h) * hd..(ti * nh + h + 1) * hd];
+            for (p, sc) in scores[..n].iter().enumerate() {
+                let w = if f16 { round_f16(sc * inv) } else { sc * inv };
+                let vr = &vc[p * row + kvh * hd..p * row + (kvh + 1) * hd];
+                for (a, b) in o.iter_mut().zip(vr) {
+                    *a += w * b;
+                }
+            }
+        }
+    }
+    Ok(out)
+}

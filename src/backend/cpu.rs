@@ -1,0 +1,180 @@
+//! The CPU backend: a thread pool sized from the machine (or `-t`) and the heavy ops every model
+//! is written against — matrix products of quantized weights with a batch of activations, and
+//! the element-wise ops (RMSNorm, activations) — in the two numeric modes:
+//! normal (activations quantized to each weight type's partner format, as llama.cpp does) and
+//! exact (weights dequantized to f32, activations kept in f32).
+
+use bytemuck::cast_slice;
+use ggrun_quants::{kernels, GgmlType, Kernels};
+use rayon::prelude::*;
+
+/// A 2-D weight: `rows` output rows of `cols` inputs each, in any supported type, borrowed from
+/// the model file.
+#[derive(Clone, Copy)]
+pub struct Matrix<'a> {
+    pub ty: GgmlType,
+    pub data: &'a [u8],
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl<'a> Matrix<'a> {
+    pub fn row_bytes(&self) -> usize {
+        self.data.len() / self.rows.max(1)
+    }
+
+    /// Rows `start..start + n` as a matrix (experts stacked in one tensor).
+    pub fn slice_rows(&self, start: usize, n: usize) -> Matrix<'a> {
+        let rb = self.row_bytes();
+        Matrix {
+            ty: self.ty,
+            data: &self.data[start * rb..(start + n) * rb],
+            rows: n,
+            cols: self.cols,
+        }
+    }
+}
+
+/// Numeric mode of the matrix products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    /// Activations quantized to the weight type's dot partner (llama.cpp's CPU behaviour).
+    Normal,
+    /// Weights dequantized to f32, activations in f32.
+    Exact,
+}
+
+/// The CPU context: thread pool and numeric mode.
+pub struct Cpu {
+    pool: rayon::ThreadPool,
+    pub threads: usize,
+    pub precision: Precision,
+}
+
+impl Cpu {
+    /// `threads` = 0 picks the number of physical cores.
+    pub fn new(threads: usize, precision: Precision) -> anyhow::Result<Cpu> {
+        let threads = if threads == 0 {
+            num_cpus::get_physical().max(1)
+        } else {
+            threads
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("ggrun-cpu-{i}"))
+            .build()?;
+        Ok(Cpu {
+            pool,
+            threads,
+            precision,
+        })
+    }
+
+    /// Runs `f` inside the pool (so that rayon calls in it use these threads).
+    pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(f)
+    }
+
+    /// y (t × w.rows) = x (t × w.cols) · wᵀ.
+    pub fn matmul(&self, w: &Matrix, x: &[f32], t: usize, y: &mut [f32]) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            x.len() == t * w.cols && y.len() == t * w.rows,
+            "matmul shape mismatch"
+        );
+        let k = kernels(w.ty)
+            .ok_or_else(|| anyhow::anyhow!("tensor type {} is not supported", w.ty))?;
+        let exact = self.precision == Precision::Exact && w.ty != GgmlType::F32;
+        let mut yt = vec![0f32; t * w.rows];
+        let rb = w.row_bytes();
+        const CHUNK: usize = 16;
+        if exact {
+            let f32k = kernels(GgmlType::F32).expect("f32 kernels");
+            self.install(|| {
+                yt.par_chunks_mut(CHUNK * t)
+                    .enumerate()
+                    .for_each(|(c, out)| {
+                        let mut row = vec![0f32; w.cols];
+                        for (i, o) in out.chunks_mut(t).enumerate() {
+                            let r = c * CHUNK + i;
+                            (k.dequantize)(&w.data[r * rb..(r + 1) * rb], &mut row);
+                            for (j, v) in o.iter_mut().enumerate() {
+                                *v = (f32k.dot)(
+                                    cast_slice(&row),
+                                    cast_slice(&x[j * w.cols..(j + 1) * w.cols]),
+                                );
+                            }
+                        }
+                    })
+            });
+        } else {
+            let act = quantize_rows(&k, x, t, w.cols);
+            let ab = act.len() / t.max(1);
+            self.install(|| {
+                yt.par_chunks_mut(CHUNK * t)
+                    .enumerate()
+                    .for_each(|(c, out)| {
+                        for (i, o) in out.chunks_mut(t).enumerate() {
+                            let r = c * CHUNK + i;
+                            let wr = &w.data[r * rb..(r + 1) * rb];
+                            for (j, v) in o.iter_mut().enumerate() {
+                                *v = (k.dot)(wr, &act[j * ab..(j + 1) * ab]);
+                            }
+                        }
+                    })
+            });
+        }
+        for r in 0..w.rows {
+            for j in 0..t {
+                y[j * w.rows + r] = yt[r * t + j];
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Quantizes `t` rows of `n` floats to the activation format of `k`.
+fn quantize_rows(k: &Kernels, x: &[f32], t: usize, n: usize) -> Vec<u8> {
+    let ab = k.act_ty.row_bytes(n as u64).expect("activation row") as usize;
+    let mut act = vec![0u8; t * ab];
+    for (xr, ar) in x.chunks(n).zip(act.chunks_mut(ab)) {
+        (k.quantize_act)(xr, ar);
+    }
+    act
+}
+
+/// RMSNorm of each row of `x` (rows of `w.len()`), times `w`, in place (sum of squares in f64,
+/// then x·scale·w in that order, as ggml's rms_norm followed by mul).
+pub fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
+    for row in x.chunks_mut(w.len()) {
+        let mean = (row.iter().map(|&v| (v * v) as f64).sum::<f64>() / row.len() as f64) as f32;
+        let s = 1.0 / (mean + eps).sqrt();
+        for (v, g) in row.iter_mut().zip(w) {
+            *v = (*v * s) * g;
+        }
+    }
+}
+
+#[inline]
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+#[inline]
+pub fn softplus(x: f32) -> f32 {
+    if x > 20.0 {
+        x
+    } else {
+        x.exp().ln_1p()
+    }
+}
+
+#[inline]
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// Rounds to f16 and back (what storing in an f16 buffer does).
+#[inline]
+pub fn round_f16(x: f32) -> f32 {
+    half::f16::from_f32(x).to_f32()
+}

@@ -1,0 +1,268 @@
+//! Models: one file per architecture family. This module resolves tensors by name with clear
+//! errors, holds what every architecture shares (embedding lookup, output head), and picks the
+//! architecture from `general.architecture`.
+
+pub mod llama;
+pub mod nemotron_h;
+
+use anyhow::{anyhow, bail, Result};
+use ggrun_quants::GgmlType;
+
+use crate::backend::cpu::{Cpu, Matrix};
+use crate::gguf::{Model as Gguf, TensorView};
+
+/// Resolves tensors of a file by name, checking shapes.
+pub struct Tensors<'a> {
+    pub gguf: &'a Gguf,
+}
+
+impl<'a> Tensors<'a> {
+    pub fn get(&self, name: &str) -> Result<TensorView<'a>> {
+        self.gguf
+            .tensor(name)
+            .ok_or_else(|| anyhow!("tensor {name}: missing"))
+    }
+
+    pub fn opt(&self, name: &str) -> Option<TensorView<'a>> {
+        self.gguf.tensor(name)
+    }
+
+    /// A tensor whose dims must be exactly `dims` (ggml order, trailing 1s ignored).
+    pub fn shaped(&self, name: &str, dims: &[u64]) -> Result<TensorView<'a>> {
+        let t = self.get(name)?;
+        check_shape(&t, dims)?;
+        Ok(t)
+    }
+
+    /// A weight matrix {cols, rows}.
+    pub fn matrix(&self, name: &str, cols: usize, rows: usize) -> Result<Matrix<'a>> {
+        let t = self.shaped(name, &[cols as u64, rows as u64])?;
+        matrix(&t, rows, cols)
+    }
+
+    /// A vector of f32 values (norm weights, biases), any float type, of length `n`.
+    pub fn vector(&self, name: &str, n: usize) -> Result<Vec<f32>> {
+        let t = self.get(name)?;
+        if t.info.elements() != n as u64 {
+            bail!(
+                "tensor {name}: expected {n} elements, found shape {:?}",
+                t.info.dims
+            );
+        }
+        t.to_f32()
+            .ok_or_else(|| anyhow!("tensor {name}: type {} is not supported here", t.info.ty))
+    }
+
+    pub fn opt_vector(&self, name: &str, n: usize) -> Result<Option<Vec<f32>>> {
+        match self.opt(name) {
+            Some(_) => self.vector(name, n).map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+pub fn check_shape(t: &TensorView, dims: &[u64]) -> Result<()> {
+    let trim = |d: &[u64]| {
+        let mut v = d.to_vec();
+        while v.len() > 1 && v.last() == Some(&1) {
+            v.pop();
+        }
+        v
+    };
+    if trim(&t.info.dims) != trim(dims) {
+        bail!(
+            "tensor {}: expected shape {:?}, found {:?}",
+            t.info.name,
+            dims,
+            t.info.dims
+        );
+    }
+    Ok(())
+}
+
+/// A view as a matrix of `rows` × `cols`, checking the type is one we compute with.
+pub fn matrix<'a>(t: &TensorView<'a>, rows: usize, cols: usize) -> Result<Matrix<'a>> {
+    if !t.info.ty.is_supported() {
+        bail!(
+            "tensor {}: type {} is not supported",
+            t.info.name,
+            t.info.ty
+        );
+    }
+    Ok(Matrix {
+        ty: t.info.ty,
+        data: t.data,
+        rows,
+        cols,
+    })
+}
+
+/// Token embedding lookup: rows of `emb` ({n_embd, n_vocab}) for each token, dequantized.
+pub fn embed(emb: &Matrix, tokens: &[u32]) -> Result<Vec<f32>> {
+    let dq = ggrun_quants::dequantize_fn(emb.ty)
+        .ok_or_else(|| anyhow!("embedding type {} not supported", emb.ty))?;
+    let mut x = vec![0f32; tokens.len() * emb.cols];
+    let rb = emb.row_bytes();
+    for (t, out) in tokens.iter().zip(x.chunks_mut(emb.cols)) {
+        let t = *t as usize;
+        if t >= emb.rows {
+            bail!("token id {t} is outside the vocabulary (0..{})", emb.rows);
+        }
+        dq(&emb.data[t * rb..(t + 1) * rb], out);
+    }
+    Ok(x)
+}
+
+/// Whether `ty` can be a weight here.
+pub fn supported(ty: GgmlType) -> bool {
+    ty.is_supported()
+}
+
+/// The per-sequence state of any architecture.
+pub trait Forward {
+    /// Vocabulary size (logits per row).
+    fn n_vocab(&self) -> usize;
+    /// The architecture's trained context length.
+    fn n_ctx_train(&self) -> usize;
+    /// Runs `tokens` through the model, updating `state`; returns logits for every position when
+    /// `all_logits`, else only for the last (row-major, n_vocab per row).
+    fn forward(
+        &self,
+        cpu: &Cpu,
+        state: &mut State,
+        tokens: &[u32],
+        all_logits: bool,
+    ) -> Result<Vec<f32>>;
+    /// A fresh state for a context of `n_ctx` tokens (memory allocated once, here).
+    fn new_state(&self, n_ctx: usize, precision: crate::backend::cpu::Precision) -> State;
+}
+
+/// Per-layer state of one sequence: KV cache rows or Mamba conv/SSM state. Cloneable, so a
+/// session can be saved and restored.
+#[derive(Clone, Debug, PartialEq)]
+pub enum LayerState {
+    None,
+    /// K and V rows (kv_heads × head_dim each) for positions 0..len, capacity n_ctx.
+    Attention {
+        k: Vec<f32>,
+        v: Vec<f32>,
+        len: usize,
+        row: usize,
+        capacity: usize,
+        f16: bool,
+    },
+    /// conv: (d_conv − 1) × channels, ssm: heads × head_dim × d_state.
+    Mamba {
+        conv: Vec<f32>,
+        ssm: Vec<f32>,
+    },
+}
+
+/// A sequence's state: one entry per layer plus the number of tokens seen.
+#[derive(Clone, Debug, PartialEq)]
+pub struct State {
+    pub layers: Vec<LayerState>,
+    pub pos: usize,
+    pub n_ctx: usize,
+}
+
+impl State {
+    /// Serialises the state (little-endian f32s with a small header) for save/restore.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut put = |v: u64| out.extend_from_slice(&v.to_le_bytes());
+        put(self.pos as u64);
+        put(self.n_ctx as u64);
+        put(self.layers.len() as u64);
+        let mut body = Vec::new();
+        for l in &self.layers {
+            match l {
+                LayerState::None => body.push(0u8),
+                LayerState::Attention { k, v, len, .. } => {
+                    body.push(1);
+                    body.extend_from_slice(&(*len as u64).to_le_bytes());
+                    let n = len * (k.len() / self.n_ctx.max(1));
+                    body.extend(k[..n].iter().chain(&v[..n]).flat_map(|x| x.to_le_bytes()));
+                }
+                LayerState::Mamba { conv, ssm } => {
+                    body.push(2);
+                    body.extend(conv.iter().chain(ssm).flat_map(|x| x.to_le_bytes()));
+                }
+            }
+        }
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// Restores a state saved by [`State::to_bytes`] into `self` (which must have the same
+    /// layout: same model and context size).
+    pub fn restore(&mut self, bytes: &[u8]) -> Result<()> {
+        let bad = || anyhow!("saved state does not match this model and context size");
+        let mut r = bytes;
+        let mut get = |n: usize| -> Result<&[u8]> {
+            if r.len() < n {
+                return Err(bad());
+            }
+            let (a, b) = r.split_at(n);
+            r = b;
+            Ok(a)
+        };
+        let u = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap()) as usize;
+        let pos = u(get(8)?);
+        if u(get(8)?) != self.n_ctx || u(get(8)?) != self.layers.len() {
+            return Err(bad());
+        }
+        let floats = |b: &[u8], out: &mut [f32]| {
+            for (o, c) in out.iter_mut().zip(b.chunks_exact(4)) {
+                *o = f32::from_le_bytes(c.try_into().unwrap());
+            }
+        };
+        for l in self.layers.iter_mut() {
+            let tag = get(1)?[0];
+            match (tag, l) {
+                (0, LayerState::None) => {}
+                (
+                    1,
+                    LayerState::Attention {
+                        k,
+                        v,
+                        len,
+                        capacity,
+                        ..
+                    },
+                ) => {
+                    let n_len = u(get(8)?);
+                    if n_len > *capacity {
+                        return Err(bad());
+                    }
+                    let n = n_len * (k.len() / *capacity);
+                    floats(get(4 * n)?, &mut k[..n]);
+                    floats(get(4 * n)?, &mut v[..n]);
+                    *len = n_len;
+                }
+                (2, LayerState::Mamba { conv, ssm }) => {
+                    floats(get(4 * conv.len())?, conv);
+                    floats(get(4 * ssm.len())?, ssm);
+                }
+                _ => return Err(bad()),
+            }
+        }
+        if !r.is_empty() {
+            return Err(bad());
+        }
+        self.pos = pos;
+        Ok(())
+    }
+}
+
+/// Opens the architecture named by the file.
+pub fn load(gguf: &Gguf) -> Result<Box<dyn Forward + '_>> {
+    let arch = gguf.architecture()?;
+    Ok(match arch {
+        "nemotron_h" | "nemotron_h_moe" => Box::new(nemotron_h::NemotronH::load(gguf)?),
+        "llama" => Box::new(llama::Llama::load(gguf)?),
+        other => bail!(
+            "architecture {other} is not supported (supported: nemotron_h, nemotron_h_moe, llama)"
+        ),
+    })
+}

@@ -1,0 +1,457 @@
+//! `nemotron_h_moe` (Nemotron 3 Nano) and `nemotron_h` (Nano 9B v2): hybrid stacks of Mamba-2,
+//! attention without positional encoding, and MoE (sigmoid router with a selection bias, relu²
+//! experts, one shared expert) or dense relu² MLP blocks. The math follows
+//! ../shared/spec/nemotron-h.md and ../shared/tools/ref_nemotron.py.
+
+use anyhow::{bail, Context, Result};
+
+use super::{embed, Forward, LayerState, State, Tensors};
+use crate::backend::attention::{self, AttnShape};
+use crate::backend::cpu::{rms_norm, sigmoid, softplus, Cpu, Matrix, Precision};
+use crate::backend::ssm::{self, SsmShape};
+use crate::gguf::Model as Gguf;
+
+/// One layer's weights, by kind.
+enum Block<'a> {
+    Mamba {
+        ssm_in: Matrix<'a>,
+        conv_w: Vec<f32>,
+        conv_b: Option<Vec<f32>>,
+        dt_bias: Vec<f32>,
+        a: Vec<f32>,
+        d: Vec<f32>,
+        norm: Vec<f32>,
+        out: Matrix<'a>,
+    },
+    Attention {
+        q: Matrix<'a>,
+        k: Matrix<'a>,
+        v: Matrix<'a>,
+        o: Matrix<'a>,
+        shape: AttnShape,
+    },
+    Moe {
+        router: Matrix<'a>,
+        bias: Vec<f32>,
+        up: Matrix<'a>,
+        down: Matrix<'a>,
+        ff: usize,
+        up_sh: Option<Matrix<'a>>,
+        down_sh: Option<Matrix<'a>>,
+    },
+    Mlp {
+        up: Matrix<'a>,
+        down: Matrix<'a>,
+    },
+}
+
+struct Layer<'a> {
+    norm: Vec<f32>,
+    block: Block<'a>,
+}
+
+pub struct NemotronH<'a> {
+    n_embd: usize,
+    n_vocab: usize,
+    n_ctx_train: usize,
+    eps: f32,
+    ssm: SsmShape,
+    n_expert: usize,
+    n_expert_used: usize,
+    weights_norm: bool,
+    weights_scale: f32,
+    embd: Matrix<'a>,
+    layers: Vec<Layer<'a>>,
+    out_norm: Vec<f32>,
+    output: Matrix<'a>,
+}
+
+impl<'a> NemotronH<'a> {
+    pub fn load(g: &'a Gguf) -> Result<NemotronH<'a>> {
+        let md = g.metadata();
+        let arch = g.architecture()?.to_string();
+        let key = |k: &str| format!("{arch}.{k}");
+        let t = Tensors { gguf: g };
+        let n_layer = md.get_usize(&key("block_count"))?;
+        if n_layer == 0 || n_layer > 4096 {
+            bail!("{}: {n_layer} layers is out of range", key("block_count"));
+        }
+        let n_embd = md.get_usize(&key("embedding_length"))?;
+        let eps = md
+            .get_f32(&key("attention.layer_norm_rms_epsilon"))
+            .or_else(|_| md.get_f32(&key("attention.layer_norm_epsilon")))?;
+        let n_head = md.get_usize(&key("attention.head_count"))?;
+        let n_kv = md.get_per_layer(&key("attention.head_count_kv"), n_layer)?;
+        let ff = md.get_per_layer(&key("feed_forward_length"), n_layer)?;
+        let head_dim = md
+            .get_usize(&key("attention.key_length"))
+            .unwrap_or(n_embd / n_head.max(1));
+        let scale = md
+            .get_f32(&key("attention.scale"))
+            .ok()
+            .filter(|s| *s != 0.0)
+            .unwrap_or(1.0 / (head_dim as f32).sqrt());
+        let ssm = SsmShape {
+            d_conv: md.get_usize(&key("ssm.conv_kernel"))?,
+            d_inner: md.get_usize(&key("ssm.inner_size"))?,
+            d_state: md.get_usize(&key("ssm.state_size"))?,
+            n_head: md.get_usize(&key("ssm.time_step_rank"))?,
+            n_group: md.get_usize(&key("ssm.group_count"))?,
+        };
+        if ssm.d_conv == 0
+            || ssm.n_head == 0
+            || ssm.n_group == 0
+            || !ssm.d_inner.is_multiple_of(ssm.n_head)
+            || !ssm.n_head.is_multiple_of(ssm.n_group)
+        {
+            bail!("{arch}: inconsistent ssm.* sizes {ssm:?}");
+        }
+        let n_expert = md.get_usize(&key("expert_count")).unwrap_or(0);
+        let n_expert_used = md.get_usize(&key("expert_used_count")).unwrap_or(0);
+        let weights_norm = md.get_bool(&key("expert_weights_norm")).unwrap_or(false);
+        let weights_scale = md.get_f32(&key("expert_weights_scale")).unwrap_or(1.0);
+
+        let embd_t = t.get("token_embd.weight")?;
+        let n_vocab = *embd_t.info.dims.get(1).unwrap_or(&0) as usize;
+        let embd = t.matrix("token_embd.weight", n_embd, n_vocab)?;
+        let output = match t.opt("output.weight") {
+            Some(_) => t.matrix("output.weight", n_embd, n_vocab)?,
+            None => embd,
+        };
+        let mut layers = Vec::with_capacity(n_layer);
+        for i in 0..n_layer {
+            let p = |n: &str| format!("blk.{i}.{n}");
+            let block = if n_kv[i] == 0 && ff[i] == 0 {
+                let (di, ng, ds, nh) = (ssm.d_inner, ssm.n_group, ssm.d_state, ssm.n_head);
+                let ch = ssm.conv_channels();
+                Block::Mamba {
+                    ssm_in: t.matrix(&p("ssm_in.weight"), n_embd, 2 * di + 2 * ng * ds + nh)?,
+                    conv_w: t.vector(&p("ssm_conv1d.weight"), ch * ssm.d_conv)?,
+                    conv_b: t.opt_vector(&p("ssm_conv1d.bias"), ch)?,
+                    dt_bias: t.vector(&p("ssm_dt.bias"), nh)?,
+                    a: t.vector(&p("ssm_a"), nh)?,
+                    d: t.vector(&p("ssm_d"), nh)?,
+                    norm: t.vector(&p("ssm_norm.weight"), di)?,
+                    out: t.matrix(&p("ssm_out.weight"), di, n_embd)?,
+                }
+            } else if ff[i] == 0 {
+                if n_head % n_kv[i] != 0 {
+                    bail!(
+                        "layer {i}: {n_head} heads do not divide into {} kv heads",
+                        n_kv[i]
+                    );
+                }
+                let kvd = n_kv[i] * head_dim;
+                Block::Attention {
+                    q: t.matrix(&p("attn_q.weight"), n_embd, n_head * head_dim)?,
+                    k: t.matrix(&p("attn_k.weight"), n_embd, kvd)?,
+                    v: t.matrix(&p("attn_v.weight"), n_embd, kvd)?,
+                    o: t.matrix(&p("attn_output.weight"), n_head * head_dim, n_embd)?,
+                    shape: AttnShape {
+                        n_head,
+                        n_head_kv: n_kv[i],
+                        head_dim,
+                        scale,
+                    },
+                }
+            } else if t.opt(&p("ffn_gate_inp.weight")).is_some() {
+                if n_expert == 0 || n_expert_used == 0 || n_expert_used > n_expert {
+                    bail!("layer {i}: expert_count {n_expert} / expert_used_count {n_expert_used} out of range");
+                }
+                let exp_ff = ff[i];
+                let up_t = t.shaped(
+                    &p("ffn_up_exps.weight"),
+                    &[n_embd as u64, exp_ff as u64, n_expert as u64],
+                )?;
+                let down_t = t.shaped(
+                    &p("ffn_down_exps.weight"),
+                    &[exp_ff as u64, n_embd as u64, n_expert as u64],
+                )?;
+                let sh = match t.opt(&p("ffn_up_shexp.weight")) {
+                    Some(u) => {
+                        let sff = *u.info.dims.get(1).unwrap_or(&0) as usize;
+                        (
+                            Some(t.matrix(&p("ffn_up_shexp.weight"), n_embd, sff)?),
+                            Some(t.matrix(&p("ffn_down_shexp.weight"), sff, n_embd)?),
+                        )
+                    }
+                    None => (None, None),
+                };
+                Block::Moe {
+                    router: t.matrix(&p("ffn_gate_inp.weight"), n_embd, n_expert)?,
+                    bias: t
+                        .opt_vector(&p("exp_probs_b.bias"), n_expert)?
+                        .unwrap_or(vec![0.0; n_expert]),
+                    up: super::matrix(&up_t, exp_ff * n_expert, n_embd)?,
+                    down: super::matrix(&down_t, n_embd * n_expert, exp_ff)?,
+                    ff: exp_ff,
+                    up_sh: sh.0,
+                    down_sh: sh.1,
+                }
+            } else {
+                Block::Mlp {
+                    up: t.matrix(&p("ffn_up.weight"), n_embd, ff[i])?,
+                    down: t.matrix(&p("ffn_down.weight"), ff[i], n_embd)?,
+                }
+            };
+            layers.push(Layer {
+                norm: t.vector(&p("attn_norm.weight"), n_embd)?,
+                block,
+            });
+        }
+        Ok(NemotronH {
+            n_embd,
+            n_vocab,
+            n_ctx_train: md.get_usize(&key("context_length")).unwrap_or(4096),
+            eps,
+            ssm,
+            n_expert,
+            n_expert_used,
+            weights_norm,
+            weights_scale,
+            embd,
+            layers,
+            out_norm: t.vector("output_norm.weight", n_embd)?,
+            output,
+        })
+    }
+
+    fn mamba(
+        &self,
+        cpu: &Cpu,
+        b: &Block,
+        st: &mut LayerState,
+        h: &[f32],
+        t: usize,
+    ) -> Result<Vec<f32>> {
+        let Block::Mamba {
+            ssm_in,
+            conv_w,
+            conv_b,
+            dt_bias,
+            a,
+            d,
+            norm,
+            out,
+        } = b
+        else {
+            unreachable!()
+        };
+        let s = &self.ssm;
+        let (di, ch, nh) = (s.d_inner, s.conv_channels(), s.n_head);
+        let width = ssm_in.rows;
+        let mut zx = vec![0f32; t * width];
+        cpu.matmul(ssm_in, h, t, &mut zx)?;
+        let mut xbc = Vec::with_capacity(t * ch);
+        let mut dt = Vec::with_capacity(t * nh);
+        for row in zx.chunks(width) {
+            xbc.extend_from_slice(&row[di..di + ch]);
+            dt.extend(
+                row[di + ch..]
+                    .iter()
+                    .zip(dt_bias)
+                    .map(|(v, b)| softplus(v + b)),
+            );
+        }
+        let xbc = ssm::conv(st, s, &xbc, t, conv_w, conv_b.as_deref())?;
+        let mut y = ssm::scan(st, s, &xbc, &dt, t, a, d)?;
+        // Gate with SiLU(z), then RMSNorm per group.
+        for (yr, zr) in y.chunks_mut(di).zip(zx.chunks(width)) {
+            for (v, z) in yr.iter_mut().zip(&zr[..di]) {
+                *v *= crate::backend::cpu::silu(*z);
+            }
+        }
+        let gs = di / s.n_group;
+        for row in y.chunks_mut(di) {
+            for (g, chunk) in row.chunks_mut(gs).enumerate() {
+                rms_norm(chunk, &norm[g * gs..(g + 1) * gs], self.eps);
+            }
+        }
+        let mut o = vec![0f32; t * self.n_embd];
+        cpu.matmul(out, &y, t, &mut o)?;
+        Ok(o)
+    }
+
+    fn attention(
+        &self,
+        cpu: &Cpu,
+        b: &Block,
+        st: &mut LayerState,
+        h: &[f32],
+        t: usize,
+    ) -> Result<Vec<f32>> {
+        let Block::Attention { q, k, v, o, shape } = b else {
+            unreachable!()
+        };
+        let mut qv = vec![0f32; t * q.rows];
+        let mut kv = vec![0f32; t * k.rows];
+        let mut vv = vec![0f32; t * v.rows];
+        cpu.matmul(q, h, t, &mut qv)?;
+        cpu.matmul(k, h, t, &mut kv)?;
+        cpu.matmul(v, h, t, &mut vv)?;
+        let a = attention::attend(st, shape, &qv, &kv, &vv, t)?;
+        let mut out = vec![0f32; t * self.n_embd];
+        cpu.matmul(o, &a, t, &mut out)?;
+        Ok(out)
+    }
+
+    /// relu(x)²
+    fn relu2(v: &mut [f32]) {
+        for x in v {
+            *x = if *x > 0.0 { *x * *x } else { 0.0 };
+        }
+    }
+
+    fn mlp(cpu: &Cpu, up: &Matrix, down: &Matrix, h: &[f32], t: usize) -> Result<Vec<f32>> {
+        let mut u = vec![0f32; t * up.rows];
+        cpu.matmul(up, h, t, &mut u)?;
+        Self::relu2(&mut u);
+        let mut o = vec![0f32; t * down.rows];
+        cpu.matmul(down, &u, t, &mut o)?;
+        Ok(o)
+    }
+
+    fn moe(&self, cpu: &Cpu, b: &Block, h: &[f32], t: usize) -> Result<Vec<f32>> {
+        let Block::Moe {
+            router,
+            bias,
+            up,
+            down,
+            ff,
+            up_sh,
+            down_sh,
+        } = b
+        else {
+            unreachable!()
+        };
+        let (ne, k, n) = (self.n_expert, self.n_expert_used, self.n_embd);
+        let mut logits = vec![0f32; t * ne];
+        cpu.matmul(router, h, t, &mut logits)?;
+        // Route: top-k by sigmoid + bias (ties to the lower index); weights are the sigmoids.
+        let mut per_expert: Vec<Vec<(usize, f32)>> = vec![Vec::new(); ne];
+        for (ti, row) in logits.chunks(ne).enumerate() {
+            let p: Vec<f32> = row.iter().map(|&x| sigmoid(x)).collect();
+            let mut idx: Vec<usize> = (0..ne).collect();
+            idx.sort_by(|&a, &b| {
+                (p[b] + bias[b])
+                    .total_cmp(&(p[a] + bias[a]))
+                    .then(a.cmp(&b))
+            });
+            let chosen = &idx[..k];
+            let mut w: Vec<f32> = chosen.iter().map(|&e| p[e]).collect();
+            if self.weights_norm {
+                let s: f32 = w.iter().sum();
+                let s = s.max(6.103_515_6e-5);
+                w.iter_mut().for_each(|x| *x /= s);
+            }
+            for (&e, wi) in chosen.iter().zip(w) {
+                per_expert[e].push((ti, wi * self.weights_scale));
+            }
+        }
+        // Each selected expert runs once over the tokens routed to it.
+        let mut out = vec![0f32; t * n];
+        for (e, routed) in per_expert.iter().enumerate() {
+            if routed.is_empty() {
+                continue;
+            }
+            let m = routed.len();
+            let mut xs = Vec::with_capacity(m * n);
+            for &(ti, _) in routed {
+                xs.extend_from_slice(&h[ti * n..(ti + 1) * n]);
+            }
+            let y = Self::mlp(
+                cpu,
+                &up.slice_rows(e * ff, *ff),
+                &down.slice_rows(e * n, n),
+                &xs,
+                m,
+            )?;
+            for (&(ti, w), yr) in routed.iter().zip(y.chunks(n)) {
+                for (o, v) in out[ti * n..(ti + 1) * n].iter_mut().zip(yr) {
+                    *o += w * v;
+                }
+            }
+        }
+        if let (Some(u), Some(d)) = (up_sh, down_sh) {
+            let s = Self::mlp(cpu, u, d, h, t)?;
+            for (o, v) in out.iter_mut().zip(s) {
+                *o += v;
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Forward for NemotronH<'_> {
+    fn n_vocab(&self) -> usize {
+        self.n_vocab
+    }
+
+    fn n_ctx_train(&self) -> usize {
+        self.n_ctx_train
+    }
+
+    fn new_state(&self, n_ctx: usize, precision: Precision) -> State {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| match &l.block {
+                Block::Mamba { .. } => ssm::new_state(&self.ssm),
+                Block::Attention { shape, .. } => {
+                    attention::new_cache(shape, n_ctx, precision == Precision::Normal)
+                }
+                _ => LayerState::None,
+            })
+            .collect();
+        State {
+            layers,
+            pos: 0,
+            n_ctx,
+        }
+    }
+
+    fn forward(
+        &self,
+        cpu: &Cpu,
+        state: &mut State,
+        tokens: &[u32],
+        all_logits: bool,
+    ) -> Result<Vec<f32>> {
+        let t = tokens.len();
+        if state.pos + t > state.n_ctx {
+            bail!(
+                "{} tokens do not fit in the context: {} already used of {} (raise -c/--ctx-size)",
+                t,
+                state.pos,
+                state.n_ctx
+            );
+        }
+        let n = self.n_embd;
+        let mut x = embed(&self.embd, tokens)?;
+        for (i, (l, st)) in self.layers.iter().zip(state.layers.iter_mut()).enumerate() {
+            let mut h = x.clone();
+            rms_norm(&mut h, &l.norm, self.eps);
+            let y = match &l.block {
+                b @ Block::Mamba { .. } => self.mamba(cpu, b, st, &h, t),
+                b @ Block::Attention { .. } => self.attention(cpu, b, st, &h, t),
+                b @ Block::Moe { .. } => self.moe(cpu, b, &h, t),
+                Block::Mlp { up, down } => Self::mlp(cpu, up, down, &h, t),
+            }
+            .with_context(|| format!("layer {i}"))?;
+            for (a, b) in x.iter_mut().zip(y) {
+                *a += b;
+            }
+        }
+        state.pos += t;
+        let rows = if all_logits {
+            &mut x[..]
+        } else {
+            &mut x[(t - 1) * n..]
+        };
+        rms_norm(rows, &self.out_norm, self.eps);
+        let m = rows.len() / n;
+        let mut logits = vec![0f32; m * self.n_vocab];
+        cpu.matmul(&self.output, rows, m, &mut logits)?;
+        Ok(logits)
+    }
+}

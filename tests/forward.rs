@@ -1,0 +1,372 @@
+//! The CPU forward pass against llama.cpp's goldens and the float64 reference, with the
+//! tolerances ../shared/fixtures/README.md gives:
+//! - exact mode (weights dequantized, f32 activations) vs `X.ref.f32`: every row ≤ 1e-3 rel-RMS,
+//!   top-1 100% (decode rows fed llama.cpp's greedy tokens, as the reference was);
+//! - normal mode (llama.cpp's activation roundings) vs `X.logits.f32`: median row ≤ 0.03, top-1
+//!   ≥ 0.9 (F32 models: every row ≤ 1e-3);
+//! - state: one batch, chunks of 1/3/7 and token by token agree; a saved state continues exactly.
+
+mod common;
+
+use std::path::Path;
+
+use ggrun::backend::cpu::{Cpu, Precision};
+use ggrun::cli::argmax;
+use ggrun::gguf::Model;
+use ggrun::model::{self, Forward, State};
+use ggrun::tokenizer::Tokenizer;
+
+struct Golden {
+    model: std::path::PathBuf,
+    prompt: String,
+    prompt_tokens: Vec<u32>,
+    generated: Vec<u32>,
+    n_vocab: usize,
+    logits: Vec<f32>,
+    reference: Option<Vec<f32>>,
+}
+
+fn read_f32(p: &Path) -> Vec<f32> {
+    std::fs::read(p)
+        .unwrap()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+fn golden(name: &str) -> Golden {
+    let dir = common::fixtures();
+    let j: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join(format!("{name}.golden.json"))).unwrap(),
+    )
+    .unwrap();
+    let ids = |k: &str| {
+        j[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect::<Vec<_>>()
+    };
+    Golden {
+        model: dir.join(j["model"].as_str().unwrap()),
+        prompt: j["prompt"].as_str().unwrap().to_string(),
+        prompt_tokens: ids("prompt_tokens"),
+        generated: ids("generated"),
+        n_vocab: j["n_vocab"].as_u64().unwrap() as usize,
+        logits: read_f32(&dir.join(j["logits_file"].as_str().unwrap())),
+        reference: j["ref_file"].as_str().map(|f| read_f32(&dir.join(f))),
+    }
+}
+
+/// Prefill `prompt` in one batch, then one token at a time: `forced` tokens if given, else the
+/// greedy choice. Returns all rows and the decoded tokens.
+fn run(
+    m: &dyn Forward,
+    cpu: &Cpu,
+    prompt: &[u32],
+    steps: usize,
+    forced: Option<&[u32]>,
+) -> (Vec<f32>, Vec<u32>) {
+    let mut st = m.new_state(prompt.len() + steps, cpu.precision);
+    let mut rows = m.forward(cpu, &mut st, prompt, true).unwrap();
+    let nv = m.n_vocab();
+    let mut gen = Vec::new();
+    for k in 0..steps {
+        let tok = match forced {
+            Some(f) => f[k],
+            None => argmax(&rows[rows.len() - nv..]) as u32,
+        };
+        gen.push(tok);
+        rows.extend(m.forward(cpu, &mut st, &[tok], false).unwrap());
+    }
+    (rows, gen)
+}
+
+fn rel_rms(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+/// (per-row rel-RMS, top-1 agreement rate)
+fn compare(ours: &[f32], theirs: &[f32], nv: usize) -> (Vec<f64>, f64) {
+    let rows = ours.len().min(theirs.len()) / nv;
+    let mut errs = Vec::new();
+    let mut agree = 0;
+    for r in 0..rows {
+        let (a, b) = (&ours[r * nv..(r + 1) * nv], &theirs[r * nv..(r + 1) * nv]);
+        errs.push(rel_rms(a, b));
+        agree += (argmax(a) == argmax(b)) as usize;
+    }
+    (errs, agree as f64 / rows as f64)
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s[s.len() / 2]
+}
+
+const NEMO: [&str; 7] = [
+    "nemo-tiny-f32",
+    "nemo-tiny-q8_0",
+    "nemo-tiny-q4_0",
+    "nemo-tiny-q4_k_m",
+    "nemo-tiny-q3_k_m",
+    "nemo-dense-tiny-f32",
+    "nemo-dense-tiny-q4_k_m",
+];
+
+#[test]
+fn prompts_tokenize_to_the_golden_ids() {
+    for name in NEMO.iter().copied().chain(["smollm2"]) {
+        let g = if name == "smollm2" {
+            smollm2_golden()
+        } else {
+            golden(name)
+        };
+        let gg = Model::open(&g.model).unwrap();
+        let tok = Tokenizer::from_metadata(gg.metadata()).unwrap();
+        assert_eq!(
+            tok.encode(&g.prompt, true).unwrap(),
+            g.prompt_tokens,
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn exact_mode_matches_the_float64_reference() {
+    let cpu = Cpu::new(2, Precision::Exact).unwrap();
+    for name in NEMO {
+        let g = golden(name);
+        let gg = Model::open(&g.model).unwrap();
+        let m = model::load(&gg).unwrap();
+        let (rows, _) = run(
+            m.as_ref(),
+            &cpu,
+            &g.prompt_tokens,
+            g.generated.len(),
+            Some(&g.generated),
+        );
+        let (errs, top1) = compare(&rows, g.reference.as_ref().unwrap(), g.n_vocab);
+        let worst = errs.iter().cloned().fold(0.0, f64::max);
+        eprintln!("{name} exact vs ref: worst {worst:.2e} top1 {top1}");
+        assert!(worst <= 1e-3, "{name}: worst row {worst}");
+        assert_eq!(top1, 1.0, "{name}");
+    }
+}
+
+#[test]
+fn normal_mode_matches_llama_cpp() {
+    let cpu = Cpu::new(2, Precision::Normal).unwrap();
+    for name in NEMO {
+        let g = golden(name);
+        let gg = Model::open(&g.model).unwrap();
+        let m = model::load(&gg).unwrap();
+        let (rows, gen) = run(m.as_ref(), &cpu, &g.prompt_tokens, g.generated.len(), None);
+        let (errs, top1) = compare(&rows, &g.logits, g.n_vocab);
+        let worst = errs.iter().cloned().fold(0.0, f64::max);
+        eprintln!("{name} normal vs llama.cpp: median {:.2e} worst {worst:.2e} top1 {top1:.3} generated {}", median(&errs), gen == g.generated);
+        assert!(median(&errs) <= 0.03, "{name}: median {}", median(&errs));
+        assert!(top1 >= 0.9, "{name}: top1 {top1}");
+        if name.ends_with("f32") {
+            assert!(worst <= 1e-3, "{name}: worst {worst}");
+        }
+    }
+}
+
+fn smollm2_golden() -> Golden {
+    let dir = common::fixtures();
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("smollm2.golden.json")).unwrap())
+            .unwrap();
+    let ids = |k: &str| {
+        j[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect::<Vec<_>>()
+    };
+    Golden {
+        model: common::smollm2(),
+        prompt: j["prompt"].as_str().unwrap().to_string(),
+        prompt_tokens: ids("prompt_tokens"),
+        generated: ids("generated"),
+        n_vocab: j["n_vocab"].as_u64().unwrap() as usize,
+        logits: j["last_prompt_row"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect(),
+        reference: None,
+    }
+}
+
+#[test]
+fn smollm2_agrees_with_llama_cpp_top1_and_continuation() {
+    let g = smollm2_golden();
+    let j: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(common::fixtures().join("smollm2.golden.json")).unwrap(),
+    )
+    .unwrap();
+    let top: Vec<u32> = j["top"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r[0][0].as_u64().unwrap() as u32)
+        .collect();
+    let gg = Model::open(&g.model).unwrap();
+    let m = model::load(&gg).unwrap();
+    for precision in [Precision::Exact, Precision::Normal] {
+        let cpu = Cpu::new(2, precision).unwrap();
+        // Teacher-forced rows (decode fed llama.cpp's tokens), so every row compares like with like.
+        let (rows, _) = run(
+            m.as_ref(),
+            &cpu,
+            &g.prompt_tokens,
+            g.generated.len(),
+            Some(&g.generated),
+        );
+        let nv = g.n_vocab;
+        let agree = top
+            .iter()
+            .enumerate()
+            .filter(|(r, &t)| argmax(&rows[r * nv..(r + 1) * nv]) as u32 == t)
+            .count();
+        let rate = agree as f64 / top.len() as f64;
+        let last = g.prompt_tokens.len() - 1;
+        let e = rel_rms(&rows[last * nv..(last + 1) * nv], &g.logits);
+        let (_, gen) = run(m.as_ref(), &cpu, &g.prompt_tokens, g.generated.len(), None);
+        let same = gen
+            .iter()
+            .zip(&g.generated)
+            .take_while(|(a, b)| a == b)
+            .count();
+        eprintln!("smollm2 {precision:?}: top1 {rate:.3}, last prompt row rel-RMS {e:.2e}, continuation agrees for {same} tokens");
+        assert!(rate >= 0.95, "{precision:?}: top1 {rate}");
+        assert!(e <= 0.05, "{precision:?}: last prompt row {e}");
+        assert!(same >= 8, "{precision:?}: continuation agrees for {same}");
+    }
+}
+
+/// Logits of the last token after feeding `tokens` in chunks of `chunk`.
+fn chunked(m: &dyn Forward, cpu: &Cpu, tokens: &[u32], chunk: usize) -> (Vec<f32>, State) {
+    let mut st = m.new_state(tokens.len() + 8, cpu.precision);
+    let mut last = Vec::new();
+    for c in tokens.chunks(chunk) {
+        last = m.forward(cpu, &mut st, c, false).unwrap();
+    }
+    (last, st)
+}
+
+#[test]
+fn chunked_prefill_equals_one_batch_and_state_restores_exactly() {
+    let cpu = Cpu::new(2, Precision::Exact).unwrap();
+    for name in ["nemo-tiny-q4_k_m", "nemo-dense-tiny-f32"] {
+        let g = golden(name);
+        let gg = Model::open(&g.model).unwrap();
+        let m = model::load(&gg).unwrap();
+        let toks = &g.prompt_tokens;
+        let (one, _) = chunked(m.as_ref(), &cpu, toks, toks.len());
+        for chunk in [1, 3, 7] {
+            let (c, _) = chunked(m.as_ref(), &cpu, toks, chunk);
+            let e = rel_rms(&c, &one);
+            assert!(e <= 1e-5, "{name}: chunks of {chunk}: {e}");
+        }
+        // Save after the prompt, continue; restore into a fresh state, continue again: identical.
+        let (_, st) = chunked(m.as_ref(), &cpu, toks, 5);
+        let saved = st.to_bytes();
+        let cont = |mut st: State| {
+            let mut out = Vec::new();
+            let mut tok = 1u32;
+            for _ in 0..4 {
+                let r = m.forward(&cpu, &mut st, &[tok], false).unwrap();
+                tok = argmax(&r) as u32;
+                out.extend(r);
+            }
+            out
+        };
+        let a = cont(st);
+        let mut fresh = m.new_state(toks.len() + 8, cpu.precision);
+        fresh.restore(&saved).unwrap();
+        let b = cont(fresh);
+        assert!(
+            a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{name}: restored state diverged"
+        );
+        // A state saved for another context size is refused.
+        let mut other = m.new_state(toks.len() + 9, cpu.precision);
+        assert!(other.restore(&saved).is_err());
+    }
+}
+
+#[test]
+fn a_prompt_longer_than_the_context_is_a_clear_error() {
+    let g = golden("nemo-tiny-q4_0");
+    let out = common::ggrun()
+        .args(["logits", "-m"])
+        .arg(&g.model)
+        .args(["--tokens", "1,2,3,4,5", "-c", "4", "--out", "/dev/null"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("do not fit in a context of 4"), "{err}");
+    // A token outside the vocabulary.
+    let out = common::ggrun()
+        .args(["logits", "-m"])
+        .arg(&g.model)
+        .args(["--tokens", "1,99999", "--out", "/dev/null"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("outside the vocabulary"), "{err}");
+}
+
+#[test]
+fn logits_cli_writes_rows_and_generated_ids() {
+    let g = golden("nemo-tiny-q8_0");
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("o.f32");
+    let toks: Vec<String> = g.prompt_tokens.iter().map(|t| t.to_string()).collect();
+    let out = common::ggrun()
+        .args(["logits", "-m"])
+        .arg(&g.model)
+        .args([
+            "--tokens",
+            &toks.join(","),
+            "--decode",
+            "4",
+            "-t",
+            "2",
+            "--out",
+        ])
+        .arg(&out_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        v["rows"].as_u64().unwrap() as usize,
+        g.prompt_tokens.len() + 4
+    );
+    let gen: Vec<u32> = v["generated"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(gen, g.generated[..4]);
+    let rows = read_f32(&out_path);
+    assert_eq!(rows.len(), (g.prompt_tokens.len() + 4) * g.n_vocab);
+    let (errs, _) = compare(&rows, &g.logits, g.n_vocab);
+    assert!(median(&errs) <= 0.03);
+}
