@@ -4,8 +4,10 @@
 //! `ggrun_quants`.
 
 pub mod backend;
+pub mod bench;
 pub mod cli;
 pub mod gguf;
 pub mod info;
 pub mod model;
+pub mod synth;
 pub mod tokenizer;

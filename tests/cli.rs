@@ -54,3 +54,27 @@ fn a_closed_stdout_ends_quietly() {
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(out.status.code(), Some(0), "{err}");
 }
+
+#[test]
+fn bench_json_reports_pp_and_tg() {
+    let model = common::fixtures().join("nemo-tiny-q4_0.gguf");
+    let out = common::ggrun()
+        .args(["bench", "-m"])
+        .arg(&model)
+        .args(["-p", "16", "-n", "4", "-r", "2", "-t", "1", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["pp_tok_s"].as_f64().unwrap() > 0.0);
+    assert!(v["tg_tok_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(
+        v["pp_all"].as_array().unwrap().len(),
+        2,
+        "two measured repeats after the warm-up"
+    );
+}

@@ -33,6 +33,45 @@ pub enum Command {
     },
     /// Print the SIMD tier in use and the tiers this CPU supports.
     Cpu,
+    /// Prompt-processing and generation speed (tokens/s, median of repeats after a warm-up),
+    /// like llama-bench's pp and tg: per repeat, a fresh context evaluates P random tokens in one
+    /// batch (pp), then generates N tokens one at a time (tg).
+    Bench {
+        #[arg(short = 'm', long = "model")]
+        model: PathBuf,
+        #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
+        n_prompt: usize,
+        #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
+        n_gen: usize,
+        #[arg(short = 't', long, default_value_t = 0)]
+        threads: usize,
+        #[arg(short = 'r', long = "repetitions", default_value_t = 3)]
+        reps: usize,
+        #[arg(long)]
+        exact: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a synthetic model with random weights (Nemotron 3 Nano's real widths).
+    #[command(name = "gen-model", hide = true)]
+    GenModel {
+        /// Preset: nemotron-3-nano.
+        #[arg(long, default_value = "nemotron-3-nano")]
+        preset: String,
+        /// Layers: the first N of the real 52-layer pattern.
+        #[arg(long, default_value_t = 8)]
+        layers: usize,
+        /// Explicit layer pattern (M Mamba-2, E MoE, * attention, - dense MLP) instead of --layers.
+        #[arg(long)]
+        pattern: Option<String>,
+        /// f32, q8_0, q4_0, q4_k_m, q3_k_m
+        #[arg(long, default_value = "q4_k_m")]
+        mix: String,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Token ids of TEXT as one JSON array (BOS added when the model's metadata asks for it).
     Tokenize {
         #[arg(short = 'm', long = "model")]
@@ -130,6 +169,46 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
                 "{}",
                 serde_json::json!({"rows": rows.len() / nv, "n_vocab": nv, "generated": generated})
             )?;
+        }
+        Command::Bench {
+            model,
+            n_prompt,
+            n_gen,
+            threads,
+            reps,
+            exact,
+            json,
+        } => {
+            let precision = if exact {
+                Precision::Exact
+            } else {
+                Precision::Normal
+            };
+            let g = Model::open(&model)?;
+            let m = crate::model::load(&g)?;
+            let cpu = Cpu::new(threads, precision)?;
+            let r = crate::bench::run(m.as_ref(), &cpu, n_prompt, n_gen, reps.max(1))?;
+            if json {
+                writeln!(out, "{}", r.to_json(&model, cpu.threads))?;
+            } else {
+                writeln!(out, "{}", r.to_text(&model, cpu.threads))?;
+            }
+        }
+        Command::GenModel {
+            preset,
+            layers,
+            pattern,
+            mix,
+            seed,
+            out: path,
+        } => {
+            if preset != "nemotron-3-nano" {
+                anyhow::bail!("unknown preset {preset} (nemotron-3-nano)");
+            }
+            let p = crate::synth::NemotronPreset::nano(layers, pattern.as_deref())?;
+            let mix = crate::synth::Mix::parse(&mix)?;
+            crate::synth::write_nemotron(&p, mix, seed, &path)?;
+            writeln!(out, "{}", path.display())?;
         }
         Command::Tokenize {
             model,

@@ -11,12 +11,20 @@ use ggrun_quants::GgmlType;
 use super::value::{Value, ValueType};
 use super::DEFAULT_ALIGNMENT;
 
+/// Bytes produced when the file is written (large generated tensors are never all in memory).
+pub type LazyData = Box<dyn Fn() -> Vec<u8> + Send + Sync>;
+
+enum Data {
+    Bytes(Vec<u8>),
+    Lazy(LazyData),
+}
+
 /// Collects metadata and tensors, then writes them out in one go.
 pub struct GgufWriter {
     pub version: u32,
     pub alignment: u64,
     metadata: Vec<(String, Value)>,
-    tensors: Vec<(String, Vec<u64>, GgmlType, Vec<u8>)>,
+    tensors: Vec<(String, Vec<u64>, GgmlType, Data)>,
 }
 
 impl Default for GgufWriter {
@@ -73,8 +81,28 @@ impl GgufWriter {
     /// Adds a tensor; `data` must be its exact bytes (checked when written).
     pub fn tensor(&mut self, name: &str, dims: &[u64], ty: GgmlType, data: Vec<u8>) -> &mut Self {
         self.tensors
-            .push((name.to_string(), dims.to_vec(), ty, data));
+            .push((name.to_string(), dims.to_vec(), ty, Data::Bytes(data)));
         self
+    }
+
+    /// Adds a tensor whose bytes `make` produces while the file is written.
+    pub fn tensor_lazy(
+        &mut self,
+        name: &str,
+        dims: &[u64],
+        ty: GgmlType,
+        make: LazyData,
+    ) -> &mut Self {
+        self.tensors
+            .push((name.to_string(), dims.to_vec(), ty, Data::Lazy(make)));
+        self
+    }
+
+    fn size_of(name: &str, dims: &[u64], ty: GgmlType) -> u64 {
+        let row = ty.row_bytes(dims[0]).unwrap_or_else(|| {
+            panic!("tensor {name}: row of {} is not whole {ty} blocks", dims[0])
+        });
+        row * dims[1..].iter().product::<u64>()
     }
 
     /// Adds an F32 tensor from values.
@@ -87,47 +115,61 @@ impl GgufWriter {
     /// error in the caller, never input-dependent).
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::new();
+        self.write_to(&mut out).expect("writing to memory");
+        out
+    }
+
+    /// Streams the file to `w`.
+    pub fn write_to<W: Write>(&self, w: &mut W) -> std::io::Result<()> {
+        let mut out = Vec::new();
         out.extend_from_slice(b"GGUF");
-        out.write_u32::<LittleEndian>(self.version).unwrap();
-        out.write_u64::<LittleEndian>(self.tensors.len() as u64)
-            .unwrap();
-        out.write_u64::<LittleEndian>(self.metadata.len() as u64)
-            .unwrap();
+        out.write_u32::<LittleEndian>(self.version)?;
+        out.write_u64::<LittleEndian>(self.tensors.len() as u64)?;
+        out.write_u64::<LittleEndian>(self.metadata.len() as u64)?;
         for (k, v) in &self.metadata {
             put_str(&mut out, k);
-            out.write_u32::<LittleEndian>(v.value_type() as u32)
-                .unwrap();
+            out.write_u32::<LittleEndian>(v.value_type() as u32)?;
             put_value(&mut out, v);
         }
         let align = |x: u64| x.div_ceil(self.alignment) * self.alignment;
         let mut offset = 0u64;
-        for (name, dims, ty, data) in &self.tensors {
-            let want = ty.row_bytes(dims[0]).unwrap() * dims[1..].iter().product::<u64>();
-            assert_eq!(
-                want,
-                data.len() as u64,
-                "tensor {name}: data size does not match shape"
-            );
+        for (name, dims, ty, _) in &self.tensors {
             put_str(&mut out, name);
-            out.write_u32::<LittleEndian>(dims.len() as u32).unwrap();
+            out.write_u32::<LittleEndian>(dims.len() as u32)?;
             for d in dims {
-                out.write_u64::<LittleEndian>(*d).unwrap();
+                out.write_u64::<LittleEndian>(*d)?;
             }
-            out.write_u32::<LittleEndian>(ty.id()).unwrap();
-            out.write_u64::<LittleEndian>(offset).unwrap();
-            offset = align(offset + data.len() as u64);
+            out.write_u32::<LittleEndian>(ty.id())?;
+            out.write_u64::<LittleEndian>(offset)?;
+            offset = align(offset + Self::size_of(name, dims, *ty));
         }
         out.resize(align(out.len() as u64) as usize, 0);
-        for (_, _, _, data) in &self.tensors {
-            out.extend_from_slice(data);
-            out.resize(align(out.len() as u64) as usize, 0);
+        w.write_all(&out)?;
+        for (name, dims, ty, data) in &self.tensors {
+            let made;
+            let bytes = match data {
+                Data::Bytes(b) => b,
+                Data::Lazy(f) => {
+                    made = f();
+                    &made
+                }
+            };
+            assert_eq!(
+                Self::size_of(name, dims, *ty),
+                bytes.len() as u64,
+                "tensor {name}: data size does not match shape"
+            );
+            w.write_all(bytes)?;
+            let pad = align(bytes.len() as u64) - bytes.len() as u64;
+            w.write_all(&vec![0u8; pad as usize])?;
         }
-        out
+        Ok(())
     }
 
     pub fn write(&self, path: &Path) -> std::io::Result<()> {
-        let mut f = std::fs::File::create(path)?;
-        f.write_all(&self.to_bytes())
+        let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+        self.write_to(&mut f)?;
+        f.flush()
     }
 }
 

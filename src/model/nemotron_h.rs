@@ -64,9 +64,21 @@ pub struct NemotronH<'a> {
     layers: Vec<Layer<'a>>,
     out_norm: Vec<f32>,
     output: Matrix<'a>,
+    /// How often each routed expert was selected, per MoE layer (for placement and tuning).
+    usage: std::sync::Mutex<Vec<Vec<u64>>>,
 }
 
 impl<'a> NemotronH<'a> {
+    /// (layer, selections per expert) for every MoE layer, counted over all tokens run so far.
+    pub fn expert_usage(&self) -> Vec<(usize, Vec<u64>)> {
+        let u = self.usage.lock().unwrap_or_else(|e| e.into_inner());
+        u.iter()
+            .enumerate()
+            .filter(|(_, c)| !c.is_empty())
+            .map(|(i, c)| (i, c.clone()))
+            .collect()
+    }
+
     pub fn load(g: &'a Gguf) -> Result<NemotronH<'a>> {
         let md = g.metadata();
         let arch = g.architecture()?.to_string();
@@ -213,6 +225,7 @@ impl<'a> NemotronH<'a> {
             layers,
             out_norm: t.vector("output_norm.weight", n_embd)?,
             output,
+            usage: std::sync::Mutex::new(vec![Vec::new(); n_layer]),
         })
     }
 
@@ -311,7 +324,7 @@ impl<'a> NemotronH<'a> {
         Ok(o)
     }
 
-    fn moe(&self, cpu: &Cpu, b: &Block, h: &[f32], t: usize) -> Result<Vec<f32>> {
+    fn moe(&self, cpu: &Cpu, layer: usize, b: &Block, h: &[f32], t: usize) -> Result<Vec<f32>> {
         let Block::Moe {
             router,
             bias,
@@ -346,6 +359,14 @@ impl<'a> NemotronH<'a> {
             }
             for (&e, wi) in chosen.iter().zip(w) {
                 per_expert[e].push((ti, wi * self.weights_scale));
+            }
+        }
+        {
+            let mut u = self.usage.lock().unwrap_or_else(|e| e.into_inner());
+            let counts = &mut u[layer];
+            counts.resize(ne, 0);
+            for (c, r) in counts.iter_mut().zip(&per_expert) {
+                *c += r.len() as u64;
             }
         }
         // Each selected expert runs once over the tokens routed to it.
@@ -434,7 +455,7 @@ impl Forward for NemotronH<'_> {
             let y = match &l.block {
                 b @ Block::Mamba { .. } => self.mamba(cpu, b, st, &h, t),
                 b @ Block::Attention { .. } => self.attention(cpu, b, st, &h, t),
-                b @ Block::Moe { .. } => self.moe(cpu, b, &h, t),
+                b @ Block::Moe { .. } => self.moe(cpu, i, b, &h, t),
                 Block::Mlp { up, down } => Self::mlp(cpu, up, down, &h, t),
             }
             .with_context(|| format!("layer {i}"))?;

@@ -1,0 +1,111 @@
+//! `ggrun bench`: prompt-processing (pp) and generation (tg) speed, measured the way
+//! llama-bench and ../shared/tools/llamacpp_side.py do — a warm-up round that is dropped, then the
+//! median over repeats; random prompt tokens from a fixed seed.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::Result;
+use serde_json::json;
+
+use crate::backend::cpu::Cpu;
+use crate::cli::argmax;
+use crate::model::Forward;
+
+pub struct BenchResult {
+    pub n_prompt: usize,
+    pub n_gen: usize,
+    pub pp: Vec<f64>,
+    pub tg: Vec<f64>,
+}
+
+fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+/// Runs `reps` measured rounds after one warm-up round.
+pub fn run(
+    m: &dyn Forward,
+    cpu: &Cpu,
+    n_prompt: usize,
+    n_gen: usize,
+    reps: usize,
+) -> Result<BenchResult> {
+    let nv = m.n_vocab();
+    anyhow::ensure!(nv > 20, "vocabulary too small to benchmark");
+    anyhow::ensure!(n_prompt > 0, "-p must be at least 1");
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let (mut pp, mut tg) = (Vec::new(), Vec::new());
+    for round in 0..=reps {
+        let prompt: Vec<u32> = (0..n_prompt)
+            .map(|_| (10 + next() % (nv as u64 - 20)) as u32)
+            .collect();
+        let mut st = m.new_state(n_prompt + n_gen, cpu.precision);
+        let t0 = Instant::now();
+        let logits = m.forward(cpu, &mut st, &prompt, false)?;
+        let t1 = Instant::now();
+        let mut tok = argmax(&logits) as u32;
+        for _ in 0..n_gen {
+            let l = m.forward(cpu, &mut st, &[tok], false)?;
+            tok = argmax(&l) as u32;
+        }
+        let t2 = Instant::now();
+        if round > 0 {
+            pp.push(n_prompt as f64 / (t1 - t0).as_secs_f64());
+            if n_gen > 0 {
+                tg.push(n_gen as f64 / (t2 - t1).as_secs_f64());
+            }
+        }
+    }
+    Ok(BenchResult {
+        n_prompt,
+        n_gen,
+        pp,
+        tg,
+    })
+}
+
+impl BenchResult {
+    pub fn to_json(&self, model: &Path, threads: usize) -> serde_json::Value {
+        json!({
+            "runner": "ggrun",
+            "model": model.display().to_string(),
+            "threads": threads,
+            "isa": ggrun_quants::isa::active().name(),
+            "prompt": self.n_prompt,
+            "gen": self.n_gen,
+            "pp_tok_s": median(&self.pp),
+            "tg_tok_s": median(&self.tg),
+            "pp_all": self.pp,
+            "tg_all": self.tg,
+        })
+    }
+
+    pub fn to_text(&self, model: &Path, threads: usize) -> String {
+        format!(
+            "model {}\nthreads {threads}, {}\npp{} {:9.2} tok/s\ntg{} {:9.2} tok/s",
+            model.display(),
+            ggrun_quants::isa::active().name(),
+            self.n_prompt,
+            median(&self.pp),
+            self.n_gen,
+            median(&self.tg)
+        )
+    }
+}
