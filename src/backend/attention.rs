@@ -2,9 +2,10 @@
 //!
 //! Normal precision mirrors llama.cpp's F16 cache without flash attention: K and V are stored
 //! rounded to f16, and the query and the softmax weights meet them rounded to f16. Exact
-//! precision keeps everything in f32.
+//! precision keeps everything in f32. Heads run in parallel on the calling rayon pool.
 
 use anyhow::{bail, Result};
+use rayon::prelude::*;
 
 use super::cpu::round_f16;
 use crate::model::LayerState;
@@ -68,40 +69,53 @@ pub fn attend(
 
     let (nh, hd) = (s.n_head, s.head_dim);
     let group = nh / s.n_head_kv;
-    let mut out = vec![0f32; t * nh * hd];
-    let mut scores = vec![0f32; past + t];
-    let mut qh = vec![0f32; hd];
-    for ti in 0..t {
-        let n = past + ti + 1;
-        for h in 0..nh {
+    let (kc, vc) = (&kc[..], &vc[..]);
+    // Heads are independent: each computes its columns of the output for every new token.
+    let per_head: Vec<Vec<f32>> = (0..nh)
+        .into_par_iter()
+        .map(|h| {
             let kvh = h / group;
-            for (d, x) in qh
-                .iter_mut()
-                .zip(&q[(ti * nh + h) * hd..(ti * nh + h + 1) * hd])
-            {
-                *d = if f16 { round_f16(*x) } else { *x };
-            }
-            let mut max = f32::NEG_INFINITY;
-            for (p, sc) in scores[..n].iter_mut().enumerate() {
-                let kr = &kc[p * row + kvh * hd..p * row + (kvh + 1) * hd];
-                let dot: f32 = kr.iter().zip(&qh).map(|(a, b)| a * b).sum();
-                *sc = dot * s.scale;
-                max = max.max(*sc);
-            }
-            let mut sum = 0f64;
-            for sc in scores[..n].iter_mut() {
-                *sc = (*sc - max).exp();
-                sum += *sc as f64;
-            }
-            let inv = (1.0 / sum) as f32;
-            let o = &mut out[(ti * nh + h) * hd..(ti * nh + h + 1) * hd];
-            for (p, sc) in scores[..n].iter().enumerate() {
-                let w = if f16 { round_f16(sc * inv) } else { sc * inv };
-                let vr = &vc[p * row + kvh * hd..p * row + (kvh + 1) * hd];
-                for (a, b) in o.iter_mut().zip(vr) {
-                    *a += w * b;
+            let mut oh = vec![0f32; t * hd];
+            let mut scores = vec![0f32; past + t];
+            let mut qh = vec![0f32; hd];
+            for ti in 0..t {
+                let n = past + ti + 1;
+                for (d, x) in qh
+                    .iter_mut()
+                    .zip(&q[(ti * nh + h) * hd..(ti * nh + h + 1) * hd])
+                {
+                    *d = if f16 { round_f16(*x) } else { *x };
+                }
+                let mut max = f32::NEG_INFINITY;
+                for (p, sc) in scores[..n].iter_mut().enumerate() {
+                    let kr = &kc[p * row + kvh * hd..p * row + (kvh + 1) * hd];
+                    let dot: f32 = kr.iter().zip(&qh).map(|(a, b)| a * b).sum();
+                    *sc = dot * s.scale;
+                    max = max.max(*sc);
+                }
+                let mut sum = 0f64;
+                for sc in scores[..n].iter_mut() {
+                    *sc = (*sc - max).exp();
+                    sum += *sc as f64;
+                }
+                let inv = (1.0 / sum) as f32;
+                let o = &mut oh[ti * hd..(ti + 1) * hd];
+                for (p, sc) in scores[..n].iter().enumerate() {
+                    let w = if f16 { round_f16(sc * inv) } else { sc * inv };
+                    let vr = &vc[p * row + kvh * hd..p * row + (kvh + 1) * hd];
+                    for (a, b) in o.iter_mut().zip(vr) {
+                        *a += w * b;
+                    }
                 }
             }
+            oh
+        })
+        .collect();
+    let mut out = vec![0f32; t * nh * hd];
+    for (h, oh) in per_head.iter().enumerate() {
+        for ti in 0..t {
+            out[(ti * nh + h) * hd..(ti * nh + h + 1) * hd]
+                .copy_from_slice(&oh[ti * hd..(ti + 1) * hd]);
         }
     }
     Ok(out)

@@ -163,6 +163,19 @@ impl Forward for Llama<'_> {
         tokens: &[u32],
         all_logits: bool,
     ) -> Result<Vec<f32>> {
+        // Everything below (matmuls, heads, scans) runs on this context's pool.
+        cpu.install(|| self.run(cpu, state, tokens, all_logits))
+    }
+}
+
+impl Llama<'_> {
+    fn run(
+        &self,
+        cpu: &Cpu,
+        state: &mut State,
+        tokens: &[u32],
+        all_logits: bool,
+    ) -> Result<Vec<f32>> {
         let t = tokens.len();
         if state.pos + t > state.n_ctx {
             bail!(
