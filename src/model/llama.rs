@@ -177,14 +177,7 @@ impl Llama<'_> {
         all_logits: bool,
     ) -> Result<Vec<f32>> {
         let t = tokens.len();
-        if state.pos + t > state.n_ctx {
-            bail!(
-                "{} tokens do not fit in the context: {} already used of {} (raise -c/--ctx-size)",
-                t,
-                state.pos,
-                state.n_ctx
-            );
-        }
+        state.check_room(t)?;
         let n = self.n_embd;
         let s = &self.shape;
         let mut x = embed(&self.embd, tokens)?;
@@ -225,15 +218,13 @@ impl Llama<'_> {
             run().with_context(|| format!("layer {i}"))?;
         }
         state.pos += t;
-        let rows = if all_logits {
-            &mut x[..]
-        } else {
-            &mut x[(t - 1) * n..]
-        };
-        rms_norm(rows, &self.out_norm, self.eps);
-        let m = rows.len() / n;
-        let mut logits = vec![0f32; m * self.n_vocab];
-        cpu.matmul(&self.output, rows, m, &mut logits)?;
-        Ok(logits)
+        super::logits(
+            cpu,
+            &mut x,
+            &self.out_norm,
+            self.eps,
+            &self.output,
+            all_logits,
+        )
     }
 }

@@ -255,6 +255,43 @@ impl State {
     }
 }
 
+impl State {
+    /// Errors when `t` more tokens would overflow the context.
+    pub fn check_room(&self, t: usize) -> Result<()> {
+        if t == 0 {
+            bail!("no tokens to process");
+        }
+        if self.pos + t > self.n_ctx {
+            bail!(
+                "{t} tokens do not fit in the context: {} already used of {} (raise -c/--ctx-size)",
+                self.pos,
+                self.n_ctx
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The output head shared by every architecture: final RMSNorm and the vocabulary projection,
+/// for every row of `x` (rows of `norm.len()`) or only the last.
+pub fn logits(
+    cpu: &Cpu,
+    x: &mut [f32],
+    norm: &[f32],
+    eps: f32,
+    output: &Matrix,
+    all: bool,
+) -> Result<Vec<f32>> {
+    let n = norm.len();
+    let start = if all { 0 } else { x.len() - n };
+    let rows = &mut x[start..];
+    crate::backend::cpu::rms_norm(rows, norm, eps);
+    let m = rows.len() / n;
+    let mut out = vec![0f32; m * output.rows];
+    cpu.matmul(output, rows, m, &mut out)?;
+    Ok(out)
+}
+
 /// Opens the architecture named by the file.
 pub fn load(gguf: &Gguf) -> Result<Box<dyn Forward + '_>> {
     let arch = gguf.architecture()?;

@@ -452,15 +452,7 @@ impl NemotronH<'_> {
         all_logits: bool,
     ) -> Result<Vec<f32>> {
         let t = tokens.len();
-        if state.pos + t > state.n_ctx {
-            bail!(
-                "{} tokens do not fit in the context: {} already used of {} (raise -c/--ctx-size)",
-                t,
-                state.pos,
-                state.n_ctx
-            );
-        }
-        let n = self.n_embd;
+        state.check_room(t)?;
         let mut x = embed(&self.embd, tokens)?;
         for (i, (l, st)) in self.layers.iter().zip(state.layers.iter_mut()).enumerate() {
             let mut h = x.clone();
@@ -477,15 +469,13 @@ impl NemotronH<'_> {
             }
         }
         state.pos += t;
-        let rows = if all_logits {
-            &mut x[..]
-        } else {
-            &mut x[(t - 1) * n..]
-        };
-        rms_norm(rows, &self.out_norm, self.eps);
-        let m = rows.len() / n;
-        let mut logits = vec![0f32; m * self.n_vocab];
-        cpu.matmul(&self.output, rows, m, &mut logits)?;
-        Ok(logits)
+        super::logits(
+            cpu,
+            &mut x,
+            &self.out_norm,
+            self.eps,
+            &self.output,
+            all_logits,
+        )
     }
 }
