@@ -309,6 +309,9 @@ pub fn write_nemotron(p: &NemotronPreset, mix: Mix, seed: u64, path: &Path) -> R
             Value::U32(p.head_dim as u32),
         )
         .kv(&key("attention.layer_norm_rms_epsilon"), Value::F32(1e-5))
+        // llama.cpp reads this one for nemotron_h(_moe); converters write both.
+        .kv(&key("attention.layer_norm_epsilon"), Value::F32(1e-5))
+        .kv(&key("vocab_size"), Value::U32(p.n_vocab as u32))
         .kv(&key("ssm.conv_kernel"), Value::U32(p.d_conv as u32))
         .kv(&key("ssm.inner_size"), Value::U32(p.d_inner as u32))
         .kv(&key("ssm.state_size"), Value::U32(p.d_state as u32))
