@@ -247,7 +247,17 @@ fn smollm2_agrees_with_llama_cpp_top1_and_continuation() {
         eprintln!("smollm2 {precision:?}: top1 {rate:.3}, last prompt row rel-RMS {e:.2e}, continuation agrees for {same} tokens");
         assert!(rate >= 0.95, "{precision:?}: top1 {rate}");
         assert!(e <= 0.05, "{precision:?}: last prompt row {e}");
-        assert!(same >= 8, "{precision:?}: continuation agrees for {same}");
+        // The README's bar (16 tokens) holds in normal precision, which rounds as llama.cpp does
+        // (all 32 agree on x86); exact precision parts at a near-tie after ~10 tokens.
+        let need = if precision == Precision::Normal {
+            16
+        } else {
+            8
+        };
+        assert!(
+            same >= need,
+            "{precision:?}: continuation agrees for {same}"
+        );
     }
 }
 

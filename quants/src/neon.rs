@@ -1,7 +1,7 @@
 //! AArch64 NEON kernels, with and without the dot-product extension (`sdot`). Blocks are unpacked
 //! to signed bytes (two 16-byte registers per 32 elements) and multiplied with the activation
-//! bytes; legacy blocks accumulate scaled block sums in 4 float lanes, K-quants accumulate
-//! scale-weighted integer sums and are bit-exact with the scalar reference. Functions are `unsafe`
+//! bytes; each block's integer sum is reduced exactly and scaled in the scalar reference's order,
+//! so legacy and K-quant dots are bit-exact with scalar. Functions are `unsafe`
 //! only for their CPU features; `specialize` installs them only after detection.
 
 use core::arch::aarch64::*;
@@ -120,16 +120,16 @@ macro_rules! legacy_dot {
     ($name:ident, $feat:literal, $dot:ident, $wb:ty, $ab:ty, $unpack:ident, $min:expr) => {
         #[target_feature(enable = $feat)]
         unsafe fn $name(w: &[$wb], a: &[$ab]) -> f32 {
-            let mut acc = vdupq_n_f32(0.0);
-            let mut extra = 0.0f32;
+            // The block's integer sum is reduced exactly, then scaled and added in block order:
+            // the scalar reference's expression, so both NEON tiers match it bit for bit.
+            let mut total = 0.0f32;
             for (b, y) in w.iter().zip(a) {
                 let (q0, q1) = $unpack(b);
                 let s = $dot(vdupq_n_s32(0), q0, vld1q_s8(y.qs.as_ptr()));
                 let s = $dot(s, q1, vld1q_s8(y.qs.as_ptr().add(16)));
-                acc = vmlaq_n_f32(acc, vcvtq_f32_s32(s), h(b.d) * h(y.d));
-                extra += $min(b, y);
+                total += h(b.d) * h(y.d) * vaddvq_s32(s) as f32 + $min(b, y);
             }
-            vaddvq_f32(acc) + extra
+            total
         }
     };
 }

@@ -4,7 +4,8 @@
 //!
 //! Tolerances: dequantize, activation quantizers and K-quant dots are bit-exact (same integers,
 //! same float expression). Legacy and float dots sum block results in another order than the
-//! scalar loop: |simd − scalar| ≤ 1e-5 · Σ|block terms| + 1e-6.
+//! scalar loop: |simd − scalar| ≤ 1e-5 · Σ|block terms| + 1e-6; all SIMD tiers of one machine
+//! agree with each other bit for bit.
 
 use ggrun_quants::{
     dequantize_fn, kernels_for, reference_quantize_fn, scalar_kernels, GgmlType, Isa,
@@ -110,9 +111,18 @@ fn dot_products_match_scalar_on_every_tier() {
                 (s.dequantize)(&w, &mut wf);
                 dequantize_fn(s.act_ty).unwrap()(&a, &mut af);
                 let mag: f32 = wf.iter().zip(&af).map(|(p, q)| (p * q).abs()).sum();
+                let mut first_simd: Option<f32> = None;
                 for isa in simd_tiers() {
                     let k = kernels_for(ty, isa).unwrap();
                     let got = (k.dot)(&w, &a);
+                    // Every SIMD tier sums in the same order (llama.cpp's AVX2 order on x86), so
+                    // the tiers agree with each other bit for bit.
+                    let f = *first_simd.get_or_insert(got);
+                    assert_eq!(
+                        got.to_bits(),
+                        f.to_bits(),
+                        "{ty} {isa:?} n={n}: tiers disagree"
+                    );
                     if ty.is_k_quant() {
                         assert_eq!(
                             got.to_bits(),

@@ -62,7 +62,7 @@ unsafe fn hsum_epi32(v: __m256i) -> i32 {
 
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn load32(p: &[i8; 32]) -> __m256i {
+pub(super) unsafe fn load32(p: &[i8; 32]) -> __m256i {
     _mm256_loadu_si256(p.as_ptr().cast())
 }
 
@@ -153,13 +153,16 @@ unsafe fn dot_u8(w: __m256i, a: __m256i) -> __m256i {
 // ---------------------------------------------------------------------------------------------
 // Legacy dot products.
 
+/// A legacy signed-weight dot: per block, the integer dot `$dot` of the unpacked weights with
+/// the activation bytes, scaled and accumulated in 8 float lanes in block order — the same order
+/// as llama.cpp's AVX2 `ggml_vec_dot_*_q8_0`, so that results agree with it bit for bit.
 macro_rules! signed_dot {
-    ($name:ident, $wb:ty, $unpack:ident) => {
-        #[target_feature(enable = "avx2,fma,f16c")]
+    ($name:ident, $feat:literal, $dot:ident, $wb:ty, $unpack:ident) => {
+        #[target_feature(enable = $feat)]
         unsafe fn $name(w: &[$wb], a: &[BlockQ8_0]) -> f32 {
             let mut acc = _mm256_setzero_ps();
             for (b, y) in w.iter().zip(a) {
-                let s = _mm256_cvtepi32_ps(dot_i8($unpack(b), load32(&y.qs)));
+                let s = _mm256_cvtepi32_ps($dot($unpack(b), load32(&y.qs)));
                 acc = _mm256_fmadd_ps(_mm256_set1_ps(fp16_mul(b.d, y.d)), s, acc);
             }
             hsum_ps(acc)
@@ -167,14 +170,15 @@ macro_rules! signed_dot {
     };
 }
 
+/// The same for unsigned weights with a minimum (Q4_1, Q5_1 against Q8_1).
 macro_rules! unsigned_dot {
-    ($name:ident, $wb:ty, $unpack:ident) => {
-        #[target_feature(enable = "avx2,fma,f16c")]
+    ($name:ident, $feat:literal, $dot:ident, $wb:ty, $unpack:ident) => {
+        #[target_feature(enable = $feat)]
         unsafe fn $name(w: &[$wb], a: &[BlockQ8_1]) -> f32 {
             let mut acc = _mm256_setzero_ps();
             let mut mins = 0.0f32;
             for (b, y) in w.iter().zip(a) {
-                let s = _mm256_cvtepi32_ps(dot_u8($unpack(b), load32(&y.qs)));
+                let s = _mm256_cvtepi32_ps($dot($unpack(b), load32(&y.qs)));
                 acc = _mm256_fmadd_ps(_mm256_set1_ps(fp16_mul(b.d, y.d)), s, acc);
                 mins += fp16_mul(b.m, y.s);
             }
@@ -183,12 +187,20 @@ macro_rules! unsigned_dot {
     };
 }
 
-signed_dot!(dot_q4_0_impl, BlockQ4_0, q4_0_i8);
-signed_dot!(dot_q5_0_impl, BlockQ5_0, q5_0_i8);
-signed_dot!(dot_q8_0_impl, BlockQ8_0, q8_0_i8);
-signed_dot!(dot_iq4_nl_impl, BlockQ4_0, iq4_nl_i8);
-unsigned_dot!(dot_q4_1_impl, BlockQ4_1, q4_1_u8);
-unsigned_dot!(dot_q5_1_impl, BlockQ5_1, q5_1_u8);
+pub(super) use {signed_dot, unsigned_dot};
+
+signed_dot!(dot_q4_0_impl, "avx2,fma,f16c", dot_i8, BlockQ4_0, q4_0_i8);
+signed_dot!(dot_q5_0_impl, "avx2,fma,f16c", dot_i8, BlockQ5_0, q5_0_i8);
+signed_dot!(dot_q8_0_impl, "avx2,fma,f16c", dot_i8, BlockQ8_0, q8_0_i8);
+signed_dot!(
+    dot_iq4_nl_impl,
+    "avx2,fma,f16c",
+    dot_i8,
+    BlockQ4_0,
+    iq4_nl_i8
+);
+unsigned_dot!(dot_q4_1_impl, "avx2,fma,f16c", dot_u8, BlockQ4_1, q4_1_u8);
+unsigned_dot!(dot_q5_1_impl, "avx2,fma,f16c", dot_u8, BlockQ5_1, q5_1_u8);
 
 // ---------------------------------------------------------------------------------------------
 // Legacy dequantize (bit-exact with scalar: one float multiply per element).

@@ -1,7 +1,7 @@
 //! x86-64 SIMD kernels and the table that installs them per tier.
 
 mod avx2;
-mod avx512;
+mod vnni;
 
 use crate::{GgmlType, Isa, Kernels};
 
@@ -34,51 +34,15 @@ pub(crate) fn specialize(mut k: Kernels, isa: Isa) -> Kernels {
         Q8_1 => k.quantize_act = avx2::quantize_q8_1,
         _ => {}
     }
-    let vnni = isa == Isa::Avx512Vnni;
-    if isa >= Isa::Avx512 {
+    // The AVX-512 tier runs the AVX2 kernels; with VNNI the legacy dots use vpdpbusd.
+    if isa == Isa::Avx512Vnni {
         match k.ty {
-            Q4_0 => {
-                k.dot = if vnni {
-                    avx512::dot_q4_0_vnni
-                } else {
-                    avx512::dot_q4_0_bw
-                }
-            }
-            Q5_0 => {
-                k.dot = if vnni {
-                    avx512::dot_q5_0_vnni
-                } else {
-                    avx512::dot_q5_0_bw
-                }
-            }
-            Q8_0 => {
-                k.dot = if vnni {
-                    avx512::dot_q8_0_vnni
-                } else {
-                    avx512::dot_q8_0_bw
-                }
-            }
-            IQ4_NL => {
-                k.dot = if vnni {
-                    avx512::dot_iq4_nl_vnni
-                } else {
-                    avx512::dot_iq4_nl_bw
-                }
-            }
-            Q4_1 => {
-                k.dot = if vnni {
-                    avx512::dot_q4_1_vnni
-                } else {
-                    avx512::dot_q4_1_bw
-                }
-            }
-            Q5_1 => {
-                k.dot = if vnni {
-                    avx512::dot_q5_1_vnni
-                } else {
-                    avx512::dot_q5_1_bw
-                }
-            }
+            Q4_0 => k.dot = vnni::dot_q4_0,
+            Q5_0 => k.dot = vnni::dot_q5_0,
+            Q8_0 => k.dot = vnni::dot_q8_0,
+            IQ4_NL => k.dot = vnni::dot_iq4_nl,
+            Q4_1 => k.dot = vnni::dot_q4_1,
+            Q5_1 => k.dot = vnni::dot_q5_1,
             _ => {}
         }
     }
