@@ -28,6 +28,9 @@ use bytemuck::{cast_slice, cast_slice_mut};
 /// `dot(weight_row, activation_row)`: both rows as bytes, the activation in the weight type's
 /// `vec_dot_type`, with the same number of elements.
 pub type DotFn = fn(&[u8], &[u8]) -> f32;
+/// `dot4(weight_row, [four activation rows], out)`: the same as four `dot` calls, bit for bit,
+/// with each weight block unpacked once (prefill batches).
+pub type Dot4Fn = fn(&[u8], [&[u8]; 4], &mut [f32; 4]);
 /// Dequantize a row of bytes into `dst` (whose length is the element count).
 pub type DequantizeFn = fn(&[u8], &mut [f32]);
 /// Quantize a row of floats into bytes (`dst` is exactly the row's byte length).
@@ -40,6 +43,8 @@ pub struct Kernels {
     /// The activation format `dot` expects.
     pub act_ty: GgmlType,
     pub dot: DotFn,
+    /// A four-token `dot` where the tier has one.
+    pub dot4: Option<Dot4Fn>,
     pub dequantize: DequantizeFn,
     /// Quantizes an activation row to `act_ty` (the rounding llama.cpp's SIMD paths use).
     pub quantize_act: QuantizeFn,
@@ -234,6 +239,7 @@ pub fn scalar_kernels(ty: GgmlType) -> Option<Kernels> {
         ty,
         act_ty,
         dot,
+        dot4: None,
         dequantize: dequantize_fn(ty)?,
         quantize_act,
     })

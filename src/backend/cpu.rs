@@ -113,11 +113,22 @@ impl Cpu {
                 yt.par_chunks_mut(CHUNK * t)
                     .enumerate()
                     .for_each(|(c, out)| {
+                        let a = |j: usize| &act[j * ab..(j + 1) * ab];
                         for (i, o) in out.chunks_mut(t).enumerate() {
                             let r = c * CHUNK + i;
                             let wr = &w.data[r * rb..(r + 1) * rb];
-                            for (j, v) in o.iter_mut().enumerate() {
-                                *v = (k.dot)(wr, &act[j * ab..(j + 1) * ab]);
+                            // Four tokens per pass where the tier can (same bits as four dots).
+                            let mut j = 0;
+                            if let Some(dot4) = k.dot4 {
+                                while j + 4 <= t {
+                                    let mut four = [0f32; 4];
+                                    dot4(wr, [a(j), a(j + 1), a(j + 2), a(j + 3)], &mut four);
+                                    o[j..j + 4].copy_from_slice(&four);
+                                    j += 4;
+                                }
+                            }
+                            for (jj, v) in o.iter_mut().enumerate().skip(j) {
+                                *v = (k.dot)(wr, a(jj));
                             }
                         }
                     })

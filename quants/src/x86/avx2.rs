@@ -157,7 +157,7 @@ unsafe fn dot_u8(w: __m256i, a: __m256i) -> __m256i {
 /// the activation bytes, scaled and accumulated in 8 float lanes in block order — the same order
 /// as llama.cpp's AVX2 `ggml_vec_dot_*_q8_0`, so that results agree with it bit for bit.
 macro_rules! signed_dot {
-    ($name:ident, $feat:literal, $dot:ident, $wb:ty, $unpack:ident) => {
+    ($name:ident, $name4:ident, $feat:literal, $dot:ident, $wb:ty, $unpack:ident) => {
         #[target_feature(enable = $feat)]
         unsafe fn $name(w: &[$wb], a: &[BlockQ8_0]) -> f32 {
             let mut acc = _mm256_setzero_ps();
@@ -167,12 +167,30 @@ macro_rules! signed_dot {
             }
             hsum_ps(acc)
         }
+
+        /// Four activation rows at once: each block is unpacked once; each row's accumulation
+        /// order is the single-row one, so results are identical to four `$name` calls.
+        #[target_feature(enable = $feat)]
+        unsafe fn $name4(w: &[$wb], a: [&[BlockQ8_0]; 4], out: &mut [f32; 4]) {
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for (i, b) in w.iter().enumerate() {
+                let q = $unpack(b);
+                for (ac, ar) in acc.iter_mut().zip(&a) {
+                    let y = &ar[i];
+                    let s = _mm256_cvtepi32_ps($dot(q, load32(&y.qs)));
+                    *ac = _mm256_fmadd_ps(_mm256_set1_ps(fp16_mul(b.d, y.d)), s, *ac);
+                }
+            }
+            for (o, ac) in out.iter_mut().zip(acc) {
+                *o = hsum_ps(ac);
+            }
+        }
     };
 }
 
 /// The same for unsigned weights with a minimum (Q4_1, Q5_1 against Q8_1).
 macro_rules! unsigned_dot {
-    ($name:ident, $feat:literal, $dot:ident, $wb:ty, $unpack:ident) => {
+    ($name:ident, $name4:ident, $feat:literal, $dot:ident, $wb:ty, $unpack:ident) => {
         #[target_feature(enable = $feat)]
         unsafe fn $name(w: &[$wb], a: &[BlockQ8_1]) -> f32 {
             let mut acc = _mm256_setzero_ps();
@@ -184,23 +202,77 @@ macro_rules! unsigned_dot {
             }
             hsum_ps(acc) + mins
         }
+
+        #[target_feature(enable = $feat)]
+        unsafe fn $name4(w: &[$wb], a: [&[BlockQ8_1]; 4], out: &mut [f32; 4]) {
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut mins = [0.0f32; 4];
+            for (i, b) in w.iter().enumerate() {
+                let q = $unpack(b);
+                for ((ac, m), ar) in acc.iter_mut().zip(mins.iter_mut()).zip(&a) {
+                    let y = &ar[i];
+                    let s = _mm256_cvtepi32_ps($dot(q, load32(&y.qs)));
+                    *ac = _mm256_fmadd_ps(_mm256_set1_ps(fp16_mul(b.d, y.d)), s, *ac);
+                    *m += fp16_mul(b.m, y.s);
+                }
+            }
+            for ((o, ac), m) in out.iter_mut().zip(acc).zip(mins) {
+                *o = hsum_ps(ac) + m;
+            }
+        }
     };
 }
 
 pub(super) use {signed_dot, unsigned_dot};
 
-signed_dot!(dot_q4_0_impl, "avx2,fma,f16c", dot_i8, BlockQ4_0, q4_0_i8);
-signed_dot!(dot_q5_0_impl, "avx2,fma,f16c", dot_i8, BlockQ5_0, q5_0_i8);
-signed_dot!(dot_q8_0_impl, "avx2,fma,f16c", dot_i8, BlockQ8_0, q8_0_i8);
+signed_dot!(
+    dot_q4_0_impl,
+    dot4_q4_0_impl,
+    "avx2,fma,f16c",
+    dot_i8,
+    BlockQ4_0,
+    q4_0_i8
+);
+signed_dot!(
+    dot_q5_0_impl,
+    dot4_q5_0_impl,
+    "avx2,fma,f16c",
+    dot_i8,
+    BlockQ5_0,
+    q5_0_i8
+);
+signed_dot!(
+    dot_q8_0_impl,
+    dot4_q8_0_impl,
+    "avx2,fma,f16c",
+    dot_i8,
+    BlockQ8_0,
+    q8_0_i8
+);
 signed_dot!(
     dot_iq4_nl_impl,
+    dot4_iq4_nl_impl,
     "avx2,fma,f16c",
     dot_i8,
     BlockQ4_0,
     iq4_nl_i8
 );
-unsigned_dot!(dot_q4_1_impl, "avx2,fma,f16c", dot_u8, BlockQ4_1, q4_1_u8);
-unsigned_dot!(dot_q5_1_impl, "avx2,fma,f16c", dot_u8, BlockQ5_1, q5_1_u8);
+unsigned_dot!(
+    dot_q4_1_impl,
+    dot4_q4_1_impl,
+    "avx2,fma,f16c",
+    dot_u8,
+    BlockQ4_1,
+    q4_1_u8
+);
+unsigned_dot!(
+    dot_q5_1_impl,
+    dot4_q5_1_impl,
+    "avx2,fma,f16c",
+    dot_u8,
+    BlockQ5_1,
+    q5_1_u8
+);
 
 // ---------------------------------------------------------------------------------------------
 // Legacy dequantize (bit-exact with scalar: one float multiply per element).
@@ -539,6 +611,12 @@ macro_rules! entry {
             unsafe { $imp(cast_slice(src), dst) }
         }
     };
+    (dot4 $name:ident, $imp:ident) => {
+        pub(crate) fn $name(w: &[u8], a: [&[u8]; 4], out: &mut [f32; 4]) {
+            // SAFETY: installed by x86::specialize only when Isa::Avx2 is available.
+            unsafe { $imp(cast_slice(w), a.map(cast_slice), out) }
+        }
+    };
     (quant $name:ident, $imp:ident) => {
         pub(crate) fn $name(src: &[f32], dst: &mut [u8]) {
             // SAFETY: installed by x86::specialize only when Isa::Avx2 is available.
@@ -553,6 +631,12 @@ entry!(dot dot_q5_0, dot_q5_0_impl);
 entry!(dot dot_q5_1, dot_q5_1_impl);
 entry!(dot dot_q8_0, dot_q8_0_impl);
 entry!(dot dot_iq4_nl, dot_iq4_nl_impl);
+entry!(dot4 dot4_q4_0, dot4_q4_0_impl);
+entry!(dot4 dot4_q4_1, dot4_q4_1_impl);
+entry!(dot4 dot4_q5_0, dot4_q5_0_impl);
+entry!(dot4 dot4_q5_1, dot4_q5_1_impl);
+entry!(dot4 dot4_q8_0, dot4_q8_0_impl);
+entry!(dot4 dot4_iq4_nl, dot4_iq4_nl_impl);
 entry!(dot dot_q2_k, dot_q2k_impl);
 entry!(dot dot_q3_k, dot_q3k_impl);
 entry!(dot dot_q4_k, dot_q4k_impl);

@@ -13,12 +13,27 @@ pub(crate) fn specialize(mut k: Kernels, isa: Isa) -> Kernels {
         return k;
     }
     match k.ty {
-        Q4_0 => (k.dot, k.dequantize) = (avx2::dot_q4_0, avx2::dequant_q4_0),
-        Q5_0 => (k.dot, k.dequantize) = (avx2::dot_q5_0, avx2::dequant_q5_0),
-        Q8_0 => (k.dot, k.dequantize) = (avx2::dot_q8_0, avx2::dequant_q8_0),
-        IQ4_NL => (k.dot, k.dequantize) = (avx2::dot_iq4_nl, avx2::dequant_iq4_nl),
-        Q4_1 => k.dot = avx2::dot_q4_1,
-        Q5_1 => k.dot = avx2::dot_q5_1,
+        Q4_0 => {
+            (k.dot, k.dot4, k.dequantize) =
+                (avx2::dot_q4_0, d4(avx2::dot4_q4_0), avx2::dequant_q4_0)
+        }
+        Q5_0 => {
+            (k.dot, k.dot4, k.dequantize) =
+                (avx2::dot_q5_0, d4(avx2::dot4_q5_0), avx2::dequant_q5_0)
+        }
+        Q8_0 => {
+            (k.dot, k.dot4, k.dequantize) =
+                (avx2::dot_q8_0, d4(avx2::dot4_q8_0), avx2::dequant_q8_0)
+        }
+        IQ4_NL => {
+            (k.dot, k.dot4, k.dequantize) = (
+                avx2::dot_iq4_nl,
+                d4(avx2::dot4_iq4_nl),
+                avx2::dequant_iq4_nl,
+            )
+        }
+        Q4_1 => (k.dot, k.dot4) = (avx2::dot_q4_1, d4(avx2::dot4_q4_1)),
+        Q5_1 => (k.dot, k.dot4) = (avx2::dot_q5_1, d4(avx2::dot4_q5_1)),
         Q2_K => k.dot = avx2::dot_q2_k,
         Q3_K => k.dot = avx2::dot_q3_k,
         Q4_K => k.dot = avx2::dot_q4_k,
@@ -37,14 +52,19 @@ pub(crate) fn specialize(mut k: Kernels, isa: Isa) -> Kernels {
     // The AVX-512 tier runs the AVX2 kernels; with VNNI the legacy dots use vpdpbusd.
     if isa == Isa::Avx512Vnni {
         match k.ty {
-            Q4_0 => k.dot = vnni::dot_q4_0,
-            Q5_0 => k.dot = vnni::dot_q5_0,
-            Q8_0 => k.dot = vnni::dot_q8_0,
-            IQ4_NL => k.dot = vnni::dot_iq4_nl,
-            Q4_1 => k.dot = vnni::dot_q4_1,
-            Q5_1 => k.dot = vnni::dot_q5_1,
+            Q4_0 => (k.dot, k.dot4) = (vnni::dot_q4_0, d4(vnni::dot4_q4_0)),
+            Q5_0 => (k.dot, k.dot4) = (vnni::dot_q5_0, d4(vnni::dot4_q5_0)),
+            Q8_0 => (k.dot, k.dot4) = (vnni::dot_q8_0, d4(vnni::dot4_q8_0)),
+            IQ4_NL => (k.dot, k.dot4) = (vnni::dot_iq4_nl, d4(vnni::dot4_iq4_nl)),
+            Q4_1 => (k.dot, k.dot4) = (vnni::dot_q4_1, d4(vnni::dot4_q4_1)),
+            Q5_1 => (k.dot, k.dot4) = (vnni::dot_q5_1, d4(vnni::dot4_q5_1)),
             _ => {}
         }
     }
     k
+}
+
+/// A four-token kernel as the table's optional function pointer.
+fn d4(f: crate::Dot4Fn) -> Option<crate::Dot4Fn> {
+    Some(f)
 }

@@ -34,6 +34,7 @@ unsafe fn dot_u8_vnni(w: __m256i, a: __m256i) -> __m256i {
 
 signed_dot!(
     q4_0,
+    q4_0_4,
     "avx2,fma,f16c,avx512vl,avx512vnni",
     dot_i8_vnni,
     BlockQ4_0,
@@ -41,6 +42,7 @@ signed_dot!(
 );
 signed_dot!(
     q5_0,
+    q5_0_4,
     "avx2,fma,f16c,avx512vl,avx512vnni",
     dot_i8_vnni,
     BlockQ5_0,
@@ -48,6 +50,7 @@ signed_dot!(
 );
 signed_dot!(
     q8_0,
+    q8_0_4,
     "avx2,fma,f16c,avx512vl,avx512vnni",
     dot_i8_vnni,
     BlockQ8_0,
@@ -55,6 +58,7 @@ signed_dot!(
 );
 signed_dot!(
     iq4_nl,
+    iq4_nl_4,
     "avx2,fma,f16c,avx512vl,avx512vnni",
     dot_i8_vnni,
     BlockQ4_0,
@@ -62,6 +66,7 @@ signed_dot!(
 );
 unsigned_dot!(
     q4_1,
+    q4_1_4,
     "avx2,fma,f16c,avx512vl,avx512vnni",
     dot_u8_vnni,
     BlockQ4_1,
@@ -69,6 +74,7 @@ unsigned_dot!(
 );
 unsigned_dot!(
     q5_1,
+    q5_1_4,
     "avx2,fma,f16c,avx512vl,avx512vnni",
     dot_u8_vnni,
     BlockQ5_1,
@@ -89,4 +95,20 @@ macro_rules! entry {
 entry!(
     dot_q4_0 => q4_0, dot_q5_0 => q5_0, dot_q8_0 => q8_0,
     dot_iq4_nl => iq4_nl, dot_q4_1 => q4_1, dot_q5_1 => q5_1,
+);
+
+macro_rules! entry4 {
+    ($($name:ident => $imp:ident),* $(,)?) => {
+        $(
+            pub(crate) fn $name(w: &[u8], a: [&[u8]; 4], out: &mut [f32; 4]) {
+                // SAFETY: installed by x86::specialize only when Isa::Avx512Vnni is available.
+                unsafe { $imp(cast_slice(w), a.map(cast_slice), out) }
+            }
+        )*
+    };
+}
+
+entry4!(
+    dot4_q4_0 => q4_0_4, dot4_q5_0 => q5_0_4, dot4_q8_0 => q8_0_4,
+    dot4_iq4_nl => iq4_nl_4, dot4_q4_1 => q4_1_4, dot4_q5_1 => q5_1_4,
 );
