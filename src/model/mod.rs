@@ -6,7 +6,6 @@ pub mod llama;
 pub mod nemotron_h;
 
 use anyhow::{anyhow, bail, Result};
-use ggrun_quants::GgmlType;
 
 use crate::backend::cpu::{Cpu, Matrix};
 use crate::gguf::{Model as Gguf, TensorView};
@@ -111,11 +110,6 @@ pub fn embed(emb: &Matrix, tokens: &[u32]) -> Result<Vec<f32>> {
         dq(&emb.data[t * rb..(t + 1) * rb], out);
     }
     Ok(x)
-}
-
-/// Whether `ty` can be a weight here.
-pub fn supported(ty: GgmlType) -> bool {
-    ty.is_supported()
 }
 
 /// The per-sequence state of any architecture.
