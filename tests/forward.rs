@@ -34,24 +34,26 @@ fn read_f32(p: &Path) -> Vec<f32> {
         .collect()
 }
 
+fn read_json(p: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn ids(j: &serde_json::Value, k: &str) -> Vec<u32> {
+    j[k].as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
+}
+
 fn golden(name: &str) -> Golden {
     let dir = common::fixtures();
-    let j: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.join(format!("{name}.golden.json"))).unwrap(),
-    )
-    .unwrap();
-    let ids = |k: &str| {
-        j[k].as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect::<Vec<_>>()
-    };
+    let j = read_json(&dir.join(format!("{name}.golden.json")));
     Golden {
         model: dir.join(j["model"].as_str().unwrap()),
         prompt: j["prompt"].as_str().unwrap().to_string(),
-        prompt_tokens: ids("prompt_tokens"),
-        generated: ids("generated"),
+        prompt_tokens: ids(&j, "prompt_tokens"),
+        generated: ids(&j, "generated"),
         n_vocab: j["n_vocab"].as_u64().unwrap() as usize,
         logits: read_f32(&dir.join(j["logits_file"].as_str().unwrap())),
         reference: j["ref_file"].as_str().map(|f| read_f32(&dir.join(f))),
@@ -177,22 +179,12 @@ fn normal_mode_matches_llama_cpp() {
 }
 
 fn smollm2_golden() -> Golden {
-    let dir = common::fixtures();
-    let j: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("smollm2.golden.json")).unwrap())
-            .unwrap();
-    let ids = |k: &str| {
-        j[k].as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect::<Vec<_>>()
-    };
+    let j = read_json(&common::fixtures().join("smollm2.golden.json"));
     Golden {
         model: common::smollm2(),
         prompt: j["prompt"].as_str().unwrap().to_string(),
-        prompt_tokens: ids("prompt_tokens"),
-        generated: ids("generated"),
+        prompt_tokens: ids(&j, "prompt_tokens"),
+        generated: ids(&j, "generated"),
         n_vocab: j["n_vocab"].as_u64().unwrap() as usize,
         logits: j["last_prompt_row"]
             .as_array()
@@ -207,10 +199,7 @@ fn smollm2_golden() -> Golden {
 #[test]
 fn smollm2_agrees_with_llama_cpp_top1_and_continuation() {
     let g = smollm2_golden();
-    let j: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(common::fixtures().join("smollm2.golden.json")).unwrap(),
-    )
-    .unwrap();
+    let j = read_json(&common::fixtures().join("smollm2.golden.json"));
     let top: Vec<u32> = j["top"]
         .as_array()
         .unwrap()

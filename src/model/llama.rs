@@ -156,19 +156,6 @@ impl Forward for Llama<'_> {
         }
     }
 
-    fn forward(
-        &self,
-        cpu: &Cpu,
-        state: &mut State,
-        tokens: &[u32],
-        all_logits: bool,
-    ) -> Result<Vec<f32>> {
-        // Everything below (matmuls, heads, scans) runs on this context's pool.
-        cpu.install(|| self.run(cpu, state, tokens, all_logits))
-    }
-}
-
-impl Llama<'_> {
     fn run(
         &self,
         cpu: &Cpu,

@@ -112,23 +112,35 @@ pub fn embed(emb: &Matrix, tokens: &[u32]) -> Result<Vec<f32>> {
     Ok(x)
 }
 
-/// The per-sequence state of any architecture.
-pub trait Forward {
+/// What every architecture provides: sizes, a fresh state, and the forward pass.
+pub trait Forward: Sync {
     /// Vocabulary size (logits per row).
     fn n_vocab(&self) -> usize;
     /// The architecture's trained context length.
     fn n_ctx_train(&self) -> usize;
-    /// Runs `tokens` through the model, updating `state`; returns logits for every position when
-    /// `all_logits`, else only for the last (row-major, n_vocab per row).
-    fn forward(
+    /// A fresh state for a context of `n_ctx` tokens (memory allocated once, here).
+    fn new_state(&self, n_ctx: usize, precision: crate::backend::cpu::Precision) -> State;
+    /// The forward pass proper; called on the context's pool by [`Forward::forward`].
+    fn run(
         &self,
         cpu: &Cpu,
         state: &mut State,
         tokens: &[u32],
         all_logits: bool,
     ) -> Result<Vec<f32>>;
-    /// A fresh state for a context of `n_ctx` tokens (memory allocated once, here).
-    fn new_state(&self, n_ctx: usize, precision: crate::backend::cpu::Precision) -> State;
+
+    /// Runs `tokens` through the model, updating `state`; returns logits for every position when
+    /// `all_logits`, else only for the last (row-major, n_vocab per row). Everything (matmuls,
+    /// attention heads, scans) runs on `cpu`'s pool.
+    fn forward(
+        &self,
+        cpu: &Cpu,
+        state: &mut State,
+        tokens: &[u32],
+        all_logits: bool,
+    ) -> Result<Vec<f32>> {
+        cpu.install(|| self.run(cpu, state, tokens, all_logits))
+    }
 }
 
 /// Per-layer state of one sequence: KV cache rows or Mamba conv/SSM state. Cloneable, so a

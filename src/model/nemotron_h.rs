@@ -431,19 +431,6 @@ impl Forward for NemotronH<'_> {
         }
     }
 
-    fn forward(
-        &self,
-        cpu: &Cpu,
-        state: &mut State,
-        tokens: &[u32],
-        all_logits: bool,
-    ) -> Result<Vec<f32>> {
-        // Everything below (matmuls, heads, scans) runs on this context's pool.
-        cpu.install(|| self.run(cpu, state, tokens, all_logits))
-    }
-}
-
-impl NemotronH<'_> {
     fn run(
         &self,
         cpu: &Cpu,
