@@ -9,8 +9,8 @@ use anyhow::Result;
 use serde_json::json;
 
 use crate::backend::cpu::Cpu;
-use crate::cli::argmax;
 use crate::model::Forward;
+use crate::sample::argmax;
 
 pub struct BenchResult {
     pub n_prompt: usize,

@@ -9,5 +9,6 @@ pub mod cli;
 pub mod gguf;
 pub mod info;
 pub mod model;
+pub mod sample;
 pub mod synth;
 pub mod tokenizer;

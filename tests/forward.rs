@@ -11,9 +11,9 @@ mod common;
 use std::path::Path;
 
 use ggrun::backend::cpu::{Cpu, Precision};
-use ggrun::cli::argmax;
 use ggrun::gguf::Model;
 use ggrun::model::{self, Forward, State};
+use ggrun::sample::argmax;
 use ggrun::tokenizer::Tokenizer;
 
 struct Golden {

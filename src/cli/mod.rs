@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use crate::backend::cpu::{Cpu, Precision};
 use crate::gguf::Model;
 use crate::info::ModelInfo;
+use crate::sample::argmax;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -248,15 +249,4 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
     }
     out.flush()?;
     Ok(())
-}
-
-/// Index of the largest value (the first on ties).
-pub fn argmax(v: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, x) in v.iter().enumerate() {
-        if *x > v[best] {
-            best = i;
-        }
-    }
-    best
 }

@@ -1,0 +1,299 @@
+//! The sampler chain that turns a row of logits into a token, in llama.cpp's order: repetition
+//! and presence/frequency penalties over the recent tokens, then top-k, top-p and min-p
+//! truncation, then temperature, then a draw from a seeded generator. Temperature 0 (or below) is
+//! greedy. The same seed and inputs give the same tokens.
+
+use std::collections::HashMap;
+
+/// Sampling settings (llama.cpp's flag names and defaults).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplerConfig {
+    pub temperature: f32,
+    /// 0 disables.
+    pub top_k: usize,
+    /// 1.0 disables.
+    pub top_p: f32,
+    /// 0.0 disables.
+    pub min_p: f32,
+    /// 1.0 disables.
+    pub repeat_penalty: f32,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    /// How many recent tokens the penalties look at.
+    pub penalty_last_n: usize,
+    pub seed: u64,
+}
+
+impl Default for SamplerConfig {
+    fn default() -> Self {
+        SamplerConfig {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.05,
+            repeat_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            penalty_last_n: 64,
+            seed: 0,
+        }
+    }
+}
+
+/// SplitMix64: small, fast, and the same stream on every platform.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+pub struct Sampler {
+    cfg: SamplerConfig,
+    rng: Rng,
+}
+
+impl Sampler {
+    pub fn new(cfg: SamplerConfig) -> Sampler {
+        let rng = Rng(cfg.seed);
+        Sampler { cfg, rng }
+    }
+
+    /// Picks the next token from `logits`, given the tokens so far (for the penalties).
+    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        let c = &self.cfg;
+        let mut l = logits.to_vec();
+        apply_penalties(&mut l, history, c);
+        if c.temperature <= 0.0 {
+            return argmax(&l) as u32;
+        }
+        // Candidates sorted by logit, highest first (ties: lower id first).
+        let mut cand: Vec<(u32, f32)> = l.iter().enumerate().map(|(i, &v)| (i as u32, v)).collect();
+        cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if c.top_k > 0 && c.top_k < cand.len() {
+            cand.truncate(c.top_k);
+        }
+        if c.top_p < 1.0 {
+            let p = softmax(&cand);
+            let mut cum = 0.0;
+            let mut keep = cand.len();
+            for (i, pi) in p.iter().enumerate() {
+                cum += pi;
+                if cum >= c.top_p as f64 {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            cand.truncate(keep.max(1));
+        }
+        if c.min_p > 0.0 {
+            let p = softmax(&cand);
+            let cut = p[0] * c.min_p as f64;
+            let keep = p.iter().take_while(|&&pi| pi >= cut).count();
+            cand.truncate(keep.max(1));
+        }
+        for x in cand.iter_mut() {
+            x.1 /= c.temperature;
+        }
+        let p = softmax(&cand);
+        let r = self.rng.next_f64();
+        let mut cum = 0.0;
+        for (i, pi) in p.iter().enumerate() {
+            cum += pi;
+            if r < cum {
+                return cand[i].0;
+            }
+        }
+        cand[cand.len() - 1].0
+    }
+}
+
+fn apply_penalties(l: &mut [f32], history: &[u32], c: &SamplerConfig) {
+    if c.repeat_penalty == 1.0 && c.presence_penalty == 0.0 && c.frequency_penalty == 0.0 {
+        return;
+    }
+    let recent = &history[history.len().saturating_sub(c.penalty_last_n)..];
+    let mut counts: HashMap<u32, usize> = HashMap::new();
+    for &t in recent {
+        *counts.entry(t).or_default() += 1;
+    }
+    for (&t, &n) in &counts {
+        let Some(v) = l.get_mut(t as usize) else {
+            continue;
+        };
+        if *v > 0.0 {
+            *v /= c.repeat_penalty;
+        } else {
+            *v *= c.repeat_penalty;
+        }
+        *v -= c.presence_penalty + c.frequency_penalty * n as f32;
+    }
+}
+
+/// Probabilities of the candidates (stable softmax in f64).
+fn softmax(cand: &[(u32, f32)]) -> Vec<f64> {
+    let max = cand.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max) as f64;
+    let e: Vec<f64> = cand.iter().map(|c| (c.1 as f64 - max).exp()).collect();
+    let s: f64 = e.iter().sum();
+    e.into_iter().map(|x| x / s).collect()
+}
+
+/// Index of the largest value (the first on ties).
+pub fn argmax(v: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logits() -> Vec<f32> {
+        vec![1.0, 3.0, 2.5, -1.0, 0.0, 2.9, -3.0, 1.5]
+    }
+
+    fn cfg(temperature: f32) -> SamplerConfig {
+        SamplerConfig {
+            temperature,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            seed: 42,
+            ..Default::default()
+        }
+    }
+
+    fn histogram(c: SamplerConfig, n: usize) -> Vec<usize> {
+        let mut s = Sampler::new(c);
+        let mut h = vec![0; 8];
+        for _ in 0..n {
+            h[s.sample(&logits(), &[]) as usize] += 1;
+        }
+        h
+    }
+
+    #[test]
+    fn temperature_zero_is_greedy() {
+        let mut s = Sampler::new(cfg(0.0));
+        for _ in 0..10 {
+            assert_eq!(s.sample(&logits(), &[]), 1);
+        }
+    }
+
+    #[test]
+    fn same_seed_same_tokens_other_seed_other_tokens() {
+        let draw = |seed| {
+            let mut s = Sampler::new(SamplerConfig { seed, ..cfg(1.0) });
+            (0..50)
+                .map(|_| s.sample(&logits(), &[]))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(draw(7), draw(7));
+        assert_ne!(draw(7), draw(8));
+    }
+
+    #[test]
+    fn frequencies_follow_the_softmax() {
+        let n = 20000;
+        let h = histogram(cfg(1.0), n);
+        let l = logits();
+        let z: f64 = l.iter().map(|&x| (x as f64).exp()).sum();
+        for (i, &c) in h.iter().enumerate() {
+            let p = (l[i] as f64).exp() / z;
+            let f = c as f64 / n as f64;
+            // 5 standard deviations of a binomial proportion.
+            assert!(
+                (f - p).abs() <= 5.0 * (p * (1.0 - p) / n as f64).sqrt() + 1e-4,
+                "token {i}: {f} vs {p}"
+            );
+        }
+    }
+
+    #[test]
+    fn top_k_top_p_and_min_p_truncate() {
+        let h = histogram(
+            SamplerConfig {
+                top_k: 2,
+                ..cfg(1.0)
+            },
+            2000,
+        );
+        assert!(
+            h.iter()
+                .enumerate()
+                .all(|(i, &c)| c == 0 || i == 1 || i == 5),
+            "{h:?}"
+        );
+        // Probabilities ≈ 0.38 (1), 0.35 (5), 0.23 (2), ...: top-p 0.5 keeps tokens 1 and 5.
+        let h = histogram(
+            SamplerConfig {
+                top_p: 0.5,
+                ..cfg(1.0)
+            },
+            2000,
+        );
+        assert!(
+            h.iter()
+                .enumerate()
+                .all(|(i, &c)| c == 0 || i == 1 || i == 5),
+            "{h:?}"
+        );
+        // min-p 0.5 keeps tokens within half the best probability: 1, 5, 2 (e^-0.5 ≈ 0.61).
+        let h = histogram(
+            SamplerConfig {
+                min_p: 0.5,
+                ..cfg(1.0)
+            },
+            2000,
+        );
+        assert!(
+            h.iter()
+                .enumerate()
+                .all(|(i, &c)| c == 0 || [1, 5, 2].contains(&i)),
+            "{h:?}"
+        );
+        assert!(h[2] > 0);
+    }
+
+    #[test]
+    fn penalties_push_repeated_tokens_down() {
+        let c = SamplerConfig {
+            repeat_penalty: 2.0,
+            ..cfg(0.0)
+        };
+        let mut s = Sampler::new(c);
+        // Token 1 (3.0) repeated becomes 1.5; token 5 (2.9) wins.
+        assert_eq!(s.sample(&logits(), &[1, 1]), 5);
+        let c = SamplerConfig {
+            presence_penalty: 1.0,
+            ..cfg(0.0)
+        };
+        assert_eq!(Sampler::new(c).sample(&logits(), &[1, 5]), 2);
+        // Negative logits are multiplied, not divided.
+        let mut l = vec![-1.0f32, -2.0];
+        apply_penalties(
+            &mut l,
+            &[0],
+            &SamplerConfig {
+                repeat_penalty: 2.0,
+                ..cfg(1.0)
+            },
+        );
+        assert_eq!(l, vec![-2.0, -2.0]);
+    }
+}
