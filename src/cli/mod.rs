@@ -40,16 +40,22 @@ pub enum Command {
     Bench {
         #[arg(short = 'm', long = "model")]
         model: PathBuf,
+        /// Prompt tokens evaluated in one batch (pp).
         #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
         n_prompt: usize,
+        /// Tokens generated one at a time (tg).
         #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
         n_gen: usize,
+        /// Threads (default: physical cores).
         #[arg(short = 't', long, default_value_t = 0)]
         threads: usize,
+        /// Measured repeats (after one warm-up round).
         #[arg(short = 'r', long = "repetitions", default_value_t = 3)]
         reps: usize,
+        /// Exact mode (also GGRUN_EXACT=1).
         #[arg(long)]
         exact: bool,
+        /// One JSON object with pp_tok_s and tg_tok_s.
         #[arg(long)]
         json: bool,
     },
@@ -132,12 +138,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             ctx_size,
             exact,
         } => {
-            let exact = exact || std::env::var("GGRUN_EXACT").is_ok_and(|v| v == "1");
-            let precision = if exact {
-                Precision::Exact
-            } else {
-                Precision::Normal
-            };
+            let precision = precision(exact);
             let g = Model::open(&model)?;
             let m = crate::model::load(&g)?;
             let cpu = Cpu::new(threads, precision)?;
@@ -180,11 +181,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             exact,
             json,
         } => {
-            let precision = if exact {
-                Precision::Exact
-            } else {
-                Precision::Normal
-            };
+            let precision = precision(exact);
             let g = Model::open(&model)?;
             let m = crate::model::load(&g)?;
             let cpu = Cpu::new(threads, precision)?;
@@ -249,4 +246,13 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
     }
     out.flush()?;
     Ok(())
+}
+
+/// Exact precision when asked by flag or by GGRUN_EXACT=1; normal otherwise.
+fn precision(exact_flag: bool) -> Precision {
+    if exact_flag || std::env::var("GGRUN_EXACT").is_ok_and(|v| v == "1") {
+        Precision::Exact
+    } else {
+        Precision::Normal
+    }
 }
