@@ -149,11 +149,7 @@ impl Forward for Llama<'_> {
             .iter()
             .map(|_| attention::new_cache(&self.shape, n_ctx, precision == Precision::Normal))
             .collect();
-        State {
-            layers,
-            pos: 0,
-            n_ctx,
-        }
+        State::new(layers, n_ctx)
     }
 
     fn run(

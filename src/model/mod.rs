@@ -262,6 +262,15 @@ impl State {
 }
 
 impl State {
+    /// A state with these per-layer entries, at position 0.
+    pub fn new(layers: Vec<LayerState>, n_ctx: usize) -> State {
+        State {
+            layers,
+            pos: 0,
+            n_ctx,
+        }
+    }
+
     /// Errors when `t` more tokens would overflow the context.
     pub fn check_room(&self, t: usize) -> Result<()> {
         if t == 0 {

@@ -424,11 +424,7 @@ impl Forward for NemotronH<'_> {
                 _ => LayerState::None,
             })
             .collect();
-        State {
-            layers,
-            pos: 0,
-            n_ctx,
-        }
+        State::new(layers, n_ctx)
     }
 
     fn run(
