@@ -166,7 +166,7 @@ impl Forward for Llama<'_> {
         let mut x = embed(&self.embd, tokens)?;
         let pos = state.pos;
         for (i, (l, st)) in self.layers.iter().zip(state.layers.iter_mut()).enumerate() {
-            let mut run = || -> Result<()> {
+            let mut layer = || -> Result<()> {
                 let mut h = x.clone();
                 rms_norm(&mut h, &l.attn_norm, self.eps);
                 let mut q = vec![0f32; t * l.q.rows];
@@ -198,7 +198,7 @@ impl Forward for Llama<'_> {
                 }
                 Ok(())
             };
-            run().with_context(|| format!("layer {i}"))?;
+            layer().with_context(|| format!("layer {i}"))?;
         }
         state.pos += t;
         super::logits(

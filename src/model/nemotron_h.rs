@@ -11,38 +11,44 @@ use crate::backend::cpu::{rms_norm, sigmoid, softplus, Cpu, Matrix, Precision};
 use crate::backend::ssm::{self, SsmShape};
 use crate::gguf::Model as Gguf;
 
+/// Mamba-2 mixer weights.
+struct Mamba<'a> {
+    ssm_in: Matrix<'a>,
+    conv_w: Vec<f32>,
+    conv_b: Option<Vec<f32>>,
+    dt_bias: Vec<f32>,
+    a: Vec<f32>,
+    d: Vec<f32>,
+    norm: Vec<f32>,
+    out: Matrix<'a>,
+}
+
+/// Attention weights (no positional encoding).
+struct Attention<'a> {
+    q: Matrix<'a>,
+    k: Matrix<'a>,
+    v: Matrix<'a>,
+    o: Matrix<'a>,
+    shape: AttnShape,
+}
+
+/// Routed experts (stacked, `ff` rows each) and the optional shared expert.
+struct Moe<'a> {
+    router: Matrix<'a>,
+    bias: Vec<f32>,
+    up: Matrix<'a>,
+    down: Matrix<'a>,
+    ff: usize,
+    up_sh: Option<Matrix<'a>>,
+    down_sh: Option<Matrix<'a>>,
+}
+
 /// One layer's weights, by kind.
 enum Block<'a> {
-    Mamba {
-        ssm_in: Matrix<'a>,
-        conv_w: Vec<f32>,
-        conv_b: Option<Vec<f32>>,
-        dt_bias: Vec<f32>,
-        a: Vec<f32>,
-        d: Vec<f32>,
-        norm: Vec<f32>,
-        out: Matrix<'a>,
-    },
-    Attention {
-        q: Matrix<'a>,
-        k: Matrix<'a>,
-        v: Matrix<'a>,
-        o: Matrix<'a>,
-        shape: AttnShape,
-    },
-    Moe {
-        router: Matrix<'a>,
-        bias: Vec<f32>,
-        up: Matrix<'a>,
-        down: Matrix<'a>,
-        ff: usize,
-        up_sh: Option<Matrix<'a>>,
-        down_sh: Option<Matrix<'a>>,
-    },
-    Mlp {
-        up: Matrix<'a>,
-        down: Matrix<'a>,
-    },
+    Mamba(Mamba<'a>),
+    Attention(Attention<'a>),
+    Moe(Moe<'a>),
+    Mlp { up: Matrix<'a>, down: Matrix<'a> },
 }
 
 struct Layer<'a> {
@@ -136,7 +142,7 @@ impl<'a> NemotronH<'a> {
             let block = if n_kv[i] == 0 && ff[i] == 0 {
                 let (di, ng, ds, nh) = (ssm.d_inner, ssm.n_group, ssm.d_state, ssm.n_head);
                 let ch = ssm.conv_channels();
-                Block::Mamba {
+                Block::Mamba(Mamba {
                     ssm_in: t.matrix(&p("ssm_in.weight"), n_embd, 2 * di + 2 * ng * ds + nh)?,
                     conv_w: t.vector(&p("ssm_conv1d.weight"), ch * ssm.d_conv)?,
                     conv_b: t.opt_vector(&p("ssm_conv1d.bias"), ch)?,
@@ -145,7 +151,7 @@ impl<'a> NemotronH<'a> {
                     d: t.vector(&p("ssm_d"), nh)?,
                     norm: t.vector(&p("ssm_norm.weight"), di)?,
                     out: t.matrix(&p("ssm_out.weight"), di, n_embd)?,
-                }
+                })
             } else if ff[i] == 0 {
                 if n_head % n_kv[i] != 0 {
                     bail!(
@@ -154,7 +160,7 @@ impl<'a> NemotronH<'a> {
                     );
                 }
                 let kvd = n_kv[i] * head_dim;
-                Block::Attention {
+                Block::Attention(Attention {
                     q: t.matrix(&p("attn_q.weight"), n_embd, n_head * head_dim)?,
                     k: t.matrix(&p("attn_k.weight"), n_embd, kvd)?,
                     v: t.matrix(&p("attn_v.weight"), n_embd, kvd)?,
@@ -165,7 +171,7 @@ impl<'a> NemotronH<'a> {
                         head_dim,
                         scale,
                     },
-                }
+                })
             } else if t.opt(&p("ffn_gate_inp.weight")).is_some() {
                 if n_expert == 0 || n_expert_used == 0 || n_expert_used > n_expert {
                     bail!("layer {i}: expert_count {n_expert} / expert_used_count {n_expert_used} out of range");
@@ -189,7 +195,7 @@ impl<'a> NemotronH<'a> {
                     }
                     None => (None, None),
                 };
-                Block::Moe {
+                Block::Moe(Moe {
                     router: t.matrix(&p("ffn_gate_inp.weight"), n_embd, n_expert)?,
                     bias: t
                         .opt_vector(&p("exp_probs_b.bias"), n_expert)?
@@ -199,7 +205,7 @@ impl<'a> NemotronH<'a> {
                     ff: exp_ff,
                     up_sh: sh.0,
                     down_sh: sh.1,
-                }
+                })
             } else {
                 Block::Mlp {
                     up: t.matrix(&p("ffn_up.weight"), n_embd, ff[i])?,
@@ -232,12 +238,12 @@ impl<'a> NemotronH<'a> {
     fn mamba(
         &self,
         cpu: &Cpu,
-        b: &Block,
+        b: &Mamba,
         st: &mut LayerState,
         h: &[f32],
         t: usize,
     ) -> Result<Vec<f32>> {
-        let Block::Mamba {
+        let Mamba {
             ssm_in,
             conv_w,
             conv_b,
@@ -246,10 +252,7 @@ impl<'a> NemotronH<'a> {
             d,
             norm,
             out,
-        } = b
-        else {
-            unreachable!()
-        };
+        } = b;
         let s = &self.ssm;
         let (di, ch, nh) = (s.d_inner, s.conv_channels(), s.n_head);
         let width = ssm_in.rows;
@@ -288,14 +291,12 @@ impl<'a> NemotronH<'a> {
     fn attention(
         &self,
         cpu: &Cpu,
-        b: &Block,
+        b: &Attention,
         st: &mut LayerState,
         h: &[f32],
         t: usize,
     ) -> Result<Vec<f32>> {
-        let Block::Attention { q, k, v, o, shape } = b else {
-            unreachable!()
-        };
+        let Attention { q, k, v, o, shape } = b;
         let mut qv = vec![0f32; t * q.rows];
         let mut kv = vec![0f32; t * k.rows];
         let mut vv = vec![0f32; t * v.rows];
@@ -324,8 +325,8 @@ impl<'a> NemotronH<'a> {
         Ok(o)
     }
 
-    fn moe(&self, cpu: &Cpu, layer: usize, b: &Block, h: &[f32], t: usize) -> Result<Vec<f32>> {
-        let Block::Moe {
+    fn moe(&self, cpu: &Cpu, layer: usize, b: &Moe, h: &[f32], t: usize) -> Result<Vec<f32>> {
+        let Moe {
             router,
             bias,
             up,
@@ -333,10 +334,7 @@ impl<'a> NemotronH<'a> {
             ff,
             up_sh,
             down_sh,
-        } = b
-        else {
-            unreachable!()
-        };
+        } = b;
         let (ne, k, n) = (self.n_expert, self.n_expert_used, self.n_embd);
         let mut logits = vec![0f32; t * ne];
         cpu.matmul(router, h, t, &mut logits)?;
@@ -417,8 +415,8 @@ impl Forward for NemotronH<'_> {
             .layers
             .iter()
             .map(|l| match &l.block {
-                Block::Mamba { .. } => ssm::new_state(&self.ssm),
-                Block::Attention { shape, .. } => {
+                Block::Mamba(_) => ssm::new_state(&self.ssm),
+                Block::Attention(Attention { shape, .. }) => {
                     attention::new_cache(shape, n_ctx, precision == Precision::Normal)
                 }
                 _ => LayerState::None,
@@ -441,9 +439,9 @@ impl Forward for NemotronH<'_> {
             let mut h = x.clone();
             rms_norm(&mut h, &l.norm, self.eps);
             let y = match &l.block {
-                b @ Block::Mamba { .. } => self.mamba(cpu, b, st, &h, t),
-                b @ Block::Attention { .. } => self.attention(cpu, b, st, &h, t),
-                b @ Block::Moe { .. } => self.moe(cpu, i, b, &h, t),
+                Block::Mamba(b) => self.mamba(cpu, b, st, &h, t),
+                Block::Attention(b) => self.attention(cpu, b, st, &h, t),
+                Block::Moe(b) => self.moe(cpu, i, b, &h, t),
                 Block::Mlp { up, down } => Self::mlp(cpu, up, down, &h, t),
             }
             .with_context(|| format!("layer {i}"))?;
