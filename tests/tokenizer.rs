@@ -1,6 +1,8 @@
-//! The gpt2 BPE tokenizer against llama.cpp's ids in ../shared/fixtures/tokens.json (nemo-tiny's
-//! `llama-bpe` vocabulary and SmolLM2's `smollm` one), with special-token parsing on and off, and
-//! the `ggrun tokenize` command's output format.
+//! Tokenizers against llama.cpp's ids: gpt2 BPE on ../shared/fixtures/tokens.json (nemo-tiny's
+//! `llama-bpe` vocabulary and SmolLM2's `smollm` one), SentencePiece on tests/data/spm-tokens.json
+//! (a trained byte-fallback vocabulary with and without the space prefix, made by
+//! tests/tools/make_spm_fixture.py), with special-token parsing on and off; streaming decoding;
+//! and the `ggrun tokenize` command's output format.
 
 mod common;
 
@@ -48,6 +50,78 @@ fn ids_match_llama_cpp_for_both_vocabularies() {
         }
     }
     assert_eq!(checked, 96);
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
+}
+
+#[test]
+fn sentencepiece_ids_and_text_match_llama_cpp() {
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(data.join("spm-tokens.json")).unwrap())
+            .unwrap();
+    let mut checked = 0;
+    for (name, m) in j["models"].as_object().unwrap() {
+        let g = Model::open(&data.join(m["file"].as_str().unwrap())).unwrap();
+        let tok = Tokenizer::from_metadata(g.metadata()).unwrap();
+        for case in m["cases"].as_array().unwrap() {
+            let text = case["text"].as_str().unwrap();
+            for (special, key) in [(true, "ids_special"), (false, "ids_plain")] {
+                assert_eq!(
+                    tok.encode(text, special).unwrap(),
+                    ids(&case[key]),
+                    "{name} {key} {text:?}"
+                );
+                checked += 1;
+            }
+            let without_bos = &ids(&case["ids_special"])[1..];
+            // Piece by piece (as generation streams them) and as a whole sequence.
+            let mut stream = ggrun::tokenizer::StreamDecoder::new();
+            let mut pieces = String::new();
+            for &t in without_bos {
+                pieces += &stream.push(&tok.token_bytes(t, true));
+            }
+            pieces += &stream.finish();
+            assert_eq!(
+                pieces,
+                case["pieces_special"].as_str().unwrap(),
+                "{name} {text:?}"
+            );
+            assert_eq!(
+                tok.decode(without_bos, true),
+                case["detok_special"].as_str().unwrap(),
+                "{name} {text:?}"
+            );
+        }
+    }
+    assert_eq!(checked, 92);
+}
+
+#[test]
+fn streaming_decode_never_splits_a_character() {
+    // Byte-fallback tokens spell multi-byte characters one byte per token.
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let g = Model::open(&data.join("spm-prefix.gguf")).unwrap();
+    let tok = Tokenizer::from_metadata(g.metadata()).unwrap();
+    let text = "東京 🚀 naïve";
+    let ids = tok.encode(text, false).unwrap();
+    let mut stream = ggrun::tokenizer::StreamDecoder::new();
+    let mut out = String::new();
+    for &t in &ids[1..] {
+        let piece = stream.push(&tok.token_bytes(t, false));
+        assert!(
+            !piece.contains('\u{fffd}'),
+            "half a character emitted: {piece:?}"
+        );
+        out += &piece;
+    }
+    assert_eq!(out + &stream.finish(), format!(" {text}"));
 }
 
 #[test]

@@ -9,17 +9,50 @@ use fancy_regex::Regex;
 const LLAMA3: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const QWEN2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
-const TEKKEN: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+// Tekken and GPT-4o as llama.cpp adapts them: "a letter that is not a-z / A-Z" instead of the
+// upper/lower-case letter categories of the originals.
+const TEKKEN: &str = r"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+|[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const GPT4O: &str = r"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN35: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const DEEPSEEK_LLM: &[&str] = &[
+    "[\r\n]",
+    "\\s?[A-Za-z\u{b5}\u{c0}-\u{d6}\u{d8}-\u{f6}\u{f8}-\u{1ba}\u{1bc}-\u{1bf}\u{1c4}-\u{293}\u{295}-\u{2af}\u{370}-\u{373}\u{376}\u{377}\u{37b}-\u{37d}\u{37f}\u{386}\u{388}-\u{38a}\u{38c}\u{38e}-\u{3a1}\u{3a3}-\u{3f5}\u{3f7}-\u{481}\u{48a}-\u{52f}\u{531}-\u{556}\u{10a0}-\u{10c5}\u{13a0}-\u{13f5}\u{13f8}-\u{13fd}\u{1c90}-\u{1cba}\u{1cbd}-\u{1cbf}\u{1d00}-\u{1d2b}\u{1d6b}-\u{1d77}\u{1d79}-\u{1d9a}\u{1e00}-\u{1f15}\u{1f18}-\u{1f1d}\u{1f20}-\u{1f45}\u{1f48}-\u{1f4d}\u{1f50}-\u{1f57}\u{1f59}\u{1f5b}\u{1f5d}\u{1f5f}-\u{1f7d}\u{1f80}-\u{1fb4}\u{1fb6}-\u{1fbc}\u{1fbe}\u{1fc2}-\u{1fc4}\u{1fc6}-\u{1fcc}\u{1fd0}-\u{1fd3}\u{1fd6}-\u{1fdb}\u{1fe0}-\u{1fec}\u{1ff2}-\u{1ff4}\u{1ff6}-\u{1ffc}\u{2102}\u{2107}\u{210a}-\u{2113}\u{2115}\u{2119}-\u{211d}\u{2124}\u{2126}\u{2128}\u{212a}-\u{212d}\u{212f}-\u{2134}\u{2139}\u{213c}-\u{213f}\u{2145}-\u{2149}\u{214e}\u{2183}\u{2184}\u{2c00}-\u{2c7b}\u{2c7e}-\u{2ce4}\u{2ceb}-\u{2cee}\u{2cf2}\u{2cf3}\u{a640}-\u{a66d}\u{a680}-\u{a69b}\u{a722}-\u{a76f}\u{a771}-\u{a787}\u{a78b}-\u{a78e}\u{ab70}-\u{abbf}\u{fb00}-\u{fb06}\u{fb13}-\u{fb17}\u{ff21}-\u{ff3a}\u{ff41}-\u{ff5a}\u{10400}-\u{1044f}\u{104b0}-\u{104d3}\u{104d8}-\u{104fb}\u{10c80}-\u{10cb2}\u{10cc0}-\u{10cf2}\u{118a0}-\u{118df}\u{1e900}-\u{1e943}]+",
+    "\\s?[!-/:-~\u{ff01}-\u{ff0f}\u{ff1a}-\u{ff5e}\u{2018}-\u{201f}\u{3000}-\u{3002}]+",
+    "\\s+$",
+    "[\u{4e00}-\u{9fa5}\u{800}-\u{4e00}\u{ac00}-\u{d7ff}]+",
+    "\\p{N}+",
+];
+const DEEPSEEK_CODER: &[&str] = &[
+    "[\r\n]",
+    "\\s?\\p{L}+",
+    "\\s?\\p{P}+",
+    "[\u{4e00}-\u{9fa5}\u{800}-\u{4e00}\u{ac00}-\u{d7ff}]+",
+    "\\p{N}",
+];
+const DEEPSEEK_V3: &[&str] = &[
+    "\\p{N}{1,3}",
+    "[\u{4e00}-\u{9fa5}\u{3040}-\u{309f}\u{30a0}-\u{30ff}]+",
+    "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+",
+];
 
-/// (regexes applied in sequence, use a whole-piece vocabulary hit before merging)
+/// (regexes applied in sequence, use a whole-piece vocabulary hit before merging), after
+/// llama.cpp's table of `tokenizer.ggml.pre` values.
 fn pre_tokenizer(pre: &str) -> (Vec<&'static str>, bool) {
     match pre {
-        "llama3" | "llama-v3" | "llama-bpe" | "pixtral" | "falcon3" | "lfm2" => {
-            (vec![LLAMA3], true)
+        "llama3" | "llama-v3" | "llama-bpe" | "pixtral" | "falcon3" | "falcon-h1" | "lfm2"
+        | "midm-2.0" => (vec![LLAMA3], true),
+        "dbrx" | "smaug-bpe" | "chatglm-bpe" => (vec![LLAMA3], false),
+        "glm4" | "glm5" => (vec![LLAMA3], true),
+        "qwen2" | "deepseek-r1-qwen" | "stablelm2" | "hunyuan" | "megrez" => (vec![QWEN2], false),
+        "qwen35" => (vec![QWEN35], false),
+        "tekken" => (vec![TEKKEN], true),
+        "gpt-4o" | "llama4" | "minimax-m2" => (vec![GPT4O], false),
+        "deepseek-llm" => (DEEPSEEK_LLM.to_vec(), false),
+        "deepseek-coder" => (DEEPSEEK_CODER.to_vec(), false),
+        "deepseek-v3" => (DEEPSEEK_V3.to_vec(), false),
+        "smollm" | "codeshell" | "exaone" | "minerva-7b" | "starcoder" | "refact" | "command-r" => {
+            (vec![r"\p{N}", GPT2], false)
         }
-        "qwen2" | "deepseek-r1-qwen" | "stablelm2" | "hunyuan" => (vec![QWEN2], false),
-        "tekken" => (vec![TEKKEN], false),
-        "smollm" | "codeshell" | "exaone" | "minerva-7b" => (vec![r"\p{N}", GPT2], false),
         _ => (vec![GPT2], false),
     }
 }
@@ -160,5 +193,60 @@ impl Bpe {
                 None => c.to_string().into_bytes(),
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PRES: &[&str] = &[
+        "llama-bpe",
+        "dbrx",
+        "glm4",
+        "qwen2",
+        "qwen35",
+        "tekken",
+        "gpt-4o",
+        "deepseek-llm",
+        "deepseek-coder",
+        "deepseek-v3",
+        "smollm",
+        "gpt-2",
+        "unknown-value",
+    ];
+
+    fn split(pre: &str, text: &str) -> Vec<String> {
+        let bpe = Bpe::new(&[], &[], pre).unwrap_or_else(|e| panic!("{pre}: {e:#}"));
+        bpe.split(text).into_iter().map(String::from).collect()
+    }
+
+    #[test]
+    fn every_pre_tokenizer_compiles_and_keeps_all_text() {
+        let text = "Hello, World! It's 12345 cafés\n\n  naïve 東京タワー x";
+        for pre in PRES {
+            let pieces = split(pre, text);
+            assert_eq!(pieces.concat(), text, "{pre}");
+            assert!(pieces.len() > 5, "{pre}: {pieces:?}");
+        }
+    }
+
+    #[test]
+    fn digit_grouping_follows_the_pre_tokenizer() {
+        let digits = |pre: &str| {
+            split(pre, "12345")
+                .into_iter()
+                .map(|s| s.len())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(digits("llama-bpe"), [3, 2]);
+        assert_eq!(digits("deepseek-v3"), [3, 2]);
+        assert_eq!(digits("gpt-4o"), [3, 2]);
+        assert_eq!(digits("qwen2"), [1, 1, 1, 1, 1]);
+        assert_eq!(digits("smollm"), [1, 1, 1, 1, 1]);
+        assert_eq!(digits("deepseek-llm"), [5]);
+        // Case-split words (Tekken, GPT-4o): "HelloWorld" is two pieces.
+        assert_eq!(split("tekken", "HelloWorld"), ["Hello", "World"]);
+        assert_eq!(split("gpt-4o", "HelloWorld's"), ["Hello", "World's"]);
     }
 }

@@ -1,15 +1,39 @@
-//! Tokenizers built from GGUF metadata. `gpt2` byte-level BPE (with the pre-tokenizer regexes
-//! named by `tokenizer.ggml.pre`) lives in `bpe`; SentencePiece (`llama`) is planned.
-//! Special tokens: control tokens are split out of the text only when asked; user-defined tokens
-//! (e.g. `<think>`) always are, as llama.cpp does.
+//! Tokenizers built from GGUF metadata: `gpt2` byte-level BPE (with the pre-tokenizer regexes
+//! named by `tokenizer.ggml.pre`) in `bpe`, SentencePiece (`llama`) in `spm`, and the streaming
+//! detokenizer in `stream`. Special tokens: control tokens are split out of the text only when
+//! asked; user-defined tokens (e.g. `<think>`) always are, as llama.cpp does.
 
 mod bpe;
+mod spm;
+mod stream;
 
 use anyhow::{anyhow, bail, Result};
 
 use crate::gguf::{Metadata, Value};
 
 pub use bpe::Bpe;
+pub use spm::Spm;
+pub use stream::StreamDecoder;
+
+/// The encoder a vocabulary uses.
+enum Encoder {
+    Bpe(Box<Bpe>),
+    Spm { spm: Box<Spm>, add_space_prefix: bool },
+}
+
+/// Texts of tokens that end a turn in the chat formats we know, beyond the ids metadata names.
+const END_OF_TURN_TEXTS: &[&str] = &[
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|return|>",
+    "<|call|>",
+    "</s>",
+    "<｜end▁of▁sentence｜>",
+];
 
 /// GGUF token types.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,9 +67,11 @@ pub struct Tokenizer {
     pub eos: Option<u32>,
     pub add_bos: bool,
     pub add_eos: bool,
+    /// End-of-generation tokens: eos, eot, eom and the known end-of-turn control tokens.
+    pub eog: Vec<u32>,
     /// Control, user-defined and unknown tokens, longest first.
     specials: Vec<u32>,
-    model: Bpe,
+    model: Encoder,
 }
 
 impl Tokenizer {
@@ -88,10 +114,48 @@ impl Tokenizer {
             "gpt2" => {
                 let merges = md.get_str_array("tokenizer.ggml.merges")?;
                 let pre = md.get_str("tokenizer.ggml.pre").unwrap_or("default");
-                Bpe::new(&tokens, &merges, pre)?
+                Encoder::Bpe(Box::new(Bpe::new(&tokens, &merges, pre)?))
             }
-            other => bail!("tokenizer.ggml.model {other} is not supported yet (supported: gpt2)"),
+            "llama" => {
+                let scores: Vec<f32> = match md.get("tokenizer.ggml.scores") {
+                    Some(Value::Array(_, v)) => {
+                        v.iter().map(|x| x.as_f64().unwrap_or(0.0) as f32).collect()
+                    }
+                    _ => bail!("tokenizer.ggml.scores: missing"),
+                };
+                if scores.len() != tokens.len() {
+                    bail!(
+                        "tokenizer.ggml.scores: {} entries for {} tokens",
+                        scores.len(),
+                        tokens.len()
+                    );
+                }
+                let unknown = id("tokenizer.ggml.unknown_token_id")?;
+                Encoder::Spm {
+                    spm: Box::new(Spm::new(&tokens, scores, unknown)),
+                    add_space_prefix: md
+                        .get_bool("tokenizer.ggml.add_space_prefix")
+                        .unwrap_or(true),
+                }
+            }
+            other => {
+                bail!("tokenizer.ggml.model {other} is not supported (supported: gpt2, llama)")
+            }
         };
+        let mut eog: Vec<u32> = [
+            eos,
+            id("tokenizer.ggml.eot_token_id")?,
+            id("tokenizer.ggml.eom_token_id")?,
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        for (i, t) in tokens.iter().enumerate() {
+            let special = matches!(types[i], TokenType::Control | TokenType::UserDefined);
+            if special && END_OF_TURN_TEXTS.contains(&t.as_str()) && !eog.contains(&(i as u32)) {
+                eog.push(i as u32);
+            }
+        }
         let mut specials: Vec<u32> = (0..tokens.len() as u32)
             .filter(|&i| {
                 matches!(
@@ -109,9 +173,34 @@ impl Tokenizer {
             types,
             bos,
             eos,
+            eog,
             specials,
             model,
         })
+    }
+
+    pub fn n_vocab(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Whether `id` ends generation.
+    pub fn is_eog(&self, id: u32) -> bool {
+        self.eog.contains(&id)
+    }
+
+    /// The id of a special (control or user-defined) token written as `text`.
+    pub fn special_id(&self, text: &str) -> Option<u32> {
+        self.specials
+            .iter()
+            .copied()
+            .find(|&i| self.tokens[i as usize] == text)
+    }
+
+    /// Token ids of `text` with no BOS/EOS added (for text appended to a running sequence).
+    pub fn encode_continuation(&self, text: &str, parse_special: bool) -> Vec<u32> {
+        let mut out = Vec::new();
+        self.encode_fragments(text, parse_special, false, &mut out);
+        out
     }
 
     /// Token ids of `text`; BOS/EOS added as the metadata asks. With `parse_special`, control
@@ -124,12 +213,7 @@ impl Tokenizer {
                     .ok_or_else(|| anyhow!("add_bos_token is set but there is no bos_token_id"))?,
             );
         }
-        for frag in self.partition(text, parse_special) {
-            match frag {
-                Fragment::Token(t) => out.push(t),
-                Fragment::Text(s) => self.model.encode(s, &mut out),
-            }
-        }
+        self.encode_fragments(text, parse_special, true, &mut out);
         if self.add_eos {
             out.push(
                 self.eos
@@ -137,6 +221,43 @@ impl Tokenizer {
             );
         }
         Ok(out)
+    }
+
+    /// Encodes `text` split on special tokens. `at_start`: the text begins a sequence (SentencePiece
+    /// then prefixes a space, as it does after every special token).
+    fn encode_fragments(
+        &self,
+        text: &str,
+        parse_special: bool,
+        at_start: bool,
+        out: &mut Vec<u32>,
+    ) {
+        let mut prev_special = at_start;
+        for frag in self.partition(text, parse_special) {
+            match frag {
+                Fragment::Token(t) => {
+                    out.push(t);
+                    prev_special = true;
+                }
+                Fragment::Text(s) => {
+                    match &self.model {
+                        Encoder::Bpe(bpe) => bpe.encode(s, out),
+                        Encoder::Spm {
+                            spm,
+                            add_space_prefix,
+                        } => {
+                            let mut t = String::with_capacity(s.len() + 3);
+                            if *add_space_prefix && prev_special {
+                                t.push(spm::SPACE);
+                            }
+                            t.extend(s.chars().map(|c| if c == ' ' { spm::SPACE } else { c }));
+                            spm.encode(&t, out);
+                        }
+                    }
+                    prev_special = false;
+                }
+            }
+        }
     }
 
     /// Splits `text` on special tokens (longest first), leaving text fragments between them.
@@ -185,16 +306,37 @@ impl Tokenizer {
             TokenType::Control | TokenType::UserDefined | TokenType::Unknown => {
                 t.as_bytes().to_vec()
             }
-            _ => self.model.decode_token(t),
+            TokenType::Byte => match spm::byte_of_token(t) {
+                Some(b) => vec![b],
+                None => t.as_bytes().to_vec(),
+            },
+            TokenType::Unused => Vec::new(),
+            TokenType::Normal => match &self.model {
+                Encoder::Bpe(bpe) => bpe.decode_token(t),
+                Encoder::Spm { spm, .. } => spm.decode_token(t),
+            },
         }
     }
 
-    /// Text of a sequence of ids (lossy UTF-8).
+    /// Text of a sequence of ids from the start of a sequence (lossy UTF-8). SentencePiece drops
+    /// the space its prefix rule added before the first token, as llama.cpp does.
     pub fn decode(&self, ids: &[u32], special: bool) -> String {
-        let bytes: Vec<u8> = ids
-            .iter()
-            .flat_map(|&i| self.token_bytes(i, special))
-            .collect();
+        let mut bytes: Vec<u8> = Vec::new();
+        let mut strip = matches!(
+            self.model,
+            Encoder::Spm {
+                add_space_prefix: true,
+                ..
+            }
+        );
+        for &i in ids {
+            let mut b = self.token_bytes(i, special);
+            if strip && b.first() == Some(&b' ') {
+                b.remove(0);
+            }
+            strip = false;
+            bytes.extend(b);
+        }
         String::from_utf8_lossy(&bytes).into_owned()
     }
 }
