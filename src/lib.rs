@@ -5,7 +5,9 @@
 
 pub mod backend;
 pub mod bench;
+pub mod chat;
 pub mod cli;
+pub mod generate;
 pub mod gguf;
 pub mod info;
 pub mod model;

@@ -1,5 +1,6 @@
 //! The `ggrun` binary: parse the command line, run it, turn any error into one line on stderr and
-//! exit status 1. A closed stdout (`ggrun ... | head -1`) ends the program quietly.
+//! exit status 1. A closed stdout (`ggrun ... | head -1`) ends the program quietly (status 0);
+//! Ctrl-C ends it with status 130.
 
 use clap::Parser;
 use ggrun::cli::{run, Cli};
@@ -12,11 +13,18 @@ fn main() {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     if let Err(e) = run(cli, &mut out) {
-        let broken_pipe = e
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe);
+        let broken_pipe = e.chain().any(|c| {
+            c.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+        });
         if broken_pipe {
             std::process::exit(0);
+        }
+        if e.downcast_ref::<ggrun::cli::common::Interrupted>()
+            .is_some()
+        {
+            eprintln!("interrupted");
+            std::process::exit(130);
         }
         let msg = format!("{e:#}").replace('\n', " ");
         eprintln!("error: {msg}");

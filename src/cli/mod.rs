@@ -1,6 +1,10 @@
 //! The command line: clap definitions and one function per subcommand. Results go to stdout,
 //! diagnostics to stderr; every failure is one line and a non-zero exit.
 
+mod chat;
+pub mod common;
+mod run;
+
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -24,6 +28,11 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// One prompt in, one answer out (for scripts): the prompt from -p, -f or stdin goes
+    /// through the chat template unless --raw; stdout carries only the answer.
+    Run(run::RunArgs),
+    /// Interactive chat in the terminal (plain line mode when stdin is not a terminal).
+    Chat(chat::ChatArgs),
     /// Describe a GGUF model: architecture, size, tensor types, tokenizer, memory needs.
     Info {
         /// The .gguf file (any part of a split model opens the whole set).
@@ -120,6 +129,8 @@ pub enum Command {
 /// Runs a parsed command, writing results to `out`.
 pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
     match cli.command {
+        Command::Run(a) => run::run(a, out)?,
+        Command::Chat(a) => chat::run(a, out)?,
         Command::Info { model, json } => {
             let m = Model::open(&model)?;
             let info = ModelInfo::from_model(&m)?;
@@ -249,7 +260,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
 }
 
 /// Exact precision when asked by flag or by GGRUN_EXACT=1; normal otherwise.
-fn precision(exact_flag: bool) -> Precision {
+pub(crate) fn precision(exact_flag: bool) -> Precision {
     if exact_flag || std::env::var("GGRUN_EXACT").is_ok_and(|v| v == "1") {
         Precision::Exact
     } else {

@@ -18,7 +18,10 @@ pub use stream::StreamDecoder;
 /// The encoder a vocabulary uses.
 enum Encoder {
     Bpe(Box<Bpe>),
-    Spm { spm: Box<Spm>, add_space_prefix: bool },
+    Spm {
+        spm: Box<Spm>,
+        add_space_prefix: bool,
+    },
 }
 
 /// Texts of tokens that end a turn in the chat formats we know, beyond the ids metadata names.

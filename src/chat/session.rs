@@ -1,0 +1,192 @@
+//! A conversation bound to an [`Engine`]: messages, system prompt and thinking mode, rendered
+//! through the chat template each turn. The model state carries over between turns: a turn
+//! feeds only the text that follows the previous answer in the new rendering (the close of
+//! that answer, the new user message, the generation prompt), found by anchoring on the
+//! answer, so the reasoning a template drops from history does not force a re-read. When the
+//! state cannot be matched to the conversation (first turn, a new system prompt, a loaded
+//! conversation, an empty answer) the whole rendering is processed from a fresh state.
+
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+
+use anyhow::{anyhow, Result};
+use serde::{Deserialize, Serialize};
+
+use super::template::{ChatTemplate, Message, RenderOptions};
+use crate::generate::{Engine, GenParams, Outcome, Piece, Reasoning};
+
+/// What /save writes and /load reads.
+#[derive(Serialize, Deserialize, Default)]
+struct Saved {
+    #[serde(default)]
+    system: Option<String>,
+    messages: Vec<Message>,
+}
+
+pub struct Session<'m> {
+    pub engine: Engine<'m>,
+    pub template: ChatTemplate,
+    pub system: Option<String>,
+    /// None: the template's default.
+    pub think: Option<bool>,
+    pub messages: Vec<Message>,
+    /// The engine's state does not correspond to `messages`.
+    stale: bool,
+}
+
+/// Whether the rendered prompt leaves a `<think>` block open for the model.
+pub fn opens_thinking(prompt: &str) -> bool {
+    match (prompt.rfind("<think>"), prompt.rfind("</think>")) {
+        (Some(o), Some(c)) => o > c,
+        (Some(_), None) => true,
+        _ => false,
+    }
+}
+
+impl<'m> Session<'m> {
+    pub fn new(engine: Engine<'m>, template: ChatTemplate) -> Session<'m> {
+        Session {
+            engine,
+            template,
+            system: None,
+            think: None,
+            messages: Vec::new(),
+            stale: true,
+        }
+    }
+
+    /// The messages the template sees: the system prompt first when there is one.
+    fn all_messages(&self) -> Vec<Message> {
+        let mut v = Vec::with_capacity(self.messages.len() + 1);
+        if let Some(s) = &self.system {
+            v.push(Message::new("system", s));
+        }
+        v.extend(self.messages.iter().cloned());
+        v
+    }
+
+    /// The prompt text for the conversation so far plus `user`, and how to read the reply.
+    pub fn render_turn(&self, user: &str) -> Result<(String, Reasoning)> {
+        let mut msgs = self.all_messages();
+        msgs.push(Message::new("user", user));
+        let mut text = self.template.render(
+            &msgs,
+            &RenderOptions {
+                add_generation_prompt: true,
+                enable_thinking: self.think,
+                tools: None,
+            },
+        )?;
+        // A template that ignores enable_thinking: close the block it opened.
+        if self.think == Some(false) && opens_thinking(&text) {
+            text.push_str("</think>");
+        }
+        let inside = opens_thinking(&text);
+        Ok((text, Reasoning::Parse { inside }))
+    }
+
+    /// Runs one turn: renders, feeds what the state lacks, generates, records the exchange.
+    pub fn turn(
+        &mut self,
+        user: &str,
+        params: &GenParams,
+        interrupt: &AtomicBool,
+        on_piece: &mut dyn FnMut(Piece) -> Result<()>,
+    ) -> Result<Outcome> {
+        let (text, reasoning) = self.render_turn(user)?;
+        let tokens = match self.continuation(&text, user) {
+            Some(t) => t,
+            None => {
+                self.engine.reset();
+                self.engine.tok.encode(&text, true)?
+            }
+        };
+        let p = GenParams {
+            reasoning,
+            feed_last: true,
+            ..params.clone()
+        };
+        let out = match self.engine.generate(&tokens, &p, interrupt, on_piece) {
+            Ok(o) => o,
+            Err(e) => {
+                self.stale = true;
+                return Err(e);
+            }
+        };
+        self.messages.push(Message::new("user", user));
+        let mut reply = Message::new("assistant", &out.text);
+        if !out.reasoning.is_empty() {
+            reply.reasoning_content = Some(out.reasoning.clone());
+        }
+        self.messages.push(reply);
+        self.stale = out.text.trim().is_empty();
+        Ok(out)
+    }
+
+    /// The tokens to feed on top of the current state for prompt `text`, when the state holds
+    /// the conversation up to the last answer.
+    fn continuation(&self, text: &str, user: &str) -> Option<Vec<u32>> {
+        if self.stale || self.engine.consumed.is_empty() {
+            return None;
+        }
+        let answer = self.messages.last().filter(|m| m.role == "assistant")?;
+        let answer = answer.content.trim();
+        if answer.is_empty() {
+            return None;
+        }
+        // The new user message is the last occurrence of its text; the answer precedes it.
+        let user_at = text.rfind(user.trim()).unwrap_or(text.len());
+        let at = text[..user_at].rfind(answer)? + answer.len();
+        Some(self.engine.tok.encode_continuation(&text[at..], true))
+    }
+
+    /// Forgets the conversation (the system prompt stays).
+    pub fn reset(&mut self) {
+        self.messages.clear();
+        self.engine.reset();
+        self.stale = true;
+    }
+
+    pub fn set_system(&mut self, s: Option<String>) {
+        self.system = s;
+        self.stale = true;
+    }
+
+    pub fn set_think(&mut self, on: Option<bool>) {
+        self.think = on;
+        self.stale = true;
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let s = Saved {
+            system: self.system.clone(),
+            messages: self.messages.clone(),
+        };
+        let json = serde_json::to_string_pretty(&s)?;
+        std::fs::write(path, json + "\n").map_err(|e| anyhow!("{}: {e}", path.display()))
+    }
+
+    pub fn load(&mut self, path: &Path) -> Result<()> {
+        let text = std::fs::read_to_string(path).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        let s: Saved = serde_json::from_str(&text)
+            .map_err(|e| anyhow!("{}: not a saved conversation: {e}", path.display()))?;
+        self.system = s.system;
+        self.messages = s.messages;
+        self.engine.reset();
+        self.stale = true;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_thinking_block_detection() {
+        assert!(opens_thinking("<|im_start|>assistant\n<think>\n"));
+        assert!(!opens_thinking("<|im_start|>assistant\n<think></think>"));
+        assert!(!opens_thinking("<|im_start|>assistant\n"));
+        assert!(opens_thinking("<think>a</think> b <think>"));
+    }
+}

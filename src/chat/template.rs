@@ -1,0 +1,395 @@
+//! Chat templates: the model's `tokenizer.chat_template` (or a file given with
+//! `--chat-template`, or ChatML when a model has none) rendered with minijinja set up the way
+//! Hugging Face renders them: trim_blocks and lstrip_blocks, Python string and dict methods,
+//! `raise_exception`, `strftime_now`, and a `tojson` that writes what Python's `json.dumps` does.
+
+use std::path::Path;
+
+use anyhow::{anyhow, Result};
+use minijinja::value::Kwargs;
+use minijinja::{Environment, Error, ErrorKind, Value};
+use serde::Serialize;
+
+use crate::gguf::Metadata;
+use crate::tokenizer::Tokenizer;
+
+/// The fallback for models without a template.
+pub const CHATML: &str = "{%- for message in messages -%}\
+{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}\
+{%- endfor -%}\
+{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}";
+
+/// One message of a conversation, as templates see it.
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+    /// An assistant turn's reasoning, kept apart from its answer.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reasoning_content: Option<String>,
+}
+
+impl Message {
+    pub fn new(role: &str, content: &str) -> Message {
+        Message {
+            role: role.to_string(),
+            content: content.to_string(),
+            reasoning_content: None,
+        }
+    }
+}
+
+/// What a render needs besides the messages.
+#[derive(Clone, Debug, Default)]
+pub struct RenderOptions {
+    pub add_generation_prompt: bool,
+    /// None: leave `enable_thinking` undefined so the template uses its own default.
+    pub enable_thinking: Option<bool>,
+    /// Tool definitions (OpenAI style), passed as `tools` when present.
+    pub tools: Option<serde_json::Value>,
+}
+
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    /// Where the template came from, for error messages.
+    pub origin: String,
+    bos: String,
+    eos: String,
+}
+
+const NAME: &str = "chat_template";
+
+impl ChatTemplate {
+    /// The template of `override_file` if given, else the model's, else ChatML.
+    pub fn for_model(
+        md: &Metadata,
+        tok: &Tokenizer,
+        override_file: Option<&Path>,
+    ) -> Result<ChatTemplate> {
+        let (source, origin) = match override_file {
+            Some(p) => (
+                std::fs::read_to_string(p).map_err(|e| anyhow!("{}: {e}", p.display()))?,
+                p.display().to_string(),
+            ),
+            None => match md.get_str("tokenizer.chat_template") {
+                Ok(s) => (s.to_string(), "the model's chat template".to_string()),
+                Err(_) => (CHATML.to_string(), "the ChatML fallback".to_string()),
+            },
+        };
+        let text = |id: Option<u32>| {
+            id.map(|i| String::from_utf8_lossy(&tok.token_bytes(i, true)).into_owned())
+                .unwrap_or_default()
+        };
+        ChatTemplate::new(&source, &origin, &text(tok.bos), &text(tok.eos))
+    }
+
+    /// Compiles `source`; `origin` names it in errors.
+    pub fn new(source: &str, origin: &str, bos: &str, eos: &str) -> Result<ChatTemplate> {
+        let mut env = Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", raise_exception);
+        env.add_function("strftime_now", strftime_now);
+        env.add_filter("tojson", tojson);
+        env.add_template_owned(NAME, source.to_string())
+            .map_err(|e| describe(&e, origin))?;
+        Ok(ChatTemplate {
+            env,
+            origin: origin.to_string(),
+            bos: bos.to_string(),
+            eos: eos.to_string(),
+        })
+    }
+
+    pub fn render(&self, messages: &[Message], opts: &RenderOptions) -> Result<String> {
+        let tmpl = self
+            .env
+            .get_template(NAME)
+            .map_err(|e| describe(&e, &self.origin))?;
+        let mut ctx = serde_json::json!({
+            "messages": messages,
+            "add_generation_prompt": opts.add_generation_prompt,
+            "bos_token": self.bos,
+            "eos_token": self.eos,
+            "date_string": format_time("%d %b %Y", now_utc()),
+        });
+        if let Some(t) = opts.enable_thinking {
+            ctx["enable_thinking"] = t.into();
+        }
+        if let Some(tools) = &opts.tools {
+            ctx["tools"] = tools.clone();
+        }
+        tmpl.render(ctx).map_err(|e| describe(&e, &self.origin))
+    }
+}
+
+/// One line naming the template, the line and what went wrong.
+fn describe(e: &Error, origin: &str) -> anyhow::Error {
+    let line = e.line().map(|l| format!(" line {l}")).unwrap_or_default();
+    let what = match e.kind() {
+        ErrorKind::InvalidOperation if e.detail().is_some() => {
+            format!("raised: {}", e.detail().unwrap_or_default())
+        }
+        _ => match e.detail() {
+            Some(d) => format!("{}: {d}", e.kind()),
+            None => e.kind().to_string(),
+        },
+    };
+    anyhow!("{origin}{line}: {what}")
+}
+
+fn raise_exception(msg: String) -> Result<Value, Error> {
+    Err(Error::new(ErrorKind::InvalidOperation, msg))
+}
+
+/// Seconds since the epoch, for `strftime_now`.
+fn now_utc() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn strftime_now(fmt: String) -> String {
+    format_time(&fmt, now_utc())
+}
+
+/// A small strftime (UTC) for the directives chat templates use.
+fn format_time(fmt: &str, secs: i64) -> String {
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    const DAYS: [&str; 7] = [
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+    ];
+    let days = secs.div_euclid(86400);
+    let tod = secs.rem_euclid(86400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    let month = MONTHS[(m - 1) as usize];
+    let weekday = DAYS[days.rem_euclid(7) as usize];
+    let mut out = String::new();
+    let mut chars = fmt.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('Y') => out += &y.to_string(),
+            Some('y') => out += &format!("{:02}", y.rem_euclid(100)),
+            Some('m') => out += &format!("{m:02}"),
+            Some('d') => out += &format!("{d:02}"),
+            Some('-') => match chars.next() {
+                Some('d') => out += &d.to_string(),
+                Some('m') => out += &m.to_string(),
+                Some(o) => out += &format!("%-{o}"),
+                None => out += "%-",
+            },
+            Some('B') => out += month,
+            Some('b') => out += &month[..3],
+            Some('A') => out += weekday,
+            Some('a') => out += &weekday[..3],
+            Some('H') => out += &format!("{:02}", tod / 3600),
+            Some('M') => out += &format!("{:02}", tod / 60 % 60),
+            Some('S') => out += &format!("{:02}", tod % 60),
+            Some('%') => out.push('%'),
+            Some(o) => {
+                out.push('%');
+                out.push(o);
+            }
+            None => out.push('%'),
+        }
+    }
+    out
+}
+
+/// Python's `json.dumps(value, ensure_ascii=False, indent=indent)`: ", " and ": " separators
+/// (or "," and newlines with `indent`), keys in insertion order, no HTML escaping.
+fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    kwargs.assert_all_used()?;
+    let json = serde_json::to_value(&value)
+        .map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    let mut out = String::new();
+    write_json(&json, indent, 0, &mut out);
+    Ok(Value::from_safe_string(out))
+}
+
+fn write_json(v: &serde_json::Value, indent: Option<usize>, depth: usize, out: &mut String) {
+    use serde_json::Value as J;
+    let newline = |out: &mut String, depth: usize| {
+        if let Some(n) = indent {
+            out.push('\n');
+            out.extend(std::iter::repeat_n(' ', n * depth));
+        }
+    };
+    let sep = if indent.is_some() { "," } else { ", " };
+    match v {
+        J::Null => out.push_str("null"),
+        J::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        J::Number(n) => out.push_str(&n.to_string()),
+        J::String(s) => write_json_string(s, out),
+        J::Array(a) if a.is_empty() => out.push_str("[]"),
+        J::Array(a) => {
+            out.push('[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(sep);
+                }
+                newline(out, depth + 1);
+                write_json(x, indent, depth + 1, out);
+            }
+            newline(out, depth);
+            out.push(']');
+        }
+        J::Object(o) if o.is_empty() => out.push_str("{}"),
+        J::Object(o) => {
+            out.push('{');
+            for (i, (k, x)) in o.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(sep);
+                }
+                newline(out, depth + 1);
+                write_json_string(k, out);
+                out.push_str(": ");
+                write_json(x, indent, depth + 1, out);
+            }
+            newline(out, depth);
+            out.push('}');
+        }
+    }
+}
+
+fn write_json_string(s: &str, out: &mut String) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn render(src: &str, messages: &[Message], opts: &RenderOptions) -> Result<String> {
+        ChatTemplate::new(src, "test template", "<s>", "</s>")?.render(messages, opts)
+    }
+
+    #[test]
+    fn chatml_fallback_renders_a_conversation() {
+        let msgs = [
+            Message::new("system", "Be brief."),
+            Message::new("user", "Hi"),
+        ];
+        let opts = RenderOptions {
+            add_generation_prompt: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            render(CHATML, &msgs, &opts).unwrap(),
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
+    }
+
+    #[test]
+    fn python_methods_filters_and_block_trimming_behave_as_in_transformers() {
+        // The constructs HF templates lean on: namespace, macros, python str/dict methods,
+        // loop.previtem, `is mapping`, default(.., true), tojson with ", " separators,
+        // trim_blocks/lstrip_blocks; booleans print as Python's True/False.
+        let src = r#"{% macro show(d) %}{% for k, v in d|items %}<{{ k }}={{ v|tojson }}>{% endfor %}{% endmacro %}
+{%- set ns = namespace(n=0) %}
+{%- for m in messages %}
+    {%- set ns.n = ns.n + 1 %}
+    {%- if loop.previtem and loop.previtem.role == m.role %}[same]{% endif %}
+    {{- m.role|upper }}:{{ m.content.strip().split(' ')[0] }}|{{ m.content.startswith('  a') }}
+    {% if m.reasoning_content is defined %}R={{ m.reasoning_content }}{% endif %}
+{% endfor %}
+{{- ns.n }} {{ show({"b": [1, "x"], "a": {"k": true}}) }} {{ tools is mapping }} {{ none|default('d', true) }}
+{%- if tools is defined %}{{ tools|tojson }}{{ tools.get('name') }}{% endif %}"#;
+        let mut m2 = Message::new("user", "  again y");
+        m2.reasoning_content = Some("r".into());
+        let msgs = [Message::new("user", "  alpha beta"), m2];
+        let opts = RenderOptions {
+            tools: Some(serde_json::json!({"name": "f", "d": "é\n"})),
+            ..Default::default()
+        };
+        assert_eq!(
+            render(src, &msgs, &opts).unwrap(),
+            "USER:alpha|True\n[same]USER:again|True\nR=r2 <b=[1, \"x\"]><a={\"k\": true}> True d\
+             {\"name\": \"f\", \"d\": \"é\\n\"}f"
+        );
+    }
+
+    #[test]
+    fn thinking_flag_is_undefined_unless_set() {
+        let src = "{{ enable_thinking if enable_thinking is defined else 'default' }}";
+        let mut opts = RenderOptions::default();
+        assert_eq!(render(src, &[], &opts).unwrap(), "default");
+        opts.enable_thinking = Some(false);
+        assert_eq!(render(src, &[], &opts).unwrap(), "False");
+    }
+
+    #[test]
+    fn errors_name_the_template_and_line() {
+        let e = render("line one\n{% if %}", &[], &RenderOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("test template line 2: syntax error"), "{e}");
+        let e = render(
+            "a\nb\n{{ raise_exception('roles must alternate') }}",
+            &[],
+            &RenderOptions::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(e, "test template line 3: raised: roles must alternate");
+    }
+
+    #[test]
+    fn strftime_covers_the_common_directives() {
+        // 2024-07-26 13:05:09 UTC was a Friday.
+        let t = 1_722_000_000 - 1_722_000_000 % 86400 + 13 * 3600 + 5 * 60 + 9;
+        assert_eq!(
+            format_time("%d %b %Y %H:%M:%S %A %B %-d/%-m %y %%", t),
+            "26 Jul 2024 13:05:09 Friday July 26/7 24 %"
+        );
+    }
+}

@@ -1,0 +1,227 @@
+//! What `run` and `chat` share: model, sampling and reasoning flags; loading a model with a
+//! progress bar; Ctrl-C handling.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use clap::{Args, ValueEnum};
+use rayon::prelude::*;
+
+use crate::backend::cpu::Cpu;
+use crate::gguf::{Metadata, Model};
+use crate::sample::SamplerConfig;
+
+/// Set by Ctrl-C while a reply is being generated; the generation loop stops at the next token.
+pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// True while generating: Ctrl-C then stops the reply instead of the program.
+pub static GENERATING: AtomicBool = AtomicBool::new(false);
+
+/// The error a command returns when Ctrl-C stopped it (exit status 130).
+#[derive(Debug)]
+pub struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("interrupted")
+    }
+}
+impl std::error::Error for Interrupted {}
+
+/// Ctrl-C: while generating, stop the reply (a second press exits); otherwise exit (130).
+pub fn install_ctrl_c() {
+    let _ = ctrlc::set_handler(|| {
+        if GENERATING.load(Ordering::SeqCst) && !INTERRUPTED.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let _ = crossterm::terminal::disable_raw_mode();
+        eprintln!();
+        std::process::exit(130);
+    });
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// The .gguf model file.
+    #[arg(short = 'm', long = "model")]
+    pub model: PathBuf,
+    /// Context size in tokens (default: the model's, at most 4096).
+    #[arg(short = 'c', long = "ctx-size", default_value_t = 0)]
+    pub ctx_size: usize,
+    /// Threads (default: physical cores).
+    #[arg(short = 't', long, default_value_t = 0)]
+    pub threads: usize,
+    /// Exact mode: f32 weights, activations and KV cache (also GGRUN_EXACT=1).
+    #[arg(long)]
+    pub exact: bool,
+    /// A Jinja chat template file to use instead of the model's.
+    #[arg(long = "chat-template", value_name = "FILE")]
+    pub chat_template: Option<PathBuf>,
+    /// No progress bar, no timings on stderr.
+    #[arg(short = 'q', long)]
+    pub quiet: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SamplingArgs {
+    /// Temperature; 0 is greedy (default: the model's recommendation, else 0.8).
+    #[arg(long = "temp")]
+    pub temp: Option<f32>,
+    /// Keep the K most likely tokens; 0 keeps all (default: model's, else 40).
+    #[arg(long = "top-k")]
+    pub top_k: Option<usize>,
+    /// Nucleus sampling threshold; 1 disables (default: model's, else 0.95).
+    #[arg(long = "top-p")]
+    pub top_p: Option<f32>,
+    /// Drop tokens below this fraction of the top token's probability (default: model's, else 0.05).
+    #[arg(long = "min-p")]
+    pub min_p: Option<f32>,
+    /// Penalty for repeating recent tokens; 1 disables.
+    #[arg(long = "repeat-penalty", default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    /// Penalty for tokens present in the recent window; 0 disables.
+    #[arg(long = "presence-penalty", default_value_t = 0.0)]
+    pub presence_penalty: f32,
+    /// Penalty growing with a token's count in the recent window; 0 disables.
+    #[arg(long = "frequency-penalty", default_value_t = 0.0)]
+    pub frequency_penalty: f32,
+    /// How many recent tokens the penalties look at.
+    #[arg(long = "repeat-last-n", default_value_t = 64)]
+    pub repeat_last_n: usize,
+    /// Random seed: the same seed and inputs give the same output (default: random).
+    #[arg(short = 's', long)]
+    pub seed: Option<u64>,
+    /// Stop before this text (repeatable).
+    #[arg(long = "stop", value_name = "TEXT")]
+    pub stop: Vec<String>,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ThinkArgs {
+    /// Reasoning on or off (default: the model's own).
+    #[arg(long = "think", value_enum)]
+    pub think: Option<OnOff>,
+    /// After N thinking tokens, close the thinking block and let the model answer.
+    #[arg(long = "think-budget", value_name = "N")]
+    pub think_budget: Option<usize>,
+}
+
+impl ThinkArgs {
+    pub fn enable(&self) -> Option<bool> {
+        self.think.map(|t| t == OnOff::On)
+    }
+}
+
+impl SamplingArgs {
+    /// The sampler settings: flags first, then the model's recommended values
+    /// (`general.sampling.*`), then llama.cpp's defaults. Returns the seed used too.
+    pub fn config(&self, md: &Metadata) -> SamplerConfig {
+        let d = SamplerConfig::default();
+        let f = |k: &str| md.get_f32(&format!("general.sampling.{k}")).ok();
+        let seed = self.seed.unwrap_or_else(|| {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            t.as_nanos() as u64 ^ u64::from(std::process::id()).rotate_left(32)
+        });
+        SamplerConfig {
+            temperature: self.temp.or(f("temp")).unwrap_or(d.temperature),
+            top_k: self
+                .top_k
+                .or(md.get_usize("general.sampling.top_k").ok())
+                .unwrap_or(d.top_k),
+            top_p: self.top_p.or(f("top_p")).unwrap_or(d.top_p),
+            min_p: self.min_p.or(f("min_p")).unwrap_or(d.min_p),
+            repeat_penalty: self.repeat_penalty,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            penalty_last_n: self.repeat_last_n,
+            seed,
+        }
+    }
+}
+
+/// The context size: asked, else the model's trained length capped at 4096.
+pub fn context_size(asked: usize, n_ctx_train: usize) -> usize {
+    if asked > 0 {
+        asked
+    } else if n_ctx_train > 0 {
+        n_ctx_train.min(4096)
+    } else {
+        4096
+    }
+}
+
+/// Reads every page of the mapped model once so the first tokens do not stall on page faults,
+/// with a progress bar on stderr when that takes more than a moment. Skipped when the model
+/// does not fit in available memory (sparse MoE models then fault in only what they use).
+pub fn prefault(g: &Model, quiet: bool) -> Result<()> {
+    let total: u64 = g.parts.iter().map(|p| p.bytes().len() as u64).sum();
+    if available_memory().is_some_and(|m| total > m / 10 * 9) {
+        return Ok(());
+    }
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(total),
+        indicatif::ProgressDrawTarget::hidden(),
+    );
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "loading {bar:30} {binary_bytes}/{binary_total_bytes} {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let start = Instant::now();
+    let shown = AtomicBool::new(false);
+    const CHUNK: usize = 16 << 20;
+    for part in &g.parts {
+        part.bytes().par_chunks(CHUNK).for_each(|chunk| {
+            let mut sum = 0u8;
+            for page in chunk.chunks(4096) {
+                sum = sum.wrapping_add(page[0]);
+            }
+            std::hint::black_box(sum);
+            bar.inc(chunk.len() as u64);
+            if !quiet
+                && start.elapsed() > Duration::from_millis(300)
+                && !shown.swap(true, Ordering::Relaxed)
+            {
+                bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+            }
+        });
+        if INTERRUPTED.load(Ordering::Relaxed) {
+            bail!(Interrupted);
+        }
+    }
+    bar.finish_and_clear();
+    Ok(())
+}
+
+/// MemAvailable from /proc/meminfo, in bytes.
+fn available_memory() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// The CPU backend for these flags.
+pub fn cpu(args: &ModelArgs) -> Result<Cpu> {
+    Cpu::new(args.threads, super::precision(args.exact))
+}
+
+/// "N tokens, S s (R tok/s)".
+pub fn rate(tokens: usize, secs: f64) -> String {
+    let r = if secs > 0.0 {
+        tokens as f64 / secs
+    } else {
+        0.0
+    };
+    format!("{tokens} tokens, {secs:.2} s ({r:.1} tok/s)")
+}

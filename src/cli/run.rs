@@ -1,0 +1,184 @@
+//! `ggrun run`: one prompt in, one answer out, for shell scripts. stdout carries only the answer
+//! (or one JSON object with --json); progress, timings and reasoning (--show-think) go to
+//! stderr.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Result};
+use clap::Args;
+
+use super::common::{self, ModelArgs, SamplingArgs, ThinkArgs, GENERATING, INTERRUPTED};
+use crate::chat::session::Session;
+use crate::chat::template::ChatTemplate;
+use crate::generate::{Engine, GenParams, Piece, Reasoning, StopReason};
+use crate::gguf::Model;
+use crate::tokenizer::Tokenizer;
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The prompt (default: read stdin).
+    #[arg(short = 'p', long, conflicts_with = "file")]
+    pub prompt: Option<String>,
+    /// Read the prompt from a file.
+    #[arg(short = 'f', long)]
+    pub file: Option<PathBuf>,
+    /// Most tokens to generate (default: until the model stops or the context is full).
+    #[arg(short = 'n', long = "n-predict")]
+    pub n_predict: Option<usize>,
+    /// Complete the prompt as given: no chat template (special tokens in it are parsed).
+    #[arg(long)]
+    pub raw: bool,
+    /// System prompt.
+    #[arg(long, conflicts_with = "raw")]
+    pub system: Option<String>,
+    /// Print one JSON object: text, reasoning, stop reason, token counts, timings.
+    #[arg(long)]
+    pub json: bool,
+    /// Print the reasoning to stderr as it streams.
+    #[arg(long = "show-think")]
+    pub show_think: bool,
+    #[command(flatten)]
+    pub think: ThinkArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+fn read_prompt(a: &RunArgs) -> Result<String> {
+    if let Some(p) = &a.prompt {
+        return Ok(p.clone());
+    }
+    if let Some(f) = &a.file {
+        return std::fs::read_to_string(f).map_err(|e| anyhow!("{}: {e}", f.display()));
+    }
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        bail!("no prompt: give -p TEXT, -f FILE, or pipe it on stdin");
+    }
+    let mut s = String::new();
+    stdin
+        .lock()
+        .read_to_string(&mut s)
+        .map_err(|e| anyhow!("reading stdin: {e}"))?;
+    Ok(s)
+}
+
+pub fn run(a: RunArgs, out: &mut dyn Write) -> Result<()> {
+    let prompt_text = read_prompt(&a)?;
+    let user = if a.raw {
+        prompt_text
+    } else {
+        prompt_text.trim().to_string()
+    };
+    if user.is_empty() {
+        bail!("the prompt is empty");
+    }
+    common::install_ctrl_c();
+    GENERATING.store(true, Ordering::SeqCst);
+    let t0 = Instant::now();
+    let g = Model::open(&a.model.model)?;
+    let tok = Tokenizer::from_metadata(g.metadata())?;
+    let model = crate::model::load(&g)?;
+    common::prefault(&g, a.model.quiet)?;
+    let load_secs = t0.elapsed().as_secs_f64();
+    let cpu = common::cpu(&a.model)?;
+    let n_ctx = common::context_size(a.model.ctx_size, model.n_ctx_train());
+    let sampler = a.sampling.config(g.metadata());
+    let seed = sampler.seed;
+    let mut params = GenParams {
+        max_tokens: a.n_predict,
+        sampler,
+        stop: a.sampling.stop.clone(),
+        reasoning: Reasoning::Verbatim,
+        think_budget: a.think.think_budget,
+        feed_last: false,
+    };
+    let engine = Engine::new(model.as_ref(), cpu, tok, n_ctx);
+    if a.think.think.is_some() && !engine.can_think() && !a.model.quiet {
+        eprintln!("warning: this model's vocabulary has no <think> tokens; --think has no effect");
+    }
+    // The prompt tokens, and how the reply is read.
+    let (tokens, mut engine) = if a.raw {
+        let t = engine.tok.encode(&user, true)?;
+        (t, engine)
+    } else {
+        let template =
+            ChatTemplate::for_model(g.metadata(), &engine.tok, a.model.chat_template.as_deref())?;
+        let mut s = Session::new(engine, template);
+        s.system = a.system.clone();
+        s.think = a.think.enable();
+        let (text, reasoning) = s.render_turn(&user)?;
+        params.reasoning = reasoning;
+        (s.engine.tok.encode(&text, true)?, s.engine)
+    };
+    if tokens.len() > n_ctx {
+        bail!(
+            "the prompt is {} tokens but the context holds {n_ctx} (raise -c/--ctx-size)",
+            tokens.len()
+        );
+    }
+    let show_think = a.show_think;
+    let json = a.json;
+    let mut wrote_any = false;
+    let mut ends_with_newline = false;
+    let mut on_piece = |p: Piece| -> Result<()> {
+        match p {
+            Piece::Answer(s) if !json => {
+                out.write_all(s.as_bytes())?;
+                out.flush()?;
+                wrote_any = true;
+                ends_with_newline = s.ends_with('\n');
+            }
+            Piece::Reasoning(s) if show_think => {
+                eprint!("{s}");
+            }
+            _ => {}
+        }
+        Ok(())
+    };
+    let o = engine.generate(&tokens, &params, &INTERRUPTED, &mut on_piece)?;
+    GENERATING.store(false, Ordering::SeqCst);
+    if show_think && !o.reasoning.is_empty() {
+        eprintln!();
+    }
+    if json {
+        let v = serde_json::json!({
+            "text": o.text,
+            "reasoning": o.reasoning,
+            "stop_reason": o.stop.as_str(),
+            "seed": seed,
+            "tokens": {
+                "prompt": o.prompt_tokens,
+                "generated": o.generated_tokens,
+                "reasoning": o.reasoning_tokens,
+            },
+            "timings": {
+                "load_s": load_secs,
+                "prompt_s": o.prompt_secs,
+                "generate_s": o.generate_secs,
+                "prompt_tok_s": o.prompt_tokens as f64 / o.prompt_secs.max(1e-9),
+                "generate_tok_s": o.generated_tokens as f64 / o.generate_secs.max(1e-9),
+            },
+        });
+        writeln!(out, "{v}")?;
+    } else if wrote_any && !ends_with_newline {
+        writeln!(out)?;
+    }
+    out.flush()?;
+    if !a.model.quiet {
+        eprintln!(
+            "prompt: {} | generated: {} | stop: {}",
+            common::rate(o.prompt_tokens, o.prompt_secs),
+            common::rate(o.generated_tokens, o.generate_secs),
+            o.stop.as_str()
+        );
+    }
+    if o.stop == StopReason::Interrupted {
+        bail!(common::Interrupted);
+    }
+    Ok(())
+}
