@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use crate::backend::cpu::{Cpu, Precision};
+use crate::chat::template::{ChatTemplate, Message, RenderOptions};
 use crate::gguf::Model;
 use crate::info::ModelInfo;
 use crate::sample::argmax;
@@ -33,6 +34,28 @@ pub enum Command {
     Run(run::RunArgs),
     /// Interactive chat in the terminal (plain line mode when stdin is not a terminal).
     Chat(chat::ChatArgs),
+    /// Print the prompt the chat template makes of a conversation (to compare with other
+    /// runners, or to debug a --chat-template file).
+    Template {
+        #[arg(short = 'm', long = "model")]
+        model: PathBuf,
+        /// A Jinja template file to use instead of the model's.
+        #[arg(long = "chat-template", value_name = "FILE")]
+        chat_template: Option<PathBuf>,
+        /// The conversation: a JSON array of {"role", "content"[, "reasoning_content"]}
+        /// (default: one user message, "Hello").
+        #[arg(long, value_name = "FILE")]
+        messages: Option<PathBuf>,
+        /// Tool definitions: a JSON array, passed to the template as `tools`.
+        #[arg(long, value_name = "FILE")]
+        tools: Option<PathBuf>,
+        /// Set enable_thinking (default: leave it to the template).
+        #[arg(long, value_enum)]
+        think: Option<common::OnOff>,
+        /// Leave out the assistant header that asks for a reply.
+        #[arg(long = "no-generation-prompt")]
+        no_generation_prompt: bool,
+    },
     /// Describe a GGUF model: architecture, size, tensor types, tokenizer, memory needs.
     Info {
         /// The .gguf file (any part of a split model opens the whole set).
@@ -131,6 +154,34 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(a) => run::run(a, out)?,
         Command::Chat(a) => chat::run(a, out)?,
+        Command::Template {
+            model,
+            chat_template,
+            messages,
+            tools,
+            think,
+            no_generation_prompt,
+        } => {
+            let g = Model::open(&model)?;
+            let tok = crate::tokenizer::Tokenizer::from_metadata(g.metadata())?;
+            let t = ChatTemplate::for_model(g.metadata(), &tok, chat_template.as_deref())?;
+            let read_json = |p: &PathBuf| -> anyhow::Result<serde_json::Value> {
+                let s = std::fs::read_to_string(p)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+                serde_json::from_str(&s).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
+            };
+            let msgs: Vec<Message> = match &messages {
+                Some(p) => serde_json::from_value(read_json(p)?)
+                    .map_err(|e| anyhow::anyhow!("{}: not a list of messages: {e}", p.display()))?,
+                None => vec![Message::new("user", "Hello")],
+            };
+            let opts = RenderOptions {
+                add_generation_prompt: !no_generation_prompt,
+                enable_thinking: think.map(|t| t == common::OnOff::On),
+                tools: tools.as_ref().map(read_json).transpose()?,
+            };
+            write!(out, "{}", t.render(&msgs, &opts)?)?;
+        }
         Command::Info { model, json } => {
             let m = Model::open(&model)?;
             let info = ModelInfo::from_model(&m)?;
