@@ -104,6 +104,21 @@ fn sentencepiece_ids_and_text_match_llama_cpp() {
 }
 
 #[test]
+fn end_of_generation_tokens_come_from_metadata_and_turn_markers() {
+    let g = Model::open(&common::smollm2()).unwrap();
+    let tok = Tokenizer::from_metadata(g.metadata()).unwrap();
+    // eos_token_id 2 is <|im_end|>; <|endoftext|> (0) is a known end marker too.
+    assert_eq!(tok.tokens[2], "<|im_end|>");
+    assert!(tok.is_eog(2) && tok.is_eog(0));
+    assert!(!tok.is_eog(1), "<|im_start|> does not end generation");
+    let g = Model::open(&common::fixtures().join("nemo-tiny-f32.gguf")).unwrap();
+    let tok = Tokenizer::from_metadata(g.metadata()).unwrap();
+    // eos = eot = <|im_end|> (959), listed once; </s> (957) is a known end marker.
+    assert_eq!(tok.eog, vec![959, 957]);
+    assert!(tok.special_id("<think>").is_some() && tok.special_id("</think>").is_some());
+}
+
+#[test]
 fn streaming_decode_never_splits_a_character() {
     // Byte-fallback tokens spell multi-byte characters one byte per token.
     let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");

@@ -58,6 +58,9 @@ pub fn run(a: ChatArgs, out: &mut dyn Write) -> Result<()> {
     let interactive = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
     let g = Model::open(&a.model.model)?;
     let tok = Tokenizer::from_metadata(g.metadata())?;
+    if !a.model.quiet {
+        tok.warnings.iter().for_each(|w| eprintln!("warning: {w}"));
+    }
     let model = crate::model::load(&g)?;
     common::prefault(&g, a.model.quiet)?;
     let cpu = common::cpu(&a.model)?;

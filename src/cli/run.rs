@@ -82,6 +82,9 @@ pub fn run(a: RunArgs, out: &mut dyn Write) -> Result<()> {
     let t0 = Instant::now();
     let g = Model::open(&a.model.model)?;
     let tok = Tokenizer::from_metadata(g.metadata())?;
+    if !a.model.quiet {
+        tok.warnings.iter().for_each(|w| eprintln!("warning: {w}"));
+    }
     let model = crate::model::load(&g)?;
     common::prefault(&g, a.model.quiet)?;
     let load_secs = t0.elapsed().as_secs_f64();

@@ -57,6 +57,15 @@ fn pre_tokenizer(pre: &str) -> (Vec<&'static str>, bool) {
     }
 }
 
+/// Whether `pre` is a value the table above knows (others fall back to GPT-2's regex).
+pub fn is_known_pre(pre: &str) -> bool {
+    pre_tokenizer(pre) != (vec![GPT2], false)
+        || matches!(
+            pre,
+            "gpt-2" | "default" | "phi-2" | "roberta-bpe" | "mpt" | "olmo" | "jais"
+        )
+}
+
 /// The GPT-2 byte → char alphabet (printable bytes map to themselves, the rest to U+0100 + k).
 fn byte_alphabet() -> [char; 256] {
     let mut map = ['\0'; 256];
@@ -229,6 +238,12 @@ mod tests {
             assert_eq!(pieces.concat(), text, "{pre}");
             assert!(pieces.len() > 5, "{pre}: {pieces:?}");
         }
+    }
+
+    #[test]
+    fn unknown_pre_values_are_reported() {
+        assert!(PRES[..PRES.len() - 1].iter().all(|p| is_known_pre(p)));
+        assert!(!is_known_pre("unknown-value"));
     }
 
     #[test]

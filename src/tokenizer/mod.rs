@@ -72,6 +72,8 @@ pub struct Tokenizer {
     pub add_eos: bool,
     /// End-of-generation tokens: eos, eot, eom and the known end-of-turn control tokens.
     pub eog: Vec<u32>,
+    /// Things a user should know (an unknown pre-tokenizer, say); the CLI prints them.
+    pub warnings: Vec<String>,
     /// Control, user-defined and unknown tokens, longest first.
     specials: Vec<u32>,
     model: Encoder,
@@ -113,10 +115,16 @@ impl Tokenizer {
         };
         let bos = id("tokenizer.ggml.bos_token_id")?;
         let eos = id("tokenizer.ggml.eos_token_id")?;
+        let mut warnings = Vec::new();
         let model = match kind {
             "gpt2" => {
                 let merges = md.get_str_array("tokenizer.ggml.merges")?;
                 let pre = md.get_str("tokenizer.ggml.pre").unwrap_or("default");
+                if !bpe::is_known_pre(pre) {
+                    warnings.push(format!(
+                        "tokenizer.ggml.pre {pre:?} is not known; splitting text as GPT-2 does"
+                    ));
+                }
                 Encoder::Bpe(Box::new(Bpe::new(&tokens, &merges, pre)?))
             }
             "llama" => {
@@ -145,18 +153,23 @@ impl Tokenizer {
                 bail!("tokenizer.ggml.model {other} is not supported (supported: gpt2, llama)")
             }
         };
-        let mut eog: Vec<u32> = [
+        let mut eog: Vec<u32> = Vec::new();
+        let by_text = tokens.iter().enumerate().filter(|(i, t)| {
+            matches!(types[*i], TokenType::Control | TokenType::UserDefined)
+                && END_OF_TURN_TEXTS.contains(&t.as_str())
+        });
+        let ids = [
             eos,
             id("tokenizer.ggml.eot_token_id")?,
             id("tokenizer.ggml.eom_token_id")?,
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        for (i, t) in tokens.iter().enumerate() {
-            let special = matches!(types[i], TokenType::Control | TokenType::UserDefined);
-            if special && END_OF_TURN_TEXTS.contains(&t.as_str()) && !eog.contains(&(i as u32)) {
-                eog.push(i as u32);
+        ];
+        for i in ids
+            .into_iter()
+            .flatten()
+            .chain(by_text.map(|(i, _)| i as u32))
+        {
+            if !eog.contains(&i) {
+                eog.push(i);
             }
         }
         let mut specials: Vec<u32> = (0..tokens.len() as u32)
@@ -177,6 +190,7 @@ impl Tokenizer {
             bos,
             eos,
             eog,
+            warnings,
             specials,
             model,
         })
