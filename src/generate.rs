@@ -167,12 +167,18 @@ impl<'m> Engine<'m> {
         if prompt.is_empty() {
             bail!("empty prompt: nothing to generate from");
         }
+        let mut inside = matches!(p.reasoning, Reasoning::Parse { inside: true });
+        // A zero budget: close the block the prompt opened before the model says anything.
+        let mut prompt = prompt.to_vec();
+        if inside && p.think_budget == Some(0) {
+            prompt.extend(self.tok.encode_continuation(CLOSE_THINKING, true));
+            inside = false;
+        }
         let t0 = Instant::now();
-        let first = self.feed(prompt, interrupt)?;
+        let first = self.feed(&prompt, interrupt)?;
         let prompt_secs = t0.elapsed().as_secs_f64();
         let mut out = Output::new(p, on_piece);
         let mut sampler = Sampler::new(p.sampler.clone());
-        let mut inside = matches!(p.reasoning, Reasoning::Parse { inside: true });
         let parse = matches!(p.reasoning, Reasoning::Parse { .. });
         let (mut generated, mut thinking) = (0usize, 0usize);
         let t1 = Instant::now();

@@ -266,6 +266,22 @@ fn thinking_on_off_and_budget() {
     );
     assert_eq!(budget["tokens"]["reasoning"], 3);
     assert!(!budget["text"].as_str().unwrap().is_empty());
+    let zero = run_json(
+        &nemo(),
+        &[
+            "--temp",
+            "0",
+            "-n",
+            "8",
+            "--think-budget",
+            "0",
+            "-p",
+            "hello there",
+        ],
+    );
+    assert_eq!(zero["tokens"]["reasoning"], 0);
+    assert_eq!(zero["reasoning"], "");
+    assert!(!zero["text"].as_str().unwrap().is_empty());
     let off = run_json(
         &nemo(),
         &[
