@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::template::{ChatTemplate, Message, RenderOptions};
 use crate::generate::{Engine, GenParams, Outcome, Piece, Reasoning};
+use crate::tokenizer::Tokenizer;
 
 /// What /save writes and /load reads.
 #[derive(Serialize, Deserialize, Default)]
@@ -32,6 +33,16 @@ pub struct Session<'m> {
     pub messages: Vec<Message>,
     /// The engine's state does not correspond to `messages`.
     stale: bool,
+}
+
+/// Tokens of a rendered prompt: BOS added as the metadata asks, special tokens parsed, and one
+/// BOS dropped when the template wrote `bos_token` itself as well.
+pub fn prompt_tokens(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
+    let mut t = tok.encode(text, true)?;
+    if t.len() >= 2 && tok.add_bos && Some(t[0]) == tok.bos && t[1] == t[0] {
+        t.remove(0);
+    }
+    Ok(t)
 }
 
 /// Whether the rendered prompt leaves a `<think>` block open for the model.
@@ -98,7 +109,7 @@ impl<'m> Session<'m> {
             Some(t) => t,
             None => {
                 self.engine.reset();
-                self.engine.tok.encode(&text, true)?
+                prompt_tokens(&self.engine.tok, &text)?
             }
         };
         let p = GenParams {
@@ -181,6 +192,19 @@ impl<'m> Session<'m> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_template_written_bos_is_not_doubled() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../shared/fixtures/nemo-tiny-f32.gguf");
+        let g = crate::gguf::Model::open(&path).unwrap();
+        let tok = Tokenizer::from_metadata(g.metadata()).unwrap();
+        assert!(tok.add_bos);
+        let plain = prompt_tokens(&tok, "<|im_start|>user").unwrap();
+        let with_bos = prompt_tokens(&tok, "<s><|im_start|>user").unwrap();
+        assert_eq!(plain, with_bos);
+        assert_eq!(plain[0], tok.bos.unwrap());
+    }
 
     #[test]
     fn open_thinking_block_detection() {

@@ -11,7 +11,7 @@ use anyhow::{anyhow, bail, Result};
 use clap::Args;
 
 use super::common::{self, ModelArgs, SamplingArgs, ThinkArgs, GENERATING, INTERRUPTED};
-use crate::chat::session::Session;
+use crate::chat::session::{prompt_tokens, Session};
 use crate::chat::template::ChatTemplate;
 use crate::generate::{Engine, GenParams, Piece, Reasoning, StopReason};
 use crate::gguf::Model;
@@ -116,7 +116,7 @@ pub fn run(a: RunArgs, out: &mut dyn Write) -> Result<()> {
         s.think = a.think.enable();
         let (text, reasoning) = s.render_turn(&user)?;
         params.reasoning = reasoning;
-        (s.engine.tok.encode(&text, true)?, s.engine)
+        (prompt_tokens(&s.engine.tok, &text)?, s.engine)
     };
     if tokens.len() > n_ctx {
         bail!(
