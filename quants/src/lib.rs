@@ -13,6 +13,7 @@ pub mod float;
 pub mod isa;
 pub mod kquants;
 pub mod legacy;
+pub mod ssm;
 mod types;
 
 #[cfg(target_arch = "aarch64")]
@@ -31,6 +32,10 @@ pub type DotFn = fn(&[u8], &[u8]) -> f32;
 /// `dot4(weight_row, [four activation rows], out)`: the same as four `dot` calls, bit for bit,
 /// with each weight block unpacked once (prefill batches).
 pub type Dot4Fn = fn(&[u8], [&[u8]; 4], &mut [f32; 4]);
+/// `tile(four weight rows, four activation rows, out)`: `out[r][j]` = `dot(w[r], a[j])` bit for
+/// bit, with each weight block unpacked once and each activation block prepared once per tile
+/// (the register-blocked core of prefill).
+pub type TileFn = fn([&[u8]; 4], [&[u8]; 4], &mut [[f32; 4]; 4]);
 /// Dequantize a row of bytes into `dst` (whose length is the element count).
 pub type DequantizeFn = fn(&[u8], &mut [f32]);
 /// Quantize a row of floats into bytes (`dst` is exactly the row's byte length).
@@ -45,6 +50,8 @@ pub struct Kernels {
     pub dot: DotFn,
     /// A four-token `dot` where the tier has one.
     pub dot4: Option<Dot4Fn>,
+    /// A four-row × four-token `dot` where the tier has one.
+    pub tile: Option<TileFn>,
     pub dequantize: DequantizeFn,
     /// Quantizes an activation row to `act_ty` (the rounding llama.cpp's SIMD paths use).
     pub quantize_act: QuantizeFn,
@@ -240,6 +247,7 @@ pub fn scalar_kernels(ty: GgmlType) -> Option<Kernels> {
         act_ty,
         dot,
         dot4: None,
+        tile: None,
         dequantize: dequantize_fn(ty)?,
         quantize_act,
     })

@@ -292,6 +292,43 @@ fn q8_activation_roundings_differ_only_on_ties() {
 }
 
 #[test]
+fn tiles_equal_sixteen_single_dots_bit_for_bit() {
+    let mut r = rng();
+    let mut tested = 0;
+    for ty in WEIGHT_TYPES {
+        for n in lengths(ty) {
+            for isa in Isa::available() {
+                let k = kernels_for(ty, isa).unwrap();
+                let Some(tile) = k.tile else { continue };
+                let rows: Vec<Vec<u8>> = (0..4).map(|_| quantize(ty, &floats(&mut r, n))).collect();
+                let acts: Vec<Vec<u8>> = (0..4)
+                    .map(|_| {
+                        let mut a = vec![0u8; k.act_ty.row_bytes(n as u64).unwrap() as usize];
+                        (k.quantize_act)(&floats(&mut r, n), &mut a);
+                        a
+                    })
+                    .collect();
+                let mut out = [[0f32; 4]; 4];
+                tile(
+                    [&rows[0], &rows[1], &rows[2], &rows[3]],
+                    [&acts[0], &acts[1], &acts[2], &acts[3]],
+                    &mut out,
+                );
+                for (o, w) in out.iter().zip(&rows) {
+                    for (v, a) in o.iter().zip(&acts) {
+                        assert_eq!(v.to_bits(), (k.dot)(w, a).to_bits(), "{ty} {isa:?} n={n}");
+                    }
+                }
+                tested += 1;
+            }
+        }
+    }
+    if std::env::var("GGRUN_EXPECT_ISA").is_ok_and(|v| v.contains("avx512vnni")) {
+        assert!(tested > 0, "no tile kernel was tested");
+    }
+}
+
+#[test]
 fn four_token_dots_equal_four_single_dots_bit_for_bit() {
     let mut r = rng();
     let mut tested = 0;
@@ -319,5 +356,35 @@ fn four_token_dots_equal_four_single_dots_bit_for_bit() {
     }
     if std::env::var("GGRUN_EXPECT_ISA").is_ok_and(|v| v.contains("avx2")) {
         assert!(tested > 0, "no four-token kernel was tested");
+    }
+}
+
+#[test]
+fn ssm_state_rows_match_the_scalar_reference_bit_for_bit() {
+    use ggrun_quants::ssm::{ssm_row_for, ssm_row_scalar};
+    let mut r = rng();
+    for isa in Isa::available() {
+        let k = ssm_row_for(isa);
+        for n in [1, 15, 16, 17, 64, 128, 131] {
+            let s0 = floats(&mut r, n);
+            let (b, c) = (floats(&mut r, n), floats(&mut r, n));
+            let (da, xdt) = (0.9f32, 0.37f32);
+            let (mut s1, mut s2) = (s0.clone(), s0.clone());
+            let y1 = ssm_row_scalar(&mut s1, &b, &c, da, xdt);
+            let y2 = k(&mut s2, &b, &c, da, xdt);
+            assert_eq!(y1.to_bits(), y2.to_bits(), "{isa:?} n={n}");
+            assert!(s1.iter().zip(&s2).all(|(x, y)| x.to_bits() == y.to_bits()));
+            // And the update is the one the model means (f64 check, loose).
+            let want: f64 = s0
+                .iter()
+                .zip(&b)
+                .zip(&c)
+                .map(|((s, b), c)| (*s as f64 * da as f64 + *b as f64 * xdt as f64) * *c as f64)
+                .sum();
+            assert!(
+                (y1 as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                "{y1} vs {want}"
+            );
+        }
     }
 }

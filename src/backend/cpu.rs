@@ -87,6 +87,7 @@ impl Cpu {
         let mut yt = vec![0f32; t * w.rows];
         let rb = w.row_bytes();
         const CHUNK: usize = 16;
+        const TOKEN_BLOCK: usize = 64;
         if exact {
             let f32k = kernels(GgmlType::F32).expect("f32 kernels");
             self.install(|| {
@@ -114,21 +115,53 @@ impl Cpu {
                     .enumerate()
                     .for_each(|(c, out)| {
                         let a = |j: usize| &act[j * ab..(j + 1) * ab];
-                        for (i, o) in out.chunks_mut(t).enumerate() {
+                        let wr = |i: usize| {
                             let r = c * CHUNK + i;
-                            let wr = &w.data[r * rb..(r + 1) * rb];
-                            // Four tokens per pass where the tier can (same bits as four dots).
-                            let mut j = 0;
-                            if let Some(dot4) = k.dot4 {
-                                while j + 4 <= t {
-                                    let mut four = [0f32; 4];
-                                    dot4(wr, [a(j), a(j + 1), a(j + 2), a(j + 3)], &mut four);
-                                    o[j..j + 4].copy_from_slice(&four);
-                                    j += 4;
+                            &w.data[r * rb..(r + 1) * rb]
+                        };
+                        let rows = out.len() / t;
+                        // Token blocks keep their activations in L2 while this task's rows are
+                        // reused across them.
+                        for t0 in (0..t).step_by(TOKEN_BLOCK) {
+                            let t1 = (t0 + TOKEN_BLOCK).min(t);
+                            let mut i = 0;
+                            if let Some(tile) = k.tile {
+                                while i + 4 <= rows && t1 - t0 >= 4 {
+                                    let ws = [wr(i), wr(i + 1), wr(i + 2), wr(i + 3)];
+                                    let mut j = t0;
+                                    while j + 4 <= t1 {
+                                        let mut o = [[0f32; 4]; 4];
+                                        tile(ws, [a(j), a(j + 1), a(j + 2), a(j + 3)], &mut o);
+                                        for (q, oq) in o.iter().enumerate() {
+                                            let at = (i + q) * t + j;
+                                            out[at..at + 4].copy_from_slice(oq);
+                                        }
+                                        j += 4;
+                                    }
+                                    for jj in j..t1 {
+                                        for (q, wq) in ws.iter().enumerate() {
+                                            out[(i + q) * t + jj] = (k.dot)(wq, a(jj));
+                                        }
+                                    }
+                                    i += 4;
                                 }
                             }
-                            for (jj, v) in o.iter_mut().enumerate().skip(j) {
-                                *v = (k.dot)(wr, a(jj));
+                            for ii in i..rows {
+                                let o = &mut out[ii * t..(ii + 1) * t];
+                                let wr = wr(ii);
+                                // Four tokens per pass where the tier can (same bits as four dots).
+                                let mut j = t0;
+                                if let Some(dot4) = k.dot4 {
+                                    while j + 4 <= t1 {
+                                        let mut four = [0f32; 4];
+                                        dot4(wr, [a(j), a(j + 1), a(j + 2), a(j + 3)], &mut four);
+                                        o[j..j + 4].copy_from_slice(&four);
+                                        j += 4;
+                                    }
+                                }
+                                for (jj, v) in o.iter_mut().enumerate().take(t1).skip(j) {
+                                    *v = (k.dot)(wr, a(jj));
+                                }
                             }
                         }
                     })

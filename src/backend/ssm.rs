@@ -89,6 +89,7 @@ pub fn scan(
     let (hd, ds, nh) = (s.head_dim(), s.d_state, s.n_head);
     let ch = s.conv_channels();
     let heads_per_group = nh / s.n_group;
+    let state_row = ggrun_quants::ssm::ssm_row_fn();
     let mut y = vec![0f32; t * s.d_inner];
     // Each head owns a slice of the state and writes its own columns of y: compute per head,
     // then scatter.
@@ -109,12 +110,7 @@ pub fn scan(
                 for i in 0..hd {
                     let xdt = x[i] * dth;
                     let sr = &mut st[i * ds..(i + 1) * ds];
-                    let mut acc = 0f32;
-                    for ((sv, bv), cv) in sr.iter_mut().zip(b).zip(c) {
-                        *sv = *sv * da + bv * xdt;
-                        acc += *sv * cv;
-                    }
-                    yh[ti * hd + i] = acc + x[i] * d[h];
+                    yh[ti * hd + i] = state_row(sr, b, c, da, xdt) + x[i] * d[h];
                 }
             }
             yh

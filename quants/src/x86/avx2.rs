@@ -651,3 +651,44 @@ entry!(dequant dequant_q8_0, dequant_q8_0_impl);
 entry!(dequant dequant_iq4_nl, dequant_iq4_nl_impl);
 entry!(quant quantize_q8_0, quantize_q8_0_impl);
 entry!(quant quantize_q8_1, quantize_q8_1_impl);
+
+// ---------------------------------------------------------------------------------------------
+// The Mamba-2 state row (see `crate::ssm`): sixteen lanes as two registers, FMA as the reference
+// uses `mul_add`, and the reference's reduction tree.
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn ssm_row_impl(s: &mut [f32], b: &[f32], c: &[f32], da: f32, xdt: f32) -> f32 {
+    let n = s.len().min(b.len()).min(c.len());
+    let body = n / 16 * 16;
+    let (vda, vx) = (_mm256_set1_ps(da), _mm256_set1_ps(xdt));
+    let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    for i in (0..body).step_by(16) {
+        for (half, acc) in [(0, &mut a0), (8, &mut a1)] {
+            let p = s.as_mut_ptr().add(i + half);
+            let v = _mm256_fmadd_ps(
+                _mm256_loadu_ps(p),
+                vda,
+                _mm256_mul_ps(_mm256_loadu_ps(b.as_ptr().add(i + half)), vx),
+            );
+            _mm256_storeu_ps(p, v);
+            *acc = _mm256_fmadd_ps(v, _mm256_loadu_ps(c.as_ptr().add(i + half)), *acc);
+        }
+    }
+    // (k + k+8), (k + k+4), (k + k+2), (k + k+1).
+    let t = _mm256_add_ps(a0, a1);
+    let t = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps::<1>(t));
+    let t = _mm_add_ps(t, _mm_movehl_ps(t, t));
+    let mut sum = _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+    for i in body..n {
+        let v = s[i].mul_add(da, b[i] * xdt);
+        s[i] = v;
+        sum = v.mul_add(c[i], sum);
+    }
+    sum
+}
+
+pub(crate) fn ssm_row(s: &mut [f32], b: &[f32], c: &[f32], da: f32, xdt: f32) -> f32 {
+    // SAFETY: selected by ssm::ssm_row_for only when an AVX2 tier is available; every pointer
+    // access is below `n`, the shortest slice's length.
+    unsafe { ssm_row_impl(s, b, c, da, xdt) }
+}

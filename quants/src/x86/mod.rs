@@ -5,6 +5,8 @@ mod vnni;
 
 use crate::{GgmlType, Isa, Kernels};
 
+pub(crate) use avx2::ssm_row;
+
 /// `k` (the scalar kernels of one type) with every kernel that `isa` or a lower x86 tier
 /// implements swapped in. The caller has checked `isa.is_available()`.
 pub(crate) fn specialize(mut k: Kernels, isa: Isa) -> Kernels {
@@ -52,12 +54,25 @@ pub(crate) fn specialize(mut k: Kernels, isa: Isa) -> Kernels {
     // The AVX-512 tier runs the AVX2 kernels; with VNNI the legacy dots use vpdpbusd.
     if isa == Isa::Avx512Vnni {
         match k.ty {
-            Q4_0 => (k.dot, k.dot4) = (vnni::dot_q4_0, d4(vnni::dot4_q4_0)),
-            Q5_0 => (k.dot, k.dot4) = (vnni::dot_q5_0, d4(vnni::dot4_q5_0)),
-            Q8_0 => (k.dot, k.dot4) = (vnni::dot_q8_0, d4(vnni::dot4_q8_0)),
-            IQ4_NL => (k.dot, k.dot4) = (vnni::dot_iq4_nl, d4(vnni::dot4_iq4_nl)),
+            Q4_0 => {
+                (k.dot, k.dot4, k.tile) = (vnni::dot_q4_0, d4(vnni::dot4_q4_0), t4(vnni::tile_q4_0))
+            }
+            Q5_0 => {
+                (k.dot, k.dot4, k.tile) = (vnni::dot_q5_0, d4(vnni::dot4_q5_0), t4(vnni::tile_q5_0))
+            }
+            Q8_0 => {
+                (k.dot, k.dot4, k.tile) = (vnni::dot_q8_0, d4(vnni::dot4_q8_0), t4(vnni::tile_q8_0))
+            }
+            IQ4_NL => {
+                (k.dot, k.dot4, k.tile) = (
+                    vnni::dot_iq4_nl,
+                    d4(vnni::dot4_iq4_nl),
+                    t4(vnni::tile_iq4_nl),
+                )
+            }
             Q4_1 => (k.dot, k.dot4) = (vnni::dot_q4_1, d4(vnni::dot4_q4_1)),
             Q5_1 => (k.dot, k.dot4) = (vnni::dot_q5_1, d4(vnni::dot4_q5_1)),
+            Q4_K => k.tile = t4(vnni::tile_q4_k),
             _ => {}
         }
     }
@@ -66,5 +81,10 @@ pub(crate) fn specialize(mut k: Kernels, isa: Isa) -> Kernels {
 
 /// A four-token kernel as the table's optional function pointer.
 fn d4(f: crate::Dot4Fn) -> Option<crate::Dot4Fn> {
+    Some(f)
+}
+
+/// A tile kernel as the table's optional function pointer.
+fn t4(f: crate::TileFn) -> Option<crate::TileFn> {
     Some(f)
 }

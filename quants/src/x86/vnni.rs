@@ -8,9 +8,11 @@
 use core::arch::x86_64::*;
 
 use super::avx2::{
-    fp16_mul, hsum_ps, iq4_nl_i8, load32, q4_0_i8, q4_1_u8, q5_0_i8, q5_1_u8, q8_0_i8, signed_dot,
-    unsigned_dot,
+    bits_to_bytes, fp16, fp16_mul, hsum_ps, iq4_nl_i8, load32, nibbles, q4_0_i8, q4_1_u8, q5_0_i8,
+    q5_1_u8, q8_0_i8, signed_dot, unsigned_dot,
 };
+use crate::kquants::{scale_min_k4, BlockQ4K, BlockQ8K};
+use crate::legacy::{h, IQ4NL_VALUES};
 use crate::legacy::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, BlockQ8_1};
 use bytemuck::cast_slice;
 
@@ -79,6 +81,151 @@ unsigned_dot!(
     dot_u8_vnni,
     BlockQ5_1,
     q5_1_u8
+);
+
+// ---------------------------------------------------------------------------------------------
+// Four-row × four-token tiles. A signed weight w is written as u − o with u an unsigned byte
+// and o a per-type offset, so `vpdpbusd` multiplies u with the activation directly; seeding each
+// product with −o·(sum of each group of four activation bytes) makes every 32-bit lane exactly
+// the lane `dot_i8_vnni` computes. Scale products and the float accumulation are the
+// single-row ones, so each of the sixteen results equals one `dot` bit for bit.
+
+#[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn q4_0_u(b: &BlockQ4_0) -> __m256i {
+    nibbles(&b.qs)
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn q5_0_u(b: &BlockQ5_0) -> __m256i {
+    let hi = _mm256_and_si256(bits_to_bytes(b.qh), _mm256_set1_epi8(0x10));
+    _mm256_or_si256(nibbles(&b.qs), hi)
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn q8_0_u(b: &BlockQ8_0) -> __m256i {
+    _mm256_xor_si256(load32(&b.qs), _mm256_set1_epi8(0x80u8 as i8))
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn iq4_nl_u(b: &BlockQ4_0) -> __m256i {
+    let t = _mm_xor_si128(
+        _mm_loadu_si128(IQ4NL_VALUES.as_ptr().cast()),
+        _mm_set1_epi8(0x80u8 as i8),
+    );
+    _mm256_shuffle_epi8(_mm256_set_m128i(t, t), nibbles(&b.qs))
+}
+
+macro_rules! offset_tile {
+    ($name:ident, $wb:ty, $unpack:ident, $offset:literal) => {
+        #[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512vnni")]
+        unsafe fn $name(w: [&[$wb]; 4], a: [&[BlockQ8_0]; 4], out: &mut [[f32; 4]; 4]) {
+            let n = w[0].len();
+            let (w, a) = (w.map(|r| &r[..n]), a.map(|r| &r[..n]));
+            let zero = _mm256_setzero_si256();
+            let off = _mm256_set1_epi8($offset as u8 as i8);
+            let mut acc = [[_mm256_setzero_ps(); 4]; 4];
+            for i in 0..n {
+                // The four rows' blocks unpacked once; then token by token (fewer live
+                // registers than holding all four tokens: no accumulator spills).
+                let u = [0, 1, 2, 3].map(|r| $unpack(&w[r][i]));
+                let dw = [0, 1, 2, 3].map(|r| _mm256_set1_ps(fp16(w[r][i].d)));
+                for j in 0..4 {
+                    let y = &a[j][i];
+                    let ya = load32(&y.qs);
+                    let seed = _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, off, ya));
+                    let da = _mm256_set1_ps(fp16(y.d));
+                    for r in 0..4 {
+                        let s = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(seed, u[r], ya));
+                        acc[r][j] = _mm256_fmadd_ps(_mm256_mul_ps(dw[r], da), s, acc[r][j]);
+                    }
+                }
+            }
+            for (o, ac) in out.iter_mut().zip(&acc) {
+                for (v, x) in o.iter_mut().zip(ac) {
+                    *v = hsum_ps(*x);
+                }
+            }
+        }
+    };
+}
+
+offset_tile!(q4_0_tile, BlockQ4_0, q4_0_u, 8);
+offset_tile!(q5_0_tile, BlockQ5_0, q5_0_u, 16);
+offset_tile!(q8_0_tile, BlockQ8_0, q8_0_u, 128);
+offset_tile!(iq4_nl_tile, BlockQ4_0, iq4_nl_u, 128);
+
+/// (Σ lanes of `a`, Σ lanes of `b`).
+#[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn hsum2_epi32(a: __m256i, b: __m256i) -> (i32, i32) {
+    let h = _mm256_hadd_epi32(a, b); // a01 a23 b01 b23 | a45 a67 b45 b67
+    let s = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h));
+    let s = _mm_hadd_epi32(s, s); // a, b, a, b
+    (_mm_cvtsi128_si32(s), _mm_extract_epi32::<1>(s))
+}
+
+/// Q4_K tile. Per row and super-block the nibbles are unpacked once and the eight 6-bit
+/// sub-block scales broadcast as 16-bit lanes; per token, `vpmaddubsw` pairs the nibbles with the
+/// activation and `vpdpwssd` weights the pairs by their sub-block scale. The integer sums and
+/// the per-super-block float expression are the scalar reference's, so each result equals
+/// `dot` bit for bit.
+#[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512vnni")]
+unsafe fn q4k_tile(w: [&[BlockQ4K]; 4], a: [&[BlockQ8K]; 4], out: &mut [[f32; 4]; 4]) {
+    let m4 = _mm256_set1_epi8(15);
+    let mut acc = [[-0.0f32; 4]; 4];
+    for i in 0..w[0].len() {
+        for (r, row) in w.iter().enumerate() {
+            let b = &row[i];
+            let mut q = [_mm256_setzero_si256(); 8];
+            for c in 0..4 {
+                let v = _mm256_loadu_si256(b.qs.as_ptr().add(32 * c).cast());
+                q[2 * c] = _mm256_and_si256(v, m4);
+                q[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4);
+            }
+            let mut sc = [_mm256_setzero_si256(); 8];
+            let mut mins = [0i16; 16];
+            for j in 0..8 {
+                let (s, m) = scale_min_k4(j, &b.scales);
+                sc[j] = _mm256_set1_epi16(s as i16);
+                mins[2 * j] = m as i16;
+                mins[2 * j + 1] = m as i16;
+            }
+            let mins = _mm256_loadu_si256(mins.as_ptr().cast());
+            let (d, dmin) = (h(b.d), h(b.dmin));
+            for (j, col) in a.iter().enumerate() {
+                let y = &col[i];
+                let mut s = _mm256_setzero_si256();
+                for c in 0..8 {
+                    let ay = _mm256_loadu_si256(y.qs.as_ptr().add(32 * c).cast());
+                    s = _mm256_dpwssd_epi32(s, _mm256_maddubs_epi16(q[c], ay), sc[c]);
+                }
+                let bs = _mm256_loadu_si256(y.bsums.as_ptr().cast());
+                let (sum, msum) = hsum2_epi32(s, _mm256_madd_epi16(bs, mins));
+                acc[r][j] += y.d() * (d * sum as f32 - dmin * msum as f32);
+            }
+        }
+    }
+    *out = acc;
+}
+
+macro_rules! entry_tile {
+    ($($name:ident => $imp:ident),* $(,)?) => {
+        $(
+            pub(crate) fn $name(w: [&[u8]; 4], a: [&[u8]; 4], out: &mut [[f32; 4]; 4]) {
+                // SAFETY: installed by x86::specialize only when Isa::Avx512Vnni is available.
+                unsafe { $imp(w.map(cast_slice), a.map(cast_slice), out) }
+            }
+        )*
+    };
+}
+
+entry_tile!(
+    tile_q4_0 => q4_0_tile, tile_q5_0 => q5_0_tile, tile_q8_0 => q8_0_tile,
+    tile_iq4_nl => iq4_nl_tile, tile_q4_k => q4k_tile,
 );
 
 macro_rules! entry {
