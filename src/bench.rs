@@ -9,6 +9,7 @@ use anyhow::Result;
 use serde_json::json;
 
 use crate::backend::cpu::Cpu;
+use crate::gguf::Model;
 use crate::model::Forward;
 use crate::sample::argmax;
 
@@ -82,6 +83,10 @@ pub fn run(
 }
 
 impl BenchResult {
+    pub fn tg_median(&self) -> f64 {
+        median(&self.tg)
+    }
+
     pub fn to_json(&self, model: &Path, threads: usize) -> serde_json::Value {
         json!({
             "runner": "ggrun",
@@ -108,4 +113,58 @@ impl BenchResult {
             median(&self.tg)
         )
     }
+}
+
+/// Weight bytes one generated token reads: every tensor, except that the token embedding
+/// contributes one row (unless it doubles as the output head) and routed experts contribute
+/// the fraction `expert_used_count / expert_count` of their bytes (uniform routing).
+pub fn bytes_per_token(g: &Model) -> Result<u64> {
+    let md = g.metadata();
+    let arch = g.architecture()?;
+    let used = md.get_usize(&format!("{arch}.expert_used_count")).ok();
+    let count = md.get_usize(&format!("{arch}.expert_count")).ok();
+    let tied = g.tensor("output.weight").is_none();
+    let mut total = 0f64;
+    for t in g.tensors() {
+        let bytes = t.size_bytes as f64;
+        total += if t.name == "token_embd.weight" && !tied {
+            bytes / t.rows().max(1) as f64
+        } else if t.name.contains("_exps.") {
+            match (used, count) {
+                (Some(u), Some(c)) if c > 0 => bytes * u as f64 / c as f64,
+                _ => bytes,
+            }
+        } else {
+            bytes
+        };
+    }
+    Ok(total as u64)
+}
+
+/// Read bandwidth of the mapped model file (bytes/s): `threads` threads each read a share of
+/// every part, best of `passes` after one warm pass (pages already resident).
+pub fn read_bandwidth(g: &Model, cpu: &Cpu, passes: usize) -> f64 {
+    use rayon::prelude::*;
+    let total: usize = g.parts.iter().map(|p| p.bytes().len()).sum();
+    let mut best = 0f64;
+    for pass in 0..=passes {
+        let t0 = Instant::now();
+        let sum: u64 = cpu.install(|| {
+            g.parts
+                .iter()
+                .map(|p| {
+                    p.bytes()
+                        .par_chunks(1 << 20)
+                        .map(ggrun_quants::float::sum_bytes)
+                        .sum::<u64>()
+                })
+                .sum()
+        });
+        std::hint::black_box(sum);
+        let bw = total as f64 / t0.elapsed().as_secs_f64();
+        if pass > 0 {
+            best = best.max(bw);
+        }
+    }
+    best
 }

@@ -69,6 +69,45 @@ fn bench(c: &mut Criterion) {
                     s
                 })
             });
+            if let Some(tile) = k.tile {
+                // Four tokens per pass; reported per token (weight bytes x 4 / time) so that it
+                // compares with "dot".
+                let acts: Vec<Vec<u8>> = (0..4)
+                    .map(|i| {
+                        let mut a = vec![0u8; k.act_ty.row_bytes(n as u64).unwrap() as usize];
+                        (k.quantize_act)(&data(n + i)[i..], &mut a);
+                        a
+                    })
+                    .collect();
+                g.throughput(Throughput::Bytes(4 * w.len() as u64));
+                g.bench_function(BenchmarkId::new("tile4x4", isa.name()), |b| {
+                    b.iter(|| {
+                        let mut out = [[0f32; 4]; 4];
+                        for four in w.chunks(4 * row_bytes) {
+                            let r: Vec<&[u8]> = four.chunks(row_bytes).collect();
+                            tile(
+                                black_box([r[0], r[1], r[2], r[3]]),
+                                [&acts[0], &acts[1], &acts[2], &acts[3]],
+                                &mut out,
+                            );
+                        }
+                        out[0][0]
+                    })
+                });
+                g.throughput(Throughput::Bytes(w.len() as u64));
+            }
+            if let Some(rows4) = k.rows4 {
+                g.bench_function(BenchmarkId::new("rows4", isa.name()), |b| {
+                    b.iter(|| {
+                        let mut out = [0f32; 4];
+                        for four in w.chunks(4 * row_bytes) {
+                            let r: Vec<&[u8]> = four.chunks(row_bytes).collect();
+                            rows4(black_box([r[0], r[1], r[2], r[3]]), &a, &mut out);
+                        }
+                        out[0]
+                    })
+                });
+            }
             let mut out = vec![0f32; n];
             g.bench_function(BenchmarkId::new("dequantize", isa.name()), |b| {
                 b.iter(|| {

@@ -120,3 +120,13 @@ mod tests {
         }
     }
 }
+
+/// Wrapping sum of `bytes` read as little-endian u64 words (plus the tail bytes): a plain
+/// sequential read of memory, for measuring read bandwidth.
+pub fn sum_bytes(bytes: &[u8]) -> u64 {
+    let words = bytes.chunks_exact(8);
+    let tail: u64 = words.remainder().iter().map(|&b| b as u64).sum();
+    words
+        .map(|w| u64::from_le_bytes(w.try_into().unwrap_or([0; 8])))
+        .fold(tail, u64::wrapping_add)
+}

@@ -36,6 +36,9 @@ pub type Dot4Fn = fn(&[u8], [&[u8]; 4], &mut [f32; 4]);
 /// bit, with each weight block unpacked once and each activation block prepared once per tile
 /// (the register-blocked core of prefill).
 pub type TileFn = fn([&[u8]; 4], [&[u8]; 4], &mut [[f32; 4]; 4]);
+/// `rows4(four weight rows, activation row, out)`: `out[r]` = `dot(w[r], a)` bit for bit, the
+/// activation block prepared once for the four rows (decode).
+pub type Rows4Fn = fn([&[u8]; 4], &[u8], &mut [f32; 4]);
 /// Dequantize a row of bytes into `dst` (whose length is the element count).
 pub type DequantizeFn = fn(&[u8], &mut [f32]);
 /// Quantize a row of floats into bytes (`dst` is exactly the row's byte length).
@@ -52,6 +55,8 @@ pub struct Kernels {
     pub dot4: Option<Dot4Fn>,
     /// A four-row × four-token `dot` where the tier has one.
     pub tile: Option<TileFn>,
+    /// A four-row × one-token `dot` where the tier has one.
+    pub rows4: Option<Rows4Fn>,
     pub dequantize: DequantizeFn,
     /// Quantizes an activation row to `act_ty` (the rounding llama.cpp's SIMD paths use).
     pub quantize_act: QuantizeFn,
@@ -248,6 +253,7 @@ pub fn scalar_kernels(ty: GgmlType) -> Option<Kernels> {
         dot,
         dot4: None,
         tile: None,
+        rows4: None,
         dequantize: dequantize_fn(ty)?,
         quantize_act,
     })

@@ -292,7 +292,7 @@ fn q8_activation_roundings_differ_only_on_ties() {
 }
 
 #[test]
-fn tiles_equal_sixteen_single_dots_bit_for_bit() {
+fn tiles_and_four_row_kernels_equal_single_dots_bit_for_bit() {
     let mut r = rng();
     let mut tested = 0;
     for ty in WEIGHT_TYPES {
@@ -317,6 +317,15 @@ fn tiles_equal_sixteen_single_dots_bit_for_bit() {
                 for (o, w) in out.iter().zip(&rows) {
                     for (v, a) in o.iter().zip(&acts) {
                         assert_eq!(v.to_bits(), (k.dot)(w, a).to_bits(), "{ty} {isa:?} n={n}");
+                    }
+                }
+                if let Some(rows4) = k.rows4 {
+                    for a in &acts {
+                        let mut o = [0f32; 4];
+                        rows4([&rows[0], &rows[1], &rows[2], &rows[3]], a, &mut o);
+                        for (v, w) in o.iter().zip(&rows) {
+                            assert_eq!(v.to_bits(), (k.dot)(w, a).to_bits(), "rows4 {ty} {isa:?}");
+                        }
                     }
                 }
                 tested += 1;

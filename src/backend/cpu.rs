@@ -125,22 +125,34 @@ impl Cpu {
                         for t0 in (0..t).step_by(TOKEN_BLOCK) {
                             let t1 = (t0 + TOKEN_BLOCK).min(t);
                             let mut i = 0;
-                            if let Some(tile) = k.tile {
-                                while i + 4 <= rows && t1 - t0 >= 4 {
+                            if k.tile.is_some() && t >= 4 {
+                                while i + 4 <= rows {
                                     let ws = [wr(i), wr(i + 1), wr(i + 2), wr(i + 3)];
                                     let mut j = t0;
-                                    while j + 4 <= t1 {
-                                        let mut o = [[0f32; 4]; 4];
-                                        tile(ws, [a(j), a(j + 1), a(j + 2), a(j + 3)], &mut o);
-                                        for (q, oq) in o.iter().enumerate() {
-                                            let at = (i + q) * t + j;
-                                            out[at..at + 4].copy_from_slice(oq);
+                                    if let Some(tile) = k.tile {
+                                        while j + 4 <= t1 {
+                                            let mut o = [[0f32; 4]; 4];
+                                            let toks = [a(j), a(j + 1), a(j + 2), a(j + 3)];
+                                            tile(ws, toks, &mut o);
+                                            for (q, oq) in o.iter().enumerate() {
+                                                let at = (i + q) * t + j;
+                                                out[at..at + 4].copy_from_slice(oq);
+                                            }
+                                            j += 4;
                                         }
-                                        j += 4;
                                     }
                                     for jj in j..t1 {
-                                        for (q, wq) in ws.iter().enumerate() {
-                                            out[(i + q) * t + jj] = (k.dot)(wq, a(jj));
+                                        let mut o = [0f32; 4];
+                                        match k.rows4 {
+                                            Some(rows4) => rows4(ws, a(jj), &mut o),
+                                            None => {
+                                                for (v, wq) in o.iter_mut().zip(&ws) {
+                                                    *v = (k.dot)(wq, a(jj));
+                                                }
+                                            }
+                                        }
+                                        for (q, v) in o.iter().enumerate() {
+                                            out[(i + q) * t + jj] = *v;
                                         }
                                     }
                                     i += 4;

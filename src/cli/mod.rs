@@ -90,6 +90,11 @@ pub enum Command {
         /// One JSON object with pp_tok_s and tg_tok_s.
         #[arg(long)]
         json: bool,
+        /// Also measure the memory-bandwidth roofline: the read bandwidth of the mapped file
+        /// with these threads, the weight bytes a token reads, and tg as a share of
+        /// bandwidth / bytes.
+        #[arg(long)]
+        roofline: bool,
     },
     /// Write a synthetic model with random weights (Nemotron 3 Nano's real widths).
     #[command(name = "gen-model", hide = true)]
@@ -242,16 +247,41 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             reps,
             exact,
             json,
+            roofline,
         } => {
             let precision = precision(exact);
             let g = Model::open(&model)?;
             let m = crate::model::load(&g)?;
             let cpu = Cpu::new(threads, precision)?;
             let r = crate::bench::run(m.as_ref(), &cpu, n_prompt, n_gen, reps.max(1))?;
+            let roof = if roofline {
+                let bytes = crate::bench::bytes_per_token(&g)?;
+                let bw = crate::bench::read_bandwidth(&g, &cpu, 3);
+                Some((bytes, bw))
+            } else {
+                None
+            };
             if json {
-                writeln!(out, "{}", r.to_json(&model, cpu.threads))?;
+                let mut v = r.to_json(&model, cpu.threads);
+                if let Some((bytes, bw)) = roof {
+                    v["bytes_per_token"] = bytes.into();
+                    v["read_gb_s"] = (bw / 1e9).into();
+                    v["roofline_tok_s"] = (bw / bytes as f64).into();
+                    v["tg_roofline_pct"] = (100.0 * r.tg_median() * bytes as f64 / bw).into();
+                }
+                writeln!(out, "{v}")?;
             } else {
                 writeln!(out, "{}", r.to_text(&model, cpu.threads))?;
+                if let Some((bytes, bw)) = roof {
+                    writeln!(
+                        out,
+                        "roofline: {:.1} MB/token, read {:.1} GB/s -> {:.2} tok/s; tg is {:.1}% of it",
+                        bytes as f64 / 1e6,
+                        bw / 1e9,
+                        bw / bytes as f64,
+                        100.0 * r.tg_median() * bytes as f64 / bw
+                    )?;
+                }
             }
         }
         Command::GenModel {

@@ -55,24 +55,40 @@ pub(crate) fn specialize(mut k: Kernels, isa: Isa) -> Kernels {
     if isa == Isa::Avx512Vnni {
         match k.ty {
             Q4_0 => {
-                (k.dot, k.dot4, k.tile) = (vnni::dot_q4_0, d4(vnni::dot4_q4_0), t4(vnni::tile_q4_0))
+                (k.dot, k.dot4, k.tile, k.rows4) = (
+                    vnni::dot_q4_0,
+                    d4(vnni::dot4_q4_0),
+                    t4(vnni::tile_q4_0),
+                    r4(vnni::rows4_q4_0),
+                )
             }
             Q5_0 => {
-                (k.dot, k.dot4, k.tile) = (vnni::dot_q5_0, d4(vnni::dot4_q5_0), t4(vnni::tile_q5_0))
+                (k.dot, k.dot4, k.tile, k.rows4) = (
+                    vnni::dot_q5_0,
+                    d4(vnni::dot4_q5_0),
+                    t4(vnni::tile_q5_0),
+                    r4(vnni::rows4_q5_0),
+                )
             }
             Q8_0 => {
-                (k.dot, k.dot4, k.tile) = (vnni::dot_q8_0, d4(vnni::dot4_q8_0), t4(vnni::tile_q8_0))
+                (k.dot, k.dot4, k.tile, k.rows4) = (
+                    vnni::dot_q8_0,
+                    d4(vnni::dot4_q8_0),
+                    t4(vnni::tile_q8_0),
+                    r4(vnni::rows4_q8_0),
+                )
             }
             IQ4_NL => {
-                (k.dot, k.dot4, k.tile) = (
+                (k.dot, k.dot4, k.tile, k.rows4) = (
                     vnni::dot_iq4_nl,
                     d4(vnni::dot4_iq4_nl),
                     t4(vnni::tile_iq4_nl),
+                    r4(vnni::rows4_iq4_nl),
                 )
             }
             Q4_1 => (k.dot, k.dot4) = (vnni::dot_q4_1, d4(vnni::dot4_q4_1)),
             Q5_1 => (k.dot, k.dot4) = (vnni::dot_q5_1, d4(vnni::dot4_q5_1)),
-            Q4_K => k.tile = t4(vnni::tile_q4_k),
+            Q4_K => (k.dot, k.tile) = (vnni::dot_q4_k, t4(vnni::tile_q4_k)),
             _ => {}
         }
     }
@@ -86,5 +102,10 @@ fn d4(f: crate::Dot4Fn) -> Option<crate::Dot4Fn> {
 
 /// A tile kernel as the table's optional function pointer.
 fn t4(f: crate::TileFn) -> Option<crate::TileFn> {
+    Some(f)
+}
+
+/// A four-row kernel as the table's optional function pointer.
+fn r4(f: crate::Rows4Fn) -> Option<crate::Rows4Fn> {
     Some(f)
 }

@@ -8,8 +8,8 @@
 use core::arch::x86_64::*;
 
 use super::avx2::{
-    bits_to_bytes, fp16, fp16_mul, hsum_ps, iq4_nl_i8, load32, nibbles, q4_0_i8, q4_1_u8, q5_0_i8,
-    q5_1_u8, q8_0_i8, signed_dot, unsigned_dot,
+    fp16, fp16_mul, hsum_ps, iq4_nl_i8, load32, nibbles, q4_0_i8, q4_1_u8, q5_0_i8, q5_1_u8,
+    q8_0_i8, signed_dot, unsigned_dot,
 };
 use crate::kquants::{scale_min_k4, BlockQ4K, BlockQ8K};
 use crate::legacy::{h, IQ4NL_VALUES};
@@ -96,10 +96,11 @@ unsafe fn q4_0_u(b: &BlockQ4_0) -> __m256i {
     nibbles(&b.qs)
 }
 
-#[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512vnni")]
+#[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512bw,avx512vnni")]
 #[inline]
 unsafe fn q5_0_u(b: &BlockQ5_0) -> __m256i {
-    let hi = _mm256_and_si256(bits_to_bytes(b.qh), _mm256_set1_epi8(0x10));
+    // The fifth bits as a byte mask straight from qh (AVX-512BW), 0x10 where set.
+    let hi = _mm256_maskz_mov_epi8(u32::from_le_bytes(b.qh), _mm256_set1_epi8(0x10));
     _mm256_or_si256(nibbles(&b.qs), hi)
 }
 
@@ -120,8 +121,8 @@ unsafe fn iq4_nl_u(b: &BlockQ4_0) -> __m256i {
 }
 
 macro_rules! offset_tile {
-    ($name:ident, $wb:ty, $unpack:ident, $offset:literal) => {
-        #[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512vnni")]
+    ($name:ident, $rows4:ident, $wb:ty, $unpack:ident, $offset:literal) => {
+        #[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512bw,avx512vnni")]
         unsafe fn $name(w: [&[$wb]; 4], a: [&[BlockQ8_0]; 4], out: &mut [[f32; 4]; 4]) {
             let n = w[0].len();
             let (w, a) = (w.map(|r| &r[..n]), a.map(|r| &r[..n]));
@@ -150,13 +151,38 @@ macro_rules! offset_tile {
                 }
             }
         }
+
+        /// Four rows, one token (decode): the activation block is prepared once per block.
+        #[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512bw,avx512vnni")]
+        unsafe fn $rows4(w: [&[$wb]; 4], a: &[BlockQ8_0], out: &mut [f32; 4]) {
+            let n = w[0].len();
+            let (w, a) = (w.map(|r| &r[..n]), &a[..n]);
+            let zero = _mm256_setzero_si256();
+            let off = _mm256_set1_epi8($offset as u8 as i8);
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for i in 0..n {
+                let y = &a[i];
+                let ya = load32(&y.qs);
+                let seed = _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, off, ya));
+                let da = _mm256_set1_ps(fp16(y.d));
+                for r in 0..4 {
+                    let b = &w[r][i];
+                    let s = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(seed, $unpack(b), ya));
+                    let d = _mm256_mul_ps(_mm256_set1_ps(fp16(b.d)), da);
+                    acc[r] = _mm256_fmadd_ps(d, s, acc[r]);
+                }
+            }
+            for (o, x) in out.iter_mut().zip(acc) {
+                *o = hsum_ps(x);
+            }
+        }
     };
 }
 
-offset_tile!(q4_0_tile, BlockQ4_0, q4_0_u, 8);
-offset_tile!(q5_0_tile, BlockQ5_0, q5_0_u, 16);
-offset_tile!(q8_0_tile, BlockQ8_0, q8_0_u, 128);
-offset_tile!(iq4_nl_tile, BlockQ4_0, iq4_nl_u, 128);
+offset_tile!(q4_0_tile, q4_0_rows4, BlockQ4_0, q4_0_u, 8);
+offset_tile!(q5_0_tile, q5_0_rows4, BlockQ5_0, q5_0_u, 16);
+offset_tile!(q8_0_tile, q8_0_rows4, BlockQ8_0, q8_0_u, 128);
+offset_tile!(iq4_nl_tile, iq4_nl_rows4, BlockQ4_0, iq4_nl_u, 128);
 
 /// (Σ lanes of `a`, Σ lanes of `b`).
 #[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512vnni")]
@@ -168,44 +194,79 @@ unsafe fn hsum2_epi32(a: __m256i, b: __m256i) -> (i32, i32) {
     (_mm_cvtsi128_si32(s), _mm_extract_epi32::<1>(s))
 }
 
-/// Q4_K tile. Per row and super-block the nibbles are unpacked once and the eight 6-bit
-/// sub-block scales broadcast as 16-bit lanes; per token, `vpmaddubsw` pairs the nibbles with the
-/// activation and `vpdpwssd` weights the pairs by their sub-block scale. The integer sums and
-/// the per-super-block float expression are the scalar reference's, so each result equals
-/// `dot` bit for bit.
+/// One Q4_K super-block unpacked for `vpmaddubsw`: the 256 nibbles as eight registers of 32, the
+/// eight 6-bit sub-block scales broadcast as 16-bit lanes, the mins repeated per pair of 16
+/// (to meet the activation's bsums), and the two scales.
+struct Q4kUnpacked {
+    q: [__m256i; 8],
+    sc: [__m256i; 8],
+    mins: __m256i,
+    d: f32,
+    dmin: f32,
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn q4k_unpack(b: &BlockQ4K) -> Q4kUnpacked {
+    let m4 = _mm256_set1_epi8(15);
+    let mut q = [_mm256_setzero_si256(); 8];
+    for c in 0..4 {
+        let v = _mm256_loadu_si256(b.qs.as_ptr().add(32 * c).cast());
+        q[2 * c] = _mm256_and_si256(v, m4);
+        q[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4);
+    }
+    let mut sc = [_mm256_setzero_si256(); 8];
+    let mut mins = [0i16; 16];
+    for j in 0..8 {
+        let (s, m) = scale_min_k4(j, &b.scales);
+        sc[j] = _mm256_set1_epi16(s as i16);
+        mins[2 * j] = m as i16;
+        mins[2 * j + 1] = m as i16;
+    }
+    Q4kUnpacked {
+        q,
+        sc,
+        mins: _mm256_loadu_si256(mins.as_ptr().cast()),
+        d: h(b.d),
+        dmin: h(b.dmin),
+    }
+}
+
+/// One super-block's term `a.d · (d · Σ sc·q·a − dmin · Σ min·bsum)` (the scalar reference's
+/// expression): `vpmaddubsw` pairs nibbles with the activation, `vpdpwssd` weights the pairs by
+/// their sub-block scale.
+#[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn q4k_term(u: &Q4kUnpacked, y: &BlockQ8K) -> f32 {
+    let mut s = _mm256_setzero_si256();
+    for c in 0..8 {
+        let ay = _mm256_loadu_si256(y.qs.as_ptr().add(32 * c).cast());
+        s = _mm256_dpwssd_epi32(s, _mm256_maddubs_epi16(u.q[c], ay), u.sc[c]);
+    }
+    let bs = _mm256_loadu_si256(y.bsums.as_ptr().cast());
+    let (sum, msum) = hsum2_epi32(s, _mm256_madd_epi16(bs, u.mins));
+    y.d() * (u.d * sum as f32 - u.dmin * msum as f32)
+}
+
+/// Q4_K dot: the terms summed in block order, as the reference's `Iterator::sum`.
+#[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512vnni")]
+unsafe fn q4k(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
+    let mut acc = -0.0f32;
+    for (b, y) in w.iter().zip(a) {
+        acc += q4k_term(&q4k_unpack(b), y);
+    }
+    acc
+}
+
+/// Q4_K tile: each row's super-block unpacked once for the four tokens.
 #[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512vnni")]
 unsafe fn q4k_tile(w: [&[BlockQ4K]; 4], a: [&[BlockQ8K]; 4], out: &mut [[f32; 4]; 4]) {
-    let m4 = _mm256_set1_epi8(15);
     let mut acc = [[-0.0f32; 4]; 4];
     for i in 0..w[0].len() {
         for (r, row) in w.iter().enumerate() {
-            let b = &row[i];
-            let mut q = [_mm256_setzero_si256(); 8];
-            for c in 0..4 {
-                let v = _mm256_loadu_si256(b.qs.as_ptr().add(32 * c).cast());
-                q[2 * c] = _mm256_and_si256(v, m4);
-                q[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4);
-            }
-            let mut sc = [_mm256_setzero_si256(); 8];
-            let mut mins = [0i16; 16];
-            for j in 0..8 {
-                let (s, m) = scale_min_k4(j, &b.scales);
-                sc[j] = _mm256_set1_epi16(s as i16);
-                mins[2 * j] = m as i16;
-                mins[2 * j + 1] = m as i16;
-            }
-            let mins = _mm256_loadu_si256(mins.as_ptr().cast());
-            let (d, dmin) = (h(b.d), h(b.dmin));
+            let u = q4k_unpack(&row[i]);
             for (j, col) in a.iter().enumerate() {
-                let y = &col[i];
-                let mut s = _mm256_setzero_si256();
-                for c in 0..8 {
-                    let ay = _mm256_loadu_si256(y.qs.as_ptr().add(32 * c).cast());
-                    s = _mm256_dpwssd_epi32(s, _mm256_maddubs_epi16(q[c], ay), sc[c]);
-                }
-                let bs = _mm256_loadu_si256(y.bsums.as_ptr().cast());
-                let (sum, msum) = hsum2_epi32(s, _mm256_madd_epi16(bs, mins));
-                acc[r][j] += y.d() * (d * sum as f32 - dmin * msum as f32);
+                acc[r][j] += q4k_term(&u, &col[i]);
             }
         }
     }
@@ -228,6 +289,22 @@ entry_tile!(
     tile_iq4_nl => iq4_nl_tile, tile_q4_k => q4k_tile,
 );
 
+macro_rules! entry_rows4 {
+    ($($name:ident => $imp:ident),* $(,)?) => {
+        $(
+            pub(crate) fn $name(w: [&[u8]; 4], a: &[u8], out: &mut [f32; 4]) {
+                // SAFETY: installed by x86::specialize only when Isa::Avx512Vnni is available.
+                unsafe { $imp(w.map(cast_slice), cast_slice(a), out) }
+            }
+        )*
+    };
+}
+
+entry_rows4!(
+    rows4_q4_0 => q4_0_rows4, rows4_q5_0 => q5_0_rows4, rows4_q8_0 => q8_0_rows4,
+    rows4_iq4_nl => iq4_nl_rows4,
+);
+
 macro_rules! entry {
     ($($name:ident => $imp:ident),* $(,)?) => {
         $(
@@ -241,7 +318,7 @@ macro_rules! entry {
 
 entry!(
     dot_q4_0 => q4_0, dot_q5_0 => q5_0, dot_q8_0 => q8_0,
-    dot_iq4_nl => iq4_nl, dot_q4_1 => q4_1, dot_q5_1 => q5_1,
+    dot_iq4_nl => iq4_nl, dot_q4_1 => q4_1, dot_q5_1 => q5_1, dot_q4_k => q4k,
 );
 
 macro_rules! entry4 {
