@@ -130,3 +130,54 @@ pub fn sum_bytes(bytes: &[u8]) -> u64 {
         .map(|w| u64::from_le_bytes(w.try_into().unwrap_or([0; 8])))
         .fold(tail, u64::wrapping_add)
 }
+
+/// `y += a·x` elementwise with one rounding per element (fused multiply-add), the attention's
+/// value accumulation. The SIMD twins equal this bit for bit.
+pub type AxpyFn = fn(&mut [f32], f32, &[f32]);
+
+pub fn axpy_scalar(y: &mut [f32], a: f32, x: &[f32]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y = a.mul_add(*x, *y);
+    }
+}
+
+/// The axpy kernel of the active tier.
+pub fn axpy_fn() -> AxpyFn {
+    axpy_for(crate::isa::active())
+}
+
+/// The axpy kernel of `isa` (scalar where the tier has none).
+pub fn axpy_for(isa: crate::Isa) -> AxpyFn {
+    #[cfg(target_arch = "x86_64")]
+    if isa >= crate::Isa::Avx2 && isa <= crate::Isa::Avx512Vnni && isa.is_available() {
+        return crate::x86::axpy;
+    }
+    let _ = isa;
+    axpy_scalar
+}
+
+/// `out[p] = Σ_d k[p·stride + d] · q[d]` for p < out.len(), each sum taken in d order (product
+/// rounded, then added), the order the attention's q·k scores are defined with. The SIMD twins
+/// put positions in lanes, so they keep that order and equal this bit for bit.
+pub type DotRowsFn = fn(&[f32], usize, &[f32], &mut [f32]);
+
+pub fn dot_rows_scalar(k: &[f32], stride: usize, q: &[f32], out: &mut [f32]) {
+    for (p, o) in out.iter_mut().enumerate() {
+        let row = &k[p * stride..p * stride + q.len()];
+        *o = row.iter().zip(q).fold(-0.0f32, |acc, (a, b)| acc + a * b);
+    }
+}
+
+/// The position-parallel q·k kernel of the active tier.
+pub fn dot_rows_fn() -> DotRowsFn {
+    dot_rows_for(crate::isa::active())
+}
+
+pub fn dot_rows_for(isa: crate::Isa) -> DotRowsFn {
+    #[cfg(target_arch = "x86_64")]
+    if isa >= crate::Isa::Avx2 && isa <= crate::Isa::Avx512Vnni && isa.is_available() {
+        return crate::x86::dot_rows;
+    }
+    let _ = isa;
+    dot_rows_scalar
+}

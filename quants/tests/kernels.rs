@@ -397,3 +397,42 @@ fn ssm_state_rows_match_the_scalar_reference_bit_for_bit() {
         }
     }
 }
+
+#[test]
+fn axpy_matches_the_scalar_reference_bit_for_bit() {
+    use ggrun_quants::float::{axpy_for, axpy_scalar};
+    let mut r = rng();
+    for isa in Isa::available() {
+        for n in [1, 7, 8, 9, 64, 100] {
+            let (y0, x) = (floats(&mut r, n), floats(&mut r, n));
+            let (mut y1, mut y2) = (y0.clone(), y0.clone());
+            axpy_scalar(&mut y1, 0.3, &x);
+            axpy_for(isa)(&mut y2, 0.3, &x);
+            assert!(
+                y1.iter().zip(&y2).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{isa:?} {n}"
+            );
+        }
+    }
+}
+
+#[test]
+fn position_parallel_dots_keep_the_sequential_order() {
+    use ggrun_quants::float::{dot_rows_for, dot_rows_scalar};
+    let mut r = rng();
+    for isa in Isa::available() {
+        for (n, hd, stride) in [(1, 64, 64), (8, 64, 192), (21, 64, 576), (17, 12, 12)] {
+            let k = floats(&mut r, (n - 1) * stride + hd);
+            let q = floats(&mut r, hd);
+            let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
+            dot_rows_scalar(&k, stride, &q, &mut a);
+            dot_rows_for(isa)(&k, stride, &q, &mut b);
+            assert!(
+                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{isa:?} {n}"
+            );
+            let want: f32 = k[..hd].iter().zip(&q).map(|(a, b)| a * b).sum();
+            assert_eq!(a[0].to_bits(), want.to_bits());
+        }
+    }
+}

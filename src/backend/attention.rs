@@ -68,6 +68,11 @@ pub fn attend(
     *len += t;
 
     let (nh, hd) = (s.n_head, s.head_dim);
+    // SIMD kernels of the active tier: q·k for eight positions at once (each summed in d
+    // order, which reproduces llama.cpp's greedy continuations), and the fused value
+    // accumulation.
+    let dot_rows = ggrun_quants::float::dot_rows_fn();
+    let axpy = ggrun_quants::float::axpy_fn();
     let group = nh / s.n_head_kv;
     let (kc, vc) = (&kc[..], &vc[..]);
     // Heads are independent: each computes its columns of the output for every new token.
@@ -86,11 +91,10 @@ pub fn attend(
                 {
                     *d = if f16 { round_f16(*x) } else { *x };
                 }
+                dot_rows(&kc[kvh * hd..], row, &qh, &mut scores[..n]);
                 let mut max = f32::NEG_INFINITY;
-                for (p, sc) in scores[..n].iter_mut().enumerate() {
-                    let kr = &kc[p * row + kvh * hd..p * row + (kvh + 1) * hd];
-                    let dot: f32 = kr.iter().zip(&qh).map(|(a, b)| a * b).sum();
-                    *sc = dot * s.scale;
+                for sc in scores[..n].iter_mut() {
+                    *sc *= s.scale;
                     max = max.max(*sc);
                 }
                 let mut sum = 0f64;
@@ -102,10 +106,7 @@ pub fn attend(
                 let o = &mut oh[ti * hd..(ti + 1) * hd];
                 for (p, sc) in scores[..n].iter().enumerate() {
                     let w = if f16 { round_f16(sc * inv) } else { sc * inv };
-                    let vr = &vc[p * row + kvh * hd..p * row + (kvh + 1) * hd];
-                    for (a, b) in o.iter_mut().zip(vr) {
-                        *a += w * b;
-                    }
+                    axpy(o, w, &vc[p * row + kvh * hd..p * row + (kvh + 1) * hd]);
                 }
             }
             oh

@@ -692,3 +692,93 @@ pub(crate) fn ssm_row(s: &mut [f32], b: &[f32], c: &[f32], da: f32, xdt: f32) ->
     // access is below `n`, the shortest slice's length.
     unsafe { ssm_row_impl(s, b, c, da, xdt) }
 }
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn axpy_impl(y: &mut [f32], a: f32, x: &[f32]) {
+    let n = y.len().min(x.len());
+    let va = _mm256_set1_ps(a);
+    let mut i = 0;
+    while i + 8 <= n {
+        let p = y.as_mut_ptr().add(i);
+        _mm256_storeu_ps(
+            p,
+            _mm256_fmadd_ps(va, _mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(p)),
+        );
+        i += 8;
+    }
+    for k in i..n {
+        y[k] = a.mul_add(x[k], y[k]);
+    }
+}
+
+pub(crate) fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    // SAFETY: selected by float::axpy_for only when an AVX2 tier is available; every pointer
+    // access is below `n`, the shorter slice's length.
+    unsafe { axpy_impl(y, a, x) }
+}
+
+/// Eight rows of eight floats transposed: lane i of result d is element d of row i.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+    let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+    let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+    let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+    let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+    let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+    let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+    let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+    [
+        _mm256_permute2f128_ps::<0x20>(u0, u4),
+        _mm256_permute2f128_ps::<0x20>(u1, u5),
+        _mm256_permute2f128_ps::<0x20>(u2, u6),
+        _mm256_permute2f128_ps::<0x20>(u3, u7),
+        _mm256_permute2f128_ps::<0x31>(u0, u4),
+        _mm256_permute2f128_ps::<0x31>(u1, u5),
+        _mm256_permute2f128_ps::<0x31>(u2, u6),
+        _mm256_permute2f128_ps::<0x31>(u3, u7),
+    ]
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_rows_impl(k: &[f32], stride: usize, q: &[f32], out: &mut [f32]) {
+    let (n, hd) = (out.len(), q.len());
+    assert!(
+        n == 0 || (n - 1) * stride + hd <= k.len(),
+        "dot_rows: rows out of range"
+    );
+    let mut p = 0;
+    if hd % 8 == 0 {
+        while p + 8 <= n {
+            let mut acc = _mm256_set1_ps(-0.0);
+            for d0 in (0..hd).step_by(8) {
+                let rows = [0, 1, 2, 3, 4, 5, 6, 7]
+                    .map(|i| _mm256_loadu_ps(k.as_ptr().add((p + i) * stride + d0)));
+                let t = transpose8(rows);
+                for (dd, col) in t.iter().enumerate() {
+                    acc = _mm256_add_ps(acc, _mm256_mul_ps(*col, _mm256_set1_ps(q[d0 + dd])));
+                }
+            }
+            _mm256_storeu_ps(out.as_mut_ptr().add(p), acc);
+            p += 8;
+        }
+    }
+    if p < n {
+        crate::float::dot_rows_scalar(&k[p * stride..], stride, q, &mut out[p..]);
+    }
+}
+
+pub(crate) fn dot_rows(k: &[f32], stride: usize, q: &[f32], out: &mut [f32]) {
+    // SAFETY: selected by float::dot_rows_for only when an AVX2 tier is available; the assert
+    // in dot_rows_impl bounds every row read.
+    unsafe { dot_rows_impl(k, stride, q, out) }
+}

@@ -5,7 +5,7 @@ mod vnni;
 
 use crate::{GgmlType, Isa, Kernels};
 
-pub(crate) use avx2::ssm_row;
+pub(crate) use avx2::{axpy, dot_rows, ssm_row};
 
 /// `k` (the scalar kernels of one type) with every kernel that `isa` or a lower x86 tier
 /// implements swapped in. The caller has checked `isa.is_available()`.
@@ -86,8 +86,12 @@ pub(crate) fn specialize(mut k: Kernels, isa: Isa) -> Kernels {
                     r4(vnni::rows4_iq4_nl),
                 )
             }
-            Q4_1 => (k.dot, k.dot4) = (vnni::dot_q4_1, d4(vnni::dot4_q4_1)),
-            Q5_1 => (k.dot, k.dot4) = (vnni::dot_q5_1, d4(vnni::dot4_q5_1)),
+            Q4_1 => {
+                (k.dot, k.dot4, k.tile) = (vnni::dot_q4_1, d4(vnni::dot4_q4_1), t4(vnni::tile_q4_1))
+            }
+            Q5_1 => {
+                (k.dot, k.dot4, k.tile) = (vnni::dot_q5_1, d4(vnni::dot4_q5_1), t4(vnni::tile_q5_1))
+            }
             Q4_K => (k.dot, k.tile) = (vnni::dot_q4_k, t4(vnni::tile_q4_k)),
             _ => {}
         }

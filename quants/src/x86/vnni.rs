@@ -184,6 +184,62 @@ offset_tile!(q5_0_tile, q5_0_rows4, BlockQ5_0, q5_0_u, 16);
 offset_tile!(q8_0_tile, q8_0_rows4, BlockQ8_0, q8_0_u, 128);
 offset_tile!(iq4_nl_tile, iq4_nl_rows4, BlockQ4_0, iq4_nl_u, 128);
 
+/// Q4_1 / Q5_1 tiles against Q8_1 activations: the weights are unsigned already, so
+/// `vpdpbusd` takes them as they are; the minimum terms f16(m)·f16(s) are accumulated per token
+/// in the lanes of a 128-bit register, in block order, as the single-row dot accumulates them.
+macro_rules! unsigned_tile {
+    ($name:ident, $wb:ty, $unpack:ident) => {
+        #[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512bw,avx512vnni")]
+        unsafe fn $name(w: [&[$wb]; 4], a: [&[BlockQ8_1]; 4], out: &mut [[f32; 4]; 4]) {
+            let n = w[0].len();
+            let (w, a) = (w.map(|r| &r[..n]), a.map(|r| &r[..n]));
+            let zero = _mm256_setzero_si256();
+            let mut acc = [[_mm256_setzero_ps(); 4]; 4];
+            let mut mins = [_mm_setzero_ps(); 4];
+            for i in 0..n {
+                let u = [0, 1, 2, 3].map(|r| $unpack(&w[r][i]));
+                let dw = [0, 1, 2, 3].map(|r| _mm256_set1_ps(fp16(w[r][i].d)));
+                let s4 = _mm_setr_ps(
+                    fp16(a[0][i].s),
+                    fp16(a[1][i].s),
+                    fp16(a[2][i].s),
+                    fp16(a[3][i].s),
+                );
+                for r in 0..4 {
+                    let m = _mm_set1_ps(fp16(w[r][i].m));
+                    mins[r] = _mm_add_ps(mins[r], _mm_mul_ps(m, s4));
+                }
+                for j in 0..4 {
+                    let y = &a[j][i];
+                    let ya = load32(&y.qs);
+                    let da = _mm256_set1_ps(fp16(y.d));
+                    for r in 0..4 {
+                        let s = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(zero, u[r], ya));
+                        acc[r][j] = _mm256_fmadd_ps(_mm256_mul_ps(dw[r], da), s, acc[r][j]);
+                    }
+                }
+            }
+            for r in 0..4 {
+                let mut m = [0f32; 4];
+                _mm_storeu_ps(m.as_mut_ptr(), mins[r]);
+                for j in 0..4 {
+                    out[r][j] = hsum_ps(acc[r][j]) + m[j];
+                }
+            }
+        }
+    };
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512bw,avx512vnni")]
+#[inline]
+unsafe fn q5_1_u(b: &BlockQ5_1) -> __m256i {
+    let hi = _mm256_maskz_mov_epi8(u32::from_le_bytes(b.qh), _mm256_set1_epi8(0x10));
+    _mm256_or_si256(nibbles(&b.qs), hi)
+}
+
+unsigned_tile!(q4_1_tile, BlockQ4_1, q4_1_u8);
+unsigned_tile!(q5_1_tile, BlockQ5_1, q5_1_u);
+
 /// (Σ lanes of `a`, Σ lanes of `b`).
 #[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512vnni")]
 #[inline]
@@ -286,7 +342,8 @@ macro_rules! entry_tile {
 
 entry_tile!(
     tile_q4_0 => q4_0_tile, tile_q5_0 => q5_0_tile, tile_q8_0 => q8_0_tile,
-    tile_iq4_nl => iq4_nl_tile, tile_q4_k => q4k_tile,
+    tile_iq4_nl => iq4_nl_tile, tile_q4_k => q4k_tile, tile_q4_1 => q4_1_tile,
+    tile_q5_1 => q5_1_tile,
 );
 
 macro_rules! entry_rows4 {
