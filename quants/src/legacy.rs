@@ -463,6 +463,42 @@ pub fn dot_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
         .sum()
 }
 
+/// The float order of the eight-row prefill kernels ([`crate::OctetFn`]) for one row and token:
+/// over blocks, `acc = fma(f16(dw)·f16(da), Σ w·a, acc)` from 0. None for types without one.
+pub fn octet_reference(ty: crate::GgmlType, w: &[u8], a: &[u8]) -> Option<f32> {
+    use crate::GgmlType::*;
+    let a: &[BlockQ8_0] = bytemuck::cast_slice(a);
+    let run = |blocks: Vec<([u8; 2], [i32; 32])>| {
+        blocks.iter().zip(a).fold(0.0f32, |acc, ((d, q), y)| {
+            (h(*d) * h(y.d)).mul_add(idot(q, &y.qs) as f32, acc)
+        })
+    };
+    Some(match ty {
+        Q4_0 => run(bytemuck::cast_slice::<u8, BlockQ4_0>(w)
+            .iter()
+            .map(|b| (b.d, widen(nibbles(&b.qs), |q| q as i32 - 8)))
+            .collect()),
+        Q5_0 => run(bytemuck::cast_slice::<u8, BlockQ5_0>(w)
+            .iter()
+            .map(|b| (b.d, widen(five_bits(&b.qs, b.qh), |q| q as i32 - 16)))
+            .collect()),
+        Q8_0 => run(bytemuck::cast_slice::<u8, BlockQ8_0>(w)
+            .iter()
+            .map(|b| (b.d, b.qs.map(|x| x as i32)))
+            .collect()),
+        IQ4_NL => run(bytemuck::cast_slice::<u8, BlockIq4Nl>(w)
+            .iter()
+            .map(|b| {
+                (
+                    b.d,
+                    widen(nibbles(&b.qs), |q| IQ4NL_VALUES[q as usize] as i32),
+                )
+            })
+            .collect()),
+        _ => return None,
+    })
+}
+
 pub fn dot_iq4_nl(w: &[BlockIq4Nl], a: &[BlockQ8_0]) -> f32 {
     w.iter()
         .zip(a)

@@ -39,6 +39,10 @@ pub type TileFn = fn([&[u8]; 4], [&[u8]; 4], &mut [[f32; 4]; 4]);
 /// `rows4(four weight rows, activation row, out)`: `out[r]` = `dot(w[r], a)` bit for bit, the
 /// activation block prepared once for the four rows (decode).
 pub type Rows4Fn = fn([&[u8]; 4], &[u8], &mut [f32; 4]);
+/// `octet(eight weight rows, activation rows, out)`: `out[r·n + j]` for eight rows and n tokens,
+/// each row's block sums in one lane, so the float part is `acc = fma(f16(dw)·f16(da), Σ_block,
+/// acc)` per block ([`legacy::octet_reference`]) — not the single-row dot's order. Prefill only.
+pub type OctetFn = fn([&[u8]; 8], &[&[u8]], &mut [f32]);
 /// Dequantize a row of bytes into `dst` (whose length is the element count).
 pub type DequantizeFn = fn(&[u8], &mut [f32]);
 /// Quantize a row of floats into bytes (`dst` is exactly the row's byte length).
@@ -57,6 +61,8 @@ pub struct Kernels {
     pub tile: Option<TileFn>,
     /// A four-row × one-token `dot` where the tier has one.
     pub rows4: Option<Rows4Fn>,
+    /// An eight-row × n-token kernel with its own float order (see [`OctetFn`]).
+    pub octet: Option<OctetFn>,
     pub dequantize: DequantizeFn,
     /// Quantizes an activation row to `act_ty` (the rounding llama.cpp's SIMD paths use).
     pub quantize_act: QuantizeFn,
@@ -254,6 +260,7 @@ pub fn scalar_kernels(ty: GgmlType) -> Option<Kernels> {
         dot4: None,
         tile: None,
         rows4: None,
+        octet: None,
         dequantize: dequantize_fn(ty)?,
         quantize_act,
     })

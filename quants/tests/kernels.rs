@@ -436,3 +436,47 @@ fn position_parallel_dots_keep_the_sequential_order() {
         }
     }
 }
+
+#[test]
+fn eight_row_prefill_kernels_follow_their_reference_order() {
+    use ggrun_quants::legacy::octet_reference;
+    let mut r = rng();
+    let mut tested = 0;
+    for ty in WEIGHT_TYPES {
+        for n in lengths(ty) {
+            for isa in Isa::available() {
+                let k = kernels_for(ty, isa).unwrap();
+                let Some(octet) = k.octet else { continue };
+                let rows: Vec<Vec<u8>> = (0..8).map(|_| quantize(ty, &floats(&mut r, n))).collect();
+                let acts: Vec<Vec<u8>> = (0..5)
+                    .map(|_| {
+                        let mut a = vec![0u8; k.act_ty.row_bytes(n as u64).unwrap() as usize];
+                        (k.quantize_act)(&floats(&mut r, n), &mut a);
+                        a
+                    })
+                    .collect();
+                let a: Vec<&[u8]> = acts.iter().map(|v| v.as_slice()).collect();
+                let w: [&[u8]; 8] = std::array::from_fn(|i| rows[i].as_slice());
+                let mut out = vec![0f32; 8 * a.len()];
+                octet(w, &a, &mut out);
+                for (i, row) in rows.iter().enumerate() {
+                    for (j, act) in acts.iter().enumerate() {
+                        let want = octet_reference(ty, row, act).unwrap();
+                        let got = out[i * a.len() + j];
+                        assert_eq!(got.to_bits(), want.to_bits(), "{ty} {isa:?} n={n}");
+                        // And it is the same dot product up to float order: a loose sanity bound
+                        // (block terms reach ±10 and the two orders round differently); the
+                        // exact check is the one against the reference above.
+                        let d = (k.dot)(row, act);
+                        let tol = 1e-3 * (1.0 + d.abs());
+                        assert!((got - d).abs() <= tol, "{ty} {isa:?} n={n}: {got} vs {d}");
+                    }
+                }
+                tested += 1;
+            }
+        }
+    }
+    if std::env::var("GGRUN_EXPECT_ISA").is_ok_and(|v| v.contains("avx512vnni")) {
+        assert!(tested > 0, "no eight-row kernel was tested");
+    }
+}

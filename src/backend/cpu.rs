@@ -125,6 +125,23 @@ impl Cpu {
                         for t0 in (0..t).step_by(TOKEN_BLOCK) {
                             let t1 = (t0 + TOKEN_BLOCK).min(t);
                             let mut i = 0;
+                            // Eight rows in the lanes of one register where the tier can (its
+                            // own float order; prefill only).
+                            if let Some(octet) = k.octet.filter(|_| t1 - t0 >= 8) {
+                                let toks: Vec<&[u8]> = (t0..t1).map(a).collect();
+                                let nt = toks.len();
+                                let mut tmp = vec![0f32; 8 * nt];
+                                while i + 8 <= rows {
+                                    let ws: [&[u8]; 8] = std::array::from_fn(|q| wr(i + q));
+                                    octet(ws, &toks, &mut tmp);
+                                    for q in 0..8 {
+                                        let at = (i + q) * t + t0;
+                                        out[at..at + nt]
+                                            .copy_from_slice(&tmp[q * nt..(q + 1) * nt]);
+                                    }
+                                    i += 8;
+                                }
+                            }
                             if k.tile.is_some() && t >= 4 {
                                 while i + 4 <= rows {
                                     let ws = [wr(i), wr(i + 1), wr(i + 2), wr(i + 3)];

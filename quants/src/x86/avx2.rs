@@ -720,7 +720,7 @@ pub(crate) fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
 /// Eight rows of eight floats transposed: lane i of result d is element d of row i.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+pub(super) unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
     let t0 = _mm256_unpacklo_ps(r[0], r[1]);
     let t1 = _mm256_unpackhi_ps(r[0], r[1]);
     let t2 = _mm256_unpacklo_ps(r[2], r[3]);

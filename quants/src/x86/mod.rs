@@ -60,7 +60,8 @@ pub(crate) fn specialize(mut k: Kernels, isa: Isa) -> Kernels {
                     d4(vnni::dot4_q4_0),
                     t4(vnni::tile_q4_0),
                     r4(vnni::rows4_q4_0),
-                )
+                );
+                k.octet = Some(vnni::octet_q4_0);
             }
             Q5_0 => {
                 (k.dot, k.dot4, k.tile, k.rows4) = (
@@ -68,7 +69,8 @@ pub(crate) fn specialize(mut k: Kernels, isa: Isa) -> Kernels {
                     d4(vnni::dot4_q5_0),
                     t4(vnni::tile_q5_0),
                     r4(vnni::rows4_q5_0),
-                )
+                );
+                k.octet = Some(vnni::octet_q5_0);
             }
             Q8_0 => {
                 (k.dot, k.dot4, k.tile, k.rows4) = (
@@ -76,7 +78,8 @@ pub(crate) fn specialize(mut k: Kernels, isa: Isa) -> Kernels {
                     d4(vnni::dot4_q8_0),
                     t4(vnni::tile_q8_0),
                     r4(vnni::rows4_q8_0),
-                )
+                );
+                k.octet = Some(vnni::octet_q8_0);
             }
             IQ4_NL => {
                 (k.dot, k.dot4, k.tile, k.rows4) = (
@@ -84,7 +87,8 @@ pub(crate) fn specialize(mut k: Kernels, isa: Isa) -> Kernels {
                     d4(vnni::dot4_iq4_nl),
                     t4(vnni::tile_iq4_nl),
                     r4(vnni::rows4_iq4_nl),
-                )
+                );
+                k.octet = Some(vnni::octet_iq4_nl);
             }
             Q4_1 => {
                 (k.dot, k.dot4, k.tile) = (vnni::dot_q4_1, d4(vnni::dot4_q4_1), t4(vnni::tile_q4_1))

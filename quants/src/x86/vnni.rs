@@ -9,7 +9,7 @@ use core::arch::x86_64::*;
 
 use super::avx2::{
     fp16, fp16_mul, hsum_ps, iq4_nl_i8, load32, nibbles, q4_0_i8, q4_1_u8, q5_0_i8, q5_1_u8,
-    q8_0_i8, signed_dot, unsigned_dot,
+    q8_0_i8, signed_dot, transpose8, unsigned_dot,
 };
 use crate::kquants::{scale_min_k4, BlockQ4K, BlockQ8K};
 use crate::legacy::{h, IQ4NL_VALUES};
@@ -239,6 +239,123 @@ unsafe fn q5_1_u(b: &BlockQ5_1) -> __m256i {
 
 unsigned_tile!(q4_1_tile, BlockQ4_1, q4_1_u8);
 unsigned_tile!(q5_1_tile, BlockQ5_1, q5_1_u);
+
+// ---------------------------------------------------------------------------------------------
+// Eight rows × many tokens with the rows in the lanes (prefill). The eight rows' blocks are
+// unpacked once and transposed so that register g of a block holds bytes 4g..4g+3 of every row;
+// `vpdpbusd` against a broadcast group of four activation bytes then accumulates each row's whole
+// block sum in its own lane, and one convert, multiply and FMA serve eight rows. The activation
+// goes in unsigned (a + 128); the row's −128·Σw, computed once per block, seeds the sum.
+// Float order per (row, token): acc = fma(f16(dw)·f16(da), Σ_block, acc) over blocks — not the
+// single-row dot's (which sums eight partial lanes), see `octet_reference`.
+
+macro_rules! octet {
+    ($name:ident, $wb:ty, $unpack:ident) => {
+        #[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512bw,avx512vnni")]
+        unsafe fn $name(w: [&[$wb]; 8], a: &[&[BlockQ8_0]], out: &mut [f32]) {
+            let nb = w[0].len();
+            let nt = a.len();
+            assert!(out.len() >= 8 * nt && w.iter().all(|r| r.len() == nb));
+            assert!(a.iter().all(|r| r.len() >= nb));
+            let zero = _mm256_setzero_si256();
+            let ones = _mm256_set1_epi8(1);
+            let mut groups: Vec<__m256i> = Vec::with_capacity(8 * nb);
+            let mut seeds: Vec<__m256i> = Vec::with_capacity(nb);
+            let mut dws: Vec<__m256> = Vec::with_capacity(nb);
+            for b in 0..nb {
+                let rows = [0, 1, 2, 3, 4, 5, 6, 7].map(|r| _mm256_castsi256_ps($unpack(&w[r][b])));
+                let t = transpose8(rows).map(|v| _mm256_castps_si256(v));
+                let mut sw = zero;
+                for g in &t {
+                    sw = _mm256_dpbusd_epi32(sw, ones, *g);
+                }
+                seeds.push(_mm256_sub_epi32(zero, _mm256_slli_epi32::<7>(sw)));
+                groups.extend_from_slice(&t);
+                let d = [0, 1, 2, 3, 4, 5, 6, 7].map(|r| fp16(w[r][b].d));
+                dws.push(_mm256_loadu_ps(d.as_ptr()));
+            }
+            let flip = _mm256_set1_epi32(0x8080_8080u32 as i32);
+            // Σ w·a of one token's block: two independent chains of four `vpdpbusd` (integer
+            // sums reassociate exactly), activation groups broadcast and made unsigned.
+            let block_sum = |y: &BlockQ8_0, g: &[__m256i], seed: __m256i| {
+                let grp = |k: usize| {
+                    let v = _mm_loadu_si32(y.qs.as_ptr().add(4 * k).cast());
+                    _mm256_xor_si256(_mm256_broadcastd_epi32(v), flip)
+                };
+                let (mut s0, mut s1) = (seed, zero);
+                for k in 0..4 {
+                    s0 = _mm256_dpbusd_epi32(s0, grp(k), g[k]);
+                    s1 = _mm256_dpbusd_epi32(s1, grp(k + 4), g[k + 4]);
+                }
+                _mm256_add_epi32(s0, s1)
+            };
+            let step = |acc: __m256, y: &BlockQ8_0, b: usize| {
+                let isum = block_sum(y, &groups[8 * b..8 * b + 8], seeds[b]);
+                let d = _mm256_mul_ps(dws[b], _mm256_set1_ps(fp16(y.d)));
+                _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(isum), acc)
+            };
+            let mut lanes = [0f32; 8];
+            let mut put = |acc: __m256, j: usize| {
+                _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+                for (r, v) in lanes.iter().enumerate() {
+                    out[r * nt + j] = *v;
+                }
+            };
+            let mut j = 0;
+            // Four tokens at a time (accumulators stay in registers, chains interleave).
+            while j + 4 <= nt {
+                let (mut a0, mut a1, mut a2, mut a3) = (
+                    _mm256_setzero_ps(),
+                    _mm256_setzero_ps(),
+                    _mm256_setzero_ps(),
+                    _mm256_setzero_ps(),
+                );
+                for b in 0..nb {
+                    a0 = step(a0, &a[j][b], b);
+                    a1 = step(a1, &a[j + 1][b], b);
+                    a2 = step(a2, &a[j + 2][b], b);
+                    a3 = step(a3, &a[j + 3][b], b);
+                }
+                put(a0, j);
+                put(a1, j + 1);
+                put(a2, j + 2);
+                put(a3, j + 3);
+                j += 4;
+            }
+            while j < nt {
+                let mut acc = _mm256_setzero_ps();
+                for b in 0..nb {
+                    acc = step(acc, &a[j][b], b);
+                }
+                put(acc, j);
+                j += 1;
+            }
+        }
+    };
+}
+
+octet!(q4_0_octet, BlockQ4_0, q4_0_i8);
+octet!(q5_0_octet, BlockQ5_0, q5_0_i8);
+octet!(q8_0_octet, BlockQ8_0, q8_0_i8);
+octet!(iq4_nl_octet, BlockQ4_0, iq4_nl_i8);
+
+macro_rules! entry_octet {
+    ($($name:ident => $imp:ident),* $(,)?) => {
+        $(
+            pub(crate) fn $name(w: [&[u8]; 8], a: &[&[u8]], out: &mut [f32]) {
+                let a: Vec<&[BlockQ8_0]> = a.iter().map(|r| cast_slice(r)).collect();
+                // SAFETY: installed by x86::specialize only when Isa::Avx512Vnni is available;
+                // the kernel asserts every length it indexes by.
+                unsafe { $imp(w.map(cast_slice), &a, out) }
+            }
+        )*
+    };
+}
+
+entry_octet!(
+    octet_q4_0 => q4_0_octet, octet_q5_0 => q5_0_octet, octet_q8_0 => q8_0_octet,
+    octet_iq4_nl => iq4_nl_octet,
+);
 
 /// (Σ lanes of `a`, Σ lanes of `b`).
 #[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512vnni")]
