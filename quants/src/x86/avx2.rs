@@ -391,7 +391,7 @@ unsafe fn kdot(q: &[__m256i; 8], a: &BlockQ8K, scales: &[i16; 16]) -> i32 {
 /// The 2-bit fields of a Q2_K/Q3_K `qs` as 8 chunks of 32 (chunk 4h+p: half h, shift 2p).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn two_bit_chunks(qs: &[u8; 64]) -> [__m256i; 8] {
+pub(super) unsafe fn two_bit_chunks(qs: &[u8; 64]) -> [__m256i; 8] {
     let m3 = _mm256_set1_epi8(3);
     let mut q = [_mm256_setzero_si256(); 8];
     for half in 0..2 {
@@ -407,7 +407,7 @@ unsafe fn two_bit_chunks(qs: &[u8; 64]) -> [__m256i; 8] {
 /// Where bit `bit` of each byte of `v` is set: `val`, else 0.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn bit_to(v: __m256i, bit: usize, val: i8) -> __m256i {
+pub(super) unsafe fn bit_to(v: __m256i, bit: usize, val: i8) -> __m256i {
     let m = _mm256_set1_epi8((1u8 << bit) as i8);
     _mm256_and_si256(
         _mm256_cmpeq_epi8(_mm256_and_si256(v, m), m),

@@ -97,6 +97,7 @@ pub(crate) fn specialize(mut k: Kernels, isa: Isa) -> Kernels {
                 (k.dot, k.dot4, k.tile) = (vnni::dot_q5_1, d4(vnni::dot4_q5_1), t4(vnni::tile_q5_1))
             }
             Q4_K => (k.dot, k.tile) = (vnni::dot_q4_k, t4(vnni::tile_q4_k)),
+            Q3_K => (k.dot, k.tile) = (vnni::dot_q3_k, t4(vnni::tile_q3_k)),
             _ => {}
         }
     }
