@@ -491,15 +491,6 @@ unsafe fn q3k_term(u: &Q3kUnpacked, y: &BlockQ8K) -> f32 {
 }
 
 #[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512vnni")]
-unsafe fn q3k(w: &[BlockQ3K], a: &[BlockQ8K]) -> f32 {
-    let mut acc = -0.0f32;
-    for (b, y) in w.iter().zip(a) {
-        acc += q3k_term(&q3k_unpack(b), y);
-    }
-    acc
-}
-
-#[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512vnni")]
 unsafe fn q3k_tile(w: [&[BlockQ3K]; 4], a: [&[BlockQ8K]; 4], out: &mut [[f32; 4]; 4]) {
     let mut acc = [[-0.0f32; 4]; 4];
     for i in 0..w[0].len() {
@@ -559,7 +550,7 @@ macro_rules! entry {
 
 entry!(
     dot_q4_0 => q4_0, dot_q5_0 => q5_0, dot_q8_0 => q8_0,
-    dot_iq4_nl => iq4_nl, dot_q4_1 => q4_1, dot_q5_1 => q5_1, dot_q4_k => q4k, dot_q3_k => q3k,
+    dot_iq4_nl => iq4_nl, dot_q4_1 => q4_1, dot_q5_1 => q5_1, dot_q4_k => q4k,
 );
 
 macro_rules! entry4 {
