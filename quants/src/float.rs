@@ -99,28 +99,6 @@ pub fn dot_bf16(w: &[u8], a: &[u8]) -> f32 {
         .sum::<f64>() as f32
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bf16_rounds_to_nearest_even() {
-        // 1.0 + 2^-8 lies exactly between two bf16 values: ties go to the even mantissa (1.0).
-        assert_eq!(f32_to_bf16(1.0 + 1.0 / 256.0), 0x3f80);
-        // 1.0 + 3·2^-8 ties between 1+2^-7 (odd) and 1+2^-6 (even): goes up.
-        assert_eq!(f32_to_bf16(1.0 + 3.0 / 256.0), 0x3f82);
-        assert!(bf16_to_f32(f32_to_bf16(f32::NAN)).is_nan());
-        assert_eq!(bf16_to_f32(f32_to_bf16(-2.5)), -2.5);
-    }
-
-    #[test]
-    fn f16_round_trip() {
-        for x in [0.0f32, -0.0, 1.0, -65504.0, 6.1035156e-5, 0.33325195] {
-            assert_eq!(f16_to_f32(f32_to_f16(x)), x);
-        }
-    }
-}
-
 /// Wrapping sum of `bytes` read as little-endian u64 words (plus the tail bytes): a plain
 /// sequential read of memory, for measuring read bandwidth.
 pub fn sum_bytes(bytes: &[u8]) -> u64 {
@@ -180,4 +158,26 @@ pub fn dot_rows_for(isa: crate::Isa) -> DotRowsFn {
     }
     let _ = isa;
     dot_rows_scalar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_rounds_to_nearest_even() {
+        // 1.0 + 2^-8 lies exactly between two bf16 values: ties go to the even mantissa (1.0).
+        assert_eq!(f32_to_bf16(1.0 + 1.0 / 256.0), 0x3f80);
+        // 1.0 + 3·2^-8 ties between 1+2^-7 (odd) and 1+2^-6 (even): goes up.
+        assert_eq!(f32_to_bf16(1.0 + 3.0 / 256.0), 0x3f82);
+        assert!(bf16_to_f32(f32_to_bf16(f32::NAN)).is_nan());
+        assert_eq!(bf16_to_f32(f32_to_bf16(-2.5)), -2.5);
+    }
+
+    #[test]
+    fn f16_round_trip() {
+        for x in [0.0f32, -0.0, 1.0, -65504.0, 6.1035156e-5, 0.33325195] {
+            assert_eq!(f16_to_f32(f32_to_f16(x)), x);
+        }
+    }
 }

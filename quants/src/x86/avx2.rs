@@ -653,6 +653,88 @@ entry!(quant quantize_q8_0, quantize_q8_0_impl);
 entry!(quant quantize_q8_1, quantize_q8_1_impl);
 
 // ---------------------------------------------------------------------------------------------
+// Eight rows × many tokens with the rows in the lanes, for AVX2 machines (the VNNI tier has its
+// own, see vnni.rs). Register g of a block holds bytes 4g..4g+3 of every row; against a broadcast
+// group of four activation bytes the sign trick (|w| times a with w's sign) feeds `vpmaddubsw`,
+// `vpmaddwd` widens, and each lane collects its row's block sum. Float order as
+// `legacy::octet_reference`, so the results equal the VNNI kernel's bit for bit.
+
+macro_rules! octet_avx2 {
+    ($name:ident, $wb:ty, $unpack:ident) => {
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn $name(w: [&[$wb]; 8], a: &[&[BlockQ8_0]], out: &mut [f32]) {
+            let nb = w[0].len();
+            let nt = a.len();
+            assert!(out.len() >= 8 * nt && w.iter().all(|r| r.len() == nb));
+            assert!(a.iter().all(|r| r.len() >= nb));
+            let ones = _mm256_set1_epi16(1);
+            // Per block: eight (|w|, w) register pairs and the rows' scales.
+            let mut groups: Vec<(__m256i, __m256i)> = Vec::with_capacity(8 * nb);
+            let mut dws: Vec<__m256> = Vec::with_capacity(nb);
+            for b in 0..nb {
+                let rows = [0, 1, 2, 3, 4, 5, 6, 7].map(|r| _mm256_castsi256_ps($unpack(&w[r][b])));
+                for g in transpose8(rows) {
+                    let g = _mm256_castps_si256(g);
+                    groups.push((_mm256_sign_epi8(g, g), g));
+                }
+                let d = [0, 1, 2, 3, 4, 5, 6, 7].map(|r| fp16(w[r][b].d));
+                dws.push(_mm256_loadu_ps(d.as_ptr()));
+            }
+            let step = |acc: __m256, y: &BlockQ8_0, b: usize| {
+                let g = &groups[8 * b..8 * b + 8];
+                let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+                for k in 0..4 {
+                    for (kk, s) in [(k, &mut s0), (k + 4, &mut s1)] {
+                        let v = _mm_loadu_si32(y.qs.as_ptr().add(4 * kk).cast());
+                        let ag = _mm256_broadcastd_epi32(v);
+                        let (aw, wg) = g[kk];
+                        let p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(ag, wg));
+                        *s = _mm256_add_epi32(*s, _mm256_madd_epi16(p, ones));
+                    }
+                }
+                let isum = _mm256_add_epi32(s0, s1);
+                let d = _mm256_mul_ps(dws[b], _mm256_set1_ps(fp16(y.d)));
+                _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(isum), acc)
+            };
+            let mut lanes = [0f32; 8];
+            for (j, row) in a.iter().enumerate() {
+                let mut acc = _mm256_setzero_ps();
+                for b in 0..nb {
+                    acc = step(acc, &row[b], b);
+                }
+                _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+                for (r, v) in lanes.iter().enumerate() {
+                    out[r * nt + j] = *v;
+                }
+            }
+        }
+    };
+}
+
+octet_avx2!(octet_q4_0_impl, BlockQ4_0, q4_0_i8);
+octet_avx2!(octet_q5_0_impl, BlockQ5_0, q5_0_i8);
+octet_avx2!(octet_q8_0_impl, BlockQ8_0, q8_0_i8);
+octet_avx2!(octet_iq4_nl_impl, BlockQ4_0, iq4_nl_i8);
+
+macro_rules! entry_octet {
+    ($($name:ident => $imp:ident),* $(,)?) => {
+        $(
+            pub(crate) fn $name(w: [&[u8]; 8], a: &[&[u8]], out: &mut [f32]) {
+                let a: Vec<&[BlockQ8_0]> = a.iter().map(|r| cast_slice(r)).collect();
+                // SAFETY: installed by x86::specialize only when Isa::Avx2 is available; the
+                // kernel asserts every length it indexes by.
+                unsafe { $imp(w.map(cast_slice), &a, out) }
+            }
+        )*
+    };
+}
+
+entry_octet!(
+    octet_q4_0 => octet_q4_0_impl, octet_q5_0 => octet_q5_0_impl,
+    octet_q8_0 => octet_q8_0_impl, octet_iq4_nl => octet_iq4_nl_impl,
+);
+
+// ---------------------------------------------------------------------------------------------
 // The Mamba-2 state row (see `crate::ssm`): sixteen lanes as two registers, FMA as the reference
 // uses `mul_add`, and the reference's reduction tree.
 

@@ -17,22 +17,26 @@ pub(crate) fn specialize(mut k: Kernels, isa: Isa) -> Kernels {
     match k.ty {
         Q4_0 => {
             (k.dot, k.dot4, k.dequantize) =
-                (avx2::dot_q4_0, d4(avx2::dot4_q4_0), avx2::dequant_q4_0)
+                (avx2::dot_q4_0, d4(avx2::dot4_q4_0), avx2::dequant_q4_0);
+            k.octet = Some(avx2::octet_q4_0);
         }
         Q5_0 => {
             (k.dot, k.dot4, k.dequantize) =
-                (avx2::dot_q5_0, d4(avx2::dot4_q5_0), avx2::dequant_q5_0)
+                (avx2::dot_q5_0, d4(avx2::dot4_q5_0), avx2::dequant_q5_0);
+            k.octet = Some(avx2::octet_q5_0);
         }
         Q8_0 => {
             (k.dot, k.dot4, k.dequantize) =
-                (avx2::dot_q8_0, d4(avx2::dot4_q8_0), avx2::dequant_q8_0)
+                (avx2::dot_q8_0, d4(avx2::dot4_q8_0), avx2::dequant_q8_0);
+            k.octet = Some(avx2::octet_q8_0);
         }
         IQ4_NL => {
             (k.dot, k.dot4, k.dequantize) = (
                 avx2::dot_iq4_nl,
                 d4(avx2::dot4_iq4_nl),
                 avx2::dequant_iq4_nl,
-            )
+            );
+            k.octet = Some(avx2::octet_iq4_nl);
         }
         Q4_1 => (k.dot, k.dot4) = (avx2::dot_q4_1, d4(avx2::dot4_q4_1)),
         Q5_1 => (k.dot, k.dot4) = (avx2::dot_q5_1, d4(avx2::dot4_q5_1)),
