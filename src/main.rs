@@ -3,6 +3,11 @@
 //! Ctrl-C ends it with status 130.
 
 use clap::Parser;
+
+/// mimalloc keeps freed pages for reuse: the forward pass's large temporaries (tens of MB in
+/// prefill) would otherwise be fresh mmap'd, page-faulted and zeroed memory on every call.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use ggrun::cli::{run, Cli};
 
 fn main() {
