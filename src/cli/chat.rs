@@ -23,7 +23,6 @@ use crate::chat::session::Session;
 use crate::chat::template::ChatTemplate;
 use crate::generate::{Engine, GenParams, Outcome, Piece, Reasoning, StopReason};
 use crate::gguf::Model;
-use crate::tokenizer::Tokenizer;
 
 #[derive(Args, Debug)]
 pub struct ChatArgs {
@@ -57,15 +56,8 @@ pub fn run(a: ChatArgs, out: &mut dyn Write) -> Result<()> {
     common::install_ctrl_c();
     let interactive = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
     let g = Model::open(&a.model.model)?;
-    let tok = Tokenizer::from_metadata(g.metadata())?;
-    if !a.model.quiet {
-        tok.warnings.iter().for_each(|w| eprintln!("warning: {w}"));
-    }
-    let model = crate::model::load(&g)?;
-    common::prefault(&g, a.model.quiet)?;
-    let cpu = common::cpu(&a.model)?;
-    let n_ctx = common::context_size(a.model.ctx_size, model.n_ctx_train());
-    let engine = Engine::new(model.as_ref(), cpu, tok, n_ctx);
+    let l = common::load(&g, &a.model)?;
+    let engine = Engine::new(l.model.as_ref(), l.cpu, l.tok, l.n_ctx);
     let template =
         ChatTemplate::for_model(g.metadata(), &engine.tok, a.model.chat_template.as_deref())?;
     let mut session = Session::new(engine, template);

@@ -11,7 +11,9 @@ use rayon::prelude::*;
 
 use crate::backend::cpu::Cpu;
 use crate::gguf::{Metadata, Model};
+use crate::model::Forward;
 use crate::sample::SamplerConfig;
+use crate::tokenizer::Tokenizer;
 
 /// Set by Ctrl-C while a reply is being generated; the generation loop stops at the next token.
 pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -211,9 +213,31 @@ fn available_memory() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// The CPU backend for these flags.
-pub fn cpu(args: &ModelArgs) -> Result<Cpu> {
-    Cpu::new(args.threads, super::precision(args.exact))
+/// What `run` and `chat` need from a model file before generating.
+pub struct Loaded<'g> {
+    pub model: Box<dyn Forward + 'g>,
+    pub tok: Tokenizer,
+    pub cpu: Cpu,
+    pub n_ctx: usize,
+}
+
+/// The tokenizer (its warnings printed unless quiet), the architecture, the model's pages read
+/// once behind a progress bar, the CPU backend and the context size, for these flags.
+pub fn load<'g>(g: &'g Model, args: &ModelArgs) -> Result<Loaded<'g>> {
+    let tok = Tokenizer::from_metadata(g.metadata())?;
+    if !args.quiet {
+        tok.warnings.iter().for_each(|w| eprintln!("warning: {w}"));
+    }
+    let model = crate::model::load(g)?;
+    prefault(g, args.quiet)?;
+    let cpu = Cpu::new(args.threads, super::precision(args.exact))?;
+    let n_ctx = context_size(args.ctx_size, model.n_ctx_train());
+    Ok(Loaded {
+        model,
+        tok,
+        cpu,
+        n_ctx,
+    })
 }
 
 /// "N tokens, S s (R tok/s)".

@@ -15,7 +15,6 @@ use crate::chat::session::{prompt_tokens, Session};
 use crate::chat::template::ChatTemplate;
 use crate::generate::{Engine, GenParams, Piece, Reasoning, StopReason};
 use crate::gguf::Model;
-use crate::tokenizer::Tokenizer;
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
@@ -81,15 +80,9 @@ pub fn run(a: RunArgs, out: &mut dyn Write) -> Result<()> {
     GENERATING.store(true, Ordering::SeqCst);
     let t0 = Instant::now();
     let g = Model::open(&a.model.model)?;
-    let tok = Tokenizer::from_metadata(g.metadata())?;
-    if !a.model.quiet {
-        tok.warnings.iter().for_each(|w| eprintln!("warning: {w}"));
-    }
-    let model = crate::model::load(&g)?;
-    common::prefault(&g, a.model.quiet)?;
+    let l = common::load(&g, &a.model)?;
     let load_secs = t0.elapsed().as_secs_f64();
-    let cpu = common::cpu(&a.model)?;
-    let n_ctx = common::context_size(a.model.ctx_size, model.n_ctx_train());
+    let n_ctx = l.n_ctx;
     let sampler = a.sampling.config(g.metadata());
     let seed = sampler.seed;
     let mut params = GenParams {
@@ -100,7 +93,7 @@ pub fn run(a: RunArgs, out: &mut dyn Write) -> Result<()> {
         think_budget: a.think.think_budget,
         feed_last: false,
     };
-    let engine = Engine::new(model.as_ref(), cpu, tok, n_ctx);
+    let engine = Engine::new(l.model.as_ref(), l.cpu, l.tok, n_ctx);
     if a.think.think.is_some() && !engine.can_think() && !a.model.quiet {
         eprintln!("warning: this model's vocabulary has no <think> tokens; --think has no effect");
     }
