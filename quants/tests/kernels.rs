@@ -56,6 +56,22 @@ fn floats(r: &mut SmallRng, n: usize) -> Vec<f32> {
         .collect()
 }
 
+/// `count` activation rows of `n` random values in `k`'s activation format.
+fn activations(
+    k: &ggrun_quants::Kernels,
+    r: &mut SmallRng,
+    n: usize,
+    count: usize,
+) -> Vec<Vec<u8>> {
+    (0..count)
+        .map(|_| {
+            let mut a = vec![0u8; k.act_ty.row_bytes(n as u64).unwrap() as usize];
+            (k.quantize_act)(&floats(r, n), &mut a);
+            a
+        })
+        .collect()
+}
+
 fn quantize(ty: GgmlType, x: &[f32]) -> Vec<u8> {
     let mut out = vec![0u8; ty.row_bytes(x.len() as u64).unwrap() as usize];
     reference_quantize_fn(ty).unwrap()(x, &mut out);
@@ -301,13 +317,7 @@ fn tiles_and_four_row_kernels_equal_single_dots_bit_for_bit() {
                 let k = kernels_for(ty, isa).unwrap();
                 let Some(tile) = k.tile else { continue };
                 let rows: Vec<Vec<u8>> = (0..4).map(|_| quantize(ty, &floats(&mut r, n))).collect();
-                let acts: Vec<Vec<u8>> = (0..4)
-                    .map(|_| {
-                        let mut a = vec![0u8; k.act_ty.row_bytes(n as u64).unwrap() as usize];
-                        (k.quantize_act)(&floats(&mut r, n), &mut a);
-                        a
-                    })
-                    .collect();
+                let acts = activations(&k, &mut r, n, 4);
                 let mut out = [[0f32; 4]; 4];
                 tile(
                     [&rows[0], &rows[1], &rows[2], &rows[3]],
@@ -347,13 +357,7 @@ fn four_token_dots_equal_four_single_dots_bit_for_bit() {
                 let k = kernels_for(ty, isa).unwrap();
                 let Some(dot4) = k.dot4 else { continue };
                 let w = quantize(ty, &floats(&mut r, n));
-                let acts: Vec<Vec<u8>> = (0..4)
-                    .map(|_| {
-                        let mut a = vec![0u8; k.act_ty.row_bytes(n as u64).unwrap() as usize];
-                        (k.quantize_act)(&floats(&mut r, n), &mut a);
-                        a
-                    })
-                    .collect();
+                let acts = activations(&k, &mut r, n, 4);
                 let mut out = [0f32; 4];
                 dot4(&w, [&acts[0], &acts[1], &acts[2], &acts[3]], &mut out);
                 for (o, a) in out.iter().zip(&acts) {
@@ -448,13 +452,7 @@ fn eight_row_prefill_kernels_follow_their_reference_order() {
                 let k = kernels_for(ty, isa).unwrap();
                 let Some(octet) = k.octet else { continue };
                 let rows: Vec<Vec<u8>> = (0..8).map(|_| quantize(ty, &floats(&mut r, n))).collect();
-                let acts: Vec<Vec<u8>> = (0..5)
-                    .map(|_| {
-                        let mut a = vec![0u8; k.act_ty.row_bytes(n as u64).unwrap() as usize];
-                        (k.quantize_act)(&floats(&mut r, n), &mut a);
-                        a
-                    })
-                    .collect();
+                let acts = activations(&k, &mut r, n, 5);
                 let a: Vec<&[u8]> = acts.iter().map(|v| v.as_slice()).collect();
                 let w: [&[u8]; 8] = std::array::from_fn(|i| rows[i].as_slice());
                 let mut out = vec![0f32; 8 * a.len()];
