@@ -12,7 +12,8 @@
 use core::arch::x86_64::*;
 
 use crate::kquants::{
-    k4_scales16, q3k_scales, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K,
+    k4_scales16, q3k_scales, scale_min_k4, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K,
+    BlockQ8K,
 };
 use crate::legacy::{
     h, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, BlockQ8_1, IQ4NL_VALUES,
@@ -391,7 +392,7 @@ unsafe fn kdot(q: &[__m256i; 8], a: &BlockQ8K, scales: &[i16; 16]) -> i32 {
 /// The 2-bit fields of a Q2_K/Q3_K `qs` as 8 chunks of 32 (chunk 4h+p: half h, shift 2p).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-pub(super) unsafe fn two_bit_chunks(qs: &[u8; 64]) -> [__m256i; 8] {
+unsafe fn two_bit_chunks(qs: &[u8; 64]) -> [__m256i; 8] {
     let m3 = _mm256_set1_epi8(3);
     let mut q = [_mm256_setzero_si256(); 8];
     for half in 0..2 {
@@ -407,7 +408,7 @@ pub(super) unsafe fn two_bit_chunks(qs: &[u8; 64]) -> [__m256i; 8] {
 /// Where bit `bit` of each byte of `v` is set: `val`, else 0.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-pub(super) unsafe fn bit_to(v: __m256i, bit: usize, val: i8) -> __m256i {
+unsafe fn bit_to(v: __m256i, bit: usize, val: i8) -> __m256i {
     let m = _mm256_set1_epi8((1u8 << bit) as i8);
     _mm256_and_si256(
         _mm256_cmpeq_epi8(_mm256_and_si256(v, m), m),
@@ -445,25 +446,6 @@ unsafe fn dot_q3k_impl(w: &[BlockQ3K], a: &[BlockQ8K]) -> f32 {
             let off: i32 = (0..16).map(|j| sc[j] as i32 * y.bsum(j)).sum();
             let sum = kdot(&q, y, &scales) - 4 * off;
             y.d() * h(b.d) * sum as f32
-        })
-        .sum()
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_q4k_impl(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
-    let m4 = _mm256_set1_epi8(15);
-    w.iter()
-        .zip(a)
-        .map(|(b, y)| {
-            let mut q = [_mm256_setzero_si256(); 8];
-            for c in 0..4 {
-                let v = _mm256_loadu_si256(b.qs.as_ptr().add(32 * c).cast());
-                q[2 * c] = _mm256_and_si256(v, m4);
-                q[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4);
-            }
-            let (scales, msum) = k4_scales16(&b.scales, y);
-            let sum = kdot(&q, y, &scales);
-            y.d() * (h(b.d) * sum as f32 - h(b.dmin) * msum as f32)
         })
         .sum()
 }
@@ -639,7 +621,6 @@ entry!(dot4 dot4_q8_0, dot4_q8_0_impl);
 entry!(dot4 dot4_iq4_nl, dot4_iq4_nl_impl);
 entry!(dot dot_q2_k, dot_q2k_impl);
 entry!(dot dot_q3_k, dot_q3k_impl);
-entry!(dot dot_q4_k, dot_q4k_impl);
 entry!(dot dot_q5_k, dot_q5k_impl);
 entry!(dot dot_q6_k, dot_q6k_impl);
 entry!(dot dot_f32, dot_f32_impl);
@@ -651,6 +632,179 @@ entry!(dequant dequant_q8_0, dequant_q8_0_impl);
 entry!(dequant dequant_iq4_nl, dequant_iq4_nl_impl);
 entry!(quant quantize_q8_0, quantize_q8_0_impl);
 entry!(quant quantize_q8_1, quantize_q8_1_impl);
+
+// ---------------------------------------------------------------------------------------------
+// Q3_K / Q4_K super-block kernels: a super-block unpacked once per row (values for
+// `vpmaddubsw`, sub-block scales as 16-bit lanes, mins/offsets against the activation's bsums),
+// one term per super-block in the scalar reference's float expression, a single-row Q4_K dot
+// and 4×4 tiles. Every result equals the scalar reference bit for bit.
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn pairs_madd(acc: __m256i, p: __m256i, sc: __m256i) -> __m256i {
+    _mm256_add_epi32(acc, _mm256_madd_epi16(p, sc))
+}
+
+/// (Σ lanes of `a`, Σ lanes of `b`).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn hsum2_epi32(a: __m256i, b: __m256i) -> (i32, i32) {
+    let h = _mm256_hadd_epi32(a, b); // a01 a23 b01 b23 | a45 a67 b45 b67
+    let s = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h));
+    let s = _mm_hadd_epi32(s, s); // a, b, a, b
+    (_mm_cvtsi128_si32(s), _mm_extract_epi32::<1>(s))
+}
+
+/// One Q4_K super-block unpacked for `vpmaddubsw`: the 256 nibbles as eight registers of 32, the
+/// eight 6-bit sub-block scales broadcast as 16-bit lanes, the mins repeated per pair of 16
+/// (to meet the activation's bsums), and the two scales.
+struct Q4kUnpacked {
+    q: [__m256i; 8],
+    sc: [__m256i; 8],
+    mins: __m256i,
+    d: f32,
+    dmin: f32,
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn q4k_unpack(b: &BlockQ4K) -> Q4kUnpacked {
+    let m4 = _mm256_set1_epi8(15);
+    let mut q = [_mm256_setzero_si256(); 8];
+    for c in 0..4 {
+        let v = _mm256_loadu_si256(b.qs.as_ptr().add(32 * c).cast());
+        q[2 * c] = _mm256_and_si256(v, m4);
+        q[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4);
+    }
+    let mut sc = [_mm256_setzero_si256(); 8];
+    let mut mins = [0i16; 16];
+    for j in 0..8 {
+        let (s, m) = scale_min_k4(j, &b.scales);
+        sc[j] = _mm256_set1_epi16(s as i16);
+        mins[2 * j] = m as i16;
+        mins[2 * j + 1] = m as i16;
+    }
+    Q4kUnpacked {
+        q,
+        sc,
+        mins: _mm256_loadu_si256(mins.as_ptr().cast()),
+        d: h(b.d),
+        dmin: h(b.dmin),
+    }
+}
+
+/// One super-block's term `a.d · (d · Σ sc·q·a − dmin · Σ min·bsum)` (the scalar reference's
+/// expression): `vpmaddubsw` pairs nibbles with the activation, `vpmaddwd` weights the pairs by their
+/// sub-block scale (as fast here as VNNI's `vpdpwssd`, which the VNNI tier therefore does not use).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn q4k_term(u: &Q4kUnpacked, y: &BlockQ8K) -> f32 {
+    let mut s = _mm256_setzero_si256();
+    for c in 0..8 {
+        let ay = _mm256_loadu_si256(y.qs.as_ptr().add(32 * c).cast());
+        s = pairs_madd(s, _mm256_maddubs_epi16(u.q[c], ay), u.sc[c]);
+    }
+    let bs = _mm256_loadu_si256(y.bsums.as_ptr().cast());
+    let (sum, msum) = hsum2_epi32(s, _mm256_madd_epi16(bs, u.mins));
+    y.d() * (u.d * sum as f32 - u.dmin * msum as f32)
+}
+
+/// Q4_K dot: the terms summed in block order, as the reference's `Iterator::sum`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4k(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
+    let mut acc = -0.0f32;
+    for (b, y) in w.iter().zip(a) {
+        acc += q4k_term(&q4k_unpack(b), y);
+    }
+    acc
+}
+
+/// Q4_K tile: each row's super-block unpacked once for the four tokens.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4k_tile(w: [&[BlockQ4K]; 4], a: [&[BlockQ8K]; 4], out: &mut [[f32; 4]; 4]) {
+    let mut acc = [[-0.0f32; 4]; 4];
+    for i in 0..w[0].len() {
+        for (r, row) in w.iter().enumerate() {
+            let u = q4k_unpack(&row[i]);
+            for (j, col) in a.iter().enumerate() {
+                acc[r][j] += q4k_term(&u, &col[i]);
+            }
+        }
+    }
+    *out = acc;
+}
+
+/// One Q3_K super-block for `vpmaddubsw`: the values stored as q + 4 (0..7) in eight registers,
+/// the sixteen signed scales as 16-bit lanes per register (one scale per half), the scales
+/// again in one register to meet the activation's bsums, and d.
+struct Q3kUnpacked {
+    q: [__m256i; 8],
+    sc: [__m256i; 8],
+    sc16: __m256i,
+    d: f32,
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn q3k_unpack(b: &BlockQ3K) -> Q3kUnpacked {
+    let mut q = two_bit_chunks(&b.qs);
+    let hm = _mm256_loadu_si256(b.hmask.as_ptr().cast());
+    for (c, qc) in q.iter_mut().enumerate() {
+        *qc = _mm256_or_si256(*qc, bit_to(hm, c, 4));
+    }
+    let s = q3k_scales(&b.scales).map(|v| v as i16);
+    let sc = [0, 1, 2, 3, 4, 5, 6, 7]
+        .map(|c| _mm256_set_m128i(_mm_set1_epi16(s[2 * c + 1]), _mm_set1_epi16(s[2 * c])));
+    Q3kUnpacked {
+        q,
+        sc,
+        sc16: _mm256_loadu_si256(s.as_ptr().cast()),
+        d: h(b.d),
+    }
+}
+
+/// One super-block's term `a.d · d · (Σ sc·(q+4)·a − 4 · Σ sc·bsum)`, the scalar reference's
+/// expression.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn q3k_term(u: &Q3kUnpacked, y: &BlockQ8K) -> f32 {
+    let mut s = _mm256_setzero_si256();
+    for c in 0..8 {
+        let ay = _mm256_loadu_si256(y.qs.as_ptr().add(32 * c).cast());
+        s = pairs_madd(s, _mm256_maddubs_epi16(u.q[c], ay), u.sc[c]);
+    }
+    let bs = _mm256_loadu_si256(y.bsums.as_ptr().cast());
+    let (sum, off) = hsum2_epi32(s, _mm256_madd_epi16(bs, u.sc16));
+    y.d() * u.d * (sum - 4 * off) as f32
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q3k_tile(w: [&[BlockQ3K]; 4], a: [&[BlockQ8K]; 4], out: &mut [[f32; 4]; 4]) {
+    let mut acc = [[-0.0f32; 4]; 4];
+    for i in 0..w[0].len() {
+        for (r, row) in w.iter().enumerate() {
+            let u = q3k_unpack(&row[i]);
+            for (j, col) in a.iter().enumerate() {
+                acc[r][j] += q3k_term(&u, &col[i]);
+            }
+        }
+    }
+    *out = acc;
+}
+
+macro_rules! entry_ktile {
+    ($($name:ident => $imp:ident),* $(,)?) => {
+        $(
+            pub(crate) fn $name(w: [&[u8]; 4], a: [&[u8]; 4], out: &mut [[f32; 4]; 4]) {
+                // SAFETY: installed by x86::specialize only when Isa::Avx2 is available.
+                unsafe { $imp(w.map(cast_slice), a.map(cast_slice), out) }
+            }
+        )*
+    };
+}
+
+entry_ktile!(tile_q4_k => q4k_tile, tile_q3_k => q3k_tile);
+entry!(dot dot_q4_k, q4k);
 
 // ---------------------------------------------------------------------------------------------
 // Eight rows × many tokens with the rows in the lanes, for AVX2 machines (the VNNI tier has its
