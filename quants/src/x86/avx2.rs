@@ -694,8 +694,8 @@ unsafe fn q4k_unpack(b: &BlockQ4K) -> Q4kUnpacked {
 }
 
 /// One super-block's term `a.d · (d · Σ sc·q·a − dmin · Σ min·bsum)` (the scalar reference's
-/// expression): `vpmaddubsw` pairs nibbles with the activation, `vpmaddwd` weights the pairs by their
-/// sub-block scale (as fast here as VNNI's `vpdpwssd`, which the VNNI tier therefore does not use).
+/// expression): `vpmaddubsw` pairs nibbles with the activation, `vpmaddwd` weights the pairs by
+/// their sub-block scale (as fast here as VNNI's `vpdpwssd`, so the VNNI tier uses this too).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn q4k_term(u: &Q4kUnpacked, y: &BlockQ8K) -> f32 {
@@ -870,18 +870,21 @@ octet_avx2!(octet_q5_0_impl, BlockQ5_0, q5_0_i8);
 octet_avx2!(octet_q8_0_impl, BlockQ8_0, q8_0_i8);
 octet_avx2!(octet_iq4_nl_impl, BlockQ4_0, iq4_nl_i8);
 
+/// Byte-slice wrappers for the eight-row kernels (shared by the AVX2 and VNNI tiers).
 macro_rules! entry_octet {
     ($($name:ident => $imp:ident),* $(,)?) => {
         $(
             pub(crate) fn $name(w: [&[u8]; 8], a: &[&[u8]], out: &mut [f32]) {
                 let a: Vec<&[BlockQ8_0]> = a.iter().map(|r| cast_slice(r)).collect();
-                // SAFETY: installed by x86::specialize only when Isa::Avx2 is available; the
-                // kernel asserts every length it indexes by.
+                // SAFETY: installed by x86::specialize only on a tier whose features the kernel
+                // enables (AVX2 here, AVX-512 VNNI for vnni.rs); the kernel asserts every
+                // length it indexes by.
                 unsafe { $imp(w.map(cast_slice), &a, out) }
             }
         )*
     };
 }
+pub(super) use entry_octet;
 
 entry_octet!(
     octet_q4_0 => octet_q4_0_impl, octet_q5_0 => octet_q5_0_impl,

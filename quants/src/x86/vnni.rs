@@ -8,8 +8,8 @@
 use core::arch::x86_64::*;
 
 use super::avx2::{
-    fp16, fp16_mul, hsum_ps, iq4_nl_i8, load32, nibbles, q4_0_i8, q4_1_u8, q5_0_i8, q5_1_u8,
-    q8_0_i8, signed_dot, transpose8, unsigned_dot,
+    entry_octet, fp16, fp16_mul, hsum_ps, iq4_nl_i8, load32, nibbles, q4_0_i8, q4_1_u8, q5_0_i8,
+    q5_1_u8, q8_0_i8, signed_dot, transpose8, unsigned_dot,
 };
 use crate::legacy::IQ4NL_VALUES;
 use crate::legacy::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, BlockQ8_1};
@@ -337,19 +337,6 @@ octet!(q4_0_octet, BlockQ4_0, q4_0_i8);
 octet!(q5_0_octet, BlockQ5_0, q5_0_i8);
 octet!(q8_0_octet, BlockQ8_0, q8_0_i8);
 octet!(iq4_nl_octet, BlockQ4_0, iq4_nl_i8);
-
-macro_rules! entry_octet {
-    ($($name:ident => $imp:ident),* $(,)?) => {
-        $(
-            pub(crate) fn $name(w: [&[u8]; 8], a: &[&[u8]], out: &mut [f32]) {
-                let a: Vec<&[BlockQ8_0]> = a.iter().map(|r| cast_slice(r)).collect();
-                // SAFETY: installed by x86::specialize only when Isa::Avx512Vnni is available;
-                // the kernel asserts every length it indexes by.
-                unsafe { $imp(w.map(cast_slice), &a, out) }
-            }
-        )*
-    };
-}
 
 entry_octet!(
     octet_q4_0 => q4_0_octet, octet_q5_0 => q5_0_octet, octet_q8_0 => q8_0_octet,
