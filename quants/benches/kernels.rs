@@ -6,7 +6,7 @@
 //!     cargo bench -p ggrun-quants --bench kernels [-- FILTER]
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use ggrun_quants::{kernels_for, reference_quantize_fn, GgmlType, Isa};
+use ggrun_quants::{kernels_for, packed, reference_quantize_fn, GgmlType, Isa};
 use std::hint::black_box;
 
 const TYPES: [GgmlType; 14] = [
@@ -107,6 +107,47 @@ fn bench(c: &mut Criterion) {
                         out[0]
                     })
                 });
+            }
+            if let Some(kernel) = k.packed {
+                // Packed eight-row groups: one token (decode), and sixteen tokens reported per
+                // token like tile4x4.
+                let gb = packed::group_bytes(ty, n).unwrap();
+                let mut pw = vec![0u8; w.len()];
+                for (rows8, o) in w.chunks(8 * row_bytes).zip(pw.chunks_mut(gb)) {
+                    let r: Vec<&[u8]> = rows8.chunks(row_bytes).collect();
+                    packed::pack(ty, std::array::from_fn(|i| r[i]), o);
+                }
+                let acts: Vec<Vec<u8>> = (0..16)
+                    .map(|i| {
+                        let mut a = vec![0u8; k.act_ty.row_bytes(n as u64).unwrap() as usize];
+                        (k.quantize_act)(&data(n + i)[i..], &mut a);
+                        a
+                    })
+                    .collect();
+                let sums: Vec<Vec<i32>> = acts
+                    .iter()
+                    .map(|a| {
+                        let mut s = vec![0i32; n / 32];
+                        packed::block_sums(a, &mut s);
+                        s
+                    })
+                    .collect();
+                let a: Vec<&[u8]> = acts.iter().map(|v| v.as_slice()).collect();
+                let s: Vec<&[i32]> = sums.iter().map(|v| v.as_slice()).collect();
+                for nt in [1, 16] {
+                    g.throughput(Throughput::Bytes((nt * w.len()) as u64));
+                    let name = format!("packed{nt}");
+                    g.bench_function(BenchmarkId::new(name, isa.name()), |b| {
+                        b.iter(|| {
+                            let mut out = [0f32; 8 * 16];
+                            for grp in pw.chunks(gb) {
+                                kernel(black_box(grp), &a[..nt], &s[..nt], &mut out);
+                            }
+                            out[0]
+                        })
+                    });
+                }
+                g.throughput(Throughput::Bytes(w.len() as u64));
             }
             let mut out = vec![0f32; n];
             g.bench_function(BenchmarkId::new("dequantize", isa.name()), |b| {

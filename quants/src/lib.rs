@@ -13,6 +13,7 @@ pub mod float;
 pub mod isa;
 pub mod kquants;
 pub mod legacy;
+pub mod packed;
 pub mod ssm;
 mod types;
 
@@ -43,6 +44,10 @@ pub type Rows4Fn = fn([&[u8]; 4], &[u8], &mut [f32; 4]);
 /// each row's block sums in one lane, so the float part is `acc = fma(f16(dw)·f16(da), Σ_block,
 /// acc)` per block ([`legacy::octet_reference`]) — not the single-row dot's order. Prefill only.
 pub type OctetFn = fn([&[u8]; 8], &[&[u8]], &mut [f32]);
+/// `packed(group, activation rows, their block sums, out)`: `out[r·n + j]` for the eight rows of
+/// one packed group ([`packed`]) and n tokens (Q8_0 rows), in [`packed::reference`]'s order,
+/// which is [`OctetFn`]'s. Decode and prefill.
+pub type PackedFn = fn(&[u8], &[&[u8]], &[&[i32]], &mut [f32]);
 /// Dequantize a row of bytes into `dst` (whose length is the element count).
 pub type DequantizeFn = fn(&[u8], &mut [f32]);
 /// Quantize a row of floats into bytes (`dst` is exactly the row's byte length).
@@ -63,6 +68,9 @@ pub struct Kernels {
     pub rows4: Option<Rows4Fn>,
     /// An eight-row × n-token kernel with its own float order (see [`OctetFn`]).
     pub octet: Option<OctetFn>,
+    /// The kernel over packed eight-row groups where the tier has one (then loading packs the
+    /// type's matrices).
+    pub packed: Option<PackedFn>,
     pub dequantize: DequantizeFn,
     /// Quantizes an activation row to `act_ty` (the rounding llama.cpp's SIMD paths use).
     pub quantize_act: QuantizeFn,
@@ -261,6 +269,7 @@ pub fn scalar_kernels(ty: GgmlType) -> Option<Kernels> {
         tile: None,
         rows4: None,
         octet: None,
+        packed: None,
         dequantize: dequantize_fn(ty)?,
         quantize_act,
     })

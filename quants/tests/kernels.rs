@@ -478,3 +478,71 @@ fn eight_row_prefill_kernels_follow_their_reference_order() {
         assert!(tested > 0, "no eight-row kernel was tested");
     }
 }
+
+#[test]
+fn packed_groups_round_trip_and_kernels_match_their_reference() {
+    use ggrun_quants::legacy::octet_reference;
+    use ggrun_quants::packed;
+    let mut r = rng();
+    let mut tested = 0;
+    for ty in WEIGHT_TYPES.into_iter().filter(|t| packed::packable(*t)) {
+        for n in lengths(ty) {
+            let rows: Vec<Vec<u8>> = (0..8).map(|_| quantize(ty, &floats(&mut r, n))).collect();
+            let w: [&[u8]; 8] = std::array::from_fn(|i| rows[i].as_slice());
+            let mut group = vec![0u8; packed::group_bytes(ty, n).unwrap()];
+            assert_eq!(
+                group.len(),
+                8 * rows[0].len(),
+                "a group is as large as its rows"
+            );
+            packed::pack(ty, w, &mut group);
+            // Packing loses nothing.
+            let mut back = vec![vec![0u8; rows[0].len()]; 8];
+            {
+                let mut it = back.iter_mut();
+                let outs: [&mut [u8]; 8] =
+                    std::array::from_fn(|_| it.next().unwrap().as_mut_slice());
+                packed::unpack(ty, &group, outs);
+            }
+            assert_eq!(back, rows, "{ty} n={n}: unpack(pack(rows)) != rows");
+            // Token counts below, at and above the kernels' on-stack slice of 16.
+            for nt in [1, 3, 16, 21] {
+                let k = scalar_kernels(ty).unwrap();
+                let acts = activations(&k, &mut r, n, nt);
+                let a: Vec<&[u8]> = acts.iter().map(|v| v.as_slice()).collect();
+                let sums: Vec<Vec<i32>> = acts
+                    .iter()
+                    .map(|act| {
+                        let mut s = vec![0i32; n / 32];
+                        packed::block_sums(act, &mut s);
+                        s
+                    })
+                    .collect();
+                let s: Vec<&[i32]> = sums.iter().map(|v| v.as_slice()).collect();
+                let mut want = vec![0f32; 8 * nt];
+                packed::reference(ty, &group, &a, &s, &mut want);
+                // The reference is the eight-row order of the GGUF-layout rows.
+                for (i, row) in rows.iter().enumerate() {
+                    for (j, act) in acts.iter().enumerate() {
+                        let o = octet_reference(ty, row, act).unwrap();
+                        assert_eq!(want[i * nt + j].to_bits(), o.to_bits(), "{ty} n={n}");
+                    }
+                }
+                for isa in Isa::available() {
+                    let Some(kernel) = kernels_for(ty, isa).unwrap().packed else {
+                        continue;
+                    };
+                    let mut got = vec![f32::NAN; 8 * nt];
+                    kernel(&group, &a, &s, &mut got);
+                    for (g, w) in got.iter().zip(&want) {
+                        assert_eq!(g.to_bits(), w.to_bits(), "{ty} {isa:?} n={n} nt={nt}");
+                    }
+                    tested += 1;
+                }
+            }
+        }
+    }
+    if std::env::var("GGRUN_EXPECT_ISA").is_ok_and(|v| v.contains("avx2")) {
+        assert!(tested > 0, "no packed kernel was tested");
+    }
+}

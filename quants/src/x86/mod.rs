@@ -1,6 +1,7 @@
 //! x86-64 SIMD kernels and the table that installs them per tier.
 
 mod avx2;
+mod packed;
 mod vnni;
 
 use crate::{GgmlType, Isa, Kernels};
@@ -19,16 +20,19 @@ pub(crate) fn specialize(mut k: Kernels, isa: Isa) -> Kernels {
             (k.dot, k.dot4, k.dequantize) =
                 (avx2::dot_q4_0, d4(avx2::dot4_q4_0), avx2::dequant_q4_0);
             k.octet = Some(avx2::octet_q4_0);
+            k.packed = Some(packed::packed_q4_0_avx2);
         }
         Q5_0 => {
             (k.dot, k.dot4, k.dequantize) =
                 (avx2::dot_q5_0, d4(avx2::dot4_q5_0), avx2::dequant_q5_0);
             k.octet = Some(avx2::octet_q5_0);
+            k.packed = Some(packed::packed_q5_0_avx2);
         }
         Q8_0 => {
             (k.dot, k.dot4, k.dequantize) =
                 (avx2::dot_q8_0, d4(avx2::dot4_q8_0), avx2::dequant_q8_0);
             k.octet = Some(avx2::octet_q8_0);
+            k.packed = Some(packed::packed_q8_0_avx2);
         }
         IQ4_NL => {
             (k.dot, k.dot4, k.dequantize) = (
@@ -66,6 +70,7 @@ pub(crate) fn specialize(mut k: Kernels, isa: Isa) -> Kernels {
                     r4(vnni::rows4_q4_0),
                 );
                 k.octet = Some(vnni::octet_q4_0);
+                k.packed = Some(packed::packed_q4_0_vnni);
             }
             Q5_0 => {
                 (k.dot, k.dot4, k.tile, k.rows4) = (
@@ -75,6 +80,7 @@ pub(crate) fn specialize(mut k: Kernels, isa: Isa) -> Kernels {
                     r4(vnni::rows4_q5_0),
                 );
                 k.octet = Some(vnni::octet_q5_0);
+                k.packed = Some(packed::packed_q5_0_vnni);
             }
             Q8_0 => {
                 (k.dot, k.dot4, k.tile, k.rows4) = (
@@ -84,6 +90,7 @@ pub(crate) fn specialize(mut k: Kernels, isa: Isa) -> Kernels {
                     r4(vnni::rows4_q8_0),
                 );
                 k.octet = Some(vnni::octet_q8_0);
+                k.packed = Some(packed::packed_q8_0_vnni);
             }
             IQ4_NL => {
                 (k.dot, k.dot4, k.tile, k.rows4) = (
