@@ -643,7 +643,11 @@ mod tests {
         let path = dir.path().join("e.gguf");
         write_nemotron(&NemotronPreset::tiny("EE").unwrap(), Mix::Q8_0, 3, &path).unwrap();
         let g = crate::gguf::Model::open(&path).unwrap();
-        let m = crate::model::nemotron_h::NemotronH::load(&g).unwrap();
+        let t = crate::model::Tensors {
+            gguf: &g,
+            repack: true,
+        };
+        let m = crate::model::nemotron_h::NemotronH::load(&t).unwrap();
         let cpu = Cpu::new(1, Precision::Normal).unwrap();
         let mut st = m.new_state(200, Precision::Normal);
         let toks: Vec<u32> = (0..200u32).map(|i| (i * 7919) % 1024).collect();

@@ -162,14 +162,24 @@ fn exact_mode_matches_the_float64_reference() {
 #[test]
 fn normal_mode_matches_llama_cpp() {
     let cpu = Cpu::new(2, Precision::Normal).unwrap();
-    for name in NEMO {
+    // Both weight layouts: packed eight-row copies (the default where the CPU has their
+    // kernels) and the file's rows.
+    for (name, repack) in NEMO.iter().flat_map(|n| [(*n, true), (*n, false)]) {
         let g = golden(name);
         let gg = Model::open(&g.model).unwrap();
-        let m = model::load(&gg).unwrap();
+        let m = model::load_with(&gg, repack).unwrap();
+        let packed_kernel = gg
+            .tensors()
+            .any(|t| ggrun_quants::kernels(t.ty).and_then(|k| k.packed).is_some());
+        assert_eq!(
+            gg.derived_bytes() > 0,
+            repack && packed_kernel,
+            "{name}: packed copies made iff asked and the CPU has kernels for a tensor type"
+        );
         let (rows, gen) = run(m.as_ref(), &cpu, &g.prompt_tokens, g.generated.len(), None);
         let (errs, top1) = compare(&rows, &g.logits, g.n_vocab);
         let worst = errs.iter().cloned().fold(0.0, f64::max);
-        eprintln!("{name} normal vs llama.cpp: median {:.2e} worst {worst:.2e} top1 {top1:.3} generated {}", median(&errs), gen == g.generated);
+        eprintln!("{name} repack={repack} normal vs llama.cpp: median {:.2e} worst {worst:.2e} top1 {top1:.3} generated {}", median(&errs), gen == g.generated);
         assert!(median(&errs) <= 0.03, "{name}: median {}", median(&errs));
         assert!(top1 >= 0.9, "{name}: top1 {top1}");
         if name.ends_with("f32") {

@@ -5,17 +5,20 @@
 //! exact (weights dequantized to f32, activations kept in f32).
 
 use bytemuck::cast_slice;
-use ggrun_quants::{kernels, GgmlType, Kernels};
+use ggrun_quants::{kernels, packed, GgmlType, Kernels};
 use rayon::prelude::*;
 
+use crate::gguf::TensorView;
+
 /// A 2-D weight: `rows` output rows of `cols` inputs each, in any supported type, borrowed from
-/// the model file.
+/// the model file, with its packed copy (eight-row groups, [`packed`]) where loading made one.
 #[derive(Clone, Copy)]
 pub struct Matrix<'a> {
     pub ty: GgmlType,
     pub data: &'a [u8],
     pub rows: usize,
     pub cols: usize,
+    pub packed: Option<&'a [u8]>,
 }
 
 impl<'a> Matrix<'a> {
@@ -23,16 +26,52 @@ impl<'a> Matrix<'a> {
         self.data.len() / self.rows.max(1)
     }
 
-    /// Rows `start..start + n` as a matrix (experts stacked in one tensor).
+    /// Rows `start..start + n` as a matrix (experts stacked in one tensor); the packed copy
+    /// comes along when the slice is made of whole groups.
     pub fn slice_rows(&self, start: usize, n: usize) -> Matrix<'a> {
         let rb = self.row_bytes();
+        let g = packed::ROWS;
+        let packed = self
+            .packed
+            .filter(|_| start.is_multiple_of(g) && n.is_multiple_of(g))
+            .map(|p| {
+                let gb = p.len() / (self.rows / g);
+                &p[start / g * gb..(start + n) / g * gb]
+            });
         Matrix {
             ty: self.ty,
             data: &self.data[start * rb..(start + n) * rb],
             rows: n,
             cols: self.cols,
+            packed,
         }
     }
+}
+
+/// The packed copy of a weight tensor (rows of its first dimension in groups of eight), when the
+/// active instruction set has a kernel for it and its shape allows: a type with a packed layout,
+/// rows a multiple of 32 elements, and a second dimension (an expert's rows when experts are
+/// stacked) that is a multiple of eight, so that every expert is whole groups.
+pub fn pack_tensor(t: &TensorView) -> Option<Box<[u8]>> {
+    let ty = t.info.ty;
+    kernels(ty)?.packed?;
+    let cols = *t.info.dims.first()? as usize;
+    let gb = packed::group_bytes(ty, cols)?;
+    if !(*t.info.dims.get(1)? as usize).is_multiple_of(packed::ROWS) {
+        return None;
+    }
+    let rows = t.info.rows() as usize;
+    let rb = ty.row_bytes(cols as u64)? as usize;
+    if t.data.len() != rows * rb {
+        return None;
+    }
+    let mut out = vec![0u8; rows / packed::ROWS * gb].into_boxed_slice();
+    out.par_chunks_mut(gb).enumerate().for_each(|(g, o)| {
+        let first = g * packed::ROWS;
+        let rows = std::array::from_fn(|r| &t.data[(first + r) * rb..(first + r + 1) * rb]);
+        packed::pack(ty, rows, o);
+    });
+    Some(out)
 }
 
 /// Numeric mode of the matrix products.
@@ -103,6 +142,39 @@ impl Cpu {
                                     cast_slice(&row),
                                     cast_slice(&x[j * w.cols..(j + 1) * w.cols]),
                                 );
+                            }
+                        }
+                    })
+            });
+        } else if let (Some(p), Some(kernel)) = (w.packed, k.packed) {
+            // Packed eight-row groups: every token count, decode included.
+            let act = quantize_rows(&k, x, t, w.cols);
+            let ab = act.len() / t.max(1);
+            let nb = w.cols / 32;
+            let mut sums = vec![0i32; t * nb];
+            for (a, s) in act.chunks(ab).zip(sums.chunks_mut(nb)) {
+                packed::block_sums(a, s);
+            }
+            let toks: Vec<&[u8]> = act.chunks(ab).collect();
+            let sums: Vec<&[i32]> = sums.chunks(nb).collect();
+            let g = packed::ROWS;
+            let gb = p.len() / (w.rows / g);
+            self.install(|| {
+                yt.par_chunks_mut(CHUNK * t)
+                    .enumerate()
+                    .for_each(|(c, out)| {
+                        let mut tmp = [0f32; packed::ROWS * TOKEN_BLOCK];
+                        for (q, out) in out.chunks_mut(g * t).enumerate() {
+                            let grp = c * CHUNK / g + q;
+                            let data = &p[grp * gb..(grp + 1) * gb];
+                            for t0 in (0..t).step_by(TOKEN_BLOCK) {
+                                let t1 = (t0 + TOKEN_BLOCK).min(t);
+                                let nt = t1 - t0;
+                                kernel(data, &toks[t0..t1], &sums[t0..t1], &mut tmp[..g * nt]);
+                                for r in 0..g {
+                                    out[r * t + t0..r * t + t1]
+                                        .copy_from_slice(&tmp[r * nt..(r + 1) * nt]);
+                                }
                             }
                         }
                     })

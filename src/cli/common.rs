@@ -63,6 +63,10 @@ pub struct ModelArgs {
     /// No progress bar, no timings on stderr.
     #[arg(short = 'q', long)]
     pub quiet: bool,
+    /// Keep weights only in the file's layout (no packed copies for the eight-row kernels:
+    /// less memory, slower on CPUs that have those kernels).
+    #[arg(long)]
+    pub no_repack: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -228,9 +232,11 @@ pub fn load<'g>(g: &'g Model, args: &ModelArgs) -> Result<Loaded<'g>> {
     if !args.quiet {
         tok.warnings.iter().for_each(|w| eprintln!("warning: {w}"));
     }
-    let model = crate::model::load(g)?;
+    let precision = super::precision(args.exact);
+    crate::model::check_architecture(g)?;
     prefault(g, args.quiet)?;
-    let cpu = Cpu::new(args.threads, super::precision(args.exact))?;
+    let model = crate::model::load_with(g, super::repack(args.no_repack, precision, g))?;
+    let cpu = Cpu::new(args.threads, precision)?;
     let n_ctx = context_size(args.ctx_size, model.n_ctx_train());
     Ok(Loaded {
         model,

@@ -87,6 +87,10 @@ pub enum Command {
         /// Exact mode (also GGRUN_EXACT=1).
         #[arg(long)]
         exact: bool,
+        /// Keep weights only in the file's layout (no packed copies for the eight-row kernels:
+        /// less memory, slower on CPUs that have those kernels).
+        #[arg(long)]
+        no_repack: bool,
         /// One JSON object with pp_tok_s and tg_tok_s.
         #[arg(long)]
         json: bool,
@@ -151,6 +155,10 @@ pub enum Command {
         /// (also GGRUN_EXACT=1).
         #[arg(long)]
         exact: bool,
+        /// Keep weights only in the file's layout (no packed copies for the eight-row kernels:
+        /// less memory, slower on CPUs that have those kernels).
+        #[arg(long)]
+        no_repack: bool,
     },
 }
 
@@ -204,10 +212,11 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             threads,
             ctx_size,
             exact,
+            no_repack,
         } => {
             let precision = precision(exact);
             let g = Model::open(&model)?;
-            let m = crate::model::load(&g)?;
+            let m = crate::model::load_with(&g, repack(no_repack, precision, &g))?;
             let cpu = Cpu::new(threads, precision)?;
             let n_ctx = if ctx_size == 0 {
                 tokens.len() + decode
@@ -248,10 +257,11 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             exact,
             json,
             roofline,
+            no_repack,
         } => {
             let precision = precision(exact);
             let g = Model::open(&model)?;
-            let m = crate::model::load(&g)?;
+            let m = crate::model::load_with(&g, repack(no_repack, precision, &g))?;
             let cpu = Cpu::new(threads, precision)?;
             let r = crate::bench::run(m.as_ref(), &cpu, n_prompt, n_gen, reps.max(1))?;
             let roof = if roofline {
@@ -263,6 +273,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             };
             if json {
                 let mut v = r.to_json(&model, cpu.threads);
+                v["repacked_bytes"] = g.derived_bytes().into();
                 if let Some((bytes, bw)) = roof {
                     v["bytes_per_token"] = bytes.into();
                     v["read_gb_s"] = (bw / 1e9).into();
@@ -272,6 +283,11 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
                 writeln!(out, "{v}")?;
             } else {
                 writeln!(out, "{}", r.to_text(&model, cpu.threads))?;
+                writeln!(
+                    out,
+                    "packed weight copies: {:.1} MiB",
+                    g.derived_bytes() as f64 / (1 << 20) as f64
+                )?;
                 if let Some((bytes, bw)) = roof {
                     writeln!(
                         out,
@@ -338,6 +354,34 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
     }
     out.flush()?;
     Ok(())
+}
+
+/// Whether loading packs weights: not when asked not to, nor in exact mode (which dequantizes
+/// from the file's layout), nor when the machine's available memory could not hold the model
+/// as anonymous copies (they cannot be evicted the way mapped pages can; a warning says so).
+pub(crate) fn repack(no_repack_flag: bool, precision: Precision, g: &Model) -> bool {
+    if no_repack_flag || precision != Precision::Normal {
+        return false;
+    }
+    match available_memory() {
+        Some(avail) if g.file_bytes() + (512 << 20) > avail => {
+            eprintln!(
+                "warning: {:.1} GiB available is too little for packed weight copies of this {:.1} GiB model; using the file's layout (slower; --no-repack silences this)",
+                avail as f64 / (1u64 << 30) as f64,
+                g.file_bytes() as f64 / (1u64 << 30) as f64
+            );
+            false
+        }
+        _ => true,
+    }
+}
+
+/// MemAvailable from /proc/meminfo, in bytes (None where there is no such file).
+fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Exact precision when asked by flag or by GGRUN_EXACT=1; normal otherwise.

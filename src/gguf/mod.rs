@@ -108,9 +108,30 @@ impl TensorInfo {
 pub struct TensorView<'a> {
     pub info: &'a TensorInfo,
     pub data: &'a [u8],
+    file: &'a GgufFile,
+    derived: &'a Derived,
 }
 
+/// A copy of a tensor re-arranged for a backend (made at most once, kept as long as the model).
+type Derived = std::sync::OnceLock<Option<Box<[u8]>>>;
+
 impl<'a> TensorView<'a> {
+    /// The tensor's derived copy (a backend's re-arranged layout), made by `make` on first use;
+    /// `make` returning None records that there is none. The mapping stays the source of truth,
+    /// but once a copy exists its pages leave the resident set (they fault back in if read).
+    pub fn derived(&self, make: impl FnOnce(&TensorView) -> Option<Box<[u8]>>) -> Option<&'a [u8]> {
+        self.derived
+            .get_or_init(|| {
+                let copy = make(self);
+                if copy.is_some() {
+                    let start = self.data.as_ptr() as usize - self.file.bytes().as_ptr() as usize;
+                    self.file.release(start..start + self.data.len());
+                }
+                copy
+            })
+            .as_deref()
+    }
+
     /// Bytes of row `i` (rows of ne0 elements).
     pub fn row(&self, i: usize) -> &'a [u8] {
         let rb = self.data.len() / self.info.rows().max(1) as usize;
@@ -259,6 +280,8 @@ pub struct Model {
     /// Tensor name → (part index, index in that part's table), in file order.
     index: Vec<(usize, usize)>,
     by_name: std::collections::HashMap<String, (usize, usize)>,
+    /// Derived copies per tensor, by part and index in that part's table.
+    derived: Vec<Vec<Derived>>,
 }
 
 /// `(stem, part, count)` when `path` is named like `stem-00001-of-00003.gguf`.
@@ -349,10 +372,15 @@ impl Model {
                 )));
             }
         }
+        let derived = parts
+            .iter()
+            .map(|p| p.tensors.iter().map(|_| Derived::new()).collect())
+            .collect();
         Ok(Model {
             parts,
             index,
             by_name,
+            derived,
         })
     }
 
@@ -382,7 +410,19 @@ impl Model {
         Some(TensorView {
             info,
             data: part.tensor_data(info),
+            file: part,
+            derived: &self.derived[p][i],
         })
+    }
+
+    /// Bytes held by derived copies (memory beyond the mapping).
+    pub fn derived_bytes(&self) -> u64 {
+        self.derived
+            .iter()
+            .flatten()
+            .filter_map(|d| d.get().and_then(|b| b.as_ref()))
+            .map(|b| b.len() as u64)
+            .sum()
     }
 
     /// Total bytes of all parts.

@@ -72,6 +72,26 @@ impl GgufFile {
         }
     }
 
+    /// Tells the OS that this process no longer needs the pages lying wholly inside `range`
+    /// (byte offsets into the file), so they leave its resident set; they stay in the page
+    /// cache and fault back in, unchanged, if read again. Does nothing for owned bytes.
+    pub fn release(&self, range: std::ops::Range<usize>) {
+        if let Backing::Mapped(m) = &self.backing {
+            let page = 4096;
+            let start = range.start.div_ceil(page) * page;
+            let end = range.end.min(m.len()) / page * page;
+            if end > start {
+                // SAFETY: the mapping is read-only and file-backed, so MADV_DONTNEED only drops
+                // this process's page-table entries: a later read faults the same bytes back in
+                // from the file, and no reference into the mapping is invalidated. Failure is
+                // harmless (the pages simply stay resident), so the result is ignored.
+                let _ = unsafe {
+                    m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+                };
+            }
+        }
+    }
+
     /// The bytes of tensor `t` (which must come from this file's table).
     pub fn tensor_data(&self, t: &TensorInfo) -> &[u8] {
         let start = (self.data_offset + t.offset) as usize;

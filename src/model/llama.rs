@@ -7,7 +7,6 @@ use anyhow::{bail, Context, Result};
 use super::{embed, Forward, State, Tensors};
 use crate::backend::attention::{self, AttnShape};
 use crate::backend::cpu::{rms_norm, silu, Cpu, Matrix, Precision};
-use crate::gguf::Model as Gguf;
 
 struct Layer<'a> {
     attn_norm: Vec<f32>,
@@ -37,10 +36,10 @@ pub struct Llama<'a> {
 }
 
 impl<'a> Llama<'a> {
-    pub fn load(g: &'a Gguf) -> Result<Llama<'a>> {
+    pub fn load(t: &Tensors<'a>) -> Result<Llama<'a>> {
+        let g = t.gguf;
         let md = g.metadata();
         let key = |k: &str| format!("llama.{k}");
-        let t = Tensors { gguf: g };
         let n_layer = md.get_usize(&key("block_count"))?;
         if n_layer == 0 || n_layer > 4096 {
             bail!("llama.block_count: {n_layer} layers is out of range");
@@ -65,13 +64,7 @@ impl<'a> Llama<'a> {
         }
         let eps = md.get_f32(&key("attention.layer_norm_rms_epsilon"))?;
         let freq_base = md.get_f32(&key("rope.freq_base")).unwrap_or(10000.0);
-        let embd_t = t.get("token_embd.weight")?;
-        let n_vocab = *embd_t.info.dims.get(1).unwrap_or(&0) as usize;
-        let embd = t.matrix("token_embd.weight", n_embd, n_vocab)?;
-        let output = match t.opt("output.weight") {
-            Some(_) => t.matrix("output.weight", n_embd, n_vocab)?,
-            None => embd,
-        };
+        let (embd, output, n_vocab) = t.embedding_and_output(n_embd)?;
         let kvd = n_head_kv * head_dim;
         let mut layers = Vec::with_capacity(n_layer);
         for i in 0..n_layer {

@@ -10,9 +10,11 @@ use anyhow::{anyhow, bail, Result};
 use crate::backend::cpu::{Cpu, Matrix};
 use crate::gguf::{Model as Gguf, TensorView};
 
-/// Resolves tensors of a file by name, checking shapes.
+/// Resolves tensors of a file by name, checking shapes; `repack` gives weight matrices their
+/// packed copies ([`crate::backend::cpu::pack_tensor`]).
 pub struct Tensors<'a> {
     pub gguf: &'a Gguf,
+    pub repack: bool,
 }
 
 impl<'a> Tensors<'a> {
@@ -36,7 +38,31 @@ impl<'a> Tensors<'a> {
     /// A weight matrix {cols, rows}.
     pub fn matrix(&self, name: &str, cols: usize, rows: usize) -> Result<Matrix<'a>> {
         let t = self.shaped(name, &[cols as u64, rows as u64])?;
-        matrix(&t, rows, cols)
+        self.weight(&t, rows, cols)
+    }
+
+    /// `t` as a matrix of `rows` × `cols` (experts stacked: all experts' rows), packed when
+    /// repacking is on and the tensor allows.
+    pub fn weight(&self, t: &TensorView<'a>, rows: usize, cols: usize) -> Result<Matrix<'a>> {
+        let mut m = matrix(t, rows, cols)?;
+        if self.repack {
+            m.packed = t.derived(crate::backend::cpu::pack_tensor);
+        }
+        Ok(m)
+    }
+
+    /// The token embedding (never packed: it is read by rows) and the output head (its own
+    /// tensor, or the embedding when tied), with the vocabulary size.
+    pub fn embedding_and_output(&self, n_embd: usize) -> Result<(Matrix<'a>, Matrix<'a>, usize)> {
+        let embd_t = self.get("token_embd.weight")?;
+        let n_vocab = *embd_t.info.dims.get(1).unwrap_or(&0) as usize;
+        check_shape(&embd_t, &[n_embd as u64, n_vocab as u64])?;
+        let embd = matrix(&embd_t, n_vocab, n_embd)?;
+        let output = match self.opt("output.weight") {
+            Some(_) => self.matrix("output.weight", n_embd, n_vocab)?,
+            None => self.weight(&embd_t, n_vocab, n_embd)?,
+        };
+        Ok((embd, output, n_vocab))
     }
 
     /// A vector of f32 values (norm weights, biases), any float type, of length `n`.
@@ -93,6 +119,7 @@ pub fn matrix<'a>(t: &TensorView<'a>, rows: usize, cols: usize) -> Result<Matrix
         data: t.data,
         rows,
         cols,
+        packed: None,
     })
 }
 
@@ -307,14 +334,36 @@ pub fn logits(
     Ok(out)
 }
 
-/// Opens the architecture named by the file.
-pub fn load(gguf: &Gguf) -> Result<Box<dyn Forward + '_>> {
+/// Architectures [`load`] opens.
+const ARCHITECTURES: [&str; 3] = ["nemotron_h", "nemotron_h_moe", "llama"];
+
+/// Errors at once (before any weight is read) when the file's architecture is not one we run.
+pub fn check_architecture(gguf: &Gguf) -> Result<()> {
     let arch = gguf.architecture()?;
+    if !ARCHITECTURES.contains(&arch) {
+        bail!(
+            "architecture {arch} is not supported (supported: {})",
+            ARCHITECTURES.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Opens the architecture named by the file, with packed weight copies where the CPU has kernels
+/// for them.
+pub fn load(gguf: &Gguf) -> Result<Box<dyn Forward + '_>> {
+    load_with(gguf, true)
+}
+
+/// [`load`], choosing whether weights get packed copies (`repack`; off: every product reads the
+/// mapping, and no memory is used beyond it).
+pub fn load_with(gguf: &Gguf, repack: bool) -> Result<Box<dyn Forward + '_>> {
+    check_architecture(gguf)?;
+    let arch = gguf.architecture()?;
+    let t = Tensors { gguf, repack };
     Ok(match arch {
-        "nemotron_h" | "nemotron_h_moe" => Box::new(nemotron_h::NemotronH::load(gguf)?),
-        "llama" => Box::new(llama::Llama::load(gguf)?),
-        other => bail!(
-            "architecture {other} is not supported (supported: nemotron_h, nemotron_h_moe, llama)"
-        ),
+        "nemotron_h" | "nemotron_h_moe" => Box::new(nemotron_h::NemotronH::load(&t)?),
+        "llama" => Box::new(llama::Llama::load(&t)?),
+        other => bail!("architecture {other} is not supported"),
     })
 }

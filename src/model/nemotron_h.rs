@@ -9,7 +9,6 @@ use super::{embed, Forward, LayerState, State, Tensors};
 use crate::backend::attention::{self, AttnShape};
 use crate::backend::cpu::{rms_norm, sigmoid, softplus, Cpu, Matrix, Precision};
 use crate::backend::ssm::{self, SsmShape};
-use crate::gguf::Model as Gguf;
 
 /// Mamba-2 mixer weights.
 struct Mamba<'a> {
@@ -85,11 +84,11 @@ impl<'a> NemotronH<'a> {
             .collect()
     }
 
-    pub fn load(g: &'a Gguf) -> Result<NemotronH<'a>> {
+    pub fn load(t: &Tensors<'a>) -> Result<NemotronH<'a>> {
+        let g = t.gguf;
         let md = g.metadata();
         let arch = g.architecture()?.to_string();
         let key = |k: &str| format!("{arch}.{k}");
-        let t = Tensors { gguf: g };
         let n_layer = md.get_usize(&key("block_count"))?;
         if n_layer == 0 || n_layer > 4096 {
             bail!("{}: {n_layer} layers is out of range", key("block_count"));
@@ -129,13 +128,7 @@ impl<'a> NemotronH<'a> {
         let weights_norm = md.get_bool(&key("expert_weights_norm")).unwrap_or(false);
         let weights_scale = md.get_f32(&key("expert_weights_scale")).unwrap_or(1.0);
 
-        let embd_t = t.get("token_embd.weight")?;
-        let n_vocab = *embd_t.info.dims.get(1).unwrap_or(&0) as usize;
-        let embd = t.matrix("token_embd.weight", n_embd, n_vocab)?;
-        let output = match t.opt("output.weight") {
-            Some(_) => t.matrix("output.weight", n_embd, n_vocab)?,
-            None => embd,
-        };
+        let (embd, output, n_vocab) = t.embedding_and_output(n_embd)?;
         let mut layers = Vec::with_capacity(n_layer);
         for i in 0..n_layer {
             let p = |n: &str| format!("blk.{i}.{n}");
@@ -200,8 +193,8 @@ impl<'a> NemotronH<'a> {
                     bias: t
                         .opt_vector(&p("exp_probs_b.bias"), n_expert)?
                         .unwrap_or(vec![0.0; n_expert]),
-                    up: super::matrix(&up_t, exp_ff * n_expert, n_embd)?,
-                    down: super::matrix(&down_t, n_embd * n_expert, exp_ff)?,
+                    up: t.weight(&up_t, exp_ff * n_expert, n_embd)?,
+                    down: t.weight(&down_t, n_embd * n_expert, exp_ff)?,
                     ff: exp_ff,
                     up_sh: sh.0,
                     down_sh: sh.1,
