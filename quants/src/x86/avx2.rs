@@ -11,10 +11,7 @@
 
 use core::arch::x86_64::*;
 
-use crate::kquants::{
-    k4_scales16, q3k_scales, scale_min_k4, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K,
-    BlockQ8K,
-};
+use crate::kquants::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K};
 use crate::legacy::{
     h, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, BlockQ8_1, IQ4NL_VALUES,
 };
@@ -371,24 +368,6 @@ unsafe fn quantize_q8_1_impl(x: &[f32], out: &mut [BlockQ8_1]) {
 // ---------------------------------------------------------------------------------------------
 // K-quants.
 
-/// Σ_j scales[j] · Σ_{i ∈ sub-block j} q_i·a_i over one super-block; `q` holds 8 × 32 unsigned
-/// values (< 128) in element order, sub-blocks are runs of 16.
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn kdot(q: &[__m256i; 8], a: &BlockQ8K, scales: &[i16; 16]) -> i32 {
-    let mut acc = _mm256_setzero_si256();
-    for c in 0..8 {
-        let ay = _mm256_loadu_si256(a.qs.as_ptr().add(32 * c).cast());
-        let p = _mm256_maddubs_epi16(q[c], ay);
-        let sc = _mm256_set_m128i(
-            _mm_set1_epi16(scales[2 * c + 1]),
-            _mm_set1_epi16(scales[2 * c]),
-        );
-        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, sc));
-    }
-    hsum_epi32(acc)
-}
-
 /// The 2-bit fields of a Q2_K/Q3_K `qs` as 8 chunks of 32 (chunk 4h+p: half h, shift 2p).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
@@ -418,36 +397,35 @@ unsafe fn bit_to(v: __m256i, bit: usize, val: i8) -> __m256i {
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q2k_impl(w: &[BlockQ2K], a: &[BlockQ8K]) -> f32 {
-    w.iter()
-        .zip(a)
-        .map(|(b, y)| {
-            let q = two_bit_chunks(&b.qs);
-            let scales = b.scales.map(|s| (s & 15) as i16);
-            let sum = kdot(&q, y, &scales);
-            let msum: i32 = (0..16).map(|j| (b.scales[j] >> 4) as i32 * y.bsum(j)).sum();
-            y.d() * (h(b.d) * sum as f32 - h(b.dmin) * msum as f32)
-        })
-        .sum()
+    let m4 = _mm_set1_epi8(15);
+    let mut acc = -0.0f32;
+    for (b, y) in w.iter().zip(a) {
+        let q = two_bit_chunks(&b.qs);
+        let sv = _mm_loadu_si128(b.scales.as_ptr().cast());
+        let scales = _mm256_cvtepu8_epi16(_mm_and_si128(sv, m4));
+        let mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16::<4>(sv), m4));
+        let sc = scale_pairs(scales);
+        let mut s = _mm256_setzero_si256();
+        for c in 0..8 {
+            let ay = _mm256_loadu_si256(y.qs.as_ptr().add(32 * c).cast());
+            s = pairs_madd(s, _mm256_maddubs_epi16(q[c], ay), sc[c]);
+        }
+        let bs = _mm256_loadu_si256(y.bsums.as_ptr().cast());
+        let (sum, msum) = hsum2_epi32(s, _mm256_madd_epi16(bs, mins));
+        acc += y.d() * (h(b.d) * sum as f32 - h(b.dmin) * msum as f32);
+    }
+    acc
 }
 
+/// The single-row Q3_K dot: the tile's unpack and term per super-block (vector scales and bsum
+/// correction), so a dot and a tile cell are the same expression.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q3k_impl(w: &[BlockQ3K], a: &[BlockQ8K]) -> f32 {
-    w.iter()
-        .zip(a)
-        .map(|(b, y)| {
-            let mut q = two_bit_chunks(&b.qs);
-            let hm = _mm256_loadu_si256(b.hmask.as_ptr().cast());
-            for (c, qc) in q.iter_mut().enumerate() {
-                *qc = _mm256_or_si256(*qc, bit_to(hm, c, 4));
-            }
-            let sc = q3k_scales(&b.scales);
-            let scales = sc.map(|s| s as i16);
-            // Values were stored as q + 4 (0..7): remove 4 · Σ scale · bsum.
-            let off: i32 = (0..16).map(|j| sc[j] as i32 * y.bsum(j)).sum();
-            let sum = kdot(&q, y, &scales) - 4 * off;
-            y.d() * h(b.d) * sum as f32
-        })
-        .sum()
+    let mut acc = -0.0f32;
+    for (b, y) in w.iter().zip(a) {
+        acc += q3k_term(&q3k_unpack(b), y);
+    }
+    acc
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -466,9 +444,17 @@ unsafe fn dot_q5k_impl(w: &[BlockQ5K], a: &[BlockQ8K]) -> f32 {
                     bit_to(qh, 2 * c + 1, 16),
                 );
             }
-            let (scales, msum) = k4_scales16(&b.scales, y);
-            let sum = kdot(&q, y, &scales);
-            y.d() * (h(b.d) * sum as f32 - h(b.dmin) * msum as f32)
+            let (sc, mins) = k4_scales_simd(&b.scales);
+            q4k_term(
+                &Q4kUnpacked {
+                    q,
+                    sc,
+                    mins,
+                    d: h(b.d),
+                    dmin: h(b.dmin),
+                },
+                y,
+            )
         })
         .sum()
 }
@@ -498,11 +484,17 @@ unsafe fn dot_q6k_impl(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
                     hb(_mm256_srli_epi16::<6>(hh)),
                 );
             }
-            let scales = b.scales.map(|s| s as i16);
+            let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(b.scales.as_ptr().cast()));
+            let sc = scale_pairs(sc16);
+            let mut s = _mm256_setzero_si256();
+            for (c, (qc, scc)) in q.iter().zip(&sc).enumerate() {
+                let ay = _mm256_loadu_si256(y.qs.as_ptr().add(32 * c).cast());
+                s = pairs_madd(s, _mm256_maddubs_epi16(*qc, ay), *scc);
+            }
             // Values were stored as q + 32 (0..63): remove 32 · Σ scale · bsum.
-            let off: i32 = (0..16).map(|j| b.scales[j] as i32 * y.bsum(j)).sum();
-            let sum = kdot(&q, y, &scales) - 32 * off;
-            y.d() * h(b.d) * sum as f32
+            let bs = _mm256_loadu_si256(y.bsums.as_ptr().cast());
+            let (sum, off) = hsum2_epi32(s, _mm256_madd_epi16(bs, sc16));
+            y.d() * h(b.d) * (sum - 32 * off) as f32
         })
         .sum()
 }
@@ -666,31 +658,72 @@ struct Q4kUnpacked {
     dmin: f32,
 }
 
+/// 256 nibbles in element order as eight registers (chunk 2c: low nibbles of bytes 32c..,
+/// chunk 2c + 1: their high nibbles).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn q4k_unpack(b: &BlockQ4K) -> Q4kUnpacked {
+unsafe fn nibble_chunks(qs: &[u8; 128]) -> [__m256i; 8] {
     let m4 = _mm256_set1_epi8(15);
     let mut q = [_mm256_setzero_si256(); 8];
     for c in 0..4 {
-        let v = _mm256_loadu_si256(b.qs.as_ptr().add(32 * c).cast());
+        let v = _mm256_loadu_si256(qs.as_ptr().add(32 * c).cast());
         q[2 * c] = _mm256_and_si256(v, m4);
         q[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4);
     }
-    let mut sc = [_mm256_setzero_si256(); 8];
-    let mut mins = [0i16; 16];
-    for j in 0..8 {
-        let (s, m) = scale_min_k4(j, &b.scales);
-        sc[j] = _mm256_set1_epi16(s as i16);
-        mins[2 * j] = m as i16;
-        mins[2 * j + 1] = m as i16;
-    }
-    Q4kUnpacked {
-        q,
-        sc,
-        mins: _mm256_loadu_si256(mins.as_ptr().cast()),
-        d: h(b.d),
-        dmin: h(b.dmin),
-    }
+    q
+}
+
+/// One Q4_K super-block unpacked. Written out at each use (LLVM would not inline a function
+/// returning the struct into the dot loop, which then round-tripped it through the stack).
+macro_rules! q4k_unpack {
+    ($b:expr) => {{
+        let b: &BlockQ4K = $b;
+        let (sc, mins) = k4_scales_simd(&b.scales);
+        Q4kUnpacked {
+            q: nibble_chunks(&b.qs),
+            sc,
+            mins,
+            d: h(b.d),
+            dmin: h(b.dmin),
+        }
+    }};
+}
+
+/// Q4_K/Q5_K's eight 6-bit scales and mins ([`crate::kquants::scale_min_k4`]) in registers: the
+/// scale of chunk j broadcast as 16-bit lanes, and the mins repeated per run of 16 (to meet the
+/// activation's bsums).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn k4_scales_simd(s: &[u8; 12]) -> ([__m256i; 8], __m256i) {
+    let w = |i: usize| u32::from_le_bytes(s[4 * i..4 * i + 4].try_into().unwrap());
+    let (w0, w1, w2) = (w(0), w(1), w(2));
+    const LOW6: u32 = 0x3f3f_3f3f;
+    const LOW4: u32 = 0x0f0f_0f0f;
+    const TOP2: u32 = 0x0303_0303;
+    // Bytes: scales 0..3, scales 4..7, mins 0..3, mins 4..7.
+    let scales_lo = w0 & LOW6;
+    let scales_hi = (w2 & LOW4) | (((w0 >> 6) & TOP2) << 4);
+    let mins_lo = w1 & LOW6;
+    let mins_hi = ((w2 >> 4) & LOW4) | (((w1 >> 6) & TOP2) << 4);
+    let v = _mm_setr_epi32(
+        scales_lo as i32,
+        scales_hi as i32,
+        mins_lo as i32,
+        mins_hi as i32,
+    );
+    let x = _mm256_cvtepu8_epi16(v); // scales in lanes 0..7, mins in 8..15
+    let even = _mm256_setr_epi8(
+        0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, //
+        0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,
+    );
+    let odd = _mm256_add_epi8(even, _mm256_set1_epi8(2));
+    let sc = std::array::from_fn(|j| {
+        let pair = _mm256_permutevar8x32_epi32(x, _mm256_set1_epi32((j / 2) as i32));
+        _mm256_shuffle_epi8(pair, if j % 2 == 0 { even } else { odd })
+    });
+    let m = _mm256_extracti128_si256::<1>(x);
+    let mins = _mm256_set_m128i(_mm_unpackhi_epi16(m, m), _mm_unpacklo_epi16(m, m));
+    (sc, mins)
 }
 
 /// One super-block's term `a.d · (d · Σ sc·q·a − dmin · Σ min·bsum)` (the scalar reference's
@@ -714,7 +747,7 @@ unsafe fn q4k_term(u: &Q4kUnpacked, y: &BlockQ8K) -> f32 {
 unsafe fn q4k(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
     let mut acc = -0.0f32;
     for (b, y) in w.iter().zip(a) {
-        acc += q4k_term(&q4k_unpack(b), y);
+        acc += q4k_term(&q4k_unpack!(b), y);
     }
     acc
 }
@@ -725,7 +758,7 @@ unsafe fn q4k_tile(w: [&[BlockQ4K]; 4], a: [&[BlockQ8K]; 4], out: &mut [[f32; 4]
     let mut acc = [[-0.0f32; 4]; 4];
     for i in 0..w[0].len() {
         for (r, row) in w.iter().enumerate() {
-            let u = q4k_unpack(&row[i]);
+            let u = q4k_unpack!(&row[i]);
             for (j, col) in a.iter().enumerate() {
                 acc[r][j] += q4k_term(&u, &col[i]);
             }
@@ -752,15 +785,48 @@ unsafe fn q3k_unpack(b: &BlockQ3K) -> Q3kUnpacked {
     for (c, qc) in q.iter_mut().enumerate() {
         *qc = _mm256_or_si256(*qc, bit_to(hm, c, 4));
     }
-    let s = q3k_scales(&b.scales).map(|v| v as i16);
-    let sc = [0, 1, 2, 3, 4, 5, 6, 7]
-        .map(|c| _mm256_set_m128i(_mm_set1_epi16(s[2 * c + 1]), _mm_set1_epi16(s[2 * c])));
+    let sc16 = _mm256_cvtepi8_epi16(q3k_scales_simd(&b.scales));
     Q3kUnpacked {
         q,
-        sc,
-        sc16: _mm256_loadu_si256(s.as_ptr().cast()),
+        sc: scale_pairs(sc16),
+        sc16,
         d: h(b.d),
     }
+}
+
+/// Sixteen sub-block scales (16-bit lanes) as the eight registers `kdot`-style loops multiply
+/// chunk c by: scale 2c in the low half, 2c + 1 in the high half.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn scale_pairs(sc16: __m256i) -> [__m256i; 8] {
+    let pick = _mm256_setr_epi8(
+        0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, //
+        2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3,
+    );
+    std::array::from_fn(|c| {
+        // Dword c holds the pair (2c, 2c + 1).
+        let pair = _mm256_permutevar8x32_epi32(sc16, _mm256_set1_epi32(c as i32));
+        _mm256_shuffle_epi8(pair, pick)
+    })
+}
+
+/// The sixteen 6-bit Q3_K scales minus 32 as signed bytes ([`crate::kquants::q3k_scales`] in
+/// registers: low nibbles from bytes 0..8, high nibbles next, the top two bits from bytes 8..12).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn q3k_scales_simd(s: &[u8; 12]) -> __m128i {
+    let lo = u64::from_le_bytes(s[..8].try_into().unwrap());
+    let top = u32::from_le_bytes(s[8..].try_into().unwrap());
+    let m4 = _mm_set1_epi8(15);
+    let v = _mm_cvtsi64_si128(lo as i64);
+    let nib = _mm_unpacklo_epi64(
+        _mm_and_si128(v, m4),
+        _mm_and_si128(_mm_srli_epi16::<4>(v), m4),
+    );
+    // Dword k of the result takes bits 2k..2k+1 of each byte of `top`, moved to bits 4..5.
+    let t = _mm_srlv_epi32(_mm_set1_epi32(top as i32), _mm_setr_epi32(0, 2, 4, 6));
+    let hi = _mm_slli_epi16::<4>(_mm_and_si128(t, _mm_set1_epi8(3)));
+    _mm_sub_epi8(_mm_or_si128(nib, hi), _mm_set1_epi8(32))
 }
 
 /// One super-block's term `a.d · d · (Σ sc·(q+4)·a − 4 · Σ sc·bsum)`, the scalar reference's
