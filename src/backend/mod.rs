@@ -1,6 +1,8 @@
 //! Compute backends. `cpu` holds the thread pool, matrix products and element-wise ops;
-//! `attention` and `ssm` are the sequence-mixing ops with their per-sequence state.
+//! `attention` and `ssm` are the sequence-mixing ops with their per-sequence state; `cuda` is the
+//! GPU device, its kernels and the matrix products on it.
 
 pub mod attention;
 pub mod cpu;
+pub mod cuda;
 pub mod ssm;

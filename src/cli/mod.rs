@@ -66,6 +66,9 @@ pub enum Command {
     },
     /// Print the SIMD tier in use and the tiers this CPU supports.
     Cpu,
+    /// Print the CUDA device ggrun would use (name, compute capability, memory, where its
+    /// compiled kernels are cached), or why there is none.
+    Gpu,
     /// Prompt-processing and generation speed (tokens/s, median of repeats after a warm-up),
     /// like llama-bench's pp and tg: per repeat, a fresh context evaluates P random tokens in one
     /// batch (pp), then generates N tokens one at a time (tg).
@@ -338,6 +341,24 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             };
             writeln!(out, "{v}")?;
         }
+        Command::Gpu => match crate::backend::cuda::Gpu::open(0) {
+            Ok(g) => {
+                let (free, total) = g.memory()?;
+                let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+                writeln!(
+                    out,
+                    "device: {}\ncompute capability: {}.{}\nmemory: {:.1} GiB free of {:.1} GiB\nkernels: {} ({})",
+                    g.name,
+                    g.arch.0,
+                    g.arch.1,
+                    gib(free),
+                    gib(total),
+                    g.kernel_cache.display(),
+                    if g.compiled { "compiled now" } else { "cached" }
+                )?;
+            }
+            Err(e) => writeln!(out, "no GPU: {e:#}")?,
+        },
         Command::Cpu => {
             let sel = ggrun_quants::isa::selection();
             let tiers: Vec<_> = ggrun_quants::Isa::available()

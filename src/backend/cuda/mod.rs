@@ -1,0 +1,246 @@
+//! The CUDA backend: the device found through cudarc with dynamic loading (the same binary runs
+//! where there is no CUDA and says why in one line), kernels compiled from `kernels.cu` by NVRTC
+//! on first use and cached on disk per GPU architecture, weights uploaded in their GGUF block
+//! layout, and the matrix products over them.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Result};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+};
+use ggrun_quants::GgmlType;
+
+use super::cpu::Matrix;
+
+/// The kernel source, compiled at run time for the device's architecture.
+const KERNELS: &str = include_str!("kernels.cu");
+
+/// One CUDA device with its stream and compiled kernels.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    module: Arc<CudaModule>,
+    /// The device's name, as the driver reports it.
+    pub name: String,
+    /// Compute capability (major, minor).
+    pub arch: (i32, i32),
+    /// Where the compiled kernels are cached.
+    pub kernel_cache: PathBuf,
+    /// Whether this start compiled the kernels (false: they came from the cache).
+    pub compiled: bool,
+}
+
+/// A weight matrix on the device, in its GGUF layout.
+pub struct DeviceMatrix {
+    pub ty: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    row_bytes: usize,
+    data: CudaSlice<u8>,
+}
+
+impl DeviceMatrix {
+    /// Bytes of device memory the matrix holds.
+    pub fn bytes(&self) -> usize {
+        self.rows * self.row_bytes
+    }
+}
+
+impl Gpu {
+    /// Device `ordinal`, or an error that says in one line why there is none (no driver
+    /// library, no device, no NVRTC, ...), for callers to print before falling back to the CPU.
+    pub fn open(ordinal: usize) -> Result<Gpu> {
+        // SAFETY: only probes whether the shared libraries load (dlopen), calling nothing in
+        // them; a missing library makes cudarc panic at first use, which this check prevents.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            bail!("no CUDA driver library (libcuda) found");
+        }
+        // SAFETY: as above, for NVRTC.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            bail!("the CUDA driver is present but NVRTC (libnvrtc) is not: install the CUDA runtime compiler library");
+        }
+        let count = CudaContext::device_count().map_err(|e| anyhow!("CUDA: {e:?}"))?;
+        if ordinal as i32 >= count {
+            bail!("no CUDA device {ordinal} ({count} found)");
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| anyhow!("CUDA device {ordinal}: {e:?}"))?;
+        let name = ctx.name().map_err(|e| anyhow!("CUDA: {e:?}"))?;
+        let arch = ctx
+            .compute_capability()
+            .map_err(|e| anyhow!("CUDA: {e:?}"))?;
+        let (ptx, kernel_cache, compiled) = kernels_for(arch)?;
+        let module = ctx
+            .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+            .map_err(|e| anyhow!("loading the CUDA kernels: {e:?}"))?;
+        let stream = ctx.default_stream();
+        Ok(Gpu {
+            ctx,
+            stream,
+            module,
+            name,
+            arch,
+            kernel_cache,
+            compiled,
+        })
+    }
+
+    /// (free, total) bytes of device memory.
+    pub fn memory(&self) -> Result<(usize, usize)> {
+        self.ctx.mem_get_info().map_err(|e| anyhow!("CUDA: {e:?}"))
+    }
+
+    fn function(&self, name: &str) -> Result<CudaFunction> {
+        self.module
+            .load_function(name)
+            .map_err(|e| anyhow!("CUDA kernel {name}: {e:?}"))
+    }
+
+    /// Copies `m` (GGUF layout) to the device.
+    pub fn upload(&self, m: &Matrix) -> Result<DeviceMatrix> {
+        kernel_name(m.ty)?;
+        let data = self
+            .stream
+            .clone_htod(m.data)
+            .map_err(|e| anyhow!("CUDA upload: {e:?}"))?;
+        Ok(DeviceMatrix {
+            ty: m.ty,
+            rows: m.rows,
+            cols: m.cols,
+            row_bytes: m.row_bytes(),
+            data,
+        })
+    }
+
+    /// Copies f32 values to the device.
+    pub fn to_device(&self, x: &[f32]) -> Result<CudaSlice<f32>> {
+        self.stream
+            .clone_htod(x)
+            .map_err(|e| anyhow!("CUDA copy: {e:?}"))
+    }
+
+    /// Copies f32 values back (waits for the stream).
+    pub fn to_host(&self, x: &CudaSlice<f32>) -> Result<Vec<f32>> {
+        self.stream
+            .clone_dtoh(x)
+            .map_err(|e| anyhow!("CUDA copy: {e:?}"))
+    }
+
+    /// A device buffer of `n` zeros.
+    pub fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
+        self.stream
+            .alloc_zeros(n)
+            .map_err(|e| anyhow!("CUDA alloc: {e:?}"))
+    }
+
+    /// y (t × w.rows) = x (t × w.cols) · wᵀ on the device, activations in f32.
+    pub fn matmul(
+        &self,
+        w: &DeviceMatrix,
+        x: &CudaSlice<f32>,
+        t: usize,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        if x.len() < t * w.cols || y.len() < t * w.rows {
+            bail!("CUDA matmul shape mismatch");
+        }
+        let f = self.function(kernel_name(w.ty)?)?;
+        const WARPS: u32 = 4;
+        let cfg = LaunchConfig {
+            grid_dim: ((w.rows as u32).div_ceil(WARPS), t as u32, 1),
+            block_dim: (32 * WARPS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (rows, cols, rb, tokens) = (w.rows as i32, w.cols as i32, w.row_bytes as i64, t as i32);
+        let mut launch = self.stream.launch_builder(&f);
+        launch
+            .arg(&w.data)
+            .arg(x)
+            .arg(y)
+            .arg(&rows)
+            .arg(&cols)
+            .arg(&rb)
+            .arg(&tokens);
+        // SAFETY: the kernel's signature is (const u8*, const float*, float*, int, int, long long,
+        // int), matching the arguments pushed above; it reads rows × row_bytes bytes of `w` and
+        // t × cols floats of `x`, writes t × rows floats of `y`, all checked above.
+        unsafe { launch.launch(cfg) }.map_err(|e| anyhow!("CUDA launch: {e:?}"))?;
+        Ok(())
+    }
+
+    /// Waits for all queued work.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| anyhow!("CUDA: {e:?}"))
+    }
+}
+
+/// The kernel that multiplies by a matrix of type `ty`.
+fn kernel_name(ty: GgmlType) -> Result<&'static str> {
+    use GgmlType::*;
+    Ok(match ty {
+        F32 => "matmul_f32",
+        F16 => "matmul_f16",
+        BF16 => "matmul_bf16",
+        Q4_0 => "matmul_q4_0",
+        Q4_1 => "matmul_q4_1",
+        Q5_0 => "matmul_q5_0",
+        Q5_1 => "matmul_q5_1",
+        Q8_0 => "matmul_q8_0",
+        IQ4_NL => "matmul_iq4_nl",
+        Q2_K => "matmul_q2_k",
+        Q3_K => "matmul_q3_k",
+        Q4_K => "matmul_q4_k",
+        Q5_K => "matmul_q5_k",
+        Q6_K => "matmul_q6_k",
+        other => bail!("tensor type {other} has no CUDA kernel"),
+    })
+}
+
+/// The kernels' PTX for compute capability `arch`: from the cache when this source was compiled
+/// for it before, else compiled by NVRTC and stored. Returns (ptx, cache file, compiled now).
+fn kernels_for(arch: (i32, i32)) -> Result<(String, PathBuf, bool)> {
+    let gpu_arch = format!("--gpu-architecture=compute_{}{}", arch.0, arch.1);
+    let key = fnv1a(KERNELS.as_bytes()) ^ fnv1a(gpu_arch.as_bytes()).rotate_left(1);
+    let dir = cache_dir().join("cuda");
+    let file = dir.join(format!("sm_{}{}-{key:016x}.ptx", arch.0, arch.1));
+    if let Ok(ptx) = std::fs::read_to_string(&file) {
+        return Ok((ptx, file, false));
+    }
+    let opts = cudarc::nvrtc::CompileOptions {
+        options: vec![gpu_arch, "--std=c++17".into()],
+        ..Default::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(KERNELS, opts)
+        .map_err(|e| anyhow!("compiling the CUDA kernels with NVRTC: {e}"))?
+        .to_src();
+    // The cache is an optimisation: failing to write it is not an error.
+    let tmp = file.with_extension(format!("tmp{}", std::process::id()));
+    if std::fs::create_dir_all(&dir).is_ok() && std::fs::write(&tmp, &ptx).is_ok() {
+        let _ = std::fs::rename(&tmp, &file);
+    }
+    Ok((ptx, file, true))
+}
+
+/// `$GGRUN_CACHE_DIR`, else `$XDG_CACHE_HOME/ggrun`, else `~/.cache/ggrun`, else a temp folder.
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("GGRUN_CACHE_DIR") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(d).join("ggrun");
+    }
+    if let Some(h) = std::env::var_os("HOME") {
+        return PathBuf::from(h).join(".cache").join("ggrun");
+    }
+    std::env::temp_dir().join("ggrun")
+}
+
+/// 64-bit FNV-1a (a stable key for the kernel cache; not for security).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}

@@ -1,0 +1,127 @@
+//! The CUDA backend on a real device. These tests are ignored by default (CI has no GPU):
+//! `scripts/gpu-test.sh` builds them here and runs them with `--ignored` on the device machine.
+//!
+//! Tolerance: the GPU sums in its own order, in f32, with activations in f32, so each output is
+//! compared with a float64 dot of the CPU's dequantized weights and the activations:
+//! |gpu − ref| ≤ 1e-5 · Σ|w·x| + 1e-6. Outputs are poisoned (NaN) before each launch, so a
+//! row the kernel did not write fails.
+
+use ggrun::backend::cpu::Matrix;
+use ggrun::backend::cuda::Gpu;
+use ggrun_quants::{dequantize_fn, reference_quantize_fn, GgmlType};
+
+/// Deterministic pseudo-random values in [-1, 1) from `seed`, some of them scaled up.
+fn values(seed: u64, n: usize) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|i| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            let v = (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0;
+            if i % 61 == 0 {
+                8.0 * v
+            } else {
+                v
+            }
+        })
+        .collect()
+}
+
+fn seed() -> u64 {
+    let s = std::env::var("GGRUN_TEST_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("GGRUN_TEST_SEED={s}");
+    s
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: run scripts/gpu-test.sh on the device machine"]
+fn matmul_of_every_weight_type_matches_the_cpu_dequantization() {
+    let gpu = Gpu::open(0).expect("a CUDA device");
+    eprintln!(
+        "{} sm_{}{} kernels {} ({})",
+        gpu.name,
+        gpu.arch.0,
+        gpu.arch.1,
+        gpu.kernel_cache.display(),
+        if gpu.compiled { "compiled" } else { "cached" }
+    );
+    let seed = seed();
+    use GgmlType::*;
+    let types = [
+        F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K,
+    ];
+    for (k, ty) in types.into_iter().enumerate() {
+        // Nemotron's widths where the blocks divide them, else a K-quant width.
+        for cols in [2688usize, 1856, 4096] {
+            if cols % ty.block_size() != 0 {
+                continue;
+            }
+            let rows = 67;
+            let rb = ty.row_bytes(cols as u64).unwrap() as usize;
+            let wf = values(seed ^ k as u64, rows * cols);
+            let mut data = vec![0u8; rows * rb];
+            let q = reference_quantize_fn(ty).unwrap();
+            for (src, dst) in wf.chunks(cols).zip(data.chunks_mut(rb)) {
+                q(src, dst);
+            }
+            let m = Matrix {
+                ty,
+                data: &data,
+                rows,
+                cols,
+                packed: None,
+            };
+            let dq = dequantize_fn(ty).unwrap();
+            let mut deq = vec![0f32; rows * cols];
+            for (src, dst) in data.chunks(rb).zip(deq.chunks_mut(cols)) {
+                dq(src, dst);
+            }
+            let dm = gpu.upload(&m).unwrap();
+            for t in [1usize, 5] {
+                let x = values(seed.rotate_left(7) ^ (t * 31 + k) as u64, t * cols);
+                let dx = gpu.to_device(&x).unwrap();
+                let mut dy = gpu.to_device(&vec![f32::NAN; t * rows]).unwrap();
+                gpu.matmul(&dm, &dx, t, &mut dy).unwrap();
+                let y = gpu.to_host(&dy).unwrap();
+                for j in 0..t {
+                    for r in 0..rows {
+                        let w = &deq[r * cols..(r + 1) * cols];
+                        let xs = &x[j * cols..(j + 1) * cols];
+                        let want: f64 = w.iter().zip(xs).map(|(a, b)| *a as f64 * *b as f64).sum();
+                        let mag: f64 = w
+                            .iter()
+                            .zip(xs)
+                            .map(|(a, b)| (*a as f64 * *b as f64).abs())
+                            .sum();
+                        let got = y[j * rows + r] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-5 * mag + 1e-6,
+                            "{ty} cols={cols} t={t} row {r} token {j}: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn opening_a_gpu_succeeds_or_says_why_in_one_line() {
+    match Gpu::open(0) {
+        Ok(g) => eprintln!("found {} (sm_{}{})", g.name, g.arch.0, g.arch.1),
+        Err(e) => {
+            let msg = format!("{e:#}");
+            eprintln!("no GPU: {msg}");
+            assert!(!msg.is_empty() && !msg.contains('\n'), "{msg:?}");
+        }
+    }
+}
