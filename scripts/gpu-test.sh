@@ -18,7 +18,12 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
         shutil.copy(m["executable"], ".device/gpu-tests")
 '
-    strip .device/*   # the debug info would exceed what the device call can carry
+    mkdir -p .device/fixtures
+    for f in ../shared/fixtures/nemo-*q*.gguf ../shared/fixtures/nemo-*q*.golden.json \
+             ../shared/fixtures/nemo-*q*.logits.f32 ../shared/fixtures/nemo-*q*.ref.f32; do
+      cp "$f" .device/fixtures/
+    done
+    strip .device/ggrun .device/gpu-tests   # the debug info would exceed what the device call can carry
     ls -la .device
     ;;
   run)
@@ -26,10 +31,16 @@ for line in sys.stdin:
       [ -d "$d" ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
     done
     export GGRUN_CACHE_DIR="${GGRUN_CACHE_DIR:-/tmp/ggrun-cache}"
+    export GGRUN_FIXTURES="$PWD/.device/fixtures"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
     .device/ggrun gpu
     .device/gpu-tests --ignored --nocapture --test-threads 1
     .device/ggrun gpu   # the second start finds the kernels cached
+    m=.device/fixtures/nemo-tiny-q4_k_m.gguf
+    .device/ggrun logits -m $m --tokens 1,2,3,4,5,6,7,8,9,10 --decode 4 --out /tmp/cpu.f32
+    .device/ggrun logits -m $m --tokens 1,2,3,4,5,6,7,8,9,10 --decode 4 --out /tmp/gpu.f32 -ngl 99
+    .device/ggrun logits -m $m --tokens 1,2,3,4,5,6,7,8,9,10 --decode 4 --out /tmp/hyb.f32 \
+      -ngl 99 --n-cpu-moe 2
     ;;
   *)
     echo "usage: scripts/gpu-test.sh build|run" >&2

@@ -11,7 +11,14 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use ggrun::cli::{run, Cli};
 
 fn main() {
-    let cli = Cli::parse();
+    // llama.cpp spells its layer flag `-ngl`, which no clap short flag can be: accept it.
+    let cli = Cli::parse_from(std::env::args_os().map(|a| {
+        if a == "-ngl" {
+            "--n-gpu-layers".into()
+        } else {
+            a
+        }
+    }));
     if let Some(w) = &ggrun_quants::isa::selection().warning {
         eprintln!("warning: {w}");
     }

@@ -645,7 +645,10 @@ mod tests {
         let g = crate::gguf::Model::open(&path).unwrap();
         let t = crate::model::Tensors {
             gguf: &g,
-            repack: true,
+            opts: crate::model::LoadOptions {
+                repack: true,
+                device: None,
+            },
         };
         let m = crate::model::nemotron_h::NemotronH::load(&t).unwrap();
         let cpu = Cpu::new(1, Precision::Normal).unwrap();

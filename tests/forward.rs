@@ -8,106 +8,12 @@
 
 mod common;
 
-use std::path::Path;
-
+use common::{compare, golden, ids, median, read_f32, read_json, rel_rms, run, Golden};
 use ggrun::backend::cpu::{Cpu, Precision};
 use ggrun::gguf::Model;
 use ggrun::model::{self, Forward, State};
 use ggrun::sample::argmax;
 use ggrun::tokenizer::Tokenizer;
-
-struct Golden {
-    model: std::path::PathBuf,
-    prompt: String,
-    prompt_tokens: Vec<u32>,
-    generated: Vec<u32>,
-    n_vocab: usize,
-    logits: Vec<f32>,
-    reference: Option<Vec<f32>>,
-}
-
-fn read_f32(p: &Path) -> Vec<f32> {
-    std::fs::read(p)
-        .unwrap()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect()
-}
-
-fn read_json(p: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
-}
-
-fn ids(j: &serde_json::Value, k: &str) -> Vec<u32> {
-    j[k].as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect()
-}
-
-fn golden(name: &str) -> Golden {
-    let dir = common::fixtures();
-    let j = read_json(&dir.join(format!("{name}.golden.json")));
-    Golden {
-        model: dir.join(j["model"].as_str().unwrap()),
-        prompt: j["prompt"].as_str().unwrap().to_string(),
-        prompt_tokens: ids(&j, "prompt_tokens"),
-        generated: ids(&j, "generated"),
-        n_vocab: j["n_vocab"].as_u64().unwrap() as usize,
-        logits: read_f32(&dir.join(j["logits_file"].as_str().unwrap())),
-        reference: j["ref_file"].as_str().map(|f| read_f32(&dir.join(f))),
-    }
-}
-
-/// Prefill `prompt` in one batch, then one token at a time: `forced` tokens if given, else the
-/// greedy choice. Returns all rows and the decoded tokens.
-fn run(
-    m: &dyn Forward,
-    cpu: &Cpu,
-    prompt: &[u32],
-    steps: usize,
-    forced: Option<&[u32]>,
-) -> (Vec<f32>, Vec<u32>) {
-    let mut st = m.new_state(prompt.len() + steps, cpu.precision);
-    let mut rows = m.forward(cpu, &mut st, prompt, true).unwrap();
-    let nv = m.n_vocab();
-    let mut gen = Vec::new();
-    for k in 0..steps {
-        let tok = match forced {
-            Some(f) => f[k],
-            None => argmax(&rows[rows.len() - nv..]) as u32,
-        };
-        gen.push(tok);
-        rows.extend(m.forward(cpu, &mut st, &[tok], false).unwrap());
-    }
-    (rows, gen)
-}
-
-fn rel_rms(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den).sqrt()
-}
-
-/// (per-row rel-RMS, top-1 agreement rate)
-fn compare(ours: &[f32], theirs: &[f32], nv: usize) -> (Vec<f64>, f64) {
-    let rows = ours.len().min(theirs.len()) / nv;
-    let mut errs = Vec::new();
-    let mut agree = 0;
-    for r in 0..rows {
-        let (a, b) = (&ours[r * nv..(r + 1) * nv], &theirs[r * nv..(r + 1) * nv]);
-        errs.push(rel_rms(a, b));
-        agree += (argmax(a) == argmax(b)) as usize;
-    }
-    (errs, agree as f64 / rows as f64)
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    s[s.len() / 2]
-}
 
 const NEMO: [&str; 7] = [
     "nemo-tiny-f32",
@@ -167,7 +73,14 @@ fn normal_mode_matches_llama_cpp() {
     for (name, repack) in NEMO.iter().flat_map(|n| [(*n, true), (*n, false)]) {
         let g = golden(name);
         let gg = Model::open(&g.model).unwrap();
-        let m = model::load_with(&gg, repack).unwrap();
+        let m = model::load_with(
+            &gg,
+            model::LoadOptions {
+                repack,
+                device: None,
+            },
+        )
+        .unwrap();
         let packed_kernel = gg
             .tensors()
             .any(|t| ggrun_quants::kernels(t.ty).and_then(|k| k.packed).is_some());

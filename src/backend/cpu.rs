@@ -8,10 +8,12 @@ use bytemuck::cast_slice;
 use ggrun_quants::{kernels, packed, GgmlType, Kernels};
 use rayon::prelude::*;
 
+use super::cuda::DeviceRows;
 use crate::gguf::TensorView;
 
 /// A 2-D weight: `rows` output rows of `cols` inputs each, in any supported type, borrowed from
-/// the model file, with its packed copy (eight-row groups, [`packed`]) where loading made one.
+/// the model file, with its packed copy (eight-row groups, [`packed`]) where loading made one,
+/// or its copy on the GPU where the placement put it (then the GPU multiplies by it).
 #[derive(Clone, Copy)]
 pub struct Matrix<'a> {
     pub ty: GgmlType,
@@ -19,6 +21,7 @@ pub struct Matrix<'a> {
     pub rows: usize,
     pub cols: usize,
     pub packed: Option<&'a [u8]>,
+    pub device: Option<DeviceRows<'a>>,
 }
 
 impl<'a> Matrix<'a> {
@@ -38,12 +41,18 @@ impl<'a> Matrix<'a> {
                 let gb = p.len() / (self.rows / g);
                 &p[start / g * gb..(start + n) / g * gb]
             });
+        let device = self.device.map(|d| DeviceRows {
+            start: d.start + start,
+            rows: n,
+            ..d
+        });
         Matrix {
             ty: self.ty,
             data: &self.data[start * rb..(start + n) * rb],
             rows: n,
             cols: self.cols,
             packed,
+            device,
         }
     }
 }
@@ -120,6 +129,9 @@ impl Cpu {
             x.len() == t * w.cols && y.len() == t * w.rows,
             "matmul shape mismatch"
         );
+        if let Some(d) = w.device {
+            return d.matmul_host(x, t, y);
+        }
         let k = kernels(w.ty)
             .ok_or_else(|| anyhow::anyhow!("tensor type {} is not supported", w.ty))?;
         let exact = self.precision == Precision::Exact && w.ty != GgmlType::F32;

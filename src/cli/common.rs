@@ -10,6 +10,8 @@ use clap::{Args, ValueEnum};
 use rayon::prelude::*;
 
 use crate::backend::cpu::Cpu;
+use crate::backend::cuda::{DeviceWeights, Gpu};
+use crate::backend::placement::{PlacementArgs, Plan};
 use crate::gguf::{Metadata, Model};
 use crate::model::Forward;
 use crate::sample::SamplerConfig;
@@ -67,6 +69,63 @@ pub struct ModelArgs {
     /// less memory, slower on CPUs that have those kernels).
     #[arg(long)]
     pub no_repack: bool,
+    #[command(flatten)]
+    pub place: PlacementFlags,
+}
+
+/// Where weights go when a CUDA GPU is present (llama.cpp's flags, and a VRAM budget).
+#[derive(Args, Debug, Clone, Default)]
+pub struct PlacementFlags {
+    /// Layers on the GPU (`-ngl N` works too), counted from the last; more than the model has
+    /// puts the output head there too (default: none, or all with --gpu-mem).
+    #[arg(long = "n-gpu-layers")]
+    pub n_gpu_layers: Option<usize>,
+    /// Keep the routed experts of the first N layers in RAM.
+    #[arg(long = "n-cpu-moe", default_value_t = 0)]
+    pub n_cpu_moe: usize,
+    /// VRAM budget (e.g. 24GiB): non-expert weights and buffers first, then as many whole expert
+    /// layers as fit.
+    #[arg(long = "gpu-mem", value_parser = parse_size)]
+    pub gpu_mem: Option<u64>,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    crate::backend::placement::parse_size(s).map_err(|e| e.to_string())
+}
+
+/// Device memory kept free beside the weights for the products' activations (a 512-token
+/// batch in and out of the widest matrix, with room to spare).
+const COMPUTE_RESERVE: u64 = 512 << 20;
+
+/// The weights the flags put on the GPU, or None: when the flags ask for no GPU, or when there is
+/// none (said in one line on stderr; the CPU then runs everything). A plan that cannot fit the
+/// budget is an error.
+pub fn device_weights(
+    g: &Model,
+    flags: &PlacementFlags,
+    quiet: bool,
+) -> Result<Option<DeviceWeights>> {
+    let args = PlacementArgs {
+        n_gpu_layers: flags.n_gpu_layers,
+        n_cpu_moe: flags.n_cpu_moe,
+        gpu_mem: flags.gpu_mem,
+    };
+    if !args.wants_gpu() {
+        return Ok(None);
+    }
+    let gpu = match Gpu::open(0) {
+        Ok(gpu) => gpu,
+        Err(e) => {
+            eprintln!("no GPU ({e:#}): running on the CPU");
+            return Ok(None);
+        }
+    };
+    let plan = Plan::new(g, &args, COMPUTE_RESERVE)?;
+    if !quiet {
+        eprintln!("{}: {}", gpu.name, plan.summary());
+    }
+    let names = g.tensors().map(|t| t.name.clone());
+    Ok(Some(DeviceWeights::new(gpu, plan, names)))
 }
 
 #[derive(Args, Debug, Clone)]
@@ -227,7 +286,11 @@ pub struct Loaded<'g> {
 
 /// The tokenizer (its warnings printed unless quiet), the architecture, the model's pages read
 /// once behind a progress bar, the CPU backend and the context size, for these flags.
-pub fn load<'g>(g: &'g Model, args: &ModelArgs) -> Result<Loaded<'g>> {
+pub fn load<'g>(
+    g: &'g Model,
+    device: Option<&'g DeviceWeights>,
+    args: &ModelArgs,
+) -> Result<Loaded<'g>> {
     let tok = Tokenizer::from_metadata(g.metadata())?;
     if !args.quiet {
         tok.warnings.iter().for_each(|w| eprintln!("warning: {w}"));
@@ -235,7 +298,11 @@ pub fn load<'g>(g: &'g Model, args: &ModelArgs) -> Result<Loaded<'g>> {
     let precision = super::precision(args.exact);
     crate::model::check_architecture(g)?;
     prefault(g, args.quiet)?;
-    let model = crate::model::load_with(g, super::repack(args.no_repack, precision, g))?;
+    let opts = crate::model::LoadOptions {
+        repack: super::repack(args.no_repack, precision, g),
+        device,
+    };
+    let model = crate::model::load_with(g, opts)?;
     let cpu = Cpu::new(args.threads, precision)?;
     let n_ctx = context_size(args.ctx_size, model.n_ctx_train());
     Ok(Loaded {

@@ -94,6 +94,8 @@ pub enum Command {
         /// less memory, slower on CPUs that have those kernels).
         #[arg(long)]
         no_repack: bool,
+        #[command(flatten)]
+        place: common::PlacementFlags,
         /// One JSON object with pp_tok_s and tg_tok_s.
         #[arg(long)]
         json: bool,
@@ -162,6 +164,8 @@ pub enum Command {
         /// less memory, slower on CPUs that have those kernels).
         #[arg(long)]
         no_repack: bool,
+        #[command(flatten)]
+        place: common::PlacementFlags,
     },
 }
 
@@ -216,10 +220,16 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             ctx_size,
             exact,
             no_repack,
+            place,
         } => {
             let precision = precision(exact);
             let g = Model::open(&model)?;
-            let m = crate::model::load_with(&g, repack(no_repack, precision, &g))?;
+            let dev = common::device_weights(&g, &place, false)?;
+            let opts = crate::model::LoadOptions {
+                repack: repack(no_repack, precision, &g),
+                device: dev.as_ref(),
+            };
+            let m = crate::model::load_with(&g, opts)?;
             let cpu = Cpu::new(threads, precision)?;
             let n_ctx = if ctx_size == 0 {
                 tokens.len() + decode
@@ -261,10 +271,16 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             json,
             roofline,
             no_repack,
+            place,
         } => {
             let precision = precision(exact);
             let g = Model::open(&model)?;
-            let m = crate::model::load_with(&g, repack(no_repack, precision, &g))?;
+            let dev = common::device_weights(&g, &place, json)?;
+            let opts = crate::model::LoadOptions {
+                repack: repack(no_repack, precision, &g),
+                device: dev.as_ref(),
+            };
+            let m = crate::model::load_with(&g, opts)?;
             let cpu = Cpu::new(threads, precision)?;
             let r = crate::bench::run(m.as_ref(), &cpu, n_prompt, n_gen, reps.max(1))?;
             let roof = if roofline {
@@ -277,6 +293,10 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             if json {
                 let mut v = r.to_json(&model, cpu.threads);
                 v["repacked_bytes"] = g.derived_bytes().into();
+                if let Some(d) = &dev {
+                    v["gpu"] = d.gpu.name.clone().into();
+                    v["gpu_weight_bytes"] = d.uploaded_bytes().into();
+                }
                 if let Some((bytes, bw)) = roof {
                     v["bytes_per_token"] = bytes.into();
                     v["read_gb_s"] = (bw / 1e9).into();

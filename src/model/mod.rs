@@ -8,13 +8,23 @@ pub mod nemotron_h;
 use anyhow::{anyhow, bail, Result};
 
 use crate::backend::cpu::{Cpu, Matrix};
+use crate::backend::cuda::DeviceWeights;
 use crate::gguf::{Model as Gguf, TensorView};
 
-/// Resolves tensors of a file by name, checking shapes; `repack` gives weight matrices their
-/// packed copies ([`crate::backend::cpu::pack_tensor`]).
+/// How a model's weights are prepared at load.
+#[derive(Clone, Copy, Default)]
+pub struct LoadOptions<'a> {
+    /// Give CPU weight matrices their packed copies ([`crate::backend::cpu::pack_tensor`]).
+    pub repack: bool,
+    /// The weights placed on a GPU (uploaded as the loader meets them).
+    pub device: Option<&'a DeviceWeights>,
+}
+
+/// Resolves tensors of a file by name, checking shapes, and prepares weight matrices as the
+/// options say.
 pub struct Tensors<'a> {
     pub gguf: &'a Gguf,
-    pub repack: bool,
+    pub opts: LoadOptions<'a>,
 }
 
 impl<'a> Tensors<'a> {
@@ -41,11 +51,14 @@ impl<'a> Tensors<'a> {
         self.weight(&t, rows, cols)
     }
 
-    /// `t` as a matrix of `rows` × `cols` (experts stacked: all experts' rows), packed when
-    /// repacking is on and the tensor allows.
+    /// `t` as a matrix of `rows` × `cols` (experts stacked: all experts' rows): on the GPU when
+    /// the placement put it there, else packed when repacking is on and the tensor allows.
     pub fn weight(&self, t: &TensorView<'a>, rows: usize, cols: usize) -> Result<Matrix<'a>> {
         let mut m = matrix(t, rows, cols)?;
-        if self.repack {
+        if let Some(dev) = self.opts.device {
+            m.device = dev.get(t, rows, cols)?;
+        }
+        if self.opts.repack && m.device.is_none() {
             m.packed = t.derived(crate::backend::cpu::pack_tensor);
         }
         Ok(m)
@@ -120,6 +133,7 @@ pub fn matrix<'a>(t: &TensorView<'a>, rows: usize, cols: usize) -> Result<Matrix
         rows,
         cols,
         packed: None,
+        device: None,
     })
 }
 
@@ -349,18 +363,24 @@ pub fn check_architecture(gguf: &Gguf) -> Result<()> {
     Ok(())
 }
 
-/// Opens the architecture named by the file, with packed weight copies where the CPU has kernels
-/// for them.
+/// Opens the architecture named by the file on the CPU, with packed weight copies where the CPU
+/// has kernels for them.
 pub fn load(gguf: &Gguf) -> Result<Box<dyn Forward + '_>> {
-    load_with(gguf, true)
+    load_with(
+        gguf,
+        LoadOptions {
+            repack: true,
+            device: None,
+        },
+    )
 }
 
-/// [`load`], choosing whether weights get packed copies (`repack`; off: every product reads the
-/// mapping, and no memory is used beyond it).
-pub fn load_with(gguf: &Gguf, repack: bool) -> Result<Box<dyn Forward + '_>> {
+/// [`load`] with explicit options (packing off: every CPU product reads the mapping, and no
+/// memory is used beyond it; a device: the weights its plan names are multiplied there).
+pub fn load_with<'a>(gguf: &'a Gguf, opts: LoadOptions<'a>) -> Result<Box<dyn Forward + 'a>> {
     check_architecture(gguf)?;
     let arch = gguf.architecture()?;
-    let t = Tensors { gguf, repack };
+    let t = Tensors { gguf, opts };
     Ok(match arch {
         "nemotron_h" | "nemotron_h_moe" => Box::new(nemotron_h::NemotronH::load(&t)?),
         "llama" => Box::new(llama::Llama::load(&t)?),

@@ -1,7 +1,11 @@
 //! Paths to the shared fixtures and fetched models, and small helpers shared by the tests.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use ggrun::backend::cpu::Cpu;
+use ggrun::model::Forward;
+use ggrun::sample::argmax;
 
 /// `../shared/fixtures` beside the checkout (override with GGRUN_FIXTURES).
 pub fn fixtures() -> PathBuf {
@@ -45,4 +49,100 @@ pub fn smollm2() -> PathBuf {
 
 pub fn ggrun() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_ggrun"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Goldens: llama.cpp's logits and token ids for the fixture models, and how to compare with them.
+
+pub struct Golden {
+    pub model: std::path::PathBuf,
+    pub prompt: String,
+    pub prompt_tokens: Vec<u32>,
+    pub generated: Vec<u32>,
+    pub n_vocab: usize,
+    pub logits: Vec<f32>,
+    pub reference: Option<Vec<f32>>,
+}
+
+pub fn read_f32(p: &Path) -> Vec<f32> {
+    std::fs::read(p)
+        .unwrap()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+pub fn read_json(p: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+pub fn ids(j: &serde_json::Value, k: &str) -> Vec<u32> {
+    j[k].as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
+}
+
+pub fn golden(name: &str) -> Golden {
+    let dir = fixtures();
+    let j = read_json(&dir.join(format!("{name}.golden.json")));
+    Golden {
+        model: dir.join(j["model"].as_str().unwrap()),
+        prompt: j["prompt"].as_str().unwrap().to_string(),
+        prompt_tokens: ids(&j, "prompt_tokens"),
+        generated: ids(&j, "generated"),
+        n_vocab: j["n_vocab"].as_u64().unwrap() as usize,
+        logits: read_f32(&dir.join(j["logits_file"].as_str().unwrap())),
+        reference: j["ref_file"].as_str().map(|f| read_f32(&dir.join(f))),
+    }
+}
+
+/// Prefill `prompt` in one batch, then one token at a time: `forced` tokens if given, else the
+/// greedy choice. Returns all rows and the decoded tokens.
+pub fn run(
+    m: &dyn Forward,
+    cpu: &Cpu,
+    prompt: &[u32],
+    steps: usize,
+    forced: Option<&[u32]>,
+) -> (Vec<f32>, Vec<u32>) {
+    let mut st = m.new_state(prompt.len() + steps, cpu.precision);
+    let mut rows = m.forward(cpu, &mut st, prompt, true).unwrap();
+    let nv = m.n_vocab();
+    let mut gen = Vec::new();
+    for k in 0..steps {
+        let tok = match forced {
+            Some(f) => f[k],
+            None => argmax(&rows[rows.len() - nv..]) as u32,
+        };
+        gen.push(tok);
+        rows.extend(m.forward(cpu, &mut st, &[tok], false).unwrap());
+    }
+    (rows, gen)
+}
+
+pub fn rel_rms(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+/// (per-row rel-RMS, top-1 agreement rate)
+pub fn compare(ours: &[f32], theirs: &[f32], nv: usize) -> (Vec<f64>, f64) {
+    let rows = ours.len().min(theirs.len()) / nv;
+    let mut errs = Vec::new();
+    let mut agree = 0;
+    for r in 0..rows {
+        let (a, b) = (&ours[r * nv..(r + 1) * nv], &theirs[r * nv..(r + 1) * nv]);
+        errs.push(rel_rms(a, b));
+        agree += (argmax(a) == argmax(b)) as usize;
+    }
+    (errs, agree as f64 / rows as f64)
+}
+
+pub fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s[s.len() / 2]
 }

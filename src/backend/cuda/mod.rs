@@ -1,10 +1,14 @@
 //! The CUDA backend: the device found through cudarc with dynamic loading (the same binary runs
 //! where there is no CUDA and says why in one line), kernels compiled from `kernels.cu` by NVRTC
 //! on first use and cached on disk per GPU architecture, weights uploaded in their GGUF block
-//! layout, and the matrix products over them.
+//! layout as a placement plan names them, and the matrix products over them.
+//!
+//! For now the GPU computes the matrix products of the weights placed on it (activations cross
+//! PCIe per product); the other ops run on the CPU.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use anyhow::{anyhow, bail, Result};
 use cudarc::driver::{
@@ -13,6 +17,8 @@ use cudarc::driver::{
 use ggrun_quants::GgmlType;
 
 use super::cpu::Matrix;
+use super::placement::Plan;
+use crate::gguf::TensorView;
 
 /// The kernel source, compiled at run time for the device's architecture.
 const KERNELS: &str = include_str!("kernels.cu");
@@ -45,6 +51,91 @@ impl DeviceMatrix {
     /// Bytes of device memory the matrix holds.
     pub fn bytes(&self) -> usize {
         self.rows * self.row_bytes
+    }
+}
+
+/// Rows `start..start + rows` of a device matrix (an expert of a stacked tensor), with the GPU
+/// that holds it: what a host-side [`Matrix`] carries when its weights are on the device.
+#[derive(Clone, Copy)]
+pub struct DeviceRows<'a> {
+    pub gpu: &'a Gpu,
+    pub m: &'a DeviceMatrix,
+    pub start: usize,
+    pub rows: usize,
+}
+
+impl DeviceRows<'_> {
+    /// y (t × rows) = x (t × cols) · wᵀ with x and y in host memory: copies x in, multiplies,
+    /// copies y back (and waits).
+    pub fn matmul_host(&self, x: &[f32], t: usize, y: &mut [f32]) -> Result<()> {
+        let (cols, rows) = (self.m.cols, self.rows);
+        if x.len() != t * cols || y.len() != t * rows {
+            bail!("CUDA matmul shape mismatch");
+        }
+        let g = self.gpu;
+        let dx = g.to_device(x)?;
+        let mut dy = g.zeros(t * rows)?;
+        let rb = self.m.row_bytes;
+        let w = self.m.data.slice(self.start * rb..(self.start + rows) * rb);
+        g.launch_matmul(self.m.ty, &w, rb, rows, cols, &dx, t, &mut dy)?;
+        g.stream
+            .memcpy_dtoh(&dy, y)
+            .map_err(|e| anyhow!("CUDA copy: {e:?}"))
+    }
+}
+
+/// The weights a [`Plan`] puts on a GPU, uploaded when the model loader first asks for them.
+pub struct DeviceWeights {
+    pub gpu: Gpu,
+    pub plan: Plan,
+    slots: HashMap<String, OnceLock<DeviceMatrix>>,
+}
+
+impl DeviceWeights {
+    pub fn new(gpu: Gpu, plan: Plan, names: impl Iterator<Item = String>) -> DeviceWeights {
+        let slots = names
+            .filter(|n| plan.on_gpu(n))
+            .map(|n| (n, OnceLock::new()))
+            .collect();
+        DeviceWeights { gpu, plan, slots }
+    }
+
+    /// The device copy of `t` (as a `rows` × `cols` matrix) when the plan puts it on the GPU.
+    pub fn get(&self, t: &TensorView, rows: usize, cols: usize) -> Result<Option<DeviceRows<'_>>> {
+        let Some(slot) = self.slots.get(&t.info.name) else {
+            return Ok(None);
+        };
+        if slot.get().is_none() {
+            let m = Matrix {
+                ty: t.info.ty,
+                data: t.data,
+                rows,
+                cols,
+                packed: None,
+                device: None,
+            };
+            let d = self
+                .gpu
+                .upload(&m)
+                .map_err(|e| anyhow!("{}: {e:#}", t.info.name))?;
+            let _ = slot.set(d);
+        }
+        let m = slot.get().expect("set above");
+        Ok(Some(DeviceRows {
+            gpu: &self.gpu,
+            m,
+            start: 0,
+            rows: m.rows,
+        }))
+    }
+
+    /// Bytes uploaded so far.
+    pub fn uploaded_bytes(&self) -> usize {
+        self.slots
+            .values()
+            .filter_map(|s| s.get())
+            .map(|m| m.bytes())
+            .sum()
     }
 }
 
@@ -142,24 +233,40 @@ impl Gpu {
         t: usize,
         y: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        if x.len() < t * w.cols || y.len() < t * w.rows {
+        let wv = w.data.slice(..);
+        self.launch_matmul(w.ty, &wv, w.row_bytes, w.rows, w.cols, x, t, y)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn launch_matmul(
+        &self,
+        ty: GgmlType,
+        w: &cudarc::driver::CudaView<u8>,
+        row_bytes: usize,
+        rows: usize,
+        cols: usize,
+        x: &CudaSlice<f32>,
+        t: usize,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        if x.len() < t * cols || y.len() < t * rows || w.len() < rows * row_bytes {
             bail!("CUDA matmul shape mismatch");
         }
-        let f = self.function(kernel_name(w.ty)?)?;
+        let f = self.function(kernel_name(ty)?)?;
         const WARPS: u32 = 4;
         let cfg = LaunchConfig {
-            grid_dim: ((w.rows as u32).div_ceil(WARPS), t as u32, 1),
+            grid_dim: ((rows as u32).div_ceil(WARPS), t as u32, 1),
             block_dim: (32 * WARPS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (rows, cols, rb, tokens) = (w.rows as i32, w.cols as i32, w.row_bytes as i64, t as i32);
+        let (r, c, rb, tokens) = (rows as i32, cols as i32, row_bytes as i64, t as i32);
         let mut launch = self.stream.launch_builder(&f);
         launch
-            .arg(&w.data)
+            .arg(w)
             .arg(x)
             .arg(y)
-            .arg(&rows)
-            .arg(&cols)
+            .arg(&r)
+            .arg(&c)
             .arg(&rb)
             .arg(&tokens);
         // SAFETY: the kernel's signature is (const u8*, const float*, float*, int, int, long long,

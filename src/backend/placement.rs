@@ -1,0 +1,366 @@
+//! Which weights live on the GPU: llama.cpp's `-ngl N` (the last N layers, the output head too
+//! when N exceeds the layer count) and `--n-cpu-moe N` (the routed experts of the first N layers
+//! stay in RAM), and our `--gpu-mem SIZE`, a VRAM budget filled in priority order: non-expert
+//! weights of the GPU layers and the output head, the compute buffers, then whole expert layers
+//! (last layers first, as `--n-cpu-moe` keeps the first ones in RAM) while they fit. A plan is
+//! data (tensor names); the CUDA backend uploads what it names.
+
+use std::collections::BTreeSet;
+
+use anyhow::{bail, Result};
+
+use crate::gguf::{Model as Gguf, TensorInfo};
+
+/// The placement flags.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PlacementArgs {
+    /// `-ngl`: layers on the GPU, counted from the last (None: all when a budget is given,
+    /// else none).
+    pub n_gpu_layers: Option<usize>,
+    /// `--n-cpu-moe`: the routed experts of the first N layers stay in RAM.
+    pub n_cpu_moe: usize,
+    /// `--gpu-mem`: the VRAM budget in bytes.
+    pub gpu_mem: Option<u64>,
+}
+
+impl PlacementArgs {
+    /// Whether the flags ask for a GPU at all.
+    pub fn wants_gpu(&self) -> bool {
+        self.n_gpu_layers.is_some_and(|n| n > 0) || self.gpu_mem.is_some()
+    }
+}
+
+/// A placement: the weight tensors on the GPU and what they and the buffers need.
+#[derive(Clone, Debug, Default)]
+pub struct Plan {
+    gpu: BTreeSet<String>,
+    /// Bytes of the weights placed on the GPU.
+    pub gpu_weight_bytes: u64,
+    /// Bytes of the weights left in RAM.
+    pub cpu_weight_bytes: u64,
+    /// Device memory reserved beside the weights (compute buffers).
+    pub reserved_bytes: u64,
+    /// Layers whose routed experts are on the GPU.
+    pub expert_layers_on_gpu: Vec<usize>,
+    /// Layers whose routed experts stay in RAM.
+    pub expert_layers_in_ram: Vec<usize>,
+}
+
+/// `blk.N.` → N.
+fn layer_of(name: &str) -> Option<usize> {
+    name.strip_prefix("blk.")?.split('.').next()?.parse().ok()
+}
+
+/// Routed-expert tensors (one placement unit per layer).
+fn is_expert(name: &str) -> bool {
+    name.contains("_exps.")
+}
+
+/// Tensors a forward pass multiplies by (2-D or stacked 3-D weights); norms, biases, the Mamba
+/// conv and scan parameters stay with the CPU ops that read them. The embedding is read by
+/// rows on the CPU; it is a matmul weight only when it is also the (tied) output head.
+fn is_matmul_weight(t: &TensorInfo, tied_output: bool) -> bool {
+    let n = t.name.as_str();
+    if n == "token_embd.weight" {
+        return tied_output;
+    }
+    n.ends_with(".weight")
+        && t.dims.len() >= 2
+        && t.dims[1] > 1
+        && !n.contains("norm")
+        && !n.contains("ssm_conv1d")
+}
+
+impl Plan {
+    /// Everything on the CPU.
+    pub fn cpu_only() -> Plan {
+        Plan::default()
+    }
+
+    /// Whether tensor `name` is placed on the GPU.
+    pub fn on_gpu(&self, name: &str) -> bool {
+        self.gpu.contains(name)
+    }
+
+    /// Whether anything is on the GPU.
+    pub fn uses_gpu(&self) -> bool {
+        !self.gpu.is_empty()
+    }
+
+    /// The plan for `g` under `args`; `reserve` is device memory needed beside the weights
+    /// (compute buffers, and the KV cache and recurrent state once they live there).
+    pub fn new(g: &Gguf, args: &PlacementArgs, reserve: u64) -> Result<Plan> {
+        if !args.wants_gpu() {
+            let cpu_weight_bytes = g.tensors().map(|t| t.size_bytes).sum();
+            return Ok(Plan {
+                cpu_weight_bytes,
+                ..Plan::default()
+            });
+        }
+        let n_layer = g
+            .tensors()
+            .filter_map(|t| layer_of(&t.name))
+            .max()
+            .map_or(0, |m| m + 1);
+        let ngl = args.n_gpu_layers.unwrap_or(n_layer + 1);
+        let first_gpu_layer = n_layer.saturating_sub(ngl);
+        let output_on_gpu = ngl > n_layer;
+        let tied = g.tensors().all(|t| t.name != "output.weight");
+        let mut plan = Plan {
+            reserved_bytes: reserve,
+            ..Plan::default()
+        };
+        // Candidates: non-expert weights, and expert tensors grouped by layer.
+        let mut fixed: Vec<&TensorInfo> = Vec::new();
+        let mut experts: std::collections::BTreeMap<usize, Vec<&TensorInfo>> = Default::default();
+        for t in g.tensors() {
+            let eligible = is_matmul_weight(t, tied)
+                && match layer_of(&t.name) {
+                    Some(l) => l >= first_gpu_layer,
+                    None => output_on_gpu,
+                };
+            if !eligible {
+                plan.cpu_weight_bytes += t.size_bytes;
+                continue;
+            }
+            match layer_of(&t.name) {
+                Some(l) if is_expert(&t.name) => {
+                    if l < args.n_cpu_moe {
+                        plan.cpu_weight_bytes += t.size_bytes;
+                        plan.expert_layers_in_ram.push(l);
+                    } else {
+                        experts.entry(l).or_default().push(t);
+                    }
+                }
+                _ => fixed.push(t),
+            }
+        }
+        let fixed_bytes: u64 = fixed.iter().map(|t| t.size_bytes).sum();
+        let budget = args.gpu_mem.unwrap_or(u64::MAX);
+        if fixed_bytes.saturating_add(reserve) > budget {
+            bail!(
+                "a GPU budget of {} is too small: the non-expert weights of the GPU layers need {} and the buffers {} (lower -ngl or raise --gpu-mem)",
+                gib(budget),
+                gib(fixed_bytes),
+                gib(reserve)
+            );
+        }
+        for t in fixed {
+            plan.gpu.insert(t.name.clone());
+        }
+        plan.gpu_weight_bytes = fixed_bytes;
+        let mut used = fixed_bytes + reserve;
+        // Whole expert layers, last first, while they fit.
+        for (l, ts) in experts.iter().rev() {
+            let bytes: u64 = ts.iter().map(|t| t.size_bytes).sum();
+            if used + bytes <= budget {
+                used += bytes;
+                plan.gpu_weight_bytes += bytes;
+                plan.expert_layers_on_gpu.push(*l);
+                plan.gpu.extend(ts.iter().map(|t| t.name.clone()));
+            } else {
+                plan.cpu_weight_bytes += bytes;
+                plan.expert_layers_in_ram.push(*l);
+            }
+        }
+        plan.expert_layers_on_gpu.sort_unstable();
+        plan.expert_layers_in_ram.sort_unstable();
+        plan.expert_layers_in_ram.dedup();
+        Ok(plan)
+    }
+
+    /// One line for stderr: what went where.
+    pub fn summary(&self) -> String {
+        format!(
+            "GPU: {} of weights + {} of buffers; RAM: {} of weights; routed experts on the GPU for {} layers, in RAM for {}",
+            gib(self.gpu_weight_bytes),
+            gib(self.reserved_bytes),
+            gib(self.cpu_weight_bytes),
+            self.expert_layers_on_gpu.len(),
+            self.expert_layers_in_ram.len()
+        )
+    }
+}
+
+/// A size for people: GiB from 1 GiB up, else MiB.
+fn gib(b: u64) -> String {
+    if b >= 1 << 30 {
+        format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
+    } else {
+        format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
+    }
+}
+
+/// Parses a size like `24GiB`, `24G`, `512MiB`, `1.5GB` or a plain number of bytes.
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let v: f64 = num
+        .parse()
+        .map_err(|_| anyhow::anyhow!("{s:?} is not a size (e.g. 24GiB, 512MiB)"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kib" => 1024.0,
+        "m" | "mib" => 1024.0 * 1024.0,
+        "g" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        "t" | "tib" => 1024.0f64.powi(4),
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        _ => bail!("{s:?}: unknown size unit {unit:?} (B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"),
+    };
+    let bytes = v * mult;
+    if !bytes.is_finite() || !(0.0..=1e18).contains(&bytes) {
+        bail!("{s:?} is out of range");
+    }
+    Ok(bytes as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::synth::{write_nemotron, Mix, NemotronPreset};
+
+    /// A tiny Nemotron-H file with the layer pattern `M E * E M E` (three MoE layers).
+    fn model(dir: &std::path::Path) -> Gguf {
+        let path = dir.join("p.gguf");
+        write_nemotron(
+            &NemotronPreset::tiny("ME*EME").unwrap(),
+            Mix::Q8_0,
+            7,
+            &path,
+        )
+        .unwrap();
+        Gguf::open(&path).unwrap()
+    }
+
+    fn bytes_of(g: &Gguf, pred: impl Fn(&str) -> bool) -> u64 {
+        g.tensors()
+            .filter(|t| pred(&t.name))
+            .map(|t| t.size_bytes)
+            .sum()
+    }
+
+    #[test]
+    fn no_flags_no_gpu_and_every_byte_accounted() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = model(dir.path());
+        let p = Plan::new(&g, &PlacementArgs::default(), 0).unwrap();
+        assert!(!p.uses_gpu());
+        assert_eq!(p.cpu_weight_bytes, bytes_of(&g, |_| true));
+        let all = PlacementArgs {
+            n_gpu_layers: Some(99),
+            ..Default::default()
+        };
+        let p = Plan::new(&g, &all, 0).unwrap();
+        assert_eq!(
+            p.gpu_weight_bytes + p.cpu_weight_bytes,
+            bytes_of(&g, |_| true),
+            "every tensor is on one side"
+        );
+        assert!(p.on_gpu("output.weight") && p.on_gpu("blk.0.ssm_in.weight"));
+        assert!(!p.on_gpu("token_embd.weight") && !p.on_gpu("blk.0.ssm_conv1d.weight"));
+        assert!(!p.on_gpu("output_norm.weight"));
+        assert_eq!(p.expert_layers_on_gpu, vec![1, 3, 5]);
+    }
+
+    #[test]
+    fn ngl_counts_from_the_last_layer_and_takes_the_head_only_past_the_layer_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = model(dir.path());
+        let args = |n| PlacementArgs {
+            n_gpu_layers: Some(n),
+            ..Default::default()
+        };
+        let p = Plan::new(&g, &args(2), 0).unwrap();
+        assert!(p.on_gpu("blk.5.ffn_up_exps.weight") && p.on_gpu("blk.4.ssm_in.weight"));
+        assert!(!p.on_gpu("blk.3.ffn_up_exps.weight") && !p.on_gpu("output.weight"));
+        let p = Plan::new(&g, &args(6), 0).unwrap();
+        assert!(p.on_gpu("blk.0.ssm_in.weight") && !p.on_gpu("output.weight"));
+        let p = Plan::new(&g, &args(7), 0).unwrap();
+        assert!(p.on_gpu("output.weight"));
+    }
+
+    #[test]
+    fn n_cpu_moe_keeps_the_first_layers_experts_in_ram() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = model(dir.path());
+        let args = PlacementArgs {
+            n_gpu_layers: Some(99),
+            n_cpu_moe: 4,
+            gpu_mem: None,
+        };
+        let p = Plan::new(&g, &args, 0).unwrap();
+        assert_eq!(p.expert_layers_in_ram, vec![1, 3]);
+        assert_eq!(p.expert_layers_on_gpu, vec![5]);
+        assert!(!p.on_gpu("blk.1.ffn_down_exps.weight"));
+        assert!(
+            p.on_gpu("blk.1.ffn_up_shexp.weight"),
+            "the shared expert is not routed"
+        );
+        assert!(p.on_gpu("blk.1.ffn_gate_inp.weight"), "nor is the router");
+    }
+
+    #[test]
+    fn a_budget_takes_whole_expert_layers_from_the_last_and_never_overflows() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = model(dir.path());
+        let layer =
+            |l: usize| bytes_of(&g, |n| n.starts_with(&format!("blk.{l}.")) && is_expert(n));
+        let fixed = Plan::new(
+            &g,
+            &PlacementArgs {
+                n_gpu_layers: Some(99),
+                n_cpu_moe: 99,
+                gpu_mem: None,
+            },
+            0,
+        )
+        .unwrap()
+        .gpu_weight_bytes;
+        let reserve = 1000;
+        // Room for the fixed part and a layer and a half of experts: one layer goes.
+        let budget = fixed + reserve + layer(5) + layer(3) / 2;
+        let p = Plan::new(
+            &g,
+            &PlacementArgs {
+                n_gpu_layers: None,
+                n_cpu_moe: 0,
+                gpu_mem: Some(budget),
+            },
+            reserve,
+        )
+        .unwrap();
+        assert_eq!(p.expert_layers_on_gpu, vec![5]);
+        assert_eq!(p.expert_layers_in_ram, vec![1, 3]);
+        assert!(p.gpu_weight_bytes + reserve <= budget);
+        assert_eq!(p.gpu_weight_bytes, fixed + layer(5));
+        // Too small for the non-expert weights: a clear error.
+        let e = Plan::new(
+            &g,
+            &PlacementArgs {
+                gpu_mem: Some(fixed / 2),
+                ..Default::default()
+            },
+            reserve,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("too small"), "{e}");
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_and_decimal_units() {
+        assert_eq!(parse_size("24GiB").unwrap(), 24 << 30);
+        assert_eq!(parse_size("24G").unwrap(), 24 << 30);
+        assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_size("1.5GB").unwrap(), 1_500_000_000);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        for bad in ["", "GiB", "12XB", "-1G", "1e30G"] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
+    }
+}
