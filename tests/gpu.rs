@@ -99,7 +99,9 @@ fn matmul_of_every_weight_type_matches_the_cpu_dequantization() {
                 dq(src, dst);
             }
             let dm = gpu.upload(&m).unwrap();
-            for t in [1usize, 5] {
+            // Decode-sized batches (one warp per row and token) and tiled ones, partial tiles
+            // included.
+            for t in [1usize, 5, 8, 67] {
                 let x = values(seed.rotate_left(7) ^ (t * 31 + k) as u64, t * cols);
                 let dx = gpu.to_device(&x).unwrap();
                 let mut dy = gpu.to_device(&vec![f32::NAN; t * rows]).unwrap();

@@ -216,3 +216,77 @@ MATMUL(matmul_q3_k, T_Q3_K)
 MATMUL(matmul_q4_k, T_Q4_K)
 MATMUL(matmul_q5_k, T_Q5_K)
 MATMUL(matmul_q6_k, T_Q6_K)
+
+// Prefill: y[t][r] for a tile of 32 rows × 64 tokens per block of 256 threads. Per step of 64
+// columns the block dequantizes the tile's weights once into shared memory (deq8, as above) and
+// stages the tokens' activations beside them; thread (row = tid % 32, tokens 8·(tid / 32) ..+8)
+// then accumulates eight outputs. The weight rows are padded by one float so that a warp's 32
+// rows fall in 32 different banks; a token's activation is one broadcast read.
+#define TILE_ROWS 32
+#define TILE_TOKENS 64
+#define TILE_K 64
+
+template <int T>
+__device__ void matmul_tiled(const u8* w, const float* x, float* y, int rows, int cols,
+                             long long row_bytes, int tokens) {
+    __shared__ float ws[TILE_ROWS][TILE_K + 1];
+    __shared__ float xs[TILE_TOKENS][TILE_K];
+    int tid = threadIdx.x;
+    int r0 = blockIdx.x * TILE_ROWS, t0 = blockIdx.y * TILE_TOKENS;
+    int lr = tid % 32, lt = (tid / 32) * 8;
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    float v[8];
+    for (int k0 = 0; k0 < cols; k0 += TILE_K) {
+        // Weights: 32 rows × 64 columns = 256 runs of eight, one per thread.
+        for (int i = tid; i < TILE_ROWS * TILE_K / 8; i += blockDim.x) {
+            int rr = i / (TILE_K / 8), c = (i % (TILE_K / 8)) * 8;
+            int r = r0 + rr, e0 = k0 + c;
+            if (r < rows && e0 < cols) {
+                deq8<T>(w + (long long)r * row_bytes, e0, v);
+            } else {
+                for (int j = 0; j < 8; j++) v[j] = 0.0f;
+            }
+            for (int j = 0; j < 8; j++) ws[rr][c + j] = v[j];
+        }
+        // Activations: 64 tokens × 64 columns.
+        for (int i = tid; i < TILE_TOKENS * TILE_K; i += blockDim.x) {
+            int tt = i / TILE_K, c = i % TILE_K;
+            int t = t0 + tt, e = k0 + c;
+            xs[tt][c] = (t < tokens && e < cols) ? x[(long long)t * cols + e] : 0.0f;
+        }
+        __syncthreads();
+        for (int c = 0; c < TILE_K; c++) {
+            float wv = ws[lr][c];
+            for (int j = 0; j < 8; j++) acc[j] = fmaf(wv, xs[lt + j][c], acc[j]);
+        }
+        __syncthreads();
+    }
+    int r = r0 + lr;
+    if (r < rows) {
+        for (int j = 0; j < 8; j++) {
+            int t = t0 + lt + j;
+            if (t < tokens) y[(long long)t * rows + r] = acc[j];
+        }
+    }
+}
+
+#define MATMUL_TILED(name, T)                                                                    \
+    extern "C" __global__ void __launch_bounds__(256) name(const u8* w, const float* x, float* y,\
+                                    int rows, int cols, long long row_bytes, int tokens) {        \
+        matmul_tiled<T>(w, x, y, rows, cols, row_bytes, tokens);                                 \
+    }
+
+MATMUL_TILED(matmul_tiled_f32, T_F32)
+MATMUL_TILED(matmul_tiled_f16, T_F16)
+MATMUL_TILED(matmul_tiled_bf16, T_BF16)
+MATMUL_TILED(matmul_tiled_q4_0, T_Q4_0)
+MATMUL_TILED(matmul_tiled_q4_1, T_Q4_1)
+MATMUL_TILED(matmul_tiled_q5_0, T_Q5_0)
+MATMUL_TILED(matmul_tiled_q5_1, T_Q5_1)
+MATMUL_TILED(matmul_tiled_q8_0, T_Q8_0)
+MATMUL_TILED(matmul_tiled_iq4_nl, T_IQ4_NL)
+MATMUL_TILED(matmul_tiled_q2_k, T_Q2_K)
+MATMUL_TILED(matmul_tiled_q3_k, T_Q3_K)
+MATMUL_TILED(matmul_tiled_q4_k, T_Q4_K)
+MATMUL_TILED(matmul_tiled_q5_k, T_Q5_K)
+MATMUL_TILED(matmul_tiled_q6_k, T_Q6_K)

@@ -190,7 +190,7 @@ impl Gpu {
 
     /// Copies `m` (GGUF layout) to the device.
     pub fn upload(&self, m: &Matrix) -> Result<DeviceMatrix> {
-        kernel_name(m.ty)?;
+        kernel_name(m.ty, false)?;
         let data = self
             .stream
             .clone_htod(m.data)
@@ -252,12 +252,23 @@ impl Gpu {
         if x.len() < t * cols || y.len() < t * rows || w.len() < rows * row_bytes {
             bail!("CUDA matmul shape mismatch");
         }
-        let f = self.function(kernel_name(ty)?)?;
-        const WARPS: u32 = 4;
-        let cfg = LaunchConfig {
-            grid_dim: ((rows as u32).div_ceil(WARPS), t as u32, 1),
-            block_dim: (32 * WARPS, 1, 1),
-            shared_mem_bytes: 0,
+        // One warp per row and token for decode-sized batches; 32 × 64 tiles through shared
+        // memory (weights dequantized once per tile) from eight tokens up.
+        let tiled = t >= TILED_FROM;
+        let f = self.function(&kernel_name(ty, tiled)?)?;
+        let cfg = if tiled {
+            LaunchConfig {
+                grid_dim: ((rows as u32).div_ceil(32), (t as u32).div_ceil(64), 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            }
+        } else {
+            const WARPS: u32 = 4;
+            LaunchConfig {
+                grid_dim: ((rows as u32).div_ceil(WARPS), t as u32, 1),
+                block_dim: (32 * WARPS, 1, 1),
+                shared_mem_bytes: 0,
+            }
         };
         let (r, c, rb, tokens) = (rows as i32, cols as i32, row_bytes as i64, t as i32);
         let mut launch = self.stream.launch_builder(&f);
@@ -284,26 +295,33 @@ impl Gpu {
     }
 }
 
-/// The kernel that multiplies by a matrix of type `ty`.
-fn kernel_name(ty: GgmlType) -> Result<&'static str> {
+/// Batches from this many tokens up run the tiled kernel.
+const TILED_FROM: usize = 8;
+
+/// The kernel that multiplies by a matrix of type `ty` (the tiled prefill one when `tiled`).
+fn kernel_name(ty: GgmlType, tiled: bool) -> Result<String> {
     use GgmlType::*;
-    Ok(match ty {
-        F32 => "matmul_f32",
-        F16 => "matmul_f16",
-        BF16 => "matmul_bf16",
-        Q4_0 => "matmul_q4_0",
-        Q4_1 => "matmul_q4_1",
-        Q5_0 => "matmul_q5_0",
-        Q5_1 => "matmul_q5_1",
-        Q8_0 => "matmul_q8_0",
-        IQ4_NL => "matmul_iq4_nl",
-        Q2_K => "matmul_q2_k",
-        Q3_K => "matmul_q3_k",
-        Q4_K => "matmul_q4_k",
-        Q5_K => "matmul_q5_k",
-        Q6_K => "matmul_q6_k",
+    let suffix = match ty {
+        F32 => "f32",
+        F16 => "f16",
+        BF16 => "bf16",
+        Q4_0 => "q4_0",
+        Q4_1 => "q4_1",
+        Q5_0 => "q5_0",
+        Q5_1 => "q5_1",
+        Q8_0 => "q8_0",
+        IQ4_NL => "iq4_nl",
+        Q2_K => "q2_k",
+        Q3_K => "q3_k",
+        Q4_K => "q4_k",
+        Q5_K => "q5_k",
+        Q6_K => "q6_k",
         other => bail!("tensor type {other} has no CUDA kernel"),
-    })
+    };
+    Ok(format!(
+        "matmul_{}{suffix}",
+        if tiled { "tiled_" } else { "" }
+    ))
 }
 
 /// The kernels' PTX for compute capability `arch`: from the cache when this source was compiled
