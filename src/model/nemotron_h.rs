@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use super::{embed, Forward, LayerState, State, Tensors};
 use crate::backend::attention::{self, AttnShape};
 use crate::backend::cpu::{rms_norm, sigmoid, softplus, Cpu, Matrix, Precision};
+use crate::backend::cuda::MlpJob;
 use crate::backend::ssm::{self, SsmShape};
 
 /// Mamba-2 mixer weights.
@@ -71,6 +72,14 @@ pub struct NemotronH<'a> {
     output: Matrix<'a>,
     /// How often each routed expert was selected, per MoE layer (for placement and tuning).
     usage: std::sync::Mutex<Vec<Vec<u64>>>,
+}
+
+/// One relu² feed-forward block to run: its two matrices and `t` input rows.
+struct FeedForward<'a, 'x> {
+    up: Matrix<'a>,
+    down: Matrix<'a>,
+    x: &'x [f32],
+    t: usize,
 }
 
 impl<'a> NemotronH<'a> {
@@ -309,6 +318,30 @@ impl<'a> NemotronH<'a> {
         }
     }
 
+    /// Feed-forward blocks: on the GPU in one batch (one copy in, one out) when all their
+    /// weights live there, else one by one on the CPU (a product whose weight is on the GPU
+    /// still runs there).
+    fn mlps(cpu: &Cpu, blocks: &[FeedForward]) -> Result<Vec<Vec<f32>>> {
+        let on_gpu: Option<Vec<MlpJob>> = blocks
+            .iter()
+            .map(|b| {
+                Some(MlpJob {
+                    up: b.up.device?,
+                    down: b.down.device?,
+                    x: b.x,
+                    t: b.t,
+                })
+            })
+            .collect();
+        match on_gpu {
+            Some(jobs) if !jobs.is_empty() => jobs[0].up.gpu.relu2_mlps(&jobs),
+            _ => blocks
+                .iter()
+                .map(|b| Self::mlp(cpu, &b.up, &b.down, b.x, b.t))
+                .collect(),
+        }
+    }
+
     fn mlp(cpu: &Cpu, up: &Matrix, down: &Matrix, h: &[f32], t: usize) -> Result<Vec<f32>> {
         let mut u = vec![0f32; t * up.rows];
         cpu.matmul(up, h, t, &mut u)?;
@@ -360,33 +393,47 @@ impl<'a> NemotronH<'a> {
                 *c += r.len() as u64;
             }
         }
-        // Each selected expert runs once over the tokens routed to it.
-        let mut out = vec![0f32; t * n];
+        // Each selected expert runs once over the tokens routed to it, the shared one over all.
+        let mut routed_inputs: Vec<(usize, Vec<f32>)> = Vec::new();
         for (e, routed) in per_expert.iter().enumerate() {
             if routed.is_empty() {
                 continue;
             }
-            let m = routed.len();
-            let mut xs = Vec::with_capacity(m * n);
+            let mut xs = Vec::with_capacity(routed.len() * n);
             for &(ti, _) in routed {
                 xs.extend_from_slice(&h[ti * n..(ti + 1) * n]);
             }
-            let y = Self::mlp(
-                cpu,
-                &up.slice_rows(e * ff, *ff),
-                &down.slice_rows(e * n, n),
-                &xs,
-                m,
-            )?;
-            for (&(ti, w), yr) in routed.iter().zip(y.chunks(n)) {
+            routed_inputs.push((e, xs));
+        }
+        let mut blocks: Vec<FeedForward> = routed_inputs
+            .iter()
+            .map(|(e, xs)| FeedForward {
+                up: up.slice_rows(e * ff, *ff),
+                down: down.slice_rows(e * n, n),
+                x: xs,
+                t: per_expert[*e].len(),
+            })
+            .collect();
+        if let (Some(u), Some(d)) = (up_sh, down_sh) {
+            blocks.push(FeedForward {
+                up: *u,
+                down: *d,
+                x: h,
+                t,
+            });
+        }
+        let ys = Self::mlps(cpu, &blocks)?;
+        // Weighted sums in expert order, then the shared expert.
+        let mut out = vec![0f32; t * n];
+        for ((e, _), y) in routed_inputs.iter().zip(&ys) {
+            for (&(ti, w), yr) in per_expert[*e].iter().zip(y.chunks(n)) {
                 for (o, v) in out[ti * n..(ti + 1) * n].iter_mut().zip(yr) {
                     *o += w * v;
                 }
             }
         }
-        if let (Some(u), Some(d)) = (up_sh, down_sh) {
-            let s = Self::mlp(cpu, u, d, h, t)?;
-            for (o, v) in out.iter_mut().zip(s) {
+        if ys.len() > routed_inputs.len() {
+            for (o, v) in out.iter_mut().zip(&ys[routed_inputs.len()]) {
                 *o += v;
             }
         }
@@ -435,7 +482,15 @@ impl Forward for NemotronH<'_> {
                 Block::Mamba(b) => self.mamba(cpu, b, st, &h, t),
                 Block::Attention(b) => self.attention(cpu, b, st, &h, t),
                 Block::Moe(b) => self.moe(cpu, i, b, &h, t),
-                Block::Mlp { up, down } => Self::mlp(cpu, up, down, &h, t),
+                Block::Mlp { up, down } => {
+                    let block = FeedForward {
+                        up: *up,
+                        down: *down,
+                        x: &h,
+                        t,
+                    };
+                    Self::mlps(cpu, &[block]).map(|mut ys| ys.remove(0))
+                }
             }
             .with_context(|| format!("layer {i}"))?;
             for (a, b) in x.iter_mut().zip(y) {

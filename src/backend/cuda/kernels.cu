@@ -290,3 +290,12 @@ MATMUL_TILED(matmul_tiled_q3_k, T_Q3_K)
 MATMUL_TILED(matmul_tiled_q4_k, T_Q4_K)
 MATMUL_TILED(matmul_tiled_q5_k, T_Q5_K)
 MATMUL_TILED(matmul_tiled_q6_k, T_Q6_K)
+
+// Nemotron-H's feed-forward activation, in place: max(x, 0)².
+extern "C" __global__ void relu2(float* x, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) {
+        float v = x[i];
+        x[i] = v > 0.0f ? v * v : 0.0f;
+    }
+}

@@ -12,7 +12,8 @@ use std::sync::{Arc, OnceLock};
 
 use anyhow::{anyhow, bail, Result};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut,
+    LaunchConfig, PushKernelArg,
 };
 use ggrun_quants::GgmlType;
 
@@ -75,12 +76,85 @@ impl DeviceRows<'_> {
         let g = self.gpu;
         let dx = g.to_device(x)?;
         let mut dy = g.zeros(t * rows)?;
-        let rb = self.m.row_bytes;
-        let w = self.m.data.slice(self.start * rb..(self.start + rows) * rb);
-        g.launch_matmul(self.m.ty, &w, rb, rows, cols, &dx, t, &mut dy)?;
+        self.launch(&dx.slice(..), t, &mut dy.slice_mut(..))?;
         g.stream
             .memcpy_dtoh(&dy, y)
             .map_err(|e| anyhow!("CUDA copy: {e:?}"))
+    }
+
+    /// Queues y = x · wᵀ for device x and y.
+    fn launch(&self, x: &CudaView<f32>, t: usize, y: &mut CudaViewMut<f32>) -> Result<()> {
+        let rb = self.m.row_bytes;
+        let w = self.m.data.slice(self.start * rb..(self.start + self.rows) * rb);
+        self.gpu
+            .launch_matmul(self.m.ty, &w, rb, self.rows, self.m.cols, x, t, y)
+    }
+}
+
+/// One feed-forward block for [`Gpu::relu2_mlps`]: `x` holds `t` rows of `up.cols` inputs.
+pub struct MlpJob<'a> {
+    pub up: DeviceRows<'a>,
+    pub down: DeviceRows<'a>,
+    pub x: &'a [f32],
+    pub t: usize,
+}
+
+impl Gpu {
+    /// For each job, relu²(x · upᵀ) · downᵀ, all on the device: one copy of every job's input in,
+    /// the products and activations queued back to back, one copy of every output out. Returns
+    /// the outputs in job order (t × down.rows each).
+    pub fn relu2_mlps(&self, jobs: &[MlpJob]) -> Result<Vec<Vec<f32>>> {
+        let mut x_at = Vec::with_capacity(jobs.len());
+        let mut u_at = Vec::with_capacity(jobs.len());
+        let mut y_at = Vec::with_capacity(jobs.len());
+        let (mut nx, mut nu, mut ny) = (0, 0, 0);
+        for j in jobs {
+            if j.x.len() != j.t * j.up.m.cols || j.up.rows != j.down.m.cols {
+                bail!("CUDA feed-forward shape mismatch");
+            }
+            x_at.push(nx);
+            u_at.push(nu);
+            y_at.push(ny);
+            nx += j.x.len();
+            nu += j.t * j.up.rows;
+            ny += j.t * j.down.rows;
+        }
+        let xs: Vec<f32> = jobs.iter().flat_map(|j| j.x.iter().copied()).collect();
+        let dx = self.to_device(&xs)?;
+        let mut du = self.zeros(nu.max(1))?;
+        let mut dy = self.zeros(ny.max(1))?;
+        for (i, j) in jobs.iter().enumerate() {
+            let x = dx.slice(x_at[i]..x_at[i] + j.x.len());
+            let mut u = du.slice_mut(u_at[i]..u_at[i] + j.t * j.up.rows);
+            j.up.launch(&x, j.t, &mut u)?;
+        }
+        self.relu2(&mut du, nu)?;
+        for (i, j) in jobs.iter().enumerate() {
+            let u = du.slice(u_at[i]..u_at[i] + j.t * j.up.rows);
+            let mut y = dy.slice_mut(y_at[i]..y_at[i] + j.t * j.down.rows);
+            j.down.launch(&u, j.t, &mut y)?;
+        }
+        let ys = self.to_host(&dy)?;
+        Ok(jobs
+            .iter()
+            .enumerate()
+            .map(|(i, j)| ys[y_at[i]..y_at[i] + j.t * j.down.rows].to_vec())
+            .collect())
+    }
+
+    /// x = max(x, 0)² over the first `n` values, in place.
+    fn relu2(&self, x: &mut CudaSlice<f32>, n: usize) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let f = self.function("relu2")?;
+        let cfg = LaunchConfig::for_num_elems(n as u32);
+        let n = n as i32;
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(x).arg(&n);
+        // SAFETY: relu2(float* x, int n) touches x[0..n), and x holds at least n floats.
+        unsafe { launch.launch(cfg) }.map_err(|e| anyhow!("CUDA launch: {e:?}"))?;
+        Ok(())
     }
 }
 
@@ -234,20 +308,29 @@ impl Gpu {
         y: &mut CudaSlice<f32>,
     ) -> Result<()> {
         let wv = w.data.slice(..);
-        self.launch_matmul(w.ty, &wv, w.row_bytes, w.rows, w.cols, x, t, y)
+        self.launch_matmul(
+            w.ty,
+            &wv,
+            w.row_bytes,
+            w.rows,
+            w.cols,
+            &x.slice(..),
+            t,
+            &mut y.slice_mut(..),
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
     fn launch_matmul(
         &self,
         ty: GgmlType,
-        w: &cudarc::driver::CudaView<u8>,
+        w: &CudaView<u8>,
         row_bytes: usize,
         rows: usize,
         cols: usize,
-        x: &CudaSlice<f32>,
+        x: &CudaView<f32>,
         t: usize,
-        y: &mut CudaSlice<f32>,
+        y: &mut CudaViewMut<f32>,
     ) -> Result<()> {
         if x.len() < t * cols || y.len() < t * rows || w.len() < rows * row_bytes {
             bail!("CUDA matmul shape mismatch");
