@@ -25,6 +25,18 @@ pub struct Matrix<'a> {
 }
 
 impl<'a> Matrix<'a> {
+    /// Tensor `t` as a matrix of `rows` × `cols` in the file's layout (no copies attached).
+    pub fn from_view(t: &TensorView<'a>, rows: usize, cols: usize) -> Matrix<'a> {
+        Matrix {
+            ty: t.info.ty,
+            data: t.data,
+            rows,
+            cols,
+            packed: None,
+            device: None,
+        }
+    }
+
     pub fn row_bytes(&self) -> usize {
         self.data.len() / self.rows.max(1)
     }

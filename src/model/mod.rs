@@ -127,14 +127,7 @@ pub fn matrix<'a>(t: &TensorView<'a>, rows: usize, cols: usize) -> Result<Matrix
             t.info.ty
         );
     }
-    Ok(Matrix {
-        ty: t.info.ty,
-        data: t.data,
-        rows,
-        cols,
-        packed: None,
-        device: None,
-    })
+    Ok(Matrix::from_view(t, rows, cols))
 }
 
 /// Token embedding lookup: rows of `emb` ({n_embd, n_vocab}) for each token, dequantized.

@@ -85,7 +85,10 @@ impl DeviceRows<'_> {
     /// Queues y = x · wᵀ for device x and y.
     fn launch(&self, x: &CudaView<f32>, t: usize, y: &mut CudaViewMut<f32>) -> Result<()> {
         let rb = self.m.row_bytes;
-        let w = self.m.data.slice(self.start * rb..(self.start + self.rows) * rb);
+        let w = self
+            .m
+            .data
+            .slice(self.start * rb..(self.start + self.rows) * rb);
         self.gpu
             .launch_matmul(self.m.ty, &w, rb, self.rows, self.m.cols, x, t, y)
     }
@@ -180,17 +183,9 @@ impl DeviceWeights {
             return Ok(None);
         };
         if slot.get().is_none() {
-            let m = Matrix {
-                ty: t.info.ty,
-                data: t.data,
-                rows,
-                cols,
-                packed: None,
-                device: None,
-            };
             let d = self
                 .gpu
-                .upload(&m)
+                .upload(&Matrix::from_view(t, rows, cols))
                 .map_err(|e| anyhow!("{}: {e:#}", t.info.name))?;
             let _ = slot.set(d);
         }
