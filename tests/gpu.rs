@@ -10,7 +10,9 @@
 //! of the float64 reference and top-1 always equal, the fixtures' exact-mode bounds, with the
 //! decode steps fed llama.cpp's greedy tokens as the reference was. (In normal mode the CPU
 //! rounds activations as llama.cpp does and the GPU does not; on these random-weight fixtures
-//! that flips near-tied routers, so only exact mode can tell a bug from rounding.)
+//! that flips near-tied routers, so only exact mode can tell a bug from rounding.) The Mamba-2
+//! conv and scan kernels match the CPU's on random inputs and states, outputs and updated
+//! states each within 1e-5 · (1 + |cpu|) (another summation order over d_state, and expf).
 
 mod common;
 
@@ -197,4 +199,91 @@ fn whole_and_split_models_on_the_gpu_match_the_float64_reference() {
         }
     }
     assert!(failures.is_empty(), "outside the bounds: {failures:?}");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: run scripts/gpu-test.sh on the device machine"]
+fn mamba_conv_and_scan_on_the_device_match_the_cpu() {
+    use ggrun::backend::ssm::{self, SsmShape};
+    use ggrun::model::LayerState;
+    let gpu = Gpu::open(0).expect("a CUDA device");
+    let seed = seed();
+    // Nemotron 3 Nano's head geometry at fewer heads, and a smaller state size.
+    for (k, (d_state, n_head, n_group)) in [(128usize, 8usize, 2usize), (64, 6, 3)]
+        .into_iter()
+        .enumerate()
+    {
+        let s = SsmShape {
+            d_conv: 4,
+            d_inner: 64 * n_head,
+            d_state,
+            n_head,
+            n_group,
+        };
+        let ch = s.conv_channels();
+        for t in [1usize, 37] {
+            let sd = seed ^ (k * 100 + t) as u64;
+            let x = values(sd, t * ch);
+            let w = values(sd ^ 1, ch * s.d_conv);
+            let bias = values(sd ^ 2, ch);
+            let conv0 = values(sd ^ 3, (s.d_conv - 1) * ch);
+            let ssm0: Vec<f32> = values(sd ^ 4, n_head * 64 * d_state)
+                .iter()
+                .map(|v| 0.1 * v)
+                .collect();
+            let dt: Vec<f32> = values(sd ^ 5, t * n_head)
+                .iter()
+                .map(|v| 0.05 + 0.1 * v.abs())
+                .collect();
+            let a: Vec<f32> = values(sd ^ 6, n_head)
+                .iter()
+                .map(|v| -1.0 - v.abs())
+                .collect();
+            let d = values(sd ^ 7, n_head);
+            // CPU reference.
+            let mut st = LayerState::Mamba {
+                conv: conv0.clone(),
+                ssm: ssm0.clone(),
+            };
+            let xbc = ssm::conv(&mut st, &s, &x, t, &w, Some(&bias)).unwrap();
+            let y = ssm::scan(&mut st, &s, &xbc, &dt, t, &a, &d).unwrap();
+            let LayerState::Mamba {
+                conv: conv1,
+                ssm: ssm1,
+            } = st
+            else {
+                unreachable!()
+            };
+            // Device.
+            let dx = gpu.to_device(&x).unwrap();
+            let mut dconv = gpu.to_device(&conv0).unwrap();
+            let dw = gpu.to_device(&w).unwrap();
+            let db = gpu.to_device(&bias).unwrap();
+            let mut dxbc = gpu.to_device(&vec![f32::NAN; t * ch]).unwrap();
+            gpu.mamba_conv(&dx, &mut dconv, &dw, Some(&db), &mut dxbc, t, ch, s.d_conv)
+                .unwrap();
+            let mut dssm = gpu.to_device(&ssm0).unwrap();
+            let mut dy = gpu.to_device(&vec![f32::NAN; t * s.d_inner]).unwrap();
+            let (ddt, da, dd) = (
+                gpu.to_device(&dt).unwrap(),
+                gpu.to_device(&a).unwrap(),
+                gpu.to_device(&d).unwrap(),
+            );
+            gpu.mamba_scan(&s, &dxbc, &ddt, &da, &dd, &mut dssm, &mut dy, t)
+                .unwrap();
+            let close = |what: &str, got: &[f32], want: &[f32]| {
+                assert_eq!(got.len(), want.len());
+                for (i, (g, w)) in got.iter().zip(want).enumerate() {
+                    assert!(
+                        (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                        "{what} d_state={d_state} t={t} [{i}]: {g} vs {w}"
+                    );
+                }
+            };
+            close("conv out", &gpu.to_host(&dxbc).unwrap(), &xbc);
+            close("conv state", &gpu.to_host(&dconv).unwrap(), &conv1);
+            close("y", &gpu.to_host(&dy).unwrap(), &y);
+            close("ssm state", &gpu.to_host(&dssm).unwrap(), &ssm1);
+        }
+    }
 }

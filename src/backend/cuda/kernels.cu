@@ -299,3 +299,68 @@ extern "C" __global__ void relu2(float* x, int n) {
         x[i] = v > 0.0f ? v * v : 0.0f;
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Mamba-2 on the device (building blocks of the device-resident forward pass).
+
+__device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
+
+// Causal depthwise convolution of `t` rows of xBC (t × ch) with per-channel kernels w (ch × k)
+// and an optional bias, then SiLU; `state` holds the previous k − 1 inputs (rows, oldest first)
+// and is left holding the last k − 1. One thread per channel walks the tokens in order.
+extern "C" __global__ void mamba_conv(const float* x, float* state, const float* w,
+                                      const float* bias, float* out, int t, int ch, int k) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= ch || k < 1 || k > 8) return;
+    float win[8];
+    for (int j = 0; j < k - 1; j++) win[j] = state[j * ch + c];
+    for (int ti = 0; ti < t; ti++) {
+        float xv = x[(long long)ti * ch + c];
+        float acc = 0.0f;
+        for (int j = 0; j < k - 1; j++) acc = fmaf(win[j], w[c * k + j], acc);
+        acc = fmaf(xv, w[c * k + k - 1], acc);
+        if (bias) acc += bias[c];
+        out[(long long)ti * ch + c] = silu(acc);
+        for (int j = 0; j + 1 < k - 1; j++) win[j] = win[j + 1];
+        if (k > 1) win[k - 2] = xv;
+    }
+    for (int j = 0; j < k - 1; j++) state[j * ch + c] = win[j];
+}
+
+// The selective scan. Block (i, h): row i of head h; thread n owns state element n. Per token:
+// s = s·exp(dt·a_h) + x·dt·B_g[n], y = Σ_n s·C_g[n] + x·D_h (B and C of the head's group g).
+// xbc is the conv output (t × ch: x | B | C), dt the softplus-ed steps (t × n_head), y is
+// t × d_inner, ssm is n_head × head_dim × d_state.
+extern "C" __global__ void mamba_scan(const float* xbc, const float* dt, const float* a,
+                                      const float* d, float* ssm, float* y, int t, int d_inner,
+                                      int d_state, int n_head, int n_group) {
+    __shared__ float part[32];
+    int i = blockIdx.x, h = blockIdx.y, n = threadIdx.x;
+    int hd = d_inner / n_head, g = h / (n_head / n_group);
+    int ch = d_inner + 2 * n_group * d_state;
+    float* st = ssm + ((long long)h * hd + i) * d_state;
+    float s = n < d_state ? st[n] : 0.0f;
+    for (int ti = 0; ti < t; ti++) {
+        const float* row = xbc + (long long)ti * ch;
+        float x = row[h * hd + i];
+        float dth = dt[ti * n_head + h];
+        float da = expf(dth * a[h]);
+        float contrib = 0.0f;
+        if (n < d_state) {
+            float b = row[d_inner + g * d_state + n];
+            float c = row[d_inner + n_group * d_state + g * d_state + n];
+            s = fmaf(s, da, x * dth * b);
+            contrib = s * c;
+        }
+        for (int o = 16; o > 0; o >>= 1) contrib += __shfl_xor_sync(0xffffffffu, contrib, o);
+        if (n % 32 == 0) part[n / 32] = contrib;
+        __syncthreads();
+        if (n == 0) {
+            float sum = 0.0f;
+            for (int wv = 0; wv < (blockDim.x + 31) / 32; wv++) sum += part[wv];
+            y[(long long)ti * d_inner + h * hd + i] = sum + x * d[h];
+        }
+        __syncthreads();
+    }
+    if (n < d_state) st[n] = s;
+}

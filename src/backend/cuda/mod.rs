@@ -370,6 +370,95 @@ impl Gpu {
         Ok(())
     }
 
+    /// Mamba-2's causal conv + SiLU over `t` rows of `x` (t × ch) on the device, `state`
+    /// holding the previous k − 1 rows (updated), `w` ch × k, optional `bias` (ch).
+    #[allow(clippy::too_many_arguments)]
+    pub fn mamba_conv(
+        &self,
+        x: &CudaSlice<f32>,
+        state: &mut CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        bias: Option<&CudaSlice<f32>>,
+        out: &mut CudaSlice<f32>,
+        t: usize,
+        ch: usize,
+        k: usize,
+    ) -> Result<()> {
+        if !(1..=8).contains(&k)
+            || x.len() < t * ch
+            || out.len() < t * ch
+            || state.len() < (k - 1) * ch
+            || w.len() < ch * k
+            || bias.is_some_and(|b| b.len() < ch)
+        {
+            bail!("CUDA mamba_conv shape mismatch");
+        }
+        let f = self.function("mamba_conv")?;
+        let cfg = LaunchConfig::for_num_elems(ch as u32);
+        let (ti, ci, ki) = (t as i32, ch as i32, k as i32);
+        let null = 0u64;
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(x).arg(state).arg(w);
+        match bias {
+            Some(b) => launch.arg(b),
+            None => launch.arg(&null),
+        };
+        launch.arg(out).arg(&ti).arg(&ci).arg(&ki);
+        // SAFETY: mamba_conv(const float* x, float* state, const float* w, const float* bias,
+        // float* out, int t, int ch, int k): the arguments above in that order (a null bias
+        // pointer when there is none); every length it indexes by was checked.
+        unsafe { launch.launch(cfg) }.map_err(|e| anyhow!("CUDA launch: {e:?}"))?;
+        Ok(())
+    }
+
+    /// Mamba-2's selective scan on the device (see kernels.cu `mamba_scan`): `xbc` t × channels,
+    /// `dt` t × n_head (softplus-ed), `a` and `d` per head, `ssm` the state (updated), `y`
+    /// t × d_inner.
+    #[allow(clippy::too_many_arguments)]
+    pub fn mamba_scan(
+        &self,
+        s: &crate::backend::ssm::SsmShape,
+        xbc: &CudaSlice<f32>,
+        dt: &CudaSlice<f32>,
+        a: &CudaSlice<f32>,
+        d: &CudaSlice<f32>,
+        ssm: &mut CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        t: usize,
+    ) -> Result<()> {
+        let (hd, ds, nh) = (s.head_dim(), s.d_state, s.n_head);
+        if ds == 0
+            || ds > 1024
+            || nh % s.n_group != 0
+            || xbc.len() < t * s.conv_channels()
+            || dt.len() < t * nh
+            || a.len() < nh
+            || d.len() < nh
+            || ssm.len() < nh * hd * ds
+            || y.len() < t * s.d_inner
+        {
+            bail!("CUDA mamba_scan shape mismatch");
+        }
+        let f = self.function("mamba_scan")?;
+        let cfg = LaunchConfig {
+            grid_dim: (hd as u32, nh as u32, 1),
+            block_dim: ((ds as u32).div_ceil(32) * 32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let args = [t, s.d_inner, ds, nh, s.n_group].map(|v| v as i32);
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(xbc).arg(dt).arg(a).arg(d).arg(ssm).arg(y);
+        for v in &args {
+            launch.arg(v);
+        }
+        // SAFETY: mamba_scan(const float* xbc, const float* dt, const float* a, const float* d,
+        // float* ssm, float* y, int t, int d_inner, int d_state, int n_head, int n_group): the
+        // arguments above in that order; blocks of ≤ 1024 threads (d_state ≤ 1024, so the 32
+        // partial sums fit); every length it indexes by was checked.
+        unsafe { launch.launch(cfg) }.map_err(|e| anyhow!("CUDA launch: {e:?}"))?;
+        Ok(())
+    }
+
     /// Waits for all queued work.
     pub fn synchronize(&self) -> Result<()> {
         self.stream
