@@ -97,6 +97,9 @@ fn parse_size(s: &str) -> Result<u64, String> {
 /// batch in and out of the widest matrix, with room to spare).
 const COMPUTE_RESERVE: u64 = 512 << 20;
 
+/// Free device memory left unplanned (the CUDA context, the kernels, allocator slack).
+const DEVICE_MARGIN: u64 = 256 << 20;
+
 /// The weights the flags put on the GPU, or None: when the flags ask for no GPU, or when there is
 /// none (said in one line on stderr; the CPU then runs everything). A plan that cannot fit the
 /// budget is an error.
@@ -120,6 +123,19 @@ pub fn device_weights(
             return Ok(None);
         }
     };
+    // Never plan for more than the device has free: a larger --gpu-mem, or -ngl alone on a
+    // model that does not fit, keeps whole expert layers in RAM instead of failing to allocate.
+    let (free, _) = gpu.memory()?;
+    let free = (free as u64).saturating_sub(DEVICE_MARGIN);
+    let mut args = args;
+    if args.gpu_mem.is_some_and(|b| b > free) && !quiet {
+        eprintln!(
+            "warning: --gpu-mem is more than the {:.1} GiB free on {}; planning for that",
+            free as f64 / (1u64 << 30) as f64,
+            gpu.name
+        );
+    }
+    args.gpu_mem = Some(args.gpu_mem.map_or(free, |b| b.min(free)));
     let plan = Plan::new(g, &args, COMPUTE_RESERVE)?;
     if !quiet {
         eprintln!("{}: {}", gpu.name, plan.summary());
