@@ -108,6 +108,29 @@ fn bench(c: &mut Criterion) {
                     })
                 });
             }
+            if let Some(octet) = k.octet {
+                // Eight rows × sixteen tokens on the file's layout (prefill), per token.
+                let acts: Vec<Vec<u8>> = (0..16)
+                    .map(|i| {
+                        let mut a = vec![0u8; k.act_ty.row_bytes(n as u64).unwrap() as usize];
+                        (k.quantize_act)(&data(n + i)[i..], &mut a);
+                        a
+                    })
+                    .collect();
+                let a: Vec<&[u8]> = acts.iter().map(|v| v.as_slice()).collect();
+                g.throughput(Throughput::Bytes(16 * w.len() as u64));
+                g.bench_function(BenchmarkId::new("octet16", isa.name()), |b| {
+                    b.iter(|| {
+                        let mut out = [0f32; 8 * 16];
+                        for rows8 in w.chunks(8 * row_bytes) {
+                            let r: Vec<&[u8]> = rows8.chunks(row_bytes).collect();
+                            octet(black_box(std::array::from_fn(|i| r[i])), &a, &mut out);
+                        }
+                        out[0]
+                    })
+                });
+                g.throughput(Throughput::Bytes(w.len() as u64));
+            }
             if let Some(kernel) = k.packed {
                 // Packed eight-row groups: one token (decode), and sixteen tokens reported per
                 // token like tile4x4.

@@ -467,6 +467,9 @@ pub fn dot_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
 /// over blocks, `acc = fma(f16(dw)·f16(da), Σ w·a, acc)` from 0. None for types without one.
 pub fn octet_reference(ty: crate::GgmlType, w: &[u8], a: &[u8]) -> Option<f32> {
     use crate::GgmlType::*;
+    if !matches!(ty, Q4_0 | Q5_0 | Q8_0 | IQ4_NL) {
+        return None;
+    }
     let a: &[BlockQ8_0] = bytemuck::cast_slice(a);
     let run = |blocks: Vec<([u8; 2], [i32; 32])>| {
         blocks.iter().zip(a).fold(0.0f32, |acc, ((d, q), y)| {

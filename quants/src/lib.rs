@@ -41,8 +41,9 @@ pub type TileFn = fn([&[u8]; 4], [&[u8]; 4], &mut [[f32; 4]; 4]);
 /// activation block prepared once for the four rows (decode).
 pub type Rows4Fn = fn([&[u8]; 4], &[u8], &mut [f32; 4]);
 /// `octet(eight weight rows, activation rows, out)`: `out[r·n + j]` for eight rows and n tokens,
-/// each row's block sums in one lane, so the float part is `acc = fma(f16(dw)·f16(da), Σ_block,
-/// acc)` per block ([`legacy::octet_reference`]) — not the single-row dot's order. Prefill only.
+/// each row's block sums in one lane. Legacy types: the float part is `acc = fma(f16(dw)·f16(da),
+/// Σ_block, acc)` per block ([`legacy::octet_reference`]) — not the single-row dot's order;
+/// K-quants (Q4_K): the single-row dot's expression, so each result equals `dot`. Prefill only.
 pub type OctetFn = fn([&[u8]; 8], &[&[u8]], &mut [f32]);
 /// `packed(group, activation rows, their block sums, out)`: `out[r·n + j]` for the eight rows of
 /// one packed group ([`packed`]) and n tokens (Q8_0 rows), in [`packed::reference`]'s order,

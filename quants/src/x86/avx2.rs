@@ -662,7 +662,7 @@ struct Q4kUnpacked {
 /// chunk 2c + 1: their high nibbles).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn nibble_chunks(qs: &[u8; 128]) -> [__m256i; 8] {
+pub(super) unsafe fn nibble_chunks(qs: &[u8; 128]) -> [__m256i; 8] {
     let m4 = _mm256_set1_epi8(15);
     let mut q = [_mm256_setzero_si256(); 8];
     for c in 0..4 {

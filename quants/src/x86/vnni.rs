@@ -8,9 +8,10 @@
 use core::arch::x86_64::*;
 
 use super::avx2::{
-    entry_octet, fp16, fp16_mul, hsum_ps, iq4_nl_i8, load32, nibbles, q4_0_i8, q4_1_u8, q5_0_i8,
-    q5_1_u8, q8_0_i8, signed_dot, transpose8, unsigned_dot,
+    entry_octet, fp16, fp16_mul, hsum_ps, iq4_nl_i8, load32, nibble_chunks, nibbles, q4_0_i8,
+    q4_1_u8, q5_0_i8, q5_1_u8, q8_0_i8, signed_dot, transpose8, unsigned_dot,
 };
+use crate::kquants::{scale_min_k4, BlockQ4K, BlockQ8K};
 use crate::legacy::IQ4NL_VALUES;
 use crate::legacy::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, BlockQ8_1};
 use bytemuck::cast_slice;
@@ -342,6 +343,94 @@ entry_octet!(
     octet_q4_0 => q4_0_octet, octet_q5_0 => q5_0_octet, octet_q8_0 => q8_0_octet,
     octet_iq4_nl => iq4_nl_octet,
 );
+
+// ---------------------------------------------------------------------------------------------
+// Q4_K, eight rows × n tokens with the rows in the lanes (prefill). Per super-block the eight
+// rows' nibbles are transposed once into 64 group registers (sub-block j, group g: elements
+// 32j + 4g .. +4 of every row) and their 6-bit scales and mins into lanes; per token each
+// sub-block's eight broadcast activation groups meet the group registers through `vpdpbusd`
+// (nibbles are unsigned, so no offset), the sub-block sums are weighted by the rows' scales in
+// 32 bits, and the float step is the single-row dot's expression, without FMA:
+// `a.d · (d · Σ sc·isum − dmin · Σ min·bsum)`, added to an accumulator that starts at −0.
+// So each result equals the Q4_K `dot` bit for bit.
+
+/// One super-block of eight rows, unpacked for [`q4k_octet`].
+struct Q4kOctet {
+    q: [__m256i; 64],
+    sc: [__m256i; 8],
+    mn: [__m256i; 8],
+    d: __m256,
+    dmin: __m256,
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512vnni")]
+unsafe fn q4k_octet(w: [&[BlockQ4K]; 8], a: &[&[BlockQ8K]], out: &mut [f32]) {
+    let nb = w[0].len();
+    let nt = a.len();
+    assert!(out.len() >= 8 * nt && w.iter().all(|r| r.len() == nb));
+    assert!(a.iter().all(|r| r.len() >= nb));
+    let unpack = |b: usize| {
+        let rows: [&BlockQ4K; 8] = std::array::from_fn(|r| &w[r][b]);
+        let chunks = rows.map(|blk| nibble_chunks(&blk.qs));
+        let mut q = [_mm256_setzero_si256(); 64];
+        for j in 0..8 {
+            let regs = [0, 1, 2, 3, 4, 5, 6, 7].map(|r| _mm256_castsi256_ps(chunks[r][j]));
+            for (g, reg) in transpose8(regs).into_iter().enumerate() {
+                q[8 * j + g] = _mm256_castps_si256(reg);
+            }
+        }
+        let lanes_of = |f: &dyn Fn(&BlockQ4K) -> i32| {
+            let v: [i32; 8] = std::array::from_fn(|r| f(rows[r]));
+            _mm256_loadu_si256(v.as_ptr().cast())
+        };
+        let sc = std::array::from_fn(|j| lanes_of(&|blk| scale_min_k4(j, &blk.scales).0 as i32));
+        let mn = std::array::from_fn(|j| lanes_of(&|blk| scale_min_k4(j, &blk.scales).1 as i32));
+        let d = rows.map(|blk| fp16(blk.d));
+        let dmin = rows.map(|blk| fp16(blk.dmin));
+        Q4kOctet {
+            q,
+            sc,
+            mn,
+            d: _mm256_loadu_ps(d.as_ptr()),
+            dmin: _mm256_loadu_ps(dmin.as_ptr()),
+        }
+    };
+    let blocks: Vec<Q4kOctet> = (0..nb).map(unpack).collect();
+    let mut lanes = [0f32; 8];
+    for (t, row) in a.iter().enumerate() {
+        let mut acc = _mm256_set1_ps(-0.0);
+        for (u, y) in blocks.iter().zip(row.iter()) {
+            let mut s = _mm256_setzero_si256();
+            let mut m = _mm256_setzero_si256();
+            for j in 0..8 {
+                let mut isum = _mm256_setzero_si256();
+                for g in 0..8 {
+                    let p = y.qs.as_ptr().add(32 * j + 4 * g);
+                    let ag = _mm256_set1_epi32(core::ptr::read_unaligned(p.cast::<i32>()));
+                    isum = _mm256_dpbusd_epi32(isum, u.q[8 * j + g], ag);
+                }
+                s = _mm256_add_epi32(s, _mm256_mullo_epi32(isum, u.sc[j]));
+                let bs = y.bsum(2 * j) + y.bsum(2 * j + 1);
+                m = _mm256_add_epi32(m, _mm256_mullo_epi32(u.mn[j], _mm256_set1_epi32(bs)));
+            }
+            let ds = _mm256_mul_ps(u.d, _mm256_cvtepi32_ps(s));
+            let dm = _mm256_mul_ps(u.dmin, _mm256_cvtepi32_ps(m));
+            let term = _mm256_mul_ps(_mm256_set1_ps(y.d()), _mm256_sub_ps(ds, dm));
+            acc = _mm256_add_ps(acc, term);
+        }
+        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+        for (r, v) in lanes.iter().enumerate() {
+            out[r * nt + t] = *v;
+        }
+    }
+}
+
+pub(crate) fn octet_q4_k(w: [&[u8]; 8], a: &[&[u8]], out: &mut [f32]) {
+    let a: Vec<&[BlockQ8K]> = a.iter().map(|r| cast_slice(r)).collect();
+    // SAFETY: installed by x86::specialize only when Isa::Avx512Vnni is available; the kernel
+    // asserts every length it indexes by.
+    unsafe { q4k_octet(w.map(cast_slice), &a, out) }
+}
 
 macro_rules! entry_tile {
     ($($name:ident => $imp:ident),* $(,)?) => {
