@@ -777,17 +777,24 @@ struct Q3kUnpacked {
     d: f32,
 }
 
+/// Q3_K's 256 values stored as q + 4 (0..7), element order, 32 a register.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn q3k_unpack(b: &BlockQ3K) -> Q3kUnpacked {
+pub(super) unsafe fn q3k_values(b: &BlockQ3K) -> [__m256i; 8] {
     let mut q = two_bit_chunks(&b.qs);
     let hm = _mm256_loadu_si256(b.hmask.as_ptr().cast());
     for (c, qc) in q.iter_mut().enumerate() {
         *qc = _mm256_or_si256(*qc, bit_to(hm, c, 4));
     }
+    q
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn q3k_unpack(b: &BlockQ3K) -> Q3kUnpacked {
     let sc16 = _mm256_cvtepi8_epi16(q3k_scales_simd(&b.scales));
     Q3kUnpacked {
-        q,
+        q: q3k_values(b),
         sc: scale_pairs(sc16),
         sc16,
         d: h(b.d),

@@ -107,6 +107,7 @@ pub(crate) fn specialize(mut k: Kernels, isa: Isa) -> Kernels {
             Q5_1 => {
                 (k.dot, k.dot4, k.tile) = (vnni::dot_q5_1, d4(vnni::dot4_q5_1), t4(vnni::tile_q5_1))
             }
+            Q3_K => k.octet = Some(vnni::octet_q3_k),
             Q4_K => k.octet = Some(vnni::octet_q4_k),
             _ => {}
         }

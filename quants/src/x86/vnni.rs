@@ -8,10 +8,10 @@
 use core::arch::x86_64::*;
 
 use super::avx2::{
-    entry_octet, fp16, fp16_mul, hsum_ps, iq4_nl_i8, load32, nibble_chunks, nibbles, q4_0_i8,
-    q4_1_u8, q5_0_i8, q5_1_u8, q8_0_i8, signed_dot, transpose8, unsigned_dot,
+    entry_octet, fp16, fp16_mul, hsum_ps, iq4_nl_i8, load32, nibble_chunks, nibbles, q3k_values,
+    q4_0_i8, q4_1_u8, q5_0_i8, q5_1_u8, q8_0_i8, signed_dot, transpose8, unsigned_dot,
 };
-use crate::kquants::{scale_min_k4, BlockQ4K, BlockQ8K};
+use crate::kquants::{q3k_scales, scale_min_k4, BlockQ3K, BlockQ4K, BlockQ8K};
 use crate::legacy::IQ4NL_VALUES;
 use crate::legacy::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, BlockQ8_1};
 use bytemuck::cast_slice;
@@ -423,6 +423,83 @@ unsafe fn q4k_octet(w: [&[BlockQ4K]; 8], a: &[&[BlockQ8K]], out: &mut [f32]) {
             out[r * nt + t] = *v;
         }
     }
+}
+
+/// Q3_K the same way: values stored as q + 4 (0..7) transposed per chunk of 32 (two 16-element
+/// sub-blocks, four groups each), sub-block sums weighted by the rows' signed scales, the
+/// `4 · Σ scale · bsum` correction in 32 bits, and `q3k_term`'s float expression
+/// `(a.d · d) · (Σ − 4 · off)`: each result equals the Q3_K `dot` bit for bit.
+struct Q3kOctet {
+    q: [__m256i; 64],
+    sc: [__m256i; 16],
+    d: __m256,
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512vnni")]
+unsafe fn q3k_octet(w: [&[BlockQ3K]; 8], a: &[&[BlockQ8K]], out: &mut [f32]) {
+    let nb = w[0].len();
+    let nt = a.len();
+    assert!(out.len() >= 8 * nt && w.iter().all(|r| r.len() == nb));
+    assert!(a.iter().all(|r| r.len() >= nb));
+    let unpack = |b: usize| {
+        let rows: [&BlockQ3K; 8] = std::array::from_fn(|r| &w[r][b]);
+        let chunks = rows.map(|blk| q3k_values(blk));
+        let mut q = [_mm256_setzero_si256(); 64];
+        for c in 0..8 {
+            let regs = [0, 1, 2, 3, 4, 5, 6, 7].map(|r| _mm256_castsi256_ps(chunks[r][c]));
+            for (g, reg) in transpose8(regs).into_iter().enumerate() {
+                q[8 * c + g] = _mm256_castps_si256(reg);
+            }
+        }
+        let scales = rows.map(|blk| q3k_scales(&blk.scales));
+        let sc = std::array::from_fn(|j| {
+            let v: [i32; 8] = std::array::from_fn(|r| scales[r][j] as i32);
+            _mm256_loadu_si256(v.as_ptr().cast())
+        });
+        let d = rows.map(|blk| fp16(blk.d));
+        Q3kOctet {
+            q,
+            sc,
+            d: _mm256_loadu_ps(d.as_ptr()),
+        }
+    };
+    let blocks: Vec<Q3kOctet> = (0..nb).map(unpack).collect();
+    let mut lanes = [0f32; 8];
+    for (t, row) in a.iter().enumerate() {
+        let mut acc = _mm256_set1_ps(-0.0);
+        for (u, y) in blocks.iter().zip(row.iter()) {
+            let mut s = _mm256_setzero_si256();
+            let mut off = _mm256_setzero_si256();
+            for j in 0..16 {
+                let mut isum = _mm256_setzero_si256();
+                for g in 0..4 {
+                    let p = y.qs.as_ptr().add(16 * j + 4 * g);
+                    let ag = _mm256_set1_epi32(core::ptr::read_unaligned(p.cast::<i32>()));
+                    isum = _mm256_dpbusd_epi32(isum, u.q[4 * j + g], ag);
+                }
+                s = _mm256_add_epi32(s, _mm256_mullo_epi32(isum, u.sc[j]));
+                let bs = _mm256_set1_epi32(y.bsum(j));
+                off = _mm256_add_epi32(off, _mm256_mullo_epi32(u.sc[j], bs));
+            }
+            let x = _mm256_sub_epi32(s, _mm256_slli_epi32::<2>(off));
+            let term = _mm256_mul_ps(
+                _mm256_mul_ps(_mm256_set1_ps(y.d()), u.d),
+                _mm256_cvtepi32_ps(x),
+            );
+            acc = _mm256_add_ps(acc, term);
+        }
+        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+        for (r, v) in lanes.iter().enumerate() {
+            out[r * nt + t] = *v;
+        }
+    }
+}
+
+pub(crate) fn octet_q3_k(w: [&[u8]; 8], a: &[&[u8]], out: &mut [f32]) {
+    let a: Vec<&[BlockQ8K]> = a.iter().map(|r| cast_slice(r)).collect();
+    // SAFETY: installed by x86::specialize only when Isa::Avx512Vnni is available; the kernel
+    // asserts every length it indexes by.
+    unsafe { q3k_octet(w.map(cast_slice), &a, out) }
 }
 
 pub(crate) fn octet_q4_k(w: [&[u8]; 8], a: &[&[u8]], out: &mut [f32]) {
