@@ -147,7 +147,15 @@ impl Cpu {
         let k = kernels(w.ty)
             .ok_or_else(|| anyhow::anyhow!("tensor type {} is not supported", w.ty))?;
         let exact = self.precision == Precision::Exact && w.ty != GgmlType::F32;
-        let mut yt = vec![0f32; t * w.rows];
+        // The kernels write rows × t; for one token that is y's own layout, so decode writes y
+        // directly (no buffer to clear, nothing to transpose).
+        let mut transposed = Vec::new();
+        let yt: &mut [f32] = if t == 1 {
+            y
+        } else {
+            transposed.resize(t * w.rows, 0f32);
+            &mut transposed
+        };
         let rb = w.row_bytes();
         const CHUNK: usize = 16;
         const TOKEN_BLOCK: usize = 64;
@@ -292,7 +300,11 @@ impl Cpu {
                     })
             });
         }
+        if t == 1 {
+            return Ok(());
+        }
         // yt is rows × t; y is t × rows. Sixteen rows at a time so both sides stay in cache.
+        let yt = &transposed;
         for r0 in (0..w.rows).step_by(16) {
             let r1 = (r0 + 16).min(w.rows);
             for j in 0..t {
