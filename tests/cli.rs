@@ -78,3 +78,39 @@ fn bench_json_reports_pp_and_tg() {
         "two measured repeats after the warm-up"
     );
 }
+
+#[test]
+fn info_reports_the_plan_placement_flags_make_without_a_gpu() {
+    let model = common::fixtures().join("nemo-tiny-q4_k_m.gguf");
+    let out = common::ggrun()
+        .args(["info", "--json", "--gpu-mem", "600MiB", "--n-cpu-moe", "2"])
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let p = &v["placement"];
+    let on: Vec<u64> = serde_json::from_value(p["expert_layers_on_gpu"].clone()).unwrap();
+    let ram: Vec<u64> = serde_json::from_value(p["expert_layers_in_ram"].clone()).unwrap();
+    assert!(ram.iter().all(|l| !on.contains(l)), "{p}");
+    assert!(on.iter().all(|&l| l >= 2) && !ram.is_empty(), "{p}");
+    let file = std::fs::metadata(&model).unwrap().len();
+    let weights = p["gpu_weight_bytes"].as_u64().unwrap() + p["cpu_weight_bytes"].as_u64().unwrap();
+    assert!(weights <= file && weights > file / 2, "{p}");
+    // A budget below the buffers alone is a one-line error, not a plan.
+    let out = common::ggrun()
+        .args(["info", "--gpu-mem", "1MiB"])
+        .arg(&model)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("too small") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+}

@@ -89,6 +89,17 @@ pub struct PlacementFlags {
     pub gpu_mem: Option<u64>,
 }
 
+impl PlacementFlags {
+    /// The flags as the planner takes them.
+    pub fn args(&self) -> PlacementArgs {
+        PlacementArgs {
+            n_gpu_layers: self.n_gpu_layers,
+            n_cpu_moe: self.n_cpu_moe,
+            gpu_mem: self.gpu_mem,
+        }
+    }
+}
+
 fn parse_size(s: &str) -> Result<u64, String> {
     crate::backend::placement::parse_size(s).map_err(|e| e.to_string())
 }
@@ -100,6 +111,16 @@ const COMPUTE_RESERVE: u64 = 512 << 20;
 /// Free device memory left unplanned (the CUDA context, the kernels, allocator slack).
 const DEVICE_MARGIN: u64 = 256 << 20;
 
+/// The plan the flags make for `g` against their budget alone (no device is opened: this is
+/// what `info` reports), or None when they ask for no GPU.
+pub fn plan_without_device(g: &Model, flags: &PlacementFlags) -> Result<Option<Plan>> {
+    let args = flags.args();
+    if !args.wants_gpu() {
+        return Ok(None);
+    }
+    Plan::new(g, &args, COMPUTE_RESERVE).map(Some)
+}
+
 /// The weights the flags put on the GPU, or None: when the flags ask for no GPU, or when there is
 /// none (said in one line on stderr; the CPU then runs everything). A plan that cannot fit the
 /// budget is an error.
@@ -108,11 +129,7 @@ pub fn device_weights(
     flags: &PlacementFlags,
     quiet: bool,
 ) -> Result<Option<DeviceWeights>> {
-    let args = PlacementArgs {
-        n_gpu_layers: flags.n_gpu_layers,
-        n_cpu_moe: flags.n_cpu_moe,
-        gpu_mem: flags.gpu_mem,
-    };
+    let args = flags.args();
     if !args.wants_gpu() {
         return Ok(None);
     }

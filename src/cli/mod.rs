@@ -63,6 +63,10 @@ pub enum Command {
         /// Print one JSON object instead of the text report.
         #[arg(long)]
         json: bool,
+        /// With placement flags, also the plan they make (what goes to the GPU and what stays
+        /// in RAM), computed from the file alone: no GPU is needed to plan for one.
+        #[command(flatten)]
+        place: common::PlacementFlags,
     },
     /// Print the SIMD tier in use and the tiers this CPU supports.
     Cpu,
@@ -202,13 +206,27 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             };
             write!(out, "{}", t.render(&msgs, &opts)?)?;
         }
-        Command::Info { model, json } => {
+        Command::Info { model, json, place } => {
             let m = Model::open(&model)?;
             let info = ModelInfo::from_model(&m)?;
+            let plan = common::plan_without_device(&m, &place)?;
             if json {
-                writeln!(out, "{}", info.to_json())?;
+                let mut v = info.to_json();
+                if let Some(p) = &plan {
+                    v["placement"] = serde_json::json!({
+                        "gpu_weight_bytes": p.gpu_weight_bytes,
+                        "reserved_bytes": p.reserved_bytes,
+                        "cpu_weight_bytes": p.cpu_weight_bytes,
+                        "expert_layers_on_gpu": p.expert_layers_on_gpu,
+                        "expert_layers_in_ram": p.expert_layers_in_ram,
+                    });
+                }
+                writeln!(out, "{v}")?;
             } else {
                 write!(out, "{}", info.to_text())?;
+                if let Some(p) = &plan {
+                    writeln!(out, "placement: {}", p.summary())?;
+                }
             }
         }
         Command::Logits {
