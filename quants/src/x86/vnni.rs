@@ -363,22 +363,62 @@ struct Q4kOctet {
     dmin: __m256,
 }
 
+/// The K-quant eight-row skeleton: `unpack` turns the eight rows' block b into what `term`
+/// needs; per token, `term` gives the eight rows' block terms, summed in block order onto −0.
 #[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512vnni")]
-unsafe fn q4k_octet(w: [&[BlockQ4K]; 8], a: &[&[BlockQ8K]], out: &mut [f32]) {
+#[inline]
+unsafe fn rows_in_lanes<B, U>(
+    w: [&[B]; 8],
+    a: &[&[BlockQ8K]],
+    out: &mut [f32],
+    unpack: impl Fn([&B; 8]) -> U,
+    term: impl Fn(&U, &BlockQ8K) -> __m256,
+) {
     let nb = w[0].len();
     let nt = a.len();
     assert!(out.len() >= 8 * nt && w.iter().all(|r| r.len() == nb));
     assert!(a.iter().all(|r| r.len() >= nb));
-    let unpack = |b: usize| {
-        let rows: [&BlockQ4K; 8] = std::array::from_fn(|r| &w[r][b]);
-        let chunks = rows.map(|blk| nibble_chunks(&blk.qs));
-        let mut q = [_mm256_setzero_si256(); 64];
-        for j in 0..8 {
-            let regs = [0, 1, 2, 3, 4, 5, 6, 7].map(|r| _mm256_castsi256_ps(chunks[r][j]));
-            for (g, reg) in transpose8(regs).into_iter().enumerate() {
-                q[8 * j + g] = _mm256_castps_si256(reg);
-            }
+    let blocks: Vec<U> = (0..nb)
+        .map(|b| unpack(std::array::from_fn(|r| &w[r][b])))
+        .collect();
+    let mut lanes = [0f32; 8];
+    for (t, row) in a.iter().enumerate() {
+        let mut acc = _mm256_set1_ps(-0.0);
+        for (u, y) in blocks.iter().zip(row.iter()) {
+            acc = _mm256_add_ps(acc, term(u, y));
         }
+        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+        for (r, v) in lanes.iter().enumerate() {
+            out[r * nt + t] = *v;
+        }
+    }
+}
+
+/// Eight rows' eight 32-byte registers (rows × chunks) as 64 group registers: chunk c, group g
+/// holds bytes 4g..4g + 4 of chunk c of every row.
+#[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn transpose_chunks(chunks: [[__m256i; 8]; 8]) -> [__m256i; 64] {
+    let mut q = [_mm256_setzero_si256(); 64];
+    for c in 0..8 {
+        let regs = [0, 1, 2, 3, 4, 5, 6, 7].map(|r| _mm256_castsi256_ps(chunks[r][c]));
+        for (g, reg) in transpose8(regs).into_iter().enumerate() {
+            q[8 * c + g] = _mm256_castps_si256(reg);
+        }
+    }
+    q
+}
+
+/// Four activation bytes at `p` in every 32-bit lane.
+#[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn bcast4(p: *const i8) -> __m256i {
+    _mm256_set1_epi32(core::ptr::read_unaligned(p.cast::<i32>()))
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512vnni")]
+unsafe fn q4k_octet(w: [&[BlockQ4K]; 8], a: &[&[BlockQ8K]], out: &mut [f32]) {
+    let unpack = |rows: [&BlockQ4K; 8]| {
         let lanes_of = |f: &dyn Fn(&BlockQ4K) -> i32| {
             let v: [i32; 8] = std::array::from_fn(|r| f(rows[r]));
             _mm256_loadu_si256(v.as_ptr().cast())
@@ -388,41 +428,31 @@ unsafe fn q4k_octet(w: [&[BlockQ4K]; 8], a: &[&[BlockQ8K]], out: &mut [f32]) {
         let d = rows.map(|blk| fp16(blk.d));
         let dmin = rows.map(|blk| fp16(blk.dmin));
         Q4kOctet {
-            q,
+            q: transpose_chunks(rows.map(|blk| nibble_chunks(&blk.qs))),
             sc,
             mn,
             d: _mm256_loadu_ps(d.as_ptr()),
             dmin: _mm256_loadu_ps(dmin.as_ptr()),
         }
     };
-    let blocks: Vec<Q4kOctet> = (0..nb).map(unpack).collect();
-    let mut lanes = [0f32; 8];
-    for (t, row) in a.iter().enumerate() {
-        let mut acc = _mm256_set1_ps(-0.0);
-        for (u, y) in blocks.iter().zip(row.iter()) {
-            let mut s = _mm256_setzero_si256();
-            let mut m = _mm256_setzero_si256();
-            for j in 0..8 {
-                let mut isum = _mm256_setzero_si256();
-                for g in 0..8 {
-                    let p = y.qs.as_ptr().add(32 * j + 4 * g);
-                    let ag = _mm256_set1_epi32(core::ptr::read_unaligned(p.cast::<i32>()));
-                    isum = _mm256_dpbusd_epi32(isum, u.q[8 * j + g], ag);
-                }
-                s = _mm256_add_epi32(s, _mm256_mullo_epi32(isum, u.sc[j]));
-                let bs = y.bsum(2 * j) + y.bsum(2 * j + 1);
-                m = _mm256_add_epi32(m, _mm256_mullo_epi32(u.mn[j], _mm256_set1_epi32(bs)));
+    let term = |u: &Q4kOctet, y: &BlockQ8K| {
+        let mut s = _mm256_setzero_si256();
+        let mut m = _mm256_setzero_si256();
+        for j in 0..8 {
+            let mut isum = _mm256_setzero_si256();
+            for g in 0..8 {
+                let ag = bcast4(y.qs.as_ptr().add(32 * j + 4 * g));
+                isum = _mm256_dpbusd_epi32(isum, u.q[8 * j + g], ag);
             }
-            let ds = _mm256_mul_ps(u.d, _mm256_cvtepi32_ps(s));
-            let dm = _mm256_mul_ps(u.dmin, _mm256_cvtepi32_ps(m));
-            let term = _mm256_mul_ps(_mm256_set1_ps(y.d()), _mm256_sub_ps(ds, dm));
-            acc = _mm256_add_ps(acc, term);
+            s = _mm256_add_epi32(s, _mm256_mullo_epi32(isum, u.sc[j]));
+            let bs = y.bsum(2 * j) + y.bsum(2 * j + 1);
+            m = _mm256_add_epi32(m, _mm256_mullo_epi32(u.mn[j], _mm256_set1_epi32(bs)));
         }
-        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
-        for (r, v) in lanes.iter().enumerate() {
-            out[r * nt + t] = *v;
-        }
-    }
+        let ds = _mm256_mul_ps(u.d, _mm256_cvtepi32_ps(s));
+        let dm = _mm256_mul_ps(u.dmin, _mm256_cvtepi32_ps(m));
+        _mm256_mul_ps(_mm256_set1_ps(y.d()), _mm256_sub_ps(ds, dm))
+    };
+    rows_in_lanes(w, a, out, unpack, term)
 }
 
 /// Q3_K the same way: values stored as q + 4 (0..7) transposed per chunk of 32 (two 16-element
@@ -437,20 +467,7 @@ struct Q3kOctet {
 
 #[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512vnni")]
 unsafe fn q3k_octet(w: [&[BlockQ3K]; 8], a: &[&[BlockQ8K]], out: &mut [f32]) {
-    let nb = w[0].len();
-    let nt = a.len();
-    assert!(out.len() >= 8 * nt && w.iter().all(|r| r.len() == nb));
-    assert!(a.iter().all(|r| r.len() >= nb));
-    let unpack = |b: usize| {
-        let rows: [&BlockQ3K; 8] = std::array::from_fn(|r| &w[r][b]);
-        let chunks = rows.map(|blk| q3k_values(blk));
-        let mut q = [_mm256_setzero_si256(); 64];
-        for c in 0..8 {
-            let regs = [0, 1, 2, 3, 4, 5, 6, 7].map(|r| _mm256_castsi256_ps(chunks[r][c]));
-            for (g, reg) in transpose8(regs).into_iter().enumerate() {
-                q[8 * c + g] = _mm256_castps_si256(reg);
-            }
-        }
+    let unpack = |rows: [&BlockQ3K; 8]| {
         let scales = rows.map(|blk| q3k_scales(&blk.scales));
         let sc = std::array::from_fn(|j| {
             let v: [i32; 8] = std::array::from_fn(|r| scales[r][j] as i32);
@@ -458,41 +475,31 @@ unsafe fn q3k_octet(w: [&[BlockQ3K]; 8], a: &[&[BlockQ8K]], out: &mut [f32]) {
         });
         let d = rows.map(|blk| fp16(blk.d));
         Q3kOctet {
-            q,
+            q: transpose_chunks(rows.map(|blk| q3k_values(blk))),
             sc,
             d: _mm256_loadu_ps(d.as_ptr()),
         }
     };
-    let blocks: Vec<Q3kOctet> = (0..nb).map(unpack).collect();
-    let mut lanes = [0f32; 8];
-    for (t, row) in a.iter().enumerate() {
-        let mut acc = _mm256_set1_ps(-0.0);
-        for (u, y) in blocks.iter().zip(row.iter()) {
-            let mut s = _mm256_setzero_si256();
-            let mut off = _mm256_setzero_si256();
-            for j in 0..16 {
-                let mut isum = _mm256_setzero_si256();
-                for g in 0..4 {
-                    let p = y.qs.as_ptr().add(16 * j + 4 * g);
-                    let ag = _mm256_set1_epi32(core::ptr::read_unaligned(p.cast::<i32>()));
-                    isum = _mm256_dpbusd_epi32(isum, u.q[4 * j + g], ag);
-                }
-                s = _mm256_add_epi32(s, _mm256_mullo_epi32(isum, u.sc[j]));
-                let bs = _mm256_set1_epi32(y.bsum(j));
-                off = _mm256_add_epi32(off, _mm256_mullo_epi32(u.sc[j], bs));
+    let term = |u: &Q3kOctet, y: &BlockQ8K| {
+        let mut s = _mm256_setzero_si256();
+        let mut off = _mm256_setzero_si256();
+        for j in 0..16 {
+            let mut isum = _mm256_setzero_si256();
+            for g in 0..4 {
+                let ag = bcast4(y.qs.as_ptr().add(16 * j + 4 * g));
+                isum = _mm256_dpbusd_epi32(isum, u.q[4 * j + g], ag);
             }
-            let x = _mm256_sub_epi32(s, _mm256_slli_epi32::<2>(off));
-            let term = _mm256_mul_ps(
-                _mm256_mul_ps(_mm256_set1_ps(y.d()), u.d),
-                _mm256_cvtepi32_ps(x),
-            );
-            acc = _mm256_add_ps(acc, term);
+            s = _mm256_add_epi32(s, _mm256_mullo_epi32(isum, u.sc[j]));
+            let bs = _mm256_set1_epi32(y.bsum(j));
+            off = _mm256_add_epi32(off, _mm256_mullo_epi32(u.sc[j], bs));
         }
-        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
-        for (r, v) in lanes.iter().enumerate() {
-            out[r * nt + t] = *v;
-        }
-    }
+        let x = _mm256_sub_epi32(s, _mm256_slli_epi32::<2>(off));
+        _mm256_mul_ps(
+            _mm256_mul_ps(_mm256_set1_ps(y.d()), u.d),
+            _mm256_cvtepi32_ps(x),
+        )
+    };
+    rows_in_lanes(w, a, out, unpack, term)
 }
 
 pub(crate) fn octet_q3_k(w: [&[u8]; 8], a: &[&[u8]], out: &mut [f32]) {
