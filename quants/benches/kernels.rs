@@ -6,7 +6,7 @@
 //!     cargo bench -p ggrun-quants --bench kernels [-- FILTER]
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use ggrun_quants::{kernels_for, packed, reference_quantize_fn, GgmlType, Isa};
+use ggrun_quants::{kernels_for, packed, reference_quantize_fn, GgmlType, Isa, Kernels};
 use std::hint::black_box;
 
 const TYPES: [GgmlType; 14] = [
@@ -35,6 +35,17 @@ fn data(n: usize) -> Vec<f32> {
             s ^= s >> 7;
             s ^= s << 17;
             (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+/// `count` distinct activation rows of `n` values in `k`'s activation format.
+fn act_rows(k: &Kernels, n: usize, count: usize) -> Vec<Vec<u8>> {
+    (0..count)
+        .map(|i| {
+            let mut a = vec![0u8; k.act_ty.row_bytes(n as u64).unwrap() as usize];
+            (k.quantize_act)(&data(n + i)[i..], &mut a);
+            a
         })
         .collect()
 }
@@ -72,13 +83,7 @@ fn bench(c: &mut Criterion) {
             if let Some(tile) = k.tile {
                 // Four tokens per pass; reported per token (weight bytes x 4 / time) so that it
                 // compares with "dot".
-                let acts: Vec<Vec<u8>> = (0..4)
-                    .map(|i| {
-                        let mut a = vec![0u8; k.act_ty.row_bytes(n as u64).unwrap() as usize];
-                        (k.quantize_act)(&data(n + i)[i..], &mut a);
-                        a
-                    })
-                    .collect();
+                let acts = act_rows(&k, n, 4);
                 g.throughput(Throughput::Bytes(4 * w.len() as u64));
                 g.bench_function(BenchmarkId::new("tile4x4", isa.name()), |b| {
                     b.iter(|| {
@@ -110,13 +115,7 @@ fn bench(c: &mut Criterion) {
             }
             if let Some(octet) = k.octet {
                 // Eight rows × sixteen tokens on the file's layout (prefill), per token.
-                let acts: Vec<Vec<u8>> = (0..16)
-                    .map(|i| {
-                        let mut a = vec![0u8; k.act_ty.row_bytes(n as u64).unwrap() as usize];
-                        (k.quantize_act)(&data(n + i)[i..], &mut a);
-                        a
-                    })
-                    .collect();
+                let acts = act_rows(&k, n, 16);
                 let a: Vec<&[u8]> = acts.iter().map(|v| v.as_slice()).collect();
                 g.throughput(Throughput::Bytes(16 * w.len() as u64));
                 g.bench_function(BenchmarkId::new("octet16", isa.name()), |b| {
@@ -140,13 +139,7 @@ fn bench(c: &mut Criterion) {
                     let r: Vec<&[u8]> = rows8.chunks(row_bytes).collect();
                     packed::pack(ty, std::array::from_fn(|i| r[i]), o);
                 }
-                let acts: Vec<Vec<u8>> = (0..16)
-                    .map(|i| {
-                        let mut a = vec![0u8; k.act_ty.row_bytes(n as u64).unwrap() as usize];
-                        (k.quantize_act)(&data(n + i)[i..], &mut a);
-                        a
-                    })
-                    .collect();
+                let acts = act_rows(&k, n, 16);
                 let sums: Vec<Vec<i32>> = acts
                     .iter()
                     .map(|a| {
