@@ -58,18 +58,12 @@ fn a_closed_stdout_ends_quietly() {
 #[test]
 fn bench_json_reports_pp_and_tg() {
     let model = common::fixtures().join("nemo-tiny-q4_0.gguf");
-    let out = common::ggrun()
-        .args(["bench", "-m"])
-        .arg(&model)
-        .args(["-p", "16", "-n", "4", "-r", "2", "-t", "1", "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let v = common::json_output(
+        common::ggrun()
+            .args(["bench", "-m"])
+            .arg(&model)
+            .args(["-p", "16", "-n", "4", "-r", "2", "-t", "1", "--json"]),
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["pp_tok_s"].as_f64().unwrap() > 0.0);
     assert!(v["tg_tok_s"].as_f64().unwrap() > 0.0);
     assert_eq!(
@@ -82,17 +76,11 @@ fn bench_json_reports_pp_and_tg() {
 #[test]
 fn info_reports_the_plan_placement_flags_make_without_a_gpu() {
     let model = common::fixtures().join("nemo-tiny-q4_k_m.gguf");
-    let out = common::ggrun()
-        .args(["info", "--json", "--gpu-mem", "600MiB", "--n-cpu-moe", "2"])
-        .arg(&model)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let v = common::json_output(
+        common::ggrun()
+            .args(["info", "--json", "--gpu-mem", "600MiB", "--n-cpu-moe", "2"])
+            .arg(&model),
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let p = &v["placement"];
     let on: Vec<u64> = serde_json::from_value(p["expert_layers_on_gpu"].clone()).unwrap();
     let ram: Vec<u64> = serde_json::from_value(p["expert_layers_in_ram"].clone()).unwrap();

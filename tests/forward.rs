@@ -259,27 +259,21 @@ fn logits_cli_writes_rows_and_generated_ids() {
     let dir = tempfile::tempdir().unwrap();
     let out_path = dir.path().join("o.f32");
     let toks: Vec<String> = g.prompt_tokens.iter().map(|t| t.to_string()).collect();
-    let out = common::ggrun()
-        .args(["logits", "-m"])
-        .arg(&g.model)
-        .args([
-            "--tokens",
-            &toks.join(","),
-            "--decode",
-            "4",
-            "-t",
-            "2",
-            "--out",
-        ])
-        .arg(&out_path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let v = common::json_output(
+        common::ggrun()
+            .args(["logits", "-m"])
+            .arg(&g.model)
+            .args([
+                "--tokens",
+                &toks.join(","),
+                "--decode",
+                "4",
+                "-t",
+                "2",
+                "--out",
+            ])
+            .arg(&out_path),
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
         v["rows"].as_u64().unwrap() as usize,
         g.prompt_tokens.len() + 4

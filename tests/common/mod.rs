@@ -51,6 +51,18 @@ pub fn ggrun() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_ggrun"))
 }
 
+/// Runs `cmd`, which must succeed (its stderr is the failure message), and parses its stdout as
+/// one JSON value.
+pub fn json_output(cmd: &mut std::process::Command) -> serde_json::Value {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 // ---------------------------------------------------------------------------------------------
 // Goldens: llama.cpp's logits and token ids for the fixture models, and how to compare with them.
 
