@@ -57,7 +57,7 @@ pub fn run(
         let prompt: Vec<u32> = (0..n_prompt)
             .map(|_| (10 + next() % (nv as u64 - 20)) as u32)
             .collect();
-        let mut st = m.new_state(n_prompt + n_gen, cpu.precision);
+        let mut st = m.new_state(n_prompt + n_gen, cpu.precision)?;
         let t0 = Instant::now();
         let logits = m.forward(cpu, &mut st, &prompt, false)?;
         let t1 = Instant::now();

@@ -101,9 +101,14 @@ pub struct Engine<'m> {
 }
 
 impl<'m> Engine<'m> {
-    pub fn new(model: &'m dyn Forward, cpu: Cpu, tok: Tokenizer, n_ctx: usize) -> Engine<'m> {
-        let state = model.new_state(n_ctx, cpu.precision);
-        Engine {
+    pub fn new(
+        model: &'m dyn Forward,
+        cpu: Cpu,
+        tok: Tokenizer,
+        n_ctx: usize,
+    ) -> Result<Engine<'m>> {
+        let state = model.new_state(n_ctx, cpu.precision)?;
+        Ok(Engine {
             think_open: tok.special_id("<think>"),
             think_close: tok.special_id("</think>"),
             model,
@@ -111,7 +116,7 @@ impl<'m> Engine<'m> {
             tok,
             state,
             consumed: Vec::new(),
-        }
+        })
     }
 
     pub fn n_ctx(&self) -> usize {
@@ -124,9 +129,10 @@ impl<'m> Engine<'m> {
     }
 
     /// Forgets the sequence.
-    pub fn reset(&mut self) {
-        self.state = self.model.new_state(self.state.n_ctx, self.cpu.precision);
+    pub fn reset(&mut self) -> Result<()> {
+        self.state = self.model.new_state(self.state.n_ctx, self.cpu.precision)?;
         self.consumed.clear();
+        Ok(())
     }
 
     /// Runs `tokens` through the model in batches; the last row of logits, or None when

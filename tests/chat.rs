@@ -433,7 +433,7 @@ fn chat_turns_reuse_the_state() {
     let tok = ggrun::tokenizer::Tokenizer::from_metadata(g.metadata()).unwrap();
     let model = ggrun::model::load(&g).unwrap();
     let cpu = Cpu::new(2, Precision::Normal).unwrap();
-    let engine = Engine::new(model.as_ref(), cpu, tok, 2048);
+    let engine = Engine::new(model.as_ref(), cpu, tok, 2048).unwrap();
     let template = ChatTemplate::for_model(g.metadata(), &engine.tok, None).unwrap();
     let mut s = Session::new(engine, template);
     let params = GenParams {

@@ -179,7 +179,7 @@ fn smollm2_agrees_with_llama_cpp_top1_and_continuation() {
 
 /// Logits of the last token after feeding `tokens` in chunks of `chunk`.
 fn chunked(m: &dyn Forward, cpu: &Cpu, tokens: &[u32], chunk: usize) -> (Vec<f32>, State) {
-    let mut st = m.new_state(tokens.len() + 8, cpu.precision);
+    let mut st = m.new_state(tokens.len() + 8, cpu.precision).unwrap();
     let mut last = Vec::new();
     for c in tokens.chunks(chunk) {
         last = m.forward(cpu, &mut st, c, false).unwrap();
@@ -203,7 +203,7 @@ fn chunked_prefill_equals_one_batch_and_state_restores_exactly() {
         }
         // Save after the prompt, continue; restore into a fresh state, continue again: identical.
         let (_, st) = chunked(m.as_ref(), &cpu, toks, 5);
-        let saved = st.to_bytes();
+        let saved = st.to_bytes().unwrap();
         let cont = |mut st: State| {
             let mut out = Vec::new();
             let mut tok = 1u32;
@@ -215,7 +215,7 @@ fn chunked_prefill_equals_one_batch_and_state_restores_exactly() {
             out
         };
         let a = cont(st);
-        let mut fresh = m.new_state(toks.len() + 8, cpu.precision);
+        let mut fresh = m.new_state(toks.len() + 8, cpu.precision).unwrap();
         fresh.restore(&saved).unwrap();
         let b = cont(fresh);
         assert!(
@@ -223,7 +223,7 @@ fn chunked_prefill_equals_one_batch_and_state_restores_exactly() {
             "{name}: restored state diverged"
         );
         // A state saved for another context size is refused.
-        let mut other = m.new_state(toks.len() + 9, cpu.precision);
+        let mut other = m.new_state(toks.len() + 9, cpu.precision).unwrap();
         assert!(other.restore(&saved).is_err());
     }
 }

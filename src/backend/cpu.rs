@@ -142,6 +142,7 @@ impl Cpu {
             "matmul shape mismatch"
         );
         if let Some(d) = w.device {
+            d.gpu.set_tensor_cores(self.precision == Precision::Normal);
             return d.matmul_host(x, t, y);
         }
         let k = kernels(w.ty)

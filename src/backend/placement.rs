@@ -40,6 +40,10 @@ pub struct Plan {
     pub cpu_weight_bytes: u64,
     /// Device memory reserved beside the weights (compute buffers).
     pub reserved_bytes: u64,
+    /// Device memory for staging: when routed experts stay in RAM and everything else is on
+    /// the GPU, a prefill batch can copy the experts it selected into a buffer of one expert
+    /// layer's size and compute them there.
+    pub staging_bytes: u64,
     /// Layers whose routed experts are on the GPU.
     pub expert_layers_on_gpu: Vec<usize>,
     /// Layers whose routed experts stay in RAM.
@@ -150,6 +154,31 @@ impl Plan {
         }
         plan.gpu_weight_bytes = fixed_bytes;
         let mut used = fixed_bytes + reserve;
+        // When some expert layer will stay in RAM under a device-resident placement (every
+        // layer and the output on the GPU), keep room for staging the largest one.
+        let layer_bytes = |ts: &Vec<&TensorInfo>| ts.iter().map(|t| t.size_bytes).sum::<u64>();
+        let all_experts: u64 = experts.values().map(layer_bytes).sum();
+        let spills =
+            !plan.expert_layers_in_ram.is_empty() || used.saturating_add(all_experts) > budget;
+        if output_on_gpu && first_gpu_layer == 0 && spills {
+            let largest = g
+                .tensors()
+                .filter(|t| is_expert(&t.name))
+                .fold(
+                    std::collections::BTreeMap::<usize, u64>::new(),
+                    |mut m, t| {
+                        *m.entry(layer_of(&t.name).unwrap_or(0)).or_default() += t.size_bytes;
+                        m
+                    },
+                )
+                .into_values()
+                .max()
+                .unwrap_or(0);
+            if largest > 0 && used + largest <= budget {
+                plan.staging_bytes = largest;
+                used += largest;
+            }
+        }
         // Whole expert layers, last first, while they fit.
         for (l, ts) in experts.iter().rev() {
             let bytes: u64 = ts.iter().map(|t| t.size_bytes).sum();
@@ -172,9 +201,10 @@ impl Plan {
     /// One line for stderr: what went where.
     pub fn summary(&self) -> String {
         format!(
-            "GPU: {} of weights + {} of buffers; RAM: {} of weights; routed experts on the GPU for {} layers, in RAM for {}",
+            "GPU: {} of weights + {} of buffers + {} of staging; RAM: {} of weights; routed experts on the GPU for {} layers, in RAM for {}",
             gib(self.gpu_weight_bytes),
             gib(self.reserved_bytes),
+            gib(self.staging_bytes),
             gib(self.cpu_weight_bytes),
             self.expert_layers_on_gpu.len(),
             self.expert_layers_in_ram.len()
@@ -297,6 +327,7 @@ mod tests {
         let p = Plan::new(&g, &args, 0).unwrap();
         assert_eq!(p.expert_layers_in_ram, vec![1, 3]);
         assert_eq!(p.expert_layers_on_gpu, vec![5]);
+        assert!(p.staging_bytes > 0, "experts in RAM get a staging buffer");
         assert!(!p.on_gpu("blk.1.ffn_down_exps.weight"));
         assert!(
             p.on_gpu("blk.1.ffn_up_shexp.weight"),
@@ -323,8 +354,10 @@ mod tests {
         .unwrap()
         .gpu_weight_bytes;
         let reserve = 1000;
-        // Room for the fixed part and a layer and a half of experts: one layer goes.
-        let budget = fixed + reserve + layer(5) + layer(3) / 2;
+        // Room for the fixed part, the staging buffer (the largest expert layer, since some
+        // stay in RAM) and a layer and a half of experts: one layer goes.
+        let largest = layer(1).max(layer(3)).max(layer(5));
+        let budget = fixed + reserve + largest + layer(5) + layer(3) / 2;
         let p = Plan::new(
             &g,
             &PlacementArgs {
@@ -337,8 +370,21 @@ mod tests {
         .unwrap();
         assert_eq!(p.expert_layers_on_gpu, vec![5]);
         assert_eq!(p.expert_layers_in_ram, vec![1, 3]);
-        assert!(p.gpu_weight_bytes + reserve <= budget);
+        assert_eq!(p.staging_bytes, largest);
+        assert!(p.gpu_weight_bytes + reserve + p.staging_bytes <= budget);
         assert_eq!(p.gpu_weight_bytes, fixed + layer(5));
+        // Room for everything: no staging.
+        let all = fixed + reserve + layer(1) + layer(3) + layer(5);
+        let p = Plan::new(
+            &g,
+            &PlacementArgs {
+                gpu_mem: Some(all),
+                ..Default::default()
+            },
+            reserve,
+        )
+        .unwrap();
+        assert_eq!((p.expert_layers_in_ram.len(), p.staging_bytes), (0, 0));
         // Too small for the non-expert weights: a clear error.
         let e = Plan::new(
             &g,

@@ -108,7 +108,7 @@ impl<'m> Session<'m> {
         let tokens = match self.continuation(&text, user) {
             Some(t) => t,
             None => {
-                self.engine.reset();
+                self.engine.reset()?;
                 prompt_tokens(&self.engine.tok, &text)?
             }
         };
@@ -152,10 +152,11 @@ impl<'m> Session<'m> {
     }
 
     /// Forgets the conversation (the system prompt stays).
-    pub fn reset(&mut self) {
+    pub fn reset(&mut self) -> Result<()> {
         self.messages.clear();
-        self.engine.reset();
+        self.engine.reset()?;
         self.stale = true;
+        Ok(())
     }
 
     pub fn set_system(&mut self, s: Option<String>) {
@@ -183,7 +184,7 @@ impl<'m> Session<'m> {
             .map_err(|e| anyhow!("{}: not a saved conversation: {e}", path.display()))?;
         self.system = s.system;
         self.messages = s.messages;
-        self.engine.reset();
+        self.engine.reset()?;
         self.stale = true;
         Ok(())
     }

@@ -58,7 +58,7 @@ pub fn run(a: ChatArgs, out: &mut dyn Write) -> Result<()> {
     let g = Model::open(&a.model.model)?;
     let dev = common::device_weights(&g, &a.model.place, a.model.quiet)?;
     let l = common::load(&g, dev.as_ref(), &a.model)?;
-    let engine = Engine::new(l.model.as_ref(), l.cpu, l.tok, l.n_ctx);
+    let engine = Engine::new(l.model.as_ref(), l.cpu, l.tok, l.n_ctx)?;
     let template =
         ChatTemplate::for_model(g.metadata(), &engine.tok, a.model.chat_template.as_deref())?;
     let mut session = Session::new(engine, template);
@@ -97,10 +97,7 @@ fn command<'a>(line: &'a str, s: &mut Session) -> Input<'a> {
     match name {
         "exit" | "quit" => Input::Exit,
         "help" | "?" => Input::Note(HELP.to_string()),
-        "reset" => {
-            s.reset();
-            Input::Note("new conversation".into())
-        }
+        "reset" => note(s.reset().map(|()| "new conversation".into())),
         "think" => match arg {
             "on" | "off" | "default" => {
                 s.set_think(match arg {

@@ -216,6 +216,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
                     v["placement"] = serde_json::json!({
                         "gpu_weight_bytes": p.gpu_weight_bytes,
                         "reserved_bytes": p.reserved_bytes,
+                        "staging_bytes": p.staging_bytes,
                         "cpu_weight_bytes": p.cpu_weight_bytes,
                         "expert_layers_on_gpu": p.expert_layers_on_gpu,
                         "expert_layers_in_ram": p.expert_layers_in_ram,
@@ -260,7 +261,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
                     tokens.len()
                 );
             }
-            let mut state = m.new_state(n_ctx, precision);
+            let mut state = m.new_state(n_ctx, precision)?;
             let mut rows = m.forward(&cpu, &mut state, &tokens, true)?;
             let nv = m.n_vocab();
             let mut generated = Vec::with_capacity(decode);
@@ -315,6 +316,9 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
                     v["gpu"] = d.gpu.name.clone().into();
                     v["gpu_weight_bytes"] = d.uploaded_bytes().into();
                 }
+                if let Some(line) = m.offload_report() {
+                    v["offload"] = line.into();
+                }
                 if let Some((bytes, bw)) = roof {
                     v["bytes_per_token"] = bytes.into();
                     v["read_gb_s"] = (bw / 1e9).into();
@@ -324,6 +328,9 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
                 writeln!(out, "{v}")?;
             } else {
                 writeln!(out, "{}", r.to_text(&model, cpu.threads))?;
+                if let Some(line) = m.offload_report() {
+                    writeln!(out, "{line}")?;
+                }
                 writeln!(
                     out,
                     "packed weight copies: {:.1} MiB",

@@ -94,7 +94,7 @@ pub fn run(a: RunArgs, out: &mut dyn Write) -> Result<()> {
         think_budget: a.think.think_budget,
         feed_last: false,
     };
-    let engine = Engine::new(l.model.as_ref(), l.cpu, l.tok, n_ctx);
+    let engine = Engine::new(l.model.as_ref(), l.cpu, l.tok, n_ctx)?;
     if a.think.think.is_some() && !engine.can_think() && !a.model.quiet {
         eprintln!("warning: this model's vocabulary has no <think> tokens; --think has no effect");
     }

@@ -136,13 +136,13 @@ impl Forward for Llama<'_> {
         self.n_ctx_train
     }
 
-    fn new_state(&self, n_ctx: usize, precision: Precision) -> State {
+    fn new_state(&self, n_ctx: usize, precision: Precision) -> Result<State> {
         let layers = self
             .layers
             .iter()
             .map(|_| attention::new_cache(&self.shape, n_ctx, precision == Precision::Normal))
             .collect();
-        State::new(layers, n_ctx)
+        Ok(State::new(layers, n_ctx))
     }
 
     fn run(

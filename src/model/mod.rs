@@ -153,7 +153,11 @@ pub trait Forward: Sync {
     /// The architecture's trained context length.
     fn n_ctx_train(&self) -> usize;
     /// A fresh state for a context of `n_ctx` tokens (memory allocated once, here).
-    fn new_state(&self, n_ctx: usize, precision: crate::backend::cpu::Precision) -> State;
+    fn new_state(&self, n_ctx: usize, precision: crate::backend::cpu::Precision) -> Result<State>;
+    /// One line on how prefill treated routed experts left in RAM (GPU placements only).
+    fn offload_report(&self) -> Option<String> {
+        None
+    }
     /// The forward pass proper; called on the context's pool by [`Forward::forward`].
     fn run(
         &self,
@@ -179,7 +183,7 @@ pub trait Forward: Sync {
 
 /// Per-layer state of one sequence: KV cache rows or Mamba conv/SSM state. Cloneable, so a
 /// session can be saved and restored.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Debug)]
 pub enum LayerState {
     None,
     /// K and V rows (kv_heads × head_dim each) for positions 0..len, capacity n_ctx.
@@ -196,10 +200,12 @@ pub enum LayerState {
         conv: Vec<f32>,
         ssm: Vec<f32>,
     },
+    /// Either of the above held in GPU memory (the device-resident forward pass).
+    Device(crate::backend::cuda::DeviceState),
 }
 
 /// A sequence's state: one entry per layer plus the number of tokens seen.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Debug)]
 pub struct State {
     pub layers: Vec<LayerState>,
     pub pos: usize,
@@ -207,8 +213,9 @@ pub struct State {
 }
 
 impl State {
-    /// Serialises the state (little-endian f32s with a small header) for save/restore.
-    pub fn to_bytes(&self) -> Vec<u8> {
+    /// Serialises the state (little-endian f32s with a small header) for save/restore; layers
+    /// held on a GPU are copied back first.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let mut out = Vec::new();
         let mut put = |v: u64| out.extend_from_slice(&v.to_le_bytes());
         put(self.pos as u64);
@@ -216,8 +223,16 @@ impl State {
         put(self.layers.len() as u64);
         let mut body = Vec::new();
         for l in &self.layers {
+            let host;
+            let l = match l {
+                LayerState::Device(d) => {
+                    host = d.to_host()?;
+                    &host
+                }
+                l => l,
+            };
             match l {
-                LayerState::None => body.push(0u8),
+                LayerState::None | LayerState::Device(_) => body.push(0u8),
                 LayerState::Attention { k, v, len, .. } => {
                     body.push(1);
                     body.extend_from_slice(&(*len as u64).to_le_bytes());
@@ -231,12 +246,32 @@ impl State {
             }
         }
         out.extend_from_slice(&body);
-        out
+        Ok(out)
     }
 
     /// Restores a state saved by [`State::to_bytes`] into `self` (which must have the same
-    /// layout: same model and context size).
+    /// layout: same model and context size); layers held on a GPU are loaded there.
     pub fn restore(&mut self, bytes: &[u8]) -> Result<()> {
+        // Device layers take their host form for the parse, then go back with the new values.
+        let mut on_device = Vec::new();
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            if let LayerState::Device(d) = l {
+                let host = d.to_host()?;
+                on_device.push((i, std::mem::replace(l, host)));
+            }
+        }
+        let parsed = self.restore_host(bytes);
+        for (i, mut dev) in on_device {
+            if let (Ok(()), LayerState::Device(d)) = (&parsed, &mut dev) {
+                d.load(&self.layers[i])?;
+            }
+            self.layers[i] = dev;
+        }
+        parsed
+    }
+
+    /// [`State::restore`] for states held in host memory.
+    fn restore_host(&mut self, bytes: &[u8]) -> Result<()> {
         let bad = || anyhow!("saved state does not match this model and context size");
         let mut r = bytes;
         let mut get = |n: usize| -> Result<&[u8]> {

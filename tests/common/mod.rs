@@ -119,7 +119,7 @@ pub fn run(
     steps: usize,
     forced: Option<&[u32]>,
 ) -> (Vec<f32>, Vec<u32>) {
-    let mut st = m.new_state(prompt.len() + steps, cpu.precision);
+    let mut st = m.new_state(prompt.len() + steps, cpu.precision).unwrap();
     let mut rows = m.forward(cpu, &mut st, prompt, true).unwrap();
     let nv = m.n_vocab();
     let mut gen = Vec::new();

@@ -8,6 +8,9 @@ typedef signed char i8;
 typedef unsigned short u16;
 typedef unsigned int u32;
 
+// −∞ (NVRTC has no math.h).
+#define NEG_INF __int_as_float(0xff800000)
+
 // Type ids: ggml's (GgmlType::id).
 #define T_F32 0
 #define T_F16 1
@@ -171,35 +174,109 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
-// y[t][r] = Σ_c w[r][c] · x[t][c] for `tokens` rows of x: one warp per (row, token), each lane
-// taking eight consecutive elements of every 256 (so a warp walks the row in 256-element steps).
+// The decode kernels: a block of MV_WARPS warps computes MV_ROWS rows for one token. Warp w
+// takes the 256-element chunks w, w + MV_WARPS, ... of the rows, each lane eight consecutive
+// elements of a chunk; the rows share each load of the activations, and every weight load is
+// unconditional (a chunk past the end reads the first one and is not summed), so the loads of
+// all MV_ROWS rows are in flight together. Partial sums meet in shared memory.
+#define MV_WARPS 4
+#define MV_ROWS 4
+
+// Eight activations x[e0..e0+8), as two 16-byte loads where aligned.
+__device__ __forceinline__ void load_x8(const float* x, int e0, float* xv) {
+    const float* p = x + e0;
+    if (((unsigned long long)p & 15) == 0) {
+        float4 a = *(const float4*)p, b = *(const float4*)(p + 4);
+        xv[0] = a.x; xv[1] = a.y; xv[2] = a.z; xv[3] = a.w;
+        xv[4] = b.x; xv[5] = b.y; xv[6] = b.z; xv[7] = b.w;
+    } else {
+        for (int i = 0; i < 8; i++) xv[i] = p[i];
+    }
+}
+
+// Σ_c row_j[c] · x[c] for the first `n` (≤ MV_ROWS) of the rows at w + j·row_bytes, by the
+// whole block; thread j < n returns row j's sum (others return 0).
 template <int T>
-__device__ void matmul(const u8* w, const float* x, float* y, int rows, int cols, long long row_bytes,
-                       int tokens) {
-    int warp = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
-    int lane = threadIdx.x % 32;
-    int r = warp;
-    int t = blockIdx.y;
-    if (r >= rows || t >= tokens) return;
-    const u8* row = w + (long long)r * row_bytes;
-    const float* xt = x + (long long)t * cols;
-    float acc = 0.0f;
-    float v[8];
-    for (int base = 0; base < cols; base += 256) {
+__device__ __forceinline__ float rows_dot(const u8* w, long long row_bytes, int n, const float* x,
+                                          int cols) {
+    __shared__ float part[MV_WARPS][MV_ROWS];
+    int lane = threadIdx.x % 32, wid = threadIdx.x / 32;
+    float acc[MV_ROWS];
+    const u8* rowp[MV_ROWS];
+#pragma unroll
+    for (int j = 0; j < MV_ROWS; j++) {
+        acc[j] = 0.0f;
+        rowp[j] = w + (j < n ? j : 0) * row_bytes;
+    }
+    float v[8], xv[8];
+    for (int base = wid * 256; base < cols; base += 256 * MV_WARPS) {
         int e0 = base + 8 * lane;
-        if (e0 < cols) {
-            deq8<T>(row, e0, v);
-            for (int i = 0; i < 8; i++) acc = fmaf(v[i], xt[e0 + i], acc);
+        bool ok = e0 < cols;
+        int e = ok ? e0 : 0;
+        load_x8(x, e, xv);
+#pragma unroll
+        for (int j = 0; j < MV_ROWS; j++) {
+            deq8<T>(rowp[j], e, v);
+            if (ok) {
+                for (int i = 0; i < 8; i++) acc[j] = fmaf(v[i], xv[i], acc[j]);
+            }
         }
     }
-    acc = warp_sum(acc);
-    if (lane == 0) y[(long long)t * rows + r] = acc;
+#pragma unroll
+    for (int j = 0; j < MV_ROWS; j++) {
+        float s = warp_sum(acc[j]);
+        if (lane == 0) part[wid][j] = s;
+    }
+    __syncthreads();
+    float sum = 0.0f;
+    if (threadIdx.x < n) {
+        for (int i = 0; i < MV_WARPS; i++) sum += part[i][threadIdx.x];
+    }
+    return sum;
+}
+
+// y[t][r] = Σ_c w[r][c] · x[t][c] for `tokens` rows of x (added to y when `accumulate`): one
+// block per MV_ROWS rows and token.
+template <int T>
+__device__ void matmul(const u8* w, const float* x, float* y, int rows, int cols, long long row_bytes,
+                       int tokens, int accumulate) {
+    int r0 = blockIdx.x * MV_ROWS;
+    int t = blockIdx.y;
+    if (r0 >= rows || t >= tokens) return;
+    int n = min(MV_ROWS, rows - r0);
+    float s = rows_dot<T>(w + (long long)r0 * row_bytes, row_bytes, n, x + (long long)t * cols, cols);
+    if (threadIdx.x < n) {
+        float* out = y + (long long)t * rows + r0 + threadIdx.x;
+        *out = accumulate ? *out + s : s;
+    }
+}
+
+// The products of routed experts for decode: pair p (token p / k, its slot p % k) multiplies
+// expert ids[p] (rows ids[p]·rows .. +rows of the stacked w) by x row p / k (or row p when
+// `x_per_pair`), writing y row p. One block per MV_ROWS rows and pair; no copy of expert ids to
+// the host.
+template <int T>
+__device__ void matmul_id(const u8* w, const float* x, float* y, const int* ids, int rows, int cols,
+                          long long row_bytes, int pairs, int k, int x_per_pair) {
+    int r0 = blockIdx.x * MV_ROWS;
+    int p = blockIdx.y;
+    if (r0 >= rows || p >= pairs) return;
+    int n = min(MV_ROWS, rows - r0);
+    long long e = ids[p];
+    const float* xt = x + (long long)(x_per_pair ? p : p / k) * cols;
+    float s = rows_dot<T>(w + (e * rows + r0) * row_bytes, row_bytes, n, xt, cols);
+    if (threadIdx.x < n) y[(long long)p * rows + r0 + threadIdx.x] = s;
 }
 
 #define MATMUL(name, T)                                                                          \
     extern "C" __global__ void name(const u8* w, const float* x, float* y, int rows, int cols,   \
-                                    long long row_bytes, int tokens) {                          \
-        matmul<T>(w, x, y, rows, cols, row_bytes, tokens);                                       \
+                                    long long row_bytes, int tokens, int accumulate) {          \
+        matmul<T>(w, x, y, rows, cols, row_bytes, tokens, accumulate);                           \
+    }                                                                                            \
+    extern "C" __global__ void name##_id(const u8* w, const float* x, float* y, const int* ids,  \
+                                         int rows, int cols, long long row_bytes, int pairs,     \
+                                         int k, int x_per_pair) {                                \
+        matmul_id<T>(w, x, y, ids, rows, cols, row_bytes, pairs, k, x_per_pair);                 \
     }
 
 MATMUL(matmul_f32, T_F32)
@@ -228,7 +305,7 @@ MATMUL(matmul_q6_k, T_Q6_K)
 
 template <int T>
 __device__ void matmul_tiled(const u8* w, const float* x, float* y, int rows, int cols,
-                             long long row_bytes, int tokens) {
+                             long long row_bytes, int tokens, int accumulate) {
     __shared__ float ws[TILE_ROWS][TILE_K + 1];
     __shared__ float xs[TILE_TOKENS][TILE_K];
     int tid = threadIdx.x;
@@ -265,15 +342,19 @@ __device__ void matmul_tiled(const u8* w, const float* x, float* y, int rows, in
     if (r < rows) {
         for (int j = 0; j < 8; j++) {
             int t = t0 + lt + j;
-            if (t < tokens) y[(long long)t * rows + r] = acc[j];
+            if (t < tokens) {
+                float* out = y + (long long)t * rows + r;
+                *out = accumulate ? *out + acc[j] : acc[j];
+            }
         }
     }
 }
 
 #define MATMUL_TILED(name, T)                                                                    \
     extern "C" __global__ void __launch_bounds__(256) name(const u8* w, const float* x, float* y,\
-                                    int rows, int cols, long long row_bytes, int tokens) {        \
-        matmul_tiled<T>(w, x, y, rows, cols, row_bytes, tokens);                                 \
+                                    int rows, int cols, long long row_bytes, int tokens,          \
+                                    int accumulate) {                                             \
+        matmul_tiled<T>(w, x, y, rows, cols, row_bytes, tokens, accumulate);                     \
     }
 
 MATMUL_TILED(matmul_tiled_f32, T_F32)
@@ -290,6 +371,124 @@ MATMUL_TILED(matmul_tiled_q3_k, T_Q3_K)
 MATMUL_TILED(matmul_tiled_q4_k, T_Q4_K)
 MATMUL_TILED(matmul_tiled_q5_k, T_Q5_K)
 MATMUL_TILED(matmul_tiled_q6_k, T_Q6_K)
+
+// Prefill on the tensor cores (normal precision): a block of four warps computes 64 rows × 64
+// tokens. Per step of 32 columns the block dequantizes the weight tile (deq8, as above) and the
+// activations into shared memory as bfloat16, then each warp runs mma.sync m16n8k16 (bf16 in,
+// f32 accumulation) over its 32 rows × 32 tokens. Rows are padded to 40 halves so that the
+// fragment loads of a warp fall in 32 different banks.
+#define MMA_ROWS 64
+#define MMA_TOKENS 64
+#define MMA_K 32
+#define MMA_PAD 40
+
+// Two floats as a bf16 pair (lo in the low half), rounded to nearest even.
+__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+template <int T>
+__device__ void matmul_mma(const u8* w, const float* x, float* y, int rows, int cols,
+                           long long row_bytes, int tokens, int accumulate) {
+    __shared__ __align__(16) unsigned short ws[MMA_ROWS][MMA_PAD];
+    __shared__ __align__(16) unsigned short xs[MMA_TOKENS][MMA_PAD];
+    int tid = threadIdx.x, lane = tid % 32, wid = tid / 32;
+    int r0 = blockIdx.x * MMA_ROWS, t0 = blockIdx.y * MMA_TOKENS;
+    int wm = (wid / 2) * 32, wn = (wid % 2) * 32;
+    int gid = lane >> 2, tig = lane & 3;
+    float acc[2][4][4];
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 4; j++)
+            for (int c = 0; c < 4; c++) acc[i][j][c] = 0.0f;
+    float v[8];
+    for (int k0 = 0; k0 < cols; k0 += MMA_K) {
+        // Weights: 64 rows × 32 columns = 256 runs of eight, two per thread.
+        for (int i = tid; i < MMA_ROWS * MMA_K / 8; i += blockDim.x) {
+            int rr = i / (MMA_K / 8), c = (i % (MMA_K / 8)) * 8;
+            int r = r0 + rr;
+            if (r < rows) {
+                deq8<T>(w + (long long)r * row_bytes, k0 + c, v);
+            } else {
+                for (int j = 0; j < 8; j++) v[j] = 0.0f;
+            }
+            u32* dst = (u32*)&ws[rr][c];
+            for (int j = 0; j < 4; j++) dst[j] = pack_bf16(v[2 * j], v[2 * j + 1]);
+        }
+        // Activations: 64 tokens × 32 columns, eight per thread-step.
+        for (int i = tid; i < MMA_TOKENS * MMA_K / 8; i += blockDim.x) {
+            int tt = i / (MMA_K / 8), c = (i % (MMA_K / 8)) * 8;
+            int t = t0 + tt;
+            if (t < tokens) {
+                load_x8(x + (long long)t * cols, k0 + c, v);
+            } else {
+                for (int j = 0; j < 8; j++) v[j] = 0.0f;
+            }
+            u32* dst = (u32*)&xs[tt][c];
+            for (int j = 0; j < 4; j++) dst[j] = pack_bf16(v[2 * j], v[2 * j + 1]);
+        }
+        __syncthreads();
+        for (int kk = 0; kk < MMA_K; kk += 16) {
+            u32 a[2][4], b[4][2];
+            for (int i = 0; i < 2; i++) {
+                int m = wm + 16 * i + gid;
+                a[i][0] = *(const u32*)&ws[m][kk + 2 * tig];
+                a[i][1] = *(const u32*)&ws[m + 8][kk + 2 * tig];
+                a[i][2] = *(const u32*)&ws[m][kk + 8 + 2 * tig];
+                a[i][3] = *(const u32*)&ws[m + 8][kk + 8 + 2 * tig];
+            }
+            for (int j = 0; j < 4; j++) {
+                int nn = wn + 8 * j + gid;
+                b[j][0] = *(const u32*)&xs[nn][kk + 2 * tig];
+                b[j][1] = *(const u32*)&xs[nn][kk + 8 + 2 * tig];
+            }
+            for (int i = 0; i < 2; i++)
+                for (int j = 0; j < 4; j++)
+                    asm volatile(
+                        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                        : "+f"(acc[i][j][0]), "+f"(acc[i][j][1]), "+f"(acc[i][j][2]),
+                          "+f"(acc[i][j][3])
+                        : "r"(a[i][0]), "r"(a[i][1]), "r"(a[i][2]), "r"(a[i][3]), "r"(b[j][0]),
+                          "r"(b[j][1]));
+        }
+        __syncthreads();
+    }
+    // c0, c1: row gid, tokens 2·tig, 2·tig + 1; c2, c3: row gid + 8, the same tokens.
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 4; j++)
+            for (int c = 0; c < 4; c++) {
+                int r = r0 + wm + 16 * i + gid + (c >= 2 ? 8 : 0);
+                int t = t0 + wn + 8 * j + 2 * tig + (c & 1);
+                if (r < rows && t < tokens) {
+                    float* out = y + (long long)t * rows + r;
+                    *out = accumulate ? *out + acc[i][j][c] : acc[i][j][c];
+                }
+            }
+}
+
+#define MATMUL_MMA(name, T)                                                                      \
+    extern "C" __global__ void __launch_bounds__(128) name(const u8* w, const float* x, float* y,\
+                                    int rows, int cols, long long row_bytes, int tokens,          \
+                                    int accumulate) {                                             \
+        matmul_mma<T>(w, x, y, rows, cols, row_bytes, tokens, accumulate);                       \
+    }
+
+MATMUL_MMA(matmul_mma_f32, T_F32)
+MATMUL_MMA(matmul_mma_f16, T_F16)
+MATMUL_MMA(matmul_mma_bf16, T_BF16)
+MATMUL_MMA(matmul_mma_q4_0, T_Q4_0)
+MATMUL_MMA(matmul_mma_q4_1, T_Q4_1)
+MATMUL_MMA(matmul_mma_q5_0, T_Q5_0)
+MATMUL_MMA(matmul_mma_q5_1, T_Q5_1)
+MATMUL_MMA(matmul_mma_q8_0, T_Q8_0)
+MATMUL_MMA(matmul_mma_iq4_nl, T_IQ4_NL)
+MATMUL_MMA(matmul_mma_q2_k, T_Q2_K)
+MATMUL_MMA(matmul_mma_q3_k, T_Q3_K)
+MATMUL_MMA(matmul_mma_q4_k, T_Q4_K)
+MATMUL_MMA(matmul_mma_q5_k, T_Q5_K)
+MATMUL_MMA(matmul_mma_q6_k, T_Q6_K)
 
 // Nemotron-H's feed-forward activation, in place: max(x, 0)².
 extern "C" __global__ void relu2(float* x, int n) {
@@ -363,4 +562,205 @@ extern "C" __global__ void mamba_scan(const float* xbc, const float* dt, const f
         __syncthreads();
     }
     if (n < d_state) st[n] = s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The rest of a layer on the device: norms, the Mamba-2 glue, attention, MoE routing and the
+// gather / combine around the routed experts.
+
+// Sum over a block (blockDim.x a multiple of 32, ≤ 1024); every thread gets the total.
+__device__ float block_sum(float v) {
+    __shared__ float part[32];
+    __shared__ float total;
+    v = warp_sum(v);
+    int lane = threadIdx.x % 32, wid = threadIdx.x / 32;
+    __syncthreads();
+    if (lane == 0) part[wid] = v;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float s = 0.0f;
+        for (int i = 0; i < (int)(blockDim.x + 31) / 32; i++) s += part[i];
+        total = s;
+    }
+    __syncthreads();
+    return total;
+}
+
+// y[t] = x[t] · w / sqrt(mean(x[t]²) + eps) for n-wide rows, one block per row (y may be x).
+extern "C" __global__ void rms_norm(const float* x, const float* w, float* y, int n, float eps) {
+    const float* xr = x + (long long)blockIdx.x * n;
+    float* yr = y + (long long)blockIdx.x * n;
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) s = fmaf(xr[i], xr[i], s);
+    float inv = rsqrtf(block_sum(s) / (float)n + eps);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) yr[i] = (xr[i] * inv) * w[i];
+}
+
+__device__ __forceinline__ float softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
+
+// Splits the Mamba input projection zx (t × width: z | xBC | dt) into xBC (t × ch) and the
+// step sizes dt = softplus(dt + dt_bias) (t × nh).
+extern "C" __global__ void mamba_split(const float* zx, const float* dt_bias, float* xbc, float* dt,
+                                       int t, int width, int di, int ch, int nh) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    long long per = ch + nh;
+    if (i >= (long long)t * per) return;
+    int ti = i / per, c = i % per;
+    const float* row = zx + (long long)ti * width;
+    if (c < ch) {
+        xbc[(long long)ti * ch + c] = row[di + c];
+    } else {
+        int h = c - ch;
+        dt[ti * nh + h] = softplus(row[di + ch + h] + dt_bias[h]);
+    }
+}
+
+// Mamba-2's output gate and grouped norm, in place on y (t × di): y ·= SiLU(z), then RMSNorm
+// over each group of gs values with weights norm. Block (group, token).
+extern "C" __global__ void mamba_gate_norm(float* y, const float* zx, const float* norm, int di,
+                                           int width, int gs, float eps) {
+    int g = blockIdx.x, ti = blockIdx.y;
+    float* yr = y + (long long)ti * di + g * gs;
+    const float* z = zx + (long long)ti * width + g * gs;
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < gs; i += blockDim.x) {
+        float v = yr[i] * silu(z[i]);
+        yr[i] = v;
+        s = fmaf(v, v, s);
+    }
+    float inv = rsqrtf(block_sum(s) / (float)gs + eps);
+    for (int i = threadIdx.x; i < gs; i += blockDim.x) yr[i] = (yr[i] * inv) * norm[g * gs + i];
+}
+
+// Causal attention for the `t` new tokens at positions past..past+t−1 over the cached K and V
+// (rows of n_kv·hd, positions 0..past+t−1 already stored). Block (head, token) of ATT_WARPS
+// warps: warp w takes positions w, w + ATT_WARPS, ... with an online softmax, each lane holding
+// hd / 32 dimensions; the warps' partial results are merged at the end.
+#define ATT_WARPS 4
+extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS)
+    attention(const float* q, const float* kc, const float* vc, float* out, int past, int nh,
+              int nkv, int hd, float scale) {
+    __shared__ float acc_s[ATT_WARPS][256];
+    __shared__ float m_s[ATT_WARPS], l_s[ATT_WARPS];
+    int h = blockIdx.x, ti = blockIdx.y;
+    int lane = threadIdx.x % 32, wid = threadIdx.x / 32;
+    int per = hd / 32, kvh = h / (nh / nkv), row = nkv * hd;
+    int n = past + ti + 1;
+    const float* qh = q + ((long long)ti * nh + h) * hd;
+    float qv[8], acc[8];
+    for (int j = 0; j < per; j++) {
+        qv[j] = qh[lane + 32 * j];
+        acc[j] = 0.0f;
+    }
+    float m = NEG_INF, l = 0.0f;
+    for (int p = wid; p < n; p += ATT_WARPS) {
+        const float* kr = kc + (long long)p * row + kvh * hd;
+        float s = 0.0f;
+        for (int j = 0; j < per; j++) s = fmaf(qv[j], kr[lane + 32 * j], s);
+        s = warp_sum(s) * scale;
+        float mn = fmaxf(m, s);
+        float corr = expf(m - mn), e = expf(s - mn);
+        l = l * corr + e;
+        const float* vr = vc + (long long)p * row + kvh * hd;
+        for (int j = 0; j < per; j++) acc[j] = fmaf(acc[j], corr, e * vr[lane + 32 * j]);
+        m = mn;
+    }
+    for (int j = 0; j < per; j++) acc_s[wid][lane + 32 * j] = acc[j];
+    if (lane == 0) {
+        m_s[wid] = m;
+        l_s[wid] = l;
+    }
+    __syncthreads();
+    float mx = NEG_INF;
+    for (int w = 0; w < ATT_WARPS; w++) mx = fmaxf(mx, m_s[w]);
+    float lsum = 0.0f, f[ATT_WARPS];
+    for (int w = 0; w < ATT_WARPS; w++) {
+        f[w] = l_s[w] > 0.0f ? expf(m_s[w] - mx) : 0.0f;
+        lsum += l_s[w] * f[w];
+    }
+    float* o = out + ((long long)ti * nh + h) * hd;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float v = 0.0f;
+        for (int w = 0; w < ATT_WARPS; w++) v = fmaf(acc_s[w][d], f[w], v);
+        o[d] = v / lsum;
+    }
+}
+
+// MoE routing, one warp per token: the k experts with the highest sigmoid(logit) + bias (ties to
+// the lower index), their weights sigmoid(logit) (divided by their sum when `norm`, floored at
+// 2^-14), times `scale`. Writes ids and weights (t × k) and counts each selection in `counts`.
+extern "C" __global__ void route_topk(const float* logits, const float* bias, int* ids, float* wts,
+                                      unsigned int* counts, int ne, int k, int norm, float scale) {
+    __shared__ float sel[1024];
+    __shared__ float prob[1024];
+    int ti = blockIdx.x, lane = threadIdx.x;
+    const float* lr = logits + (long long)ti * ne;
+    for (int e = lane; e < ne; e += 32) {
+        float p = 1.0f / (1.0f + expf(-lr[e]));
+        prob[e] = p;
+        sel[e] = p + bias[e];
+    }
+    __syncwarp();
+    float sum = 0.0f;
+    for (int r = 0; r < k; r++) {
+        float best = NEG_INF;
+        int bi = 0x7fffffff;
+        for (int e = lane; e < ne; e += 32) {
+            float v = sel[e];
+            if (v > best || (v == best && e < bi)) {
+                best = v;
+                bi = e;
+            }
+        }
+        for (int o = 16; o > 0; o >>= 1) {
+            float ob = __shfl_xor_sync(0xffffffffu, best, o);
+            int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (ob > best || (ob == best && oi < bi)) {
+                best = ob;
+                bi = oi;
+            }
+        }
+        if (lane == 0) {
+            ids[ti * k + r] = bi;
+            wts[ti * k + r] = prob[bi];
+            atomicAdd(&counts[bi], 1u);
+            sel[bi] = NEG_INF;
+        }
+        sum += prob[bi];
+        __syncwarp();
+    }
+    if (lane < k) {
+        float w = wts[ti * k + lane];
+        if (norm) w /= fmaxf(sum, 6.103515625e-5f);
+        wts[ti * k + lane] = w * scale;
+    }
+}
+
+// out[i] = x[idx[i]] for rows of n floats.
+extern "C" __global__ void gather_rows(const float* x, const int* idx, float* out, int rows, int n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)rows * n) return;
+    int r = i / n, c = i % n;
+    out[i] = x[(long long)idx[r] * n + c];
+}
+
+// x[t] += Σ_s wts[t·k + s] · y[pos[t·k + s]] (pos null: y row t·k + s) for n-wide rows.
+extern "C" __global__ void moe_combine(const float* y, const int* pos, const float* wts, float* x,
+                                       int t, int k, int n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)t * n) return;
+    int ti = i / n, c = i % n;
+    float acc = x[i];
+    for (int s = 0; s < k; s++) {
+        int p = ti * k + s;
+        long long r = pos ? pos[p] : p;
+        acc = fmaf(wts[p], y[r * n + c], acc);
+    }
+    x[i] = acc;
+}
+
+// x += y over n values.
+extern "C" __global__ void add(float* x, const float* y, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] += y[i];
 }

@@ -6,14 +6,22 @@
 //! For now the GPU computes the matrix products of the weights placed on it (activations cross
 //! PCIe per product); the other ops run on the CPU.
 
+mod ops;
+mod staging;
+mod state;
+
+pub use staging::HostPins;
+pub use state::DeviceState;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::{anyhow, bail, Result};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut,
-    LaunchConfig, PushKernelArg,
+    DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use ggrun_quants::GgmlType;
 
@@ -29,6 +37,11 @@ pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     module: Arc<CudaModule>,
+    /// Kernel handles looked up so far, by name.
+    functions: Mutex<HashMap<String, CudaFunction>>,
+    /// Whether batches of [`TILED_FROM`] tokens and more may run on the tensor cores (bf16
+    /// operands, f32 sums: normal precision), rather than the f32 tiled kernel (exact).
+    tensor_cores: AtomicBool,
     /// The device's name, as the driver reports it.
     pub name: String,
     /// Compute capability (major, minor).
@@ -76,21 +89,36 @@ impl DeviceRows<'_> {
         let g = self.gpu;
         let dx = g.to_device(x)?;
         let mut dy = g.output(t * rows)?;
-        self.launch(&dx.slice(..), t, &mut dy.slice_mut(..))?;
+        self.launch(&dx.slice(..), t, &mut dy.slice_mut(..), false)?;
         g.stream
             .memcpy_dtoh(&dy, y)
             .map_err(|e| anyhow!("CUDA copy: {e:?}"))
     }
 
-    /// Queues y = x · wᵀ for device x and y.
-    fn launch(&self, x: &CudaView<f32>, t: usize, y: &mut CudaViewMut<f32>) -> Result<()> {
+    /// Queues y = x · wᵀ (y += x · wᵀ when `accumulate`) for device x (t × cols) and y.
+    pub fn launch(
+        &self,
+        x: &CudaView<f32>,
+        t: usize,
+        y: &mut CudaViewMut<f32>,
+        accumulate: bool,
+    ) -> Result<()> {
         let rb = self.m.row_bytes;
         let w = self
             .m
             .data
             .slice(self.start * rb..(self.start + self.rows) * rb);
-        self.gpu
-            .launch_matmul(self.m.ty, &w, rb, self.rows, self.m.cols, x, t, y)
+        self.gpu.launch_matmul(
+            self.m.ty,
+            &w,
+            rb,
+            self.rows,
+            self.m.cols,
+            x,
+            t,
+            y,
+            accumulate,
+        )
     }
 }
 
@@ -129,13 +157,13 @@ impl Gpu {
         for (i, j) in jobs.iter().enumerate() {
             let x = dx.slice(x_at[i]..x_at[i] + j.x.len());
             let mut u = du.slice_mut(u_at[i]..u_at[i] + j.t * j.up.rows);
-            j.up.launch(&x, j.t, &mut u)?;
+            j.up.launch(&x, j.t, &mut u, false)?;
         }
-        self.relu2(&mut du, nu)?;
+        self.relu2(&mut du.slice_mut(..), nu)?;
         for (i, j) in jobs.iter().enumerate() {
             let u = du.slice(u_at[i]..u_at[i] + j.t * j.up.rows);
             let mut y = dy.slice_mut(y_at[i]..y_at[i] + j.t * j.down.rows);
-            j.down.launch(&u, j.t, &mut y)?;
+            j.down.launch(&u, j.t, &mut y, false)?;
         }
         let ys = self.to_host(&dy)?;
         Ok(jobs
@@ -143,21 +171,6 @@ impl Gpu {
             .enumerate()
             .map(|(i, j)| ys[y_at[i]..y_at[i] + j.t * j.down.rows].to_vec())
             .collect())
-    }
-
-    /// x = max(x, 0)² over the first `n` values, in place.
-    fn relu2(&self, x: &mut CudaSlice<f32>, n: usize) -> Result<()> {
-        if n == 0 {
-            return Ok(());
-        }
-        let f = self.function("relu2")?;
-        let cfg = LaunchConfig::for_num_elems(n as u32);
-        let n = n as i32;
-        let mut launch = self.stream.launch_builder(&f);
-        launch.arg(x).arg(&n);
-        // SAFETY: relu2(float* x, int n) touches x[0..n), and x holds at least n floats.
-        unsafe { launch.launch(cfg) }.map_err(|e| anyhow!("CUDA launch: {e:?}"))?;
-        Ok(())
     }
 }
 
@@ -243,11 +256,19 @@ impl Gpu {
             ctx,
             stream,
             module,
+            functions: Mutex::default(),
+            tensor_cores: AtomicBool::new(false),
             name,
             arch,
             kernel_cache,
             compiled,
         })
+    }
+
+    /// Lets prefill-sized products use the tensor cores (bf16 operands, f32 sums) — for normal
+    /// precision — or keeps them in f32 (exact precision).
+    pub fn set_tensor_cores(&self, on: bool) {
+        self.tensor_cores.store(on, Ordering::Relaxed);
     }
 
     /// (free, total) bytes of device memory.
@@ -256,14 +277,21 @@ impl Gpu {
     }
 
     fn function(&self, name: &str) -> Result<CudaFunction> {
-        self.module
+        let mut cache = self.functions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = cache.get(name) {
+            return Ok(f.clone());
+        }
+        let f = self
+            .module
             .load_function(name)
-            .map_err(|e| anyhow!("CUDA kernel {name}: {e:?}"))
+            .map_err(|e| anyhow!("CUDA kernel {name}: {e:?}"))?;
+        cache.insert(name.to_string(), f.clone());
+        Ok(f)
     }
 
     /// Copies `m` (GGUF layout) to the device.
     pub fn upload(&self, m: &Matrix) -> Result<DeviceMatrix> {
-        kernel_name(m.ty, false)?;
+        kernel_name(m.ty, Kernel::Rows)?;
         let data = self
             .stream
             .clone_htod(m.data)
@@ -277,24 +305,31 @@ impl Gpu {
         })
     }
 
-    /// Copies f32 values to the device.
-    pub fn to_device(&self, x: &[f32]) -> Result<CudaSlice<f32>> {
+    /// Copies values to the device.
+    pub fn to_device<T: DeviceRepr>(&self, x: &[T]) -> Result<CudaSlice<T>> {
         self.stream
             .clone_htod(x)
             .map_err(|e| anyhow!("CUDA copy: {e:?}"))
     }
 
-    /// Copies f32 values back (waits for the stream).
-    pub fn to_host(&self, x: &CudaSlice<f32>) -> Result<Vec<f32>> {
+    /// Copies values back (waits for the stream).
+    pub fn to_host<T: DeviceRepr>(&self, x: &CudaSlice<T>) -> Result<Vec<T>> {
         self.stream
             .clone_dtoh(x)
             .map_err(|e| anyhow!("CUDA copy: {e:?}"))
     }
 
+    /// A zeroed device buffer of `n` values.
+    pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
+        self.stream
+            .alloc_zeros(n)
+            .map_err(|e| anyhow!("CUDA alloc: {e:?}"))
+    }
+
     /// A device buffer of `n` floats for a kernel to write, not cleared: only for outputs that
     /// the kernels writing them cover entirely (the matmuls write every element, which the GPU
     /// tests check by poisoning).
-    fn output(&self, n: usize) -> Result<CudaSlice<f32>> {
+    pub fn output<T: DeviceRepr>(&self, n: usize) -> Result<CudaSlice<T>> {
         // SAFETY: the buffer is only read after kernels have written all of it (see above).
         unsafe { self.stream.alloc(n) }.map_err(|e| anyhow!("CUDA alloc: {e:?}"))
     }
@@ -317,6 +352,7 @@ impl Gpu {
             &x.slice(..),
             t,
             &mut y.slice_mut(..),
+            false,
         )
     }
 
@@ -331,29 +367,43 @@ impl Gpu {
         x: &CudaView<f32>,
         t: usize,
         y: &mut CudaViewMut<f32>,
+        accumulate: bool,
     ) -> Result<()> {
         if x.len() < t * cols || y.len() < t * rows || w.len() < rows * row_bytes {
             bail!("CUDA matmul shape mismatch");
         }
-        // One warp per row and token for decode-sized batches; 32 × 64 tiles through shared
-        // memory (weights dequantized once per tile) from eight tokens up.
-        let tiled = t >= TILED_FROM;
-        let f = self.function(&kernel_name(ty, tiled)?)?;
-        let cfg = if tiled {
+        // One block per four rows and token for decode-sized batches; from eight tokens up, 64 × 64
+        // tiles on the tensor cores (normal precision, whole 32-column steps) or 32 × 64 f32
+        // tiles (weights dequantized once per tile into shared memory).
+        let kind = if t < TILED_FROM {
+            Kernel::Rows
+        } else if self.tensor_cores.load(Ordering::Relaxed) && cols.is_multiple_of(32) {
+            Kernel::Mma
+        } else {
+            Kernel::Tiled
+        };
+        let f = self.function(&kernel_name(ty, kind)?)?;
+        let cfg = if kind == Kernel::Mma {
+            LaunchConfig {
+                grid_dim: ((rows as u32).div_ceil(64), (t as u32).div_ceil(64), 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            }
+        } else if kind == Kernel::Tiled {
             LaunchConfig {
                 grid_dim: ((rows as u32).div_ceil(32), (t as u32).div_ceil(64), 1),
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             }
         } else {
-            const WARPS: u32 = 4;
             LaunchConfig {
-                grid_dim: ((rows as u32).div_ceil(WARPS), t as u32, 1),
-                block_dim: (32 * WARPS, 1, 1),
+                grid_dim: ((rows as u32).div_ceil(MV_ROWS), t as u32, 1),
+                block_dim: (32 * MV_WARPS, 1, 1),
                 shared_mem_bytes: 0,
             }
         };
         let (r, c, rb, tokens) = (rows as i32, cols as i32, row_bytes as i64, t as i32);
+        let acc = accumulate as i32;
         let mut launch = self.stream.launch_builder(&f);
         launch
             .arg(w)
@@ -362,99 +412,11 @@ impl Gpu {
             .arg(&r)
             .arg(&c)
             .arg(&rb)
-            .arg(&tokens);
+            .arg(&tokens)
+            .arg(&acc);
         // SAFETY: the kernel's signature is (const u8*, const float*, float*, int, int, long long,
-        // int), matching the arguments pushed above; it reads rows × row_bytes bytes of `w` and
+        // int, int), matching the arguments pushed above; it reads rows × row_bytes bytes of `w` and
         // t × cols floats of `x`, writes t × rows floats of `y`, all checked above.
-        unsafe { launch.launch(cfg) }.map_err(|e| anyhow!("CUDA launch: {e:?}"))?;
-        Ok(())
-    }
-
-    /// Mamba-2's causal conv + SiLU over `t` rows of `x` (t × ch) on the device, `state`
-    /// holding the previous k − 1 rows (updated), `w` ch × k, optional `bias` (ch).
-    #[allow(clippy::too_many_arguments)]
-    pub fn mamba_conv(
-        &self,
-        x: &CudaSlice<f32>,
-        state: &mut CudaSlice<f32>,
-        w: &CudaSlice<f32>,
-        bias: Option<&CudaSlice<f32>>,
-        out: &mut CudaSlice<f32>,
-        t: usize,
-        ch: usize,
-        k: usize,
-    ) -> Result<()> {
-        if !(1..=8).contains(&k)
-            || x.len() < t * ch
-            || out.len() < t * ch
-            || state.len() < (k - 1) * ch
-            || w.len() < ch * k
-            || bias.is_some_and(|b| b.len() < ch)
-        {
-            bail!("CUDA mamba_conv shape mismatch");
-        }
-        let f = self.function("mamba_conv")?;
-        let cfg = LaunchConfig::for_num_elems(ch as u32);
-        let (ti, ci, ki) = (t as i32, ch as i32, k as i32);
-        let null = 0u64;
-        let mut launch = self.stream.launch_builder(&f);
-        launch.arg(x).arg(state).arg(w);
-        match bias {
-            Some(b) => launch.arg(b),
-            None => launch.arg(&null),
-        };
-        launch.arg(out).arg(&ti).arg(&ci).arg(&ki);
-        // SAFETY: mamba_conv(const float* x, float* state, const float* w, const float* bias,
-        // float* out, int t, int ch, int k): the arguments above in that order (a null bias
-        // pointer when there is none); every length it indexes by was checked.
-        unsafe { launch.launch(cfg) }.map_err(|e| anyhow!("CUDA launch: {e:?}"))?;
-        Ok(())
-    }
-
-    /// Mamba-2's selective scan on the device (see kernels.cu `mamba_scan`): `xbc` t × channels,
-    /// `dt` t × n_head (softplus-ed), `a` and `d` per head, `ssm` the state (updated), `y`
-    /// t × d_inner.
-    #[allow(clippy::too_many_arguments)]
-    pub fn mamba_scan(
-        &self,
-        s: &crate::backend::ssm::SsmShape,
-        xbc: &CudaSlice<f32>,
-        dt: &CudaSlice<f32>,
-        a: &CudaSlice<f32>,
-        d: &CudaSlice<f32>,
-        ssm: &mut CudaSlice<f32>,
-        y: &mut CudaSlice<f32>,
-        t: usize,
-    ) -> Result<()> {
-        let (hd, ds, nh) = (s.head_dim(), s.d_state, s.n_head);
-        if ds == 0
-            || ds > 1024
-            || nh % s.n_group != 0
-            || xbc.len() < t * s.conv_channels()
-            || dt.len() < t * nh
-            || a.len() < nh
-            || d.len() < nh
-            || ssm.len() < nh * hd * ds
-            || y.len() < t * s.d_inner
-        {
-            bail!("CUDA mamba_scan shape mismatch");
-        }
-        let f = self.function("mamba_scan")?;
-        let cfg = LaunchConfig {
-            grid_dim: (hd as u32, nh as u32, 1),
-            block_dim: ((ds as u32).div_ceil(32) * 32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let args = [t, s.d_inner, ds, nh, s.n_group].map(|v| v as i32);
-        let mut launch = self.stream.launch_builder(&f);
-        launch.arg(xbc).arg(dt).arg(a).arg(d).arg(ssm).arg(y);
-        for v in &args {
-            launch.arg(v);
-        }
-        // SAFETY: mamba_scan(const float* xbc, const float* dt, const float* a, const float* d,
-        // float* ssm, float* y, int t, int d_inner, int d_state, int n_head, int n_group): the
-        // arguments above in that order; blocks of ≤ 1024 threads (d_state ≤ 1024, so the 32
-        // partial sums fit); every length it indexes by was checked.
         unsafe { launch.launch(cfg) }.map_err(|e| anyhow!("CUDA launch: {e:?}"))?;
         Ok(())
     }
@@ -470,8 +432,21 @@ impl Gpu {
 /// Batches from this many tokens up run the tiled kernel.
 const TILED_FROM: usize = 8;
 
-/// The kernel that multiplies by a matrix of type `ty` (the tiled prefill one when `tiled`).
-fn kernel_name(ty: GgmlType, tiled: bool) -> Result<String> {
+/// Warps per block of the decode kernels, and rows per block (`MV_WARPS`, `MV_ROWS` in
+/// kernels.cu).
+const MV_WARPS: u32 = 4;
+const MV_ROWS: u32 = 4;
+
+/// The matmul kernels: rows per block for decode, f32 tiles and tensor-core tiles for prefill.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    Rows,
+    Tiled,
+    Mma,
+}
+
+/// The kernel of `kind` that multiplies by a matrix of type `ty`.
+fn kernel_name(ty: GgmlType, kind: Kernel) -> Result<String> {
     use GgmlType::*;
     let suffix = match ty {
         F32 => "f32",
@@ -490,10 +465,12 @@ fn kernel_name(ty: GgmlType, tiled: bool) -> Result<String> {
         Q6_K => "q6_k",
         other => bail!("tensor type {other} has no CUDA kernel"),
     };
-    Ok(format!(
-        "matmul_{}{suffix}",
-        if tiled { "tiled_" } else { "" }
-    ))
+    let prefix = match kind {
+        Kernel::Rows => "",
+        Kernel::Tiled => "tiled_",
+        Kernel::Mma => "mma_",
+    };
+    Ok(format!("matmul_{prefix}{suffix}"))
 }
 
 /// The kernels' PTX for compute capability `arch`: from the cache when this source was compiled

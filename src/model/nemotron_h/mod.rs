@@ -3,6 +3,8 @@
 //! experts, one shared expert) or dense relu² MLP blocks. The math follows
 //! ../shared/spec/nemotron-h.md and ../shared/tools/ref_nemotron.py.
 
+mod device;
+
 use anyhow::{bail, Context, Result};
 
 use super::{embed, Forward, LayerState, State, Tensors};
@@ -72,6 +74,8 @@ pub struct NemotronH<'a> {
     output: Matrix<'a>,
     /// How often each routed expert was selected, per MoE layer (for placement and tuning).
     usage: std::sync::Mutex<Vec<Vec<u64>>>,
+    /// The device-resident pass, when the placement put every non-expert weight on the GPU.
+    dev: Option<device::DeviceParts<'a>>,
 }
 
 /// One relu² feed-forward block to run: its two matrices and `t` input rows.
@@ -84,13 +88,21 @@ struct FeedForward<'a, 'x> {
 
 impl<'a> NemotronH<'a> {
     /// (layer, selections per expert) for every MoE layer, counted over all tokens run so far.
-    pub fn expert_usage(&self) -> Vec<(usize, Vec<u64>)> {
-        let u = self.usage.lock().unwrap_or_else(|e| e.into_inner());
-        u.iter()
+    pub fn expert_usage(&self) -> Result<Vec<(usize, Vec<u64>)>> {
+        let mut u = self.usage.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(d) = &self.dev {
+            for (layer, counts) in d.expert_counts()? {
+                u[layer].resize(counts.len(), 0);
+                for (a, c) in u[layer].iter_mut().zip(counts) {
+                    *a += c as u64;
+                }
+            }
+        }
+        Ok(u.iter()
             .enumerate()
             .filter(|(_, c)| !c.is_empty())
             .map(|(i, c)| (i, c.clone()))
-            .collect()
+            .collect())
     }
 
     pub fn load(t: &Tensors<'a>) -> Result<NemotronH<'a>> {
@@ -219,7 +231,7 @@ impl<'a> NemotronH<'a> {
                 block,
             });
         }
-        Ok(NemotronH {
+        let mut m = NemotronH {
             n_embd,
             n_vocab,
             n_ctx_train: md.get_usize(&key("context_length")).unwrap_or(4096),
@@ -234,7 +246,10 @@ impl<'a> NemotronH<'a> {
             out_norm: t.vector("output_norm.weight", n_embd)?,
             output,
             usage: std::sync::Mutex::new(vec![Vec::new(); n_layer]),
-        })
+            dev: None,
+        };
+        m.dev = device::DeviceParts::new(&m)?;
+        Ok(m)
     }
 
     fn mamba(
@@ -334,7 +349,11 @@ impl<'a> NemotronH<'a> {
             })
             .collect();
         match on_gpu {
-            Some(jobs) if !jobs.is_empty() => jobs[0].up.gpu.relu2_mlps(&jobs),
+            Some(jobs) if !jobs.is_empty() => {
+                let gpu = jobs[0].up.gpu;
+                gpu.set_tensor_cores(cpu.precision == Precision::Normal);
+                gpu.relu2_mlps(&jobs)
+            }
             _ => blocks
                 .iter()
                 .map(|b| Self::mlp(cpu, &b.up, &b.down, b.x, b.t))
@@ -352,16 +371,8 @@ impl<'a> NemotronH<'a> {
     }
 
     fn moe(&self, cpu: &Cpu, layer: usize, b: &Moe, h: &[f32], t: usize) -> Result<Vec<f32>> {
-        let Moe {
-            router,
-            bias,
-            up,
-            down,
-            ff,
-            up_sh,
-            down_sh,
-        } = b;
-        let (ne, k, n) = (self.n_expert, self.n_expert_used, self.n_embd);
+        let Moe { router, bias, .. } = b;
+        let (ne, k) = (self.n_expert, self.n_expert_used);
         let mut logits = vec![0f32; t * ne];
         cpu.matmul(router, h, t, &mut logits)?;
         // Route: top-k by sigmoid + bias (ties to the lower index); weights are the sigmoids.
@@ -393,7 +404,30 @@ impl<'a> NemotronH<'a> {
                 *c += r.len() as u64;
             }
         }
-        // Each selected expert runs once over the tokens routed to it, the shared one over all.
+        self.experts(cpu, b, h, t, &per_expert, true)
+    }
+
+    /// The routed experts' weighted sum (plus the shared expert when `with_shared`) for `t`
+    /// tokens of `h`, given the (token, weight) pairs routed to each expert: each selected
+    /// expert runs once over its tokens.
+    fn experts(
+        &self,
+        cpu: &Cpu,
+        b: &Moe,
+        h: &[f32],
+        t: usize,
+        per_expert: &[Vec<(usize, f32)>],
+        with_shared: bool,
+    ) -> Result<Vec<f32>> {
+        let n = self.n_embd;
+        let Moe {
+            up,
+            down,
+            ff,
+            up_sh,
+            down_sh,
+            ..
+        } = b;
         let mut routed_inputs: Vec<(usize, Vec<f32>)> = Vec::new();
         for (e, routed) in per_expert.iter().enumerate() {
             if routed.is_empty() {
@@ -414,7 +448,7 @@ impl<'a> NemotronH<'a> {
                 t: per_expert[*e].len(),
             })
             .collect();
-        if let (Some(u), Some(d)) = (up_sh, down_sh) {
+        if let (true, Some(u), Some(d)) = (with_shared, up_sh, down_sh) {
             blocks.push(FeedForward {
                 up: *u,
                 down: *d,
@@ -450,7 +484,14 @@ impl Forward for NemotronH<'_> {
         self.n_ctx_train
     }
 
-    fn new_state(&self, n_ctx: usize, precision: Precision) -> State {
+    fn offload_report(&self) -> Option<String> {
+        self.dev.as_ref()?.offload_report(self)
+    }
+
+    fn new_state(&self, n_ctx: usize, precision: Precision) -> Result<State> {
+        if let Some(d) = &self.dev {
+            return d.new_state(self, n_ctx);
+        }
         let layers = self
             .layers
             .iter()
@@ -462,7 +503,7 @@ impl Forward for NemotronH<'_> {
                 _ => LayerState::None,
             })
             .collect();
-        State::new(layers, n_ctx)
+        Ok(State::new(layers, n_ctx))
     }
 
     fn run(
@@ -472,6 +513,9 @@ impl Forward for NemotronH<'_> {
         tokens: &[u32],
         all_logits: bool,
     ) -> Result<Vec<f32>> {
+        if let Some(d) = &self.dev {
+            return d.run(self, cpu, state, tokens, all_logits);
+        }
         let t = tokens.len();
         state.check_room(t)?;
         let mut x = embed(&self.embd, tokens)?;

@@ -1,0 +1,437 @@
+//! The device ops besides the matrix products, each a thin launch of a kernel in `kernels.cu`
+//! with its shapes checked first: norms, the Mamba-2 conv, scan and glue, attention over a
+//! device KV cache, MoE routing, the products of routed experts chosen on the device, and the
+//! gather / combine around grouped experts.
+
+use anyhow::{anyhow, bail, Result};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+
+use super::{DeviceRows, Gpu};
+use crate::backend::attention::AttnShape;
+use crate::backend::ssm::SsmShape;
+
+/// Threads per block of the row-wise kernels (norms).
+const ROW_THREADS: u32 = 1024;
+
+fn launched(r: Result<(), cudarc::driver::DriverError>) -> Result<()> {
+    r.map_err(|e| anyhow!("CUDA launch: {e:?}"))
+}
+
+impl Gpu {
+    /// x = max(x, 0)² over the first `n` values, in place.
+    pub fn relu2(&self, x: &mut CudaViewMut<f32>, n: usize) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        if x.len() < n {
+            bail!("CUDA relu2 shape mismatch");
+        }
+        let f = self.function("relu2")?;
+        let cfg = LaunchConfig::for_num_elems(n as u32);
+        let n = n as i32;
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(x).arg(&n);
+        // SAFETY: relu2(float* x, int n) touches x[0..n), and x holds at least n floats.
+        launched(unsafe { launch.launch(cfg) }.map(drop))
+    }
+
+    /// x += y over the first `n` values.
+    pub fn add(&self, x: &mut CudaSlice<f32>, y: &CudaSlice<f32>, n: usize) -> Result<()> {
+        if x.len() < n || y.len() < n {
+            bail!("CUDA add shape mismatch");
+        }
+        let f = self.function("add")?;
+        let cfg = LaunchConfig::for_num_elems(n as u32);
+        let n = n as i32;
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(x).arg(y).arg(&n);
+        // SAFETY: add(float* x, const float* y, int n) touches n floats of each, checked above.
+        launched(unsafe { launch.launch(cfg) }.map(drop))
+    }
+
+    /// y = RMSNorm(x) · w for `rows` rows of `w.len()` values (y may not alias x).
+    pub fn rms_norm(
+        &self,
+        x: &CudaView<f32>,
+        w: &CudaSlice<f32>,
+        y: &mut CudaViewMut<f32>,
+        rows: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let n = w.len();
+        if rows == 0 || x.len() < rows * n || y.len() < rows * n {
+            bail!("CUDA rms_norm shape mismatch");
+        }
+        let f = self.function("rms_norm")?;
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let ni = n as i32;
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(x).arg(w).arg(y).arg(&ni).arg(&eps);
+        // SAFETY: rms_norm(const float* x, const float* w, float* y, int n, float eps) with one
+        // block per row reads and writes rows × n floats, checked above.
+        launched(unsafe { launch.launch(cfg) }.map(drop))
+    }
+
+    /// Splits the Mamba input projection `zx` (t × width: z | xBC | dt) into `xbc` (t × ch) and
+    /// `dt` = softplus(dt + dt_bias) (t × n_head).
+    pub fn mamba_split(
+        &self,
+        s: &SsmShape,
+        zx: &CudaSlice<f32>,
+        dt_bias: &CudaSlice<f32>,
+        xbc: &mut CudaSlice<f32>,
+        dt: &mut CudaSlice<f32>,
+        t: usize,
+    ) -> Result<()> {
+        let (di, ch, nh) = (s.d_inner, s.conv_channels(), s.n_head);
+        let width = di + ch + nh;
+        if zx.len() < t * width || dt_bias.len() < nh || xbc.len() < t * ch || dt.len() < t * nh {
+            bail!("CUDA mamba_split shape mismatch");
+        }
+        let f = self.function("mamba_split")?;
+        let cfg = LaunchConfig::for_num_elems((t * (ch + nh)) as u32);
+        let args = [t, width, di, ch, nh].map(|v| v as i32);
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(zx).arg(dt_bias).arg(xbc).arg(dt);
+        for v in &args {
+            launch.arg(v);
+        }
+        // SAFETY: mamba_split(const float* zx, const float* dt_bias, float* xbc, float* dt,
+        // int t, int width, int di, int ch, int nh): arguments in that order, lengths checked.
+        launched(unsafe { launch.launch(cfg) }.map(drop))
+    }
+
+    /// Mamba-2's output gate and grouped RMSNorm, in place on `y` (t × d_inner).
+    pub fn mamba_gate_norm(
+        &self,
+        s: &SsmShape,
+        y: &mut CudaSlice<f32>,
+        zx: &CudaSlice<f32>,
+        norm: &CudaSlice<f32>,
+        t: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let di = s.d_inner;
+        let width = di + s.conv_channels() + s.n_head;
+        let gs = di / s.n_group;
+        if y.len() < t * di || zx.len() < t * width || norm.len() < di {
+            bail!("CUDA mamba_gate_norm shape mismatch");
+        }
+        let f = self.function("mamba_gate_norm")?;
+        let cfg = LaunchConfig {
+            grid_dim: (s.n_group as u32, t as u32, 1),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let args = [di, width, gs].map(|v| v as i32);
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(y).arg(zx).arg(norm);
+        for v in &args {
+            launch.arg(v);
+        }
+        launch.arg(&eps);
+        // SAFETY: mamba_gate_norm(float* y, const float* zx, const float* norm, int di,
+        // int width, int gs, float eps), block (group, token): lengths checked above.
+        launched(unsafe { launch.launch(cfg) }.map(drop))
+    }
+
+    /// Attention output (t × n_head·head_dim) of queries `q` for the `t` tokens at positions
+    /// past.., whose keys and values are already in the caches (rows of n_head_kv·head_dim).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention(
+        &self,
+        s: &AttnShape,
+        q: &CudaSlice<f32>,
+        k_cache: &CudaSlice<f32>,
+        v_cache: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        t: usize,
+        past: usize,
+    ) -> Result<()> {
+        let (nh, nkv, hd) = (s.n_head, s.n_head_kv, s.head_dim);
+        let row = nkv * hd;
+        if hd == 0
+            || hd > 256
+            || !hd.is_multiple_of(32)
+            || nkv == 0
+            || !nh.is_multiple_of(nkv)
+            || q.len() < t * nh * hd
+            || out.len() < t * nh * hd
+            || k_cache.len() < (past + t) * row
+            || v_cache.len() < (past + t) * row
+        {
+            bail!("CUDA attention: unsupported shape (head_dim {hd} must be a multiple of 32 up to 256)");
+        }
+        let f = self.function("attention")?;
+        let cfg = LaunchConfig {
+            grid_dim: (nh as u32, t as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let args = [past, nh, nkv, hd].map(|v| v as i32);
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(q).arg(k_cache).arg(v_cache).arg(out);
+        for v in &args {
+            launch.arg(v);
+        }
+        launch.arg(&s.scale);
+        // SAFETY: attention(const float* q, const float* kc, const float* vc, float* out,
+        // int past, int nh, int nkv, int hd, float scale), blocks of 4 warps as the kernel's
+        // launch bounds say; it reads positions < past + t of the caches, checked above, and
+        // holds at most 256 dimensions per head in shared memory.
+        launched(unsafe { launch.launch(cfg) }.map(drop))
+    }
+
+    /// MoE routing of `t` tokens' router logits (t × n_expert): the top `k` by sigmoid + bias
+    /// into `ids` and their weights into `wts` (t × k each); selections counted in `counts`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn route_topk(
+        &self,
+        logits: &CudaSlice<f32>,
+        bias: &CudaSlice<f32>,
+        ids: &mut CudaSlice<i32>,
+        wts: &mut CudaSlice<f32>,
+        counts: &mut CudaSlice<u32>,
+        t: usize,
+        k: usize,
+        norm: bool,
+        scale: f32,
+    ) -> Result<()> {
+        let ne = bias.len();
+        if ne == 0
+            || ne > 1024
+            || k == 0
+            || k > 32
+            || k > ne
+            || logits.len() < t * ne
+            || ids.len() < t * k
+            || wts.len() < t * k
+            || counts.len() < ne
+        {
+            bail!("CUDA route_topk: unsupported shape ({ne} experts, {k} used)");
+        }
+        let f = self.function("route_topk")?;
+        let cfg = LaunchConfig {
+            grid_dim: (t as u32, 1, 1),
+            block_dim: (32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (nei, ki, ni) = (ne as i32, k as i32, norm as i32);
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(logits).arg(bias).arg(ids).arg(wts).arg(counts);
+        launch.arg(&nei).arg(&ki).arg(&ni).arg(&scale);
+        // SAFETY: route_topk(const float* logits, const float* bias, int* ids, float* wts,
+        // unsigned* counts, int ne, int k, int norm, float scale), one warp per token; ne ≤ 1024
+        // fits its shared arrays and k ≤ 32 its lanes; lengths checked above.
+        launched(unsafe { launch.launch(cfg) }.map(drop))
+    }
+
+    /// out[i] = x[idx[i]] for `idx.len()` rows of n floats.
+    pub fn gather_rows(
+        &self,
+        x: &CudaSlice<f32>,
+        idx: &CudaSlice<i32>,
+        out: &mut CudaSlice<f32>,
+        x_rows: usize,
+        n: usize,
+        max_index: usize,
+    ) -> Result<()> {
+        let rows = idx.len();
+        if x.len() < x_rows * n || out.len() < rows * n || max_index >= x_rows {
+            bail!("CUDA gather_rows shape mismatch");
+        }
+        let f = self.function("gather_rows")?;
+        let cfg = LaunchConfig::for_num_elems((rows * n) as u32);
+        let (ri, ni) = (rows as i32, n as i32);
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(x).arg(idx).arg(out).arg(&ri).arg(&ni);
+        // SAFETY: gather_rows(const float* x, const int* idx, float* out, int rows, int n): the
+        // caller's `max_index` bounds every index (checked < x_rows), lengths checked above.
+        launched(unsafe { launch.launch(cfg) }.map(drop))
+    }
+
+    /// x[t] += Σ_s wts[t·k + s] · y[pos[t·k + s]] (y row t·k + s without `pos`), rows of n.
+    #[allow(clippy::too_many_arguments)]
+    pub fn moe_combine(
+        &self,
+        y: &CudaSlice<f32>,
+        pos: Option<&CudaSlice<i32>>,
+        wts: &CudaSlice<f32>,
+        x: &mut CudaSlice<f32>,
+        t: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        if y.len() < t * k * n
+            || wts.len() < t * k
+            || x.len() < t * n
+            || pos.is_some_and(|p| p.len() < t * k)
+        {
+            bail!("CUDA moe_combine shape mismatch");
+        }
+        let f = self.function("moe_combine")?;
+        let cfg = LaunchConfig::for_num_elems((t * n) as u32);
+        let args = [t, k, n].map(|v| v as i32);
+        let null = 0u64;
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(y);
+        match pos {
+            Some(p) => launch.arg(p),
+            None => launch.arg(&null),
+        };
+        launch.arg(wts).arg(x);
+        for v in &args {
+            launch.arg(v);
+        }
+        // SAFETY: moe_combine(const float* y, const int* pos, const float* wts, float* x, int t,
+        // int k, int n): `pos` (when given) is a permutation of 0..t·k built by the caller, so
+        // every row it names is within y's t·k rows; lengths checked above.
+        launched(unsafe { launch.launch(cfg) }.map(drop))
+    }
+
+    /// Mamba-2's causal conv + SiLU over `t` rows of `x` (t × ch) on the device, `state`
+    /// holding the previous k − 1 rows (updated), `w` ch × k, optional `bias` (ch).
+    #[allow(clippy::too_many_arguments)]
+    pub fn mamba_conv(
+        &self,
+        x: &CudaSlice<f32>,
+        state: &mut CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        bias: Option<&CudaSlice<f32>>,
+        out: &mut CudaSlice<f32>,
+        t: usize,
+        ch: usize,
+        k: usize,
+    ) -> Result<()> {
+        if !(1..=8).contains(&k)
+            || x.len() < t * ch
+            || out.len() < t * ch
+            || state.len() < (k - 1) * ch
+            || w.len() < ch * k
+            || bias.is_some_and(|b| b.len() < ch)
+        {
+            bail!("CUDA mamba_conv shape mismatch");
+        }
+        let f = self.function("mamba_conv")?;
+        let cfg = LaunchConfig::for_num_elems(ch as u32);
+        let (ti, ci, ki) = (t as i32, ch as i32, k as i32);
+        let null = 0u64;
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(x).arg(state).arg(w);
+        match bias {
+            Some(b) => launch.arg(b),
+            None => launch.arg(&null),
+        };
+        launch.arg(out).arg(&ti).arg(&ci).arg(&ki);
+        // SAFETY: mamba_conv(const float* x, float* state, const float* w, const float* bias,
+        // float* out, int t, int ch, int k): the arguments above in that order (a null bias
+        // pointer when there is none); every length it indexes by was checked.
+        unsafe { launch.launch(cfg) }.map_err(|e| anyhow!("CUDA launch: {e:?}"))?;
+        Ok(())
+    }
+
+    /// Mamba-2's selective scan on the device (see kernels.cu `mamba_scan`): `xbc` t × channels,
+    /// `dt` t × n_head (softplus-ed), `a` and `d` per head, `ssm` the state (updated), `y`
+    /// t × d_inner.
+    #[allow(clippy::too_many_arguments)]
+    pub fn mamba_scan(
+        &self,
+        s: &crate::backend::ssm::SsmShape,
+        xbc: &CudaSlice<f32>,
+        dt: &CudaSlice<f32>,
+        a: &CudaSlice<f32>,
+        d: &CudaSlice<f32>,
+        ssm: &mut CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        t: usize,
+    ) -> Result<()> {
+        let (hd, ds, nh) = (s.head_dim(), s.d_state, s.n_head);
+        if ds == 0
+            || ds > 1024
+            || nh % s.n_group != 0
+            || xbc.len() < t * s.conv_channels()
+            || dt.len() < t * nh
+            || a.len() < nh
+            || d.len() < nh
+            || ssm.len() < nh * hd * ds
+            || y.len() < t * s.d_inner
+        {
+            bail!("CUDA mamba_scan shape mismatch");
+        }
+        let f = self.function("mamba_scan")?;
+        let cfg = LaunchConfig {
+            grid_dim: (hd as u32, nh as u32, 1),
+            block_dim: ((ds as u32).div_ceil(32) * 32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let args = [t, s.d_inner, ds, nh, s.n_group].map(|v| v as i32);
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(xbc).arg(dt).arg(a).arg(d).arg(ssm).arg(y);
+        for v in &args {
+            launch.arg(v);
+        }
+        // SAFETY: mamba_scan(const float* xbc, const float* dt, const float* a, const float* d,
+        // float* ssm, float* y, int t, int d_inner, int d_state, int n_head, int n_group): the
+        // arguments above in that order; blocks of ≤ 1024 threads (d_state ≤ 1024, so the 32
+        // partial sums fit); every length it indexes by was checked.
+        unsafe { launch.launch(cfg) }.map_err(|e| anyhow!("CUDA launch: {e:?}"))?;
+        Ok(())
+    }
+}
+
+impl DeviceRows<'_> {
+    /// The routed experts' products for decode, with the expert ids on the device: pair p
+    /// multiplies expert ids[p] (rows ids[p]·`rows_per_expert` .. of this stacked matrix) by x
+    /// row p / k (row p when `x_per_pair`) into y row p (`rows_per_expert` wide).
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_id(
+        &self,
+        rows_per_expert: usize,
+        n_expert: usize,
+        ids: &CudaSlice<i32>,
+        x: &CudaView<f32>,
+        y: &mut CudaViewMut<f32>,
+        pairs: usize,
+        k: usize,
+        x_per_pair: bool,
+    ) -> Result<()> {
+        let (cols, rb) = (self.m.cols, self.m.row_bytes);
+        let x_rows = if x_per_pair { pairs } else { pairs.div_ceil(k) };
+        if self.start != 0
+            || self.rows != rows_per_expert * n_expert
+            || ids.len() < pairs
+            || x.len() < x_rows * cols
+            || y.len() < pairs * rows_per_expert
+        {
+            bail!("CUDA matmul_id shape mismatch");
+        }
+        let g = self.gpu;
+        let f = g.function(&format!(
+            "{}_id",
+            super::kernel_name(self.m.ty, super::Kernel::Rows)?
+        ))?;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                (rows_per_expert as u32).div_ceil(super::MV_ROWS),
+                pairs as u32,
+                1,
+            ),
+            block_dim: (32 * super::MV_WARPS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (r, c, rbi) = (rows_per_expert as i32, cols as i32, rb as i64);
+        let (p, ki, xp) = (pairs as i32, k as i32, x_per_pair as i32);
+        let mut launch = g.stream.launch_builder(&f);
+        launch.arg(&self.m.data).arg(x).arg(y).arg(ids);
+        launch.arg(&r).arg(&c).arg(&rbi).arg(&p).arg(&ki).arg(&xp);
+        // SAFETY: matmul_<type>_id(const u8* w, const float* x, float* y, const int* ids,
+        // int rows, int cols, long long row_bytes, int pairs, int k, int x_per_pair): every id
+        // comes from route_topk over this matrix's n_expert experts, so it reads within the
+        // n_expert × rows_per_expert rows; x and y lengths checked above.
+        launched(unsafe { launch.launch(cfg) }.map(drop))
+    }
+}

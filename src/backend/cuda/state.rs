@@ -1,0 +1,133 @@
+//! A sequence's per-layer state in device memory, for the device-resident forward pass: the
+//! Mamba-2 conv and SSM state, or an attention layer's K and V cache (f32 rows). It converts to
+//! and from the host form ([`LayerState`]) for save and restore.
+
+use anyhow::{anyhow, bail, Result};
+use cudarc::driver::CudaSlice;
+
+use super::Gpu;
+use crate::model::LayerState;
+
+/// One layer's state on the device.
+pub enum DeviceState {
+    /// conv: (d_conv − 1) × channels, ssm: heads × head_dim × d_state.
+    Mamba {
+        conv: CudaSlice<f32>,
+        ssm: CudaSlice<f32>,
+    },
+    /// K and V rows of `row` floats for positions 0..len, room for `capacity`.
+    Attention {
+        k: CudaSlice<f32>,
+        v: CudaSlice<f32>,
+        len: usize,
+        row: usize,
+        capacity: usize,
+    },
+}
+
+impl std::fmt::Debug for DeviceState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceState::Mamba { conv, ssm } => {
+                write!(
+                    f,
+                    "DeviceState::Mamba({} + {} floats)",
+                    conv.len(),
+                    ssm.len()
+                )
+            }
+            DeviceState::Attention { len, capacity, .. } => {
+                write!(f, "DeviceState::Attention({len} of {capacity} positions)")
+            }
+        }
+    }
+}
+
+fn cuda<T>(r: Result<T, cudarc::driver::DriverError>) -> Result<T> {
+    r.map_err(|e| anyhow!("CUDA: {e:?}"))
+}
+
+impl DeviceState {
+    /// A zeroed Mamba state of these sizes.
+    pub fn mamba(g: &Gpu, conv: usize, ssm: usize) -> Result<DeviceState> {
+        Ok(DeviceState::Mamba {
+            conv: g.zeros(conv.max(1))?,
+            ssm: g.zeros(ssm.max(1))?,
+        })
+    }
+
+    /// An empty K/V cache of `capacity` positions of `row` floats.
+    pub fn attention(g: &Gpu, row: usize, capacity: usize) -> Result<DeviceState> {
+        let n = row
+            .checked_mul(capacity)
+            .ok_or_else(|| anyhow!("KV cache size overflows"))?;
+        Ok(DeviceState::Attention {
+            k: g.zeros(n.max(1))?,
+            v: g.zeros(n.max(1))?,
+            len: 0,
+            row,
+            capacity,
+        })
+    }
+
+    /// The same state in host memory (copied back).
+    pub fn to_host(&self) -> Result<LayerState> {
+        Ok(match self {
+            DeviceState::Mamba { conv, ssm } => LayerState::Mamba {
+                conv: cuda(conv.stream().clone_dtoh(conv))?,
+                ssm: cuda(ssm.stream().clone_dtoh(ssm))?,
+            },
+            DeviceState::Attention {
+                k,
+                v,
+                len,
+                row,
+                capacity,
+            } => LayerState::Attention {
+                k: cuda(k.stream().clone_dtoh(k))?,
+                v: cuda(v.stream().clone_dtoh(v))?,
+                len: *len,
+                row: *row,
+                capacity: *capacity,
+                f16: false,
+            },
+        })
+    }
+
+    /// Loads a host state of the same layout (as [`DeviceState::to_host`] gives).
+    pub fn load(&mut self, host: &LayerState) -> Result<()> {
+        match (self, host) {
+            (DeviceState::Mamba { conv, ssm }, LayerState::Mamba { conv: hc, ssm: hs })
+                if conv.len() == hc.len() && ssm.len() == hs.len() =>
+            {
+                let s = conv.stream().clone();
+                cuda(s.memcpy_htod(hc, conv))?;
+                cuda(s.memcpy_htod(hs, ssm))?;
+            }
+            (
+                DeviceState::Attention {
+                    k,
+                    v,
+                    len,
+                    row,
+                    capacity,
+                },
+                LayerState::Attention {
+                    k: hk,
+                    v: hv,
+                    len: hl,
+                    row: hr,
+                    capacity: hcap,
+                    ..
+                },
+            ) if k.len() == hk.len() && row == hr && capacity == hcap => {
+                let s = k.stream().clone();
+                cuda(s.memcpy_htod(hk, k))?;
+                cuda(s.memcpy_htod(hv, v))?;
+                *len = *hl;
+            }
+            _ => bail!("saved state does not match this model and context size"),
+        }
+        Ok(())
+    }
+}

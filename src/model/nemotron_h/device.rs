@@ -1,0 +1,695 @@
+//! Nemotron-H's device-resident forward pass: when the placement puts every weight but routed
+//! experts on the GPU, the hidden state stays in device memory from the embedding to the logits
+//! (norms, Mamba-2 conv and scan, attention over a device KV cache, routing, experts), and the
+//! per-sequence state lives there too ([`DeviceState`]). Layers whose routed experts stay in RAM
+//! send the normed hidden state and the routing (a few KiB per token) to the CPU, whose SIMD
+//! kernels compute the selected experts while the GPU runs the shared expert, and take the sum
+//! back.
+
+use std::sync::Mutex;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use cudarc::driver::CudaSlice;
+
+use super::{Attention, Block, Mamba, Moe, NemotronH};
+use crate::backend::cpu::{Cpu, Matrix, Precision};
+use crate::backend::cuda::{DeviceMatrix, DeviceRows, DeviceState, Gpu, HostPins};
+use crate::model::{embed, LayerState, State};
+
+/// Decode batches up to this many tokens run the routed experts with the expert ids left on
+/// the device (each (token, slot) pair reads its expert's rows); larger batches copy the ids
+/// back, group the tokens per expert and run each selected expert once over its tokens.
+const ID_PATH_MAX_TOKENS: usize = 4;
+
+/// The per-layer vectors the device ops read (norm weights, Mamba parameters, router bias), and
+/// the routing counts of each MoE layer.
+enum DeviceBlock {
+    Mamba(Box<MambaParams>),
+    Attention,
+    Moe {
+        bias: CudaSlice<f32>,
+        counts: Mutex<CudaSlice<u32>>,
+    },
+    Mlp,
+}
+
+struct MambaParams {
+    conv_w: CudaSlice<f32>,
+    conv_b: Option<CudaSlice<f32>>,
+    dt_bias: CudaSlice<f32>,
+    a: CudaSlice<f32>,
+    d: CudaSlice<f32>,
+    norm: CudaSlice<f32>,
+}
+
+struct DeviceLayer {
+    norm: CudaSlice<f32>,
+    block: DeviceBlock,
+}
+
+/// What the device-resident pass adds to a loaded model.
+pub(super) struct DeviceParts<'a> {
+    gpu: &'a Gpu,
+    layers: Vec<DeviceLayer>,
+    out_norm: CudaSlice<f32>,
+    /// Where routed experts stay in RAM: what brings them over for prefill.
+    offload: Option<Offload>,
+}
+
+/// Prefill of layers whose routed experts stay in RAM: per batch and layer, either the CPU
+/// computes the selected experts, or they are copied (from page-locked mapped memory where the
+/// driver allowed it) into a staging buffer and computed on the GPU, whichever the costs
+/// measured on this machine say is faster.
+struct Offload {
+    /// Staging for one layer's selected up and down experts.
+    stage: Mutex<(DeviceMatrix, DeviceMatrix)>,
+    pins: Option<HostPins>,
+    costs: Mutex<Costs>,
+}
+
+/// Costs measured on the runs so far (moving averages), and how often each path ran.
+#[derive(Default)]
+struct Costs {
+    /// Seconds the CPU took per (token, expert) pair of a prefill batch.
+    cpu_s_per_pair: Option<f64>,
+    /// Bytes per second of copying selected experts to the GPU.
+    copy_bytes_per_s: Option<f64>,
+    cpu_batches: u64,
+    gpu_batches: u64,
+}
+
+fn average(old: Option<f64>, sample: f64) -> Option<f64> {
+    Some(old.map_or(sample, |o| 0.7 * o + 0.3 * sample))
+}
+
+impl Costs {
+    /// Whether copying `bytes` of experts beats the CPU on `pairs` (token, expert) pairs. With
+    /// nothing measured yet the CPU runs first, then the copy, so that both get a measurement.
+    fn prefers_copy(&self, bytes: usize, pairs: usize) -> bool {
+        match (self.cpu_s_per_pair, self.copy_bytes_per_s) {
+            (None, _) => false,
+            (Some(_), None) => true,
+            (Some(c), Some(bw)) => bytes as f64 / bw < c * pairs as f64,
+        }
+    }
+}
+
+/// Bytes of one routed expert (its up and down rows) of the first MoE layer in RAM.
+fn expert_bytes(m: &NemotronH) -> Option<usize> {
+    m.layers.iter().find_map(|l| match &l.block {
+        Block::Moe(b) if b.up.device.is_none() => {
+            Some((b.up.data.len() + b.down.data.len()) / m.n_expert.max(1))
+        }
+        _ => None,
+    })
+}
+
+impl Offload {
+    /// Staging and page-locking for the MoE layers whose experts stay in RAM (None when there
+    /// are none, or when the staging buffer does not fit: then the CPU computes them always).
+    fn new(gpu: &Gpu, m: &NemotronH) -> Option<Offload> {
+        let in_ram: Vec<&Moe> = m
+            .layers
+            .iter()
+            .filter_map(|l| match &l.block {
+                Block::Moe(b) if b.up.device.is_none() => Some(b),
+                _ => None,
+            })
+            .collect();
+        let up_bytes = in_ram.iter().map(|b| b.up.data.len()).max()?;
+        let down_bytes = in_ram.iter().map(|b| b.down.data.len()).max()?;
+        let stage = match (gpu.staging(up_bytes), gpu.staging(down_bytes)) {
+            (Ok(u), Ok(d)) => (u, d),
+            (Err(e), _) | (_, Err(e)) => {
+                eprintln!(
+                    "note: no room to stage RAM experts on the GPU ({e:#}); the CPU computes them"
+                );
+                return None;
+            }
+        };
+        let ranges: Vec<&[u8]> = in_ram
+            .iter()
+            .flat_map(|b| [b.up.data, b.down.data])
+            .collect();
+        let pins = match gpu.pin_host(&ranges) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                eprintln!("note: {e:#}; expert copies go through pageable memory");
+                None
+            }
+        };
+        Some(Offload {
+            stage: Mutex::new(stage),
+            pins,
+            costs: Mutex::default(),
+        })
+    }
+}
+
+/// The device copy of a weight the placement put on the GPU.
+fn dev<'a>(m: &Matrix<'a>) -> Result<DeviceRows<'a>> {
+    m.device
+        .ok_or_else(|| anyhow!("a weight the device pass needs is not on the GPU"))
+}
+
+/// Whether every weight of the model except routed experts is on the GPU.
+fn resident(m: &NemotronH) -> bool {
+    let on = |x: &Matrix| x.device.is_some();
+    on(&m.output)
+        && m.layers.iter().all(|l| match &l.block {
+            Block::Mamba(b) => on(&b.ssm_in) && on(&b.out),
+            Block::Attention(b) => on(&b.q) && on(&b.k) && on(&b.v) && on(&b.o),
+            Block::Moe(b) => {
+                on(&b.router)
+                    && b.up_sh.as_ref().is_none_or(on)
+                    && b.down_sh.as_ref().is_none_or(on)
+            }
+            Block::Mlp { up, down } => on(up) && on(down),
+        })
+}
+
+impl<'a> DeviceParts<'a> {
+    /// The device parts for `m` when its placement allows the device-resident pass (None when
+    /// some non-expert weight stays in RAM: then each product crosses PCIe on its own).
+    pub(super) fn new(m: &NemotronH<'a>) -> Result<Option<DeviceParts<'a>>> {
+        if !resident(m) {
+            return Ok(None);
+        }
+        let gpu = dev(&m.output)?.gpu;
+        let up = |v: &[f32]| gpu.to_device(v);
+        let mut layers = Vec::with_capacity(m.layers.len());
+        for l in &m.layers {
+            let block = match &l.block {
+                Block::Mamba(b) => DeviceBlock::Mamba(Box::new(MambaParams {
+                    conv_w: up(&b.conv_w)?,
+                    conv_b: b.conv_b.as_deref().map(up).transpose()?,
+                    dt_bias: up(&b.dt_bias)?,
+                    a: up(&b.a)?,
+                    d: up(&b.d)?,
+                    norm: up(&b.norm)?,
+                })),
+                Block::Attention(_) => DeviceBlock::Attention,
+                Block::Moe(b) => DeviceBlock::Moe {
+                    bias: up(&b.bias)?,
+                    counts: Mutex::new(gpu.zeros(m.n_expert)?),
+                },
+                Block::Mlp { .. } => DeviceBlock::Mlp,
+            };
+            layers.push(DeviceLayer {
+                norm: up(&l.norm)?,
+                block,
+            });
+        }
+        Ok(Some(DeviceParts {
+            gpu,
+            layers,
+            out_norm: up(&m.out_norm)?,
+            offload: Offload::new(gpu, m),
+        }))
+    }
+
+    /// One line on how prefill treated the routed experts left in RAM, when there are some.
+    pub(super) fn offload_report(&self, m: &NemotronH) -> Option<String> {
+        let o = self.offload.as_ref()?;
+        let c = o.costs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut line = format!(
+            "RAM experts in prefill: {} layer-batches copied to the GPU, {} computed on the CPU",
+            c.gpu_batches, c.cpu_batches
+        );
+        if let Some(bw) = c.copy_bytes_per_s {
+            line += &format!("; copies {:.1} GB/s", bw / 1e9);
+        }
+        if let Some(s) = c.cpu_s_per_pair {
+            line += &format!("; CPU {:.1} µs per token-expert", s * 1e6);
+        }
+        if let (Some(bw), Some(s), Some(eb)) =
+            (c.copy_bytes_per_s, c.cpu_s_per_pair, expert_bytes(m))
+        {
+            // With experts picked uniformly, t tokens select ne·(1 − (1 − k/ne)^t) of them.
+            let (ne, k) = (m.n_expert as f64, m.n_expert_used as f64);
+            let crossover = (2..=1 << 16).find(|&t| {
+                let sel = ne * (1.0 - (1.0 - k / ne).powi(t));
+                sel * eb as f64 / bw < s * k * t as f64
+            });
+            if let Some(t) = crossover {
+                line += &format!("; copying pays from ~{t} tokens");
+            }
+        }
+        if let Some(p) = &o.pins {
+            line += &format!(
+                "; {:.2} GiB page-locked",
+                p.bytes as f64 / (1u64 << 30) as f64
+            );
+        } else {
+            line += "; not page-locked";
+        }
+        Some(line)
+    }
+
+    /// A fresh per-sequence state in device memory.
+    pub(super) fn new_state(&self, m: &NemotronH, n_ctx: usize) -> Result<State> {
+        let s = &m.ssm;
+        let layers = m
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(match &l.block {
+                    Block::Mamba(_) => LayerState::Device(DeviceState::mamba(
+                        self.gpu,
+                        (s.d_conv - 1) * s.conv_channels(),
+                        s.n_head * s.head_dim() * s.d_state,
+                    )?),
+                    Block::Attention(a) => LayerState::Device(DeviceState::attention(
+                        self.gpu,
+                        a.shape.n_head_kv * a.shape.head_dim,
+                        n_ctx,
+                    )?),
+                    _ => LayerState::None,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(State::new(layers, n_ctx))
+    }
+
+    /// Routing counts per MoE layer gathered on the device (layer index, count per expert).
+    pub(super) fn expert_counts(&self) -> Result<Vec<(usize, Vec<u32>)>> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            if let DeviceBlock::Moe { counts, .. } = &l.block {
+                let c = counts.lock().unwrap_or_else(|e| e.into_inner());
+                out.push((i, self.gpu.to_host(&*c)?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The forward pass with the hidden state on the device (see the module comment).
+    pub(super) fn run(
+        &self,
+        m: &NemotronH,
+        cpu: &Cpu,
+        state: &mut State,
+        tokens: &[u32],
+        all_logits: bool,
+    ) -> Result<Vec<f32>> {
+        let g = self.gpu;
+        let (t, n) = (tokens.len(), m.n_embd);
+        state.check_room(t)?;
+        g.set_tensor_cores(cpu.precision == Precision::Normal);
+        let mut x = g.to_device(&embed(&m.embd, tokens)?)?;
+        let mut h = g.output(t * n)?;
+        for (i, ((l, dl), st)) in m
+            .layers
+            .iter()
+            .zip(&self.layers)
+            .zip(state.layers.iter_mut())
+            .enumerate()
+        {
+            g.rms_norm(&x.slice(..), &dl.norm, &mut h.slice_mut(..), t, m.eps)?;
+            match (&l.block, &dl.block) {
+                (Block::Mamba(b), DeviceBlock::Mamba(p)) => self.mamba(m, b, p, st, &h, &mut x, t),
+                (Block::Attention(b), DeviceBlock::Attention) => {
+                    self.attention(b, st, &h, &mut x, t)
+                }
+                (Block::Moe(b), DeviceBlock::Moe { bias, counts }) => {
+                    self.moe(m, cpu, b, bias, counts, &h, &mut x, t)
+                }
+                (Block::Mlp { up, down }, DeviceBlock::Mlp) => {
+                    self.mlp(dev(up)?, dev(down)?, &h, &mut x, t)
+                }
+                _ => bail!("device layer {i} does not match the model"),
+            }
+            .with_context(|| format!("layer {i}"))?;
+        }
+        state.pos += t;
+        // The head: final norm and vocabulary projection of every row, or of the last.
+        let rows = if all_logits { t } else { 1 };
+        let last = x.slice((t - rows) * n..);
+        let mut hn = g.output(rows * n)?;
+        g.rms_norm(&last, &self.out_norm, &mut hn.slice_mut(..), rows, m.eps)?;
+        let mut logits = g.output(rows * m.n_vocab)?;
+        dev(&m.output)?.launch(&hn.slice(..), rows, &mut logits.slice_mut(..), false)?;
+        g.to_host(&logits)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn mamba(
+        &self,
+        m: &NemotronH,
+        b: &Mamba,
+        p: &MambaParams,
+        st: &mut LayerState,
+        h: &CudaSlice<f32>,
+        x: &mut CudaSlice<f32>,
+        t: usize,
+    ) -> Result<()> {
+        let MambaParams {
+            conv_w,
+            conv_b,
+            dt_bias,
+            a,
+            d,
+            norm,
+        } = p;
+        let LayerState::Device(DeviceState::Mamba { conv, ssm }) = st else {
+            bail!("layer state is not a device Mamba state");
+        };
+        let (g, s) = (self.gpu, &m.ssm);
+        let (di, ch, nh) = (s.d_inner, s.conv_channels(), s.n_head);
+        let mut zx = g.output(t * b.ssm_in.rows)?;
+        dev(&b.ssm_in)?.launch(&h.slice(..), t, &mut zx.slice_mut(..), false)?;
+        let mut xbc = g.output(t * ch)?;
+        let mut dt = g.output(t * nh)?;
+        g.mamba_split(s, &zx, dt_bias, &mut xbc, &mut dt, t)?;
+        let mut xc = g.output(t * ch)?;
+        g.mamba_conv(
+            &xbc,
+            conv,
+            conv_w,
+            conv_b.as_ref(),
+            &mut xc,
+            t,
+            ch,
+            s.d_conv,
+        )?;
+        let mut y = g.output(t * di)?;
+        g.mamba_scan(s, &xc, &dt, a, d, ssm, &mut y, t)?;
+        g.mamba_gate_norm(s, &mut y, &zx, norm, t, m.eps)?;
+        dev(&b.out)?.launch(&y.slice(..), t, &mut x.slice_mut(..), true)
+    }
+
+    fn attention(
+        &self,
+        b: &Attention,
+        st: &mut LayerState,
+        h: &CudaSlice<f32>,
+        x: &mut CudaSlice<f32>,
+        t: usize,
+    ) -> Result<()> {
+        let LayerState::Device(DeviceState::Attention {
+            k,
+            v,
+            len,
+            row,
+            capacity,
+        }) = st
+        else {
+            bail!("layer state is not a device attention cache");
+        };
+        if *len + t > *capacity {
+            bail!("context is full ({capacity} tokens): raise -c/--ctx-size");
+        }
+        let g = self.gpu;
+        let (past, row) = (*len, *row);
+        let mut q = g.output(t * b.q.rows)?;
+        dev(&b.q)?.launch(&h.slice(..), t, &mut q.slice_mut(..), false)?;
+        // K and V go straight into the cache rows of the new positions.
+        let new = past * row..(past + t) * row;
+        dev(&b.k)?.launch(&h.slice(..), t, &mut k.slice_mut(new.clone()), false)?;
+        dev(&b.v)?.launch(&h.slice(..), t, &mut v.slice_mut(new), false)?;
+        let mut out = g.output(t * b.q.rows)?;
+        g.attention(&b.shape, &q, k, v, &mut out, t, past)?;
+        *len += t;
+        dev(&b.o)?.launch(&out.slice(..), t, &mut x.slice_mut(..), true)
+    }
+
+    /// x += relu²(h · upᵀ) · downᵀ.
+    fn mlp(
+        &self,
+        up: DeviceRows,
+        down: DeviceRows,
+        h: &CudaSlice<f32>,
+        x: &mut CudaSlice<f32>,
+        t: usize,
+    ) -> Result<()> {
+        let mut u = self.gpu.output(t * up.rows)?;
+        up.launch(&h.slice(..), t, &mut u.slice_mut(..), false)?;
+        self.gpu.relu2(&mut u.slice_mut(..), t * up.rows)?;
+        down.launch(&u.slice(..), t, &mut x.slice_mut(..), true)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn moe(
+        &self,
+        m: &NemotronH,
+        cpu: &Cpu,
+        b: &Moe,
+        bias: &CudaSlice<f32>,
+        counts: &Mutex<CudaSlice<u32>>,
+        h: &CudaSlice<f32>,
+        x: &mut CudaSlice<f32>,
+        t: usize,
+    ) -> Result<()> {
+        let g = self.gpu;
+        let (ne, k, n) = (m.n_expert, m.n_expert_used, m.n_embd);
+        let mut logits = g.output(t * ne)?;
+        dev(&b.router)?.launch(&h.slice(..), t, &mut logits.slice_mut(..), false)?;
+        let mut ids = g.output::<i32>(t * k)?;
+        let mut wts = g.output(t * k)?;
+        {
+            let mut c = counts.lock().unwrap_or_else(|e| e.into_inner());
+            g.route_topk(
+                &logits,
+                bias,
+                &mut ids,
+                &mut wts,
+                &mut c,
+                t,
+                k,
+                m.weights_norm,
+                m.weights_scale,
+            )?;
+        }
+        match (b.up.device, b.down.device) {
+            (Some(up), Some(down)) => {
+                if t <= ID_PATH_MAX_TOKENS {
+                    let pairs = t * k;
+                    let mut u = g.output(pairs * b.ff)?;
+                    up.matmul_id(
+                        b.ff,
+                        ne,
+                        &ids,
+                        &h.slice(..),
+                        &mut u.slice_mut(..),
+                        pairs,
+                        k,
+                        false,
+                    )?;
+                    g.relu2(&mut u.slice_mut(..), pairs * b.ff)?;
+                    let mut y = g.output(pairs * n)?;
+                    down.matmul_id(
+                        n,
+                        ne,
+                        &ids,
+                        &u.slice(..),
+                        &mut y.slice_mut(..),
+                        pairs,
+                        k,
+                        true,
+                    )?;
+                    g.moe_combine(&y, None, &wts, x, t, k, n)?;
+                } else {
+                    let ids_h = g.to_host(&ids)?;
+                    let up_of = |e: usize| DeviceRows {
+                        start: e * b.ff,
+                        rows: b.ff,
+                        ..up
+                    };
+                    let down_of = |e: usize| DeviceRows {
+                        start: e * n,
+                        rows: n,
+                        ..down
+                    };
+                    self.grouped(m, &up_of, &down_of, &ids_h, &wts, h, x, t, b.ff)?;
+                }
+                self.shared(b, h, x, t)
+            }
+            _ => {
+                let ids_h = g.to_host(&ids)?;
+                if t > 1 {
+                    if let Some(o) = &self.offload {
+                        let mut selected = vec![false; ne];
+                        for &e in &ids_h {
+                            selected[e as usize] = true;
+                        }
+                        let n_sel = selected.iter().filter(|&&s| s).count();
+                        let bytes = n_sel * (b.up.data.len() + b.down.data.len()) / ne;
+                        let copy = {
+                            let c = o.costs.lock().unwrap_or_else(|e| e.into_inner());
+                            c.prefers_copy(bytes, t * k)
+                        };
+                        if copy {
+                            return self.staged(m, o, b, &selected, &ids_h, &wts, h, x, t);
+                        }
+                    }
+                }
+                // The CPU computes the selected experts while the GPU runs the shared one.
+                let started = Instant::now();
+                let hh = g.to_host(h)?;
+                let wts_h = g.to_host(&wts)?;
+                let mut per_expert: Vec<Vec<(usize, f32)>> = vec![Vec::new(); ne];
+                for (p, (&e, &w)) in ids_h.iter().zip(&wts_h).enumerate() {
+                    per_expert[e as usize].push((p / k, w));
+                }
+                self.shared(b, h, x, t)?;
+                let y = m.experts(cpu, b, &hh, t, &per_expert, false)?;
+                if t > 1 {
+                    if let Some(o) = &self.offload {
+                        let mut c = o.costs.lock().unwrap_or_else(|e| e.into_inner());
+                        let per_pair = started.elapsed().as_secs_f64() / (t * k) as f64;
+                        c.cpu_s_per_pair = average(c.cpu_s_per_pair, per_pair);
+                        c.cpu_batches += 1;
+                    }
+                }
+                let dy = g.to_device(&y)?;
+                g.add(x, &dy, t * n)
+            }
+        }
+    }
+
+    /// x += the shared expert of h, when the layer has one.
+    fn shared(&self, b: &Moe, h: &CudaSlice<f32>, x: &mut CudaSlice<f32>, t: usize) -> Result<()> {
+        match (&b.up_sh, &b.down_sh) {
+            (Some(u), Some(d)) => self.mlp(dev(u)?, dev(d)?, h, x, t),
+            _ => Ok(()),
+        }
+    }
+
+    /// A prefill batch's selected experts of a RAM layer copied into the staging buffer (runs
+    /// of consecutive experts in one copy each), then computed as [`DeviceParts::grouped`].
+    #[allow(clippy::too_many_arguments)]
+    fn staged(
+        &self,
+        m: &NemotronH,
+        o: &Offload,
+        b: &Moe,
+        selected: &[bool],
+        ids_h: &[i32],
+        wts: &CudaSlice<f32>,
+        h: &CudaSlice<f32>,
+        x: &mut CudaSlice<f32>,
+        t: usize,
+    ) -> Result<()> {
+        let g = self.gpu;
+        let (ne, n, ff) = (m.n_expert, m.n_embd, b.ff);
+        let mut stage = o.stage.lock().unwrap_or_else(|e| e.into_inner());
+        let (up_s, down_s) = &mut *stage;
+        up_s.restage(b.up.ty, b.up.cols)?;
+        down_s.restage(b.down.ty, b.down.cols)?;
+        let (urb, drb) = (b.up.row_bytes(), b.down.row_bytes());
+        g.synchronize()?;
+        let started = Instant::now();
+        // Slots in expert order, so that consecutive selected experts are one copy.
+        let mut slot = vec![0usize; ne];
+        let (mut next, mut e) = (0, 0);
+        let mut copied = 0;
+        while e < ne {
+            if !selected[e] {
+                e += 1;
+                continue;
+            }
+            let first = e;
+            while e < ne && selected[e] {
+                slot[e] = next + e - first;
+                e += 1;
+            }
+            let (ua, ub) = (first * ff * urb, e * ff * urb);
+            let (da, db) = (first * n * drb, e * n * drb);
+            g.stage_rows(up_s, next * ff, &b.up.data[ua..ub])?;
+            g.stage_rows(down_s, next * n, &b.down.data[da..db])?;
+            copied += (ub - ua) + (db - da);
+            next += e - first;
+        }
+        g.synchronize()?;
+        {
+            let mut c = o.costs.lock().unwrap_or_else(|e| e.into_inner());
+            let bw = copied as f64 / started.elapsed().as_secs_f64().max(1e-9);
+            c.copy_bytes_per_s = average(c.copy_bytes_per_s, bw);
+            c.gpu_batches += 1;
+        }
+        let (up_m, down_m): (&DeviceMatrix, &DeviceMatrix) = (up_s, down_s);
+        let up_of = |e: usize| DeviceRows {
+            gpu: g,
+            m: up_m,
+            start: slot[e] * ff,
+            rows: ff,
+        };
+        let down_of = |e: usize| DeviceRows {
+            gpu: g,
+            m: down_m,
+            start: slot[e] * n,
+            rows: n,
+        };
+        self.grouped(m, &up_of, &down_of, ids_h, wts, h, x, t, ff)?;
+        self.shared(b, h, x, t)
+    }
+
+    /// Routed experts of a prefill batch on the device, given the ids copied back: the tokens
+    /// are grouped per expert (one gather), each selected expert (its rows from `up_of` and
+    /// `down_of`) runs once over its tokens, and the weighted outputs are added to x.
+    #[allow(clippy::too_many_arguments)]
+    fn grouped<'d>(
+        &self,
+        m: &NemotronH,
+        up_of: &dyn Fn(usize) -> DeviceRows<'d>,
+        down_of: &dyn Fn(usize) -> DeviceRows<'d>,
+        ids_h: &[i32],
+        wts: &CudaSlice<f32>,
+        h: &CudaSlice<f32>,
+        x: &mut CudaSlice<f32>,
+        t: usize,
+        ff: usize,
+    ) -> Result<()> {
+        let g = self.gpu;
+        let (ne, k, n) = (m.n_expert, m.n_expert_used, m.n_embd);
+        let pairs = t * k;
+        // Pairs in expert order: `order[i]` is the pair at grouped row i, `pos` its inverse.
+        let mut start = vec![0usize; ne + 1];
+        for &e in ids_h {
+            start[e as usize + 1] += 1;
+        }
+        for e in 0..ne {
+            start[e + 1] += start[e];
+        }
+        let mut fill = start.clone();
+        let mut token_of_row = vec![0i32; pairs];
+        let mut pos = vec![0i32; pairs];
+        for (p, &e) in ids_h.iter().enumerate() {
+            let r = fill[e as usize];
+            fill[e as usize] += 1;
+            token_of_row[r] = (p / k) as i32;
+            pos[p] = r as i32;
+        }
+        let rows_idx = g.to_device(&token_of_row)?;
+        let pos_d = g.to_device(&pos)?;
+        let mut xg = g.output(pairs * n)?;
+        g.gather_rows(h, &rows_idx, &mut xg, t, n, t - 1)?;
+        let mut u = g.output(pairs * ff)?;
+        for e in 0..ne {
+            let (r0, c) = (start[e], start[e + 1] - start[e]);
+            if c > 0 {
+                up_of(e).launch(
+                    &xg.slice(r0 * n..(r0 + c) * n),
+                    c,
+                    &mut u.slice_mut(r0 * ff..(r0 + c) * ff),
+                    false,
+                )?;
+            }
+        }
+        g.relu2(&mut u.slice_mut(..), pairs * ff)?;
+        let mut y = g.output(pairs * n)?;
+        for e in 0..ne {
+            let (r0, c) = (start[e], start[e + 1] - start[e]);
+            if c > 0 {
+                down_of(e).launch(
+                    &u.slice(r0 * ff..(r0 + c) * ff),
+                    c,
+                    &mut y.slice_mut(r0 * n..(r0 + c) * n),
+                    false,
+                )?;
+            }
+        }
+        g.moe_combine(&y, Some(&pos_d), wts, x, t, k, n)
+    }
+}
