@@ -744,9 +744,10 @@ extern "C" __global__ void gather_rows(const float* x, const int* idx, float* ou
     out[i] = x[(long long)idx[r] * n + c];
 }
 
-// x[t] += Σ_s wts[t·k + s] · y[pos[t·k + s]] (pos null: y row t·k + s) for n-wide rows.
+// x[t] += Σ_s wts[t·k + s] · y[pos[t·k + s]] (pos null: y row t·k + s) for n-wide rows; a
+// position outside y's `y_rows` rows is skipped.
 extern "C" __global__ void moe_combine(const float* y, const int* pos, const float* wts, float* x,
-                                       int t, int k, int n) {
+                                       int t, int k, int n, int y_rows) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long long)t * n) return;
     int ti = i / n, c = i % n;
@@ -754,7 +755,7 @@ extern "C" __global__ void moe_combine(const float* y, const int* pos, const flo
     for (int s = 0; s < k; s++) {
         int p = ti * k + s;
         long long r = pos ? pos[p] : p;
-        acc = fmaf(wts[p], y[r * n + c], acc);
+        if (r >= 0 && r < y_rows) acc = fmaf(wts[p], y[r * n + c], acc);
     }
     x[i] = acc;
 }

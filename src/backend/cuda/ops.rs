@@ -255,6 +255,8 @@ impl Gpu {
     }
 
     /// x[t] += Σ_s wts[t·k + s] · y[pos[t·k + s]] (y row t·k + s without `pos`), rows of n.
+    /// With `pos`, y may have fewer rows than pairs (some pairs computed elsewhere, weight 0);
+    /// positions outside y's rows are skipped.
     #[allow(clippy::too_many_arguments)]
     pub fn moe_combine(
         &self,
@@ -266,7 +268,8 @@ impl Gpu {
         k: usize,
         n: usize,
     ) -> Result<()> {
-        if y.len() < t * k * n
+        let y_rows_needed = if pos.is_some() { 1 } else { t * k };
+        if y.len() < y_rows_needed * n
             || wts.len() < t * k
             || x.len() < t * n
             || pos.is_some_and(|p| p.len() < t * k)
@@ -275,7 +278,7 @@ impl Gpu {
         }
         let f = self.function("moe_combine")?;
         let cfg = LaunchConfig::for_num_elems((t * n) as u32);
-        let args = [t, k, n].map(|v| v as i32);
+        let args = [t, k, n, y.len() / n.max(1)].map(|v| v as i32);
         let null = 0u64;
         let mut launch = self.stream.launch_builder(&f);
         launch.arg(y);
@@ -288,8 +291,8 @@ impl Gpu {
             launch.arg(v);
         }
         // SAFETY: moe_combine(const float* y, const int* pos, const float* wts, float* x, int t,
-        // int k, int n): `pos` (when given) is a permutation of 0..t·k built by the caller, so
-        // every row it names is within y's t·k rows; lengths checked above.
+        // int k, int n, int y_rows): the kernel skips positions outside y's rows; the other
+        // lengths are checked above.
         launched(unsafe { launch.launch(cfg) }.map(drop))
     }
 

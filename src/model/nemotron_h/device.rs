@@ -75,6 +75,10 @@ struct Costs {
     cpu_s_per_pair: Option<f64>,
     /// Bytes per second of copying selected experts to the GPU.
     copy_bytes_per_s: Option<f64>,
+    /// Seconds the CPU took per selected expert of a decode step.
+    cpu_s_per_decode_expert: Option<f64>,
+    /// Decode steps that copied part of a RAM layer's experts to the GPU.
+    split_steps: u64,
     cpu_batches: u64,
     gpu_batches: u64,
 }
@@ -222,6 +226,13 @@ impl<'a> DeviceParts<'a> {
         }
         if let Some(s) = c.cpu_s_per_pair {
             line += &format!("; CPU {:.1} µs per token-expert", s * 1e6);
+        }
+        if let Some(s) = c.cpu_s_per_decode_expert {
+            line += &format!(
+                "; decode: CPU {:.0} µs per expert, {} layer-steps split with a concurrent copy",
+                s * 1e6,
+                c.split_steps
+            );
         }
         if let (Some(bw), Some(s), Some(eb)) =
             (c.copy_bytes_per_s, c.cpu_s_per_pair, expert_bytes(m))
@@ -501,7 +512,7 @@ impl<'a> DeviceParts<'a> {
                         rows: n,
                         ..down
                     };
-                    self.grouped(m, &up_of, &down_of, &ids_h, &wts, h, x, t, b.ff)?;
+                    self.grouped(m, &up_of, &down_of, &ids_h, None, &wts, h, x, t, b.ff)?;
                 }
                 self.shared(b, h, x, t)
             }
@@ -520,26 +531,70 @@ impl<'a> DeviceParts<'a> {
                             c.prefers_copy(bytes, t * k)
                         };
                         if copy {
-                            return self.staged(m, o, b, &selected, &ids_h, &wts, h, x, t);
+                            self.staged(m, o, b, &selected, None, &ids_h, &wts, h, x, t, true)?;
+                            o.costs
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .gpu_batches += 1;
+                            return self.shared(b, h, x, t);
                         }
                     }
                 }
-                // The CPU computes the selected experts while the GPU runs the shared one.
-                let started = Instant::now();
+                // The CPU computes the selected experts while the GPU runs the shared one and, in
+                // decode, the share of the experts copied to it meanwhile.
                 let hh = g.to_host(h)?;
-                let wts_h = g.to_host(&wts)?;
+                let mut wts_h = g.to_host(&wts)?;
                 let mut per_expert: Vec<Vec<(usize, f32)>> = vec![Vec::new(); ne];
                 for (p, (&e, &w)) in ids_h.iter().zip(&wts_h).enumerate() {
                     per_expert[e as usize].push((p / k, w));
                 }
+                if t == 1 {
+                    if let Some((o, to_gpu)) = self.decode_split(m, b, &per_expert) {
+                        let measure = o
+                            .costs
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .copy_bytes_per_s
+                            .is_none();
+                        for (w, &e) in wts_h.iter_mut().zip(&ids_h) {
+                            if !to_gpu[e as usize] {
+                                *w = 0.0;
+                            }
+                        }
+                        let masked = g.to_device(&wts_h)?;
+                        self.staged(
+                            m,
+                            o,
+                            b,
+                            &to_gpu,
+                            Some(&to_gpu),
+                            &ids_h,
+                            &masked,
+                            h,
+                            x,
+                            t,
+                            measure,
+                        )?;
+                        for (e, list) in per_expert.iter_mut().enumerate() {
+                            if to_gpu[e] {
+                                list.clear();
+                            }
+                        }
+                    }
+                }
                 self.shared(b, h, x, t)?;
+                let on_cpu = per_expert.iter().filter(|l| !l.is_empty()).count();
+                let started = Instant::now();
                 let y = m.experts(cpu, b, &hh, t, &per_expert, false)?;
-                if t > 1 {
-                    if let Some(o) = &self.offload {
-                        let mut c = o.costs.lock().unwrap_or_else(|e| e.into_inner());
-                        let per_pair = started.elapsed().as_secs_f64() / (t * k) as f64;
-                        c.cpu_s_per_pair = average(c.cpu_s_per_pair, per_pair);
+                if let Some(o) = &self.offload {
+                    let spent = started.elapsed().as_secs_f64();
+                    let mut c = o.costs.lock().unwrap_or_else(|e| e.into_inner());
+                    if t > 1 {
+                        c.cpu_s_per_pair = average(c.cpu_s_per_pair, spent / (t * k) as f64);
                         c.cpu_batches += 1;
+                    } else if on_cpu > 0 {
+                        c.cpu_s_per_decode_expert =
+                            average(c.cpu_s_per_decode_expert, spent / on_cpu as f64);
                     }
                 }
                 let dy = g.to_device(&y)?;
@@ -556,21 +611,27 @@ impl<'a> DeviceParts<'a> {
         }
     }
 
-    /// A prefill batch's selected experts of a RAM layer copied into the staging buffer (runs
-    /// of consecutive experts in one copy each), then computed as [`DeviceParts::grouped`].
+    /// The experts of a RAM layer marked in `copy` copied into the staging buffer (runs of
+    /// consecutive experts in one copy each) and computed as [`DeviceParts::grouped`] for the
+    /// pairs routed to them (`only`: the pairs of other experts are left to the caller, their
+    /// weights zeroed in `wts`). With `measure`, waits for the copies and records their speed;
+    /// without, everything stays queued (the CPU works meanwhile).
     #[allow(clippy::too_many_arguments)]
     fn staged(
         &self,
         m: &NemotronH,
         o: &Offload,
         b: &Moe,
-        selected: &[bool],
+        copy: &[bool],
+        only: Option<&[bool]>,
         ids_h: &[i32],
         wts: &CudaSlice<f32>,
         h: &CudaSlice<f32>,
         x: &mut CudaSlice<f32>,
         t: usize,
+        measure: bool,
     ) -> Result<()> {
+        let selected = copy;
         let g = self.gpu;
         let (ne, n, ff) = (m.n_expert, m.n_embd, b.ff);
         let mut stage = o.stage.lock().unwrap_or_else(|e| e.into_inner());
@@ -578,7 +639,9 @@ impl<'a> DeviceParts<'a> {
         up_s.restage(b.up.ty, b.up.cols)?;
         down_s.restage(b.down.ty, b.down.cols)?;
         let (urb, drb) = (b.up.row_bytes(), b.down.row_bytes());
-        g.synchronize()?;
+        if measure {
+            g.synchronize()?;
+        }
         let started = Instant::now();
         // Slots in expert order, so that consecutive selected experts are one copy.
         let mut slot = vec![0usize; ne];
@@ -601,12 +664,11 @@ impl<'a> DeviceParts<'a> {
             copied += (ub - ua) + (db - da);
             next += e - first;
         }
-        g.synchronize()?;
-        {
+        if measure {
+            g.synchronize()?;
             let mut c = o.costs.lock().unwrap_or_else(|e| e.into_inner());
             let bw = copied as f64 / started.elapsed().as_secs_f64().max(1e-9);
             c.copy_bytes_per_s = average(c.copy_bytes_per_s, bw);
-            c.gpu_batches += 1;
         }
         let (up_m, down_m): (&DeviceMatrix, &DeviceMatrix) = (up_s, down_s);
         let up_of = |e: usize| DeviceRows {
@@ -621,8 +683,43 @@ impl<'a> DeviceParts<'a> {
             start: slot[e] * n,
             rows: n,
         };
-        self.grouped(m, &up_of, &down_of, ids_h, wts, h, x, t, ff)?;
-        self.shared(b, h, x, t)
+        self.grouped(m, &up_of, &down_of, ids_h, only, wts, h, x, t, ff)
+    }
+
+    /// For a decode step of a RAM layer: which of the selected experts to copy to the GPU
+    /// while the CPU computes the others, so that both finish together by the measured costs
+    /// (None: all on the CPU — no staging, or the CPU not measured yet).
+    fn decode_split<'o>(
+        &'o self,
+        m: &NemotronH,
+        b: &Moe,
+        per_expert: &[Vec<(usize, f32)>],
+    ) -> Option<(&'o Offload, Vec<bool>)> {
+        let o = self.offload.as_ref()?;
+        let mut c = o.costs.lock().unwrap_or_else(|e| e.into_inner());
+        let cpu = c.cpu_s_per_decode_expert?;
+        let eb = (b.up.data.len() + b.down.data.len()) / m.n_expert.max(1);
+        // Unmeasured copies: one expert, to measure them.
+        let copy = c.copy_bytes_per_s.map_or(1e9, |bw| eb as f64 / bw);
+        let chosen: Vec<usize> = (0..per_expert.len())
+            .filter(|&e| !per_expert[e].is_empty())
+            .collect();
+        let n = chosen.len();
+        // g experts copied, n − g on the CPU: g·copy ≈ (n − g)·cpu.
+        let g = if c.copy_bytes_per_s.is_none() {
+            1
+        } else {
+            ((n as f64 * cpu / (cpu + copy)).round() as usize).min(n)
+        };
+        if g == 0 {
+            return None;
+        }
+        c.split_steps += 1;
+        let mut to_gpu = vec![false; per_expert.len()];
+        for &e in &chosen[n - g..] {
+            to_gpu[e] = true;
+        }
+        Some((o, to_gpu))
     }
 
     /// Routed experts of a prefill batch on the device, given the ids copied back: the tokens
@@ -635,6 +732,7 @@ impl<'a> DeviceParts<'a> {
         up_of: &dyn Fn(usize) -> DeviceRows<'d>,
         down_of: &dyn Fn(usize) -> DeviceRows<'d>,
         ids_h: &[i32],
+        only: Option<&[bool]>,
         wts: &CudaSlice<f32>,
         h: &CudaSlice<f32>,
         x: &mut CudaSlice<f32>,
@@ -643,10 +741,16 @@ impl<'a> DeviceParts<'a> {
     ) -> Result<()> {
         let g = self.gpu;
         let (ne, k, n) = (m.n_expert, m.n_expert_used, m.n_embd);
-        let pairs = t * k;
-        // Pairs in expert order: `order[i]` is the pair at grouped row i, `pos` its inverse.
+        let runs = |e: i32| only.is_none_or(|o| o[e as usize]);
+        // The pairs this call computes, in expert order: grouped row r holds a token of
+        // `token_of_row[r]`, and `pos[p]` is pair p's row (0 for pairs computed elsewhere, whose
+        // weight the caller zeroed).
+        let pairs = ids_h.iter().filter(|&&e| runs(e)).count();
+        if pairs == 0 {
+            return Ok(());
+        }
         let mut start = vec![0usize; ne + 1];
-        for &e in ids_h {
+        for &e in ids_h.iter().filter(|&&e| runs(e)) {
             start[e as usize + 1] += 1;
         }
         for e in 0..ne {
@@ -654,8 +758,8 @@ impl<'a> DeviceParts<'a> {
         }
         let mut fill = start.clone();
         let mut token_of_row = vec![0i32; pairs];
-        let mut pos = vec![0i32; pairs];
-        for (p, &e) in ids_h.iter().enumerate() {
+        let mut pos = vec![0i32; t * k];
+        for (p, &e) in ids_h.iter().enumerate().filter(|(_, &e)| runs(e)) {
             let r = fill[e as usize];
             fill[e as usize] += 1;
             token_of_row[r] = (p / k) as i32;
