@@ -174,6 +174,17 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
+// What a product does with each result: store it, add it to what is there, or store relu(v)²
+// (Nemotron's feed-forward activation, fused into the up products).
+#define EPI_STORE 0
+#define EPI_ADD 1
+#define EPI_RELU2 2
+
+__device__ __forceinline__ void put(float* out, float v, int epi) {
+    if (epi == EPI_RELU2) v = v > 0.0f ? v * v : 0.0f;
+    *out = epi == EPI_ADD ? *out + v : v;
+}
+
 // The decode kernels: a block of MV_WARPS warps computes MV_ROWS rows for one token. Warp w
 // takes the 256-element chunks w, w + MV_WARPS, ... of the rows, each lane eight consecutive
 // elements of a chunk; the rows share each load of the activations, and every weight load is
@@ -235,29 +246,26 @@ __device__ __forceinline__ float rows_dot(const u8* w, long long row_bytes, int 
     return sum;
 }
 
-// y[t][r] = Σ_c w[r][c] · x[t][c] for `tokens` rows of x (added to y when `accumulate`): one
-// block per MV_ROWS rows and token.
+// y[t][r] = Σ_c w[r][c] · x[t][c] for `tokens` rows of x (written as `epi` says): one block
+// per MV_ROWS rows and token.
 template <int T>
 __device__ void matmul(const u8* w, const float* x, float* y, int rows, int cols, long long row_bytes,
-                       int tokens, int accumulate) {
+                       int tokens, int epi) {
     int r0 = blockIdx.x * MV_ROWS;
     int t = blockIdx.y;
     if (r0 >= rows || t >= tokens) return;
     int n = min(MV_ROWS, rows - r0);
     float s = rows_dot<T>(w + (long long)r0 * row_bytes, row_bytes, n, x + (long long)t * cols, cols);
-    if (threadIdx.x < n) {
-        float* out = y + (long long)t * rows + r0 + threadIdx.x;
-        *out = accumulate ? *out + s : s;
-    }
+    if (threadIdx.x < n) put(y + (long long)t * rows + r0 + threadIdx.x, s, epi);
 }
 
 // The products of routed experts for decode: pair p (token p / k, its slot p % k) multiplies
 // expert ids[p] (rows ids[p]·rows .. +rows of the stacked w) by x row p / k (or row p when
-// `x_per_pair`), writing y row p. One block per MV_ROWS rows and pair; no copy of expert ids to
-// the host.
+// `x_per_pair`), writing y row p as `epi` says. One block per MV_ROWS rows and pair; no copy of
+// expert ids to the host.
 template <int T>
 __device__ void matmul_id(const u8* w, const float* x, float* y, const int* ids, int rows, int cols,
-                          long long row_bytes, int pairs, int k, int x_per_pair) {
+                          long long row_bytes, int pairs, int k, int x_per_pair, int epi) {
     int r0 = blockIdx.x * MV_ROWS;
     int p = blockIdx.y;
     if (r0 >= rows || p >= pairs) return;
@@ -265,18 +273,18 @@ __device__ void matmul_id(const u8* w, const float* x, float* y, const int* ids,
     long long e = ids[p];
     const float* xt = x + (long long)(x_per_pair ? p : p / k) * cols;
     float s = rows_dot<T>(w + (e * rows + r0) * row_bytes, row_bytes, n, xt, cols);
-    if (threadIdx.x < n) y[(long long)p * rows + r0 + threadIdx.x] = s;
+    if (threadIdx.x < n) put(y + (long long)p * rows + r0 + threadIdx.x, s, epi);
 }
 
 #define MATMUL(name, T)                                                                          \
     extern "C" __global__ void name(const u8* w, const float* x, float* y, int rows, int cols,   \
-                                    long long row_bytes, int tokens, int accumulate) {          \
-        matmul<T>(w, x, y, rows, cols, row_bytes, tokens, accumulate);                           \
+                                    long long row_bytes, int tokens, int epi) {                 \
+        matmul<T>(w, x, y, rows, cols, row_bytes, tokens, epi);                                  \
     }                                                                                            \
     extern "C" __global__ void name##_id(const u8* w, const float* x, float* y, const int* ids,  \
                                          int rows, int cols, long long row_bytes, int pairs,     \
-                                         int k, int x_per_pair) {                                \
-        matmul_id<T>(w, x, y, ids, rows, cols, row_bytes, pairs, k, x_per_pair);                 \
+                                         int k, int x_per_pair, int epi) {                       \
+        matmul_id<T>(w, x, y, ids, rows, cols, row_bytes, pairs, k, x_per_pair, epi);            \
     }
 
 MATMUL(matmul_f32, T_F32)
@@ -305,7 +313,7 @@ MATMUL(matmul_q6_k, T_Q6_K)
 
 template <int T>
 __device__ void matmul_tiled(const u8* w, const float* x, float* y, int rows, int cols,
-                             long long row_bytes, int tokens, int accumulate) {
+                             long long row_bytes, int tokens, int epi) {
     __shared__ float ws[TILE_ROWS][TILE_K + 1];
     __shared__ float xs[TILE_TOKENS][TILE_K];
     int tid = threadIdx.x;
@@ -342,10 +350,7 @@ __device__ void matmul_tiled(const u8* w, const float* x, float* y, int rows, in
     if (r < rows) {
         for (int j = 0; j < 8; j++) {
             int t = t0 + lt + j;
-            if (t < tokens) {
-                float* out = y + (long long)t * rows + r;
-                *out = accumulate ? *out + acc[j] : acc[j];
-            }
+            if (t < tokens) put(y + (long long)t * rows + r, acc[j], epi);
         }
     }
 }
@@ -353,8 +358,8 @@ __device__ void matmul_tiled(const u8* w, const float* x, float* y, int rows, in
 #define MATMUL_TILED(name, T)                                                                    \
     extern "C" __global__ void __launch_bounds__(256) name(const u8* w, const float* x, float* y,\
                                     int rows, int cols, long long row_bytes, int tokens,          \
-                                    int accumulate) {                                             \
-        matmul_tiled<T>(w, x, y, rows, cols, row_bytes, tokens, accumulate);                     \
+                                    int epi) {                                                    \
+        matmul_tiled<T>(w, x, y, rows, cols, row_bytes, tokens, epi);                            \
     }
 
 MATMUL_TILED(matmul_tiled_f32, T_F32)
@@ -391,7 +396,7 @@ __device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
 
 template <int T>
 __device__ void matmul_mma(const u8* w, const float* x, float* y, int rows, int cols,
-                           long long row_bytes, int tokens, int accumulate) {
+                           long long row_bytes, int tokens, int epi) {
     __shared__ __align__(16) unsigned short ws[MMA_ROWS][MMA_PAD];
     __shared__ __align__(16) unsigned short xs[MMA_TOKENS][MMA_PAD];
     int tid = threadIdx.x, lane = tid % 32, wid = tid / 32;
@@ -461,18 +466,15 @@ __device__ void matmul_mma(const u8* w, const float* x, float* y, int rows, int 
             for (int c = 0; c < 4; c++) {
                 int r = r0 + wm + 16 * i + gid + (c >= 2 ? 8 : 0);
                 int t = t0 + wn + 8 * j + 2 * tig + (c & 1);
-                if (r < rows && t < tokens) {
-                    float* out = y + (long long)t * rows + r;
-                    *out = accumulate ? *out + acc[i][j][c] : acc[i][j][c];
-                }
+                if (r < rows && t < tokens) put(y + (long long)t * rows + r, acc[i][j][c], epi);
             }
 }
 
 #define MATMUL_MMA(name, T)                                                                      \
     extern "C" __global__ void __launch_bounds__(128) name(const u8* w, const float* x, float* y,\
                                     int rows, int cols, long long row_bytes, int tokens,          \
-                                    int accumulate) {                                             \
-        matmul_mma<T>(w, x, y, rows, cols, row_bytes, tokens, accumulate);                       \
+                                    int epi) {                                                    \
+        matmul_mma<T>(w, x, y, rows, cols, row_bytes, tokens, epi);                              \
     }
 
 MATMUL_MMA(matmul_mma_f32, T_F32)
@@ -489,15 +491,6 @@ MATMUL_MMA(matmul_mma_q3_k, T_Q3_K)
 MATMUL_MMA(matmul_mma_q4_k, T_Q4_K)
 MATMUL_MMA(matmul_mma_q5_k, T_Q5_K)
 MATMUL_MMA(matmul_mma_q6_k, T_Q6_K)
-
-// Nemotron-H's feed-forward activation, in place: max(x, 0)².
-extern "C" __global__ void relu2(float* x, int n) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) {
-        float v = x[i];
-        x[i] = v > 0.0f ? v * v : 0.0f;
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Mamba-2 on the device (building blocks of the device-resident forward pass).

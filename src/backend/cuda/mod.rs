@@ -89,37 +89,39 @@ impl DeviceRows<'_> {
         let g = self.gpu;
         let dx = g.to_device(x)?;
         let mut dy = g.output(t * rows)?;
-        self.launch(&dx.slice(..), t, &mut dy.slice_mut(..), false)?;
+        self.launch(&dx.slice(..), t, &mut dy.slice_mut(..), Epilogue::Store)?;
         g.stream
             .memcpy_dtoh(&dy, y)
             .map_err(|e| anyhow!("CUDA copy: {e:?}"))
     }
 
-    /// Queues y = x · wᵀ (y += x · wᵀ when `accumulate`) for device x (t × cols) and y.
+    /// Queues y = x · wᵀ (or as `epi` says) for device x (t × cols) and y.
     pub fn launch(
         &self,
         x: &CudaView<f32>,
         t: usize,
         y: &mut CudaViewMut<f32>,
-        accumulate: bool,
+        epi: Epilogue,
     ) -> Result<()> {
         let rb = self.m.row_bytes;
         let w = self
             .m
             .data
             .slice(self.start * rb..(self.start + self.rows) * rb);
-        self.gpu.launch_matmul(
-            self.m.ty,
-            &w,
-            rb,
-            self.rows,
-            self.m.cols,
-            x,
-            t,
-            y,
-            accumulate,
-        )
+        self.gpu
+            .launch_matmul(self.m.ty, &w, rb, self.rows, self.m.cols, x, t, y, epi)
     }
+}
+
+/// What a product does with each result (`EPI_*` in kernels.cu).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Epilogue {
+    /// y = x · wᵀ
+    Store = 0,
+    /// y += x · wᵀ
+    Add = 1,
+    /// y = relu(x · wᵀ)² (the feed-forward activation, fused into up products)
+    Relu2 = 2,
 }
 
 /// One feed-forward block for [`Gpu::relu2_mlps`]: `x` holds `t` rows of `up.cols` inputs.
@@ -157,13 +159,12 @@ impl Gpu {
         for (i, j) in jobs.iter().enumerate() {
             let x = dx.slice(x_at[i]..x_at[i] + j.x.len());
             let mut u = du.slice_mut(u_at[i]..u_at[i] + j.t * j.up.rows);
-            j.up.launch(&x, j.t, &mut u, false)?;
+            j.up.launch(&x, j.t, &mut u, Epilogue::Relu2)?;
         }
-        self.relu2(&mut du.slice_mut(..), nu)?;
         for (i, j) in jobs.iter().enumerate() {
             let u = du.slice(u_at[i]..u_at[i] + j.t * j.up.rows);
             let mut y = dy.slice_mut(y_at[i]..y_at[i] + j.t * j.down.rows);
-            j.down.launch(&u, j.t, &mut y, false)?;
+            j.down.launch(&u, j.t, &mut y, Epilogue::Store)?;
         }
         let ys = self.to_host(&dy)?;
         Ok(jobs
@@ -352,7 +353,7 @@ impl Gpu {
             &x.slice(..),
             t,
             &mut y.slice_mut(..),
-            false,
+            Epilogue::Store,
         )
     }
 
@@ -367,7 +368,7 @@ impl Gpu {
         x: &CudaView<f32>,
         t: usize,
         y: &mut CudaViewMut<f32>,
-        accumulate: bool,
+        epi: Epilogue,
     ) -> Result<()> {
         if x.len() < t * cols || y.len() < t * rows || w.len() < rows * row_bytes {
             bail!("CUDA matmul shape mismatch");
@@ -403,7 +404,7 @@ impl Gpu {
             }
         };
         let (r, c, rb, tokens) = (rows as i32, cols as i32, row_bytes as i64, t as i32);
-        let acc = accumulate as i32;
+        let epi = epi as i32;
         let mut launch = self.stream.launch_builder(&f);
         launch
             .arg(w)
@@ -413,7 +414,7 @@ impl Gpu {
             .arg(&c)
             .arg(&rb)
             .arg(&tokens)
-            .arg(&acc);
+            .arg(&epi);
         // SAFETY: the kernel's signature is (const u8*, const float*, float*, int, int, long long,
         // int, int), matching the arguments pushed above; it reads rows × row_bytes bytes of `w` and
         // t × cols floats of `x`, writes t × rows floats of `y`, all checked above.

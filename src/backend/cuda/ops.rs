@@ -18,23 +18,6 @@ fn launched(r: Result<(), cudarc::driver::DriverError>) -> Result<()> {
 }
 
 impl Gpu {
-    /// x = max(x, 0)² over the first `n` values, in place.
-    pub fn relu2(&self, x: &mut CudaViewMut<f32>, n: usize) -> Result<()> {
-        if n == 0 {
-            return Ok(());
-        }
-        if x.len() < n {
-            bail!("CUDA relu2 shape mismatch");
-        }
-        let f = self.function("relu2")?;
-        let cfg = LaunchConfig::for_num_elems(n as u32);
-        let n = n as i32;
-        let mut launch = self.stream.launch_builder(&f);
-        launch.arg(x).arg(&n);
-        // SAFETY: relu2(float* x, int n) touches x[0..n), and x holds at least n floats.
-        launched(unsafe { launch.launch(cfg) }.map(drop))
-    }
-
     /// x += y over the first `n` values.
     pub fn add(&self, x: &mut CudaSlice<f32>, y: &CudaSlice<f32>, n: usize) -> Result<()> {
         if x.len() < n || y.len() < n {
@@ -389,7 +372,7 @@ impl Gpu {
 impl DeviceRows<'_> {
     /// The routed experts' products for decode, with the expert ids on the device: pair p
     /// multiplies expert ids[p] (rows ids[p]·`rows_per_expert` .. of this stacked matrix) by x
-    /// row p / k (row p when `x_per_pair`) into y row p (`rows_per_expert` wide).
+    /// row p / k (row p when `x_per_pair`) into y row p (`rows_per_expert` wide), as `epi` says.
     #[allow(clippy::too_many_arguments)]
     pub fn matmul_id(
         &self,
@@ -401,6 +384,7 @@ impl DeviceRows<'_> {
         pairs: usize,
         k: usize,
         x_per_pair: bool,
+        epi: super::Epilogue,
     ) -> Result<()> {
         let (cols, rb) = (self.m.cols, self.m.row_bytes);
         let x_rows = if x_per_pair { pairs } else { pairs.div_ceil(k) };
@@ -427,12 +411,20 @@ impl DeviceRows<'_> {
             shared_mem_bytes: 0,
         };
         let (r, c, rbi) = (rows_per_expert as i32, cols as i32, rb as i64);
-        let (p, ki, xp) = (pairs as i32, k as i32, x_per_pair as i32);
+        let (p, ki, xp, ep) = (pairs as i32, k as i32, x_per_pair as i32, epi as i32);
         let mut launch = g.stream.launch_builder(&f);
         launch.arg(&self.m.data).arg(x).arg(y).arg(ids);
-        launch.arg(&r).arg(&c).arg(&rbi).arg(&p).arg(&ki).arg(&xp);
+        launch
+            .arg(&r)
+            .arg(&c)
+            .arg(&rbi)
+            .arg(&p)
+            .arg(&ki)
+            .arg(&xp)
+            .arg(&ep);
         // SAFETY: matmul_<type>_id(const u8* w, const float* x, float* y, const int* ids,
-        // int rows, int cols, long long row_bytes, int pairs, int k, int x_per_pair): every id
+        // int rows, int cols, long long row_bytes, int pairs, int k, int x_per_pair, int epi):
+        // every id
         // comes from route_topk over this matrix's n_expert experts, so it reads within the
         // n_expert × rows_per_expert rows; x and y lengths checked above.
         launched(unsafe { launch.launch(cfg) }.map(drop))

@@ -14,7 +14,7 @@ use cudarc::driver::CudaSlice;
 
 use super::{Attention, Block, Mamba, Moe, NemotronH};
 use crate::backend::cpu::{Cpu, Matrix, Precision};
-use crate::backend::cuda::{DeviceMatrix, DeviceRows, DeviceState, Gpu, HostPins};
+use crate::backend::cuda::{DeviceMatrix, DeviceRows, DeviceState, Epilogue, Gpu, HostPins};
 use crate::model::{embed, LayerState, State};
 
 /// Decode batches up to this many tokens run the routed experts with the expert ids left on
@@ -340,7 +340,12 @@ impl<'a> DeviceParts<'a> {
         let mut hn = g.output(rows * n)?;
         g.rms_norm(&last, &self.out_norm, &mut hn.slice_mut(..), rows, m.eps)?;
         let mut logits = g.output(rows * m.n_vocab)?;
-        dev(&m.output)?.launch(&hn.slice(..), rows, &mut logits.slice_mut(..), false)?;
+        dev(&m.output)?.launch(
+            &hn.slice(..),
+            rows,
+            &mut logits.slice_mut(..),
+            Epilogue::Store,
+        )?;
         g.to_host(&logits)
     }
 
@@ -369,7 +374,7 @@ impl<'a> DeviceParts<'a> {
         let (g, s) = (self.gpu, &m.ssm);
         let (di, ch, nh) = (s.d_inner, s.conv_channels(), s.n_head);
         let mut zx = g.output(t * b.ssm_in.rows)?;
-        dev(&b.ssm_in)?.launch(&h.slice(..), t, &mut zx.slice_mut(..), false)?;
+        dev(&b.ssm_in)?.launch(&h.slice(..), t, &mut zx.slice_mut(..), Epilogue::Store)?;
         let mut xbc = g.output(t * ch)?;
         let mut dt = g.output(t * nh)?;
         g.mamba_split(s, &zx, dt_bias, &mut xbc, &mut dt, t)?;
@@ -387,7 +392,7 @@ impl<'a> DeviceParts<'a> {
         let mut y = g.output(t * di)?;
         g.mamba_scan(s, &xc, &dt, a, d, ssm, &mut y, t)?;
         g.mamba_gate_norm(s, &mut y, &zx, norm, t, m.eps)?;
-        dev(&b.out)?.launch(&y.slice(..), t, &mut x.slice_mut(..), true)
+        dev(&b.out)?.launch(&y.slice(..), t, &mut x.slice_mut(..), Epilogue::Add)
     }
 
     fn attention(
@@ -414,15 +419,20 @@ impl<'a> DeviceParts<'a> {
         let g = self.gpu;
         let (past, row) = (*len, *row);
         let mut q = g.output(t * b.q.rows)?;
-        dev(&b.q)?.launch(&h.slice(..), t, &mut q.slice_mut(..), false)?;
+        dev(&b.q)?.launch(&h.slice(..), t, &mut q.slice_mut(..), Epilogue::Store)?;
         // K and V go straight into the cache rows of the new positions.
         let new = past * row..(past + t) * row;
-        dev(&b.k)?.launch(&h.slice(..), t, &mut k.slice_mut(new.clone()), false)?;
-        dev(&b.v)?.launch(&h.slice(..), t, &mut v.slice_mut(new), false)?;
+        dev(&b.k)?.launch(
+            &h.slice(..),
+            t,
+            &mut k.slice_mut(new.clone()),
+            Epilogue::Store,
+        )?;
+        dev(&b.v)?.launch(&h.slice(..), t, &mut v.slice_mut(new), Epilogue::Store)?;
         let mut out = g.output(t * b.q.rows)?;
         g.attention(&b.shape, &q, k, v, &mut out, t, past)?;
         *len += t;
-        dev(&b.o)?.launch(&out.slice(..), t, &mut x.slice_mut(..), true)
+        dev(&b.o)?.launch(&out.slice(..), t, &mut x.slice_mut(..), Epilogue::Add)
     }
 
     /// x += relu²(h · upᵀ) · downᵀ.
@@ -435,9 +445,8 @@ impl<'a> DeviceParts<'a> {
         t: usize,
     ) -> Result<()> {
         let mut u = self.gpu.output(t * up.rows)?;
-        up.launch(&h.slice(..), t, &mut u.slice_mut(..), false)?;
-        self.gpu.relu2(&mut u.slice_mut(..), t * up.rows)?;
-        down.launch(&u.slice(..), t, &mut x.slice_mut(..), true)
+        up.launch(&h.slice(..), t, &mut u.slice_mut(..), Epilogue::Relu2)?;
+        down.launch(&u.slice(..), t, &mut x.slice_mut(..), Epilogue::Add)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -455,7 +464,7 @@ impl<'a> DeviceParts<'a> {
         let g = self.gpu;
         let (ne, k, n) = (m.n_expert, m.n_expert_used, m.n_embd);
         let mut logits = g.output(t * ne)?;
-        dev(&b.router)?.launch(&h.slice(..), t, &mut logits.slice_mut(..), false)?;
+        dev(&b.router)?.launch(&h.slice(..), t, &mut logits.slice_mut(..), Epilogue::Store)?;
         let mut ids = g.output::<i32>(t * k)?;
         let mut wts = g.output(t * k)?;
         {
@@ -486,8 +495,8 @@ impl<'a> DeviceParts<'a> {
                         pairs,
                         k,
                         false,
+                        Epilogue::Relu2,
                     )?;
-                    g.relu2(&mut u.slice_mut(..), pairs * b.ff)?;
                     let mut y = g.output(pairs * n)?;
                     down.matmul_id(
                         n,
@@ -498,6 +507,7 @@ impl<'a> DeviceParts<'a> {
                         pairs,
                         k,
                         true,
+                        Epilogue::Store,
                     )?;
                     g.moe_combine(&y, None, &wts, x, t, k, n)?;
                 } else {
@@ -777,11 +787,10 @@ impl<'a> DeviceParts<'a> {
                     &xg.slice(r0 * n..(r0 + c) * n),
                     c,
                     &mut u.slice_mut(r0 * ff..(r0 + c) * ff),
-                    false,
+                    Epilogue::Relu2,
                 )?;
             }
         }
-        g.relu2(&mut u.slice_mut(..), pairs * ff)?;
         let mut y = g.output(pairs * n)?;
         for e in 0..ne {
             let (r0, c) = (start[e], start[e + 1] - start[e]);
@@ -790,7 +799,7 @@ impl<'a> DeviceParts<'a> {
                     &u.slice(r0 * ff..(r0 + c) * ff),
                     c,
                     &mut y.slice_mut(r0 * n..(r0 + c) * n),
-                    false,
+                    Epilogue::Store,
                 )?;
             }
         }
