@@ -217,7 +217,7 @@ fn whole_and_split_models_on_the_gpu_match_the_float64_reference() {
                 some_layers,
             ),
         ] {
-            let plan = Plan::new(&gg, &args, 0).unwrap();
+            let plan = Plan::new(&gg, &args, 0, 64).unwrap();
             assert!(plan.uses_gpu());
             let dev = DeviceWeights::new(
                 Gpu::open(0).unwrap(),
@@ -275,7 +275,7 @@ fn normal_precision_on_the_tensor_cores_meets_the_normal_mode_bound() {
         };
         let dev = DeviceWeights::new(
             Gpu::open(0).unwrap(),
-            Plan::new(&gg, &args, 0).unwrap(),
+            Plan::new(&gg, &args, 0, 64).unwrap(),
             gg.tensors().map(|t| t.name.clone()),
         );
         let opts = LoadOptions {
@@ -334,7 +334,7 @@ fn device_state_chunks_and_restores() {
         };
         let dev = DeviceWeights::new(
             Gpu::open(0).unwrap(),
-            Plan::new(&gg, &args, 0).unwrap(),
+            Plan::new(&gg, &args, 0, 64).unwrap(),
             gg.tensors().map(|t| t.name.clone()),
         );
         let opts = LoadOptions {

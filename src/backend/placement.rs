@@ -40,6 +40,9 @@ pub struct Plan {
     pub cpu_weight_bytes: u64,
     /// Device memory reserved beside the weights (compute buffers).
     pub reserved_bytes: u64,
+    /// Device memory of one sequence's state at the planned context (f32 K/V caches of the
+    /// attention layers, Mamba-2 conv and SSM states), when the whole pass runs on the device.
+    pub state_bytes: u64,
     /// Device memory for staging: when routed experts stay in RAM and everything else is on
     /// the GPU, a prefill batch can copy the experts it selected into a buffer of one expert
     /// layer's size and compute them there.
@@ -91,9 +94,10 @@ impl Plan {
         !self.gpu.is_empty()
     }
 
-    /// The plan for `g` under `args`; `reserve` is device memory needed beside the weights
-    /// (compute buffers, and the KV cache and recurrent state once they live there).
-    pub fn new(g: &Gguf, args: &PlacementArgs, reserve: u64) -> Result<Plan> {
+    /// The plan for `g` under `args`; `reserve` is device memory needed beside the weights for
+    /// compute buffers; a context of `n_ctx` tokens adds the sequence state when the plan keeps
+    /// the whole pass on the device (every layer and the output head there).
+    pub fn new(g: &Gguf, args: &PlacementArgs, reserve: u64, n_ctx: usize) -> Result<Plan> {
         if !args.wants_gpu() {
             let cpu_weight_bytes = g.tensors().map(|t| t.size_bytes).sum();
             return Ok(Plan {
@@ -141,12 +145,18 @@ impl Plan {
         }
         let fixed_bytes: u64 = fixed.iter().map(|t| t.size_bytes).sum();
         let budget = args.gpu_mem.unwrap_or(u64::MAX);
+        let resident = output_on_gpu && first_gpu_layer == 0;
+        if resident {
+            plan.state_bytes = state_bytes(g, n_ctx)?;
+        }
+        let reserve = reserve + plan.state_bytes;
         if fixed_bytes.saturating_add(reserve) > budget {
             bail!(
-                "a GPU budget of {} is too small: the non-expert weights of the GPU layers need {} and the buffers {} (lower -ngl or raise --gpu-mem)",
+                "a GPU budget of {} is too small: the non-expert weights of the GPU layers need {}, the buffers {} and the state of a {n_ctx}-token context {} (lower -ngl or -c, or raise --gpu-mem)",
                 gib(budget),
                 gib(fixed_bytes),
-                gib(reserve)
+                gib(reserve - plan.state_bytes),
+                gib(plan.state_bytes)
             );
         }
         for t in fixed {
@@ -155,25 +165,27 @@ impl Plan {
         plan.gpu_weight_bytes = fixed_bytes;
         let mut used = fixed_bytes + reserve;
         // When some expert layer will stay in RAM under a device-resident placement (every
-        // layer and the output on the GPU), keep room for staging the largest one.
+        // layer and the output on the GPU), keep room for staging one: the largest tensor of
+        // each kind (up, down, ...) over the layers, which the staging buffers are sized by.
         let layer_bytes = |ts: &Vec<&TensorInfo>| ts.iter().map(|t| t.size_bytes).sum::<u64>();
         let all_experts: u64 = experts.values().map(layer_bytes).sum();
         let spills =
             !plan.expert_layers_in_ram.is_empty() || used.saturating_add(all_experts) > budget;
-        if output_on_gpu && first_gpu_layer == 0 && spills {
-            let largest = g
+        if resident && spills {
+            let largest: u64 = g
                 .tensors()
                 .filter(|t| is_expert(&t.name))
                 .fold(
-                    std::collections::BTreeMap::<usize, u64>::new(),
+                    std::collections::BTreeMap::<&str, u64>::new(),
                     |mut m, t| {
-                        *m.entry(layer_of(&t.name).unwrap_or(0)).or_default() += t.size_bytes;
+                        let kind = t.name.splitn(3, '.').nth(2).unwrap_or(&t.name);
+                        let e = m.entry(kind).or_default();
+                        *e = (*e).max(t.size_bytes);
                         m
                     },
                 )
                 .into_values()
-                .max()
-                .unwrap_or(0);
+                .sum();
             if largest > 0 && used + largest <= budget {
                 plan.staging_bytes = largest;
                 used += largest;
@@ -201,15 +213,61 @@ impl Plan {
     /// One line for stderr: what went where.
     pub fn summary(&self) -> String {
         format!(
-            "GPU: {} of weights + {} of buffers + {} of staging; RAM: {} of weights; routed experts on the GPU for {} layers, in RAM for {}",
+            "GPU: {} of weights + {} of buffers + {} of state + {} of staging; RAM: {} of weights; routed experts on the GPU for {} layers, in RAM for {}",
             gib(self.gpu_weight_bytes),
             gib(self.reserved_bytes),
+            gib(self.state_bytes),
             gib(self.staging_bytes),
             gib(self.cpu_weight_bytes),
             self.expert_layers_on_gpu.len(),
             self.expert_layers_in_ram.len()
         )
     }
+}
+
+/// Device bytes of one sequence's state at `n_ctx` tokens: f32 K and V rows for every layer
+/// with KV heads (`attention.head_count_kv`, per layer or one value), and for the Mamba-2 layers
+/// of hybrid models (no KV heads and no feed-forward) the conv window and the SSM state.
+pub fn state_bytes(g: &Gguf, n_ctx: usize) -> Result<u64> {
+    let md = g.metadata();
+    let arch = g.architecture()?;
+    let key = |k: &str| format!("{arch}.{k}");
+    let n_layer = md.get_usize(&key("block_count"))?;
+    let n_embd = md.get_usize(&key("embedding_length"))?;
+    let n_head = md
+        .get_usize(&key("attention.head_count"))
+        .unwrap_or(1)
+        .max(1);
+    let head_dim = md
+        .get_usize(&key("attention.key_length"))
+        .unwrap_or(n_embd / n_head);
+    let n_kv = md.get_per_layer(&key("attention.head_count_kv"), n_layer)?;
+    let ff = md
+        .get_per_layer(&key("feed_forward_length"), n_layer)
+        .unwrap_or(vec![1; n_layer]);
+    let ssm = |k: &str| md.get_usize(&key(k)).ok();
+    let mamba = match (
+        ssm("ssm.conv_kernel"),
+        ssm("ssm.inner_size"),
+        ssm("ssm.state_size"),
+        ssm("ssm.group_count"),
+    ) {
+        (Some(k), Some(di), Some(ds), Some(ng)) => {
+            (k.saturating_sub(1) * (di + 2 * ng * ds) + di * ds) as u64 * 4
+        }
+        _ => 0,
+    };
+    let mut total = 0u64;
+    for (kv, f) in n_kv.iter().zip(&ff) {
+        total += if *kv > 0 {
+            2 * n_ctx as u64 * (kv * head_dim) as u64 * 4
+        } else if *f == 0 {
+            mamba
+        } else {
+            0
+        };
+    }
+    Ok(total)
 }
 
 /// A size for people: GiB from 1 GiB up, else MiB.
@@ -279,14 +337,14 @@ mod tests {
     fn no_flags_no_gpu_and_every_byte_accounted() {
         let dir = tempfile::tempdir().unwrap();
         let g = model(dir.path());
-        let p = Plan::new(&g, &PlacementArgs::default(), 0).unwrap();
+        let p = Plan::new(&g, &PlacementArgs::default(), 0, 0).unwrap();
         assert!(!p.uses_gpu());
         assert_eq!(p.cpu_weight_bytes, bytes_of(&g, |_| true));
         let all = PlacementArgs {
             n_gpu_layers: Some(99),
             ..Default::default()
         };
-        let p = Plan::new(&g, &all, 0).unwrap();
+        let p = Plan::new(&g, &all, 0, 0).unwrap();
         assert_eq!(
             p.gpu_weight_bytes + p.cpu_weight_bytes,
             bytes_of(&g, |_| true),
@@ -306,12 +364,12 @@ mod tests {
             n_gpu_layers: Some(n),
             ..Default::default()
         };
-        let p = Plan::new(&g, &args(2), 0).unwrap();
+        let p = Plan::new(&g, &args(2), 0, 0).unwrap();
         assert!(p.on_gpu("blk.5.ffn_up_exps.weight") && p.on_gpu("blk.4.ssm_in.weight"));
         assert!(!p.on_gpu("blk.3.ffn_up_exps.weight") && !p.on_gpu("output.weight"));
-        let p = Plan::new(&g, &args(6), 0).unwrap();
+        let p = Plan::new(&g, &args(6), 0, 0).unwrap();
         assert!(p.on_gpu("blk.0.ssm_in.weight") && !p.on_gpu("output.weight"));
-        let p = Plan::new(&g, &args(7), 0).unwrap();
+        let p = Plan::new(&g, &args(7), 0, 0).unwrap();
         assert!(p.on_gpu("output.weight"));
     }
 
@@ -324,7 +382,7 @@ mod tests {
             n_cpu_moe: 4,
             gpu_mem: None,
         };
-        let p = Plan::new(&g, &args, 0).unwrap();
+        let p = Plan::new(&g, &args, 0, 0).unwrap();
         assert_eq!(p.expert_layers_in_ram, vec![1, 3]);
         assert_eq!(p.expert_layers_on_gpu, vec![5]);
         assert!(p.staging_bytes > 0, "experts in RAM get a staging buffer");
@@ -350,14 +408,18 @@ mod tests {
                 gpu_mem: None,
             },
             0,
+            0,
         )
         .unwrap()
         .gpu_weight_bytes;
         let reserve = 1000;
-        // Room for the fixed part, the staging buffer (the largest expert layer, since some
-        // stay in RAM) and a layer and a half of experts: one layer goes.
+        let ctx = 100;
+        let state = state_bytes(&g, ctx).unwrap();
+        // Room for the fixed part, the state of a 100-token context, the staging buffer (the
+        // largest expert layer, since some stay in RAM) and a layer and a half of experts: one
+        // layer goes.
         let largest = layer(1).max(layer(3)).max(layer(5));
-        let budget = fixed + reserve + largest + layer(5) + layer(3) / 2;
+        let budget = fixed + reserve + state + largest + layer(5) + layer(3) / 2;
         let p = Plan::new(
             &g,
             &PlacementArgs {
@@ -366,15 +428,16 @@ mod tests {
                 gpu_mem: Some(budget),
             },
             reserve,
+            ctx,
         )
         .unwrap();
         assert_eq!(p.expert_layers_on_gpu, vec![5]);
         assert_eq!(p.expert_layers_in_ram, vec![1, 3]);
-        assert_eq!(p.staging_bytes, largest);
-        assert!(p.gpu_weight_bytes + reserve + p.staging_bytes <= budget);
+        assert_eq!((p.staging_bytes, p.state_bytes), (largest, state));
+        assert!(p.gpu_weight_bytes + reserve + p.state_bytes + p.staging_bytes <= budget);
         assert_eq!(p.gpu_weight_bytes, fixed + layer(5));
         // Room for everything: no staging.
-        let all = fixed + reserve + layer(1) + layer(3) + layer(5);
+        let all = fixed + reserve + state + layer(1) + layer(3) + layer(5);
         let p = Plan::new(
             &g,
             &PlacementArgs {
@@ -382,6 +445,7 @@ mod tests {
                 ..Default::default()
             },
             reserve,
+            ctx,
         )
         .unwrap();
         assert_eq!((p.expert_layers_in_ram.len(), p.staging_bytes), (0, 0));
@@ -393,9 +457,50 @@ mod tests {
                 ..Default::default()
             },
             reserve,
+            ctx,
         )
         .unwrap_err();
         assert!(e.to_string().contains("too small"), "{e}");
+        // A context whose state cannot fit beside the weights: the error names the context.
+        let e = Plan::new(
+            &g,
+            &PlacementArgs {
+                gpu_mem: Some(fixed + reserve + state),
+                ..Default::default()
+            },
+            reserve,
+            1_000_000,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("1000000-token context"), "{e}");
+    }
+
+    /// The planner's state size is what a sequence's state really holds: the host state the
+    /// model allocates (the device state has the same f32 layout) at a few context sizes.
+    #[test]
+    fn state_bytes_match_the_state_the_model_allocates() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = model(dir.path());
+        let m = crate::model::load_with(&g, Default::default()).unwrap();
+        for n_ctx in [1, 100, 4096] {
+            let st = m
+                .new_state(n_ctx, crate::backend::cpu::Precision::Exact)
+                .unwrap();
+            let held: usize = st
+                .layers
+                .iter()
+                .map(|l| match l {
+                    crate::model::LayerState::Attention { k, v, .. } => k.len() + v.len(),
+                    crate::model::LayerState::Mamba { conv, ssm } => conv.len() + ssm.len(),
+                    _ => 0,
+                })
+                .sum();
+            assert_eq!(
+                state_bytes(&g, n_ctx).unwrap(),
+                4 * held as u64,
+                "n_ctx {n_ctx}"
+            );
+        }
     }
 
     #[test]

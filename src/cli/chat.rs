@@ -56,7 +56,8 @@ pub fn run(a: ChatArgs, out: &mut dyn Write) -> Result<()> {
     common::install_ctrl_c();
     let interactive = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
     let g = Model::open(&a.model.model)?;
-    let dev = common::device_weights(&g, &a.model.place, a.model.quiet)?;
+    let n_ctx = common::planned_context(&g, a.model.ctx_size);
+    let dev = common::device_weights(&g, &a.model.place, a.model.quiet, n_ctx)?;
     let l = common::load(&g, dev.as_ref(), &a.model)?;
     let engine = Engine::new(l.model.as_ref(), l.cpu, l.tok, l.n_ctx)?;
     let template =

@@ -111,14 +111,30 @@ const COMPUTE_RESERVE: u64 = 512 << 20;
 /// Free device memory left unplanned (the CUDA context, the kernels, allocator slack).
 const DEVICE_MARGIN: u64 = 256 << 20;
 
+/// The context a run of `g` gets when `asked` for (0: the model's trained length, at most 4096),
+/// known before loading: what the planner sizes the device state for.
+pub fn planned_context(g: &Model, asked: usize) -> usize {
+    let trained = g
+        .architecture()
+        .ok()
+        .and_then(|a| g.metadata().get_usize(&format!("{a}.context_length")).ok())
+        .unwrap_or(4096);
+    context_size(asked, trained)
+}
+
 /// The plan the flags make for `g` against their budget alone (no device is opened: this is
-/// what `info` reports), or None when they ask for no GPU.
-pub fn plan_without_device(g: &Model, flags: &PlacementFlags) -> Result<Option<Plan>> {
+/// what `info` reports) with the state of an `n_ctx`-token context, or None when they ask for
+/// no GPU.
+pub fn plan_without_device(
+    g: &Model,
+    flags: &PlacementFlags,
+    n_ctx: usize,
+) -> Result<Option<Plan>> {
     let args = flags.args();
     if !args.wants_gpu() {
         return Ok(None);
     }
-    Plan::new(g, &args, COMPUTE_RESERVE).map(Some)
+    Plan::new(g, &args, COMPUTE_RESERVE, n_ctx).map(Some)
 }
 
 /// The weights the flags put on the GPU, or None: when the flags ask for no GPU, or when there is
@@ -128,6 +144,7 @@ pub fn device_weights(
     g: &Model,
     flags: &PlacementFlags,
     quiet: bool,
+    n_ctx: usize,
 ) -> Result<Option<DeviceWeights>> {
     let args = flags.args();
     if !args.wants_gpu() {
@@ -153,7 +170,7 @@ pub fn device_weights(
         );
     }
     args.gpu_mem = Some(args.gpu_mem.map_or(free, |b| b.min(free)));
-    let plan = Plan::new(g, &args, COMPUTE_RESERVE)?;
+    let plan = Plan::new(g, &args, COMPUTE_RESERVE, n_ctx)?;
     if !quiet {
         eprintln!("{}: {}", gpu.name, plan.summary());
     }

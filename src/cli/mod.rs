@@ -209,13 +209,14 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
         Command::Info { model, json, place } => {
             let m = Model::open(&model)?;
             let info = ModelInfo::from_model(&m)?;
-            let plan = common::plan_without_device(&m, &place)?;
+            let plan = common::plan_without_device(&m, &place, common::planned_context(&m, 0))?;
             if json {
                 let mut v = info.to_json();
                 if let Some(p) = &plan {
                     v["placement"] = serde_json::json!({
                         "gpu_weight_bytes": p.gpu_weight_bytes,
                         "reserved_bytes": p.reserved_bytes,
+                        "state_bytes": p.state_bytes,
                         "staging_bytes": p.staging_bytes,
                         "cpu_weight_bytes": p.cpu_weight_bytes,
                         "expert_layers_on_gpu": p.expert_layers_on_gpu,
@@ -243,18 +244,18 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
         } => {
             let precision = precision(exact);
             let g = Model::open(&model)?;
-            let dev = common::device_weights(&g, &place, false)?;
+            let n_ctx = if ctx_size == 0 {
+                tokens.len() + decode
+            } else {
+                ctx_size
+            };
+            let dev = common::device_weights(&g, &place, false, n_ctx)?;
             let opts = crate::model::LoadOptions {
                 repack: repack(no_repack, precision, &g),
                 device: dev.as_ref(),
             };
             let m = crate::model::load_with(&g, opts)?;
             let cpu = Cpu::new(threads, precision)?;
-            let n_ctx = if ctx_size == 0 {
-                tokens.len() + decode
-            } else {
-                ctx_size
-            };
             if tokens.len() + decode > n_ctx {
                 anyhow::bail!(
                     "{} prompt tokens + {decode} decode steps do not fit in a context of {n_ctx} (raise -c/--ctx-size)",
@@ -294,7 +295,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
         } => {
             let precision = precision(exact);
             let g = Model::open(&model)?;
-            let dev = common::device_weights(&g, &place, json)?;
+            let dev = common::device_weights(&g, &place, json, n_prompt + n_gen)?;
             let opts = crate::model::LoadOptions {
                 repack: repack(no_repack, precision, &g),
                 device: dev.as_ref(),

@@ -80,7 +80,8 @@ pub fn run(a: RunArgs, out: &mut dyn Write) -> Result<()> {
     GENERATING.store(true, Ordering::SeqCst);
     let t0 = Instant::now();
     let g = Model::open(&a.model.model)?;
-    let dev = common::device_weights(&g, &a.model.place, a.model.quiet)?;
+    let n_ctx = common::planned_context(&g, a.model.ctx_size);
+    let dev = common::device_weights(&g, &a.model.place, a.model.quiet, n_ctx)?;
     let l = common::load(&g, dev.as_ref(), &a.model)?;
     let load_secs = t0.elapsed().as_secs_f64();
     let n_ctx = l.n_ctx;

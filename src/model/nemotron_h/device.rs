@@ -111,8 +111,9 @@ fn expert_bytes(m: &NemotronH) -> Option<usize> {
 
 impl Offload {
     /// Staging and page-locking for the MoE layers whose experts stay in RAM (None when there
-    /// are none, or when the staging buffer does not fit: then the CPU computes them always).
-    fn new(gpu: &Gpu, m: &NemotronH) -> Option<Offload> {
+    /// are none, or when the plan reserved no room to stage them: then the CPU computes them
+    /// always).
+    fn new(gpu: &Gpu, m: &NemotronH, budget: u64) -> Option<Offload> {
         let in_ram: Vec<&Moe> = m
             .layers
             .iter()
@@ -123,6 +124,13 @@ impl Offload {
             .collect();
         let up_bytes = in_ram.iter().map(|b| b.up.data.len()).max()?;
         let down_bytes = in_ram.iter().map(|b| b.down.data.len()).max()?;
+        if (up_bytes + down_bytes) as u64 > budget {
+            eprintln!(
+                "note: the GPU budget leaves no room to stage RAM experts ({:.2} GiB); the CPU computes them",
+                (up_bytes + down_bytes) as f64 / (1u64 << 30) as f64
+            );
+            return None;
+        }
         let stage = match (gpu.staging(up_bytes), gpu.staging(down_bytes)) {
             (Ok(u), Ok(d)) => (u, d),
             (Err(e), _) | (_, Err(e)) => {
@@ -175,8 +183,9 @@ fn resident(m: &NemotronH) -> bool {
 
 impl<'a> DeviceParts<'a> {
     /// The device parts for `m` when its placement allows the device-resident pass (None when
-    /// some non-expert weight stays in RAM: then each product crosses PCIe on its own).
-    pub(super) fn new(m: &NemotronH<'a>) -> Result<Option<DeviceParts<'a>>> {
+    /// some non-expert weight stays in RAM: then each product crosses PCIe on its own);
+    /// `staging_budget` is what the plan reserved for staging RAM experts.
+    pub(super) fn new(m: &NemotronH<'a>, staging_budget: u64) -> Result<Option<DeviceParts<'a>>> {
         if !resident(m) {
             return Ok(None);
         }
@@ -209,7 +218,7 @@ impl<'a> DeviceParts<'a> {
             gpu,
             layers,
             out_norm: up(&m.out_norm)?,
-            offload: Offload::new(gpu, m),
+            offload: Offload::new(gpu, m, staging_budget),
         }))
     }
 

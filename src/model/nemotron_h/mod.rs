@@ -248,7 +248,8 @@ impl<'a> NemotronH<'a> {
             usage: std::sync::Mutex::new(vec![Vec::new(); n_layer]),
             dev: None,
         };
-        m.dev = device::DeviceParts::new(&m)?;
+        let staging = t.opts.device.map_or(0, |d| d.plan.staging_bytes);
+        m.dev = device::DeviceParts::new(&m, staging)?;
         Ok(m)
     }
 
