@@ -36,6 +36,8 @@ fn missing_file_is_a_one_line_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.starts_with("error: /nonexistent/model.gguf: "), "{err}");
+    // The cause is said once (it once came twice: in the message and again as its source).
+    assert_eq!(err.matches("os error").count(), 1, "{err}");
 }
 
 #[test]

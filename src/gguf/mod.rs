@@ -22,11 +22,10 @@ pub const MAX_DIMS: usize = 4;
 /// Anything that stops a GGUF model from opening. Messages are one line.
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    /// (The I/O error is a plain field, not a `source`: the one-line message already holds it,
+    /// and a chained report would print it twice.)
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     #[error("{0}")]
     Format(String),
     #[error(transparent)]
@@ -34,10 +33,10 @@ pub enum GgufError {
 }
 
 impl GgufError {
-    fn io(path: &Path, source: std::io::Error) -> GgufError {
+    fn io(path: &Path, err: std::io::Error) -> GgufError {
         GgufError::Io {
             path: path.to_path_buf(),
-            source,
+            err,
         }
     }
 }
