@@ -6,6 +6,7 @@
 mod device;
 
 use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
 
 use super::{embed, Forward, LayerState, State, Tensors};
 use crate::backend::attention::{self, AttnShape};
@@ -355,8 +356,11 @@ impl<'a> NemotronH<'a> {
                 gpu.set_tensor_cores(cpu.precision == Precision::Normal);
                 gpu.relu2_mlps(&jobs)
             }
+            // The blocks run concurrently, each product's row chunks stolen by whichever
+            // threads are free: one fork-join for the layer's experts instead of two per
+            // expert.
             _ => blocks
-                .iter()
+                .par_iter()
                 .map(|b| Self::mlp(cpu, &b.up, &b.down, b.x, b.t))
                 .collect(),
         }
