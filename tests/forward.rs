@@ -11,7 +11,7 @@ mod common;
 use common::{compare, golden, ids, median, read_f32, read_json, rel_rms, run, Golden};
 use ggrun::backend::cpu::{Cpu, Precision};
 use ggrun::gguf::Model;
-use ggrun::model::{self, Forward, State};
+use ggrun::model;
 use ggrun::sample::argmax;
 use ggrun::tokenizer::Tokenizer;
 
@@ -177,16 +177,6 @@ fn smollm2_agrees_with_llama_cpp_top1_and_continuation() {
     }
 }
 
-/// Logits of the last token after feeding `tokens` in chunks of `chunk`.
-fn chunked(m: &dyn Forward, cpu: &Cpu, tokens: &[u32], chunk: usize) -> (Vec<f32>, State) {
-    let mut st = m.new_state(tokens.len() + 8, cpu.precision).unwrap();
-    let mut last = Vec::new();
-    for c in tokens.chunks(chunk) {
-        last = m.forward(cpu, &mut st, c, false).unwrap();
-    }
-    (last, st)
-}
-
 #[test]
 fn chunked_prefill_equals_one_batch_and_state_restores_exactly() {
     let cpu = Cpu::new(2, Precision::Exact).unwrap();
@@ -194,37 +184,7 @@ fn chunked_prefill_equals_one_batch_and_state_restores_exactly() {
         let g = golden(name);
         let gg = Model::open(&g.model).unwrap();
         let m = model::load(&gg).unwrap();
-        let toks = &g.prompt_tokens;
-        let (one, _) = chunked(m.as_ref(), &cpu, toks, toks.len());
-        for chunk in [1, 3, 7] {
-            let (c, _) = chunked(m.as_ref(), &cpu, toks, chunk);
-            let e = rel_rms(&c, &one);
-            assert!(e <= 1e-5, "{name}: chunks of {chunk}: {e}");
-        }
-        // Save after the prompt, continue; restore into a fresh state, continue again: identical.
-        let (_, st) = chunked(m.as_ref(), &cpu, toks, 5);
-        let saved = st.to_bytes().unwrap();
-        let cont = |mut st: State| {
-            let mut out = Vec::new();
-            let mut tok = 1u32;
-            for _ in 0..4 {
-                let r = m.forward(&cpu, &mut st, &[tok], false).unwrap();
-                tok = argmax(&r) as u32;
-                out.extend(r);
-            }
-            out
-        };
-        let a = cont(st);
-        let mut fresh = m.new_state(toks.len() + 8, cpu.precision).unwrap();
-        fresh.restore(&saved).unwrap();
-        let b = cont(fresh);
-        assert!(
-            a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
-            "{name}: restored state diverged"
-        );
-        // A state saved for another context size is refused.
-        let mut other = m.new_state(toks.len() + 9, cpu.precision).unwrap();
-        assert!(other.restore(&saved).is_err());
+        common::check_chunks_and_restore(m.as_ref(), &cpu, &g.prompt_tokens, 1e-5, name);
     }
 }
 

@@ -16,13 +16,12 @@
 
 mod common;
 
-use common::{compare, golden, median, rel_rms, run};
+use common::{compare, golden, median, run};
 use ggrun::backend::cpu::{Cpu, Matrix, Precision};
 use ggrun::backend::cuda::{DeviceWeights, Gpu};
 use ggrun::backend::placement::{PlacementArgs, Plan};
 use ggrun::gguf::Model;
-use ggrun::model::{self, Forward, LayerState, LoadOptions, State};
-use ggrun::sample::argmax;
+use ggrun::model::{self, LayerState, LoadOptions};
 use ggrun_quants::{dequantize_fn, reference_quantize_fn, GgmlType};
 
 /// Deterministic pseudo-random values in [-1, 1) from `seed`, some of them scaled up.
@@ -168,6 +167,31 @@ fn opening_a_gpu_succeeds_or_says_why_in_one_line() {
     }
 }
 
+/// Every layer and the output head on the GPU.
+const ALL_ON_GPU: PlacementArgs = PlacementArgs {
+    n_gpu_layers: Some(999),
+    n_cpu_moe: 0,
+    gpu_mem: None,
+};
+
+/// The weights `args` place on device 0 (planned for a 64-token context).
+fn placed(gg: &Model, args: &PlacementArgs) -> DeviceWeights {
+    let plan = Plan::new(gg, args, 0, 64).unwrap();
+    assert!(plan.uses_gpu());
+    DeviceWeights::new(
+        Gpu::open(0).unwrap(),
+        plan,
+        gg.tensors().map(|t| t.name.clone()),
+    )
+}
+
+fn opts(dev: &DeviceWeights, repack: bool) -> LoadOptions<'_> {
+    LoadOptions {
+        repack,
+        device: Some(dev),
+    }
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU: run scripts/gpu-test.sh on the device machine"]
 fn whole_and_split_models_on_the_gpu_match_the_float64_reference() {
@@ -185,10 +209,6 @@ fn whole_and_split_models_on_the_gpu_match_the_float64_reference() {
         let steps = g.generated.len();
         let forced = Some(g.generated.as_slice());
         let reference = g.reference.as_ref().unwrap();
-        let all = PlacementArgs {
-            n_gpu_layers: Some(999),
-            ..Default::default()
-        };
         let split = PlacementArgs {
             n_gpu_layers: Some(999),
             n_cpu_moe: 2,
@@ -204,7 +224,7 @@ fn whole_and_split_models_on_the_gpu_match_the_float64_reference() {
             ..Default::default()
         };
         for (what, args) in [
-            ("all on the GPU (device-resident)", all),
+            ("all on the GPU (device-resident)", ALL_ON_GPU),
             (
                 "experts of layers 0-1 in RAM (device-resident, CPU experts)",
                 split,
@@ -217,18 +237,8 @@ fn whole_and_split_models_on_the_gpu_match_the_float64_reference() {
                 some_layers,
             ),
         ] {
-            let plan = Plan::new(&gg, &args, 0, 64).unwrap();
-            assert!(plan.uses_gpu());
-            let dev = DeviceWeights::new(
-                Gpu::open(0).unwrap(),
-                plan,
-                gg.tensors().map(|t| t.name.clone()),
-            );
-            let opts = LoadOptions {
-                repack: true,
-                device: Some(&dev),
-            };
-            let m = model::load_with(&gg, opts).unwrap();
+            let dev = placed(&gg, &args);
+            let m = model::load_with(&gg, opts(&dev, true)).unwrap();
             let (rows, _) = run(m.as_ref(), &cpu, &g.prompt_tokens, steps, forced);
             if let Some(line) = m.offload_report() {
                 eprintln!("{name} {what}: {line}");
@@ -269,20 +279,8 @@ fn normal_precision_on_the_tensor_cores_meets_the_normal_mode_bound() {
             "the prompt must reach the tensor-core kernel"
         );
         let gg = Model::open(&g.model).unwrap();
-        let args = PlacementArgs {
-            n_gpu_layers: Some(999),
-            ..Default::default()
-        };
-        let dev = DeviceWeights::new(
-            Gpu::open(0).unwrap(),
-            Plan::new(&gg, &args, 0, 64).unwrap(),
-            gg.tensors().map(|t| t.name.clone()),
-        );
-        let opts = LoadOptions {
-            repack: false,
-            device: Some(&dev),
-        };
-        let m = model::load_with(&gg, opts).unwrap();
+        let dev = placed(&gg, &ALL_ON_GPU);
+        let m = model::load_with(&gg, opts(&dev, false)).unwrap();
         let forced = Some(g.generated.as_slice());
         let (rows, _) = run(
             m.as_ref(),
@@ -306,16 +304,6 @@ fn normal_precision_on_the_tensor_cores_meets_the_normal_mode_bound() {
     }
 }
 
-/// Logits of the last token after feeding `tokens` in chunks of `chunk`.
-fn chunked(m: &dyn Forward, cpu: &Cpu, tokens: &[u32], chunk: usize) -> (Vec<f32>, State) {
-    let mut st = m.new_state(tokens.len() + 8, cpu.precision).unwrap();
-    let mut last = Vec::new();
-    for c in tokens.chunks(chunk) {
-        last = m.forward(cpu, &mut st, c, false).unwrap();
-    }
-    (last, st)
-}
-
 /// The device-resident pass keeps the state on the GPU: feeding a prompt in chunks (1 and 3
 /// tokens run the routed experts with device-side ids, 7 and the whole prompt group tokens per
 /// expert) gives the one-batch logits within 1e-4 rel-RMS (other kernels sum in other orders;
@@ -328,51 +316,14 @@ fn device_state_chunks_and_restores() {
     for name in ["nemo-tiny-q4_k_m", "nemo-dense-tiny-q4_k_m"] {
         let g = golden(name);
         let gg = Model::open(&g.model).unwrap();
-        let args = PlacementArgs {
-            n_gpu_layers: Some(999),
-            ..Default::default()
-        };
-        let dev = DeviceWeights::new(
-            Gpu::open(0).unwrap(),
-            Plan::new(&gg, &args, 0, 64).unwrap(),
-            gg.tensors().map(|t| t.name.clone()),
-        );
-        let opts = LoadOptions {
-            repack: false,
-            device: Some(&dev),
-        };
-        let m = model::load_with(&gg, opts).unwrap();
-        let toks = &g.prompt_tokens;
-        let (one, st) = chunked(m.as_ref(), &cpu, toks, toks.len());
+        let dev = placed(&gg, &ALL_ON_GPU);
+        let m = model::load_with(&gg, opts(&dev, false)).unwrap();
+        let st = m.new_state(8, cpu.precision).unwrap();
         assert!(
             st.layers.iter().any(|l| matches!(l, LayerState::Device(_))),
             "{name}: the state is not on the device"
         );
-        for chunk in [1, 3, 7] {
-            let (c, _) = chunked(m.as_ref(), &cpu, toks, chunk);
-            let e = rel_rms(&c, &one);
-            assert!(e <= 1e-4, "{name}: chunks of {chunk}: {e}");
-        }
-        let (_, st) = chunked(m.as_ref(), &cpu, toks, 5);
-        let saved = st.to_bytes().unwrap();
-        let cont = |mut st: State| {
-            let mut out = Vec::new();
-            let mut tok = 1u32;
-            for _ in 0..4 {
-                let r = m.forward(&cpu, &mut st, &[tok], false).unwrap();
-                tok = argmax(&r) as u32;
-                out.extend(r);
-            }
-            out
-        };
-        let a = cont(st);
-        let mut fresh = m.new_state(toks.len() + 8, cpu.precision).unwrap();
-        fresh.restore(&saved).unwrap();
-        let b = cont(fresh);
-        assert!(
-            a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
-            "{name}: restored device state diverged"
-        );
+        common::check_chunks_and_restore(m.as_ref(), &cpu, &g.prompt_tokens, 1e-4, name);
         eprintln!("{name}: device state chunks and restores");
     }
 }

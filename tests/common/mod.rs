@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use ggrun::backend::cpu::Cpu;
-use ggrun::model::Forward;
+use ggrun::model::{Forward, State};
 use ggrun::sample::argmax;
 
 /// `../shared/fixtures` beside the checkout (override with GGRUN_FIXTURES).
@@ -108,6 +108,53 @@ pub fn golden(name: &str) -> Golden {
         logits: read_f32(&dir.join(j["logits_file"].as_str().unwrap())),
         reference: j["ref_file"].as_str().map(|f| read_f32(&dir.join(f))),
     }
+}
+
+/// Logits of the last token after feeding `tokens` in chunks of `chunk`, and the state.
+pub fn chunked(m: &dyn Forward, cpu: &Cpu, tokens: &[u32], chunk: usize) -> (Vec<f32>, State) {
+    let mut st = m.new_state(tokens.len() + 8, cpu.precision).unwrap();
+    let mut last = Vec::new();
+    for c in tokens.chunks(chunk) {
+        last = m.forward(cpu, &mut st, c, false).unwrap();
+    }
+    (last, st)
+}
+
+/// The prompt fed in one batch and in chunks of 1, 3 and 7 gives the same last logits within
+/// `tol` rel-RMS; a state saved after the prompt and restored into a fresh one continues
+/// bit-identically; a state saved for another context size is refused.
+pub fn check_chunks_and_restore(m: &dyn Forward, cpu: &Cpu, toks: &[u32], tol: f64, name: &str) {
+    let (one, _) = chunked(m, cpu, toks, toks.len());
+    for chunk in [1, 3, 7] {
+        let (c, _) = chunked(m, cpu, toks, chunk);
+        let e = rel_rms(&c, &one);
+        assert!(e <= tol, "{name}: chunks of {chunk}: {e}");
+    }
+    let (_, st) = chunked(m, cpu, toks, 5);
+    let saved = st.to_bytes().unwrap();
+    let cont = |mut st: State| {
+        let mut out = Vec::new();
+        let mut tok = 1u32;
+        for _ in 0..4 {
+            let r = m.forward(cpu, &mut st, &[tok], false).unwrap();
+            tok = argmax(&r) as u32;
+            out.extend(r);
+        }
+        out
+    };
+    let a = cont(st);
+    let mut fresh = m.new_state(toks.len() + 8, cpu.precision).unwrap();
+    fresh.restore(&saved).unwrap();
+    let b = cont(fresh);
+    assert!(
+        a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+        "{name}: restored state diverged"
+    );
+    let mut other = m.new_state(toks.len() + 9, cpu.precision).unwrap();
+    assert!(
+        other.restore(&saved).is_err(),
+        "{name}: a foreign state was accepted"
+    );
 }
 
 /// Prefill `prompt` in one batch, then one token at a time: `forced` tokens if given, else the

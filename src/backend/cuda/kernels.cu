@@ -8,6 +8,25 @@ typedef signed char i8;
 typedef unsigned short u16;
 typedef unsigned int u32;
 
+// Every weight type with kernels, as X(suffix, type id): each product family below is
+// instantiated for all of them, named matmul_<suffix>, matmul_<suffix>_id, matmul_tiled_<suffix>
+// and matmul_mma_<suffix> (kernel_name in mod.rs builds the same names).
+#define FOR_EACH_TYPE(X) \
+    X(f32, T_F32) \
+    X(f16, T_F16) \
+    X(bf16, T_BF16) \
+    X(q4_0, T_Q4_0) \
+    X(q4_1, T_Q4_1) \
+    X(q5_0, T_Q5_0) \
+    X(q5_1, T_Q5_1) \
+    X(q8_0, T_Q8_0) \
+    X(iq4_nl, T_IQ4_NL) \
+    X(q2_k, T_Q2_K) \
+    X(q3_k, T_Q3_K) \
+    X(q4_k, T_Q4_K) \
+    X(q5_k, T_Q5_K) \
+    X(q6_k, T_Q6_K)
+
 // −∞ (NVRTC has no math.h).
 #define NEG_INF __int_as_float(0xff800000)
 
@@ -276,31 +295,18 @@ __device__ void matmul_id(const u8* w, const float* x, float* y, const int* ids,
     if (threadIdx.x < n) put(y + (long long)p * rows + r0 + threadIdx.x, s, epi);
 }
 
-#define MATMUL(name, T)                                                                          \
-    extern "C" __global__ void name(const u8* w, const float* x, float* y, int rows, int cols,   \
+#define MATMUL(s, T)                                                                             \
+    extern "C" __global__ void matmul_##s(const u8* w, const float* x, float* y, int rows, int cols,   \
                                     long long row_bytes, int tokens, int epi) {                 \
         matmul<T>(w, x, y, rows, cols, row_bytes, tokens, epi);                                  \
     }                                                                                            \
-    extern "C" __global__ void name##_id(const u8* w, const float* x, float* y, const int* ids,  \
+    extern "C" __global__ void matmul_##s##_id(const u8* w, const float* x, float* y, const int* ids,  \
                                          int rows, int cols, long long row_bytes, int pairs,     \
                                          int k, int x_per_pair, int epi) {                       \
         matmul_id<T>(w, x, y, ids, rows, cols, row_bytes, pairs, k, x_per_pair, epi);            \
     }
 
-MATMUL(matmul_f32, T_F32)
-MATMUL(matmul_f16, T_F16)
-MATMUL(matmul_bf16, T_BF16)
-MATMUL(matmul_q4_0, T_Q4_0)
-MATMUL(matmul_q4_1, T_Q4_1)
-MATMUL(matmul_q5_0, T_Q5_0)
-MATMUL(matmul_q5_1, T_Q5_1)
-MATMUL(matmul_q8_0, T_Q8_0)
-MATMUL(matmul_iq4_nl, T_IQ4_NL)
-MATMUL(matmul_q2_k, T_Q2_K)
-MATMUL(matmul_q3_k, T_Q3_K)
-MATMUL(matmul_q4_k, T_Q4_K)
-MATMUL(matmul_q5_k, T_Q5_K)
-MATMUL(matmul_q6_k, T_Q6_K)
+FOR_EACH_TYPE(MATMUL)
 
 // Prefill: y[t][r] for a tile of 32 rows × 64 tokens per block of 256 threads. Per step of 64
 // columns the block dequantizes the tile's weights once into shared memory (deq8, as above) and
@@ -355,27 +361,14 @@ __device__ void matmul_tiled(const u8* w, const float* x, float* y, int rows, in
     }
 }
 
-#define MATMUL_TILED(name, T)                                                                    \
-    extern "C" __global__ void __launch_bounds__(256) name(const u8* w, const float* x, float* y,\
+#define MATMUL_TILED(s, T)                                                                       \
+    extern "C" __global__ void __launch_bounds__(256) matmul_tiled_##s(const u8* w, const float* x, float* y,\
                                     int rows, int cols, long long row_bytes, int tokens,          \
                                     int epi) {                                                    \
         matmul_tiled<T>(w, x, y, rows, cols, row_bytes, tokens, epi);                            \
     }
 
-MATMUL_TILED(matmul_tiled_f32, T_F32)
-MATMUL_TILED(matmul_tiled_f16, T_F16)
-MATMUL_TILED(matmul_tiled_bf16, T_BF16)
-MATMUL_TILED(matmul_tiled_q4_0, T_Q4_0)
-MATMUL_TILED(matmul_tiled_q4_1, T_Q4_1)
-MATMUL_TILED(matmul_tiled_q5_0, T_Q5_0)
-MATMUL_TILED(matmul_tiled_q5_1, T_Q5_1)
-MATMUL_TILED(matmul_tiled_q8_0, T_Q8_0)
-MATMUL_TILED(matmul_tiled_iq4_nl, T_IQ4_NL)
-MATMUL_TILED(matmul_tiled_q2_k, T_Q2_K)
-MATMUL_TILED(matmul_tiled_q3_k, T_Q3_K)
-MATMUL_TILED(matmul_tiled_q4_k, T_Q4_K)
-MATMUL_TILED(matmul_tiled_q5_k, T_Q5_K)
-MATMUL_TILED(matmul_tiled_q6_k, T_Q6_K)
+FOR_EACH_TYPE(MATMUL_TILED)
 
 // Prefill on the tensor cores (normal precision): a block of four warps computes 64 rows × 64
 // tokens. Per step of 32 columns the block dequantizes the weight tile (deq8, as above) and the
@@ -470,27 +463,14 @@ __device__ void matmul_mma(const u8* w, const float* x, float* y, int rows, int 
             }
 }
 
-#define MATMUL_MMA(name, T)                                                                      \
-    extern "C" __global__ void __launch_bounds__(128) name(const u8* w, const float* x, float* y,\
+#define MATMUL_MMA(s, T)                                                                         \
+    extern "C" __global__ void __launch_bounds__(128) matmul_mma_##s(const u8* w, const float* x, float* y,\
                                     int rows, int cols, long long row_bytes, int tokens,          \
                                     int epi) {                                                    \
         matmul_mma<T>(w, x, y, rows, cols, row_bytes, tokens, epi);                              \
     }
 
-MATMUL_MMA(matmul_mma_f32, T_F32)
-MATMUL_MMA(matmul_mma_f16, T_F16)
-MATMUL_MMA(matmul_mma_bf16, T_BF16)
-MATMUL_MMA(matmul_mma_q4_0, T_Q4_0)
-MATMUL_MMA(matmul_mma_q4_1, T_Q4_1)
-MATMUL_MMA(matmul_mma_q5_0, T_Q5_0)
-MATMUL_MMA(matmul_mma_q5_1, T_Q5_1)
-MATMUL_MMA(matmul_mma_q8_0, T_Q8_0)
-MATMUL_MMA(matmul_mma_iq4_nl, T_IQ4_NL)
-MATMUL_MMA(matmul_mma_q2_k, T_Q2_K)
-MATMUL_MMA(matmul_mma_q3_k, T_Q3_K)
-MATMUL_MMA(matmul_mma_q4_k, T_Q4_K)
-MATMUL_MMA(matmul_mma_q5_k, T_Q5_K)
-MATMUL_MMA(matmul_mma_q6_k, T_Q6_K)
+FOR_EACH_TYPE(MATMUL_MMA)
 
 // ---------------------------------------------------------------------------------------------
 // Mamba-2 on the device (building blocks of the device-resident forward pass).
