@@ -12,5 +12,6 @@ pub mod gguf;
 pub mod info;
 pub mod model;
 pub mod sample;
+pub mod serve;
 pub mod synth;
 pub mod tokenizer;

@@ -32,6 +32,9 @@ pub enum Command {
     /// One prompt in, one answer out (for scripts): the prompt from -p, -f or stdin goes
     /// through the chat template unless --raw; stdout carries only the answer.
     Run(run::RunArgs),
+    /// An OpenAI- and Ollama-compatible HTTP server (chat/completions with streaming,
+    /// completions, models, health; /api/chat and /api/tags).
+    Serve(crate::serve::ServeArgs),
     /// Interactive chat in the terminal (plain line mode when stdin is not a terminal).
     Chat(chat::ChatArgs),
     /// Print the prompt the chat template makes of a conversation (to compare with other
@@ -177,6 +180,7 @@ pub enum Command {
 pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(a) => run::run(a, out)?,
+        Command::Serve(a) => crate::serve::run(a)?,
         Command::Chat(a) => chat::run(a, out)?,
         Command::Template {
             model,

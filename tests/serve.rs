@@ -1,0 +1,397 @@
+//! `ggrun serve` over loopback with SmolLM2, spoken to in plain HTTP/1.1 from the test (no client
+//! library between us and the bytes): answers equal `ggrun run` at temperature 0, streamed and
+//! not; the Ollama endpoints; prefix reuse reported in usage; the API key; bad requests get a
+//! 4xx with an OpenAI-style error object; a client that disconnects mid-stream frees the server
+//! at once; several clients at once are all served, in turn, correctly.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// A running server, killed on drop.
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(extra: &[&str]) -> Server {
+    let model = common::smollm2();
+    let mut child = common::ggrun()
+        .args(["serve", "-m"])
+        .arg(&model)
+        .args(["--port", "0", "-c", "1024", "-t", "2", "-q"])
+        .args(extra)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("the server exited before listening")
+            .unwrap();
+        if let Some(a) = line.strip_prefix("listening on http://") {
+            break a.to_string();
+        }
+    };
+    // Keep draining stderr so the server never blocks on it.
+    std::thread::spawn(move || for _ in lines {});
+    Server { child, addr }
+}
+
+/// One request on its own connection: (status, body). Chunked bodies are de-chunked.
+fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req += &format!("{k}: {v}\r\n");
+    }
+    req += "\r\n";
+    req += body;
+    s.write_all(req.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8(raw).unwrap();
+    let (head, rest) = text.split_once("\r\n\r\n").unwrap();
+    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(rest)
+    } else {
+        rest.to_string()
+    };
+    (status, body)
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let (len, rest) = s.split_once("\r\n").unwrap();
+        let n = usize::from_str_radix(len.trim(), 16).unwrap();
+        if n == 0 {
+            return out;
+        }
+        out.push_str(&rest[..n]);
+        s = &rest[n + 2..];
+    }
+}
+
+fn post(addr: &str, path: &str, body: &Value) -> (u16, Value, String) {
+    let (status, text) = http(addr, "POST", path, &[], &body.to_string());
+    let v = serde_json::from_str(&text).unwrap_or(Value::Null);
+    (status, v, text)
+}
+
+/// `ggrun run`'s greedy answer to `prompt` in `n` tokens.
+fn run_answer(prompt: &str, n: usize) -> String {
+    let out = common::ggrun()
+        .args(["run", "-m"])
+        .arg(common::smollm2())
+        .args([
+            "-q",
+            "--temp",
+            "0",
+            "-t",
+            "2",
+            "-n",
+            &n.to_string(),
+            "-p",
+            prompt,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .trim_end_matches('\n')
+        .to_string()
+}
+
+fn chat(prompt: &str, n: usize, stream: bool) -> Value {
+    json!({"messages": [{"role": "user", "content": prompt}], "max_tokens": n,
+           "temperature": 0, "stream": stream})
+}
+
+/// The text of an SSE chat stream (content deltas joined), and whether it ended with [DONE].
+fn streamed_text(body: &str) -> (String, bool) {
+    let mut text = String::new();
+    let mut done = false;
+    for line in body.lines() {
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            done = true;
+            continue;
+        }
+        let v: Value = serde_json::from_str(data).unwrap();
+        if let Some(c) = v["choices"][0]["delta"]["content"].as_str() {
+            text.push_str(c);
+        }
+    }
+    (text, done)
+}
+
+#[test]
+fn answers_equal_run_streamed_or_not_and_the_ollama_endpoints_agree() {
+    let s = start(&[]);
+    let prompt = "What is the capital of France?";
+    let want = run_answer(prompt, 12);
+    let (status, v, text) = post(&s.addr, "/v1/chat/completions", &chat(prompt, 12, false));
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        want.as_str(),
+        "{text}"
+    );
+    assert_eq!(v["usage"]["completion_tokens"], 12);
+    let (status, body) = http(
+        &s.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        &chat(prompt, 12, true).to_string(),
+    );
+    assert_eq!(status, 200);
+    assert_eq!(streamed_text(&body), (want.clone(), true), "{body}");
+    let ollama = json!({"messages": [{"role": "user", "content": prompt}], "stream": false,
+                        "options": {"temperature": 0, "num_predict": 12}});
+    let (status, v, text) = post(&s.addr, "/api/chat", &ollama);
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(v["message"]["content"], want.as_str());
+    assert_eq!(v["done"], true);
+    let (status, models) = http(&s.addr, "GET", "/v1/models", &[], "");
+    assert_eq!(status, 200);
+    assert!(models.contains("SmolLM2"), "{models}");
+    let (status, tags) = http(&s.addr, "GET", "/api/tags", &[], "");
+    assert_eq!(status, 200);
+    assert!(tags.contains("SmolLM2"), "{tags}");
+    assert_eq!(http(&s.addr, "GET", "/health", &[], "").0, 200);
+}
+
+#[test]
+fn a_resent_history_is_served_from_the_kept_state() {
+    let s = start(&[]);
+    let first = chat("Name a color.", 24, false);
+    let (_, v, _) = post(&s.addr, "/v1/chat/completions", &first);
+    let answer = v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    let prompt_tokens = v["usage"]["prompt_tokens"].as_u64().unwrap();
+    let second = json!({"messages": [
+        {"role": "user", "content": "Name a color."},
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": "Another one."}], "max_tokens": 8, "temperature": 0});
+    let (status, v, text) = post(&s.addr, "/v1/chat/completions", &second);
+    assert_eq!(status, 200, "{text}");
+    let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(cached > prompt_tokens, "cached {cached} of {text}");
+}
+
+#[test]
+fn bad_requests_get_openai_error_objects_and_the_key_is_enforced() {
+    let s = start(&["--api-key", "sesame"]);
+    let auth = [("Authorization", "Bearer sesame")];
+    let (status, body) = http(
+        &s.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        &chat("hi", 2, false).to_string(),
+    );
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = http(
+        &s.addr,
+        "GET",
+        "/v1/models",
+        &[("Authorization", "Bearer wrong")],
+        "",
+    );
+    assert_eq!(status, 401, "{body}");
+    let cases = [
+        ("{not json", 400),
+        (r#"{"messages": []}"#, 400),
+        (
+            r#"{"messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}"#,
+            400,
+        ),
+        (r#"{"messages": "hello"}"#, 400),
+    ];
+    for (body, want) in cases {
+        let (status, text) = http(&s.addr, "POST", "/v1/chat/completions", &auth, body);
+        assert_eq!(status, want, "{body}: {text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{text}"
+        );
+    }
+    // A prompt longer than the context (1024 tokens).
+    let long = "word ".repeat(3000);
+    let (status, text) = http(
+        &s.addr,
+        "POST",
+        "/v1/chat/completions",
+        &auth,
+        &chat(&long, 2, false).to_string(),
+    );
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("context"), "{text}");
+    // A body over the limit.
+    let huge = format!(r#"{{"prompt": "{}"}}"#, "x".repeat(5 << 20));
+    let (status, _) = http(&s.addr, "POST", "/v1/completions", &auth, &huge);
+    assert_eq!(status, 413);
+    // The server still answers.
+    let (status, text) = http(
+        &s.addr,
+        "POST",
+        "/v1/completions",
+        &auth,
+        r#"{"prompt": "Hello", "max_tokens": 2}"#,
+    );
+    assert_eq!(status, 200, "{text}");
+}
+
+#[test]
+fn a_client_that_leaves_mid_stream_frees_the_server_and_queued_clients_all_finish() {
+    let s = start(&[]);
+    // Open a long stream, read its first event, hang up.
+    let mut c = TcpStream::connect(&s.addr).unwrap();
+    let body = chat("Write a long story about a dragon.", 900, true).to_string();
+    write!(
+        c,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut first = [0u8; 256];
+    let n = c.read(&mut first).unwrap();
+    assert!(n > 0);
+    drop(c);
+    // The next request does not wait for 900 tokens.
+    let t0 = Instant::now();
+    let (status, _, text) = post(&s.addr, "/v1/chat/completions", &chat("Hi", 4, false));
+    assert_eq!(status, 200, "{text}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        t0.elapsed()
+    );
+    // Four clients at once: all answered, each with run's answer.
+    let want = run_answer("Say hello.", 6);
+    let addr = s.addr.clone();
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let addr = addr.clone();
+            std::thread::spawn(move || {
+                post(&addr, "/v1/chat/completions", &chat("Say hello.", 6, false))
+            })
+        })
+        .collect();
+    for h in handles {
+        let (status, v, text) = h.join().unwrap();
+        assert_eq!(status, 200, "{text}");
+        assert_eq!(v["choices"][0]["message"]["content"], want.as_str());
+    }
+}
+
+/// The official `openai` Python package (installed by .ci/run) as the client.
+#[test]
+fn the_openai_python_client_gets_the_same_answer() {
+    let have = std::process::Command::new("python3")
+        .args(["-c", "import openai"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have {
+        eprintln!("skipped: the openai Python package is not installed (pip install openai)");
+        return;
+    }
+    let s = start(&["--api-key", "k1"]);
+    let prompt = "What is the capital of France?";
+    let want = run_answer(prompt, 12);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tools/openai_client.py");
+    let out = std::process::Command::new("python3")
+        .args([script, &format!("http://{}/v1", s.addr), "k1", prompt, "12"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["text"], want.as_str(), "{v}");
+    assert_eq!(v["streamed"], want.as_str(), "{v}");
+    assert_eq!(v["completion_tokens"], 12);
+    assert!(
+        v["models"][0]
+            .as_str()
+            .is_some_and(|m| m.contains("SmolLM2")),
+        "{v}"
+    );
+}
+
+/// SIGTERM: the server stops listening and exits cleanly.
+#[test]
+fn sigterm_stops_the_server() {
+    let mut s = start(&[]);
+    let (status, _, _) = post(
+        &s.addr,
+        "/v1/completions",
+        &json!({"prompt": "Hi", "max_tokens": 2}),
+    );
+    assert_eq!(status, 200);
+    let pid = s.child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let t0 = Instant::now();
+    let code = loop {
+        if let Some(st) = s.child.try_wait().unwrap() {
+            break st.code();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "still running after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(code, Some(0));
+}
