@@ -88,6 +88,17 @@ pub struct Outcome {
     pub generate_secs: f64,
 }
 
+/// Saved states of earlier prompts, so that a later prompt sharing their start resumes there
+/// instead of from scratch (a recurrent state cannot be rewound token by token): one at the end
+/// of every prompt, and one every `every` tokens of a long prefill; the newest `keep` are kept.
+#[derive(Default)]
+struct Snapshots {
+    every: usize,
+    keep: usize,
+    /// (tokens consumed, the state after them), oldest first.
+    saved: Vec<(Vec<u32>, Vec<u8>)>,
+}
+
 /// A model with one sequence's state.
 pub struct Engine<'m> {
     pub model: &'m dyn Forward,
@@ -96,6 +107,8 @@ pub struct Engine<'m> {
     pub state: State,
     /// Every token the state has consumed, in order.
     pub consumed: Vec<u32>,
+    /// Saved states of earlier prompts (off unless enabled).
+    snapshots: Snapshots,
     think_open: Option<u32>,
     think_close: Option<u32>,
 }
@@ -116,6 +129,7 @@ impl<'m> Engine<'m> {
             tok,
             state,
             consumed: Vec::new(),
+            snapshots: Snapshots::default(),
         })
     }
 
@@ -133,6 +147,67 @@ impl<'m> Engine<'m> {
         self.state = self.model.new_state(self.state.n_ctx, self.cpu.precision)?;
         self.consumed.clear();
         Ok(())
+    }
+
+    /// Keeps snapshots of the state: at the end of every prompt and every `every` prompt tokens
+    /// (0: only at the end), the newest `keep` of them.
+    pub fn enable_snapshots(&mut self, every: usize, keep: usize) {
+        self.snapshots.every = every;
+        self.snapshots.keep = keep;
+    }
+
+    /// Saves the state as it is now (when snapshots are on and this point is not saved yet).
+    fn snapshot(&mut self) -> Result<()> {
+        let s = &mut self.snapshots;
+        if s.keep == 0
+            || self.consumed.is_empty()
+            || s.saved.iter().any(|(t, _)| *t == self.consumed)
+        {
+            return Ok(());
+        }
+        if s.saved.len() == s.keep {
+            s.saved.remove(0);
+        }
+        s.saved
+            .push((self.consumed.clone(), self.state.to_bytes()?));
+        Ok(())
+    }
+
+    /// Brings the state to the longest start of `prompt` it can (shorter than the prompt, so
+    /// that feeding the rest yields logits): the state as it is, a snapshot, or a fresh state.
+    /// Returns how many tokens of `prompt` the state then holds.
+    pub fn resume(&mut self, prompt: &[u32]) -> Result<usize> {
+        let usable = |t: &[u32]| !t.is_empty() && t.len() < prompt.len() && prompt.starts_with(t);
+        let here = if usable(&self.consumed) {
+            self.consumed.len()
+        } else {
+            0
+        };
+        let best = self
+            .snapshots
+            .saved
+            .iter()
+            .enumerate()
+            .filter(|(_, (t, _))| usable(t) && t.len() > here)
+            .max_by_key(|(_, (t, _))| t.len())
+            .map(|(i, _)| i);
+        match best {
+            Some(i) => {
+                let (tokens, bytes) = &self.snapshots.saved[i];
+                let (tokens, bytes) = (tokens.clone(), bytes.clone());
+                if let Err(e) = self.state.restore(&bytes) {
+                    self.reset()?;
+                    return Err(e);
+                }
+                self.consumed = tokens;
+                Ok(self.consumed.len())
+            }
+            None if here > 0 => Ok(here),
+            None => {
+                self.reset()?;
+                Ok(0)
+            }
+        }
     }
 
     /// Runs `tokens` through the model in batches; the last row of logits, or None when
@@ -156,6 +231,13 @@ impl<'m> Engine<'m> {
                     .forward(&self.cpu, &mut self.state, chunk, false)?,
             );
             self.consumed.extend_from_slice(chunk);
+            let every = self.snapshots.every;
+            if every > 0 && tokens.len() > 1 && chunk.len() == PREFILL_BATCH {
+                let last = self.snapshots.saved.last().map_or(0, |(t, _)| t.len());
+                if self.consumed.len() >= last + every {
+                    self.snapshot()?;
+                }
+            }
         }
         Ok(logits)
     }
@@ -182,6 +264,9 @@ impl<'m> Engine<'m> {
         }
         let t0 = Instant::now();
         let first = self.feed(&prompt, interrupt)?;
+        if first.is_some() {
+            self.snapshot()?;
+        }
         let prompt_secs = t0.elapsed().as_secs_f64();
         let mut out = Output::new(p, on_piece);
         let mut sampler = Sampler::new(p.sampler.clone());

@@ -31,7 +31,7 @@ fn start(extra: &[&str]) -> Server {
     let mut child = common::ggrun()
         .args(["serve", "-m"])
         .arg(&model)
-        .args(["--port", "0", "-c", "1024", "-t", "2", "-q"])
+        .args(["--port", "0", "-c", "2048", "-t", "2", "-q"])
         .args(extra)
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
@@ -261,7 +261,7 @@ fn bad_requests_get_openai_error_objects_and_the_key_is_enforced() {
             "{text}"
         );
     }
-    // A prompt longer than the context (1024 tokens).
+    // A prompt longer than the context (2048 tokens).
     let long = "word ".repeat(3000);
     let (status, text) = http(
         &s.addr,
@@ -394,4 +394,44 @@ fn sigterm_stops_the_server() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(code, Some(0));
+}
+
+/// A long history comes back after another conversation replaced the state: the snapshot taken
+/// at the end of its prompt serves it, and its prompt costs a fraction of the first prefill.
+#[test]
+fn a_snapshot_serves_a_history_after_another_conversation() {
+    let s = start(&[]);
+    let story = "The quick brown fox jumps over the lazy dog near the river bank. ".repeat(100);
+    let (_, first, text) = post(&s.addr, "/v1/chat/completions", &chat(&story, 4, false));
+    let answer = first["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let long_prompt = first["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(long_prompt > 1000, "{text}");
+    // Another conversation in between: the state now holds it.
+    let (status, _, _) = post(&s.addr, "/v1/chat/completions", &chat("Hello!", 4, false));
+    assert_eq!(status, 200);
+    let again = json!({"messages": [
+        {"role": "user", "content": story},
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": "Summarise it."}], "max_tokens": 4, "temperature": 0});
+    let (status, v, text) = post(&s.addr, "/v1/chat/completions", &again);
+    assert_eq!(status, 200, "{text}");
+    let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        cached >= long_prompt,
+        "cached {cached} of {long_prompt}: {text}"
+    );
+    let (t_first, t_again) = (
+        first["usage"]["timings"]["prompt_ms"].as_f64().unwrap(),
+        v["usage"]["timings"]["prompt_ms"].as_f64().unwrap(),
+    );
+    eprintln!(
+        "resent history: first prefill {long_prompt} tokens in {t_first:.0} ms; resent with a new turn: {} new tokens in {t_again:.0} ms",
+        v["usage"]["timings"]["prompt_n"]
+    );
+    assert!(t_again * 3.0 < t_first, "{t_again} ms vs {t_first} ms");
 }

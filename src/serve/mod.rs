@@ -50,6 +50,13 @@ pub struct ServeArgs {
     /// Largest request body in bytes.
     #[arg(long = "max-body", default_value_t = 4 << 20)]
     pub max_body: usize,
+    /// Snapshot the state every N prompt tokens of a long prefill (0: only at prompt ends), so
+    /// later prompts sharing that start resume there.
+    #[arg(long = "snapshot-every", default_value_t = 1024)]
+    pub snapshot_every: usize,
+    /// Snapshots kept (0: none; the state itself is still reused when a prompt extends it).
+    #[arg(long = "snapshots", default_value_t = 4)]
+    pub snapshots: usize,
 }
 
 struct App {
@@ -67,7 +74,11 @@ pub fn run(a: ServeArgs) -> Result<()> {
         );
     }
     let (tx, rx) = std::sync::mpsc::channel::<Job>();
-    let info = worker::spawn(a.model, rx)?;
+    let snapshots = worker::Snapshots {
+        every: a.snapshot_every,
+        keep: a.snapshots,
+    };
+    let info = worker::spawn(a.model, snapshots, rx)?;
     let app = Arc::new(App {
         jobs: Arc::new(Mutex::new(tx)),
         info,
@@ -422,6 +433,13 @@ fn usage(d: &Done) -> Value {
         "total_tokens": d.prompt_tokens + d.completion_tokens,
         "prompt_tokens_details": {"cached_tokens": d.cached_tokens},
         "completion_tokens_details": {"reasoning_tokens": d.reasoning_tokens},
+        // llama.cpp server's timing fields: the prompt's new tokens and the generated ones.
+        "timings": {
+            "prompt_n": d.prompt_tokens - d.cached_tokens,
+            "prompt_ms": d.prompt_secs * 1e3,
+            "predicted_n": d.completion_tokens,
+            "predicted_ms": d.generate_secs * 1e3,
+        },
     })
 }
 

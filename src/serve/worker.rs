@@ -1,8 +1,9 @@
 //! The inference thread of `ggrun serve`: it owns the model, its one sequence state and the
 //! chat template, takes jobs from the HTTP handlers in arrival order, and streams events back.
-//! Between jobs the state is kept: a prompt that extends what the state already consumed (an
-//! agent resending its history plus a new turn) feeds only the new tokens, and the job reports
-//! them as cached.
+//! Between jobs the state is kept, and snapshots of it at the end of each prompt and at
+//! intervals of long ones: a prompt that starts with what the state or a snapshot holds (an
+//! agent resending its history plus a new turn, even when the template rewrote the last answer)
+//! feeds only the rest, and the job reports the reused tokens as cached.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
@@ -55,6 +56,9 @@ pub struct Done {
     pub cached_tokens: usize,
     pub completion_tokens: usize,
     pub reasoning_tokens: usize,
+    /// Seconds spent on the prompt's new tokens and on generation.
+    pub prompt_secs: f64,
+    pub generate_secs: f64,
 }
 
 /// What the handlers need to know of the loaded model.
@@ -73,12 +77,12 @@ struct Rejected(u16, String);
 
 /// Starts the worker thread: loads the model there, then serves `jobs` until the channel
 /// closes. Returns once the model is loaded (or failed to load).
-pub fn spawn(args: ModelArgs, jobs: Receiver<Job>) -> Result<ModelInfo> {
+pub fn spawn(args: ModelArgs, snapshots: Snapshots, jobs: Receiver<Job>) -> Result<ModelInfo> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<ModelInfo>>();
     std::thread::Builder::new()
         .name("ggrun-serve-worker".into())
         .spawn(move || {
-            if let Err(e) = serve_jobs(&args, jobs, &ready_tx) {
+            if let Err(e) = serve_jobs(&args, snapshots, jobs, &ready_tx) {
                 let _ = ready_tx.send(Err(e));
             }
         })?;
@@ -87,8 +91,16 @@ pub fn spawn(args: ModelArgs, jobs: Receiver<Job>) -> Result<ModelInfo> {
         .map_err(|_| anyhow!("the model worker stopped while loading"))?
 }
 
+/// Snapshot policy: every `every` prompt tokens (0: only at prompt ends), the newest `keep`.
+#[derive(Clone, Copy, Debug)]
+pub struct Snapshots {
+    pub every: usize,
+    pub keep: usize,
+}
+
 fn serve_jobs(
     args: &ModelArgs,
+    snapshots: Snapshots,
     jobs: Receiver<Job>,
     ready: &Sender<Result<ModelInfo>>,
 ) -> Result<()> {
@@ -108,6 +120,7 @@ fn serve_jobs(
         file_bytes: std::fs::metadata(&args.model).map(|m| m.len()).unwrap_or(0),
     };
     let mut engine = Engine::new(l.model.as_ref(), l.cpu, l.tok, l.n_ctx)?;
+    engine.enable_snapshots(snapshots.every, snapshots.keep);
     let _ = ready.send(Ok(info));
     for job in jobs {
         let events = job.events.clone();
@@ -167,16 +180,8 @@ fn run_job(
     }
     let room = n_ctx - tokens.len();
     let max_tokens = job.max_tokens.unwrap_or(room).min(room);
-    // Keep the state when this prompt extends what it consumed; else start over.
-    let cached = if !engine.consumed.is_empty()
-        && engine.consumed.len() < tokens.len()
-        && tokens.starts_with(&engine.consumed)
-    {
-        engine.consumed.len()
-    } else {
-        engine.reset().map_err(internal)?;
-        0
-    };
+    // Resume from the longest start of this prompt the state or a snapshot holds.
+    let cached = engine.resume(&tokens).map_err(internal)?;
     let params = GenParams {
         max_tokens: Some(max_tokens),
         sampler: job.sampling.config(g.metadata()),
@@ -215,6 +220,8 @@ fn run_job(
                 cached_tokens: cached,
                 completion_tokens: o.generated_tokens,
                 reasoning_tokens: o.reasoning_tokens,
+                prompt_secs: o.prompt_secs,
+                generate_secs: o.generate_secs,
             }));
             Ok(())
         }
