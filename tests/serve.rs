@@ -435,3 +435,38 @@ fn a_snapshot_serves_a_history_after_another_conversation() {
     );
     assert!(t_again * 3.0 < t_first, "{t_again} ms vs {t_first} ms");
 }
+
+/// With tools in the request, the template gets them, and the streamed answer (held back from
+/// where a tool call may begin) adds up to the non-streamed one. (The parsing of calls is
+/// unit-tested in src/serve/tools.rs: SmolLM2 does not call tools reliably.)
+#[test]
+fn with_tools_the_stream_adds_up_to_the_whole_answer() {
+    let s = start(&[]);
+    let tools = json!([{"type": "function", "function": {"name": "get_weather",
+        "description": "Weather of a city", "parameters": {"type": "object",
+        "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]);
+    let mut req = chat("What is the weather in Paris?", 24, false);
+    req["tools"] = tools;
+    let (status, v, text) = post(&s.addr, "/v1/chat/completions", &req);
+    assert_eq!(status, 200, "{text}");
+    let whole = v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    let calls = v["choices"][0]["message"]["tool_calls"].clone();
+    req["stream"] = true.into();
+    let (status, body) = http(
+        &s.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        &req.to_string(),
+    );
+    assert_eq!(status, 200);
+    let (streamed, done) = streamed_text(&body);
+    assert!(done);
+    assert_eq!(streamed, whole, "{body}");
+    if !calls.is_null() {
+        assert!(body.contains("tool_calls"), "{body}");
+    }
+}

@@ -4,6 +4,7 @@
 //! NDJSON (Ollama streams). A client that goes away drops its event receiver, which stops its
 //! generation at the next token. Requests are served one at a time in arrival order.
 
+mod tools;
 mod worker;
 
 use std::convert::Infallible;
@@ -461,6 +462,10 @@ async fn chat_completions(State(app): State<Arc<App>>, body: Bytes) -> Response 
         Ok(m) => m,
         Err(e) => return e,
     };
+    let with_tools = req
+        .tools
+        .as_ref()
+        .is_some_and(|t| t.as_array().is_some_and(|a| !a.is_empty()));
     let prompt = Prompt::Chat {
         messages: msgs,
         tools: req.tools,
@@ -474,13 +479,31 @@ async fn chat_completions(State(app): State<Arc<App>>, body: Bytes) -> Response 
     if !req.stream {
         return match collect(rx).await {
             Ok(c) => {
-                let mut message = json!({"role": "assistant", "content": c.text});
+                let (text, calls) = if with_tools {
+                    tools::parse(&c.text)
+                } else {
+                    (c.text, Vec::new())
+                };
+                let mut message = json!({"role": "assistant", "content": text});
+                let mut finish = c.done.finish_reason;
+                if !calls.is_empty() {
+                    let v: Vec<Value> = calls
+                        .iter()
+                        .enumerate()
+                        .map(|(i, t)| t.to_openai(i, &cid))
+                        .collect();
+                    message["tool_calls"] = v.into();
+                    if text.is_empty() {
+                        message["content"] = Value::Null;
+                    }
+                    finish = "tool_calls";
+                }
                 if !c.reasoning.is_empty() {
                     message["reasoning_content"] = c.reasoning.into();
                 }
                 Json(json!({
                     "id": cid, "object": "chat.completion", "created": created, "model": model,
-                    "choices": [{"index": 0, "message": message, "finish_reason": c.done.finish_reason}],
+                    "choices": [{"index": 0, "message": message, "finish_reason": finish}],
                     "usage": usage(&c.done),
                 }))
                 .into_response()
@@ -499,14 +522,39 @@ async fn chat_completions(State(app): State<Arc<App>>, body: Bytes) -> Response 
         SseEvent::default().data(v.to_string())
     };
     let first = chunk(json!({"role": "assistant", "content": ""}), None, None);
+    // With tools, answer text is held back from where a call may begin.
+    let mut hold = with_tools.then(tools::Holdback::default);
+    let call_id = id("call");
     let events = UnboundedReceiverStream::new(rx).map(move |ev| {
         Ok::<_, Infallible>(match ev {
             Event::Piece {
                 reasoning: true,
                 text,
             } => chunk(json!({"reasoning_content": text}), None, None),
-            Event::Piece { text, .. } => chunk(json!({"content": text}), None, None),
-            Event::Done(d) => chunk(json!({}), Some(d.finish_reason), Some(usage(&d))),
+            Event::Piece { text, .. } => match &mut hold {
+                Some(h) => chunk(json!({"content": h.push(&text)}), None, None),
+                None => chunk(json!({"content": text}), None, None),
+            },
+            Event::Done(d) => {
+                let mut delta = json!({});
+                let mut finish = d.finish_reason;
+                if let Some(h) = hold.take() {
+                    let (rest, calls) = h.finish();
+                    if !rest.is_empty() {
+                        delta["content"] = rest.into();
+                    }
+                    if !calls.is_empty() {
+                        let v: Vec<Value> = calls
+                            .iter()
+                            .enumerate()
+                            .map(|(i, t)| t.to_openai(i, &call_id))
+                            .collect();
+                        delta["tool_calls"] = v.into();
+                        finish = "tool_calls";
+                    }
+                }
+                chunk(delta, Some(finish), Some(usage(&d)))
+            }
             Event::Error { message, .. } => SseEvent::default()
                 .data(json!({"error": {"message": message, "type": "server_error"}}).to_string()),
         })
@@ -606,6 +654,10 @@ async fn ollama_chat(State(app): State<Arc<App>>, _headers: HeaderMap, body: Byt
         stop: o.stop.map(Stop::Many),
         ..Default::default()
     };
+    let with_tools = req
+        .tools
+        .as_ref()
+        .is_some_and(|t| t.as_array().is_some_and(|a| !a.is_empty()));
     let prompt = Prompt::Chat {
         messages: msgs,
         tools: req.tools,
@@ -626,7 +678,19 @@ async fn ollama_chat(State(app): State<Arc<App>>, _headers: HeaderMap, body: Byt
     if req.stream == Some(false) {
         return match collect(rx).await {
             Ok(c) => {
-                let mut message = json!({"role": "assistant", "content": c.text});
+                let (text, calls) = if with_tools {
+                    tools::parse(&c.text)
+                } else {
+                    (c.text, Vec::new())
+                };
+                let mut message = json!({"role": "assistant", "content": text});
+                if !calls.is_empty() {
+                    let v: Vec<Value> = calls
+                        .iter()
+                        .map(|t| json!({"function": {"name": t.name, "arguments": t.arguments}}))
+                        .collect();
+                    message["tool_calls"] = v.into();
+                }
                 if !c.reasoning.is_empty() {
                     message["thinking"] = c.reasoning.into();
                 }
