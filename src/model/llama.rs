@@ -4,7 +4,7 @@
 
 use anyhow::{bail, Context, Result};
 
-use super::{embed, Forward, State, Tensors};
+use super::{embed, segments, Forward, Seq, State, Tensors};
 use crate::backend::attention::{self, AttnShape};
 use crate::backend::cpu::{rms_norm, silu, Cpu, Matrix, Precision};
 
@@ -148,17 +148,16 @@ impl Forward for Llama<'_> {
     fn run(
         &self,
         cpu: &Cpu,
-        state: &mut State,
+        seqs: &mut [Seq],
         tokens: &[u32],
         all_logits: bool,
     ) -> Result<Vec<f32>> {
         let t = tokens.len();
-        state.check_room(t)?;
+        let segs = segments(seqs, t)?;
         let n = self.n_embd;
         let s = &self.shape;
         let mut x = embed(&self.embd, tokens)?;
-        let pos = state.pos;
-        for (i, (l, st)) in self.layers.iter().zip(state.layers.iter_mut()).enumerate() {
+        for (i, l) in self.layers.iter().enumerate() {
             let mut layer = || -> Result<()> {
                 let mut h = x.clone();
                 rms_norm(&mut h, &l.attn_norm, self.eps);
@@ -168,9 +167,19 @@ impl Forward for Llama<'_> {
                 cpu.matmul(&l.q, &h, t, &mut q)?;
                 cpu.matmul(&l.k, &h, t, &mut k)?;
                 cpu.matmul(&l.v, &h, t, &mut v)?;
-                self.rope(&mut q, s.n_head, pos);
-                self.rope(&mut k, s.n_head_kv, pos);
-                let a = attention::attend(st, s, &q, &k, &v, t)?;
+                // Positions and caches are each sequence's own.
+                let mut a = Vec::with_capacity(t * s.n_head * s.head_dim);
+                for (seq, r) in seqs.iter_mut().zip(&segs) {
+                    let (qd, kd) = (l.q.rows, l.k.rows);
+                    let pos = seq.state.pos;
+                    let qs = &mut q[r.start * qd..r.end * qd];
+                    let ks = &mut k[r.start * kd..r.end * kd];
+                    self.rope(qs, s.n_head, pos);
+                    self.rope(ks, s.n_head_kv, pos);
+                    let vs = &v[r.start * kd..r.end * kd];
+                    let st = &mut seq.state.layers[i];
+                    a.extend(attention::attend(st, s, qs, ks, vs, r.len())?);
+                }
                 let mut o = vec![0f32; t * n];
                 cpu.matmul(&l.o, &a, t, &mut o)?;
                 for (a, b) in x.iter_mut().zip(&o) {
@@ -193,10 +202,13 @@ impl Forward for Llama<'_> {
             };
             layer().with_context(|| format!("layer {i}"))?;
         }
-        state.pos += t;
+        for seq in seqs.iter_mut() {
+            seq.state.pos += seq.len;
+        }
         super::logits(
             cpu,
-            &mut x,
+            &x,
+            &segs,
             &self.out_norm,
             self.eps,
             &self.output,

@@ -158,14 +158,36 @@ pub trait Forward: Sync {
     fn offload_report(&self) -> Option<String> {
         None
     }
-    /// The forward pass proper; called on the context's pool by [`Forward::forward`].
+    /// The forward pass proper, over the tokens of one or more sequences (consecutive runs of
+    /// `tokens`, one per [`Seq`], each with its own state); called on the context's pool by
+    /// [`Forward::forward`] and [`Forward::forward_batch`]. Logits: every row when
+    /// `all_logits`, else the last row of each sequence.
     fn run(
         &self,
         cpu: &Cpu,
-        state: &mut State,
+        seqs: &mut [Seq],
         tokens: &[u32],
         all_logits: bool,
     ) -> Result<Vec<f32>>;
+
+    /// One decode step for several sequences: token i extends `states[i]`. The products read
+    /// each weight once for all of them. Returns each sequence's logits.
+    fn forward_batch(
+        &self,
+        cpu: &Cpu,
+        states: &mut [&mut State],
+        tokens: &[u32],
+    ) -> Result<Vec<Vec<f32>>> {
+        if states.len() != tokens.len() || tokens.is_empty() {
+            bail!("a batched step needs one token per sequence");
+        }
+        let mut seqs: Vec<Seq> = states
+            .iter_mut()
+            .map(|s| Seq { state: s, len: 1 })
+            .collect();
+        let rows = cpu.install(|| self.run(cpu, &mut seqs, tokens, false))?;
+        Ok(rows.chunks(self.n_vocab()).map(<[f32]>::to_vec).collect())
+    }
 
     /// Runs `tokens` through the model, updating `state`; returns logits for every position when
     /// `all_logits`, else only for the last (row-major, n_vocab per row). Everything (matmuls,
@@ -177,8 +199,35 @@ pub trait Forward: Sync {
         tokens: &[u32],
         all_logits: bool,
     ) -> Result<Vec<f32>> {
-        cpu.install(|| self.run(cpu, state, tokens, all_logits))
+        let mut seqs = [Seq {
+            state,
+            len: tokens.len(),
+        }];
+        cpu.install(|| self.run(cpu, &mut seqs, tokens, all_logits))
     }
+}
+
+/// One sequence's share of a forward pass: its state and how many of the pass's tokens (the
+/// next ones, in order) are its.
+pub struct Seq<'s> {
+    pub state: &'s mut State,
+    pub len: usize,
+}
+
+/// Rows `start..start + len` of each sequence in a pass over `seqs`, checking that every one
+/// has room for its tokens and that they account for all `t` tokens.
+pub fn segments(seqs: &[Seq], t: usize) -> Result<Vec<std::ops::Range<usize>>> {
+    let mut at = 0;
+    let mut out = Vec::with_capacity(seqs.len());
+    for s in seqs {
+        s.state.check_room(s.len)?;
+        out.push(at..at + s.len);
+        at += s.len;
+    }
+    if at != t {
+        bail!("the sequences claim {at} tokens of {t}");
+    }
+    Ok(out)
 }
 
 /// Per-layer state of one sequence: KV cache rows or Mamba conv/SSM state. Cloneable, so a
@@ -357,22 +406,28 @@ impl State {
 }
 
 /// The output head shared by every architecture: final RMSNorm and the vocabulary projection,
-/// for every row of `x` (rows of `norm.len()`) or only the last.
+/// for every row of `x` (rows of `norm.len()`) or only the last of each segment.
 pub fn logits(
     cpu: &Cpu,
-    x: &mut [f32],
+    x: &[f32],
+    segs: &[std::ops::Range<usize>],
     norm: &[f32],
     eps: f32,
     output: &Matrix,
     all: bool,
 ) -> Result<Vec<f32>> {
     let n = norm.len();
-    let start = if all { 0 } else { x.len() - n };
-    let rows = &mut x[start..];
-    crate::backend::cpu::rms_norm(rows, norm, eps);
+    let mut rows: Vec<f32> = if all {
+        x.to_vec()
+    } else {
+        segs.iter()
+            .flat_map(|r| x[(r.end - 1) * n..r.end * n].iter().copied())
+            .collect()
+    };
+    crate::backend::cpu::rms_norm(&mut rows, norm, eps);
     let m = rows.len() / n;
     let mut out = vec![0f32; m * output.rows];
-    cpu.matmul(output, rows, m, &mut out)?;
+    cpu.matmul(output, &rows, m, &mut out)?;
     Ok(out)
 }
 

@@ -8,7 +8,7 @@ mod device;
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 
-use super::{embed, Forward, LayerState, State, Tensors};
+use super::{embed, segments, Forward, LayerState, Seq, State, Tensors};
 use crate::backend::attention::{self, AttnShape};
 use crate::backend::cpu::{rms_norm, sigmoid, softplus, Cpu, Matrix, Precision};
 use crate::backend::cuda::MlpJob;
@@ -254,11 +254,15 @@ impl<'a> NemotronH<'a> {
         Ok(m)
     }
 
+    /// The Mamba-2 mixer over the rows of several sequences (`segs`, each with its state in
+    /// `sts`): the products run over all rows at once, the conv and scan per sequence.
+    #[allow(clippy::too_many_arguments)]
     fn mamba(
         &self,
         cpu: &Cpu,
         b: &Mamba,
-        st: &mut LayerState,
+        sts: &mut [&mut LayerState],
+        segs: &[std::ops::Range<usize>],
         h: &[f32],
         t: usize,
     ) -> Result<Vec<f32>> {
@@ -288,8 +292,13 @@ impl<'a> NemotronH<'a> {
                     .map(|(v, b)| softplus(v + b)),
             );
         }
-        let xbc = ssm::conv(st, s, &xbc, t, conv_w, conv_b.as_deref())?;
-        let mut y = ssm::scan(st, s, &xbc, &dt, t, a, d)?;
+        let mut y = Vec::with_capacity(t * di);
+        for (st, r) in sts.iter_mut().zip(segs) {
+            let xs = &xbc[r.start * ch..r.end * ch];
+            let conv = ssm::conv(st, s, xs, r.len(), conv_w, conv_b.as_deref())?;
+            let dts = &dt[r.start * nh..r.end * nh];
+            y.extend(ssm::scan(st, s, &conv, dts, r.len(), a, d)?);
+        }
         // Gate with SiLU(z), then RMSNorm per group.
         for (yr, zr) in y.chunks_mut(di).zip(zx.chunks(width)) {
             for (v, z) in yr.iter_mut().zip(&zr[..di]) {
@@ -307,11 +316,14 @@ impl<'a> NemotronH<'a> {
         Ok(o)
     }
 
+    /// Attention over the rows of several sequences, each attending over its own cache.
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         cpu: &Cpu,
         b: &Attention,
-        st: &mut LayerState,
+        sts: &mut [&mut LayerState],
+        segs: &[std::ops::Range<usize>],
         h: &[f32],
         t: usize,
     ) -> Result<Vec<f32>> {
@@ -322,7 +334,18 @@ impl<'a> NemotronH<'a> {
         cpu.matmul(q, h, t, &mut qv)?;
         cpu.matmul(k, h, t, &mut kv)?;
         cpu.matmul(v, h, t, &mut vv)?;
-        let a = attention::attend(st, shape, &qv, &kv, &vv, t)?;
+        let (qd, kd) = (q.rows, k.rows);
+        let mut a = Vec::with_capacity(t * qd);
+        for (st, r) in sts.iter_mut().zip(segs) {
+            a.extend(attention::attend(
+                st,
+                shape,
+                &qv[r.start * qd..r.end * qd],
+                &kv[r.start * kd..r.end * kd],
+                &vv[r.start * kd..r.end * kd],
+                r.len(),
+            )?);
+        }
         let mut out = vec![0f32; t * self.n_embd];
         cpu.matmul(o, &a, t, &mut out)?;
         Ok(out)
@@ -514,22 +537,32 @@ impl Forward for NemotronH<'_> {
     fn run(
         &self,
         cpu: &Cpu,
-        state: &mut State,
+        seqs: &mut [Seq],
         tokens: &[u32],
         all_logits: bool,
     ) -> Result<Vec<f32>> {
         if let Some(d) = &self.dev {
-            return d.run(self, cpu, state, tokens, all_logits);
+            // The device pass runs one sequence at a time.
+            let mut out = Vec::new();
+            let mut at = 0;
+            for seq in seqs.iter_mut() {
+                let toks = &tokens[at..at + seq.len];
+                at += seq.len;
+                out.extend(d.run(self, cpu, seq.state, toks, all_logits)?);
+            }
+            return Ok(out);
         }
         let t = tokens.len();
-        state.check_room(t)?;
+        let segs = segments(seqs, t)?;
         let mut x = embed(&self.embd, tokens)?;
-        for (i, (l, st)) in self.layers.iter().zip(state.layers.iter_mut()).enumerate() {
+        for (i, l) in self.layers.iter().enumerate() {
             let mut h = x.clone();
             rms_norm(&mut h, &l.norm, self.eps);
+            let mut sts: Vec<&mut LayerState> =
+                seqs.iter_mut().map(|s| &mut s.state.layers[i]).collect();
             let y = match &l.block {
-                Block::Mamba(b) => self.mamba(cpu, b, st, &h, t),
-                Block::Attention(b) => self.attention(cpu, b, st, &h, t),
+                Block::Mamba(b) => self.mamba(cpu, b, &mut sts, &segs, &h, t),
+                Block::Attention(b) => self.attention(cpu, b, &mut sts, &segs, &h, t),
                 Block::Moe(b) => self.moe(cpu, i, b, &h, t),
                 Block::Mlp { up, down } => {
                     let block = FeedForward {
@@ -546,10 +579,13 @@ impl Forward for NemotronH<'_> {
                 *a += b;
             }
         }
-        state.pos += t;
+        for seq in seqs.iter_mut() {
+            seq.state.pos += seq.len;
+        }
         super::logits(
             cpu,
-            &mut x,
+            &x,
+            &segs,
             &self.out_norm,
             self.eps,
             &self.output,
