@@ -141,6 +141,20 @@ fn chat(prompt: &str, n: usize, stream: bool) -> Value {
            "temperature": 0, "stream": stream})
 }
 
+/// A second turn: the first user message, the answer it got, a new user message.
+fn follow_up(first: &str, answer: &str, next: &str, n: usize) -> Value {
+    json!({"messages": [
+        {"role": "user", "content": first},
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": next}], "max_tokens": n, "temperature": 0})
+}
+
+fn cached_tokens(v: &Value) -> u64 {
+    v["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap()
+}
+
 /// The text of an SSE chat stream (content deltas joined), and whether it ended with [DONE].
 fn streamed_text(body: &str) -> (String, bool) {
     let mut text = String::new();
@@ -209,15 +223,10 @@ fn a_resent_history_is_served_from_the_kept_state() {
         .to_string();
     assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
     let prompt_tokens = v["usage"]["prompt_tokens"].as_u64().unwrap();
-    let second = json!({"messages": [
-        {"role": "user", "content": "Name a color."},
-        {"role": "assistant", "content": answer},
-        {"role": "user", "content": "Another one."}], "max_tokens": 8, "temperature": 0});
+    let second = follow_up("Name a color.", &answer, "Another one.", 8);
     let (status, v, text) = post(&s.addr, "/v1/chat/completions", &second);
     assert_eq!(status, 200, "{text}");
-    let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"]
-        .as_u64()
-        .unwrap();
+    let cached = cached_tokens(&v);
     assert!(cached > prompt_tokens, "cached {cached} of {text}");
 }
 
@@ -412,15 +421,10 @@ fn a_snapshot_serves_a_history_after_another_conversation() {
     // Another conversation in between: the state now holds it.
     let (status, _, _) = post(&s.addr, "/v1/chat/completions", &chat("Hello!", 4, false));
     assert_eq!(status, 200);
-    let again = json!({"messages": [
-        {"role": "user", "content": story},
-        {"role": "assistant", "content": answer},
-        {"role": "user", "content": "Summarise it."}], "max_tokens": 4, "temperature": 0});
+    let again = follow_up(&story, &answer, "Summarise it.", 4);
     let (status, v, text) = post(&s.addr, "/v1/chat/completions", &again);
     assert_eq!(status, 200, "{text}");
-    let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"]
-        .as_u64()
-        .unwrap();
+    let cached = cached_tokens(&v);
     assert!(
         cached >= long_prompt,
         "cached {cached} of {long_prompt}: {text}"

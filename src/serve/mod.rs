@@ -390,6 +390,22 @@ fn submit(
     Ok(rx)
 }
 
+/// Whether a request offers tools (a non-empty list).
+fn has_tools(tools: &Option<Value>) -> bool {
+    tools
+        .as_ref()
+        .is_some_and(|t| t.as_array().is_some_and(|a| !a.is_empty()))
+}
+
+/// A whole answer's text and the tool calls in it (none looked for without tools).
+fn split_calls(text: String, with_tools: bool) -> (String, Vec<tools::ToolCall>) {
+    if with_tools {
+        tools::parse(&text)
+    } else {
+        (text, Vec::new())
+    }
+}
+
 /// Everything a job produced, for non-streaming answers.
 struct Collected {
     text: String,
@@ -462,10 +478,7 @@ async fn chat_completions(State(app): State<Arc<App>>, body: Bytes) -> Response 
         Ok(m) => m,
         Err(e) => return e,
     };
-    let with_tools = req
-        .tools
-        .as_ref()
-        .is_some_and(|t| t.as_array().is_some_and(|a| !a.is_empty()));
+    let with_tools = has_tools(&req.tools);
     let prompt = Prompt::Chat {
         messages: msgs,
         tools: req.tools,
@@ -479,11 +492,7 @@ async fn chat_completions(State(app): State<Arc<App>>, body: Bytes) -> Response 
     if !req.stream {
         return match collect(rx).await {
             Ok(c) => {
-                let (text, calls) = if with_tools {
-                    tools::parse(&c.text)
-                } else {
-                    (c.text, Vec::new())
-                };
+                let (text, calls) = split_calls(c.text, with_tools);
                 let mut message = json!({"role": "assistant", "content": text});
                 let mut finish = c.done.finish_reason;
                 if !calls.is_empty() {
@@ -654,10 +663,7 @@ async fn ollama_chat(State(app): State<Arc<App>>, _headers: HeaderMap, body: Byt
         stop: o.stop.map(Stop::Many),
         ..Default::default()
     };
-    let with_tools = req
-        .tools
-        .as_ref()
-        .is_some_and(|t| t.as_array().is_some_and(|a| !a.is_empty()));
+    let with_tools = has_tools(&req.tools);
     let prompt = Prompt::Chat {
         messages: msgs,
         tools: req.tools,
@@ -678,11 +684,7 @@ async fn ollama_chat(State(app): State<Arc<App>>, _headers: HeaderMap, body: Byt
     if req.stream == Some(false) {
         return match collect(rx).await {
             Ok(c) => {
-                let (text, calls) = if with_tools {
-                    tools::parse(&c.text)
-                } else {
-                    (c.text, Vec::new())
-                };
+                let (text, calls) = split_calls(c.text, with_tools);
                 let mut message = json!({"role": "assistant", "content": text});
                 if !calls.is_empty() {
                     let v: Vec<Value> = calls
