@@ -109,31 +109,15 @@ fn post(addr: &str, path: &str, body: &Value) -> (u16, Value, String) {
 
 /// `ggrun run`'s greedy answer to `prompt` in `n` tokens.
 fn run_answer(prompt: &str, n: usize) -> String {
-    let out = common::ggrun()
-        .args(["run", "-m"])
-        .arg(common::smollm2())
-        .args([
-            "-q",
-            "--temp",
-            "0",
-            "-t",
-            "2",
-            "-n",
-            &n.to_string(),
-            "-p",
-            prompt,
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let n = n.to_string();
+    let args = ["-q", "--temp", "0", "-t", "2", "-n", &n, "-p", prompt];
+    let out = common::stdout_of(
+        common::ggrun()
+            .args(["run", "-m"])
+            .arg(common::smollm2())
+            .args(args),
     );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .trim_end_matches('\n')
-        .to_string()
+    out.trim_end_matches('\n').to_string()
 }
 
 fn chat(prompt: &str, n: usize, stream: bool) -> Value {
@@ -354,16 +338,13 @@ fn the_openai_python_client_gets_the_same_answer() {
     let prompt = "What is the capital of France?";
     let want = run_answer(prompt, 12);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tools/openai_client.py");
-    let out = std::process::Command::new("python3")
-        .args([script, &format!("http://{}/v1", s.addr), "k1", prompt, "12"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = common::json_output(std::process::Command::new("python3").args([
+        script,
+        &format!("http://{}/v1", s.addr),
+        "k1",
+        prompt,
+        "12",
+    ]));
     assert_eq!(v["text"], want.as_str(), "{v}");
     assert_eq!(v["streamed"], want.as_str(), "{v}");
     assert_eq!(v["completion_tokens"], 12);

@@ -51,16 +51,20 @@ pub fn ggrun() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_ggrun"))
 }
 
-/// Runs `cmd`, which must succeed (its stderr is the failure message), and parses its stdout as
-/// one JSON value.
-pub fn json_output(cmd: &mut std::process::Command) -> serde_json::Value {
+/// Runs `cmd`, which must succeed (its stderr is the failure message); its stdout.
+pub fn stdout_of(cmd: &mut std::process::Command) -> String {
     let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).unwrap()
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs `cmd`, which must succeed, and parses its stdout as one JSON value.
+pub fn json_output(cmd: &mut std::process::Command) -> serde_json::Value {
+    serde_json::from_str(&stdout_of(cmd)).unwrap()
 }
 
 // ---------------------------------------------------------------------------------------------
