@@ -455,3 +455,21 @@ fn with_tools_the_stream_adds_up_to_the_whole_answer() {
         assert!(body.contains("tool_calls"), "{body}");
     }
 }
+
+/// An address it cannot listen on is a one-line error and exit status 1.
+#[test]
+fn an_unusable_address_is_a_one_line_error() {
+    let out = common::ggrun()
+        .args(["serve", "-m"])
+        .arg(common::smollm2())
+        .args(["--host", "nohost.invalid", "-q"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("error: cannot listen on nohost.invalid:8080"),
+        "{err}"
+    );
+}

@@ -8,7 +8,6 @@ mod tools;
 mod worker;
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -100,12 +99,10 @@ pub fn run(a: ServeArgs) -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let addr: SocketAddr = format!("{}:{}", a.host, a.port)
-            .parse()
-            .map_err(|e| anyhow!("--host {} --port {}: {e}", a.host, a.port))?;
-        let listener = tokio::net::TcpListener::bind(addr)
+        // A name (localhost) or an address; names resolve as the system does.
+        let listener = tokio::net::TcpListener::bind((a.host.as_str(), a.port))
             .await
-            .map_err(|e| anyhow!("cannot listen on {addr}: {e}"))?;
+            .map_err(|e| anyhow!("cannot listen on {}:{}: {e}", a.host, a.port))?;
         eprintln!("listening on http://{}", listener.local_addr()?);
         axum::serve(listener, router)
             .with_graceful_shutdown(shutdown_signal())
