@@ -193,13 +193,15 @@ impl<'m> Engine<'m> {
             .map(|(i, _)| i);
         match best {
             Some(i) => {
+                // Restored in place: the snapshot's bytes (megabytes for long prompts) are read,
+                // not copied.
                 let (tokens, bytes) = &self.snapshots.saved[i];
-                let (tokens, bytes) = (tokens.clone(), bytes.clone());
-                if let Err(e) = self.state.restore(&bytes) {
+                let restored = self.state.restore(bytes);
+                if let Err(e) = restored {
                     self.reset()?;
                     return Err(e);
                 }
-                self.consumed = tokens;
+                self.consumed.clone_from(tokens);
                 Ok(self.consumed.len())
             }
             None if here > 0 => Ok(here),
