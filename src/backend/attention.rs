@@ -32,6 +32,32 @@ pub fn new_cache(shape: &AttnShape, n_ctx: usize, f16: bool) -> LayerState {
     }
 }
 
+/// [`attend`] for the rows of several sequences in one pass: sequence i owns rows `segs[i]` of
+/// `q`, `k` and `v` and attends over its own cache `states[i]`. Returns the outputs in row order.
+pub fn attend_each(
+    states: &mut [&mut LayerState],
+    segs: &[std::ops::Range<usize>],
+    s: &AttnShape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+) -> Result<Vec<f32>> {
+    let (qd, kd) = (s.n_head * s.head_dim, s.n_head_kv * s.head_dim);
+    let t = segs.last().map_or(0, |r| r.end);
+    let mut out = Vec::with_capacity(t * qd);
+    for (st, r) in states.iter_mut().zip(segs) {
+        out.extend(attend(
+            st,
+            s,
+            &q[r.start * qd..r.end * qd],
+            &k[r.start * kd..r.end * kd],
+            &v[r.start * kd..r.end * kd],
+            r.len(),
+        )?);
+    }
+    Ok(out)
+}
+
 /// Appends `t` tokens' k and v (t × n_head_kv·head_dim each) and returns the attention output
 /// (t × n_head·head_dim) for queries `q` (t × n_head·head_dim) at the new positions.
 pub fn attend(

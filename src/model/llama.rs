@@ -4,7 +4,7 @@
 
 use anyhow::{bail, Context, Result};
 
-use super::{embed, segments, Forward, Seq, State, Tensors};
+use super::{embed, segments, Forward, LayerState, Seq, State, Tensors};
 use crate::backend::attention::{self, AttnShape};
 use crate::backend::cpu::{rms_norm, silu, Cpu, Matrix, Precision};
 
@@ -168,18 +168,15 @@ impl Forward for Llama<'_> {
                 cpu.matmul(&l.k, &h, t, &mut k)?;
                 cpu.matmul(&l.v, &h, t, &mut v)?;
                 // Positions and caches are each sequence's own.
-                let mut a = Vec::with_capacity(t * s.n_head * s.head_dim);
-                for (seq, r) in seqs.iter_mut().zip(&segs) {
-                    let (qd, kd) = (l.q.rows, l.k.rows);
+                let (qd, kd) = (l.q.rows, l.k.rows);
+                for (seq, r) in seqs.iter().zip(&segs) {
                     let pos = seq.state.pos;
-                    let qs = &mut q[r.start * qd..r.end * qd];
-                    let ks = &mut k[r.start * kd..r.end * kd];
-                    self.rope(qs, s.n_head, pos);
-                    self.rope(ks, s.n_head_kv, pos);
-                    let vs = &v[r.start * kd..r.end * kd];
-                    let st = &mut seq.state.layers[i];
-                    a.extend(attention::attend(st, s, qs, ks, vs, r.len())?);
+                    self.rope(&mut q[r.start * qd..r.end * qd], s.n_head, pos);
+                    self.rope(&mut k[r.start * kd..r.end * kd], s.n_head_kv, pos);
                 }
+                let mut sts: Vec<&mut LayerState> =
+                    seqs.iter_mut().map(|sq| &mut sq.state.layers[i]).collect();
+                let a = attention::attend_each(&mut sts, &segs, s, &q, &k, &v)?;
                 let mut o = vec![0f32; t * n];
                 cpu.matmul(&l.o, &a, t, &mut o)?;
                 for (a, b) in x.iter_mut().zip(&o) {

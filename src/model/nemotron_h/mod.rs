@@ -334,18 +334,7 @@ impl<'a> NemotronH<'a> {
         cpu.matmul(q, h, t, &mut qv)?;
         cpu.matmul(k, h, t, &mut kv)?;
         cpu.matmul(v, h, t, &mut vv)?;
-        let (qd, kd) = (q.rows, k.rows);
-        let mut a = Vec::with_capacity(t * qd);
-        for (st, r) in sts.iter_mut().zip(segs) {
-            a.extend(attention::attend(
-                st,
-                shape,
-                &qv[r.start * qd..r.end * qd],
-                &kv[r.start * kd..r.end * kd],
-                &vv[r.start * kd..r.end * kd],
-                r.len(),
-            )?);
-        }
+        let a = attention::attend_each(sts, segs, shape, &qv, &kv, &vv)?;
         let mut out = vec![0f32; t * self.n_embd];
         cpu.matmul(o, &a, t, &mut out)?;
         Ok(out)
