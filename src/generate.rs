@@ -99,53 +99,32 @@ struct Snapshots {
     saved: Vec<(Vec<u32>, Vec<u8>)>,
 }
 
-/// A model with one sequence's state.
-pub struct Engine<'m> {
-    pub model: &'m dyn Forward,
-    pub cpu: Cpu,
-    pub tok: Tokenizer,
+/// One sequence: its state, every token that state has consumed, and its snapshots. An
+/// [`Engine`] drives one; the server keeps one per slot and steps several together.
+pub struct Sequence {
     pub state: State,
     /// Every token the state has consumed, in order.
     pub consumed: Vec<u32>,
     /// Saved states of earlier prompts (off unless enabled).
     snapshots: Snapshots,
-    think_open: Option<u32>,
-    think_close: Option<u32>,
 }
 
-impl<'m> Engine<'m> {
-    pub fn new(
-        model: &'m dyn Forward,
-        cpu: Cpu,
-        tok: Tokenizer,
-        n_ctx: usize,
-    ) -> Result<Engine<'m>> {
-        let state = model.new_state(n_ctx, cpu.precision)?;
-        Ok(Engine {
-            think_open: tok.special_id("<think>"),
-            think_close: tok.special_id("</think>"),
-            model,
-            cpu,
-            tok,
-            state,
+impl Sequence {
+    pub fn new(model: &dyn Forward, n_ctx: usize, cpu: &Cpu) -> Result<Sequence> {
+        Ok(Sequence {
+            state: model.new_state(n_ctx, cpu.precision)?,
             consumed: Vec::new(),
             snapshots: Snapshots::default(),
         })
     }
 
-    pub fn n_ctx(&self) -> usize {
-        self.state.n_ctx
-    }
-
-    /// Whether the vocabulary has `<think>` and `</think>` tokens.
-    pub fn can_think(&self) -> bool {
-        self.think_open.is_some() && self.think_close.is_some()
-    }
-
-    /// Forgets the sequence.
-    pub fn reset(&mut self) -> Result<()> {
-        self.state = self.model.new_state(self.state.n_ctx, self.cpu.precision)?;
+    /// Forgets the sequence (its snapshots stay). The state is emptied in place; if that
+    /// fails (a device error) a fresh one is made.
+    pub fn reset(&mut self, model: &dyn Forward, cpu: &Cpu) -> Result<()> {
         self.consumed.clear();
+        if self.state.clear().is_err() {
+            self.state = model.new_state(self.state.n_ctx, cpu.precision)?;
+        }
         Ok(())
     }
 
@@ -157,7 +136,7 @@ impl<'m> Engine<'m> {
     }
 
     /// Saves the state as it is now (when snapshots are on and this point is not saved yet).
-    fn snapshot(&mut self) -> Result<()> {
+    pub fn snapshot(&mut self) -> Result<()> {
         let s = &mut self.snapshots;
         if s.keep == 0
             || self.consumed.is_empty()
@@ -173,10 +152,21 @@ impl<'m> Engine<'m> {
         Ok(())
     }
 
+    /// How many tokens of `prompt` [`Sequence::resume`] would keep.
+    pub fn reusable(&self, prompt: &[u32]) -> usize {
+        let usable = |t: &[u32]| !t.is_empty() && t.len() < prompt.len() && prompt.starts_with(t);
+        std::iter::once(&self.consumed)
+            .chain(self.snapshots.saved.iter().map(|(t, _)| t))
+            .filter(|t| usable(t))
+            .map(Vec::len)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Brings the state to the longest start of `prompt` it can (shorter than the prompt, so
     /// that feeding the rest yields logits): the state as it is, a snapshot, or a fresh state.
     /// Returns how many tokens of `prompt` the state then holds.
-    pub fn resume(&mut self, prompt: &[u32]) -> Result<usize> {
+    pub fn resume(&mut self, model: &dyn Forward, cpu: &Cpu, prompt: &[u32]) -> Result<usize> {
         let usable = |t: &[u32]| !t.is_empty() && t.len() < prompt.len() && prompt.starts_with(t);
         let here = if usable(&self.consumed) {
             self.consumed.len()
@@ -198,7 +188,7 @@ impl<'m> Engine<'m> {
                 let (tokens, bytes) = &self.snapshots.saved[i];
                 let restored = self.state.restore(bytes);
                 if let Err(e) = restored {
-                    self.reset()?;
+                    self.reset(model, cpu)?;
                     return Err(e);
                 }
                 self.consumed.clone_from(tokens);
@@ -206,42 +196,102 @@ impl<'m> Engine<'m> {
             }
             None if here > 0 => Ok(here),
             None => {
-                self.reset()?;
+                self.reset(model, cpu)?;
                 Ok(0)
             }
         }
     }
 
-    /// Runs `tokens` through the model in batches; the last row of logits, or None when
-    /// interrupted between batches.
-    pub fn feed(&mut self, tokens: &[u32], interrupt: &AtomicBool) -> Result<Option<Vec<f32>>> {
-        if self.state.pos + tokens.len() > self.state.n_ctx {
+    /// An error unless `n` more tokens fit in the context.
+    pub fn check_room(&self, n: usize) -> Result<()> {
+        if self.state.pos + n > self.state.n_ctx {
             bail!(
-                "{} tokens do not fit in the context: {} already used of {} (raise -c/--ctx-size)",
-                tokens.len(),
+                "{n} tokens do not fit in the context: {} already used of {} (raise -c/--ctx-size)",
                 self.state.pos,
                 self.state.n_ctx
             );
         }
+        Ok(())
+    }
+
+    /// Book-keeping after the model consumed `tokens`: they join `consumed`, and after a
+    /// prefill batch of a prompt (`of_prompt`) an interval snapshot is taken when one is due.
+    pub fn consumed_run(&mut self, tokens: &[u32], of_prompt: bool) -> Result<()> {
+        self.consumed.extend_from_slice(tokens);
+        let every = self.snapshots.every;
+        if every > 0 && of_prompt {
+            let last = self.snapshots.saved.last().map_or(0, |(t, _)| t.len());
+            if self.consumed.len() >= last + every {
+                self.snapshot()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `tokens` (a prompt's when `of_prompt`) through the model in batches; the last row
+    /// of logits, or None when interrupted between batches.
+    pub fn feed(
+        &mut self,
+        model: &dyn Forward,
+        cpu: &Cpu,
+        tokens: &[u32],
+        of_prompt: bool,
+        interrupt: &AtomicBool,
+    ) -> Result<Option<Vec<f32>>> {
+        self.check_room(tokens.len())?;
         let mut logits = None;
         for chunk in tokens.chunks(PREFILL_BATCH) {
             if interrupt.load(Ordering::Relaxed) {
                 return Ok(None);
             }
-            logits = Some(
-                self.model
-                    .forward(&self.cpu, &mut self.state, chunk, false)?,
-            );
-            self.consumed.extend_from_slice(chunk);
-            let every = self.snapshots.every;
-            if every > 0 && tokens.len() > 1 && chunk.len() == PREFILL_BATCH {
-                let last = self.snapshots.saved.last().map_or(0, |(t, _)| t.len());
-                if self.consumed.len() >= last + every {
-                    self.snapshot()?;
-                }
-            }
+            logits = Some(model.forward(cpu, &mut self.state, chunk, false)?);
+            self.consumed_run(chunk, of_prompt)?;
         }
         Ok(logits)
+    }
+}
+
+/// A model with one sequence.
+pub struct Engine<'m> {
+    pub model: &'m dyn Forward,
+    pub cpu: Cpu,
+    pub tok: Tokenizer,
+    pub seq: Sequence,
+}
+
+impl<'m> Engine<'m> {
+    pub fn new(
+        model: &'m dyn Forward,
+        cpu: Cpu,
+        tok: Tokenizer,
+        n_ctx: usize,
+    ) -> Result<Engine<'m>> {
+        let seq = Sequence::new(model, n_ctx, &cpu)?;
+        Ok(Engine {
+            model,
+            cpu,
+            tok,
+            seq,
+        })
+    }
+
+    pub fn n_ctx(&self) -> usize {
+        self.seq.state.n_ctx
+    }
+
+    /// Whether the vocabulary has `<think>` and `</think>` tokens.
+    pub fn can_think(&self) -> bool {
+        self.tok.special_id("<think>").is_some() && self.tok.special_id("</think>").is_some()
+    }
+
+    /// Forgets the sequence.
+    pub fn reset(&mut self) -> Result<()> {
+        self.seq.reset(self.model, &self.cpu)
+    }
+
+    /// See [`Sequence::resume`].
+    pub fn resume(&mut self, prompt: &[u32]) -> Result<usize> {
+        self.seq.resume(self.model, &self.cpu, prompt)
     }
 
     /// Feeds `prompt` (the new tokens only: the state may already hold earlier turns) and
@@ -254,6 +304,70 @@ impl<'m> Engine<'m> {
         interrupt: &AtomicBool,
         on_piece: &mut dyn FnMut(Piece) -> Result<()>,
     ) -> Result<Outcome> {
+        let (mut dec, prompt) = Decoder::new(&self.tok, p, prompt, Box::new(on_piece))?;
+        let t0 = Instant::now();
+        let first = self
+            .seq
+            .feed(self.model, &self.cpu, &prompt, true, interrupt)?;
+        if first.is_some() {
+            self.seq.snapshot()?;
+        }
+        let prompt_secs = t0.elapsed().as_secs_f64();
+        dec.start();
+        let stop = 'gen: {
+            let Some(mut logits) = first else {
+                break 'gen StopReason::Interrupted;
+            };
+            loop {
+                let step = dec.step(&self.tok, &logits, &self.seq, interrupt)?;
+                if !step.feed.is_empty() {
+                    let no = AtomicBool::new(false);
+                    let fed = self
+                        .seq
+                        .feed(self.model, &self.cpu, &step.feed, false, &no)?;
+                    logits = fed.unwrap_or(logits);
+                }
+                if let Some(r) = step.stop {
+                    break 'gen r;
+                }
+            }
+        };
+        dec.finish(stop, prompt.len(), prompt_secs)
+    }
+}
+
+/// What one decode step decided: tokens to feed (the sampled one, plus the block's close when
+/// the thinking budget ran out; none when the step stopped without feeding), and whether
+/// generation stops.
+pub struct Step {
+    pub feed: Vec<u32>,
+    pub stop: Option<StopReason>,
+}
+
+/// Generation after the prompt, one sampled token per [`Decoder::step`]: sampling, reasoning
+/// tracking and the thinking budget, stop conditions, and the streamed output. The caller feeds
+/// what a step returns (alone, or batched with other sequences) and passes the logits back.
+pub struct Decoder<'a> {
+    p: GenParams,
+    out: Output<'a>,
+    sampler: Sampler,
+    inside: bool,
+    generated: usize,
+    thinking: usize,
+    think_open: Option<u32>,
+    think_close: Option<u32>,
+    started: Instant,
+}
+
+impl<'a> Decoder<'a> {
+    /// A decoder for `p`, and the prompt to feed before the first step (`prompt`, with the
+    /// thinking block closed when the budget is zero and the prompt opened it).
+    pub fn new(
+        tok: &Tokenizer,
+        p: &GenParams,
+        prompt: &[u32],
+        on_piece: Box<dyn FnMut(Piece) -> Result<()> + 'a>,
+    ) -> Result<(Decoder<'a>, Vec<u32>)> {
         if prompt.is_empty() {
             bail!("empty prompt: nothing to generate from");
         }
@@ -261,94 +375,119 @@ impl<'m> Engine<'m> {
         // A zero budget: close the block the prompt opened before the model says anything.
         let mut prompt = prompt.to_vec();
         if inside && p.think_budget == Some(0) {
-            prompt.extend(self.tok.encode_continuation(CLOSE_THINKING, true));
+            prompt.extend(tok.encode_continuation(CLOSE_THINKING, true));
             inside = false;
         }
-        let t0 = Instant::now();
-        let first = self.feed(&prompt, interrupt)?;
-        if first.is_some() {
-            self.snapshot()?;
-        }
-        let prompt_secs = t0.elapsed().as_secs_f64();
-        let mut out = Output::new(p, on_piece);
-        let mut sampler = Sampler::new(p.sampler.clone());
-        let parse = matches!(p.reasoning, Reasoning::Parse { .. });
-        let (mut generated, mut thinking) = (0usize, 0usize);
-        let t1 = Instant::now();
-        let stop = 'gen: {
-            let Some(mut logits) = first else {
-                break 'gen StopReason::Interrupted;
-            };
-            loop {
-                if interrupt.load(Ordering::Relaxed) {
-                    break 'gen StopReason::Interrupted;
-                }
-                if p.max_tokens.is_some_and(|m| generated >= m) {
-                    break 'gen StopReason::Length;
-                }
-                if self.state.pos >= self.state.n_ctx {
-                    break 'gen StopReason::Context;
-                }
-                let tok = sampler.sample(&logits, &self.consumed);
-                if self.tok.is_eog(tok) {
-                    break 'gen StopReason::Eog;
-                }
-                generated += 1;
-                let mut batch = vec![tok];
-                if inside {
-                    thinking += 1;
-                }
-                let budget_spent = parse
-                    && inside
-                    && tok != self.think_close.unwrap_or(u32::MAX)
-                    && p.think_budget.is_some_and(|b| thinking >= b);
-                if budget_spent {
-                    batch.extend(self.tok.encode_continuation(CLOSE_THINKING, true));
-                }
-                let mut stopped = false;
-                for &t in &batch {
-                    if parse && Some(t) == self.think_open {
-                        out.flush_decoder(inside)?;
-                        inside = true;
-                    } else if parse && Some(t) == self.think_close {
-                        out.flush_decoder(inside)?;
-                        inside = false;
-                    } else {
-                        stopped |= out.push(&self.tok.token_bytes(t, false), inside)?;
-                    }
-                }
-                let fits = self.state.pos + batch.len() <= self.state.n_ctx;
-                let reason = if stopped {
-                    Some(StopReason::Stop)
-                } else if p.max_tokens.is_some_and(|m| generated >= m) {
-                    Some(StopReason::Length)
-                } else if !fits {
-                    Some(StopReason::Context)
-                } else {
-                    None
-                };
-                if reason.is_none() || (p.feed_last && fits) {
-                    if let Some(l) = self.feed(&batch, &AtomicBool::new(false))? {
-                        logits = l;
-                    }
-                }
-                if let Some(r) = reason {
-                    break 'gen r;
-                }
-            }
+        let dec = Decoder {
+            out: Output::new(p, on_piece),
+            sampler: Sampler::new(p.sampler.clone()),
+            p: p.clone(),
+            inside,
+            generated: 0,
+            thinking: 0,
+            think_open: tok.special_id("<think>"),
+            think_close: tok.special_id("</think>"),
+            started: Instant::now(),
         };
+        Ok((dec, prompt))
+    }
+
+    /// Marks the end of the prompt (generation time counts from here).
+    pub fn start(&mut self) {
+        self.started = Instant::now();
+    }
+
+    /// Samples from `logits` (the last row `seq` produced) and streams the token's text.
+    pub fn step(
+        &mut self,
+        tok: &Tokenizer,
+        logits: &[f32],
+        seq: &Sequence,
+        interrupt: &AtomicBool,
+    ) -> Result<Step> {
+        let p = &self.p;
+        let stop = |r| {
+            Ok(Step {
+                feed: Vec::new(),
+                stop: Some(r),
+            })
+        };
+        if interrupt.load(Ordering::Relaxed) {
+            return stop(StopReason::Interrupted);
+        }
+        if p.max_tokens.is_some_and(|m| self.generated >= m) {
+            return stop(StopReason::Length);
+        }
+        let (pos, n_ctx) = (seq.state.pos, seq.state.n_ctx);
+        if pos >= n_ctx {
+            return stop(StopReason::Context);
+        }
+        let t = self.sampler.sample(logits, &seq.consumed);
+        if tok.is_eog(t) {
+            return stop(StopReason::Eog);
+        }
+        self.generated += 1;
+        let parse = matches!(p.reasoning, Reasoning::Parse { .. });
+        let mut batch = vec![t];
+        if self.inside {
+            self.thinking += 1;
+        }
+        let budget_spent = parse
+            && self.inside
+            && t != self.think_close.unwrap_or(u32::MAX)
+            && p.think_budget.is_some_and(|b| self.thinking >= b);
+        if budget_spent {
+            batch.extend(tok.encode_continuation(CLOSE_THINKING, true));
+        }
+        let mut stopped = false;
+        for &t in &batch {
+            if parse && Some(t) == self.think_open {
+                self.out.flush_decoder(self.inside)?;
+                self.inside = true;
+            } else if parse && Some(t) == self.think_close {
+                self.out.flush_decoder(self.inside)?;
+                self.inside = false;
+            } else {
+                stopped |= self.out.push(&tok.token_bytes(t, false), self.inside)?;
+            }
+        }
+        let fits = pos + batch.len() <= n_ctx;
+        let reason = if stopped {
+            Some(StopReason::Stop)
+        } else if p.max_tokens.is_some_and(|m| self.generated >= m) {
+            Some(StopReason::Length)
+        } else if !fits {
+            Some(StopReason::Context)
+        } else {
+            None
+        };
+        let feed = if reason.is_none() || (p.feed_last && fits) {
+            batch
+        } else {
+            Vec::new()
+        };
+        Ok(Step { feed, stop: reason })
+    }
+
+    /// Ends generation for `stop`: flushes what the output holds back and sums it up.
+    pub fn finish(
+        mut self,
+        stop: StopReason,
+        prompt_tokens: usize,
+        prompt_secs: f64,
+    ) -> Result<Outcome> {
         if stop != StopReason::Stop {
-            out.finish(inside)?;
+            self.out.finish(self.inside)?;
         }
         Ok(Outcome {
-            text: out.answer,
-            reasoning: out.reasoning,
+            text: std::mem::take(&mut self.out.answer),
+            reasoning: std::mem::take(&mut self.out.reasoning),
             stop,
-            prompt_tokens: prompt.len(),
-            generated_tokens: generated,
-            reasoning_tokens: thinking,
+            prompt_tokens,
+            generated_tokens: self.generated,
+            reasoning_tokens: self.thinking,
             prompt_secs,
-            generate_secs: t1.elapsed().as_secs_f64(),
+            generate_secs: self.started.elapsed().as_secs_f64(),
         })
     }
 }
@@ -356,9 +495,9 @@ impl<'m> Engine<'m> {
 /// Routes decoded text to the two channels, trimming leading whitespace of each channel in
 /// parse mode, and holds back answer text that could be the start of a stop string.
 struct Output<'a> {
-    on_piece: &'a mut dyn FnMut(Piece) -> Result<()>,
+    on_piece: Box<dyn FnMut(Piece) -> Result<()> + 'a>,
     decoder: StreamDecoder,
-    stop: &'a [String],
+    stop: Vec<String>,
     trim: bool,
     answer: String,
     reasoning: String,
@@ -367,11 +506,11 @@ struct Output<'a> {
 }
 
 impl<'a> Output<'a> {
-    fn new(p: &'a GenParams, on_piece: &'a mut dyn FnMut(Piece) -> Result<()>) -> Self {
+    fn new(p: &GenParams, on_piece: Box<dyn FnMut(Piece) -> Result<()> + 'a>) -> Self {
         Output {
             on_piece,
             decoder: StreamDecoder::new(),
-            stop: &p.stop,
+            stop: p.stop.clone(),
             trim: matches!(p.reasoning, Reasoning::Parse { .. }),
             answer: String::new(),
             reasoning: String::new(),
@@ -505,7 +644,7 @@ mod tests {
             });
             Ok(())
         };
-        let mut out = Output::new(p, &mut cb);
+        let mut out = Output::new(p, Box::new(&mut cb));
         let mut stopped = false;
         for (c, inside) in chunks {
             if out.push(c.as_bytes(), *inside).unwrap() {

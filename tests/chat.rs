@@ -449,7 +449,7 @@ fn chat_turns_reuse_the_state() {
     };
     let no = AtomicBool::new(false);
     let first = s.turn("Hi!", &params, &no, &mut |_| Ok(())).unwrap();
-    let after_first = s.engine.consumed.len();
+    let after_first = s.engine.seq.consumed.len();
     assert_eq!(after_first, first.prompt_tokens + first.generated_tokens);
     // What the second turn's prompt is when rendered from scratch.
     let (rendered, _) = s.render_turn("And now?").unwrap();
@@ -461,13 +461,13 @@ fn chat_turns_reuse_the_state() {
         "{} tokens fed",
         second.prompt_tokens
     );
-    let held = &s.engine.consumed[..after_first + second.prompt_tokens];
+    let held = &s.engine.seq.consumed[..after_first + second.prompt_tokens];
     assert_eq!(s.engine.tok.decode(held, true), rendered);
     // After /system (or /load), the next turn starts over from a fresh state.
     s.set_system(Some("Be brief.".into()));
     let third = s.turn("Again.", &params, &no, &mut |_| Ok(())).unwrap();
     assert_eq!(
-        s.engine.consumed.len(),
+        s.engine.seq.consumed.len(),
         third.prompt_tokens + third.generated_tokens
     );
 }

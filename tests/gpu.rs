@@ -172,6 +172,7 @@ const ALL_ON_GPU: PlacementArgs = PlacementArgs {
     n_gpu_layers: Some(999),
     n_cpu_moe: 0,
     gpu_mem: None,
+    sequences: 1,
 };
 
 /// The weights `args` place on device 0 (planned for a 64-token context).
@@ -213,11 +214,13 @@ fn whole_and_split_models_on_the_gpu_match_the_float64_reference() {
             n_gpu_layers: Some(999),
             n_cpu_moe: 2,
             gpu_mem: None,
+            sequences: 1,
         };
         let all_in_ram = PlacementArgs {
             n_gpu_layers: Some(999),
             n_cpu_moe: 999,
             gpu_mem: None,
+            sequences: 1,
         };
         let some_layers = PlacementArgs {
             n_gpu_layers: Some(3),

@@ -109,13 +109,19 @@ fn post(addr: &str, path: &str, body: &Value) -> (u16, Value, String) {
 
 /// `ggrun run`'s greedy answer to `prompt` in `n` tokens.
 fn run_answer(prompt: &str, n: usize) -> String {
+    run_answer_with(prompt, n, &[])
+}
+
+/// The same with extra flags.
+fn run_answer_with(prompt: &str, n: usize, extra: &[&str]) -> String {
     let n = n.to_string();
     let args = ["-q", "--temp", "0", "-t", "2", "-n", &n, "-p", prompt];
     let out = common::stdout_of(
         common::ggrun()
             .args(["run", "-m"])
             .arg(common::smollm2())
-            .args(args),
+            .args(args)
+            .args(extra),
     );
     out.trim_end_matches('\n').to_string()
 }
@@ -321,6 +327,94 @@ fn a_client_that_leaves_mid_stream_frees_the_server_and_queued_clients_all_finis
         assert_eq!(status, 200, "{text}");
         assert_eq!(v["choices"][0]["message"]["content"], want.as_str());
     }
+}
+
+/// With `--parallel 4`, eight clients at once (different prompts, half of them streamed) all get
+/// the answer `ggrun run` gives each alone, and four are decoded together: every stream of a
+/// first wave of four sees its first words before any of them ends (one at a time, the others
+/// would see nothing until the first ends). Exact mode, where a batched step computes each
+/// sequence's logits as it would alone (tests/forward.rs), so greedy answers match token for
+/// token.
+#[test]
+fn parallel_slots_decode_clients_together_and_answer_as_run_does() {
+    let s = start(&["--parallel", "4", "--exact"]);
+    let prompts: Vec<String> = (0..8)
+        .map(|i| format!("Name a colour, then count from {i} to {}.", i + 5))
+        .collect();
+    let n = 16;
+    let want: Vec<String> = prompts
+        .iter()
+        .map(|p| run_answer_with(p, n, &["--exact"]))
+        .collect();
+    // Each client: (answer, when its first content arrived, when it finished).
+    let ask = |i: usize| {
+        let (addr, prompt) = (s.addr.clone(), prompts[i].clone());
+        std::thread::spawn(move || {
+            let t0 = Instant::now();
+            if i.is_multiple_of(2) {
+                let (status, v, text) =
+                    post(&addr, "/v1/chat/completions", &chat(&prompt, n, false));
+                assert_eq!(status, 200, "{text}");
+                let a = v["choices"][0]["message"]["content"]
+                    .as_str()
+                    .unwrap()
+                    .to_string();
+                return (a, None, t0.elapsed());
+            }
+            let mut c = TcpStream::connect(&addr).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+            let body = chat(&prompt, n, true).to_string();
+            write!(
+                c,
+                "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .unwrap();
+            let (mut raw, mut first) = (Vec::new(), None);
+            let mut buf = [0u8; 4096];
+            loop {
+                let k = c.read(&mut buf).unwrap();
+                if k == 0 {
+                    break;
+                }
+                raw.extend_from_slice(&buf[..k]);
+                // Non-empty content (the first event's role delta carries "content":"").
+                let t = String::from_utf8_lossy(&raw);
+                let words = t
+                    .match_indices("\"content\":\"")
+                    .any(|(at, m)| !t[at + m.len()..].starts_with('"'));
+                if first.is_none() && words {
+                    first = Some(t0.elapsed());
+                }
+            }
+            let text = String::from_utf8(raw).unwrap();
+            let (_, rest) = text.split_once("\r\n\r\n").unwrap();
+            let (answer, done) = streamed_text(&dechunk(rest));
+            assert!(done);
+            (answer, first, t0.elapsed())
+        })
+    };
+    let results: Vec<_> = (0..8).map(ask).map(|h| h.join().unwrap()).collect();
+    for (i, ((got, _, _), want)) in results.iter().zip(&want).enumerate() {
+        // (run's output loses trailing newlines: see run_answer)
+        assert_eq!(got.trim_end_matches('\n'), want, "client {i}");
+    }
+    // A wave of four streams: all have words before the first one ends.
+    let wave: Vec<_> = [1, 3, 5, 7]
+        .map(ask)
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .collect();
+    let last_first = wave
+        .iter()
+        .map(|w| w.1.expect("streamed content"))
+        .max()
+        .unwrap();
+    let first_end = wave.iter().map(|w| w.2).min().unwrap();
+    assert!(
+        last_first < first_end,
+        "one stream ended at {first_end:?} before another's first words at {last_first:?}"
+    );
 }
 
 /// The official `openai` Python package (installed by .ci/run) as the client.

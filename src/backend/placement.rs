@@ -21,6 +21,8 @@ pub struct PlacementArgs {
     pub n_cpu_moe: usize,
     /// `--gpu-mem`: the VRAM budget in bytes.
     pub gpu_mem: Option<u64>,
+    /// Sequences whose state is reserved (0 counts as 1).
+    pub sequences: usize,
 }
 
 impl PlacementArgs {
@@ -147,15 +149,19 @@ impl Plan {
         let budget = args.gpu_mem.unwrap_or(u64::MAX);
         let resident = output_on_gpu && first_gpu_layer == 0;
         if resident {
-            plan.state_bytes = state_bytes(g, n_ctx)?;
+            plan.state_bytes = state_bytes(g, n_ctx)? * args.sequences.max(1) as u64;
         }
         let reserve = reserve + plan.state_bytes;
         if fixed_bytes.saturating_add(reserve) > budget {
             bail!(
-                "a GPU budget of {} is too small: the non-expert weights of the GPU layers need {}, the buffers {} and the state of a {n_ctx}-token context {} (lower -ngl or -c, or raise --gpu-mem)",
+                "a GPU budget of {} is too small: the non-expert weights of the GPU layers need {}, the buffers {} and the state of {} {} (lower -ngl or -c, or raise --gpu-mem)",
                 gib(budget),
                 gib(fixed_bytes),
                 gib(reserve - plan.state_bytes),
+                match args.sequences {
+                    0 | 1 => format!("a {n_ctx}-token context"),
+                    n => format!("{n} sequences of {n_ctx} tokens"),
+                },
                 gib(plan.state_bytes)
             );
         }
@@ -381,6 +387,7 @@ mod tests {
             n_gpu_layers: Some(99),
             n_cpu_moe: 4,
             gpu_mem: None,
+            ..Default::default()
         };
         let p = Plan::new(&g, &args, 0, 0).unwrap();
         assert_eq!(p.expert_layers_in_ram, vec![1, 3]);
@@ -406,6 +413,7 @@ mod tests {
                 n_gpu_layers: Some(99),
                 n_cpu_moe: 99,
                 gpu_mem: None,
+                ..Default::default()
             },
             0,
             0,
@@ -426,6 +434,7 @@ mod tests {
                 n_gpu_layers: None,
                 n_cpu_moe: 0,
                 gpu_mem: Some(budget),
+                ..Default::default()
             },
             reserve,
             ctx,
@@ -473,6 +482,20 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("1000000-token context"), "{e}");
+        // Several sequences (the server's --parallel) reserve a state each.
+        let p = Plan::new(
+            &g,
+            &PlacementArgs {
+                gpu_mem: Some(all + 2 * state),
+                sequences: 3,
+                ..Default::default()
+            },
+            reserve,
+            ctx,
+        )
+        .unwrap();
+        assert_eq!(p.state_bytes, 3 * state);
+        assert_eq!(p.expert_layers_in_ram.len(), 0);
     }
 
     /// The planner's state size is what a sequence's state really holds: the host state the

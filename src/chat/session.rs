@@ -137,7 +137,7 @@ impl<'m> Session<'m> {
     /// The tokens to feed on top of the current state for prompt `text`, when the state holds
     /// the conversation up to the last answer.
     fn continuation(&self, text: &str, user: &str) -> Option<Vec<u32>> {
-        if self.stale || self.engine.consumed.is_empty() {
+        if self.stale || self.engine.seq.consumed.is_empty() {
             return None;
         }
         let answer = self.messages.last().filter(|m| m.role == "assistant")?;

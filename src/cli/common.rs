@@ -87,6 +87,9 @@ pub struct PlacementFlags {
     /// layers as fit.
     #[arg(long = "gpu-mem", value_parser = parse_size)]
     pub gpu_mem: Option<u64>,
+    /// Sequences whose state the plan reserves (the server's `--parallel`; 0 counts as 1).
+    #[arg(skip)]
+    pub sequences: usize,
 }
 
 impl PlacementFlags {
@@ -96,6 +99,7 @@ impl PlacementFlags {
             n_gpu_layers: self.n_gpu_layers,
             n_cpu_moe: self.n_cpu_moe,
             gpu_mem: self.gpu_mem,
+            sequences: self.sequences,
         }
     }
 }

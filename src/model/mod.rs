@@ -160,7 +160,7 @@ pub trait Forward: Sync {
     }
     /// The forward pass proper, over the tokens of one or more sequences (consecutive runs of
     /// `tokens`, one per [`Seq`], each with its own state); called on the context's pool by
-    /// [`Forward::forward`] and [`Forward::forward_batch`]. Logits: every row when
+    /// [`Forward::forward`] and [`Forward::forward_seqs`]. Logits: every row when
     /// `all_logits`, else the last row of each sequence.
     fn run(
         &self,
@@ -170,22 +170,28 @@ pub trait Forward: Sync {
         all_logits: bool,
     ) -> Result<Vec<f32>>;
 
-    /// One decode step for several sequences: token i extends `states[i]`. The products read
-    /// each weight once for all of them. Returns each sequence's logits.
-    fn forward_batch(
+    /// One step for several sequences: `runs[i]` (one decode token, or a prefill chunk)
+    /// extends `states[i]`, all in one pass, so the products read each weight once for all of
+    /// them. Returns each sequence's last row of logits.
+    fn forward_seqs(
         &self,
         cpu: &Cpu,
         states: &mut [&mut State],
-        tokens: &[u32],
+        runs: &[&[u32]],
     ) -> Result<Vec<Vec<f32>>> {
-        if states.len() != tokens.len() || tokens.is_empty() {
-            bail!("a batched step needs one token per sequence");
+        if states.len() != runs.len() || runs.is_empty() || runs.iter().any(|r| r.is_empty()) {
+            bail!("a batched step needs a run of tokens for each sequence");
         }
+        let tokens: Vec<u32> = runs.concat();
         let mut seqs: Vec<Seq> = states
             .iter_mut()
-            .map(|s| Seq { state: s, len: 1 })
+            .zip(runs)
+            .map(|(s, r)| Seq {
+                state: s,
+                len: r.len(),
+            })
             .collect();
-        let rows = cpu.install(|| self.run(cpu, &mut seqs, tokens, false))?;
+        let rows = cpu.install(|| self.run(cpu, &mut seqs, &tokens, false))?;
         Ok(rows.chunks(self.n_vocab()).map(<[f32]>::to_vec).collect())
     }
 
@@ -262,6 +268,24 @@ pub struct State {
 }
 
 impl State {
+    /// Empties the state in place, as [`Forward::new_state`] makes it but without allocating:
+    /// a fresh state of a long context is hundreds of megabytes of pages to fault in again.
+    pub fn clear(&mut self) -> Result<()> {
+        for l in &mut self.layers {
+            match l {
+                LayerState::None => {}
+                LayerState::Attention { len, .. } => *len = 0,
+                LayerState::Mamba { conv, ssm } => {
+                    conv.fill(0.0);
+                    ssm.fill(0.0);
+                }
+                LayerState::Device(d) => d.clear()?,
+            }
+        }
+        self.pos = 0;
+        Ok(())
+    }
+
     /// Serialises the state (little-endian f32s with a small header) for save/restore; layers
     /// held on a GPU are copied back first.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {

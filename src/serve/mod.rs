@@ -41,8 +41,9 @@ pub struct ServeArgs {
     /// Port (0: any free one; the address is printed on stderr).
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
-    /// Sequences served at once. Only 1 is built: requests queue in arrival order.
-    #[arg(long, default_value_t = 1)]
+    /// Sequences served at once (slots, each with its own state of -c tokens): their decode
+    /// steps run batched, one pass over the weights for all; more requests wait in order.
+    #[arg(long, default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
     pub parallel: usize,
     /// Every request must carry `Authorization: Bearer KEY`.
     #[arg(long = "api-key", value_name = "KEY")]
@@ -67,18 +68,13 @@ struct App {
 
 /// Runs the server until SIGINT or SIGTERM (the job in progress stops after its current token).
 pub fn run(a: ServeArgs) -> Result<()> {
-    if a.parallel != 1 {
-        eprintln!(
-            "note: --parallel {} is not built yet: requests are served one at a time",
-            a.parallel
-        );
-    }
     let (tx, rx) = std::sync::mpsc::channel::<Job>();
-    let snapshots = worker::Snapshots {
-        every: a.snapshot_every,
-        keep: a.snapshots,
+    let slots = worker::Slots {
+        parallel: a.parallel,
+        snapshot_every: a.snapshot_every,
+        snapshots: a.snapshots,
     };
-    let info = worker::spawn(a.model, snapshots, rx)?;
+    let info = worker::spawn(a.model, slots, rx)?;
     let app = Arc::new(App {
         jobs: Arc::new(Mutex::new(tx)),
         info,

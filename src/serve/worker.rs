@@ -1,23 +1,40 @@
-//! The inference thread of `ggrun serve`: it owns the model, its one sequence state and the
-//! chat template, takes jobs from the HTTP handlers in arrival order, and streams events back.
-//! Between jobs the state is kept, and snapshots of it at the end of each prompt and at
-//! intervals of long ones: a prompt that starts with what the state or a snapshot holds (an
-//! agent resending its history plus a new turn, even when the template rewrote the last answer)
-//! feeds only the rest, and the job reports the reused tokens as cached.
+//! The inference thread of `ggrun serve`: it owns the model, the chat template and `--parallel`
+//! slots (a sequence state each), takes jobs from the HTTP handlers, and streams events back.
+//!
+//! Scheduling: a job takes a free slot (the one whose state or snapshots share the longest start
+//! with its prompt, else the least recently used) and waits in arrival order while all are
+//! busy. Every step is one forward pass over the runs of all active slots: one token for each
+//! decoding slot, plus one chunk of one prompt being prefilled (a smaller chunk while others
+//! decode, so a long prompt does not starve them), so the products read each weight once for
+//! all of them. Between jobs a slot keeps its state and snapshots of it (at the end of each
+//! prompt and at intervals of long ones): a prompt that starts with what they hold (an agent
+//! resending its history plus a new turn, even when the template rewrote the last answer) feeds
+//! only the rest, and the job reports the reused tokens as cached.
 
+use std::cell::Cell;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, Sender};
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::{anyhow, Result};
 use serde_json::Value;
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::backend::cpu::Cpu;
 use crate::chat::session::{opens_thinking, prompt_tokens};
 use crate::chat::template::{ChatTemplate, Message, RenderOptions};
 use crate::cli::common::{self, ModelArgs, SamplingArgs};
-use crate::generate::{Engine, GenParams, Piece, Reasoning, StopReason};
+use crate::generate::{Decoder, GenParams, Piece, Reasoning, Sequence, StopReason};
 use crate::gguf::Model;
+use crate::model::{Forward, State};
+use crate::tokenizer::Tokenizer;
+
+/// Prompt tokens per prefill chunk when no other slot is decoding.
+const PREFILL_CHUNK: usize = 512;
+/// Prompt tokens per chunk while other slots decode (each of their tokens waits for it).
+const SHARED_PREFILL_CHUNK: usize = 128;
 
 /// What to generate from.
 pub enum Prompt {
@@ -69,20 +86,30 @@ pub struct ModelInfo {
     pub file_bytes: u64,
 }
 
-/// Set on SIGINT/SIGTERM: the job in progress stops after its current token.
+/// Set on SIGINT/SIGTERM: every job stops after its current token.
 pub static SHUTDOWN: AtomicBool = AtomicBool::new(false);
 
 /// A request error: the message goes to the client with this HTTP status.
 struct Rejected(u16, String);
 
+/// How the slots work: how many, and their snapshot policy (every `snapshot_every` prompt
+/// tokens, 0: only at prompt ends; the newest `snapshots` kept per slot).
+#[derive(Clone, Copy, Debug)]
+pub struct Slots {
+    pub parallel: usize,
+    pub snapshot_every: usize,
+    pub snapshots: usize,
+}
+
 /// Starts the worker thread: loads the model there, then serves `jobs` until the channel
 /// closes. Returns once the model is loaded (or failed to load).
-pub fn spawn(args: ModelArgs, snapshots: Snapshots, jobs: Receiver<Job>) -> Result<ModelInfo> {
+pub fn spawn(mut args: ModelArgs, slots: Slots, jobs: Receiver<Job>) -> Result<ModelInfo> {
+    args.place.sequences = slots.parallel;
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<ModelInfo>>();
     std::thread::Builder::new()
         .name("ggrun-serve-worker".into())
         .spawn(move || {
-            if let Err(e) = serve_jobs(&args, snapshots, jobs, &ready_tx) {
+            if let Err(e) = serve_jobs(&args, slots, jobs, &ready_tx) {
                 let _ = ready_tx.send(Err(e));
             }
         })?;
@@ -91,16 +118,9 @@ pub fn spawn(args: ModelArgs, snapshots: Snapshots, jobs: Receiver<Job>) -> Resu
         .map_err(|_| anyhow!("the model worker stopped while loading"))?
 }
 
-/// Snapshot policy: every `every` prompt tokens (0: only at prompt ends), the newest `keep`.
-#[derive(Clone, Copy, Debug)]
-pub struct Snapshots {
-    pub every: usize,
-    pub keep: usize,
-}
-
 fn serve_jobs(
     args: &ModelArgs,
-    snapshots: Snapshots,
+    slots: Slots,
     jobs: Receiver<Job>,
     ready: &Sender<Result<ModelInfo>>,
 ) -> Result<()> {
@@ -119,121 +139,348 @@ fn serve_jobs(
         n_ctx: l.n_ctx,
         file_bytes: std::fs::metadata(&args.model).map(|m| m.len()).unwrap_or(0),
     };
-    let mut engine = Engine::new(l.model.as_ref(), l.cpu, l.tok, l.n_ctx)?;
-    engine.enable_snapshots(snapshots.every, snapshots.keep);
+    let model = l.model.as_ref();
+    let mut seqs = Vec::with_capacity(slots.parallel);
+    for _ in 0..slots.parallel.max(1) {
+        let mut seq = Sequence::new(model, l.n_ctx, &l.cpu)?;
+        seq.enable_snapshots(slots.snapshot_every, slots.snapshots);
+        seqs.push(Slot { seq, last_used: 0 });
+    }
+    let mut s = Scheduler {
+        model,
+        cpu: &l.cpu,
+        tok: &l.tok,
+        template: &template,
+        g: &g,
+        slots: seqs,
+        active: Vec::new(),
+        clock: 0,
+    };
     let _ = ready.send(Ok(info));
-    for job in jobs {
-        let events = job.events.clone();
-        match run_job(&mut engine, &template, &g, job) {
-            Ok(()) => {}
-            Err(Rejected(status, message)) => {
+    loop {
+        // Take jobs while a slot is free: wait for one when nothing runs.
+        while s.active.len() < s.slots.len() {
+            let job = if s.active.is_empty() {
+                match jobs.recv() {
+                    Ok(j) => j,
+                    Err(_) => return Ok(()),
+                }
+            } else {
+                match jobs.try_recv() {
+                    Ok(j) => j,
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                }
+            };
+            let events = job.events.clone();
+            if let Err(Rejected(status, message)) = s.admit(job) {
                 let _ = events.send(Event::Error { status, message });
             }
         }
+        s.step();
     }
-    Ok(())
 }
 
-fn run_job(
-    engine: &mut Engine,
-    template: &ChatTemplate,
-    g: &Model,
-    job: Job,
-) -> Result<(), Rejected> {
-    let bad = |m: String| Rejected(400, m);
-    let internal = |e: anyhow::Error| Rejected(500, format!("{e:#}"));
-    let (tokens, reasoning) = match &job.prompt {
-        Prompt::Chat {
-            messages,
-            tools,
-            think,
-        } => {
-            let opts = RenderOptions {
-                add_generation_prompt: true,
-                enable_thinking: *think,
-                tools: tools.clone(),
-            };
-            let mut text = template
-                .render(messages, &opts)
-                .map_err(|e| bad(format!("{e:#}")))?;
-            if *think == Some(false) && opens_thinking(&text) {
-                text.push_str("</think>");
+struct Slot {
+    seq: Sequence,
+    /// When the slot last took a job (the scheduler's clock).
+    last_used: u64,
+}
+
+/// A job in a slot.
+struct Active {
+    slot: usize,
+    events: UnboundedSender<Event>,
+    /// Set when sending to the client failed (it went away).
+    gone: Rc<Cell<bool>>,
+    decoder: Decoder<'static>,
+    /// The prompt tokens to feed (after the cached ones), and how many are fed.
+    prompt: Vec<u32>,
+    fed: usize,
+    prompt_tokens: usize,
+    cached: usize,
+    started: Instant,
+    prompt_secs: f64,
+    /// Tokens to feed next (decode), and the logits the last run left.
+    pending: Vec<u32>,
+    logits: Option<Vec<f32>>,
+    /// Generation has stopped; the job ends once `pending` is fed.
+    stop: Option<StopReason>,
+}
+
+impl Active {
+    fn prefilling(&self) -> bool {
+        self.fed < self.prompt.len()
+    }
+}
+
+struct Scheduler<'a> {
+    model: &'a dyn Forward,
+    cpu: &'a Cpu,
+    tok: &'a Tokenizer,
+    template: &'a ChatTemplate,
+    g: &'a Model,
+    slots: Vec<Slot>,
+    /// In arrival order.
+    active: Vec<Active>,
+    clock: u64,
+}
+
+impl Scheduler<'_> {
+    /// Renders and checks a job's prompt, picks its slot and resumes the slot's state there.
+    fn admit(&mut self, job: Job) -> Result<(), Rejected> {
+        let bad = |m: String| Rejected(400, m);
+        let internal = |e: anyhow::Error| Rejected(500, format!("{e:#}"));
+        let (tokens, reasoning) = match &job.prompt {
+            Prompt::Chat {
+                messages,
+                tools,
+                think,
+            } => {
+                let opts = RenderOptions {
+                    add_generation_prompt: true,
+                    enable_thinking: *think,
+                    tools: tools.clone(),
+                };
+                let mut text = self
+                    .template
+                    .render(messages, &opts)
+                    .map_err(|e| bad(format!("{e:#}")))?;
+                if *think == Some(false) && opens_thinking(&text) {
+                    text.push_str("</think>");
+                }
+                let inside = opens_thinking(&text);
+                let t = prompt_tokens(self.tok, &text).map_err(internal)?;
+                (t, Reasoning::Parse { inside })
             }
-            let inside = opens_thinking(&text);
-            let t = prompt_tokens(&engine.tok, &text).map_err(internal)?;
-            (t, Reasoning::Parse { inside })
+            Prompt::Text(s) => (
+                self.tok.encode(s, true).map_err(internal)?,
+                Reasoning::Verbatim,
+            ),
+        };
+        let n_ctx = self.slots[0].seq.state.n_ctx;
+        if tokens.is_empty() {
+            return Err(bad("the prompt is empty".into()));
         }
-        Prompt::Text(s) => (
-            engine.tok.encode(s, true).map_err(internal)?,
-            Reasoning::Verbatim,
-        ),
-    };
-    let n_ctx = engine.n_ctx();
-    if tokens.is_empty() {
-        return Err(bad("the prompt is empty".into()));
-    }
-    if tokens.len() >= n_ctx {
-        return Err(bad(format!(
-            "the prompt is {} tokens but the context holds {n_ctx} (start the server with a larger -c)",
-            tokens.len()
-        )));
-    }
-    let room = n_ctx - tokens.len();
-    let max_tokens = job.max_tokens.unwrap_or(room).min(room);
-    // Resume from the longest start of this prompt the state or a snapshot holds.
-    let cached = engine.resume(&tokens).map_err(internal)?;
-    let params = GenParams {
-        max_tokens: Some(max_tokens),
-        sampler: job.sampling.config(g.metadata()),
-        stop: job.sampling.stop.clone(),
-        reasoning,
-        think_budget: None,
-        feed_last: true,
-    };
-    let events = job.events;
-    let mut gone = false;
-    let mut on_piece = |p: Piece| -> Result<()> {
-        let (reasoning, text) = match p {
-            Piece::Reasoning(s) => (true, s),
-            Piece::Answer(s) => (false, s),
-        };
-        let ev = Event::Piece {
+        if tokens.len() >= n_ctx {
+            return Err(bad(format!(
+                "the prompt is {} tokens but the context holds {n_ctx} (start the server with a larger -c)",
+                tokens.len()
+            )));
+        }
+        let room = n_ctx - tokens.len();
+        let max_tokens = job.max_tokens.unwrap_or(room).min(room);
+        // The free slot that can reuse most of the prompt, else the least recently used.
+        let busy: Vec<usize> = self.active.iter().map(|a| a.slot).collect();
+        let slot = (0..self.slots.len())
+            .filter(|i| !busy.contains(i))
+            .max_by_key(|&i| {
+                let s = &self.slots[i];
+                (s.seq.reusable(&tokens), std::cmp::Reverse(s.last_used))
+            })
+            .ok_or_else(|| internal(anyhow!("no free slot")))?;
+        self.clock += 1;
+        let s = &mut self.slots[slot];
+        s.last_used = self.clock;
+        let cached = s
+            .seq
+            .resume(self.model, self.cpu, &tokens)
+            .map_err(internal)?;
+        let params = GenParams {
+            max_tokens: Some(max_tokens),
+            sampler: job.sampling.config(self.g.metadata()),
+            stop: job.sampling.stop.clone(),
             reasoning,
-            text: text.to_string(),
+            think_budget: None,
+            feed_last: true,
         };
-        if events.send(ev).is_err() {
-            gone = true;
-            return Err(anyhow!("the client went away"));
+        let gone = Rc::new(Cell::new(false));
+        let on_piece = {
+            let (events, gone) = (job.events.clone(), gone.clone());
+            move |p: Piece| -> Result<()> {
+                let (reasoning, text) = match p {
+                    Piece::Reasoning(s) => (true, s),
+                    Piece::Answer(s) => (false, s),
+                };
+                let ev = Event::Piece {
+                    reasoning,
+                    text: text.to_string(),
+                };
+                if events.send(ev).is_err() {
+                    gone.set(true);
+                    return Err(anyhow!("the client went away"));
+                }
+                Ok(())
+            }
+        };
+        let (decoder, prompt) =
+            Decoder::new(self.tok, &params, &tokens[cached..], Box::new(on_piece))
+                .map_err(internal)?;
+        s.seq
+            .check_room(prompt.len())
+            .map_err(|e| bad(format!("{e:#}")))?;
+        self.active.push(Active {
+            slot,
+            events: job.events,
+            gone,
+            decoder,
+            prompt,
+            fed: 0,
+            prompt_tokens: tokens.len(),
+            cached,
+            started: Instant::now(),
+            prompt_secs: 0.0,
+            pending: Vec::new(),
+            logits: None,
+            stop: None,
+        });
+        Ok(())
+    }
+
+    /// One forward pass over the active slots' runs, then one decode step for each slot that
+    /// has logits; finished jobs leave their slots.
+    fn step(&mut self) {
+        let shutdown = SHUTDOWN.load(Ordering::Relaxed);
+        // Jobs whose client left, and prompts cut short by a shutdown, end before the pass.
+        let mut i = 0;
+        while i < self.active.len() {
+            let a = &self.active[i];
+            if a.events.is_closed() || a.gone.get() {
+                self.active.remove(i);
+            } else if shutdown && a.prefilling() {
+                let a = self.active.remove(i);
+                self.finish(a, StopReason::Interrupted);
+            } else {
+                i += 1;
+            }
+        }
+        // The runs: every decoding slot's pending tokens and one prompt's next chunk.
+        let decoding = self.active.iter().filter(|a| !a.prefilling()).count();
+        let chunk = if decoding > 0 {
+            SHARED_PREFILL_CHUNK
+        } else {
+            PREFILL_CHUNK
+        };
+        let mut runs: Vec<(usize, Vec<u32>, bool)> = Vec::new();
+        let mut prefill_taken = false;
+        for (ai, a) in self.active.iter().enumerate() {
+            if a.prefilling() {
+                if !prefill_taken {
+                    prefill_taken = true;
+                    let end = (a.fed + chunk).min(a.prompt.len());
+                    runs.push((ai, a.prompt[a.fed..end].to_vec(), true));
+                }
+            } else if !a.pending.is_empty() {
+                runs.push((ai, a.pending.clone(), false));
+            }
+        }
+        if !runs.is_empty() {
+            if let Err(e) = self.forward(&runs) {
+                // The states of the slots in the pass are at an unknown point: start them over.
+                let message = format!("{e:#}");
+                let mut failed: Vec<usize> = runs.iter().map(|r| r.0).collect();
+                failed.sort_unstable();
+                for ai in failed.into_iter().rev() {
+                    let a = self.active.remove(ai);
+                    let _ = self.slots[a.slot].seq.reset(self.model, self.cpu);
+                    let _ = a.events.send(Event::Error {
+                        status: 500,
+                        message: message.clone(),
+                    });
+                }
+            }
+        }
+        // Decode steps for the slots with fresh logits; jobs that stopped and fed all end.
+        let mut i = 0;
+        while i < self.active.len() {
+            let a = &mut self.active[i];
+            let mut end = a.stop.filter(|_| a.pending.is_empty());
+            if end.is_none() && a.stop.is_none() {
+                if let Some(logits) = a.logits.take() {
+                    let seq = &self.slots[a.slot].seq;
+                    match a.decoder.step(self.tok, &logits, seq, &SHUTDOWN) {
+                        Ok(step) => {
+                            a.pending = step.feed;
+                            a.stop = step.stop;
+                            end = a.stop.filter(|_| a.pending.is_empty());
+                        }
+                        Err(_) => {
+                            // Only the client's going away fails a step.
+                            self.active.remove(i);
+                            continue;
+                        }
+                    }
+                }
+            }
+            match end {
+                Some(stop) => {
+                    let a = self.active.remove(i);
+                    self.finish(a, stop);
+                }
+                None => i += 1,
+            }
+        }
+    }
+
+    /// Runs `runs` (active index, tokens, whether a prompt chunk) in one pass and books the
+    /// results into their jobs and slots.
+    fn forward(&mut self, runs: &[(usize, Vec<u32>, bool)]) -> Result<()> {
+        let slot_of: Vec<usize> = runs.iter().map(|r| self.active[r.0].slot).collect();
+        let mut by_slot: Vec<Option<&mut State>> = self
+            .slots
+            .iter_mut()
+            .map(|s| Some(&mut s.seq.state))
+            .collect();
+        let mut states: Vec<&mut State> = slot_of
+            .iter()
+            .map(|&s| by_slot[s].take().expect("one run per slot"))
+            .collect();
+        let toks: Vec<&[u32]> = runs.iter().map(|r| r.1.as_slice()).collect();
+        let rows = self.model.forward_seqs(self.cpu, &mut states, &toks)?;
+        for ((ai, tokens, of_prompt), logits) in runs.iter().zip(rows) {
+            let a = &mut self.active[*ai];
+            let seq = &mut self.slots[a.slot].seq;
+            seq.consumed_run(tokens, *of_prompt)?;
+            if *of_prompt {
+                a.fed += tokens.len();
+                if a.prefilling() {
+                    continue;
+                }
+                seq.snapshot()?;
+                a.prompt_secs = a.started.elapsed().as_secs_f64();
+                a.decoder.start();
+            } else {
+                a.pending.clear();
+            }
+            a.logits = Some(logits);
         }
         Ok(())
-    };
-    let result = engine.generate(&tokens[cached..], &params, &SHUTDOWN, &mut on_piece);
-    match result {
-        Ok(o) => {
-            let finish_reason = match o.stop {
-                StopReason::Length | StopReason::Context => "length",
-                _ => "stop",
-            };
-            let _ = events.send(Event::Done(Done {
-                finish_reason,
-                prompt_tokens: tokens.len(),
-                cached_tokens: cached,
-                completion_tokens: o.generated_tokens,
-                reasoning_tokens: o.reasoning_tokens,
-                prompt_secs: o.prompt_secs,
-                generate_secs: o.generate_secs,
-            }));
-            Ok(())
-        }
-        Err(e) => {
-            // A generation cut short leaves the state at an unknown point: start over next time.
-            let _ = engine.reset();
-            if gone || SHUTDOWN.load(Ordering::Relaxed) {
-                Ok(())
-            } else {
-                Err(internal(e))
-            }
-        }
+    }
+
+    fn finish(&mut self, a: Active, stop: StopReason) {
+        let Active {
+            events,
+            decoder,
+            prompt_tokens,
+            cached,
+            prompt_secs,
+            ..
+        } = a;
+        let Ok(o) = decoder.finish(stop, prompt_tokens, prompt_secs) else {
+            return; // the client went away
+        };
+        let finish_reason = match o.stop {
+            StopReason::Length | StopReason::Context => "length",
+            _ => "stop",
+        };
+        let _ = events.send(Event::Done(Done {
+            finish_reason,
+            prompt_tokens,
+            cached_tokens: cached,
+            completion_tokens: o.generated_tokens,
+            reasoning_tokens: o.reasoning_tokens,
+            prompt_secs: o.prompt_secs,
+            generate_secs: o.generate_secs,
+        }));
     }
 }
 

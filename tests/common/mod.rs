@@ -126,7 +126,8 @@ pub fn chunked(m: &dyn Forward, cpu: &Cpu, tokens: &[u32], chunk: usize) -> (Vec
 
 /// The prompt fed in one batch and in chunks of 1, 3 and 7 gives the same last logits within
 /// `tol` rel-RMS; a state saved after the prompt and restored into a fresh one continues
-/// bit-identically; a state saved for another context size is refused.
+/// bit-identically; a state saved for another context size is refused; a used state emptied in
+/// place computes the prompt as a fresh one does, bit for bit.
 pub fn check_chunks_and_restore(m: &dyn Forward, cpu: &Cpu, toks: &[u32], tol: f64, name: &str) {
     let (one, _) = chunked(m, cpu, toks, toks.len());
     for chunk in [1, 3, 7] {
@@ -158,6 +159,16 @@ pub fn check_chunks_and_restore(m: &dyn Forward, cpu: &Cpu, toks: &[u32], tol: f
     assert!(
         other.restore(&saved).is_err(),
         "{name}: a foreign state was accepted"
+    );
+    let (_, mut used) = chunked(m, cpu, toks, 3);
+    used.clear().unwrap();
+    let again = m.forward(cpu, &mut used, toks, false).unwrap();
+    assert!(
+        again
+            .iter()
+            .zip(&one)
+            .all(|(x, y)| x.to_bits() == y.to_bits()),
+        "{name}: a cleared state differs from a fresh one"
     );
 }
 

@@ -70,6 +70,19 @@ impl DeviceState {
         })
     }
 
+    /// Empties the state in place: the Mamba state zeroed, the K/V cache at length 0.
+    pub fn clear(&mut self) -> Result<()> {
+        match self {
+            DeviceState::Mamba { conv, ssm } => {
+                let s = conv.stream().clone();
+                cuda(s.memset_zeros(conv))?;
+                cuda(s.memset_zeros(ssm))?;
+            }
+            DeviceState::Attention { len, .. } => *len = 0,
+        }
+        Ok(())
+    }
+
     /// The same state in host memory (copied back).
     pub fn to_host(&self) -> Result<LayerState> {
         Ok(match self {
