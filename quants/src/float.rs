@@ -109,29 +109,33 @@ pub fn sum_bytes(bytes: &[u8]) -> u64 {
         .fold(tail, u64::wrapping_add)
 }
 
-/// `y += a·x` elementwise with one rounding per element (fused multiply-add), the attention's
-/// value accumulation. The SIMD twins equal this bit for bit.
-pub type AxpyFn = fn(&mut [f32], f32, &[f32]);
+/// `out += Σ_p w[p] · v[p·stride ..][..out.len()]`, position by position in p order with one
+/// rounding per term (fused multiply-add): the attention's value accumulation. The SIMD twins
+/// keep `out` in registers across the positions and equal this bit for bit.
+pub type WeightedRowsFn = fn(&mut [f32], &[f32], &[f32], usize);
 
-pub fn axpy_scalar(y: &mut [f32], a: f32, x: &[f32]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y = a.mul_add(*x, *y);
+pub fn weighted_rows_scalar(out: &mut [f32], w: &[f32], v: &[f32], stride: usize) {
+    for (p, &wp) in w.iter().enumerate() {
+        let row = &v[p * stride..p * stride + out.len()];
+        for (o, x) in out.iter_mut().zip(row) {
+            *o = wp.mul_add(*x, *o);
+        }
     }
 }
 
-/// The axpy kernel of the active tier.
-pub fn axpy_fn() -> AxpyFn {
-    axpy_for(crate::isa::active())
+/// The weighted-rows kernel of the active tier.
+pub fn weighted_rows_fn() -> WeightedRowsFn {
+    weighted_rows_for(crate::isa::active())
 }
 
-/// The axpy kernel of `isa` (scalar where the tier has none).
-pub fn axpy_for(isa: crate::Isa) -> AxpyFn {
+/// The weighted-rows kernel of `isa` (scalar where the tier has none).
+pub fn weighted_rows_for(isa: crate::Isa) -> WeightedRowsFn {
     #[cfg(target_arch = "x86_64")]
     if isa >= crate::Isa::Avx2 && isa <= crate::Isa::Avx512Vnni && isa.is_available() {
-        return crate::x86::axpy;
+        return crate::x86::weighted_rows;
     }
     let _ = isa;
-    axpy_scalar
+    weighted_rows_scalar
 }
 
 /// `out[p] = Σ_d k[p·stride + d] · q[d]` for p < out.len(), each sum taken in d order (product

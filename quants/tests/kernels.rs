@@ -403,19 +403,36 @@ fn ssm_state_rows_match_the_scalar_reference_bit_for_bit() {
 }
 
 #[test]
-fn axpy_matches_the_scalar_reference_bit_for_bit() {
-    use ggrun_quants::float::{axpy_for, axpy_scalar};
+fn weighted_rows_match_the_scalar_reference_bit_for_bit() {
+    use ggrun_quants::float::{weighted_rows_for, weighted_rows_scalar};
     let mut r = rng();
     for isa in Isa::available() {
-        for n in [1, 7, 8, 9, 64, 100] {
-            let (y0, x) = (floats(&mut r, n), floats(&mut r, n));
-            let (mut y1, mut y2) = (y0.clone(), y0.clone());
-            axpy_scalar(&mut y1, 0.3, &x);
-            axpy_for(isa)(&mut y2, 0.3, &x);
+        // (positions, columns, stride): head sizes below, at and above a register slice.
+        for (n, hd, stride) in [
+            (1, 64, 64),
+            (5, 7, 7),
+            (9, 8, 24),
+            (33, 64, 192),
+            (4, 100, 128),
+        ] {
+            let v = floats(&mut r, (n - 1) * stride + hd);
+            let w = floats(&mut r, n);
+            let y0 = floats(&mut r, hd);
+            let (mut a, mut b) = (y0.clone(), y0.clone());
+            weighted_rows_scalar(&mut a, &w, &v, stride);
+            weighted_rows_for(isa)(&mut b, &w, &v, stride);
             assert!(
-                y1.iter().zip(&y2).all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{isa:?} {n}"
+                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{isa:?} {n} {hd}"
             );
+            // The reference is the plain sum, up to rounding.
+            for (d, got) in a.iter().enumerate() {
+                let want: f64 = y0[d] as f64
+                    + (0..n)
+                        .map(|p| w[p] as f64 * v[p * stride + d] as f64)
+                        .sum::<f64>();
+                assert!((*got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()));
+            }
         }
     }
 }

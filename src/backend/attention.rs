@@ -95,10 +95,10 @@ pub fn attend(
 
     let (nh, hd) = (s.n_head, s.head_dim);
     // SIMD kernels of the active tier: q·k for eight positions at once (each summed in d
-    // order, which reproduces llama.cpp's greedy continuations), and the fused value
-    // accumulation.
+    // order, which reproduces llama.cpp's greedy continuations), and the value accumulation
+    // over all positions with the output in registers.
     let dot_rows = ggrun_quants::float::dot_rows_fn();
-    let axpy = ggrun_quants::float::axpy_fn();
+    let weighted_rows = ggrun_quants::float::weighted_rows_fn();
     let group = nh / s.n_head_kv;
     let (kc, vc) = (&kc[..], &vc[..]);
     // Heads are independent: each computes its columns of the output for every new token.
@@ -129,11 +129,11 @@ pub fn attend(
                     sum += *sc as f64;
                 }
                 let inv = (1.0 / sum) as f32;
-                let o = &mut oh[ti * hd..(ti + 1) * hd];
-                for (p, sc) in scores[..n].iter().enumerate() {
-                    let w = if f16 { round_f16(sc * inv) } else { sc * inv };
-                    axpy(o, w, &vc[p * row + kvh * hd..p * row + (kvh + 1) * hd]);
+                for sc in scores[..n].iter_mut() {
+                    *sc = if f16 { round_f16(*sc * inv) } else { *sc * inv };
                 }
+                let o = &mut oh[ti * hd..(ti + 1) * hd];
+                weighted_rows(o, &scores[..n], &vc[kvh * hd..], row);
             }
             oh
         })

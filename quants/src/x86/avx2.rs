@@ -1006,27 +1006,44 @@ pub(crate) fn ssm_row(s: &mut [f32], b: &[f32], c: &[f32], da: f32, xdt: f32) ->
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn axpy_impl(y: &mut [f32], a: f32, x: &[f32]) {
-    let n = y.len().min(x.len());
-    let va = _mm256_set1_ps(a);
-    let mut i = 0;
-    while i + 8 <= n {
-        let p = y.as_mut_ptr().add(i);
-        _mm256_storeu_ps(
-            p,
-            _mm256_fmadd_ps(va, _mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(p)),
-        );
-        i += 8;
+unsafe fn weighted_rows_impl(out: &mut [f32], w: &[f32], v: &[f32], stride: usize) {
+    let (n, hd) = (w.len(), out.len());
+    assert!(
+        n == 0 || (n - 1) * stride + hd <= v.len(),
+        "weighted_rows: rows out of range"
+    );
+    // Columns in slices of up to 64 (eight registers), each slice held in registers over all
+    // positions; every element still sums its terms in position order.
+    let mut d0 = 0;
+    while d0 + 8 <= hd {
+        let lanes = ((hd - d0) / 8).min(8);
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for (j, a) in acc.iter_mut().enumerate().take(lanes) {
+            *a = _mm256_loadu_ps(out.as_ptr().add(d0 + 8 * j));
+        }
+        for (p, &wp) in w.iter().enumerate() {
+            let wv = _mm256_set1_ps(wp);
+            let row = v.as_ptr().add(p * stride + d0);
+            for (j, a) in acc.iter_mut().enumerate().take(lanes) {
+                *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(row.add(8 * j)), *a);
+            }
+        }
+        for (j, a) in acc.iter().enumerate().take(lanes) {
+            _mm256_storeu_ps(out.as_mut_ptr().add(d0 + 8 * j), *a);
+        }
+        d0 += 8 * lanes;
     }
-    for k in i..n {
-        y[k] = a.mul_add(x[k], y[k]);
+    for d in d0..hd {
+        for (p, &wp) in w.iter().enumerate() {
+            out[d] = wp.mul_add(v[p * stride + d], out[d]);
+        }
     }
 }
 
-pub(crate) fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    // SAFETY: selected by float::axpy_for only when an AVX2 tier is available; every pointer
-    // access is below `n`, the shorter slice's length.
-    unsafe { axpy_impl(y, a, x) }
+pub(crate) fn weighted_rows(out: &mut [f32], w: &[f32], v: &[f32], stride: usize) {
+    // SAFETY: selected by float::weighted_rows_for only when an AVX2 tier is available; the
+    // assert in weighted_rows_impl bounds every row read, and writes stay below out.len().
+    unsafe { weighted_rows_impl(out, w, v, stride) }
 }
 
 /// Eight rows of eight floats transposed: lane i of result d is element d of row i.
