@@ -18,7 +18,7 @@ mod common;
 
 use common::{compare, golden, median, run};
 use ggrun::backend::cpu::{Cpu, Matrix, Precision};
-use ggrun::backend::cuda::{DeviceWeights, Gpu};
+use ggrun::backend::cuda::{DeviceWeights, Epilogue, Gpu};
 use ggrun::backend::placement::{PlacementArgs, Plan};
 use ggrun::gguf::Model;
 use ggrun::model::{self, LayerState, LoadOptions};
@@ -152,6 +152,93 @@ fn matmul_of_every_weight_type_matches_the_cpu_dequantization() {
                 }
             }
         }
+    }
+}
+
+/// Several groups of rows and tokens in one tensor-core launch (a layer's selected experts in
+/// prefill): four 40-row "experts" stacked in one matrix, groups of 9, 70 and 8 tokens in an order
+/// unlike the experts', each token's outputs within 2⁻⁷ of Σ|w·x| of the float64 product with
+/// its own expert (the tensor-core bound above); the output row no group owns stays unwritten;
+/// and the grouped kernel really ran (the f32 fallback, one product per group, differs).
+#[test]
+#[ignore = "needs a CUDA GPU: run scripts/gpu-test.sh on the device machine"]
+fn grouped_products_match_each_group_alone() {
+    let gpu = Gpu::open(0).expect("a CUDA device");
+    let seed = seed();
+    let (experts, rows, cols) = (4usize, 40usize, 1024usize);
+    let groups = [(2 * rows, 0usize, 9usize), (0, 9, 70), (3 * rows, 79, 8)];
+    let tokens = 88; // one more activation row than the groups cover
+    for (k, ty) in [GgmlType::Q8_0, GgmlType::Q5_0, GgmlType::Q4_K]
+        .into_iter()
+        .enumerate()
+    {
+        let rb = ty.row_bytes(cols as u64).unwrap() as usize;
+        let wf = values(seed ^ (k as u64 + 101), experts * rows * cols);
+        let mut data = vec![0u8; experts * rows * rb];
+        let q = reference_quantize_fn(ty).unwrap();
+        for (src, dst) in wf.chunks(cols).zip(data.chunks_mut(rb)) {
+            q(src, dst);
+        }
+        let mut deq = vec![0f32; experts * rows * cols];
+        let dq = dequantize_fn(ty).unwrap();
+        for (src, dst) in data.chunks(rb).zip(deq.chunks_mut(cols)) {
+            dq(src, dst);
+        }
+        let m = Matrix {
+            ty,
+            data: &data,
+            rows: experts * rows,
+            cols,
+            packed: None,
+            device: None,
+        };
+        let dm = gpu.upload(&m).unwrap();
+        let x = values(seed.rotate_left(3) ^ k as u64, tokens * cols);
+        let dx = gpu.to_device(&x).unwrap();
+        let grouped = |tensor_cores: bool| {
+            gpu.set_tensor_cores(tensor_cores);
+            let mut dy = gpu.to_device(&vec![f32::NAN; tokens * rows]).unwrap();
+            gpu.matmul_grouped(
+                &dm,
+                rows,
+                &groups,
+                &dx.slice(..),
+                &mut dy.slice_mut(..),
+                Epilogue::Store,
+            )
+            .unwrap();
+            gpu.to_host(&dy).unwrap()
+        };
+        let y = grouped(true);
+        for &(w_row, row, count) in &groups {
+            for j in row..row + count {
+                for r in 0..rows {
+                    let w = &deq[(w_row + r) * cols..(w_row + r + 1) * cols];
+                    let xs = &x[j * cols..(j + 1) * cols];
+                    let want: f64 = w.iter().zip(xs).map(|(a, b)| *a as f64 * *b as f64).sum();
+                    let mag: f64 = w
+                        .iter()
+                        .zip(xs)
+                        .map(|(a, b)| (*a as f64 * *b as f64).abs())
+                        .sum();
+                    let got = y[j * rows + r] as f64;
+                    assert!(
+                        (got - want).abs() <= mag / 128.0 + 1e-6,
+                        "{ty} token {j} row {r}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+        let owned = 87 * rows;
+        assert!(
+            y[owned..].iter().all(|v| v.is_nan()),
+            "{ty}: a row no group owns was written"
+        );
+        let f32_path = grouped(false);
+        assert!(
+            y[..owned].iter().zip(&f32_path).any(|(a, b)| a != b),
+            "{ty}: the grouped tensor-core kernel did not run"
+        );
     }
 }
 

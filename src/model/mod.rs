@@ -259,6 +259,16 @@ pub enum LayerState {
     Device(crate::backend::cuda::DeviceState),
 }
 
+/// Appends `xs` as little-endian f32s (one copy on little-endian machines: snapshots of long
+/// contexts are hundreds of megabytes).
+fn put_f32s(out: &mut Vec<u8>, xs: &[f32]) {
+    if cfg!(target_endian = "little") {
+        out.extend_from_slice(bytemuck::cast_slice(xs));
+    } else {
+        out.extend(xs.iter().flat_map(|x| x.to_le_bytes()));
+    }
+}
+
 /// A sequence's state: one entry per layer plus the number of tokens seen.
 #[derive(Debug)]
 pub struct State {
@@ -294,7 +304,7 @@ impl State {
         put(self.pos as u64);
         put(self.n_ctx as u64);
         put(self.layers.len() as u64);
-        let mut body = Vec::new();
+        let body = &mut out;
         for l in &self.layers {
             let host;
             let l = match l {
@@ -310,15 +320,16 @@ impl State {
                     body.push(1);
                     body.extend_from_slice(&(*len as u64).to_le_bytes());
                     let n = len * (k.len() / self.n_ctx.max(1));
-                    body.extend(k[..n].iter().chain(&v[..n]).flat_map(|x| x.to_le_bytes()));
+                    put_f32s(body, &k[..n]);
+                    put_f32s(body, &v[..n]);
                 }
                 LayerState::Mamba { conv, ssm } => {
                     body.push(2);
-                    body.extend(conv.iter().chain(ssm).flat_map(|x| x.to_le_bytes()));
+                    put_f32s(body, conv);
+                    put_f32s(body, ssm);
                 }
             }
         }
-        out.extend_from_slice(&body);
         Ok(out)
     }
 
@@ -361,8 +372,10 @@ impl State {
             return Err(bad());
         }
         let floats = |b: &[u8], out: &mut [f32]| {
-            for (o, c) in out.iter_mut().zip(b.chunks_exact(4)) {
-                *o = f32::from_le_bytes(c.try_into().unwrap());
+            bytemuck::cast_slice_mut::<f32, u8>(out).copy_from_slice(b);
+            if cfg!(target_endian = "big") {
+                out.iter_mut()
+                    .for_each(|x| *x = f32::from_bits(x.to_bits().swap_bytes()));
             }
         };
         for l in self.layers.iter_mut() {

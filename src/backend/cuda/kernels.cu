@@ -472,69 +472,106 @@ __device__ void matmul_mma(const u8* w, const float* x, float* y, int rows, int 
 
 FOR_EACH_TYPE(MATMUL_MMA)
 
+// The tensor-core product for several groups in one launch (a layer's experts in prefill): group
+// z = (first weight row, first activation/output row, tokens) multiplies rows w_row.. of w
+// (`rows` of them) by its tokens' activations. Grid: (row tiles, token tiles of the largest
+// group, groups); blocks past their group's tokens exit at once, before any barrier.
+#define MATMUL_MMA_GROUPED(s, T)                                                                 \
+    extern "C" __global__ void __launch_bounds__(128) matmul_mma_grouped_##s(                    \
+        const u8* w, const float* x, float* y, int rows, int cols, long long row_bytes,          \
+        const int* groups, int epi) {                                                            \
+        const int* g = groups + 3 * blockIdx.z;                                                  \
+        int tokens = g[2];                                                                       \
+        if ((int)blockIdx.y * MMA_TOKENS >= tokens) return;                                      \
+        matmul_mma<T>(w + (long long)g[0] * row_bytes, x + (long long)g[1] * cols,               \
+                      y + (long long)g[1] * rows, rows, cols, row_bytes, tokens, epi);           \
+    }
+
+FOR_EACH_TYPE(MATMUL_MMA_GROUPED)
+
 // ---------------------------------------------------------------------------------------------
 // Mamba-2 on the device (building blocks of the device-resident forward pass).
 
 __device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
 
 // Causal depthwise convolution of `t` rows of xBC (t × ch) with per-channel kernels w (ch × k)
-// and an optional bias, then SiLU; `state` holds the previous k − 1 inputs (rows, oldest first)
-// and is left holding the last k − 1. One thread per channel walks the tokens in order.
-extern "C" __global__ void mamba_conv(const float* x, float* state, const float* w,
+// and an optional bias, then SiLU; `state` holds the previous k − 1 inputs (rows, oldest first).
+// One thread per (channel, token): each output sums its k inputs oldest first, those before the
+// first row coming from `state`. mamba_conv_state then leaves the last k − 1 inputs there.
+extern "C" __global__ void mamba_conv(const float* x, const float* state, const float* w,
                                       const float* bias, float* out, int t, int ch, int k) {
     int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= ch || k < 1 || k > 8) return;
-    float win[8];
-    for (int j = 0; j < k - 1; j++) win[j] = state[j * ch + c];
-    for (int ti = 0; ti < t; ti++) {
-        float xv = x[(long long)ti * ch + c];
+    for (int ti = blockIdx.y; ti < t; ti += gridDim.y) {
         float acc = 0.0f;
-        for (int j = 0; j < k - 1; j++) acc = fmaf(win[j], w[c * k + j], acc);
-        acc = fmaf(xv, w[c * k + k - 1], acc);
+        for (int j = 0; j < k; j++) {
+            int src = ti - (k - 1) + j;
+            float v = src >= 0 ? x[(long long)src * ch + c]
+                               : state[(long long)(k - 1 + src) * ch + c];
+            acc = fmaf(v, w[c * k + j], acc);
+        }
         if (bias) acc += bias[c];
         out[(long long)ti * ch + c] = silu(acc);
-        for (int j = 0; j + 1 < k - 1; j++) win[j] = win[j + 1];
-        if (k > 1) win[k - 2] = xv;
     }
-    for (int j = 0; j < k - 1; j++) state[j * ch + c] = win[j];
 }
 
-// The selective scan. Block (i, h): row i of head h; thread n owns state element n. Per token:
-// s = s·exp(dt·a_h) + x·dt·B_g[n], y = Σ_n s·C_g[n] + x·D_h (B and C of the head's group g).
-// xbc is the conv output (t × ch: x | B | C), dt the softplus-ed steps (t × n_head), y is
-// t × d_inner, ssm is n_head × head_dim × d_state.
+// The conv state after `t` more rows of x: the last k − 1 inputs, oldest first.
+extern "C" __global__ void mamba_conv_state(const float* x, float* state, int t, int ch, int k) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= ch || k < 2 || k > 8) return;
+    float win[7];
+    for (int j = 0; j < k - 1; j++) {
+        int src = t - (k - 1) + j;
+        win[j] = src >= 0 ? x[(long long)src * ch + c] : state[(long long)(k - 1 + src) * ch + c];
+    }
+    for (int j = 0; j < k - 1; j++) state[(long long)j * ch + c] = win[j];
+}
+
+// The selective scan. One warp per row i of head h (blocks of SCAN_ROWS warps, consecutive rows
+// of one head); lane l owns state elements l, l + 32, … (d_state ≤ 256). Per token:
+// s = s·exp(dt·a_h) + x·dt·B_g[n], y = Σ_n s·C_g[n] + x·D_h (B and C of the head's group g),
+// the sum by warp shuffles: no block barrier in the token loop. xbc is the conv output
+// (t × ch: x | B | C), dt the softplus-ed steps (t × n_head), y is t × d_inner, ssm is
+// n_head × head_dim × d_state.
+#define SCAN_ROWS 4
 extern "C" __global__ void mamba_scan(const float* xbc, const float* dt, const float* a,
                                       const float* d, float* ssm, float* y, int t, int d_inner,
                                       int d_state, int n_head, int n_group) {
-    __shared__ float part[32];
-    int i = blockIdx.x, h = blockIdx.y, n = threadIdx.x;
+    int lane = threadIdx.x % 32, h = blockIdx.y;
+    int i = blockIdx.x * SCAN_ROWS + threadIdx.x / 32;
     int hd = d_inner / n_head, g = h / (n_head / n_group);
+    if (i >= hd || d_state > 256) return;  // whole warps
     int ch = d_inner + 2 * n_group * d_state;
+    const float* bs = xbc + d_inner + g * d_state;
+    const float* cs = xbc + d_inner + n_group * d_state + g * d_state;
     float* st = ssm + ((long long)h * hd + i) * d_state;
-    float s = n < d_state ? st[n] : 0.0f;
-    for (int ti = 0; ti < t; ti++) {
-        const float* row = xbc + (long long)ti * ch;
-        float x = row[h * hd + i];
-        float dth = dt[ti * n_head + h];
-        float da = expf(dth * a[h]);
-        float contrib = 0.0f;
-        if (n < d_state) {
-            float b = row[d_inner + g * d_state + n];
-            float c = row[d_inner + n_group * d_state + g * d_state + n];
-            s = fmaf(s, da, x * dth * b);
-            contrib = s * c;
-        }
-        for (int o = 16; o > 0; o >>= 1) contrib += __shfl_xor_sync(0xffffffffu, contrib, o);
-        if (n % 32 == 0) part[n / 32] = contrib;
-        __syncthreads();
-        if (n == 0) {
-            float sum = 0.0f;
-            for (int wv = 0; wv < (blockDim.x + 31) / 32; wv++) sum += part[wv];
-            y[(long long)ti * d_inner + h * hd + i] = sum + x * d[h];
-        }
-        __syncthreads();
+    float s[8];
+    for (int j = 0; j < 8; j++) {
+        int n = lane + 32 * j;
+        s[j] = n < d_state ? st[n] : 0.0f;
     }
-    if (n < d_state) st[n] = s;
+    float ah = a[h], dh = d[h];
+    for (int ti = 0; ti < t; ti++) {
+        long long off = (long long)ti * ch;
+        float x = xbc[off + h * hd + i];
+        float dth = dt[ti * n_head + h];
+        float da = expf(dth * ah);
+        float xd = x * dth;
+        float contrib = 0.0f;
+        for (int j = 0; j < 8; j++) {
+            int n = lane + 32 * j;
+            if (n < d_state) {
+                s[j] = fmaf(s[j], da, xd * bs[off + n]);
+                contrib = fmaf(s[j], cs[off + n], contrib);
+            }
+        }
+        contrib = warp_sum(contrib);
+        if (lane == 0) y[(long long)ti * d_inner + h * hd + i] = contrib + x * dh;
+    }
+    for (int j = 0; j < 8; j++) {
+        int n = lane + 32 * j;
+        if (n < d_state) st[n] = s[j];
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

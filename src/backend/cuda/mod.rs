@@ -113,6 +113,10 @@ impl DeviceRows<'_> {
     }
 }
 
+/// One group of [`Gpu::matmul_grouped`]: (first weight row, first activation and output row,
+/// tokens).
+pub type Group = (usize, usize, usize);
+
 /// What a product does with each result (`EPI_*` in kernels.cu).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Epilogue {
@@ -422,6 +426,80 @@ impl Gpu {
         Ok(())
     }
 
+    /// For each group `(w_row, row, count)`: rows `row..row + count` of y (each `rows` wide) =
+    /// the same rows of x (`w.cols` wide) · (rows `w_row..w_row + rows` of w)ᵀ, as `epi` says. On
+    /// the tensor cores, one launch for all groups (a layer's selected experts in prefill, which
+    /// one by one left most of the GPU idle: an expert's product is a few dozen row tiles);
+    /// otherwise (exact mode, columns not in whole 32-column steps, or no group of
+    /// [`TILED_FROM`] tokens: decode-sized batches) one product per group.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_grouped(
+        &self,
+        w: &DeviceMatrix,
+        rows: usize,
+        groups: &[Group],
+        x: &CudaView<f32>,
+        y: &mut CudaViewMut<f32>,
+        epi: Epilogue,
+    ) -> Result<()> {
+        let (cols, rb) = (w.cols, w.row_bytes);
+        let end = groups.iter().map(|g| g.1 + g.2).max().unwrap_or(0);
+        let fits = groups.iter().all(|g| g.0 + rows <= w.rows);
+        if !fits || x.len() < end * cols || y.len() < end * rows {
+            bail!("CUDA grouped matmul shape mismatch");
+        }
+        let most = groups.iter().map(|g| g.2).max().unwrap_or(0);
+        let on_mma = self.tensor_cores.load(Ordering::Relaxed)
+            && cols.is_multiple_of(32)
+            && most >= TILED_FROM;
+        if !on_mma {
+            for &(w_row, row, count) in groups.iter().filter(|g| g.2 > 0) {
+                let wv = w.data.slice(w_row * rb..(w_row + rows) * rb);
+                let xv = x.slice(row * cols..(row + count) * cols);
+                let mut yv = y.slice_mut(row * rows..(row + count) * rows);
+                self.launch_matmul(w.ty, &wv, rb, rows, cols, &xv, count, &mut yv, epi)?;
+            }
+            return Ok(());
+        }
+        let table: Vec<i32> = groups
+            .iter()
+            .filter(|g| g.2 > 0)
+            .flat_map(|&(a, b, c)| [a as i32, b as i32, c as i32])
+            .collect();
+        if table.is_empty() {
+            return Ok(());
+        }
+        let n_groups = (table.len() / 3) as u32;
+        let table = self.to_device(&table)?;
+        let f = self.function(&kernel_name(w.ty, Kernel::MmaGrouped)?)?;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                (rows as u32).div_ceil(64),
+                (most as u32).div_ceil(64),
+                n_groups,
+            ),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (r, c, rbi, epi) = (rows as i32, cols as i32, rb as i64, epi as i32);
+        let mut launch = self.stream.launch_builder(&f);
+        launch
+            .arg(&w.data)
+            .arg(x)
+            .arg(y)
+            .arg(&r)
+            .arg(&c)
+            .arg(&rbi)
+            .arg(&table)
+            .arg(&epi);
+        // SAFETY: the kernel's signature is (const u8*, const float*, float*, int, int, long long,
+        // const int*, int), matching the arguments above; each group reads `rows` rows of w from
+        // its first row and `count` rows of x, and writes `count` rows of y, all checked above
+        // against the buffers' lengths; the table holds 3 ints per group of the grid's z.
+        unsafe { launch.launch(cfg) }.map_err(|e| anyhow!("CUDA launch: {e:?}"))?;
+        Ok(())
+    }
+
     /// Waits for all queued work.
     pub fn synchronize(&self) -> Result<()> {
         self.stream
@@ -444,6 +522,8 @@ enum Kernel {
     Rows,
     Tiled,
     Mma,
+    /// Mma over several groups of rows and tokens in one launch.
+    MmaGrouped,
 }
 
 /// The kernel of `kind` that multiplies by a matrix of type `ty`.
@@ -470,6 +550,7 @@ fn kernel_name(ty: GgmlType, kind: Kernel) -> Result<String> {
         Kernel::Rows => "",
         Kernel::Tiled => "tiled_",
         Kernel::Mma => "mma_",
+        Kernel::MmaGrouped => "mma_grouped_",
     };
     Ok(format!("matmul_{prefix}{suffix}"))
 }

@@ -303,20 +303,34 @@ impl Gpu {
             bail!("CUDA mamba_conv shape mismatch");
         }
         let f = self.function("mamba_conv")?;
-        let cfg = LaunchConfig::for_num_elems(ch as u32);
+        // A thread per channel and token (tokens beyond the grid's y limit loop).
+        let blocks = (ch as u32).div_ceil(128);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, (t as u32).clamp(1, 65535), 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
         let (ti, ci, ki) = (t as i32, ch as i32, k as i32);
         let null = 0u64;
         let mut launch = self.stream.launch_builder(&f);
-        launch.arg(x).arg(state).arg(w);
+        launch.arg(x).arg(&*state).arg(w);
         match bias {
             Some(b) => launch.arg(b),
             None => launch.arg(&null),
         };
         launch.arg(out).arg(&ti).arg(&ci).arg(&ki);
-        // SAFETY: mamba_conv(const float* x, float* state, const float* w, const float* bias,
-        // float* out, int t, int ch, int k): the arguments above in that order (a null bias
-        // pointer when there is none); every length it indexes by was checked.
+        // SAFETY: mamba_conv(const float* x, const float* state, const float* w,
+        // const float* bias, float* out, int t, int ch, int k): the arguments above in that
+        // order (a null bias pointer when there is none); every length it indexes by was checked.
         unsafe { launch.launch(cfg) }.map_err(|e| anyhow!("CUDA launch: {e:?}"))?;
+        let f = self.function("mamba_conv_state")?;
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(x).arg(&mut *state).arg(&ti).arg(&ci).arg(&ki);
+        // SAFETY: mamba_conv_state(const float* x, float* state, int t, int ch, int k), the
+        // arguments above in that order, queued after the conv that reads the old state; it
+        // reads the last min(t, k − 1) rows of x and the state's k − 1 rows, checked above.
+        unsafe { launch.launch(LaunchConfig::for_num_elems(ch as u32)) }
+            .map_err(|e| anyhow!("CUDA launch: {e:?}"))?;
         Ok(())
     }
 
@@ -336,8 +350,10 @@ impl Gpu {
         t: usize,
     ) -> Result<()> {
         let (hd, ds, nh) = (s.head_dim(), s.d_state, s.n_head);
+        if ds > 256 {
+            bail!("the CUDA scan holds a state of at most 256 per head row (this model has {ds})");
+        }
         if ds == 0
-            || ds > 1024
             || nh % s.n_group != 0
             || xbc.len() < t * s.conv_channels()
             || dt.len() < t * nh
@@ -349,9 +365,10 @@ impl Gpu {
             bail!("CUDA mamba_scan shape mismatch");
         }
         let f = self.function("mamba_scan")?;
+        // A warp per row, SCAN_ROWS (4) rows of one head per block.
         let cfg = LaunchConfig {
-            grid_dim: (hd as u32, nh as u32, 1),
-            block_dim: ((ds as u32).div_ceil(32) * 32, 1, 1),
+            grid_dim: ((hd as u32).div_ceil(4), nh as u32, 1),
+            block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
         let args = [t, s.d_inner, ds, nh, s.n_group].map(|v| v as i32);
@@ -362,8 +379,8 @@ impl Gpu {
         }
         // SAFETY: mamba_scan(const float* xbc, const float* dt, const float* a, const float* d,
         // float* ssm, float* y, int t, int d_inner, int d_state, int n_head, int n_group): the
-        // arguments above in that order; blocks of ≤ 1024 threads (d_state ≤ 1024, so the 32
-        // partial sums fit); every length it indexes by was checked.
+        // arguments above in that order; d_state ≤ 256 (eight state elements per lane); every
+        // length it indexes by was checked.
         unsafe { launch.launch(cfg) }.map_err(|e| anyhow!("CUDA launch: {e:?}"))?;
         Ok(())
     }

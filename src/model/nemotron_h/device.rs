@@ -14,7 +14,7 @@ use cudarc::driver::CudaSlice;
 
 use super::{Attention, Block, Mamba, Moe, NemotronH};
 use crate::backend::cpu::{Cpu, Matrix, Precision};
-use crate::backend::cuda::{DeviceMatrix, DeviceRows, DeviceState, Epilogue, Gpu, HostPins};
+use crate::backend::cuda::{DeviceMatrix, DeviceRows, DeviceState, Epilogue, Gpu, Group, HostPins};
 use crate::model::{embed, LayerState, State};
 
 /// Decode batches up to this many tokens run the routed experts with the expert ids left on
@@ -788,30 +788,32 @@ impl<'a> DeviceParts<'a> {
         let pos_d = g.to_device(&pos)?;
         let mut xg = g.output(pairs * n)?;
         g.gather_rows(h, &rows_idx, &mut xg, t, n, t - 1)?;
+        // Each product runs once per weight matrix the experts live in (the resident tensor,
+        // or a staging buffer): all its experts' groups in one launch.
+        let products = |of: &dyn Fn(usize) -> DeviceRows<'d>,
+                        rows: usize,
+                        x: &CudaSlice<f32>,
+                        y: &mut CudaSlice<f32>,
+                        epi: Epilogue|
+         -> Result<()> {
+            let mut by_matrix: Vec<(&DeviceMatrix, Vec<Group>)> = Vec::new();
+            for e in (0..ne).filter(|&e| start[e + 1] > start[e]) {
+                let w = of(e);
+                let group = (w.start, start[e], start[e + 1] - start[e]);
+                match by_matrix.iter_mut().find(|(m, _)| std::ptr::eq(*m, w.m)) {
+                    Some((_, gs)) => gs.push(group),
+                    None => by_matrix.push((w.m, vec![group])),
+                }
+            }
+            for (m, groups) in by_matrix {
+                g.matmul_grouped(m, rows, &groups, &x.slice(..), &mut y.slice_mut(..), epi)?;
+            }
+            Ok(())
+        };
         let mut u = g.output(pairs * ff)?;
-        for e in 0..ne {
-            let (r0, c) = (start[e], start[e + 1] - start[e]);
-            if c > 0 {
-                up_of(e).launch(
-                    &xg.slice(r0 * n..(r0 + c) * n),
-                    c,
-                    &mut u.slice_mut(r0 * ff..(r0 + c) * ff),
-                    Epilogue::Relu2,
-                )?;
-            }
-        }
+        products(up_of, ff, &xg, &mut u, Epilogue::Relu2)?;
         let mut y = g.output(pairs * n)?;
-        for e in 0..ne {
-            let (r0, c) = (start[e], start[e + 1] - start[e]);
-            if c > 0 {
-                down_of(e).launch(
-                    &u.slice(r0 * ff..(r0 + c) * ff),
-                    c,
-                    &mut y.slice_mut(r0 * n..(r0 + c) * n),
-                    Epilogue::Store,
-                )?;
-            }
-        }
+        products(down_of, n, &u, &mut y, Epilogue::Store)?;
         g.moe_combine(&y, Some(&pos_d), wts, x, t, k, n)
     }
 }
