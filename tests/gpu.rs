@@ -313,25 +313,46 @@ fn whole_and_split_models_on_the_gpu_match_the_float64_reference() {
             n_gpu_layers: Some(3),
             ..Default::default()
         };
-        for (what, args) in [
-            ("all on the GPU (device-resident)", ALL_ON_GPU),
+        for (what, args, prefetch) in [
+            ("all on the GPU (device-resident)", ALL_ON_GPU, false),
             (
                 "experts of layers 0-1 in RAM (device-resident, CPU experts)",
                 split,
+                false,
             ),
             // The first MoE layer of the prompt runs its experts on the CPU, the second copies
             // them to the GPU, the rest go by the measured costs: both paths run.
-            ("all routed experts in RAM (CPU or copied in)", all_in_ram),
+            (
+                "all routed experts in RAM (CPU or copied in)",
+                all_in_ram.clone(),
+                false,
+            ),
+            // Every RAM layer of the prompt copied whole on the copy stream, two buffers in
+            // turn, while the GPU computes the layers before it.
+            (
+                "all routed experts in RAM, prefetched whole (GGRUN_PREFETCH=on)",
+                all_in_ram,
+                true,
+            ),
             (
                 "last 3 layers on the GPU (products cross PCIe)",
                 some_layers,
+                false,
             ),
         ] {
             let dev = placed(&gg, &args);
+            // Read when the model's device parts are made (tests run one at a time here).
+            std::env::set_var("GGRUN_PREFETCH", if prefetch { "on" } else { "auto" });
             let m = model::load_with(&gg, opts(&dev, true)).unwrap();
+            std::env::remove_var("GGRUN_PREFETCH");
             let (rows, _) = run(m.as_ref(), &cpu, &g.prompt_tokens, steps, forced);
-            if let Some(line) = m.offload_report() {
-                eprintln!("{name} {what}: {line}");
+            let report = m.offload_report().unwrap_or_default();
+            eprintln!("{name} {what}: {report}");
+            if prefetch {
+                assert!(
+                    !report.contains("(0 of them prefetched"),
+                    "{name}: nothing was prefetched: {report}"
+                );
             }
             assert!(dev.uploaded_bytes() > 0, "{name}: nothing was uploaded");
             let (errs, top1) = compare(&rows, reference, g.n_vocab);

@@ -80,6 +80,12 @@ fn is_matmul_weight(t: &TensorInfo, tied_output: bool) -> bool {
         && !n.contains("ssm_conv1d")
 }
 
+/// Whether the `i`-th of `n` expert layers is one of `ram` spread evenly over them (the middle
+/// of each of `ram` equal stretches).
+fn spread(i: usize, n: usize, ram: usize) -> bool {
+    (0..ram).any(|j| (2 * j + 1) * n / (2 * ram) == i)
+}
+
 impl Plan {
     /// Everything on the CPU.
     pub fn cpu_only() -> Plan {
@@ -192,22 +198,57 @@ impl Plan {
                 )
                 .into_values()
                 .sum();
-            if largest > 0 && used + largest <= budget {
-                plan.staging_bytes = largest;
-                used += largest;
+            // Two buffers let prefill copy the next RAM layer while the GPU computes the current
+            // one; where only one fits, layers are staged one at a time.
+            if let Some(bytes) = [2 * largest, largest]
+                .into_iter()
+                .find(|&b| largest > 0 && used + b <= budget)
+            {
+                plan.staging_bytes = bytes;
+                used += bytes;
             }
         }
-        // Whole expert layers, last first, while they fit.
-        for (l, ts) in experts.iter().rev() {
-            let bytes: u64 = ts.iter().map(|t| t.size_bytes).sum();
-            if used + bytes <= budget {
-                used += bytes;
-                plan.gpu_weight_bytes += bytes;
-                plan.expert_layers_on_gpu.push(*l);
-                plan.gpu.extend(ts.iter().map(|t| t.name.clone()));
-            } else {
+        // As many whole expert layers as fit. Those left in RAM are spread evenly through the
+        // network rather than being the first ones: a prefill that prefetches RAM layers then
+        // copies each while the GPU computes the resident layers before it.
+        let sizes: Vec<(usize, u64)> = experts
+            .iter()
+            .map(|(l, ts)| (*l, ts.iter().map(|t| t.size_bytes).sum()))
+            .collect();
+        let room = budget.saturating_sub(used);
+        let mut by_size: Vec<u64> = sizes.iter().map(|s| s.1).collect();
+        by_size.sort_unstable();
+        let mut fits = 0;
+        let mut total = 0u64;
+        for b in by_size {
+            if total + b > room {
+                break;
+            }
+            total += b;
+            fits += 1;
+        }
+        let n = sizes.len();
+        let ram = n - fits;
+        let mut in_ram: Vec<bool> = (0..n).map(|i| ram > 0 && spread(i, n, ram)).collect();
+        // Layers of unequal sizes: move the largest GPU ones to RAM until the rest fit.
+        loop {
+            let on_gpu: u64 = (0..n).filter(|&i| !in_ram[i]).map(|i| sizes[i].1).sum();
+            if on_gpu <= room {
+                break;
+            }
+            let Some(i) = (0..n).filter(|&i| !in_ram[i]).max_by_key(|&i| sizes[i].1) else {
+                break;
+            };
+            in_ram[i] = true;
+        }
+        for (i, (l, bytes)) in sizes.iter().enumerate() {
+            if in_ram[i] {
                 plan.cpu_weight_bytes += bytes;
                 plan.expert_layers_in_ram.push(*l);
+            } else {
+                plan.gpu_weight_bytes += bytes;
+                plan.expert_layers_on_gpu.push(*l);
+                plan.gpu.extend(experts[l].iter().map(|t| t.name.clone()));
             }
         }
         plan.expert_layers_on_gpu.sort_unstable();
@@ -401,8 +442,26 @@ mod tests {
         assert!(p.on_gpu("blk.1.ffn_gate_inp.weight"), "nor is the router");
     }
 
+    /// RAM layers chosen by a budget are spread evenly: `ram` distinct layers of `n`, gaps
+    /// between them differing by at most one, none of the first layers crowded together.
     #[test]
-    fn a_budget_takes_whole_expert_layers_from_the_last_and_never_overflows() {
+    fn ram_layers_are_spread_evenly() {
+        for n in 1..40 {
+            for ram in 0..=n {
+                let picked: Vec<usize> = (0..n).filter(|&i| spread(i, n, ram)).collect();
+                assert_eq!(picked.len(), ram, "n {n} ram {ram}");
+                let gaps: Vec<usize> = picked.windows(2).map(|w| w[1] - w[0]).collect();
+                if let (Some(lo), Some(hi)) = (gaps.iter().min(), gaps.iter().max()) {
+                    assert!(hi - lo <= 1, "n {n} ram {ram}: {picked:?}");
+                }
+            }
+        }
+        let nano: Vec<usize> = (0..23).filter(|&i| spread(i, 23, 8)).collect();
+        assert_eq!(nano, [1, 4, 7, 10, 12, 15, 18, 21]);
+    }
+
+    #[test]
+    fn a_budget_takes_whole_expert_layers_and_never_overflows() {
         let dir = tempfile::tempdir().unwrap();
         let g = model(dir.path());
         let layer =
@@ -423,16 +482,15 @@ mod tests {
         let reserve = 1000;
         let ctx = 100;
         let state = state_bytes(&g, ctx).unwrap();
-        // Room for the fixed part, the state of a 100-token context, the staging buffer (the
-        // largest expert layer, since some stay in RAM) and a layer and a half of experts: one
-        // layer goes.
+        // Room for the fixed part, the state of a 100-token context and two and a half expert
+        // layers (all three equal here): they do not all fit, so two staging buffers (each the
+        // largest expert layer) come first and no whole layer fits beside them.
         let largest = layer(1).max(layer(3)).max(layer(5));
-        let budget = fixed + reserve + state + largest + layer(5) + layer(3) / 2;
+        assert!(layer(1) == largest && layer(3) == largest && layer(5) == largest);
+        let budget = fixed + reserve + state + 2 * largest + largest / 2;
         let p = Plan::new(
             &g,
             &PlacementArgs {
-                n_gpu_layers: None,
-                n_cpu_moe: 0,
                 gpu_mem: Some(budget),
                 ..Default::default()
             },
@@ -440,11 +498,40 @@ mod tests {
             ctx,
         )
         .unwrap();
-        assert_eq!(p.expert_layers_on_gpu, vec![5]);
-        assert_eq!(p.expert_layers_in_ram, vec![1, 3]);
-        assert_eq!((p.staging_bytes, p.state_bytes), (largest, state));
+        assert_eq!((p.staging_bytes, p.state_bytes), (2 * largest, state));
+        assert!(p.expert_layers_on_gpu.is_empty());
+        assert_eq!(p.expert_layers_in_ram, vec![1, 3, 5]);
         assert!(p.gpu_weight_bytes + reserve + p.state_bytes + p.staging_bytes <= budget);
-        assert_eq!(p.gpu_weight_bytes, fixed + layer(5));
+        assert_eq!(p.gpu_weight_bytes, fixed);
+        // Room for one staging buffer and half a layer: layers are staged one at a time.
+        let one = fixed + reserve + state + largest + largest / 2;
+        let p = Plan::new(
+            &g,
+            &PlacementArgs {
+                gpu_mem: Some(one),
+                ..Default::default()
+            },
+            reserve,
+            ctx,
+        )
+        .unwrap();
+        assert_eq!(p.staging_bytes, largest);
+        assert!(p.expert_layers_on_gpu.is_empty());
+        // With -ngl and --n-cpu-moe 2 (layers 1 and 3 in RAM) and room to spare, layer 5 goes
+        // to the GPU beside the two staging buffers.
+        let p = Plan::new(
+            &g,
+            &PlacementArgs {
+                n_gpu_layers: Some(99),
+                n_cpu_moe: 4,
+                ..Default::default()
+            },
+            reserve,
+            ctx,
+        )
+        .unwrap();
+        assert_eq!(p.expert_layers_on_gpu, vec![5]);
+        assert_eq!(p.staging_bytes, 2 * largest);
         // Room for everything: no staging.
         let all = fixed + reserve + state + layer(1) + layer(3) + layer(5);
         let p = Plan::new(

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Result};
-use cudarc::driver::{sys, CudaContext};
+use cudarc::driver::{sys, CudaContext, CudaEvent, CudaStream};
 use ggrun_quants::GgmlType;
 
 use super::{DeviceMatrix, Gpu};
@@ -83,15 +83,48 @@ impl Gpu {
         })
     }
 
+    /// A stream for copies that run beside the compute stream's work (non-blocking: no implicit
+    /// ordering with it; order them with [`Gpu::compute_event`] and [`Gpu::compute_wait`]).
+    pub fn copy_stream(&self) -> Result<Arc<CudaStream>> {
+        self.ctx
+            .new_stream()
+            .map_err(|e| anyhow!("CUDA stream: {e:?}"))
+    }
+
+    /// An event that completes once everything queued on the compute stream so far has.
+    pub fn compute_event(&self) -> Result<CudaEvent> {
+        self.stream
+            .record_event(None)
+            .map_err(|e| anyhow!("CUDA event: {e:?}"))
+    }
+
+    /// Makes the compute stream's later work wait for `ev`.
+    pub fn compute_wait(&self, ev: &CudaEvent) -> Result<()> {
+        self.stream
+            .wait(ev)
+            .map_err(|e| anyhow!("CUDA event wait: {e:?}"))
+    }
+
     /// Copies `src` (whole rows of `m`'s current type) to rows `at..` of staging matrix `m`,
-    /// queued on the stream (DMA when `src` is page-locked).
+    /// queued on the compute stream (DMA when `src` is page-locked).
     pub fn stage_rows(&self, m: &mut DeviceMatrix, at: usize, src: &[u8]) -> Result<()> {
+        self.stage_rows_on(&self.stream, m, at, src)
+    }
+
+    /// [`Gpu::stage_rows`] queued on `stream`.
+    pub fn stage_rows_on(
+        &self,
+        stream: &Arc<CudaStream>,
+        m: &mut DeviceMatrix,
+        at: usize,
+        src: &[u8],
+    ) -> Result<()> {
         let rb = m.row_bytes;
         if rb == 0 || !src.len().is_multiple_of(rb) || (at + src.len() / rb) > m.rows {
             bail!("staging copy out of bounds");
         }
         let mut dst = m.data.slice_mut(at * rb..at * rb + src.len());
-        self.stream
+        stream
             .memcpy_htod(src, &mut dst)
             .map_err(|e| anyhow!("CUDA copy: {e:?}"))
     }

@@ -10,7 +10,9 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
-use cudarc::driver::CudaSlice;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream};
 
 use super::{Attention, Block, Mamba, Moe, NemotronH};
 use crate::backend::cpu::{Cpu, Matrix, Precision};
@@ -62,10 +64,44 @@ pub(super) struct DeviceParts<'a> {
 /// driver allowed it) into a staging buffer and computed on the GPU, whichever the costs
 /// measured on this machine say is faster.
 struct Offload {
-    /// Staging for one layer's selected up and down experts.
-    stage: Mutex<(DeviceMatrix, DeviceMatrix)>,
+    stage: Mutex<Staging>,
     pins: Option<HostPins>,
     costs: Mutex<Costs>,
+    prefetch: Prefetch,
+}
+
+/// When prefill prefetches whole RAM layers (`GGRUN_PREFETCH`: `auto`, the default, where the
+/// measured costs say copying pays; `on` for every prefill batch; `off` never), so that what
+/// it is worth can be measured and tested.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Prefetch {
+    Auto,
+    On,
+    Off,
+}
+
+impl Prefetch {
+    fn from_env() -> Prefetch {
+        match std::env::var("GGRUN_PREFETCH").as_deref() {
+            Ok("on") => Prefetch::On,
+            Ok("off") => Prefetch::Off,
+            _ => Prefetch::Auto,
+        }
+    }
+}
+
+/// Device buffers for RAM experts, each an up and a down buffer with room for a whole layer's.
+/// Buffer 0 takes one layer's selected experts at a time, copied on the compute stream (decode
+/// splits; prefill without prefetch). With a second buffer and a copy stream, a prefill batch
+/// that copying pays for prefetches whole RAM layers into the two in turn: while the GPU computes
+/// up to RAM layer i, the copy stream fills the other buffer with the next one.
+struct Staging {
+    bufs: Vec<(DeviceMatrix, DeviceMatrix)>,
+    copy: Option<Arc<CudaStream>>,
+    /// This pass's RAM MoE layers in order, when it prefetches (else empty).
+    plan: Vec<usize>,
+    /// Per buffer: the layer being copied into it and the event its copy completes.
+    filling: [Option<(usize, CudaEvent)>; 2],
 }
 
 /// Costs measured on the runs so far (moving averages), and how often each path ran.
@@ -79,6 +115,8 @@ struct Costs {
     cpu_s_per_decode_expert: Option<f64>,
     /// Decode steps that copied part of a RAM layer's experts to the GPU.
     split_steps: u64,
+    /// Prefill layer-batches computed from a prefetched copy of the whole layer.
+    prefetched_batches: u64,
     cpu_batches: u64,
     gpu_batches: u64,
 }
@@ -131,7 +169,7 @@ impl Offload {
             );
             return None;
         }
-        let stage = match (gpu.staging(up_bytes), gpu.staging(down_bytes)) {
+        let first = match (gpu.staging(up_bytes), gpu.staging(down_bytes)) {
             (Ok(u), Ok(d)) => (u, d),
             (Err(e), _) | (_, Err(e)) => {
                 eprintln!(
@@ -151,10 +189,26 @@ impl Offload {
                 None
             }
         };
+        let mut stage = Staging {
+            bufs: vec![first],
+            copy: None,
+            plan: Vec::new(),
+            filling: [None, None],
+        };
+        // Prefetching needs room for two layers and page-locked sources (a copy from pageable
+        // memory holds the host thread until it is done, so nothing would overlap).
+        if pins.is_some() && 2 * (up_bytes + down_bytes) as u64 <= budget {
+            let second = (gpu.staging(up_bytes), gpu.staging(down_bytes));
+            if let (Ok(u), Ok(d), Ok(c)) = (second.0, second.1, gpu.copy_stream()) {
+                stage.bufs.push((u, d));
+                stage.copy = Some(c);
+            }
+        }
         Some(Offload {
             stage: Mutex::new(stage),
             pins,
             costs: Mutex::default(),
+            prefetch: Prefetch::from_env(),
         })
     }
 }
@@ -227,8 +281,8 @@ impl<'a> DeviceParts<'a> {
         let o = self.offload.as_ref()?;
         let c = o.costs.lock().unwrap_or_else(|e| e.into_inner());
         let mut line = format!(
-            "RAM experts in prefill: {} layer-batches copied to the GPU, {} computed on the CPU",
-            c.gpu_batches, c.cpu_batches
+            "RAM experts in prefill: {} layer-batches copied to the GPU ({} of them prefetched whole), {} computed on the CPU",
+            c.gpu_batches, c.prefetched_batches, c.cpu_batches
         );
         if let Some(bw) = c.copy_bytes_per_s {
             line += &format!("; copies {:.1} GB/s", bw / 1e9);
@@ -319,6 +373,7 @@ impl<'a> DeviceParts<'a> {
         g.set_tensor_cores(cpu.precision == Precision::Normal);
         let mut x = g.to_device(&embed(&m.embd, tokens)?)?;
         let mut h = g.output(t * n)?;
+        self.start_prefetch(m, t)?;
         for (i, ((l, dl), st)) in m
             .layers
             .iter()
@@ -333,7 +388,7 @@ impl<'a> DeviceParts<'a> {
                     self.attention(b, st, &h, &mut x, t)
                 }
                 (Block::Moe(b), DeviceBlock::Moe { bias, counts }) => {
-                    self.moe(m, cpu, b, bias, counts, &h, &mut x, t)
+                    self.moe(m, cpu, i, b, bias, counts, &h, &mut x, t)
                 }
                 (Block::Mlp { up, down }, DeviceBlock::Mlp) => {
                     self.mlp(dev(up)?, dev(down)?, &h, &mut x, t)
@@ -463,6 +518,7 @@ impl<'a> DeviceParts<'a> {
         &self,
         m: &NemotronH,
         cpu: &Cpu,
+        layer: usize,
         b: &Moe,
         bias: &CudaSlice<f32>,
         counts: &Mutex<CudaSlice<u32>>,
@@ -537,6 +593,9 @@ impl<'a> DeviceParts<'a> {
             }
             _ => {
                 let ids_h = g.to_host(&ids)?;
+                if t > 1 && self.prefetched(m, layer, &ids_h, &wts, h, x, t, b.ff)? {
+                    return self.shared(b, h, x, t);
+                }
                 if t > 1 {
                     if let Some(o) = &self.offload {
                         let mut selected = vec![false; ne];
@@ -654,7 +713,10 @@ impl<'a> DeviceParts<'a> {
         let g = self.gpu;
         let (ne, n, ff) = (m.n_expert, m.n_embd, b.ff);
         let mut stage = o.stage.lock().unwrap_or_else(|e| e.into_inner());
-        let (up_s, down_s) = &mut *stage;
+        if let Some((_, ev)) = stage.filling[0].take() {
+            g.compute_wait(&ev)?;
+        }
+        let (up_s, down_s) = &mut stage.bufs[0];
         up_s.restage(b.up.ty, b.up.cols)?;
         down_s.restage(b.down.ty, b.down.cols)?;
         let (urb, drb) = (b.up.row_bytes(), b.down.row_bytes());
@@ -703,6 +765,142 @@ impl<'a> DeviceParts<'a> {
             rows: n,
         };
         self.grouped(m, &up_of, &down_of, ids_h, only, wts, h, x, t, ff)
+    }
+
+    /// At the start of a pass: when it is a prefill batch that copying pays for (by the costs
+    /// measured so far, for whole layers) and there are two staging buffers, plans to prefetch
+    /// every RAM MoE layer and queues the copies of the first two.
+    fn start_prefetch(&self, m: &NemotronH, t: usize) -> Result<()> {
+        let Some(o) = &self.offload else {
+            return Ok(());
+        };
+        let mut stage = o.stage.lock().unwrap_or_else(|e| e.into_inner());
+        stage.plan.clear();
+        if t <= ID_PATH_MAX_TOKENS || stage.bufs.len() < 2 {
+            return Ok(());
+        }
+        let ram: Vec<(usize, &Moe)> = m
+            .layers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| match &l.block {
+                Block::Moe(b) if b.up.device.is_none() => Some((i, b)),
+                _ => None,
+            })
+            .collect();
+        let Some(&(_, first)) = ram.first() else {
+            return Ok(());
+        };
+        let layer_bytes = first.up.data.len() + first.down.data.len();
+        let pays = match o.prefetch {
+            Prefetch::On => true,
+            Prefetch::Off => false,
+            Prefetch::Auto => {
+                let c = o.costs.lock().unwrap_or_else(|e| e.into_inner());
+                c.cpu_s_per_pair.is_some()
+                    && c.copy_bytes_per_s.is_some()
+                    && c.prefers_copy(layer_bytes, t * m.n_expert_used)
+            }
+        };
+        if !pays {
+            return Ok(());
+        }
+        stage.plan = ram.iter().map(|(i, _)| *i).collect();
+        // The buffers may still be read by work queued before this pass.
+        let ready = self.gpu.compute_event()?;
+        for (slot, &(layer, b)) in ram.iter().take(2).enumerate() {
+            self.fill(&mut stage, slot, layer, b, &ready)?;
+        }
+        Ok(())
+    }
+
+    /// Queues the copy of all of layer `layer`'s experts into buffer `slot` on the copy stream,
+    /// after `ready` (the compute stream's last use of that buffer).
+    fn fill(
+        &self,
+        stage: &mut Staging,
+        slot: usize,
+        layer: usize,
+        b: &Moe,
+        ready: &CudaEvent,
+    ) -> Result<()> {
+        let g = self.gpu;
+        let copy = stage
+            .copy
+            .clone()
+            .ok_or_else(|| anyhow!("no copy stream"))?;
+        copy.wait(ready)
+            .map_err(|e| anyhow!("CUDA event wait: {e:?}"))?;
+        let (up_s, down_s) = &mut stage.bufs[slot];
+        up_s.restage(b.up.ty, b.up.cols)?;
+        down_s.restage(b.down.ty, b.down.cols)?;
+        g.stage_rows_on(&copy, up_s, 0, b.up.data)?;
+        g.stage_rows_on(&copy, down_s, 0, b.down.data)?;
+        let done = copy
+            .record_event(None)
+            .map_err(|e| anyhow!("CUDA event: {e:?}"))?;
+        stage.filling[slot] = Some((layer, done));
+        Ok(())
+    }
+
+    /// A prefetched RAM layer's experts, computed from the buffer they were copied into (the
+    /// compute stream waits for that copy); then that buffer starts taking the layer two RAM
+    /// layers on. False when this pass does not prefetch `layer`.
+    #[allow(clippy::too_many_arguments)]
+    fn prefetched(
+        &self,
+        m: &NemotronH,
+        layer: usize,
+        ids_h: &[i32],
+        wts: &CudaSlice<f32>,
+        h: &CudaSlice<f32>,
+        x: &mut CudaSlice<f32>,
+        t: usize,
+        ff: usize,
+    ) -> Result<bool> {
+        let Some(o) = &self.offload else {
+            return Ok(false);
+        };
+        let g = self.gpu;
+        let n = m.n_embd;
+        let mut stage = o.stage.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(at) = stage.plan.iter().position(|&l| l == layer) else {
+            return Ok(false);
+        };
+        let slot = at % 2;
+        match stage.filling[slot].take() {
+            Some((l, ev)) if l == layer => g.compute_wait(&ev)?,
+            _ => bail!("RAM layer {layer} was not prefetched into staging buffer {slot}"),
+        }
+        {
+            let (up_m, down_m): (&DeviceMatrix, &DeviceMatrix) = {
+                let (u, d) = &stage.bufs[slot];
+                (u, d)
+            };
+            let up_of = |e: usize| DeviceRows {
+                gpu: g,
+                m: up_m,
+                start: e * ff,
+                rows: ff,
+            };
+            let down_of = |e: usize| DeviceRows {
+                gpu: g,
+                m: down_m,
+                start: e * n,
+                rows: n,
+            };
+            self.grouped(m, &up_of, &down_of, ids_h, None, wts, h, x, t, ff)?;
+        }
+        if let Some(&next) = stage.plan.get(at + 2) {
+            if let Block::Moe(b) = &m.layers[next].block {
+                let ready = g.compute_event()?;
+                self.fill(&mut stage, slot, next, b, &ready)?;
+            }
+        }
+        let mut c = o.costs.lock().unwrap_or_else(|e| e.into_inner());
+        c.gpu_batches += 1;
+        c.prefetched_batches += 1;
+        Ok(true)
     }
 
     /// For a decode step of a RAM layer: which of the selected experts to copy to the GPU
