@@ -7,7 +7,7 @@
 use anyhow::{bail, Result};
 use rayon::prelude::*;
 
-use super::cpu::round_f16;
+use super::cpu::round_f16_slice;
 use crate::model::LayerState;
 
 /// Shape of one attention layer.
@@ -85,8 +85,9 @@ pub fn attend(
     }
     let past = *len;
     let store = |dst: &mut [f32], src: &[f32]| {
-        for (d, x) in dst.iter_mut().zip(src) {
-            *d = if f16 { round_f16(*x) } else { *x };
+        dst.copy_from_slice(src);
+        if f16 {
+            round_f16_slice(dst);
         }
     };
     store(&mut kc[past * row..(past + t) * row], k);
@@ -111,11 +112,9 @@ pub fn attend(
             let mut qh = vec![0f32; hd];
             for ti in 0..t {
                 let n = past + ti + 1;
-                for (d, x) in qh
-                    .iter_mut()
-                    .zip(&q[(ti * nh + h) * hd..(ti * nh + h + 1) * hd])
-                {
-                    *d = if f16 { round_f16(*x) } else { *x };
+                qh.copy_from_slice(&q[(ti * nh + h) * hd..(ti * nh + h + 1) * hd]);
+                if f16 {
+                    round_f16_slice(&mut qh);
                 }
                 dot_rows(&kc[kvh * hd..], row, &qh, &mut scores[..n]);
                 let mut max = f32::NEG_INFINITY;
@@ -130,7 +129,10 @@ pub fn attend(
                 }
                 let inv = (1.0 / sum) as f32;
                 for sc in scores[..n].iter_mut() {
-                    *sc = if f16 { round_f16(*sc * inv) } else { *sc * inv };
+                    *sc *= inv;
+                }
+                if f16 {
+                    round_f16_slice(&mut scores[..n]);
                 }
                 let o = &mut oh[ti * hd..(ti + 1) * hd];
                 weighted_rows(o, &scores[..n], &vc[kvh * hd..], row);
