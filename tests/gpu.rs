@@ -56,6 +56,14 @@ fn seed() -> u64 {
     s
 }
 
+/// Σ w·x and Σ |w·x| in float64: a product's reference value and the scale of its rounding.
+fn dot_and_magnitude(w: &[f32], x: &[f32]) -> (f64, f64) {
+    w.iter().zip(x).fold((0.0, 0.0), |(d, m), (a, b)| {
+        let p = *a as f64 * *b as f64;
+        (d + p, m + p.abs())
+    })
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU: run scripts/gpu-test.sh on the device machine"]
 fn matmul_of_every_weight_type_matches_the_cpu_dequantization() {
@@ -135,14 +143,10 @@ fn matmul_of_every_weight_type_matches_the_cpu_dequantization() {
                 }
                 for j in 0..t {
                     for r in 0..rows {
-                        let w = &deq[r * cols..(r + 1) * cols];
-                        let xs = &x[j * cols..(j + 1) * cols];
-                        let want: f64 = w.iter().zip(xs).map(|(a, b)| *a as f64 * *b as f64).sum();
-                        let mag: f64 = w
-                            .iter()
-                            .zip(xs)
-                            .map(|(a, b)| (*a as f64 * *b as f64).abs())
-                            .sum();
+                        let (want, mag) = dot_and_magnitude(
+                            &deq[r * cols..(r + 1) * cols],
+                            &x[j * cols..(j + 1) * cols],
+                        );
                         let got = y[j * rows + r] as f64;
                         assert!(
                             (got - want).abs() <= rel * mag + 1e-6,
@@ -213,14 +217,10 @@ fn grouped_products_match_each_group_alone() {
         for &(w_row, row, count) in &groups {
             for j in row..row + count {
                 for r in 0..rows {
-                    let w = &deq[(w_row + r) * cols..(w_row + r + 1) * cols];
-                    let xs = &x[j * cols..(j + 1) * cols];
-                    let want: f64 = w.iter().zip(xs).map(|(a, b)| *a as f64 * *b as f64).sum();
-                    let mag: f64 = w
-                        .iter()
-                        .zip(xs)
-                        .map(|(a, b)| (*a as f64 * *b as f64).abs())
-                        .sum();
+                    let (want, mag) = dot_and_magnitude(
+                        &deq[(w_row + r) * cols..(w_row + r + 1) * cols],
+                        &x[j * cols..(j + 1) * cols],
+                    );
                     let got = y[j * rows + r] as f64;
                     assert!(
                         (got - want).abs() <= mag / 128.0 + 1e-6,

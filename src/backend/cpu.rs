@@ -400,7 +400,9 @@ mod tests {
             .collect();
         // Ties: 1 + (2k + 1)·2⁻¹¹ lies halfway between two f16 neighbours.
         xs.extend((0..64).map(|k| 1.0 + (2 * k + 1) as f32 / 2048.0));
-        xs.extend([6.0e-8, -3.0e-6, 5.9e-5, 65504.0, 65520.0, -70000.0, 1e30, 0.0, -0.0]);
+        xs.extend([
+            6.0e-8, -3.0e-6, 5.9e-5, 65504.0, 65520.0, -70000.0, 1e30, 0.0, -0.0,
+        ]);
         for len in [1, 7, 255, 256, 257, xs.len()] {
             let mut got = xs[..len].to_vec();
             round_f16_slice(&mut got);
