@@ -96,14 +96,24 @@ impl DeviceState {
                 len,
                 row,
                 capacity,
-            } => LayerState::Attention {
-                k: cuda(k.stream().clone_dtoh(k))?,
-                v: cuda(v.stream().clone_dtoh(v))?,
-                len: *len,
-                row: *row,
-                capacity: *capacity,
-                f16: false,
-            },
+            } => {
+                // Only the rows in use cross PCIe (snapshots of a long context's cache would
+                // otherwise copy its whole capacity); the rest of the host cache stays zero.
+                let used = len * row;
+                let back = |d: &CudaSlice<f32>| -> Result<Vec<f32>> {
+                    let mut h = vec![0f32; d.len()];
+                    cuda(d.stream().memcpy_dtoh(&d.slice(..used), &mut h[..used]))?;
+                    Ok(h)
+                };
+                LayerState::Attention {
+                    k: back(k)?,
+                    v: back(v)?,
+                    len: *len,
+                    row: *row,
+                    capacity: *capacity,
+                    f16: false,
+                }
+            }
         })
     }
 
@@ -133,10 +143,11 @@ impl DeviceState {
                     capacity: hcap,
                     ..
                 },
-            ) if k.len() == hk.len() && row == hr && capacity == hcap => {
+            ) if k.len() == hk.len() && row == hr && capacity == hcap && *hl <= *hcap => {
                 let s = k.stream().clone();
-                cuda(s.memcpy_htod(hk, k))?;
-                cuda(s.memcpy_htod(hv, v))?;
+                let used = *hl * *hr;
+                cuda(s.memcpy_htod(&hk[..used], &mut k.slice_mut(..used)))?;
+                cuda(s.memcpy_htod(&hv[..used], &mut v.slice_mut(..used)))?;
                 *len = *hl;
             }
             _ => bail!("saved state does not match this model and context size"),
