@@ -6,10 +6,11 @@
 //! busy. Every step is one forward pass over the runs of all active slots: one token for each
 //! decoding slot, plus one chunk of one prompt being prefilled (a smaller chunk while others
 //! decode, so a long prompt does not starve them), so the products read each weight once for
-//! all of them. Between jobs a slot keeps its state and snapshots of it (at the end of each
-//! prompt and at intervals of long ones): a prompt that starts with what they hold (an agent
-//! resending its history plus a new turn, even when the template rewrote the last answer) feeds
-//! only the rest, and the job reports the reused tokens as cached.
+//! all of them. Between jobs a slot keeps its state and snapshots of it (one token short of the
+//! end of each prompt, and at intervals of long ones): a prompt that starts with what they hold
+//! (an agent resending its history plus a new turn, even when the template rewrote the last
+//! answer; or the same prompt again) feeds only the rest, and the job reports the reused tokens
+//! as cached.
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -318,6 +319,10 @@ impl Scheduler<'_> {
         s.seq
             .check_room(prompt.len())
             .map_err(|e| bad(format!("{e:#}")))?;
+        if prompt.len() == 1 {
+            // Already one token short of the prompt's end: the end-of-prompt snapshot.
+            s.seq.snapshot().map_err(internal)?;
+        }
         self.active.push(Active {
             slot,
             events: job.events,
@@ -366,7 +371,17 @@ impl Scheduler<'_> {
             if a.prefilling() {
                 if !prefill_taken {
                     prefill_taken = true;
+                    // The last prompt token runs alone, after the end-of-prompt snapshot: a state
+                    // serves only prompts longer than what it holds, so a snapshot one token
+                    // short of the end serves the same prompt sent again (a retry, a
+                    // regenerate) as well as every prompt that extends it.
+                    let last = a.prompt.len() - 1;
                     let end = (a.fed + chunk).min(a.prompt.len());
+                    let end = if end == a.prompt.len() && a.fed < last {
+                        last
+                    } else {
+                        end
+                    };
                     runs.push((ai, a.prompt[a.fed..end].to_vec(), true));
                 }
             } else if !a.pending.is_empty() {
@@ -442,10 +457,12 @@ impl Scheduler<'_> {
             seq.consumed_run(tokens, *of_prompt)?;
             if *of_prompt {
                 a.fed += tokens.len();
+                if a.fed + 1 == a.prompt.len() {
+                    seq.snapshot()?;
+                }
                 if a.prefilling() {
                     continue;
                 }
-                seq.snapshot()?;
                 a.prompt_secs = a.started.elapsed().as_secs_f64();
                 a.decoder.start();
             } else {
