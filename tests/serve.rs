@@ -9,6 +9,7 @@ mod common;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Stdio};
+use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -353,9 +354,12 @@ fn parallel_slots_decode_clients_together_and_answer_as_run_does() {
         .map(|p| run_answer_with(p, n, &["--exact"]))
         .collect();
     // Each client: (answer, when its first content arrived, when it finished).
-    let ask = |i: usize| {
+    // Client i asks for `tokens` tokens once all clients sharing `gate` are ready.
+    let ask = |i: usize, tokens: usize, gate: Arc<Barrier>| {
         let (addr, prompt) = (s.addr.clone(), prompts[i].clone());
         std::thread::spawn(move || {
+            let n = tokens;
+            gate.wait();
             let t0 = Instant::now();
             if i.is_multiple_of(2) {
                 let (status, v, text) =
@@ -400,14 +404,18 @@ fn parallel_slots_decode_clients_together_and_answer_as_run_does() {
             (answer, first, t0.elapsed())
         })
     };
-    let results: Vec<_> = (0..8).map(ask).map(|h| h.join().unwrap()).collect();
+    let gate = Arc::new(Barrier::new(8));
+    let clients: Vec<_> = (0..8).map(|i| ask(i, n, gate.clone())).collect();
+    let results: Vec<_> = clients.into_iter().map(|h| h.join().unwrap()).collect();
     for (i, ((got, _, _), want)) in results.iter().zip(&want).enumerate() {
         // (run's output loses trailing newlines: see run_answer)
         assert_eq!(got.trim_end_matches('\n'), want, "client {i}");
     }
-    // A wave of four streams: all have words before the first one ends.
+    // A wave of four streams of 48 tokens, sent together: all have words before the first
+    // one ends.
+    let gate = Arc::new(Barrier::new(4));
     let wave: Vec<_> = [1, 3, 5, 7]
-        .map(ask)
+        .map(|i| ask(i, 48, gate.clone()))
         .into_iter()
         .map(|h| h.join().unwrap())
         .collect();
