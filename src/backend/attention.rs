@@ -58,6 +58,22 @@ pub fn attend_each(
     Ok(out)
 }
 
+/// The largest value (−∞ for none), eight lanes at a time.
+fn max_of(xs: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let chunks = xs.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (m, x) in lanes.iter_mut().zip(c) {
+            *m = m.max(*x);
+        }
+    }
+    lanes
+        .into_iter()
+        .chain(tail.iter().copied())
+        .fold(f32::NEG_INFINITY, f32::max)
+}
+
 /// Appends `t` tokens' k and v (t × n_head_kv·head_dim each) and returns the attention output
 /// (t × n_head·head_dim) for queries `q` (t × n_head·head_dim) at the new positions.
 pub fn attend(
@@ -117,16 +133,17 @@ pub fn attend(
                     round_f16_slice(&mut qh);
                 }
                 dot_rows(&kc[kvh * hd..], row, &qh, &mut scores[..n]);
-                let mut max = f32::NEG_INFINITY;
+                // Separate passes, so that the scaling and the maximum vectorize and the f64
+                // sum stays in a register (a call to exp in the same loop spilled it to the
+                // stack every position); the sum's order is unchanged.
                 for sc in scores[..n].iter_mut() {
                     *sc *= s.scale;
-                    max = max.max(*sc);
                 }
-                let mut sum = 0f64;
+                let max = max_of(&scores[..n]);
                 for sc in scores[..n].iter_mut() {
                     *sc = (*sc - max).exp();
-                    sum += *sc as f64;
                 }
+                let sum: f64 = scores[..n].iter().map(|&x| x as f64).sum();
                 let inv = (1.0 / sum) as f32;
                 for sc in scores[..n].iter_mut() {
                     *sc *= inv;
@@ -148,4 +165,21 @@ pub fn attend(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::max_of;
+
+    #[test]
+    fn the_lane_maximum_is_the_maximum() {
+        assert_eq!(max_of(&[]), f32::NEG_INFINITY);
+        for n in 1..40 {
+            let xs: Vec<f32> = (0..n)
+                .map(|i| ((i * 7919 + n * 31) % 97) as f32 - 60.5)
+                .collect();
+            let want = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(max_of(&xs), want, "{xs:?}");
+        }
+    }
 }
