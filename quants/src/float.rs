@@ -138,15 +138,21 @@ pub fn weighted_rows_for(isa: crate::Isa) -> WeightedRowsFn {
     weighted_rows_scalar
 }
 
-/// `out[p] = Σ_d k[p·stride + d] · q[d]` for p < out.len(), each sum taken in d order (product
-/// rounded, then added), the order the attention's q·k scores are defined with. The SIMD twins
-/// put positions in lanes, so they keep that order and equal this bit for bit.
-pub type DotRowsFn = fn(&[f32], usize, &[f32], &mut [f32]);
+/// For each of the `qs.len() / hd` queries j (rows of `hd` in `qs`):
+/// `out[j·n + p] = Σ_d k[p·stride + d] · qs[j·hd + d]` for p < n = `out.len()` / queries, each
+/// sum taken in d order (product rounded, then added), the order the attention's q·k scores are
+/// defined with. The SIMD twins put positions in lanes and let the queries of a GQA group share
+/// each row load, so they keep that order and equal this bit for bit.
+pub type DotRowsFn = fn(&[f32], usize, &[f32], usize, &mut [f32]);
 
-pub fn dot_rows_scalar(k: &[f32], stride: usize, q: &[f32], out: &mut [f32]) {
-    for (p, o) in out.iter_mut().enumerate() {
-        let row = &k[p * stride..p * stride + q.len()];
-        *o = row.iter().zip(q).fold(-0.0f32, |acc, (a, b)| acc + a * b);
+pub fn dot_rows_scalar(k: &[f32], stride: usize, qs: &[f32], hd: usize, out: &mut [f32]) {
+    let g = (qs.len() / hd.max(1)).max(1);
+    let n = out.len() / g;
+    for (q, out) in qs.chunks(hd.max(1)).zip(out.chunks_mut(n.max(1))) {
+        for (p, o) in out.iter_mut().enumerate() {
+            let row = &k[p * stride..p * stride + hd];
+            *o = row.iter().zip(q).fold(-0.0f32, |acc, (a, b)| acc + a * b);
+        }
     }
 }
 

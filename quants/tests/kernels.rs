@@ -442,18 +442,32 @@ fn position_parallel_dots_keep_the_sequential_order() {
     use ggrun_quants::float::{dot_rows_for, dot_rows_scalar};
     let mut r = rng();
     for isa in Isa::available() {
-        for (n, hd, stride) in [(1, 64, 64), (8, 64, 192), (21, 64, 576), (17, 12, 12)] {
+        // (positions, head size, row stride, queries): one query, a GQA group of three, and
+        // more queries than one register pass holds.
+        for (n, hd, stride, g) in [
+            (1, 64, 64, 1),
+            (8, 64, 192, 1),
+            (21, 64, 576, 3),
+            (17, 12, 12, 2),
+            (40, 64, 128, 6),
+        ] {
             let k = floats(&mut r, (n - 1) * stride + hd);
-            let q = floats(&mut r, hd);
-            let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
-            dot_rows_scalar(&k, stride, &q, &mut a);
-            dot_rows_for(isa)(&k, stride, &q, &mut b);
+            let qs = floats(&mut r, g * hd);
+            let (mut a, mut b) = (vec![0f32; g * n], vec![0f32; g * n]);
+            dot_rows_scalar(&k, stride, &qs, hd, &mut a);
+            dot_rows_for(isa)(&k, stride, &qs, hd, &mut b);
             assert!(
                 a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
-                "{isa:?} {n}"
+                "{isa:?} {n} {g}"
             );
-            let want: f32 = k[..hd].iter().zip(&q).map(|(a, b)| a * b).sum();
-            assert_eq!(a[0].to_bits(), want.to_bits());
+            for j in 0..g {
+                // Query j alone gives its own row of scores.
+                let mut alone = vec![0f32; n];
+                dot_rows_for(isa)(&k, stride, &qs[j * hd..(j + 1) * hd], hd, &mut alone);
+                assert_eq!(alone, b[j * n..(j + 1) * n], "{isa:?} {n} query {j}");
+                let want: f32 = k[..hd].iter().zip(&qs[j * hd..]).map(|(a, b)| a * b).sum();
+                assert_eq!(a[j * n].to_bits(), want.to_bits());
+            }
         }
     }
 }

@@ -58,6 +58,29 @@ pub fn attend_each(
     Ok(out)
 }
 
+/// Scores (q·k) into attention weights in place: scaled, exponentiated against their maximum,
+/// normalised by their sum (taken in f64, in position order), and rounded to f16 when the
+/// cache is f16 (where llama.cpp's weights meet an f16 V). Separate passes, so that the scaling
+/// and the maximum vectorize and the sum stays in a register (a call to exp in the same loop
+/// spilled it to the stack every position).
+fn softmax_weights(sc: &mut [f32], scale: f32, f16: bool) {
+    for x in sc.iter_mut() {
+        *x *= scale;
+    }
+    let max = max_of(sc);
+    for x in sc.iter_mut() {
+        *x = (*x - max).exp();
+    }
+    let sum: f64 = sc.iter().map(|&x| x as f64).sum();
+    let inv = (1.0 / sum) as f32;
+    for x in sc.iter_mut() {
+        *x *= inv;
+    }
+    if f16 {
+        round_f16_slice(sc);
+    }
+}
+
 /// The largest value (−∞ for none), eight lanes at a time.
 fn max_of(xs: &[f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; 8];
@@ -118,50 +141,50 @@ pub fn attend(
     let weighted_rows = ggrun_quants::float::weighted_rows_fn();
     let group = nh / s.n_head_kv;
     let (kc, vc) = (&kc[..], &vc[..]);
-    // Heads are independent: each computes its columns of the output for every new token.
-    let per_head: Vec<Vec<f32>> = (0..nh)
-        .into_par_iter()
-        .map(|h| {
-            let kvh = h / group;
-            let mut oh = vec![0f32; t * hd];
-            let mut scores = vec![0f32; past + t];
-            let mut qh = vec![0f32; hd];
-            for ti in 0..t {
+    // Tasks: a few query heads of one KV head (up to four in prefill, so that each K row load
+    // serves them all; one in decode, so that every head is its own task) over a run of tokens.
+    let heads = if t > 1 { group.min(4) } else { 1 };
+    const TOKENS_PER_TASK: usize = 16;
+    // (first head, heads, first token), the heads all of one KV head.
+    let tasks: Vec<(usize, usize, usize)> = (0..s.n_head_kv)
+        .flat_map(|kvh| {
+            (0..group).step_by(heads).flat_map(move |j0| {
+                let (h0, g) = (kvh * group + j0, heads.min(group - j0));
+                (0..t).step_by(TOKENS_PER_TASK).map(move |t0| (h0, g, t0))
+            })
+        })
+        .collect();
+    let results: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map(|&(h0, g, t0)| {
+            let kvh = h0 / group;
+            let t1 = (t0 + TOKENS_PER_TASK).min(t);
+            let mut o = vec![0f32; (t1 - t0) * g * hd];
+            let mut scores = vec![0f32; g * (past + t1)];
+            let mut qg = vec![0f32; g * hd];
+            for ti in t0..t1 {
                 let n = past + ti + 1;
-                qh.copy_from_slice(&q[(ti * nh + h) * hd..(ti * nh + h + 1) * hd]);
+                qg.copy_from_slice(&q[(ti * nh + h0) * hd..(ti * nh + h0 + g) * hd]);
                 if f16 {
-                    round_f16_slice(&mut qh);
+                    round_f16_slice(&mut qg);
                 }
-                dot_rows(&kc[kvh * hd..], row, &qh, &mut scores[..n]);
-                // Separate passes, so that the scaling and the maximum vectorize and the f64
-                // sum stays in a register (a call to exp in the same loop spilled it to the
-                // stack every position); the sum's order is unchanged.
-                for sc in scores[..n].iter_mut() {
-                    *sc *= s.scale;
+                let sc_all = &mut scores[..g * n];
+                dot_rows(&kc[kvh * hd..], row, &qg, hd, sc_all);
+                for (j, sc) in sc_all.chunks_mut(n).enumerate() {
+                    softmax_weights(sc, s.scale, f16);
+                    let at = ((ti - t0) * g + j) * hd;
+                    weighted_rows(&mut o[at..at + hd], sc, &vc[kvh * hd..], row);
                 }
-                let max = max_of(&scores[..n]);
-                for sc in scores[..n].iter_mut() {
-                    *sc = (*sc - max).exp();
-                }
-                let sum: f64 = scores[..n].iter().map(|&x| x as f64).sum();
-                let inv = (1.0 / sum) as f32;
-                for sc in scores[..n].iter_mut() {
-                    *sc *= inv;
-                }
-                if f16 {
-                    round_f16_slice(&mut scores[..n]);
-                }
-                let o = &mut oh[ti * hd..(ti + 1) * hd];
-                weighted_rows(o, &scores[..n], &vc[kvh * hd..], row);
             }
-            oh
+            o
         })
         .collect();
     let mut out = vec![0f32; t * nh * hd];
-    for (h, oh) in per_head.iter().enumerate() {
-        for ti in 0..t {
-            out[(ti * nh + h) * hd..(ti * nh + h + 1) * hd]
-                .copy_from_slice(&oh[ti * hd..(ti + 1) * hd]);
+    for (&(h0, g, t0), o) in tasks.iter().zip(&results) {
+        let t1 = (t0 + TOKENS_PER_TASK).min(t);
+        for ti in t0..t1 {
+            let src = &o[(ti - t0) * g * hd..(ti - t0 + 1) * g * hd];
+            out[(ti * nh + h0) * hd..(ti * nh + h0 + g) * hd].copy_from_slice(src);
         }
     }
     Ok(out)

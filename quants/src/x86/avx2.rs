@@ -1078,36 +1078,61 @@ pub(super) unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
     ]
 }
 
+/// Queries per pass of [`dot_rows_impl`] (their accumulators stay in registers).
+const DOT_QUERIES: usize = 4;
+
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_rows_impl(k: &[f32], stride: usize, q: &[f32], out: &mut [f32]) {
-    let (n, hd) = (out.len(), q.len());
+unsafe fn dot_rows_impl(k: &[f32], stride: usize, qs: &[f32], hd: usize, out: &mut [f32]) {
+    let g = qs.len() / hd.max(1);
+    if g == 0 {
+        return;
+    }
+    let n = out.len() / g;
     assert!(
-        n == 0 || (n - 1) * stride + hd <= k.len(),
+        g * hd == qs.len() && g * n == out.len() && (n == 0 || (n - 1) * stride + hd <= k.len()),
         "dot_rows: rows out of range"
     );
     let mut p = 0;
-    if hd % 8 == 0 {
+    if hd.is_multiple_of(8) {
         while p + 8 <= n {
-            let mut acc = _mm256_set1_ps(-0.0);
-            for d0 in (0..hd).step_by(8) {
-                let rows = [0, 1, 2, 3, 4, 5, 6, 7]
-                    .map(|i| _mm256_loadu_ps(k.as_ptr().add((p + i) * stride + d0)));
-                let t = transpose8(rows);
-                for (dd, col) in t.iter().enumerate() {
-                    acc = _mm256_add_ps(acc, _mm256_mul_ps(*col, _mm256_set1_ps(q[d0 + dd])));
+            // Up to four queries per pass over the eight rows: each transposed tile serves all.
+            for j0 in (0..g).step_by(DOT_QUERIES) {
+                let gj = (g - j0).min(DOT_QUERIES);
+                let mut acc = [_mm256_set1_ps(-0.0); DOT_QUERIES];
+                for d0 in (0..hd).step_by(8) {
+                    let rows = [0, 1, 2, 3, 4, 5, 6, 7]
+                        .map(|i| _mm256_loadu_ps(k.as_ptr().add((p + i) * stride + d0)));
+                    let t = transpose8(rows);
+                    for (j, a) in acc.iter_mut().enumerate().take(gj) {
+                        let q = qs.as_ptr().add((j0 + j) * hd + d0);
+                        for (dd, col) in t.iter().enumerate() {
+                            *a = _mm256_add_ps(*a, _mm256_mul_ps(*col, _mm256_set1_ps(*q.add(dd))));
+                        }
+                    }
+                }
+                for (j, a) in acc.iter().enumerate().take(gj) {
+                    _mm256_storeu_ps(out.as_mut_ptr().add((j0 + j) * n + p), *a);
                 }
             }
-            _mm256_storeu_ps(out.as_mut_ptr().add(p), acc);
             p += 8;
         }
     }
     if p < n {
-        crate::float::dot_rows_scalar(&k[p * stride..], stride, q, &mut out[p..]);
+        for j in 0..g {
+            crate::float::dot_rows_scalar(
+                &k[p * stride..],
+                stride,
+                &qs[j * hd..(j + 1) * hd],
+                hd,
+                &mut out[j * n + p..(j + 1) * n],
+            );
+        }
     }
 }
 
-pub(crate) fn dot_rows(k: &[f32], stride: usize, q: &[f32], out: &mut [f32]) {
+pub(crate) fn dot_rows(k: &[f32], stride: usize, qs: &[f32], hd: usize, out: &mut [f32]) {
     // SAFETY: selected by float::dot_rows_for only when an AVX2 tier is available; the assert
-    // in dot_rows_impl bounds every row read.
-    unsafe { dot_rows_impl(k, stride, q, out) }
+    // in dot_rows_impl bounds every row read, and every query and output index is below the
+    // slices' lengths (g·hd = qs.len(), g·n = out.len()).
+    unsafe { dot_rows_impl(k, stride, qs, hd, out) }
 }
