@@ -99,6 +99,12 @@ struct Snapshots {
     saved: Vec<(Vec<u32>, Vec<u8>)>,
 }
 
+/// Whether `t` is a non-empty start of `prompt` shorter than it: what a state (or snapshot)
+/// that consumed `t` can resume `prompt` from, feeding the rest.
+fn starts_shorter(prompt: &[u32], t: &[u32]) -> bool {
+    !t.is_empty() && t.len() < prompt.len() && prompt.starts_with(t)
+}
+
 /// One sequence: its state, every token that state has consumed, and its snapshots. An
 /// [`Engine`] drives one; the server keeps one per slot and steps several together.
 pub struct Sequence {
@@ -154,10 +160,9 @@ impl Sequence {
 
     /// How many tokens of `prompt` [`Sequence::resume`] would keep.
     pub fn reusable(&self, prompt: &[u32]) -> usize {
-        let usable = |t: &[u32]| !t.is_empty() && t.len() < prompt.len() && prompt.starts_with(t);
         std::iter::once(&self.consumed)
             .chain(self.snapshots.saved.iter().map(|(t, _)| t))
-            .filter(|t| usable(t))
+            .filter(|t| starts_shorter(prompt, t))
             .map(Vec::len)
             .max()
             .unwrap_or(0)
@@ -167,39 +172,29 @@ impl Sequence {
     /// that feeding the rest yields logits): the state as it is, a snapshot, or a fresh state.
     /// Returns how many tokens of `prompt` the state then holds.
     pub fn resume(&mut self, model: &dyn Forward, cpu: &Cpu, prompt: &[u32]) -> Result<usize> {
-        let usable = |t: &[u32]| !t.is_empty() && t.len() < prompt.len() && prompt.starts_with(t);
-        let here = if usable(&self.consumed) {
-            self.consumed.len()
-        } else {
-            0
-        };
-        let best = self
+        let want = self.reusable(prompt);
+        if want == 0 {
+            self.reset(model, cpu)?;
+            return Ok(0);
+        }
+        // The state itself when it is that long (nothing to restore), else the snapshot.
+        if self.consumed.len() == want && starts_shorter(prompt, &self.consumed) {
+            return Ok(want);
+        }
+        let (tokens, bytes) = self
             .snapshots
             .saved
             .iter()
-            .enumerate()
-            .filter(|(_, (t, _))| usable(t) && t.len() > here)
-            .max_by_key(|(_, (t, _))| t.len())
-            .map(|(i, _)| i);
-        match best {
-            Some(i) => {
-                // Restored in place: the snapshot's bytes (megabytes for long prompts) are read,
-                // not copied.
-                let (tokens, bytes) = &self.snapshots.saved[i];
-                let restored = self.state.restore(bytes);
-                if let Err(e) = restored {
-                    self.reset(model, cpu)?;
-                    return Err(e);
-                }
-                self.consumed.clone_from(tokens);
-                Ok(self.consumed.len())
-            }
-            None if here > 0 => Ok(here),
-            None => {
-                self.reset(model, cpu)?;
-                Ok(0)
-            }
+            .find(|(t, _)| t.len() == want && starts_shorter(prompt, t))
+            .ok_or_else(|| anyhow::anyhow!("no snapshot of the {want} tokens to resume from"))?;
+        // Restored in place: the snapshot's bytes (megabytes for long prompts) are read, not
+        // copied.
+        if let Err(e) = self.state.restore(bytes) {
+            self.reset(model, cpu)?;
+            return Err(e);
         }
+        self.consumed.clone_from(tokens);
+        Ok(want)
     }
 
     /// An error unless `n` more tokens fit in the context.
