@@ -1,6 +1,7 @@
 //! `ggrun bench`: prompt-processing (pp) and generation (tg) speed, measured the way
 //! llama-bench and ../shared/tools/llamacpp_side.py do — a warm-up round that is dropped, then the
-//! median over repeats; random prompt tokens from a fixed seed.
+//! median over repeats; random prompt tokens from a fixed seed; pp and tg are separate tests,
+//! each on an empty context (tgN: N tokens generated one at a time from a random first token).
 
 use std::path::Path;
 use std::time::Instant;
@@ -44,7 +45,10 @@ pub fn run(
 ) -> Result<BenchResult> {
     let nv = m.n_vocab();
     anyhow::ensure!(nv > 20, "vocabulary too small to benchmark");
-    anyhow::ensure!(n_prompt > 0, "-p must be at least 1");
+    anyhow::ensure!(
+        n_prompt + n_gen > 0,
+        "nothing to measure: -p and -n are both 0"
+    );
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     let mut next = move || {
         seed ^= seed << 13;
@@ -57,20 +61,24 @@ pub fn run(
         let prompt: Vec<u32> = (0..n_prompt)
             .map(|_| (10 + next() % (nv as u64 - 20)) as u32)
             .collect();
-        let mut st = m.new_state(n_prompt + n_gen, cpu.precision)?;
-        let t0 = Instant::now();
-        let logits = m.forward(cpu, &mut st, &prompt, false)?;
-        let t1 = Instant::now();
-        let mut tok = argmax(&logits) as u32;
-        for _ in 0..n_gen {
-            let l = m.forward(cpu, &mut st, &[tok], false)?;
-            tok = argmax(&l) as u32;
+        let mut tok = (10 + next() % (nv as u64 - 20)) as u32;
+        let mut st = m.new_state(n_prompt.max(n_gen), cpu.precision)?;
+        if n_prompt > 0 {
+            let t0 = Instant::now();
+            m.forward(cpu, &mut st, &prompt, false)?;
+            if round > 0 {
+                pp.push(n_prompt as f64 / t0.elapsed().as_secs_f64());
+            }
         }
-        let t2 = Instant::now();
-        if round > 0 {
-            pp.push(n_prompt as f64 / (t1 - t0).as_secs_f64());
-            if n_gen > 0 {
-                tg.push(n_gen as f64 / (t2 - t1).as_secs_f64());
+        if n_gen > 0 {
+            st.clear()?;
+            let t0 = Instant::now();
+            for _ in 0..n_gen {
+                let l = m.forward(cpu, &mut st, &[tok], false)?;
+                tok = argmax(&l) as u32;
+            }
+            if round > 0 {
+                tg.push(n_gen as f64 / t0.elapsed().as_secs_f64());
             }
         }
     }
