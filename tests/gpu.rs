@@ -110,47 +110,66 @@ fn matmul_of_every_weight_type_matches_the_cpu_dequantization() {
             }
             let dm = gpu.upload(&m).unwrap();
             // Decode-sized batches (a block per four rows and token) and tiled ones, partial
-            // tiles included, in f32 and on the tensor cores (bf16 operands: each product is
-            // off by at most 2·2⁻⁸ of itself, so the bound is 2⁻⁷ of Σ|w·x|).
-            for (t, tensor_cores) in [
+            // tiles included, in exact and normal precision. Normal precision puts tiles on the
+            // tensor cores (bf16 operands: each product is off by at most 2·2⁻⁸ of itself, so
+            // the bound is 2⁻⁷ of Σ|w·x|) and, for the 32-element block types, quantizes decode
+            // activations to int8 (each off by at most half a step, amax/254 of its block of
+            // 32, so the bound is Σ over blocks of amax/254 · Σ|w|, beside f32's 1e-5).
+            let int8 = matches!(ty, Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0);
+            for (t, normal) in [
                 (1usize, false),
                 (5, false),
                 (8, false),
                 (67, false),
+                (1, true),
+                (5, true),
                 (8, true),
                 (67, true),
                 (130, true),
             ] {
-                gpu.set_tensor_cores(tensor_cores);
-                let rel = if tensor_cores && cols % 32 == 0 {
-                    1.0 / 128.0
-                } else {
-                    1e-5
-                };
+                gpu.set_normal_precision(normal);
+                let on_mma = normal && t >= 8 && cols % 32 == 0;
+                let on_int8 = normal && t < 8 && int8;
                 let x = values(seed.rotate_left(7) ^ (t * 31 + k) as u64, t * cols);
                 let dx = gpu.to_device(&x).unwrap();
                 let mut dy = gpu.to_device(&vec![f32::NAN; t * rows]).unwrap();
                 gpu.matmul(&dm, &dx, t, &mut dy).unwrap();
                 let y = gpu.to_host(&dy).unwrap();
-                if tensor_cores && cols % 32 == 0 {
-                    gpu.set_tensor_cores(false);
+                if normal {
+                    gpu.set_normal_precision(false);
                     gpu.matmul(&dm, &dx, t, &mut dy).unwrap();
                     let f32_path = gpu.to_host(&dy).unwrap();
-                    assert!(
+                    assert_eq!(
                         y.iter().zip(&f32_path).any(|(a, b)| a != b),
-                        "{ty}: the tensor-core kernel did not run"
+                        on_mma || on_int8,
+                        "{ty} t={t}: the normal-precision kernel ran where it should not, or did not run"
                     );
                 }
                 for j in 0..t {
+                    let xj = &x[j * cols..(j + 1) * cols];
                     for r in 0..rows {
-                        let (want, mag) = dot_and_magnitude(
-                            &deq[r * cols..(r + 1) * cols],
-                            &x[j * cols..(j + 1) * cols],
-                        );
+                        let wr = &deq[r * cols..(r + 1) * cols];
+                        let (want, mag) = dot_and_magnitude(wr, xj);
+                        let bound = if on_mma {
+                            mag / 128.0
+                        } else if on_int8 {
+                            let steps: f64 = wr
+                                .chunks(32)
+                                .zip(xj.chunks(32))
+                                .map(|(w, x)| {
+                                    let amax = x.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+                                    let wsum: f64 = w.iter().map(|v| v.abs() as f64).sum();
+                                    amax / 254.0 * wsum
+                                })
+                                .sum();
+                            steps + 1e-5 * mag
+                        } else {
+                            1e-5 * mag
+                        };
                         let got = y[j * rows + r] as f64;
                         assert!(
-                            (got - want).abs() <= rel * mag + 1e-6,
-                            "{ty} cols={cols} t={t} tensor cores {tensor_cores} row {r} token {j}: {got} vs {want}"
+                            (got - want).abs() <= bound + 1e-6,
+                            "{ty} cols={cols} t={t} normal precision {normal} row {r} token {j}: {got} vs {want}"
                         );
                     }
                 }
@@ -200,7 +219,7 @@ fn grouped_products_match_each_group_alone() {
         let x = values(seed.rotate_left(3) ^ k as u64, tokens * cols);
         let dx = gpu.to_device(&x).unwrap();
         let grouped = |tensor_cores: bool| {
-            gpu.set_tensor_cores(tensor_cores);
+            gpu.set_normal_precision(tensor_cores);
             let mut dy = gpu.to_device(&vec![f32::NAN; tokens * rows]).unwrap();
             gpu.matmul_grouped(
                 &dm,

@@ -142,7 +142,8 @@ impl Cpu {
             "matmul shape mismatch"
         );
         if let Some(d) = w.device {
-            d.gpu.set_tensor_cores(self.precision == Precision::Normal);
+            d.gpu
+                .set_normal_precision(self.precision == Precision::Normal);
             return d.matmul_host(x, t, y);
         }
         let k = kernels(w.ty)

@@ -265,16 +265,137 @@ __device__ __forceinline__ float rows_dot(const u8* w, long long row_bytes, int 
     return sum;
 }
 
-// y[t][r] = Σ_c w[r][c] · x[t][c] for `tokens` rows of x (written as `epi` says): one block
-// per MV_ROWS rows and token.
+// Decode with int8 activations (normal precision), for the 32-element block types: each lane
+// quantizes its eight activations against its block's absolute maximum (the four lanes of a
+// block agree through two shuffles), as llama.cpp's q8_1 does, and multiplies them with the
+// weights' integers four at a time (dp4a) instead of converting every weight to float. The
+// activations of a chunk are quantized once and shared by the block's MV_ROWS rows.
+#define FOR_EACH_INT8_TYPE(X) \
+    X(q4_0, T_Q4_0) \
+    X(q4_1, T_Q4_1) \
+    X(q5_0, T_Q5_0) \
+    X(q5_1, T_Q5_1) \
+    X(q8_0, T_Q8_0)
+
+// Four bytes at a 2-byte aligned address (every quant field these types use is one).
+__device__ __forceinline__ int ld_a2(const u8* p) {
+    const u16* q = (const u16*)p;
+    return (int)((u32)q[0] | ((u32)q[1] << 16));
+}
+
+// Bits 0..3 of b moved to bit 0 of bytes 0..3.
+__device__ __forceinline__ int spread4(u32 b) {
+    return (int)((b & 1) | ((b & 2) << 7) | ((b & 4) << 14) | ((b & 8) << 21));
+}
+
+// Bytes in a block of type T, and where its quants start.
+template <int T> struct Block32 {
+    static const int bytes = T == T_Q8_0 ? 34 : T == T_Q4_0 ? 18 : T == T_Q4_1 ? 20 : T == T_Q5_0 ? 22 : 24;
+    static const int has_min = T == T_Q4_1 || T == T_Q5_1;
+};
+
+// Elements j..j+7 (j = 0, 8, 16, 24) of the block at b as two words of four signed bytes, with
+// the block's scale d and minimum m (0 for the types without one): value = d · q + m.
 template <int T>
+__device__ __forceinline__ void block_ints(const u8* b, int j, int* w, float* d, float* m) {
+    *d = f16at(b);
+    *m = Block32<T>::has_min ? f16at(b + 2) : 0.0f;
+    if (T == T_Q8_0) {
+        w[0] = ld_a2(b + 2 + j);
+        w[1] = ld_a2(b + 6 + j);
+        return;
+    }
+    const int qh_at = Block32<T>::has_min ? 4 : 2;
+    const int qs_at = qh_at + (T == T_Q5_0 || T == T_Q5_1 ? 4 : 0);
+    const u8* q = b + qs_at + (j & 15);
+    int shift = j >= 16 ? 4 : 0;
+    int lo = (ld_a2(q) >> shift) & 0x0F0F0F0F, hi = (ld_a2(q + 4) >> shift) & 0x0F0F0F0F;
+    if (T == T_Q5_0 || T == T_Q5_1) {
+        u32 qh = (u32)ld_a2(b + qh_at) >> j;
+        lo |= spread4(qh & 15) << 4;
+        hi |= spread4((qh >> 4) & 15) << 4;
+    }
+    if (T == T_Q4_0) {
+        lo = __vsubss4(lo, 0x08080808);
+        hi = __vsubss4(hi, 0x08080808);
+    } else if (T == T_Q5_0) {
+        lo = __vsubss4(lo, 0x10101010);
+        hi = __vsubss4(hi, 0x10101010);
+    }
+    w[0] = lo;
+    w[1] = hi;
+}
+
+// rows_dot with int8 activations (see above); the same contract.
+template <int T>
+__device__ __forceinline__ float rows_dot_i8(const u8* w, long long row_bytes, int n, const float* x,
+                                             int cols) {
+    __shared__ float part[MV_WARPS][MV_ROWS];
+    int lane = threadIdx.x % 32, wid = threadIdx.x / 32;
+    float acc[MV_ROWS];
+    const u8* rowp[MV_ROWS];
+#pragma unroll
+    for (int j = 0; j < MV_ROWS; j++) {
+        acc[j] = 0.0f;
+        rowp[j] = w + (j < n ? j : 0) * row_bytes;
+    }
+    float xv[8];
+    for (int base = wid * 256; base < cols; base += 256 * MV_WARPS) {
+        int e0 = base + 8 * lane;
+        bool ok = e0 < cols;
+        int e = ok ? e0 : 0;
+        load_x8(x, e, xv);
+        float amax = 0.0f, sx = 0.0f;
+        for (int i = 0; i < 8; i++) {
+            amax = fmaxf(amax, fabsf(xv[i]));
+            sx += xv[i];
+        }
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+        float dx = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int xq[2];
+        for (int h = 0; h < 2; h++) {
+            u32 v = 0;
+            for (int i = 0; i < 4; i++) v |= (u32)(__float2int_rn(xv[4 * h + i] * inv) & 255) << (8 * i);
+            xq[h] = (int)v;
+        }
+        long long blk = (long long)(e / 32) * Block32<T>::bytes;
+#pragma unroll
+        for (int j = 0; j < MV_ROWS; j++) {
+            int wq[2];
+            float d, m;
+            block_ints<T>(rowp[j] + blk, e % 32, wq, &d, &m);
+            int s = __dp4a(wq[1], xq[1], __dp4a(wq[0], xq[0], 0));
+            if (ok) acc[j] += d * dx * (float)s + (Block32<T>::has_min ? m * sx : 0.0f);
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < MV_ROWS; j++) {
+        float s = warp_sum(acc[j]);
+        if (lane == 0) part[wid][j] = s;
+    }
+    __syncthreads();
+    float sum = 0.0f;
+    if (threadIdx.x < n) {
+        for (int i = 0; i < MV_WARPS; i++) sum += part[i][threadIdx.x];
+    }
+    return sum;
+}
+
+// y[t][r] = Σ_c w[r][c] · x[t][c] for `tokens` rows of x (written as `epi` says): one block
+// per MV_ROWS rows and token; with I8, activations in int8 (rows_dot_i8).
+template <int T, bool I8>
 __device__ void matmul(const u8* w, const float* x, float* y, int rows, int cols, long long row_bytes,
                        int tokens, int epi) {
     int r0 = blockIdx.x * MV_ROWS;
     int t = blockIdx.y;
     if (r0 >= rows || t >= tokens) return;
     int n = min(MV_ROWS, rows - r0);
-    float s = rows_dot<T>(w + (long long)r0 * row_bytes, row_bytes, n, x + (long long)t * cols, cols);
+    const u8* wr = w + (long long)r0 * row_bytes;
+    const float* xt = x + (long long)t * cols;
+    float s;
+    if constexpr (I8) s = rows_dot_i8<T>(wr, row_bytes, n, xt, cols);
+    else s = rows_dot<T>(wr, row_bytes, n, xt, cols);
     if (threadIdx.x < n) put(y + (long long)t * rows + r0 + threadIdx.x, s, epi);
 }
 
@@ -282,7 +403,7 @@ __device__ void matmul(const u8* w, const float* x, float* y, int rows, int cols
 // expert ids[p] (rows ids[p]·rows .. +rows of the stacked w) by x row p / k (or row p when
 // `x_per_pair`), writing y row p as `epi` says. One block per MV_ROWS rows and pair; no copy of
 // expert ids to the host.
-template <int T>
+template <int T, bool I8>
 __device__ void matmul_id(const u8* w, const float* x, float* y, const int* ids, int rows, int cols,
                           long long row_bytes, int pairs, int k, int x_per_pair, int epi) {
     int r0 = blockIdx.x * MV_ROWS;
@@ -291,22 +412,28 @@ __device__ void matmul_id(const u8* w, const float* x, float* y, const int* ids,
     int n = min(MV_ROWS, rows - r0);
     long long e = ids[p];
     const float* xt = x + (long long)(x_per_pair ? p : p / k) * cols;
-    float s = rows_dot<T>(w + (e * rows + r0) * row_bytes, row_bytes, n, xt, cols);
+    const u8* wr = w + (e * rows + r0) * row_bytes;
+    float s;
+    if constexpr (I8) s = rows_dot_i8<T>(wr, row_bytes, n, xt, cols);
+    else s = rows_dot<T>(wr, row_bytes, n, xt, cols);
     if (threadIdx.x < n) put(y + (long long)p * rows + r0 + threadIdx.x, s, epi);
 }
 
-#define MATMUL(s, T)                                                                             \
-    extern "C" __global__ void matmul_##s(const u8* w, const float* x, float* y, int rows, int cols,   \
-                                    long long row_bytes, int tokens, int epi) {                 \
-        matmul<T>(w, x, y, rows, cols, row_bytes, tokens, epi);                                  \
+#define MATMUL_FAMILY(name, s, T, I8)                                                            \
+    extern "C" __global__ void name##s(const u8* w, const float* x, float* y, int rows, int cols,\
+                                       long long row_bytes, int tokens, int epi) {             \
+        matmul<T, I8>(w, x, y, rows, cols, row_bytes, tokens, epi);                              \
     }                                                                                            \
-    extern "C" __global__ void matmul_##s##_id(const u8* w, const float* x, float* y, const int* ids,  \
-                                         int rows, int cols, long long row_bytes, int pairs,     \
-                                         int k, int x_per_pair, int epi) {                       \
-        matmul_id<T>(w, x, y, ids, rows, cols, row_bytes, pairs, k, x_per_pair, epi);            \
+    extern "C" __global__ void name##s##_id(const u8* w, const float* x, float* y, const int* ids,\
+                                            int rows, int cols, long long row_bytes, int pairs, \
+                                            int k, int x_per_pair, int epi) {                   \
+        matmul_id<T, I8>(w, x, y, ids, rows, cols, row_bytes, pairs, k, x_per_pair, epi);        \
     }
+#define MATMUL(s, T) MATMUL_FAMILY(matmul_, s, T, false)
+#define MATMUL_I8(s, T) MATMUL_FAMILY(matmul_i8_, s, T, true)
 
 FOR_EACH_TYPE(MATMUL)
+FOR_EACH_INT8_TYPE(MATMUL_I8)
 
 // Prefill: y[t][r] for a tile of 32 rows × 64 tokens per block of 256 threads. Per step of 64
 // columns the block dequantizes the tile's weights once into shared memory (deq8, as above) and

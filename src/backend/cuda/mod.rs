@@ -39,9 +39,10 @@ pub struct Gpu {
     module: Arc<CudaModule>,
     /// Kernel handles looked up so far, by name.
     functions: Mutex<HashMap<String, CudaFunction>>,
-    /// Whether batches of [`TILED_FROM`] tokens and more may run on the tensor cores (bf16
-    /// operands, f32 sums: normal precision), rather than the f32 tiled kernel (exact).
-    tensor_cores: AtomicBool,
+    /// Normal precision: batches of [`TILED_FROM`] tokens and more may run on the tensor cores
+    /// (bf16 operands, f32 sums) and smaller ones on int8 activations (dp4a, for the 32-element
+    /// block types); otherwise (exact) every product keeps its activations in f32.
+    normal_precision: AtomicBool,
     /// The device's name, as the driver reports it.
     pub name: String,
     /// Compute capability (major, minor).
@@ -262,7 +263,7 @@ impl Gpu {
             stream,
             module,
             functions: Mutex::default(),
-            tensor_cores: AtomicBool::new(false),
+            normal_precision: AtomicBool::new(false),
             name,
             arch,
             kernel_cache,
@@ -270,10 +271,10 @@ impl Gpu {
         })
     }
 
-    /// Lets prefill-sized products use the tensor cores (bf16 operands, f32 sums) — for normal
-    /// precision — or keeps them in f32 (exact precision).
-    pub fn set_tensor_cores(&self, on: bool) {
-        self.tensor_cores.store(on, Ordering::Relaxed);
+    /// Lets products use the tensor cores (prefill) and int8 activations (decode) — normal
+    /// precision — or keeps their activations in f32 (exact precision).
+    pub fn set_normal_precision(&self, on: bool) {
+        self.normal_precision.store(on, Ordering::Relaxed);
     }
 
     /// (free, total) bytes of device memory.
@@ -377,12 +378,13 @@ impl Gpu {
         if x.len() < t * cols || y.len() < t * rows || w.len() < rows * row_bytes {
             bail!("CUDA matmul shape mismatch");
         }
-        // One block per four rows and token for decode-sized batches; from eight tokens up, 64 × 64
-        // tiles on the tensor cores (normal precision, whole 32-column steps) or 32 × 64 f32
-        // tiles (weights dequantized once per tile into shared memory).
+        // One block per four rows and token for decode-sized batches (int8 activations in normal
+        // precision where the type has them); from eight tokens up, 64 × 64 tiles on the tensor
+        // cores (normal precision, whole 32-column steps) or 32 × 64 f32 tiles (weights
+        // dequantized once per tile into shared memory).
         let kind = if t < TILED_FROM {
-            Kernel::Rows
-        } else if self.tensor_cores.load(Ordering::Relaxed) && cols.is_multiple_of(32) {
+            self.rows_kernel(ty)
+        } else if self.normal_precision.load(Ordering::Relaxed) && cols.is_multiple_of(32) {
             Kernel::Mma
         } else {
             Kernel::Tiled
@@ -449,7 +451,7 @@ impl Gpu {
             bail!("CUDA grouped matmul shape mismatch");
         }
         let most = groups.iter().map(|g| g.2).max().unwrap_or(0);
-        let on_mma = self.tensor_cores.load(Ordering::Relaxed)
+        let on_mma = self.normal_precision.load(Ordering::Relaxed)
             && cols.is_multiple_of(32)
             && most >= TILED_FROM;
         if !on_mma {
@@ -500,6 +502,17 @@ impl Gpu {
         Ok(())
     }
 
+    /// The decode kernel for type `ty`: int8 activations in normal precision where it has them.
+    fn rows_kernel(&self, ty: GgmlType) -> Kernel {
+        use GgmlType::*;
+        let int8 = matches!(ty, Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0);
+        if int8 && self.normal_precision.load(Ordering::Relaxed) {
+            Kernel::RowsI8
+        } else {
+            Kernel::Rows
+        }
+    }
+
     /// Waits for all queued work.
     pub fn synchronize(&self) -> Result<()> {
         self.stream
@@ -520,6 +533,8 @@ const MV_ROWS: u32 = 4;
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kernel {
     Rows,
+    /// Rows with the activations quantized to int8 in the kernel (`FOR_EACH_INT8_TYPE`).
+    RowsI8,
     Tiled,
     Mma,
     /// Mma over several groups of rows and tokens in one launch.
@@ -548,6 +563,7 @@ fn kernel_name(ty: GgmlType, kind: Kernel) -> Result<String> {
     };
     let prefix = match kind {
         Kernel::Rows => "",
+        Kernel::RowsI8 => "i8_",
         Kernel::Tiled => "tiled_",
         Kernel::Mma => "mma_",
         Kernel::MmaGrouped => "mma_grouped_",

@@ -416,7 +416,7 @@ impl DeviceRows<'_> {
         let g = self.gpu;
         let f = g.function(&format!(
             "{}_id",
-            super::kernel_name(self.m.ty, super::Kernel::Rows)?
+            super::kernel_name(self.m.ty, g.rows_kernel(self.m.ty))?
         ))?;
         let cfg = LaunchConfig {
             grid_dim: (

@@ -365,7 +365,7 @@ impl<'a> NemotronH<'a> {
         match on_gpu {
             Some(jobs) if !jobs.is_empty() => {
                 let gpu = jobs[0].up.gpu;
-                gpu.set_tensor_cores(cpu.precision == Precision::Normal);
+                gpu.set_normal_precision(cpu.precision == Precision::Normal);
                 gpu.relu2_mlps(&jobs)
             }
             // The blocks run concurrently, each product's row chunks stolen by whichever
