@@ -104,13 +104,25 @@ struct Staging {
     filling: [Option<(usize, CudaEvent)>; 2],
 }
 
+/// (token, expert) pairs grouped per expert: pairs `start[e]..start[e + 1]` are expert e's; on
+/// the device, each grouped row's token (`rows_idx`) and each pair's grouped row (`pos`).
+struct Pairs {
+    start: Vec<usize>,
+    rows_idx: CudaSlice<i32>,
+    pos: CudaSlice<i32>,
+}
+
 /// Costs measured on the runs so far (moving averages), and how often each path ran.
 #[derive(Default)]
 struct Costs {
     /// Seconds the CPU took per (token, expert) pair of a prefill batch.
     cpu_s_per_pair: Option<f64>,
-    /// Bytes per second of copying selected experts to the GPU.
+    /// Bytes per second of copying selected experts to the GPU: the best of the samples (a
+    /// copy only gets slower than the link by disturbance, and the first copies of a run can be
+    /// several times slower; a moving average of them kept decode from ever copying again).
     copy_bytes_per_s: Option<f64>,
+    /// Copies timed so far (decode times its first [`COPY_SAMPLES`], waiting for each).
+    copy_samples: u32,
     /// Seconds the CPU took per selected expert of a decode step.
     cpu_s_per_decode_expert: Option<f64>,
     /// Decode steps that copied part of a RAM layer's experts to the GPU.
@@ -120,6 +132,9 @@ struct Costs {
     cpu_batches: u64,
     gpu_batches: u64,
 }
+
+/// Decode steps whose copies are timed (each waits for its copy, losing the overlap).
+const COPY_SAMPLES: u32 = 4;
 
 fn average(old: Option<f64>, sample: f64) -> Option<f64> {
     Some(old.map_or(sample, |o| 0.7 * o + 0.3 * sample))
@@ -370,7 +385,7 @@ impl<'a> DeviceParts<'a> {
         let g = self.gpu;
         let (t, n) = (tokens.len(), m.n_embd);
         state.check_room(t)?;
-        g.set_tensor_cores(cpu.precision == Precision::Normal);
+        g.set_normal_precision(cpu.precision == Precision::Normal);
         let mut x = g.to_device(&embed(&m.embd, tokens)?)?;
         let mut h = g.output(t * n)?;
         self.start_prefetch(m, t)?;
@@ -632,8 +647,8 @@ impl<'a> DeviceParts<'a> {
                             .costs
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
-                            .copy_bytes_per_s
-                            .is_none();
+                            .copy_samples
+                            < COPY_SAMPLES;
                         for (w, &e) in wts_h.iter_mut().zip(&ids_h) {
                             if !to_gpu[e as usize] {
                                 *w = 0.0;
@@ -720,6 +735,9 @@ impl<'a> DeviceParts<'a> {
         up_s.restage(b.up.ty, b.up.cols)?;
         down_s.restage(b.down.ty, b.down.cols)?;
         let (urb, drb) = (b.up.row_bytes(), b.down.row_bytes());
+        let Some(pairs) = self.pairs(m, ids_h, only, t)? else {
+            return Ok(());
+        };
         if measure {
             g.synchronize()?;
         }
@@ -749,7 +767,8 @@ impl<'a> DeviceParts<'a> {
             g.synchronize()?;
             let mut c = o.costs.lock().unwrap_or_else(|e| e.into_inner());
             let bw = copied as f64 / started.elapsed().as_secs_f64().max(1e-9);
-            c.copy_bytes_per_s = average(c.copy_bytes_per_s, bw);
+            c.copy_bytes_per_s = Some(c.copy_bytes_per_s.map_or(bw, |b| b.max(bw)));
+            c.copy_samples += 1;
         }
         let (up_m, down_m): (&DeviceMatrix, &DeviceMatrix) = (up_s, down_s);
         let up_of = |e: usize| DeviceRows {
@@ -764,7 +783,7 @@ impl<'a> DeviceParts<'a> {
             start: slot[e] * n,
             rows: n,
         };
-        self.grouped(m, &up_of, &down_of, ids_h, only, wts, h, x, t, ff)
+        self.grouped_pairs(m, &pairs, &up_of, &down_of, wts, h, x, t, ff)
     }
 
     /// At the start of a pass: when it is a prefill batch that copying pays for (by the costs
@@ -956,15 +975,31 @@ impl<'a> DeviceParts<'a> {
         t: usize,
         ff: usize,
     ) -> Result<()> {
+        match self.pairs(m, ids_h, only, t)? {
+            Some(p) => self.grouped_pairs(m, &p, up_of, down_of, wts, h, x, t, ff),
+            None => Ok(()),
+        }
+    }
+
+    /// The (token, expert) pairs of `ids_h` that run here (all, or those of the experts marked
+    /// in `only`), grouped per expert, with their index tables on the device (None: no pair).
+    /// Callers that queue copies build this first: an upload from pageable memory waits for
+    /// everything queued before it, which would hold the CPU until those copies end.
+    fn pairs(
+        &self,
+        m: &NemotronH,
+        ids_h: &[i32],
+        only: Option<&[bool]>,
+        t: usize,
+    ) -> Result<Option<Pairs>> {
         let g = self.gpu;
-        let (ne, k, n) = (m.n_expert, m.n_expert_used, m.n_embd);
+        let (ne, k) = (m.n_expert, m.n_expert_used);
         let runs = |e: i32| only.is_none_or(|o| o[e as usize]);
-        // The pairs this call computes, in expert order: grouped row r holds a token of
-        // `token_of_row[r]`, and `pos[p]` is pair p's row (0 for pairs computed elsewhere, whose
-        // weight the caller zeroed).
+        // In expert order: grouped row r holds a token of `token_of_row[r]`, and `pos[p]` is
+        // pair p's row (0 for pairs computed elsewhere, whose weight the caller zeroed).
         let pairs = ids_h.iter().filter(|&&e| runs(e)).count();
         if pairs == 0 {
-            return Ok(());
+            return Ok(None);
         }
         let mut start = vec![0usize; ne + 1];
         for &e in ids_h.iter().filter(|&&e| runs(e)) {
@@ -982,10 +1017,33 @@ impl<'a> DeviceParts<'a> {
             token_of_row[r] = (p / k) as i32;
             pos[p] = r as i32;
         }
-        let rows_idx = g.to_device(&token_of_row)?;
-        let pos_d = g.to_device(&pos)?;
+        Ok(Some(Pairs {
+            start,
+            rows_idx: g.to_device(&token_of_row)?,
+            pos: g.to_device(&pos)?,
+        }))
+    }
+
+    /// [`DeviceParts::grouped`] for pairs already grouped.
+    #[allow(clippy::too_many_arguments)]
+    fn grouped_pairs<'d>(
+        &self,
+        m: &NemotronH,
+        p: &Pairs,
+        up_of: &dyn Fn(usize) -> DeviceRows<'d>,
+        down_of: &dyn Fn(usize) -> DeviceRows<'d>,
+        wts: &CudaSlice<f32>,
+        h: &CudaSlice<f32>,
+        x: &mut CudaSlice<f32>,
+        t: usize,
+        ff: usize,
+    ) -> Result<()> {
+        let g = self.gpu;
+        let (ne, k, n) = (m.n_expert, m.n_expert_used, m.n_embd);
+        let (start, rows_idx, pos_d) = (&p.start, &p.rows_idx, &p.pos);
+        let pairs = start[ne];
         let mut xg = g.output(pairs * n)?;
-        g.gather_rows(h, &rows_idx, &mut xg, t, n, t - 1)?;
+        g.gather_rows(h, rows_idx, &mut xg, t, n, t - 1)?;
         // Each product runs once per weight matrix the experts live in (the resident tensor,
         // or a staging buffer): all its experts' groups in one launch.
         let products = |of: &dyn Fn(usize) -> DeviceRows<'d>,
@@ -1012,6 +1070,6 @@ impl<'a> DeviceParts<'a> {
         products(up_of, ff, &xg, &mut u, Epilogue::Relu2)?;
         let mut y = g.output(pairs * n)?;
         products(down_of, n, &u, &mut y, Epilogue::Store)?;
-        g.moe_combine(&y, Some(&pos_d), wts, x, t, k, n)
+        g.moe_combine(&y, Some(pos_d), wts, x, t, k, n)
     }
 }
