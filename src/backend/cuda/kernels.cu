@@ -497,13 +497,14 @@ __device__ void matmul_tiled(const u8* w, const float* x, float* y, int rows, in
 
 FOR_EACH_TYPE(MATMUL_TILED)
 
-// Prefill on the tensor cores (normal precision): a block of four warps computes 64 rows × 64
-// tokens. Per step of 32 columns the block dequantizes the weight tile (deq8, as above) and the
-// activations into shared memory as bfloat16, then each warp runs mma.sync m16n8k16 (bf16 in,
-// f32 accumulation) over its 32 rows × 32 tokens. Rows are padded to 40 halves so that the
-// fragment loads of a warp fall in 32 different banks.
-#define MMA_ROWS 64
-#define MMA_TOKENS 64
+// Prefill on the tensor cores (normal precision): bfloat16 operands in shared memory, mma.sync
+// m16n8k16 with f32 accumulation (the tile and the pipeline are described at matmul_mma). Rows
+// are padded to 40 halves so that the fragment loads of a warp fall in 32 different banks.
+#define MMA_WM 4
+#define MMA_WN 2
+#define MMA_THREADS (32 * MMA_WM * MMA_WN)
+#define MMA_ROWS (32 * MMA_WM)
+#define MMA_TOKENS (32 * MMA_WN)
 #define MMA_K 32
 #define MMA_PAD 40
 
@@ -514,23 +515,29 @@ __device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
     return r;
 }
 
+// Tensor-core prefill: a block of MMA_WM × MMA_WN warps computes a tile of MMA_ROWS rows ×
+// MMA_TOKENS tokens, each warp 32 × 32 of it as 2 × 4 bf16 mma tiles of 16 × 8 with f32 sums.
+// Per step of MMA_K columns the block dequantizes its weight rows (deq8) and converts its
+// tokens' activations into bf16 in shared memory; the two buffers alternate, so that the next
+// step's loads are issued before this step's products and one barrier per step suffices.
 template <int T>
 __device__ void matmul_mma(const u8* w, const float* x, float* y, int rows, int cols,
                            long long row_bytes, int tokens, int epi) {
-    __shared__ __align__(16) unsigned short ws[MMA_ROWS][MMA_PAD];
-    __shared__ __align__(16) unsigned short xs[MMA_TOKENS][MMA_PAD];
+    __shared__ __align__(16) unsigned short ws[2][MMA_ROWS][MMA_PAD];
+    __shared__ __align__(16) unsigned short xs[2][MMA_TOKENS][MMA_PAD];
     int tid = threadIdx.x, lane = tid % 32, wid = tid / 32;
     int r0 = blockIdx.x * MMA_ROWS, t0 = blockIdx.y * MMA_TOKENS;
-    int wm = (wid / 2) * 32, wn = (wid % 2) * 32;
+    int wm = (wid / MMA_WN) * 32, wn = (wid % MMA_WN) * 32;
     int gid = lane >> 2, tig = lane & 3;
     float acc[2][4][4];
     for (int i = 0; i < 2; i++)
         for (int j = 0; j < 4; j++)
             for (int c = 0; c < 4; c++) acc[i][j][c] = 0.0f;
-    float v[8];
-    for (int k0 = 0; k0 < cols; k0 += MMA_K) {
-        // Weights: 64 rows × 32 columns = 256 runs of eight, two per thread.
-        for (int i = tid; i < MMA_ROWS * MMA_K / 8; i += blockDim.x) {
+    // Step k0 into buffer `buf`: MMA_ROWS × MMA_K weights and MMA_TOKENS × MMA_K activations,
+    // as runs of eight.
+    auto stage = [&](int buf, int k0) {
+        float v[8];
+        for (int i = tid; i < MMA_ROWS * MMA_K / 8; i += MMA_THREADS) {
             int rr = i / (MMA_K / 8), c = (i % (MMA_K / 8)) * 8;
             int r = r0 + rr;
             if (r < rows) {
@@ -538,11 +545,11 @@ __device__ void matmul_mma(const u8* w, const float* x, float* y, int rows, int 
             } else {
                 for (int j = 0; j < 8; j++) v[j] = 0.0f;
             }
-            u32* dst = (u32*)&ws[rr][c];
-            for (int j = 0; j < 4; j++) dst[j] = pack_bf16(v[2 * j], v[2 * j + 1]);
+            uint4 p = make_uint4(pack_bf16(v[0], v[1]), pack_bf16(v[2], v[3]),
+                                 pack_bf16(v[4], v[5]), pack_bf16(v[6], v[7]));
+            *(uint4*)&ws[buf][rr][c] = p;
         }
-        // Activations: 64 tokens × 32 columns, eight per thread-step.
-        for (int i = tid; i < MMA_TOKENS * MMA_K / 8; i += blockDim.x) {
+        for (int i = tid; i < MMA_TOKENS * MMA_K / 8; i += MMA_THREADS) {
             int tt = i / (MMA_K / 8), c = (i % (MMA_K / 8)) * 8;
             int t = t0 + tt;
             if (t < tokens) {
@@ -550,23 +557,29 @@ __device__ void matmul_mma(const u8* w, const float* x, float* y, int rows, int 
             } else {
                 for (int j = 0; j < 8; j++) v[j] = 0.0f;
             }
-            u32* dst = (u32*)&xs[tt][c];
-            for (int j = 0; j < 4; j++) dst[j] = pack_bf16(v[2 * j], v[2 * j + 1]);
+            uint4 p = make_uint4(pack_bf16(v[0], v[1]), pack_bf16(v[2], v[3]),
+                                 pack_bf16(v[4], v[5]), pack_bf16(v[6], v[7]));
+            *(uint4*)&xs[buf][tt][c] = p;
         }
-        __syncthreads();
+    };
+    stage(0, 0);
+    __syncthreads();
+    int buf = 0;
+    for (int k0 = 0; k0 < cols; k0 += MMA_K) {
+        if (k0 + MMA_K < cols) stage(buf ^ 1, k0 + MMA_K);
         for (int kk = 0; kk < MMA_K; kk += 16) {
             u32 a[2][4], b[4][2];
             for (int i = 0; i < 2; i++) {
                 int m = wm + 16 * i + gid;
-                a[i][0] = *(const u32*)&ws[m][kk + 2 * tig];
-                a[i][1] = *(const u32*)&ws[m + 8][kk + 2 * tig];
-                a[i][2] = *(const u32*)&ws[m][kk + 8 + 2 * tig];
-                a[i][3] = *(const u32*)&ws[m + 8][kk + 8 + 2 * tig];
+                a[i][0] = *(const u32*)&ws[buf][m][kk + 2 * tig];
+                a[i][1] = *(const u32*)&ws[buf][m + 8][kk + 2 * tig];
+                a[i][2] = *(const u32*)&ws[buf][m][kk + 8 + 2 * tig];
+                a[i][3] = *(const u32*)&ws[buf][m + 8][kk + 8 + 2 * tig];
             }
             for (int j = 0; j < 4; j++) {
                 int nn = wn + 8 * j + gid;
-                b[j][0] = *(const u32*)&xs[nn][kk + 2 * tig];
-                b[j][1] = *(const u32*)&xs[nn][kk + 8 + 2 * tig];
+                b[j][0] = *(const u32*)&xs[buf][nn][kk + 2 * tig];
+                b[j][1] = *(const u32*)&xs[buf][nn][kk + 8 + 2 * tig];
             }
             for (int i = 0; i < 2; i++)
                 for (int j = 0; j < 4; j++)
@@ -579,6 +592,7 @@ __device__ void matmul_mma(const u8* w, const float* x, float* y, int rows, int 
                           "r"(b[j][1]));
         }
         __syncthreads();
+        buf ^= 1;
     }
     // c0, c1: row gid, tokens 2·tig, 2·tig + 1; c2, c3: row gid + 8, the same tokens.
     for (int i = 0; i < 2; i++)
@@ -591,7 +605,7 @@ __device__ void matmul_mma(const u8* w, const float* x, float* y, int rows, int 
 }
 
 #define MATMUL_MMA(s, T)                                                                         \
-    extern "C" __global__ void __launch_bounds__(128) matmul_mma_##s(const u8* w, const float* x, float* y,\
+    extern "C" __global__ void __launch_bounds__(MMA_THREADS) matmul_mma_##s(const u8* w, const float* x, float* y,\
                                     int rows, int cols, long long row_bytes, int tokens,          \
                                     int epi) {                                                    \
         matmul_mma<T>(w, x, y, rows, cols, row_bytes, tokens, epi);                              \
@@ -604,7 +618,7 @@ FOR_EACH_TYPE(MATMUL_MMA)
 // (`rows` of them) by its tokens' activations. Grid: (row tiles, token tiles of the largest
 // group, groups); blocks past their group's tokens exit at once, before any barrier.
 #define MATMUL_MMA_GROUPED(s, T)                                                                 \
-    extern "C" __global__ void __launch_bounds__(128) matmul_mma_grouped_##s(                    \
+    extern "C" __global__ void __launch_bounds__(MMA_THREADS) matmul_mma_grouped_##s(                    \
         const u8* w, const float* x, float* y, int rows, int cols, long long row_bytes,          \
         const int* groups, int epi) {                                                            \
         const int* g = groups + 3 * blockIdx.z;                                                  \

@@ -379,7 +379,7 @@ impl Gpu {
             bail!("CUDA matmul shape mismatch");
         }
         // One block per four rows and token for decode-sized batches (int8 activations in normal
-        // precision where the type has them); from eight tokens up, 64 × 64 tiles on the tensor
+        // precision where the type has them); from eight tokens up, 128 × 64 tiles on the tensor
         // cores (normal precision, whole 32-column steps) or 32 × 64 f32 tiles (weights
         // dequantized once per tile into shared memory).
         let kind = if t < TILED_FROM {
@@ -392,8 +392,12 @@ impl Gpu {
         let f = self.function(&kernel_name(ty, kind)?)?;
         let cfg = if kind == Kernel::Mma {
             LaunchConfig {
-                grid_dim: ((rows as u32).div_ceil(64), (t as u32).div_ceil(64), 1),
-                block_dim: (128, 1, 1),
+                grid_dim: (
+                    (rows as u32).div_ceil(MMA_ROWS),
+                    (t as u32).div_ceil(MMA_TOKENS),
+                    1,
+                ),
+                block_dim: (MMA_THREADS, 1, 1),
                 shared_mem_bytes: 0,
             }
         } else if kind == Kernel::Tiled {
@@ -476,11 +480,11 @@ impl Gpu {
         let f = self.function(&kernel_name(w.ty, Kernel::MmaGrouped)?)?;
         let cfg = LaunchConfig {
             grid_dim: (
-                (rows as u32).div_ceil(64),
-                (most as u32).div_ceil(64),
+                (rows as u32).div_ceil(MMA_ROWS),
+                (most as u32).div_ceil(MMA_TOKENS),
                 n_groups,
             ),
-            block_dim: (128, 1, 1),
+            block_dim: (MMA_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
         let (r, c, rbi, epi) = (rows as i32, cols as i32, rb as i64, epi as i32);
@@ -528,6 +532,11 @@ const TILED_FROM: usize = 8;
 /// kernels.cu).
 const MV_WARPS: u32 = 4;
 const MV_ROWS: u32 = 4;
+
+/// The tensor-core kernels' tile (`MMA_ROWS`, `MMA_TOKENS`, `MMA_THREADS` in kernels.cu).
+const MMA_ROWS: u32 = 128;
+const MMA_TOKENS: u32 = 64;
+const MMA_THREADS: u32 = 256;
 
 /// The matmul kernels: rows per block for decode, f32 tiles and tensor-core tiles for prefill.
 #[derive(Clone, Copy, PartialEq, Eq)]
