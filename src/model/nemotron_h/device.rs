@@ -686,8 +686,13 @@ impl<'a> DeviceParts<'a> {
                         c.cpu_s_per_pair = average(c.cpu_s_per_pair, spent / (t * k) as f64);
                         c.cpu_batches += 1;
                     } else if on_cpu > 0 {
-                        c.cpu_s_per_decode_expert =
-                            average(c.cpu_s_per_decode_expert, spent / on_cpu as f64);
+                        // A sample far above the estimate (the CPU preempted, a cold cache) moves
+                        // it by at most a factor of three.
+                        let sample = spent / on_cpu as f64;
+                        let sample = c
+                            .cpu_s_per_decode_expert
+                            .map_or(sample, |e| sample.min(3.0 * e));
+                        c.cpu_s_per_decode_expert = average(c.cpu_s_per_decode_expert, sample);
                     }
                 }
                 let dy = g.to_device(&y)?;
@@ -941,11 +946,13 @@ impl<'a> DeviceParts<'a> {
             .filter(|&e| !per_expert[e].is_empty())
             .collect();
         let n = chosen.len();
-        // g experts copied, n − g on the CPU: g·copy ≈ (n − g)·cpu.
+        // g experts copied, n − g on the CPU: g·copy ≈ (n − g)·cpu. The CPU keeps at least one
+        // (when there are two) so that its cost stays measured: an inflated sample that sent
+        // every expert to the GPU was never corrected, and decode kept copying them all.
         let g = if c.copy_bytes_per_s.is_none() {
             1
         } else {
-            ((n as f64 * cpu / (cpu + copy)).round() as usize).min(n)
+            ((n as f64 * cpu / (cpu + copy)).round() as usize).min(n.saturating_sub(1).max(1))
         };
         if g == 0 {
             return None;
