@@ -15,9 +15,9 @@ side=../shared/tools/llamacpp_side.py
 runs=()
 for _ in $(seq "$rounds"); do
   runs+=("$(python3 "$side" bench "$m" --threads "$t" --prompt 512 --gen 0 --reps 1 2>/dev/null | tail -1)")
-  runs+=("$(./target/release/ggrun bench -m "$m" -p 512 -n 0 -t "$t" -r 1 --json)")
+  runs+=("$(./target/release/ggrun bench -m "$m" -p 512 -n 0 -t "$t" -r 1 --json --no-profile)")
   runs+=("$(python3 "$side" bench "$m" --threads "$t" --prompt 1 --gen 128 --reps 1 2>/dev/null | tail -1)")
-  runs+=("$(./target/release/ggrun bench -m "$m" -p 1 -n 128 -t "$t" -r 1 --json)")
+  runs+=("$(./target/release/ggrun bench -m "$m" -p 1 -n 128 -t "$t" -r 1 --json --no-profile)")
 done
 python3 - "$m" "$t" "${runs[@]}" <<'PY'
 import json, statistics, sys

@@ -19,6 +19,6 @@ fi
 out="${OUT:-/tmp}/bench-$mix.jsonl"
 for cfg in "$@"; do
   # shellcheck disable=SC2086
-  line=$(timeout 300 .device/ggrun bench -m "$m" -p "$p" -n "$n" -r 1 --json $cfg || echo '{"error": "failed or timed out"}')
+  line=$(timeout 300 .device/ggrun bench -m "$m" -p "$p" -n "$n" -r 1 --json --no-profile $cfg || echo '{"error": "failed or timed out"}')
   echo "{\"config\": \"${cfg:-cpu only}\", \"result\": $line}" | tee -a "$out"
 done

@@ -15,10 +15,10 @@ done
 export GGRUN_CACHE_DIR="${GGRUN_CACHE_DIR:-/tmp/ggrun-cache}"
 m="/tmp/nano$layers-$mix.gguf"
 [ -s "$m" ] || .device/ggrun gen-model --layers "$layers" --mix "$mix" --out "$m" >/dev/null
-.device/ggrun bench -m "$m" -r 1 --json "$@"
+.device/ggrun bench -m "$m" -r 1 --json --no-profile "$@"
 csv="${OUT:-/tmp}/profile.csv"
 ncu --cache-control none --clock-control none --metrics gpu__time_duration.sum --csv \
-  --log-file "$csv" .device/ggrun bench -m "$m" -r 1 --json "$@" >/dev/null 2>&1
+  --log-file "$csv" .device/ggrun bench -m "$m" -r 1 --json --no-profile "$@" >/dev/null 2>&1
 python3 - "$csv" <<'PY'
 import collections, csv, sys
 lines = open(sys.argv[1]).read().splitlines()

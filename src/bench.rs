@@ -35,12 +35,14 @@ fn median(v: &[f64]) -> f64 {
     }
 }
 
-/// Runs `reps` measured rounds after one warm-up round.
+/// Runs `reps` measured rounds after one warm-up round; the prompt goes in forward passes of
+/// `batch` tokens.
 pub fn run(
     m: &dyn Forward,
     cpu: &Cpu,
     n_prompt: usize,
     n_gen: usize,
+    batch: usize,
     reps: usize,
 ) -> Result<BenchResult> {
     let nv = m.n_vocab();
@@ -65,7 +67,9 @@ pub fn run(
         let mut st = m.new_state(n_prompt.max(n_gen), cpu.precision)?;
         if n_prompt > 0 {
             let t0 = Instant::now();
-            m.forward(cpu, &mut st, &prompt, false)?;
+            for chunk in prompt.chunks(batch.max(1)) {
+                m.forward(cpu, &mut st, chunk, false)?;
+            }
             if round > 0 {
                 pp.push(n_prompt as f64 / t0.elapsed().as_secs_f64());
             }

@@ -15,7 +15,7 @@ use crate::sample::{Sampler, SamplerConfig};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
 /// Prompt tokens evaluated per forward call (bounds activation memory on long prompts).
-const PREFILL_BATCH: usize = 512;
+pub const PREFILL_BATCH: usize = 512;
 
 /// Text appended when the thinking budget runs out: it closes the block so the model answers.
 const CLOSE_THINKING: &str = "\n</think>\n\n";
@@ -113,6 +113,8 @@ pub struct Sequence {
     pub consumed: Vec<u32>,
     /// Saved states of earlier prompts (off unless enabled).
     snapshots: Snapshots,
+    /// Tokens per forward pass when feeding a prompt (`-b`; [`PREFILL_BATCH`] by default).
+    pub batch: usize,
 }
 
 impl Sequence {
@@ -121,6 +123,7 @@ impl Sequence {
             state: model.new_state(n_ctx, cpu.precision)?,
             consumed: Vec::new(),
             snapshots: Snapshots::default(),
+            batch: PREFILL_BATCH,
         })
     }
 
@@ -235,7 +238,7 @@ impl Sequence {
     ) -> Result<Option<Vec<f32>>> {
         self.check_room(tokens.len())?;
         let mut logits = None;
-        for chunk in tokens.chunks(PREFILL_BATCH) {
+        for chunk in tokens.chunks(self.batch.max(1)) {
             if interrupt.load(Ordering::Relaxed) {
                 return Ok(None);
             }

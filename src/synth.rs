@@ -655,7 +655,7 @@ mod tests {
         let mut st = m.new_state(200, Precision::Normal).unwrap();
         let toks: Vec<u32> = (0..200u32).map(|i| (i * 7919) % 1024).collect();
         m.forward(&cpu, &mut st, &toks, false).unwrap();
-        for (layer, counts) in m.expert_usage().unwrap() {
+        for (layer, counts) in m.routing_counts().unwrap() {
             let mut c = counts.clone();
             c.sort_unstable_by(|a, b| b.cmp(a));
             let total: u64 = c.iter().sum();

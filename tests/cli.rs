@@ -104,3 +104,96 @@ fn info_reports_the_plan_placement_flags_make_without_a_gpu() {
         "{err}"
     );
 }
+
+/// `tune` on a CPU-only machine measures thread and batch plans, saves the winner as the
+/// model's profile, and `run` and `bench` then use it without flags (stderr names the file);
+/// `--no-profile` and explicit flags win over it.
+#[test]
+fn tune_saves_a_profile_that_run_and_bench_pick_up() {
+    let model = common::fixtures().join("nemo-tiny-q4_0.gguf");
+    let cache = tempfile::tempdir().unwrap();
+    let cmd = || {
+        let mut c = common::ggrun();
+        c.env("GGRUN_CACHE_DIR", cache.path())
+            .env("CUDA_VISIBLE_DEVICES", "");
+        c
+    };
+    let v = common::json_output(cmd().args(["tune", "-m"]).arg(&model).args([
+        "--time",
+        "60s",
+        "--n-prompt",
+        "40",
+        "--n-gen",
+        "4",
+        "-c",
+        "128",
+        "--json",
+    ]));
+    let plans = v["plans"].as_array().unwrap();
+    assert!(!plans.is_empty());
+    for p in plans {
+        assert!(p["pp_tok_s"].as_f64().unwrap() > 0.0, "{p}");
+        assert!(p["tg_tok_s"].as_f64().unwrap() > 0.0, "{p}");
+    }
+    assert!(plans.iter().any(|p| p["plan"] == v["winner"]));
+    let path = std::path::PathBuf::from(v["profile"].as_str().unwrap());
+    let saved = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        saved.contains("device = \"cpu\"") && saved.contains("ctx_size = 128"),
+        "{saved}"
+    );
+    // Change the saved threads to one that a default run would not pick, then check that bench
+    // reports it (and that -t and --no-profile override it).
+    std::fs::write(
+        &path,
+        saved
+            .lines()
+            .map(|l| {
+                if l.starts_with("threads") {
+                    "threads = 1".to_string()
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+    .unwrap();
+    let bench = |extra: &[&str]| {
+        let out = cmd()
+            .args(["bench", "-m"])
+            .arg(&model)
+            .args(["-p", "8", "-n", "2", "-r", "1"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        )
+    };
+    let (o, e) = bench(&[]);
+    assert!(o.contains("threads 1,"), "{o}");
+    assert!(e.contains(&path.display().to_string()), "{e}");
+    let (o, _) = bench(&["-t", "2"]);
+    assert!(o.contains("threads 2,"), "{o}");
+    let (o, e) = bench(&["--no-profile", "-t", "3"]);
+    assert!(o.contains("threads 3,") && !e.contains("profile"), "{o}{e}");
+    let out = cmd()
+        .args(["run", "--raw", "-n", "2", "-p", "hello", "-m"])
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("profile") && err.contains("-t 1"), "{err}");
+}

@@ -279,6 +279,8 @@ const ALL_ON_GPU: PlacementArgs = PlacementArgs {
     n_cpu_moe: 0,
     gpu_mem: None,
     sequences: 1,
+    experts_in_ram: None,
+    staging_buffers: None,
 };
 
 /// The weights `args` place on device 0 (planned for a 64-token context).
@@ -321,12 +323,14 @@ fn whole_and_split_models_on_the_gpu_match_the_float64_reference() {
             n_cpu_moe: 2,
             gpu_mem: None,
             sequences: 1,
+            ..ALL_ON_GPU
         };
         let all_in_ram = PlacementArgs {
             n_gpu_layers: Some(999),
             n_cpu_moe: 999,
             gpu_mem: None,
             sequences: 1,
+            ..ALL_ON_GPU
         };
         let some_layers = PlacementArgs {
             n_gpu_layers: Some(3),

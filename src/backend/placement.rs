@@ -2,8 +2,9 @@
 //! when N exceeds the layer count) and `--n-cpu-moe N` (the routed experts of the first N layers
 //! stay in RAM), and our `--gpu-mem SIZE`, a VRAM budget filled in priority order: non-expert
 //! weights of the GPU layers and the output head, the compute buffers, then whole expert layers
-//! (last layers first, as `--n-cpu-moe` keeps the first ones in RAM) while they fit. A plan is
-//! data (tensor names); the CUDA backend uploads what it names.
+//! (last layers first, as `--n-cpu-moe` keeps the first ones in RAM) while they fit. Our
+//! `--experts-in-ram LIST` and `--staging-buffers N` name a plan exactly (what `ggrun tune`
+//! measured and saved). A plan is data (tensor names); the CUDA backend uploads what it names.
 
 use std::collections::BTreeSet;
 
@@ -23,12 +24,20 @@ pub struct PlacementArgs {
     pub gpu_mem: Option<u64>,
     /// Sequences whose state is reserved (0 counts as 1).
     pub sequences: usize,
+    /// `--experts-in-ram`: exactly these layers' routed experts stay in RAM (with
+    /// `--n-cpu-moe`'s); the others go to the GPU, or the plan fails (what `tune` chose).
+    pub experts_in_ram: Option<Vec<usize>>,
+    /// `--staging-buffers`: at most this many staging buffers (0, 1 or 2; default 2 where
+    /// they fit).
+    pub staging_buffers: Option<usize>,
 }
 
 impl PlacementArgs {
     /// Whether the flags ask for a GPU at all.
     pub fn wants_gpu(&self) -> bool {
-        self.n_gpu_layers.is_some_and(|n| n > 0) || self.gpu_mem.is_some()
+        self.n_gpu_layers.is_some_and(|n| n > 0)
+            || self.gpu_mem.is_some()
+            || self.experts_in_ram.is_some()
     }
 }
 
@@ -141,7 +150,8 @@ impl Plan {
             }
             match layer_of(&t.name) {
                 Some(l) if is_expert(&t.name) => {
-                    if l < args.n_cpu_moe {
+                    let named = args.experts_in_ram.as_ref().is_some_and(|v| v.contains(&l));
+                    if l < args.n_cpu_moe || named {
                         plan.cpu_weight_bytes += t.size_bytes;
                         plan.expert_layers_in_ram.push(l);
                     } else {
@@ -184,24 +194,13 @@ impl Plan {
         let spills =
             !plan.expert_layers_in_ram.is_empty() || used.saturating_add(all_experts) > budget;
         if resident && spills {
-            let largest: u64 = g
-                .tensors()
-                .filter(|t| is_expert(&t.name))
-                .fold(
-                    std::collections::BTreeMap::<&str, u64>::new(),
-                    |mut m, t| {
-                        let kind = t.name.splitn(3, '.').nth(2).unwrap_or(&t.name);
-                        let e = m.entry(kind).or_default();
-                        *e = (*e).max(t.size_bytes);
-                        m
-                    },
-                )
-                .into_values()
-                .sum();
+            let largest = staging_buffer_bytes(g);
             // Two buffers let prefill copy the next RAM layer while the GPU computes the current
             // one; where only one fits, layers are staged one at a time.
+            let most = args.staging_buffers.unwrap_or(2).min(2) as u64;
             if let Some(bytes) = [2 * largest, largest]
                 .into_iter()
+                .filter(|&b| b <= most * largest)
                 .find(|&b| largest > 0 && used + b <= budget)
             {
                 plan.staging_bytes = bytes;
@@ -216,6 +215,14 @@ impl Plan {
             .map(|(l, ts)| (*l, ts.iter().map(|t| t.size_bytes).sum()))
             .collect();
         let room = budget.saturating_sub(used);
+        if args.experts_in_ram.is_some() && used.saturating_add(all_experts) > budget {
+            bail!(
+                "a GPU budget of {} is too small for the named plan: its GPU expert layers need {} beside {} of weights, buffers, state and staging (name more layers in --experts-in-ram, or raise --gpu-mem; a profile from `ggrun tune` names such plans, --no-profile ignores it)",
+                gib(budget),
+                gib(all_experts),
+                gib(used)
+            );
+        }
         let mut by_size: Vec<u64> = sizes.iter().map(|s| s.1).collect();
         by_size.sort_unstable();
         let mut fits = 0;
@@ -270,6 +277,24 @@ impl Plan {
             self.expert_layers_in_ram.len()
         )
     }
+}
+
+/// Bytes of one staging buffer for `g`: the largest routed-expert tensor of each kind (up,
+/// down, ...) over the layers, which a buffer holds one layer's worth of.
+pub fn staging_buffer_bytes(g: &Gguf) -> u64 {
+    g.tensors()
+        .filter(|t| is_expert(&t.name))
+        .fold(
+            std::collections::BTreeMap::<&str, u64>::new(),
+            |mut m, t| {
+                let kind = t.name.splitn(3, '.').nth(2).unwrap_or(&t.name);
+                let e = m.entry(kind).or_default();
+                *e = (*e).max(t.size_bytes);
+                m
+            },
+        )
+        .into_values()
+        .sum()
 }
 
 /// Device bytes of one sequence's state at `n_ctx` tokens: f32 K and V rows for every layer
@@ -458,6 +483,47 @@ mod tests {
         }
         let nano: Vec<usize> = (0..23).filter(|&i| spread(i, 23, 8)).collect();
         assert_eq!(nano, [1, 4, 7, 10, 12, 15, 18, 21]);
+    }
+
+    #[test]
+    fn a_named_plan_keeps_exactly_its_layers_in_ram_and_caps_staging() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = model(dir.path());
+        let layer =
+            |l: usize| bytes_of(&g, |n| n.starts_with(&format!("blk.{l}.")) && is_expert(n));
+        let (reserve, ctx) = (1000, 100);
+        let named = |ram: Vec<usize>, staging: Option<usize>, budget: Option<u64>| {
+            Plan::new(
+                &g,
+                &PlacementArgs {
+                    gpu_mem: budget,
+                    experts_in_ram: Some(ram),
+                    staging_buffers: staging,
+                    ..Default::default()
+                },
+                reserve,
+                ctx,
+            )
+        };
+        let p = named(vec![3], None, None).unwrap();
+        assert_eq!(p.expert_layers_in_ram, vec![3]);
+        assert_eq!(p.expert_layers_on_gpu, vec![1, 5]);
+        assert_eq!(p.staging_bytes, 2 * layer(3), "two buffers where they fit");
+        let p = named(vec![1, 5], Some(1), None).unwrap();
+        assert_eq!(p.expert_layers_in_ram, vec![1, 5]);
+        assert_eq!(p.staging_bytes, layer(1), "--staging-buffers 1");
+        let p = named(vec![1], Some(0), None).unwrap();
+        assert_eq!(p.staging_bytes, 0);
+        // The named GPU layers must fit: no silent move to RAM.
+        let tight = p.gpu_weight_bytes + reserve + p.state_bytes - 1;
+        let e = named(vec![1], Some(0), Some(tight)).unwrap_err();
+        assert!(e.to_string().contains("named plan"), "{e}");
+        // Naming layers asks for the GPU without -ngl.
+        assert!(PlacementArgs {
+            experts_in_ram: Some(vec![]),
+            ..Default::default()
+        }
+        .wants_gpu());
     }
 
     #[test]

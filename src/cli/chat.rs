@@ -52,14 +52,16 @@ const HELP: &str = "\
 /load FILE        read a saved conversation
 Alt-Enter, a trailing \\ or a \"\"\" block: multi-line input; Ctrl-C stops a reply";
 
-pub fn run(a: ChatArgs, out: &mut dyn Write) -> Result<()> {
+pub fn run(mut a: ChatArgs, out: &mut dyn Write) -> Result<()> {
     common::install_ctrl_c();
     let interactive = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
+    common::apply_profile(&mut a.model)?;
     let g = Model::open(&a.model.model)?;
     let n_ctx = common::planned_context(&g, a.model.ctx_size);
     let dev = common::device_weights(&g, &a.model.place, a.model.quiet, n_ctx)?;
     let l = common::load(&g, dev.as_ref(), &a.model)?;
-    let engine = Engine::new(l.model.as_ref(), l.cpu, l.tok, l.n_ctx)?;
+    let mut engine = Engine::new(l.model.as_ref(), l.cpu, l.tok, l.n_ctx)?;
+    engine.seq.batch = l.batch;
     let template =
         ChatTemplate::for_model(g.metadata(), &engine.tok, a.model.chat_template.as_deref())?;
     let mut session = Session::new(engine, template);

@@ -12,6 +12,7 @@ use rayon::prelude::*;
 use crate::backend::cpu::Cpu;
 use crate::backend::cuda::{DeviceWeights, Gpu};
 use crate::backend::placement::{PlacementArgs, Plan};
+use crate::generate::PREFILL_BATCH;
 use crate::gguf::{Metadata, Model};
 use crate::model::Forward;
 use crate::sample::SamplerConfig;
@@ -56,6 +57,12 @@ pub struct ModelArgs {
     /// Threads (default: physical cores).
     #[arg(short = 't', long, default_value_t = 0)]
     pub threads: usize,
+    /// Prompt tokens per forward pass (default 512).
+    #[arg(short = 'b', long = "batch-size", default_value_t = 0)]
+    pub batch_size: usize,
+    /// Ignore the settings `ggrun tune` saved for this model.
+    #[arg(long = "no-profile")]
+    pub no_profile: bool,
     /// Exact mode: f32 weights, activations and KV cache (also GGRUN_EXACT=1).
     #[arg(long)]
     pub exact: bool,
@@ -87,6 +94,14 @@ pub struct PlacementFlags {
     /// layers as fit.
     #[arg(long = "gpu-mem", value_parser = parse_size)]
     pub gpu_mem: Option<u64>,
+    /// Keep exactly these layers' routed experts in RAM (comma-separated layer numbers; the
+    /// others must fit the GPU): a plan as `ggrun tune` names it.
+    #[arg(long = "experts-in-ram", value_delimiter = ',', value_name = "LAYERS")]
+    pub experts_in_ram: Option<Vec<usize>>,
+    /// At most this many staging buffers for RAM experts (0-2; default: two where they fit, so
+    /// that prefill copies the next RAM layer while the GPU computes).
+    #[arg(long = "staging-buffers", value_name = "N")]
+    pub staging_buffers: Option<usize>,
     /// Sequences whose state the plan reserves (the server's `--parallel`; 0 counts as 1).
     #[arg(skip)]
     pub sequences: usize,
@@ -100,6 +115,8 @@ impl PlacementFlags {
             n_cpu_moe: self.n_cpu_moe,
             gpu_mem: self.gpu_mem,
             sequences: self.sequences,
+            experts_in_ram: self.experts_in_ram.clone(),
+            staging_buffers: self.staging_buffers,
         }
     }
 }
@@ -113,7 +130,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
 const COMPUTE_RESERVE: u64 = 512 << 20;
 
 /// Free device memory left unplanned (the CUDA context, the kernels, allocator slack).
-const DEVICE_MARGIN: u64 = 256 << 20;
+pub const DEVICE_MARGIN: u64 = 256 << 20;
 
 /// The context a run of `g` gets when `asked` for (0: the model's trained length, at most 4096),
 /// known before loading: what the planner sizes the device state for.
@@ -139,6 +156,12 @@ pub fn plan_without_device(
         return Ok(None);
     }
     Plan::new(g, &args, COMPUTE_RESERVE, n_ctx).map(Some)
+}
+
+/// The plan `flags` make for `g` at an `n_ctx`-token context against their budget (`tune`'s
+/// candidates; no device is opened).
+pub fn plan_for_budget(g: &Model, flags: &PlacementFlags, n_ctx: usize) -> Result<Plan> {
+    Plan::new(g, &flags.args(), COMPUTE_RESERVE, n_ctx)
 }
 
 /// The weights the flags put on the GPU, or None: when the flags ask for no GPU, or when there is
@@ -323,7 +346,7 @@ pub fn prefault(g: &Model, quiet: bool) -> Result<()> {
 }
 
 /// MemAvailable from /proc/meminfo, in bytes.
-fn available_memory() -> Option<u64> {
+pub fn available_memory() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -336,6 +359,8 @@ pub struct Loaded<'g> {
     pub tok: Tokenizer,
     pub cpu: Cpu,
     pub n_ctx: usize,
+    /// Prompt tokens per forward pass.
+    pub batch: usize,
 }
 
 /// The tokenizer (its warnings printed unless quiet), the architecture, the model's pages read
@@ -364,7 +389,29 @@ pub fn load<'g>(
         tok,
         cpu,
         n_ctx,
+        batch: batch_size(args.batch_size),
     })
+}
+
+/// The prompt batch `asked` for (0: [`PREFILL_BATCH`]).
+pub fn batch_size(asked: usize) -> usize {
+    if asked == 0 {
+        PREFILL_BATCH
+    } else {
+        asked
+    }
+}
+
+/// Fills what `args` leaves open from the model's tuned profile (see [`crate::profile`]).
+pub fn apply_profile(args: &mut ModelArgs) -> Result<()> {
+    let open = crate::profile::Open {
+        ctx_size: &mut args.ctx_size,
+        threads: &mut args.threads,
+        batch_size: &mut args.batch_size,
+        place: &mut args.place,
+    };
+    crate::profile::apply(&args.model, open, args.no_profile, args.quiet)?;
+    Ok(())
 }
 
 /// "N tokens, S s (R tok/s)".

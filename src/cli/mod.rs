@@ -76,15 +76,26 @@ pub enum Command {
     /// Print the CUDA device ggrun would use (name, compute capability, memory, where its
     /// compiled kernels are cached), or why there is none.
     Gpu,
+    /// Measured offload tuning: plans for a VRAM budget (expert layers in RAM, staging
+    /// buffers, batch size, threads) measured with short runs; prints the table and the winner
+    /// and saves it as the model's profile, which run, chat and bench then use.
+    Tune(crate::tune::TuneArgs),
     /// Prompt-processing and generation speed (tokens/s, median of repeats after a warm-up),
-    /// like llama-bench's pp and tg: per repeat, a fresh context evaluates P random tokens in one
-    /// batch (pp), then generates N tokens one at a time (tg).
+    /// like llama-bench's pp and tg: per repeat, a fresh context evaluates P random tokens in
+    /// batches of -b (pp), and another generates N tokens one at a time (tg).
     Bench {
         #[arg(short = 'm', long = "model")]
         model: PathBuf,
-        /// Prompt tokens evaluated in one batch (pp).
+        /// Prompt tokens evaluated (pp).
         #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
         n_prompt: usize,
+        /// Prompt tokens per forward pass (default: the whole prompt in one, as llama-bench's
+        /// pp with -ub of the prompt's size).
+        #[arg(short = 'b', long = "batch-size", default_value_t = 0)]
+        batch_size: usize,
+        /// Ignore the settings `ggrun tune` saved for this model.
+        #[arg(long = "no-profile")]
+        no_profile: bool,
         /// Tokens generated one at a time (tg).
         #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
         n_gen: usize,
@@ -180,6 +191,7 @@ pub enum Command {
 pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(a) => run::run(a, out)?,
+        Command::Tune(a) => crate::tune::run(a, out)?,
         Command::Serve(a) => crate::serve::run(a)?,
         Command::Chat(a) => chat::run(a, out)?,
         Command::Template {
@@ -289,15 +301,29 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             model,
             n_prompt,
             n_gen,
-            threads,
+            batch_size,
+            no_profile,
+            mut threads,
             reps,
             exact,
             json,
             roofline,
             no_repack,
-            place,
+            mut place,
         } => {
             let precision = precision(exact);
+            let mut batch = batch_size;
+            let mut ctx = 0;
+            let open = crate::profile::Open {
+                ctx_size: &mut ctx,
+                threads: &mut threads,
+                batch_size: &mut batch,
+                place: &mut place,
+            };
+            crate::profile::apply(&model, open, no_profile, json)?;
+            if batch_size == 0 && batch == 0 {
+                batch = n_prompt;
+            }
             let g = Model::open(&model)?;
             let dev = common::device_weights(&g, &place, json, n_prompt + n_gen)?;
             let opts = crate::model::LoadOptions {
@@ -306,7 +332,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             };
             let m = crate::model::load_with(&g, opts)?;
             let cpu = Cpu::new(threads, precision)?;
-            let r = crate::bench::run(m.as_ref(), &cpu, n_prompt, n_gen, reps.max(1))?;
+            let r = crate::bench::run(m.as_ref(), &cpu, n_prompt, n_gen, batch, reps.max(1))?;
             let roof = if roofline {
                 let bytes = crate::bench::bytes_per_token(&g)?;
                 let bw = crate::bench::read_bandwidth(&g, &cpu, 3);

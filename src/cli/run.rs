@@ -66,7 +66,7 @@ fn read_prompt(a: &RunArgs) -> Result<String> {
     Ok(s)
 }
 
-pub fn run(a: RunArgs, out: &mut dyn Write) -> Result<()> {
+pub fn run(mut a: RunArgs, out: &mut dyn Write) -> Result<()> {
     let prompt_text = read_prompt(&a)?;
     let user = if a.raw {
         prompt_text
@@ -79,6 +79,7 @@ pub fn run(a: RunArgs, out: &mut dyn Write) -> Result<()> {
     common::install_ctrl_c();
     GENERATING.store(true, Ordering::SeqCst);
     let t0 = Instant::now();
+    common::apply_profile(&mut a.model)?;
     let g = Model::open(&a.model.model)?;
     let n_ctx = common::planned_context(&g, a.model.ctx_size);
     let dev = common::device_weights(&g, &a.model.place, a.model.quiet, n_ctx)?;
@@ -95,7 +96,8 @@ pub fn run(a: RunArgs, out: &mut dyn Write) -> Result<()> {
         think_budget: a.think.think_budget,
         feed_last: false,
     };
-    let engine = Engine::new(l.model.as_ref(), l.cpu, l.tok, n_ctx)?;
+    let mut engine = Engine::new(l.model.as_ref(), l.cpu, l.tok, n_ctx)?;
+    engine.seq.batch = l.batch;
     if a.think.think.is_some() && !engine.can_think() && !a.model.quiet {
         eprintln!("warning: this model's vocabulary has no <think> tokens; --think has no effect");
     }

@@ -158,6 +158,12 @@ pub trait Forward: Sync {
     fn offload_report(&self) -> Option<String> {
         None
     }
+
+    /// (layer, selections per expert) of every MoE layer, counted over the tokens run so far
+    /// (empty for models without routed experts).
+    fn expert_usage(&self) -> Result<Vec<(usize, Vec<u64>)>> {
+        Ok(Vec::new())
+    }
     /// The forward pass proper, over the tokens of one or more sequences (consecutive runs of
     /// `tokens`, one per [`Seq`], each with its own state); called on the context's pool by
     /// [`Forward::forward`] and [`Forward::forward_seqs`]. Logits: every row when

@@ -32,9 +32,8 @@ use crate::gguf::Model;
 use crate::model::{Forward, State};
 use crate::tokenizer::Tokenizer;
 
-/// Prompt tokens per prefill chunk when no other slot is decoding.
-const PREFILL_CHUNK: usize = 512;
-/// Prompt tokens per chunk while other slots decode (each of their tokens waits for it).
+/// Prompt tokens per chunk while other slots decode (each of their tokens waits for it); alone,
+/// a prompt goes in chunks of the batch size (`-b`).
 const SHARED_PREFILL_CHUNK: usize = 128;
 
 /// What to generate from.
@@ -105,6 +104,7 @@ pub struct Slots {
 /// Starts the worker thread: loads the model there, then serves `jobs` until the channel
 /// closes. Returns once the model is loaded (or failed to load).
 pub fn spawn(mut args: ModelArgs, slots: Slots, jobs: Receiver<Job>) -> Result<ModelInfo> {
+    common::apply_profile(&mut args)?;
     args.place.sequences = slots.parallel;
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<ModelInfo>>();
     std::thread::Builder::new()
@@ -149,6 +149,7 @@ fn serve_jobs(
     }
     let mut s = Scheduler {
         model,
+        batch: l.batch,
         cpu: &l.cpu,
         tok: &l.tok,
         template: &template,
@@ -216,6 +217,8 @@ impl Active {
 
 struct Scheduler<'a> {
     model: &'a dyn Forward,
+    /// Prompt tokens per chunk when no slot decodes.
+    batch: usize,
     cpu: &'a Cpu,
     tok: &'a Tokenizer,
     template: &'a ChatTemplate,
@@ -361,9 +364,9 @@ impl Scheduler<'_> {
         // The runs: every decoding slot's pending tokens and one prompt's next chunk.
         let decoding = self.active.iter().filter(|a| !a.prefilling()).count();
         let chunk = if decoding > 0 {
-            SHARED_PREFILL_CHUNK
+            SHARED_PREFILL_CHUNK.min(self.batch)
         } else {
-            PREFILL_CHUNK
+            self.batch
         };
         let mut runs: Vec<(usize, Vec<u32>, bool)> = Vec::new();
         let mut prefill_taken = false;

@@ -48,7 +48,14 @@ pub fn smollm2() -> PathBuf {
 }
 
 pub fn ggrun() -> std::process::Command {
-    std::process::Command::new(env!("CARGO_BIN_EXE_ggrun"))
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_ggrun"));
+    // A cache of the tests' own: profiles that `ggrun tune` saved for a model in the user's
+    // cache would otherwise change the threads, batch and placement the tests run with.
+    c.env(
+        "GGRUN_CACHE_DIR",
+        std::env::temp_dir().join("ggrun-tests-cache"),
+    );
+    c
 }
 
 /// Runs `cmd`, which must succeed (its stderr is the failure message); its stdout.

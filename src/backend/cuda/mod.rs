@@ -249,6 +249,7 @@ impl Gpu {
         // which orders them, so cudarc's per-buffer events (two created per allocation,
         // recorded and waited on at every use) only cost time.
         unsafe { ctx.disable_event_tracking() };
+        keep_pool_memory(&ctx);
         let name = ctx.name().map_err(|e| anyhow!("CUDA: {e:?}"))?;
         let arch = ctx
             .compute_capability()
@@ -517,6 +518,18 @@ impl Gpu {
         }
     }
 
+    /// Waits for all queued work and returns the memory pool's unused memory to the driver
+    /// (the pool keeps what frees return: see `keep_pool_memory`), so that the free memory the
+    /// device reports next counts only live buffers.
+    pub fn release_pool(&self) -> Result<()> {
+        self.synchronize()?;
+        if let Some(pool) = default_pool(&self.ctx) {
+            // SAFETY: trimming a pool only returns memory no allocation holds.
+            unsafe { cudarc::driver::sys::cuMemPoolTrimTo(pool, 0) };
+        }
+        Ok(())
+    }
+
     /// Waits for all queued work.
     pub fn synchronize(&self) -> Result<()> {
         self.stream
@@ -605,6 +618,40 @@ fn kernels_for(arch: (i32, i32)) -> Result<(String, PathBuf, bool)> {
     Ok((ptx, file, true))
 }
 
+/// Lets the device's default memory pool keep what stream-ordered frees return, instead of
+/// releasing it to the driver at every synchronization: each forward pass allocates its
+/// buffers again, and the free memory the device reports then counts their peak (what `tune`
+/// compares with its plan). Best effort: a device without pools keeps the driver's default.
+fn keep_pool_memory(ctx: &CudaContext) {
+    use cudarc::driver::sys;
+    let Some(pool) = default_pool(ctx) else {
+        return;
+    };
+    let mut keep = u64::MAX;
+    // SAFETY: the attribute value is a live local of the type the driver reads for the release
+    // threshold (cuuint64_t); the pool is the device's default one.
+    unsafe {
+        let _ = sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut keep as *mut u64).cast(),
+        );
+    }
+}
+
+/// The device's default memory pool, where stream-ordered allocations come from (None where
+/// the device has none).
+fn default_pool(ctx: &CudaContext) -> Option<cudarc::driver::sys::CUmemoryPool> {
+    use cudarc::driver::sys;
+    if !ctx.has_async_alloc() || ctx.bind_to_thread().is_err() {
+        return None;
+    }
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: the out-pointer is a live local; the context is current on this thread.
+    let r = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) };
+    (r == sys::CUresult::CUDA_SUCCESS).then_some(pool)
+}
+
 /// `$GGRUN_CACHE_DIR`, else `$XDG_CACHE_HOME/ggrun`, else `~/.cache/ggrun`, else a temp folder.
 pub fn cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("GGRUN_CACHE_DIR") {
@@ -620,7 +667,7 @@ pub fn cache_dir() -> PathBuf {
 }
 
 /// 64-bit FNV-1a (a stable key for the kernel cache; not for security).
-fn fnv1a(bytes: &[u8]) -> u64 {
+pub fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
         (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
     })

@@ -89,7 +89,7 @@ struct FeedForward<'a, 'x> {
 
 impl<'a> NemotronH<'a> {
     /// (layer, selections per expert) for every MoE layer, counted over all tokens run so far.
-    pub fn expert_usage(&self) -> Result<Vec<(usize, Vec<u64>)>> {
+    pub fn routing_counts(&self) -> Result<Vec<(usize, Vec<u64>)>> {
         let mut u = self.usage.lock().unwrap_or_else(|e| e.into_inner()).clone();
         if let Some(d) = &self.dev {
             for (layer, counts) in d.expert_counts()? {
@@ -503,6 +503,10 @@ impl Forward for NemotronH<'_> {
 
     fn offload_report(&self) -> Option<String> {
         self.dev.as_ref()?.offload_report(self)
+    }
+
+    fn expert_usage(&self) -> Result<Vec<(usize, Vec<u64>)>> {
+        self.routing_counts()
     }
 
     fn new_state(&self, n_ctx: usize, precision: Precision) -> Result<State> {
