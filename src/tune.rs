@@ -599,7 +599,14 @@ fn measure(
             return Ok(row);
         }
     }
-    let m = crate::model::load_with(g, opts)?;
+    // A plan the device cannot hold fails here (an allocation error): a row, not the end.
+    let m = match crate::model::load_with(g, opts) {
+        Ok(m) => m,
+        Err(e) => {
+            row.error = Some(format!("{e:#}"));
+            return Ok(row);
+        }
+    };
     row.ram = cpu_bytes;
     let cpu = Cpu::new(c.threads, Precision::Normal)?;
     let r = (|| -> Result<(f64, f64)> {
