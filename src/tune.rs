@@ -511,7 +511,7 @@ fn measure_all(
         ProgressBar::new(a.time.as_secs().max(1))
     };
     bar.set_style(
-        ProgressStyle::with_template("tune [{bar:30}] {elapsed}/{duration} {msg}")
+        ProgressStyle::with_template("tune [{bar:30}] {elapsed} of {duration}, eta {eta} {msg}")
             .map_err(|e| anyhow!("{e}"))?
             .progress_chars("=> "),
     );

@@ -548,3 +548,82 @@ fn mamba_conv_and_scan_on_the_device_match_the_cpu() {
         }
     }
 }
+
+/// `tune` on the device, on a fixture: with the free memory as the budget everything fits and
+/// only all-on-the-GPU plans are measured; with a budget just above the smallest plan (every
+/// expert layer in RAM, one staging buffer) plus one expert layer, the spill plans are
+/// measured, no measured plan holds more VRAM than the budget, the winner keeps expert layers
+/// in RAM, and it is saved as this GPU's profile of the model.
+#[test]
+#[ignore = "needs a CUDA GPU: run scripts/gpu-test.sh on the device machine"]
+fn tune_on_the_device_picks_a_plan_within_the_budget() {
+    use ggrun::cli::common::{plan_for_budget, PlacementFlags};
+    let cache = tempfile::tempdir().unwrap();
+    std::env::set_var("GGRUN_CACHE_DIR", cache.path());
+    let model = common::fixtures().join("nemo-tiny-q8_0.gguf");
+    let g = Model::open(&model).unwrap();
+    let tune = |gpu_mem: Option<u64>| {
+        let args = ggrun::tune::TuneArgs {
+            model: model.clone(),
+            gpu_mem,
+            ctx_size: 64,
+            time: std::time::Duration::from_secs(120),
+            calib: None,
+            n_prompt: 48,
+            n_gen: 4,
+            json: true,
+            no_save: false,
+        };
+        let mut out = Vec::new();
+        ggrun::tune::run(args, &mut out).unwrap();
+        serde_json::from_slice::<serde_json::Value>(&out).unwrap()
+    };
+    let v = tune(None);
+    let plans = v["plans"].as_array().unwrap();
+    assert!(!plans.is_empty());
+    assert!(
+        plans
+            .iter()
+            .all(|p| p["plan"].as_str().unwrap().starts_with("all on the GPU")),
+        "{v}"
+    );
+    let smallest = plan_for_budget(
+        &g,
+        &PlacementFlags {
+            n_gpu_layers: Some(999),
+            n_cpu_moe: usize::MAX,
+            staging_buffers: Some(1),
+            ..Default::default()
+        },
+        64,
+    )
+    .unwrap();
+    let layer = smallest.staging_bytes;
+    assert!(
+        layer > 0,
+        "the fixture's experts spill into a staging buffer"
+    );
+    let budget = smallest.gpu_weight_bytes
+        + smallest.reserved_bytes
+        + smallest.state_bytes
+        + smallest.staging_bytes
+        + layer;
+    let v = tune(Some(budget));
+    let plans = v["plans"].as_array().unwrap();
+    let measured: Vec<_> = plans.iter().filter(|p| p["error"].is_null()).collect();
+    assert!(!measured.is_empty(), "{v}");
+    for p in &measured {
+        assert!(p["vram_used"].as_u64().unwrap() <= budget, "{p}");
+        assert!(p["pp_tok_s"].as_f64().unwrap() > 0.0 && p["tg_tok_s"].as_f64().unwrap() > 0.0);
+    }
+    let winner = plans.iter().find(|p| p["plan"] == v["winner"]).unwrap();
+    let ram: Vec<usize> = serde_json::from_value(winner["experts_in_ram"].clone()).unwrap();
+    assert!(!ram.is_empty(), "{winner}");
+    let (p, path) = ggrun::profile::find(&model)
+        .unwrap()
+        .expect("a saved profile");
+    assert_eq!(p.device, Gpu::open(0).unwrap().name);
+    assert_eq!(p.experts_in_ram.as_deref(), Some(ram.as_slice()));
+    assert_eq!(v["profile"].as_str().unwrap(), path.display().to_string());
+    eprintln!("tune at {budget} bytes: {v}");
+}
