@@ -363,7 +363,9 @@ fn first_error(rows: &[Row]) -> String {
 
 /// GPU plans: everything on the GPU when it fits; else the planner's spread with two staging
 /// buffers (measured first, gathering routing statistics) and with one, then the same numbers
-/// of RAM layers chosen by routing, then a larger prompt batch for the best so far.
+/// of RAM layers chosen by routing, then a larger prompt batch and half the threads for the
+/// best so far. (More RAM layers than the budget needs are never tried: they only add DRAM
+/// traffic; the staging choice is what trades a layer for prefill overlap.)
 #[allow(clippy::too_many_arguments)]
 fn gpu_plans(
     g: &Model,
@@ -450,18 +452,26 @@ fn gpu_plans(
         }
     }
     measure_all(a, prompt, n_ctx, ram_free, cands, rows, started)?;
-    // A larger prompt batch for the best plan so far (fewer copies per prompt token).
-    if let Some(best) = rows
-        .iter()
-        .filter(|r| r.turn_s().is_finite() && r.vram_used <= budget)
-        .min_by(|x, y| x.turn_s().total_cmp(&y.turn_s()))
-    {
+    // For the best plan so far: a larger prompt batch (fewer copies per prompt token), then
+    // half the threads (the CPU's share of decode is DRAM-bound; fewer threads may contend less
+    // with the copies).
+    let best = |rows: &[Row]| {
+        rows.iter()
+            .filter(|r| r.turn_s().is_finite() && r.vram_used <= budget)
+            .min_by(|x, y| x.turn_s().total_cmp(&y.turn_s()))
+            .map(|r| r.cand.clone())
+    };
+    if let Some(mut c) = best(rows) {
         if batches(&[512, 1024], prompt.len()).contains(&1024) {
-            let mut c = best.cand.clone();
             c.batch = 1024;
             c.label = format!("{} b=1024", c.label);
             measure_all(a, prompt, n_ctx, ram_free, vec![c], rows, started)?;
         }
+    }
+    if let Some(mut c) = best(rows).filter(|_| physical >= 4) {
+        c.threads = physical / 2;
+        c.label = format!("{} t={}", c.label, c.threads);
+        measure_all(a, prompt, n_ctx, ram_free, vec![c], rows, started)?;
     }
     Ok(())
 }

@@ -159,22 +159,20 @@ fn tune_saves_a_profile_that_run_and_bench_pick_up() {
             .join("\n"),
     )
     .unwrap();
+    // (stdout, stderr) of a command that must succeed.
+    let outputs = |c: &mut std::process::Command| {
+        let out = c.output().unwrap();
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(out.status.success(), "{err}");
+        (String::from_utf8(out.stdout).unwrap(), err)
+    };
     let bench = |extra: &[&str]| {
-        let out = cmd()
-            .args(["bench", "-m"])
-            .arg(&model)
-            .args(["-p", "8", "-n", "2", "-r", "1"])
-            .args(extra)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (
-            String::from_utf8(out.stdout).unwrap(),
-            String::from_utf8(out.stderr).unwrap(),
+        outputs(
+            cmd()
+                .args(["bench", "-m"])
+                .arg(&model)
+                .args(["-p", "8", "-n", "2", "-r", "1"])
+                .args(extra),
         )
     };
     let (o, e) = bench(&[]);
@@ -184,16 +182,10 @@ fn tune_saves_a_profile_that_run_and_bench_pick_up() {
     assert!(o.contains("threads 2,"), "{o}");
     let (o, e) = bench(&["--no-profile", "-t", "3"]);
     assert!(o.contains("threads 3,") && !e.contains("profile"), "{o}{e}");
-    let out = cmd()
-        .args(["run", "--raw", "-n", "2", "-p", "hello", "-m"])
-        .arg(&model)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (_, err) = outputs(
+        cmd()
+            .args(["run", "--raw", "-n", "2", "-p", "hello", "-m"])
+            .arg(&model),
     );
-    let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("profile") && err.contains("-t 1"), "{err}");
 }

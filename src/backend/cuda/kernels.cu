@@ -224,20 +224,34 @@ __device__ __forceinline__ void load_x8(const float* x, int e0, float* xv) {
     }
 }
 
+// The block's per-warp partial sums `acc` of MV_ROWS rows meet in shared memory: thread j < n
+// returns row j's total (the others 0).
+__device__ __forceinline__ float rows_total(const float* acc, int n) {
+    __shared__ float part[MV_WARPS][MV_ROWS];
+    int lane = threadIdx.x % 32, wid = threadIdx.x / 32;
+#pragma unroll
+    for (int j = 0; j < MV_ROWS; j++) {
+        float s = warp_sum(acc[j]);
+        if (lane == 0) part[wid][j] = s;
+    }
+    __syncthreads();
+    float sum = 0.0f;
+    if (threadIdx.x < n) {
+        for (int i = 0; i < MV_WARPS; i++) sum += part[i][threadIdx.x];
+    }
+    return sum;
+}
+
 // Σ_c row_j[c] · x[c] for the first `n` (≤ MV_ROWS) of the rows at w + j·row_bytes, by the
 // whole block; thread j < n returns row j's sum (others return 0).
 template <int T>
 __device__ __forceinline__ float rows_dot(const u8* w, long long row_bytes, int n, const float* x,
                                           int cols) {
-    __shared__ float part[MV_WARPS][MV_ROWS];
     int lane = threadIdx.x % 32, wid = threadIdx.x / 32;
-    float acc[MV_ROWS];
+    float acc[MV_ROWS] = {};
     const u8* rowp[MV_ROWS];
 #pragma unroll
-    for (int j = 0; j < MV_ROWS; j++) {
-        acc[j] = 0.0f;
-        rowp[j] = w + (j < n ? j : 0) * row_bytes;
-    }
+    for (int j = 0; j < MV_ROWS; j++) rowp[j] = w + (j < n ? j : 0) * row_bytes;
     float v[8], xv[8];
     for (int base = wid * 256; base < cols; base += 256 * MV_WARPS) {
         int e0 = base + 8 * lane;
@@ -252,17 +266,7 @@ __device__ __forceinline__ float rows_dot(const u8* w, long long row_bytes, int 
             }
         }
     }
-#pragma unroll
-    for (int j = 0; j < MV_ROWS; j++) {
-        float s = warp_sum(acc[j]);
-        if (lane == 0) part[wid][j] = s;
-    }
-    __syncthreads();
-    float sum = 0.0f;
-    if (threadIdx.x < n) {
-        for (int i = 0; i < MV_WARPS; i++) sum += part[i][threadIdx.x];
-    }
-    return sum;
+    return rows_total(acc, n);
 }
 
 // Decode with int8 activations (normal precision), for the 32-element block types: each lane
@@ -330,15 +334,11 @@ __device__ __forceinline__ void block_ints(const u8* b, int j, int* w, float* d,
 template <int T>
 __device__ __forceinline__ float rows_dot_i8(const u8* w, long long row_bytes, int n, const float* x,
                                              int cols) {
-    __shared__ float part[MV_WARPS][MV_ROWS];
     int lane = threadIdx.x % 32, wid = threadIdx.x / 32;
-    float acc[MV_ROWS];
+    float acc[MV_ROWS] = {};
     const u8* rowp[MV_ROWS];
 #pragma unroll
-    for (int j = 0; j < MV_ROWS; j++) {
-        acc[j] = 0.0f;
-        rowp[j] = w + (j < n ? j : 0) * row_bytes;
-    }
+    for (int j = 0; j < MV_ROWS; j++) rowp[j] = w + (j < n ? j : 0) * row_bytes;
     float xv[8];
     for (int base = wid * 256; base < cols; base += 256 * MV_WARPS) {
         int e0 = base + 8 * lane;
@@ -369,17 +369,7 @@ __device__ __forceinline__ float rows_dot_i8(const u8* w, long long row_bytes, i
             if (ok) acc[j] += d * dx * (float)s + (Block32<T>::has_min ? m * sx : 0.0f);
         }
     }
-#pragma unroll
-    for (int j = 0; j < MV_ROWS; j++) {
-        float s = warp_sum(acc[j]);
-        if (lane == 0) part[wid][j] = s;
-    }
-    __syncthreads();
-    float sum = 0.0f;
-    if (threadIdx.x < n) {
-        for (int i = 0; i < MV_WARPS; i++) sum += part[i][threadIdx.x];
-    }
-    return sum;
+    return rows_total(acc, n);
 }
 
 // y[t][r] = Σ_c w[r][c] · x[t][c] for `tokens` rows of x (written as `epi` says): one block
