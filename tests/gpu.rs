@@ -627,3 +627,49 @@ fn tune_on_the_device_picks_a_plan_within_the_budget() {
     assert_eq!(v["profile"].as_str().unwrap(), path.display().to_string());
     eprintln!("tune at {budget} bytes: {v}");
 }
+
+/// Decode steps replayed as CUDA graphs (opt-in: GGRUN_CUDA_GRAPHS=on) compute what the same
+/// steps launched one by one do,
+/// bit for bit (the same kernels at the same addresses), in both precisions, over a prompt and
+/// twelve greedy steps; with graphs on, the steps after the second really ran as graphs; a
+/// cleared state (the same buffers) replays its graph from position 0 again.
+#[test]
+#[ignore = "needs a CUDA GPU: run scripts/gpu-test.sh on the device machine"]
+fn decode_steps_as_cuda_graphs_match_launches_bit_for_bit() {
+    let g = golden("nemo-tiny-q8_0");
+    let gg = Model::open(&g.model).unwrap();
+    let steps = |graphs: bool, precision: Precision| {
+        std::env::set_var("GGRUN_CUDA_GRAPHS", if graphs { "on" } else { "off" });
+        let dev = placed(&gg, &ALL_ON_GPU);
+        let m = model::load_with(&gg, opts(&dev, false)).unwrap();
+        let cpu = Cpu::new(4, precision).unwrap();
+        let mut st = m.new_state(64, precision).unwrap();
+        let mut rows = Vec::new();
+        for round in 0..2 {
+            st.clear().unwrap();
+            let mut l = m.forward(&cpu, &mut st, &g.prompt_tokens, false).unwrap();
+            for _ in 0..12 {
+                let tok = ggrun::sample::argmax(&l) as u32;
+                l = m.forward(&cpu, &mut st, &[tok], false).unwrap();
+                if round == 1 || !graphs {
+                    rows.push(l.clone());
+                }
+            }
+        }
+        let report = m.offload_report().unwrap_or_default();
+        std::env::remove_var("GGRUN_CUDA_GRAPHS");
+        (rows, report)
+    };
+    for precision in [Precision::Exact, Precision::Normal] {
+        let (off, report_off) = steps(false, precision);
+        let (on, report_on) = steps(true, precision);
+        assert!(report_off.is_empty(), "{report_off}");
+        assert!(
+            report_on.contains("ran as CUDA graphs"),
+            "graphs did not run: {report_on:?}"
+        );
+        // Graphs on: the second round's 12 steps; off: both rounds' (the same tokens).
+        assert_eq!(off[12..], on[..], "{precision:?}");
+        eprintln!("{precision:?}: {report_on}");
+    }
+}

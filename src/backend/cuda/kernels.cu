@@ -777,10 +777,23 @@ extern "C" __global__ void mamba_gate_norm(float* y, const float* zx, const floa
 // (rows of n_kv·hd, positions 0..past+t−1 already stored). Block (head, token) of ATT_WARPS
 // warps: warp w takes positions w, w + ATT_WARPS, ... with an online softmax, each lane holding
 // hd / 32 dimensions; the warps' partial results are merged at the end.
+// The K and V rows of `t` new positions (n = t · row floats each) into the caches at position
+// *pastp: the position is read on the device, so that a captured decode step (a CUDA graph)
+// replays at every position.
+extern "C" __global__ void kv_store(const float* kn, const float* vn, float* kc, float* vc,
+                                    const int* pastp, int row, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    long long at = (long long)(*pastp) * row + i;
+    kc[at] = kn[i];
+    vc[at] = vn[i];
+}
+
 #define ATT_WARPS 4
 extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS)
-    attention(const float* q, const float* kc, const float* vc, float* out, int past, int nh,
-              int nkv, int hd, float scale) {
+    attention(const float* q, const float* kc, const float* vc, float* out, const int* pastp,
+              int nh, int nkv, int hd, float scale) {
+    int past = *pastp;
     __shared__ float acc_s[ATT_WARPS][256];
     __shared__ float m_s[ATT_WARPS], l_s[ATT_WARPS];
     int h = blockIdx.x, ti = blockIdx.y;

@@ -6,10 +6,12 @@
 //! For now the GPU computes the matrix products of the weights placed on it (activations cross
 //! PCIe per product); the other ops run on the CPU.
 
+mod graph;
 mod ops;
 mod staging;
 mod state;
 
+pub use graph::StepGraph;
 pub use staging::HostPins;
 pub use state::DeviceState;
 

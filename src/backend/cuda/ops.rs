@@ -122,8 +122,50 @@ impl Gpu {
         launched(unsafe { launch.launch(cfg) }.map(drop))
     }
 
+    /// The K and V rows of `t` new positions (`row` floats each) into the caches at position
+    /// `past`, which the kernel reads from `past_dev` (checked here against the host's copy).
+    #[allow(clippy::too_many_arguments)]
+    pub fn kv_store(
+        &self,
+        k_new: &CudaSlice<f32>,
+        v_new: &CudaSlice<f32>,
+        k_cache: &mut CudaSlice<f32>,
+        v_cache: &mut CudaSlice<f32>,
+        past_dev: &CudaSlice<i32>,
+        past: usize,
+        row: usize,
+        t: usize,
+    ) -> Result<()> {
+        let n = t * row;
+        if k_new.len() < n
+            || v_new.len() < n
+            || k_cache.len() < (past + t) * row
+            || v_cache.len() < (past + t) * row
+            || past_dev.is_empty()
+        {
+            bail!("CUDA kv_store shape mismatch");
+        }
+        let f = self.function("kv_store")?;
+        let (r, ni) = (row as i32, n as i32);
+        let mut launch = self.stream.launch_builder(&f);
+        launch
+            .arg(k_new)
+            .arg(v_new)
+            .arg(k_cache)
+            .arg(v_cache)
+            .arg(past_dev)
+            .arg(&r)
+            .arg(&ni);
+        // SAFETY: kv_store(const float* kn, const float* vn, float* kc, float* vc,
+        // const int* pastp, int row, int n): it writes n floats of each cache from row *pastp,
+        // which the caller keeps equal to `past` (the device-resident pass writes it from the
+        // state it checked), so within the lengths checked above.
+        launched(unsafe { launch.launch(LaunchConfig::for_num_elems(n as u32)) }.map(drop))
+    }
+
     /// Attention output (t × n_head·head_dim) of queries `q` for the `t` tokens at positions
-    /// past.., whose keys and values are already in the caches (rows of n_head_kv·head_dim).
+    /// past.., whose keys and values are already in the caches (rows of n_head_kv·head_dim);
+    /// the kernel reads `past` from `past_dev`.
     #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &self,
@@ -134,6 +176,7 @@ impl Gpu {
         out: &mut CudaSlice<f32>,
         t: usize,
         past: usize,
+        past_dev: &CudaSlice<i32>,
     ) -> Result<()> {
         let (nh, nkv, hd) = (s.n_head, s.n_head_kv, s.head_dim);
         let row = nkv * hd;
@@ -155,16 +198,22 @@ impl Gpu {
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
-        let args = [past, nh, nkv, hd].map(|v| v as i32);
+        let args = [nh, nkv, hd].map(|v| v as i32);
         let mut launch = self.stream.launch_builder(&f);
-        launch.arg(q).arg(k_cache).arg(v_cache).arg(out);
+        launch
+            .arg(q)
+            .arg(k_cache)
+            .arg(v_cache)
+            .arg(out)
+            .arg(past_dev);
         for v in &args {
             launch.arg(v);
         }
         launch.arg(&s.scale);
         // SAFETY: attention(const float* q, const float* kc, const float* vc, float* out,
-        // int past, int nh, int nkv, int hd, float scale), blocks of 4 warps as the kernel's
-        // launch bounds say; it reads positions < past + t of the caches, checked above, and
+        // const int* pastp, int nh, int nkv, int hd, float scale), blocks of 4 warps as the
+        // kernel's launch bounds say; it reads positions < *pastp + t of the caches (*pastp is
+        // `past`, see kv_store), checked above, and
         // holds at most 256 dimensions per head in shared memory.
         launched(unsafe { launch.launch(cfg) }.map(drop))
     }

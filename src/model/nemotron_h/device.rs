@@ -16,7 +16,9 @@ use cudarc::driver::{CudaEvent, CudaSlice, CudaStream};
 
 use super::{Attention, Block, Mamba, Moe, NemotronH};
 use crate::backend::cpu::{Cpu, Matrix, Precision};
-use crate::backend::cuda::{DeviceMatrix, DeviceRows, DeviceState, Epilogue, Gpu, Group, HostPins};
+use crate::backend::cuda::{
+    DeviceMatrix, DeviceRows, DeviceState, Epilogue, Gpu, Group, HostPins, StepGraph,
+};
 use crate::model::{embed, LayerState, State};
 
 /// Decode batches up to this many tokens run the routed experts with the expert ids left on
@@ -57,7 +59,30 @@ pub(super) struct DeviceParts<'a> {
     out_norm: CudaSlice<f32>,
     /// Where routed experts stay in RAM: what brings them over for prefill.
     offload: Option<Offload>,
+    /// The position of a pass's first token, which kv_store and attention read on the device
+    /// (written before each pass).
+    pos: Mutex<CudaSlice<i32>>,
+    /// Decode steps captured as CUDA graphs.
+    graphs: Mutex<Graphs>,
 }
+
+/// Decode steps replayed as CUDA graphs, opt-in for now (`GGRUN_CUDA_GRAPHS=on`: the capture
+/// path has not run on a device yet; the test that compares it with plain launches bit for bit
+/// is in tests/gpu.rs): a state's first decode step runs as usual (it loads the kernels), its
+/// second is captured, later ones replay. Only where the whole pass is on the device (no RAM
+/// experts: their steps wait for the CPU). A capture that fails turns graphs off for the model,
+/// with one line on stderr.
+struct Graphs {
+    on: bool,
+    /// Keys of states that ran one uncaptured decode step.
+    seen: Vec<Vec<u64>>,
+    steps: Vec<StepGraph>,
+    /// Decode steps that ran as a graph.
+    replays: u64,
+}
+
+/// Captured decode steps kept (one per state the server's slots use, most recent first).
+const MAX_GRAPHS: usize = 64;
 
 /// Prefill of layers whose routed experts stay in RAM: per batch and layer, either the CPU
 /// computes the selected experts, or they are copied (from page-locked mapped memory where the
@@ -283,17 +308,35 @@ impl<'a> DeviceParts<'a> {
                 block,
             });
         }
+        let offload = Offload::new(gpu, m, staging_budget);
+        let on = offload.is_none()
+            && std::env::var("GGRUN_CUDA_GRAPHS").is_ok_and(|v| v == "on" || v == "1");
         Ok(Some(DeviceParts {
             gpu,
             layers,
             out_norm: up(&m.out_norm)?,
-            offload: Offload::new(gpu, m, staging_budget),
+            offload,
+            pos: Mutex::new(gpu.zeros(1)?),
+            graphs: Mutex::new(Graphs {
+                on,
+                seen: Vec::new(),
+                steps: Vec::new(),
+                replays: 0,
+            }),
         }))
     }
 
-    /// One line on how prefill treated the routed experts left in RAM, when there are some.
+    /// One line on how prefill treated the routed experts left in RAM, when there are some, or
+    /// on the decode steps replayed as CUDA graphs, when there were some.
     pub(super) fn offload_report(&self, m: &NemotronH) -> Option<String> {
-        let o = self.offload.as_ref()?;
+        let Some(o) = self.offload.as_ref() else {
+            let replays = self
+                .graphs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .replays;
+            return (replays > 0).then(|| format!("{replays} decode steps ran as CUDA graphs"));
+        };
         let c = o.costs.lock().unwrap_or_else(|e| e.into_inner());
         let mut line = format!(
             "RAM experts in prefill: {} layer-batches copied to the GPU ({} of them prefetched whole), {} computed on the CPU",
@@ -383,12 +426,54 @@ impl<'a> DeviceParts<'a> {
         all_logits: bool,
     ) -> Result<Vec<f32>> {
         let g = self.gpu;
-        let (t, n) = (tokens.len(), m.n_embd);
+        let t = tokens.len();
         state.check_room(t)?;
         g.set_normal_precision(cpu.precision == Precision::Normal);
+        // The kernels take the position from device memory: every cache must be at it.
+        for st in &state.layers {
+            if let LayerState::Device(DeviceState::Attention { len, .. }) = st {
+                if *len != state.pos {
+                    bail!(
+                        "a device K/V cache holds {len} positions, the state {}",
+                        state.pos
+                    );
+                }
+            }
+        }
+        let mut pos = self.pos.lock().unwrap_or_else(|e| e.into_inner());
+        g.upload_into(&[state.pos as i32], &mut pos)?;
+        if t == 1 && !all_logits {
+            if let Some(logits) = self.decode_step(m, cpu, state, tokens, &pos)? {
+                return Ok(logits);
+            }
+        }
         let mut x = g.to_device(&embed(&m.embd, tokens)?)?;
-        let mut h = g.output(t * n)?;
         self.start_prefetch(m, t)?;
+        let rows = if all_logits { t } else { 1 };
+        let mut logits = g.output(rows * m.n_vocab)?;
+        self.layers_and_head(m, cpu, state, &mut x, t, rows, &mut logits, &pos)?;
+        state.pos += t;
+        g.to_host(&logits)
+    }
+
+    /// Every layer over the hidden state `x` (t × n_embd), then the head: the final norm and
+    /// vocabulary projection of the last `rows` rows into `logits`. Host bookkeeping: each
+    /// attention layer's length grows by t (not `state.pos`: the caller's).
+    #[allow(clippy::too_many_arguments)]
+    fn layers_and_head(
+        &self,
+        m: &NemotronH,
+        cpu: &Cpu,
+        state: &mut State,
+        x: &mut CudaSlice<f32>,
+        t: usize,
+        rows: usize,
+        logits: &mut CudaSlice<f32>,
+        pos: &CudaSlice<i32>,
+    ) -> Result<()> {
+        let g = self.gpu;
+        let n = m.n_embd;
+        let mut h = g.output(t * n)?;
         for (i, ((l, dl), st)) in m
             .layers
             .iter()
@@ -398,34 +483,129 @@ impl<'a> DeviceParts<'a> {
         {
             g.rms_norm(&x.slice(..), &dl.norm, &mut h.slice_mut(..), t, m.eps)?;
             match (&l.block, &dl.block) {
-                (Block::Mamba(b), DeviceBlock::Mamba(p)) => self.mamba(m, b, p, st, &h, &mut x, t),
+                (Block::Mamba(b), DeviceBlock::Mamba(p)) => self.mamba(m, b, p, st, &h, x, t),
                 (Block::Attention(b), DeviceBlock::Attention) => {
-                    self.attention(b, st, &h, &mut x, t)
+                    self.attention(b, st, &h, x, t, pos)
                 }
                 (Block::Moe(b), DeviceBlock::Moe { bias, counts }) => {
-                    self.moe(m, cpu, i, b, bias, counts, &h, &mut x, t)
+                    self.moe(m, cpu, i, b, bias, counts, &h, x, t)
                 }
                 (Block::Mlp { up, down }, DeviceBlock::Mlp) => {
-                    self.mlp(dev(up)?, dev(down)?, &h, &mut x, t)
+                    self.mlp(dev(up)?, dev(down)?, &h, x, t)
                 }
                 _ => bail!("device layer {i} does not match the model"),
             }
             .with_context(|| format!("layer {i}"))?;
         }
-        state.pos += t;
-        // The head: final norm and vocabulary projection of every row, or of the last.
-        let rows = if all_logits { t } else { 1 };
         let last = x.slice((t - rows) * n..);
         let mut hn = g.output(rows * n)?;
         g.rms_norm(&last, &self.out_norm, &mut hn.slice_mut(..), rows, m.eps)?;
-        let mut logits = g.output(rows * m.n_vocab)?;
         dev(&m.output)?.launch(
             &hn.slice(..),
             rows,
             &mut logits.slice_mut(..),
             Epilogue::Store,
-        )?;
-        g.to_host(&logits)
+        )
+    }
+
+    /// A decode step as a CUDA graph when graphs are on (see [`Graphs`]): replayed when this
+    /// state's step was captured, captured when it ran once before; None: run it as usual.
+    fn decode_step(
+        &self,
+        m: &NemotronH,
+        cpu: &Cpu,
+        state: &mut State,
+        tokens: &[u32],
+        pos: &CudaSlice<i32>,
+    ) -> Result<Option<Vec<f32>>> {
+        let g = self.gpu;
+        let mut graphs = self.graphs.lock().unwrap_or_else(|e| e.into_inner());
+        if !graphs.on {
+            return Ok(None);
+        }
+        let Some(key) = self.graph_key(state, cpu.precision) else {
+            return Ok(None);
+        };
+        let x = embed(&m.embd, tokens)?;
+        if let Some(i) = graphs.steps.iter().position(|s| s.key == key) {
+            let step = graphs.steps.remove(i);
+            let mut step = step;
+            g.upload_into(&x, &mut step.x)?;
+            step.launch()?;
+            for st in state.layers.iter_mut() {
+                if let LayerState::Device(DeviceState::Attention { len, .. }) = st {
+                    *len += 1;
+                }
+            }
+            state.pos += 1;
+            let logits = g.to_host(&step.logits)?;
+            graphs.steps.insert(0, step);
+            graphs.replays += 1;
+            return Ok(Some(logits));
+        }
+        if !graphs.seen.contains(&key) {
+            graphs.seen.push(key);
+            if graphs.seen.len() > MAX_GRAPHS {
+                graphs.seen.remove(0);
+            }
+            return Ok(None);
+        }
+        let lens: Vec<usize> = state
+            .layers
+            .iter()
+            .map(|st| match st {
+                LayerState::Device(DeviceState::Attention { len, .. }) => *len,
+                _ => 0,
+            })
+            .collect();
+        let (xd, logits) = (g.to_device(&x)?, g.output(m.n_vocab)?);
+        let captured = g.capture_step(key, xd, logits, |x, logits| {
+            self.layers_and_head(m, cpu, state, x, 1, 1, logits, pos)
+        });
+        match captured {
+            Ok(step) => {
+                step.launch()?;
+                state.pos += 1;
+                let logits = g.to_host(&step.logits)?;
+                graphs.steps.insert(0, step);
+                graphs.steps.truncate(MAX_GRAPHS);
+                Ok(Some(logits))
+            }
+            Err(e) => {
+                // Nothing captured ran: put the host's lengths back and run the step as usual.
+                for (st, l) in state.layers.iter_mut().zip(lens) {
+                    if let LayerState::Device(DeviceState::Attention { len, .. }) = st {
+                        *len = l;
+                    }
+                }
+                eprintln!("CUDA graphs off for this model: {e:#}");
+                graphs.on = false;
+                graphs.steps.clear();
+                Ok(None)
+            }
+        }
+    }
+
+    /// What a captured step depends on besides the model: the precision (which kernels run)
+    /// and the addresses of the state's device buffers. None when some layer's state is not on
+    /// the device.
+    fn graph_key(&self, state: &State, precision: Precision) -> Option<Vec<u64>> {
+        let g = self.gpu;
+        let mut key = vec![(precision == Precision::Normal) as u64];
+        for st in &state.layers {
+            match st {
+                LayerState::Device(DeviceState::Mamba { conv, ssm }) => {
+                    key.extend([g.address(conv), g.address(ssm)]);
+                }
+                LayerState::Device(DeviceState::Attention { k, v, .. }) => {
+                    key.extend([g.address(k), g.address(v)]);
+                }
+                // Layers without a state (MoE, MLP).
+                LayerState::None => {}
+                _ => return None,
+            }
+        }
+        Some(key)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -481,6 +661,7 @@ impl<'a> DeviceParts<'a> {
         h: &CudaSlice<f32>,
         x: &mut CudaSlice<f32>,
         t: usize,
+        pos: &CudaSlice<i32>,
     ) -> Result<()> {
         let LayerState::Device(DeviceState::Attention {
             k,
@@ -499,17 +680,14 @@ impl<'a> DeviceParts<'a> {
         let (past, row) = (*len, *row);
         let mut q = g.output(t * b.q.rows)?;
         dev(&b.q)?.launch(&h.slice(..), t, &mut q.slice_mut(..), Epilogue::Store)?;
-        // K and V go straight into the cache rows of the new positions.
-        let new = past * row..(past + t) * row;
-        dev(&b.k)?.launch(
-            &h.slice(..),
-            t,
-            &mut k.slice_mut(new.clone()),
-            Epilogue::Store,
-        )?;
-        dev(&b.v)?.launch(&h.slice(..), t, &mut v.slice_mut(new), Epilogue::Store)?;
+        // K and V of the new positions, then into the caches at the position the kernel reads
+        // from device memory (a captured decode step replays at every position).
+        let (mut kn, mut vn) = (g.output(t * row)?, g.output(t * row)?);
+        dev(&b.k)?.launch(&h.slice(..), t, &mut kn.slice_mut(..), Epilogue::Store)?;
+        dev(&b.v)?.launch(&h.slice(..), t, &mut vn.slice_mut(..), Epilogue::Store)?;
+        g.kv_store(&kn, &vn, k, v, pos, past, row, t)?;
         let mut out = g.output(t * b.q.rows)?;
-        g.attention(&b.shape, &q, k, v, &mut out, t, past)?;
+        g.attention(&b.shape, &q, k, v, &mut out, t, past, pos)?;
         *len += t;
         dev(&b.o)?.launch(&out.slice(..), t, &mut x.slice_mut(..), Epilogue::Add)
     }
