@@ -156,8 +156,19 @@ pub fn apply(model: &Path, o: Open, no_profile: bool, quiet: bool) -> Result<Opt
     if no_profile {
         return Ok(None);
     }
-    let Some((p, path)) = find(model)? else {
+    // A missing model is for the command to report; a damaged profile must not stop a run.
+    if !model.exists() {
         return Ok(None);
+    }
+    let (p, path) = match find(model) {
+        Ok(Some(found)) => found,
+        Ok(None) => return Ok(None),
+        Err(e) => {
+            if !quiet {
+                eprintln!("warning: the tuned profile is ignored: {e:#}");
+            }
+            return Ok(None);
+        }
     };
     if *o.ctx_size == 0 {
         *o.ctx_size = p.ctx_size;

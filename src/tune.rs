@@ -239,11 +239,7 @@ pub fn run(a: TuneArgs, out: &mut dyn Write) -> Result<()> {
             (name, Some(budget))
         }
     };
-    let best = rows
-        .iter()
-        .filter(|r| r.turn_s().is_finite())
-        .filter(|r| budget.is_none_or(|b| r.vram_used <= b))
-        .min_by(|x, y| x.turn_s().total_cmp(&y.turn_s()))
+    let best = fastest(&rows, budget)
         .ok_or_else(|| anyhow!("no plan could be measured: {}", first_error(&rows)))?;
     let p = Profile {
         device: device.clone(),
@@ -355,6 +351,13 @@ fn batches(sizes: &[usize], prompt: usize) -> Vec<usize> {
     out
 }
 
+/// The measured plan with the fastest turn that stays within `budget`.
+fn fastest(rows: &[Row], budget: Option<u64>) -> Option<&Row> {
+    rows.iter()
+        .filter(|r| r.turn_s().is_finite() && budget.is_none_or(|b| r.vram_used <= b))
+        .min_by(|x, y| x.turn_s().total_cmp(&y.turn_s()))
+}
+
 fn first_error(rows: &[Row]) -> String {
     rows.iter()
         .find_map(|r| r.error.clone())
@@ -455,12 +458,7 @@ fn gpu_plans(
     // For the best plan so far: a larger prompt batch (fewer copies per prompt token), then
     // half the threads (the CPU's share of decode is DRAM-bound; fewer threads may contend less
     // with the copies).
-    let best = |rows: &[Row]| {
-        rows.iter()
-            .filter(|r| r.turn_s().is_finite() && r.vram_used <= budget)
-            .min_by(|x, y| x.turn_s().total_cmp(&y.turn_s()))
-            .map(|r| r.cand.clone())
-    };
+    let best = |rows: &[Row]| fastest(rows, Some(budget)).map(|r| r.cand.clone());
     if let Some(mut c) = best(rows) {
         if batches(&[512, 1024], prompt.len()).contains(&1024) {
             c.batch = 1024;
@@ -544,9 +542,9 @@ fn measure_all(
     Ok(())
 }
 
-/// Loads the model (a fresh mapping) with candidate `c`, measures pp over `prompt` (in batches of c.batch) and tg
-/// over a.n_gen tokens, and the VRAM the backend really holds at the end (its memory pool keeps
-/// the peak of the compute buffers).
+/// Loads the model (a fresh mapping) with candidate `c`, measures pp over `prompt` (in batches
+/// of c.batch), tg over a.n_gen tokens (the faster of two runs), and the VRAM the backend
+/// really holds at the end (its memory pool keeps the peak of the compute buffers).
 fn measure(
     a: &TuneArgs,
     prompt: &[u32],
@@ -630,15 +628,21 @@ fn measure(
             m.forward(&cpu, &mut st, chunk, false)?;
         }
         let pp = prompt.len() as f64 / t0.elapsed().as_secs_f64();
-        st.clear()?;
+        // Generation twice from an empty context, the faster kept: a few dozen tokens vary by
+        // ~10% between runs, and a slow one is disturbance, not the plan.
         let n_gen = a.n_gen.clamp(1, n_ctx - 1);
-        let mut tok = prompt[0];
-        let t0 = Instant::now();
-        for _ in 0..n_gen {
-            let l = m.forward(&cpu, &mut st, &[tok], false)?;
-            tok = crate::sample::argmax(&l) as u32;
+        let mut tg = 0f64;
+        for _ in 0..2 {
+            st.clear()?;
+            let mut tok = prompt[0];
+            let t0 = Instant::now();
+            for _ in 0..n_gen {
+                let l = m.forward(&cpu, &mut st, &[tok], false)?;
+                tok = crate::sample::argmax(&l) as u32;
+            }
+            tg = tg.max(n_gen as f64 / t0.elapsed().as_secs_f64());
         }
-        Ok((pp, n_gen as f64 / t0.elapsed().as_secs_f64()))
+        Ok((pp, tg))
     })();
     match r {
         Ok((pp, tg)) => {

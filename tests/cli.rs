@@ -188,4 +188,15 @@ fn tune_saves_a_profile_that_run_and_bench_pick_up() {
             .arg(&model),
     );
     assert!(err.contains("profile") && err.contains("-t 1"), "{err}");
+    // A damaged profile is a warning, not a failed run.
+    std::fs::write(&path, "not = [toml").unwrap();
+    let (_, err) = outputs(
+        cmd()
+            .args(["run", "--raw", "-n", "2", "-p", "hello", "-m"])
+            .arg(&model),
+    );
+    assert!(
+        err.contains("warning: the tuned profile is ignored"),
+        "{err}"
+    );
 }
