@@ -528,8 +528,7 @@ impl<'a> DeviceParts<'a> {
         };
         let x = embed(&m.embd, tokens)?;
         if let Some(i) = graphs.steps.iter().position(|s| s.key == key) {
-            let step = graphs.steps.remove(i);
-            let mut step = step;
+            let mut step = graphs.steps.remove(i);
             g.upload_into(&x, &mut step.x)?;
             step.launch()?;
             for st in state.layers.iter_mut() {
