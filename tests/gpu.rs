@@ -628,9 +628,8 @@ fn tune_on_the_device_picks_a_plan_within_the_budget() {
     eprintln!("tune at {budget} bytes: {v}");
 }
 
-/// Decode steps replayed as CUDA graphs (opt-in: GGRUN_CUDA_GRAPHS=on) compute what the same
-/// steps launched one by one do,
-/// bit for bit (the same kernels at the same addresses), in both precisions, over a prompt and
+/// Decode steps replayed as CUDA graphs (on unless GGRUN_CUDA_GRAPHS=off) compute what the
+/// same steps launched one by one do, bit for bit (the same kernels at the same addresses), in both precisions, over a prompt and
 /// twelve greedy steps; with graphs on, the steps after the second really ran as graphs; a
 /// cleared state (the same buffers) replays its graph from position 0 again.
 #[test]

@@ -2,8 +2,8 @@
 //! launch, so the GPU no longer waits for the host between kernels (a decode step is a few
 //! hundred small launches, and about 5 µs separated each of them). A graph replays fixed
 //! addresses, so it owns its input (the embedded token) and output (the logits) buffers, and
-//! what changes per step (the position) is read by the kernels from device memory. Opt-in
-//! (`GGRUN_CUDA_GRAPHS=on`) until its device test has run.
+//! what changes per step (the position) is read by the kernels from device memory. On by
+//! default where a whole pass is on the device; `GGRUN_CUDA_GRAPHS=off` turns it off.
 
 use anyhow::{anyhow, Result};
 use cudarc::driver::{sys, CudaGraph, CudaSlice, DevicePtr};

@@ -260,7 +260,10 @@ impl Gpu {
         let module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
             .map_err(|e| anyhow!("loading the CUDA kernels: {e:?}"))?;
-        let stream = ctx.default_stream();
+        // A stream of our own: the legacy default stream cannot be captured into a graph.
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| anyhow!("CUDA stream: {e:?}"))?;
         Ok(Gpu {
             ctx,
             stream,

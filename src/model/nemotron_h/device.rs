@@ -66,10 +66,9 @@ pub(super) struct DeviceParts<'a> {
     graphs: Mutex<Graphs>,
 }
 
-/// Decode steps replayed as CUDA graphs, opt-in for now (`GGRUN_CUDA_GRAPHS=on`: the capture
-/// path has not run on a device yet; the test that compares it with plain launches bit for bit
-/// is in tests/gpu.rs): a state's first decode step runs as usual (it loads the kernels), its
-/// second is captured, later ones replay. Only where the whole pass is on the device (no RAM
+/// Decode steps replayed as CUDA graphs (on unless `GGRUN_CUDA_GRAPHS=off`; tests/gpu.rs
+/// compares them with plain launches bit for bit): a state's first decode step runs as usual
+/// (it loads the kernels), its second is captured, later ones replay. Only where the whole pass is on the device (no RAM
 /// experts: their steps wait for the CPU). A capture that fails turns graphs off for the model,
 /// with one line on stderr.
 struct Graphs {
@@ -310,7 +309,7 @@ impl<'a> DeviceParts<'a> {
         }
         let offload = Offload::new(gpu, m, staging_budget);
         let on = offload.is_none()
-            && std::env::var("GGRUN_CUDA_GRAPHS").is_ok_and(|v| v == "on" || v == "1");
+            && !std::env::var("GGRUN_CUDA_GRAPHS").is_ok_and(|v| v == "off" || v == "0");
         Ok(Some(DeviceParts {
             gpu,
             layers,
