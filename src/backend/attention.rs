@@ -1,4 +1,5 @@
-//! Causal grouped-query attention over a per-sequence KV cache.
+//! Causal grouped-query attention over a per-sequence KV cache, optionally limited to a sliding
+//! window of recent positions and with a per-head sink logit (gpt-oss).
 //!
 //! Normal precision mirrors llama.cpp's F16 cache without flash attention: K and V are stored
 //! rounded to f16, and the query and the softmax weights meet them rounded to f16. Exact
@@ -17,6 +18,8 @@ pub struct AttnShape {
     pub n_head_kv: usize,
     pub head_dim: usize,
     pub scale: f32,
+    /// Sliding-window layers: a token sees itself and the `window − 1` positions before it.
+    pub window: Option<usize>,
 }
 
 /// A fresh cache for `n_ctx` positions.
@@ -34,10 +37,13 @@ pub fn new_cache(shape: &AttnShape, n_ctx: usize, f16: bool) -> LayerState {
 
 /// [`attend`] for the rows of several sequences in one pass: sequence i owns rows `segs[i]` of
 /// `q`, `k` and `v` and attends over its own cache `states[i]`. Returns the outputs in row order.
+/// `sinks`: one logit per query head that joins every softmax's denominator (gpt-oss).
+#[allow(clippy::too_many_arguments)]
 pub fn attend_each(
     states: &mut [&mut LayerState],
     segs: &[std::ops::Range<usize>],
     s: &AttnShape,
+    sinks: Option<&[f32]>,
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -49,6 +55,7 @@ pub fn attend_each(
         out.extend(attend(
             st,
             s,
+            sinks,
             &q[r.start * qd..r.end * qd],
             &k[r.start * kd..r.end * kd],
             &v[r.start * kd..r.end * kd],
@@ -60,18 +67,20 @@ pub fn attend_each(
 
 /// Scores (q·k) into attention weights in place: scaled, exponentiated against their maximum,
 /// normalised by their sum (taken in f64, in position order), and rounded to f16 when the
-/// cache is f16 (where llama.cpp's weights meet an f16 V). Separate passes, so that the scaling
-/// and the maximum vectorize and the sum stays in a register (a call to exp in the same loop
-/// spilled it to the stack every position).
-fn softmax_weights(sc: &mut [f32], scale: f32, f16: bool) {
+/// cache is f16 (where llama.cpp's weights meet an f16 V). A sink logit joins the maximum and
+/// the sum but has no value row. Separate passes, so that the scaling and the maximum
+/// vectorize and the sum stays in a register (a call to exp in the same loop spilled it to the
+/// stack every position).
+fn softmax_weights(sc: &mut [f32], scale: f32, sink: Option<f32>, f16: bool) {
     for x in sc.iter_mut() {
         *x *= scale;
     }
-    let max = max_of(sc);
+    let max = max_of(sc).max(sink.unwrap_or(f32::NEG_INFINITY));
     for x in sc.iter_mut() {
         *x = (*x - max).exp();
     }
-    let sum: f64 = sc.iter().map(|&x| x as f64).sum();
+    let sum: f64 =
+        sc.iter().map(|&x| x as f64).sum::<f64>() + sink.map_or(0.0, |z| ((z - max).exp()) as f64);
     let inv = (1.0 / sum) as f32;
     for x in sc.iter_mut() {
         *x *= inv;
@@ -98,10 +107,12 @@ fn max_of(xs: &[f32]) -> f32 {
 }
 
 /// Appends `t` tokens' k and v (t × n_head_kv·head_dim each) and returns the attention output
-/// (t × n_head·head_dim) for queries `q` (t × n_head·head_dim) at the new positions.
+/// (t × n_head·head_dim) for queries `q` (t × n_head·head_dim) at the new positions; `sinks` as
+/// in [`attend_each`].
 pub fn attend(
     state: &mut LayerState,
     s: &AttnShape,
+    sinks: Option<&[f32]>,
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -163,17 +174,20 @@ pub fn attend(
             let mut scores = vec![0f32; g * (past + t1)];
             let mut qg = vec![0f32; g * hd];
             for ti in t0..t1 {
-                let n = past + ti + 1;
+                // Positions first..end: all before and at this token, or the window's.
+                let end = past + ti + 1;
+                let first = s.window.map_or(0, |w| end.saturating_sub(w));
+                let n = end - first;
                 qg.copy_from_slice(&q[(ti * nh + h0) * hd..(ti * nh + h0 + g) * hd]);
                 if f16 {
                     round_f16_slice(&mut qg);
                 }
                 let sc_all = &mut scores[..g * n];
-                dot_rows(&kc[kvh * hd..], row, &qg, hd, sc_all);
+                dot_rows(&kc[first * row + kvh * hd..], row, &qg, hd, sc_all);
                 for (j, sc) in sc_all.chunks_mut(n).enumerate() {
-                    softmax_weights(sc, s.scale, f16);
+                    softmax_weights(sc, s.scale, sinks.map(|z| z[h0 + j]), f16);
                     let at = ((ti - t0) * g + j) * hd;
-                    weighted_rows(&mut o[at..at + hd], sc, &vc[kvh * hd..], row);
+                    weighted_rows(&mut o[at..at + hd], sc, &vc[first * row + kvh * hd..], row);
                 }
             }
             o

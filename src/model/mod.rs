@@ -2,8 +2,12 @@
 //! errors, holds what every architecture shares (embedding lookup, output head), and picks the
 //! architecture from `general.architecture`.
 
+pub mod decoder;
+pub mod gemma3;
+pub mod gpt_oss;
 pub mod llama;
 pub mod nemotron_h;
+pub mod qwen;
 
 use anyhow::{anyhow, bail, Result};
 
@@ -475,7 +479,16 @@ pub fn logits(
 }
 
 /// Architectures [`load`] opens.
-const ARCHITECTURES: [&str; 3] = ["nemotron_h", "nemotron_h_moe", "llama"];
+const ARCHITECTURES: [&str; 8] = [
+    "nemotron_h",
+    "nemotron_h_moe",
+    "llama",
+    "qwen2",
+    "qwen3",
+    "qwen3moe",
+    "gemma3",
+    "gpt-oss",
+];
 
 /// Errors at once (before any weight is read) when the file's architecture is not one we run.
 pub fn check_architecture(gguf: &Gguf) -> Result<()> {
@@ -509,7 +522,10 @@ pub fn load_with<'a>(gguf: &'a Gguf, opts: LoadOptions<'a>) -> Result<Box<dyn Fo
     let t = Tensors { gguf, opts };
     Ok(match arch {
         "nemotron_h" | "nemotron_h_moe" => Box::new(nemotron_h::NemotronH::load(&t)?),
-        "llama" => Box::new(llama::Llama::load(&t)?),
+        "llama" => Box::new(llama::load(&t)?),
+        "qwen2" | "qwen3" | "qwen3moe" => Box::new(qwen::load(&t, arch)?),
+        "gemma3" => Box::new(gemma3::load(&t)?),
+        "gpt-oss" => Box::new(gpt_oss::load(&t)?),
         other => bail!("architecture {other} is not supported"),
     })
 }

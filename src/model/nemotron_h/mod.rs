@@ -185,6 +185,7 @@ impl<'a> NemotronH<'a> {
                         n_head_kv: n_kv[i],
                         head_dim,
                         scale,
+                        window: None,
                     },
                 })
             } else if t.opt(&p("ffn_gate_inp.weight")).is_some() {
@@ -334,7 +335,7 @@ impl<'a> NemotronH<'a> {
         cpu.matmul(q, h, t, &mut qv)?;
         cpu.matmul(k, h, t, &mut kv)?;
         cpu.matmul(v, h, t, &mut vv)?;
-        let a = attention::attend_each(sts, segs, shape, &qv, &kv, &vv)?;
+        let a = attention::attend_each(sts, segs, shape, None, &qv, &kv, &vv)?;
         let mut out = vec![0f32; t * self.n_embd];
         cpu.matmul(o, &a, t, &mut out)?;
         Ok(out)

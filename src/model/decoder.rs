@@ -1,0 +1,822 @@
+//! The decoder-only transformer that `llama`, `qwen2`, `qwen3`, `qwen3moe`, `gemma3` and
+//! `gpt-oss` share: pre-norm attention (RoPE in ggml's normal or neox pairing, optional q/k/v/o
+//! biases, per-head q/k RMSNorm, sliding windows, sink logits, YaRN scaling) and a feed-forward
+//! part that is a gated MLP (SiLU, GELU-tanh) or routed experts (softmax routers, SwiGLU or
+//! gpt-oss's clamped SwiGLU, expert biases), each with optional post-norms (gemma3). The
+//! architecture files only read their hyperparameters and tensors into a [`Decoder`]; the
+//! forward pass is this one.
+
+use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
+
+use super::{embed, segments, Forward, LayerState, Seq, State, Tensors};
+use crate::backend::attention::{self, AttnShape};
+use crate::backend::cpu::{rms_norm, silu, Cpu, Matrix, Precision};
+
+/// Rotary position embedding of one layer, as ggml computes it.
+#[derive(Clone, Debug)]
+pub struct Rope {
+    /// Dimensions rotated at the start of each head.
+    pub n_rot: usize,
+    pub base: f32,
+    /// Neox pairing (i, i + n_rot/2) instead of adjacent pairs (2i, 2i + 1).
+    pub neox: bool,
+    /// Per-pair divisors of the angle (Llama 3.1's `rope_freqs.weight`).
+    pub freq_factors: Option<Vec<f32>>,
+    /// 1 / the context scaling factor.
+    pub freq_scale: f32,
+    pub yarn: Option<Yarn>,
+}
+
+/// YaRN: pairs below `corr[0]` keep their trained angle, above `corr[1]` are interpolated,
+/// between them a ramp mixes the two; cos and sin are scaled by `mscale`.
+#[derive(Clone, Copy, Debug)]
+pub struct Yarn {
+    pub corr: [f32; 2],
+    pub mscale: f32,
+}
+
+impl Yarn {
+    /// ggml's correction dimensions and llama.cpp's magnitude for scaling `factor` over a
+    /// trained context of `n_ctx_orig` (beta_fast 32, beta_slow 1).
+    pub fn new(n_rot: usize, base: f32, factor: f32, n_ctx_orig: usize) -> Yarn {
+        let dim = |beta: f32| {
+            n_rot as f32 * (n_ctx_orig as f32 / (beta * 2.0 * std::f32::consts::PI)).ln()
+                / (2.0 * base.ln())
+        };
+        let corr = [
+            dim(32.0).floor().max(0.0),
+            dim(1.0).ceil().min(n_rot as f32 - 1.0),
+        ];
+        // llama.cpp cancels its attention factor against ggml's, leaving ggml's magnitude.
+        let mscale = if factor > 1.0 {
+            1.0 + 0.1 * factor.ln()
+        } else {
+            1.0
+        };
+        Yarn { corr, mscale }
+    }
+}
+
+impl Rope {
+    /// Plain rotation of `n_rot` dims with base `base`.
+    pub fn plain(n_rot: usize, base: f32, neox: bool) -> Rope {
+        Rope {
+            n_rot,
+            base,
+            neox,
+            freq_factors: None,
+            freq_scale: 1.0,
+            yarn: None,
+        }
+    }
+
+    /// (cos, sin) of each rotated pair at position `p` (ggml's iterative angle θ ← θ·base^(−2/n)).
+    fn angles(&self, p: f32, out: &mut [(f32, f32)]) {
+        let theta_scale = self.base.powf(-2.0 / self.n_rot as f32);
+        let mut theta = p;
+        for (i, o) in out.iter_mut().enumerate() {
+            let extrap = match &self.freq_factors {
+                Some(f) => theta / f[i],
+                None => theta,
+            };
+            let interp = self.freq_scale * extrap;
+            let (th, m) = match self.yarn {
+                Some(y) => {
+                    let r = (i as f32 - y.corr[0]) / (y.corr[1] - y.corr[0]).max(0.001);
+                    let ramp = 1.0 - r.clamp(0.0, 1.0);
+                    (interp * (1.0 - ramp) + extrap * ramp, y.mscale)
+                }
+                None => (interp, 1.0),
+            };
+            let (s, c) = th.sin_cos();
+            *o = (c * m, s * m);
+            theta *= theta_scale;
+        }
+    }
+
+    /// Rotates each head (of `head_dim`) of each row of `x` (`n_heads` heads a row), rows at
+    /// positions pos0, pos0 + 1, ….
+    pub fn apply(&self, x: &mut [f32], n_heads: usize, head_dim: usize, pos0: usize) {
+        let half = self.n_rot / 2;
+        let mut cs = vec![(0f32, 0f32); half];
+        for (ti, row) in x.chunks_mut(n_heads * head_dim).enumerate() {
+            self.angles((pos0 + ti) as f32, &mut cs);
+            for head in row.chunks_mut(head_dim) {
+                for (i, &(c, s)) in cs.iter().enumerate() {
+                    let (ia, ib) = if self.neox {
+                        (i, i + half)
+                    } else {
+                        (2 * i, 2 * i + 1)
+                    };
+                    let (a, b) = (head[ia], head[ib]);
+                    head[ia] = a * c - b * s;
+                    head[ib] = a * s + b * c;
+                }
+            }
+        }
+    }
+}
+
+/// A weight product with an optional bias added to each output row.
+pub struct Linear<'a> {
+    pub w: Matrix<'a>,
+    pub b: Option<Vec<f32>>,
+}
+
+impl Linear<'_> {
+    fn run(&self, cpu: &Cpu, x: &[f32], t: usize) -> Result<Vec<f32>> {
+        let mut y = vec![0f32; t * self.w.rows];
+        cpu.matmul(&self.w, x, t, &mut y)?;
+        if let Some(b) = &self.b {
+            add_rows(&mut y, b);
+        }
+        Ok(y)
+    }
+}
+
+/// Adds `b` to each row of `y` (rows of `b.len()`).
+fn add_rows(y: &mut [f32], b: &[f32]) {
+    for row in y.chunks_mut(b.len()) {
+        for (v, c) in row.iter_mut().zip(b) {
+            *v += c;
+        }
+    }
+}
+
+/// One attention block.
+pub struct Attention<'a> {
+    pub q: Linear<'a>,
+    pub k: Linear<'a>,
+    pub v: Linear<'a>,
+    pub o: Linear<'a>,
+    /// Per-head RMSNorm weights of q and k (applied before RoPE).
+    pub q_norm: Option<Vec<f32>>,
+    pub k_norm: Option<Vec<f32>>,
+    /// One logit per query head that joins each softmax's denominator.
+    pub sinks: Option<Vec<f32>>,
+    pub shape: AttnShape,
+    pub rope: Rope,
+}
+
+/// The activation of a gated feed-forward: act(gate) ⊙ up.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Act {
+    Silu,
+    /// GELU, tanh approximation.
+    GeluTanh,
+    /// gpt-oss: gate clamped above at `limit`, up clamped to ±limit, gate·σ(α·gate)·(up + 1).
+    SwigluOai {
+        alpha: f32,
+        limit: f32,
+    },
+}
+
+impl Act {
+    /// gate ← act(gate, up), element-wise.
+    fn apply(self, gate: &mut [f32], up: &[f32]) {
+        match self {
+            Act::Silu => gate.iter_mut().zip(up).for_each(|(g, u)| *g = silu(*g) * u),
+            Act::GeluTanh => gate
+                .iter_mut()
+                .zip(up)
+                .for_each(|(g, u)| *g = gelu_tanh(*g) * u),
+            Act::SwigluOai { alpha, limit } => gate.iter_mut().zip(up).for_each(|(g, u)| {
+                let x = g.min(limit);
+                let y = u.clamp(-limit, limit);
+                *g = x / (1.0 + (-alpha * x).exp()) * (y + 1.0);
+            }),
+        }
+    }
+}
+
+/// GELU with the tanh approximation (the form ggml and Gemma use).
+pub fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh())
+}
+
+/// How a router's logits become expert weights.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Gating {
+    /// Softmax over all experts, top-k of the probabilities; with `norm` the k weights are
+    /// rescaled to sum to 1 (qwen3moe).
+    Softmax { norm: bool },
+    /// Top-k of the logits, softmax over the k selected (gpt-oss).
+    SoftmaxSelected,
+}
+
+/// Routed experts: stacked gate, up (ff rows each) and down (n_embd rows each) matrices.
+pub struct Moe<'a> {
+    pub router: Linear<'a>,
+    pub gate: Matrix<'a>,
+    pub up: Matrix<'a>,
+    pub down: Matrix<'a>,
+    /// Per-expert biases (n_expert × ff, n_expert × ff, n_expert × n_embd).
+    pub gate_b: Option<Vec<f32>>,
+    pub up_b: Option<Vec<f32>>,
+    pub down_b: Option<Vec<f32>>,
+    pub n_expert: usize,
+    pub n_used: usize,
+    pub ff: usize,
+    pub gating: Gating,
+    pub act: Act,
+    /// Multiplies every expert weight (1: none).
+    pub scale: f32,
+}
+
+/// A gated MLP: down · act(gate · x, up · x).
+pub struct Gated<'a> {
+    pub gate: Matrix<'a>,
+    pub up: Matrix<'a>,
+    pub down: Matrix<'a>,
+    pub act: Act,
+}
+
+pub enum FeedForward<'a> {
+    Gated(Box<Gated<'a>>),
+    Moe(Box<Moe<'a>>),
+}
+
+pub struct Layer<'a> {
+    pub attn_norm: Vec<f32>,
+    pub attn: Attention<'a>,
+    /// RMSNorm of the attention output before the residual add (gemma3).
+    pub attn_post_norm: Option<Vec<f32>>,
+    pub ffn_norm: Vec<f32>,
+    pub ffn: FeedForward<'a>,
+    /// RMSNorm of the feed-forward output before the residual add (gemma3).
+    pub ffn_post_norm: Option<Vec<f32>>,
+}
+
+/// A decoder-only transformer, as an architecture file filled it.
+pub struct Decoder<'a> {
+    pub n_embd: usize,
+    pub n_vocab: usize,
+    pub n_ctx_train: usize,
+    pub eps: f32,
+    /// Multiplies the embedded tokens (gemma3: √n_embd).
+    pub embd_scale: Option<f32>,
+    pub embd: Matrix<'a>,
+    pub layers: Vec<Layer<'a>>,
+    pub out_norm: Vec<f32>,
+    pub output: Matrix<'a>,
+    /// Selections per expert of each MoE layer, counted over every token run.
+    pub usage: std::sync::Mutex<Vec<Vec<u64>>>,
+}
+
+/// Hyperparameters every decoder architecture names the same way (`{arch}.key`).
+pub struct Hyper {
+    pub arch: String,
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub n_head: usize,
+    /// KV heads per layer.
+    pub n_head_kv: Vec<usize>,
+    pub head_dim: usize,
+    pub n_rot: usize,
+    pub eps: f32,
+    pub freq_base: f32,
+    pub n_ctx_train: usize,
+}
+
+impl Hyper {
+    pub fn read(t: &Tensors, arch: &str) -> Result<Hyper> {
+        let md = t.gguf.metadata();
+        let key = |k: &str| format!("{arch}.{k}");
+        let n_layer = md.get_usize(&key("block_count"))?;
+        if n_layer == 0 || n_layer > 4096 {
+            bail!("{arch}.block_count: {n_layer} layers is out of range");
+        }
+        let n_embd = md.get_usize(&key("embedding_length"))?;
+        let n_head = md.get_usize(&key("attention.head_count"))?;
+        if n_head == 0 || n_embd == 0 {
+            bail!("{arch}: {n_head} heads of an embedding of {n_embd}");
+        }
+        let n_head_kv = match md.get(&key("attention.head_count_kv")) {
+            Some(_) => md.get_per_layer(&key("attention.head_count_kv"), n_layer)?,
+            None => vec![n_head; n_layer],
+        };
+        let head_dim = md
+            .get_usize(&key("attention.key_length"))
+            .unwrap_or(n_embd / n_head);
+        Ok(Hyper {
+            arch: arch.to_string(),
+            n_layer,
+            n_embd,
+            n_head,
+            n_head_kv,
+            head_dim,
+            n_rot: md
+                .get_usize(&key("rope.dimension_count"))
+                .unwrap_or(head_dim),
+            eps: md.get_f32(&key("attention.layer_norm_rms_epsilon"))?,
+            freq_base: md.get_f32(&key("rope.freq_base")).unwrap_or(10000.0),
+            n_ctx_train: md.get_usize(&key("context_length")).unwrap_or(4096),
+        })
+    }
+
+    pub fn key(&self, k: &str) -> String {
+        format!("{}.{k}", self.arch)
+    }
+
+    /// Which layers use the sliding window, by llama.cpp's rule: an array of booleans in
+    /// `attention.sliding_window_pattern`, else its integer n (default `pattern`): layer i is
+    /// windowed unless i % n == n − 1 (n = 0: every layer).
+    pub fn swa_layers(&self, t: &Tensors, pattern: usize) -> Result<Vec<bool>> {
+        use crate::gguf::Value;
+        let md = t.gguf.metadata();
+        let key = self.key("attention.sliding_window_pattern");
+        if let Some(Value::Array(_, items)) = md.get(&key) {
+            if items.len() != self.n_layer {
+                bail!("{key}: {} entries for {} layers", items.len(), self.n_layer);
+            }
+            return Ok(items
+                .iter()
+                .map(|v| matches!(v, Value::Bool(true)))
+                .collect());
+        }
+        let n = md.get_usize(&key).unwrap_or(pattern);
+        Ok((0..self.n_layer).map(|i| n == 0 || i % n < n - 1).collect())
+    }
+
+    /// The attention of layer `i`: q/k/v/o with the biases the file has, and per-head q/k
+    /// norms and sinks when asked for (then required).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention<'a>(
+        &self,
+        t: &Tensors<'a>,
+        i: usize,
+        rope: Rope,
+        window: Option<usize>,
+        scale: f32,
+        qk_norm: bool,
+        sinks: bool,
+    ) -> Result<Attention<'a>> {
+        let p = |n: &str| format!("blk.{i}.{n}");
+        let (n, hd, nh, nkv) = (self.n_embd, self.head_dim, self.n_head, self.n_head_kv[i]);
+        let linear = |name: &str, cols: usize, rows: usize| -> Result<Linear<'a>> {
+            Ok(Linear {
+                w: t.matrix(&p(&format!("{name}.weight")), cols, rows)?,
+                b: t.opt_vector(&p(&format!("{name}.bias")), rows)?,
+            })
+        };
+        Ok(Attention {
+            q: linear("attn_q", n, nh * hd)?,
+            k: linear("attn_k", n, nkv * hd)?,
+            v: linear("attn_v", n, nkv * hd)?,
+            o: linear("attn_output", nh * hd, n)?,
+            q_norm: qk_norm
+                .then(|| t.vector(&p("attn_q_norm.weight"), hd))
+                .transpose()?,
+            k_norm: qk_norm
+                .then(|| t.vector(&p("attn_k_norm.weight"), hd))
+                .transpose()?,
+            sinks: sinks
+                .then(|| t.vector(&p("attn_sinks.weight"), nh))
+                .transpose()?,
+            shape: AttnShape {
+                n_head: nh,
+                n_head_kv: nkv,
+                head_dim: hd,
+                scale,
+                window,
+            },
+            rope,
+        })
+    }
+
+    /// A gated feed-forward of `ff` rows (`ffn_gate`, `ffn_up`, `ffn_down`).
+    pub fn gated<'a>(
+        &self,
+        t: &Tensors<'a>,
+        i: usize,
+        ff: usize,
+        act: Act,
+    ) -> Result<FeedForward<'a>> {
+        let p = |n: &str| format!("blk.{i}.{n}");
+        let n = self.n_embd;
+        Ok(FeedForward::Gated(Box::new(Gated {
+            gate: t.matrix(&p("ffn_gate.weight"), n, ff)?,
+            up: t.matrix(&p("ffn_up.weight"), n, ff)?,
+            down: t.matrix(&p("ffn_down.weight"), ff, n)?,
+            act,
+        })))
+    }
+
+    /// The routed experts of layer `i` (`ffn_gate_inp`, `ffn_{gate,up,down}_exps`, with the
+    /// biases the file has), sized from `expert_count`, `expert_used_count` and
+    /// `expert_feed_forward_length`.
+    pub fn moe<'a>(
+        &self,
+        t: &Tensors<'a>,
+        i: usize,
+        gating: Gating,
+        act: Act,
+    ) -> Result<FeedForward<'a>> {
+        let md = t.gguf.metadata();
+        let p = |n: &str| format!("blk.{i}.{n}");
+        let n = self.n_embd;
+        let ne = md.get_usize(&self.key("expert_count"))?;
+        let k = md.get_usize(&self.key("expert_used_count"))?;
+        let ff = md.get_usize(&self.key("expert_feed_forward_length"))?;
+        if ne == 0 || k == 0 || k > ne || ne > 1 << 16 {
+            bail!("expert_count {ne} / expert_used_count {k} out of range");
+        }
+        let stacked = |name: &str, cols: usize, rows: usize| -> Result<Matrix<'a>> {
+            let w = t.shaped(&p(name), &[cols as u64, rows as u64, ne as u64])?;
+            t.weight(&w, rows * ne, cols)
+        };
+        let scale = md.get_f32(&self.key("expert_weights_scale")).unwrap_or(0.0);
+        Ok(FeedForward::Moe(Box::new(Moe {
+            router: Linear {
+                w: t.matrix(&p("ffn_gate_inp.weight"), n, ne)?,
+                b: t.opt_vector(&p("ffn_gate_inp.bias"), ne)?,
+            },
+            gate: stacked("ffn_gate_exps.weight", n, ff)?,
+            up: stacked("ffn_up_exps.weight", n, ff)?,
+            down: stacked("ffn_down_exps.weight", ff, n)?,
+            gate_b: t.opt_vector(&p("ffn_gate_exps.bias"), ne * ff)?,
+            up_b: t.opt_vector(&p("ffn_up_exps.bias"), ne * ff)?,
+            down_b: t.opt_vector(&p("ffn_down_exps.bias"), ne * n)?,
+            n_expert: ne,
+            n_used: k,
+            ff,
+            gating,
+            act,
+            // llama.cpp applies the scale only when it is neither 0 nor 1.
+            scale: if scale == 0.0 { 1.0 } else { scale },
+        })))
+    }
+
+    /// The model around `layers`: embedding, final norm and head (tied when `output.weight` is
+    /// absent), checked.
+    pub fn decoder<'a>(
+        &self,
+        t: &Tensors<'a>,
+        layers: Vec<Layer<'a>>,
+        embd_scale: Option<f32>,
+    ) -> Result<Decoder<'a>> {
+        let (embd, output, n_vocab) = t.embedding_and_output(self.n_embd)?;
+        let d = Decoder {
+            n_embd: self.n_embd,
+            n_vocab,
+            n_ctx_train: self.n_ctx_train,
+            eps: self.eps,
+            embd_scale,
+            embd,
+            usage: std::sync::Mutex::new(vec![Vec::new(); layers.len()]),
+            layers,
+            out_norm: t.vector("output_norm.weight", self.n_embd)?,
+            output,
+        };
+        d.check()?;
+        Ok(d)
+    }
+}
+
+impl<'a> Decoder<'a> {
+    /// Checks what the architecture files cannot express in types: head counts and shapes.
+    pub fn check(&self) -> Result<()> {
+        for (i, l) in self.layers.iter().enumerate() {
+            let s = &l.attn.shape;
+            if s.n_head == 0 || s.n_head_kv == 0 || s.n_head % s.n_head_kv != 0 {
+                bail!(
+                    "layer {i}: {} heads do not divide into {} kv heads",
+                    s.n_head,
+                    s.n_head_kv
+                );
+            }
+            if l.attn.rope.n_rot > s.head_dim || !l.attn.rope.n_rot.is_multiple_of(2) {
+                bail!(
+                    "layer {i}: {} rotated dims do not fit head dim {}",
+                    l.attn.rope.n_rot,
+                    s.head_dim
+                );
+            }
+            if let FeedForward::Moe(m) = &l.ffn {
+                if m.n_expert == 0 || m.n_used == 0 || m.n_used > m.n_expert {
+                    bail!(
+                        "layer {i}: expert_count {} / expert_used_count {} out of range",
+                        m.n_expert,
+                        m.n_used
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Layer `i`'s attention over `h` (the normed rows of every sequence).
+    fn attention(
+        &self,
+        cpu: &Cpu,
+        i: usize,
+        a: &Attention,
+        h: &[f32],
+        seqs: &mut [Seq],
+        segs: &[std::ops::Range<usize>],
+    ) -> Result<Vec<f32>> {
+        let s = &a.shape;
+        let t = h.len() / self.n_embd;
+        let (mut q, mut k, v) = (
+            a.q.run(cpu, h, t)?,
+            a.k.run(cpu, h, t)?,
+            a.v.run(cpu, h, t)?,
+        );
+        if let Some(w) = &a.q_norm {
+            rms_norm(&mut q, w, self.eps);
+        }
+        if let Some(w) = &a.k_norm {
+            rms_norm(&mut k, w, self.eps);
+        }
+        let (qd, kd) = (s.n_head * s.head_dim, s.n_head_kv * s.head_dim);
+        for (seq, r) in seqs.iter().zip(segs) {
+            let pos = seq.state.pos;
+            a.rope
+                .apply(&mut q[r.start * qd..r.end * qd], s.n_head, s.head_dim, pos);
+            a.rope.apply(
+                &mut k[r.start * kd..r.end * kd],
+                s.n_head_kv,
+                s.head_dim,
+                pos,
+            );
+        }
+        let mut sts: Vec<&mut LayerState> =
+            seqs.iter_mut().map(|sq| &mut sq.state.layers[i]).collect();
+        let o = attention::attend_each(&mut sts, segs, s, a.sinks.as_deref(), &q, &k, &v)?;
+        a.o.run(cpu, &o, t)
+    }
+
+    fn gated(cpu: &Cpu, f: &Gated, h: &[f32], t: usize) -> Result<Vec<f32>> {
+        let Gated {
+            gate,
+            up,
+            down,
+            act,
+        } = f;
+        let mut g = vec![0f32; t * gate.rows];
+        let mut u = vec![0f32; t * up.rows];
+        cpu.matmul(gate, h, t, &mut g)?;
+        cpu.matmul(up, h, t, &mut u)?;
+        act.apply(&mut g, &u);
+        let mut o = vec![0f32; t * down.rows];
+        cpu.matmul(down, &g, t, &mut o)?;
+        Ok(o)
+    }
+
+    /// Routes each token to its experts and returns their weighted sum.
+    fn moe(&self, cpu: &Cpu, layer: usize, m: &Moe, h: &[f32], t: usize) -> Result<Vec<f32>> {
+        let (ne, k, n, ff) = (m.n_expert, m.n_used, self.n_embd, m.ff);
+        let logits = m.router.run(cpu, h, t)?;
+        let mut per_expert: Vec<Vec<(usize, f32)>> = vec![Vec::new(); ne];
+        for (ti, row) in logits.chunks(ne).enumerate() {
+            for (e, w) in route(row, k, m.gating) {
+                per_expert[e].push((ti, w * m.scale));
+            }
+        }
+        {
+            let mut u = self.usage.lock().unwrap_or_else(|e| e.into_inner());
+            let counts = &mut u[layer];
+            counts.resize(ne, 0);
+            for (c, r) in counts.iter_mut().zip(&per_expert) {
+                *c += r.len() as u64;
+            }
+        }
+        let used: Vec<usize> = (0..ne).filter(|&e| !per_expert[e].is_empty()).collect();
+        // Each selected expert once over its tokens, the experts concurrently.
+        let outs: Vec<Vec<f32>> = used
+            .par_iter()
+            .map(|&e| -> Result<Vec<f32>> {
+                let rows = &per_expert[e];
+                let te = rows.len();
+                let mut xs = Vec::with_capacity(te * n);
+                for &(ti, _) in rows {
+                    xs.extend_from_slice(&h[ti * n..(ti + 1) * n]);
+                }
+                let (gate, up, down) = (
+                    m.gate.slice_rows(e * ff, ff),
+                    m.up.slice_rows(e * ff, ff),
+                    m.down.slice_rows(e * n, n),
+                );
+                let mut g = vec![0f32; te * ff];
+                let mut u = vec![0f32; te * ff];
+                cpu.matmul(&gate, &xs, te, &mut g)?;
+                cpu.matmul(&up, &xs, te, &mut u)?;
+                if let Some(b) = &m.gate_b {
+                    add_rows(&mut g, &b[e * ff..(e + 1) * ff]);
+                }
+                if let Some(b) = &m.up_b {
+                    add_rows(&mut u, &b[e * ff..(e + 1) * ff]);
+                }
+                m.act.apply(&mut g, &u);
+                let mut o = vec![0f32; te * n];
+                cpu.matmul(&down, &g, te, &mut o)?;
+                if let Some(b) = &m.down_b {
+                    add_rows(&mut o, &b[e * n..(e + 1) * n]);
+                }
+                Ok(o)
+            })
+            .collect::<Result<_>>()?;
+        let mut out = vec![0f32; t * n];
+        for (&e, y) in used.iter().zip(&outs) {
+            for (&(ti, w), yr) in per_expert[e].iter().zip(y.chunks(n)) {
+                for (o, v) in out[ti * n..(ti + 1) * n].iter_mut().zip(yr) {
+                    *o += w * v;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The k experts a router row picks, with their weights (ties to the lower index).
+pub fn route(logits: &[f32], k: usize, gating: Gating) -> Vec<(usize, f32)> {
+    let softmax = |xs: &[f32]| -> Vec<f32> {
+        let max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let e: Vec<f32> = xs.iter().map(|&x| (x - max).exp()).collect();
+        let s: f32 = e.iter().sum();
+        e.iter().map(|&x| x / s).collect()
+    };
+    let top = |score: &[f32]| -> Vec<usize> {
+        let mut idx: Vec<usize> = (0..score.len()).collect();
+        idx.sort_by(|&a, &b| score[b].total_cmp(&score[a]).then(a.cmp(&b)));
+        idx.truncate(k);
+        idx
+    };
+    match gating {
+        Gating::Softmax { norm } => {
+            let p = softmax(logits);
+            let chosen = top(&p);
+            let mut w: Vec<f32> = chosen.iter().map(|&e| p[e]).collect();
+            if norm {
+                let s = w.iter().sum::<f32>().max(6.103_515_6e-5);
+                w.iter_mut().for_each(|x| *x /= s);
+            }
+            chosen.into_iter().zip(w).collect()
+        }
+        Gating::SoftmaxSelected => {
+            let chosen = top(logits);
+            let sel: Vec<f32> = chosen.iter().map(|&e| logits[e]).collect();
+            chosen.into_iter().zip(softmax(&sel)).collect()
+        }
+    }
+}
+
+impl Forward for Decoder<'_> {
+    fn n_vocab(&self) -> usize {
+        self.n_vocab
+    }
+
+    fn n_ctx_train(&self) -> usize {
+        self.n_ctx_train
+    }
+
+    fn expert_usage(&self) -> Result<Vec<(usize, Vec<u64>)>> {
+        let u = self.usage.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(self
+            .layers
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| matches!(l.ffn, FeedForward::Moe(_)))
+            .map(|(i, _)| (i, u[i].clone()))
+            .collect())
+    }
+
+    fn new_state(&self, n_ctx: usize, precision: Precision) -> Result<State> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| attention::new_cache(&l.attn.shape, n_ctx, precision == Precision::Normal))
+            .collect();
+        Ok(State::new(layers, n_ctx))
+    }
+
+    fn run(
+        &self,
+        cpu: &Cpu,
+        seqs: &mut [Seq],
+        tokens: &[u32],
+        all_logits: bool,
+    ) -> Result<Vec<f32>> {
+        let t = tokens.len();
+        let segs = segments(seqs, t)?;
+        let mut x = embed(&self.embd, tokens)?;
+        if let Some(s) = self.embd_scale {
+            x.iter_mut().for_each(|v| *v *= s);
+        }
+        let residual = |x: &mut [f32], mut y: Vec<f32>, post: &Option<Vec<f32>>| {
+            if let Some(w) = post {
+                rms_norm(&mut y, w, self.eps);
+            }
+            for (a, b) in x.iter_mut().zip(&y) {
+                *a += b;
+            }
+        };
+        for (i, l) in self.layers.iter().enumerate() {
+            let mut layer = || -> Result<()> {
+                let mut h = x.clone();
+                rms_norm(&mut h, &l.attn_norm, self.eps);
+                let a = self.attention(cpu, i, &l.attn, &h, seqs, &segs)?;
+                residual(&mut x, a, &l.attn_post_norm);
+                let mut h = x.clone();
+                rms_norm(&mut h, &l.ffn_norm, self.eps);
+                let f = match &l.ffn {
+                    FeedForward::Gated(f) => Self::gated(cpu, f, &h, t)?,
+                    FeedForward::Moe(m) => self.moe(cpu, i, m, &h, t)?,
+                };
+                residual(&mut x, f, &l.ffn_post_norm);
+                Ok(())
+            };
+            layer().with_context(|| format!("layer {i}"))?;
+        }
+        for seq in seqs.iter_mut() {
+            seq.state.pos += seq.len;
+        }
+        super::logits(
+            cpu,
+            &x,
+            &segs,
+            &self.out_norm,
+            self.eps,
+            &self.output,
+            all_logits,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn neox_and_normal_pairings_rotate_the_same_angles() {
+        // A head whose pairs hold (1, 0): after rotation each pair is (cos θ_i, sin θ_i).
+        let (hd, pos) = (8, 5usize);
+        let normal = Rope::plain(hd, 10000.0, false);
+        let neox = Rope::plain(hd, 10000.0, true);
+        let mut a = vec![1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0];
+        let mut b = vec![1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0];
+        normal.apply(&mut a, 1, hd, pos);
+        neox.apply(&mut b, 1, hd, pos);
+        for i in 0..hd / 2 {
+            let th = pos as f64 * 10000f64.powf(-2.0 * i as f64 / hd as f64);
+            assert!((a[2 * i] as f64 - th.cos()).abs() < 1e-5, "{a:?}");
+            assert!((a[2 * i + 1] as f64 - th.sin()).abs() < 1e-5, "{a:?}");
+            assert_eq!((a[2 * i], a[2 * i + 1]), (b[i], b[i + hd / 2]));
+        }
+    }
+
+    #[test]
+    fn yarn_keeps_fast_pairs_and_interpolates_slow_ones() {
+        let (n, base, factor) = (64, 150000.0f32, 32.0f32);
+        let y = Yarn::new(n, base, factor, 4096);
+        assert!(y.corr[0] >= 0.0 && y.corr[0] < y.corr[1] && y.corr[1] <= (n - 1) as f32);
+        let mut r = Rope::plain(n, base, true);
+        r.freq_scale = 1.0 / factor;
+        r.yarn = Some(y);
+        let mut cs = vec![(0f32, 0f32); n / 2];
+        let p = 1000.0f32;
+        r.angles(p, &mut cs);
+        let theta = |i: usize| p * base.powf(-2.0 * i as f32 / n as f32);
+        // The first pair keeps its angle, the last is divided by the factor; both scaled.
+        let (c0, s0) = cs[0];
+        assert!((s0.atan2(c0) - theta(0).sin().atan2(theta(0).cos())).abs() < 1e-3);
+        assert!(((c0 * c0 + s0 * s0).sqrt() - y.mscale).abs() < 1e-5);
+        let (cl, sl) = cs[n / 2 - 1];
+        let want = theta(n / 2 - 1) / factor;
+        assert!((sl.atan2(cl) - want.sin().atan2(want.cos())).abs() < 1e-4);
+    }
+
+    #[test]
+    fn routing_follows_each_gating_rule() {
+        let logits = [0.5f32, 2.0, -1.0, 2.0, 1.0];
+        // Softmax then top-2 (ties to the lower index), renormalised.
+        let r = route(&logits, 2, Gating::Softmax { norm: true });
+        assert_eq!(r.iter().map(|x| x.0).collect::<Vec<_>>(), [1, 3]);
+        assert!((r[0].1 - 0.5).abs() < 1e-6 && (r[1].1 - 0.5).abs() < 1e-6);
+        // Without renormalisation the weights are the full softmax's.
+        let r = route(&logits, 1, Gating::Softmax { norm: false });
+        let z: f32 = logits.iter().map(|x| x.exp()).sum();
+        assert!((r[0].1 - 2f32.exp() / z).abs() < 1e-6);
+        // Top-k of the logits, softmax over the selected.
+        let r = route(&logits, 3, Gating::SoftmaxSelected);
+        assert_eq!(r.iter().map(|x| x.0).collect::<Vec<_>>(), [1, 3, 4]);
+        let z = 2.0 * 2f32.exp() + 1f32.exp();
+        assert!((r[2].1 - 1f32.exp() / z).abs() < 1e-6);
+    }
+
+    #[test]
+    fn clamped_swiglu_matches_its_formula() {
+        let act = Act::SwigluOai {
+            alpha: 1.702,
+            limit: 7.0,
+        };
+        let mut g = [-3.0f32, 0.5, 9.0];
+        let u = [1.0f32, -8.0, 2.0];
+        act.apply(&mut g, &u);
+        let f = |x: f32, y: f32| x / (1.0 + (-1.702 * x).exp()) * (y + 1.0);
+        assert_eq!(g, [f(-3.0, 1.0), f(0.5, -7.0), f(7.0, 2.0)]);
+        assert!((gelu_tanh(1.0) - 0.841_192).abs() < 1e-5);
+    }
+}

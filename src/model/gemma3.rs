@@ -1,0 +1,45 @@
+//! `gemma3`: embeddings scaled by √n_embd; four RMSNorms a layer (before and after attention,
+//! before and after the feed-forward; the converter stores Gemma's (1 + w) weights already
+//! added); per-head q/k RMSNorm; neox RoPE; sliding-window attention on every layer but each
+//! `sliding_window_pattern`-th (6: layers 5, 11, …), the windowed layers with RoPE base
+//! `rope.freq_base_swa` (10000), the global ones with `rope.freq_base`; a GELU-tanh gated
+//! feed-forward; attention scale 1/√key_length; tied output. The forward pass is the shared
+//! [`Decoder`]'s.
+
+use anyhow::Result;
+
+use super::decoder::{Act, Decoder, Hyper, Layer, Rope};
+use super::Tensors;
+
+pub fn load<'a>(t: &Tensors<'a>) -> Result<Decoder<'a>> {
+    let h = Hyper::read(t, "gemma3")?;
+    let md = t.gguf.metadata();
+    let ff = md.get_usize(&h.key("feed_forward_length"))?;
+    let window = md
+        .get_usize(&h.key("attention.sliding_window"))
+        .ok()
+        .filter(|&w| w > 0);
+    let swa = h.swa_layers(t, 6)?;
+    let base_swa = md.get_f32(&h.key("rope.freq_base_swa")).unwrap_or(10000.0);
+    let scale = 1.0 / (h.head_dim as f32).sqrt();
+    let layers = (0..h.n_layer)
+        .map(|i| {
+            let p = |n: &str| format!("blk.{i}.{n}");
+            let (win, base) = if window.is_some() && swa[i] {
+                (window, base_swa)
+            } else {
+                (None, h.freq_base)
+            };
+            let rope = Rope::plain(h.n_rot, base, true);
+            Ok(Layer {
+                attn_norm: t.vector(&p("attn_norm.weight"), h.n_embd)?,
+                attn: h.attention(t, i, rope, win, scale, true, false)?,
+                attn_post_norm: Some(t.vector(&p("post_attention_norm.weight"), h.n_embd)?),
+                ffn_norm: t.vector(&p("ffn_norm.weight"), h.n_embd)?,
+                ffn: h.gated(t, i, ff, Act::GeluTanh)?,
+                ffn_post_norm: Some(t.vector(&p("post_ffw_norm.weight"), h.n_embd)?),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    h.decoder(t, layers, Some((h.n_embd as f32).sqrt()))
+}
