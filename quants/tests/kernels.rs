@@ -13,7 +13,7 @@ use ggrun_quants::{
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-const WEIGHT_TYPES: [GgmlType; 14] = [
+const WEIGHT_TYPES: [GgmlType; 15] = [
     GgmlType::F32,
     GgmlType::F16,
     GgmlType::BF16,
@@ -23,6 +23,7 @@ const WEIGHT_TYPES: [GgmlType; 14] = [
     GgmlType::Q5_1,
     GgmlType::Q8_0,
     GgmlType::IQ4_NL,
+    GgmlType::MXFP4,
     GgmlType::Q2_K,
     GgmlType::Q3_K,
     GgmlType::Q4_K,
@@ -425,13 +426,14 @@ fn weighted_rows_match_the_scalar_reference_bit_for_bit() {
                 a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
                 "{isa:?} {n} {hd}"
             );
-            // The reference is the plain sum, up to rounding.
+            // The reference is the plain sum, up to f32 rounding: n+1 additions, each off by at
+            // most half an ulp of a partial sum bounded by Σ|terms|.
             for (d, got) in a.iter().enumerate() {
-                let want: f64 = y0[d] as f64
-                    + (0..n)
-                        .map(|p| w[p] as f64 * v[p * stride + d] as f64)
-                        .sum::<f64>();
-                assert!((*got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()));
+                let terms = (0..n).map(|p| w[p] as f64 * v[p * stride + d] as f64);
+                let want: f64 = y0[d] as f64 + terms.clone().sum::<f64>();
+                let mag: f64 = (y0[d] as f64).abs() + terms.map(f64::abs).sum::<f64>();
+                let tol = (n + 1) as f64 * 6e-8 * mag + 1e-30;
+                assert!((*got as f64 - want).abs() <= tol, "{got} vs {want} ({mag})");
             }
         }
     }

@@ -15,6 +15,7 @@ use crate::kquants::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K}
 use crate::legacy::{
     h, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, BlockQ8_1, IQ4NL_VALUES,
 };
+use crate::mxfp4::{e8m0_half, BlockMxfp4, FP4_VALUES};
 use bytemuck::{cast_slice, cast_slice_mut};
 
 // ---------------------------------------------------------------------------------------------
@@ -116,6 +117,14 @@ pub(super) unsafe fn q8_0_i8(b: &BlockQ8_0) -> __m256i {
 #[inline]
 pub(super) unsafe fn iq4_nl_i8(b: &BlockQ4_0) -> __m256i {
     let t = _mm_loadu_si128(IQ4NL_VALUES.as_ptr().cast());
+    _mm256_shuffle_epi8(_mm256_set_m128i(t, t), nibbles(&b.qs))
+}
+
+/// MXFP4: the nibbles index twice the E2M1 values, as IQ4_NL's index its codebook.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(super) unsafe fn mxfp4_i8(b: &BlockMxfp4) -> __m256i {
+    let t = _mm_loadu_si128(FP4_VALUES.as_ptr().cast());
     _mm256_shuffle_epi8(_mm256_set_m128i(t, t), nibbles(&b.qs))
 }
 
@@ -271,6 +280,36 @@ unsigned_dot!(
     BlockQ5_1,
     q5_1_u8
 );
+
+/// MXFP4 against Q8_0: the signed-byte dot of the legacy types, each block scaled by
+/// 2^(e − 128) · d_a (ggml's AVX2 kernel multiplies the same two factors).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_mxfp4_impl(w: &[BlockMxfp4], a: &[BlockQ8_0]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    for (b, y) in w.iter().zip(a) {
+        let s = _mm256_cvtepi32_ps(dot_i8(mxfp4_i8(b), load32(&y.qs)));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(fp16(y.d) * e8m0_half(b.e)), s, acc);
+    }
+    hsum_ps(acc)
+}
+
+/// Four activation rows at once, each in the single-row order.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot4_mxfp4_impl(w: &[BlockMxfp4], a: [&[BlockQ8_0]; 4], out: &mut [f32; 4]) {
+    let mut acc = [_mm256_setzero_ps(); 4];
+    for (i, b) in w.iter().enumerate() {
+        let q = mxfp4_i8(b);
+        let d = e8m0_half(b.e);
+        for (ac, ar) in acc.iter_mut().zip(&a) {
+            let y = &ar[i];
+            let s = _mm256_cvtepi32_ps(dot_i8(q, load32(&y.qs)));
+            *ac = _mm256_fmadd_ps(_mm256_set1_ps(fp16(y.d) * d), s, *ac);
+        }
+    }
+    for (o, ac) in out.iter_mut().zip(acc) {
+        *o = hsum_ps(ac);
+    }
+}
 
 // ---------------------------------------------------------------------------------------------
 // Legacy dequantize (bit-exact with scalar: one float multiply per element).
@@ -605,12 +644,14 @@ entry!(dot dot_q5_0, dot_q5_0_impl);
 entry!(dot dot_q5_1, dot_q5_1_impl);
 entry!(dot dot_q8_0, dot_q8_0_impl);
 entry!(dot dot_iq4_nl, dot_iq4_nl_impl);
+entry!(dot dot_mxfp4, dot_mxfp4_impl);
 entry!(dot4 dot4_q4_0, dot4_q4_0_impl);
 entry!(dot4 dot4_q4_1, dot4_q4_1_impl);
 entry!(dot4 dot4_q5_0, dot4_q5_0_impl);
 entry!(dot4 dot4_q5_1, dot4_q5_1_impl);
 entry!(dot4 dot4_q8_0, dot4_q8_0_impl);
 entry!(dot4 dot4_iq4_nl, dot4_iq4_nl_impl);
+entry!(dot4 dot4_mxfp4, dot4_mxfp4_impl);
 entry!(dot dot_q2_k, dot_q2k_impl);
 entry!(dot dot_q3_k, dot_q3k_impl);
 entry!(dot dot_q5_k, dot_q5k_impl);

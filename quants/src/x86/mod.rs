@@ -42,6 +42,7 @@ pub(crate) fn specialize(mut k: Kernels, isa: Isa) -> Kernels {
             );
             k.octet = Some(avx2::octet_iq4_nl);
         }
+        MXFP4 => (k.dot, k.dot4) = (avx2::dot_mxfp4, d4(avx2::dot4_mxfp4)),
         Q4_1 => (k.dot, k.dot4) = (avx2::dot_q4_1, d4(avx2::dot4_q4_1)),
         Q5_1 => (k.dot, k.dot4) = (avx2::dot_q5_1, d4(avx2::dot4_q5_1)),
         Q2_K => k.dot = avx2::dot_q2_k,
