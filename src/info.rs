@@ -33,6 +33,9 @@ pub struct ModelInfo {
     pub chat_template: bool,
     /// One letter per layer for hybrid stacks: M Mamba-2, * attention, E MoE, - dense MLP.
     pub layer_pattern: Option<String>,
+    /// The layer structure of decoder-only transformers: attention (heads, RoPE, extras, which
+    /// layers see a sliding window) and feed-forward (gated MLP or routed experts).
+    pub layer_structure: Option<String>,
     pub non_expert_bytes: u64,
     pub expert_bytes: u64,
     /// Routed-expert bytes of each MoE layer, by layer index.
@@ -93,6 +96,10 @@ impl ModelInfo {
             ("mamba" | "mamba2", Some(n)) => Some("M".repeat(n)),
             _ => None,
         };
+        let layer_structure = block_count
+            .map(|n| decoder_structure(m, &arch, n))
+            .transpose()?
+            .flatten();
         let (kv_bytes_per_1k, recurrent_state_bytes) =
             state_sizes(m, &arch, block_count, layer_pattern.as_deref())?;
 
@@ -116,6 +123,7 @@ impl ModelInfo {
             vocab_size: md.array_len("tokenizer.ggml.tokens").ok(),
             chat_template: md.get("tokenizer.chat_template").is_some(),
             layer_pattern,
+            layer_structure,
             non_expert_bytes: total - expert_bytes,
             expert_bytes,
             expert_bytes_per_layer,
@@ -150,6 +158,7 @@ impl ModelInfo {
             "tokenizer": {"model": self.tokenizer_model, "vocab_size": self.vocab_size},
             "chat_template": self.chat_template,
             "layer_pattern": self.layer_pattern,
+            "layer_structure": self.layer_structure,
             "memory": {
                 "non_expert_bytes": self.non_expert_bytes,
                 "expert_bytes": self.expert_bytes,
@@ -192,6 +201,14 @@ impl ModelInfo {
         line("layers", opt(self.block_count));
         if let Some(p) = &self.layer_pattern {
             line("layer pattern", p.clone());
+        }
+        if let Some(p) = &self.layer_structure {
+            for (i, part) in p.split("; ").enumerate() {
+                line(
+                    if i == 0 { "layer structure" } else { "" },
+                    part.to_string(),
+                );
+            }
         }
         line(
             "tokenizer",
@@ -261,6 +278,91 @@ fn human_count(n: u64) -> String {
         n if n >= 1_000 => format!("{:.1} K", n as f64 / 1e3),
         n => n.to_string(),
     }
+}
+
+/// The layers of the decoder-only architectures we run (None for others): attention heads,
+/// RoPE pairing, biases, q/k norms, sinks and sliding windows, then the feed-forward.
+fn decoder_structure(m: &Model, arch: &str, n: usize) -> Result<Option<String>, MetaError> {
+    let (rope, window_pattern) = match arch {
+        "llama" => ("RoPE", None),
+        "qwen2" | "qwen3" | "qwen3moe" => ("RoPE neox", None),
+        "gemma3" => ("RoPE neox", Some(6)),
+        "gpt-oss" => ("RoPE neox", Some(2)),
+        _ => return Ok(None),
+    };
+    let md = m.metadata();
+    let key = |k: &str| format!("{arch}.{k}");
+    let n_head = md.get_usize(&key("attention.head_count"))?;
+    let n_kv = md
+        .get_usize(&key("attention.head_count_kv"))
+        .unwrap_or(n_head);
+    let n_embd = md.get_usize(&key("embedding_length"))?;
+    let hd = md
+        .get_usize(&key("attention.key_length"))
+        .unwrap_or(n_embd / n_head.max(1));
+    let has = |t: &str| m.tensor(&format!("blk.0.{t}")).is_some();
+    let mut attn = format!("attention: {n_head} q / {n_kv} kv heads x {hd}, {rope}");
+    if md.get_str(&key("rope.scaling.type")).ok() == Some("yarn") {
+        let f = md.get_f32(&key("rope.scaling.factor")).unwrap_or(1.0);
+        attn += &format!(" (YaRN x{f})");
+    }
+    for (t, what) in [
+        ("attn_q.bias", "qkv bias"),
+        ("attn_q_norm.weight", "q/k norm"),
+        ("attn_sinks.weight", "sinks"),
+        ("post_attention_norm.weight", "post-norms"),
+    ] {
+        // gpt-oss names its pre-feed-forward norm post_attention_norm.
+        if has(t) && !(arch == "gpt-oss" && t.starts_with("post_")) {
+            attn += &format!(", {what}");
+        }
+    }
+    let mut parts = vec![attn];
+    if let (Some(p), Ok(w)) = (
+        window_pattern,
+        md.get_usize(&key("attention.sliding_window")),
+    ) {
+        // Its one error: an array pattern without an entry per layer.
+        let swa = crate::model::decoder::swa_layers(md, arch, n, p).map_err(|e| {
+            MetaError::OutOfRange {
+                key: key("attention.sliding_window_pattern"),
+                value: e.to_string(),
+                why: "must have one entry per layer",
+            }
+        })?;
+        let full: Vec<String> = (0..n).filter(|&i| !swa[i]).map(|i| i.to_string()).collect();
+        parts.push(format!(
+            "sliding window {w} on {} layers, full attention on layers {}",
+            n - full.len(),
+            if full.is_empty() {
+                "none".into()
+            } else {
+                full.join(",")
+            }
+        ));
+    }
+    parts.push(if has("ffn_gate_inp.weight") {
+        let ne = md.get_usize(&key("expert_count"))?;
+        let k = md.get_usize(&key("expert_used_count"))?;
+        let ff = md
+            .get_usize(&key("expert_feed_forward_length"))
+            .unwrap_or(0);
+        let rule = if arch == "gpt-oss" {
+            "top-k logits then softmax over them, clamped SwiGLU, biases"
+        } else {
+            "softmax, renormalised, SwiGLU"
+        };
+        format!("MoE: {ne} experts of ff {ff}, {k} active ({rule})")
+    } else {
+        let ff = md.get_usize(&key("feed_forward_length")).unwrap_or(0);
+        let act = if arch == "gemma3" {
+            "GELU-tanh"
+        } else {
+            "SwiGLU"
+        };
+        format!("gated MLP: ff {ff} ({act})")
+    });
+    Ok(Some(parts.join("; ")))
 }
 
 /// Nemotron-H layer kinds from the per-layer arrays (the spec's rule).

@@ -126,16 +126,19 @@ pub enum Command {
     /// Write a synthetic model with random weights (Nemotron 3 Nano's real widths).
     #[command(name = "gen-model", hide = true)]
     GenModel {
-        /// Preset: nemotron-3-nano.
+        /// Preset: nemotron-3-nano, or a tiny decoder: qwen2, qwen3, qwen3moe, gemma3, gpt-oss.
         #[arg(long, default_value = "nemotron-3-nano")]
         preset: String,
+        /// Tiny decoders: write every weight as F32 holding its quantized values.
+        #[arg(long)]
+        dequantized: bool,
         /// Layers: the first N of the real 52-layer pattern.
         #[arg(long, default_value_t = 8)]
         layers: usize,
         /// Explicit layer pattern (M Mamba-2, E MoE, * attention, - dense MLP) instead of --layers.
         #[arg(long)]
         pattern: Option<String>,
-        /// f32, q8_0, q4_0, q4_k_m, q3_k_m
+        /// f32, q8_0, q4_0, q4_k_m, q3_k_m (tiny decoders: f32, q8_0, q4_0, mxfp4)
         #[arg(long, default_value = "q4_k_m")]
         mix: String,
         #[arg(long, default_value_t = 1)]
@@ -381,14 +384,24 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
         }
         Command::GenModel {
             preset,
+            dequantized,
             layers,
             pattern,
             mix,
             seed,
             out: path,
         } => {
+            if crate::synth::decoder::ARCHS.contains(&preset.as_str()) {
+                let mix = crate::synth::decoder::TinyMix::parse(&mix)?;
+                crate::synth::decoder::write_tiny(&preset, mix, seed, dequantized, &path)?;
+                writeln!(out, "{}", path.display())?;
+                return Ok(());
+            }
             if preset != "nemotron-3-nano" {
-                anyhow::bail!("unknown preset {preset} (nemotron-3-nano)");
+                anyhow::bail!(
+                    "unknown preset {preset} (nemotron-3-nano, {})",
+                    crate::synth::decoder::ARCHS.join(", ")
+                );
             }
             let p = crate::synth::NemotronPreset::nano(layers, pattern.as_deref())?;
             let mix = crate::synth::Mix::parse(&mix)?;

@@ -11,7 +11,8 @@ use rayon::prelude::*;
 
 use super::{embed, segments, Forward, LayerState, Seq, State, Tensors};
 use crate::backend::attention::{self, AttnShape};
-use crate::backend::cpu::{rms_norm, silu, Cpu, Matrix, Precision};
+use crate::backend::cpu::{rms_norm, round_f16, silu, Cpu, Matrix, Precision};
+use crate::gguf::Metadata;
 
 /// Rotary position embedding of one layer, as ggml computes it.
 #[derive(Clone, Debug)]
@@ -173,10 +174,15 @@ pub enum Act {
 }
 
 impl Act {
-    /// gate ← act(gate, up), element-wise.
-    fn apply(self, gate: &mut [f32], up: &[f32]) {
+    /// gate ← act(gate, up), element-wise. `table`: GELU as llama.cpp's CPU computes it, from
+    /// a table of f16 inputs to f16 outputs (normal precision).
+    fn apply(self, gate: &mut [f32], up: &[f32], table: bool) {
         match self {
             Act::Silu => gate.iter_mut().zip(up).for_each(|(g, u)| *g = silu(*g) * u),
+            Act::GeluTanh if table => gate
+                .iter_mut()
+                .zip(up)
+                .for_each(|(g, u)| *g = gelu_f16_table(*g) * u),
             Act::GeluTanh => gate
                 .iter_mut()
                 .zip(up)
@@ -194,6 +200,18 @@ impl Act {
 pub fn gelu_tanh(x: f32) -> f32 {
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
     0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh())
+}
+
+/// ggml's table GELU: 0 at or below −10, x at or above 10, else the f16 rounding of GELU at
+/// the f16 rounding of x.
+pub fn gelu_f16_table(x: f32) -> f32 {
+    if x <= -10.0 {
+        0.0
+    } else if x >= 10.0 {
+        x
+    } else {
+        round_f16(gelu_tanh(round_f16(x)))
+    }
 }
 
 /// How a router's logits become expert weights.
@@ -265,6 +283,25 @@ pub struct Decoder<'a> {
     pub usage: std::sync::Mutex<Vec<Vec<u64>>>,
 }
 
+/// Which of `n_layer` layers use the sliding window, by llama.cpp's rule: an array of booleans
+/// in `{arch}.attention.sliding_window_pattern`, else its integer n (default `pattern`): layer i
+/// is windowed unless i % n == n − 1 (n = 0: every layer).
+pub fn swa_layers(md: &Metadata, arch: &str, n_layer: usize, pattern: usize) -> Result<Vec<bool>> {
+    use crate::gguf::Value;
+    let key = format!("{arch}.attention.sliding_window_pattern");
+    if let Some(Value::Array(_, items)) = md.get(&key) {
+        if items.len() != n_layer {
+            bail!("{key}: {} entries for {n_layer} layers", items.len());
+        }
+        return Ok(items
+            .iter()
+            .map(|v| matches!(v, Value::Bool(true)))
+            .collect());
+    }
+    let n = md.get_usize(&key).unwrap_or(pattern);
+    Ok((0..n_layer).map(|i| n == 0 || i % n < n - 1).collect())
+}
+
 /// Hyperparameters every decoder architecture names the same way (`{arch}.key`).
 pub struct Hyper {
     pub arch: String,
@@ -320,24 +357,9 @@ impl Hyper {
         format!("{}.{k}", self.arch)
     }
 
-    /// Which layers use the sliding window, by llama.cpp's rule: an array of booleans in
-    /// `attention.sliding_window_pattern`, else its integer n (default `pattern`): layer i is
-    /// windowed unless i % n == n − 1 (n = 0: every layer).
+    /// Which layers use the sliding window (see [`swa_layers`]).
     pub fn swa_layers(&self, t: &Tensors, pattern: usize) -> Result<Vec<bool>> {
-        use crate::gguf::Value;
-        let md = t.gguf.metadata();
-        let key = self.key("attention.sliding_window_pattern");
-        if let Some(Value::Array(_, items)) = md.get(&key) {
-            if items.len() != self.n_layer {
-                bail!("{key}: {} entries for {} layers", items.len(), self.n_layer);
-            }
-            return Ok(items
-                .iter()
-                .map(|v| matches!(v, Value::Bool(true)))
-                .collect());
-        }
-        let n = md.get_usize(&key).unwrap_or(pattern);
-        Ok((0..self.n_layer).map(|i| n == 0 || i % n < n - 1).collect())
+        swa_layers(t.gguf.metadata(), &self.arch, self.n_layer, pattern)
     }
 
     /// The attention of layer `i`: q/k/v/o with the biases the file has, and per-head q/k
@@ -559,7 +581,7 @@ impl<'a> Decoder<'a> {
         let mut u = vec![0f32; t * up.rows];
         cpu.matmul(gate, h, t, &mut g)?;
         cpu.matmul(up, h, t, &mut u)?;
-        act.apply(&mut g, &u);
+        act.apply(&mut g, &u, cpu.precision == Precision::Normal);
         let mut o = vec![0f32; t * down.rows];
         cpu.matmul(down, &g, t, &mut o)?;
         Ok(o)
@@ -609,7 +631,7 @@ impl<'a> Decoder<'a> {
                 if let Some(b) = &m.up_b {
                     add_rows(&mut u, &b[e * ff..(e + 1) * ff]);
                 }
-                m.act.apply(&mut g, &u);
+                m.act.apply(&mut g, &u, cpu.precision == Precision::Normal);
                 let mut o = vec![0f32; te * n];
                 cpu.matmul(&down, &g, te, &mut o)?;
                 if let Some(b) = &m.down_b {
@@ -814,7 +836,7 @@ mod tests {
         };
         let mut g = [-3.0f32, 0.5, 9.0];
         let u = [1.0f32, -8.0, 2.0];
-        act.apply(&mut g, &u);
+        act.apply(&mut g, &u, false);
         let f = |x: f32, y: f32| x / (1.0 + (-1.702 * x).exp()) * (y + 1.0);
         assert_eq!(g, [f(-3.0, 1.0), f(0.5, -7.0), f(7.0, 2.0)]);
         assert!((gelu_tanh(1.0) - 0.841_192).abs() < 1e-5);

@@ -17,6 +17,8 @@ use rayon::prelude::*;
 
 use crate::gguf::{GgufWriter, Value, ValueType};
 
+pub mod decoder;
+
 /// The real Nemotron 3 Nano layer pattern (M Mamba-2, E MoE, * attention).
 pub const NANO_PATTERN: &str = "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME";
 
@@ -260,6 +262,22 @@ fn add(w: &mut GgufWriter, seed: u64, name: &str, dims: &[u64], ty: GgmlType, in
     );
 }
 
+/// GPT-2's byte alphabet: the character each byte stands for in a byte-level BPE vocabulary
+/// (printable bytes themselves, the others U+0100 + k in order).
+fn byte_alphabet() -> Vec<char> {
+    let printable = |b: u8| (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
+    (0..=255u8)
+        .map(|b| {
+            if printable(b) {
+                b as char
+            } else {
+                let idx = (0..=b).filter(|&c| !printable(c)).count();
+                char::from_u32(255 + idx as u32).unwrap()
+            }
+        })
+        .collect()
+}
+
 /// Writes a synthetic Nemotron-H (MoE) model.
 pub fn write_nemotron(p: &NemotronPreset, mix: Mix, seed: u64, path: &Path) -> Result<()> {
     let arch = "nemotron_h_moe";
@@ -335,19 +353,7 @@ pub fn write_nemotron(p: &NemotronPreset, mix: Mix, seed: u64, path: &Path) -> R
         .kv(&key("expert_weights_scale"), Value::F32(2.5))
         .kv(&key("expert_group_count"), Value::U32(1));
     // A byte-level vocabulary: 256 byte tokens, then filler tokens, with BOS/EOS controls.
-    let alphabet: Vec<char> = (0..=255u8)
-        .map(|b| {
-            let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
-            if printable {
-                b as char
-            } else {
-                let idx = (0..=b)
-                    .filter(|&c| !((33..=126).contains(&c) || (161..=172).contains(&c) || c >= 174))
-                    .count();
-                char::from_u32(255 + idx as u32).unwrap()
-            }
-        })
-        .collect();
+    let alphabet = byte_alphabet();
     let mut tokens: Vec<String> = alphabet.iter().map(|c| c.to_string()).collect();
     tokens.extend((256..p.n_vocab).map(|i| format!("<t{i}>")));
     tokens[256] = "<s>".into();
