@@ -1,7 +1,8 @@
 //! The generation loop shared by `run` and `chat`: a model, its state and the tokens that state
 //! has consumed; prompt prefill in batches; sampling until an end-of-generation token, a stop
-//! string, the token limit, a full context or an interrupt; reasoning (`<think>` … `</think>`)
-//! kept apart from the answer, with an optional thinking-token budget; streaming text out
+//! string, the token limit, a full context or an interrupt; reasoning (`<think>` … `</think>`,
+//! or gpt-oss's harmony `analysis` channel) kept apart from the answer, with an optional
+//! thinking-token budget; streaming text out
 //! through a callback that never sees half a UTF-8 character or the start of a stop string.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,6 +20,77 @@ pub const PREFILL_BATCH: usize = 512;
 
 /// Text appended when the thinking budget runs out: it closes the block so the model answers.
 const CLOSE_THINKING: &str = "\n</think>\n\n";
+
+/// The same for harmony: the analysis message ends and a final one begins.
+pub const CLOSE_ANALYSIS: &str = "<|end|><|start|>assistant<|channel|>final<|message|>";
+
+/// How a model marks reasoning in what it writes.
+enum Markup {
+    /// `<think>` … `</think>` (Qwen3, Nemotron, DeepSeek-R1).
+    Think {
+        open: Option<u32>,
+        close: Option<u32>,
+    },
+    /// gpt-oss's harmony: `<|start|>ROLE<|channel|>NAME<|message|>` opens a message (the
+    /// `analysis` channel is reasoning; `final` and `commentary` are answer) and `<|end|>`
+    /// closes it. Headers are never shown.
+    Harmony {
+        start: u32,
+        channel: u32,
+        message: u32,
+        end: u32,
+        /// The header being read (from `<|start|>` or `<|channel|>` to `<|message|>`).
+        header: Option<Vec<u8>>,
+    },
+}
+
+impl Markup {
+    fn for_vocab(tok: &Tokenizer) -> Markup {
+        let id = |s| tok.special_id(s);
+        match (
+            id("<|start|>"),
+            id("<|channel|>"),
+            id("<|message|>"),
+            id("<|end|>"),
+        ) {
+            (Some(start), Some(channel), Some(message), Some(end)) => Markup::Harmony {
+                start,
+                channel,
+                message,
+                end,
+                header: None,
+            },
+            _ => Markup::Think {
+                open: id("<think>"),
+                close: id("</think>"),
+            },
+        }
+    }
+
+    /// Whether the vocabulary marks reasoning at all.
+    fn can_think(&self) -> bool {
+        match self {
+            Markup::Think { open, close } => open.is_some() && close.is_some(),
+            Markup::Harmony { .. } => true,
+        }
+    }
+
+    /// What the decoder appends to end reasoning when the budget runs out.
+    fn close_text(&self) -> &'static str {
+        match self {
+            Markup::Think { .. } => CLOSE_THINKING,
+            Markup::Harmony { .. } => CLOSE_ANALYSIS,
+        }
+    }
+
+    /// Whether `t` itself ends reasoning.
+    fn closes(&self, t: u32) -> bool {
+        match self {
+            Markup::Think { close, .. } => Some(t) == *close,
+            Markup::Harmony { end, .. } => t == *end,
+        }
+    }
+}
 
 /// How generated text is split into reasoning and answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -277,9 +349,9 @@ impl<'m> Engine<'m> {
         self.seq.state.n_ctx
     }
 
-    /// Whether the vocabulary has `<think>` and `</think>` tokens.
+    /// Whether the vocabulary marks reasoning (`<think>` and `</think>`, or harmony's channels).
     pub fn can_think(&self) -> bool {
-        self.tok.special_id("<think>").is_some() && self.tok.special_id("</think>").is_some()
+        Markup::for_vocab(&self.tok).can_think()
     }
 
     /// Forgets the sequence.
@@ -352,8 +424,7 @@ pub struct Decoder<'a> {
     inside: bool,
     generated: usize,
     thinking: usize,
-    think_open: Option<u32>,
-    think_close: Option<u32>,
+    markup: Markup,
     started: Instant,
 }
 
@@ -370,10 +441,11 @@ impl<'a> Decoder<'a> {
             bail!("empty prompt: nothing to generate from");
         }
         let mut inside = matches!(p.reasoning, Reasoning::Parse { inside: true });
+        let markup = Markup::for_vocab(tok);
         // A zero budget: close the block the prompt opened before the model says anything.
         let mut prompt = prompt.to_vec();
         if inside && p.think_budget == Some(0) {
-            prompt.extend(tok.encode_continuation(CLOSE_THINKING, true));
+            prompt.extend(tok.encode_continuation(markup.close_text(), true));
             inside = false;
         }
         let dec = Decoder {
@@ -383,8 +455,7 @@ impl<'a> Decoder<'a> {
             inside,
             generated: 0,
             thinking: 0,
-            think_open: tok.special_id("<think>"),
-            think_close: tok.special_id("</think>"),
+            markup,
             started: Instant::now(),
         };
         Ok((dec, prompt))
@@ -432,39 +503,84 @@ impl<'a> Decoder<'a> {
         }
         let budget_spent = parse
             && self.inside
-            && t != self.think_close.unwrap_or(u32::MAX)
+            && !self.markup.closes(t)
             && p.think_budget.is_some_and(|b| self.thinking >= b);
         if budget_spent {
-            batch.extend(tok.encode_continuation(CLOSE_THINKING, true));
+            batch.extend(tok.encode_continuation(self.markup.close_text(), true));
         }
         let mut stopped = false;
         for &t in &batch {
-            if parse && Some(t) == self.think_open {
-                self.out.flush_decoder(self.inside)?;
-                self.inside = true;
-            } else if parse && Some(t) == self.think_close {
-                self.out.flush_decoder(self.inside)?;
-                self.inside = false;
-            } else {
-                stopped |= self.out.push(&tok.token_bytes(t, false), self.inside)?;
-            }
+            stopped |= self.route_token(tok, t, parse)?;
         }
         let fits = pos + batch.len() <= n_ctx;
         let reason = if stopped {
             Some(StopReason::Stop)
-        } else if p.max_tokens.is_some_and(|m| self.generated >= m) {
+        } else if self.p.max_tokens.is_some_and(|m| self.generated >= m) {
             Some(StopReason::Length)
         } else if !fits {
             Some(StopReason::Context)
         } else {
             None
         };
-        let feed = if reason.is_none() || (p.feed_last && fits) {
+        let feed = if reason.is_none() || (self.p.feed_last && fits) {
             batch
         } else {
             Vec::new()
         };
         Ok(Step { feed, stop: reason })
+    }
+
+    /// Passes token `t`'s text on to the reasoning or the answer, or, with `parse`, takes it as
+    /// markup; true when a stop string was reached.
+    fn route_token(&mut self, tok: &Tokenizer, t: u32, parse: bool) -> Result<bool> {
+        let Decoder {
+            markup,
+            out,
+            inside,
+            ..
+        } = self;
+        if parse {
+            match markup {
+                Markup::Think { open, close } => {
+                    if Some(t) == *open || Some(t) == *close {
+                        out.flush_decoder(*inside)?;
+                        *inside = Some(t) == *open;
+                        return Ok(false);
+                    }
+                }
+                Markup::Harmony {
+                    start,
+                    channel,
+                    message,
+                    end,
+                    header,
+                } => {
+                    if t == *start || t == *channel {
+                        if header.is_none() {
+                            out.flush_decoder(*inside)?;
+                        }
+                        header.get_or_insert_with(Vec::new);
+                        return Ok(false);
+                    }
+                    if t == *message {
+                        let h = header.take().unwrap_or_default();
+                        *inside = String::from_utf8_lossy(&h).contains("analysis");
+                        return Ok(false);
+                    }
+                    if t == *end {
+                        out.flush_decoder(*inside)?;
+                        *header = None;
+                        *inside = false;
+                        return Ok(false);
+                    }
+                    if let Some(h) = header {
+                        h.extend(tok.token_bytes(t, false));
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+        out.push(&tok.token_bytes(t, false), *inside)
     }
 
     /// Ends generation for `stop`: flushes what the output holds back and sums it up.

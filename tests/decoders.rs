@@ -241,3 +241,151 @@ fn info_shows_each_decoder_layer_structure() {
         assert!(j["layer_structure"].as_str().unwrap().contains(parts[0]));
     }
 }
+
+/// Feeds `script` (what the "model" says, as text with harmony tokens) through the generation
+/// decoder of the tiny gpt-oss vocabulary, one token per step from one-hot logits; returns
+/// (reasoning, answer, reasoning tokens, what the decoder fed back).
+fn harmony(script: &str, budget: Option<usize>) -> (String, String, usize, Vec<u32>) {
+    use ggrun::generate::{Decoder, GenParams, Reasoning, Sequence};
+    use std::sync::atomic::AtomicBool;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("gpt-oss.gguf");
+    stdout_of(
+        ggrun()
+            .args(["gen-model", "--preset", "gpt-oss", "--mix", "f32", "--out"])
+            .arg(&p),
+    );
+    let g = Model::open(&p).unwrap();
+    let tok = ggrun::tokenizer::Tokenizer::from_metadata(g.metadata()).unwrap();
+    let m = model::load(&g).unwrap();
+    let cpu = Cpu::new(1, Precision::Exact).unwrap();
+    let seq = Sequence::new(m.as_ref(), 256, &cpu).unwrap();
+    let params = GenParams {
+        max_tokens: None,
+        sampler: ggrun::sample::SamplerConfig {
+            temperature: 0.0,
+            ..Default::default()
+        },
+        stop: Vec::new(),
+        reasoning: Reasoning::Parse { inside: false },
+        think_budget: budget,
+        feed_last: false,
+    };
+    let prompt = tok.encode_continuation("<|start|>assistant", true);
+    let (mut dec, _) = Decoder::new(&tok, &params, &prompt, Box::new(|_| Ok(()))).unwrap();
+    let mut fed = Vec::new();
+    let no = AtomicBool::new(false);
+    for t in tok.encode_continuation(script, true) {
+        let mut logits = vec![0f32; m.n_vocab()];
+        logits[t as usize] = 10.0;
+        let step = dec.step(&tok, &logits, &seq, &no).unwrap();
+        fed.extend(step.feed);
+        if step.stop.is_some() {
+            break;
+        }
+    }
+    let o = dec
+        .finish(ggrun::generate::StopReason::Eog, prompt.len(), 0.0)
+        .unwrap();
+    (o.reasoning, o.text, o.reasoning_tokens, fed)
+}
+
+#[test]
+fn harmony_channels_are_reasoning_and_answer() {
+    let script = "<|channel|>analysis<|message|>Need sky facts.<|end|>\
+                  <|start|>assistant<|channel|>final<|message|>Rayleigh scattering.<|return|>";
+    let (reasoning, answer, n, _) = harmony(script, None);
+    assert_eq!(reasoning, "Need sky facts.");
+    assert_eq!(answer, "Rayleigh scattering.");
+    assert_eq!(
+        n,
+        "Need sky facts.".len() + 1,
+        "bytes of the analysis and its <|end|>"
+    );
+    // A budget of 4 thinking tokens: the decoder closes the analysis itself and opens the
+    // final channel, after which the model's words are answer.
+    let (reasoning, answer, n, fed) = harmony(
+        "<|channel|>analysis<|message|>Need sky facts.<|end|>",
+        Some(4),
+    );
+    assert_eq!(n, 4);
+    assert_eq!(reasoning, "Need");
+    assert_eq!(answer, "sky facts.");
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("g.gguf");
+    stdout_of(
+        ggrun()
+            .args(["gen-model", "--preset", "gpt-oss", "--mix", "f32", "--out"])
+            .arg(&p),
+    );
+    let tok =
+        ggrun::tokenizer::Tokenizer::from_metadata(Model::open(&p).unwrap().metadata()).unwrap();
+    let close = tok.encode_continuation(ggrun::generate::CLOSE_ANALYSIS, true);
+    assert!(fed.windows(close.len()).any(|w| w == close), "{fed:?}");
+    // <|end|> closes a message, not the generation; <|return|> ends it.
+    assert!(!tok.is_eog(tok.special_id("<|end|>").unwrap()));
+    assert!(tok.is_eog(tok.special_id("<|return|>").unwrap()));
+}
+
+#[test]
+fn thinking_off_gives_harmony_an_empty_analysis() {
+    use ggrun::chat::session::prepare_prompt;
+    use ggrun::generate::Reasoning;
+    let mut text = "<|start|>user<|message|>Hi<|end|><|start|>assistant".to_string();
+    assert_eq!(
+        prepare_prompt(&mut text.clone(), None),
+        Reasoning::Parse { inside: false }
+    );
+    prepare_prompt(&mut text, Some(false));
+    assert!(text.ends_with(
+        "<|start|>assistant<|channel|>analysis<|message|><|end|><|start|>assistant<|channel|>final<|message|>"
+    ));
+    // Qwen3-style templates keep their own switch.
+    let mut q = "<|im_start|>assistant\n<think>\n".to_string();
+    assert_eq!(
+        prepare_prompt(&mut q, Some(false)),
+        Reasoning::Parse { inside: false }
+    );
+    assert!(q.ends_with("</think>"));
+}
+
+/// `ggrun chat` holds a conversation with a tiny model of each architecture: two turns answer,
+/// the conversation saves with both exchanges.
+#[test]
+fn chat_works_on_each_tiny_decoder() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    for arch in ["qwen2", "qwen3", "qwen3moe", "gemma3", "gpt-oss"] {
+        let p = dir.path().join(format!("{arch}.gguf"));
+        stdout_of(
+            ggrun()
+                .args(["gen-model", "--preset", arch, "--mix", "q8_0", "--out"])
+                .arg(&p),
+        );
+        let saved = dir.path().join(format!("{arch}.json"));
+        let mut child = ggrun()
+            .args(["chat", "--temp", "0", "-n", "6", "-m"])
+            .arg(&p)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let input = format!("Hello there\nAnd again\n/save {}\n/exit\n", saved.display());
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        let o = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{arch}: {err}");
+        let conv = read_json(&saved);
+        let msgs = conv["messages"].as_array().unwrap();
+        assert_eq!(msgs.len(), 4, "{arch}: {conv}");
+        assert_eq!(msgs[2]["content"], "And again");
+        assert_eq!(msgs[3]["role"], "assistant");
+    }
+}

@@ -45,6 +45,26 @@ pub fn prompt_tokens(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
     Ok(t)
 }
 
+/// Applies the thinking switch to a rendered prompt and says how to read the reply. `<think>`
+/// templates that ignore `enable_thinking`: the block they opened is closed. Harmony (gpt-oss,
+/// whose prompt ends in an open assistant header): reasoning cannot be switched off, so with
+/// thinking off the prompt carries an empty analysis message and opens the final one.
+pub fn prepare_prompt(text: &mut String, think: Option<bool>) -> Reasoning {
+    if text.ends_with("<|start|>assistant") {
+        if think == Some(false) {
+            text.push_str("<|channel|>analysis<|message|>");
+            text.push_str(crate::generate::CLOSE_ANALYSIS);
+        }
+        return Reasoning::Parse { inside: false };
+    }
+    if think == Some(false) && opens_thinking(text) {
+        text.push_str("</think>");
+    }
+    Reasoning::Parse {
+        inside: opens_thinking(text),
+    }
+}
+
 /// Whether the rendered prompt leaves a `<think>` block open for the model.
 pub fn opens_thinking(prompt: &str) -> bool {
     match (prompt.rfind("<think>"), prompt.rfind("</think>")) {
@@ -88,12 +108,8 @@ impl<'m> Session<'m> {
                 tools: None,
             },
         )?;
-        // A template that ignores enable_thinking: close the block it opened.
-        if self.think == Some(false) && opens_thinking(&text) {
-            text.push_str("</think>");
-        }
-        let inside = opens_thinking(&text);
-        Ok((text, Reasoning::Parse { inside }))
+        let reasoning = prepare_prompt(&mut text, self.think);
+        Ok((text, reasoning))
     }
 
     /// Runs one turn: renders, feeds what the state lacks, generates, records the exchange.

@@ -24,7 +24,7 @@ use serde_json::Value;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::backend::cpu::Cpu;
-use crate::chat::session::{opens_thinking, prompt_tokens};
+use crate::chat::session::{prepare_prompt, prompt_tokens};
 use crate::chat::template::{ChatTemplate, Message, RenderOptions};
 use crate::cli::common::{self, ModelArgs, SamplingArgs};
 use crate::generate::{Decoder, GenParams, Piece, Reasoning, Sequence, StopReason};
@@ -249,12 +249,9 @@ impl Scheduler<'_> {
                     .template
                     .render(messages, &opts)
                     .map_err(|e| bad(format!("{e:#}")))?;
-                if *think == Some(false) && opens_thinking(&text) {
-                    text.push_str("</think>");
-                }
-                let inside = opens_thinking(&text);
+                let reasoning = prepare_prompt(&mut text, *think);
                 let t = prompt_tokens(self.tok, &text).map_err(internal)?;
-                (t, Reasoning::Parse { inside })
+                (t, reasoning)
             }
             Prompt::Text(s) => (
                 self.tok.encode(s, true).map_err(internal)?,

@@ -172,6 +172,12 @@ impl Tokenizer {
                 eog.push(i);
             }
         }
+        // Harmony (gpt-oss) ends a message with <|end|> but a generation with <|return|> or
+        // <|call|>: where both of those exist, <|end|> is not an end (llama.cpp's rule).
+        let has = |text: &str| eog.iter().any(|&i| tokens[i as usize] == text);
+        if has("<|return|>") && has("<|call|>") {
+            eog.retain(|&i| tokens[i as usize] != "<|end|>");
+        }
         let mut specials: Vec<u32> = (0..tokens.len() as u32)
             .filter(|&i| {
                 matches!(
