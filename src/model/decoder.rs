@@ -24,39 +24,13 @@ pub struct Rope {
     pub neox: bool,
     /// Per-pair divisors of the angle (Llama 3.1's `rope_freqs.weight`).
     pub freq_factors: Option<Vec<f32>>,
-    /// 1 / the context scaling factor.
+    /// 1 / the context scaling factor (linear scaling, or YaRN's interpolated angles).
     pub freq_scale: f32,
-    pub yarn: Option<Yarn>,
-}
-
-/// YaRN: pairs below `corr[0]` keep their trained angle, above `corr[1]` are interpolated,
-/// between them a ramp mixes the two; cos and sin are scaled by `mscale`.
-#[derive(Clone, Copy, Debug)]
-pub struct Yarn {
-    pub corr: [f32; 2],
+    /// Multiplies cos and sin (`rope.scaling.attn_factor`, and YaRN's magnitude).
     pub mscale: f32,
-}
-
-impl Yarn {
-    /// ggml's correction dimensions and llama.cpp's magnitude for scaling `factor` over a
-    /// trained context of `n_ctx_orig` (beta_fast 32, beta_slow 1).
-    pub fn new(n_rot: usize, base: f32, factor: f32, n_ctx_orig: usize) -> Yarn {
-        let dim = |beta: f32| {
-            n_rot as f32 * (n_ctx_orig as f32 / (beta * 2.0 * std::f32::consts::PI)).ln()
-                / (2.0 * base.ln())
-        };
-        let corr = [
-            dim(32.0).floor().max(0.0),
-            dim(1.0).ceil().min(n_rot as f32 - 1.0),
-        ];
-        // llama.cpp cancels its attention factor against ggml's, leaving ggml's magnitude.
-        let mscale = if factor > 1.0 {
-            1.0 + 0.1 * factor.ln()
-        } else {
-            1.0
-        };
-        Yarn { corr, mscale }
-    }
+    /// YaRN's correction dimensions: pairs below the first keep their trained angle, above the
+    /// second are interpolated, a ramp mixes the two between.
+    pub yarn: Option<[f32; 2]>,
 }
 
 impl Rope {
@@ -68,8 +42,50 @@ impl Rope {
             neox,
             freq_factors: None,
             freq_scale: 1.0,
+            mscale: 1.0,
             yarn: None,
         }
+    }
+
+    /// Context scaling as llama.cpp applies it: `linear` divides every angle by `factor`;
+    /// `yarn` (ext factor 1) keeps fast pairs, interpolates slow ones and scales the magnitude
+    /// by 1 + 0.1·ln(factor), over a trained context of `n_ctx_orig`; `none` nothing.
+    /// `attn_factor` multiplies the magnitude in every case.
+    #[allow(clippy::too_many_arguments)]
+    pub fn scaled(
+        mut self,
+        kind: &str,
+        factor: f32,
+        attn_factor: f32,
+        n_ctx_orig: usize,
+        beta_fast: f32,
+        beta_slow: f32,
+    ) -> Result<Rope> {
+        self.mscale = attn_factor;
+        if kind == "none" || factor <= 0.0 {
+            return Ok(self);
+        }
+        self.freq_scale = 1.0 / factor;
+        match kind {
+            "linear" => {}
+            "yarn" => {
+                let (n, base) = (self.n_rot as f32, self.base);
+                let dim = |beta: f32| {
+                    n * (n_ctx_orig as f32 / (beta * 2.0 * std::f32::consts::PI)).ln()
+                        / (2.0 * base.ln())
+                };
+                self.yarn = Some([
+                    dim(beta_fast).floor().max(0.0),
+                    dim(beta_slow).ceil().min(n - 1.0),
+                ]);
+                // llama.cpp cancels its attention factor against ggml's, leaving ggml's.
+                if factor > 1.0 {
+                    self.mscale *= 1.0 + 0.1 * factor.ln();
+                }
+            }
+            other => bail!("RoPE scaling {other} is not supported (none, linear, yarn)"),
+        }
+        Ok(self)
     }
 
     /// (cos, sin) of each rotated pair at position `p` (ggml's iterative angle θ ← θ·base^(−2/n)).
@@ -82,16 +98,16 @@ impl Rope {
                 None => theta,
             };
             let interp = self.freq_scale * extrap;
-            let (th, m) = match self.yarn {
-                Some(y) => {
-                    let r = (i as f32 - y.corr[0]) / (y.corr[1] - y.corr[0]).max(0.001);
+            let th = match self.yarn {
+                Some(c) => {
+                    let r = (i as f32 - c[0]) / (c[1] - c[0]).max(0.001);
                     let ramp = 1.0 - r.clamp(0.0, 1.0);
-                    (interp * (1.0 - ramp) + extrap * ramp, y.mscale)
+                    interp * (1.0 - ramp) + extrap * ramp
                 }
-                None => (interp, 1.0),
+                None => interp,
             };
             let (s, c) = th.sin_cos();
-            *o = (c * m, s * m);
+            *o = (c * self.mscale, s * self.mscale);
             theta *= theta_scale;
         }
     }
@@ -275,6 +291,8 @@ pub struct Decoder<'a> {
     pub eps: f32,
     /// Multiplies the embedded tokens (gemma3: √n_embd).
     pub embd_scale: Option<f32>,
+    /// Logits become c·tanh(logit / c) (`final_logit_softcapping`).
+    pub logit_softcap: Option<f32>,
     pub embd: Matrix<'a>,
     pub layers: Vec<Layer<'a>>,
     pub out_norm: Vec<f32>,
@@ -355,6 +373,31 @@ impl Hyper {
 
     pub fn key(&self, k: &str) -> String {
         format!("{}.{k}", self.arch)
+    }
+
+    /// The RoPE of this model at base `base`, with the file's context scaling
+    /// (`rope.scaling.*`) applied as llama.cpp does.
+    pub fn rope(&self, t: &Tensors, base: f32, neox: bool) -> Result<Rope> {
+        let md = t.gguf.metadata();
+        let f = |k: &str, d: f32| md.get_f32(&self.key(k)).unwrap_or(d);
+        let kind = md
+            .get_str(&self.key("rope.scaling.type"))
+            .unwrap_or("linear");
+        let factor = match md.get(&self.key("rope.scaling.factor")) {
+            Some(_) => f("rope.scaling.factor", 0.0),
+            None => f("rope.scale_linear", 0.0),
+        };
+        let n_ctx_orig = md
+            .get_usize(&self.key("rope.scaling.original_context_length"))
+            .unwrap_or(self.n_ctx_train);
+        Rope::plain(self.n_rot, base, neox).scaled(
+            kind,
+            factor,
+            f("rope.scaling.attn_factor", 1.0),
+            n_ctx_orig,
+            f("rope.scaling.yarn_beta_fast", 32.0),
+            f("rope.scaling.yarn_beta_slow", 1.0),
+        )
     }
 
     /// Which layers use the sliding window (see [`swa_layers`]).
@@ -486,6 +529,7 @@ impl Hyper {
             n_ctx_train: self.n_ctx_train,
             eps: self.eps,
             embd_scale,
+            logit_softcap: None,
             embd,
             usage: std::sync::Mutex::new(vec![Vec::new(); layers.len()]),
             layers,
@@ -755,7 +799,7 @@ impl Forward for Decoder<'_> {
         for seq in seqs.iter_mut() {
             seq.state.pos += seq.len;
         }
-        super::logits(
+        let mut logits = super::logits(
             cpu,
             &x,
             &segs,
@@ -763,7 +807,11 @@ impl Forward for Decoder<'_> {
             self.eps,
             &self.output,
             all_logits,
-        )
+        )?;
+        if let Some(c) = self.logit_softcap {
+            logits.iter_mut().for_each(|v| *v = c * (*v / c).tanh());
+        }
+        Ok(logits)
     }
 }
 
@@ -792,11 +840,11 @@ mod tests {
     #[test]
     fn yarn_keeps_fast_pairs_and_interpolates_slow_ones() {
         let (n, base, factor) = (64, 150000.0f32, 32.0f32);
-        let y = Yarn::new(n, base, factor, 4096);
-        assert!(y.corr[0] >= 0.0 && y.corr[0] < y.corr[1] && y.corr[1] <= (n - 1) as f32);
-        let mut r = Rope::plain(n, base, true);
-        r.freq_scale = 1.0 / factor;
-        r.yarn = Some(y);
+        let r = Rope::plain(n, base, true)
+            .scaled("yarn", factor, 1.0, 4096, 32.0, 1.0)
+            .unwrap();
+        let c = r.yarn.unwrap();
+        assert!(c[0] >= 0.0 && c[0] < c[1] && c[1] <= (n - 1) as f32);
         let mut cs = vec![(0f32, 0f32); n / 2];
         let p = 1000.0f32;
         r.angles(p, &mut cs);
@@ -804,10 +852,20 @@ mod tests {
         // The first pair keeps its angle, the last is divided by the factor; both scaled.
         let (c0, s0) = cs[0];
         assert!((s0.atan2(c0) - theta(0).sin().atan2(theta(0).cos())).abs() < 1e-3);
-        assert!(((c0 * c0 + s0 * s0).sqrt() - y.mscale).abs() < 1e-5);
+        let mscale = 1.0 + 0.1 * factor.ln();
+        assert!(((c0 * c0 + s0 * s0).sqrt() - mscale).abs() < 1e-5);
         let (cl, sl) = cs[n / 2 - 1];
         let want = theta(n / 2 - 1) / factor;
         assert!((sl.atan2(cl) - want.sin().atan2(want.cos())).abs() < 1e-4);
+        // Linear scaling divides every angle; an unknown kind is an error.
+        let lin = Rope::plain(n, base, true)
+            .scaled("linear", 4.0, 1.0, 4096, 32.0, 1.0)
+            .unwrap();
+        lin.angles(p, &mut cs);
+        assert!((cs[0].1.atan2(cs[0].0) - (p / 4.0).sin().atan2((p / 4.0).cos())).abs() < 1e-3);
+        assert!(Rope::plain(n, base, true)
+            .scaled("longrope", 4.0, 1.0, 4096, 32.0, 1.0)
+            .is_err());
     }
 
     #[test]

@@ -3,12 +3,13 @@
 //! added); per-head q/k RMSNorm; neox RoPE; sliding-window attention on every layer but each
 //! `sliding_window_pattern`-th (6: layers 5, 11, …), the windowed layers with RoPE base
 //! `rope.freq_base_swa` (10000), the global ones with `rope.freq_base`; a GELU-tanh gated
-//! feed-forward; attention scale 1/√key_length; tied output. The forward pass is the shared
+//! feed-forward; attention scale 1/√key_length (27B: 1/√(n_embd/n_head)); tied output;
+//! logits soft-capped when `final_logit_softcapping` is set. The forward pass is the shared
 //! [`Decoder`]'s.
 
 use anyhow::Result;
 
-use super::decoder::{Act, Decoder, Hyper, Layer, Rope};
+use super::decoder::{Act, Decoder, Hyper, Layer};
 use super::Tensors;
 
 pub fn load<'a>(t: &Tensors<'a>) -> Result<Decoder<'a>> {
@@ -21,7 +22,12 @@ pub fn load<'a>(t: &Tensors<'a>) -> Result<Decoder<'a>> {
         .filter(|&w| w > 0);
     let swa = h.swa_layers(t, 6)?;
     let base_swa = md.get_f32(&h.key("rope.freq_base_swa")).unwrap_or(10000.0);
-    let scale = 1.0 / (h.head_dim as f32).sqrt();
+    // Gemma 3 27B (62 layers) scales by its query_pre_attn_scalar, n_embd / n_head.
+    let scale = if h.n_layer == 62 {
+        1.0 / ((h.n_embd / h.n_head) as f32).sqrt()
+    } else {
+        1.0 / (h.head_dim as f32).sqrt()
+    };
     let layers = (0..h.n_layer)
         .map(|i| {
             let p = |n: &str| format!("blk.{i}.{n}");
@@ -30,7 +36,7 @@ pub fn load<'a>(t: &Tensors<'a>) -> Result<Decoder<'a>> {
             } else {
                 (None, h.freq_base)
             };
-            let rope = Rope::plain(h.n_rot, base, true);
+            let rope = h.rope(t, base, true)?;
             Ok(Layer {
                 attn_norm: t.vector(&p("attn_norm.weight"), h.n_embd)?,
                 attn: h.attention(t, i, rope, win, scale, true, false)?,
@@ -41,5 +47,10 @@ pub fn load<'a>(t: &Tensors<'a>) -> Result<Decoder<'a>> {
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    h.decoder(t, layers, Some((h.n_embd as f32).sqrt()))
+    let mut d = h.decoder(t, layers, Some((h.n_embd as f32).sqrt()))?;
+    d.logit_softcap = md
+        .get_f32(&h.key("final_logit_softcapping"))
+        .ok()
+        .filter(|&c| c > 0.0);
+    Ok(d)
 }

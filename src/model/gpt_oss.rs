@@ -7,24 +7,14 @@
 
 use anyhow::Result;
 
-use super::decoder::{Act, Decoder, Gating, Hyper, Layer, Rope, Yarn};
+use super::decoder::{Act, Decoder, Gating, Hyper, Layer};
 use super::Tensors;
 
 pub fn load<'a>(t: &Tensors<'a>) -> Result<Decoder<'a>> {
     let h = Hyper::read(t, "gpt-oss")?;
     let md = t.gguf.metadata();
     let window = md.get_usize(&h.key("attention.sliding_window"))?;
-    let mut rope = Rope::plain(h.n_rot, h.freq_base, true);
-    if md.get_str(&h.key("rope.scaling.type")).ok() == Some("yarn") {
-        let factor = md.get_f32(&h.key("rope.scaling.factor")).unwrap_or(1.0);
-        let orig = md
-            .get_usize(&h.key("rope.scaling.original_context_length"))
-            .unwrap_or(h.n_ctx_train);
-        if factor > 0.0 {
-            rope.freq_scale = 1.0 / factor;
-            rope.yarn = Some(Yarn::new(h.n_rot, h.freq_base, factor, orig));
-        }
-    }
+    let rope = h.rope(t, h.freq_base, true)?;
     // Even layers windowed, odd ones full (llama.cpp's pattern 2).
     let swa = h.swa_layers(t, 2)?;
     let scale = 1.0 / (h.head_dim as f32).sqrt();

@@ -5,14 +5,14 @@
 
 use anyhow::Result;
 
-use super::decoder::{Act, Decoder, Hyper, Layer, Rope};
+use super::decoder::{Act, Decoder, Hyper, Layer};
 use super::Tensors;
 
 pub fn load<'a>(t: &Tensors<'a>) -> Result<Decoder<'a>> {
     let h = Hyper::read(t, "llama")?;
     let md = t.gguf.metadata();
     let ff = md.get_usize(&h.key("feed_forward_length"))?;
-    let mut rope = Rope::plain(h.n_rot, h.freq_base, false);
+    let mut rope = h.rope(t, h.freq_base, false)?;
     rope.freq_factors = t.opt_vector("rope_freqs.weight", h.n_rot / 2)?;
     let scale = 1.0 / (h.head_dim as f32).sqrt();
     let layers = (0..h.n_layer)

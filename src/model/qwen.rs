@@ -5,7 +5,7 @@
 
 use anyhow::Result;
 
-use super::decoder::{Act, Decoder, Gating, Hyper, Layer, Rope};
+use super::decoder::{Act, Decoder, Gating, Hyper, Layer};
 use super::Tensors;
 
 /// Loads `qwen2`, `qwen3` or `qwen3moe` (`arch`).
@@ -13,7 +13,7 @@ pub fn load<'a>(t: &Tensors<'a>, arch: &str) -> Result<Decoder<'a>> {
     let h = Hyper::read(t, arch)?;
     let md = t.gguf.metadata();
     let qk_norm = arch != "qwen2";
-    let rope = Rope::plain(h.n_rot, h.freq_base, true);
+    let rope = h.rope(t, h.freq_base, true)?;
     let scale = 1.0 / (h.head_dim as f32).sqrt();
     let layers = (0..h.n_layer)
         .map(|i| {

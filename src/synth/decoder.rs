@@ -147,7 +147,8 @@ pub fn write_tiny(
         }
         "gemma3" => {
             w.kv(&key("rope.freq_base"), Value::F32(1_000_000.0))
-                .kv(&key("attention.sliding_window"), Value::U32(WINDOW as u32));
+                .kv(&key("attention.sliding_window"), Value::U32(WINDOW as u32))
+                .kv(&key("final_logit_softcapping"), Value::F32(8.0));
         }
         _ => {
             w.kv(&key("rope.freq_base"), Value::F32(150_000.0))
