@@ -313,7 +313,10 @@ pub fn state_bytes(g: &Gguf, n_ctx: usize) -> Result<u64> {
     let head_dim = md
         .get_usize(&key("attention.key_length"))
         .unwrap_or(n_embd / n_head);
-    let n_kv = md.get_per_layer(&key("attention.head_count_kv"), n_layer)?;
+    let n_kv = match md.get(&key("attention.head_count_kv")) {
+        Some(_) => md.get_per_layer(&key("attention.head_count_kv"), n_layer)?,
+        None => vec![n_head; n_layer],
+    };
     let ff = md
         .get_per_layer(&key("feed_forward_length"), n_layer)
         .unwrap_or(vec![1; n_layer]);

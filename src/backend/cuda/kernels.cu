@@ -21,6 +21,7 @@ typedef unsigned int u32;
     X(q5_1, T_Q5_1) \
     X(q8_0, T_Q8_0) \
     X(iq4_nl, T_IQ4_NL) \
+    X(mxfp4, T_MXFP4) \
     X(q2_k, T_Q2_K) \
     X(q3_k, T_Q3_K) \
     X(q4_k, T_Q4_K) \
@@ -45,6 +46,7 @@ typedef unsigned int u32;
 #define T_Q6_K 14
 #define T_IQ4_NL 20
 #define T_BF16 30
+#define T_MXFP4 39
 
 __device__ __forceinline__ float half_to_float(u16 h) {
     float f;
@@ -56,6 +58,13 @@ __device__ __forceinline__ float f16at(const u8* p) { return half_to_float((u16)
 
 __device__ __constant__ i8 IQ4NL[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
                                          1,    13,   25,  38,  53,  69,  89,  113};
+
+// MXFP4: twice the E2M1 value of each nibble, and 2^(e − 128) from the block's exponent byte
+// (the bits of that float; e < 2 are the subnormals), as ggrun_quants::mxfp4.
+__device__ __constant__ i8 FP4V[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+__device__ __forceinline__ float e8m0_half(u8 e) {
+    return __int_as_float(e < 2 ? (0x00200000 << e) : ((int)(e - 1) << 23));
+}
 
 // Q4_K / Q5_K: the 6-bit (scale, min) of sub-block j.
 __device__ __forceinline__ void scale_min_k4(int j, const u8* s, int* sc, int* mn) {
@@ -103,6 +112,15 @@ __device__ __forceinline__ void deq8(const u8* row, int e0, float* w) {
             int e = j + i;
             int q = e < 16 ? (b[2 + e] & 15) : (b[2 + e - 16] >> 4);
             w[i] = T == T_Q4_0 ? (float)(q - 8) * d : (float)IQ4NL[q] * d;
+        }
+    } else if (T == T_MXFP4) {
+        const u8* b = row + (e0 / 32) * 17;
+        float d = e8m0_half(b[0]);
+        int j = e0 % 32;
+        for (int i = 0; i < 8; i++) {
+            int e = j + i;
+            int q = e < 16 ? (b[1 + e] & 15) : (b[1 + e - 16] >> 4);
+            w[i] = (float)FP4V[q] * d;
         }
     } else if (T == T_Q4_1) {
         const u8* b = row + (e0 / 32) * 20;

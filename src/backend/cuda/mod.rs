@@ -581,6 +581,7 @@ fn kernel_name(ty: GgmlType, kind: Kernel) -> Result<String> {
         Q5_1 => "q5_1",
         Q8_0 => "q8_0",
         IQ4_NL => "iq4_nl",
+        MXFP4 => "mxfp4",
         Q2_K => "q2_k",
         Q3_K => "q3_k",
         Q4_K => "q4_k",
