@@ -12,6 +12,7 @@ use crate::kquants::{
 use crate::legacy::{
     h, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, BlockQ8_1, IQ4NL_VALUES,
 };
+use crate::mxfp4::{e8m0_half, BlockMxfp4, FP4_VALUES};
 use crate::{GgmlType, Isa, Kernels};
 use bytemuck::cast_slice;
 
@@ -98,6 +99,15 @@ unsafe fn iq4_nl_i8(b: &BlockQ4_0) -> (int8x16_t, int8x16_t) {
     (vqtbl1q_s8(t, l), vqtbl1q_s8(t, h))
 }
 
+/// MXFP4: the nibbles index twice the E2M1 values.
+#[target_feature(enable = "neon")]
+#[inline]
+unsafe fn mxfp4_i8(b: &BlockMxfp4) -> (int8x16_t, int8x16_t) {
+    let t = vld1q_s8(FP4_VALUES.as_ptr());
+    let (l, h) = nibbles(&b.qs);
+    (vqtbl1q_s8(t, l), vqtbl1q_s8(t, h))
+}
+
 #[target_feature(enable = "neon")]
 #[inline]
 unsafe fn q4_1_i8(b: &BlockQ4_1) -> (int8x16_t, int8x16_t) {
@@ -118,6 +128,9 @@ unsafe fn q5_1_i8(b: &BlockQ5_1) -> (int8x16_t, int8x16_t) {
 
 macro_rules! legacy_dot {
     ($name:ident, $feat:literal, $dot:ident, $wb:ty, $ab:ty, $unpack:ident, $min:expr) => {
+        legacy_dot!($name, $feat, $dot, $wb, $ab, $unpack, $min, f16_scales);
+    };
+    ($name:ident, $feat:literal, $dot:ident, $wb:ty, $ab:ty, $unpack:ident, $min:expr, $scale:ident) => {
         #[target_feature(enable = $feat)]
         unsafe fn $name(w: &[$wb], a: &[$ab]) -> f32 {
             // The block's integer sum is reduced exactly, then scaled and added in block order:
@@ -127,11 +140,29 @@ macro_rules! legacy_dot {
                 let (q0, q1) = $unpack(b);
                 let s = $dot(vdupq_n_s32(0), q0, vld1q_s8(y.qs.as_ptr()));
                 let s = $dot(s, q1, vld1q_s8(y.qs.as_ptr().add(16)));
-                total += h(b.d) * h(y.d) * vaddvq_s32(s) as f32 + $min(b, y);
+                total += $scale(b, y) * vaddvq_s32(s) as f32 + $min(b, y);
             }
             total
         }
     };
+}
+
+/// The product of a legacy weight block's f16 scale and the activation block's.
+trait F16Scale {
+    fn d(&self) -> [u8; 2];
+}
+macro_rules! f16_scale {
+    ($($t:ty),*) => { $(impl F16Scale for $t { fn d(&self) -> [u8; 2] { self.d } })* };
+}
+f16_scale!(BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, BlockQ8_1);
+
+fn f16_scales<B: F16Scale, A: F16Scale>(b: &B, y: &A) -> f32 {
+    h(b.d()) * h(y.d())
+}
+
+/// MXFP4's: 2^(e − 128) times the activation's (the scalar reference's order).
+fn mxfp4_scales(b: &BlockMxfp4, y: &BlockQ8_0) -> f32 {
+    e8m0_half(b.e) * h(y.d)
 }
 
 fn no_min<B, A>(_: &B, _: &A) -> f32 {
@@ -149,6 +180,26 @@ legacy_dot!(q5_0_n, "neon", dot16_neon, BlockQ5_0, BlockQ8_0, q5_0_i8, no_min);
 legacy_dot!(q8_0_n, "neon", dot16_neon, BlockQ8_0, BlockQ8_0, q8_0_i8, no_min);
 legacy_dot!(iq4_nl_n, "neon", dot16_neon, BlockQ4_0, BlockQ8_0, iq4_nl_i8, no_min);
 legacy_dot!(q4_1_n, "neon", dot16_neon, BlockQ4_1, BlockQ8_1, q4_1_i8, min_q4_1);
+legacy_dot!(
+    mxfp4_n,
+    "neon",
+    dot16_neon,
+    BlockMxfp4,
+    BlockQ8_0,
+    mxfp4_i8,
+    no_min,
+    mxfp4_scales
+);
+legacy_dot!(
+    mxfp4_d,
+    "neon,dotprod",
+    dot16_sdot,
+    BlockMxfp4,
+    BlockQ8_0,
+    mxfp4_i8,
+    no_min,
+    mxfp4_scales
+);
 legacy_dot!(q5_1_n, "neon", dot16_neon, BlockQ5_1, BlockQ8_1, q5_1_i8, min_q5_1);
 legacy_dot!(
     q4_0_d,
@@ -404,6 +455,7 @@ macro_rules! entry {
 entry!(
     e_q4_0_n => q4_0_n, e_q5_0_n => q5_0_n, e_q8_0_n => q8_0_n, e_iq4_nl_n => iq4_nl_n,
     e_q4_1_n => q4_1_n, e_q5_1_n => q5_1_n, e_q4_0_d => q4_0_d, e_q5_0_d => q5_0_d,
+    e_mxfp4_n => mxfp4_n, e_mxfp4_d => mxfp4_d,
     e_q8_0_d => q8_0_d, e_iq4_nl_d => iq4_nl_d, e_q4_1_d => q4_1_d, e_q5_1_d => q5_1_d,
     e_q2k_n => q2k_n, e_q3k_n => q3k_n, e_q4k_n => q4k_n, e_q5k_n => q5k_n, e_q6k_n => q6k_n,
     e_q2k_d => q2k_d, e_q3k_d => q3k_d, e_q4k_d => q4k_d, e_q5k_d => q5k_d, e_q6k_d => q6k_d,
@@ -422,6 +474,7 @@ pub(crate) fn specialize(mut k: Kernels, isa: Isa) -> Kernels {
         (Q5_0, false) => Some(e_q5_0_n),
         (Q8_0, false) => Some(e_q8_0_n),
         (IQ4_NL, false) => Some(e_iq4_nl_n),
+        (MXFP4, false) => Some(e_mxfp4_n),
         (Q4_1, false) => Some(e_q4_1_n),
         (Q5_1, false) => Some(e_q5_1_n),
         (Q2_K, false) => Some(e_q2k_n),
@@ -433,6 +486,7 @@ pub(crate) fn specialize(mut k: Kernels, isa: Isa) -> Kernels {
         (Q5_0, true) => Some(e_q5_0_d),
         (Q8_0, true) => Some(e_q8_0_d),
         (IQ4_NL, true) => Some(e_iq4_nl_d),
+        (MXFP4, true) => Some(e_mxfp4_d),
         (Q4_1, true) => Some(e_q4_1_d),
         (Q5_1, true) => Some(e_q5_1_d),
         (Q2_K, true) => Some(e_q2k_d),
