@@ -2,14 +2,15 @@
 //! before and after the feed-forward; the converter stores Gemma's (1 + w) weights already
 //! added); per-head q/k RMSNorm; neox RoPE; sliding-window attention on every layer but each
 //! `sliding_window_pattern`-th (6: layers 5, 11, …), the windowed layers with RoPE base
-//! `rope.freq_base_swa` (10000), the global ones with `rope.freq_base`; a GELU-tanh gated
+//! `rope.freq_base_swa` (10000) and no context scaling, the global ones with `rope.freq_base`
+//! and the file's scaling (linear ×8 from 4B up); a GELU-tanh gated
 //! feed-forward; attention scale 1/√key_length (27B: 1/√(n_embd/n_head)); tied output;
 //! logits soft-capped when `final_logit_softcapping` is set. The forward pass is the shared
 //! [`Decoder`]'s.
 
 use anyhow::Result;
 
-use super::decoder::{Act, Decoder, Hyper, Layer};
+use super::decoder::{Act, Decoder, Hyper, Layer, Rope};
 use super::Tensors;
 
 pub fn load<'a>(t: &Tensors<'a>) -> Result<Decoder<'a>> {
@@ -31,12 +32,13 @@ pub fn load<'a>(t: &Tensors<'a>) -> Result<Decoder<'a>> {
     let layers = (0..h.n_layer)
         .map(|i| {
             let p = |n: &str| format!("blk.{i}.{n}");
-            let (win, base) = if window.is_some() && swa[i] {
-                (window, base_swa)
+            // The file's context scaling (4B and up: linear ×8) is the global layers'; the
+            // windowed ones rotate unscaled at their own base, as llama.cpp does.
+            let (win, rope) = if window.is_some() && swa[i] {
+                (window, Rope::plain(h.n_rot, base_swa, true))
             } else {
-                (None, h.freq_base)
+                (None, h.rope(t, h.freq_base, true)?)
             };
-            let rope = h.rope(t, base, true)?;
             Ok(Layer {
                 attn_norm: t.vector(&p("attn_norm.weight"), h.n_embd)?,
                 attn: h.attention(t, i, rope, win, scale, true, false)?,

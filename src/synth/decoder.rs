@@ -148,7 +148,9 @@ pub fn write_tiny(
         "gemma3" => {
             w.kv(&key("rope.freq_base"), Value::F32(1_000_000.0))
                 .kv(&key("attention.sliding_window"), Value::U32(WINDOW as u32))
-                .kv(&key("final_logit_softcapping"), Value::F32(8.0));
+                .kv(&key("final_logit_softcapping"), Value::F32(8.0))
+                .kv(&key("rope.scaling.type"), Value::str("linear"))
+                .kv(&key("rope.scaling.factor"), Value::F32(8.0));
         }
         _ => {
             w.kv(&key("rope.freq_base"), Value::F32(150_000.0))
