@@ -12,6 +12,7 @@ use serde_json::json;
 use crate::backend::cpu::Cpu;
 use crate::gguf::Model;
 use crate::model::Forward;
+use crate::routing::RoutingWindow;
 use crate::sample::argmax;
 
 pub struct BenchResult {
@@ -35,8 +36,13 @@ fn median(v: &[f64]) -> f64 {
     }
 }
 
+/// Tokens between two snapshots of the routing counts when `--routing-stats` records them
+/// (reading them is a device round trip per MoE layer where routing runs on the GPU).
+pub const ROUTING_SNAPSHOT_EVERY: usize = 32;
+
 /// Runs `reps` measured rounds after one warm-up round; the prompt goes in forward passes of
-/// `batch` tokens.
+/// `batch` tokens. With `routing`, the model's selection counts are recorded into it after each
+/// prompt pass and every [`ROUTING_SNAPSHOT_EVERY`] generated tokens.
 pub fn run(
     m: &dyn Forward,
     cpu: &Cpu,
@@ -44,7 +50,15 @@ pub fn run(
     n_gen: usize,
     batch: usize,
     reps: usize,
+    mut routing: Option<&mut RoutingWindow>,
 ) -> Result<BenchResult> {
+    let mut tokens = 0u64;
+    let record = |tokens: u64, routing: &mut Option<&mut RoutingWindow>| -> Result<()> {
+        if let Some(w) = routing.as_deref_mut() {
+            w.record(tokens, m.expert_usage()?);
+        }
+        Ok(())
+    };
     let nv = m.n_vocab();
     anyhow::ensure!(nv > 20, "vocabulary too small to benchmark");
     anyhow::ensure!(
@@ -69,6 +83,8 @@ pub fn run(
             let t0 = Instant::now();
             for chunk in prompt.chunks(batch.max(1)) {
                 m.forward(cpu, &mut st, chunk, false)?;
+                tokens += chunk.len() as u64;
+                record(tokens, &mut routing)?;
             }
             if round > 0 {
                 pp.push(n_prompt as f64 / t0.elapsed().as_secs_f64());
@@ -77,9 +93,13 @@ pub fn run(
         if n_gen > 0 {
             st.clear()?;
             let t0 = Instant::now();
-            for _ in 0..n_gen {
+            for i in 0..n_gen {
                 let l = m.forward(cpu, &mut st, &[tok], false)?;
                 tok = argmax(&l) as u32;
+                tokens += 1;
+                if (i + 1) % ROUTING_SNAPSHOT_EVERY == 0 || i + 1 == n_gen {
+                    record(tokens, &mut routing)?;
+                }
             }
             if round > 0 {
                 tg.push(n_gen as f64 / t0.elapsed().as_secs_f64());

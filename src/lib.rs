@@ -12,6 +12,7 @@ pub mod gguf;
 pub mod info;
 pub mod model;
 pub mod profile;
+pub mod routing;
 pub mod sample;
 pub mod serve;
 pub mod synth;

@@ -28,6 +28,9 @@ pub struct Profile {
     /// Layers whose routed experts stay in RAM (GPU plans; empty when all fit).
     pub experts_in_ram: Option<Vec<usize>>,
     pub staging_buffers: Option<usize>,
+    /// Bytes of its hot-expert cache (GPU plans; older profiles have none).
+    #[serde(default)]
+    pub expert_cache: Option<u64>,
     /// The winner's row of the tuning table: its label and measured speeds.
     pub plan: String,
     pub pp_tok_s: f64,
@@ -51,6 +54,9 @@ impl Profile {
             }
             if let Some(s) = self.staging_buffers {
                 f += &format!(" --staging-buffers {s}");
+            }
+            if let Some(c) = self.expert_cache {
+                f += &format!(" --expert-cache {c}");
             }
         }
         f
@@ -183,11 +189,13 @@ pub fn apply(model: &Path, o: Open, no_profile: bool, quiet: bool) -> Result<Opt
         || o.place.n_cpu_moe > 0
         || o.place.gpu_mem.is_some()
         || o.place.experts_in_ram.is_some()
-        || o.place.staging_buffers.is_some();
+        || o.place.staging_buffers.is_some()
+        || o.place.expert_cache.is_some();
     if p.on_gpu() && !placed {
         o.place.n_gpu_layers = Some(999);
         o.place.experts_in_ram = Some(p.experts_in_ram.clone().unwrap_or_default());
         o.place.staging_buffers = p.staging_buffers;
+        o.place.expert_cache = p.expert_cache;
     }
     if !quiet {
         eprintln!(

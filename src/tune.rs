@@ -9,7 +9,9 @@
 //! statistics gathered on the calibration prompt during the first measurement: the GPU keeps
 //! the layers whose routing is widest (most distinct experts in use, by the exponential of the
 //! routing entropy), RAM takes the most concentrated ones (a prefill batch copies fewer of
-//! their experts). The measurements decide.
+//! their experts). The measurements decide. Then the hot-expert cache of the RAM layers: the
+//! plans above keep the default (a sixteenth of the budget); the best is measured again with
+//! none and with twice as much (more layers in RAM, fewer experts crossing PCIe in decode).
 //!
 //! A plan's score is the time of one typical turn: a 512-token prompt at its pp speed plus 128
 //! tokens at its tg speed; the lowest wins. A plan whose measured VRAM exceeds the budget is
@@ -26,7 +28,7 @@ use serde_json::json;
 
 use crate::backend::cpu::{Cpu, Precision};
 use crate::backend::cuda::{DeviceWeights, Gpu};
-use crate::backend::placement::{parse_size, Plan};
+use crate::backend::placement::{parse_size, Plan, DEFAULT_CACHE_SHARE};
 use crate::cli::common::{self, PlacementFlags};
 use crate::gguf::Model;
 use crate::profile::{self, Profile};
@@ -119,6 +121,8 @@ struct Row {
     /// Layers in RAM and staging buffers of the plan (GPU plans).
     ram_layers: Vec<usize>,
     staging: usize,
+    /// Bytes of the plan's hot-expert cache.
+    cache: u64,
     vram_planned: u64,
     vram_used: u64,
     ram: u64,
@@ -150,28 +154,11 @@ impl Row {
     }
 }
 
-/// Effective number of experts a layer routes to: exp(entropy of its selection counts).
-pub fn effective_experts(counts: &[u64]) -> f64 {
-    let total: u64 = counts.iter().sum();
-    if total == 0 {
-        return 0.0;
-    }
-    let h: f64 = counts
-        .iter()
-        .filter(|&&c| c > 0)
-        .map(|&c| {
-            let p = c as f64 / total as f64;
-            -p * p.ln()
-        })
-        .sum();
-    h.exp()
-}
-
 /// The `k` MoE layers with the most concentrated routing (fewest effective experts), sorted.
 pub fn concentrated_layers(usage: &[(usize, Vec<u64>)], k: usize) -> Vec<usize> {
     let mut by: Vec<(f64, usize)> = usage
         .iter()
-        .map(|(l, c)| (effective_experts(c), *l))
+        .map(|(l, c)| (crate::routing::effective_experts(c), *l))
         .collect();
     by.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
     let mut out: Vec<usize> = by.into_iter().take(k).map(|(_, l)| l).collect();
@@ -249,6 +236,7 @@ pub fn run(a: TuneArgs, out: &mut dyn Write) -> Result<()> {
         batch_size: best.cand.batch,
         experts_in_ram: best.cand.place.as_ref().map(|_| best.ram_layers.clone()),
         staging_buffers: best.cand.place.as_ref().map(|_| best.staging),
+        expert_cache: best.cand.place.as_ref().map(|_| best.cache),
         plan: best.cand.label.clone(),
         pp_tok_s: best.pp,
         tg_tok_s: best.tg,
@@ -268,6 +256,7 @@ pub fn run(a: TuneArgs, out: &mut dyn Write) -> Result<()> {
                 json!({
                     "plan": r.cand.label, "threads": r.cand.threads, "batch": r.cand.batch,
                     "experts_in_ram": r.ram_layers, "staging_buffers": r.staging,
+                    "expert_cache": r.cache,
                     "vram_planned": r.vram_planned, "vram_used": r.vram_used, "ram": r.ram,
                     "pp_tok_s": r.pp, "tg_tok_s": r.tg, "error": r.error,
                     "vram_error_pct": r.vram_error_pct(),
@@ -466,6 +455,42 @@ fn gpu_plans(
             measure_all(a, prompt, n_ctx, ram_free, vec![c], rows, started)?;
         }
     }
+    // The hot-expert cache (the plans above have the default, a sixteenth of the budget):
+    // none, and twice as much (more RAM layers, fewer copies in decode).
+    if let Some(c) = best(rows) {
+        let staging = c
+            .place
+            .as_ref()
+            .and_then(|p| p.staging_buffers)
+            .unwrap_or(2);
+        let mut more = Vec::new();
+        for (what, cache) in [
+            ("no expert cache", 0),
+            ("expert cache x2", 2 * budget / DEFAULT_CACHE_SHARE),
+        ] {
+            let place = PlacementFlags {
+                expert_cache: Some(cache),
+                ..by_budget(staging)
+            };
+            if let Ok(p) = plan_for(&place) {
+                let ram = p.expert_layers_in_ram;
+                let label = format!(
+                    "{} RAM layers, spread, {staging} staging, {what}",
+                    ram.len()
+                );
+                let named = PlacementFlags {
+                    expert_cache: Some(cache),
+                    ..named(ram, staging)
+                };
+                more.push(Candidate {
+                    label,
+                    place: Some(named),
+                    ..c.clone()
+                });
+            }
+        }
+        measure_all(a, prompt, n_ctx, ram_free, more, rows, started)?;
+    }
     if let Some(mut c) = best(rows).filter(|_| physical >= 4) {
         c.threads = physical / 2;
         c.label = format!("{} t={}", c.label, c.threads);
@@ -556,6 +581,7 @@ fn measure(
         cand: c.clone(),
         ram_layers: Vec::new(),
         staging: 0,
+        cache: 0,
         vram_planned: 0,
         vram_used: 0,
         ram: 0,
@@ -580,8 +606,12 @@ fn measure(
             };
             row.ram_layers = plan.expert_layers_in_ram.clone();
             row.staging = staging_count(g, &plan);
-            row.vram_planned =
-                plan.gpu_weight_bytes + plan.reserved_bytes + plan.state_bytes + plan.staging_bytes;
+            row.cache = plan.cache_bytes;
+            row.vram_planned = plan.gpu_weight_bytes
+                + plan.reserved_bytes
+                + plan.state_bytes
+                + plan.staging_bytes
+                + plan.cache_bytes;
             let gpu = Gpu::open(0)?;
             gpu.release_pool()?;
             free_before = gpu.memory()?.0 as u64;
@@ -733,6 +763,7 @@ mod tests {
 
     #[test]
     fn concentrated_routing_goes_to_ram_first() {
+        use crate::routing::effective_experts;
         let uniform = vec![10u64; 8];
         let skewed = vec![70, 2, 2, 2, 1, 1, 1, 1];
         let half = vec![20, 20, 20, 20, 0, 0, 0, 0];

@@ -281,6 +281,7 @@ const ALL_ON_GPU: PlacementArgs = PlacementArgs {
     sequences: 1,
     experts_in_ram: None,
     staging_buffers: None,
+    expert_cache: None,
 };
 
 /// The weights `args` place on device 0 (planned for a 64-token context).
@@ -354,8 +355,18 @@ fn whole_and_split_models_on_the_gpu_match_the_float64_reference() {
             // turn, while the GPU computes the layers before it.
             (
                 "all routed experts in RAM, prefetched whole (GGRUN_PREFETCH=on)",
-                all_in_ram,
+                all_in_ram.clone(),
                 true,
+            ),
+            // Decode computes cached experts on the GPU; ten slots of sixteen experts per
+            // layer, so the copies evict (the Q8_0 file's experts are 87,040 bytes).
+            (
+                "all routed experts in RAM, a hot-expert cache of 10 per layer",
+                PlacementArgs {
+                    expert_cache: Some(3 * 10 * 87_040),
+                    ..all_in_ram
+                },
+                false,
             ),
             (
                 "last 3 layers on the GPU (products cross PCIe)",
@@ -378,6 +389,13 @@ fn whole_and_split_models_on_the_gpu_match_the_float64_reference() {
                 );
             }
             assert!(dev.uploaded_bytes() > 0, "{name}: nothing was uploaded");
+            if args.expert_cache.is_some() && name == "nemo-tiny-q8_0" {
+                assert!(
+                    report.contains("expert cache: 10 experts in each of 3 RAM layers")
+                        && !report.contains(" 0.0% of"),
+                    "{name}: the cache did not serve: {report}"
+                );
+            }
             let (errs, top1) = compare(&rows, reference, g.n_vocab);
             let worst = errs.iter().cloned().fold(0.0, f64::max);
             eprintln!(

@@ -102,6 +102,12 @@ pub struct PlacementFlags {
     /// that prefill copies the next RAM layer while the GPU computes).
     #[arg(long = "staging-buffers", value_name = "N")]
     pub staging_buffers: Option<usize>,
+    /// VRAM for a cache of the most used experts of the layers whose experts stay in RAM
+    /// (e.g. 2GiB; taken from --gpu-mem before whole expert layers; default a sixteenth of
+    /// --gpu-mem when experts spill, 0 turns it off): decode computes cached experts on the
+    /// GPU, and the experts it copies over replace the least used.
+    #[arg(long = "expert-cache", value_parser = parse_size, value_name = "SIZE")]
+    pub expert_cache: Option<u64>,
     /// Sequences whose state the plan reserves (the server's `--parallel`; 0 counts as 1).
     #[arg(skip)]
     pub sequences: usize,
@@ -117,6 +123,7 @@ impl PlacementFlags {
             sequences: self.sequences,
             experts_in_ram: self.experts_in_ram.clone(),
             staging_buffers: self.staging_buffers,
+            expert_cache: self.expert_cache,
         }
     }
 }

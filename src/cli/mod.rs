@@ -14,6 +14,7 @@ use crate::backend::cpu::{Cpu, Precision};
 use crate::chat::template::{ChatTemplate, Message, RenderOptions};
 use crate::gguf::Model;
 use crate::info::ModelInfo;
+use crate::routing::RoutingWindow;
 use crate::sample::argmax;
 
 #[derive(Parser, Debug)]
@@ -122,6 +123,15 @@ pub enum Command {
         /// bandwidth / bytes.
         #[arg(long)]
         roofline: bool,
+        /// Also report routing: per MoE layer, how often each expert was selected over the
+        /// last --routing-window tokens, the effective number of experts, and the share the
+        /// hottest eighth and quarter of the experts take (what a cache of them would serve).
+        /// Reading the counts costs some speed.
+        #[arg(long)]
+        routing_stats: bool,
+        /// Tokens the routing statistics cover (the most recent ones).
+        #[arg(long, default_value_t = 1024)]
+        routing_window: u64,
     },
     /// Write a synthetic model with random weights (Nemotron 3 Nano's real widths).
     #[command(name = "gen-model", hide = true)]
@@ -237,6 +247,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
                         "reserved_bytes": p.reserved_bytes,
                         "state_bytes": p.state_bytes,
                         "staging_bytes": p.staging_bytes,
+                        "expert_cache_bytes": p.cache_bytes,
                         "cpu_weight_bytes": p.cpu_weight_bytes,
                         "expert_layers_on_gpu": p.expert_layers_on_gpu,
                         "expert_layers_in_ram": p.expert_layers_in_ram,
@@ -311,6 +322,8 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             exact,
             json,
             roofline,
+            routing_stats,
+            routing_window,
             no_repack,
             mut place,
         } => {
@@ -335,7 +348,16 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             };
             let m = crate::model::load_with(&g, opts)?;
             let cpu = Cpu::new(threads, precision)?;
-            let r = crate::bench::run(m.as_ref(), &cpu, n_prompt, n_gen, batch, reps.max(1))?;
+            let mut window = routing_stats.then(|| RoutingWindow::new(routing_window));
+            let r = crate::bench::run(
+                m.as_ref(),
+                &cpu,
+                n_prompt,
+                n_gen,
+                batch,
+                reps.max(1),
+                window.as_mut(),
+            )?;
             let roof = if roofline {
                 let bytes = crate::bench::bytes_per_token(&g)?;
                 let bw = crate::bench::read_bandwidth(&g, &cpu, 3);
@@ -352,6 +374,9 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
                 }
                 if let Some(line) = m.offload_report() {
                     v["offload"] = line.into();
+                }
+                if let Some(w) = &window {
+                    v["routing"] = w.to_json();
                 }
                 if let Some((bytes, bw)) = roof {
                     v["bytes_per_token"] = bytes.into();
@@ -379,6 +404,9 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
                         bw / bytes as f64,
                         100.0 * r.tg_median() * bytes as f64 / bw
                     )?;
+                }
+                if let Some(w) = &window {
+                    write!(out, "{}", w.to_text())?;
                 }
             }
         }

@@ -92,6 +92,66 @@ struct Offload {
     pins: Option<HostPins>,
     costs: Mutex<Costs>,
     prefetch: Prefetch,
+    /// The hot-expert cache of each RAM MoE layer (by layer index), when the plan has one.
+    caches: Vec<(usize, Mutex<ExpertCache>)>,
+}
+
+/// A RAM layer's most used experts kept in device memory for decode. Each step counts the
+/// selections (decayed, so the counts follow recent routing); a selected expert in the cache
+/// is computed there without a copy, and the experts a step copies over take the slots of the
+/// least used ones that this step does not need.
+struct ExpertCache {
+    up: DeviceMatrix,
+    down: DeviceMatrix,
+    /// Expert → slot, and slot → expert.
+    slot_of: Vec<Option<usize>>,
+    holder: Vec<Option<usize>>,
+    /// Selections per expert, each step's counts decayed by [`CACHE_DECAY`].
+    uses: Vec<f64>,
+    lookups: u64,
+    hits: u64,
+}
+
+/// Per decode step, older selections count this much less (a memory of a few hundred tokens).
+const CACHE_DECAY: f64 = 0.995;
+
+impl ExpertCache {
+    /// Counts a step's selected experts.
+    fn note(&mut self, selected: &[usize]) {
+        for u in self.uses.iter_mut() {
+            *u *= CACHE_DECAY;
+        }
+        for &e in selected {
+            self.uses[e] += 1.0;
+            self.lookups += 1;
+            self.hits += self.slot_of[e].is_some() as u64;
+        }
+    }
+
+    /// A slot for expert `e` (not cached): a free one, else that of the least used expert
+    /// outside `keep` when `e` is used at least as much. None: `e` is not worth a slot.
+    fn admit(&mut self, e: usize, keep: &[bool]) -> Option<usize> {
+        let slot = match self.holder.iter().position(Option::is_none) {
+            Some(s) => s,
+            None => {
+                let (s, victim) = self
+                    .holder
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(s, h)| h.map(|v| (s, v)))
+                    .filter(|&(_, v)| !keep[v])
+                    .min_by(|a, b| self.uses[a.1].total_cmp(&self.uses[b.1]))?;
+                if self.uses[victim] > self.uses[e] {
+                    return None;
+                }
+                self.slot_of[victim] = None;
+                s
+            }
+        };
+        self.holder[slot] = Some(e);
+        self.slot_of[e] = Some(slot);
+        Some(slot)
+    }
 }
 
 /// When prefill prefetches whole RAM layers (`GGRUN_PREFETCH`: `auto`, the default, where the
@@ -165,6 +225,22 @@ fn average(old: Option<f64>, sample: f64) -> Option<f64> {
 }
 
 impl Costs {
+    /// How many of `n` experts (of `eb` bytes, `cpu` seconds each on the CPU) a decode step
+    /// copies to the GPU while the CPU computes the others: g·copy ≈ (n − g)·cpu, one while
+    /// copies are unmeasured. The CPU keeps at least one (when there are two) so that its cost
+    /// stays measured: an inflated sample that sent every expert to the GPU was never
+    /// corrected, and decode kept copying them all.
+    fn copies_beside_cpu(&self, n: usize, cpu: f64, eb: usize) -> usize {
+        match self.copy_bytes_per_s {
+            _ if n == 0 => 0,
+            None => 1,
+            Some(bw) => {
+                let copy = eb as f64 / bw;
+                ((n as f64 * cpu / (cpu + copy)).round() as usize).min(n.saturating_sub(1).max(1))
+            }
+        }
+    }
+
     /// Whether copying `bytes` of experts beats the CPU on `pairs` (token, expert) pairs. With
     /// nothing measured yet the CPU runs first, then the copy, so that both get a measurement.
     fn prefers_copy(&self, bytes: usize, pairs: usize) -> bool {
@@ -190,15 +266,17 @@ impl Offload {
     /// Staging and page-locking for the MoE layers whose experts stay in RAM (None when there
     /// are none, or when the plan reserved no room to stage them: then the CPU computes them
     /// always).
-    fn new(gpu: &Gpu, m: &NemotronH, budget: u64) -> Option<Offload> {
-        let in_ram: Vec<&Moe> = m
+    fn new(gpu: &Gpu, m: &NemotronH, budget: u64, cache_budget: u64) -> Option<Offload> {
+        let ram_layers: Vec<(usize, &Moe)> = m
             .layers
             .iter()
-            .filter_map(|l| match &l.block {
-                Block::Moe(b) if b.up.device.is_none() => Some(b),
+            .enumerate()
+            .filter_map(|(i, l)| match &l.block {
+                Block::Moe(b) if b.up.device.is_none() => Some((i, b)),
                 _ => None,
             })
             .collect();
+        let in_ram: Vec<&Moe> = ram_layers.iter().map(|(_, b)| *b).collect();
         let up_bytes = in_ram.iter().map(|b| b.up.data.len()).max()?;
         let down_bytes = in_ram.iter().map(|b| b.down.data.len()).max()?;
         if (up_bytes + down_bytes) as u64 > budget {
@@ -243,12 +321,75 @@ impl Offload {
                 stage.copy = Some(c);
             }
         }
+        let caches = ExpertCache::for_layers(gpu, m, &ram_layers, cache_budget);
         Some(Offload {
             stage: Mutex::new(stage),
             pins,
             costs: Mutex::default(),
             prefetch: Prefetch::from_env(),
+            caches,
         })
+    }
+
+    fn cache(&self, layer: usize) -> Option<&Mutex<ExpertCache>> {
+        self.caches
+            .iter()
+            .find(|(l, _)| *l == layer)
+            .map(|(_, c)| c)
+    }
+}
+
+impl ExpertCache {
+    /// Equal caches for the RAM layers out of `budget` bytes; none when they would hold fewer
+    /// than two steps' experts each (2·k: a step keeps its own k and admits up to k).
+    fn for_layers(
+        gpu: &Gpu,
+        m: &NemotronH,
+        layers: &[(usize, &Moe)],
+        budget: u64,
+    ) -> Vec<(usize, Mutex<ExpertCache>)> {
+        let Some(eb) = expert_bytes(m) else {
+            return Vec::new();
+        };
+        let per_layer = budget / layers.len().max(1) as u64;
+        let slots = ((per_layer / eb.max(1) as u64) as usize).min(m.n_expert);
+        if budget == 0 || slots < 2 * m.n_expert_used {
+            if budget > 0 {
+                eprintln!(
+                    "note: an expert cache of {:.2} GiB holds fewer than {} experts per RAM layer; none is kept",
+                    budget as f64 / (1u64 << 30) as f64,
+                    2 * m.n_expert_used
+                );
+            }
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for &(i, b) in layers {
+            let (ub, db) = (b.up.data.len() / m.n_expert, b.down.data.len() / m.n_expert);
+            let made = (|| -> Result<ExpertCache> {
+                let mut up = gpu.staging(slots * ub)?;
+                let mut down = gpu.staging(slots * db)?;
+                up.restage(b.up.ty, b.up.cols)?;
+                down.restage(b.down.ty, b.down.cols)?;
+                Ok(ExpertCache {
+                    up,
+                    down,
+                    slot_of: vec![None; m.n_expert],
+                    holder: vec![None; slots],
+                    uses: vec![0.0; m.n_expert],
+                    lookups: 0,
+                    hits: 0,
+                })
+            })();
+            match made {
+                Ok(c) => out.push((i, Mutex::new(c))),
+                Err(e) => {
+                    eprintln!("note: no room for the expert cache of layer {i} ({e:#})");
+                    break;
+                }
+            }
+        }
+        out
     }
 }
 
@@ -278,7 +419,11 @@ impl<'a> DeviceParts<'a> {
     /// The device parts for `m` when its placement allows the device-resident pass (None when
     /// some non-expert weight stays in RAM: then each product crosses PCIe on its own);
     /// `staging_budget` is what the plan reserved for staging RAM experts.
-    pub(super) fn new(m: &NemotronH<'a>, staging_budget: u64) -> Result<Option<DeviceParts<'a>>> {
+    pub(super) fn new(
+        m: &NemotronH<'a>,
+        staging_budget: u64,
+        cache_budget: u64,
+    ) -> Result<Option<DeviceParts<'a>>> {
         if !resident(m) {
             return Ok(None);
         }
@@ -307,7 +452,7 @@ impl<'a> DeviceParts<'a> {
                 block,
             });
         }
-        let offload = Offload::new(gpu, m, staging_budget);
+        let offload = Offload::new(gpu, m, staging_budget, cache_budget);
         let on = offload.is_none()
             && !std::env::var("GGRUN_CUDA_GRAPHS").is_ok_and(|v| v == "off" || v == "0");
         Ok(Some(DeviceParts {
@@ -366,6 +511,18 @@ impl<'a> DeviceParts<'a> {
             if let Some(t) = crossover {
                 line += &format!("; copying pays from ~{t} tokens");
             }
+        }
+        if let Some((_, first)) = o.caches.first() {
+            let slots = first.lock().unwrap_or_else(|e| e.into_inner()).holder.len();
+            let (hits, lookups) = o.caches.iter().fold((0, 0), |(h, l), (_, c)| {
+                let c = c.lock().unwrap_or_else(|e| e.into_inner());
+                (h + c.hits, l + c.lookups)
+            });
+            line += &format!(
+                "; expert cache: {slots} experts in each of {} RAM layers, {:.1}% of {lookups} decode selections hit",
+                o.caches.len(),
+                100.0 * hits as f64 / lookups.max(1) as f64
+            );
         }
         if let Some(p) = &o.pins {
             line += &format!(
@@ -817,7 +974,13 @@ impl<'a> DeviceParts<'a> {
                 for (p, (&e, &w)) in ids_h.iter().zip(&wts_h).enumerate() {
                     per_expert[e as usize].push((p / k, w));
                 }
-                if t == 1 {
+                let cache = self
+                    .offload
+                    .as_ref()
+                    .and_then(|o| o.cache(layer).map(|c| (o, c)));
+                if let (1, Some((o, cache))) = (t, cache) {
+                    self.cached_decode(m, o, cache, b, &ids_h, &wts_h, &mut per_expert, h, x)?;
+                } else if t == 1 {
                     if let Some((o, to_gpu)) = self.decode_split(m, b, &per_expert) {
                         let measure = o
                             .costs
@@ -853,6 +1016,9 @@ impl<'a> DeviceParts<'a> {
                 }
                 self.shared(b, h, x, t)?;
                 let on_cpu = per_expert.iter().filter(|l| !l.is_empty()).count();
+                if on_cpu == 0 {
+                    return Ok(());
+                }
                 let started = Instant::now();
                 let y = m.experts(cpu, b, &hh, t, &per_expert, false)?;
                 if let Some(o) = &self.offload {
@@ -1103,6 +1269,132 @@ impl<'a> DeviceParts<'a> {
         Ok(true)
     }
 
+    /// A decode step of a RAM layer with an expert cache: the selected experts in the cache run
+    /// there; of the others, the most used are copied over (as many as the measured costs say
+    /// finish with the CPU's share) into cache slots they win (else the staging buffer), and
+    /// the CPU keeps the rest, which stay in `per_expert` for the caller.
+    #[allow(clippy::too_many_arguments)]
+    fn cached_decode(
+        &self,
+        m: &NemotronH,
+        o: &Offload,
+        cache: &Mutex<ExpertCache>,
+        b: &Moe,
+        ids_h: &[i32],
+        wts_h: &[f32],
+        per_expert: &mut [Vec<(usize, f32)>],
+        h: &CudaSlice<f32>,
+        x: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let g = self.gpu;
+        let (ne, n, ff) = (m.n_expert, m.n_embd, b.ff);
+        let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
+        let selected: Vec<usize> = (0..ne).filter(|&e| !per_expert[e].is_empty()).collect();
+        c.note(&selected);
+        let mut on_gpu = vec![false; ne];
+        for &e in &selected {
+            on_gpu[e] = c.slot_of[e].is_some();
+        }
+        let mut rest: Vec<usize> = selected.iter().copied().filter(|&e| !on_gpu[e]).collect();
+        rest.sort_by(|&a, &b| c.uses[b].total_cmp(&c.uses[a]).then(a.cmp(&b)));
+        let (n_copy, measure) = {
+            let mut costs = o.costs.lock().unwrap_or_else(|e| e.into_inner());
+            let n_copy = match costs.cpu_s_per_decode_expert {
+                None => 0,
+                Some(cpu) => {
+                    let eb = (b.up.data.len() + b.down.data.len()) / ne.max(1);
+                    costs.copies_beside_cpu(rest.len(), cpu, eb)
+                }
+            };
+            costs.split_steps += (n_copy > 0) as u64;
+            (n_copy, n_copy > 0 && costs.copy_samples < COPY_SAMPLES)
+        };
+        let copies = &rest[..n_copy];
+        for &e in copies {
+            on_gpu[e] = true;
+        }
+        if !on_gpu.iter().any(|&v| v) {
+            return Ok(());
+        }
+        // The GPU's share: its pairs' index tables and weights go up before any copy is queued.
+        let masked: Vec<f32> = ids_h
+            .iter()
+            .zip(wts_h)
+            .map(|(&e, &w)| if on_gpu[e as usize] { w } else { 0.0 })
+            .collect();
+        let masked = g.to_device(&masked)?;
+        let Some(pairs) = self.pairs(m, ids_h, Some(&on_gpu), 1)? else {
+            return Ok(());
+        };
+        let mut stage = o.stage.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, ev)) = stage.filling[0].take() {
+            g.compute_wait(&ev)?;
+        }
+        let (up_s, down_s) = &mut stage.bufs[0];
+        up_s.restage(b.up.ty, b.up.cols)?;
+        down_s.restage(b.down.ty, b.down.cols)?;
+        if measure {
+            g.synchronize()?;
+        }
+        let started = Instant::now();
+        let (urb, drb) = (b.up.row_bytes(), b.down.row_bytes());
+        let mut staged_at = vec![None; ne];
+        let (mut next, mut copied) = (0, 0);
+        for &e in copies {
+            let up_rows = &b.up.data[e * ff * urb..(e + 1) * ff * urb];
+            let down_rows = &b.down.data[e * n * drb..(e + 1) * n * drb];
+            match c.admit(e, &on_gpu) {
+                Some(slot) => {
+                    g.stage_rows(&mut c.up, slot * ff, up_rows)?;
+                    g.stage_rows(&mut c.down, slot * n, down_rows)?;
+                }
+                None => {
+                    g.stage_rows(up_s, next * ff, up_rows)?;
+                    g.stage_rows(down_s, next * n, down_rows)?;
+                    staged_at[e] = Some(next);
+                    next += 1;
+                }
+            }
+            copied += up_rows.len() + down_rows.len();
+        }
+        if measure {
+            g.synchronize()?;
+            let mut costs = o.costs.lock().unwrap_or_else(|e| e.into_inner());
+            let bw = copied as f64 / started.elapsed().as_secs_f64().max(1e-9);
+            costs.copy_bytes_per_s = Some(costs.copy_bytes_per_s.map_or(bw, |x| x.max(bw)));
+            costs.copy_samples += 1;
+        }
+        let (up_s, down_s): (&DeviceMatrix, &DeviceMatrix) = (up_s, down_s);
+        let c = &*c;
+        // An expert's rows: in the staging buffer where it was staged, else in its cache slot.
+        fn rows_in<'d>(
+            gpu: &'d Gpu,
+            (staged, cached): (&'d DeviceMatrix, &'d DeviceMatrix),
+            (at, slot): (Option<usize>, Option<usize>),
+            rows: usize,
+        ) -> DeviceRows<'d> {
+            let (m, i) = match at {
+                Some(at) => (staged, at),
+                None => (cached, slot.unwrap_or(0)),
+            };
+            DeviceRows {
+                gpu,
+                m,
+                start: i * rows,
+                rows,
+            }
+        }
+        let up_of = |e: usize| rows_in(g, (up_s, &c.up), (staged_at[e], c.slot_of[e]), ff);
+        let down_of = |e: usize| rows_in(g, (down_s, &c.down), (staged_at[e], c.slot_of[e]), n);
+        self.grouped_pairs(m, &pairs, &up_of, &down_of, &masked, h, x, 1, ff)?;
+        for (e, list) in per_expert.iter_mut().enumerate() {
+            if on_gpu[e] {
+                list.clear();
+            }
+        }
+        Ok(())
+    }
+
     /// For a decode step of a RAM layer: which of the selected experts to copy to the GPU
     /// while the CPU computes the others, so that both finish together by the measured costs
     /// (None: all on the CPU — no staging, or the CPU not measured yet).
@@ -1116,20 +1408,11 @@ impl<'a> DeviceParts<'a> {
         let mut c = o.costs.lock().unwrap_or_else(|e| e.into_inner());
         let cpu = c.cpu_s_per_decode_expert?;
         let eb = (b.up.data.len() + b.down.data.len()) / m.n_expert.max(1);
-        // Unmeasured copies: one expert, to measure them.
-        let copy = c.copy_bytes_per_s.map_or(1e9, |bw| eb as f64 / bw);
         let chosen: Vec<usize> = (0..per_expert.len())
             .filter(|&e| !per_expert[e].is_empty())
             .collect();
         let n = chosen.len();
-        // g experts copied, n − g on the CPU: g·copy ≈ (n − g)·cpu. The CPU keeps at least one
-        // (when there are two) so that its cost stays measured: an inflated sample that sent
-        // every expert to the GPU was never corrected, and decode kept copying them all.
-        let g = if c.copy_bytes_per_s.is_none() {
-            1
-        } else {
-            ((n as f64 * cpu / (cpu + copy)).round() as usize).min(n.saturating_sub(1).max(1))
-        };
+        let g = c.copies_beside_cpu(n, cpu, eb);
         if g == 0 {
             return None;
         }

@@ -251,7 +251,8 @@ impl<'a> NemotronH<'a> {
             dev: None,
         };
         let staging = t.opts.device.map_or(0, |d| d.plan.staging_bytes);
-        m.dev = device::DeviceParts::new(&m, staging)?;
+        let cache = t.opts.device.map_or(0, |d| d.plan.cache_bytes);
+        m.dev = device::DeviceParts::new(&m, staging, cache)?;
         Ok(m)
     }
 
