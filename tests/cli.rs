@@ -200,3 +200,54 @@ fn tune_saves_a_profile_that_run_and_bench_pick_up() {
         "{err}"
     );
 }
+
+/// `bench --routing-stats`: per MoE layer, the selections of the last --routing-window tokens
+/// (each token selects expert_used_count experts, so selections = window tokens · k), for every
+/// MoE layer of the model, with their shares and in text too.
+#[test]
+fn bench_reports_routing_over_a_rolling_window() {
+    let model = common::fixtures().join("nemo-tiny-q8_0.gguf");
+    let run = |json: bool| {
+        let mut c = common::ggrun();
+        c.args(["bench", "-p", "40", "-n", "70", "-r", "1", "-t", "2"])
+            .args(["--routing-stats", "--routing-window", "64", "-m"])
+            .arg(&model);
+        if json {
+            c.arg("--json");
+        }
+        c
+    };
+    let v = common::json_output(&mut run(true));
+    let r = &v["routing"];
+    let tokens = r["window_tokens"].as_u64().unwrap();
+    // Snapshots every 32 generated tokens and after each prompt: the window reaches back at
+    // least 64 tokens and at most one snapshot interval more.
+    assert!((64..=64 + 40).contains(&tokens), "{r}");
+    let layers = r["layers"].as_array().unwrap();
+    let ids: Vec<u64> = layers
+        .iter()
+        .map(|l| l["layer"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, [1, 4, 7], "{r}");
+    for l in layers {
+        let counts: Vec<u64> = l["counts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_u64().unwrap())
+            .collect();
+        assert_eq!(counts.len(), 16);
+        assert_eq!(counts.iter().sum::<u64>(), tokens * 4, "{l}");
+        assert_eq!(l["selections"].as_u64().unwrap(), tokens * 4);
+        let (eighth, quarter) = (
+            l["top_eighth_share"].as_f64().unwrap(),
+            l["top_quarter_share"].as_f64().unwrap(),
+        );
+        assert!(0.0 < eighth && eighth <= quarter && quarter <= 1.0, "{l}");
+        let eff = l["effective_experts"].as_f64().unwrap();
+        assert!((1.0..=16.0).contains(&eff), "{l}");
+    }
+    let text = common::stdout_of(&mut run(false));
+    assert!(text.contains("routing over the last"), "{text}");
+    assert!(text.contains("layer  selections  used  effective  top 1/8  top 1/4"));
+}
