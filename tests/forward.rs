@@ -268,40 +268,6 @@ fn a_batched_step_equals_each_sequence_alone() {
     for path in models {
         let gg = Model::open(&path).unwrap();
         let m = model::load(&gg).unwrap();
-        for (precision, tol) in [(Precision::Exact, 1e-6), (Precision::Normal, 1e-3)] {
-            let cpu = Cpu::new(2, precision).unwrap();
-            let prefilled = || -> Vec<ggrun::model::State> {
-                prompts
-                    .iter()
-                    .map(|p| {
-                        let mut st = m.new_state(16, precision).unwrap();
-                        m.forward(&cpu, &mut st, p, false).unwrap();
-                        st
-                    })
-                    .collect()
-            };
-            let mut alone = prefilled();
-            let want: Vec<Vec<f32>> = alone
-                .iter_mut()
-                .zip(next)
-                .map(|(st, run)| m.forward(&cpu, st, run, false).unwrap())
-                .collect();
-            let mut batch = prefilled();
-            let mut refs: Vec<&mut ggrun::model::State> = batch.iter_mut().collect();
-            let got = m.forward_seqs(&cpu, &mut refs, &next).unwrap();
-            assert_eq!(got.len(), 3);
-            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                let e = rel_rms(g, w);
-                assert!(
-                    e <= tol,
-                    "{} {precision:?} sequence {i}: {e}",
-                    path.display()
-                );
-            }
-            // The states moved on as if each had run alone.
-            for (a, b) in alone.iter().zip(&batch) {
-                assert_eq!(a.pos, b.pos);
-            }
-        }
+        common::check_batch_equals_alone(m.as_ref(), &prompts, &next, &path.display().to_string());
     }
 }

@@ -5,13 +5,11 @@
 //! the quantized file, for an exact-mode reference).
 
 use std::path::Path;
-use std::sync::Arc;
 
 use anyhow::{bail, Result};
-use ggrun_quants::{dequantize_fn, reference_quantize_fn, GgmlType};
-use rayon::prelude::*;
+use ggrun_quants::GgmlType;
 
-use super::{byte_alphabet, values, Init};
+use super::{add_rows, byte_alphabet, Init};
 use crate::gguf::{GgufWriter, Value, ValueType};
 
 /// The tiny decoder architectures the generator writes.
@@ -59,7 +57,8 @@ const EXPERT_FF: usize = 64;
 const N_VOCAB: usize = 512;
 const WINDOW: usize = 8;
 
-/// Collects the tensors, quantizing (or round-tripping) as the file is written.
+/// Collects the tensors, quantizing (or round-tripping, see [`add_rows`]) as the file is
+/// written.
 struct Writer {
     w: GgufWriter,
     seed: u64,
@@ -68,35 +67,14 @@ struct Writer {
 
 impl Writer {
     fn add(&mut self, name: &str, dims: &[u64], ty: GgmlType, init: Init) {
-        let (seed, deq) = (self.seed, self.dequantized && ty != GgmlType::F32);
-        let ne0 = dims[0] as usize;
-        let rows: usize = dims[1..].iter().product::<u64>() as usize;
-        let owned: Arc<str> = Arc::from(name);
-        let out_ty = if deq { GgmlType::F32 } else { ty };
-        self.w.tensor_lazy(
+        add_rows(
+            &mut self.w,
+            self.seed,
             name,
             dims,
-            out_ty,
-            Box::new(move || {
-                let rb = ty.row_bytes(ne0 as u64).expect("whole blocks") as usize;
-                let q = reference_quantize_fn(ty).expect("quantizable type");
-                let dq = dequantize_fn(ty).expect("dequantizable type");
-                let orb = out_ty.row_bytes(ne0 as u64).expect("whole blocks") as usize;
-                let mut out = vec![0u8; orb * rows];
-                out.par_chunks_mut(orb).enumerate().for_each(|(r, o)| {
-                    let mut x = vec![0f32; ne0];
-                    values(seed, &owned, r, init, &mut x);
-                    if deq {
-                        let mut b = vec![0u8; rb];
-                        q(&x, &mut b);
-                        dq(&b, &mut x);
-                        o.copy_from_slice(bytemuck::cast_slice(&x));
-                    } else {
-                        q(&x, o);
-                    }
-                });
-                out
-            }),
+            ty,
+            init,
+            self.dequantized,
         );
     }
 }

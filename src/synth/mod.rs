@@ -241,21 +241,46 @@ fn values(seed: u64, name: &str, row: usize, init: Init, out: &mut [f32]) {
 
 /// Adds a tensor whose rows are generated and quantized (row-parallel) while the file is written.
 fn add(w: &mut GgufWriter, seed: u64, name: &str, dims: &[u64], ty: GgmlType, init: Init) {
+    add_rows(w, seed, name, dims, ty, init, false);
+}
+
+/// [`add`], or with `dequantized` the rows' quantized values written as F32 (the exact math
+/// of the quantized file).
+fn add_rows(
+    w: &mut GgufWriter,
+    seed: u64,
+    name: &str,
+    dims: &[u64],
+    ty: GgmlType,
+    init: Init,
+    dequantized: bool,
+) {
+    let deq = dequantized && ty != GgmlType::F32;
+    let out_ty = if deq { GgmlType::F32 } else { ty };
     let ne0 = dims[0] as usize;
     let rows: usize = dims[1..].iter().product::<u64>() as usize;
     let name_owned: Arc<str> = Arc::from(name);
     w.tensor_lazy(
         name,
         dims,
-        ty,
+        out_ty,
         Box::new(move || {
             let rb = ty.row_bytes(ne0 as u64).expect("whole blocks") as usize;
+            let orb = out_ty.row_bytes(ne0 as u64).expect("whole blocks") as usize;
             let q = reference_quantize_fn(ty).expect("quantizable type");
-            let mut out = vec![0u8; rb * rows];
-            out.par_chunks_mut(rb).enumerate().for_each(|(r, o)| {
+            let dq = ggrun_quants::dequantize_fn(ty).expect("dequantizable type");
+            let mut out = vec![0u8; orb * rows];
+            out.par_chunks_mut(orb).enumerate().for_each(|(r, o)| {
                 let mut x = vec![0f32; ne0];
                 values(seed, &name_owned, r, init, &mut x);
-                q(&x, o);
+                if deq {
+                    let mut b = vec![0u8; rb];
+                    q(&x, &mut b);
+                    dq(&b, &mut x);
+                    o.copy_from_slice(bytemuck::cast_slice(&x));
+                } else {
+                    q(&x, o);
+                }
             });
             out
         }),

@@ -227,3 +227,47 @@ pub fn median(v: &[f64]) -> f64 {
     s.sort_by(f64::total_cmp);
     s[s.len() / 2]
 }
+
+/// Several sequences in one pass ([`Forward::forward_seqs`]) compute what each computes alone:
+/// each prefilled with its prompt, then `next[i]` run for all of them at once, in exact mode
+/// (rel-RMS ≤ 1e-6) and normal mode (≤ 1e-3); the states move on as if each had run alone.
+pub fn check_batch_equals_alone(m: &dyn Forward, prompts: &[&[u32]], next: &[&[u32]], name: &str) {
+    use ggrun::backend::cpu::Precision;
+    let n_ctx = prompts
+        .iter()
+        .zip(next)
+        .map(|(p, n)| p.len() + n.len())
+        .max()
+        .unwrap_or(0)
+        + 8;
+    for (precision, tol) in [(Precision::Exact, 1e-6), (Precision::Normal, 1e-3)] {
+        let cpu = Cpu::new(2, precision).unwrap();
+        let prefilled = || -> Vec<State> {
+            prompts
+                .iter()
+                .map(|p| {
+                    let mut st = m.new_state(n_ctx, precision).unwrap();
+                    m.forward(&cpu, &mut st, p, false).unwrap();
+                    st
+                })
+                .collect()
+        };
+        let mut alone = prefilled();
+        let want: Vec<Vec<f32>> = alone
+            .iter_mut()
+            .zip(next)
+            .map(|(st, run)| m.forward(&cpu, st, run, false).unwrap())
+            .collect();
+        let mut batch = prefilled();
+        let mut refs: Vec<&mut State> = batch.iter_mut().collect();
+        let got = m.forward_seqs(&cpu, &mut refs, next).unwrap();
+        assert_eq!(got.len(), next.len());
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let e = rel_rms(g, w);
+            assert!(e <= tol, "{name} {precision:?} sequence {i}: {e}");
+        }
+        for (a, b) in alone.iter().zip(&batch) {
+            assert_eq!(a.pos, b.pos);
+        }
+    }
+}

@@ -188,6 +188,19 @@ struct Staging {
     filling: [Option<(usize, CudaEvent)>; 2],
 }
 
+impl Staging {
+    /// Buffer 0, shaped for layer `b`'s experts, once the copy stream has finished filling it.
+    fn first_for(&mut self, g: &Gpu, b: &Moe) -> Result<(&mut DeviceMatrix, &mut DeviceMatrix)> {
+        if let Some((_, ev)) = self.filling[0].take() {
+            g.compute_wait(&ev)?;
+        }
+        let (up, down) = &mut self.bufs[0];
+        up.restage(b.up.ty, b.up.cols)?;
+        down.restage(b.down.ty, b.down.cols)?;
+        Ok((up, down))
+    }
+}
+
 /// (token, expert) pairs grouped per expert: pairs `start[e]..start[e + 1]` are expert e's; on
 /// the device, each grouped row's token (`rows_idx`) and each pair's grouped row (`pos`).
 struct Pairs {
@@ -329,6 +342,16 @@ impl Offload {
             prefetch: Prefetch::from_env(),
             caches,
         })
+    }
+
+    /// Waits for the copies queued since `started` (`bytes` of them) and records their speed.
+    fn copy_timed(&self, g: &Gpu, bytes: usize, started: Instant) -> Result<()> {
+        g.synchronize()?;
+        let mut c = self.costs.lock().unwrap_or_else(|e| e.into_inner());
+        let bw = bytes as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        c.copy_bytes_per_s = Some(c.copy_bytes_per_s.map_or(bw, |b| b.max(bw)));
+        c.copy_samples += 1;
+        Ok(())
     }
 
     fn cache(&self, layer: usize) -> Option<&Mutex<ExpertCache>> {
@@ -1075,12 +1098,7 @@ impl<'a> DeviceParts<'a> {
         let g = self.gpu;
         let (ne, n, ff) = (m.n_expert, m.n_embd, b.ff);
         let mut stage = o.stage.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, ev)) = stage.filling[0].take() {
-            g.compute_wait(&ev)?;
-        }
-        let (up_s, down_s) = &mut stage.bufs[0];
-        up_s.restage(b.up.ty, b.up.cols)?;
-        down_s.restage(b.down.ty, b.down.cols)?;
+        let (up_s, down_s) = stage.first_for(g, b)?;
         let (urb, drb) = (b.up.row_bytes(), b.down.row_bytes());
         let Some(pairs) = self.pairs(m, ids_h, only, t)? else {
             return Ok(());
@@ -1111,11 +1129,7 @@ impl<'a> DeviceParts<'a> {
             next += e - first;
         }
         if measure {
-            g.synchronize()?;
-            let mut c = o.costs.lock().unwrap_or_else(|e| e.into_inner());
-            let bw = copied as f64 / started.elapsed().as_secs_f64().max(1e-9);
-            c.copy_bytes_per_s = Some(c.copy_bytes_per_s.map_or(bw, |b| b.max(bw)));
-            c.copy_samples += 1;
+            o.copy_timed(g, copied, started)?;
         }
         let (up_m, down_m): (&DeviceMatrix, &DeviceMatrix) = (up_s, down_s);
         let up_of = |e: usize| DeviceRows {
@@ -1327,12 +1341,7 @@ impl<'a> DeviceParts<'a> {
             return Ok(());
         };
         let mut stage = o.stage.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, ev)) = stage.filling[0].take() {
-            g.compute_wait(&ev)?;
-        }
-        let (up_s, down_s) = &mut stage.bufs[0];
-        up_s.restage(b.up.ty, b.up.cols)?;
-        down_s.restage(b.down.ty, b.down.cols)?;
+        let (up_s, down_s) = stage.first_for(g, b)?;
         if measure {
             g.synchronize()?;
         }
@@ -1358,11 +1367,7 @@ impl<'a> DeviceParts<'a> {
             copied += up_rows.len() + down_rows.len();
         }
         if measure {
-            g.synchronize()?;
-            let mut costs = o.costs.lock().unwrap_or_else(|e| e.into_inner());
-            let bw = copied as f64 / started.elapsed().as_secs_f64().max(1e-9);
-            costs.copy_bytes_per_s = Some(costs.copy_bytes_per_s.map_or(bw, |x| x.max(bw)));
-            costs.copy_samples += 1;
+            o.copy_timed(g, copied, started)?;
         }
         let (up_s, down_s): (&DeviceMatrix, &DeviceMatrix) = (up_s, down_s);
         let c = &*c;
