@@ -10,7 +10,7 @@
 //! the layers whose routing is widest (most distinct experts in use, by the exponential of the
 //! routing entropy), RAM takes the most concentrated ones (a prefill batch copies fewer of
 //! their experts). The measurements decide. Then the hot-expert cache of the RAM layers: the
-//! plans above keep the default (a sixteenth of the budget); the best is measured again with
+//! plans above keep the default (an eighth of the budget); the best is measured again with
 //! none and with twice as much (more layers in RAM, fewer experts crossing PCIe in decode).
 //!
 //! A plan's score is the time of one typical turn: a 512-token prompt at its pp speed plus 128
@@ -455,7 +455,7 @@ fn gpu_plans(
             measure_all(a, prompt, n_ctx, ram_free, vec![c], rows, started)?;
         }
     }
-    // The hot-expert cache (the plans above have the default, a sixteenth of the budget):
+    // The hot-expert cache (the plans above have the default, an eighth of the budget):
     // none, and twice as much (more RAM layers, fewer copies in decode).
     if let Some(c) = best(rows) {
         let staging = c

@@ -364,9 +364,19 @@ fn whole_and_split_models_on_the_gpu_match_the_float64_reference() {
                 "all routed experts in RAM, a hot-expert cache of 10 per layer",
                 PlacementArgs {
                     expert_cache: Some(3 * 10 * 87_040),
-                    ..all_in_ram
+                    ..all_in_ram.clone()
                 },
                 false,
+            ),
+            // The same with prefill prefetching whole layers: after the decode steps filled the
+            // caches, a second prompt copies only the uncached experts.
+            (
+                "all routed experts in RAM, prefetched, a hot-expert cache of 10 per layer",
+                PlacementArgs {
+                    expert_cache: Some(3 * 10 * 87_040),
+                    ..all_in_ram
+                },
+                true,
             ),
             (
                 "last 3 layers on the GPU (products cross PCIe)",
@@ -379,7 +389,14 @@ fn whole_and_split_models_on_the_gpu_match_the_float64_reference() {
             std::env::set_var("GGRUN_PREFETCH", if prefetch { "on" } else { "auto" });
             let m = model::load_with(&gg, opts(&dev, true)).unwrap();
             std::env::remove_var("GGRUN_PREFETCH");
-            let (rows, _) = run(m.as_ref(), &cpu, &g.prompt_tokens, steps, forced);
+            let (mut rows, _) = run(m.as_ref(), &cpu, &g.prompt_tokens, steps, forced);
+            if prefetch && args.expert_cache.is_some() {
+                // The prompt again, now that the caches hold experts: its rows replace the first
+                // run's, against the same reference.
+                let mut st = m.new_state(64, Precision::Exact).unwrap();
+                let again = m.forward(&cpu, &mut st, &g.prompt_tokens, true).unwrap();
+                rows[..again.len()].copy_from_slice(&again);
+            }
             let report = m.offload_report().unwrap_or_default();
             eprintln!("{name} {what}: {report}");
             if prefetch {

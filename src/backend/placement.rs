@@ -31,8 +31,8 @@ pub struct PlacementArgs {
     /// they fit).
     pub staging_buffers: Option<usize>,
     /// `--expert-cache`: VRAM for a cache of the most used experts of the RAM layers, taken
-    /// from the budget before whole expert layers (so more of them may stay in RAM); default a
-    /// sixteenth of `gpu_mem` when experts spill.
+    /// from the budget before whole expert layers (so more of them may stay in RAM); default an
+    /// eighth of `gpu_mem` when experts spill.
     pub expert_cache: Option<u64>,
 }
 
@@ -73,7 +73,7 @@ pub struct Plan {
 
 /// Without `--expert-cache`, a plan whose experts spill keeps this fraction of `--gpu-mem` for
 /// the hot-expert cache.
-pub const DEFAULT_CACHE_SHARE: u64 = 16;
+pub const DEFAULT_CACHE_SHARE: u64 = 8;
 
 /// `blk.N.` → N.
 fn layer_of(name: &str) -> Option<usize> {
@@ -217,9 +217,10 @@ impl Plan {
                 plan.staging_bytes = bytes;
                 used += bytes;
             }
-            // The hot-expert cache: as asked, else by default a sixteenth of a given budget
-            // (H100/H200, 52-layer Q8_0 at 24 GiB: 1.5 GiB took decode from 107 to 154 tok/s
-            // and prefill from 2470 to 1990, BENCHMARKS.md). `--expert-cache 0` turns it off.
+            // The hot-expert cache: as asked, else by default an eighth of a given budget
+            // (H200, 52-layer Q8_0 at 24 GiB: 3 GiB took decode from 105 to 171 tok/s and
+            // prefill from 2464 to 2262 once the cache serves prefill too; 1.5 GiB gave 162 and
+            // 2233, BENCHMARKS.md). `--expert-cache 0` turns it off.
             let want = args
                 .expert_cache
                 .or(args.gpu_mem.map(|b| b / DEFAULT_CACHE_SHARE))
@@ -598,7 +599,7 @@ mod tests {
         };
         assert!(total(&p) <= budget);
         assert_eq!(p.gpu_weight_bytes, fixed);
-        // The hot-expert cache: a sixteenth of the budget by default, taken before whole layers
+        // The hot-expert cache: an eighth of the budget by default, taken before whole layers
         // (with the half layer of room left it is that half layer), as asked, or none.
         assert_eq!(
             p.cache_bytes,

@@ -103,7 +103,7 @@ pub struct PlacementFlags {
     #[arg(long = "staging-buffers", value_name = "N")]
     pub staging_buffers: Option<usize>,
     /// VRAM for a cache of the most used experts of the layers whose experts stay in RAM
-    /// (e.g. 2GiB; taken from --gpu-mem before whole expert layers; default a sixteenth of
+    /// (e.g. 2GiB; taken from --gpu-mem before whole expert layers; default an eighth of
     /// --gpu-mem when experts spill, 0 turns it off): decode computes cached experts on the
     /// GPU, and the experts it copies over replace the least used.
     #[arg(long = "expert-cache", value_parser = parse_size, value_name = "SIZE")]

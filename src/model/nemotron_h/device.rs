@@ -1214,8 +1214,33 @@ impl<'a> DeviceParts<'a> {
         let (up_s, down_s) = &mut stage.bufs[slot];
         up_s.restage(b.up.ty, b.up.cols)?;
         down_s.restage(b.down.ty, b.down.cols)?;
-        g.stage_rows_on(&copy, up_s, 0, b.up.data)?;
-        g.stage_rows_on(&copy, down_s, 0, b.down.data)?;
+        // Experts the layer's cache holds are computed from there: the runs between them are
+        // copied, each expert at its own place in the buffer.
+        let cached: Vec<bool> = match self.offload.as_ref().and_then(|o| o.cache(layer)) {
+            Some(c) => {
+                let c = c.lock().unwrap_or_else(|e| e.into_inner());
+                c.slot_of.iter().map(Option::is_some).collect()
+            }
+            None => Vec::new(),
+        };
+        let ne = b.up.rows / b.ff.max(1);
+        let (up_e, down_e) = (b.up.data.len() / ne.max(1), b.down.data.len() / ne.max(1));
+        let (urows, drows) = (b.up.rows / ne.max(1), b.down.rows / ne.max(1));
+        let mut e = 0;
+        while e < ne {
+            if cached.get(e).copied().unwrap_or(false) {
+                e += 1;
+                continue;
+            }
+            let first = e;
+            while e < ne && !cached.get(e).copied().unwrap_or(false) {
+                e += 1;
+            }
+            let up_src = &b.up.data[first * up_e..e * up_e];
+            let down_src = &b.down.data[first * down_e..e * down_e];
+            g.stage_rows_on(&copy, up_s, first * urows, up_src)?;
+            g.stage_rows_on(&copy, down_s, first * drows, down_src)?;
+        }
         let done = copy
             .record_event(None)
             .map_err(|e| anyhow!("CUDA event: {e:?}"))?;
@@ -1257,17 +1282,38 @@ impl<'a> DeviceParts<'a> {
                 let (u, d) = &stage.bufs[slot];
                 (u, d)
             };
-            let up_of = |e: usize| DeviceRows {
-                gpu: g,
-                m: up_m,
-                start: e * ff,
-                rows: ff,
+            // Cached experts were not copied (see `fill`): their rows are in the cache.
+            let cache = o
+                .cache(layer)
+                .map(|c| c.lock().unwrap_or_else(|e| e.into_inner()));
+            let in_cache = |e: usize| cache.as_ref().and_then(|c| c.slot_of[e].map(|s| (c, s)));
+            let up_of = |e: usize| match in_cache(e) {
+                Some((c, s)) => DeviceRows {
+                    gpu: g,
+                    m: &c.up,
+                    start: s * ff,
+                    rows: ff,
+                },
+                None => DeviceRows {
+                    gpu: g,
+                    m: up_m,
+                    start: e * ff,
+                    rows: ff,
+                },
             };
-            let down_of = |e: usize| DeviceRows {
-                gpu: g,
-                m: down_m,
-                start: e * n,
-                rows: n,
+            let down_of = |e: usize| match in_cache(e) {
+                Some((c, s)) => DeviceRows {
+                    gpu: g,
+                    m: &c.down,
+                    start: s * n,
+                    rows: n,
+                },
+                None => DeviceRows {
+                    gpu: g,
+                    m: down_m,
+                    start: e * n,
+                    rows: n,
+                },
             };
             self.grouped(m, &up_of, &down_of, ids_h, None, wts, h, x, t, ff)?;
         }
