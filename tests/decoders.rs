@@ -411,3 +411,73 @@ fn a_batched_step_equals_each_sequence_alone() {
         check_batch_equals_alone(m.as_ref(), &prompts, &next, arch);
     }
 }
+
+/// Hostile hyperparameters in an otherwise valid file load as one clear error, never a panic:
+/// shapes that contradict the tensors, heads that do not divide, an odd rotation, no experts,
+/// a window pattern of the wrong length, an unknown RoPE scaling.
+#[test]
+fn bad_hyperparameters_are_errors() {
+    use ggrun::gguf::Value;
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [(&str, &str, Value, &str); 7] = [
+        (
+            "qwen2",
+            "qwen2.attention.key_length",
+            Value::U32(0),
+            "shape",
+        ),
+        (
+            "qwen2",
+            "qwen2.attention.head_count_kv",
+            Value::U32(3),
+            "attn_k.weight",
+        ),
+        (
+            "qwen3",
+            "qwen3.rope.dimension_count",
+            Value::U32(15),
+            "rotated dims",
+        ),
+        (
+            "qwen3moe",
+            "qwen3moe.expert_used_count",
+            Value::U32(0),
+            "expert_used_count",
+        ),
+        (
+            "qwen3moe",
+            "qwen3moe.expert_count",
+            Value::U32(1 << 20),
+            "expert_count",
+        ),
+        (
+            "gemma3",
+            "gemma3.attention.sliding_window_pattern",
+            Value::Array(ggrun::gguf::ValueType::Bool, vec![Value::Bool(true)]),
+            "entries",
+        ),
+        (
+            "gpt-oss",
+            "gpt-oss.rope.scaling.type",
+            Value::str("longrope"),
+            "longrope",
+        ),
+    ];
+    for (arch, key, value, says) in cases {
+        let p = dir.path().join(format!("{arch}.gguf"));
+        if !p.exists() {
+            stdout_of(
+                ggrun()
+                    .args(["gen-model", "--preset", arch, "--mix", "f32", "--out"])
+                    .arg(&p),
+            );
+        }
+        let mut g = Model::open(&p).unwrap();
+        g.parts[0].metadata.insert(key.to_string(), value);
+        let e = match model::load(&g) {
+            Ok(_) => panic!("{key}: loaded"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(e.contains(says), "{key}: {e}");
+    }
+}

@@ -152,6 +152,11 @@ impl Linear<'_> {
     }
 }
 
+/// Expert `e`'s `rows` values of stacked per-expert biases.
+fn expert_rows(b: Option<&[f32]>, e: usize, rows: usize) -> Option<&[f32]> {
+    b.map(|b| &b[e * rows..(e + 1) * rows])
+}
+
 /// Adds `b` to each row of `y` (rows of `b.len()`).
 fn add_rows(y: &mut [f32], b: &[f32]) {
     for row in y.chunks_mut(b.len()) {
@@ -542,7 +547,8 @@ impl Hyper {
 }
 
 impl<'a> Decoder<'a> {
-    /// Checks what the architecture files cannot express in types: head counts and shapes.
+    /// Checks what the tensor shapes do not: heads that divide into KV heads, and a rotation
+    /// that fits a head (expert counts are checked where they are read, in [`Hyper::moe`]).
     pub fn check(&self) -> Result<()> {
         for (i, l) in self.layers.iter().enumerate() {
             let s = &l.attn.shape;
@@ -559,15 +565,6 @@ impl<'a> Decoder<'a> {
                     l.attn.rope.n_rot,
                     s.head_dim
                 );
-            }
-            if let FeedForward::Moe(m) = &l.ffn {
-                if m.n_expert == 0 || m.n_used == 0 || m.n_used > m.n_expert {
-                    bail!(
-                        "layer {i}: expert_count {} / expert_used_count {} out of range",
-                        m.n_expert,
-                        m.n_used
-                    );
-                }
             }
         }
         Ok(())
@@ -614,20 +611,31 @@ impl<'a> Decoder<'a> {
         a.o.run(cpu, &o, t)
     }
 
-    fn gated(cpu: &Cpu, f: &Gated, h: &[f32], t: usize) -> Result<Vec<f32>> {
-        let Gated {
-            gate,
-            up,
-            down,
-            act,
-        } = f;
+    /// down · act(gate · x + b_gate, up · x + b_up) + b_down over t rows of x: a gated MLP,
+    /// or one routed expert (its rows of the stacked matrices and its biases).
+    fn gated(
+        cpu: &Cpu,
+        [gate, up, down]: [&Matrix; 3],
+        [b_gate, b_up, b_down]: [Option<&[f32]>; 3],
+        act: Act,
+        x: &[f32],
+        t: usize,
+    ) -> Result<Vec<f32>> {
         let mut g = vec![0f32; t * gate.rows];
         let mut u = vec![0f32; t * up.rows];
-        cpu.matmul(gate, h, t, &mut g)?;
-        cpu.matmul(up, h, t, &mut u)?;
+        cpu.matmul(gate, x, t, &mut g)?;
+        cpu.matmul(up, x, t, &mut u)?;
+        for (y, b) in [(&mut g, b_gate), (&mut u, b_up)] {
+            if let Some(b) = b {
+                add_rows(y, b);
+            }
+        }
         act.apply(&mut g, &u, cpu.precision == Precision::Normal);
         let mut o = vec![0f32; t * down.rows];
         cpu.matmul(down, &g, t, &mut o)?;
+        if let Some(b) = b_down {
+            add_rows(&mut o, b);
+        }
         Ok(o)
     }
 
@@ -660,28 +668,22 @@ impl<'a> Decoder<'a> {
                 for &(ti, _) in rows {
                     xs.extend_from_slice(&h[ti * n..(ti + 1) * n]);
                 }
-                let (gate, up, down) = (
-                    m.gate.slice_rows(e * ff, ff),
-                    m.up.slice_rows(e * ff, ff),
-                    m.down.slice_rows(e * n, n),
-                );
-                let mut g = vec![0f32; te * ff];
-                let mut u = vec![0f32; te * ff];
-                cpu.matmul(&gate, &xs, te, &mut g)?;
-                cpu.matmul(&up, &xs, te, &mut u)?;
-                if let Some(b) = &m.gate_b {
-                    add_rows(&mut g, &b[e * ff..(e + 1) * ff]);
-                }
-                if let Some(b) = &m.up_b {
-                    add_rows(&mut u, &b[e * ff..(e + 1) * ff]);
-                }
-                m.act.apply(&mut g, &u, cpu.precision == Precision::Normal);
-                let mut o = vec![0f32; te * n];
-                cpu.matmul(&down, &g, te, &mut o)?;
-                if let Some(b) = &m.down_b {
-                    add_rows(&mut o, &b[e * n..(e + 1) * n]);
-                }
-                Ok(o)
+                Self::gated(
+                    cpu,
+                    [
+                        &m.gate.slice_rows(e * ff, ff),
+                        &m.up.slice_rows(e * ff, ff),
+                        &m.down.slice_rows(e * n, n),
+                    ],
+                    [
+                        expert_rows(m.gate_b.as_deref(), e, ff),
+                        expert_rows(m.up_b.as_deref(), e, ff),
+                        expert_rows(m.down_b.as_deref(), e, n),
+                    ],
+                    m.act,
+                    &xs,
+                    te,
+                )
             })
             .collect::<Result<_>>()?;
         let mut out = vec![0f32; t * n];
@@ -788,7 +790,9 @@ impl Forward for Decoder<'_> {
                 let mut h = x.clone();
                 rms_norm(&mut h, &l.ffn_norm, self.eps);
                 let f = match &l.ffn {
-                    FeedForward::Gated(f) => Self::gated(cpu, f, &h, t)?,
+                    FeedForward::Gated(f) => {
+                        Self::gated(cpu, [&f.gate, &f.up, &f.down], [None; 3], f.act, &h, t)?
+                    }
                     FeedForward::Moe(m) => self.moe(cpu, i, m, &h, t)?,
                 };
                 residual(&mut x, f, &l.ffn_post_norm);
