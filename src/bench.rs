@@ -20,6 +20,8 @@ pub struct BenchResult {
     pub n_gen: usize,
     pub pp: Vec<f64>,
     pub tg: Vec<f64>,
+    /// Read bandwidth (bytes/s) measured right before each measured tg round, when asked for.
+    pub tg_bandwidth: Vec<f64>,
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -42,7 +44,10 @@ pub const ROUTING_SNAPSHOT_EVERY: usize = 32;
 
 /// Runs `reps` measured rounds after one warm-up round; the prompt goes in forward passes of
 /// `batch` tokens. With `routing`, the model's selection counts are recorded into it after each
-/// prompt pass and every [`ROUTING_SNAPSHOT_EVERY`] generated tokens.
+/// prompt pass and every [`ROUTING_SNAPSHOT_EVERY`] generated tokens. With `bandwidth`, it is
+/// called right before each measured tg round (the roofline of that round: this machine's
+/// bandwidth drifts between runs, so a bandwidth taken apart from the tokens says little).
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     m: &dyn Forward,
     cpu: &Cpu,
@@ -51,6 +56,7 @@ pub fn run(
     batch: usize,
     reps: usize,
     mut routing: Option<&mut RoutingWindow>,
+    bandwidth: Option<&dyn Fn() -> f64>,
 ) -> Result<BenchResult> {
     let mut tokens = 0u64;
     let record = |tokens: u64, routing: &mut Option<&mut RoutingWindow>| -> Result<()> {
@@ -72,7 +78,7 @@ pub fn run(
         seed ^= seed << 17;
         seed
     };
-    let (mut pp, mut tg) = (Vec::new(), Vec::new());
+    let (mut pp, mut tg, mut tg_bandwidth) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..=reps {
         let prompt: Vec<u32> = (0..n_prompt)
             .map(|_| (10 + next() % (nv as u64 - 20)) as u32)
@@ -92,6 +98,9 @@ pub fn run(
         }
         if n_gen > 0 {
             st.clear()?;
+            if let (true, Some(bw)) = (round > 0, bandwidth) {
+                tg_bandwidth.push(bw());
+            }
             let t0 = Instant::now();
             for i in 0..n_gen {
                 let l = m.forward(cpu, &mut st, &[tok], false)?;
@@ -111,12 +120,37 @@ pub fn run(
         n_gen,
         pp,
         tg,
+        tg_bandwidth,
     })
 }
 
 impl BenchResult {
     pub fn tg_median(&self) -> f64 {
         median(&self.tg)
+    }
+
+    /// The roofline of the tg rounds given `bytes` a token reads: (median bandwidth, lowest
+    /// and highest bandwidth, median over rounds of each round's tg as a percentage of the
+    /// bandwidth measured right before it). None without bandwidth readings.
+    pub fn roofline(&self, bytes: u64) -> Option<Roofline> {
+        if self.tg_bandwidth.is_empty() {
+            return None;
+        }
+        let pct: Vec<f64> = self
+            .tg
+            .iter()
+            .zip(&self.tg_bandwidth)
+            .map(|(tg, bw)| 100.0 * tg * bytes as f64 / bw)
+            .collect();
+        let lo = self.tg_bandwidth.iter().copied().fold(f64::MAX, f64::min);
+        let hi = self.tg_bandwidth.iter().copied().fold(0.0, f64::max);
+        Some(Roofline {
+            bytes,
+            bandwidth: median(&self.tg_bandwidth),
+            bandwidth_range: (lo, hi),
+            tg_pct: median(&pct),
+            tg_pct_all: pct,
+        })
     }
 
     pub fn to_json(&self, model: &Path, threads: usize) -> serde_json::Value {
@@ -147,6 +181,15 @@ impl BenchResult {
     }
 }
 
+/// tg against the memory-bandwidth roofline (see [`BenchResult::roofline`]).
+pub struct Roofline {
+    pub bytes: u64,
+    pub bandwidth: f64,
+    pub bandwidth_range: (f64, f64),
+    pub tg_pct: f64,
+    pub tg_pct_all: Vec<f64>,
+}
+
 /// Weight bytes one generated token reads: every tensor, except that the token embedding
 /// contributes one row (unless it doubles as the output head) and routed experts contribute
 /// the fraction `expert_used_count / expert_count` of their bytes (uniform routing).
@@ -174,7 +217,8 @@ pub fn bytes_per_token(g: &Model) -> Result<u64> {
 }
 
 /// Read bandwidth of the mapped model file (bytes/s): `threads` threads each read a share of
-/// every part, best of `passes` after one warm pass (pages already resident).
+/// every part, best of `passes` after one warm pass (pages already resident, so the read is of
+/// DRAM, not of the disk).
 pub fn read_bandwidth(g: &Model, cpu: &Cpu, passes: usize) -> f64 {
     use rayon::prelude::*;
     let total: usize = g.parts.iter().map(|p| p.bytes().len()).sum();
@@ -199,4 +243,33 @@ pub fn read_bandwidth(g: &Model, cpu: &Cpu, passes: usize) -> f64 {
         }
     }
     best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each round's share is its own tg against the bandwidth read right before it; the
+    /// reported figure is their median, not the median tg over the median bandwidth.
+    #[test]
+    fn roofline_pairs_each_round_with_its_bandwidth() {
+        let r = BenchResult {
+            n_prompt: 0,
+            n_gen: 8,
+            pp: vec![],
+            tg: vec![10.0, 30.0, 20.0],
+            tg_bandwidth: vec![2e9, 3e9, 8e9],
+        };
+        // 1e8 bytes a token: roofline 20, 30 and 80 tok/s; shares 50%, 100%, 25%.
+        let rf = r.roofline(100_000_000).unwrap();
+        assert_eq!(rf.tg_pct_all, vec![50.0, 100.0, 25.0]);
+        assert_eq!(rf.tg_pct, 50.0);
+        assert_eq!(rf.bandwidth, 3e9);
+        assert_eq!(rf.bandwidth_range, (2e9, 8e9));
+        let none = BenchResult {
+            tg_bandwidth: vec![],
+            ..r
+        };
+        assert!(none.roofline(1).is_none());
+    }
 }

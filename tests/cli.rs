@@ -60,13 +60,29 @@ fn a_closed_stdout_ends_quietly() {
 #[test]
 fn bench_json_reports_pp_and_tg() {
     let model = common::fixtures().join("nemo-tiny-q4_0.gguf");
-    let v = common::json_output(
-        common::ggrun()
-            .args(["bench", "-m"])
-            .arg(&model)
-            .args(["-p", "16", "-n", "4", "-r", "2", "-t", "1", "--json"]),
-    );
+    let v = common::json_output(common::ggrun().args(["bench", "-m"]).arg(&model).args([
+        "-p",
+        "16",
+        "-n",
+        "4",
+        "-r",
+        "2",
+        "-t",
+        "1",
+        "--json",
+        "--roofline",
+    ]));
     assert!(v["pp_tok_s"].as_f64().unwrap() > 0.0);
+    // One bandwidth reading and one roofline share per measured tg round.
+    let pct = v["tg_roofline_pct_all"].as_array().unwrap();
+    assert_eq!(pct.len(), 2, "{v}");
+    assert!(pct.iter().all(|p| p.as_f64().unwrap() > 0.0), "{v}");
+    let range = v["read_gb_s_range"].as_array().unwrap();
+    assert!(
+        range[0].as_f64().unwrap() <= range[1].as_f64().unwrap(),
+        "{v}"
+    );
+    assert!(v["bytes_per_token"].as_u64().unwrap() > 0, "{v}");
     assert!(v["tg_tok_s"].as_f64().unwrap() > 0.0);
     assert_eq!(
         v["pp_all"].as_array().unwrap().len(),

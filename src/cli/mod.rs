@@ -119,8 +119,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
         /// Also measure the memory-bandwidth roofline: the read bandwidth of the mapped file
-        /// with these threads, the weight bytes a token reads, and tg as a share of
-        /// bandwidth / bytes.
+        /// with these threads, taken right before each tg round, the weight bytes a token
+        /// reads, and each round's tg as a share of bandwidth / bytes (median over rounds).
         #[arg(long)]
         roofline: bool,
         /// Also report routing: per MoE layer, how often each expert was selected over the
@@ -349,6 +349,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             let m = crate::model::load_with(&g, opts)?;
             let cpu = Cpu::new(threads, precision)?;
             let mut window = routing_stats.then(|| RoutingWindow::new(routing_window));
+            let bandwidth = || crate::bench::read_bandwidth(&g, &cpu, 2);
             let r = crate::bench::run(
                 m.as_ref(),
                 &cpu,
@@ -357,13 +358,11 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
                 batch,
                 reps.max(1),
                 window.as_mut(),
+                roofline.then_some(&bandwidth as &dyn Fn() -> f64),
             )?;
-            let roof = if roofline {
-                let bytes = crate::bench::bytes_per_token(&g)?;
-                let bw = crate::bench::read_bandwidth(&g, &cpu, 3);
-                Some((bytes, bw))
-            } else {
-                None
+            let roof = match roofline {
+                true => r.roofline(crate::bench::bytes_per_token(&g)?),
+                false => None,
             };
             if json {
                 let mut v = r.to_json(&model, cpu.threads);
@@ -378,11 +377,14 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
                 if let Some(w) = &window {
                     v["routing"] = w.to_json();
                 }
-                if let Some((bytes, bw)) = roof {
-                    v["bytes_per_token"] = bytes.into();
-                    v["read_gb_s"] = (bw / 1e9).into();
-                    v["roofline_tok_s"] = (bw / bytes as f64).into();
-                    v["tg_roofline_pct"] = (100.0 * r.tg_median() * bytes as f64 / bw).into();
+                if let Some(rf) = &roof {
+                    v["bytes_per_token"] = rf.bytes.into();
+                    v["read_gb_s"] = (rf.bandwidth / 1e9).into();
+                    v["read_gb_s_range"] =
+                        vec![rf.bandwidth_range.0 / 1e9, rf.bandwidth_range.1 / 1e9].into();
+                    v["roofline_tok_s"] = (rf.bandwidth / rf.bytes as f64).into();
+                    v["tg_roofline_pct"] = rf.tg_pct.into();
+                    v["tg_roofline_pct_all"] = rf.tg_pct_all.clone().into();
                 }
                 writeln!(out, "{v}")?;
             } else {
@@ -395,14 +397,17 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
                     "packed weight copies: {:.1} MiB",
                     g.derived_bytes() as f64 / (1 << 20) as f64
                 )?;
-                if let Some((bytes, bw)) = roof {
+                if let Some(rf) = &roof {
                     writeln!(
                         out,
-                        "roofline: {:.1} MB/token, read {:.1} GB/s -> {:.2} tok/s; tg is {:.1}% of it",
-                        bytes as f64 / 1e6,
-                        bw / 1e9,
-                        bw / bytes as f64,
-                        100.0 * r.tg_median() * bytes as f64 / bw
+                        "roofline: {:.1} MB/token, read {:.1} GB/s ({:.1}-{:.1} over the rounds) \
+                         -> {:.2} tok/s; tg is {:.1}% of each round's roofline (median)",
+                        rf.bytes as f64 / 1e6,
+                        rf.bandwidth / 1e9,
+                        rf.bandwidth_range.0 / 1e9,
+                        rf.bandwidth_range.1 / 1e9,
+                        rf.bandwidth / rf.bytes as f64,
+                        rf.tg_pct
                     )?;
                 }
                 if let Some(w) = &window {
