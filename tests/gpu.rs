@@ -337,12 +337,14 @@ fn whole_and_split_models_on_the_gpu_match_the_float64_reference() {
             n_gpu_layers: Some(3),
             ..Default::default()
         };
-        for (what, args, prefetch) in [
-            ("all on the GPU (device-resident)", ALL_ON_GPU, false),
+        // (what, placement, GGRUN_PREFETCH=on, GGRUN_PREDICT)
+        for (what, args, prefetch, predict) in [
+            ("all on the GPU (device-resident)", ALL_ON_GPU, false, "on"),
             (
                 "experts of layers 0-1 in RAM (device-resident, CPU experts)",
                 split,
                 false,
+                "on",
             ),
             // The first MoE layer of the prompt runs its experts on the CPU, the second copies
             // them to the GPU, the rest go by the measured costs: both paths run.
@@ -350,6 +352,7 @@ fn whole_and_split_models_on_the_gpu_match_the_float64_reference() {
                 "all routed experts in RAM (CPU or copied in)",
                 all_in_ram.clone(),
                 false,
+                "on",
             ),
             // Every RAM layer of the prompt copied whole on the copy stream, two buffers in
             // turn, while the GPU computes the layers before it.
@@ -357,9 +360,11 @@ fn whole_and_split_models_on_the_gpu_match_the_float64_reference() {
                 "all routed experts in RAM, prefetched whole (GGRUN_PREFETCH=on)",
                 all_in_ram.clone(),
                 true,
+                "on",
             ),
             // Decode computes cached experts on the GPU; ten slots of sixteen experts per
-            // layer, so the copies evict (the Q8_0 file's experts are 87,040 bytes).
+            // layer, so the copies evict (the Q8_0 file's experts are 87,040 bytes). Each RAM
+            // layer predicts the next one's experts and prefetches those outside its cache.
             (
                 "all routed experts in RAM, a hot-expert cache of 10 per layer",
                 PlacementArgs {
@@ -367,6 +372,25 @@ fn whole_and_split_models_on_the_gpu_match_the_float64_reference() {
                     ..all_in_ram.clone()
                 },
                 false,
+                "on",
+            ),
+            (
+                "all routed experts in RAM, a hot-expert cache of 10 per layer, every predicted miss prefetched",
+                PlacementArgs {
+                    expert_cache: Some(3 * 10 * 87_040),
+                    ..all_in_ram.clone()
+                },
+                false,
+                "all",
+            ),
+            (
+                "all routed experts in RAM, a hot-expert cache of 10 per layer, no prediction",
+                PlacementArgs {
+                    expert_cache: Some(3 * 10 * 87_040),
+                    ..all_in_ram.clone()
+                },
+                false,
+                "off",
             ),
             // The same with prefill prefetching whole layers: after the decode steps filled the
             // caches, a second prompt copies only the uncached experts.
@@ -377,18 +401,22 @@ fn whole_and_split_models_on_the_gpu_match_the_float64_reference() {
                     ..all_in_ram
                 },
                 true,
+                "on",
             ),
             (
                 "last 3 layers on the GPU (products cross PCIe)",
                 some_layers,
                 false,
+                "on",
             ),
         ] {
             let dev = placed(&gg, &args);
             // Read when the model's device parts are made (tests run one at a time here).
             std::env::set_var("GGRUN_PREFETCH", if prefetch { "on" } else { "auto" });
+            std::env::set_var("GGRUN_PREDICT", predict);
             let m = model::load_with(&gg, opts(&dev, true)).unwrap();
             std::env::remove_var("GGRUN_PREFETCH");
+            std::env::remove_var("GGRUN_PREDICT");
             let (mut rows, _) = run(m.as_ref(), &cpu, &g.prompt_tokens, steps, forced);
             if prefetch && args.expert_cache.is_some() {
                 // The prompt again, now that the caches hold experts: its rows replace the first
@@ -411,6 +439,13 @@ fn whole_and_split_models_on_the_gpu_match_the_float64_reference() {
                     report.contains("expert cache: 10 experts in each of 3 RAM layers")
                         && !report.contains(" 0.0% of"),
                     "{name}: the cache did not serve: {report}"
+                );
+                // Predictions run between the RAM layers of every decode step (three RAM
+                // layers: two predicted per step), and only when asked.
+                assert_eq!(
+                    report.contains("prediction:"),
+                    predict != "off",
+                    "{name}: predictions: {report}"
                 );
             }
             let (errs, top1) = compare(&rows, reference, g.n_vocab);
