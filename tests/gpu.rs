@@ -398,9 +398,20 @@ fn whole_and_split_models_on_the_gpu_match_the_float64_reference() {
                 "all routed experts in RAM, prefetched, a hot-expert cache of 10 per layer",
                 PlacementArgs {
                     expert_cache: Some(3 * 10 * 87_040),
-                    ..all_in_ram
+                    ..all_in_ram.clone()
                 },
                 true,
+                "on",
+            ),
+            // No staging buffer: the CPU computes every RAM expert, and decode steps, which
+            // wait for it, must not run as CUDA graphs (they once did, replaying stale ids).
+            (
+                "all routed experts in RAM, no staging (CPU experts only)",
+                PlacementArgs {
+                    staging_buffers: Some(0),
+                    ..all_in_ram
+                },
+                false,
                 "on",
             ),
             (

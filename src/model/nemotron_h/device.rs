@@ -571,7 +571,13 @@ impl<'a> DeviceParts<'a> {
             });
         }
         let offload = Offload::new(gpu, m, staging_budget, cache_budget);
-        let on = offload.is_none()
+        // Graphs only where no step waits for the CPU: every routed expert on the device (not
+        // merely no staging: without room to stage, RAM experts still run on the CPU).
+        let experts_on_device = m.layers.iter().all(|l| match &l.block {
+            Block::Moe(b) => b.up.device.is_some() && b.down.device.is_some(),
+            _ => true,
+        });
+        let on = experts_on_device
             && !std::env::var("GGRUN_CUDA_GRAPHS").is_ok_and(|v| v == "off" || v == "0");
         Ok(Some(DeviceParts {
             gpu,
