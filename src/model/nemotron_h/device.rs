@@ -1641,6 +1641,11 @@ impl<'a> DeviceParts<'a> {
         if !on_gpu.iter().any(|&v| v) {
             return Ok(());
         }
+        // This step's copies may evict a prefetched expert whose copy is still in flight: they
+        // go after it.
+        if !copies.is_empty() {
+            c.ready(g)?;
+        }
         // The GPU's share: its pairs' index tables and weights go up before any copy is queued.
         let masked: Vec<f32> = ids_h
             .iter()
