@@ -27,6 +27,29 @@ fn ggrun_isa_forces_the_scalar_tier_and_warns_on_unknown_names() {
 }
 
 #[test]
+fn ggrun_cpu_prefetch_sets_the_weight_prefetch_distance() {
+    let line = |env: Option<&str>| {
+        let mut c = common::ggrun();
+        c.arg("cpu");
+        if let Some(v) = env {
+            c.env("GGRUN_CPU_PREFETCH", v);
+        }
+        let out = c.output().unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find(|l| l.starts_with("weight prefetch: "))
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(line(Some("4096")), "weight prefetch: 4096 bytes ahead");
+    assert_eq!(line(Some("0")), "weight prefetch: 0 bytes ahead");
+    // The default follows the vendor: Intel 8 KiB, others none.
+    let want = if ggrun_quants::isa::vendor() == "GenuineIntel" { 8192 } else { 0 };
+    assert_eq!(line(None), format!("weight prefetch: {want} bytes ahead"));
+}
+
+#[test]
 fn missing_file_is_a_one_line_error() {
     let out = common::ggrun()
         .args(["info", "/nonexistent/model.gguf"])

@@ -573,10 +573,19 @@ fn packed_groups_round_trip_and_kernels_match_their_reference() {
                     let Some(kernel) = kernels_for(ty, isa).unwrap().packed else {
                         continue;
                     };
-                    let mut got = vec![f32::NAN; 8 * nt];
-                    kernel(&group, &a, &s, &mut got);
-                    for (g, w) in got.iter().zip(&want) {
-                        assert_eq!(g.to_bits(), w.to_bits(), "{ty} {isa:?} n={n} nt={nt}");
+                    // With and without the weight prefetch (whichever this CPU's default is;
+                    // 64 KiB ahead runs far past the group).
+                    for prefetch in [0, 192, 65536] {
+                        ggrun_quants::isa::set_weight_prefetch_bytes(prefetch);
+                        let mut got = vec![f32::NAN; 8 * nt];
+                        kernel(&group, &a, &s, &mut got);
+                        for (g, w) in got.iter().zip(&want) {
+                            assert_eq!(
+                                g.to_bits(),
+                                w.to_bits(),
+                                "{ty} {isa:?} n={n} nt={nt} prefetch {prefetch}"
+                            );
+                        }
                     }
                     tested += 1;
                 }

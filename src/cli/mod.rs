@@ -489,9 +489,11 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
                 .collect();
             writeln!(
                 out,
-                "active: {}\navailable: {}",
+                "active: {}\navailable: {}\nvendor: {}\nweight prefetch: {} bytes ahead",
                 sel.active.name(),
-                tiers.join(" ")
+                tiers.join(" "),
+                ggrun_quants::isa::vendor(),
+                ggrun_quants::isa::weight_prefetch_bytes()
             )?;
         }
     }

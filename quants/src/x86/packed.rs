@@ -132,11 +132,23 @@ macro_rules! packed_kernel {
             assert!(packed.len() == nb * $bb && out.len() >= 8 * nt && sums.len() == nt);
             assert!(act.iter().all(|a| a.len() >= nb) && sums.iter().all(|s| s.len() >= nb));
             let mut lanes = [0f32; 8];
+            // Weight prefetch (first pass over the blocks only): one line at a time, `dist`
+            // bytes ahead, running on past this group into the next one as decode reads it.
+            let dist = crate::isa::weight_prefetch_bytes();
+            let base = packed.as_ptr();
+            let mut ahead = dist;
             for t0 in (0..nt).step_by(TOKENS) {
                 let t1 = (t0 + TOKENS).min(nt);
                 let mut acc = [_mm256_setzero_ps(); TOKENS];
                 for b in 0..nb {
-                    let blk = packed.as_ptr().add(b * $bb);
+                    let blk = base.add(b * $bb);
+                    if dist > 0 && t0 == 0 {
+                        while ahead < (b + 1) * $bb + dist {
+                            // A prefetch never faults; the address may lie past the slice.
+                            _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(ahead).cast());
+                            ahead += 64;
+                        }
+                    }
                     let regs = $regs(blk.add(16));
                     let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk.cast()));
                     for (j, ac) in (t0..t1).zip(acc.iter_mut()) {
@@ -159,7 +171,8 @@ macro_rules! packed_kernel {
             let act: Vec<&[BlockQ8_0]> = act.iter().map(|a| cast_slice(a)).collect();
             // SAFETY: installed by x86::specialize only where the CPU has the features the
             // kernel enables; the kernel asserts every length it reads by (the unchecked reads
-            // are below those bounds) and loads whole blocks inside `packed`.
+            // are below those bounds) and loads whole blocks inside `packed` (its prefetches
+            // may name addresses past it, which a prefetch never dereferences).
             unsafe { $name(packed, &act, sums, out) }
         }
     };
