@@ -45,7 +45,11 @@ fn ggrun_cpu_prefetch_sets_the_weight_prefetch_distance() {
     assert_eq!(line(Some("4096")), "weight prefetch: 4096 bytes ahead");
     assert_eq!(line(Some("0")), "weight prefetch: 0 bytes ahead");
     // The default follows the vendor: Intel 8 KiB, others none.
-    let want = if ggrun_quants::isa::vendor() == "GenuineIntel" { 8192 } else { 0 };
+    let want = if ggrun_quants::isa::vendor() == "GenuineIntel" {
+        8192
+    } else {
+        0
+    };
     assert_eq!(line(None), format!("weight prefetch: {want} bytes ahead"));
 }
 
