@@ -125,10 +125,6 @@ pub fn run(
 }
 
 impl BenchResult {
-    pub fn tg_median(&self) -> f64 {
-        median(&self.tg)
-    }
-
     /// The roofline of the tg rounds given `bytes` a token reads: (median bandwidth, lowest
     /// and highest bandwidth, median over rounds of each round's tg as a percentage of the
     /// bandwidth measured right before it). None without bandwidth readings.

@@ -1538,8 +1538,12 @@ impl<'a> DeviceParts<'a> {
         for &e in &experts {
             keep[e] = true;
         }
-        let mut p = o.predictions.lock().unwrap_or_else(|e| e.into_inner());
-        let copy = p.copy.clone().ok_or_else(|| anyhow!("no copy stream"))?;
+        let (copy, force) = {
+            let p = o.predictions.lock().unwrap_or_else(|e| e.into_inner());
+            (p.copy.clone(), p.force)
+        };
+        let copy = copy.ok_or_else(|| anyhow!("no copy stream"))?;
+        // Locks in the order decode takes them: the cache, then the predictions.
         let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
         // The slots may hold experts a queued layer still reads.
         copy.wait(&g.compute_event()?)
@@ -1550,7 +1554,7 @@ impl<'a> DeviceParts<'a> {
             if c.slot_of[e].is_some() {
                 continue;
             }
-            let Some(slot) = c.admit(e, &keep, p.force) else {
+            let Some(slot) = c.admit(e, &keep, force) else {
                 continue;
             };
             let up_rows = &b.up.data[e * ff * urb..(e + 1) * ff * urb];
@@ -1562,6 +1566,7 @@ impl<'a> DeviceParts<'a> {
         let done = copy
             .record_event(None)
             .map_err(|e| anyhow!("CUDA event: {e:?}"))?;
+        let mut p = o.predictions.lock().unwrap_or_else(|e| e.into_inner());
         p.predicted += experts.len() as u64;
         p.copied += copied.len() as u64;
         p.pending.push(Prediction {
