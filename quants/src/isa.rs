@@ -170,6 +170,25 @@ pub fn weight_prefetch_bytes() -> usize {
     v
 }
 
+/// Asks the CPU to bring the cache lines of `data[from..to]` into L1 (x86; nothing elsewhere).
+/// The range may run past the end of `data`: a prefetch never faults and nothing is read.
+pub fn prefetch(data: &[u8], from: usize, to: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let base = data.as_ptr();
+        let mut at = from & !63;
+        while at < to {
+            // SAFETY: SSE is part of the x86-64 baseline, and a prefetch is a hint: it reads
+            // nothing into the program and never faults, whatever the address.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(at).cast()) };
+            at += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (data, from, to);
+}
+
 /// Sets the prefetch distance for this process (tests run the kernels both ways).
 pub fn set_weight_prefetch_bytes(bytes: usize) {
     PREFETCH.store(bytes.min(MAX_PREFETCH), Ordering::Relaxed);
