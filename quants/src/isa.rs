@@ -170,14 +170,17 @@ pub fn weight_prefetch_bytes() -> usize {
     v
 }
 
-/// Asks the CPU to bring the cache lines of `data[from..to]` into L1 (x86; nothing elsewhere).
-/// The range may run past the end of `data`: a prefetch never faults and nothing is read.
-pub fn prefetch(data: &[u8], from: usize, to: usize) {
+/// Asks the CPU to bring the 64-byte lines of `data` from offset `from` (rounded down to a line)
+/// up to `to` into L1 (x86; nothing elsewhere), and returns the offset of the first line not
+/// asked for, where a stream's next call starts. The range may run past the end of `data`: a
+/// prefetch never faults and nothing is read.
+#[inline]
+pub fn prefetch(data: &[u8], from: usize, to: usize) -> usize {
+    let mut at = from & !63;
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
         let base = data.as_ptr();
-        let mut at = from & !63;
         while at < to {
             // SAFETY: SSE is part of the x86-64 baseline, and a prefetch is a hint: it reads
             // nothing into the program and never faults, whatever the address.
@@ -186,7 +189,11 @@ pub fn prefetch(data: &[u8], from: usize, to: usize) {
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (data, from, to);
+    {
+        let _ = data;
+        at = at.max(to);
+    }
+    at
 }
 
 /// Sets the prefetch distance for this process (tests run the kernels both ways).

@@ -143,11 +143,7 @@ macro_rules! packed_kernel {
                 for b in 0..nb {
                     let blk = base.add(b * $bb);
                     if dist > 0 && t0 == 0 {
-                        while ahead < (b + 1) * $bb + dist {
-                            // A prefetch never faults; the address may lie past the slice.
-                            _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(ahead).cast());
-                            ahead += 64;
-                        }
+                        ahead = crate::isa::prefetch(packed, ahead, (b + 1) * $bb + dist);
                     }
                     let regs = $regs(blk.add(16));
                     let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk.cast()));
@@ -171,8 +167,7 @@ macro_rules! packed_kernel {
             let act: Vec<&[BlockQ8_0]> = act.iter().map(|a| cast_slice(a)).collect();
             // SAFETY: installed by x86::specialize only where the CPU has the features the
             // kernel enables; the kernel asserts every length it reads by (the unchecked reads
-            // are below those bounds) and loads whole blocks inside `packed` (its prefetches
-            // may name addresses past it, which a prefetch never dereferences).
+            // are below those bounds) and loads whole blocks inside `packed`.
             unsafe { $name(packed, &act, sums, out) }
         }
     };
