@@ -351,6 +351,16 @@ fn expert_bytes(m: &NemotronH) -> Option<usize> {
     })
 }
 
+/// The file bytes of layer `b`'s experts `es`: their up rows and their down rows (`n` down
+/// rows per expert).
+fn expert_rows<'a>(b: &Moe<'a>, n: usize, es: std::ops::Range<usize>) -> (&'a [u8], &'a [u8]) {
+    let (urb, drb) = (b.up.row_bytes(), b.down.row_bytes());
+    (
+        &b.up.data[es.start * b.ff * urb..es.end * b.ff * urb],
+        &b.down.data[es.start * n * drb..es.end * n * drb],
+    )
+}
+
 impl Offload {
     /// Staging and page-locking for the MoE layers whose experts stay in RAM (None when there
     /// are none, or when the plan reserved no room to stage them: then the CPU computes them
@@ -1238,7 +1248,6 @@ impl<'a> DeviceParts<'a> {
         let (ne, n, ff) = (m.n_expert, m.n_embd, b.ff);
         let mut stage = o.stage.lock().unwrap_or_else(|e| e.into_inner());
         let (up_s, down_s) = stage.first_for(g, b)?;
-        let (urb, drb) = (b.up.row_bytes(), b.down.row_bytes());
         let Some(pairs) = self.pairs(m, ids_h, only, t)? else {
             return Ok(());
         };
@@ -1260,11 +1269,10 @@ impl<'a> DeviceParts<'a> {
                 slot[e] = next + e - first;
                 e += 1;
             }
-            let (ua, ub) = (first * ff * urb, e * ff * urb);
-            let (da, db) = (first * n * drb, e * n * drb);
-            g.stage_rows(up_s, next * ff, &b.up.data[ua..ub])?;
-            g.stage_rows(down_s, next * n, &b.down.data[da..db])?;
-            copied += (ub - ua) + (db - da);
+            let (up_rows, down_rows) = expert_rows(b, n, first..e);
+            g.stage_rows(up_s, next * ff, up_rows)?;
+            g.stage_rows(down_s, next * n, down_rows)?;
+            copied += up_rows.len() + down_rows.len();
             next += e - first;
         }
         if measure {
@@ -1363,7 +1371,6 @@ impl<'a> DeviceParts<'a> {
             None => Vec::new(),
         };
         let ne = b.up.rows / b.ff.max(1);
-        let (up_e, down_e) = (b.up.data.len() / ne.max(1), b.down.data.len() / ne.max(1));
         let (urows, drows) = (b.up.rows / ne.max(1), b.down.rows / ne.max(1));
         let mut e = 0;
         while e < ne {
@@ -1375,8 +1382,7 @@ impl<'a> DeviceParts<'a> {
             while e < ne && !cached.get(e).copied().unwrap_or(false) {
                 e += 1;
             }
-            let up_src = &b.up.data[first * up_e..e * up_e];
-            let down_src = &b.down.data[first * down_e..e * down_e];
+            let (up_src, down_src) = expert_rows(b, drows, first..e);
             g.stage_rows_on(&copy, up_s, first * urows, up_src)?;
             g.stage_rows_on(&copy, down_s, first * drows, down_src)?;
         }
@@ -1548,7 +1554,6 @@ impl<'a> DeviceParts<'a> {
         // The slots may hold experts a queued layer still reads.
         copy.wait(&g.compute_event()?)
             .map_err(|e| anyhow!("CUDA event wait: {e:?}"))?;
-        let (urb, drb) = (b.up.row_bytes(), b.down.row_bytes());
         let mut copied = Vec::new();
         for &e in &experts {
             if c.slot_of[e].is_some() {
@@ -1557,8 +1562,7 @@ impl<'a> DeviceParts<'a> {
             let Some(slot) = c.admit(e, &keep, force) else {
                 continue;
             };
-            let up_rows = &b.up.data[e * ff * urb..(e + 1) * ff * urb];
-            let down_rows = &b.down.data[e * n * drb..(e + 1) * n * drb];
+            let (up_rows, down_rows) = expert_rows(b, n, e..e + 1);
             g.stage_rows_on(&copy, &mut c.up, slot * ff, up_rows)?;
             g.stage_rows_on(&copy, &mut c.down, slot * n, down_rows)?;
             copied.push(e);
@@ -1667,12 +1671,10 @@ impl<'a> DeviceParts<'a> {
             g.synchronize()?;
         }
         let started = Instant::now();
-        let (urb, drb) = (b.up.row_bytes(), b.down.row_bytes());
         let mut staged_at = vec![None; ne];
         let (mut next, mut copied) = (0, 0);
         for &e in copies {
-            let up_rows = &b.up.data[e * ff * urb..(e + 1) * ff * urb];
-            let down_rows = &b.down.data[e * n * drb..(e + 1) * n * drb];
+            let (up_rows, down_rows) = expert_rows(b, n, e..e + 1);
             match c.admit(e, &on_gpu, false) {
                 Some(slot) => {
                     g.stage_rows(&mut c.up, slot * ff, up_rows)?;
