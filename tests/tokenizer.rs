@@ -162,3 +162,37 @@ fn tokenize_cli_prints_one_json_array() {
         "control token parsed with --no-special: {v:?}"
     );
 }
+
+#[test]
+fn megabyte_inputs_tokenize_in_under_two_seconds() {
+    // One space-free word, and the shapes that stress the pre-tokenizer regexes and the special
+    // token split: long runs of spaces, digits, punctuation, mixed scripts, and turn markers.
+    let word = "x".repeat(1 << 20);
+    let inputs = [
+        ("one word", word.clone()),
+        ("spaces then a letter", format!("{}a", " ".repeat(1 << 20))),
+        ("digits", "7".repeat(1 << 20)),
+        ("punctuation", "!?".repeat(1 << 19)),
+        ("mixed", "aé東1 !\n".repeat(1 << 17)),
+        ("markers", "<|im_start|>x<|im_end|>".repeat(1 << 15)),
+    ];
+    let spm = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/spm-prefix.gguf");
+    for model in [
+        common::smollm2(),
+        common::fixtures().join("nemo-tiny-f32.gguf"),
+        spm,
+    ] {
+        let g = Model::open(&model).unwrap();
+        let tok = Tokenizer::from_metadata(g.metadata()).unwrap();
+        for (name, text) in &inputs {
+            let t = std::time::Instant::now();
+            let ids = tok.encode(text, true).unwrap();
+            let secs = t.elapsed().as_secs_f64();
+            assert!(!ids.is_empty());
+            assert!(secs < 2.0, "{}: {name}: {secs:.2} s", model.display());
+        }
+        // The word's ids decode back to it.
+        let ids = tok.encode(&word, false).unwrap();
+        assert_eq!(tok.decode(&ids, false).trim_start(), word);
+    }
+}

@@ -1,7 +1,8 @@
 //! GPT-2 style byte-level BPE: pre-tokenizer regexes chosen by `tokenizer.ggml.pre`, the GPT-2
 //! byte alphabet, and merges by rank (lowest first, leftmost on ties).
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 
 use anyhow::{anyhow, Result};
 use fancy_regex::Regex;
@@ -86,11 +87,42 @@ fn byte_alphabet() -> [char; 256] {
 pub struct Bpe {
     regexes: Vec<Regex>,
     ignore_merges: bool,
-    vocab: HashMap<String, u32>,
-    ranks: HashMap<(String, String), usize>,
+    /// Every symbol a merge can make or take, by text: the vocabulary's tokens keep their ids
+    /// (the last one where a text repeats), other texts get ids from `n_vocab` on.
+    symbols: HashMap<String, u32>,
+    /// Texts of the symbols numbered from `n_vocab` on (not tokens themselves).
+    extra: Vec<String>,
+    n_vocab: u32,
+    /// The symbol of each single character that has one.
+    char_symbol: HashMap<char, u32, FastHash>,
+    /// (left, right) as [`pair_key`] → (rank, merged symbol); a pair listed twice keeps its
+    /// last rank.
+    merges: HashMap<u64, (u32, u32), FastHash>,
     byte_to_char: [char; 256],
     char_to_byte: HashMap<char, u8>,
 }
+
+/// A symbol of the piece being merged: its id, its first character's index, and its live
+/// neighbours (a doubly linked list over the initial characters).
+#[derive(Clone, Copy)]
+struct Sym {
+    id: u32,
+    prev: Option<u32>,
+    next: Option<u32>,
+}
+
+/// The hasher of the merge table (looked up once per candidate pair; its keys come from the
+/// model file, not from the text being encoded).
+type FastHash = foldhash::fast::RandomState;
+
+/// A merge table key: the left and right symbols.
+fn pair_key(left: u32, right: u32) -> u64 {
+    u64::from(left) << 32 | u64::from(right)
+}
+
+/// Ids of symbols no merge involves and no token matches (dropped from the output, as a
+/// character without a token is).
+const NO_SYMBOL: u32 = u32::MAX;
 
 impl Bpe {
     pub fn new(tokens: &[String], merges: &[&str], pre: &str) -> Result<Bpe> {
@@ -99,18 +131,45 @@ impl Bpe {
             .iter()
             .map(|e| Regex::new(e).map_err(|err| anyhow!("pre-tokenizer regex: {err}")))
             .collect::<Result<_>>()?;
-        let vocab = tokens
+        let n_vocab = u32::try_from(tokens.len())
+            .ok()
+            .filter(|&n| n < NO_SYMBOL / 4)
+            .ok_or_else(|| anyhow!("a vocabulary of {} tokens is too large", tokens.len()))?;
+        let mut symbols: HashMap<String, u32> = tokens
             .iter()
             .enumerate()
             .map(|(i, t)| (t.clone(), i as u32))
             .collect();
-        let mut ranks = HashMap::with_capacity(merges.len());
+        let mut extra = Vec::new();
+        let mut intern = |text: &str, symbols: &mut HashMap<String, u32>| -> u32 {
+            if let Some(&id) = symbols.get(text) {
+                return id;
+            }
+            let id = n_vocab + extra.len() as u32;
+            extra.push(text.to_string());
+            symbols.insert(text.to_string(), id);
+            id
+        };
+        let mut pairs = HashMap::with_capacity_and_hasher(merges.len(), FastHash::default());
         for (i, m) in merges.iter().enumerate() {
             let (a, b) = m
                 .split_once(' ')
                 .ok_or_else(|| anyhow!("tokenizer.ggml.merges[{i}]: {m:?} is not 'left right'"))?;
-            ranks.insert((a.to_string(), b.to_string()), i);
+            let left = intern(a, &mut symbols);
+            let right = intern(b, &mut symbols);
+            let merged = intern(&format!("{a}{b}"), &mut symbols);
+            pairs.insert(pair_key(left, right), (i as u32, merged));
         }
+        let char_symbol = symbols
+            .iter()
+            .filter_map(|(t, &id)| {
+                let mut cs = t.chars();
+                match (cs.next(), cs.next()) {
+                    (Some(c), None) => Some((c, id)),
+                    _ => None,
+                }
+            })
+            .collect();
         let byte_to_char = byte_alphabet();
         let char_to_byte = byte_to_char
             .iter()
@@ -120,8 +179,11 @@ impl Bpe {
         Ok(Bpe {
             regexes,
             ignore_merges,
-            vocab,
-            ranks,
+            symbols,
+            extra,
+            n_vocab,
+            char_symbol,
+            merges: pairs,
             byte_to_char,
             char_to_byte,
         })
@@ -155,42 +217,87 @@ impl Bpe {
 
     /// Appends the ids of `text` (no special tokens in it).
     pub fn encode(&self, text: &str, out: &mut Vec<u32>) {
+        let mut syms = Vec::new();
         for piece in self.split(text) {
             let mapped: String = piece
                 .bytes()
                 .map(|b| self.byte_to_char[b as usize])
                 .collect();
             if self.ignore_merges {
-                if let Some(&id) = self.vocab.get(&mapped) {
+                if let Some(&id) = self.symbols.get(&mapped).filter(|&&id| id < self.n_vocab) {
                     out.push(id);
                     continue;
                 }
             }
-            let mut syms: Vec<String> = mapped.chars().map(String::from).collect();
-            loop {
-                let best = syms
-                    .windows(2)
-                    .enumerate()
-                    .filter_map(|(i, w)| {
-                        self.ranks
-                            .get(&(w[0].clone(), w[1].clone()))
-                            .map(|&r| (r, i))
-                    })
-                    .min();
-                let Some((_, i)) = best else { break };
-                let right = syms.remove(i + 1);
-                syms[i].push_str(&right);
+            self.merge(&mapped, &mut syms);
+            self.emit(&syms, out);
+        }
+    }
+
+    /// Merges the characters of `piece` into `syms`: the pair of adjacent symbols with the
+    /// lowest merge rank first, the leftmost of equal ranks. A heap of candidate pairs over a
+    /// linked list of symbols: O(n log n) in the piece's length. Entries that went stale (a
+    /// side merged elsewhere since) are skipped when they come up.
+    fn merge(&self, piece: &str, syms: &mut Vec<Sym>) {
+        syms.clear();
+        let n = piece.chars().count();
+        syms.extend(piece.chars().enumerate().map(|(i, c)| Sym {
+            id: self.char_symbol.get(&c).copied().unwrap_or(NO_SYMBOL),
+            prev: i.checked_sub(1).map(|p| p as u32),
+            next: (i + 1 < n).then_some(i as u32 + 1),
+        }));
+        // rank << 32 | left index: the smallest first. An entry is checked when it comes up: the
+        // pair now at that index must still have that rank (else a side merged elsewhere since
+        // and the pair it became was queued on its own).
+        let mut heap: BinaryHeap<Reverse<u64>> = BinaryHeap::new();
+        let pair = |syms: &[Sym], l: u32| -> Option<(u32, u32)> {
+            let left = syms[l as usize];
+            let right = syms[left.next? as usize];
+            self.merges.get(&pair_key(left.id, right.id)).copied()
+        };
+        let key = |rank: u32, l: u32| Reverse(u64::from(rank) << 32 | u64::from(l));
+        heap.extend((0..n as u32).filter_map(|l| pair(syms, l).map(|(rank, _)| key(rank, l))));
+        while let Some(Reverse(k)) = heap.pop() {
+            let (rank, l) = ((k >> 32) as u32, k as u32);
+            let Some((now, merged)) = pair(syms, l) else {
+                continue;
+            };
+            if now != rank {
+                continue;
             }
-            for s in syms {
-                match self.vocab.get(&s) {
-                    Some(&id) => out.push(id),
-                    // No token for the merged symbol: fall back to its characters (bytes).
-                    None => out.extend(
-                        s.chars()
-                            .filter_map(|c| self.vocab.get(&c.to_string()).copied()),
-                    ),
-                }
+            let left = syms[l as usize];
+            let r = left.next.unwrap_or_default();
+            let after = syms[r as usize].next;
+            syms[l as usize].id = merged;
+            syms[l as usize].next = after;
+            if let Some(nx) = after {
+                syms[nx as usize].prev = Some(l);
             }
+            syms[r as usize].prev = None;
+            syms[r as usize].next = None;
+            if let Some(p) = left.prev {
+                heap.extend(pair(syms, p).map(|(rank, _)| key(rank, p)));
+            }
+            heap.extend(pair(syms, l).map(|(rank, _)| key(rank, l)));
+        }
+    }
+
+    /// The ids of the merged symbols: a symbol that is no token falls back to the tokens of its
+    /// characters (characters without one are dropped).
+    fn emit(&self, syms: &[Sym], out: &mut Vec<u32>) {
+        let mut at = (!syms.is_empty()).then_some(0u32);
+        while let Some(i) = at {
+            let s = syms[i as usize];
+            if s.id < self.n_vocab {
+                out.push(s.id);
+            } else if let Some(text) = self.extra.get((s.id - self.n_vocab) as usize) {
+                out.extend(
+                    text.chars()
+                        .filter_map(|c| self.char_symbol.get(&c))
+                        .filter(|&&id| id < self.n_vocab),
+                );
+            }
+            at = s.next;
         }
     }
 
@@ -228,6 +335,117 @@ mod tests {
     fn split(pre: &str, text: &str) -> Vec<String> {
         let bpe = Bpe::new(&[], &[], pre).unwrap_or_else(|e| panic!("{pre}: {e:#}"));
         bpe.split(text).into_iter().map(String::from).collect()
+    }
+
+    /// The merge loop as it was first written (and as the BPE papers state it): rescan every
+    /// adjacent pair for the lowest rank, leftmost on ties, merge, repeat. Quadratic; the
+    /// reference the heap version must equal id for id.
+    fn reference_encode(tokens: &[String], merges: &[&str], piece: &str) -> Vec<u32> {
+        let vocab: HashMap<&str, u32> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.as_str(), i as u32))
+            .collect();
+        let mut ranks = HashMap::new();
+        for (i, m) in merges.iter().enumerate() {
+            let (a, b) = m.split_once(' ').unwrap();
+            ranks.insert((a.to_string(), b.to_string()), i);
+        }
+        let mut syms: Vec<String> = piece.chars().map(String::from).collect();
+        loop {
+            let best = syms
+                .windows(2)
+                .enumerate()
+                .filter_map(|(i, w)| ranks.get(&(w[0].clone(), w[1].clone())).map(|&r| (r, i)))
+                .min();
+            let Some((_, i)) = best else { break };
+            let right = syms.remove(i + 1);
+            syms[i].push_str(&right);
+        }
+        let mut out = Vec::new();
+        for s in syms {
+            match vocab.get(s.as_str()) {
+                Some(&id) => out.push(id),
+                None => out.extend(s.chars().filter_map(|c| vocab.get(c.to_string().as_str()))),
+            }
+        }
+        out
+    }
+
+    /// SplitMix64, for the random vocabularies below.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    #[test]
+    fn heap_merges_equal_the_rescanning_reference() {
+        // Random vocabularies over a small alphabet, with what real and hostile files contain:
+        // merges whose parts or result are no token, pairs listed twice, repeated token texts,
+        // characters without a token. Pieces are long runs of few letters (many equal ranks).
+        let alphabet: Vec<char> = "abcdeé".chars().collect();
+        for seed in 0..60u64 {
+            let mut rng = Rng(seed);
+            let mut tokens: Vec<String> = alphabet[..5].iter().map(|c| c.to_string()).collect();
+            let mut merges: Vec<String> = Vec::new();
+            for _ in 0..rng.below(40) + 5 {
+                let a = tokens[rng.below(tokens.len())].clone();
+                let b = tokens[rng.below(tokens.len())].clone();
+                merges.push(format!("{a} {b}"));
+                match rng.below(8) {
+                    0 => {}                                // the result is no token
+                    1 => tokens.push(a.clone()),           // a repeated text
+                    2 => merges.push(format!("{a}x {b}")), // a part that is no token
+                    _ => tokens.push(format!("{a}{b}")),
+                }
+                if rng.below(6) == 0 {
+                    let dup = merges[rng.below(merges.len())].clone();
+                    merges.push(dup);
+                }
+            }
+            let refs: Vec<&str> = merges.iter().map(String::as_str).collect();
+            let bpe = Bpe::new(&tokens, &refs, "gpt-2").unwrap();
+            let mut syms = Vec::new();
+            for _ in 0..20 {
+                let len = rng.below(60);
+                let piece: String = (0..len)
+                    .map(|_| alphabet[rng.below(alphabet.len())])
+                    .collect();
+                let mut got = Vec::new();
+                bpe.merge(&piece, &mut syms);
+                bpe.emit(&syms, &mut got);
+                assert_eq!(
+                    got,
+                    reference_encode(&tokens, &refs, &piece),
+                    "seed {seed} piece {piece:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_long_word_merges_in_log_linear_time() {
+        // 200k characters in one piece: the rescanning loop would take minutes.
+        let tokens: Vec<String> = ["a", "b", "ab", "abab", "abababab"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let bpe = Bpe::new(&tokens, &["a b", "ab ab", "abab abab"], "gpt-2").unwrap();
+        let piece = "ab".repeat(100_000);
+        let t = std::time::Instant::now();
+        let mut out = Vec::new();
+        bpe.encode(&piece, &mut out);
+        assert_eq!(out, vec![4; 25_000]);
+        assert!(t.elapsed().as_secs_f64() < 2.0, "{:?}", t.elapsed());
     }
 
     #[test]

@@ -7,6 +7,7 @@ mod bpe;
 mod spm;
 mod stream;
 
+use aho_corasick::AhoCorasick;
 use anyhow::{anyhow, bail, Result};
 
 use crate::gguf::{Metadata, Value};
@@ -76,6 +77,8 @@ pub struct Tokenizer {
     pub warnings: Vec<String>,
     /// Control, user-defined and unknown tokens, longest first.
     specials: Vec<u32>,
+    /// Finds which of `specials` (by index) occur in a text, in one pass.
+    special_finder: Option<AhoCorasick>,
     model: Encoder,
 }
 
@@ -188,6 +191,13 @@ impl Tokenizer {
             .filter(|&i| !tokens[i as usize].is_empty())
             .collect();
         specials.sort_by_key(|&i| std::cmp::Reverse(tokens[i as usize].len()));
+        let special_finder = match specials.is_empty() {
+            true => None,
+            false => Some(
+                AhoCorasick::new(specials.iter().map(|&i| &tokens[i as usize]))
+                    .map_err(|e| anyhow!("special tokens: {e}"))?,
+            ),
+        };
         Ok(Tokenizer {
             add_bos: md.get_bool("tokenizer.ggml.add_bos_token").unwrap_or(false),
             add_eos: md.get_bool("tokenizer.ggml.add_eos_token").unwrap_or(false),
@@ -198,6 +208,7 @@ impl Tokenizer {
             eog,
             warnings,
             specials,
+            special_finder,
             model,
         })
     }
@@ -283,15 +294,29 @@ impl Tokenizer {
         }
     }
 
-    /// Splits `text` on special tokens (longest first), leaving text fragments between them.
+    /// Splits `text` on special tokens (longest first, each at every place the longer ones
+    /// left), leaving text fragments between them. Only the specials that occur in `text` are
+    /// searched for, so this costs a pass over the text per special present, however large
+    /// the vocabulary's list of them.
     fn partition<'t>(&self, text: &'t str, parse_special: bool) -> Vec<Fragment<'t>> {
+        if text.is_empty() {
+            return Vec::new();
+        }
         let mut frags = vec![Fragment::Text(text)];
-        for &id in &self.specials {
-            if !parse_special
-                && matches!(
-                    self.types[id as usize],
-                    TokenType::Control | TokenType::Unknown
-                )
+        let Some(finder) = &self.special_finder else {
+            return frags;
+        };
+        let mut present = vec![false; self.specials.len()];
+        for m in finder.find_overlapping_iter(text) {
+            present[m.pattern().as_usize()] = true;
+        }
+        for (k, &id) in self.specials.iter().enumerate() {
+            if !present[k]
+                || (!parse_special
+                    && matches!(
+                        self.types[id as usize],
+                        TokenType::Control | TokenType::Unknown
+                    ))
             {
                 continue;
             }
