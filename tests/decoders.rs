@@ -453,7 +453,7 @@ fn bad_hyperparameters_are_errors() {
         (
             "gemma3",
             "gemma3.attention.sliding_window_pattern",
-            Value::Array(ggrun::gguf::ValueType::Bool, vec![Value::Bool(true)]),
+            Value::Array(ggrun::gguf::Array::Bool(vec![true])),
             "entries",
         ),
         (

@@ -8,7 +8,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use ggrun::gguf::{GgufWriter, Model, Value, ValueType};
+use ggrun::gguf::{Array, GgufWriter, Model, Value};
 use ggrun::info::ModelInfo;
 use ggrun_quants::GgmlType;
 
@@ -285,10 +285,8 @@ fn corpus() -> Vec<(&'static str, Vec<u8>, &'static str)> {
         "nemotron_h.ssm.group_count: value -1 is out of range",
     ));
     let mut w = GgufWriter::new();
-    w.kv("general.architecture", Value::str("llama")).kv(
-        "llama.block_count",
-        Value::Array(ValueType::String, vec![Value::str("x")]),
-    );
+    w.kv("general.architecture", Value::str("llama"))
+        .kv("llama.block_count", Value::strs(&["x"]));
     v.push((
         "block_count is an array",
         w.to_bytes(),
@@ -435,7 +433,7 @@ fn huge_sizes_in_metadata_are_reported_not_overflowed() {
         .kv("nemotron_h.attention.head_count", Value::U64(u64::MAX))
         .kv(
             "nemotron_h.attention.head_count_kv",
-            Value::Array(ValueType::U64, vec![Value::U64(0), Value::U64(u64::MAX)]),
+            Value::Array(Array::U64(vec![0, u64::MAX])),
         )
         .kv("nemotron_h.attention.key_length", Value::U64(u64::MAX))
         .kv("nemotron_h.feed_forward_length", Value::u32s(&[0, 0]))
@@ -470,10 +468,10 @@ fn writer_round_trips_every_value_type() {
         ("arr", Value::f32s(&[1.0, 2.0])),
         (
             "arr2",
-            Value::Array(
-                ValueType::Array,
-                vec![Value::u32s(&[1, 2]), Value::strs(&["x"])],
-            ),
+            Value::Array(Array::Array(vec![
+                Array::U32(vec![1, 2]),
+                Array::String(["x"].into_iter().collect()),
+            ])),
         ),
     ];
     let mut w = GgufWriter::new();
@@ -498,4 +496,82 @@ fn writer_round_trips_every_value_type() {
         "nemotron_h_moe.ssm.state_size: missing"
     );
     assert_eq!(g.tensors[0].size_bytes, 136);
+}
+
+/// Peak resident memory of `ggrun ARGS` in bytes, read by Python from the child's rusage
+/// (RUSAGE_CHILDREN of a process whose only child is ggrun).
+fn peak_rss(args: &[&std::ffi::OsStr]) -> u64 {
+    let script = "import resource, subprocess, sys\n\
+                  r = subprocess.run(sys.argv[1:], capture_output=True)\n\
+                  assert r.returncode == 0, r.stderr\n\
+                  print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)";
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(env!("CARGO_BIN_EXE_ggrun"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
+}
+
+#[test]
+fn a_100_mb_metadata_array_costs_info_less_than_twice_the_file() {
+    // One u8 array, and one array of one-byte strings (9 bytes each in the file), of 100 MB.
+    let dir = tempfile::tempdir().unwrap();
+    let n = 100 << 20;
+    let mut u8s = Raw::header(3, 0, 2);
+    u8s.str("general.architecture").u32(8).str("llama");
+    u8s.str("general.blob").u32(9).u32(0).u64(n as u64);
+    u8s.0.resize(u8s.0.len() + n, 7);
+    let count = n / 9;
+    let mut strs = Raw::header(3, 0, 2);
+    strs.str("general.architecture").u32(8).str("llama");
+    strs.str("tokenizer.ggml.tokens")
+        .u32(9)
+        .u32(8)
+        .u64(count as u64);
+    strs.0.reserve(n);
+    for i in 0..count {
+        strs.str(["a", "b", "c"][i % 3]);
+    }
+    for (name, raw) in [("u8", u8s), ("strings", strs)] {
+        let p = dir.path().join(format!("{name}.gguf"));
+        std::fs::write(&p, &raw.0).unwrap();
+        let size = raw.0.len() as u64;
+        drop(raw);
+        let rss = peak_rss(&["info".as_ref(), p.as_os_str()]);
+        assert!(
+            rss < 2 * size,
+            "{name}: info peaked at {rss} bytes for a {size}-byte file"
+        );
+    }
+}
+
+#[test]
+fn key_and_tensor_counts_beyond_any_real_file_are_refused() {
+    let mut r = Raw::header(3, 0, 70_000);
+    r.0.resize(r.0.len() + 70_000 * 14, 0);
+    let e = ggrun::gguf::parse(&r.0, Path::new("x"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert_eq!(e, "70000 metadata keys (at most 65536 are read)");
+    let mut r = Raw::header(3, 1_100_000, 0);
+    r.0.resize(r.0.len() + 1_100_000 * 24, 0);
+    let e = ggrun::gguf::parse(&r.0, Path::new("x"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert_eq!(e, "1100000 tensors (at most 1048576 are read)");
 }

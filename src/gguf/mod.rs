@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use ggrun_quants::GgmlType;
 
 pub use reader::{parse, GgufFile};
-pub use value::{MetaError, Value, ValueType};
+pub use value::{Array, MetaError, Strings, Value, ValueType};
 pub use writer::GgufWriter;
 
 /// Tensor data alignment when `general.alignment` is absent.
@@ -231,9 +231,7 @@ impl Metadata {
     /// An array of strings.
     pub fn get_str_array(&self, key: &str) -> Result<Vec<&str>, MetaError> {
         match self.require(key)? {
-            Value::Array(ValueType::String, items) => {
-                Ok(items.iter().filter_map(|s| s.as_str()).collect())
-            }
+            Value::Array(Array::String(items)) => Ok(items.iter().collect()),
             v => Err(Self::wrong(key, "array of string", v)),
         }
     }
@@ -242,7 +240,7 @@ impl Metadata {
     pub fn get_per_layer(&self, key: &str, n: usize) -> Result<Vec<usize>, MetaError> {
         let v = self.require(key)?;
         match v {
-            Value::Array(_, items) => {
+            Value::Array(items) => {
                 if items.len() != n {
                     return Err(MetaError::OutOfRange {
                         key: key.into(),
@@ -250,10 +248,10 @@ impl Metadata {
                         why: "must have one entry per layer",
                     });
                 }
-                items
-                    .iter()
-                    .map(|x| {
-                        x.as_integer()
+                (0..n)
+                    .map(|i| {
+                        items
+                            .integer(i)
                             .and_then(|i| usize::try_from(i).ok())
                             .ok_or_else(|| Self::wrong(key, "array of non-negative integers", v))
                     })
@@ -266,7 +264,7 @@ impl Metadata {
     /// The number of elements of an array value (without materialising anything).
     pub fn array_len(&self, key: &str) -> Result<usize, MetaError> {
         match self.require(key)? {
-            Value::Array(_, items) => Ok(items.len()),
+            Value::Array(items) => Ok(items.len()),
             v => Err(Self::wrong(key, "array", v)),
         }
     }

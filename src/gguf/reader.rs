@@ -11,12 +11,16 @@ use byteorder::{ByteOrder, LittleEndian};
 use ggrun_quants::GgmlType;
 use memmap2::Mmap;
 
-use super::value::{Value, ValueType};
+use super::value::{Array, Strings, Value, ValueType};
 use super::{GgufError, Metadata, TensorInfo, DEFAULT_ALIGNMENT, MAX_DIMS};
 
 const MAGIC: &[u8; 4] = b"GGUF";
 /// Arrays nest at most this deep (real files use 1; the format allows more).
 const MAX_ARRAY_DEPTH: usize = 8;
+/// At most this many metadata pairs (real files have about a hundred).
+const MAX_KEYS: u64 = 1 << 16;
+/// At most this many tensors (real files have a few thousand).
+const MAX_TENSORS: u64 = 1 << 20;
 
 /// One parsed GGUF file: its mapping, metadata and tensor table.
 pub struct GgufFile {
@@ -51,7 +55,10 @@ impl GgufFile {
         // truncates the file while it is mapped, reads may fault (SIGBUS), which is the accepted
         // risk of mmap-based loaders (llama.cpp has the same). We never write through it.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| GgufError::io(path, e))?;
-        let mut g = parse(&mmap, path)?;
+        // Metadata is copied out as it is parsed; the pages it was read from leave the resident
+        // set as the parse goes, so a huge array never costs its size twice.
+        let release = |r: std::ops::Range<usize>| release_pages(&mmap, r);
+        let mut g = parse_with(&mmap, path, Some(&release))?;
         g.backing = Backing::Mapped(mmap);
         Ok(g)
     }
@@ -77,18 +84,7 @@ impl GgufFile {
     /// cache and fault back in, unchanged, if read again. Does nothing for owned bytes.
     pub fn release(&self, range: std::ops::Range<usize>) {
         if let Backing::Mapped(m) = &self.backing {
-            let page = 4096;
-            let start = range.start.div_ceil(page) * page;
-            let end = range.end.min(m.len()) / page * page;
-            if end > start {
-                // SAFETY: the mapping is read-only and file-backed, so MADV_DONTNEED only drops
-                // this process's page-table entries: a later read faults the same bytes back in
-                // from the file, and no reference into the mapping is invalidated. Failure is
-                // harmless (the pages simply stay resident), so the result is ignored.
-                let _ = unsafe {
-                    m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
-                };
-            }
+            release_pages(m, range);
         }
     }
 
@@ -99,13 +95,46 @@ impl GgufFile {
     }
 }
 
+/// Drops the pages lying wholly inside `range` from this process's resident set (see
+/// [`GgufFile::release`]).
+fn release_pages(m: &Mmap, range: std::ops::Range<usize>) {
+    let page = 4096;
+    let start = range.start.div_ceil(page) * page;
+    let end = range.end.min(m.len()) / page * page;
+    if end > start {
+        // SAFETY: the mapping is read-only and file-backed, so MADV_DONTNEED only drops this
+        // process's page-table entries: a later read faults the same bytes back in from the
+        // file, and no reference into the mapping is invalidated. Failure is harmless (the
+        // pages simply stay resident), so the result is ignored.
+        let _ = unsafe {
+            m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+        };
+    }
+}
+
+/// Bytes read between two releases of the pages behind the cursor.
+const RELEASE_STEP: usize = 8 << 20;
+
 /// A little-endian cursor over the mapped bytes that never reads past the end.
 struct Cursor<'a> {
     buf: &'a [u8],
     pos: usize,
+    /// Where the pages already read from end, and how to drop them from memory (mapped files).
+    released: usize,
+    release: Option<&'a dyn Fn(std::ops::Range<usize>)>,
 }
 
 impl<'a> Cursor<'a> {
+    /// Releases the pages read since the last release, every [`RELEASE_STEP`] bytes.
+    fn release_read(&mut self) {
+        if let Some(release) = self.release {
+            if self.pos >= self.released + RELEASE_STEP {
+                release(self.released..self.pos);
+                self.released = self.pos;
+            }
+        }
+    }
+
     fn remaining(&self) -> u64 {
         (self.buf.len() - self.pos) as u64
     }
@@ -195,12 +224,89 @@ impl<'a> Cursor<'a> {
                     GgufError::Format(format!("{key}: unknown array element type {id}"))
                 })?;
                 let count = self.u64(w)?;
-                self.check_count(count, et.min_size(), key)?;
-                let mut v = Vec::with_capacity(count as usize);
-                for _ in 0..count {
-                    v.push(self.value(et, key, depth + 1)?);
+                Value::Array(self.array(et, count, key, depth)?)
+            }
+        })
+    }
+
+    /// The `count` elements of an array of `et`, each kind in a vector of its own: no more
+    /// memory than the file gives them, but for arrays of arrays, which are checked against
+    /// their size in memory (no real file has them; a hostile one could use their 12-byte
+    /// headers to make us allocate 32 bytes each).
+    fn array(
+        &mut self,
+        et: ValueType,
+        count: u64,
+        key: &str,
+        depth: usize,
+    ) -> Result<Array, GgufError> {
+        let min = match et {
+            ValueType::Array => std::mem::size_of::<Array>() as u64,
+            t => t.min_size(),
+        };
+        self.check_count(count, min, key)?;
+        let n = count as usize;
+        // Fixed-size elements are read in chunks, releasing the pages behind them as they go.
+        macro_rules! plain {
+            ($variant:ident, $t:ty, $read:expr) => {{
+                const SIZE: usize = std::mem::size_of::<$t>();
+                let mut v: Vec<$t> = Vec::with_capacity(n);
+                while v.len() < n {
+                    let k = (n - v.len()).min(RELEASE_STEP / SIZE);
+                    let bytes = self.take((k * SIZE) as u64, key)?;
+                    v.extend(bytes.chunks_exact(SIZE).map($read));
+                    self.release_read();
                 }
-                Value::Array(et, v)
+                Array::$variant(v)
+            }};
+        }
+        Ok(match et {
+            ValueType::U8 => plain!(U8, u8, |b| b[0]),
+            ValueType::I8 => plain!(I8, i8, |b| b[0] as i8),
+            ValueType::U16 => plain!(U16, u16, LittleEndian::read_u16),
+            ValueType::I16 => plain!(I16, i16, LittleEndian::read_i16),
+            ValueType::U32 => plain!(U32, u32, LittleEndian::read_u32),
+            ValueType::I32 => plain!(I32, i32, LittleEndian::read_i32),
+            ValueType::F32 => plain!(F32, f32, LittleEndian::read_f32),
+            ValueType::U64 => plain!(U64, u64, LittleEndian::read_u64),
+            ValueType::I64 => plain!(I64, i64, LittleEndian::read_i64),
+            ValueType::F64 => plain!(F64, f64, LittleEndian::read_f64),
+            ValueType::Bool => {
+                let Array::U8(bytes) = plain!(U8, u8, |b| b[0]) else {
+                    unreachable!("a u8 array")
+                };
+                if let Some(b) = bytes.iter().find(|&&b| b > 1) {
+                    return Err(GgufError::Format(format!(
+                        "{key}: bool byte is {b}, not 0 or 1"
+                    )));
+                }
+                Array::Bool(bytes.iter().map(|&b| b == 1).collect())
+            }
+            ValueType::String => {
+                let mut v = Strings::with_capacity(n);
+                for _ in 0..n {
+                    let len = self.u64(key)?;
+                    v.push(&String::from_utf8_lossy(self.take(len, key)?));
+                    self.release_read();
+                }
+                Array::String(v)
+            }
+            ValueType::Array => {
+                if depth + 1 >= MAX_ARRAY_DEPTH {
+                    return Err(GgufError::Format(format!(
+                        "{key}: arrays nested deeper than {MAX_ARRAY_DEPTH}"
+                    )));
+                }
+                let mut v = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let id = self.u32(key)?;
+                    let et = ValueType::from_id(id).ok_or_else(|| {
+                        GgufError::Format(format!("{key}: unknown array element type {id}"))
+                    })?;
+                    let count = self.u64(key)?;
+                    v.push(self.array(et, count, key, depth + 1)?);
+                }
+                Array::Array(v)
             }
         })
     }
@@ -209,7 +315,21 @@ impl<'a> Cursor<'a> {
 /// Parses GGUF bytes (the whole file) into a table with no bytes attached (use
 /// [`GgufFile::open`] or [`GgufFile::from_bytes`] to read tensors). `path` is used in messages.
 pub fn parse(buf: &[u8], path: &Path) -> Result<GgufFile, GgufError> {
-    let mut c = Cursor { buf, pos: 0 };
+    parse_with(buf, path, None)
+}
+
+/// [`parse`], releasing the pages behind the cursor with `release` as it reads.
+fn parse_with(
+    buf: &[u8],
+    path: &Path,
+    release: Option<&dyn Fn(std::ops::Range<usize>)>,
+) -> Result<GgufFile, GgufError> {
+    let mut c = Cursor {
+        buf,
+        pos: 0,
+        released: 0,
+        release,
+    };
     let magic = c.take(4, "magic").map_err(|_| {
         GgufError::Format(format!(
             "file is {} bytes, too short for a GGUF header",
@@ -246,6 +366,18 @@ pub fn parse(buf: &[u8], path: &Path) -> Result<GgufFile, GgufError> {
     // A key-value pair takes at least 8 + 1 + 4 + 1 bytes, a tensor info 8 + 4 + 4 + 8.
     c.check_count(n_kv, 14, "metadata count")?;
     c.check_count(n_tensors, 24, "tensor count")?;
+    // Far above any real file, and what keeps the tables' memory near the file's size (an entry
+    // costs us more than its smallest form in a file).
+    for (count, max, what) in [
+        (n_kv, MAX_KEYS, "metadata keys"),
+        (n_tensors, MAX_TENSORS, "tensors"),
+    ] {
+        if count > max {
+            return Err(GgufError::Format(format!(
+                "{count} {what} (at most {max} are read)"
+            )));
+        }
+    }
 
     let mut metadata = Metadata::default();
     for i in 0..n_kv {

@@ -1,5 +1,6 @@
 //! GGUF metadata values: the 13 value types, typed accessors with errors that name the key, what
-//! was expected and what was found.
+//! was expected and what was found. Arrays are stored compactly (a plain vector per element
+//! type, strings in one buffer), so that they take about the bytes they take in the file.
 
 use std::fmt;
 
@@ -87,8 +88,7 @@ pub enum Value {
     F32(f32),
     Bool(bool),
     String(String),
-    /// Element type and elements (all of that type; arrays of arrays nest).
-    Array(ValueType, Vec<Value>),
+    Array(Array),
     U64(u64),
     I64(i64),
     F64(f64),
@@ -116,7 +116,7 @@ impl Value {
     /// "u32", "string", "array of string", ... for error messages.
     pub fn type_description(&self) -> String {
         match self {
-            Value::Array(t, _) => format!("array of {}", t.name()),
+            Value::Array(a) => format!("array of {}", a.elem_type().name()),
             v => v.value_type().name().to_string(),
         }
     }
@@ -156,12 +156,190 @@ impl fmt::Display for Value {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Value::String(s) => write!(f, "{s:?}"),
-            Value::Array(t, v) => write!(f, "[{} × {}]", v.len(), t.name()),
+            Value::Array(a) => write!(f, "[{} × {}]", a.len(), a.elem_type().name()),
             Value::Bool(b) => write!(f, "{b}"),
             Value::F32(x) => write!(f, "{x}"),
             Value::F64(x) => write!(f, "{x}"),
             v => write!(f, "{}", v.as_integer().unwrap_or_default()),
         }
+    }
+}
+
+/// An array value: the elements of one type, stored as that type (arrays of arrays nest).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Array {
+    U8(Vec<u8>),
+    I8(Vec<i8>),
+    U16(Vec<u16>),
+    I16(Vec<i16>),
+    U32(Vec<u32>),
+    I32(Vec<i32>),
+    F32(Vec<f32>),
+    Bool(Vec<bool>),
+    String(Strings),
+    Array(Vec<Array>),
+    U64(Vec<u64>),
+    I64(Vec<i64>),
+    F64(Vec<f64>),
+}
+
+/// Applies `$body` to the vector of every numeric variant of an [`Array`].
+macro_rules! numeric {
+    ($a:expr, $v:ident => $body:expr, $other:pat => $rest:expr) => {
+        match $a {
+            Array::U8($v) => $body,
+            Array::I8($v) => $body,
+            Array::U16($v) => $body,
+            Array::I16($v) => $body,
+            Array::U32($v) => $body,
+            Array::I32($v) => $body,
+            Array::U64($v) => $body,
+            Array::I64($v) => $body,
+            Array::F32($v) => $body,
+            Array::F64($v) => $body,
+            $other => $rest,
+        }
+    };
+}
+
+impl Array {
+    /// An empty array of elements of type `t`.
+    pub fn empty(t: ValueType) -> Array {
+        use ValueType as T;
+        match t {
+            T::U8 => Array::U8(Vec::new()),
+            T::I8 => Array::I8(Vec::new()),
+            T::U16 => Array::U16(Vec::new()),
+            T::I16 => Array::I16(Vec::new()),
+            T::U32 => Array::U32(Vec::new()),
+            T::I32 => Array::I32(Vec::new()),
+            T::F32 => Array::F32(Vec::new()),
+            T::Bool => Array::Bool(Vec::new()),
+            T::String => Array::String(Strings::default()),
+            T::Array => Array::Array(Vec::new()),
+            T::U64 => Array::U64(Vec::new()),
+            T::I64 => Array::I64(Vec::new()),
+            T::F64 => Array::F64(Vec::new()),
+        }
+    }
+
+    pub fn elem_type(&self) -> ValueType {
+        match self {
+            Array::U8(_) => ValueType::U8,
+            Array::I8(_) => ValueType::I8,
+            Array::U16(_) => ValueType::U16,
+            Array::I16(_) => ValueType::I16,
+            Array::U32(_) => ValueType::U32,
+            Array::I32(_) => ValueType::I32,
+            Array::F32(_) => ValueType::F32,
+            Array::Bool(_) => ValueType::Bool,
+            Array::String(_) => ValueType::String,
+            Array::Array(_) => ValueType::Array,
+            Array::U64(_) => ValueType::U64,
+            Array::I64(_) => ValueType::I64,
+            Array::F64(_) => ValueType::F64,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        numeric!(self, v => v.len(), other => match other {
+            Array::Bool(v) => v.len(),
+            Array::String(v) => v.len(),
+            Array::Array(v) => v.len(),
+            _ => unreachable!("numeric variants are matched above"),
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Element `i` of an integer array (any width), losslessly.
+    pub fn integer(&self, i: usize) -> Option<i128> {
+        match self {
+            Array::F32(_) | Array::F64(_) => None,
+            a => numeric!(a, v => v.get(i).map(|&x| x as i128), _ => None),
+        }
+    }
+
+    /// Element `i` of a numeric array as f64.
+    // One cast for every element type, f64's own included.
+    #[allow(clippy::unnecessary_cast)]
+    pub fn float(&self, i: usize) -> Option<f64> {
+        numeric!(self, v => v.get(i).map(|&x| x as f64), _ => None)
+    }
+
+    /// The elements of a string array.
+    pub fn strings(&self) -> Option<&Strings> {
+        match self {
+            Array::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The elements of a boolean array.
+    pub fn bools(&self) -> Option<&[bool]> {
+        match self {
+            Array::Bool(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    /// The elements of an array of arrays.
+    pub fn arrays(&self) -> Option<&[Array]> {
+        match self {
+            Array::Array(a) => Some(a),
+            _ => None,
+        }
+    }
+}
+
+/// The elements of a string array in one buffer, with where each ends.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Strings {
+    text: String,
+    ends: Vec<usize>,
+}
+
+impl Strings {
+    pub fn with_capacity(count: usize) -> Strings {
+        Strings {
+            text: String::new(),
+            ends: Vec::with_capacity(count),
+        }
+    }
+
+    pub fn push(&mut self, s: &str) {
+        self.text.push_str(s);
+        self.ends.push(self.text.len());
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    pub fn get(&self, i: usize) -> Option<&str> {
+        let end = *self.ends.get(i)?;
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        Some(&self.text[start..end])
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        (0..self.len()).filter_map(|i| self.get(i))
+    }
+}
+
+impl<S: AsRef<str>> FromIterator<S> for Strings {
+    fn from_iter<I: IntoIterator<Item = S>>(items: I) -> Strings {
+        let mut s = Strings::default();
+        for x in items {
+            s.push(x.as_ref());
+        }
+        s
     }
 }
 

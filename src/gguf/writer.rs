@@ -8,7 +8,7 @@ use std::path::Path;
 use byteorder::{LittleEndian, WriteBytesExt};
 use ggrun_quants::GgmlType;
 
-use super::value::{Value, ValueType};
+use super::value::{Array, Value};
 use super::DEFAULT_ALIGNMENT;
 
 /// Bytes produced when the file is written (large generated tensors are never all in memory).
@@ -54,16 +54,46 @@ fn put_value(out: &mut Vec<u8>, v: &Value) {
         Value::F32(x) => out.write_f32::<LittleEndian>(*x).unwrap(),
         Value::Bool(x) => out.push(*x as u8),
         Value::String(s) => put_str(out, s),
-        Value::Array(t, items) => {
-            out.write_u32::<LittleEndian>(*t as u32).unwrap();
-            out.write_u64::<LittleEndian>(items.len() as u64).unwrap();
-            for i in items {
-                put_value(out, i);
-            }
-        }
+        Value::Array(a) => put_array(out, a),
         Value::U64(x) => out.write_u64::<LittleEndian>(*x).unwrap(),
         Value::I64(x) => out.write_i64::<LittleEndian>(*x).unwrap(),
         Value::F64(x) => out.write_f64::<LittleEndian>(*x).unwrap(),
+    }
+}
+
+fn put_array(out: &mut Vec<u8>, a: &Array) {
+    out.write_u32::<LittleEndian>(a.elem_type() as u32).unwrap();
+    out.write_u64::<LittleEndian>(a.len() as u64).unwrap();
+    match a {
+        Array::U8(v) => out.extend_from_slice(v),
+        Array::I8(v) => out.extend(v.iter().map(|&x| x as u8)),
+        Array::U16(v) => v
+            .iter()
+            .for_each(|&x| out.write_u16::<LittleEndian>(x).unwrap()),
+        Array::I16(v) => v
+            .iter()
+            .for_each(|&x| out.write_i16::<LittleEndian>(x).unwrap()),
+        Array::U32(v) => v
+            .iter()
+            .for_each(|&x| out.write_u32::<LittleEndian>(x).unwrap()),
+        Array::I32(v) => v
+            .iter()
+            .for_each(|&x| out.write_i32::<LittleEndian>(x).unwrap()),
+        Array::F32(v) => v
+            .iter()
+            .for_each(|&x| out.write_f32::<LittleEndian>(x).unwrap()),
+        Array::U64(v) => v
+            .iter()
+            .for_each(|&x| out.write_u64::<LittleEndian>(x).unwrap()),
+        Array::I64(v) => v
+            .iter()
+            .for_each(|&x| out.write_i64::<LittleEndian>(x).unwrap()),
+        Array::F64(v) => v
+            .iter()
+            .for_each(|&x| out.write_f64::<LittleEndian>(x).unwrap()),
+        Array::Bool(v) => out.extend(v.iter().map(|&x| x as u8)),
+        Array::String(v) => v.iter().for_each(|s| put_str(out, s)),
+        Array::Array(v) => v.iter().for_each(|a| put_array(out, a)),
     }
 }
 
@@ -179,27 +209,15 @@ impl Value {
         Value::String(s.to_string())
     }
     pub fn strs<S: AsRef<str>>(items: &[S]) -> Value {
-        Value::Array(
-            ValueType::String,
-            items.iter().map(|s| Value::str(s.as_ref())).collect(),
-        )
+        Value::Array(Array::String(items.iter().collect()))
     }
     pub fn u32s(items: &[u32]) -> Value {
-        Value::Array(
-            ValueType::U32,
-            items.iter().map(|&x| Value::U32(x)).collect(),
-        )
+        Value::Array(Array::U32(items.to_vec()))
     }
     pub fn i32s(items: &[i32]) -> Value {
-        Value::Array(
-            ValueType::I32,
-            items.iter().map(|&x| Value::I32(x)).collect(),
-        )
+        Value::Array(Array::I32(items.to_vec()))
     }
     pub fn f32s(items: &[f32]) -> Value {
-        Value::Array(
-            ValueType::F32,
-            items.iter().map(|&x| Value::F32(x)).collect(),
-        )
+        Value::Array(Array::F32(items.to_vec()))
     }
 }

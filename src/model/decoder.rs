@@ -312,14 +312,15 @@ pub struct Decoder<'a> {
 pub fn swa_layers(md: &Metadata, arch: &str, n_layer: usize, pattern: usize) -> Result<Vec<bool>> {
     use crate::gguf::Value;
     let key = format!("{arch}.attention.sliding_window_pattern");
-    if let Some(Value::Array(_, items)) = md.get(&key) {
+    if let Some(Value::Array(items)) = md.get(&key) {
         if items.len() != n_layer {
             bail!("{key}: {} entries for {n_layer} layers", items.len());
         }
-        return Ok(items
-            .iter()
-            .map(|v| matches!(v, Value::Bool(true)))
-            .collect());
+        // Booleans as llama.cpp reads them; any other element type windows no layer.
+        return Ok(match items.bools() {
+            Some(b) => b.to_vec(),
+            None => vec![false; n_layer],
+        });
     }
     let n = md.get_usize(&key).unwrap_or(pattern);
     Ok((0..n_layer).map(|i| n == 0 || i % n < n - 1).collect())

@@ -10,7 +10,7 @@ use anyhow::{bail, Result};
 use ggrun_quants::GgmlType;
 
 use super::{add_rows, byte_alphabet, Init};
-use crate::gguf::{GgufWriter, Value, ValueType};
+use crate::gguf::{GgufWriter, Value};
 
 /// The tiny decoder architectures the generator writes.
 pub const ARCHS: [&str; 5] = ["qwen2", "qwen3", "qwen3moe", "gemma3", "gpt-oss"];
@@ -352,10 +352,7 @@ fn vocabulary(w: &mut GgufWriter, arch: &str) {
         .kv("tokenizer.ggml.pre", Value::str(pre))
         .kv("tokenizer.ggml.tokens", Value::strs(&tokens))
         .kv("tokenizer.ggml.token_type", Value::i32s(&types))
-        .kv(
-            "tokenizer.ggml.merges",
-            Value::Array(ValueType::String, vec![]),
-        )
+        .kv("tokenizer.ggml.merges", Value::strs::<&str>(&[]))
         .kv("tokenizer.ggml.bos_token_id", Value::U32(bos))
         .kv("tokenizer.ggml.eos_token_id", Value::U32(eos))
         .kv("tokenizer.ggml.add_bos_token", Value::Bool(false))

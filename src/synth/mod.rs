@@ -15,7 +15,7 @@ use anyhow::{bail, Result};
 use ggrun_quants::{reference_quantize_fn, GgmlType};
 use rayon::prelude::*;
 
-use crate::gguf::{GgufWriter, Value, ValueType};
+use crate::gguf::{GgufWriter, Value};
 
 pub mod decoder;
 
@@ -390,10 +390,7 @@ pub fn write_nemotron(p: &NemotronPreset, mix: Mix, seed: u64, path: &Path) -> R
         .kv("tokenizer.ggml.pre", Value::str("default"))
         .kv("tokenizer.ggml.tokens", Value::strs(&tokens))
         .kv("tokenizer.ggml.token_type", Value::i32s(&types))
-        .kv(
-            "tokenizer.ggml.merges",
-            Value::Array(ValueType::String, vec![]),
-        )
+        .kv("tokenizer.ggml.merges", Value::strs::<&str>(&[]))
         .kv("tokenizer.ggml.bos_token_id", Value::U32(256))
         .kv("tokenizer.ggml.eos_token_id", Value::U32(257))
         .kv("tokenizer.ggml.add_bos_token", Value::Bool(true));

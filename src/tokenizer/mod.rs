@@ -91,9 +91,8 @@ impl Tokenizer {
             .map(str::to_string)
             .collect();
         let types: Vec<TokenType> = match md.get("tokenizer.ggml.token_type") {
-            Some(Value::Array(_, v)) => v
-                .iter()
-                .map(|x| TokenType::from_i32(x.as_integer().unwrap_or(1) as i64))
+            Some(Value::Array(v)) => (0..v.len())
+                .map(|i| TokenType::from_i32(v.integer(i).unwrap_or(1) as i64))
                 .collect(),
             _ => vec![TokenType::Normal; tokens.len()],
         };
@@ -132,9 +131,9 @@ impl Tokenizer {
             }
             "llama" => {
                 let scores: Vec<f32> = match md.get("tokenizer.ggml.scores") {
-                    Some(Value::Array(_, v)) => {
-                        v.iter().map(|x| x.as_f64().unwrap_or(0.0) as f32).collect()
-                    }
+                    Some(Value::Array(v)) => (0..v.len())
+                        .map(|i| v.float(i).unwrap_or(0.0) as f32)
+                        .collect(),
                     _ => bail!("tokenizer.ggml.scores: missing"),
                 };
                 if scores.len() != tokens.len() {
