@@ -17,7 +17,8 @@ export GGRUN_EXPECT_ISA="${expect#,}"
 echo "expecting SIMD tiers: ${GGRUN_EXPECT_ISA:-none}"
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
-GGRUN_SMOLLM2="$(scripts/fetch-smollm2.sh)" cargo test --workspace 2>&1 | tee -a "$log"
+GGRUN_SMOLLM2="$(scripts/fetch-smollm2.sh)" GGRUN_TEMPLATES="$(scripts/fetch-templates.sh)" \
+  cargo test --workspace 2>&1 | tee -a "$log"
 
 GGRUN_EXPECT_ISA=neon,neon-dotprod cargo test -p ggrun-quants --tests \
   --target aarch64-unknown-linux-gnu 2>&1 | tee -a "$log"

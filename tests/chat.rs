@@ -46,6 +46,60 @@ fn run_json(model: &Path, args: &[&str]) -> serde_json::Value {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
 
+/// The templates of the models agents run, from llama.cpp's source.
+const REAL_TEMPLATES: [&str; 4] = [
+    "NVIDIA-Nemotron-3-Nano-30B-A3B-BF16",
+    "Qwen-Qwen3-0.6B",
+    "Qwen3-Coder",
+    "openai-gpt-oss-120b",
+];
+
+#[test]
+fn a_tool_conversation_reaches_real_templates_as_transformers_passes_it() {
+    // Two turns of calls and results as an OpenAI client sends them (arguments as JSON strings,
+    // null content, text parts, reasoning_content) against jinja2 rendering the same
+    // conversation as Hugging Face's docs write it (arguments as objects, reasoning also as
+    // gpt-oss's `thinking`, empty content): the same bytes.
+    let openai = data().join("templates/tool-conversation.json");
+    let hf = data().join("templates/tool-conversation.hf.json");
+    let tools = data().join("templates/tools.json");
+    for name in REAL_TEMPLATES {
+        let template = common::real_template(name);
+        for think in [None, Some("on"), Some("off")] {
+            let mut ours = common::ggrun();
+            ours.args(["template", "-m"])
+                .arg(nemo())
+                .arg("--chat-template")
+                .arg(&template)
+                .arg("--messages")
+                .arg(&openai);
+            let mut py = Command::new("python3");
+            py.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tools/render_template_py.py"))
+                .arg("--gguf")
+                .arg(nemo())
+                .arg("--template")
+                .arg(&template)
+                .arg("--messages")
+                .arg(&hf);
+            for c in [&mut ours, &mut py] {
+                c.arg("--tools").arg(&tools);
+                if let Some(t) = think {
+                    c.args(["--think", t]);
+                }
+            }
+            let (code, a, err) = output(&mut ours);
+            assert_eq!(code, 0, "{name}: {err}");
+            let (code, b, err) = output(&mut py);
+            assert_eq!(code, 0, "{name}: python: {err}");
+            assert_eq!(a, b, "{name} think={think:?}");
+            // Both calls and both results are in the prompt.
+            for needle in ["Paris", "sunny", "Tōkyō", "rain"] {
+                assert!(a.contains(needle), "{name}: no {needle} in {a}");
+            }
+        }
+    }
+}
+
 #[test]
 fn templates_render_as_python_jinja2_does() {
     let conv = data().join("templates/conversation.json");

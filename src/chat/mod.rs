@@ -1,5 +1,7 @@
-//! Conversations: chat templates (`template`) and the turn logic that keeps a model's state
+//! Conversations: messages and the API shapes they come in (`message`), chat templates
+//! (`template`), and the turn logic that keeps a model's state
 //! across turns so each turn processes only its new tokens (`session`).
 
+pub mod message;
 pub mod session;
 pub mod template;

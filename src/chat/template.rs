@@ -8,8 +8,8 @@ use std::path::Path;
 use anyhow::{anyhow, Result};
 use minijinja::value::Kwargs;
 use minijinja::{Environment, Error, ErrorKind, Value};
-use serde::Serialize;
 
+pub use super::message::Message;
 use crate::gguf::Metadata;
 use crate::tokenizer::Tokenizer;
 
@@ -18,26 +18,6 @@ pub const CHATML: &str = "{%- for message in messages -%}\
 {{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}\
 {%- endfor -%}\
 {%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}";
-
-/// One message of a conversation, as templates see it.
-#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
-pub struct Message {
-    pub role: String,
-    pub content: String,
-    /// An assistant turn's reasoning, kept apart from its answer.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub reasoning_content: Option<String>,
-}
-
-impl Message {
-    pub fn new(role: &str, content: &str) -> Message {
-        Message {
-            role: role.to_string(),
-            content: content.to_string(),
-            reasoning_content: None,
-        }
-    }
-}
 
 /// What a render needs besides the messages.
 #[derive(Clone, Debug, Default)]
@@ -107,6 +87,8 @@ impl ChatTemplate {
             .env
             .get_template(NAME)
             .map_err(|e| describe(&e, &self.origin))?;
+        let messages: Vec<serde_json::Value> =
+            messages.iter().map(Message::template_view).collect();
         let mut ctx = serde_json::json!({
             "messages": messages,
             "add_generation_prompt": opts.add_generation_prompt,

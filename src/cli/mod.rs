@@ -46,8 +46,8 @@ pub enum Command {
         /// A Jinja template file to use instead of the model's.
         #[arg(long = "chat-template", value_name = "FILE")]
         chat_template: Option<PathBuf>,
-        /// The conversation: a JSON array of {"role", "content"[, "reasoning_content"]}
-        /// (default: one user message, "Hello").
+        /// The conversation: a JSON array of messages as the OpenAI or Ollama chat APIs take
+        /// them (tool calls and results included; default: one user message, "Hello").
         #[arg(long, value_name = "FILE")]
         messages: Option<PathBuf>,
         /// Tool definitions: a JSON array, passed to the template as `tools`.
@@ -224,8 +224,8 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
                 serde_json::from_str(&s).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
             };
             let msgs: Vec<Message> = match &messages {
-                Some(p) => serde_json::from_value(read_json(p)?)
-                    .map_err(|e| anyhow::anyhow!("{}: not a list of messages: {e}", p.display()))?,
+                Some(p) => Message::list_from_api(&read_json(p)?, "messages")
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?,
                 None => vec![Message::new("user", "Hello")],
             };
             let opts = RenderOptions {

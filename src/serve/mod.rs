@@ -206,38 +206,6 @@ async fn tags(State(app): State<Arc<App>>) -> Json<Value> {
     }]}))
 }
 
-/// Message content: a string, or OpenAI's list of parts (the text parts are joined).
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Content {
-    Text(String),
-    Parts(Vec<Part>),
-}
-
-#[derive(Deserialize)]
-struct Part {
-    #[serde(default)]
-    text: Option<String>,
-}
-
-impl Content {
-    fn text(self) -> String {
-        match self {
-            Content::Text(s) => s,
-            Content::Parts(p) => p.into_iter().filter_map(|p| p.text).collect(),
-        }
-    }
-}
-
-#[derive(Deserialize)]
-struct InMessage {
-    role: String,
-    #[serde(default)]
-    content: Option<Content>,
-    #[serde(default)]
-    reasoning_content: Option<String>,
-}
-
 /// A stop field: one string or a list.
 #[derive(Deserialize)]
 #[serde(untagged)]
@@ -292,7 +260,8 @@ impl Sampling {
 
 #[derive(Deserialize)]
 struct ChatRequest {
-    messages: Vec<InMessage>,
+    /// Read by [`Message::list_from_api`].
+    messages: Value,
     #[serde(default)]
     stream: bool,
     #[serde(default)]
@@ -332,17 +301,12 @@ fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, Response> {
 
 // axum's Response is the natural error of a handler step (built once per request).
 #[allow(clippy::result_large_err)]
-fn messages(m: Vec<InMessage>) -> Result<Vec<Message>, Response> {
+fn messages(m: &Value) -> Result<Vec<Message>, Response> {
+    let m = Message::list_from_api(m, "messages").map_err(|e| error(StatusCode::BAD_REQUEST, e))?;
     if m.is_empty() {
         return Err(error(StatusCode::BAD_REQUEST, "messages must not be empty"));
     }
-    Ok(m.into_iter()
-        .map(|x| Message {
-            role: x.role,
-            content: x.content.map(Content::text).unwrap_or_default(),
-            reasoning_content: x.reasoning_content,
-        })
-        .collect())
+    Ok(m)
 }
 
 impl ChatRequest {
@@ -467,7 +431,7 @@ async fn chat_completions(State(app): State<Arc<App>>, body: Bytes) -> Response 
         Err(e) => return e,
     };
     let think = req.think();
-    let msgs = match messages(req.messages) {
+    let msgs = match messages(&req.messages) {
         Ok(m) => m,
         Err(e) => return e,
     };
@@ -625,7 +589,7 @@ struct OllamaOptions {
 
 #[derive(Deserialize)]
 struct OllamaChat {
-    messages: Vec<InMessage>,
+    messages: Value,
     #[serde(default)]
     stream: Option<bool>,
     #[serde(default)]
@@ -641,7 +605,7 @@ async fn ollama_chat(State(app): State<Arc<App>>, _headers: HeaderMap, body: Byt
         Ok(r) => r,
         Err(e) => return e,
     };
-    let msgs = match messages(req.messages) {
+    let msgs = match messages(&req.messages) {
         Ok(m) => m,
         Err(e) => return e,
     };

@@ -47,6 +47,21 @@ pub fn smollm2() -> PathBuf {
     p
 }
 
+/// The chat templates of llama.cpp's source (models/templates), fetched by
+/// scripts/fetch-templates.sh (override the directory with GGRUN_TEMPLATES).
+pub fn real_template(name: &str) -> PathBuf {
+    let dir = std::env::var_os("GGRUN_TEMPLATES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/templates"));
+    let p = dir.join(format!("{name}.jinja"));
+    assert!(
+        p.is_file(),
+        "{} missing: run scripts/fetch-templates.sh",
+        p.display()
+    );
+    p
+}
+
 pub fn ggrun() -> std::process::Command {
     let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_ggrun"));
     // A cache of the tests' own: profiles that `ggrun tune` saved for a model in the user's
