@@ -35,10 +35,15 @@ pub struct Session<'m> {
     stale: bool,
 }
 
-/// Tokens of a rendered prompt: BOS added as the metadata asks, special tokens parsed, and one
-/// BOS dropped when the template wrote `bos_token` itself as well.
-pub fn prompt_tokens(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
-    let mut t = tok.encode(text, true)?;
+/// Tokens of a rendered prompt: BOS added as the metadata asks, special tokens parsed where the
+/// template wrote them (`shielded`: message text was escaped by the template's shield and stays
+/// text), and one BOS dropped when the template wrote `bos_token` itself as well.
+pub fn prompt_tokens(tok: &Tokenizer, text: &str, shielded: bool) -> Result<Vec<u32>> {
+    let mut t = if shielded {
+        tok.encode_rendered(text)?
+    } else {
+        tok.encode(text, true)?
+    };
     if t.len() >= 2 && tok.add_bos && Some(t[0]) == tok.bos && t[1] == t[0] {
         t.remove(0);
     }
@@ -125,7 +130,7 @@ impl<'m> Session<'m> {
             Some(t) => t,
             None => {
                 self.engine.reset()?;
-                prompt_tokens(&self.engine.tok, &text)?
+                prompt_tokens(&self.engine.tok, &text, self.template.shield.is_some())?
             }
         };
         let p = GenParams {
@@ -164,7 +169,11 @@ impl<'m> Session<'m> {
         // The new user message is the last occurrence of its text; the answer precedes it.
         let user_at = text.rfind(user.trim()).unwrap_or(text.len());
         let at = text[..user_at].rfind(answer)? + answer.len();
-        Some(self.engine.tok.encode_continuation(&text[at..], true))
+        let tok = &self.engine.tok;
+        Some(match self.template.shield {
+            Some(_) => tok.encode_rendered_continuation(&text[at..]),
+            None => tok.encode_continuation(&text[at..], true),
+        })
     }
 
     /// Forgets the conversation (the system prompt stays).
@@ -217,8 +226,8 @@ mod tests {
         let g = crate::gguf::Model::open(&path).unwrap();
         let tok = Tokenizer::from_metadata(g.metadata()).unwrap();
         assert!(tok.add_bos);
-        let plain = prompt_tokens(&tok, "<|im_start|>user").unwrap();
-        let with_bos = prompt_tokens(&tok, "<s><|im_start|>user").unwrap();
+        let plain = prompt_tokens(&tok, "<|im_start|>user", true).unwrap();
+        let with_bos = prompt_tokens(&tok, "<s><|im_start|>user", true).unwrap();
         assert_eq!(plain, with_bos);
         assert_eq!(plain[0], tok.bos.unwrap());
     }

@@ -11,7 +11,7 @@ use minijinja::{Environment, Error, ErrorKind, Value};
 
 pub use super::message::Message;
 use crate::gguf::Metadata;
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{Shield, Tokenizer};
 
 /// The fallback for models without a template.
 pub const CHATML: &str = "{%- for message in messages -%}\
@@ -35,6 +35,9 @@ pub struct ChatTemplate {
     pub origin: String,
     bos: String,
     eos: String,
+    /// Escapes special-token text in messages so that it reaches the model as text (see
+    /// [`Shield`]); None: such text becomes control tokens (`--parse-message-specials`).
+    pub shield: Option<Shield>,
 }
 
 const NAME: &str = "chat_template";
@@ -60,7 +63,9 @@ impl ChatTemplate {
             id.map(|i| String::from_utf8_lossy(&tok.token_bytes(i, true)).into_owned())
                 .unwrap_or_default()
         };
-        ChatTemplate::new(&source, &origin, &text(tok.bos), &text(tok.eos))
+        let mut t = ChatTemplate::new(&source, &origin, &text(tok.bos), &text(tok.eos))?;
+        t.shield = Some(tok.shield()?);
+        Ok(t)
     }
 
     /// Compiles `source`; `origin` names it in errors.
@@ -79,6 +84,7 @@ impl ChatTemplate {
             origin: origin.to_string(),
             bos: bos.to_string(),
             eos: eos.to_string(),
+            shield: None,
         })
     }
 
@@ -87,8 +93,24 @@ impl ChatTemplate {
             .env
             .get_template(NAME)
             .map_err(|e| describe(&e, &self.origin))?;
-        let messages: Vec<serde_json::Value> =
+        let mut messages: Vec<serde_json::Value> =
             messages.iter().map(Message::template_view).collect();
+        let mut tools = opts.tools.clone();
+        if let Some(shield) = &self.shield {
+            // A model's own answers keep their user-defined tokens (`<think>`, `<tool_call>`);
+            // everything else a client sends is text through and through.
+            for view in messages.iter_mut() {
+                let control_only = view["role"] == "assistant";
+                if let serde_json::Value::Object(o) = view {
+                    for (_, v) in o.iter_mut().filter(|(k, _)| *k != "role") {
+                        shield_strings(v, shield, control_only);
+                    }
+                }
+            }
+            if let Some(t) = &mut tools {
+                shield_strings(t, shield, false);
+            }
+        }
         let mut ctx = serde_json::json!({
             "messages": messages,
             "add_generation_prompt": opts.add_generation_prompt,
@@ -99,10 +121,25 @@ impl ChatTemplate {
         if let Some(t) = opts.enable_thinking {
             ctx["enable_thinking"] = t.into();
         }
-        if let Some(tools) = &opts.tools {
-            ctx["tools"] = tools.clone();
+        if let Some(tools) = tools {
+            ctx["tools"] = tools;
         }
         tmpl.render(ctx).map_err(|e| describe(&e, &self.origin))
+    }
+}
+
+/// Escapes special-token text in every string of `v` (see [`Shield::escape`]).
+fn shield_strings(v: &mut serde_json::Value, shield: &Shield, control_only: bool) {
+    use serde_json::Value as J;
+    match v {
+        J::String(s) => *s = shield.escape(s, control_only),
+        J::Array(a) => a
+            .iter_mut()
+            .for_each(|x| shield_strings(x, shield, control_only)),
+        J::Object(o) => o
+            .values_mut()
+            .for_each(|x| shield_strings(x, shield, control_only)),
+        _ => {}
     }
 }
 

@@ -20,7 +20,6 @@ use reedline::{
 
 use super::common::{self, ModelArgs, OnOff, SamplingArgs, ThinkArgs, GENERATING, INTERRUPTED};
 use crate::chat::session::Session;
-use crate::chat::template::ChatTemplate;
 use crate::generate::{Engine, GenParams, Outcome, Piece, Reasoning, StopReason};
 use crate::gguf::Model;
 
@@ -62,8 +61,7 @@ pub fn run(mut a: ChatArgs, out: &mut dyn Write) -> Result<()> {
     let l = common::load(&g, dev.as_ref(), &a.model)?;
     let mut engine = Engine::new(l.model.as_ref(), l.cpu, l.tok, l.n_ctx)?;
     engine.seq.batch = l.batch;
-    let template =
-        ChatTemplate::for_model(g.metadata(), &engine.tok, a.model.chat_template.as_deref())?;
+    let template = common::chat_template(&g, &engine.tok, &a.model)?;
     let mut session = Session::new(engine, template);
     session.system = a.system.clone();
     session.think = a.think.enable();

@@ -12,6 +12,7 @@ use rayon::prelude::*;
 use crate::backend::cpu::Cpu;
 use crate::backend::cuda::{DeviceWeights, Gpu};
 use crate::backend::placement::{PlacementArgs, Plan};
+use crate::chat::template::ChatTemplate;
 use crate::generate::PREFILL_BATCH;
 use crate::gguf::{Metadata, Model};
 use crate::model::Forward;
@@ -69,6 +70,11 @@ pub struct ModelArgs {
     /// A Jinja chat template file to use instead of the model's.
     #[arg(long = "chat-template", value_name = "FILE")]
     pub chat_template: Option<PathBuf>,
+    /// Read special-token text typed in messages (e.g. `<|im_end|>`) as control tokens, as
+    /// llama.cpp and Ollama do (default: it reaches the model as the text it is, so that no
+    /// message can forge a turn).
+    #[arg(long = "parse-message-specials")]
+    pub parse_message_specials: bool,
     /// No progress bar, no timings on stderr.
     #[arg(short = 'q', long)]
     pub quiet: bool,
@@ -419,6 +425,16 @@ pub fn apply_profile(args: &mut ModelArgs) -> Result<()> {
     };
     crate::profile::apply(&args.model, open, args.no_profile, args.quiet)?;
     Ok(())
+}
+
+/// The chat template `args` ask for (a file, else the model's), shielding messages unless
+/// `--parse-message-specials`.
+pub fn chat_template(g: &Model, tok: &Tokenizer, args: &ModelArgs) -> Result<ChatTemplate> {
+    let mut t = ChatTemplate::for_model(g.metadata(), tok, args.chat_template.as_deref())?;
+    if args.parse_message_specials {
+        t.shield = None;
+    }
+    Ok(t)
 }
 
 /// "N tokens, S s (R tok/s)".

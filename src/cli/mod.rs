@@ -217,7 +217,9 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
         } => {
             let g = Model::open(&model)?;
             let tok = crate::tokenizer::Tokenizer::from_metadata(g.metadata())?;
-            let t = ChatTemplate::for_model(g.metadata(), &tok, chat_template.as_deref())?;
+            let mut t = ChatTemplate::for_model(g.metadata(), &tok, chat_template.as_deref())?;
+            // The prompt as text: message text shows as written, unescaped.
+            t.shield = None;
             let read_json = |p: &PathBuf| -> anyhow::Result<serde_json::Value> {
                 let s = std::fs::read_to_string(p)
                     .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;

@@ -12,7 +12,6 @@ use clap::Args;
 
 use super::common::{self, ModelArgs, SamplingArgs, ThinkArgs, GENERATING, INTERRUPTED};
 use crate::chat::session::{prompt_tokens, Session};
-use crate::chat::template::ChatTemplate;
 use crate::generate::{Engine, GenParams, Piece, Reasoning, StopReason};
 use crate::gguf::Model;
 
@@ -106,14 +105,14 @@ pub fn run(mut a: RunArgs, out: &mut dyn Write) -> Result<()> {
         let t = engine.tok.encode(&user, true)?;
         (t, engine)
     } else {
-        let template =
-            ChatTemplate::for_model(g.metadata(), &engine.tok, a.model.chat_template.as_deref())?;
+        let template = common::chat_template(&g, &engine.tok, &a.model)?;
         let mut s = Session::new(engine, template);
         s.system = a.system.clone();
         s.think = a.think.enable();
         let (text, reasoning) = s.render_turn(&user)?;
         params.reasoning = reasoning;
-        (prompt_tokens(&s.engine.tok, &text)?, s.engine)
+        let shielded = s.template.shield.is_some();
+        (prompt_tokens(&s.engine.tok, &text, shielded)?, s.engine)
     };
     if tokens.len() > n_ctx {
         bail!(

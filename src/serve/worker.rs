@@ -129,7 +129,7 @@ fn serve_jobs(
     let n_ctx = common::planned_context(&g, args.ctx_size);
     let dev = common::device_weights(&g, &args.place, args.quiet, n_ctx)?;
     let l = common::load(&g, dev.as_ref(), args)?;
-    let template = ChatTemplate::for_model(g.metadata(), &l.tok, args.chat_template.as_deref())?;
+    let template = common::chat_template(&g, &l.tok, args)?;
     let name = args
         .model
         .file_name()
@@ -250,7 +250,8 @@ impl Scheduler<'_> {
                     .render(messages, &opts)
                     .map_err(|e| bad(format!("{e:#}")))?;
                 let reasoning = prepare_prompt(&mut text, *think);
-                let t = prompt_tokens(self.tok, &text).map_err(internal)?;
+                let shielded = self.template.shield.is_some();
+                let t = prompt_tokens(self.tok, &text, shielded).map_err(internal)?;
                 (t, reasoning)
             }
             Prompt::Text(s) => (

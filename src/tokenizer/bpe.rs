@@ -68,7 +68,7 @@ pub fn is_known_pre(pre: &str) -> bool {
 }
 
 /// The GPT-2 byte → char alphabet (printable bytes map to themselves, the rest to U+0100 + k).
-fn byte_alphabet() -> [char; 256] {
+pub(crate) fn byte_alphabet() -> [char; 256] {
     let mut map = ['\0'; 256];
     let mut n = 0u32;
     for b in 0..256u32 {
