@@ -575,3 +575,67 @@ fn key_and_tensor_counts_beyond_any_real_file_are_refused() {
         .to_string();
     assert_eq!(e, "1100000 tensors (at most 1048576 are read)");
 }
+
+#[test]
+fn hostile_chat_templates_end_within_five_seconds_with_one_line_errors() {
+    // Each hostile template, and the limit its error must name.
+    let cases = [
+        (
+            "macro fan-out (2^40 calls)",
+            "{% macro f(n) %}{% if n > 0 %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(40) }}",
+            "instructions (--template-fuel)",
+        ),
+        (
+            "nested range(100000) loops",
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+            "instructions (--template-fuel)",
+        ),
+        (
+            "a string doubled 64 times",
+            "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}",
+            "512 MiB of memory (--template-max-memory)",
+        ),
+        (
+            "a gigabyte of output",
+            "{% for i in range(100) %}{{ 'x' * 10000000 }}{% endfor %}",
+            "64 MiB (--template-max-output)",
+        ),
+        (
+            "endless recursion",
+            "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+            "recursion limit",
+        ),
+        ("range(1e9)", "{% for i in range(1000000000) %}{% endfor %}", "range"),
+        ("'x' * 1e11", "{{ 'x' * 100000000000 }}", "too large"),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::fixtures().join("nemo-tiny-q8_0.gguf");
+    for (i, (name, source, want)) in cases.iter().enumerate() {
+        let t = dir.path().join(format!("t{i}.jinja"));
+        std::fs::write(&t, source).unwrap();
+        for cmd in ["template", "run"] {
+            let start = std::time::Instant::now();
+            let out = common::ggrun()
+                .args([cmd, "-m"])
+                .arg(&model)
+                .arg("--chat-template")
+                .arg(&t)
+                .args(if cmd == "run" {
+                    &["-q", "-p", "hi", "-n", "1"][..]
+                } else {
+                    &[]
+                })
+                .output()
+                .unwrap();
+            let secs = start.elapsed().as_secs_f64();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{name} ({cmd}): {err}");
+            assert_eq!(err.lines().count(), 1, "{name} ({cmd}): {err}");
+            assert!(
+                err.contains(want),
+                "{name} ({cmd}): expected {want:?} in {err}"
+            );
+            assert!(secs < 5.0, "{name} ({cmd}): {secs:.1} s");
+        }
+    }
+}

@@ -2,6 +2,7 @@
 //! `--chat-template`, or ChatML when a model has none) rendered with minijinja set up the way
 //! Hugging Face renders them: trim_blocks and lstrip_blocks, Python string and dict methods,
 //! `raise_exception`, `strftime_now`, and a `tojson` that writes what Python's `json.dumps` does.
+//! Renders spend at most [`Limits`]: instructions, output and (in a child process) memory.
 
 use std::path::Path;
 
@@ -38,6 +39,35 @@ pub struct ChatTemplate {
     /// Escapes special-token text in messages so that it reaches the model as text (see
     /// [`Shield`]); None: such text becomes control tokens (`--parse-message-specials`).
     pub shield: Option<Shield>,
+    source: String,
+    limits: Limits,
+}
+
+/// What a render may spend: instructions (minijinja's fuel), output bytes, and, when
+/// `isolate`d in a child process ([`super::sandbox`]), memory. A render past a limit is a
+/// one-line error naming it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Limits {
+    pub fuel: u64,
+    pub max_output: u64,
+    pub max_memory: u64,
+    /// Render in a child process, where the memory limit holds (the CLI and the server do;
+    /// tests of the template logic itself need not).
+    pub isolate: bool,
+}
+
+impl Default for Limits {
+    /// 20 million instructions (0.5-1.5 s; the real templates of Nemotron 3 Nano, Qwen3 and
+    /// Qwen3-Coder spend 0.1 million on 1000 messages and 50 tools, gpt-oss's 1.5 million: it
+    /// grows with the square of the messages), 64 MiB of output, 512 MiB of memory.
+    fn default() -> Limits {
+        Limits {
+            fuel: 20_000_000,
+            max_output: 64 << 20,
+            max_memory: 512 << 20,
+            isolate: false,
+        }
+    }
 }
 
 const NAME: &str = "chat_template";
@@ -70,29 +100,25 @@ impl ChatTemplate {
 
     /// Compiles `source`; `origin` names it in errors.
     pub fn new(source: &str, origin: &str, bos: &str, eos: &str) -> Result<ChatTemplate> {
-        let mut env = Environment::new();
-        env.set_trim_blocks(true);
-        env.set_lstrip_blocks(true);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", raise_exception);
-        env.add_function("strftime_now", strftime_now);
-        env.add_filter("tojson", tojson);
-        env.add_template_owned(NAME, source.to_string())
-            .map_err(|e| describe(&e, origin))?;
+        let limits = Limits::default();
         Ok(ChatTemplate {
-            env,
+            env: environment(source, origin, limits.fuel)?,
             origin: origin.to_string(),
             bos: bos.to_string(),
             eos: eos.to_string(),
             shield: None,
+            source: source.to_string(),
+            limits,
         })
     }
 
+    /// Renders under `limits` from now on.
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.env.set_fuel(Some(limits.fuel));
+        self.limits = limits;
+    }
+
     pub fn render(&self, messages: &[Message], opts: &RenderOptions) -> Result<String> {
-        let tmpl = self
-            .env
-            .get_template(NAME)
-            .map_err(|e| describe(&e, &self.origin))?;
         let mut messages: Vec<serde_json::Value> =
             messages.iter().map(Message::template_view).collect();
         let mut tools = opts.tools.clone();
@@ -124,7 +150,104 @@ impl ChatTemplate {
         if let Some(tools) = tools {
             ctx["tools"] = tools;
         }
-        tmpl.render(ctx).map_err(|e| describe(&e, &self.origin))
+        if self.limits.isolate {
+            return super::sandbox::render(&self.source, &self.origin, &ctx, &self.limits);
+        }
+        render_with(&self.env, &self.origin, ctx, &self.limits)
+    }
+}
+
+/// An environment set up as Hugging Face renders templates, with `source` compiled and
+/// `fuel` instructions to spend per render.
+fn environment(source: &str, origin: &str, fuel: u64) -> Result<Environment<'static>> {
+    let mut env = Environment::new();
+    env.set_trim_blocks(true);
+    env.set_lstrip_blocks(true);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function("raise_exception", raise_exception);
+    env.add_function("strftime_now", strftime_now);
+    env.add_filter("tojson", tojson);
+    env.set_fuel(Some(fuel));
+    env.add_template_owned(NAME, source.to_string())
+        .map_err(|e| describe(&e, origin))?;
+    Ok(env)
+}
+
+/// Compiles and renders `source` with `context` under `limits` (the fuel and output limits; the
+/// caller sees to memory): the sandbox's child does this.
+pub fn render_limited(
+    source: &str,
+    origin: &str,
+    context: serde_json::Value,
+    limits: &Limits,
+) -> Result<String> {
+    let env = environment(source, origin, limits.fuel)?;
+    render_with(&env, origin, context, limits)
+}
+
+/// Renders the compiled template of `env`, stopping at the fuel and output limits.
+fn render_with(
+    env: &Environment<'static>,
+    origin: &str,
+    context: serde_json::Value,
+    limits: &Limits,
+) -> Result<String> {
+    let tmpl = env.get_template(NAME).map_err(|e| describe(&e, origin))?;
+    let mut out = CappedOutput {
+        text: Vec::new(),
+        max: limits.max_output,
+        over: false,
+    };
+    match tmpl.render_captured_to(context, &mut out) {
+        Ok(_) => String::from_utf8(out.text)
+            .map_err(|_| anyhow!("{origin}: the template's output is not UTF-8")),
+        Err(_) if out.over => Err(anyhow!(
+            "{origin}: the template wrote more than {} (--template-max-output)",
+            size_text(limits.max_output)
+        )),
+        Err(e) if e.kind() == ErrorKind::OutOfFuel => Err(anyhow!(
+            "{origin}: the template ran more than {} instructions (--template-fuel)",
+            limits.fuel
+        )),
+        Err(e) => Err(describe(&e, origin)),
+    }
+}
+
+/// "64 MiB" for whole mebibytes, else "N bytes" (limits in messages).
+pub(crate) fn size_text(b: u64) -> String {
+    if b > 0 && b.is_multiple_of(1 << 20) {
+        format!("{} MiB", b >> 20)
+    } else {
+        format!("{b} bytes")
+    }
+}
+
+/// A render's output, refusing to grow past `max` bytes.
+struct CappedOutput {
+    text: Vec<u8>,
+    max: u64,
+    over: bool,
+}
+
+impl std::io::Write for CappedOutput {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if (self.text.len() + b.len()) as u64 > self.max {
+            self.over = true;
+            return Err(std::io::Error::other("the output limit"));
+        }
+        self.text.extend_from_slice(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl ChatTemplate {
+    /// What a render may spend.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
     }
 }
 
@@ -400,6 +523,41 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert_eq!(e, "test template line 3: raised: roles must alternate");
+    }
+
+    #[test]
+    fn renders_stop_at_the_fuel_and_output_limits() {
+        let mut t = ChatTemplate::new(
+            "{% for i in range(n) %}{{ 'abcd' }}{% endfor %}",
+            "t",
+            "",
+            "",
+        )
+        .unwrap();
+        let limits = Limits {
+            fuel: 10_000,
+            max_output: 1000,
+            ..Limits::default()
+        };
+        t.set_limits(limits);
+        let run = |n: usize| render_with(&t.env, "t", serde_json::json!({ "n": n }), &limits);
+        assert_eq!(run(250).unwrap().len(), 1000);
+        let e = run(251).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "t: the template wrote more than 1000 bytes (--template-max-output)"
+        );
+        t.set_limits(Limits {
+            max_output: 1 << 30,
+            ..limits
+        });
+        let e = render_with(&t.env, "t", serde_json::json!({"n": 100_000}), &t.limits)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "t: the template ran more than 10000 instructions (--template-fuel)"
+        );
     }
 
     #[test]

@@ -61,7 +61,7 @@ pub fn run(mut a: ChatArgs, out: &mut dyn Write) -> Result<()> {
     let l = common::load(&g, dev.as_ref(), &a.model)?;
     let mut engine = Engine::new(l.model.as_ref(), l.cpu, l.tok, l.n_ctx)?;
     engine.seq.batch = l.batch;
-    let template = common::chat_template(&g, &engine.tok, &a.model)?;
+    let template = a.model.template.load(g.metadata(), &engine.tok)?;
     let mut session = Session::new(engine, template);
     session.system = a.system.clone();
     session.think = a.think.enable();

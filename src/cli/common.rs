@@ -12,7 +12,7 @@ use rayon::prelude::*;
 use crate::backend::cpu::Cpu;
 use crate::backend::cuda::{DeviceWeights, Gpu};
 use crate::backend::placement::{PlacementArgs, Plan};
-use crate::chat::template::ChatTemplate;
+use crate::chat::template::{ChatTemplate, Limits};
 use crate::generate::PREFILL_BATCH;
 use crate::gguf::{Metadata, Model};
 use crate::model::Forward;
@@ -67,14 +67,8 @@ pub struct ModelArgs {
     /// Exact mode: f32 weights, activations and KV cache (also GGRUN_EXACT=1).
     #[arg(long)]
     pub exact: bool,
-    /// A Jinja chat template file to use instead of the model's.
-    #[arg(long = "chat-template", value_name = "FILE")]
-    pub chat_template: Option<PathBuf>,
-    /// Read special-token text typed in messages (e.g. `<|im_end|>`) as control tokens, as
-    /// llama.cpp and Ollama do (default: it reaches the model as the text it is, so that no
-    /// message can forge a turn).
-    #[arg(long = "parse-message-specials")]
-    pub parse_message_specials: bool,
+    #[command(flatten)]
+    pub template: TemplateFlags,
     /// No progress bar, no timings on stderr.
     #[arg(short = 'q', long)]
     pub quiet: bool,
@@ -84,6 +78,47 @@ pub struct ModelArgs {
     pub no_repack: bool,
     #[command(flatten)]
     pub place: PlacementFlags,
+}
+
+/// Which chat template, how messages reach it, and what a render may spend.
+#[derive(Args, Debug, Clone)]
+pub struct TemplateFlags {
+    /// A Jinja chat template file to use instead of the model's.
+    #[arg(long = "chat-template", value_name = "FILE")]
+    pub chat_template: Option<PathBuf>,
+    /// Read special-token text typed in messages (e.g. `<|im_end|>`) as control tokens, as
+    /// llama.cpp and Ollama do (default: it reaches the model as the text it is, so that no
+    /// message can forge a turn).
+    #[arg(long = "parse-message-specials")]
+    pub parse_message_specials: bool,
+    /// Instructions a chat template may run per render.
+    #[arg(long = "template-fuel", value_name = "N", default_value_t = Limits::default().fuel)]
+    pub fuel: u64,
+    /// Most text a chat template may write per render (e.g. 64MiB).
+    #[arg(long = "template-max-output", value_name = "SIZE", value_parser = parse_size, default_value = "64MiB")]
+    pub max_output: u64,
+    /// Most memory a chat template may use per render (e.g. 512MiB; enforced on Linux, where
+    /// templates render in a child process).
+    #[arg(long = "template-max-memory", value_name = "SIZE", value_parser = parse_size, default_value = "512MiB")]
+    pub max_memory: u64,
+}
+
+impl TemplateFlags {
+    /// The template these flags ask for (a file, else the model's), rendered in a child
+    /// process under their limits, shielding messages unless `--parse-message-specials`.
+    pub fn load(&self, md: &Metadata, tok: &Tokenizer) -> Result<ChatTemplate> {
+        let mut t = ChatTemplate::for_model(md, tok, self.chat_template.as_deref())?;
+        if self.parse_message_specials {
+            t.shield = None;
+        }
+        t.set_limits(Limits {
+            fuel: self.fuel,
+            max_output: self.max_output,
+            max_memory: self.max_memory,
+            isolate: true,
+        });
+        Ok(t)
+    }
 }
 
 /// Where weights go when a CUDA GPU is present (llama.cpp's flags, and a VRAM budget).
@@ -425,16 +460,6 @@ pub fn apply_profile(args: &mut ModelArgs) -> Result<()> {
     };
     crate::profile::apply(&args.model, open, args.no_profile, args.quiet)?;
     Ok(())
-}
-
-/// The chat template `args` ask for (a file, else the model's), shielding messages unless
-/// `--parse-message-specials`.
-pub fn chat_template(g: &Model, tok: &Tokenizer, args: &ModelArgs) -> Result<ChatTemplate> {
-    let mut t = ChatTemplate::for_model(g.metadata(), tok, args.chat_template.as_deref())?;
-    if args.parse_message_specials {
-        t.shield = None;
-    }
-    Ok(t)
 }
 
 /// "N tokens, S s (R tok/s)".

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use crate::backend::cpu::{Cpu, Precision};
-use crate::chat::template::{ChatTemplate, Message, RenderOptions};
+use crate::chat::template::{Message, RenderOptions};
 use crate::gguf::Model;
 use crate::info::ModelInfo;
 use crate::routing::RoutingWindow;
@@ -43,9 +43,8 @@ pub enum Command {
     Template {
         #[arg(short = 'm', long = "model")]
         model: PathBuf,
-        /// A Jinja template file to use instead of the model's.
-        #[arg(long = "chat-template", value_name = "FILE")]
-        chat_template: Option<PathBuf>,
+        #[command(flatten)]
+        template: common::TemplateFlags,
         /// The conversation: a JSON array of messages as the OpenAI or Ollama chat APIs take
         /// them (tool calls and results included; default: one user message, "Hello").
         #[arg(long, value_name = "FILE")]
@@ -133,6 +132,10 @@ pub enum Command {
         #[arg(long, default_value_t = 1024)]
         routing_window: u64,
     },
+    /// Render a chat template for another ggrun process (the sandbox's child: a job in JSON on
+    /// stdin, the prompt on stdout).
+    #[command(name = "render-template", hide = true)]
+    RenderTemplate,
     /// Write a synthetic model with random weights (Nemotron 3 Nano's real widths).
     #[command(name = "gen-model", hide = true)]
     GenModel {
@@ -209,7 +212,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
         Command::Chat(a) => chat::run(a, out)?,
         Command::Template {
             model,
-            chat_template,
+            template,
             messages,
             tools,
             think,
@@ -217,7 +220,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
         } => {
             let g = Model::open(&model)?;
             let tok = crate::tokenizer::Tokenizer::from_metadata(g.metadata())?;
-            let mut t = ChatTemplate::for_model(g.metadata(), &tok, chat_template.as_deref())?;
+            let mut t = template.load(g.metadata(), &tok)?;
             // The prompt as text: message text shows as written, unescaped.
             t.shield = None;
             let read_json = |p: &PathBuf| -> anyhow::Result<serde_json::Value> {
@@ -483,6 +486,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             }
             Err(e) => writeln!(out, "no GPU: {e:#}")?,
         },
+        Command::RenderTemplate => crate::chat::sandbox::serve_child()?,
         Command::Cpu => {
             let sel = ggrun_quants::isa::selection();
             let tiers: Vec<_> = ggrun_quants::Isa::available()

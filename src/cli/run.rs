@@ -105,7 +105,7 @@ pub fn run(mut a: RunArgs, out: &mut dyn Write) -> Result<()> {
         let t = engine.tok.encode(&user, true)?;
         (t, engine)
     } else {
-        let template = common::chat_template(&g, &engine.tok, &a.model)?;
+        let template = a.model.template.load(g.metadata(), &engine.tok)?;
         let mut s = Session::new(engine, template);
         s.system = a.system.clone();
         s.think = a.think.enable();

@@ -129,7 +129,7 @@ fn serve_jobs(
     let n_ctx = common::planned_context(&g, args.ctx_size);
     let dev = common::device_weights(&g, &args.place, args.quiet, n_ctx)?;
     let l = common::load(&g, dev.as_ref(), args)?;
-    let template = common::chat_template(&g, &l.tok, args)?;
+    let template = args.template.load(g.metadata(), &l.tok)?;
     let name = args
         .model
         .file_name()
