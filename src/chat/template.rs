@@ -118,11 +118,27 @@ impl ChatTemplate {
         self.limits = limits;
     }
 
+    /// The prompt for `messages`, their text [`Shield`]ed when the template has a shield (read it
+    /// with [`Tokenizer::encode_rendered`]).
     pub fn render(&self, messages: &[Message], opts: &RenderOptions) -> Result<String> {
+        self.render_shielded(messages, opts, self.shield.as_ref())
+    }
+
+    /// The prompt for `messages` as text, to be read by people (message text as written).
+    pub fn render_text(&self, messages: &[Message], opts: &RenderOptions) -> Result<String> {
+        self.render_shielded(messages, opts, None)
+    }
+
+    fn render_shielded(
+        &self,
+        messages: &[Message],
+        opts: &RenderOptions,
+        shield: Option<&Shield>,
+    ) -> Result<String> {
         let mut messages: Vec<serde_json::Value> =
             messages.iter().map(Message::template_view).collect();
         let mut tools = opts.tools.clone();
-        if let Some(shield) = &self.shield {
+        if let Some(shield) = shield {
             // A model's own answers keep their user-defined tokens (`<think>`, `<tool_call>`);
             // everything else a client sends is text through and through.
             for view in messages.iter_mut() {

@@ -220,9 +220,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
         } => {
             let g = Model::open(&model)?;
             let tok = crate::tokenizer::Tokenizer::from_metadata(g.metadata())?;
-            let mut t = template.load(g.metadata(), &tok)?;
-            // The prompt as text: message text shows as written, unescaped.
-            t.shield = None;
+            let t = template.load(g.metadata(), &tok)?;
             let read_json = |p: &PathBuf| -> anyhow::Result<serde_json::Value> {
                 let s = std::fs::read_to_string(p)
                     .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
@@ -238,7 +236,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
                 enable_thinking: think.map(|t| t == common::OnOff::On),
                 tools: tools.as_ref().map(read_json).transpose()?,
             };
-            write!(out, "{}", t.render(&msgs, &opts)?)?;
+            write!(out, "{}", t.render_text(&msgs, &opts)?)?;
         }
         Command::Info { model, json, place } => {
             let m = Model::open(&model)?;

@@ -28,7 +28,7 @@ use crate::chat::session::{prepare_prompt, prompt_tokens};
 use crate::chat::template::{ChatTemplate, Message, RenderOptions};
 use crate::cli::common::{self, ModelArgs, SamplingArgs};
 use crate::generate::{Decoder, GenParams, Piece, Reasoning, Sequence, StopReason};
-use crate::gguf::Model;
+use crate::gguf::Model as Gguf;
 use crate::model::{Forward, State};
 use crate::tokenizer::Tokenizer;
 
@@ -49,9 +49,67 @@ pub enum Prompt {
     Text(String),
 }
 
+/// What the handlers share with the worker to prepare prompts themselves (rendering and
+/// tokenizing a long prompt takes time that must not stall the slots' steps).
+pub struct Model {
+    pub info: ModelInfo,
+    pub tok: Tokenizer,
+    pub template: ChatTemplate,
+}
+
+/// A prompt ready for the worker: its tokens and how to read the reply.
+pub struct Prepared {
+    pub tokens: Vec<u32>,
+    pub reasoning: Reasoning,
+}
+
+impl Model {
+    /// Renders (chat) and tokenizes a prompt, and checks that it leaves room in the context.
+    /// Errors are the client's (a 400): a template that refuses the conversation, a prompt
+    /// longer than the context.
+    pub fn prepare(&self, prompt: &Prompt) -> Result<Prepared, String> {
+        let (tokens, reasoning) = match prompt {
+            Prompt::Chat {
+                messages,
+                tools,
+                think,
+            } => {
+                let opts = RenderOptions {
+                    add_generation_prompt: true,
+                    enable_thinking: *think,
+                    tools: tools.clone(),
+                };
+                let mut text = self
+                    .template
+                    .render(messages, &opts)
+                    .map_err(|e| format!("{e:#}"))?;
+                let reasoning = prepare_prompt(&mut text, *think);
+                let shielded = self.template.shield.is_some();
+                let t = prompt_tokens(&self.tok, &text, shielded).map_err(|e| format!("{e:#}"))?;
+                (t, reasoning)
+            }
+            Prompt::Text(s) => (
+                self.tok.encode(s, true).map_err(|e| format!("{e:#}"))?,
+                Reasoning::Verbatim,
+            ),
+        };
+        let n_ctx = self.info.n_ctx;
+        if tokens.is_empty() {
+            return Err("the prompt is empty".into());
+        }
+        if tokens.len() >= n_ctx {
+            return Err(format!(
+                "the prompt is {} tokens but the context holds {n_ctx} (start the server with a larger -c)",
+                tokens.len()
+            ));
+        }
+        Ok(Prepared { tokens, reasoning })
+    }
+}
+
 /// One request for the worker.
 pub struct Job {
-    pub prompt: Prompt,
+    pub prompt: Prepared,
     pub max_tokens: Option<usize>,
     /// Sampling as the request set it (unset fields take the model's defaults).
     pub sampling: SamplingArgs,
@@ -61,9 +119,17 @@ pub struct Job {
 /// What the worker sends back for a job, in order: pieces, then `Done` or `Error`.
 #[derive(Debug)]
 pub enum Event {
-    Piece { reasoning: bool, text: String },
+    /// The job took a slot: generation begins (sent once, first).
+    Started,
+    Piece {
+        reasoning: bool,
+        text: String,
+    },
     Done(Done),
-    Error { status: u16, message: String },
+    Error {
+        status: u16,
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -84,6 +150,7 @@ pub struct ModelInfo {
     pub name: String,
     pub n_ctx: usize,
     pub file_bytes: u64,
+    pub n_vocab: usize,
 }
 
 /// Set on SIGINT/SIGTERM: every job stops after its current token.
@@ -103,10 +170,10 @@ pub struct Slots {
 
 /// Starts the worker thread: loads the model there, then serves `jobs` until the channel
 /// closes. Returns once the model is loaded (or failed to load).
-pub fn spawn(mut args: ModelArgs, slots: Slots, jobs: Receiver<Job>) -> Result<ModelInfo> {
+pub fn spawn(mut args: ModelArgs, slots: Slots, jobs: Receiver<Job>) -> Result<Arc<Model>> {
     common::apply_profile(&mut args)?;
     args.place.sequences = slots.parallel;
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<ModelInfo>>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<Arc<Model>>>();
     std::thread::Builder::new()
         .name("ggrun-serve-worker".into())
         .spawn(move || {
@@ -123,23 +190,29 @@ fn serve_jobs(
     args: &ModelArgs,
     slots: Slots,
     jobs: Receiver<Job>,
-    ready: &Sender<Result<ModelInfo>>,
+    ready: &Sender<Result<Arc<Model>>>,
 ) -> Result<()> {
-    let g = Model::open(&args.model)?;
+    let g = Gguf::open(&args.model)?;
     let n_ctx = common::planned_context(&g, args.ctx_size);
     let dev = common::device_weights(&g, &args.place, args.quiet, n_ctx)?;
     let l = common::load(&g, dev.as_ref(), args)?;
     let template = args.template.load(g.metadata(), &l.tok)?;
+    let tok = l.tok;
     let name = args
         .model
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".into());
-    let info = ModelInfo {
-        name,
-        n_ctx: l.n_ctx,
-        file_bytes: std::fs::metadata(&args.model).map(|m| m.len()).unwrap_or(0),
-    };
+    let shared = Arc::new(Model {
+        info: ModelInfo {
+            name,
+            n_ctx: l.n_ctx,
+            file_bytes: std::fs::metadata(&args.model).map(|m| m.len()).unwrap_or(0),
+            n_vocab: tok.n_vocab(),
+        },
+        tok,
+        template,
+    });
     let model = l.model.as_ref();
     let mut seqs = Vec::with_capacity(slots.parallel);
     for _ in 0..slots.parallel.max(1) {
@@ -151,14 +224,13 @@ fn serve_jobs(
         model,
         batch: l.batch,
         cpu: &l.cpu,
-        tok: &l.tok,
-        template: &template,
+        tok: &shared.tok,
         g: &g,
         slots: seqs,
         active: Vec::new(),
         clock: 0,
     };
-    let _ = ready.send(Ok(info));
+    let _ = ready.send(Ok(shared.clone()));
     loop {
         // Take jobs while a slot is free: wait for one when nothing runs.
         while s.active.len() < s.slots.len() {
@@ -221,8 +293,7 @@ struct Scheduler<'a> {
     batch: usize,
     cpu: &'a Cpu,
     tok: &'a Tokenizer,
-    template: &'a ChatTemplate,
-    g: &'a Model,
+    g: &'a Gguf,
     slots: Vec<Slot>,
     /// In arrival order.
     active: Vec<Active>,
@@ -230,42 +301,15 @@ struct Scheduler<'a> {
 }
 
 impl Scheduler<'_> {
-    /// Renders and checks a job's prompt, picks its slot and resumes the slot's state there.
+    /// Picks a job's slot and resumes the slot's state there.
     fn admit(&mut self, job: Job) -> Result<(), Rejected> {
         let bad = |m: String| Rejected(400, m);
         let internal = |e: anyhow::Error| Rejected(500, format!("{e:#}"));
-        let (tokens, reasoning) = match &job.prompt {
-            Prompt::Chat {
-                messages,
-                tools,
-                think,
-            } => {
-                let opts = RenderOptions {
-                    add_generation_prompt: true,
-                    enable_thinking: *think,
-                    tools: tools.clone(),
-                };
-                let mut text = self
-                    .template
-                    .render(messages, &opts)
-                    .map_err(|e| bad(format!("{e:#}")))?;
-                let reasoning = prepare_prompt(&mut text, *think);
-                let shielded = self.template.shield.is_some();
-                let t = prompt_tokens(self.tok, &text, shielded).map_err(internal)?;
-                (t, reasoning)
-            }
-            Prompt::Text(s) => (
-                self.tok.encode(s, true).map_err(internal)?,
-                Reasoning::Verbatim,
-            ),
-        };
+        let Prepared { tokens, reasoning } = job.prompt;
         let n_ctx = self.slots[0].seq.state.n_ctx;
-        if tokens.is_empty() {
-            return Err(bad("the prompt is empty".into()));
-        }
-        if tokens.len() >= n_ctx {
+        if tokens.is_empty() || tokens.len() >= n_ctx {
             return Err(bad(format!(
-                "the prompt is {} tokens but the context holds {n_ctx} (start the server with a larger -c)",
+                "a prompt of {} tokens does not fit a context of {n_ctx}",
                 tokens.len()
             )));
         }
@@ -324,6 +368,7 @@ impl Scheduler<'_> {
             // Already one token short of the prompt's end: the end-of-prompt snapshot.
             s.seq.snapshot().map_err(internal)?;
         }
+        let _ = job.events.send(Event::Started);
         self.active.push(Active {
             slot,
             events: job.events,
@@ -488,6 +533,8 @@ impl Scheduler<'_> {
         };
         let finish_reason = match o.stop {
             StopReason::Length | StopReason::Context => "length",
+            // Only a shutdown interrupts a server's job.
+            StopReason::Interrupted => "abort",
             _ => "stop",
         };
         let _ = events.send(Event::Done(Done {

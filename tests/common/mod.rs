@@ -1,6 +1,8 @@
 //! Paths to the shared fixtures and fetched models, and small helpers shared by the tests.
 #![allow(dead_code)]
 
+pub mod server;
+
 use std::path::{Path, PathBuf};
 
 use ggrun::backend::cpu::Cpu;

@@ -1,0 +1,334 @@
+//! OpenAI's chat completions and completions (whole or streamed as server-sent events), the
+//! model list, and llama-server's `/apply-template` and `/tokenize`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::StreamExt;
+
+use super::params::Sampling;
+use super::worker::{Done, Event, Prompt};
+use super::{collect, error, has_tools, id, messages, now, parse, split_calls, start, tools, App};
+use crate::chat::template::RenderOptions;
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    /// Read by [`crate::chat::template::Message::list_from_api`].
+    messages: Value,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    tools: Option<Value>,
+    /// "none" turns thinking off; any other effort turns it on.
+    #[serde(default)]
+    reasoning_effort: Option<String>,
+    /// Our own and Ollama's switch.
+    #[serde(default)]
+    think: Option<bool>,
+    #[serde(default)]
+    chat_template_kwargs: Option<Value>,
+    #[serde(flatten)]
+    sampling: Sampling,
+}
+
+impl ChatRequest {
+    fn think(&self) -> Option<bool> {
+        let kw = self
+            .chat_template_kwargs
+            .as_ref()
+            .and_then(|k| k.get("enable_thinking"))
+            .and_then(Value::as_bool);
+        let effort = self.reasoning_effort.as_deref().map(|e| e != "none");
+        self.think.or(kw).or(effort)
+    }
+}
+
+#[derive(Deserialize)]
+struct CompletionRequest {
+    prompt: String,
+    #[serde(default)]
+    stream: bool,
+    #[serde(flatten)]
+    sampling: Sampling,
+}
+
+pub async fn models(State(app): State<Arc<App>>) -> Json<Value> {
+    let info = &app.model.info;
+    Json(json!({
+        "object": "list",
+        "data": [{"id": info.name, "object": "model", "created": 0, "owned_by": "ggrun",
+                  "meta": {"n_ctx": info.n_ctx, "n_vocab": info.n_vocab}}],
+    }))
+}
+
+fn usage(d: &Done) -> Value {
+    json!({
+        "prompt_tokens": d.prompt_tokens,
+        "completion_tokens": d.completion_tokens,
+        "total_tokens": d.prompt_tokens + d.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": d.cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": d.reasoning_tokens},
+        // llama.cpp server's timing fields: the prompt's new tokens and the generated ones.
+        "timings": {
+            "prompt_n": d.prompt_tokens - d.cached_tokens,
+            "prompt_ms": d.prompt_secs * 1e3,
+            "predicted_n": d.completion_tokens,
+            "predicted_ms": d.generate_secs * 1e3,
+        },
+    })
+}
+
+pub async fn chat_completions(State(app): State<Arc<App>>, body: Bytes) -> Response {
+    let req: ChatRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return e,
+    };
+    let think = req.think();
+    let msgs = match messages(&req.messages) {
+        Ok(m) => m,
+        Err(e) => return e,
+    };
+    let with_tools = has_tools(&req.tools);
+    let prompt = Prompt::Chat {
+        messages: msgs,
+        tools: req.tools,
+        think,
+    };
+    let rx = match start(&app, prompt, req.sampling, "").await {
+        Ok(rx) => rx,
+        Err(e) => return e,
+    };
+    let (cid, model, created) = (id("chatcmpl"), app.model.info.name.clone(), now());
+    if !req.stream {
+        return match collect(rx).await {
+            Ok(c) => {
+                let (text, calls) = split_calls(c.text, with_tools);
+                let mut message = json!({"role": "assistant", "content": text});
+                let mut finish = c.done.finish_reason;
+                if !calls.is_empty() {
+                    let v: Vec<Value> = calls
+                        .iter()
+                        .enumerate()
+                        .map(|(i, t)| t.to_openai(i, &cid))
+                        .collect();
+                    message["tool_calls"] = v.into();
+                    if text.is_empty() {
+                        message["content"] = Value::Null;
+                    }
+                    finish = "tool_calls";
+                }
+                if !c.reasoning.is_empty() {
+                    message["reasoning_content"] = c.reasoning.into();
+                }
+                Json(json!({
+                    "id": cid, "object": "chat.completion", "created": created, "model": model,
+                    "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+                    "usage": usage(&c.done),
+                }))
+                .into_response()
+            }
+            Err(e) => e,
+        };
+    }
+    let chunk = move |delta: Value, finish: Option<&str>, usage: Option<Value>| {
+        let mut v = json!({
+            "id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        });
+        if let Some(u) = usage {
+            v["usage"] = u;
+        }
+        SseEvent::default().data(v.to_string())
+    };
+    let first = chunk(json!({"role": "assistant", "content": ""}), None, None);
+    // With tools, answer text is held back from where a call may begin.
+    let mut hold = with_tools.then(tools::Holdback::default);
+    let call_id = id("call");
+    let events = UnboundedReceiverStream::new(rx).filter_map(move |ev| {
+        let e = match ev {
+            Event::Started => return None,
+            Event::Piece {
+                reasoning: true,
+                text,
+            } => chunk(json!({"reasoning_content": text}), None, None),
+            Event::Piece { text, .. } => match &mut hold {
+                Some(h) => chunk(json!({"content": h.push(&text)}), None, None),
+                None => chunk(json!({"content": text}), None, None),
+            },
+            Event::Done(d) => {
+                let mut delta = json!({});
+                let mut finish = d.finish_reason;
+                if let Some(h) = hold.take() {
+                    let (rest, calls) = h.finish();
+                    if !rest.is_empty() {
+                        delta["content"] = rest.into();
+                    }
+                    if !calls.is_empty() {
+                        let v: Vec<Value> = calls
+                            .iter()
+                            .enumerate()
+                            .map(|(i, t)| t.to_openai(i, &call_id))
+                            .collect();
+                        delta["tool_calls"] = v.into();
+                        finish = "tool_calls";
+                    }
+                }
+                chunk(delta, Some(finish), Some(usage(&d)))
+            }
+            Event::Error { message, .. } => SseEvent::default()
+                .data(json!({"error": {"message": message, "type": "server_error"}}).to_string()),
+        };
+        Some(Ok::<_, Infallible>(e))
+    });
+    let stream = tokio_stream::once(Ok(first))
+        .chain(events)
+        .chain(tokio_stream::once(Ok(SseEvent::default().data("[DONE]"))));
+    Sse::new(stream).into_response()
+}
+
+pub async fn completions(State(app): State<Arc<App>>, body: Bytes) -> Response {
+    let req: CompletionRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return e,
+    };
+    if req.prompt.is_empty() {
+        return error(StatusCode::BAD_REQUEST, "prompt must not be empty");
+    }
+    let rx = match start(&app, Prompt::Text(req.prompt), req.sampling, "").await {
+        Ok(rx) => rx,
+        Err(e) => return e,
+    };
+    let (cid, model, created) = (id("cmpl"), app.model.info.name.clone(), now());
+    if !req.stream {
+        return match collect(rx).await {
+            Ok(c) => Json(json!({
+                "id": cid, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": 0, "text": c.text, "finish_reason": c.done.finish_reason}],
+                "usage": usage(&c.done),
+            }))
+            .into_response(),
+            Err(e) => e,
+        };
+    }
+    let events = UnboundedReceiverStream::new(rx).filter_map(move |ev| {
+        let v = match ev {
+            Event::Started => return None,
+            Event::Piece { text, .. } => json!({
+                "id": cid, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": 0, "text": text, "finish_reason": null}],
+            }),
+            Event::Done(d) => json!({
+                "id": cid, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": 0, "text": "", "finish_reason": d.finish_reason}],
+                "usage": usage(&d),
+            }),
+            Event::Error { message, .. } => {
+                json!({"error": {"message": message, "type": "server_error"}})
+            }
+        };
+        Some(Ok::<_, Infallible>(SseEvent::default().data(v.to_string())))
+    });
+    let stream = events.chain(tokio_stream::once(Ok(SseEvent::default().data("[DONE]"))));
+    Sse::new(stream).into_response()
+}
+
+#[derive(Deserialize)]
+struct ApplyTemplate {
+    messages: Value,
+    #[serde(default)]
+    tools: Option<Value>,
+    #[serde(default)]
+    think: Option<bool>,
+    #[serde(default)]
+    chat_template_kwargs: Option<Value>,
+}
+
+/// llama-server's `/apply-template`: the prompt the chat template makes of `messages` (with
+/// the generation prompt), as text, without generating.
+pub async fn apply_template(State(app): State<Arc<App>>, body: Bytes) -> Response {
+    let req: ApplyTemplate = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return e,
+    };
+    let msgs = match messages(&req.messages) {
+        Ok(m) => m,
+        Err(e) => return e,
+    };
+    let think = req.think.or(req
+        .chat_template_kwargs
+        .as_ref()
+        .and_then(|k| k.get("enable_thinking"))
+        .and_then(Value::as_bool));
+    let opts = RenderOptions {
+        add_generation_prompt: true,
+        enable_thinking: think,
+        tools: req.tools,
+    };
+    let model = app.model.clone();
+    match tokio::task::spawn_blocking(move || model.template.render_text(&msgs, &opts)).await {
+        Ok(Ok(prompt)) => Json(json!({ "prompt": prompt })).into_response(),
+        Ok(Err(e)) => error(StatusCode::BAD_REQUEST, format!("{e:#}")),
+        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "rendering failed"),
+    }
+}
+
+#[derive(Deserialize)]
+struct Tokenize {
+    content: String,
+    /// Add BOS/EOS as the model's metadata asks.
+    #[serde(default)]
+    add_special: bool,
+    /// Read special-token text as those tokens.
+    #[serde(default = "yes")]
+    parse_special: bool,
+    /// Ids with their text.
+    #[serde(default)]
+    with_pieces: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// llama-server's `/tokenize`: the ids of `content`.
+pub async fn tokenize(State(app): State<Arc<App>>, body: Bytes) -> Response {
+    let req: Tokenize = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return e,
+    };
+    let model = app.model.clone();
+    let work = move || -> anyhow::Result<Value> {
+        let tok = &model.tok;
+        let ids = if req.add_special {
+            tok.encode(&req.content, req.parse_special)?
+        } else {
+            tok.encode_continuation(&req.content, req.parse_special)
+        };
+        Ok(if req.with_pieces {
+            let v: Vec<Value> = ids
+                .iter()
+                .map(|&i| {
+                    let piece = String::from_utf8_lossy(&tok.token_bytes(i, true)).into_owned();
+                    json!({"id": i, "piece": piece})
+                })
+                .collect();
+            json!({ "tokens": v })
+        } else {
+            json!({ "tokens": ids })
+        })
+    };
+    match tokio::task::spawn_blocking(work).await {
+        Ok(Ok(v)) => Json(v).into_response(),
+        Ok(Err(e)) => error(StatusCode::BAD_REQUEST, format!("{e:#}")),
+        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "tokenizing failed"),
+    }
+}

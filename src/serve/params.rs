@@ -1,0 +1,230 @@
+//! Sampling and limits as requests give them (OpenAI's top-level fields, Ollama's `options`),
+//! checked before anything runs: a value out of its range is a 400 naming the field.
+
+use serde::Deserialize;
+
+use crate::cli::common::SamplingArgs;
+
+/// Most stop strings a request may give, and their longest length (each is searched for in
+/// the held-back answer text at every token).
+const MAX_STOPS: usize = 16;
+const MAX_STOP_LEN: usize = 1024;
+
+/// A stop field: one string or a list.
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Stop {
+    pub fn list(s: Option<Stop>) -> Vec<String> {
+        match s {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s],
+            Some(Stop::Many(v)) => v,
+        }
+    }
+}
+
+/// Sampling and limits shared by the OpenAI request kinds.
+#[derive(Deserialize, Default)]
+pub struct Sampling {
+    pub max_tokens: Option<i64>,
+    pub max_completion_tokens: Option<i64>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f64>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub repeat_penalty: Option<f64>,
+    pub seed: Option<u64>,
+    pub stop: Option<Stop>,
+    /// Choices per request: only 1 is served.
+    pub n: Option<i64>,
+}
+
+/// Ollama's `options` (the ones that mean something here).
+#[derive(Deserialize, Default)]
+pub struct OllamaOptions {
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f64>,
+    pub repeat_penalty: Option<f64>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub seed: Option<u64>,
+    pub num_predict: Option<i64>,
+    pub stop: Option<Vec<String>>,
+}
+
+impl OllamaOptions {
+    /// The same settings under OpenAI's names (`num_predict` below 0: no limit, as in Ollama).
+    pub fn into_sampling(self) -> Sampling {
+        Sampling {
+            max_tokens: self.num_predict.filter(|n| *n >= 0),
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            seed: self.seed,
+            stop: self.stop.map(Stop::Many),
+            ..Default::default()
+        }
+    }
+}
+
+/// `v` must be finite and within `lo..=hi`.
+fn range(field: &str, v: Option<f64>, lo: f64, hi: f64) -> Result<Option<f32>, String> {
+    match v {
+        None => Ok(None),
+        Some(x) if x.is_finite() && (lo..=hi).contains(&x) => Ok(Some(x as f32)),
+        Some(x) if x.abs() >= 1e16 => Err(format!("{field}: {x:e} is out of range ({lo} to {hi})")),
+        Some(x) => Err(format!("{field}: {x} is out of range ({lo} to {hi})")),
+    }
+}
+
+impl Sampling {
+    /// The token limit and sampler flags, or what is wrong with them. `prefix` names where the
+    /// fields are (`options.` for Ollama).
+    pub fn args(self, prefix: &str) -> Result<(Option<usize>, SamplingArgs), String> {
+        let f = |name: &str| format!("{prefix}{name}");
+        let (max_name, max) = match (self.max_completion_tokens, self.max_tokens) {
+            (Some(m), _) => ("max_completion_tokens", Some(m)),
+            (None, m) => ("max_tokens", m),
+        };
+        let max = match max {
+            None => None,
+            Some(m) if m >= 1 => Some(m as usize),
+            Some(m) => return Err(format!("{}: {m} is not a positive number", f(max_name))),
+        };
+        if let Some(n) = self.n.filter(|&n| n != 1) {
+            return Err(format!("{}: {n} choices asked; only 1 is served", f("n")));
+        }
+        let top_k = match self.top_k {
+            None => None,
+            Some(k) if (0..=i32::MAX as i64).contains(&k) => Some(k as usize),
+            Some(k) => {
+                return Err(format!(
+                    "{}: {k} is out of range (0 to {})",
+                    f("top_k"),
+                    i32::MAX
+                ))
+            }
+        };
+        let stop = Stop::list(self.stop);
+        if stop.len() > MAX_STOPS {
+            return Err(format!(
+                "{}: {} strings (at most {MAX_STOPS})",
+                f("stop"),
+                stop.len()
+            ));
+        }
+        if let Some(s) = stop.iter().find(|s| s.len() > MAX_STOP_LEN) {
+            return Err(format!(
+                "{}: a string of {} bytes (at most {MAX_STOP_LEN})",
+                f("stop"),
+                s.len()
+            ));
+        }
+        let a = SamplingArgs {
+            temp: range(&f("temperature"), self.temperature, 0.0, 100.0)?,
+            top_k,
+            top_p: range(&f("top_p"), self.top_p, 0.0, 1.0)?,
+            min_p: range(&f("min_p"), self.min_p, 0.0, 1.0)?,
+            repeat_penalty: range(&f("repeat_penalty"), self.repeat_penalty, 0.01, 100.0)?
+                .unwrap_or(1.0),
+            presence_penalty: range(&f("presence_penalty"), self.presence_penalty, -2.0, 2.0)?
+                .unwrap_or(0.0),
+            frequency_penalty: range(&f("frequency_penalty"), self.frequency_penalty, -2.0, 2.0)?
+                .unwrap_or(0.0),
+            repeat_last_n: 64,
+            seed: self.seed,
+            stop,
+        };
+        Ok((max, a))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(json: &str) -> Result<(Option<usize>, SamplingArgs), String> {
+        serde_json::from_str::<Sampling>(json).unwrap().args("")
+    }
+
+    #[test]
+    fn every_bad_value_is_named() {
+        let cases = [
+            (
+                r#"{"temperature": -1}"#,
+                "temperature: -1 is out of range (0 to 100)",
+            ),
+            (
+                r#"{"temperature": 1e39}"#,
+                "temperature: 1e39 is out of range (0 to 100)",
+            ),
+            (r#"{"top_p": 5}"#, "top_p: 5 is out of range (0 to 1)"),
+            (r#"{"min_p": -5}"#, "min_p: -5 is out of range (0 to 1)"),
+            (
+                r#"{"top_k": 1000000000000000000}"#,
+                "top_k: 1000000000000000000 is out of range (0 to 2147483647)",
+            ),
+            (
+                r#"{"presence_penalty": 3}"#,
+                "presence_penalty: 3 is out of range (-2 to 2)",
+            ),
+            (
+                r#"{"frequency_penalty": -9}"#,
+                "frequency_penalty: -9 is out of range (-2 to 2)",
+            ),
+            (
+                r#"{"repeat_penalty": 0}"#,
+                "repeat_penalty: 0 is out of range (0.01 to 100)",
+            ),
+            (
+                r#"{"max_tokens": 0}"#,
+                "max_tokens: 0 is not a positive number",
+            ),
+            (
+                r#"{"max_completion_tokens": -3}"#,
+                "max_completion_tokens: -3 is not a positive number",
+            ),
+            (r#"{"n": 2}"#, "n: 2 choices asked; only 1 is served"),
+        ];
+        for (json, want) in cases {
+            assert_eq!(check(json).err().as_deref(), Some(want), "{json}");
+        }
+        let many = format!(r#"{{"stop": {:?}}}"#, vec!["x"; 17]);
+        assert_eq!(check(&many).unwrap_err(), "stop: 17 strings (at most 16)");
+        let o: OllamaOptions = serde_json::from_str(r#"{"top_p": 2}"#).unwrap();
+        assert_eq!(
+            o.into_sampling().args("options.").unwrap_err(),
+            "options.top_p: 2 is out of range (0 to 1)"
+        );
+    }
+
+    #[test]
+    fn good_values_pass_through() {
+        let (max, a) = check(
+            r#"{"max_tokens": 9, "temperature": 0, "top_p": 1, "top_k": 0, "min_p": 0.1,
+                "seed": 5, "stop": "x", "n": 1}"#,
+        )
+        .unwrap();
+        assert_eq!(max, Some(9));
+        assert_eq!(
+            (a.temp, a.top_p, a.top_k, a.seed),
+            (Some(0.0), Some(1.0), Some(0), Some(5))
+        );
+        assert_eq!(a.stop, ["x"]);
+        let o: OllamaOptions = serde_json::from_str(r#"{"num_predict": -1}"#).unwrap();
+        assert_eq!(o.into_sampling().args("options.").unwrap().0, None);
+    }
+}
