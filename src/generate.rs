@@ -376,9 +376,12 @@ impl<'m> Engine<'m> {
     ) -> Result<Outcome> {
         let (mut dec, prompt) = Decoder::new(&self.tok, p, prompt, Box::new(on_piece))?;
         let t0 = Instant::now();
+        let before = self.seq.consumed.len();
         let first = self
             .seq
             .feed(self.model, &self.cpu, &prompt, true, interrupt)?;
+        // An interrupt may cut the prompt short: count what was read.
+        let prompt_read = self.seq.consumed.len() - before;
         if first.is_some() {
             self.seq.snapshot()?;
         }
@@ -402,7 +405,7 @@ impl<'m> Engine<'m> {
                 }
             }
         };
-        dec.finish(stop, prompt.len(), prompt_secs)
+        dec.finish(stop, prompt_read, prompt_secs)
     }
 }
 
@@ -490,6 +493,12 @@ impl<'a> Decoder<'a> {
         let (pos, n_ctx) = (seq.state.pos, seq.state.n_ctx);
         if pos >= n_ctx {
             return stop(StopReason::Context);
+        }
+        if logits.iter().any(|x| x.is_nan()) {
+            bail!(
+                "the model computed NaN logits after {} tokens (a corrupt or badly quantized weight?)",
+                seq.consumed.len()
+            );
         }
         let t = self.sampler.sample(logits, &seq.consumed);
         if tok.is_eog(t) {

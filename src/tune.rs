@@ -182,7 +182,7 @@ pub fn run(a: TuneArgs, out: &mut dyn Write) -> Result<()> {
     let n_prompt = a.n_prompt.clamp(1, n_ctx.saturating_sub(1).max(1));
     let prompt: Vec<u32> = calib.iter().cycle().take(n_prompt).copied().collect();
     let physical = num_cpus::get_physical().max(1);
-    let ram_free = common::available_memory();
+    let ram_free = crate::backend::cpu::available_memory();
     let gpu = match Gpu::open(0) {
         Ok(gpu) => Some(gpu),
         Err(e) => {
@@ -646,7 +646,10 @@ fn measure(
         }
     };
     row.ram = cpu_bytes;
-    let cpu = Cpu::new(c.threads, Precision::Normal)?;
+    let cpu = Cpu::new(
+        crate::cli::common::threads(c.threads, true),
+        Precision::Normal,
+    )?;
     let r = (|| -> Result<(f64, f64)> {
         let mut st = m.new_state(n_ctx, cpu.precision)?;
         // Warm-up: a short prompt and a few tokens (kernels, caches, page-locking).

@@ -706,3 +706,42 @@ fn turn_markers_typed_in_a_message_reach_the_model_as_text() {
     assert_eq!(count(&[]), ids.len());
     assert_eq!(count(&["--parse-message-specials"]), old.len());
 }
+
+#[test]
+fn a_run_interrupted_in_its_prompt_reports_what_it_read() {
+    // A prompt of some 6000 tokens read in batches of 256: Ctrl-C lands between batches.
+    let prompt = "The quick brown fox jumps over the lazy dog. ".repeat(600);
+    let child = common::ggrun()
+        .args([
+            "run", "--temp", "0", "-c", "8192", "-b", "256", "-n", "1", "-p", &prompt,
+        ])
+        .arg("-m")
+        .arg(common::smollm2())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("prompt: "))
+        .unwrap_or_else(|| panic!("{err}"));
+    let read: usize = line["prompt: ".len()..]
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        read > 0 && read < 6000 && read.is_multiple_of(256),
+        "{line}"
+    );
+}

@@ -639,3 +639,149 @@ fn hostile_chat_templates_end_within_five_seconds_with_one_line_errors() {
         }
     }
 }
+
+/// Runs `ggrun ARGS` to completion: (exit status, stderr).
+fn ggrun_err(args: &[&std::ffi::OsStr]) -> (Option<i32>, String) {
+    let out = common::ggrun().args(args).output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn oversized_contexts_and_thread_counts_get_one_line_answers() {
+    let m = common::smollm2();
+    let run = |extra: &[&str]| {
+        let mut args: Vec<&std::ffi::OsStr> = vec!["run".as_ref(), "-m".as_ref(), m.as_os_str()];
+        args.extend(["-p", "hi", "-n", "1", "--temp", "0"].map(std::ffi::OsStr::new));
+        args.extend(extra.iter().map(std::ffi::OsStr::new));
+        ggrun_err(&args)
+    };
+    let (code, err) = run(&["-c", "1000000000"]);
+    assert_eq!(code, Some(1), "{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 2, "{err}");
+    assert!(
+        lines[0].starts_with("warning: -c 1000000000 is above the 8192 tokens"),
+        "{err}"
+    );
+    assert!(
+        lines[1].starts_with("error: the KV cache of 1000000000 tokens needs")
+            && lines[1].ends_with("(lower -c/--ctx-size)"),
+        "{err}"
+    );
+    let (code, err) = run(&["-t", "100000"]);
+    assert_eq!(code, Some(0), "{err}");
+    let warning = err.lines().next().unwrap();
+    assert!(
+        warning.starts_with("warning: -t 100000 is more than the ") && warning.contains("; using "),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_directory_or_a_fifo_as_the_model_is_a_one_line_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("pipe.gguf");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    for (path, want) in [
+        (dir.path().to_path_buf(), "a directory, not a GGUF file"),
+        (fifo, "not a regular file"),
+    ] {
+        let t0 = std::time::Instant::now();
+        let (code, err) = ggrun_err(&["info".as_ref(), path.as_os_str()]);
+        assert_eq!(code, Some(1), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(want), "{err}");
+        assert!(t0.elapsed() < std::time::Duration::from_secs(5));
+    }
+}
+
+/// A tiny qwen3 model in `dir` with `patch` applied to its bytes.
+fn patched_qwen3(dir: &Path, name: &str, patch: impl Fn(&mut Vec<u8>)) -> std::path::PathBuf {
+    let p = dir.join(format!("{name}.gguf"));
+    ggrun::synth::decoder::write_tiny("qwen3", ggrun::synth::decoder::TinyMix::F32, 1, false, &p)
+        .unwrap();
+    let mut bytes = std::fs::read(&p).unwrap();
+    patch(&mut bytes);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+/// Overwrites the f32 value of metadata key `key` (type id 6 right after the key).
+fn set_meta_f32(bytes: &mut [u8], key: &str, v: f32) {
+    let at = bytes
+        .windows(key.len())
+        .position(|w| w == key.as_bytes())
+        .unwrap_or_else(|| panic!("{key} not in the file"))
+        + key.len();
+    assert_eq!(
+        &bytes[at..at + 4],
+        &6u32.to_le_bytes(),
+        "{key} is not an f32"
+    );
+    bytes[at + 4..at + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+#[test]
+fn nan_or_nonpositive_hyperparameters_fail_to_load_and_nan_logits_stop_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "qwen3.attention.layer_norm_rms_epsilon",
+            f32::NAN,
+            "must be a finite number",
+        ),
+        (
+            "qwen3.attention.layer_norm_rms_epsilon",
+            0.0,
+            "must be above zero",
+        ),
+        ("qwen3.rope.freq_base", f32::NAN, "must be a finite number"),
+        ("qwen3.rope.freq_base", -1.0, "must be above zero"),
+    ];
+    for (i, (key, v, want)) in cases.iter().enumerate() {
+        let p = patched_qwen3(dir.path(), &format!("bad{i}"), |b| set_meta_f32(b, key, *v));
+        let (code, err) = ggrun_err(&[
+            "run".as_ref(),
+            "-m".as_ref(),
+            p.as_os_str(),
+            "-p".as_ref(),
+            "hi".as_ref(),
+            "-q".as_ref(),
+        ]);
+        assert_eq!(code, Some(1), "{key}={v}: {err}");
+        assert_eq!(err.lines().count(), 1, "{key}={v}: {err}");
+        assert!(err.contains(key) && err.contains(want), "{key}={v}: {err}");
+    }
+    // NaN weights: the final norm's, so every logit is NaN.
+    let p = patched_qwen3(dir.path(), "nan-weights", |_| {});
+    let g = ggrun::gguf::parse(&std::fs::read(&p).unwrap(), &p).unwrap();
+    let t = g
+        .tensors
+        .iter()
+        .find(|t| t.name == "output_norm.weight")
+        .unwrap();
+    let at = (g.data_offset + t.offset) as usize;
+    let mut bytes = std::fs::read(&p).unwrap();
+    for f in bytes[at..at + t.size_bytes as usize].chunks_exact_mut(4) {
+        f.copy_from_slice(&f32::NAN.to_le_bytes());
+    }
+    std::fs::write(&p, bytes).unwrap();
+    let (code, err) = ggrun_err(&[
+        "run".as_ref(),
+        "-m".as_ref(),
+        p.as_os_str(),
+        "-p".as_ref(),
+        "hi".as_ref(),
+        "-q".as_ref(),
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("NaN logits"), "{err}");
+}

@@ -22,17 +22,33 @@ pub struct AttnShape {
     pub window: Option<usize>,
 }
 
-/// A fresh cache for `n_ctx` positions.
-pub fn new_cache(shape: &AttnShape, n_ctx: usize, f16: bool) -> LayerState {
+/// Bytes of a cache for `n_ctx` positions (K and V, f32 values).
+pub fn cache_bytes(shape: &AttnShape, n_ctx: usize) -> u64 {
+    2 * (shape.n_head_kv * shape.head_dim) as u64 * n_ctx as u64 * 4
+}
+
+/// A fresh cache for `n_ctx` positions; an error, not an abort, when memory for it cannot be
+/// had (its pages are the OS's zero pages until written).
+pub fn new_cache(shape: &AttnShape, n_ctx: usize, f16: bool) -> Result<LayerState> {
     let row = shape.n_head_kv * shape.head_dim;
-    LayerState::Attention {
-        k: vec![0.0; row * n_ctx],
-        v: vec![0.0; row * n_ctx],
+    let zeros = || -> Result<Vec<f32>> {
+        row.checked_mul(n_ctx)
+            .and_then(|n| bytemuck::allocation::try_zeroed_vec(n).ok())
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "cannot allocate a {:.1} GiB KV cache for {n_ctx} tokens (lower -c/--ctx-size)",
+                    cache_bytes(shape, n_ctx) as f64 / (1u64 << 30) as f64
+                )
+            })
+    };
+    Ok(LayerState::Attention {
+        k: zeros()?,
+        v: zeros()?,
         len: 0,
         row,
         capacity: n_ctx,
         f16,
-    }
+    })
 }
 
 /// [`attend`] for the rows of several sequences in one pass: sequence i owns rows `segs[i]` of

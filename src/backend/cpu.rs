@@ -11,6 +11,30 @@ use rayon::prelude::*;
 use super::cuda::DeviceRows;
 use crate::gguf::TensorView;
 
+/// MemAvailable from /proc/meminfo, in bytes (None where there is no such file).
+pub fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// An error naming `what` and its size when `bytes` of fresh memory exceed what the machine has
+/// available (an allocation the OS would grant lazily and kill us for later).
+pub fn ensure_memory(bytes: u64, what: &str) -> anyhow::Result<()> {
+    if let Some(avail) = available_memory() {
+        if bytes > avail {
+            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+            anyhow::bail!(
+                "{what} needs {:.1} GiB of memory; {:.1} GiB is available",
+                gib(bytes),
+                gib(avail)
+            );
+        }
+    }
+    Ok(())
+}
+
 /// A 2-D weight: `rows` output rows of `cols` inputs each, in any supported type, borrowed from
 /// the model file, with its packed copy (eight-row groups, [`packed`]) where loading made one,
 /// or its copy on the GPU where the placement put it (then the GPU multiplies by it).
@@ -72,7 +96,8 @@ impl<'a> Matrix<'a> {
 /// The packed copy of a weight tensor (rows of its first dimension in groups of eight), when the
 /// active instruction set has a kernel for it and its shape allows: a type with a packed layout,
 /// rows a multiple of 32 elements, and a second dimension (an expert's rows when experts are
-/// stacked) that is a multiple of eight, so that every expert is whole groups.
+/// stacked) that is a multiple of eight, so that every expert is whole groups. None too when
+/// the memory for the copy cannot be had (the file's layout then serves, slower).
 pub fn pack_tensor(t: &TensorView) -> Option<Box<[u8]>> {
     let ty = t.info.ty;
     kernels(ty)?.packed?;
@@ -86,7 +111,9 @@ pub fn pack_tensor(t: &TensorView) -> Option<Box<[u8]>> {
     if t.data.len() != rows * rb {
         return None;
     }
-    let mut out = vec![0u8; rows / packed::ROWS * gb].into_boxed_slice();
+    let mut out = bytemuck::allocation::try_zeroed_vec::<u8>(rows / packed::ROWS * gb)
+        .ok()?
+        .into_boxed_slice();
     out.par_chunks_mut(gb).enumerate().for_each(|(g, o)| {
         let first = g * packed::ROWS;
         let rows = std::array::from_fn(|r| &t.data[(first + r) * rb..(first + r + 1) * rb]);

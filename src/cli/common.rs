@@ -354,7 +354,7 @@ pub fn context_size(asked: usize, n_ctx_train: usize) -> usize {
 /// does not fit in available memory (sparse MoE models then fault in only what they use).
 pub fn prefault(g: &Model, quiet: bool) -> Result<()> {
     let total: u64 = g.parts.iter().map(|p| p.bytes().len() as u64).sum();
-    if available_memory().is_some_and(|m| total > m / 10 * 9) {
+    if crate::backend::cpu::available_memory().is_some_and(|m| total > m / 10 * 9) {
         return Ok(());
     }
     let bar = indicatif::ProgressBar::with_draw_target(
@@ -393,14 +393,6 @@ pub fn prefault(g: &Model, quiet: bool) -> Result<()> {
     Ok(())
 }
 
-/// MemAvailable from /proc/meminfo, in bytes.
-pub fn available_memory() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
 /// What `run` and `chat` need from a model file before generating.
 pub struct Loaded<'g> {
     pub model: Box<dyn Forward + 'g>,
@@ -430,8 +422,15 @@ pub fn load<'g>(
         device,
     };
     let model = crate::model::load_with(g, opts)?;
-    let cpu = Cpu::new(args.threads, precision)?;
-    let n_ctx = context_size(args.ctx_size, model.n_ctx_train());
+    let cpu = Cpu::new(threads(args.threads, args.quiet), precision)?;
+    let trained = model.n_ctx_train();
+    if args.ctx_size > trained && trained > 0 && !args.quiet {
+        eprintln!(
+            "warning: -c {} is above the {trained} tokens this model was trained on; expect worse answers past them",
+            args.ctx_size
+        );
+    }
+    let n_ctx = context_size(args.ctx_size, trained);
     Ok(Loaded {
         model,
         tok,
@@ -439,6 +438,19 @@ pub fn load<'g>(
         n_ctx,
         batch: batch_size(args.batch_size),
     })
+}
+
+/// The threads `asked` for (0: the physical cores), at most the CPUs this process may use
+/// (more only contend for them; said unless `quiet`).
+pub fn threads(asked: usize, quiet: bool) -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if asked > cpus {
+        if !quiet {
+            eprintln!("warning: -t {asked} is more than the {cpus} CPUs available; using {cpus}");
+        }
+        return cpus;
+    }
+    asked
 }
 
 /// The prompt batch `asked` for (0: [`PREFILL_BATCH`]).

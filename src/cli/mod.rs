@@ -288,7 +288,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
                 device: dev.as_ref(),
             };
             let m = crate::model::load_with(&g, opts)?;
-            let cpu = Cpu::new(threads, precision)?;
+            let cpu = Cpu::new(common::threads(threads, false), precision)?;
             if tokens.len() + decode > n_ctx {
                 anyhow::bail!(
                     "{} prompt tokens + {decode} decode steps do not fit in a context of {n_ctx} (raise -c/--ctx-size)",
@@ -350,7 +350,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
                 device: dev.as_ref(),
             };
             let m = crate::model::load_with(&g, opts)?;
-            let cpu = Cpu::new(threads, precision)?;
+            let cpu = Cpu::new(common::threads(threads, false), precision)?;
             let mut window = routing_stats.then(|| RoutingWindow::new(routing_window));
             let bandwidth = || crate::bench::read_bandwidth(&g, &cpu, 2);
             let r = crate::bench::run(
@@ -512,7 +512,7 @@ pub(crate) fn repack(no_repack_flag: bool, precision: Precision, g: &Model) -> b
     if no_repack_flag || precision != Precision::Normal {
         return false;
     }
-    match available_memory() {
+    match crate::backend::cpu::available_memory() {
         Some(avail) if g.file_bytes() + (512 << 20) > avail => {
             eprintln!(
                 "warning: {:.1} GiB available is too little for packed weight copies of this {:.1} GiB model; using the file's layout (slower; --no-repack silences this)",
@@ -523,14 +523,6 @@ pub(crate) fn repack(no_repack_flag: bool, precision: Precision, g: &Model) -> b
         }
         _ => true,
     }
-}
-
-/// MemAvailable from /proc/meminfo, in bytes (None where there is no such file).
-fn available_memory() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
 }
 
 /// Exact precision when asked by flag or by GGRUN_EXACT=1; normal otherwise.

@@ -213,12 +213,42 @@ impl Metadata {
         })
     }
 
-    /// Any float or integer as f32.
+    /// Any float or integer as f32; NaN and infinities are errors (no hyperparameter is one).
     pub fn get_f32(&self, key: &str) -> Result<f32, MetaError> {
         let v = self.require(key)?;
-        v.as_f64()
+        let x = v
+            .as_f64()
             .map(|x| x as f32)
-            .ok_or_else(|| Self::wrong(key, "number", v))
+            .ok_or_else(|| Self::wrong(key, "number", v))?;
+        if !x.is_finite() {
+            return Err(MetaError::OutOfRange {
+                key: key.into(),
+                value: x.to_string(),
+                why: "must be a finite number",
+            });
+        }
+        Ok(x)
+    }
+
+    /// [`Metadata::get_f32`] of a key that may be absent (None); present, it must be valid.
+    pub fn opt_f32(&self, key: &str) -> Result<Option<f32>, MetaError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(_) => self.get_f32(key).map(Some),
+        }
+    }
+
+    /// A finite number above zero (epsilons, RoPE bases).
+    pub fn get_positive_f32(&self, key: &str) -> Result<f32, MetaError> {
+        let x = self.get_f32(key)?;
+        if x <= 0.0 {
+            return Err(MetaError::OutOfRange {
+                key: key.into(),
+                value: x.to_string(),
+                why: "must be above zero",
+            });
+        }
+        Ok(x)
     }
 
     pub fn get_bool(&self, key: &str) -> Result<bool, MetaError> {

@@ -46,6 +46,20 @@ enum Backing {
 impl GgufFile {
     /// Memory-maps and parses `path`.
     pub fn open(path: &Path) -> Result<GgufFile, GgufError> {
+        // Opening a FIFO would wait for a writer, a directory cannot be mapped: say so first.
+        let meta = std::fs::metadata(path).map_err(|e| GgufError::io(path, e))?;
+        if meta.is_dir() {
+            return Err(GgufError::io(
+                path,
+                std::io::Error::other("a directory, not a GGUF file"),
+            ));
+        }
+        if !meta.is_file() {
+            return Err(GgufError::io(
+                path,
+                std::io::Error::other("not a regular file (a pipe or a device?)"),
+            ));
+        }
         let file = File::open(path).map_err(|e| GgufError::io(path, e))?;
         let len = file.metadata().map_err(|e| GgufError::io(path, e))?.len();
         if len == 0 {

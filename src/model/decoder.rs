@@ -371,8 +371,11 @@ impl Hyper {
             n_rot: md
                 .get_usize(&key("rope.dimension_count"))
                 .unwrap_or(head_dim),
-            eps: md.get_f32(&key("attention.layer_norm_rms_epsilon"))?,
-            freq_base: md.get_f32(&key("rope.freq_base")).unwrap_or(10000.0),
+            eps: md.get_positive_f32(&key("attention.layer_norm_rms_epsilon"))?,
+            freq_base: match md.get(&key("rope.freq_base")) {
+                Some(_) => md.get_positive_f32(&key("rope.freq_base"))?,
+                None => 10000.0,
+            },
             n_ctx_train: md.get_usize(&key("context_length")).unwrap_or(4096),
         })
     }
@@ -385,13 +388,13 @@ impl Hyper {
     /// (`rope.scaling.*`) applied as llama.cpp does.
     pub fn rope(&self, t: &Tensors, base: f32, neox: bool) -> Result<Rope> {
         let md = t.gguf.metadata();
-        let f = |k: &str, d: f32| md.get_f32(&self.key(k)).unwrap_or(d);
+        let f = |k: &str, d: f32| -> Result<f32> { Ok(md.opt_f32(&self.key(k))?.unwrap_or(d)) };
         let kind = md
             .get_str(&self.key("rope.scaling.type"))
             .unwrap_or("linear");
         let factor = match md.get(&self.key("rope.scaling.factor")) {
-            Some(_) => f("rope.scaling.factor", 0.0),
-            None => f("rope.scale_linear", 0.0),
+            Some(_) => f("rope.scaling.factor", 0.0)?,
+            None => f("rope.scale_linear", 0.0)?,
         };
         let n_ctx_orig = md
             .get_usize(&self.key("rope.scaling.original_context_length"))
@@ -399,10 +402,10 @@ impl Hyper {
         Rope::plain(self.n_rot, base, neox).scaled(
             kind,
             factor,
-            f("rope.scaling.attn_factor", 1.0),
+            f("rope.scaling.attn_factor", 1.0)?,
             n_ctx_orig,
-            f("rope.scaling.yarn_beta_fast", 32.0),
-            f("rope.scaling.yarn_beta_slow", 1.0),
+            f("rope.scaling.yarn_beta_fast", 32.0)?,
+            f("rope.scaling.yarn_beta_slow", 1.0)?,
         )
     }
 
@@ -498,7 +501,9 @@ impl Hyper {
             let w = t.shaped(&p(name), &[cols as u64, rows as u64, ne as u64])?;
             t.weight(&w, rows * ne, cols)
         };
-        let scale = md.get_f32(&self.key("expert_weights_scale")).unwrap_or(0.0);
+        let scale = md
+            .opt_f32(&self.key("expert_weights_scale"))?
+            .unwrap_or(0.0);
         Ok(FeedForward::Moe(Box::new(Moe {
             router: Linear {
                 w: t.matrix(&p("ffn_gate_inp.weight"), n, ne)?,
@@ -753,11 +758,18 @@ impl Forward for Decoder<'_> {
     }
 
     fn new_state(&self, n_ctx: usize, precision: Precision) -> Result<State> {
+        let bytes = self
+            .layers
+            .iter()
+            .map(|l| attention::cache_bytes(&l.attn.shape, n_ctx))
+            .sum();
+        crate::backend::cpu::ensure_memory(bytes, &format!("the KV cache of {n_ctx} tokens"))
+            .map_err(|e| anyhow::anyhow!("{e} (lower -c/--ctx-size)"))?;
         let layers = self
             .layers
             .iter()
             .map(|l| attention::new_cache(&l.attn.shape, n_ctx, precision == Precision::Normal))
-            .collect();
+            .collect::<Result<_>>()?;
         Ok(State::new(layers, n_ctx))
     }
 

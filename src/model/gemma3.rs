@@ -22,7 +22,10 @@ pub fn load<'a>(t: &Tensors<'a>) -> Result<Decoder<'a>> {
         .ok()
         .filter(|&w| w > 0);
     let swa = h.swa_layers(t, 6)?;
-    let base_swa = md.get_f32(&h.key("rope.freq_base_swa")).unwrap_or(10000.0);
+    let base_swa = match md.get(&h.key("rope.freq_base_swa")) {
+        Some(_) => md.get_positive_f32(&h.key("rope.freq_base_swa"))?,
+        None => 10000.0,
+    };
     // Gemma 3 27B (62 layers) scales by its query_pre_attn_scalar, n_embd / n_head.
     let scale = if h.n_layer == 62 {
         1.0 / ((h.n_embd / h.n_head) as f32).sqrt()
@@ -51,8 +54,7 @@ pub fn load<'a>(t: &Tensors<'a>) -> Result<Decoder<'a>> {
         .collect::<Result<Vec<_>>>()?;
     let mut d = h.decoder(t, layers, Some((h.n_embd as f32).sqrt()))?;
     d.logit_softcap = md
-        .get_f32(&h.key("final_logit_softcapping"))
-        .ok()
+        .opt_f32(&h.key("final_logit_softcapping"))?
         .filter(|&c| c > 0.0);
     Ok(d)
 }

@@ -464,9 +464,15 @@ impl Scheduler<'_> {
                             a.stop = step.stop;
                             end = a.stop.filter(|_| a.pending.is_empty());
                         }
-                        Err(_) => {
-                            // Only the client's going away fails a step.
-                            self.active.remove(i);
+                        Err(e) => {
+                            // The client went away, or the model computed NaN logits.
+                            let a = self.active.remove(i);
+                            if !a.gone.get() {
+                                let _ = a.events.send(Event::Error {
+                                    status: 500,
+                                    message: format!("{e:#}"),
+                                });
+                            }
                             continue;
                         }
                     }

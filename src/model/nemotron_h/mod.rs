@@ -116,9 +116,10 @@ impl<'a> NemotronH<'a> {
             bail!("{}: {n_layer} layers is out of range", key("block_count"));
         }
         let n_embd = md.get_usize(&key("embedding_length"))?;
-        let eps = md
-            .get_f32(&key("attention.layer_norm_rms_epsilon"))
-            .or_else(|_| md.get_f32(&key("attention.layer_norm_epsilon")))?;
+        let eps = match md.get(&key("attention.layer_norm_rms_epsilon")) {
+            Some(_) => md.get_positive_f32(&key("attention.layer_norm_rms_epsilon"))?,
+            None => md.get_positive_f32(&key("attention.layer_norm_epsilon"))?,
+        };
         let n_head = md.get_usize(&key("attention.head_count"))?;
         let n_kv = md.get_per_layer(&key("attention.head_count_kv"), n_layer)?;
         let ff = md.get_per_layer(&key("feed_forward_length"), n_layer)?;
@@ -126,8 +127,7 @@ impl<'a> NemotronH<'a> {
             .get_usize(&key("attention.key_length"))
             .unwrap_or(n_embd / n_head.max(1));
         let scale = md
-            .get_f32(&key("attention.scale"))
-            .ok()
+            .opt_f32(&key("attention.scale"))?
             .filter(|s| *s != 0.0)
             .unwrap_or(1.0 / (head_dim as f32).sqrt());
         let ssm = SsmShape {
@@ -148,7 +148,7 @@ impl<'a> NemotronH<'a> {
         let n_expert = md.get_usize(&key("expert_count")).unwrap_or(0);
         let n_expert_used = md.get_usize(&key("expert_used_count")).unwrap_or(0);
         let weights_norm = md.get_bool(&key("expert_weights_norm")).unwrap_or(false);
-        let weights_scale = md.get_f32(&key("expert_weights_scale")).unwrap_or(1.0);
+        let weights_scale = md.opt_f32(&key("expert_weights_scale"))?.unwrap_or(1.0);
 
         let (embd, output, n_vocab) = t.embedding_and_output(n_embd)?;
         let mut layers = Vec::with_capacity(n_layer);
@@ -515,17 +515,27 @@ impl Forward for NemotronH<'_> {
         if let Some(d) = &self.dev {
             return d.new_state(self, n_ctx);
         }
+        let bytes = self
+            .layers
+            .iter()
+            .map(|l| match &l.block {
+                Block::Attention(Attention { shape, .. }) => attention::cache_bytes(shape, n_ctx),
+                _ => 0,
+            })
+            .sum();
+        crate::backend::cpu::ensure_memory(bytes, &format!("the KV cache of {n_ctx} tokens"))
+            .map_err(|e| anyhow::anyhow!("{e} (lower -c/--ctx-size)"))?;
         let layers = self
             .layers
             .iter()
             .map(|l| match &l.block {
-                Block::Mamba(_) => ssm::new_state(&self.ssm),
+                Block::Mamba(_) => Ok(ssm::new_state(&self.ssm)),
                 Block::Attention(Attention { shape, .. }) => {
                     attention::new_cache(shape, n_ctx, precision == Precision::Normal)
                 }
-                _ => LayerState::None,
+                _ => Ok(LayerState::None),
             })
-            .collect();
+            .collect::<Result<_>>()?;
         Ok(State::new(layers, n_ctx))
     }
 
