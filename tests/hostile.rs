@@ -702,10 +702,10 @@ fn a_directory_or_a_fifo_as_the_model_is_a_one_line_error() {
     }
 }
 
-/// A tiny qwen3 model in `dir` with `patch` applied to its bytes.
-fn patched_qwen3(dir: &Path, name: &str, patch: impl Fn(&mut Vec<u8>)) -> std::path::PathBuf {
+/// A tiny model of `arch` in `dir` with `patch` applied to its bytes.
+fn patched(arch: &str, dir: &Path, name: &str, patch: impl Fn(&mut Vec<u8>)) -> std::path::PathBuf {
     let p = dir.join(format!("{name}.gguf"));
-    ggrun::synth::decoder::write_tiny("qwen3", ggrun::synth::decoder::TinyMix::F32, 1, false, &p)
+    ggrun::synth::decoder::write_tiny(arch, ggrun::synth::decoder::TinyMix::F32, 1, false, &p)
         .unwrap();
     let mut bytes = std::fs::read(&p).unwrap();
     patch(&mut bytes);
@@ -733,20 +733,42 @@ fn nan_or_nonpositive_hyperparameters_fail_to_load_and_nan_logits_stop_generatio
     let dir = tempfile::tempdir().unwrap();
     let cases = [
         (
-            "qwen3.attention.layer_norm_rms_epsilon",
+            "qwen3",
+            "attention.layer_norm_rms_epsilon",
             f32::NAN,
             "must be a finite number",
         ),
         (
-            "qwen3.attention.layer_norm_rms_epsilon",
+            "qwen3",
+            "attention.layer_norm_rms_epsilon",
             0.0,
             "must be above zero",
         ),
-        ("qwen3.rope.freq_base", f32::NAN, "must be a finite number"),
-        ("qwen3.rope.freq_base", -1.0, "must be above zero"),
+        (
+            "qwen3",
+            "rope.freq_base",
+            f32::NAN,
+            "must be a finite number",
+        ),
+        ("qwen3", "rope.freq_base", -1.0, "must be above zero"),
+        (
+            "gemma3",
+            "final_logit_softcapping",
+            -30.0,
+            "must not be negative",
+        ),
+        (
+            "gpt-oss",
+            "rope.scaling.factor",
+            f32::INFINITY,
+            "must be a finite number",
+        ),
     ];
-    for (i, (key, v, want)) in cases.iter().enumerate() {
-        let p = patched_qwen3(dir.path(), &format!("bad{i}"), |b| set_meta_f32(b, key, *v));
+    for (i, (arch, key, v, want)) in cases.iter().enumerate() {
+        let key = format!("{arch}.{key}");
+        let p = patched(arch, dir.path(), &format!("bad{i}"), |b| {
+            set_meta_f32(b, &key, *v)
+        });
         let (code, err) = ggrun_err(&[
             "run".as_ref(),
             "-m".as_ref(),
@@ -757,10 +779,10 @@ fn nan_or_nonpositive_hyperparameters_fail_to_load_and_nan_logits_stop_generatio
         ]);
         assert_eq!(code, Some(1), "{key}={v}: {err}");
         assert_eq!(err.lines().count(), 1, "{key}={v}: {err}");
-        assert!(err.contains(key) && err.contains(want), "{key}={v}: {err}");
+        assert!(err.contains(&key) && err.contains(want), "{key}={v}: {err}");
     }
     // NaN weights: the final norm's, so every logit is NaN.
-    let p = patched_qwen3(dir.path(), "nan-weights", |_| {});
+    let p = patched("qwen3", dir.path(), "nan-weights", |_| {});
     let g = ggrun::gguf::parse(&std::fs::read(&p).unwrap(), &p).unwrap();
     let t = g
         .tensors

@@ -238,6 +238,19 @@ impl Metadata {
         }
     }
 
+    /// A scale or factor that may be absent: finite and not negative when present (0 keeps
+    /// the meaning the format gives it: off, or the default).
+    pub fn opt_scale(&self, key: &str) -> Result<Option<f32>, MetaError> {
+        match self.opt_f32(key)? {
+            Some(x) if x < 0.0 => Err(MetaError::OutOfRange {
+                key: key.into(),
+                value: x.to_string(),
+                why: "must not be negative",
+            }),
+            x => Ok(x),
+        }
+    }
+
     /// A finite number above zero (epsilons, RoPE bases).
     pub fn get_positive_f32(&self, key: &str) -> Result<f32, MetaError> {
         let x = self.get_f32(key)?;

@@ -388,7 +388,7 @@ impl Hyper {
     /// (`rope.scaling.*`) applied as llama.cpp does.
     pub fn rope(&self, t: &Tensors, base: f32, neox: bool) -> Result<Rope> {
         let md = t.gguf.metadata();
-        let f = |k: &str, d: f32| -> Result<f32> { Ok(md.opt_f32(&self.key(k))?.unwrap_or(d)) };
+        let f = |k: &str, d: f32| -> Result<f32> { Ok(md.opt_scale(&self.key(k))?.unwrap_or(d)) };
         let kind = md
             .get_str(&self.key("rope.scaling.type"))
             .unwrap_or("linear");
@@ -502,7 +502,7 @@ impl Hyper {
             t.weight(&w, rows * ne, cols)
         };
         let scale = md
-            .opt_f32(&self.key("expert_weights_scale"))?
+            .opt_scale(&self.key("expert_weights_scale"))?
             .unwrap_or(0.0);
         Ok(FeedForward::Moe(Box::new(Moe {
             router: Linear {

@@ -54,7 +54,7 @@ pub fn load<'a>(t: &Tensors<'a>) -> Result<Decoder<'a>> {
         .collect::<Result<Vec<_>>>()?;
     let mut d = h.decoder(t, layers, Some((h.n_embd as f32).sqrt()))?;
     d.logit_softcap = md
-        .opt_f32(&h.key("final_logit_softcapping"))?
+        .opt_scale(&h.key("final_logit_softcapping"))?
         .filter(|&c| c > 0.0);
     Ok(d)
 }

@@ -127,7 +127,7 @@ impl<'a> NemotronH<'a> {
             .get_usize(&key("attention.key_length"))
             .unwrap_or(n_embd / n_head.max(1));
         let scale = md
-            .opt_f32(&key("attention.scale"))?
+            .opt_scale(&key("attention.scale"))?
             .filter(|s| *s != 0.0)
             .unwrap_or(1.0 / (head_dim as f32).sqrt());
         let ssm = SsmShape {
@@ -148,7 +148,7 @@ impl<'a> NemotronH<'a> {
         let n_expert = md.get_usize(&key("expert_count")).unwrap_or(0);
         let n_expert_used = md.get_usize(&key("expert_used_count")).unwrap_or(0);
         let weights_norm = md.get_bool(&key("expert_weights_norm")).unwrap_or(false);
-        let weights_scale = md.opt_f32(&key("expert_weights_scale"))?.unwrap_or(1.0);
+        let weights_scale = md.opt_scale(&key("expert_weights_scale"))?.unwrap_or(1.0);
 
         let (embd, output, n_vocab) = t.embedding_and_output(n_embd)?;
         let mut layers = Vec::with_capacity(n_layer);
