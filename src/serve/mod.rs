@@ -32,8 +32,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::chat::template::Message;
-use crate::cli::common::ModelArgs;
-use params::Sampling;
+use crate::cli::common::{ModelArgs, SamplingArgs};
 use worker::{Done, Event, Job, Jobs, Prepared, Prompt};
 
 #[derive(Args, Debug)]
@@ -268,27 +267,23 @@ fn id(prefix: &str) -> String {
     format!("{prefix}-{n:x}")
 }
 
-/// The body as `T`, or a 400 that says what is wrong with it.
-// axum's Response is the natural error of a handler step (built once per request).
-#[allow(clippy::result_large_err)]
-fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, Response> {
-    serde_json::from_slice(body).map_err(|e| {
-        error(
-            StatusCode::BAD_REQUEST,
-            format!("invalid request body: {e}"),
-        )
-    })
+/// The body as `T`, or what is wrong with it.
+fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, String> {
+    serde_json::from_slice(body).map_err(|e| format!("invalid request body: {e}"))
 }
 
-/// A request's `messages`, or a 400 naming what is wrong.
-// axum's Response is the natural error of a handler step (built once per request).
-#[allow(clippy::result_large_err)]
-fn messages(m: &Value) -> Result<Vec<Message>, Response> {
-    let m = Message::list_from_api(m, "messages").map_err(|e| error(StatusCode::BAD_REQUEST, e))?;
+/// A request's `messages`, or what is wrong with them.
+fn messages(m: &Value) -> Result<Vec<Message>, String> {
+    let m = Message::list_from_api(m, "messages")?;
     if m.is_empty() {
-        return Err(error(StatusCode::BAD_REQUEST, "messages must not be empty"));
+        return Err("messages must not be empty".into());
     }
     Ok(m)
+}
+
+/// A 400 with `message`.
+fn bad(message: String) -> Response {
+    error(StatusCode::BAD_REQUEST, message)
 }
 
 /// Whether a request offers tools (a non-empty list).
@@ -313,18 +308,39 @@ async fn prepare(app: &Arc<App>, prompt: Prompt) -> Result<Prepared, Response> {
         .map_err(|e| error(StatusCode::BAD_REQUEST, e))
 }
 
-/// Checks the sampling fields, prepares the prompt, queues the job and waits until it has a
-/// slot: the receiver of its events after [`Event::Started`], or the response for why it
-/// could not start.
-async fn start(
-    app: &Arc<App>,
+/// A generation request as read from its body, checked: what to generate from and how.
+struct Ask {
     prompt: Prompt,
-    sampling: Sampling,
-    fields: &str,
-) -> Result<UnboundedReceiver<Event>, Response> {
-    let (max_tokens, sampling) = sampling
-        .args(fields)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, e))?;
+    max_tokens: Option<usize>,
+    sampling: SamplingArgs,
+    stream: bool,
+    /// The request offers tools: look for calls in the answer.
+    with_tools: bool,
+}
+
+/// Reads a request body as the handler of `path` does (JSON shape, messages, sampling ranges),
+/// without a model: what the request parsers' fuzz target runs. An error is the 400's message.
+pub fn read_request(path: &str, body: &[u8]) -> Result<(), String> {
+    let body = Bytes::copy_from_slice(body);
+    match path {
+        "/v1/chat/completions" => openai::read_chat(&body).map(drop),
+        "/v1/completions" => openai::read_completion(&body).map(drop),
+        "/api/chat" => ollama::read_chat(&body).map(drop),
+        "/apply-template" => openai::read_apply_template(&body).map(drop),
+        "/tokenize" => openai::read_tokenize(&body).map(drop),
+        _ => Err(format!("no endpoint {path}")),
+    }
+}
+
+/// Prepares the prompt, queues the job and waits until it has a slot: the receiver of its
+/// events after [`Event::Started`], or the response for why it could not start.
+async fn start(app: &Arc<App>, ask: Ask) -> Result<UnboundedReceiver<Event>, Response> {
+    let Ask {
+        prompt,
+        max_tokens,
+        sampling,
+        ..
+    } = ask;
     let prompt = prepare(app, prompt).await?;
     let (events, mut rx) = worker::channel();
     let job = Job {

@@ -15,7 +15,7 @@ use tokio_stream::StreamExt;
 
 use super::params::OllamaOptions;
 use super::worker::{Done, Event, Prompt};
-use super::{collect, error, has_tools, messages, now, parse, split_calls, start, App};
+use super::{bad, collect, error, has_tools, messages, now, parse, split_calls, start, App, Ask};
 
 #[derive(Deserialize)]
 struct ChatRequest {
@@ -60,23 +60,32 @@ fn now_rfc3339() -> String {
     )
 }
 
-pub async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Response {
-    let req: ChatRequest = match parse(&body) {
-        Ok(r) => r,
-        Err(e) => return e,
-    };
-    let msgs = match messages(&req.messages) {
-        Ok(m) => m,
-        Err(e) => return e,
-    };
+/// An `/api/chat` request, checked (streamed unless `stream` is false, as in Ollama).
+pub(super) fn read_chat(body: &Bytes) -> Result<Ask, String> {
+    let req: ChatRequest = parse(body)?;
+    let messages = messages(&req.messages)?;
     let with_tools = has_tools(&req.tools);
-    let prompt = Prompt::Chat {
-        messages: msgs,
-        tools: req.tools,
-        think: req.think,
+    let (max_tokens, sampling) = req.options.into_sampling().args("options.")?;
+    Ok(Ask {
+        prompt: Prompt::Chat {
+            messages,
+            tools: req.tools,
+            think: req.think,
+        },
+        max_tokens,
+        sampling,
+        stream: req.stream != Some(false),
+        with_tools,
+    })
+}
+
+pub async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Response {
+    let ask = match read_chat(&body) {
+        Ok(a) => a,
+        Err(e) => return bad(e),
     };
-    let sampling = req.options.into_sampling();
-    let rx = match start(&app, prompt, sampling, "options.").await {
+    let (stream, with_tools) = (ask.stream, ask.with_tools);
+    let rx = match start(&app, ask).await {
         Ok(rx) => rx,
         Err(e) => return e,
     };
@@ -88,7 +97,7 @@ pub async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Response {
             "eval_count": d.completion_tokens,
         })
     };
-    if req.stream == Some(false) {
+    if !stream {
         return match collect(rx).await {
             Ok(c) => {
                 let (text, calls) = split_calls(c.text, with_tools);

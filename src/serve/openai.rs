@@ -17,8 +17,10 @@ use tokio_stream::StreamExt;
 
 use super::params::Sampling;
 use super::worker::{Done, Event, Prompt};
-use super::{collect, error, has_tools, id, messages, now, parse, split_calls, start, tools, App};
-use crate::chat::template::RenderOptions;
+use super::{
+    bad, collect, error, has_tools, id, messages, now, parse, split_calls, start, tools, App, Ask,
+};
+use crate::chat::template::{Message, RenderOptions};
 
 #[derive(Deserialize)]
 struct ChatRequest {
@@ -87,28 +89,38 @@ fn usage(d: &Done) -> Value {
     })
 }
 
-pub async fn chat_completions(State(app): State<Arc<App>>, body: Bytes) -> Response {
-    let req: ChatRequest = match parse(&body) {
-        Ok(r) => r,
-        Err(e) => return e,
-    };
+/// A chat completion request, checked.
+pub(super) fn read_chat(body: &Bytes) -> Result<Ask, String> {
+    let req: ChatRequest = parse(body)?;
     let think = req.think();
-    let msgs = match messages(&req.messages) {
-        Ok(m) => m,
-        Err(e) => return e,
-    };
+    let messages = messages(&req.messages)?;
     let with_tools = has_tools(&req.tools);
-    let prompt = Prompt::Chat {
-        messages: msgs,
-        tools: req.tools,
-        think,
+    let (max_tokens, sampling) = req.sampling.args("")?;
+    Ok(Ask {
+        prompt: Prompt::Chat {
+            messages,
+            tools: req.tools,
+            think,
+        },
+        max_tokens,
+        sampling,
+        stream: req.stream,
+        with_tools,
+    })
+}
+
+pub async fn chat_completions(State(app): State<Arc<App>>, body: Bytes) -> Response {
+    let ask = match read_chat(&body) {
+        Ok(a) => a,
+        Err(e) => return bad(e),
     };
-    let rx = match start(&app, prompt, req.sampling, "").await {
+    let (stream, with_tools) = (ask.stream, ask.with_tools);
+    let rx = match start(&app, ask).await {
         Ok(rx) => rx,
         Err(e) => return e,
     };
     let (cid, model, created) = (id("chatcmpl"), app.model.info.name.clone(), now());
-    if !req.stream {
+    if !stream {
         return match collect(rx).await {
             Ok(c) => {
                 let (text, calls) = split_calls(c.text, with_tools);
@@ -195,20 +207,34 @@ pub async fn chat_completions(State(app): State<Arc<App>>, body: Bytes) -> Respo
     Sse::new(stream).into_response()
 }
 
-pub async fn completions(State(app): State<Arc<App>>, body: Bytes) -> Response {
-    let req: CompletionRequest = match parse(&body) {
-        Ok(r) => r,
-        Err(e) => return e,
-    };
+/// A completion request, checked.
+pub(super) fn read_completion(body: &Bytes) -> Result<Ask, String> {
+    let req: CompletionRequest = parse(body)?;
     if req.prompt.is_empty() {
-        return error(StatusCode::BAD_REQUEST, "prompt must not be empty");
+        return Err("prompt must not be empty".into());
     }
-    let rx = match start(&app, Prompt::Text(req.prompt), req.sampling, "").await {
+    let (max_tokens, sampling) = req.sampling.args("")?;
+    Ok(Ask {
+        prompt: Prompt::Text(req.prompt),
+        max_tokens,
+        sampling,
+        stream: req.stream,
+        with_tools: false,
+    })
+}
+
+pub async fn completions(State(app): State<Arc<App>>, body: Bytes) -> Response {
+    let ask = match read_completion(&body) {
+        Ok(a) => a,
+        Err(e) => return bad(e),
+    };
+    let stream = ask.stream;
+    let rx = match start(&app, ask).await {
         Ok(rx) => rx,
         Err(e) => return e,
     };
     let (cid, model, created) = (id("cmpl"), app.model.info.name.clone(), now());
-    if !req.stream {
+    if !stream {
         return match collect(rx).await {
             Ok(c) => Json(json!({
                 "id": cid, "object": "text_completion", "created": created, "model": model,
@@ -252,17 +278,10 @@ struct ApplyTemplate {
     chat_template_kwargs: Option<Value>,
 }
 
-/// llama-server's `/apply-template`: the prompt the chat template makes of `messages` (with
-/// the generation prompt), as text, without generating.
-pub async fn apply_template(State(app): State<Arc<App>>, body: Bytes) -> Response {
-    let req: ApplyTemplate = match parse(&body) {
-        Ok(r) => r,
-        Err(e) => return e,
-    };
-    let msgs = match messages(&req.messages) {
-        Ok(m) => m,
-        Err(e) => return e,
-    };
+/// An `/apply-template` request, checked: the messages and how to render them.
+pub(super) fn read_apply_template(body: &Bytes) -> Result<(Vec<Message>, RenderOptions), String> {
+    let req: ApplyTemplate = parse(body)?;
+    let msgs = messages(&req.messages)?;
     let think = req.think.or(req
         .chat_template_kwargs
         .as_ref()
@@ -273,6 +292,16 @@ pub async fn apply_template(State(app): State<Arc<App>>, body: Bytes) -> Respons
         enable_thinking: think,
         tools: req.tools,
     };
+    Ok((msgs, opts))
+}
+
+/// llama-server's `/apply-template`: the prompt the chat template makes of `messages` (with
+/// the generation prompt), as text, without generating.
+pub async fn apply_template(State(app): State<Arc<App>>, body: Bytes) -> Response {
+    let (msgs, opts) = match read_apply_template(&body) {
+        Ok(r) => r,
+        Err(e) => return bad(e),
+    };
     let model = app.model.clone();
     match tokio::task::spawn_blocking(move || model.template.render_text(&msgs, &opts)).await {
         Ok(Ok(prompt)) => Json(json!({ "prompt": prompt })).into_response(),
@@ -282,7 +311,7 @@ pub async fn apply_template(State(app): State<Arc<App>>, body: Bytes) -> Respons
 }
 
 #[derive(Deserialize)]
-struct Tokenize {
+pub(super) struct Tokenize {
     content: String,
     /// Add BOS/EOS as the model's metadata asks.
     #[serde(default)]
@@ -299,11 +328,16 @@ fn yes() -> bool {
     true
 }
 
+/// A `/tokenize` request, checked.
+pub(super) fn read_tokenize(body: &Bytes) -> Result<Tokenize, String> {
+    parse(body)
+}
+
 /// llama-server's `/tokenize`: the ids of `content`.
 pub async fn tokenize(State(app): State<Arc<App>>, body: Bytes) -> Response {
-    let req: Tokenize = match parse(&body) {
+    let req = match read_tokenize(&body) {
         Ok(r) => r,
-        Err(e) => return e,
+        Err(e) => return bad(e),
     };
     let model = app.model.clone();
     let work = move || -> anyhow::Result<Value> {

@@ -74,9 +74,18 @@ pub fn http(
     }
     req += "\r\n";
     req += body;
-    s.write_all(req.as_bytes()).unwrap();
+    // Written beside the read: a server may answer (and close) before a large body is sent.
+    let mut w = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let _ = w.write_all(req.as_bytes());
+    });
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
+    let read = s.read_to_end(&mut raw);
+    let _ = writer.join();
+    if read.is_err() && raw.is_empty() {
+        // Reset before a byte of answer arrived (a body refused while it was being sent).
+        return (0, String::new());
+    }
     let text = String::from_utf8(raw).unwrap();
     let (head, rest) = text.split_once("\r\n\r\n").unwrap();
     let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
