@@ -728,6 +728,18 @@ fn set_meta_f32(bytes: &mut [u8], key: &str, v: f32) {
     bytes[at + 4..at + 8].copy_from_slice(&v.to_le_bytes());
 }
 
+/// `ggrun run -q -p hi` on `model`: (exit status, stderr).
+fn run_quietly(model: &Path) -> (Option<i32>, String) {
+    ggrun_err(&[
+        "run".as_ref(),
+        "-m".as_ref(),
+        model.as_os_str(),
+        "-p".as_ref(),
+        "hi".as_ref(),
+        "-q".as_ref(),
+    ])
+}
+
 #[test]
 fn nan_or_nonpositive_hyperparameters_fail_to_load_and_nan_logits_stop_generation() {
     let dir = tempfile::tempdir().unwrap();
@@ -769,14 +781,7 @@ fn nan_or_nonpositive_hyperparameters_fail_to_load_and_nan_logits_stop_generatio
         let p = patched(arch, dir.path(), &format!("bad{i}"), |b| {
             set_meta_f32(b, &key, *v)
         });
-        let (code, err) = ggrun_err(&[
-            "run".as_ref(),
-            "-m".as_ref(),
-            p.as_os_str(),
-            "-p".as_ref(),
-            "hi".as_ref(),
-            "-q".as_ref(),
-        ]);
+        let (code, err) = run_quietly(&p);
         assert_eq!(code, Some(1), "{key}={v}: {err}");
         assert_eq!(err.lines().count(), 1, "{key}={v}: {err}");
         assert!(err.contains(&key) && err.contains(want), "{key}={v}: {err}");
@@ -795,14 +800,7 @@ fn nan_or_nonpositive_hyperparameters_fail_to_load_and_nan_logits_stop_generatio
         f.copy_from_slice(&f32::NAN.to_le_bytes());
     }
     std::fs::write(&p, bytes).unwrap();
-    let (code, err) = ggrun_err(&[
-        "run".as_ref(),
-        "-m".as_ref(),
-        p.as_os_str(),
-        "-p".as_ref(),
-        "hi".as_ref(),
-        "-q".as_ref(),
-    ]);
+    let (code, err) = run_quietly(&p);
     assert_eq!(code, Some(1), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("NaN logits"), "{err}");

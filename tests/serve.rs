@@ -383,12 +383,7 @@ fn sigterm_stops_the_server() {
         &json!({"prompt": "Hi", "max_tokens": 2}),
     );
     assert_eq!(status, 200);
-    let pid = s.child.id().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    s.terminate();
     let t0 = Instant::now();
     let code = loop {
         if let Some(st) = s.child.try_wait().unwrap() {

@@ -333,12 +333,7 @@ fn a_stream_cut_by_sigterm_ends_with_finish_reason_abort() {
     let mut buf = [0u8; 4096];
     let n = c.read(&mut buf).unwrap();
     raw.extend_from_slice(&buf[..n]);
-    let pid = s.child.id().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    s.terminate();
     loop {
         match c.read(&mut buf) {
             Ok(0) | Err(_) => break,

@@ -332,6 +332,18 @@ pub fn read_request(path: &str, body: &[u8]) -> Result<(), String> {
     }
 }
 
+/// A generation handler's first half: reads the body with `read` (a 400 when it is wrong) and
+/// [`start`]s the job; its events, and whether the request streams and offers tools.
+async fn begin(
+    app: &Arc<App>,
+    body: &Bytes,
+    read: fn(&Bytes) -> Result<Ask, String>,
+) -> Result<(UnboundedReceiver<Event>, bool, bool), Response> {
+    let ask = read(body).map_err(bad)?;
+    let (stream, with_tools) = (ask.stream, ask.with_tools);
+    Ok((start(app, ask).await?, stream, with_tools))
+}
+
 /// Prepares the prompt, queues the job and waits until it has a slot: the receiver of its
 /// events after [`Event::Started`], or the response for why it could not start.
 async fn start(app: &Arc<App>, ask: Ask) -> Result<UnboundedReceiver<Event>, Response> {

@@ -15,7 +15,7 @@ use tokio_stream::StreamExt;
 
 use super::params::OllamaOptions;
 use super::worker::{Done, Event, Prompt};
-use super::{bad, collect, error, has_tools, messages, now, parse, split_calls, start, App, Ask};
+use super::{begin, collect, error, has_tools, messages, now, parse, split_calls, App, Ask};
 
 #[derive(Deserialize)]
 struct ChatRequest {
@@ -80,13 +80,8 @@ pub(super) fn read_chat(body: &Bytes) -> Result<Ask, String> {
 }
 
 pub async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Response {
-    let ask = match read_chat(&body) {
-        Ok(a) => a,
-        Err(e) => return bad(e),
-    };
-    let (stream, with_tools) = (ask.stream, ask.with_tools);
-    let rx = match start(&app, ask).await {
-        Ok(rx) => rx,
+    let (rx, stream, with_tools) = match begin(&app, &body, read_chat).await {
+        Ok(r) => r,
         Err(e) => return e,
     };
     let model = app.model.info.name.clone();

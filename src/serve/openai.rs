@@ -18,7 +18,7 @@ use tokio_stream::StreamExt;
 use super::params::Sampling;
 use super::worker::{Done, Event, Prompt};
 use super::{
-    bad, collect, error, has_tools, id, messages, now, parse, split_calls, start, tools, App, Ask,
+    bad, begin, collect, error, has_tools, id, messages, now, parse, split_calls, tools, App, Ask,
 };
 use crate::chat::template::{Message, RenderOptions};
 
@@ -110,13 +110,8 @@ pub(super) fn read_chat(body: &Bytes) -> Result<Ask, String> {
 }
 
 pub async fn chat_completions(State(app): State<Arc<App>>, body: Bytes) -> Response {
-    let ask = match read_chat(&body) {
-        Ok(a) => a,
-        Err(e) => return bad(e),
-    };
-    let (stream, with_tools) = (ask.stream, ask.with_tools);
-    let rx = match start(&app, ask).await {
-        Ok(rx) => rx,
+    let (rx, stream, with_tools) = match begin(&app, &body, read_chat).await {
+        Ok(r) => r,
         Err(e) => return e,
     };
     let (cid, model, created) = (id("chatcmpl"), app.model.info.name.clone(), now());
@@ -224,13 +219,8 @@ pub(super) fn read_completion(body: &Bytes) -> Result<Ask, String> {
 }
 
 pub async fn completions(State(app): State<Arc<App>>, body: Bytes) -> Response {
-    let ask = match read_completion(&body) {
-        Ok(a) => a,
-        Err(e) => return bad(e),
-    };
-    let stream = ask.stream;
-    let rx = match start(&app, ask).await {
-        Ok(rx) => rx,
+    let (rx, stream, _) = match begin(&app, &body, read_completion).await {
+        Ok(r) => r,
         Err(e) => return e,
     };
     let (cid, model, created) = (id("cmpl"), app.model.info.name.clone(), now());

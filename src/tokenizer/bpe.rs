@@ -372,19 +372,9 @@ mod tests {
         out
     }
 
-    /// SplitMix64, for the random vocabularies below.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
+    /// A draw below `n` (the sampler's generator, for the random vocabularies below).
+    fn below(rng: &mut crate::sample::Rng, n: usize) -> usize {
+        (rng.next_u64() % n as u64) as usize
     }
 
     #[test]
@@ -394,21 +384,21 @@ mod tests {
         // characters without a token. Pieces are long runs of few letters (many equal ranks).
         let alphabet: Vec<char> = "abcdeé".chars().collect();
         for seed in 0..60u64 {
-            let mut rng = Rng(seed);
+            let mut rng = crate::sample::Rng(seed);
             let mut tokens: Vec<String> = alphabet[..5].iter().map(|c| c.to_string()).collect();
             let mut merges: Vec<String> = Vec::new();
-            for _ in 0..rng.below(40) + 5 {
-                let a = tokens[rng.below(tokens.len())].clone();
-                let b = tokens[rng.below(tokens.len())].clone();
+            for _ in 0..below(&mut rng, 40) + 5 {
+                let a = tokens[below(&mut rng, tokens.len())].clone();
+                let b = tokens[below(&mut rng, tokens.len())].clone();
                 merges.push(format!("{a} {b}"));
-                match rng.below(8) {
+                match below(&mut rng, 8) {
                     0 => {}                                // the result is no token
                     1 => tokens.push(a.clone()),           // a repeated text
                     2 => merges.push(format!("{a}x {b}")), // a part that is no token
                     _ => tokens.push(format!("{a}{b}")),
                 }
-                if rng.below(6) == 0 {
-                    let dup = merges[rng.below(merges.len())].clone();
+                if below(&mut rng, 6) == 0 {
+                    let dup = merges[below(&mut rng, merges.len())].clone();
                     merges.push(dup);
                 }
             }
@@ -416,9 +406,9 @@ mod tests {
             let bpe = Bpe::new(&tokens, &refs, "gpt-2").unwrap();
             let mut syms = Vec::new();
             for _ in 0..20 {
-                let len = rng.below(60);
+                let len = below(&mut rng, 60);
                 let piece: String = (0..len)
-                    .map(|_| alphabet[rng.below(alphabet.len())])
+                    .map(|_| alphabet[below(&mut rng, alphabet.len())])
                     .collect();
                 let mut got = Vec::new();
                 bpe.merge(&piece, &mut syms);
