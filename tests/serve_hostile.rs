@@ -345,6 +345,35 @@ fn a_stream_cut_by_sigterm_ends_with_finish_reason_abort() {
     assert!(!text.contains("\"finish_reason\":\"stop\""), "{text}");
 }
 
+#[test]
+fn sigterm_while_a_megabyte_prompt_is_tokenized_still_stops_the_server() {
+    let mut s = start(&[]);
+    let addr = s.addr.clone();
+    let client = std::thread::spawn(move || {
+        let word = "y".repeat(3 << 20);
+        post(
+            &addr,
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "user", "content": word}], "max_tokens": 4}),
+        )
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    s.terminate();
+    let t0 = Instant::now();
+    let code = loop {
+        if let Some(st) = s.child.try_wait().unwrap() {
+            break st.code();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "still running 10 s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(code, Some(0));
+    let _ = client.join();
+}
+
 /// Resident memory of `pid` in bytes.
 fn rss(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
