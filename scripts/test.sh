@@ -23,5 +23,24 @@ GGRUN_SMOLLM2="$(scripts/fetch-smollm2.sh)" GGRUN_TEMPLATES="$(scripts/fetch-tem
 GGRUN_EXPECT_ISA=neon,neon-dotprod cargo test -p ggrun-quants --tests \
   --target aarch64-unknown-linux-gnu 2>&1 | tee -a "$log"
 
+# A short run of each fuzz target from its corpus (cargo-fuzz on this stable toolchain, no
+# sanitizer: the targets look for panics, hangs and huge allocations). New inputs go to a
+# scratch directory, not the committed corpus.
+scratch="$(mktemp -d)"
+trap 'rm -f "$log"; rm -rf "$scratch"' EXIT
+for t in gguf_parse tokenize template request; do
+  dict=""
+  [ "$t" = template ] && dict="-dict=dicts/jinja.dict"
+  mkdir -p "$scratch/$t"
+  if ! (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run -s none "$t" "$scratch/$t" "corpus/$t" -- \
+      -max_total_time="${GGRUN_FUZZ_SECONDS:-30}" -timeout=10 -rss_limit_mb=4096 $dict) \
+      >"$scratch/$t.log" 2>&1; then
+    tail -40 "$scratch/$t.log"
+    echo "fuzz target $t failed"
+    exit 1
+  fi
+  echo "fuzz $t: $(grep -o 'Done [0-9]* runs in [0-9]* second(s)' "$scratch/$t.log" | tail -1)"
+done
+
 # One closing line over every test binary above.
 awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed\n", p, f }' "$log"
