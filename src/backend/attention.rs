@@ -9,7 +9,7 @@ use anyhow::{bail, Result};
 use rayon::prelude::*;
 
 use super::cpu::round_f16_slice;
-use crate::model::LayerState;
+use super::state::LayerState;
 
 /// Shape of one attention layer.
 #[derive(Clone, Copy, Debug)]

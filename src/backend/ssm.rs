@@ -5,7 +5,7 @@
 use anyhow::{bail, Result};
 use rayon::prelude::*;
 
-use crate::model::LayerState;
+use super::state::LayerState;
 
 /// Shape of one Mamba-2 layer.
 #[derive(Clone, Copy, Debug)]

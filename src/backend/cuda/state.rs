@@ -6,7 +6,7 @@ use anyhow::{anyhow, bail, Result};
 use cudarc::driver::CudaSlice;
 
 use super::Gpu;
-use crate::model::LayerState;
+use crate::backend::state::LayerState;
 
 /// One layer's state on the device.
 pub enum DeviceState {

@@ -1,0 +1,211 @@
+//! A sequence's state, as the executors keep it: per layer its KV cache rows or its Mamba-2
+//! conv and SSM state, on the host or on a GPU, with the position reached; cleared in place,
+//! saved to bytes and restored exactly.
+
+use anyhow::{anyhow, bail, Result};
+
+/// Per-layer state of one sequence: KV cache rows or Mamba conv/SSM state, on the host or on a
+/// GPU.
+#[derive(Debug)]
+pub enum LayerState {
+    None,
+    /// K and V rows (kv_heads × head_dim each) for positions 0..len, capacity n_ctx.
+    Attention {
+        k: Vec<f32>,
+        v: Vec<f32>,
+        len: usize,
+        row: usize,
+        capacity: usize,
+        f16: bool,
+    },
+    /// conv: (d_conv − 1) × channels, ssm: heads × head_dim × d_state.
+    Mamba {
+        conv: Vec<f32>,
+        ssm: Vec<f32>,
+    },
+    /// Either of the above held in GPU memory (the device-resident forward pass).
+    Device(super::cuda::DeviceState),
+}
+
+/// Appends `xs` as little-endian f32s (one copy on little-endian machines: snapshots of long
+/// contexts are hundreds of megabytes).
+fn put_f32s(out: &mut Vec<u8>, xs: &[f32]) {
+    if cfg!(target_endian = "little") {
+        out.extend_from_slice(bytemuck::cast_slice(xs));
+    } else {
+        out.extend(xs.iter().flat_map(|x| x.to_le_bytes()));
+    }
+}
+
+/// A sequence's state: one entry per layer plus the number of tokens seen.
+#[derive(Debug)]
+pub struct State {
+    pub layers: Vec<LayerState>,
+    pub pos: usize,
+    pub n_ctx: usize,
+}
+
+impl State {
+    /// Empties the state in place, as [`Forward::new_state`] makes it but without allocating:
+    /// a fresh state of a long context is hundreds of megabytes of pages to fault in again.
+    pub fn clear(&mut self) -> Result<()> {
+        for l in &mut self.layers {
+            match l {
+                LayerState::None => {}
+                LayerState::Attention { len, .. } => *len = 0,
+                LayerState::Mamba { conv, ssm } => {
+                    conv.fill(0.0);
+                    ssm.fill(0.0);
+                }
+                LayerState::Device(d) => d.clear()?,
+            }
+        }
+        self.pos = 0;
+        Ok(())
+    }
+
+    /// Serialises the state (little-endian f32s with a small header) for save/restore; layers
+    /// held on a GPU are copied back first.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut put = |v: u64| out.extend_from_slice(&v.to_le_bytes());
+        put(self.pos as u64);
+        put(self.n_ctx as u64);
+        put(self.layers.len() as u64);
+        let body = &mut out;
+        for l in &self.layers {
+            let host;
+            let l = match l {
+                LayerState::Device(d) => {
+                    host = d.to_host()?;
+                    &host
+                }
+                l => l,
+            };
+            match l {
+                LayerState::None | LayerState::Device(_) => body.push(0u8),
+                LayerState::Attention { k, v, len, .. } => {
+                    body.push(1);
+                    body.extend_from_slice(&(*len as u64).to_le_bytes());
+                    let n = len * (k.len() / self.n_ctx.max(1));
+                    put_f32s(body, &k[..n]);
+                    put_f32s(body, &v[..n]);
+                }
+                LayerState::Mamba { conv, ssm } => {
+                    body.push(2);
+                    put_f32s(body, conv);
+                    put_f32s(body, ssm);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Restores a state saved by [`State::to_bytes`] into `self` (which must have the same
+    /// layout: same model and context size); layers held on a GPU are loaded there.
+    pub fn restore(&mut self, bytes: &[u8]) -> Result<()> {
+        // Device layers take their host form for the parse, then go back with the new values.
+        let mut on_device = Vec::new();
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            if let LayerState::Device(d) = l {
+                let host = d.to_host()?;
+                on_device.push((i, std::mem::replace(l, host)));
+            }
+        }
+        let parsed = self.restore_host(bytes);
+        for (i, mut dev) in on_device {
+            if let (Ok(()), LayerState::Device(d)) = (&parsed, &mut dev) {
+                d.load(&self.layers[i])?;
+            }
+            self.layers[i] = dev;
+        }
+        parsed
+    }
+
+    /// [`State::restore`] for states held in host memory.
+    fn restore_host(&mut self, bytes: &[u8]) -> Result<()> {
+        let bad = || anyhow!("saved state does not match this model and context size");
+        let mut r = bytes;
+        let mut get = |n: usize| -> Result<&[u8]> {
+            if r.len() < n {
+                return Err(bad());
+            }
+            let (a, b) = r.split_at(n);
+            r = b;
+            Ok(a)
+        };
+        let u = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap()) as usize;
+        let pos = u(get(8)?);
+        if u(get(8)?) != self.n_ctx || u(get(8)?) != self.layers.len() {
+            return Err(bad());
+        }
+        let floats = |b: &[u8], out: &mut [f32]| {
+            bytemuck::cast_slice_mut::<f32, u8>(out).copy_from_slice(b);
+            if cfg!(target_endian = "big") {
+                out.iter_mut()
+                    .for_each(|x| *x = f32::from_bits(x.to_bits().swap_bytes()));
+            }
+        };
+        for l in self.layers.iter_mut() {
+            let tag = get(1)?[0];
+            match (tag, l) {
+                (0, LayerState::None) => {}
+                (
+                    1,
+                    LayerState::Attention {
+                        k,
+                        v,
+                        len,
+                        capacity,
+                        ..
+                    },
+                ) => {
+                    let n_len = u(get(8)?);
+                    if n_len > *capacity {
+                        return Err(bad());
+                    }
+                    let n = n_len * (k.len() / *capacity);
+                    floats(get(4 * n)?, &mut k[..n]);
+                    floats(get(4 * n)?, &mut v[..n]);
+                    *len = n_len;
+                }
+                (2, LayerState::Mamba { conv, ssm }) => {
+                    floats(get(4 * conv.len())?, conv);
+                    floats(get(4 * ssm.len())?, ssm);
+                }
+                _ => return Err(bad()),
+            }
+        }
+        if !r.is_empty() {
+            return Err(bad());
+        }
+        self.pos = pos;
+        Ok(())
+    }
+}
+
+impl State {
+    /// A state with these per-layer entries, at position 0.
+    pub fn new(layers: Vec<LayerState>, n_ctx: usize) -> State {
+        State {
+            layers,
+            pos: 0,
+            n_ctx,
+        }
+    }
+
+    /// Errors when `t` more tokens would overflow the context.
+    pub fn check_room(&self, t: usize) -> Result<()> {
+        if t == 0 {
+            bail!("no tokens to process");
+        }
+        if self.pos + t > self.n_ctx {
+            bail!(
+                "{t} tokens do not fit in the context: {} already used of {} (raise -c/--ctx-size)",
+                self.pos,
+                self.n_ctx
+            );
+        }
+        Ok(())
+    }
+}
