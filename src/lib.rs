@@ -1,12 +1,14 @@
 //! ggrun: a GGUF-native LLM runner for large sparse MoE and hybrid models.
 //!
-//! Layers (dependencies point down): `cli` → `info`, `model` → `backend` → `gguf`,
+//! Layers (dependencies point down; nothing imports `cli` or `serve`): `cli` → `serve`,
+//! `tune` → `engine` → `chat`, `generate`, `model` → `backend` → `gguf`, `tokenizer`,
 //! `ggrun_quants`.
 
 pub mod backend;
 pub mod bench;
 pub mod chat;
 pub mod cli;
+pub mod engine;
 pub mod generate;
 pub mod gguf;
 pub mod info;

@@ -32,7 +32,7 @@ fn main() {
         if broken_pipe {
             std::process::exit(0);
         }
-        if e.downcast_ref::<ggrun::cli::common::Interrupted>()
+        if e.downcast_ref::<ggrun::engine::load::Interrupted>()
             .is_some()
         {
             eprintln!("interrupted");

@@ -9,7 +9,7 @@ use anyhow::{anyhow, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::cuda::{cache_dir, fnv1a, Gpu};
-use crate::cli::common::PlacementFlags;
+use crate::backend::placement::PlacementArgs;
 
 /// The device name of entries tuned without a GPU.
 pub const CPU: &str = "cpu";
@@ -153,7 +153,7 @@ pub struct Open<'a> {
     pub ctx_size: &'a mut usize,
     pub threads: &'a mut usize,
     pub batch_size: &'a mut usize,
-    pub place: &'a mut PlacementFlags,
+    pub place: &'a mut PlacementArgs,
 }
 
 /// Fills the settings `o` leaves at their defaults (0, or no placement flag at all) from the

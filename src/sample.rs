@@ -5,6 +5,8 @@
 
 use std::collections::HashMap;
 
+use crate::gguf::Metadata;
+
 /// Sampling settings (llama.cpp's flag names and defaults).
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplerConfig {
@@ -36,6 +38,53 @@ impl Default for SamplerConfig {
             frequency_penalty: 0.0,
             penalty_last_n: 64,
             seed: 0,
+        }
+    }
+}
+
+/// Sampling as a command or a request asks for it: unset values take the model's recommended
+/// ones (`general.sampling.*`), then llama.cpp's defaults.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Settings {
+    pub temp: Option<f32>,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f32>,
+    pub min_p: Option<f32>,
+    pub repeat_penalty: f32,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    pub repeat_last_n: usize,
+    /// None: a seed from the clock.
+    pub seed: Option<u64>,
+    /// Generation stops before any of these strings.
+    pub stop: Vec<String>,
+}
+
+impl Settings {
+    /// The sampler's settings: these first, then the model's recommendations, then
+    /// llama.cpp's defaults (the seed used is in the result).
+    pub fn config(&self, md: &Metadata) -> SamplerConfig {
+        let d = SamplerConfig::default();
+        let f = |k: &str| md.get_f32(&format!("general.sampling.{k}")).ok();
+        let seed = self.seed.unwrap_or_else(|| {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            t.as_nanos() as u64 ^ u64::from(std::process::id()).rotate_left(32)
+        });
+        SamplerConfig {
+            temperature: self.temp.or(f("temp")).unwrap_or(d.temperature),
+            top_k: self
+                .top_k
+                .or(md.get_usize("general.sampling.top_k").ok())
+                .unwrap_or(d.top_k),
+            top_p: self.top_p.or(f("top_p")).unwrap_or(d.top_p),
+            min_p: self.min_p.or(f("min_p")).unwrap_or(d.min_p),
+            repeat_penalty: self.repeat_penalty,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            penalty_last_n: self.repeat_last_n,
+            seed,
         }
     }
 }

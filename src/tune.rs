@@ -22,14 +22,13 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use crate::backend::cpu::{Cpu, Precision};
 use crate::backend::cuda::{DeviceWeights, Gpu};
-use crate::backend::placement::{parse_size, Plan, DEFAULT_CACHE_SHARE};
-use crate::cli::common::{self, PlacementFlags};
+use crate::backend::placement::{PlacementArgs, Plan, DEFAULT_CACHE_SHARE};
+use crate::engine::load;
 use crate::gguf::Model;
 use crate::profile::{self, Profile};
 
@@ -41,68 +40,26 @@ const CALIBRATION: &str = include_str!("tune_calibration.txt");
 const TURN_PROMPT: f64 = 512.0;
 const TURN_GEN: f64 = 128.0;
 
-#[derive(Args, Debug, Clone)]
-pub struct TuneArgs {
-    /// The .gguf model file.
-    #[arg(short = 'm', long = "model")]
+/// What `ggrun tune` measures against (its flags, below the command line).
+#[derive(Clone, Debug)]
+pub struct Options {
     pub model: PathBuf,
-    /// VRAM budget (e.g. 24GiB; default: what the GPU has free).
-    #[arg(long = "gpu-mem", value_parser = size)]
+    /// VRAM budget in bytes (None: what the GPU has free).
     pub gpu_mem: Option<u64>,
-    /// Context the plans must hold (default: the model's, at most 4096).
-    #[arg(short = 'c', long = "ctx-size", default_value_t = 0)]
+    /// Context the plans must hold (0: the model's, at most 4096).
     pub ctx_size: usize,
-    /// Time limit for the measurements (e.g. 2m, 90s).
-    #[arg(long, default_value = "2m", value_parser = duration)]
+    /// Time limit for the measurements.
     pub time: Duration,
-    /// A text file whose tokens are the calibration prompt (default: a built-in text).
-    #[arg(long, value_name = "FILE")]
+    /// A text file whose tokens are the calibration prompt (None: a built-in text).
     pub calib: Option<PathBuf>,
-    /// Prompt tokens of each pp measurement (batch sizes up to this many are tried).
-    #[arg(long = "n-prompt", default_value_t = 1024)]
+    /// Prompt tokens of each pp measurement.
     pub n_prompt: usize,
     /// Tokens of each tg measurement.
-    #[arg(long = "n-gen", default_value_t = 32)]
     pub n_gen: usize,
-    /// Print one JSON object instead of the table.
-    #[arg(long)]
+    /// One JSON object instead of the table.
     pub json: bool,
     /// Measure without saving the profile.
-    #[arg(long = "no-save")]
     pub no_save: bool,
-}
-
-fn size(s: &str) -> Result<u64, String> {
-    parse_size(s).map_err(|e| e.to_string())
-}
-
-/// "2m", "90s", "1m30s", "45" (seconds).
-fn duration(s: &str) -> Result<Duration, String> {
-    let mut total = 0u64;
-    let mut num = String::new();
-    for c in s.trim().chars() {
-        if c.is_ascii_digit() {
-            num.push(c);
-            continue;
-        }
-        let n: u64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
-        num.clear();
-        total += match c {
-            'h' => n * 3600,
-            'm' => n * 60,
-            's' => n,
-            _ => return Err(format!("bad duration {s:?} (use s, m or h)")),
-        };
-    }
-    if !num.is_empty() {
-        total += num
-            .parse::<u64>()
-            .map_err(|_| format!("bad duration {s:?}"))?;
-    }
-    if total == 0 {
-        return Err("the time limit must be positive".into());
-    }
-    Ok(Duration::from_secs(total))
 }
 
 /// One plan to measure.
@@ -112,7 +69,7 @@ struct Candidate {
     threads: usize,
     batch: usize,
     /// GPU placement (None: CPU only).
-    place: Option<PlacementFlags>,
+    place: Option<PlacementArgs>,
 }
 
 /// One measured (or skipped) plan.
@@ -166,10 +123,10 @@ pub fn concentrated_layers(usage: &[(usize, Vec<u64>)], k: usize) -> Vec<usize> 
     out
 }
 
-pub fn run(a: TuneArgs, out: &mut dyn Write) -> Result<()> {
+pub fn run(a: Options, out: &mut dyn Write) -> Result<()> {
     let g = Model::open(&a.model)?;
     crate::model::check_architecture(&g)?;
-    let n_ctx = common::planned_context(&g, a.ctx_size);
+    let n_ctx = load::planned_context(&g, a.ctx_size);
     let tok = crate::tokenizer::Tokenizer::from_metadata(g.metadata())?;
     let text = match &a.calib {
         Some(p) => std::fs::read_to_string(p).with_context(|| p.display().to_string())?,
@@ -216,7 +173,7 @@ pub fn run(a: TuneArgs, out: &mut dyn Write) -> Result<()> {
         }
         Some(gpu) => {
             let (free, _) = gpu.memory()?;
-            let free = (free as u64).saturating_sub(common::DEVICE_MARGIN);
+            let free = (free as u64).saturating_sub(load::DEVICE_MARGIN);
             let budget = a.gpu_mem.map_or(free, |b| b.min(free));
             let name = gpu.name.clone();
             drop(gpu);
@@ -361,7 +318,7 @@ fn first_error(rows: &[Row]) -> String {
 #[allow(clippy::too_many_arguments)]
 fn gpu_plans(
     g: &Model,
-    a: &TuneArgs,
+    a: &Options,
     prompt: &[u32],
     n_ctx: usize,
     budget: u64,
@@ -370,8 +327,8 @@ fn gpu_plans(
     rows: &mut Vec<Row>,
     started: Instant,
 ) -> Result<()> {
-    let plan_for = |place: &PlacementFlags| common::plan_for_budget(g, place, n_ctx);
-    let by_budget = |staging: usize| PlacementFlags {
+    let plan_for = |place: &PlacementArgs| load::plan_for_budget(g, place, n_ctx);
+    let by_budget = |staging: usize| PlacementArgs {
         gpu_mem: Some(budget),
         staging_buffers: Some(staging),
         ..Default::default()
@@ -389,14 +346,14 @@ fn gpu_plans(
             );
         }
     };
-    let named = |ram: Vec<usize>, staging: usize| PlacementFlags {
+    let named = |ram: Vec<usize>, staging: usize| PlacementArgs {
         n_gpu_layers: Some(999),
         gpu_mem: Some(budget),
         experts_in_ram: Some(ram),
         staging_buffers: Some(staging),
         ..Default::default()
     };
-    let cand = |label: String, place: PlacementFlags, batch: usize| Candidate {
+    let cand = |label: String, place: PlacementArgs, batch: usize| Candidate {
         label,
         threads: physical,
         batch,
@@ -468,7 +425,7 @@ fn gpu_plans(
             ("no expert cache", 0),
             ("expert cache x2", 2 * budget / DEFAULT_CACHE_SHARE),
         ] {
-            let place = PlacementFlags {
+            let place = PlacementArgs {
                 expert_cache: Some(cache),
                 ..by_budget(staging)
             };
@@ -478,7 +435,7 @@ fn gpu_plans(
                     "{} RAM layers, spread, {staging} staging, {what}",
                     ram.len()
                 );
-                let named = PlacementFlags {
+                let named = PlacementArgs {
                     expert_cache: Some(cache),
                     ..named(ram, staging)
                 };
@@ -503,13 +460,13 @@ fn gpu_plans(
 /// one staging buffer, or None.
 fn largest_context(g: &Model, budget: u64, asked: usize) -> Option<usize> {
     let fits = |ctx: usize| {
-        let place = PlacementFlags {
+        let place = PlacementArgs {
             gpu_mem: Some(budget),
             n_cpu_moe: usize::MAX,
             staging_buffers: Some(1),
             ..Default::default()
         };
-        common::plan_for_budget(g, &place, ctx).is_ok()
+        load::plan_for_budget(g, &place, ctx).is_ok()
     };
     if !fits(1) {
         return None;
@@ -530,7 +487,7 @@ fn largest_context(g: &Model, budget: u64, asked: usize) -> Option<usize> {
 /// slowest one so far would still finish in time), with a progress bar on stderr.
 #[allow(clippy::too_many_arguments)]
 fn measure_all(
-    a: &TuneArgs,
+    a: &Options,
     prompt: &[u32],
     n_ctx: usize,
     ram_free: Option<u64>,
@@ -571,7 +528,7 @@ fn measure_all(
 /// of c.batch), tg over a.n_gen tokens (the faster of two runs), and the VRAM the backend
 /// really holds at the end (its memory pool keeps the peak of the compute buffers).
 fn measure(
-    a: &TuneArgs,
+    a: &Options,
     prompt: &[u32],
     n_ctx: usize,
     ram_free: Option<u64>,
@@ -597,7 +554,7 @@ fn measure(
     let dev: Option<DeviceWeights> = match &c.place {
         None => None,
         Some(place) => {
-            let plan = match common::plan_for_budget(g, place, n_ctx) {
+            let plan = match load::plan_for_budget(g, place, n_ctx) {
                 Ok(p) => p,
                 Err(e) => {
                     row.error = Some(format!("{e:#}"));
@@ -646,10 +603,7 @@ fn measure(
         }
     };
     row.ram = cpu_bytes;
-    let cpu = Cpu::new(
-        crate::cli::common::threads(c.threads, true),
-        Precision::Normal,
-    )?;
+    let cpu = Cpu::new(load::threads(c.threads, true), Precision::Normal)?;
     let r = (|| -> Result<(f64, f64)> {
         let mut st = m.new_state(n_ctx, cpu.precision)?;
         // Warm-up: a short prompt and a few tokens (kernels, caches, page-locking).
@@ -723,17 +677,17 @@ mod tests {
         );
         let g = Model::open(&dir.join("nemo-tiny-q4_0.gguf")).expect("the fixture model");
         let fits = |budget: u64, ctx: usize| {
-            let place = PlacementFlags {
+            let place = PlacementArgs {
                 gpu_mem: Some(budget),
                 n_cpu_moe: usize::MAX,
                 staging_buffers: Some(1),
                 ..Default::default()
             };
-            common::plan_for_budget(&g, &place, ctx).is_ok()
+            load::plan_for_budget(&g, &place, ctx).is_ok()
         };
-        let base = common::plan_for_budget(
+        let base = load::plan_for_budget(
             &g,
-            &PlacementFlags {
+            &PlacementArgs {
                 gpu_mem: Some(u64::MAX / 2),
                 n_cpu_moe: usize::MAX,
                 staging_buffers: Some(1),
@@ -754,14 +708,6 @@ mod tests {
         assert!(c >= 1000, "{c}");
         assert_eq!(largest_context(&g, budget, 500), Some(500));
         assert_eq!(largest_context(&g, fixed / 2, 100), None);
-    }
-
-    #[test]
-    fn durations_parse() {
-        assert_eq!(duration("2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(duration("1m30s").unwrap(), Duration::from_secs(90));
-        assert_eq!(duration("45").unwrap(), Duration::from_secs(45));
-        assert!(duration("0s").is_err() && duration("3x").is_err());
     }
 
     #[test]

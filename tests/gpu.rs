@@ -638,13 +638,14 @@ fn mamba_conv_and_scan_on_the_device_match_the_cpu() {
 #[test]
 #[ignore = "needs a CUDA GPU: run scripts/gpu-test.sh on the device machine"]
 fn tune_on_the_device_picks_a_plan_within_the_budget() {
-    use ggrun::cli::common::{plan_for_budget, PlacementFlags};
+    use ggrun::backend::placement::PlacementArgs;
+    use ggrun::engine::load::plan_for_budget;
     let cache = tempfile::tempdir().unwrap();
     std::env::set_var("GGRUN_CACHE_DIR", cache.path());
     let model = common::fixtures().join("nemo-tiny-q8_0.gguf");
     let g = Model::open(&model).unwrap();
     let tune = |gpu_mem: Option<u64>| {
-        let args = ggrun::tune::TuneArgs {
+        let args = ggrun::tune::Options {
             model: model.clone(),
             gpu_mem,
             ctx_size: 64,
@@ -670,7 +671,7 @@ fn tune_on_the_device_picks_a_plan_within_the_budget() {
     );
     let smallest = plan_for_budget(
         &g,
-        &PlacementFlags {
+        &PlacementArgs {
             n_gpu_layers: Some(999),
             n_cpu_moe: usize::MAX,
             staging_buffers: Some(1),

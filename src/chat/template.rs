@@ -43,6 +43,28 @@ pub struct ChatTemplate {
     limits: Limits,
 }
 
+/// Which template a run uses and how: a file instead of the model's, whether message text
+/// may hold special tokens, and the render limits.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TemplateOptions {
+    pub file: Option<std::path::PathBuf>,
+    /// Read special-token text in messages as control tokens (no [`Shield`]).
+    pub parse_message_specials: bool,
+    pub limits: Limits,
+}
+
+impl TemplateOptions {
+    /// The template these options ask for (the file, else the model's, else ChatML).
+    pub fn load(&self, md: &Metadata, tok: &Tokenizer) -> Result<ChatTemplate> {
+        let mut t = ChatTemplate::for_model(md, tok, self.file.as_deref())?;
+        if self.parse_message_specials {
+            t.shield = None;
+        }
+        t.set_limits(self.limits);
+        Ok(t)
+    }
+}
+
 /// What a render may spend: instructions (minijinja's fuel), output bytes, and, when
 /// `isolate`d in a child process ([`super::sandbox`]), memory. A render past a limit is a
 /// one-line error naming it.

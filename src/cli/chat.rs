@@ -18,8 +18,9 @@ use reedline::{
     Validator,
 };
 
-use super::common::{self, ModelArgs, OnOff, SamplingArgs, ThinkArgs, GENERATING, INTERRUPTED};
+use super::common::{self, ModelArgs, OnOff, SamplingArgs, ThinkArgs};
 use crate::chat::session::Session;
+use crate::engine::load::{self, GENERATING, INTERRUPTED};
 use crate::generate::{Engine, GenParams, Outcome, Piece, Reasoning, StopReason};
 use crate::gguf::Model;
 
@@ -51,17 +52,18 @@ const HELP: &str = "\
 /load FILE        read a saved conversation
 Alt-Enter, a trailing \\ or a \"\"\" block: multi-line input; Ctrl-C stops a reply";
 
-pub fn run(mut a: ChatArgs, out: &mut dyn Write) -> Result<()> {
+pub fn run(a: ChatArgs, out: &mut dyn Write) -> Result<()> {
     common::install_ctrl_c();
     let interactive = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
-    common::apply_profile(&mut a.model)?;
-    let g = Model::open(&a.model.model)?;
-    let n_ctx = common::planned_context(&g, a.model.ctx_size);
-    let dev = common::device_weights(&g, &a.model.place, a.model.quiet, n_ctx)?;
-    let l = common::load(&g, dev.as_ref(), &a.model)?;
+    let mut opts = a.model.options();
+    load::apply_profile(&mut opts)?;
+    let g = Model::open(&opts.model)?;
+    let n_ctx = load::planned_context(&g, opts.ctx_size);
+    let dev = load::device_weights(&g, &opts.place, opts.quiet, n_ctx)?;
+    let l = load::load(&g, dev.as_ref(), &opts)?;
     let mut engine = Engine::new(l.model.as_ref(), l.cpu, l.tok, l.n_ctx)?;
     engine.seq.batch = l.batch;
-    let template = a.model.template.load(g.metadata(), &engine.tok)?;
+    let template = opts.template.load(g.metadata(), &engine.tok)?;
     let mut session = Session::new(engine, template);
     session.system = a.system.clone();
     session.think = a.think.enable();

@@ -4,14 +4,17 @@
 mod chat;
 pub mod common;
 mod run;
+mod serve;
+mod tune;
 
 use std::io::Write;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::backend::cpu::{Cpu, Precision};
+use crate::backend::cpu::Cpu;
 use crate::chat::template::{Message, RenderOptions};
+use crate::engine::load;
 use crate::gguf::Model;
 use crate::info::ModelInfo;
 use crate::routing::RoutingWindow;
@@ -35,7 +38,7 @@ pub enum Command {
     Run(run::RunArgs),
     /// An OpenAI- and Ollama-compatible HTTP server (chat/completions with streaming,
     /// completions, models, health; /api/chat and /api/tags).
-    Serve(crate::serve::ServeArgs),
+    Serve(serve::ServeArgs),
     /// Interactive chat in the terminal (plain line mode when stdin is not a terminal).
     Chat(chat::ChatArgs),
     /// Print the prompt the chat template makes of a conversation (to compare with other
@@ -79,7 +82,7 @@ pub enum Command {
     /// Measured offload tuning: plans for a VRAM budget (expert layers in RAM, staging
     /// buffers, batch size, threads) measured with short runs; prints the table and the winner
     /// and saves it as the model's profile, which run, chat and bench then use.
-    Tune(crate::tune::TuneArgs),
+    Tune(tune::TuneArgs),
     /// Prompt-processing and generation speed (tokens/s, median of repeats after a warm-up),
     /// like llama-bench's pp and tg: per repeat, a fresh context evaluates P random tokens in
     /// batches of -b (pp), and another generates N tokens one at a time (tg).
@@ -207,8 +210,8 @@ pub enum Command {
 pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(a) => run::run(a, out)?,
-        Command::Tune(a) => crate::tune::run(a, out)?,
-        Command::Serve(a) => crate::serve::run(a)?,
+        Command::Tune(a) => crate::tune::run(a.options(), out)?,
+        Command::Serve(a) => crate::serve::run(a.options())?,
         Command::Chat(a) => chat::run(a, out)?,
         Command::Template {
             model,
@@ -241,7 +244,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
         Command::Info { model, json, place } => {
             let m = Model::open(&model)?;
             let info = ModelInfo::from_model(&m)?;
-            let plan = common::plan_without_device(&m, &place, common::planned_context(&m, 0))?;
+            let plan = load::plan_without_device(&m, &place.args(), load::planned_context(&m, 0))?;
             if json {
                 let mut v = info.to_json();
                 if let Some(p) = &plan {
@@ -275,20 +278,20 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             no_repack,
             place,
         } => {
-            let precision = precision(exact);
+            let precision = load::precision(exact);
             let g = Model::open(&model)?;
             let n_ctx = if ctx_size == 0 {
                 tokens.len() + decode
             } else {
                 ctx_size
             };
-            let dev = common::device_weights(&g, &place, false, n_ctx)?;
+            let dev = load::device_weights(&g, &place.args(), false, n_ctx)?;
             let opts = crate::model::LoadOptions {
-                repack: repack(no_repack, precision, &g),
+                repack: load::repack(no_repack, precision, &g),
                 device: dev.as_ref(),
             };
             let m = crate::model::load_with(&g, opts)?;
-            let cpu = Cpu::new(common::threads(threads, false), precision)?;
+            let cpu = Cpu::new(load::threads(threads, false), precision)?;
             if tokens.len() + decode > n_ctx {
                 anyhow::bail!(
                     "{} prompt tokens + {decode} decode steps do not fit in a context of {n_ctx} (raise -c/--ctx-size)",
@@ -328,9 +331,10 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             routing_stats,
             routing_window,
             no_repack,
-            mut place,
+            place,
         } => {
-            let precision = precision(exact);
+            let precision = load::precision(exact);
+            let mut place = place.args();
             let mut batch = batch_size;
             let mut ctx = 0;
             let open = crate::profile::Open {
@@ -344,13 +348,13 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
                 batch = n_prompt;
             }
             let g = Model::open(&model)?;
-            let dev = common::device_weights(&g, &place, json, n_prompt + n_gen)?;
+            let dev = load::device_weights(&g, &place, json, n_prompt + n_gen)?;
             let opts = crate::model::LoadOptions {
-                repack: repack(no_repack, precision, &g),
+                repack: load::repack(no_repack, precision, &g),
                 device: dev.as_ref(),
             };
             let m = crate::model::load_with(&g, opts)?;
-            let cpu = Cpu::new(common::threads(threads, false), precision)?;
+            let cpu = Cpu::new(load::threads(threads, false), precision)?;
             let mut window = routing_stats.then(|| RoutingWindow::new(routing_window));
             let bandwidth = || crate::bench::read_bandwidth(&g, &cpu, 2);
             let r = crate::bench::run(
@@ -503,33 +507,4 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
     }
     out.flush()?;
     Ok(())
-}
-
-/// Whether loading packs weights: not when asked not to, nor in exact mode (which dequantizes
-/// from the file's layout), nor when the machine's available memory could not hold the model
-/// as anonymous copies (they cannot be evicted the way mapped pages can; a warning says so).
-pub(crate) fn repack(no_repack_flag: bool, precision: Precision, g: &Model) -> bool {
-    if no_repack_flag || precision != Precision::Normal {
-        return false;
-    }
-    match crate::backend::cpu::available_memory() {
-        Some(avail) if g.file_bytes() + (512 << 20) > avail => {
-            eprintln!(
-                "warning: {:.1} GiB available is too little for packed weight copies of this {:.1} GiB model; using the file's layout (slower; --no-repack silences this)",
-                avail as f64 / (1u64 << 30) as f64,
-                g.file_bytes() as f64 / (1u64 << 30) as f64
-            );
-            false
-        }
-        _ => true,
-    }
-}
-
-/// Exact precision when asked by flag or by GGRUN_EXACT=1; normal otherwise.
-pub(crate) fn precision(exact_flag: bool) -> Precision {
-    if exact_flag || std::env::var("GGRUN_EXACT").is_ok_and(|v| v == "1") {
-        Precision::Exact
-    } else {
-        Precision::Normal
-    }
 }

@@ -10,8 +10,9 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Result};
 use clap::Args;
 
-use super::common::{self, ModelArgs, SamplingArgs, ThinkArgs, GENERATING, INTERRUPTED};
+use super::common::{self, ModelArgs, SamplingArgs, ThinkArgs};
 use crate::chat::session::{prompt_tokens, Session};
+use crate::engine::load::{self, GENERATING, INTERRUPTED};
 use crate::generate::{Engine, GenParams, Piece, Reasoning, StopReason};
 use crate::gguf::Model;
 
@@ -65,7 +66,7 @@ fn read_prompt(a: &RunArgs) -> Result<String> {
     Ok(s)
 }
 
-pub fn run(mut a: RunArgs, out: &mut dyn Write) -> Result<()> {
+pub fn run(a: RunArgs, out: &mut dyn Write) -> Result<()> {
     let prompt_text = read_prompt(&a)?;
     let user = if a.raw {
         prompt_text
@@ -78,11 +79,12 @@ pub fn run(mut a: RunArgs, out: &mut dyn Write) -> Result<()> {
     common::install_ctrl_c();
     GENERATING.store(true, Ordering::SeqCst);
     let t0 = Instant::now();
-    common::apply_profile(&mut a.model)?;
-    let g = Model::open(&a.model.model)?;
-    let n_ctx = common::planned_context(&g, a.model.ctx_size);
-    let dev = common::device_weights(&g, &a.model.place, a.model.quiet, n_ctx)?;
-    let l = common::load(&g, dev.as_ref(), &a.model)?;
+    let mut opts = a.model.options();
+    load::apply_profile(&mut opts)?;
+    let g = Model::open(&opts.model)?;
+    let n_ctx = load::planned_context(&g, opts.ctx_size);
+    let dev = load::device_weights(&g, &opts.place, opts.quiet, n_ctx)?;
+    let l = load::load(&g, dev.as_ref(), &opts)?;
     let load_secs = t0.elapsed().as_secs_f64();
     let n_ctx = l.n_ctx;
     let sampler = a.sampling.config(g.metadata());
@@ -105,7 +107,7 @@ pub fn run(mut a: RunArgs, out: &mut dyn Write) -> Result<()> {
         let t = engine.tok.encode(&user, true)?;
         (t, engine)
     } else {
-        let template = a.model.template.load(g.metadata(), &engine.tok)?;
+        let template = opts.template.load(g.metadata(), &engine.tok)?;
         let mut s = Session::new(engine, template);
         s.system = a.system.clone();
         s.think = a.think.enable();
@@ -177,7 +179,7 @@ pub fn run(mut a: RunArgs, out: &mut dyn Write) -> Result<()> {
         );
     }
     if o.stop == StopReason::Interrupted {
-        bail!(common::Interrupted);
+        bail!(load::Interrupted);
     }
     Ok(())
 }

@@ -26,53 +26,36 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use clap::Args;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::chat::template::Message;
-use crate::cli::common::{ModelArgs, SamplingArgs};
+use crate::engine::load::ModelOptions;
+use crate::sample::Settings;
 use worker::{Done, Event, Job, Jobs, Prepared, Prompt};
 
-#[derive(Args, Debug)]
-pub struct ServeArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
-    /// Address to listen on (127.0.0.1: this machine only).
-    #[arg(long, default_value = "127.0.0.1")]
+/// How the server runs (`ggrun serve`'s flags, below the command line).
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub model: ModelOptions,
     pub host: String,
-    /// Port (0: any free one; the address is printed on stderr).
-    #[arg(long, default_value_t = 8080)]
     pub port: u16,
-    /// Sequences served at once (slots, each with its own state of -c tokens): their decode
-    /// steps run batched, one pass over the weights for all; more requests wait in order.
-    #[arg(long, default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
+    /// Sequences served at once, each in a slot with its own state.
     pub parallel: usize,
     /// Every request must carry `Authorization: Bearer KEY`.
-    #[arg(long = "api-key", value_name = "KEY")]
     pub api_key: Option<String>,
     /// Largest request body in bytes.
-    #[arg(long = "max-body", default_value_t = 4 << 20)]
     pub max_body: usize,
-    /// Snapshot the state every N prompt tokens of a long prefill (0: only at prompt ends), so
-    /// later prompts sharing that start resume there.
-    #[arg(long = "snapshot-every", default_value_t = 1024)]
+    /// Snapshot the state every N prompt tokens of a long prefill (0: only at prompt ends).
     pub snapshot_every: usize,
-    /// Snapshots kept (0: none; the state itself is still reused when a prompt extends it).
-    #[arg(long = "snapshots", default_value_t = 4)]
+    /// Snapshots kept per slot.
     pub snapshots: usize,
-    /// Open connections at most (default: 1024, or fewer where the open-file limit is lower);
-    /// beyond it a new connection closes the one idle the longest, or gets a 503 when all are
-    /// busy.
-    #[arg(long = "max-connections", value_name = "N")]
+    /// Open connections at most (None: 1024, or fewer under a low open-file limit).
     pub max_connections: Option<usize>,
-    /// Seconds a client has to send a request's headers (from its first byte), and as many
-    /// for its body.
-    #[arg(long = "header-timeout", value_name = "SECS", default_value_t = 15)]
+    /// Seconds a client has to send a request's headers (and as many for its body).
     pub header_timeout: u64,
     /// Seconds a connection may stay open with no request in flight.
-    #[arg(long = "idle-timeout", value_name = "SECS", default_value_t = 60)]
     pub idle_timeout: u64,
 }
 
@@ -88,7 +71,7 @@ struct App {
 
 /// Runs the server until SIGINT or SIGTERM: jobs in progress stop after their current token and
 /// end with finish_reason "abort"; connections get a few seconds to send that.
-pub fn run(a: ServeArgs) -> Result<()> {
+pub fn run(a: Options) -> Result<()> {
     let open_files = raise_open_file_limit();
     let max_connections = a
         .max_connections
@@ -312,7 +295,7 @@ async fn prepare(app: &Arc<App>, prompt: Prompt) -> Result<Prepared, Response> {
 struct Ask {
     prompt: Prompt,
     max_tokens: Option<usize>,
-    sampling: SamplingArgs,
+    sampling: Settings,
     stream: bool,
     /// The request offers tools: look for calls in the answer.
     with_tools: bool,

@@ -3,7 +3,7 @@
 
 use serde::Deserialize;
 
-use crate::cli::common::SamplingArgs;
+use crate::sample::Settings;
 
 /// Most stop strings a request may give, and their longest length (each is searched for in
 /// the held-back answer text at every token).
@@ -93,7 +93,7 @@ fn range(field: &str, v: Option<f64>, lo: f64, hi: f64) -> Result<Option<f32>, S
 impl Sampling {
     /// The token limit and sampler flags, or what is wrong with them. `prefix` names where the
     /// fields are (`options.` for Ollama).
-    pub fn args(self, prefix: &str) -> Result<(Option<usize>, SamplingArgs), String> {
+    pub fn args(self, prefix: &str) -> Result<(Option<usize>, Settings), String> {
         let f = |name: &str| format!("{prefix}{name}");
         let (max_name, max) = match (self.max_completion_tokens, self.max_tokens) {
             (Some(m), _) => ("max_completion_tokens", Some(m)),
@@ -133,7 +133,7 @@ impl Sampling {
                 s.len()
             ));
         }
-        let a = SamplingArgs {
+        let a = Settings {
             temp: range(&f("temperature"), self.temperature, 0.0, 100.0)?,
             top_k,
             top_p: range(&f("top_p"), self.top_p, 0.0, 1.0)?,
@@ -156,7 +156,7 @@ impl Sampling {
 mod tests {
     use super::*;
 
-    fn check(json: &str) -> Result<(Option<usize>, SamplingArgs), String> {
+    fn check(json: &str) -> Result<(Option<usize>, Settings), String> {
         serde_json::from_str::<Sampling>(json).unwrap().args("")
     }
 

@@ -26,10 +26,11 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::backend::cpu::Cpu;
 use crate::chat::session::{prepare_prompt, prompt_tokens};
 use crate::chat::template::{ChatTemplate, Message, RenderOptions};
-use crate::cli::common::{self, ModelArgs, SamplingArgs};
+use crate::engine::load::{self, ModelOptions};
 use crate::generate::{Decoder, GenParams, Piece, Reasoning, Sequence, StopReason};
 use crate::gguf::Model as Gguf;
 use crate::model::{Forward, State};
+use crate::sample::Settings;
 use crate::tokenizer::Tokenizer;
 
 /// Prompt tokens per chunk while other slots decode (each of their tokens waits for it); alone,
@@ -112,7 +113,7 @@ pub struct Job {
     pub prompt: Prepared,
     pub max_tokens: Option<usize>,
     /// Sampling as the request set it (unset fields take the model's defaults).
-    pub sampling: SamplingArgs,
+    pub sampling: Settings,
     pub events: UnboundedSender<Event>,
 }
 
@@ -170,8 +171,8 @@ pub struct Slots {
 
 /// Starts the worker thread: loads the model there, then serves `jobs` until the channel
 /// closes. Returns once the model is loaded (or failed to load).
-pub fn spawn(mut args: ModelArgs, slots: Slots, jobs: Receiver<Job>) -> Result<Arc<Model>> {
-    common::apply_profile(&mut args)?;
+pub fn spawn(mut args: ModelOptions, slots: Slots, jobs: Receiver<Job>) -> Result<Arc<Model>> {
+    load::apply_profile(&mut args)?;
     args.place.sequences = slots.parallel;
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<Arc<Model>>>();
     std::thread::Builder::new()
@@ -187,15 +188,15 @@ pub fn spawn(mut args: ModelArgs, slots: Slots, jobs: Receiver<Job>) -> Result<A
 }
 
 fn serve_jobs(
-    args: &ModelArgs,
+    args: &ModelOptions,
     slots: Slots,
     jobs: Receiver<Job>,
     ready: &Sender<Result<Arc<Model>>>,
 ) -> Result<()> {
     let g = Gguf::open(&args.model)?;
-    let n_ctx = common::planned_context(&g, args.ctx_size);
-    let dev = common::device_weights(&g, &args.place, args.quiet, n_ctx)?;
-    let l = common::load(&g, dev.as_ref(), args)?;
+    let n_ctx = load::planned_context(&g, args.ctx_size);
+    let dev = load::device_weights(&g, &args.place, args.quiet, n_ctx)?;
+    let l = load::load(&g, dev.as_ref(), args)?;
     let template = args.template.load(g.metadata(), &l.tok)?;
     let tok = l.tok;
     let name = args

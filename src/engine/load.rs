@@ -1,0 +1,297 @@
+//! Loading a model for a run, below the command line: the options a run is made with, the
+//! context it gets, the plan that puts weights on a GPU, the threads, the model's pages read in
+//! behind a progress bar, and the CPU backend; the interrupt flags that stop long work.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use rayon::prelude::*;
+
+use crate::backend::cpu::{Cpu, Precision};
+use crate::backend::cuda::{DeviceWeights, Gpu};
+use crate::backend::placement::{PlacementArgs, Plan};
+use crate::chat::template::TemplateOptions;
+use crate::generate::PREFILL_BATCH;
+use crate::gguf::Model;
+use crate::model::Forward;
+use crate::tokenizer::Tokenizer;
+
+/// How to load and run a model: what `run`, `chat`, `serve` and `bench` take from their flags
+/// (0 or None: the default, or the tuned profile's).
+#[derive(Clone, Debug)]
+pub struct ModelOptions {
+    pub model: PathBuf,
+    /// Context size in tokens (0: the model's, at most 4096).
+    pub ctx_size: usize,
+    /// Threads (0: the physical cores).
+    pub threads: usize,
+    /// Prompt tokens per forward pass (0: 512).
+    pub batch_size: usize,
+    /// Ignore the settings `ggrun tune` saved for this model.
+    pub no_profile: bool,
+    /// f32 weights, activations and KV cache.
+    pub exact: bool,
+    /// No progress bar, no timings on stderr.
+    pub quiet: bool,
+    /// Keep weights only in the file's layout (no packed copies).
+    pub no_repack: bool,
+    pub place: PlacementArgs,
+    pub template: TemplateOptions,
+}
+
+/// Set by Ctrl-C while a reply is being generated; the generation loop stops at the next token.
+pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// True while generating: Ctrl-C then stops the reply instead of the program.
+pub static GENERATING: AtomicBool = AtomicBool::new(false);
+
+/// The error a command returns when Ctrl-C stopped it (exit status 130).
+#[derive(Debug)]
+pub struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("interrupted")
+    }
+}
+impl std::error::Error for Interrupted {}
+
+/// Device memory kept free beside the weights for the products' activations (a 512-token
+/// batch in and out of the widest matrix, with room to spare).
+const COMPUTE_RESERVE: u64 = 512 << 20;
+
+/// Free device memory left unplanned (the CUDA context, the kernels, allocator slack).
+pub const DEVICE_MARGIN: u64 = 256 << 20;
+
+/// The context a run of `g` gets when `asked` for (0: the model's trained length, at most 4096),
+/// known before loading: what the planner sizes the device state for.
+pub fn planned_context(g: &Model, asked: usize) -> usize {
+    let trained = g
+        .architecture()
+        .ok()
+        .and_then(|a| g.metadata().get_usize(&format!("{a}.context_length")).ok())
+        .unwrap_or(4096);
+    context_size(asked, trained)
+}
+
+/// The plan `place` makes for `g` against its budget alone (no device is opened: this is
+/// what `info` reports) with the state of an `n_ctx`-token context, or None when they ask for
+/// no GPU.
+pub fn plan_without_device(g: &Model, place: &PlacementArgs, n_ctx: usize) -> Result<Option<Plan>> {
+    if !place.wants_gpu() {
+        return Ok(None);
+    }
+    Plan::new(g, place, COMPUTE_RESERVE, n_ctx).map(Some)
+}
+
+/// The plan `place` makes for `g` at an `n_ctx`-token context against its budget (`tune`'s
+/// candidates; no device is opened).
+pub fn plan_for_budget(g: &Model, place: &PlacementArgs, n_ctx: usize) -> Result<Plan> {
+    Plan::new(g, place, COMPUTE_RESERVE, n_ctx)
+}
+
+/// The weights `place` puts on the GPU, or None: when it asks for no GPU, or when there is
+/// none (said in one line on stderr; the CPU then runs everything). A plan that cannot fit the
+/// budget is an error.
+pub fn device_weights(
+    g: &Model,
+    place: &PlacementArgs,
+    quiet: bool,
+    n_ctx: usize,
+) -> Result<Option<DeviceWeights>> {
+    let mut args = place.clone();
+    if !args.wants_gpu() {
+        return Ok(None);
+    }
+    let gpu = match Gpu::open(0) {
+        Ok(gpu) => gpu,
+        Err(e) => {
+            eprintln!("no GPU ({e:#}): running on the CPU");
+            return Ok(None);
+        }
+    };
+    // Never plan for more than the device has free: a larger --gpu-mem, or -ngl alone on a
+    // model that does not fit, keeps whole expert layers in RAM instead of failing to allocate.
+    let (free, _) = gpu.memory()?;
+    let free = (free as u64).saturating_sub(DEVICE_MARGIN);
+    if args.gpu_mem.is_some_and(|b| b > free) && !quiet {
+        eprintln!(
+            "warning: --gpu-mem is more than the {:.1} GiB free on {}; planning for that",
+            free as f64 / (1u64 << 30) as f64,
+            gpu.name
+        );
+    }
+    args.gpu_mem = Some(args.gpu_mem.map_or(free, |b| b.min(free)));
+    let plan = Plan::new(g, &args, COMPUTE_RESERVE, n_ctx)?;
+    if !quiet {
+        eprintln!("{}: {}", gpu.name, plan.summary());
+    }
+    let names = g.tensors().map(|t| t.name.clone());
+    Ok(Some(DeviceWeights::new(gpu, plan, names)))
+}
+
+/// The context size: asked, else the model's trained length capped at 4096.
+pub fn context_size(asked: usize, n_ctx_train: usize) -> usize {
+    if asked > 0 {
+        asked
+    } else if n_ctx_train > 0 {
+        n_ctx_train.min(4096)
+    } else {
+        4096
+    }
+}
+
+/// Reads every page of the mapped model once so the first tokens do not stall on page faults,
+/// with a progress bar on stderr when that takes more than a moment. Skipped when the model
+/// does not fit in available memory (sparse MoE models then fault in only what they use).
+pub fn prefault(g: &Model, quiet: bool) -> Result<()> {
+    let total: u64 = g.parts.iter().map(|p| p.bytes().len() as u64).sum();
+    if crate::backend::cpu::available_memory().is_some_and(|m| total > m / 10 * 9) {
+        return Ok(());
+    }
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(total),
+        indicatif::ProgressDrawTarget::hidden(),
+    );
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "loading {bar:30} {binary_bytes}/{binary_total_bytes} {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let start = Instant::now();
+    let shown = AtomicBool::new(false);
+    const CHUNK: usize = 16 << 20;
+    for part in &g.parts {
+        part.bytes().par_chunks(CHUNK).for_each(|chunk| {
+            let mut sum = 0u8;
+            for page in chunk.chunks(4096) {
+                sum = sum.wrapping_add(page[0]);
+            }
+            std::hint::black_box(sum);
+            bar.inc(chunk.len() as u64);
+            if !quiet
+                && start.elapsed() > Duration::from_millis(300)
+                && !shown.swap(true, Ordering::Relaxed)
+            {
+                bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+            }
+        });
+        if INTERRUPTED.load(Ordering::Relaxed) {
+            bail!(Interrupted);
+        }
+    }
+    bar.finish_and_clear();
+    Ok(())
+}
+
+/// What a command needs from a model file before generating.
+pub struct Loaded<'g> {
+    pub model: Box<dyn Forward + 'g>,
+    pub tok: Tokenizer,
+    pub cpu: Cpu,
+    pub n_ctx: usize,
+    /// Prompt tokens per forward pass.
+    pub batch: usize,
+}
+
+/// The tokenizer (its warnings printed unless quiet), the architecture, the model's pages read
+/// once behind a progress bar, the CPU backend and the context size, for these options.
+pub fn load<'g>(
+    g: &'g Model,
+    device: Option<&'g DeviceWeights>,
+    args: &ModelOptions,
+) -> Result<Loaded<'g>> {
+    let tok = Tokenizer::from_metadata(g.metadata())?;
+    if !args.quiet {
+        tok.warnings.iter().for_each(|w| eprintln!("warning: {w}"));
+    }
+    let precision = precision(args.exact);
+    crate::model::check_architecture(g)?;
+    prefault(g, args.quiet)?;
+    let opts = crate::model::LoadOptions {
+        repack: repack(args.no_repack, precision, g),
+        device,
+    };
+    let model = crate::model::load_with(g, opts)?;
+    let cpu = Cpu::new(threads(args.threads, args.quiet), precision)?;
+    let trained = model.n_ctx_train();
+    if args.ctx_size > trained && trained > 0 && !args.quiet {
+        eprintln!(
+            "warning: -c {} is above the {trained} tokens this model was trained on; expect worse answers past them",
+            args.ctx_size
+        );
+    }
+    let n_ctx = context_size(args.ctx_size, trained);
+    Ok(Loaded {
+        model,
+        tok,
+        cpu,
+        n_ctx,
+        batch: batch_size(args.batch_size),
+    })
+}
+
+/// The threads `asked` for (0: the physical cores), at most the CPUs this process may use
+/// (more only contend for them; said unless `quiet`).
+pub fn threads(asked: usize, quiet: bool) -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if asked > cpus {
+        if !quiet {
+            eprintln!("warning: -t {asked} is more than the {cpus} CPUs available; using {cpus}");
+        }
+        return cpus;
+    }
+    asked
+}
+
+/// The prompt batch `asked` for (0: [`PREFILL_BATCH`]).
+pub fn batch_size(asked: usize) -> usize {
+    if asked == 0 {
+        PREFILL_BATCH
+    } else {
+        asked
+    }
+}
+
+/// Fills what `args` leaves open from the model's tuned profile (see [`crate::profile`]).
+pub fn apply_profile(args: &mut ModelOptions) -> Result<()> {
+    let open = crate::profile::Open {
+        ctx_size: &mut args.ctx_size,
+        threads: &mut args.threads,
+        batch_size: &mut args.batch_size,
+        place: &mut args.place,
+    };
+    crate::profile::apply(&args.model, open, args.no_profile, args.quiet)?;
+    Ok(())
+}
+
+/// Whether loading packs weights: not when asked not to, nor in exact mode (which dequantizes
+/// from the file's layout), nor when the machine's available memory could not hold the model
+/// as anonymous copies (they cannot be evicted the way mapped pages can; a warning says so).
+pub fn repack(no_repack_flag: bool, precision: Precision, g: &Model) -> bool {
+    if no_repack_flag || precision != Precision::Normal {
+        return false;
+    }
+    match crate::backend::cpu::available_memory() {
+        Some(avail) if g.file_bytes() + (512 << 20) > avail => {
+            eprintln!(
+                "warning: {:.1} GiB available is too little for packed weight copies of this {:.1} GiB model; using the file's layout (slower; --no-repack silences this)",
+                avail as f64 / (1u64 << 30) as f64,
+                g.file_bytes() as f64 / (1u64 << 30) as f64
+            );
+            false
+        }
+        _ => true,
+    }
+}
+
+/// Exact precision when asked by flag or by GGRUN_EXACT=1; normal otherwise.
+pub fn precision(exact_flag: bool) -> Precision {
+    if exact_flag || std::env::var("GGRUN_EXACT").is_ok_and(|v| v == "1") {
+        Precision::Exact
+    } else {
+        Precision::Normal
+    }
+}

@@ -1,0 +1,3 @@
+//! The engine below the commands: a model loaded for a run with its options (`load`).
+
+pub mod load;
