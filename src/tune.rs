@@ -579,6 +579,7 @@ fn measure(
     let opts = crate::model::LoadOptions {
         repack: true,
         device: dev.as_ref(),
+        pass: Default::default(),
     };
     let cpu_bytes = dev.as_ref().map_or_else(
         || g.tensors().map(|t| t.size_bytes).sum(),

@@ -77,7 +77,7 @@ fn normal_mode_matches_llama_cpp() {
             &gg,
             model::LoadOptions {
                 repack,
-                device: None,
+                ..Default::default()
             },
         )
         .unwrap();

@@ -18,7 +18,7 @@ mod common;
 
 use common::{compare, golden, median, run};
 use ggrun::backend::cpu::{Cpu, Matrix, Precision};
-use ggrun::backend::cuda::{DeviceWeights, Epilogue, Gpu};
+use ggrun::backend::cuda::{DeviceWeights, Epilogue, Gpu, PassOptions, Prefetch};
 use ggrun::backend::placement::{PlacementArgs, Plan};
 use ggrun::gguf::Model;
 use ggrun::model::{self, LayerState, LoadOptions};
@@ -299,6 +299,7 @@ fn opts(dev: &DeviceWeights, repack: bool) -> LoadOptions<'_> {
     LoadOptions {
         repack,
         device: Some(dev),
+        ..Default::default()
     }
 }
 
@@ -337,14 +338,13 @@ fn whole_and_split_models_on_the_gpu_match_the_float64_reference() {
             n_gpu_layers: Some(3),
             ..Default::default()
         };
-        // (what, placement, GGRUN_PREFETCH=on, GGRUN_PREDICT)
-        for (what, args, prefetch, predict) in [
-            ("all on the GPU (device-resident)", ALL_ON_GPU, false, "on"),
+        // (what, placement, prefill prefetch forced on)
+        for (what, args, prefetch) in [
+            ("all on the GPU (device-resident)", ALL_ON_GPU, false),
             (
                 "experts of layers 0-1 in RAM (device-resident, CPU experts)",
                 split,
                 false,
-                "on",
             ),
             // The first MoE layer of the prompt runs its experts on the CPU, the second copies
             // them to the GPU, the rest go by the measured costs: both paths run.
@@ -352,19 +352,16 @@ fn whole_and_split_models_on_the_gpu_match_the_float64_reference() {
                 "all routed experts in RAM (CPU or copied in)",
                 all_in_ram.clone(),
                 false,
-                "on",
             ),
             // Every RAM layer of the prompt copied whole on the copy stream, two buffers in
             // turn, while the GPU computes the layers before it.
             (
-                "all routed experts in RAM, prefetched whole (GGRUN_PREFETCH=on)",
+                "all routed experts in RAM, prefetched whole (--prefetch on)",
                 all_in_ram.clone(),
                 true,
-                "on",
             ),
             // Decode computes cached experts on the GPU; ten slots of sixteen experts per
-            // layer, so the copies evict (the Q8_0 file's experts are 87,040 bytes). Each RAM
-            // layer predicts the next one's experts and prefetches those outside its cache.
+            // layer, so the copies evict (the Q8_0 file's experts are 87,040 bytes).
             (
                 "all routed experts in RAM, a hot-expert cache of 10 per layer",
                 PlacementArgs {
@@ -372,25 +369,6 @@ fn whole_and_split_models_on_the_gpu_match_the_float64_reference() {
                     ..all_in_ram.clone()
                 },
                 false,
-                "on",
-            ),
-            (
-                "all routed experts in RAM, a hot-expert cache of 10 per layer, every predicted miss prefetched",
-                PlacementArgs {
-                    expert_cache: Some(3 * 10 * 87_040),
-                    ..all_in_ram.clone()
-                },
-                false,
-                "all",
-            ),
-            (
-                "all routed experts in RAM, a hot-expert cache of 10 per layer, no prediction",
-                PlacementArgs {
-                    expert_cache: Some(3 * 10 * 87_040),
-                    ..all_in_ram.clone()
-                },
-                false,
-                "off",
             ),
             // The same with prefill prefetching whole layers: after the decode steps filled the
             // caches, a second prompt copies only the uncached experts.
@@ -401,7 +379,6 @@ fn whole_and_split_models_on_the_gpu_match_the_float64_reference() {
                     ..all_in_ram.clone()
                 },
                 true,
-                "on",
             ),
             // No staging buffer: the CPU computes every RAM expert, and decode steps, which
             // wait for it, must not run as CUDA graphs (they once did, replaying stale ids).
@@ -412,22 +389,30 @@ fn whole_and_split_models_on_the_gpu_match_the_float64_reference() {
                     ..all_in_ram
                 },
                 false,
-                "on",
             ),
             (
                 "last 3 layers on the GPU (products cross PCIe)",
                 some_layers,
                 false,
-                "on",
             ),
         ] {
             let dev = placed(&gg, &args);
-            // Read when the model's device parts are made (tests run one at a time here).
-            std::env::set_var("GGRUN_PREFETCH", if prefetch { "on" } else { "auto" });
-            std::env::set_var("GGRUN_PREDICT", predict);
-            let m = model::load_with(&gg, opts(&dev, true)).unwrap();
-            std::env::remove_var("GGRUN_PREFETCH");
-            std::env::remove_var("GGRUN_PREDICT");
+            let pass = PassOptions {
+                prefetch: if prefetch {
+                    Prefetch::On
+                } else {
+                    Prefetch::Auto
+                },
+                ..Default::default()
+            };
+            let m = model::load_with(
+                &gg,
+                LoadOptions {
+                    pass,
+                    ..opts(&dev, true)
+                },
+            )
+            .unwrap();
             let (mut rows, _) = run(m.as_ref(), &cpu, &g.prompt_tokens, steps, forced);
             if prefetch && args.expert_cache.is_some() {
                 // The prompt again, now that the caches hold experts: its rows replace the first
@@ -450,13 +435,6 @@ fn whole_and_split_models_on_the_gpu_match_the_float64_reference() {
                     report.contains("expert cache: 10 experts in each of 3 RAM layers")
                         && !report.contains(" 0.0% of"),
                     "{name}: the cache did not serve: {report}"
-                );
-                // Predictions run between the RAM layers of every decode step (three RAM
-                // layers: two predicted per step), and only when asked.
-                assert_eq!(
-                    report.contains("prediction:"),
-                    predict != "off",
-                    "{name}: predictions: {report}"
                 );
             }
             let (errs, top1) = compare(&rows, reference, g.n_vocab);
@@ -710,7 +688,7 @@ fn tune_on_the_device_picks_a_plan_within_the_budget() {
     eprintln!("tune at {budget} bytes: {v}");
 }
 
-/// Decode steps replayed as CUDA graphs (on unless GGRUN_CUDA_GRAPHS=off) compute what the
+/// Decode steps replayed as CUDA graphs (on unless the pass options say off) compute what the
 /// same steps launched one by one do, bit for bit (the same kernels at the same addresses), in both precisions, over a prompt and
 /// twelve greedy steps; with graphs on, the steps after the second really ran as graphs; a
 /// cleared state (the same buffers) replays its graph from position 0 again.
@@ -720,9 +698,19 @@ fn decode_steps_as_cuda_graphs_match_launches_bit_for_bit() {
     let g = golden("nemo-tiny-q8_0");
     let gg = Model::open(&g.model).unwrap();
     let steps = |graphs: bool, precision: Precision| {
-        std::env::set_var("GGRUN_CUDA_GRAPHS", if graphs { "on" } else { "off" });
         let dev = placed(&gg, &ALL_ON_GPU);
-        let m = model::load_with(&gg, opts(&dev, false)).unwrap();
+        let pass = PassOptions {
+            cuda_graphs: graphs,
+            ..Default::default()
+        };
+        let m = model::load_with(
+            &gg,
+            LoadOptions {
+                pass,
+                ..opts(&dev, false)
+            },
+        )
+        .unwrap();
         let cpu = Cpu::new(4, precision).unwrap();
         let mut st = m.new_state(64, precision).unwrap();
         let mut rows = Vec::new();
@@ -738,7 +726,6 @@ fn decode_steps_as_cuda_graphs_match_launches_bit_for_bit() {
             }
         }
         let report = m.offload_report().unwrap_or_default();
-        std::env::remove_var("GGRUN_CUDA_GRAPHS");
         (rows, report)
     };
     for precision in [Precision::Exact, Precision::Normal] {

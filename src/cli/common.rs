@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use anyhow::Result;
 use clap::{Args, ValueEnum};
 
+use crate::backend::cuda::{PassOptions, Prefetch};
 use crate::backend::placement::PlacementArgs;
 use crate::chat::template::{ChatTemplate, Limits, TemplateOptions};
 use crate::engine::load::{ModelOptions, GENERATING, INTERRUPTED};
@@ -48,6 +49,8 @@ pub struct ModelArgs {
     pub exact: bool,
     #[command(flatten)]
     pub template: TemplateFlags,
+    #[command(flatten)]
+    pub pass: PassFlags,
     /// No progress bar, no timings on stderr.
     #[arg(short = 'q', long)]
     pub quiet: bool,
@@ -57,6 +60,28 @@ pub struct ModelArgs {
     pub no_repack: bool,
     #[command(flatten)]
     pub place: PlacementFlags,
+}
+
+/// How a device-resident pass runs: switches for measurements and tests (hidden; the defaults
+/// are what measured best).
+#[derive(Args, Debug, Clone, Default)]
+pub struct PassFlags {
+    /// When prefill copies whole RAM expert layers ahead of use: auto, on or off.
+    #[arg(long, value_name = "WHEN", default_value = "auto", hide = true)]
+    pub prefetch: Prefetch,
+    /// Launch decode steps one by one instead of replaying them as CUDA graphs.
+    #[arg(long = "no-cuda-graphs", hide = true)]
+    pub no_cuda_graphs: bool,
+}
+
+impl PassFlags {
+    /// The options below the command line.
+    pub fn options(&self) -> PassOptions {
+        PassOptions {
+            prefetch: self.prefetch,
+            cuda_graphs: !self.no_cuda_graphs,
+        }
+    }
 }
 
 /// Which chat template, how messages reach it, and what a render may spend.
@@ -116,6 +141,7 @@ impl ModelArgs {
             quiet: self.quiet,
             no_repack: self.no_repack,
             place: self.place.args(),
+            pass: self.pass.options(),
             template: self.template.options(),
         }
     }

@@ -117,6 +117,8 @@ pub enum Command {
         no_repack: bool,
         #[command(flatten)]
         place: common::PlacementFlags,
+        #[command(flatten)]
+        pass: common::PassFlags,
         /// One JSON object with pp_tok_s and tg_tok_s.
         #[arg(long)]
         json: bool,
@@ -203,6 +205,8 @@ pub enum Command {
         no_repack: bool,
         #[command(flatten)]
         place: common::PlacementFlags,
+        #[command(flatten)]
+        pass: common::PassFlags,
     },
 }
 
@@ -277,6 +281,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             exact,
             no_repack,
             place,
+            pass,
         } => {
             let precision = load::precision(exact);
             let g = Model::open(&model)?;
@@ -289,6 +294,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             let opts = crate::model::LoadOptions {
                 repack: load::repack(no_repack, precision, &g),
                 device: dev.as_ref(),
+                pass: pass.options(),
             };
             let m = crate::model::load_with(&g, opts)?;
             let cpu = Cpu::new(load::threads(threads, false), precision)?;
@@ -332,6 +338,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             routing_window,
             no_repack,
             place,
+            pass,
         } => {
             let precision = load::precision(exact);
             let mut place = place.args();
@@ -352,6 +359,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             let opts = crate::model::LoadOptions {
                 repack: load::repack(no_repack, precision, &g),
                 device: dev.as_ref(),
+                pass: pass.options(),
             };
             let m = crate::model::load_with(&g, opts)?;
             let cpu = Cpu::new(load::threads(threads, false), precision)?;

@@ -10,7 +10,7 @@ use anyhow::{bail, Result};
 use rayon::prelude::*;
 
 use crate::backend::cpu::{Cpu, Precision};
-use crate::backend::cuda::{DeviceWeights, Gpu};
+use crate::backend::cuda::{DeviceWeights, Gpu, PassOptions};
 use crate::backend::placement::{PlacementArgs, Plan};
 use crate::chat::template::TemplateOptions;
 use crate::generate::PREFILL_BATCH;
@@ -38,6 +38,8 @@ pub struct ModelOptions {
     /// Keep weights only in the file's layout (no packed copies).
     pub no_repack: bool,
     pub place: PlacementArgs,
+    /// How a device-resident pass runs (measurement switches).
+    pub pass: PassOptions,
     pub template: TemplateOptions,
 }
 
@@ -213,6 +215,7 @@ pub fn load<'g>(
     let opts = crate::model::LoadOptions {
         repack: repack(args.no_repack, precision, g),
         device,
+        pass: args.pass,
     };
     let model = crate::model::load_with(g, opts)?;
     let cpu = Cpu::new(threads(args.threads, args.quiet), precision)?;

@@ -12,7 +12,7 @@ pub mod qwen;
 use anyhow::{anyhow, bail, Result};
 
 use crate::backend::cpu::{Cpu, Matrix};
-use crate::backend::cuda::DeviceWeights;
+use crate::backend::cuda::{DeviceWeights, PassOptions};
 pub use crate::backend::state::{LayerState, State};
 use crate::gguf::{Model as Gguf, TensorView};
 
@@ -23,6 +23,8 @@ pub struct LoadOptions<'a> {
     pub repack: bool,
     /// The weights placed on a GPU (uploaded as the loader meets them).
     pub device: Option<&'a DeviceWeights>,
+    /// How a device-resident pass runs.
+    pub pass: PassOptions,
 }
 
 /// Resolves tensors of a file by name, checking shapes, and prepares weight matrices as the
@@ -305,6 +307,7 @@ pub fn load(gguf: &Gguf) -> Result<Box<dyn Forward + '_>> {
         LoadOptions {
             repack: true,
             device: None,
+            pass: PassOptions::default(),
         },
     )
 }

@@ -675,7 +675,7 @@ mod tests {
             gguf: &g,
             opts: crate::model::LoadOptions {
                 repack: true,
-                device: None,
+                ..Default::default()
             },
         };
         let m = crate::model::nemotron_h::NemotronH::load(&t).unwrap();

@@ -182,6 +182,48 @@ impl Gpu {
     }
 }
 
+/// How a device-resident pass runs, where a measurement or a test needs to choose: the defaults
+/// are what measured best (BENCHMARKS.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PassOptions {
+    /// When prefill copies whole RAM expert layers ahead of the layers that need them.
+    pub prefetch: Prefetch,
+    /// Replay decode steps as CUDA graphs where every expert a step needs is on the device.
+    pub cuda_graphs: bool,
+}
+
+impl Default for PassOptions {
+    fn default() -> PassOptions {
+        PassOptions {
+            prefetch: Prefetch::Auto,
+            cuda_graphs: true,
+        }
+    }
+}
+
+/// When prefill prefetches whole RAM layers: where the measured costs say copying pays
+/// (`auto`), for every prefill batch (`on`), or never (`off`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Prefetch {
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+impl std::str::FromStr for Prefetch {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Prefetch, String> {
+        match s {
+            "auto" => Ok(Prefetch::Auto),
+            "on" => Ok(Prefetch::On),
+            "off" => Ok(Prefetch::Off),
+            _ => Err(format!("{s:?}: expected auto, on or off")),
+        }
+    }
+}
+
 /// The weights a [`Plan`] puts on a GPU, uploaded when the model loader first asks for them.
 pub struct DeviceWeights {
     pub gpu: Gpu,

@@ -17,7 +17,8 @@ use cudarc::driver::{CudaEvent, CudaSlice, CudaStream};
 use super::{Attention, Block, Mamba, Moe, NemotronH};
 use crate::backend::cpu::{Cpu, Matrix, Precision};
 use crate::backend::cuda::{
-    DeviceMatrix, DeviceRows, DeviceState, Epilogue, Gpu, Group, HostPins, StepGraph,
+    DeviceMatrix, DeviceRows, DeviceState, Epilogue, Gpu, Group, HostPins, PassOptions, Prefetch,
+    StepGraph,
 };
 use crate::model::{embed, LayerState, State};
 
@@ -66,7 +67,7 @@ pub(super) struct DeviceParts<'a> {
     graphs: Mutex<Graphs>,
 }
 
-/// Decode steps replayed as CUDA graphs (on unless `GGRUN_CUDA_GRAPHS=off`; tests/gpu.rs
+/// Decode steps replayed as CUDA graphs (on unless [`PassOptions::cuda_graphs`] is off; tests/gpu.rs
 /// compares them with plain launches bit for bit): a state's first decode step runs as usual
 /// (it loads the kernels), its second is captured, later ones replay. Only where the whole pass is on the device (no RAM
 /// experts: their steps wait for the CPU). A capture that fails turns graphs off for the model,
@@ -94,71 +95,6 @@ struct Offload {
     prefetch: Prefetch,
     /// The hot-expert cache of each RAM MoE layer (by layer index), when the plan has one.
     caches: Vec<(usize, Mutex<ExpertCache>)>,
-    /// Decode's prefetch of the next RAM layer's predicted experts.
-    predictions: Mutex<Predictions>,
-}
-
-/// Decode's prefetch of predicted experts: at each RAM MoE layer with a cache, the router of the
-/// next such layer, applied to the current hidden state (normed as that layer will norm it),
-/// predicts its experts; those its cache lacks and would admit (the cache's usage rule) are
-/// copied into their cache slots on a copy stream while the layers in between run, and that
-/// layer waits for the copy only if it selects one of them. `GGRUN_PREDICT=on`, `all` (copy
-/// every predicted expert the cache lacks, evicting the least used) or `off`; the default is
-/// [`PREDICT_DEFAULT`].
-struct Predictions {
-    on: bool,
-    /// Copy every predicted expert the cache lacks, evicting the least used (else only those
-    /// the cache's usage rule admits).
-    force: bool,
-    copy: Option<Arc<CudaStream>>,
-    /// Predictions waiting for their layer in this pass.
-    pending: Vec<Prediction>,
-    /// Experts predicted, and how many of them the layer then selected.
-    predicted: u64,
-    predicted_used: u64,
-    /// Predicted experts copied (those outside the cache), and how many of them were selected.
-    copied: u64,
-    copied_used: u64,
-}
-
-struct Prediction {
-    layer: usize,
-    experts: Vec<usize>,
-    /// The experts copied into the layer's cache.
-    copied: Vec<usize>,
-    done: CudaEvent,
-}
-
-/// Whether decode prefetches predicted experts unless `GGRUN_PREDICT` says otherwise: off, as
-/// measured (BENCHMARKS.md, "Predicted prefetch": with the cache serving ~92% of the selections,
-/// predicting costs more decode time than the few selections it serves save).
-const PREDICT_DEFAULT: bool = false;
-
-impl Predictions {
-    fn new(copy: Option<Arc<CudaStream>>) -> Predictions {
-        let mode = std::env::var("GGRUN_PREDICT");
-        let on = match mode.as_deref() {
-            Ok("on" | "all") => true,
-            Ok("off") => false,
-            _ => PREDICT_DEFAULT,
-        };
-        Predictions {
-            on: on && copy.is_some(),
-            force: mode.as_deref() == Ok("all"),
-            copy,
-            pending: Vec::new(),
-            predicted: 0,
-            predicted_used: 0,
-            copied: 0,
-            copied_used: 0,
-        }
-    }
-
-    /// The prediction made for `layer` in this pass, if any.
-    fn take(&mut self, layer: usize) -> Option<Prediction> {
-        let i = self.pending.iter().position(|p| p.layer == layer)?;
-        Some(self.pending.swap_remove(i))
-    }
 }
 
 /// A RAM layer's most used experts kept in device memory for decode. Each step counts the
@@ -175,22 +111,12 @@ struct ExpertCache {
     uses: Vec<f64>,
     lookups: u64,
     hits: u64,
-    /// The copy of predicted experts into slots, until a compute-stream reader has waited for it.
-    pending_copy: Option<CudaEvent>,
 }
 
 /// Per decode step, older selections count this much less (a memory of a few hundred tokens).
 const CACHE_DECAY: f64 = 0.995;
 
 impl ExpertCache {
-    /// Makes the compute stream's later reads of the slots wait for a prefetch into them.
-    fn ready(&mut self, g: &Gpu) -> Result<()> {
-        match self.pending_copy.take() {
-            Some(ev) => g.compute_wait(&ev),
-            None => Ok(()),
-        }
-    }
-
     /// Counts a step's selected experts.
     fn note(&mut self, selected: &[usize]) {
         for u in self.uses.iter_mut() {
@@ -204,9 +130,8 @@ impl ExpertCache {
     }
 
     /// A slot for expert `e` (not cached): a free one, else that of the least used expert
-    /// outside `keep` when `e` is used at least as much (or regardless, with `force`). None:
-    /// `e` is not worth a slot.
-    fn admit(&mut self, e: usize, keep: &[bool], force: bool) -> Option<usize> {
+    /// outside `keep` when `e` is used at least as much. None: `e` is not worth a slot.
+    fn admit(&mut self, e: usize, keep: &[bool]) -> Option<usize> {
         let slot = match self.holder.iter().position(Option::is_none) {
             Some(s) => s,
             None => {
@@ -217,7 +142,7 @@ impl ExpertCache {
                     .filter_map(|(s, h)| h.map(|v| (s, v)))
                     .filter(|&(_, v)| !keep[v])
                     .min_by(|a, b| self.uses[a.1].total_cmp(&self.uses[b.1]))?;
-                if self.uses[victim] > self.uses[e] && !force {
+                if self.uses[victim] > self.uses[e] {
                     return None;
                 }
                 self.slot_of[victim] = None;
@@ -227,26 +152,6 @@ impl ExpertCache {
         self.holder[slot] = Some(e);
         self.slot_of[e] = Some(slot);
         Some(slot)
-    }
-}
-
-/// When prefill prefetches whole RAM layers (`GGRUN_PREFETCH`: `auto`, the default, where the
-/// measured costs say copying pays; `on` for every prefill batch; `off` never), so that what
-/// it is worth can be measured and tested.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Prefetch {
-    Auto,
-    On,
-    Off,
-}
-
-impl Prefetch {
-    fn from_env() -> Prefetch {
-        match std::env::var("GGRUN_PREFETCH").as_deref() {
-            Ok("on") => Prefetch::On,
-            Ok("off") => Prefetch::Off,
-            _ => Prefetch::Auto,
-        }
     }
 }
 
@@ -365,7 +270,13 @@ impl Offload {
     /// Staging and page-locking for the MoE layers whose experts stay in RAM (None when there
     /// are none, or when the plan reserved no room to stage them: then the CPU computes them
     /// always).
-    fn new(gpu: &Gpu, m: &NemotronH, budget: u64, cache_budget: u64) -> Option<Offload> {
+    fn new(
+        gpu: &Gpu,
+        m: &NemotronH,
+        budget: u64,
+        cache_budget: u64,
+        prefetch: Prefetch,
+    ) -> Option<Offload> {
         let ram_layers: Vec<(usize, &Moe)> = m
             .layers
             .iter()
@@ -421,18 +332,12 @@ impl Offload {
             }
         }
         let caches = ExpertCache::for_layers(gpu, m, &ram_layers, cache_budget);
-        // Predicted experts go over on a copy stream of their own, from page-locked memory.
-        let predict_copy = match (&pins, caches.len()) {
-            (Some(_), 2..) => gpu.copy_stream().ok(),
-            _ => None,
-        };
         Some(Offload {
             stage: Mutex::new(stage),
             pins,
             costs: Mutex::default(),
-            prefetch: Prefetch::from_env(),
+            prefetch,
             caches,
-            predictions: Mutex::new(Predictions::new(predict_copy)),
         })
     }
 
@@ -451,18 +356,6 @@ impl Offload {
             .iter()
             .find(|(l, _)| *l == layer)
             .map(|(_, c)| c)
-    }
-
-    /// The RAM layer with a cache after `layer`, when decode predicts (`layer` has a cache too).
-    fn next_predicted(&self, layer: usize) -> Option<usize> {
-        let on = self
-            .predictions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .on;
-        let i = self.caches.iter().position(|(l, _)| *l == layer)?;
-        let (next, _) = self.caches.get(i + 1)?;
-        on.then_some(*next)
     }
 }
 
@@ -506,7 +399,6 @@ impl ExpertCache {
                     uses: vec![0.0; m.n_expert],
                     lookups: 0,
                     hits: 0,
-                    pending_copy: None,
                 })
             })();
             match made {
@@ -551,6 +443,7 @@ impl<'a> DeviceParts<'a> {
         m: &NemotronH<'a>,
         staging_budget: u64,
         cache_budget: u64,
+        pass: PassOptions,
     ) -> Result<Option<DeviceParts<'a>>> {
         if !resident(m) {
             return Ok(None);
@@ -580,15 +473,14 @@ impl<'a> DeviceParts<'a> {
                 block,
             });
         }
-        let offload = Offload::new(gpu, m, staging_budget, cache_budget);
+        let offload = Offload::new(gpu, m, staging_budget, cache_budget, pass.prefetch);
         // Graphs only where no step waits for the CPU: every routed expert on the device (not
         // merely no staging: without room to stage, RAM experts still run on the CPU).
         let experts_on_device = m.layers.iter().all(|l| match &l.block {
             Block::Moe(b) => b.up.device.is_some() && b.down.device.is_some(),
             _ => true,
         });
-        let on = experts_on_device
-            && !std::env::var("GGRUN_CUDA_GRAPHS").is_ok_and(|v| v == "off" || v == "0");
+        let on = experts_on_device && pass.cuda_graphs;
         Ok(Some(DeviceParts {
             gpu,
             layers,
@@ -657,19 +549,6 @@ impl<'a> DeviceParts<'a> {
                 o.caches.len(),
                 100.0 * hits as f64 / lookups.max(1) as f64
             );
-        }
-        {
-            let p = o.predictions.lock().unwrap_or_else(|e| e.into_inner());
-            if p.predicted > 0 {
-                line += &format!(
-                    "; prediction: {:.1}% of {} predicted experts selected, {} prefetched ({:.1}% of them selected, {} selections served)",
-                    100.0 * p.predicted_used as f64 / p.predicted as f64,
-                    p.predicted,
-                    p.copied,
-                    100.0 * p.copied_used as f64 / p.copied.max(1) as f64,
-                    p.copied_used
-                );
-            }
         }
         if let Some(p) = &o.pins {
             line += &format!(
@@ -745,14 +624,6 @@ impl<'a> DeviceParts<'a> {
         }
         let mut pos = self.pos.lock().unwrap_or_else(|e| e.into_inner());
         g.upload_into(&[state.pos as i32], &mut pos)?;
-        if let Some(o) = &self.offload {
-            // Predictions hold for the pass that made them.
-            o.predictions
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .pending
-                .clear();
-        }
         if t == 1 && !all_logits {
             if let Some(logits) = self.decode_step(m, cpu, state, tokens, &pos)? {
                 return Ok(logits);
@@ -1095,14 +966,7 @@ impl<'a> DeviceParts<'a> {
                 self.shared(b, h, x, t)
             }
             _ => {
-                let predicted = match t {
-                    1 => self.predict(m, layer, x)?,
-                    _ => None,
-                };
                 let ids_h = g.to_host(&ids)?;
-                if let Some((next, ids)) = predicted {
-                    self.prefetch_predicted(m, next, &g.to_host(&ids)?)?;
-                }
                 if t > 1 && self.prefetched(m, layer, &ids_h, &wts, h, x, t, b.ff)? {
                     return self.shared(b, h, x, t);
                 }
@@ -1141,17 +1005,7 @@ impl<'a> DeviceParts<'a> {
                     .as_ref()
                     .and_then(|o| o.cache(layer).map(|c| (o, c)));
                 if let (1, Some((o, cache))) = (t, cache) {
-                    self.cached_decode(
-                        m,
-                        o,
-                        (layer, cache),
-                        b,
-                        &ids_h,
-                        &wts_h,
-                        &mut per_expert,
-                        h,
-                        x,
-                    )?;
+                    self.cached_decode(m, o, cache, b, &ids_h, &wts_h, &mut per_expert, h, x)?;
                 } else if t == 1 {
                     if let Some((o, to_gpu)) = self.decode_split(m, b, &per_expert) {
                         let measure = o
@@ -1428,12 +1282,9 @@ impl<'a> DeviceParts<'a> {
                 (u, d)
             };
             // Cached experts were not copied (see `fill`): their rows are in the cache.
-            let mut cache = o
+            let cache = o
                 .cache(layer)
                 .map(|c| c.lock().unwrap_or_else(|e| e.into_inner()));
-            if let Some(c) = cache.as_mut() {
-                c.ready(g)?;
-            }
             let in_cache = |e: usize| cache.as_ref().and_then(|c| c.slot_of[e].map(|s| (c, s)));
             let up_of = |e: usize| match in_cache(e) {
                 Some((c, s)) => DeviceRows {
@@ -1477,111 +1328,6 @@ impl<'a> DeviceParts<'a> {
         Ok(true)
     }
 
-    /// Queues, on the compute stream, the prediction of the next predicted RAM layer's experts
-    /// for this decode step (see [`Predictions`]): that layer's norm and router on the hidden
-    /// state `x` entering `layer`, and its top-k. Returns the next layer and the ids.
-    fn predict(
-        &self,
-        m: &NemotronH,
-        layer: usize,
-        x: &CudaSlice<f32>,
-    ) -> Result<Option<(usize, CudaSlice<i32>)>> {
-        let g = self.gpu;
-        let Some(next) = self.offload.as_ref().and_then(|o| o.next_predicted(layer)) else {
-            return Ok(None);
-        };
-        let (Block::Moe(b), DeviceBlock::Moe { bias, .. }) =
-            (&m.layers[next].block, &self.layers[next].block)
-        else {
-            bail!("predicted layer {next} is not a MoE layer");
-        };
-        let (ne, k) = (m.n_expert, m.n_expert_used);
-        let mut hn = g.output(m.n_embd)?;
-        g.rms_norm(
-            &x.slice(..),
-            &self.layers[next].norm,
-            &mut hn.slice_mut(..),
-            1,
-            m.eps,
-        )?;
-        let mut logits = g.output(ne)?;
-        dev(&b.router)?.launch(&hn.slice(..), 1, &mut logits.slice_mut(..), Epilogue::Store)?;
-        let mut ids = g.output::<i32>(k)?;
-        let mut wts = g.output(k)?;
-        // The prediction does not count as a selection.
-        let mut scratch = g.output::<u32>(ne)?;
-        g.route_topk(
-            &logits,
-            bias,
-            &mut ids,
-            &mut wts,
-            &mut scratch,
-            1,
-            k,
-            m.weights_norm,
-            m.weights_scale,
-        )?;
-        Ok(Some((next, ids)))
-    }
-
-    /// Copies the predicted experts of `layer` that its cache lacks, and admits, into their
-    /// cache slots on the prediction's copy stream, after the compute stream's work so far.
-    fn prefetch_predicted(&self, m: &NemotronH, layer: usize, ids: &[i32]) -> Result<()> {
-        let (Some(o), Block::Moe(b)) = (&self.offload, &m.layers[layer].block) else {
-            return Ok(());
-        };
-        let Some(cache) = o.cache(layer) else {
-            return Ok(());
-        };
-        let g = self.gpu;
-        let (ne, n, ff) = (m.n_expert, m.n_embd, b.ff);
-        let experts: Vec<usize> = ids
-            .iter()
-            .map(|&e| e as usize)
-            .filter(|&e| e < ne)
-            .collect();
-        let mut keep = vec![false; ne];
-        for &e in &experts {
-            keep[e] = true;
-        }
-        let (copy, force) = {
-            let p = o.predictions.lock().unwrap_or_else(|e| e.into_inner());
-            (p.copy.clone(), p.force)
-        };
-        let copy = copy.ok_or_else(|| anyhow!("no copy stream"))?;
-        // Locks in the order decode takes them: the cache, then the predictions.
-        let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
-        // The slots may hold experts a queued layer still reads.
-        copy.wait(&g.compute_event()?)
-            .map_err(|e| anyhow!("CUDA event wait: {e:?}"))?;
-        let mut copied = Vec::new();
-        for &e in &experts {
-            if c.slot_of[e].is_some() {
-                continue;
-            }
-            let Some(slot) = c.admit(e, &keep, force) else {
-                continue;
-            };
-            let (up_rows, down_rows) = expert_rows(b, n, e..e + 1);
-            g.stage_rows_on(&copy, &mut c.up, slot * ff, up_rows)?;
-            g.stage_rows_on(&copy, &mut c.down, slot * n, down_rows)?;
-            copied.push(e);
-        }
-        let done = copy
-            .record_event(None)
-            .map_err(|e| anyhow!("CUDA event: {e:?}"))?;
-        let mut p = o.predictions.lock().unwrap_or_else(|e| e.into_inner());
-        p.predicted += experts.len() as u64;
-        p.copied += copied.len() as u64;
-        p.pending.push(Prediction {
-            layer,
-            experts,
-            copied,
-            done,
-        });
-        Ok(())
-    }
-
     /// A decode step of a RAM layer with an expert cache: the selected experts in the cache run
     /// there; of the others, the most used are copied over (as many as the measured costs say
     /// finish with the CPU's share) into cache slots they win (else the staging buffer), and
@@ -1591,7 +1337,7 @@ impl<'a> DeviceParts<'a> {
         &self,
         m: &NemotronH,
         o: &Offload,
-        (layer, cache): (usize, &Mutex<ExpertCache>),
+        cache: &Mutex<ExpertCache>,
         b: &Moe,
         ids_h: &[i32],
         wts_h: &[f32],
@@ -1602,29 +1348,8 @@ impl<'a> DeviceParts<'a> {
         let g = self.gpu;
         let (ne, n, ff) = (m.n_expert, m.n_embd, b.ff);
         let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
-        c.ready(g)?;
         let selected: Vec<usize> = (0..ne).filter(|&e| !per_expert[e].is_empty()).collect();
         c.note(&selected);
-        // Experts this pass prefetched into the cache are there once their copy is done; they
-        // count as prefetch hits, not cache hits.
-        let prediction = o
-            .predictions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take(layer);
-        if let Some(p) = prediction {
-            let chosen = |e: &&usize| !per_expert[**e].is_empty();
-            let used = p.copied.iter().filter(chosen).count() as u64;
-            // Waited for now where this step reads a prefetched expert, else by the next reader.
-            c.pending_copy = (!p.copied.is_empty()).then_some(p.done);
-            if used > 0 {
-                c.ready(g)?;
-            }
-            c.hits -= used;
-            let mut stats = o.predictions.lock().unwrap_or_else(|e| e.into_inner());
-            stats.predicted_used += p.experts.iter().filter(chosen).count() as u64;
-            stats.copied_used += used;
-        }
         let mut on_gpu = vec![false; ne];
         for &e in &selected {
             on_gpu[e] = c.slot_of[e].is_some();
@@ -1650,11 +1375,6 @@ impl<'a> DeviceParts<'a> {
         if !on_gpu.iter().any(|&v| v) {
             return Ok(());
         }
-        // This step's copies may evict a prefetched expert whose copy is still in flight: they
-        // go after it.
-        if !copies.is_empty() {
-            c.ready(g)?;
-        }
         // The GPU's share: its pairs' index tables and weights go up before any copy is queued.
         let masked: Vec<f32> = ids_h
             .iter()
@@ -1675,7 +1395,7 @@ impl<'a> DeviceParts<'a> {
         let (mut next, mut copied) = (0, 0);
         for &e in copies {
             let (up_rows, down_rows) = expert_rows(b, n, e..e + 1);
-            match c.admit(e, &on_gpu, false) {
+            match c.admit(e, &on_gpu) {
                 Some(slot) => {
                     g.stage_rows(&mut c.up, slot * ff, up_rows)?;
                     g.stage_rows(&mut c.down, slot * n, down_rows)?;

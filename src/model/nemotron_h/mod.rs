@@ -252,7 +252,7 @@ impl<'a> NemotronH<'a> {
         };
         let staging = t.opts.device.map_or(0, |d| d.plan.staging_bytes);
         let cache = t.opts.device.map_or(0, |d| d.plan.cache_bytes);
-        m.dev = device::DeviceParts::new(&m, staging, cache)?;
+        m.dev = device::DeviceParts::new(&m, staging, cache, t.opts.pass)?;
         Ok(m)
     }
 
