@@ -384,18 +384,7 @@ fn sigterm_stops_the_server() {
     );
     assert_eq!(status, 200);
     s.terminate();
-    let t0 = Instant::now();
-    let code = loop {
-        if let Some(st) = s.child.try_wait().unwrap() {
-            break st.code();
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "still running after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert_eq!(code, Some(0));
+    assert_eq!(s.exit_within(Duration::from_secs(20)), Some(0));
 }
 
 /// A long history comes back after another conversation replaced the state: the snapshot taken

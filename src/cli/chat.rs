@@ -22,7 +22,6 @@ use super::common::{self, ModelArgs, OnOff, SamplingArgs, ThinkArgs};
 use crate::chat::session::Session;
 use crate::engine::load::{self, GENERATING, INTERRUPTED};
 use crate::generate::{Engine, GenParams, Outcome, Piece, Reasoning, StopReason};
-use crate::gguf::Model;
 
 #[derive(Args, Debug)]
 pub struct ChatArgs {
@@ -56,10 +55,7 @@ pub fn run(a: ChatArgs, out: &mut dyn Write) -> Result<()> {
     common::install_ctrl_c();
     let interactive = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
     let mut opts = a.model.options();
-    load::apply_profile(&mut opts)?;
-    let g = Model::open(&opts.model)?;
-    let n_ctx = load::planned_context(&g, opts.ctx_size);
-    let dev = load::device_weights(&g, &opts.place, opts.quiet, n_ctx)?;
+    let (g, dev) = load::open(&mut opts)?;
     let l = load::load(&g, dev.as_ref(), &opts)?;
     let mut engine = Engine::new(l.model.as_ref(), l.cpu, l.tok, l.n_ctx)?;
     engine.seq.batch = l.batch;

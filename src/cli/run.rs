@@ -14,7 +14,6 @@ use super::common::{self, ModelArgs, SamplingArgs, ThinkArgs};
 use crate::chat::session::{prompt_tokens, Session};
 use crate::engine::load::{self, GENERATING, INTERRUPTED};
 use crate::generate::{Engine, GenParams, Piece, Reasoning, StopReason};
-use crate::gguf::Model;
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
@@ -80,10 +79,7 @@ pub fn run(a: RunArgs, out: &mut dyn Write) -> Result<()> {
     GENERATING.store(true, Ordering::SeqCst);
     let t0 = Instant::now();
     let mut opts = a.model.options();
-    load::apply_profile(&mut opts)?;
-    let g = Model::open(&opts.model)?;
-    let n_ctx = load::planned_context(&g, opts.ctx_size);
-    let dev = load::device_weights(&g, &opts.place, opts.quiet, n_ctx)?;
+    let (g, dev) = load::open(&mut opts)?;
     let l = load::load(&g, dev.as_ref(), &opts)?;
     let load_secs = t0.elapsed().as_secs_f64();
     let n_ctx = l.n_ctx;

@@ -188,6 +188,17 @@ pub fn prefault(g: &Model, quiet: bool) -> Result<()> {
     Ok(())
 }
 
+/// Opens the model `opts` name and puts on the GPU what their placement asks for, at the
+/// context they plan for (the profile's settings applied first, where `opts` leave them open):
+/// the file and its device weights, for [`load`].
+pub fn open(opts: &mut ModelOptions) -> Result<(Model, Option<DeviceWeights>)> {
+    apply_profile(opts)?;
+    let g = Model::open(&opts.model)?;
+    let n_ctx = planned_context(&g, opts.ctx_size);
+    let dev = device_weights(&g, &opts.place, opts.quiet, n_ctx)?;
+    Ok((g, dev))
+}
+
 /// What a command needs from a model file before generating.
 pub struct Loaded<'g> {
     pub model: Box<dyn Forward + 'g>,

@@ -172,13 +172,12 @@ pub struct Slots {
 /// Starts the worker thread: loads the model there, then serves `jobs` until the channel
 /// closes. Returns once the model is loaded (or failed to load).
 pub fn spawn(mut args: ModelOptions, slots: Slots, jobs: Receiver<Job>) -> Result<Arc<Model>> {
-    load::apply_profile(&mut args)?;
     args.place.sequences = slots.parallel;
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<Arc<Model>>>();
     std::thread::Builder::new()
         .name("ggrun-serve-worker".into())
         .spawn(move || {
-            if let Err(e) = serve_jobs(&args, slots, jobs, &ready_tx) {
+            if let Err(e) = serve_jobs(args, slots, jobs, &ready_tx) {
                 let _ = ready_tx.send(Err(e));
             }
         })?;
@@ -188,15 +187,13 @@ pub fn spawn(mut args: ModelOptions, slots: Slots, jobs: Receiver<Job>) -> Resul
 }
 
 fn serve_jobs(
-    args: &ModelOptions,
+    mut args: ModelOptions,
     slots: Slots,
     jobs: Receiver<Job>,
     ready: &Sender<Result<Arc<Model>>>,
 ) -> Result<()> {
-    let g = Gguf::open(&args.model)?;
-    let n_ctx = load::planned_context(&g, args.ctx_size);
-    let dev = load::device_weights(&g, &args.place, args.quiet, n_ctx)?;
-    let l = load::load(&g, dev.as_ref(), args)?;
+    let (g, dev) = load::open(&mut args)?;
+    let l = load::load(&g, dev.as_ref(), &args)?;
     let template = args.template.load(g.metadata(), &l.tok)?;
     let tok = l.tok;
     let name = args

@@ -15,6 +15,18 @@ pub struct Server {
 }
 
 impl Server {
+    /// The server's exit status, waiting at most `limit` for it to end.
+    pub fn exit_within(&mut self, limit: Duration) -> Option<i32> {
+        let t0 = std::time::Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st.code();
+            }
+            assert!(t0.elapsed() < limit, "still running after {limit:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Sends the server SIGTERM.
     pub fn terminate(&self) {
         let pid = self.child.id().to_string();
