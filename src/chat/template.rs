@@ -282,13 +282,6 @@ impl std::io::Write for CappedOutput {
     }
 }
 
-impl ChatTemplate {
-    /// What a render may spend.
-    pub fn limits(&self) -> &Limits {
-        &self.limits
-    }
-}
-
 /// Escapes special-token text in every string of `v` (see [`Shield::escape`]).
 fn shield_strings(v: &mut serde_json::Value, shield: &Shield, control_only: bool) {
     use serde_json::Value as J;

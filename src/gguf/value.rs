@@ -203,26 +203,6 @@ macro_rules! numeric {
 }
 
 impl Array {
-    /// An empty array of elements of type `t`.
-    pub fn empty(t: ValueType) -> Array {
-        use ValueType as T;
-        match t {
-            T::U8 => Array::U8(Vec::new()),
-            T::I8 => Array::I8(Vec::new()),
-            T::U16 => Array::U16(Vec::new()),
-            T::I16 => Array::I16(Vec::new()),
-            T::U32 => Array::U32(Vec::new()),
-            T::I32 => Array::I32(Vec::new()),
-            T::F32 => Array::F32(Vec::new()),
-            T::Bool => Array::Bool(Vec::new()),
-            T::String => Array::String(Strings::default()),
-            T::Array => Array::Array(Vec::new()),
-            T::U64 => Array::U64(Vec::new()),
-            T::I64 => Array::I64(Vec::new()),
-            T::F64 => Array::F64(Vec::new()),
-        }
-    }
-
     pub fn elem_type(&self) -> ValueType {
         match self {
             Array::U8(_) => ValueType::U8,
@@ -269,26 +249,10 @@ impl Array {
         numeric!(self, v => v.get(i).map(|&x| x as f64), _ => None)
     }
 
-    /// The elements of a string array.
-    pub fn strings(&self) -> Option<&Strings> {
-        match self {
-            Array::String(s) => Some(s),
-            _ => None,
-        }
-    }
-
     /// The elements of a boolean array.
     pub fn bools(&self) -> Option<&[bool]> {
         match self {
             Array::Bool(b) => Some(b),
-            _ => None,
-        }
-    }
-
-    /// The elements of an array of arrays.
-    pub fn arrays(&self) -> Option<&[Array]> {
-        match self {
-            Array::Array(a) => Some(a),
             _ => None,
         }
     }
