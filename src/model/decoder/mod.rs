@@ -3,15 +3,20 @@
 //! biases, per-head q/k RMSNorm, sliding windows, sink logits, YaRN scaling) and a feed-forward
 //! part that is a gated MLP (SiLU, GELU-tanh) or routed experts (softmax routers, SwiGLU or
 //! gpt-oss's clamped SwiGLU, expert biases), each with optional post-norms (gemma3). The
-//! architecture files only read their hyperparameters and tensors into a [`Decoder`]; the
-//! forward pass is this one.
+//! architecture files only read their hyperparameters and tensors into a [`Decoder`] (a
+//! description); the forward pass is written once here over [`Ops`], which an executor
+//! implements: `cpu.rs` (host memory, the thread pool; products of GPU-placed weights cross
+//! PCIe one by one). A device-resident executor is the next step of issue 21.
+
+mod cpu;
+
+use std::ops::Range;
 
 use anyhow::{bail, Context, Result};
-use rayon::prelude::*;
 
-use super::{embed, segments, Forward, LayerState, Seq, State, Tensors};
+use super::{segments, Forward, Seq, State, Tensors};
 use crate::backend::attention::{self, AttnShape};
-use crate::backend::cpu::{rms_norm, round_f16, silu, Cpu, Matrix, Precision};
+use crate::backend::cpu::{round_f16, silu, Cpu, Matrix, Precision};
 use crate::gguf::Metadata;
 
 /// Rotary position embedding of one layer, as ggml computes it.
@@ -139,31 +144,6 @@ impl Rope {
 pub struct Linear<'a> {
     pub w: Matrix<'a>,
     pub b: Option<Vec<f32>>,
-}
-
-impl Linear<'_> {
-    fn run(&self, cpu: &Cpu, x: &[f32], t: usize) -> Result<Vec<f32>> {
-        let mut y = vec![0f32; t * self.w.rows];
-        cpu.matmul(&self.w, x, t, &mut y)?;
-        if let Some(b) = &self.b {
-            add_rows(&mut y, b);
-        }
-        Ok(y)
-    }
-}
-
-/// Expert `e`'s `rows` values of stacked per-expert biases.
-fn expert_rows(b: Option<&[f32]>, e: usize, rows: usize) -> Option<&[f32]> {
-    b.map(|b| &b[e * rows..(e + 1) * rows])
-}
-
-/// Adds `b` to each row of `y` (rows of `b.len()`).
-fn add_rows(y: &mut [f32], b: &[f32]) {
-    for row in y.chunks_mut(b.len()) {
-        for (v, c) in row.iter_mut().zip(b) {
-            *v += c;
-        }
-    }
 }
 
 /// One attention block.
@@ -576,132 +556,124 @@ impl<'a> Decoder<'a> {
         Ok(())
     }
 
-    /// Layer `i`'s attention over `h` (the normed rows of every sequence).
-    fn attention(
+    /// The forward pass over the tokens of `seqs` (consecutive runs of `tokens`), on the
+    /// executor `e`: logits of every row when `all_logits`, else of each sequence's last.
+    fn pass<E: Ops>(
         &self,
-        cpu: &Cpu,
-        i: usize,
-        a: &Attention,
-        h: &[f32],
+        e: &E,
         seqs: &mut [Seq],
-        segs: &[std::ops::Range<usize>],
+        tokens: &[u32],
+        all_logits: bool,
     ) -> Result<Vec<f32>> {
-        let s = &a.shape;
-        let t = h.len() / self.n_embd;
-        let (mut q, mut k, v) = (
-            a.q.run(cpu, h, t)?,
-            a.k.run(cpu, h, t)?,
-            a.v.run(cpu, h, t)?,
-        );
-        if let Some(w) = &a.q_norm {
-            rms_norm(&mut q, w, self.eps);
+        let t = tokens.len();
+        let segs = segments(seqs, t)?;
+        let at: Vec<(usize, Range<usize>)> = seqs
+            .iter()
+            .zip(&segs)
+            .map(|(s, r)| (s.state.pos, r.clone()))
+            .collect();
+        let eps = self.eps;
+        let mut x = e.embed(self, tokens)?;
+        for (i, l) in self.layers.iter().enumerate() {
+            let mut layer = || -> Result<()> {
+                let a = &l.attn;
+                let s = &a.shape;
+                let h = e.norm(&x, &l.attn_norm, eps)?;
+                let (mut q, mut k, v) = (
+                    e.linear(&a.q, &h, t)?,
+                    e.linear(&a.k, &h, t)?,
+                    e.linear(&a.v, &h, t)?,
+                );
+                if let Some(w) = &a.q_norm {
+                    e.norm_in_place(&mut q, w, eps)?;
+                }
+                if let Some(w) = &a.k_norm {
+                    e.norm_in_place(&mut k, w, eps)?;
+                }
+                e.rope(&mut q, &a.rope, s.n_head, s.head_dim, &at)?;
+                e.rope(&mut k, &a.rope, s.n_head_kv, s.head_dim, &at)?;
+                let o = e.attend(i, a, &q, &k, &v, seqs, &segs)?;
+                let mut y = e.linear(&a.o, &o, t)?;
+                if let Some(w) = &l.attn_post_norm {
+                    e.norm_in_place(&mut y, w, eps)?;
+                }
+                e.add(&mut x, &y)?;
+                let h = e.norm(&x, &l.ffn_norm, eps)?;
+                let mut y = match &l.ffn {
+                    FeedForward::Gated(f) => e.gated(f, &h, t)?,
+                    FeedForward::Moe(m) => e.moe(self, i, m, &h, t)?,
+                };
+                if let Some(w) = &l.ffn_post_norm {
+                    e.norm_in_place(&mut y, w, eps)?;
+                }
+                e.add(&mut x, &y)
+            };
+            layer().with_context(|| format!("layer {i}"))?;
         }
-        if let Some(w) = &a.k_norm {
-            rms_norm(&mut k, w, self.eps);
+        for seq in seqs.iter_mut() {
+            seq.state.pos += seq.len;
         }
-        let (qd, kd) = (s.n_head * s.head_dim, s.n_head_kv * s.head_dim);
-        for (seq, r) in seqs.iter().zip(segs) {
-            let pos = seq.state.pos;
-            a.rope
-                .apply(&mut q[r.start * qd..r.end * qd], s.n_head, s.head_dim, pos);
-            a.rope.apply(
-                &mut k[r.start * kd..r.end * kd],
-                s.n_head_kv,
-                s.head_dim,
-                pos,
-            );
-        }
-        let mut sts: Vec<&mut LayerState> =
-            seqs.iter_mut().map(|sq| &mut sq.state.layers[i]).collect();
-        let o = attention::attend_each(&mut sts, segs, s, a.sinks.as_deref(), &q, &k, &v)?;
-        a.o.run(cpu, &o, t)
+        e.logits(self, &x, &segs, all_logits)
     }
+}
 
-    /// down · act(gate · x + b_gate, up · x + b_up) + b_down over t rows of x: a gated MLP,
-    /// or one routed expert (its rows of the stacked matrices and its biases).
-    fn gated(
-        cpu: &Cpu,
-        [gate, up, down]: [&Matrix; 3],
-        [b_gate, b_up, b_down]: [Option<&[f32]>; 3],
-        act: Act,
-        x: &[f32],
+/// The operations the decoder's pass is written in. An executor implements them where its
+/// activations live ([`Ops::Rows`]: t rows of one width); vectors (norm weights, biases) are
+/// the description's, which an executor may keep copies of.
+trait Ops {
+    type Rows;
+    /// The embedded tokens (times the embedding scale).
+    fn embed(&self, d: &Decoder, tokens: &[u32]) -> Result<Self::Rows>;
+    /// RMSNorm(x) · w over rows of `w.len()`.
+    fn norm(&self, x: &Self::Rows, w: &[f32], eps: f32) -> Result<Self::Rows>;
+    fn norm_in_place(&self, x: &mut Self::Rows, w: &[f32], eps: f32) -> Result<()>;
+    /// x · wᵀ (+ bias) over t rows.
+    fn linear(&self, l: &Linear, x: &Self::Rows, t: usize) -> Result<Self::Rows>;
+    /// x += y.
+    fn add(&self, x: &mut Self::Rows, y: &Self::Rows) -> Result<()>;
+    /// Rotates each head of x (rows of `n_heads` × `head_dim`); `at`: each sequence's first
+    /// position and its rows.
+    fn rope(
+        &self,
+        x: &mut Self::Rows,
+        r: &Rope,
+        n_heads: usize,
+        head_dim: usize,
+        at: &[(usize, Range<usize>)],
+    ) -> Result<()>;
+    /// Appends each sequence's k and v rows (`segs`) to its cache of layer `layer` and returns
+    /// the attention output of its q rows.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        layer: usize,
+        a: &Attention,
+        q: &Self::Rows,
+        k: &Self::Rows,
+        v: &Self::Rows,
+        seqs: &mut [Seq],
+        segs: &[Range<usize>],
+    ) -> Result<Self::Rows>;
+    /// down · act(gate · x, up · x).
+    fn gated(&self, f: &Gated, x: &Self::Rows, t: usize) -> Result<Self::Rows>;
+    /// The routed experts of layer `layer`: each row's experts, weighted and summed.
+    fn moe(
+        &self,
+        d: &Decoder,
+        layer: usize,
+        m: &Moe,
+        x: &Self::Rows,
         t: usize,
-    ) -> Result<Vec<f32>> {
-        let mut g = vec![0f32; t * gate.rows];
-        let mut u = vec![0f32; t * up.rows];
-        cpu.matmul(gate, x, t, &mut g)?;
-        cpu.matmul(up, x, t, &mut u)?;
-        for (y, b) in [(&mut g, b_gate), (&mut u, b_up)] {
-            if let Some(b) = b {
-                add_rows(y, b);
-            }
-        }
-        act.apply(&mut g, &u, cpu.precision == Precision::Normal);
-        let mut o = vec![0f32; t * down.rows];
-        cpu.matmul(down, &g, t, &mut o)?;
-        if let Some(b) = b_down {
-            add_rows(&mut o, b);
-        }
-        Ok(o)
-    }
-
-    /// Routes each token to its experts and returns their weighted sum.
-    fn moe(&self, cpu: &Cpu, layer: usize, m: &Moe, h: &[f32], t: usize) -> Result<Vec<f32>> {
-        let (ne, k, n, ff) = (m.n_expert, m.n_used, self.n_embd, m.ff);
-        let logits = m.router.run(cpu, h, t)?;
-        let mut per_expert: Vec<Vec<(usize, f32)>> = vec![Vec::new(); ne];
-        for (ti, row) in logits.chunks(ne).enumerate() {
-            for (e, w) in route(row, k, m.gating) {
-                per_expert[e].push((ti, w * m.scale));
-            }
-        }
-        {
-            let mut u = self.usage.lock().unwrap_or_else(|e| e.into_inner());
-            let counts = &mut u[layer];
-            counts.resize(ne, 0);
-            for (c, r) in counts.iter_mut().zip(&per_expert) {
-                *c += r.len() as u64;
-            }
-        }
-        let used: Vec<usize> = (0..ne).filter(|&e| !per_expert[e].is_empty()).collect();
-        // Each selected expert once over its tokens, the experts concurrently.
-        let outs: Vec<Vec<f32>> = used
-            .par_iter()
-            .map(|&e| -> Result<Vec<f32>> {
-                let rows = &per_expert[e];
-                let te = rows.len();
-                let mut xs = Vec::with_capacity(te * n);
-                for &(ti, _) in rows {
-                    xs.extend_from_slice(&h[ti * n..(ti + 1) * n]);
-                }
-                Self::gated(
-                    cpu,
-                    [
-                        &m.gate.slice_rows(e * ff, ff),
-                        &m.up.slice_rows(e * ff, ff),
-                        &m.down.slice_rows(e * n, n),
-                    ],
-                    [
-                        expert_rows(m.gate_b.as_deref(), e, ff),
-                        expert_rows(m.up_b.as_deref(), e, ff),
-                        expert_rows(m.down_b.as_deref(), e, n),
-                    ],
-                    m.act,
-                    &xs,
-                    te,
-                )
-            })
-            .collect::<Result<_>>()?;
-        let mut out = vec![0f32; t * n];
-        for (&e, y) in used.iter().zip(&outs) {
-            for (&(ti, w), yr) in per_expert[e].iter().zip(y.chunks(n)) {
-                for (o, v) in out[ti * n..(ti + 1) * n].iter_mut().zip(yr) {
-                    *o += w * v;
-                }
-            }
-        }
-        Ok(out)
-    }
+    ) -> Result<Self::Rows>;
+    /// The head over every row (`all`) or each segment's last: final norm, vocabulary
+    /// projection, soft-cap; on the host.
+    fn logits(
+        &self,
+        d: &Decoder,
+        x: &Self::Rows,
+        segs: &[Range<usize>],
+        all: bool,
+    ) -> Result<Vec<f32>>;
 }
 
 /// The k experts a router row picks, with their weights (ties to the lower index).
@@ -780,55 +752,7 @@ impl Forward for Decoder<'_> {
         tokens: &[u32],
         all_logits: bool,
     ) -> Result<Vec<f32>> {
-        let t = tokens.len();
-        let segs = segments(seqs, t)?;
-        let mut x = embed(&self.embd, tokens)?;
-        if let Some(s) = self.embd_scale {
-            x.iter_mut().for_each(|v| *v *= s);
-        }
-        let residual = |x: &mut [f32], mut y: Vec<f32>, post: &Option<Vec<f32>>| {
-            if let Some(w) = post {
-                rms_norm(&mut y, w, self.eps);
-            }
-            for (a, b) in x.iter_mut().zip(&y) {
-                *a += b;
-            }
-        };
-        for (i, l) in self.layers.iter().enumerate() {
-            let mut layer = || -> Result<()> {
-                let mut h = x.clone();
-                rms_norm(&mut h, &l.attn_norm, self.eps);
-                let a = self.attention(cpu, i, &l.attn, &h, seqs, &segs)?;
-                residual(&mut x, a, &l.attn_post_norm);
-                let mut h = x.clone();
-                rms_norm(&mut h, &l.ffn_norm, self.eps);
-                let f = match &l.ffn {
-                    FeedForward::Gated(f) => {
-                        Self::gated(cpu, [&f.gate, &f.up, &f.down], [None; 3], f.act, &h, t)?
-                    }
-                    FeedForward::Moe(m) => self.moe(cpu, i, m, &h, t)?,
-                };
-                residual(&mut x, f, &l.ffn_post_norm);
-                Ok(())
-            };
-            layer().with_context(|| format!("layer {i}"))?;
-        }
-        for seq in seqs.iter_mut() {
-            seq.state.pos += seq.len;
-        }
-        let mut logits = super::logits(
-            cpu,
-            &x,
-            &segs,
-            &self.out_norm,
-            self.eps,
-            &self.output,
-            all_logits,
-        )?;
-        if let Some(c) = self.logit_softcap {
-            logits.iter_mut().for_each(|v| *v = c * (*v / c).tanh());
-        }
-        Ok(logits)
+        self.pass(&cpu::CpuOps { cpu }, seqs, tokens, all_logits)
     }
 }
 
