@@ -45,6 +45,30 @@ impl PlacementArgs {
     }
 }
 
+/// What a family's device executor allocates besides its weights when every layer and the
+/// output are on the GPU: what the planner reserves for it, and no more.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExecutorNeeds {
+    /// Each sequence's state lives in device memory (K/V caches, Mamba-2 state).
+    pub device_state: bool,
+    /// Routed experts left in RAM are staged over PCIe and cached (staging buffers and the
+    /// hot-expert cache).
+    pub expert_staging: bool,
+}
+
+impl ExecutorNeeds {
+    /// A device-resident pass with staging and the cache (Nemotron-H's).
+    pub const RESIDENT_WITH_STAGING: ExecutorNeeds = ExecutorNeeds {
+        device_state: true,
+        expert_staging: true,
+    };
+    /// Products on the device one by one, state and experts on the host.
+    pub const PRODUCTS_ONLY: ExecutorNeeds = ExecutorNeeds {
+        device_state: false,
+        expert_staging: false,
+    };
+}
+
 /// A placement: the weight tensors on the GPU and what they and the buffers need.
 #[derive(Clone, Debug, Default)]
 pub struct Plan {
@@ -126,6 +150,24 @@ impl Plan {
     /// compute buffers; a context of `n_ctx` tokens adds the sequence state when the plan keeps
     /// the whole pass on the device (every layer and the output head there).
     pub fn new(g: &Gguf, args: &PlacementArgs, reserve: u64, n_ctx: usize) -> Result<Plan> {
+        Plan::for_executor(
+            g,
+            args,
+            reserve,
+            n_ctx,
+            ExecutorNeeds::RESIDENT_WITH_STAGING,
+        )
+    }
+
+    /// [`Plan::new`] for an executor that allocates what `needs` says: state, staging and the
+    /// cache are reserved only where it allocates them.
+    pub fn for_executor(
+        g: &Gguf,
+        args: &PlacementArgs,
+        reserve: u64,
+        n_ctx: usize,
+        needs: ExecutorNeeds,
+    ) -> Result<Plan> {
         if !args.wants_gpu() {
             let cpu_weight_bytes = g.tensors().map(|t| t.size_bytes).sum();
             return Ok(Plan {
@@ -175,7 +217,7 @@ impl Plan {
         let fixed_bytes: u64 = fixed.iter().map(|t| t.size_bytes).sum();
         let budget = args.gpu_mem.unwrap_or(u64::MAX);
         let resident = output_on_gpu && first_gpu_layer == 0;
-        if resident {
+        if resident && needs.device_state {
             plan.state_bytes = state_bytes(g, n_ctx)? * args.sequences.max(1) as u64;
         }
         let reserve = reserve + plan.state_bytes;
@@ -204,7 +246,7 @@ impl Plan {
         let all_experts: u64 = experts.values().map(layer_bytes).sum();
         let spills =
             !plan.expert_layers_in_ram.is_empty() || used.saturating_add(all_experts) > budget;
-        if resident && spills {
+        if resident && spills && needs.expert_staging {
             let largest = staging_buffer_bytes(g);
             // Two buffers let prefill copy the next RAM layer while the GPU computes the current
             // one; where only one fits, layers are staged one at a time.
@@ -551,6 +593,53 @@ mod tests {
             ..Default::default()
         }
         .wants_gpu());
+    }
+
+    #[test]
+    fn only_what_the_executor_allocates_is_reserved() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = model(dir.path());
+        let layer =
+            |l: usize| bytes_of(&g, |n| n.starts_with(&format!("blk.{l}.")) && is_expert(n));
+        let (reserve, ctx) = (1000, 100);
+        let state = state_bytes(&g, ctx).unwrap();
+        let all_ram = PlacementArgs {
+            n_gpu_layers: Some(99),
+            n_cpu_moe: 99,
+            ..Default::default()
+        };
+        let fixed = Plan::new(&g, &all_ram, 0, 0).unwrap().gpu_weight_bytes;
+        // The fixed part, the state and two and a half expert layers (of three, all equal):
+        // the experts spill.
+        let budget = fixed + reserve + state + layer(1) * 5 / 2;
+        let args = PlacementArgs {
+            gpu_mem: Some(budget),
+            expert_cache: Some(0),
+            ..Default::default()
+        };
+        let full = Plan::for_executor(
+            &g,
+            &args,
+            reserve,
+            ctx,
+            ExecutorNeeds::RESIDENT_WITH_STAGING,
+        )
+        .unwrap();
+        assert_eq!(
+            (full.state_bytes, full.staging_bytes),
+            (state, 2 * layer(1))
+        );
+        assert!(full.expert_layers_on_gpu.is_empty());
+        // An executor with host state and no staging gets neither, and the room they took
+        // holds expert layers instead.
+        let bare =
+            Plan::for_executor(&g, &args, reserve, ctx, ExecutorNeeds::PRODUCTS_ONLY).unwrap();
+        assert_eq!(
+            (bare.state_bytes, bare.staging_bytes, bare.cache_bytes),
+            (0, 0, 0)
+        );
+        assert_eq!(bare.expert_layers_on_gpu.len(), 2);
+        assert!(bare.gpu_weight_bytes + reserve <= budget);
     }
 
     #[test]

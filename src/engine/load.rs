@@ -84,13 +84,19 @@ pub fn plan_without_device(g: &Model, place: &PlacementArgs, n_ctx: usize) -> Re
     if !place.wants_gpu() {
         return Ok(None);
     }
-    Plan::new(g, place, COMPUTE_RESERVE, n_ctx).map(Some)
+    plan(g, place, n_ctx).map(Some)
 }
 
 /// The plan `place` makes for `g` at an `n_ctx`-token context against its budget (`tune`'s
 /// candidates; no device is opened).
 pub fn plan_for_budget(g: &Model, place: &PlacementArgs, n_ctx: usize) -> Result<Plan> {
-    Plan::new(g, place, COMPUTE_RESERVE, n_ctx)
+    plan(g, place, n_ctx)
+}
+
+/// The plan for `g`'s family's executor (what it allocates is what is reserved).
+fn plan(g: &Model, place: &PlacementArgs, n_ctx: usize) -> Result<Plan> {
+    let needs = crate::model::executor_needs(g)?;
+    Plan::for_executor(g, place, COMPUTE_RESERVE, n_ctx, needs)
 }
 
 /// The weights `place` puts on the GPU, or None: when it asks for no GPU, or when there is
@@ -125,7 +131,7 @@ pub fn device_weights(
         );
     }
     args.gpu_mem = Some(args.gpu_mem.map_or(free, |b| b.min(free)));
-    let plan = Plan::new(g, &args, COMPUTE_RESERVE, n_ctx)?;
+    let plan = plan(g, &args, n_ctx)?;
     if !quiet {
         eprintln!("{}: {}", gpu.name, plan.summary());
     }

@@ -13,6 +13,7 @@ use anyhow::{anyhow, bail, Result};
 
 use crate::backend::cpu::{Cpu, Matrix};
 use crate::backend::cuda::{DeviceWeights, PassOptions};
+use crate::backend::placement::ExecutorNeeds;
 pub use crate::backend::state::{LayerState, State};
 use crate::gguf::{Model as Gguf, TensorView};
 
@@ -275,28 +276,71 @@ pub fn logits(
     Ok(out)
 }
 
-/// Architectures [`load`] opens.
-const ARCHITECTURES: [&str; 8] = [
-    "nemotron_h",
-    "nemotron_h_moe",
-    "llama",
-    "qwen2",
-    "qwen3",
-    "qwen3moe",
-    "gemma3",
-    "gpt-oss",
+/// One family of architectures: the `general.architecture` names it reads, its loader (the
+/// family's file: hyperparameters and tensors into a description), and what its device
+/// executor allocates (which the GPU planner reserves).
+struct Family {
+    archs: &'static [&'static str],
+    load: for<'a> fn(&Tensors<'a>, &str) -> Result<Box<dyn Forward + 'a>>,
+    device: ExecutorNeeds,
+}
+
+/// The families [`load`] opens: adding one is its file and a line here.
+const FAMILIES: [Family; 5] = [
+    Family {
+        archs: &["nemotron_h", "nemotron_h_moe"],
+        load: |t, _| Ok(Box::new(nemotron_h::NemotronH::load(t)?)),
+        device: ExecutorNeeds::RESIDENT_WITH_STAGING,
+    },
+    Family {
+        archs: &["llama"],
+        load: |t, _| Ok(Box::new(llama::load(t)?)),
+        device: ExecutorNeeds::PRODUCTS_ONLY,
+    },
+    Family {
+        archs: &["qwen2", "qwen3", "qwen3moe"],
+        load: |t, arch| Ok(Box::new(qwen::load(t, arch)?)),
+        device: ExecutorNeeds::PRODUCTS_ONLY,
+    },
+    Family {
+        archs: &["gemma3"],
+        load: |t, _| Ok(Box::new(gemma3::load(t)?)),
+        device: ExecutorNeeds::PRODUCTS_ONLY,
+    },
+    Family {
+        archs: &["gpt-oss"],
+        load: |t, _| Ok(Box::new(gpt_oss::load(t)?)),
+        device: ExecutorNeeds::PRODUCTS_ONLY,
+    },
 ];
+
+/// The family of the file's architecture, or an error naming the ones we run (before any
+/// weight is read).
+fn family(gguf: &Gguf) -> Result<&'static Family> {
+    let arch = gguf.architecture()?;
+    FAMILIES
+        .iter()
+        .find(|f| f.archs.contains(&arch))
+        .ok_or_else(|| {
+            let all: Vec<&str> = FAMILIES
+                .iter()
+                .flat_map(|f| f.archs.iter().copied())
+                .collect();
+            anyhow!(
+                "architecture {arch} is not supported (supported: {})",
+                all.join(", ")
+            )
+        })
+}
 
 /// Errors at once (before any weight is read) when the file's architecture is not one we run.
 pub fn check_architecture(gguf: &Gguf) -> Result<()> {
-    let arch = gguf.architecture()?;
-    if !ARCHITECTURES.contains(&arch) {
-        bail!(
-            "architecture {arch} is not supported (supported: {})",
-            ARCHITECTURES.join(", ")
-        );
-    }
-    Ok(())
+    family(gguf).map(drop)
+}
+
+/// What the executor of the file's family allocates on a device (see [`ExecutorNeeds`]).
+pub fn executor_needs(gguf: &Gguf) -> Result<ExecutorNeeds> {
+    Ok(family(gguf)?.device)
 }
 
 /// Opens the architecture named by the file on the CPU, with packed weight copies where the CPU
@@ -315,15 +359,7 @@ pub fn load(gguf: &Gguf) -> Result<Box<dyn Forward + '_>> {
 /// [`load`] with explicit options (packing off: every CPU product reads the mapping, and no
 /// memory is used beyond it; a device: the weights its plan names are multiplied there).
 pub fn load_with<'a>(gguf: &'a Gguf, opts: LoadOptions<'a>) -> Result<Box<dyn Forward + 'a>> {
-    check_architecture(gguf)?;
-    let arch = gguf.architecture()?;
+    let f = family(gguf)?;
     let t = Tensors { gguf, opts };
-    Ok(match arch {
-        "nemotron_h" | "nemotron_h_moe" => Box::new(nemotron_h::NemotronH::load(&t)?),
-        "llama" => Box::new(llama::load(&t)?),
-        "qwen2" | "qwen3" | "qwen3moe" => Box::new(qwen::load(&t, arch)?),
-        "gemma3" => Box::new(gemma3::load(&t)?),
-        "gpt-oss" => Box::new(gpt_oss::load(&t)?),
-        other => bail!("architecture {other} is not supported"),
-    })
+    (f.load)(&t, gguf.architecture()?)
 }
