@@ -141,24 +141,32 @@ pub enum Command {
     /// stdin, the prompt on stdout).
     #[command(name = "render-template", hide = true)]
     RenderTemplate,
-    /// Write a synthetic model with random weights (Nemotron 3 Nano's real widths).
+    /// Write a synthetic model with random weights and a real model's widths (or a tiny one).
     #[command(name = "gen-model", hide = true)]
     GenModel {
-        /// Preset: nemotron-3-nano, or a tiny decoder: qwen2, qwen3, qwen3moe, gemma3, gpt-oss.
+        /// Preset: nemotron-3-nano, qwen3moe-30b-a3b, gpt-oss-20b, or a tiny decoder: qwen2,
+        /// qwen3, qwen3moe, gemma3, gpt-oss.
         #[arg(long, default_value = "nemotron-3-nano")]
         preset: String,
         /// Tiny decoders: write every weight as F32 holding its quantized values.
         #[arg(long)]
         dequantized: bool,
-        /// Layers: the first N of the real 52-layer pattern.
-        #[arg(long, default_value_t = 8)]
-        layers: usize,
+        /// Layers: the first N of the model's (nemotron-3-nano: of its 52-layer pattern, default
+        /// 8; the other presets: default all).
+        #[arg(long)]
+        layers: Option<usize>,
         /// Explicit layer pattern (M Mamba-2, E MoE, * attention, - dense MLP) instead of --layers.
         #[arg(long)]
         pattern: Option<String>,
-        /// f32, q8_0, q4_0, q4_k_m, q3_k_m (tiny decoders: f32, q8_0, q4_0, mxfp4)
-        #[arg(long, default_value = "q4_k_m")]
-        mix: String,
+        /// nemotron-3-nano: f32, q8_0, q4_0, q4_k_m (default), q3_k_m; qwen3moe-30b-a3b and
+        /// gpt-oss-20b: f32, f16, q8_0, q4_0, q4_k_m (qwen's default), mxfp4 (gpt-oss's
+        /// default); tiny decoders: f32, q8_0 (default), q4_0, mxfp4.
+        #[arg(long)]
+        mix: Option<String>,
+        /// Write only the header, the data a hole of the file's size (llama-quantize --dry-run
+        /// reads nothing else).
+        #[arg(long, hide = true)]
+        skeleton: bool,
         #[arg(long, default_value_t = 1)]
         seed: u64,
         #[arg(long)]
@@ -436,24 +444,34 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             layers,
             pattern,
             mix,
+            skeleton,
             seed,
             out: path,
         } => {
-            if crate::synth::decoder::ARCHS.contains(&preset.as_str()) {
-                let mix = crate::synth::decoder::TinyMix::parse(&mix)?;
-                crate::synth::decoder::write_tiny(&preset, mix, seed, dequantized, &path)?;
-                writeln!(out, "{}", path.display())?;
-                return Ok(());
-            }
-            if preset != "nemotron-3-nano" {
+            use crate::synth::decoder::{self as dec, PresetMix, TinyMix, ARCHS, PRESETS};
+            if ARCHS.contains(&preset.as_str()) {
+                let mix = TinyMix::parse(mix.as_deref().unwrap_or("q8_0"))?;
+                dec::write_tiny(&preset, mix, seed, dequantized, &path)?;
+            } else if let Some((name, arch)) = PRESETS.iter().find(|p| p.0 == preset) {
+                let default = if *arch == "gpt-oss" {
+                    "mxfp4"
+                } else {
+                    "q4_k_m"
+                };
+                let mix = PresetMix::parse(mix.as_deref().unwrap_or(default))?;
+                dec::write_preset(name, layers, mix, seed, skeleton, &path)?;
+            } else if preset == "nemotron-3-nano" {
+                let p =
+                    crate::synth::NemotronPreset::nano(layers.unwrap_or(8), pattern.as_deref())?;
+                let mix = crate::synth::Mix::parse(mix.as_deref().unwrap_or("q4_k_m"))?;
+                crate::synth::write_nemotron(&p, mix, seed, &path)?;
+            } else {
                 anyhow::bail!(
-                    "unknown preset {preset} (nemotron-3-nano, {})",
-                    crate::synth::decoder::ARCHS.join(", ")
+                    "unknown preset {preset} (nemotron-3-nano, {}, or a tiny decoder: {})",
+                    PRESETS.map(|p| p.0).join(", "),
+                    ARCHS.join(", ")
                 );
             }
-            let p = crate::synth::NemotronPreset::nano(layers, pattern.as_deref())?;
-            let mix = crate::synth::Mix::parse(&mix)?;
-            crate::synth::write_nemotron(&p, mix, seed, &path)?;
             writeln!(out, "{}", path.display())?;
         }
         Command::Tokenize {

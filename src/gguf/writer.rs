@@ -151,6 +151,31 @@ impl GgufWriter {
 
     /// Streams the file to `w`.
     pub fn write_to<W: Write>(&self, w: &mut W) -> std::io::Result<()> {
+        w.write_all(&self.header()?)?;
+        let align = |x: u64| x.div_ceil(self.alignment) * self.alignment;
+        for (name, dims, ty, data) in &self.tensors {
+            let made;
+            let bytes = match data {
+                Data::Bytes(b) => b,
+                Data::Lazy(f) => {
+                    made = f();
+                    &made
+                }
+            };
+            assert_eq!(
+                Self::size_of(name, dims, *ty),
+                bytes.len() as u64,
+                "tensor {name}: data size does not match shape"
+            );
+            w.write_all(bytes)?;
+            let pad = align(bytes.len() as u64) - bytes.len() as u64;
+            w.write_all(&vec![0u8; pad as usize])?;
+        }
+        Ok(())
+    }
+
+    /// The header: magic, counts, metadata, the tensor table, padded to the alignment.
+    fn header(&self) -> std::io::Result<Vec<u8>> {
         let mut out = Vec::new();
         out.extend_from_slice(b"GGUF");
         out.write_u32::<LittleEndian>(self.version)?;
@@ -174,26 +199,22 @@ impl GgufWriter {
             offset = align(offset + Self::size_of(name, dims, *ty));
         }
         out.resize(align(out.len() as u64) as usize, 0);
-        w.write_all(&out)?;
-        for (name, dims, ty, data) in &self.tensors {
-            let made;
-            let bytes = match data {
-                Data::Bytes(b) => b,
-                Data::Lazy(f) => {
-                    made = f();
-                    &made
-                }
-            };
-            assert_eq!(
-                Self::size_of(name, dims, *ty),
-                bytes.len() as u64,
-                "tensor {name}: data size does not match shape"
-            );
-            w.write_all(bytes)?;
-            let pad = align(bytes.len() as u64) - bytes.len() as u64;
-            w.write_all(&vec![0u8; pad as usize])?;
-        }
-        Ok(())
+        Ok(out)
+    }
+
+    /// The file's header (metadata and tensor table) with its data left as a hole: the file
+    /// has its full size, and no tensor is made (for tools that read only the header).
+    pub fn write_skeleton(&self, path: &Path) -> std::io::Result<()> {
+        let align = |x: u64| x.div_ceil(self.alignment) * self.alignment;
+        let data: u64 = self
+            .tensors
+            .iter()
+            .map(|(name, dims, ty, _)| align(Self::size_of(name, dims, *ty)))
+            .sum();
+        let out = self.header()?;
+        let mut f = std::fs::File::create(path)?;
+        f.write_all(&out)?;
+        f.set_len(out.len() as u64 + data)
     }
 
     pub fn write(&self, path: &Path) -> std::io::Result<()> {

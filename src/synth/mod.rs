@@ -70,7 +70,7 @@ enum Role {
 }
 
 /// llama-quantize's `use_more_bits`.
-fn more_bits(i: usize, n: usize) -> bool {
+pub(crate) fn more_bits(i: usize, n: usize) -> bool {
     i < n / 8 || i >= 7 * n / 8 || (i as i64 - (n / 8) as i64).rem_euclid(3) == 2
 }
 
@@ -111,6 +111,13 @@ fn pick_type(mix: Mix, role: Role, ne0: u64) -> GgmlType {
             _ => Q3_K,
         },
     };
+    fallback(want, ne0)
+}
+
+/// llama-quantize's fallback for rows of `ne0` that are not whole blocks of `want` (K-quants
+/// on rows that are not whole 256-blocks).
+pub(crate) fn fallback(want: GgmlType, ne0: u64) -> GgmlType {
+    use GgmlType::*;
     if want.is_k_quant() && !ne0.is_multiple_of(256) {
         match want {
             Q4_K => Q5_0,
