@@ -148,10 +148,10 @@ fn bad_requests_get_openai_error_objects_and_the_key_is_enforced() {
     assert_eq!(status, 401, "{body}");
     let (status, body) = http(
         &s.addr,
-        "GET",
-        "/v1/models",
+        "POST",
+        "/tokenize",
         &[("Authorization", "Bearer wrong")],
-        "",
+        r#"{"content": "hi"}"#,
     );
     assert_eq!(status, 401, "{body}");
     let cases = [
@@ -474,4 +474,181 @@ fn an_unusable_address_is_a_one_line_error() {
         err.starts_with("error: cannot listen on nohost.invalid:8080"),
         "{err}"
     );
+}
+
+/// The routes beside generation, and what every request leaves behind: /health and
+/// /v1/models public beside --api-key (private with --api-key-all-routes), `x-api-key`,
+/// JSON errors for unknown routes and methods (Ollama's shape under /api/), parameters we do
+/// not implement refused by name, /detokenize, Ollama's generate (whole, streamed, raw), show,
+/// ps and version, the Prometheus counters and one log line per request.
+#[test]
+fn the_api_surface_answers_in_each_apis_shape() {
+    let s = start(&["--api-key", "sesame"]);
+    let key = [("x-api-key", "sesame")];
+    for path in ["/health", "/v1/models"] {
+        let (status, body) = http(&s.addr, "GET", path, &[], "");
+        assert_eq!(status, 200, "{path}: {body}");
+    }
+    let (status, body) = http(&s.addr, "GET", "/api/version", &[], "");
+    assert_eq!(status, 401, "{body}");
+    // Unknown routes and methods: JSON errors, in Ollama's shape under /api/.
+    let (status, body) = http(&s.addr, "GET", "/v1/nothing", &key, "");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status, 404);
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("/v1/nothing"),
+        "{body}"
+    );
+    let (status, body) = http(&s.addr, "GET", "/api/nothing", &key, "");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status, 404);
+    assert!(
+        v["error"].as_str().unwrap().contains("/api/nothing"),
+        "{body}"
+    );
+    let (status, body) = http(&s.addr, "GET", "/v1/chat/completions", &key, "");
+    assert_eq!(status, 405, "{body}");
+    assert!(serde_json::from_str::<Value>(&body).unwrap()["error"]["message"].is_string());
+    // Parameters that would change the answer and are not implemented: a 400 naming them.
+    let mut req = chat("hi", 2, false);
+    req["response_format"] = json!({"type": "json_object"});
+    req["logprobs"] = json!(true);
+    req["user"] = json!("someone");
+    let (status, body) = http(
+        &s.addr,
+        "POST",
+        "/v1/chat/completions",
+        &key,
+        &req.to_string(),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("logprobs, response_format"), "{body}");
+    assert!(!body.contains("user"), "{body}");
+    let ollama = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                        "format": "json", "stream": false});
+    let (status, body) = http(&s.addr, "POST", "/api/chat", &key, &ollama.to_string());
+    assert_eq!(status, 400, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert!(v["error"].as_str().unwrap().contains("format"), "{body}");
+    // /detokenize inverts /tokenize.
+    let text = "Hello, world! Ünïcode too.";
+    let (_, body) = http(
+        &s.addr,
+        "POST",
+        "/tokenize",
+        &key,
+        &json!({ "content": text }).to_string(),
+    );
+    let tokens = serde_json::from_str::<Value>(&body).unwrap()["tokens"].clone();
+    let (status, body) = http(
+        &s.addr,
+        "POST",
+        "/detokenize",
+        &key,
+        &json!({ "tokens": tokens }).to_string(),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["content"],
+        text
+    );
+    let (status, _) = http(&s.addr, "POST", "/detokenize", &key, r#"{"tokens": [-1]}"#);
+    assert_eq!(status, 400);
+    // Ollama's generate: the prompt as a user turn, as `ggrun run` renders it; whole and
+    // streamed alike; raw continues the text as /v1/completions does.
+    let prompt = "Name three colours.";
+    let want = run_answer(prompt, 8);
+    let gen = |stream: bool, raw: bool| {
+        json!({"model": "m", "prompt": prompt, "stream": stream, "raw": raw,
+               "options": {"temperature": 0, "num_predict": 8}})
+        .to_string()
+    };
+    let (status, body) = http(&s.addr, "POST", "/api/generate", &key, &gen(false, false));
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["response"], want.as_str(), "{body}");
+    assert_eq!(
+        (v["done"].as_bool(), v["eval_count"].as_u64()),
+        (Some(true), Some(8))
+    );
+    let (status, body) = http(&s.addr, "POST", "/api/generate", &key, &gen(true, false));
+    assert_eq!(status, 200);
+    let lines: Vec<Value> = body
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let joined: String = lines
+        .iter()
+        .map(|l| l["response"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(joined, want);
+    assert_eq!(lines.last().unwrap()["done"], true);
+    let (_, body) = http(&s.addr, "POST", "/api/generate", &key, &gen(false, true));
+    let raw = serde_json::from_str::<Value>(&body).unwrap()["response"].clone();
+    let (_, body) = http(
+        &s.addr,
+        "POST",
+        "/v1/completions",
+        &key,
+        &json!({"prompt": prompt, "max_tokens": 8, "temperature": 0}).to_string(),
+    );
+    let completion = serde_json::from_str::<Value>(&body).unwrap()["choices"][0]["text"].clone();
+    assert_eq!(raw, completion);
+    // show, ps, version.
+    let (status, body) = http(&s.addr, "POST", "/api/show", &key, r#"{"model": ""}"#);
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        v["template"].as_str().unwrap().contains("im_start"),
+        "{body}"
+    );
+    assert_eq!(v["model_info"]["general.architecture"], "llama");
+    assert!(v["model_info"]["llama.context_length"].as_u64().is_some());
+    let (status, body) = http(&s.addr, "POST", "/api/show", &key, r#"{"model": "other"}"#);
+    assert_eq!(status, 404);
+    assert!(serde_json::from_str::<Value>(&body).unwrap()["error"].is_string());
+    let (_, body) = http(&s.addr, "GET", "/api/ps", &key, "");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["models"][0]["context_length"], 2048);
+    let (_, body) = http(&s.addr, "GET", "/api/version", &key, "");
+    assert!(serde_json::from_str::<Value>(&body).unwrap()["version"].is_string());
+    // The counters and the log lines.
+    let (status, metrics) = http(&s.addr, "GET", "/metrics", &key, "");
+    assert_eq!(status, 200);
+    let text = metrics;
+    assert!(
+        text.contains(r#"ggrun_requests_total{route="/api/generate",status="200"} 3"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"ggrun_requests_total{route="other",status="404"} 2"#),
+        "{text}"
+    );
+    let generated: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("ggrun_generated_tokens_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(generated >= 32, "{text}");
+    std::thread::sleep(Duration::from_millis(200));
+    let log = s.log.lock().unwrap().clone();
+    assert!(
+        log.iter()
+            .any(|l| l.starts_with("POST /api/generate 200 ") && l.contains("+8 tokens")),
+        "{log:?}"
+    );
+    assert!(
+        log.iter().any(|l| l.starts_with("GET /v1/nothing 404 ")),
+        "{log:?}"
+    );
+
+    let private = start(&["--api-key", "sesame", "--api-key-all-routes"]);
+    let (status, _) = http(&private.addr, "GET", "/health", &[], "");
+    assert_eq!(status, 401);
+    let (status, _) = http(&private.addr, "GET", "/health", &key, "");
+    assert_eq!(status, 200);
 }

@@ -300,7 +300,8 @@ fn every_bad_parameter_is_a_400_naming_it_and_streams_that_cannot_start_are_4xx(
         &json!({"messages": msgs, "options": {"temperature": -2}}),
     );
     assert_eq!(status, 400, "{text}");
-    assert!(v["error"]["message"]
+    // Ollama's error shape under /api/.
+    assert!(v["error"]
         .as_str()
         .unwrap()
         .starts_with("options.temperature:"));

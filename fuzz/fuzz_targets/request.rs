@@ -5,12 +5,14 @@
 
 use libfuzzer_sys::fuzz_target;
 
-const PATHS: [&str; 5] = [
+const PATHS: [&str; 7] = [
     "/v1/chat/completions",
     "/v1/completions",
     "/api/chat",
     "/apply-template",
     "/tokenize",
+    "/api/generate",
+    "/detokenize",
 ];
 
 fuzz_target!(|data: &[u8]| {

@@ -95,6 +95,11 @@ impl Default for Limits {
 const NAME: &str = "chat_template";
 
 impl ChatTemplate {
+    /// The template's source text.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
     /// The template of `override_file` if given, else the model's, else ChatML.
     pub fn for_model(
         md: &Metadata,

@@ -18,9 +18,13 @@ pub struct ServeArgs {
     /// steps run batched, one pass over the weights for all; more requests wait in order.
     #[arg(long, default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64))]
     pub parallel: usize,
-    /// Every request must carry `Authorization: Bearer KEY`.
+    /// Requests must carry `Authorization: Bearer KEY` (or `x-api-key: KEY`); /health and
+    /// /v1/models stay public for probes and discovery unless --api-key-all-routes.
     #[arg(long = "api-key", value_name = "KEY")]
     pub api_key: Option<String>,
+    /// With --api-key: /health and /v1/models need the key too.
+    #[arg(long = "api-key-all-routes")]
+    pub api_key_all_routes: bool,
     /// Largest request body in bytes.
     #[arg(long = "max-body", default_value_t = 4 << 20)]
     pub max_body: usize,
@@ -54,6 +58,7 @@ impl ServeArgs {
             port: self.port,
             parallel: self.parallel,
             api_key: self.api_key.clone(),
+            auth_all: self.api_key_all_routes,
             max_body: self.max_body,
             snapshot_every: self.snapshot_every,
             snapshots: self.snapshots,

@@ -1,5 +1,6 @@
 //! `ggrun serve`: an OpenAI- and Ollama-compatible HTTP API on axum. Handlers parse and check
-//! requests (errors are OpenAI-style objects with a 4xx), render and tokenize prompts on the
+//! requests (errors are OpenAI-style objects with a 4xx, Ollama's `{"error"}` under /api/;
+//! parameters that are not implemented are refused by name), render and tokenize prompts on the
 //! blocking pool (so a long prompt never stalls the slots' steps), hand jobs to the inference
 //! thread (`worker`), and turn its events into JSON responses, server-sent events (OpenAI
 //! streams) or NDJSON (Ollama streams). A stream starts only once its job has a slot, so every
@@ -8,6 +9,7 @@
 //! and time (`connections`).
 
 mod connections;
+mod observe;
 mod ollama;
 mod openai;
 mod params;
@@ -43,8 +45,11 @@ pub struct Options {
     pub port: u16,
     /// Sequences served at once, each in a slot with its own state.
     pub parallel: usize,
-    /// Every request must carry `Authorization: Bearer KEY`.
+    /// Requests must carry `Authorization: Bearer KEY` (or `x-api-key: KEY`); /health and
+    /// /v1/models stay public unless `auth_all`.
     pub api_key: Option<String>,
+    /// The API key guards /health and /v1/models too.
+    pub auth_all: bool,
     /// Largest request body in bytes.
     pub max_body: usize,
     /// Snapshot the state every N prompt tokens of a long prefill (0: only at prompt ends).
@@ -64,6 +69,8 @@ struct App {
     jobs: Jobs,
     model: Arc<worker::Model>,
     api_key: Option<String>,
+    auth_all: bool,
+    metrics: Arc<observe::Metrics>,
     /// A request body's most bytes, and the time it has to arrive.
     max_body: usize,
     body_timeout: Duration,
@@ -88,6 +95,8 @@ pub fn run(a: Options) -> Result<()> {
         jobs: Arc::new(Mutex::new(tx)),
         model,
         api_key: a.api_key,
+        auth_all: a.auth_all,
+        metrics: Arc::default(),
         max_body: a.max_body,
         body_timeout: Duration::from_secs(a.header_timeout.max(1)),
     });
@@ -98,8 +107,16 @@ pub fn run(a: Options) -> Result<()> {
         .route("/v1/completions", post(openai::completions))
         .route("/apply-template", post(openai::apply_template))
         .route("/tokenize", post(openai::tokenize))
+        .route("/detokenize", post(openai::detokenize))
+        .route("/metrics", get(metrics))
         .route("/api/tags", get(ollama::tags))
         .route("/api/chat", post(ollama::chat))
+        .route("/api/generate", post(ollama::generate))
+        .route("/api/show", post(ollama::show))
+        .route("/api/ps", get(ollama::ps))
+        .route("/api/version", get(ollama::version))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(app.clone(), admit))
         .with_state(app);
     let limits = connections::Limits {
@@ -187,20 +204,41 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(body)).into_response()
 }
 
-/// Checks the API key from the headers alone, then reads the body within its size and time
-/// limits (413, 408), before any handler runs.
+/// Routes anyone may ask without the API key (health probes, model discovery), unless
+/// `--api-key-all-routes`.
+const PUBLIC: [&str; 2] = ["/health", "/v1/models"];
+
+/// Every request: its log line and metrics ([`observe`]), then [`check`]; errors of Ollama's
+/// routes in Ollama's shape.
 async fn admit(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
-    if let Some(key) = &app.api_key {
-        let ok = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
+    let path = req.uri().path().to_string();
+    let log = observe::RequestLog::new(req.method().as_str(), &path, app.metrics.clone());
+    let response = observe::REQUEST
+        .scope(log.clone(), check(app, req, next))
+        .await;
+    let response = if path.starts_with("/api/") {
+        ollama_error_shape(response).await
+    } else {
+        response
+    };
+    log.finish(response)
+}
+
+/// Checks the API key from the headers alone, then reads the body within its size and time
+/// limits (413, 408), before the handler runs.
+async fn check(app: Arc<App>, req: Request, next: Next) -> Response {
+    let public = !app.auth_all && PUBLIC.contains(&req.uri().path());
+    if let (Some(key), false) = (&app.api_key, public) {
+        let h = req.headers();
+        let given = |name: header::HeaderName| h.get(name).and_then(|v| v.to_str().ok());
+        let ok = given(header::AUTHORIZATION)
             .and_then(|v| v.strip_prefix("Bearer "))
+            .or_else(|| given(header::HeaderName::from_static("x-api-key")))
             .is_some_and(|k| k == key);
         if !ok {
             return error(
                 StatusCode::UNAUTHORIZED,
-                "missing or wrong API key (Authorization: Bearer KEY)",
+                "missing or wrong API key (Authorization: Bearer KEY, or x-api-key: KEY)",
             );
         }
     }
@@ -233,6 +271,42 @@ async fn admit(State(app): State<Arc<App>>, req: Request, next: Next) -> Respons
 
 async fn health() -> Json<Value> {
     Json(json!({"status": "ok"}))
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    observe::exposition(&app.metrics)
+}
+
+async fn not_found(req: Request) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        format!("no endpoint {} {}", req.method(), req.uri().path()),
+    )
+}
+
+async fn method_not_allowed(req: Request) -> Response {
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{} does not take {}", req.uri().path(), req.method()),
+    )
+}
+
+/// An error response in Ollama's shape (`{"error": "..."}`) instead of OpenAI's object.
+async fn ollama_error_shape(response: Response) -> Response {
+    if response.status().is_success() {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let bytes = axum::body::to_bytes(body, 1 << 20)
+        .await
+        .unwrap_or_default();
+    let message = serde_json::from_slice::<Value>(&bytes)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_string));
+    match message {
+        Some(m) => (parts.status, Json(json!({ "error": m }))).into_response(),
+        None => Response::from_parts(parts, axum::body::Body::from(bytes)),
+    }
 }
 
 fn now() -> u64 {
@@ -309,6 +383,8 @@ pub fn read_request(path: &str, body: &[u8]) -> Result<(), String> {
         "/v1/chat/completions" => openai::read_chat(&body).map(drop),
         "/v1/completions" => openai::read_completion(&body).map(drop),
         "/api/chat" => ollama::read_chat(&body).map(drop),
+        "/api/generate" => ollama::read_generate(&body).map(drop),
+        "/detokenize" => openai::read_detokenize(&body, 1 << 20).map(drop),
         "/apply-template" => openai::read_apply_template(&body).map(drop),
         "/tokenize" => openai::read_tokenize(&body).map(drop),
         _ => Err(format!("no endpoint {path}")),
@@ -354,7 +430,7 @@ async fn start(app: &Arc<App>, ask: Ask) -> Result<UnboundedReceiver<Event>, Res
         })?;
     }
     match rx.recv().await {
-        Some(Event::Started) => Ok(rx),
+        Some(Event::Started) => Ok(counted(rx)),
         Some(Event::Error { status, message }) => Err(error(
             StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             message,
@@ -364,6 +440,26 @@ async fn start(app: &Arc<App>, ask: Ask) -> Result<UnboundedReceiver<Event>, Res
             "the server is shutting down",
         )),
     }
+}
+
+/// The job's events as they come, its tokens recorded on the request's log line and in the
+/// metrics when it is done.
+fn counted(mut rx: UnboundedReceiver<Event>) -> UnboundedReceiver<Event> {
+    let Ok(log) = observe::REQUEST.try_with(Arc::clone) else {
+        return rx;
+    };
+    let (tx, out) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(ev) = rx.recv().await {
+            if let Event::Done(d) = &ev {
+                log.tokens(d.prompt_tokens, d.completion_tokens);
+            }
+            if tx.send(ev).is_err() {
+                break;
+            }
+        }
+    });
+    out
 }
 
 /// Everything a job produced, for non-streaming answers.

@@ -1,4 +1,6 @@
-//! Ollama's `/api/chat` (NDJSON streamed by default, or one object) and `/api/tags`.
+//! Ollama's API: `/api/chat` and `/api/generate` (NDJSON streamed by default, or one object),
+//! `/api/tags`, `/api/show`, `/api/ps` and `/api/version`. Errors take Ollama's shape
+//! (`{"error": "..."}`, see the server's middleware).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -9,13 +11,14 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
 
-use super::params::OllamaOptions;
+use super::params::{reject_unsupported, OllamaOptions};
 use super::worker::{Done, Event, Prompt};
-use super::{begin, collect, error, has_tools, messages, now, parse, split_calls, App, Ask};
+use super::{bad, begin, collect, error, has_tools, messages, now, parse, split_calls, App, Ask};
+use crate::chat::template::Message;
 
 #[derive(Deserialize)]
 struct ChatRequest {
@@ -28,6 +31,78 @@ struct ChatRequest {
     tools: Option<Value>,
     #[serde(default)]
     options: OllamaOptions,
+    #[serde(flatten)]
+    rest: Map<String, Value>,
+}
+
+/// The Ollama version whose API this follows (what clients check features against).
+const OLLAMA_VERSION: &str = "0.12.0";
+
+pub async fn version() -> Json<Value> {
+    Json(json!({ "version": OLLAMA_VERSION }))
+}
+
+/// `details` of the model as Ollama lists it.
+fn details(app: &App) -> Value {
+    let info = &app.model.info;
+    let quant = info
+        .metadata
+        .get("general.file_type")
+        .and_then(Value::as_u64)
+        .map_or("unknown".to_string(), |t| format!("file type {t}"));
+    json!({
+        "format": "gguf", "family": info.architecture, "families": [info.architecture],
+        "parameter_size": format!("{:.1}B", info.parameters as f64 / 1e9),
+        "quantization_level": quant,
+    })
+}
+
+/// The loaded model (always loaded while the server runs).
+pub async fn ps(State(app): State<Arc<App>>) -> Json<Value> {
+    let info = &app.model.info;
+    Json(json!({"models": [{
+        "name": info.name, "model": info.name, "size": info.file_bytes,
+        "details": details(&app), "context_length": info.n_ctx,
+    }]}))
+}
+
+#[derive(Deserialize)]
+struct ShowRequest {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    verbose: bool,
+}
+
+/// The model's chat template (Jinja, as the GGUF or --chat-template gives it), its details and
+/// its metadata (`model_info`).
+pub async fn show(State(app): State<Arc<App>>, body: Bytes) -> Response {
+    let req: ShowRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return bad(e),
+    };
+    let info = &app.model.info;
+    if let Some(m) = req
+        .model
+        .or(req.name)
+        .filter(|m| !m.is_empty() && *m != info.name)
+    {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("model '{m}' not found (this server runs {})", info.name),
+        );
+    }
+    let _ = req.verbose;
+    Json(json!({
+        "template": app.model.template.source(),
+        "parameters": "",
+        "details": details(&app),
+        "model_info": info.metadata,
+        "capabilities": ["completion", "tools"],
+    }))
+    .into_response()
 }
 
 pub async fn tags(State(app): State<Arc<App>>) -> Json<Value> {
@@ -63,9 +138,10 @@ fn now_rfc3339() -> String {
 /// An `/api/chat` request, checked (streamed unless `stream` is false, as in Ollama).
 pub(super) fn read_chat(body: &Bytes) -> Result<Ask, String> {
     let req: ChatRequest = parse(body)?;
+    reject_unsupported(&req.rest, &["model", "keep_alive"], "")?;
     let messages = messages(&req.messages)?;
     let with_tools = has_tools(&req.tools);
-    let (max_tokens, sampling) = req.options.into_sampling().args("options.")?;
+    let (max_tokens, sampling) = req.options.into_sampling()?.args("options.")?;
     Ok(Ask {
         prompt: Prompt::Chat {
             messages,
@@ -121,6 +197,112 @@ pub async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Response {
                 json!({"model": name, "created_at": now_rfc3339(), "message": {"role": "assistant", field: text}, "done": false})
             }
             Event::Done(d) => done_line(&d, json!({"role": "assistant", "content": ""})),
+            Event::Error { message, .. } => json!({"error": message}),
+        };
+        Some(Ok::<_, Infallible>(Bytes::from(format!("{v}\n"))))
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(Body::from_stream(lines))
+        .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "response"))
+}
+
+#[derive(Deserialize)]
+struct GenerateRequest {
+    prompt: String,
+    #[serde(default)]
+    system: Option<String>,
+    /// The prompt as it is, without the chat template.
+    #[serde(default)]
+    raw: bool,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    think: Option<bool>,
+    /// Ollama's Go template in place of the model's: only empty (the model's Jinja template).
+    #[serde(default)]
+    template: Option<String>,
+    /// Tokens of an earlier /api/generate to continue: only empty.
+    #[serde(default)]
+    context: Option<Vec<i64>>,
+    #[serde(default)]
+    options: OllamaOptions,
+    #[serde(flatten)]
+    rest: Map<String, Value>,
+}
+
+/// An `/api/generate` request, checked: `prompt` as one user turn (after `system`) through the
+/// chat template, or as it is with `raw`.
+pub(super) fn read_generate(body: &Bytes) -> Result<Ask, String> {
+    let req: GenerateRequest = parse(body)?;
+    reject_unsupported(&req.rest, &["model", "keep_alive"], "")?;
+    if req.template.as_deref().is_some_and(|t| !t.is_empty()) {
+        return Err("template: only the model's own chat template is used (leave it empty)".into());
+    }
+    if req.context.as_ref().is_some_and(|c| !c.is_empty()) {
+        return Err("context: continuing earlier tokens is not supported (send the conversation to /api/chat)".into());
+    }
+    if req.prompt.is_empty() {
+        return Err("prompt must not be empty".into());
+    }
+    let (max_tokens, sampling) = req.options.into_sampling()?.args("options.")?;
+    let prompt = if req.raw {
+        Prompt::Text(req.prompt)
+    } else {
+        let mut turns = Vec::new();
+        if let Some(s) = req.system.filter(|s| !s.is_empty()) {
+            turns.push(Message::new("system", &s));
+        }
+        turns.push(Message::new("user", &req.prompt));
+        Prompt::Chat {
+            messages: turns,
+            tools: None,
+            think: req.think,
+        }
+    };
+    Ok(Ask {
+        prompt,
+        max_tokens,
+        sampling,
+        stream: req.stream != Some(false),
+        with_tools: false,
+    })
+}
+
+pub async fn generate(State(app): State<Arc<App>>, body: Bytes) -> Response {
+    let (rx, stream, _) = match begin(&app, &body, read_generate).await {
+        Ok(r) => r,
+        Err(e) => return e,
+    };
+    let model = app.model.info.name.clone();
+    let done_line = move |d: &Done, response: &str, thinking: &str| {
+        let mut v = json!({
+            "model": model, "created_at": now_rfc3339(), "response": response, "done": true,
+            "done_reason": d.finish_reason, "prompt_eval_count": d.prompt_tokens,
+            "eval_count": d.completion_tokens,
+        });
+        if !thinking.is_empty() {
+            v["thinking"] = thinking.into();
+        }
+        v
+    };
+    if !stream {
+        return match collect(rx).await {
+            Ok(c) => Json(done_line(&c.done, &c.text, &c.reasoning)).into_response(),
+            Err(e) => e,
+        };
+    }
+    let name = app.model.info.name.clone();
+    let lines = UnboundedReceiverStream::new(rx).filter_map(move |ev| {
+        let v = match ev {
+            Event::Started => return None,
+            Event::Piece { reasoning, text } => {
+                let field = if reasoning { "thinking" } else { "response" };
+                let mut v = json!({"model": name, "created_at": now_rfc3339(), "response": "", "done": false});
+                v[field] = text.into();
+                v
+            }
+            Event::Done(d) => done_line(&d, "", ""),
             Event::Error { message, .. } => json!({"error": message}),
         };
         Some(Ok::<_, Infallible>(Bytes::from(format!("{v}\n"))))

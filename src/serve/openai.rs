@@ -11,11 +11,11 @@ use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
 
-use super::params::Sampling;
+use super::params::{reject_unsupported, Sampling, OPENAI_IGNORED};
 use super::worker::{Done, Event, Prompt};
 use super::{
     bad, begin, collect, error, has_tools, id, messages, now, parse, split_calls, tools, App, Ask,
@@ -40,6 +40,9 @@ struct ChatRequest {
     chat_template_kwargs: Option<Value>,
     #[serde(flatten)]
     sampling: Sampling,
+    /// Everything else (see [`reject_unsupported`]).
+    #[serde(flatten)]
+    rest: Map<String, Value>,
 }
 
 impl ChatRequest {
@@ -61,6 +64,8 @@ struct CompletionRequest {
     stream: bool,
     #[serde(flatten)]
     sampling: Sampling,
+    #[serde(flatten)]
+    rest: Map<String, Value>,
 }
 
 pub async fn models(State(app): State<Arc<App>>) -> Json<Value> {
@@ -92,6 +97,7 @@ fn usage(d: &Done) -> Value {
 /// A chat completion request, checked.
 pub(super) fn read_chat(body: &Bytes) -> Result<Ask, String> {
     let req: ChatRequest = parse(body)?;
+    reject_unsupported(&req.rest, &OPENAI_IGNORED, "")?;
     let think = req.think();
     let messages = messages(&req.messages)?;
     let with_tools = has_tools(&req.tools);
@@ -205,6 +211,7 @@ pub async fn chat_completions(State(app): State<Arc<App>>, body: Bytes) -> Respo
 /// A completion request, checked.
 pub(super) fn read_completion(body: &Bytes) -> Result<Ask, String> {
     let req: CompletionRequest = parse(body)?;
+    reject_unsupported(&req.rest, &OPENAI_IGNORED, "")?;
     if req.prompt.is_empty() {
         return Err("prompt must not be empty".into());
     }
@@ -354,5 +361,37 @@ pub async fn tokenize(State(app): State<Arc<App>>, body: Bytes) -> Response {
         Ok(Ok(v)) => Json(v).into_response(),
         Ok(Err(e)) => error(StatusCode::BAD_REQUEST, format!("{e:#}")),
         Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "tokenizing failed"),
+    }
+}
+
+#[derive(Deserialize)]
+pub(super) struct Detokenize {
+    tokens: Vec<i64>,
+}
+
+/// A `/detokenize` request, checked against the vocabulary.
+pub(super) fn read_detokenize(body: &Bytes, n_vocab: usize) -> Result<Vec<u32>, String> {
+    let req: Detokenize = parse(body)?;
+    req.tokens
+        .iter()
+        .map(|&t| {
+            u32::try_from(t)
+                .ok()
+                .filter(|&i| (i as usize) < n_vocab)
+                .ok_or_else(|| format!("tokens: {t} is not a token id (0 to {})", n_vocab - 1))
+        })
+        .collect()
+}
+
+/// llama-server's `/detokenize`: the text of `tokens` (control tokens as their text).
+pub async fn detokenize(State(app): State<Arc<App>>, body: Bytes) -> Response {
+    let ids = match read_detokenize(&body, app.model.info.n_vocab) {
+        Ok(r) => r,
+        Err(e) => return bad(e),
+    };
+    let model = app.model.clone();
+    match tokio::task::spawn_blocking(move || model.tok.decode(&ids, true)).await {
+        Ok(content) => Json(json!({ "content": content })).into_response(),
+        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "detokenizing failed"),
     }
 }

@@ -2,8 +2,83 @@
 //! checked before anything runs: a value out of its range is a 400 naming the field.
 
 use serde::Deserialize;
+use serde_json::{Map, Value};
 
 use crate::sample::Settings;
+
+/// Top-level fields of OpenAI requests that change nothing in what is generated (bookkeeping,
+/// caching hints, the model name: one model is served), accepted and ignored.
+pub const OPENAI_IGNORED: [&str; 11] = [
+    "model",
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "parallel_tool_calls",
+    "stream_options",
+    "prompt_cache_key",
+    "safety_identifier",
+    "cache_prompt",
+    "id_slot",
+];
+
+/// Ollama `options` that configure how a model is loaded (context, GPU layers, threads,
+/// memory), which the server's flags decide here: accepted and ignored.
+pub const OLLAMA_LOAD_OPTIONS: [&str; 11] = [
+    "num_ctx",
+    "num_gpu",
+    "num_thread",
+    "num_batch",
+    "main_gpu",
+    "low_vram",
+    "use_mmap",
+    "use_mlock",
+    "numa",
+    "vocab_only",
+    "f16_kv",
+];
+
+/// Whether `value` asks for nothing beyond what is served anyway (null, false, 0, an empty
+/// object, plain-text output, automatic tool choice).
+fn is_default(key: &str, value: &Value) -> bool {
+    match (key, value) {
+        (_, Value::Null) => true,
+        ("logprobs" | "echo", Value::Bool(false)) => true,
+        ("top_logprobs" | "logprobs", Value::Number(n)) => n.as_f64() == Some(0.0),
+        ("best_of", Value::Number(n)) => n.as_f64() == Some(1.0),
+        ("logit_bias", Value::Object(m)) => m.is_empty(),
+        ("suffix" | "format", Value::String(s)) => s.is_empty(),
+        ("response_format", Value::Object(m)) => {
+            m.get("type").and_then(Value::as_str) == Some("text") && m.len() == 1
+        }
+        ("tool_choice", Value::String(s)) => s == "auto",
+        _ => false,
+    }
+}
+
+/// Rejects the fields of `rest` (what a request carried beyond the fields read) that would
+/// change the output and are not implemented, naming them (`prefix`: where they are), so that
+/// nothing a client asked for is silently ignored; `ignored` lists fields accepted as no-ops.
+pub fn reject_unsupported(
+    rest: &Map<String, Value>,
+    ignored: &[&str],
+    prefix: &str,
+) -> Result<(), String> {
+    let mut names: Vec<String> = rest
+        .iter()
+        .filter(|(k, v)| !ignored.contains(&k.as_str()) && !is_default(k, v))
+        .map(|(k, _)| format!("{prefix}{k}"))
+        .collect();
+    if names.is_empty() {
+        return Ok(());
+    }
+    names.sort();
+    Err(format!(
+        "unsupported parameter{}: {} (not implemented by this server)",
+        if names.len() > 1 { "s" } else { "" },
+        names.join(", ")
+    ))
+}
 
 /// Most stop strings a request may give, and their longest length (each is searched for in
 /// the held-back answer text at every token).
@@ -59,12 +134,17 @@ pub struct OllamaOptions {
     pub seed: Option<u64>,
     pub num_predict: Option<i64>,
     pub stop: Option<Vec<String>>,
+    /// Everything else (checked by [`reject_unsupported`]).
+    #[serde(flatten)]
+    pub rest: Map<String, Value>,
 }
 
 impl OllamaOptions {
-    /// The same settings under OpenAI's names (`num_predict` below 0: no limit, as in Ollama).
-    pub fn into_sampling(self) -> Sampling {
-        Sampling {
+    /// The same settings under OpenAI's names (`num_predict` below 0: no limit, as in Ollama),
+    /// or the options it does not implement, named.
+    pub fn into_sampling(self) -> Result<Sampling, String> {
+        reject_unsupported(&self.rest, &OLLAMA_LOAD_OPTIONS, "options.")?;
+        Ok(Sampling {
             max_tokens: self.num_predict.filter(|n| *n >= 0),
             temperature: self.temperature,
             top_p: self.top_p,
@@ -76,7 +156,7 @@ impl OllamaOptions {
             seed: self.seed,
             stop: self.stop.map(Stop::Many),
             ..Default::default()
-        }
+        })
     }
 }
 
@@ -206,7 +286,7 @@ mod tests {
         assert_eq!(check(&many).unwrap_err(), "stop: 17 strings (at most 16)");
         let o: OllamaOptions = serde_json::from_str(r#"{"top_p": 2}"#).unwrap();
         assert_eq!(
-            o.into_sampling().args("options.").unwrap_err(),
+            o.into_sampling().unwrap().args("options.").unwrap_err(),
             "options.top_p: 2 is out of range (0 to 1)"
         );
     }
@@ -225,6 +305,32 @@ mod tests {
         );
         assert_eq!(a.stop, ["x"]);
         let o: OllamaOptions = serde_json::from_str(r#"{"num_predict": -1}"#).unwrap();
-        assert_eq!(o.into_sampling().args("options.").unwrap().0, None);
+        assert_eq!(o.into_sampling().unwrap().args("options.").unwrap().0, None);
+    }
+
+    #[test]
+    fn unsupported_fields_are_named_and_harmless_ones_pass() {
+        let rest = |json: &str| -> Map<String, Value> { serde_json::from_str(json).unwrap() };
+        let ok = rest(
+            r#"{"model": "x", "user": "u", "logprobs": false, "top_logprobs": 0, "logit_bias": {},
+                "response_format": {"type": "text"}, "tool_choice": "auto", "seed": null}"#,
+        );
+        assert_eq!(reject_unsupported(&ok, &OPENAI_IGNORED, ""), Ok(()));
+        let bad = rest(
+            r#"{"logprobs": true, "response_format": {"type": "json_object"},
+                "tool_choice": "required", "logit_bias": {"5": 1}, "frobnicate": 1}"#,
+        );
+        assert_eq!(
+            reject_unsupported(&bad, &OPENAI_IGNORED, "").unwrap_err(),
+            "unsupported parameters: frobnicate, logit_bias, logprobs, response_format, \
+             tool_choice (not implemented by this server)"
+        );
+        let o: OllamaOptions =
+            serde_json::from_str(r#"{"num_ctx": 8192, "mirostat": 2, "temperature": 0.5}"#)
+                .unwrap();
+        assert_eq!(
+            o.into_sampling().err().as_deref(),
+            Some("unsupported parameter: options.mirostat (not implemented by this server)")
+        );
     }
 }

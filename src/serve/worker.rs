@@ -152,6 +152,33 @@ pub struct ModelInfo {
     pub n_ctx: usize,
     pub file_bytes: u64,
     pub n_vocab: usize,
+    pub architecture: String,
+    /// Weights in the file.
+    pub parameters: u64,
+    /// The file's metadata as JSON: scalar values; arrays (the vocabulary and its kin) null.
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+}
+
+/// `g`'s metadata as [`ModelInfo::metadata`] shows it.
+fn metadata_json(g: &crate::gguf::Model) -> serde_json::Map<String, serde_json::Value> {
+    use crate::gguf::Value as V;
+    use serde_json::Value as J;
+    g.metadata()
+        .iter()
+        .map(|(k, v)| {
+            let j = match v {
+                V::String(s) => J::from(s.as_str()),
+                V::Bool(b) => J::from(*b),
+                V::F32(_) | V::F64(_) => v.as_f64().map_or(J::Null, J::from),
+                V::Array(_) => J::Null,
+                _ => v
+                    .as_integer()
+                    .and_then(|i| i64::try_from(i).ok())
+                    .map_or(J::Null, J::from),
+            };
+            (k.clone(), j)
+        })
+        .collect()
 }
 
 /// Set on SIGINT/SIGTERM: every job stops after its current token.
@@ -207,6 +234,9 @@ fn serve_jobs(
             n_ctx: l.n_ctx,
             file_bytes: std::fs::metadata(&args.model).map(|m| m.len()).unwrap_or(0),
             n_vocab: tok.n_vocab(),
+            architecture: g.architecture().unwrap_or("unknown").to_string(),
+            parameters: g.tensors().map(|t| t.elements()).sum(),
+            metadata: metadata_json(&g),
         },
         tok,
         template,

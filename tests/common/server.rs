@@ -12,6 +12,8 @@ use serde_json::Value;
 pub struct Server {
     pub child: Child,
     pub addr: String,
+    /// What it has written on stderr since it listened.
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Server {
@@ -75,8 +77,14 @@ pub fn start(extra: &[&str]) -> Server {
         }
     };
     // Keep draining stderr so the server never blocks on it.
-    std::thread::spawn(move || for _ in lines {});
-    Server { child, addr }
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = log.clone();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            kept.lock().unwrap().push(line);
+        }
+    });
+    Server { child, addr, log }
 }
 
 /// One request on its own connection: (status, body). Chunked bodies are de-chunked.
