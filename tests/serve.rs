@@ -424,7 +424,8 @@ fn a_snapshot_serves_a_history_after_another_conversation() {
 }
 
 /// With tools in the request, the template gets them, and the streamed answer (held back from
-/// where a tool call may begin) adds up to the non-streamed one. (The parsing of calls is
+/// where a tool call may begin) adds up to the non-streamed one, in OpenAI's and Ollama's
+/// streams. (The parsing of calls is
 /// unit-tested in src/serve/tools.rs: SmolLM2 does not call tools reliably.)
 #[test]
 fn with_tools_the_stream_adds_up_to_the_whole_answer() {
@@ -456,6 +457,34 @@ fn with_tools_the_stream_adds_up_to_the_whole_answer() {
     if !calls.is_null() {
         assert!(body.contains("tool_calls"), "{body}");
     }
+    // Ollama's chat: the streamed lines add up to the whole reply, calls included.
+    let mut req = json!({"messages": req["messages"], "tools": req["tools"], "stream": false,
+                         "options": {"temperature": 0, "num_predict": 24}});
+    let (status, whole, text) = post(&s.addr, "/api/chat", &req);
+    assert_eq!(status, 200, "{text}");
+    req["stream"] = true.into();
+    let (status, body) = http(&s.addr, "POST", "/api/chat", &[], &req.to_string());
+    assert_eq!(status, 200);
+    let lines: Vec<Value> = body
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let content: String = lines
+        .iter()
+        .map(|l| l["message"]["content"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        content,
+        whole["message"]["content"].as_str().unwrap(),
+        "{body}"
+    );
+    let last = lines.last().unwrap();
+    assert_eq!(last["done"], true);
+    assert_eq!(
+        last["message"]["tool_calls"], whole["message"]["tool_calls"],
+        "{body}"
+    );
+    assert!(!body.contains("<tool_call>"), "{body}");
 }
 
 /// An address it cannot listen on is a one-line error and exit status 1.

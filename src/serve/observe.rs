@@ -14,7 +14,7 @@ use tokio_stream::StreamExt;
 
 /// The routes the server answers: the label of a request in the metrics (others count as
 /// "other", so that clients cannot grow the label set).
-pub const ROUTES: [&str; 16] = [
+pub const ROUTES: [&str; 14] = [
     "/health",
     "/metrics",
     "/v1/models",
@@ -29,8 +29,6 @@ pub const ROUTES: [&str; 16] = [
     "/api/show",
     "/api/ps",
     "/api/version",
-    "/props",
-    "/slots",
 ];
 
 fn route_label(path: &str) -> &'static str {

@@ -17,7 +17,9 @@ use tokio_stream::StreamExt;
 
 use super::params::{reject_unsupported, OllamaOptions};
 use super::worker::{Done, Event, Prompt};
-use super::{bad, begin, collect, error, has_tools, messages, now, parse, split_calls, App, Ask};
+use super::{
+    bad, begin, collect, error, has_tools, messages, now, parse, split_calls, tools, App, Ask,
+};
 use crate::chat::template::Message;
 
 #[derive(Deserialize)]
@@ -155,6 +157,15 @@ pub(super) fn read_chat(body: &Bytes) -> Result<Ask, String> {
     })
 }
 
+/// Tool calls as Ollama writes them (arguments as an object).
+fn ollama_calls(calls: &[tools::ToolCall]) -> Value {
+    calls
+        .iter()
+        .map(|t| json!({"function": {"name": t.name, "arguments": t.arguments}}))
+        .collect::<Vec<_>>()
+        .into()
+}
+
 pub async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Response {
     let (rx, stream, with_tools) = match begin(&app, &body, read_chat).await {
         Ok(r) => r,
@@ -174,11 +185,7 @@ pub async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Response {
                 let (text, calls) = split_calls(c.text, with_tools);
                 let mut message = json!({"role": "assistant", "content": text});
                 if !calls.is_empty() {
-                    let v: Vec<Value> = calls
-                        .iter()
-                        .map(|t| json!({"function": {"name": t.name, "arguments": t.arguments}}))
-                        .collect();
-                    message["tool_calls"] = v.into();
+                    message["tool_calls"] = ollama_calls(&calls);
                 }
                 if !c.reasoning.is_empty() {
                     message["thinking"] = c.reasoning.into();
@@ -189,14 +196,40 @@ pub async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Response {
         };
     }
     let name = app.model.info.name.clone();
+    // With tools, answer text is held back from where a call may begin; the calls come in the
+    // last line, parsed as in a whole reply.
+    let mut hold = with_tools.then(tools::Holdback::default);
     let lines = UnboundedReceiverStream::new(rx).filter_map(move |ev| {
+        let line = |message: Value| {
+            json!({"model": name, "created_at": now_rfc3339(), "message": message, "done": false})
+        };
         let v = match ev {
             Event::Started => return None,
-            Event::Piece { reasoning, text } => {
-                let field = if reasoning { "thinking" } else { "content" };
-                json!({"model": name, "created_at": now_rfc3339(), "message": {"role": "assistant", field: text}, "done": false})
+            Event::Piece {
+                reasoning: true,
+                text,
+            } => line(json!({"role": "assistant", "content": "", "thinking": text})),
+            Event::Piece { text, .. } => {
+                let text = match &mut hold {
+                    Some(h) => h.push(&text),
+                    None => text,
+                };
+                if text.is_empty() {
+                    return None;
+                }
+                line(json!({"role": "assistant", "content": text}))
             }
-            Event::Done(d) => done_line(&d, json!({"role": "assistant", "content": ""})),
+            Event::Done(d) => {
+                let mut message = json!({"role": "assistant", "content": ""});
+                if let Some(h) = hold.take() {
+                    let (rest, calls) = h.finish();
+                    message["content"] = rest.into();
+                    if !calls.is_empty() {
+                        message["tool_calls"] = ollama_calls(&calls);
+                    }
+                }
+                done_line(&d, message)
+            }
             Event::Error { message, .. } => json!({"error": message}),
         };
         Some(Ok::<_, Infallible>(Bytes::from(format!("{v}\n"))))
