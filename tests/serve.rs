@@ -562,6 +562,57 @@ fn the_api_surface_answers_in_each_apis_shape() {
     assert_eq!(status, 400, "{body}");
     let v: Value = serde_json::from_str(&body).unwrap();
     assert!(v["error"].as_str().unwrap().contains("format"), "{body}");
+    // logit_bias: +100 makes a token the greedy choice, -100 bans it, an id past the
+    // vocabulary is a 400.
+    let (_, body) = http(
+        &s.addr,
+        "POST",
+        "/tokenize",
+        &key,
+        r#"{"content": " banana"}"#,
+    );
+    let banana = serde_json::from_str::<Value>(&body).unwrap()["tokens"][0]
+        .as_u64()
+        .unwrap();
+    let mut req = chat("Name a colour.", 1, false);
+    let first = |req: &Value| {
+        let (status, body) = http(
+            &s.addr,
+            "POST",
+            "/v1/chat/completions",
+            &key,
+            &req.to_string(),
+        );
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let plain = first(&req);
+    req["logit_bias"] = json!({ banana.to_string(): 100 });
+    assert_eq!(first(&req).trim_start(), "banana");
+    let (_, body) = http(
+        &s.addr,
+        "POST",
+        "/tokenize",
+        &key,
+        &json!({ "content": plain }).to_string(),
+    );
+    let plain_id = serde_json::from_str::<Value>(&body).unwrap()["tokens"][0].clone();
+    req["logit_bias"] = json!({ plain_id.to_string(): -100 });
+    assert_ne!(first(&req), plain);
+    req["logit_bias"] = json!({"99999999": 1});
+    let (status, body) = http(
+        &s.addr,
+        "POST",
+        "/v1/chat/completions",
+        &key,
+        &req.to_string(),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("logit_bias"), "{body}");
     // /detokenize inverts /tokenize.
     let text = "Hello, world! Ünïcode too.";
     let (_, body) = http(

@@ -266,6 +266,7 @@ impl SamplingArgs {
             repeat_last_n: self.repeat_last_n,
             seed: self.seed,
             stop: self.stop.clone(),
+            logit_bias: Vec::new(),
         }
     }
 

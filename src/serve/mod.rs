@@ -399,6 +399,18 @@ async fn begin(
     read: fn(&Bytes) -> Result<Ask, String>,
 ) -> Result<(UnboundedReceiver<Event>, bool, bool), Response> {
     let ask = read(body).map_err(bad)?;
+    let n_vocab = app.model.info.n_vocab;
+    if let Some((t, _)) = ask
+        .sampling
+        .logit_bias
+        .iter()
+        .find(|b| b.0 as usize >= n_vocab)
+    {
+        return Err(bad(format!(
+            "logit_bias: {t} is not a token id (0 to {})",
+            n_vocab - 1
+        )));
+    }
     let (stream, with_tools) = (ask.stream, ask.with_tools);
     Ok((start(app, ask).await?, stream, with_tools))
 }

@@ -46,7 +46,6 @@ fn is_default(key: &str, value: &Value) -> bool {
         ("logprobs" | "echo", Value::Bool(false)) => true,
         ("top_logprobs" | "logprobs", Value::Number(n)) => n.as_f64() == Some(0.0),
         ("best_of", Value::Number(n)) => n.as_f64() == Some(1.0),
-        ("logit_bias", Value::Object(m)) => m.is_empty(),
         ("suffix" | "format", Value::String(s)) => s.is_empty(),
         ("response_format", Value::Object(m)) => {
             m.get("type").and_then(Value::as_str) == Some("text") && m.len() == 1
@@ -119,6 +118,8 @@ pub struct Sampling {
     pub stop: Option<Stop>,
     /// Choices per request: only 1 is served.
     pub n: Option<i64>,
+    /// Token id (as a string) → bias added to its logit, −100 to 100; −100 bans it.
+    pub logit_bias: Option<std::collections::BTreeMap<String, f64>>,
 }
 
 /// Ollama's `options` (the ones that mean something here).
@@ -213,6 +214,15 @@ impl Sampling {
                 s.len()
             ));
         }
+        let mut logit_bias = Vec::new();
+        for (k, v) in self.logit_bias.unwrap_or_default() {
+            let id: u32 = k
+                .parse()
+                .map_err(|_| format!("{}: {k:?} is not a token id", f("logit_bias")))?;
+            let b = range(&f(&format!("logit_bias.{k}")), Some(v), -100.0, 100.0)?.unwrap_or(0.0);
+            // −100 bans the token, as OpenAI describes it.
+            logit_bias.push((id, if b <= -100.0 { f32::NEG_INFINITY } else { b }));
+        }
         let a = Settings {
             temp: range(&f("temperature"), self.temperature, 0.0, 100.0)?,
             top_k,
@@ -227,6 +237,7 @@ impl Sampling {
             repeat_last_n: 64,
             seed: self.seed,
             stop,
+            logit_bias,
         };
         Ok((max, a))
     }
@@ -278,6 +289,14 @@ mod tests {
                 "max_completion_tokens: -3 is not a positive number",
             ),
             (r#"{"n": 2}"#, "n: 2 choices asked; only 1 is served"),
+            (
+                r#"{"logit_bias": {"x": 1}}"#,
+                "logit_bias: \"x\" is not a token id",
+            ),
+            (
+                r#"{"logit_bias": {"5": 101}}"#,
+                "logit_bias.5: 101 is out of range (-100 to 100)",
+            ),
         ];
         for (json, want) in cases {
             assert_eq!(check(json).err().as_deref(), Some(want), "{json}");
@@ -312,18 +331,18 @@ mod tests {
     fn unsupported_fields_are_named_and_harmless_ones_pass() {
         let rest = |json: &str| -> Map<String, Value> { serde_json::from_str(json).unwrap() };
         let ok = rest(
-            r#"{"model": "x", "user": "u", "logprobs": false, "top_logprobs": 0, "logit_bias": {},
+            r#"{"model": "x", "user": "u", "logprobs": false, "top_logprobs": 0,
                 "response_format": {"type": "text"}, "tool_choice": "auto", "seed": null}"#,
         );
         assert_eq!(reject_unsupported(&ok, &OPENAI_IGNORED, ""), Ok(()));
         let bad = rest(
             r#"{"logprobs": true, "response_format": {"type": "json_object"},
-                "tool_choice": "required", "logit_bias": {"5": 1}, "frobnicate": 1}"#,
+                "tool_choice": "required", "frobnicate": 1}"#,
         );
         assert_eq!(
             reject_unsupported(&bad, &OPENAI_IGNORED, "").unwrap_err(),
-            "unsupported parameters: frobnicate, logit_bias, logprobs, response_format, \
-             tool_choice (not implemented by this server)"
+            "unsupported parameters: frobnicate, logprobs, response_format, tool_choice \
+             (not implemented by this server)"
         );
         let o: OllamaOptions =
             serde_json::from_str(r#"{"num_ctx": 8192, "mirostat": 2, "temperature": 0.5}"#)
