@@ -100,6 +100,48 @@ fn a_tool_conversation_reaches_real_templates_as_transformers_passes_it() {
     }
 }
 
+/// The template constructs llama.cpp users hit (GLM-4.6/4.7, Kimi, MiniMax and StepFun
+/// templates once tools are given): tojson with `ensure_ascii`, `indent`, `separators` and
+/// `sort_keys`, transformers' `{% generation %}` tag, dicts and lists printed as Python's repr,
+/// `strftime_now` in local time (a zone 9 hours east here): the same bytes as jinja2.
+#[test]
+fn python_only_template_constructs_render_as_jinja2_does() {
+    let template = data().join("templates/python-gaps.jinja");
+    let mut ours = common::ggrun();
+    ours.args(["template", "-m"])
+        .arg(nemo())
+        .arg("--chat-template")
+        .arg(&template)
+        .arg("--messages")
+        .arg(data().join("templates/tool-conversation.json"));
+    let mut py = Command::new("python3");
+    py.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tools/render_template_py.py"))
+        .arg("--gguf")
+        .arg(nemo())
+        .arg("--template")
+        .arg(&template)
+        .arg("--messages")
+        .arg(data().join("templates/tool-conversation.hf.json"));
+    for c in [&mut ours, &mut py] {
+        c.arg("--tools")
+            .arg(data().join("templates/tools.json"))
+            .env("TZ", "Etc/GMT-9");
+    }
+    let (code, a, err) = output(&mut ours);
+    assert_eq!(code, 0, "{err}");
+    let (code, b, err) = output(&mut py);
+    assert_eq!(code, 0, "python: {err}");
+    assert_eq!(a, b);
+    for needle in [
+        r"\u014d",
+        "'city': 'Paris'",
+        "kept",
+        "\"type\":\"function\"",
+    ] {
+        assert!(a.contains(needle), "no {needle} in {a}");
+    }
+}
+
 #[test]
 fn templates_render_as_python_jinja2_does() {
     let conv = data().join("templates/conversation.json");

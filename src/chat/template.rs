@@ -1,7 +1,9 @@
 //! Chat templates: the model's `tokenizer.chat_template` (or a file given with
 //! `--chat-template`, or ChatML when a model has none) rendered with minijinja set up the way
 //! Hugging Face renders them: trim_blocks and lstrip_blocks, Python string and dict methods,
-//! `raise_exception`, `strftime_now`, and a `tojson` that writes what Python's `json.dumps` does.
+//! `raise_exception`, `strftime_now` (local time), the `{% generation %}` tag, printed lists and
+//! dicts as Python's repr, and a `tojson` that writes what Python's `json.dumps` does with its
+//! arguments (`ensure_ascii`, `indent`, `separators`, `sort_keys`).
 //! Renders spend at most [`Limits`]: instructions, output and (in a child process) memory.
 
 use std::path::Path;
@@ -210,10 +212,123 @@ fn environment(source: &str, origin: &str, fuel: u64) -> Result<Environment<'sta
     env.add_function("raise_exception", raise_exception);
     env.add_function("strftime_now", strftime_now);
     env.add_filter("tojson", tojson);
+    env.set_formatter(python_formatter);
     env.set_fuel(Some(fuel));
-    env.add_template_owned(NAME, source.to_string())
+    env.add_template_owned(NAME, without_generation_tags(source))
         .map_err(|e| describe(&e, origin))?;
     Ok(env)
+}
+
+/// transformers' `{% generation %}` … `{% endgeneration %}` (it marks the assistant's tokens
+/// for training masks and renders its body unchanged) as an always-true `if`, whitespace
+/// control kept.
+fn without_generation_tags(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(at) = rest.find("{%") {
+        out.push_str(&rest[..at]);
+        let tag = &rest[at..];
+        let Some(end) = tag.find("%}") else {
+            out.push_str(tag);
+            return out;
+        };
+        let inner = &tag[2..end];
+        let (open_dash, body) = match inner.strip_prefix('-') {
+            Some(b) => ("-", b),
+            None => ("", inner),
+        };
+        let (body, close_dash) = match body.strip_suffix('-') {
+            Some(b) => (b, "-"),
+            None => (body, ""),
+        };
+        match body.trim() {
+            "generation" => out.push_str(&format!("{{%{open_dash} if true {close_dash}%}}")),
+            "endgeneration" => out.push_str(&format!("{{%{open_dash} endif {close_dash}%}}")),
+            _ => out.push_str(&tag[..end + 2]),
+        }
+        rest = &tag[end + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Prints values as Python does: lists and dicts as their `repr` (`{'k': 'v'}`), the rest as
+/// minijinja does (which already prints True, False and None).
+fn python_formatter(
+    out: &mut minijinja::Output,
+    state: &minijinja::State,
+    value: &Value,
+) -> Result<(), Error> {
+    use minijinja::value::ValueKind;
+    match value.kind() {
+        ValueKind::Seq | ValueKind::Map => {
+            let mut s = String::new();
+            python_repr(value, &mut s);
+            out.write_str(&s)
+                .map_err(|e| Error::new(ErrorKind::WriteFailure, e.to_string()))
+        }
+        _ => minijinja::escape_formatter(out, state, value),
+    }
+}
+
+/// Python's `repr` of a template value.
+fn python_repr(v: &Value, out: &mut String) {
+    use minijinja::value::ValueKind;
+    match v.kind() {
+        ValueKind::Undefined | ValueKind::None => out.push_str("None"),
+        ValueKind::Bool => out.push_str(if v.is_true() { "True" } else { "False" }),
+        ValueKind::String => python_str_repr(v.as_str().unwrap_or_default(), out),
+        ValueKind::Seq => {
+            out.push('[');
+            for (i, x) in v.try_iter().into_iter().flatten().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                python_repr(&x, out);
+            }
+            out.push(']');
+        }
+        ValueKind::Map => {
+            out.push('{');
+            for (i, k) in v.try_iter().into_iter().flatten().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                python_repr(&k, out);
+                out.push_str(": ");
+                python_repr(&v.get_item(&k).unwrap_or_default(), out);
+            }
+            out.push('}');
+        }
+        _ => out.push_str(&v.to_string()),
+    }
+}
+
+/// Python's `repr` of a str: single quotes unless the text has one and no double quote.
+fn python_str_repr(s: &str, out: &mut String) {
+    let q = if s.contains('\'') && !s.contains('"') {
+        '"'
+    } else {
+        '\''
+    };
+    out.push(q);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c == q => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                out.push_str(&format!("\\x{:02x}", c as u32))
+            }
+            c => out.push(c),
+        }
+    }
+    out.push(q);
 }
 
 /// Compiles and renders `source` with `context` under `limits` (the fuel and output limits; the
@@ -329,11 +444,32 @@ fn now_utc() -> i64 {
         .unwrap_or(0)
 }
 
+/// transformers' `strftime_now`: the local time (as `datetime.now()`), formatted.
 fn strftime_now(fmt: String) -> String {
-    format_time(&fmt, now_utc())
+    let now = now_utc();
+    format_time(&fmt, now + local_offset(now))
 }
 
-/// A small strftime (UTC) for the directives chat templates use.
+/// Seconds east of UTC of the local time zone at `secs` (0 where it cannot be had).
+fn local_offset(secs: i64) -> i64 {
+    #[cfg(unix)]
+    {
+        let t = secs as libc::time_t;
+        // SAFETY: localtime_r reads `t` and writes only the tm struct we own; a zeroed tm is a
+        // valid value to start from.
+        let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+        // SAFETY: as above; a null return leaves tm zeroed (offset 0).
+        let ok = unsafe { !libc::localtime_r(&t, &mut tm).is_null() };
+        if ok {
+            return tm.tm_gmtoff;
+        }
+    }
+    let _ = secs;
+    0
+}
+
+/// A small strftime (of a time already shifted to its zone) for the directives chat
+/// templates use.
 fn format_time(fmt: &str, secs: i64) -> String {
     const MONTHS: [&str; 12] = [
         "January",
@@ -408,56 +544,94 @@ fn format_time(fmt: &str, secs: i64) -> String {
     out
 }
 
-/// Python's `json.dumps(value, ensure_ascii=False, indent=indent)`: ", " and ": " separators
-/// (or "," and newlines with `indent`), keys in insertion order, no HTML escaping.
+/// How [`tojson`] writes JSON: Python's `json.dumps` options.
+struct JsonStyle {
+    indent: Option<usize>,
+    /// Between items, and between a key and its value.
+    item_sep: String,
+    key_sep: String,
+    /// Non-ASCII characters as \uXXXX escapes.
+    ensure_ascii: bool,
+    sort_keys: bool,
+}
+
+/// Python's `json.dumps(value, ensure_ascii=False, indent=None, separators=None,
+/// sort_keys=False)` with those keyword arguments (transformers' tojson): ", " and ": "
+/// separators (", " becomes "," with `indent`), keys in insertion order, no HTML escaping.
 fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
     let indent: Option<usize> = kwargs.get("indent")?;
+    let ensure_ascii: Option<bool> = kwargs.get("ensure_ascii")?;
+    let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
+    let separators: Option<Vec<String>> = kwargs.get("separators")?;
     kwargs.assert_all_used()?;
+    let (item_sep, key_sep) = match separators.as_deref() {
+        None => (
+            if indent.is_some() { "," } else { ", " }.to_string(),
+            ": ".to_string(),
+        ),
+        Some([a, b]) => (a.clone(), b.clone()),
+        Some(_) => {
+            return Err(Error::new(
+                ErrorKind::InvalidOperation,
+                "tojson: separators must be two strings",
+            ))
+        }
+    };
+    let style = JsonStyle {
+        indent,
+        item_sep,
+        key_sep,
+        ensure_ascii: ensure_ascii.unwrap_or(false),
+        sort_keys: sort_keys.unwrap_or(false),
+    };
     let json = serde_json::to_value(&value)
         .map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
     let mut out = String::new();
-    write_json(&json, indent, 0, &mut out);
+    write_json(&json, &style, 0, &mut out);
     Ok(Value::from_safe_string(out))
 }
 
-fn write_json(v: &serde_json::Value, indent: Option<usize>, depth: usize, out: &mut String) {
+fn write_json(v: &serde_json::Value, st: &JsonStyle, depth: usize, out: &mut String) {
     use serde_json::Value as J;
     let newline = |out: &mut String, depth: usize| {
-        if let Some(n) = indent {
+        if let Some(n) = st.indent {
             out.push('\n');
             out.extend(std::iter::repeat_n(' ', n * depth));
         }
     };
-    let sep = if indent.is_some() { "," } else { ", " };
     match v {
         J::Null => out.push_str("null"),
         J::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
         J::Number(n) => out.push_str(&n.to_string()),
-        J::String(s) => write_json_string(s, out),
+        J::String(s) => write_json_string(s, st.ensure_ascii, out),
         J::Array(a) if a.is_empty() => out.push_str("[]"),
         J::Array(a) => {
             out.push('[');
             for (i, x) in a.iter().enumerate() {
                 if i > 0 {
-                    out.push_str(sep);
+                    out.push_str(&st.item_sep);
                 }
                 newline(out, depth + 1);
-                write_json(x, indent, depth + 1, out);
+                write_json(x, st, depth + 1, out);
             }
             newline(out, depth);
             out.push(']');
         }
         J::Object(o) if o.is_empty() => out.push_str("{}"),
         J::Object(o) => {
+            let mut items: Vec<(&String, &J)> = o.iter().collect();
+            if st.sort_keys {
+                items.sort_by(|a, b| a.0.cmp(b.0));
+            }
             out.push('{');
-            for (i, (k, x)) in o.iter().enumerate() {
+            for (i, (k, x)) in items.into_iter().enumerate() {
                 if i > 0 {
-                    out.push_str(sep);
+                    out.push_str(&st.item_sep);
                 }
                 newline(out, depth + 1);
-                write_json_string(k, out);
-                out.push_str(": ");
-                write_json(x, indent, depth + 1, out);
+                write_json_string(k, st.ensure_ascii, out);
+                out.push_str(&st.key_sep);
+                write_json(x, st, depth + 1, out);
             }
             newline(out, depth);
             out.push('}');
@@ -465,7 +639,7 @@ fn write_json(v: &serde_json::Value, indent: Option<usize>, depth: usize, out: &
     }
 }
 
-fn write_json_string(s: &str, out: &mut String) {
+fn write_json_string(s: &str, ensure_ascii: bool, out: &mut String) {
     out.push('"');
     for c in s.chars() {
         match c {
@@ -477,6 +651,12 @@ fn write_json_string(s: &str, out: &mut String) {
             '\u{8}' => out.push_str("\\b"),
             '\u{c}' => out.push_str("\\f"),
             c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c if ensure_ascii && !c.is_ascii() => {
+                let mut units = [0u16; 2];
+                for u in c.encode_utf16(&mut units) {
+                    out.push_str(&format!("\\u{u:04x}"));
+                }
+            }
             c => out.push(c),
         }
     }

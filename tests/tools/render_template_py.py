@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Renders a chat template the way Hugging Face transformers does (jinja2 sandbox with
-trim_blocks, lstrip_blocks and loop controls; json.dumps-style tojson; raise_exception;
-strftime_now), to check `ggrun template` against. The template is the file's if given, else
+trim_blocks, lstrip_blocks, loop controls and the {% generation %} tag; json.dumps-style tojson;
+raise_exception; strftime_now in local time), to check `ggrun template` against. The template is the file's if given, else
 the model's; bos_token and eos_token come from the model.
 
     python3 render_template_py.py [--gguf MODEL] [--template FILE] --messages FILE
@@ -13,7 +13,23 @@ import sys
 from datetime import datetime
 
 import jinja2
+from jinja2 import nodes
+from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+
+class GenerationTag(Extension):
+    """transformers' {% generation %} ... {% endgeneration %}: the body, unchanged."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+        return caller()
 
 
 def main():
@@ -48,10 +64,10 @@ def main():
                           sort_keys=sort_keys)
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
+                                        extensions=["jinja2.ext.loopcontrols", GenerationTag])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.utcnow().strftime(fmt)
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     ctx = {
         "messages": json.load(open(a.messages)),
         "add_generation_prompt": not a.no_generation_prompt,
