@@ -464,6 +464,11 @@ impl<'a> Decoder<'a> {
         Ok((dec, prompt))
     }
 
+    /// Makes the answer follow `c` (structured output).
+    pub fn constrain(&mut self, c: crate::grammar::Constraint) {
+        self.sampler.constrain(c);
+    }
+
     /// Marks the end of the prompt (generation time counts from here).
     pub fn start(&mut self) {
         self.started = Instant::now();
@@ -500,7 +505,7 @@ impl<'a> Decoder<'a> {
                 seq.consumed.len()
             );
         }
-        let t = self.sampler.sample(logits, &seq.consumed);
+        let t = self.sampler.sample(logits, &seq.consumed)?;
         if tok.is_eog(t) {
             return stop(StopReason::Eog);
         }

@@ -2,7 +2,7 @@
 //!
 //! Layers (dependencies point down; nothing imports `cli` or `serve`): `cli` → `serve`,
 //! `tune` → `engine` → `chat`, `generate`, `model` → `backend` → `gguf`, `tokenizer`,
-//! `ggrun_quants`.
+//! `ggrun_quants`; `sample` → `grammar` → `tokenizer`.
 
 pub mod backend;
 pub mod bench;
@@ -11,6 +11,7 @@ pub mod cli;
 pub mod engine;
 pub mod generate;
 pub mod gguf;
+pub mod grammar;
 pub mod info;
 pub mod model;
 pub mod profile;

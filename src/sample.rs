@@ -5,7 +5,10 @@
 
 use std::collections::HashMap;
 
+use anyhow::Result;
+
 use crate::gguf::Metadata;
+use crate::grammar::{Constraint, GrammarSpec};
 
 /// Sampling settings (llama.cpp's flag names and defaults).
 #[derive(Clone, Debug, PartialEq)]
@@ -63,6 +66,8 @@ pub struct Settings {
     pub stop: Vec<String>,
     /// Added to these tokens' logits before anything else.
     pub logit_bias: Vec<(u32, f32)>,
+    /// The answer must follow this grammar (structured output).
+    pub grammar: Option<GrammarSpec>,
 }
 
 impl Settings {
@@ -116,18 +121,41 @@ impl Rng {
 pub struct Sampler {
     cfg: SamplerConfig,
     rng: Rng,
+    /// The grammar the tokens must follow: it masks the logits before anything else.
+    constraint: Option<Constraint>,
 }
 
 impl Sampler {
     pub fn new(cfg: SamplerConfig) -> Sampler {
         let rng = Rng(cfg.seed);
-        Sampler { cfg, rng }
+        Sampler {
+            cfg,
+            rng,
+            constraint: None,
+        }
     }
 
-    /// Picks the next token from `logits`, given the tokens so far (for the penalties).
-    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
-        let c = &self.cfg;
+    /// Makes every sampled token follow `c`.
+    pub fn constrain(&mut self, c: Constraint) {
+        self.constraint = Some(c);
+    }
+
+    /// Picks the next token from `logits`, given the tokens so far (for the penalties): the
+    /// grammar's mask first, then the chain.
+    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> Result<u32> {
         let mut l = logits.to_vec();
+        if let Some(g) = &mut self.constraint {
+            g.mask(&mut l)?;
+        }
+        let t = self.pick(l, history);
+        if let Some(g) = &mut self.constraint {
+            g.commit(t)?;
+        }
+        Ok(t)
+    }
+
+    fn pick(&mut self, mut l: Vec<f32>, history: &[u32]) -> u32 {
+        let c = &self.cfg;
         for &(t, b) in &c.logit_bias {
             if let Some(v) = l.get_mut(t as usize) {
                 *v += b;
@@ -245,14 +273,14 @@ mod tests {
             logit_bias: vec![(2, 1.0)],
             ..cfg(0.0)
         });
-        assert_eq!(s.sample(&logits(), &[]), 2);
+        assert_eq!(s.sample(&logits(), &[]).unwrap(), 2);
         let banned = vec![(1, f32::NEG_INFINITY), (2, f32::NEG_INFINITY)];
         let mut s = Sampler::new(SamplerConfig {
             logit_bias: banned.clone(),
             ..cfg(1.0)
         });
         for _ in 0..200 {
-            let t = s.sample(&logits(), &[]);
+            let t = s.sample(&logits(), &[]).unwrap();
             assert!(t != 1 && t != 2);
         }
     }
@@ -261,7 +289,7 @@ mod tests {
         let mut s = Sampler::new(c);
         let mut h = vec![0; 8];
         for _ in 0..n {
-            h[s.sample(&logits(), &[]) as usize] += 1;
+            h[s.sample(&logits(), &[]).unwrap() as usize] += 1;
         }
         h
     }
@@ -270,7 +298,7 @@ mod tests {
     fn temperature_zero_is_greedy() {
         let mut s = Sampler::new(cfg(0.0));
         for _ in 0..10 {
-            assert_eq!(s.sample(&logits(), &[]), 1);
+            assert_eq!(s.sample(&logits(), &[]).unwrap(), 1);
         }
     }
 
@@ -279,7 +307,7 @@ mod tests {
         let draw = |seed| {
             let mut s = Sampler::new(SamplerConfig { seed, ..cfg(1.0) });
             (0..50)
-                .map(|_| s.sample(&logits(), &[]))
+                .map(|_| s.sample(&logits(), &[]).unwrap())
                 .collect::<Vec<_>>()
         };
         assert_eq!(draw(7), draw(7));
@@ -357,12 +385,12 @@ mod tests {
         };
         let mut s = Sampler::new(c);
         // Token 1 (3.0) repeated becomes 1.5; token 5 (2.9) wins.
-        assert_eq!(s.sample(&logits(), &[1, 1]), 5);
+        assert_eq!(s.sample(&logits(), &[1, 1]).unwrap(), 5);
         let c = SamplerConfig {
             presence_penalty: 1.0,
             ..cfg(0.0)
         };
-        assert_eq!(Sampler::new(c).sample(&logits(), &[1, 5]), 2);
+        assert_eq!(Sampler::new(c).sample(&logits(), &[1, 5]).unwrap(), 2);
         // Negative logits are multiplied, not divided.
         let mut l = vec![-1.0f32, -2.0];
         apply_penalties(

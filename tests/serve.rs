@@ -543,7 +543,7 @@ fn the_api_surface_answers_in_each_apis_shape() {
     assert!(serde_json::from_str::<Value>(&body).unwrap()["error"]["message"].is_string());
     // Parameters that would change the answer and are not implemented: a 400 naming them.
     let mut req = chat("hi", 2, false);
-    req["response_format"] = json!({"type": "json_object"});
+    req["top_logprobs"] = json!(3);
     req["logprobs"] = json!(true);
     req["user"] = json!("someone");
     let (status, body) = http(
@@ -554,14 +554,17 @@ fn the_api_surface_answers_in_each_apis_shape() {
         &req.to_string(),
     );
     assert_eq!(status, 400, "{body}");
-    assert!(body.contains("logprobs, response_format"), "{body}");
+    assert!(body.contains("logprobs, top_logprobs"), "{body}");
     assert!(!body.contains("user"), "{body}");
     let ollama = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}],
-                        "format": "json", "stream": false});
+                        "options": {"mirostat": 2}, "stream": false});
     let (status, body) = http(&s.addr, "POST", "/api/chat", &key, &ollama.to_string());
     assert_eq!(status, 400, "{body}");
     let v: Value = serde_json::from_str(&body).unwrap();
-    assert!(v["error"].as_str().unwrap().contains("format"), "{body}");
+    assert!(
+        v["error"].as_str().unwrap().contains("options.mirostat"),
+        "{body}"
+    );
     // logit_bias: +100 makes a token the greedy choice, -100 bans it, an id past the
     // vocabulary is a 400.
     let (_, body) = http(
@@ -731,4 +734,102 @@ fn the_api_surface_answers_in_each_apis_shape() {
     assert_eq!(status, 401);
     let (status, _) = http(&private.addr, "GET", "/health", &key, "");
     assert_eq!(status, 200);
+}
+
+/// Structured output (llguidance): replies to a JSON schema validate for 20 seeds at
+/// temperature 1, through OpenAI's response_format, llama-server's json_schema and Ollama's
+/// format; `json_object` gives an object; a Lark grammar limits the answer to its words; a
+/// schema or grammar that cannot be used is a 400 within a second, and GBNF is refused by name.
+#[test]
+fn structured_output_follows_the_schema_or_grammar() {
+    let s = start(&[]);
+    let schema = json!({"type": "object", "properties": {
+        "name": {"type": "string", "maxLength": 20},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+        "required": ["name", "age"], "additionalProperties": false});
+    let valid = |text: &str| {
+        let v: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"));
+        let o = v.as_object().unwrap();
+        assert_eq!(o.len(), 2, "{text}");
+        assert!(
+            o["name"].as_str().is_some_and(|n| n.chars().count() <= 20),
+            "{text}"
+        );
+        assert!(o["age"].as_u64().is_some_and(|a| a <= 150), "{text}");
+    };
+    let ask = |seed: u64| {
+        json!({"messages": [{"role": "user", "content": "Describe a person as JSON."}],
+               "max_tokens": 100, "temperature": 1.0, "seed": seed})
+    };
+    for seed in 0..20 {
+        let mut req = ask(seed);
+        req["response_format"] = json!({"type": "json_schema",
+                                        "json_schema": {"name": "person", "schema": schema}});
+        let (status, v, text) = post(&s.addr, "/v1/chat/completions", &req);
+        assert_eq!(status, 200, "{text}");
+        assert_eq!(v["choices"][0]["finish_reason"], "stop", "{text}");
+        valid(v["choices"][0]["message"]["content"].as_str().unwrap());
+    }
+    let mut req = ask(7);
+    req["json_schema"] = schema.clone();
+    let (_, v, text) = post(&s.addr, "/v1/chat/completions", &req);
+    valid(v["choices"][0]["message"]["content"].as_str().expect(&text));
+    let ollama = json!({"messages": req["messages"], "format": schema, "stream": false,
+                        "options": {"temperature": 1.0, "seed": 3, "num_predict": 100}});
+    let (status, v, text) = post(&s.addr, "/api/chat", &ollama);
+    assert_eq!(status, 200, "{text}");
+    valid(v["message"]["content"].as_str().unwrap());
+    let mut req = ask(1);
+    req["response_format"] = json!({"type": "json_object"});
+    req["max_tokens"] = json!(200);
+    req["temperature"] = json!(0.3);
+    let (_, v, text) = post(&s.addr, "/v1/chat/completions", &req);
+    if v["choices"][0]["finish_reason"] == "stop" {
+        let content = v["choices"][0]["message"]["content"].as_str().unwrap();
+        let answer: Value = serde_json::from_str(content).unwrap_or_else(|e| panic!("{e}: {text}"));
+        assert!(answer.is_object(), "{text}");
+    }
+    // A Lark grammar (llama-server's grammar field, llguidance syntax).
+    for seed in 0..5 {
+        let mut req = ask(seed);
+        req["messages"][0]["content"] = json!("Is the sky blue?");
+        req["grammar"] = json!("%llguidance {}\nstart: \"yes\" | \"no\" | \"maybe\"");
+        let (status, v, text) = post(&s.addr, "/v1/chat/completions", &req);
+        assert_eq!(status, 200, "{text}");
+        let answer = v["choices"][0]["message"]["content"].as_str().unwrap();
+        assert!(["yes", "no", "maybe"].contains(&answer), "{text}");
+    }
+    // What cannot be used is a 400 at once.
+    let bad = [
+        json!({"response_format": {"type": "json_schema",
+                                   "json_schema": {"schema": {"type": "nonsense"}}}}),
+        json!({"json_schema": {"type": "string", "pattern": "(unclosed"}}),
+        json!({"grammar": "root ::= \"yes\""}),
+        json!({"grammar": "%llguidance {}\nstart: undefined_rule"}),
+        json!({"json_schema": {"type": "object"}, "response_format": {"type": "json_object"}}),
+        json!({"response_format": {"type": "xml"}}),
+    ];
+    for extra in bad {
+        let mut req = ask(0);
+        for (k, v) in extra.as_object().unwrap() {
+            req[k] = v.clone();
+        }
+        let t0 = Instant::now();
+        let (status, v, text) = post(&s.addr, "/v1/chat/completions", &req);
+        assert_eq!(status, 400, "{extra}: {text}");
+        assert!(v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
+        assert!(
+            t0.elapsed() < Duration::from_secs(1),
+            "{extra}: {:?}",
+            t0.elapsed()
+        );
+    }
+    let (_, _, text) = post(
+        &s.addr,
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "hi"}], "grammar": "root ::= \"a\""}),
+    );
+    assert!(text.contains("GBNF"), "{text}");
 }

@@ -267,6 +267,7 @@ impl SamplingArgs {
             seed: self.seed,
             stop: self.stop.clone(),
             logit_bias: Vec::new(),
+            grammar: None,
         }
     }
 

@@ -425,11 +425,27 @@ async fn start(app: &Arc<App>, ask: Ask) -> Result<UnboundedReceiver<Event>, Res
         ..
     } = ask;
     let prompt = prepare(app, prompt).await?;
+    let constraint = match sampling.grammar.clone() {
+        Some(spec) => {
+            let model = app.model.clone();
+            let compiled = tokio::task::spawn_blocking(move || model.constraint(&spec))
+                .await
+                .map_err(|_| {
+                    error(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "compiling the grammar failed",
+                    )
+                })?;
+            Some(compiled.map_err(bad)?)
+        }
+        None => None,
+    };
     let (events, mut rx) = worker::channel();
     let job = Job {
         prompt,
         max_tokens,
         sampling,
+        constraint,
         events,
     };
     {

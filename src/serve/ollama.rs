@@ -15,7 +15,7 @@ use serde_json::{json, Map, Value};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
 
-use super::params::{reject_unsupported, OllamaOptions};
+use super::params::{ollama_format, reject_unsupported, OllamaOptions};
 use super::worker::{Done, Event, Prompt};
 use super::{
     bad, begin, collect, error, has_tools, messages, now, parse, split_calls, tools, App, Ask,
@@ -33,6 +33,9 @@ struct ChatRequest {
     tools: Option<Value>,
     #[serde(default)]
     options: OllamaOptions,
+    /// "json" or a JSON schema: structured output.
+    #[serde(default)]
+    format: Option<Value>,
     #[serde(flatten)]
     rest: Map<String, Value>,
 }
@@ -143,7 +146,8 @@ pub(super) fn read_chat(body: &Bytes) -> Result<Ask, String> {
     reject_unsupported(&req.rest, &["model", "keep_alive"], "")?;
     let messages = messages(&req.messages)?;
     let with_tools = has_tools(&req.tools);
-    let (max_tokens, sampling) = req.options.into_sampling()?.args("options.")?;
+    let (max_tokens, mut sampling) = req.options.into_sampling()?.args("options.")?;
+    sampling.grammar = ollama_format(req.format)?;
     Ok(Ask {
         prompt: Prompt::Chat {
             messages,
@@ -260,6 +264,8 @@ struct GenerateRequest {
     context: Option<Vec<i64>>,
     #[serde(default)]
     options: OllamaOptions,
+    #[serde(default)]
+    format: Option<Value>,
     #[serde(flatten)]
     rest: Map<String, Value>,
 }
@@ -278,7 +284,8 @@ pub(super) fn read_generate(body: &Bytes) -> Result<Ask, String> {
     if req.prompt.is_empty() {
         return Err("prompt must not be empty".into());
     }
-    let (max_tokens, sampling) = req.options.into_sampling()?.args("options.")?;
+    let (max_tokens, mut sampling) = req.options.into_sampling()?.args("options.")?;
+    sampling.grammar = ollama_format(req.format)?;
     let prompt = if req.raw {
         Prompt::Text(req.prompt)
     } else {

@@ -2,8 +2,9 @@
 //! checked before anything runs: a value out of its range is a 400 naming the field.
 
 use serde::Deserialize;
-use serde_json::{Map, Value};
+use serde_json::{json, Map, Value};
 
+use crate::grammar::GrammarSpec;
 use crate::sample::Settings;
 
 /// Top-level fields of OpenAI requests that change nothing in what is generated (bookkeeping,
@@ -46,10 +47,7 @@ fn is_default(key: &str, value: &Value) -> bool {
         ("logprobs" | "echo", Value::Bool(false)) => true,
         ("top_logprobs" | "logprobs", Value::Number(n)) => n.as_f64() == Some(0.0),
         ("best_of", Value::Number(n)) => n.as_f64() == Some(1.0),
-        ("suffix" | "format", Value::String(s)) => s.is_empty(),
-        ("response_format", Value::Object(m)) => {
-            m.get("type").and_then(Value::as_str) == Some("text") && m.len() == 1
-        }
+        ("suffix", Value::String(s)) => s.is_empty(),
         ("tool_choice", Value::String(s)) => s == "auto",
         _ => false,
     }
@@ -120,6 +118,77 @@ pub struct Sampling {
     pub n: Option<i64>,
     /// Token id (as a string) → bias added to its logit, −100 to 100; −100 bans it.
     pub logit_bias: Option<std::collections::BTreeMap<String, f64>>,
+    /// OpenAI's structured output: `{"type": "text" | "json_object" | "json_schema",
+    /// "json_schema": {"schema": ...}}`.
+    pub response_format: Option<Value>,
+    /// llama-server's: a JSON schema the answer follows.
+    pub json_schema: Option<Value>,
+    /// llama-server's grammar field: a Lark grammar after `%llguidance` (GBNF is not read).
+    pub grammar: Option<String>,
+}
+
+/// The grammar of OpenAI's `response_format`, llama-server's `json_schema` and `grammar`, or
+/// what is wrong with them.
+fn grammar_of(
+    response_format: Option<Value>,
+    json_schema: Option<Value>,
+    grammar: Option<String>,
+) -> Result<Option<GrammarSpec>, String> {
+    let mut specs = Vec::new();
+    if let Some(rf) = response_format {
+        let kind = rf.get("type").and_then(Value::as_str).unwrap_or("");
+        match kind {
+            "text" => {}
+            "json_object" => specs.push(GrammarSpec::JsonSchema(json!({"type": "object"}))),
+            "json_schema" => {
+                let schema = rf
+                    .get("json_schema")
+                    .and_then(|j| j.get("schema"))
+                    .cloned()
+                    .ok_or("response_format.json_schema.schema: missing")?;
+                specs.push(GrammarSpec::JsonSchema(schema));
+            }
+            other => {
+                return Err(format!(
+                    "response_format.type: {other:?} (text, json_object or json_schema)"
+                ))
+            }
+        }
+    }
+    if let Some(s) = json_schema {
+        specs.push(GrammarSpec::JsonSchema(s));
+    }
+    if let Some(g) = grammar.filter(|g| !g.trim().is_empty()) {
+        match g.trim_start().strip_prefix("%llguidance") {
+            Some(_) => specs.push(GrammarSpec::Lark(g)),
+            None => {
+                return Err(
+                    "grammar: GBNF is not read here; give a Lark grammar (starting with \
+                            %llguidance {}) or a json_schema"
+                        .into(),
+                )
+            }
+        }
+    }
+    if specs.len() > 1 {
+        return Err("give one of response_format, json_schema and grammar".into());
+    }
+    Ok(specs.pop())
+}
+
+/// Ollama's `format`: "json" (any JSON object), a JSON schema, or "" (none).
+pub fn ollama_format(format: Option<Value>) -> Result<Option<GrammarSpec>, String> {
+    match format {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => Ok(None),
+        Some(Value::String(s)) if s == "json" => {
+            Ok(Some(GrammarSpec::JsonSchema(json!({"type": "object"}))))
+        }
+        Some(Value::Object(o)) => Ok(Some(GrammarSpec::JsonSchema(Value::Object(o)))),
+        Some(other) => Err(format!(
+            "format: {other} (\"json\" or a JSON schema object)"
+        )),
+    }
 }
 
 /// Ollama's `options` (the ones that mean something here).
@@ -223,6 +292,7 @@ impl Sampling {
             // −100 bans the token, as OpenAI describes it.
             logit_bias.push((id, if b <= -100.0 { f32::NEG_INFINITY } else { b }));
         }
+        let grammar = grammar_of(self.response_format, self.json_schema, self.grammar)?;
         let a = Settings {
             temp: range(&f("temperature"), self.temperature, 0.0, 100.0)?,
             top_k,
@@ -238,6 +308,7 @@ impl Sampling {
             seed: self.seed,
             stop,
             logit_bias,
+            grammar,
         };
         Ok((max, a))
     }
@@ -332,17 +403,14 @@ mod tests {
         let rest = |json: &str| -> Map<String, Value> { serde_json::from_str(json).unwrap() };
         let ok = rest(
             r#"{"model": "x", "user": "u", "logprobs": false, "top_logprobs": 0,
-                "response_format": {"type": "text"}, "tool_choice": "auto", "seed": null}"#,
+                "tool_choice": "auto", "seed": null}"#,
         );
         assert_eq!(reject_unsupported(&ok, &OPENAI_IGNORED, ""), Ok(()));
-        let bad = rest(
-            r#"{"logprobs": true, "response_format": {"type": "json_object"},
-                "tool_choice": "required", "frobnicate": 1}"#,
-        );
+        let bad = rest(r#"{"logprobs": true, "tool_choice": "required", "frobnicate": 1}"#);
         assert_eq!(
             reject_unsupported(&bad, &OPENAI_IGNORED, "").unwrap_err(),
-            "unsupported parameters: frobnicate, logprobs, response_format, tool_choice \
-             (not implemented by this server)"
+            "unsupported parameters: frobnicate, logprobs, tool_choice (not implemented by this \
+             server)"
         );
         let o: OllamaOptions =
             serde_json::from_str(r#"{"num_ctx": 8192, "mirostat": 2, "temperature": 0.5}"#)

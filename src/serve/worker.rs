@@ -56,6 +56,22 @@ pub struct Model {
     pub info: ModelInfo,
     pub tok: Tokenizer,
     pub template: ChatTemplate,
+    /// The vocabulary prepared for grammars, made when a request first asks for one.
+    grammars: std::sync::OnceLock<Result<crate::grammar::Grammars, String>>,
+}
+
+impl Model {
+    /// `spec` compiled against the vocabulary (blocking: the caller runs it off the step
+    /// loop), or why it cannot be (a 400's message).
+    pub fn constraint(
+        &self,
+        spec: &crate::grammar::GrammarSpec,
+    ) -> Result<crate::grammar::Constraint, String> {
+        let g = self.grammars.get_or_init(|| {
+            crate::grammar::Grammars::for_vocab(&self.tok).map_err(|e| format!("{e:#}"))
+        });
+        g.as_ref().map_err(Clone::clone)?.compile(spec)
+    }
 }
 
 /// A prompt ready for the worker: its tokens and how to read the reply.
@@ -114,6 +130,8 @@ pub struct Job {
     pub max_tokens: Option<usize>,
     /// Sampling as the request set it (unset fields take the model's defaults).
     pub sampling: Settings,
+    /// The grammar the answer follows, compiled (structured output).
+    pub constraint: Option<crate::grammar::Constraint>,
     pub events: UnboundedSender<Event>,
 }
 
@@ -240,6 +258,7 @@ fn serve_jobs(
         },
         tok,
         template,
+        grammars: std::sync::OnceLock::new(),
     });
     let model = l.model.as_ref();
     let mut seqs = Vec::with_capacity(slots.parallel);
@@ -386,9 +405,12 @@ impl Scheduler<'_> {
                 Ok(())
             }
         };
-        let (decoder, prompt) =
+        let (mut decoder, prompt) =
             Decoder::new(self.tok, &params, &tokens[cached..], Box::new(on_piece))
                 .map_err(internal)?;
+        if let Some(c) = job.constraint {
+            decoder.constrain(c);
+        }
         s.seq
             .check_room(prompt.len())
             .map_err(|e| bad(format!("{e:#}")))?;
