@@ -833,3 +833,29 @@ fn structured_output_follows_the_schema_or_grammar() {
     );
     assert!(text.contains("GBNF"), "{text}");
 }
+
+/// The official `ollama` Python client (installed by .ci/run): its list, generate (whole and
+/// streamed, equal to `ggrun run`'s greedy answer), show, ps, chat with tools whole and
+/// streamed (the same text and calls), and chat under a JSON schema.
+#[test]
+fn the_ollama_python_client_gets_the_same_answers() {
+    let s = start(&[]);
+    let prompt = "Name three colours.";
+    let v = common::json_output(std::process::Command::new("python3").args([
+        concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tools/ollama_client.py"),
+        &format!("http://{}", s.addr),
+        prompt,
+    ]));
+    let want = run_answer(prompt, 8);
+    assert_eq!(v["generate"], want.as_str(), "{v}");
+    assert_eq!(v["generate_streamed"], want.as_str(), "{v}");
+    assert_eq!(v["eval_count"], 8, "{v}");
+    assert!(v["template"].as_str().unwrap().contains("im_start"), "{v}");
+    assert_eq!(v["architecture"], "llama", "{v}");
+    assert_eq!(v["ps"][0], v["model"], "{v}");
+    assert_eq!(v["chat_streamed"], v["chat"], "{v}");
+    assert_eq!(v["chat_streamed_calls"], v["chat_calls"], "{v}");
+    let city = v["formatted"]["city"].as_str().unwrap();
+    assert!(city.chars().count() <= 30, "{v}");
+    assert_eq!(v["formatted"].as_object().unwrap().len(), 1, "{v}");
+}

@@ -449,3 +449,67 @@ fn sixteen_clients_for_a_minute_leave_the_servers_memory_where_it_was() {
     // And it still answers.
     assert_eq!(http(&s.addr, "GET", "/health", &[], "").0, 200);
 }
+
+/// The official `anthropic` Python client (installed by .ci/run) against /v1/messages: a greedy
+/// answer equals the chat completion of the same prompt, streamed or not, and a tool
+/// conversation in Anthropic's shape (system, thinking and tool_use blocks, tool_result blocks)
+/// makes exactly the prompt the OpenAI shape of the same conversation makes (its tokens).
+#[test]
+fn the_anthropic_client_gets_the_same_answers_and_prompts() {
+    let qwen3 = common::real_template("Qwen-Qwen3-0.6B");
+    let s = start(&["--chat-template", qwen3.to_str().unwrap()]);
+    let prompt = "Name three rivers.";
+    let v = common::json_output(
+        std::process::Command::new("python3").args([
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/tools/anthropic_client.py"
+            ),
+            &format!("http://{}", s.addr),
+            prompt,
+            data()
+                .join("templates/tool-conversation.anthropic.json")
+                .to_str()
+                .unwrap(),
+        ]),
+    );
+    let (status, chat, text) = post(
+        &s.addr,
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": prompt}], "max_tokens": 12,
+                "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(v["text"], chat["choices"][0]["message"]["content"], "{v}");
+    assert_eq!(v["streamed"], v["text"], "{v}");
+    let want_stop = match chat["choices"][0]["finish_reason"].as_str() {
+        Some("length") => "max_tokens",
+        _ => "end_turn",
+    };
+    assert_eq!(v["stop_reason"], want_stop, "{v}");
+    assert_eq!(v["streamed_stop_reason"], want_stop, "{v}");
+    let conv = data().join("templates/tool-conversation.json");
+    let tools = data().join("templates/tools.json");
+    let messages: Value = serde_json::from_str(&std::fs::read_to_string(&conv).unwrap()).unwrap();
+    let tool_defs: Value = serde_json::from_str(&std::fs::read_to_string(&tools).unwrap()).unwrap();
+    let (_, rendered, _) = post(
+        &s.addr,
+        "/apply-template",
+        &json!({"messages": messages, "tools": tool_defs}),
+    );
+    let (_, tokens, _) = post(
+        &s.addr,
+        "/tokenize",
+        &json!({"content": rendered["prompt"], "add_special": true}),
+    );
+    assert_eq!(
+        v["tool_input_tokens"].as_u64().unwrap() as usize,
+        tokens["tokens"].as_array().unwrap().len(),
+        "{v}"
+    );
+    // Errors in Anthropic's shape.
+    let (status, err, text) = post(&s.addr, "/v1/messages", &json!({"messages": []}));
+    assert_eq!(status, 400, "{text}");
+    assert_eq!(err["type"], "error", "{text}");
+    assert!(err["error"]["message"].is_string(), "{text}");
+}

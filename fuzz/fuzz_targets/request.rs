@@ -5,7 +5,7 @@
 
 use libfuzzer_sys::fuzz_target;
 
-const PATHS: [&str; 7] = [
+const PATHS: [&str; 8] = [
     "/v1/chat/completions",
     "/v1/completions",
     "/api/chat",
@@ -13,6 +13,7 @@ const PATHS: [&str; 7] = [
     "/tokenize",
     "/api/generate",
     "/detokenize",
+    "/v1/messages",
 ];
 
 fuzz_target!(|data: &[u8]| {

@@ -8,6 +8,7 @@
 //! receiver, which stops its generation at the next token. Connections are bounded in number
 //! and time (`connections`).
 
+mod anthropic;
 mod connections;
 mod observe;
 mod ollama;
@@ -105,6 +106,7 @@ pub fn run(a: Options) -> Result<()> {
         .route("/v1/models", get(openai::models))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
+        .route("/v1/messages", post(anthropic::messages_endpoint))
         .route("/apply-template", post(openai::apply_template))
         .route("/tokenize", post(openai::tokenize))
         .route("/detokenize", post(openai::detokenize))
@@ -217,7 +219,13 @@ async fn admit(State(app): State<Arc<App>>, req: Request, next: Next) -> Respons
         .scope(log.clone(), check(app, req, next))
         .await;
     let response = if path.starts_with("/api/") {
-        ollama_error_shape(response).await
+        error_shape(response, |m| json!({ "error": m })).await
+    } else if path == "/v1/messages" {
+        error_shape(
+            response,
+            |m| json!({"type": "error", "error": {"type": "invalid_request_error", "message": m}}),
+        )
+        .await
     } else {
         response
     };
@@ -291,8 +299,9 @@ async fn method_not_allowed(req: Request) -> Response {
     )
 }
 
-/// An error response in Ollama's shape (`{"error": "..."}`) instead of OpenAI's object.
-async fn ollama_error_shape(response: Response) -> Response {
+/// An error response in another API's shape (Ollama's `{"error": "..."}`, Anthropic's
+/// `{"type": "error", ...}`) instead of OpenAI's object: `shape` makes it of the message.
+async fn error_shape(response: Response, shape: impl Fn(String) -> Value) -> Response {
     if response.status().is_success() {
         return response;
     }
@@ -304,7 +313,7 @@ async fn ollama_error_shape(response: Response) -> Response {
         .ok()
         .and_then(|v| v["error"]["message"].as_str().map(str::to_string));
     match message {
-        Some(m) => (parts.status, Json(json!({ "error": m }))).into_response(),
+        Some(m) => (parts.status, Json(shape(m))).into_response(),
         None => Response::from_parts(parts, axum::body::Body::from(bytes)),
     }
 }
@@ -384,6 +393,7 @@ pub fn read_request(path: &str, body: &[u8]) -> Result<(), String> {
         "/v1/completions" => openai::read_completion(&body).map(drop),
         "/api/chat" => ollama::read_chat(&body).map(drop),
         "/api/generate" => ollama::read_generate(&body).map(drop),
+        "/v1/messages" => anthropic::read_messages(&body).map(drop),
         "/detokenize" => openai::read_detokenize(&body, 1 << 20).map(drop),
         "/apply-template" => openai::read_apply_template(&body).map(drop),
         "/tokenize" => openai::read_tokenize(&body).map(drop),

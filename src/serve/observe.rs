@@ -14,12 +14,13 @@ use tokio_stream::StreamExt;
 
 /// The routes the server answers: the label of a request in the metrics (others count as
 /// "other", so that clients cannot grow the label set).
-pub const ROUTES: [&str; 14] = [
+pub const ROUTES: [&str; 15] = [
     "/health",
     "/metrics",
     "/v1/models",
     "/v1/chat/completions",
     "/v1/completions",
+    "/v1/messages",
     "/apply-template",
     "/tokenize",
     "/detokenize",

@@ -27,8 +27,9 @@ struct ChatRequest {
     messages: Value,
     #[serde(default)]
     stream: Option<bool>,
+    /// true/false, or a level ("low", "medium", "high": on).
     #[serde(default)]
-    think: Option<bool>,
+    think: Option<Value>,
     #[serde(default)]
     tools: Option<Value>,
     #[serde(default)]
@@ -140,6 +141,18 @@ fn now_rfc3339() -> String {
     )
 }
 
+/// Ollama's `think`: a switch, or a level of effort (which turns thinking on).
+fn think_of(v: Option<Value>) -> Result<Option<bool>, String> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(b)),
+        Some(Value::String(s)) if matches!(s.as_str(), "low" | "medium" | "high") => Ok(Some(true)),
+        Some(other) => Err(format!(
+            "think: {other} (true, false, \"low\", \"medium\" or \"high\")"
+        )),
+    }
+}
+
 /// An `/api/chat` request, checked (streamed unless `stream` is false, as in Ollama).
 pub(super) fn read_chat(body: &Bytes) -> Result<Ask, String> {
     let req: ChatRequest = parse(body)?;
@@ -152,7 +165,7 @@ pub(super) fn read_chat(body: &Bytes) -> Result<Ask, String> {
         prompt: Prompt::Chat {
             messages,
             tools: req.tools,
-            think: req.think,
+            think: think_of(req.think)?,
         },
         max_tokens,
         sampling,
@@ -255,7 +268,7 @@ struct GenerateRequest {
     #[serde(default)]
     stream: Option<bool>,
     #[serde(default)]
-    think: Option<bool>,
+    think: Option<Value>,
     /// Ollama's Go template in place of the model's: only empty (the model's Jinja template).
     #[serde(default)]
     template: Option<String>,
@@ -297,7 +310,7 @@ pub(super) fn read_generate(body: &Bytes) -> Result<Ask, String> {
         Prompt::Chat {
             messages: turns,
             tools: None,
-            think: req.think,
+            think: think_of(req.think)?,
         }
     };
     Ok(Ask {
