@@ -513,3 +513,77 @@ fn the_anthropic_client_gets_the_same_answers_and_prompts() {
     assert_eq!(err["type"], "error", "{text}");
     assert!(err["error"]["message"].is_string(), "{text}");
 }
+
+/// The official `openai` client's Responses API against /v1/responses: a greedy answer equals
+/// the chat completion of the same prompt, whole and streamed (created, deltas, completed), and
+/// a tool conversation as Responses items makes exactly the prompt of its chat shape.
+#[test]
+fn the_responses_api_gets_the_same_answers_and_prompts() {
+    let qwen3 = common::real_template("Qwen-Qwen3-0.6B");
+    let s = start(&["--chat-template", qwen3.to_str().unwrap()]);
+    let prompt = "Name three rivers.";
+    let v = common::json_output(
+        std::process::Command::new("python3").args([
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/tools/openai_responses.py"
+            ),
+            &format!("http://{}/v1", s.addr),
+            prompt,
+            data()
+                .join("templates/tool-conversation.responses.json")
+                .to_str()
+                .unwrap(),
+        ]),
+    );
+    let (status, chat, text) = post(
+        &s.addr,
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": prompt}], "max_tokens": 12,
+                "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{text}");
+    let answer = &chat["choices"][0]["message"]["content"];
+    assert_eq!(&v["text"], answer, "{v}");
+    assert_eq!(&v["streamed"], answer, "{v}");
+    assert_eq!(&v["final_text"], answer, "{v}");
+    let kinds: Vec<&str> = v["kinds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap())
+        .collect();
+    assert_eq!(kinds.first(), Some(&"response.created"), "{v}");
+    assert_eq!(kinds.last(), Some(&"response.completed"), "{v}");
+    let want_status = match chat["choices"][0]["finish_reason"].as_str() {
+        Some("length") => "incomplete",
+        _ => "completed",
+    };
+    assert_eq!(v["status"], want_status, "{v}");
+    let conv = data().join("templates/tool-conversation.json");
+    let tools = data().join("templates/tools.json");
+    let messages: Value = serde_json::from_str(&std::fs::read_to_string(&conv).unwrap()).unwrap();
+    let tool_defs: Value = serde_json::from_str(&std::fs::read_to_string(&tools).unwrap()).unwrap();
+    let (_, rendered, _) = post(
+        &s.addr,
+        "/apply-template",
+        &json!({"messages": messages, "tools": tool_defs}),
+    );
+    let (_, tokens, _) = post(
+        &s.addr,
+        "/tokenize",
+        &json!({"content": rendered["prompt"], "add_special": true}),
+    );
+    assert_eq!(
+        v["tool_input_tokens"].as_u64().unwrap() as usize,
+        tokens["tokens"].as_array().unwrap().len(),
+        "{v}"
+    );
+    let (status, _, text) = post(
+        &s.addr,
+        "/v1/responses",
+        &json!({"input": "hi", "previous_response_id": "resp_1"}),
+    );
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("previous_response_id"), "{text}");
+}

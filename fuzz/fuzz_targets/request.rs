@@ -5,7 +5,7 @@
 
 use libfuzzer_sys::fuzz_target;
 
-const PATHS: [&str; 8] = [
+const PATHS: [&str; 9] = [
     "/v1/chat/completions",
     "/v1/completions",
     "/api/chat",
@@ -14,6 +14,7 @@ const PATHS: [&str; 8] = [
     "/api/generate",
     "/detokenize",
     "/v1/messages",
+    "/v1/responses",
 ];
 
 fuzz_target!(|data: &[u8]| {

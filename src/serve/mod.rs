@@ -14,6 +14,7 @@ mod observe;
 mod ollama;
 mod openai;
 mod params;
+mod responses;
 mod tools;
 mod worker;
 
@@ -107,6 +108,7 @@ pub fn run(a: Options) -> Result<()> {
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/messages", post(anthropic::messages_endpoint))
+        .route("/v1/responses", post(responses::responses))
         .route("/apply-template", post(openai::apply_template))
         .route("/tokenize", post(openai::tokenize))
         .route("/detokenize", post(openai::detokenize))
@@ -394,6 +396,7 @@ pub fn read_request(path: &str, body: &[u8]) -> Result<(), String> {
         "/api/chat" => ollama::read_chat(&body).map(drop),
         "/api/generate" => ollama::read_generate(&body).map(drop),
         "/v1/messages" => anthropic::read_messages(&body).map(drop),
+        "/v1/responses" => responses::read_responses(&body).map(drop),
         "/detokenize" => openai::read_detokenize(&body, 1 << 20).map(drop),
         "/apply-template" => openai::read_apply_template(&body).map(drop),
         "/tokenize" => openai::read_tokenize(&body).map(drop),

@@ -14,13 +14,14 @@ use tokio_stream::StreamExt;
 
 /// The routes the server answers: the label of a request in the metrics (others count as
 /// "other", so that clients cannot grow the label set).
-pub const ROUTES: [&str; 15] = [
+pub const ROUTES: [&str; 16] = [
     "/health",
     "/metrics",
     "/v1/models",
     "/v1/chat/completions",
     "/v1/completions",
     "/v1/messages",
+    "/v1/responses",
     "/apply-template",
     "/tokenize",
     "/detokenize",
