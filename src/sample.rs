@@ -68,6 +68,9 @@ pub struct Settings {
     pub logit_bias: Vec<(u32, f32)>,
     /// The answer must follow this grammar (structured output).
     pub grammar: Option<GrammarSpec>,
+    /// Report each generated token's log-probability with this many alternatives (the server's
+    /// logprobs; None: not reported).
+    pub logprobs: Option<usize>,
 }
 
 impl Settings {

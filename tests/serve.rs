@@ -859,3 +859,126 @@ fn the_ollama_python_client_gets_the_same_answers() {
     assert!(city.chars().count() <= 30, "{v}");
     assert_eq!(v["formatted"].as_object().unwrap().len(), 1, "{v}");
 }
+
+/// logprobs: each generated token's log-probability and its top alternatives equal the
+/// log-softmax of the logits `ggrun logits` computes for the same tokens (within 2e-2: the
+/// server runs the prompt in other batches), the chosen token is the top one at temperature 0,
+/// streamed chunks carry the same entries, and the completions API gets its legacy form.
+#[test]
+fn logprobs_are_the_models_log_softmax() {
+    let s = start(&[]);
+    let messages = json!([{"role": "user", "content": "Name a river."}]);
+    let n = 6;
+    let req = json!({"messages": messages, "max_tokens": n, "temperature": 0,
+                     "logprobs": true, "top_logprobs": 3});
+    let (status, v, text) = post(&s.addr, "/v1/chat/completions", &req);
+    assert_eq!(status, 200, "{text}");
+    let entries = v["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(entries.len(), n, "{text}");
+    let joined: String = entries
+        .iter()
+        .map(|e| e["token"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        joined.trim_start(),
+        v["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+    // The reference: the prompt's tokens and the same continuation through `ggrun logits`.
+    let (_, rendered, _) = post(&s.addr, "/apply-template", &json!({ "messages": messages }));
+    let (_, toks, _) = post(
+        &s.addr,
+        "/tokenize",
+        &json!({"content": rendered["prompt"], "add_special": true}),
+    );
+    let prompt: Vec<String> = toks["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.to_string())
+        .collect();
+    let out = std::env::temp_dir().join(format!("ggrun-logprobs-{}.f32", std::process::id()));
+    common::stdout_of(
+        common::ggrun()
+            .args(["logits", "-m"])
+            .arg(common::smollm2())
+            .args([
+                "-t",
+                "2",
+                "--tokens",
+                &prompt.join(","),
+                "--decode",
+                &n.to_string(),
+            ])
+            .arg("--out")
+            .arg(&out),
+    );
+    let rows = common::read_f32(&out);
+    let _ = std::fs::remove_file(&out);
+    let nv = rows.len() / (prompt.len() + n);
+    for (i, e) in entries.iter().enumerate() {
+        let row = &rows[(prompt.len() - 1 + i) * nv..(prompt.len() + i) * nv];
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = max
+            + row
+                .iter()
+                .map(|&x| (x as f64 - max).exp())
+                .sum::<f64>()
+                .ln();
+        let id = e["id"].as_u64().unwrap() as usize;
+        let want = row[id] as f64 - lse;
+        let got = e["logprob"].as_f64().unwrap();
+        assert!((got - want).abs() < 2e-2, "token {i}: {got} vs {want}");
+        let top = e["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3);
+        assert_eq!(top[0]["id"], e["id"], "greedy picks the top token");
+        let lps: Vec<f64> = top.iter().map(|t| t["logprob"].as_f64().unwrap()).collect();
+        assert!(
+            lps.windows(2).all(|w| w[0] >= w[1]) && lps[0] <= 0.0,
+            "{lps:?}"
+        );
+    }
+    // Streamed: the same entries, one per chunk.
+    let mut req = req.clone();
+    req["stream"] = true.into();
+    let (_, body) = http(
+        &s.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        &req.to_string(),
+    );
+    let streamed: Vec<Value> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str::<Value>(d).unwrap())
+        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array().cloned())
+        .flatten()
+        .collect();
+    let ids = |v: &[Value]| v.iter().map(|e| e["id"].clone()).collect::<Vec<_>>();
+    assert_eq!(ids(&streamed), ids(&entries));
+    // Completions: the legacy lists.
+    let (_, v, text) = post(
+        &s.addr,
+        "/v1/completions",
+        &json!({"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0,
+                "logprobs": 2}),
+    );
+    let lp = &v["choices"][0]["logprobs"];
+    let tokens: String = lp["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(tokens, v["choices"][0]["text"].as_str().unwrap(), "{text}");
+    assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), 4);
+    assert_eq!(
+        lp["top_logprobs"][0].as_object().unwrap().len(),
+        2,
+        "{text}"
+    );
+}

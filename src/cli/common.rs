@@ -268,6 +268,7 @@ impl SamplingArgs {
             stop: self.stop.clone(),
             logit_bias: Vec::new(),
             grammar: None,
+            logprobs: None,
         }
     }
 

@@ -285,7 +285,7 @@ pub async fn messages_endpoint(State(app): State<Arc<App>>, body: Bytes) -> Resp
         while let Some(ev) = rx.recv().await {
             let mut out = Vec::new();
             match ev {
-                Event::Started => {}
+                Event::Started | Event::Logprobs(_) => {}
                 Event::Piece {
                     reasoning: true,
                     text,

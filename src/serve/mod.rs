@@ -507,14 +507,17 @@ fn counted(mut rx: UnboundedReceiver<Event>) -> UnboundedReceiver<Event> {
 struct Collected {
     text: String,
     reasoning: String,
+    /// Each generated token's logprobs entry, when the request asked for them.
+    logprobs: Vec<Value>,
     done: Done,
 }
 
 async fn collect(mut rx: UnboundedReceiver<Event>) -> Result<Collected, Response> {
-    let (mut text, mut reasoning) = (String::new(), String::new());
+    let (mut text, mut reasoning, mut logprobs) = (String::new(), String::new(), Vec::new());
     while let Some(ev) = rx.recv().await {
         match ev {
             Event::Started => {}
+            Event::Logprobs(e) => logprobs.push(e),
             Event::Piece {
                 reasoning: true,
                 text: t,
@@ -524,6 +527,7 @@ async fn collect(mut rx: UnboundedReceiver<Event>) -> Result<Collected, Response
                 return Ok(Collected {
                     text,
                     reasoning,
+                    logprobs,
                     done,
                 })
             }

@@ -221,7 +221,7 @@ pub async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Response {
             json!({"model": name, "created_at": now_rfc3339(), "message": message, "done": false})
         };
         let v = match ev {
-            Event::Started => return None,
+            Event::Started | Event::Logprobs(_) => return None,
             Event::Piece {
                 reasoning: true,
                 text,
@@ -348,7 +348,7 @@ pub async fn generate(State(app): State<Arc<App>>, body: Bytes) -> Response {
     let name = app.model.info.name.clone();
     let lines = UnboundedReceiverStream::new(rx).filter_map(move |ev| {
         let v = match ev {
-            Event::Started => return None,
+            Event::Started | Event::Logprobs(_) => return None,
             Event::Piece { reasoning, text } => {
                 let field = if reasoning { "thinking" } else { "response" };
                 let mut v = json!({"model": name, "created_at": now_rfc3339(), "response": "", "done": false});

@@ -142,9 +142,15 @@ pub async fn chat_completions(State(app): State<Arc<App>>, body: Bytes) -> Respo
                 if !c.reasoning.is_empty() {
                     message["reasoning_content"] = c.reasoning.into();
                 }
+                let logprobs = if c.logprobs.is_empty() {
+                    Value::Null
+                } else {
+                    json!({ "content": c.logprobs })
+                };
                 Json(json!({
                     "id": cid, "object": "chat.completion", "created": created, "model": model,
-                    "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+                    "choices": [{"index": 0, "message": message, "finish_reason": finish,
+                                 "logprobs": logprobs}],
                     "usage": usage(&c.done),
                 }))
                 .into_response()
@@ -152,30 +158,42 @@ pub async fn chat_completions(State(app): State<Arc<App>>, body: Bytes) -> Respo
             Err(e) => e,
         };
     }
-    let chunk = move |delta: Value, finish: Option<&str>, usage: Option<Value>| {
-        let mut v = json!({
-            "id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-        });
-        if let Some(u) = usage {
-            v["usage"] = u;
-        }
-        SseEvent::default().data(v.to_string())
-    };
-    let first = chunk(json!({"role": "assistant", "content": ""}), None, None);
+    // A chunk: a delta, the finish reason at the end, usage, and logprobs entries (which
+    // travel in chunks of their own, with an empty delta).
+    let chunk =
+        move |delta: Value, finish: Option<&str>, usage: Option<Value>, lp: Option<Value>| {
+            let mut v = json!({
+                "id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            });
+            if let Some(e) = lp {
+                v["choices"][0]["logprobs"] = json!({ "content": [e] });
+            }
+            if let Some(u) = usage {
+                v["usage"] = u;
+            }
+            SseEvent::default().data(v.to_string())
+        };
+    let first = chunk(
+        json!({"role": "assistant", "content": ""}),
+        None,
+        None,
+        None,
+    );
     // With tools, answer text is held back from where a call may begin.
     let mut hold = with_tools.then(tools::Holdback::default);
     let call_id = id("call");
     let events = UnboundedReceiverStream::new(rx).filter_map(move |ev| {
         let e = match ev {
             Event::Started => return None,
+            Event::Logprobs(e) => chunk(json!({}), None, None, Some(e)),
             Event::Piece {
                 reasoning: true,
                 text,
-            } => chunk(json!({"reasoning_content": text}), None, None),
+            } => chunk(json!({"reasoning_content": text}), None, None, None),
             Event::Piece { text, .. } => match &mut hold {
-                Some(h) => chunk(json!({"content": h.push(&text)}), None, None),
-                None => chunk(json!({"content": text}), None, None),
+                Some(h) => chunk(json!({"content": h.push(&text)}), None, None, None),
+                None => chunk(json!({"content": text}), None, None, None),
             },
             Event::Done(d) => {
                 let mut delta = json!({});
@@ -195,7 +213,7 @@ pub async fn chat_completions(State(app): State<Arc<App>>, body: Bytes) -> Respo
                         finish = "tool_calls";
                     }
                 }
-                chunk(delta, Some(finish), Some(usage(&d)))
+                chunk(delta, Some(finish), Some(usage(&d)), None)
             }
             Event::Error { message, .. } => SseEvent::default()
                 .data(json!({"error": {"message": message, "type": "server_error"}}).to_string()),
@@ -235,7 +253,8 @@ pub async fn completions(State(app): State<Arc<App>>, body: Bytes) -> Response {
         return match collect(rx).await {
             Ok(c) => Json(json!({
                 "id": cid, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": c.text, "finish_reason": c.done.finish_reason}],
+                "choices": [{"index": 0, "text": c.text, "finish_reason": c.done.finish_reason,
+                             "logprobs": legacy_logprobs(&c.logprobs)}],
                 "usage": usage(&c.done),
             }))
             .into_response(),
@@ -245,6 +264,11 @@ pub async fn completions(State(app): State<Arc<App>>, body: Bytes) -> Response {
     let events = UnboundedReceiverStream::new(rx).filter_map(move |ev| {
         let v = match ev {
             Event::Started => return None,
+            Event::Logprobs(e) => json!({
+                "id": cid, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": 0, "text": "", "finish_reason": null,
+                             "logprobs": legacy_logprobs(&[e])}],
+            }),
             Event::Piece { text, .. } => json!({
                 "id": cid, "object": "text_completion", "created": created, "model": model,
                 "choices": [{"index": 0, "text": text, "finish_reason": null}],
@@ -394,4 +418,34 @@ pub async fn detokenize(State(app): State<Arc<App>>, body: Bytes) -> Response {
         Ok(content) => Json(json!({ "content": content })).into_response(),
         Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "detokenizing failed"),
     }
+}
+
+/// The completions API's logprobs form of chat entries: parallel lists of tokens, their
+/// log-probabilities and their alternatives as {token: logprob} (null for none).
+fn legacy_logprobs(entries: &[Value]) -> Value {
+    if entries.is_empty() {
+        return Value::Null;
+    }
+    let tops: Vec<Value> = entries
+        .iter()
+        .map(|e| {
+            let m: Map<String, Value> = e["top_logprobs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|t| {
+                    (
+                        t["token"].as_str().unwrap_or("").to_string(),
+                        t["logprob"].clone(),
+                    )
+                })
+                .collect();
+            Value::Object(m)
+        })
+        .collect();
+    json!({
+        "tokens": entries.iter().map(|e| e["token"].clone()).collect::<Vec<_>>(),
+        "token_logprobs": entries.iter().map(|e| e["logprob"].clone()).collect::<Vec<_>>(),
+        "top_logprobs": tops,
+    })
 }

@@ -125,6 +125,11 @@ pub struct Sampling {
     pub json_schema: Option<Value>,
     /// llama-server's grammar field: a Lark grammar after `%llguidance` (GBNF is not read).
     pub grammar: Option<String>,
+    /// Chat: true to report each token's log-probability; completions: the number of
+    /// alternatives to report with it.
+    pub logprobs: Option<Value>,
+    /// Chat: alternatives per token (0 to 20), with `logprobs: true`.
+    pub top_logprobs: Option<i64>,
 }
 
 /// The grammar of OpenAI's `response_format`, llama-server's `json_schema` and `grammar`, or
@@ -293,6 +298,30 @@ impl Sampling {
             logit_bias.push((id, if b <= -100.0 { f32::NEG_INFINITY } else { b }));
         }
         let grammar = grammar_of(self.response_format, self.json_schema, self.grammar)?;
+        let top = match self.top_logprobs {
+            None => None,
+            Some(k) if (0..=20).contains(&k) => Some(k as usize),
+            Some(k) => {
+                return Err(format!(
+                    "{}: {k} is out of range (0 to 20)",
+                    f("top_logprobs")
+                ))
+            }
+        };
+        let logprobs = match self.logprobs {
+            None | Some(Value::Null) | Some(Value::Bool(false)) if top.is_some_and(|k| k > 0) => {
+                return Err(format!("{}: needs logprobs: true", f("top_logprobs")))
+            }
+            None | Some(Value::Null) | Some(Value::Bool(false)) => None,
+            Some(Value::Bool(true)) => Some(top.unwrap_or(0)),
+            // The completions API's form: the number of alternatives.
+            Some(Value::Number(n)) => match n.as_u64().filter(|&n| n <= 20) {
+                Some(0) => None,
+                Some(n) => Some(n as usize),
+                None => return Err(format!("{}: {n} is out of range (0 to 20)", f("logprobs"))),
+            },
+            Some(other) => return Err(format!("{}: {other} (true or false)", f("logprobs"))),
+        };
         let a = Settings {
             temp: range(&f("temperature"), self.temperature, 0.0, 100.0)?,
             top_k,
@@ -309,6 +338,7 @@ impl Sampling {
             stop,
             logit_bias,
             grammar,
+            logprobs,
         };
         Ok((max, a))
     }
@@ -412,6 +442,15 @@ mod tests {
             "unsupported parameters: frobnicate, logprobs, tool_choice (not implemented by this \
              server)"
         );
+        let s: Sampling = serde_json::from_str(r#"{"logprobs": true, "top_logprobs": 3}"#).unwrap();
+        assert_eq!(s.args("").unwrap().1.logprobs, Some(3));
+        let s: Sampling = serde_json::from_str(r#"{"top_logprobs": 3}"#).unwrap();
+        assert_eq!(
+            s.args("").unwrap_err(),
+            "top_logprobs: needs logprobs: true"
+        );
+        let s: Sampling = serde_json::from_str(r#"{"logprobs": 2}"#).unwrap();
+        assert_eq!(s.args("").unwrap().1.logprobs, Some(2));
         let o: OllamaOptions =
             serde_json::from_str(r#"{"num_ctx": 8192, "mirostat": 2, "temperature": 0.5}"#)
                 .unwrap();

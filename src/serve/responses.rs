@@ -322,7 +322,7 @@ pub async fn responses(State(app): State<Arc<App>>, body: Bytes) -> Response {
         let mut output: Vec<Value> = Vec::new();
         while let Some(ev) = rx.recv().await {
             let ok = match ev {
-                Event::Started => true,
+                Event::Started | Event::Logprobs(_) => true,
                 Event::Piece {
                     reasoning: true,
                     text: t,

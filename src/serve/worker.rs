@@ -144,11 +144,54 @@ pub enum Event {
         reasoning: bool,
         text: String,
     },
+    /// The log-probability of a generated token and of the most likely alternatives (when the
+    /// request asked for them), after the pieces of its step: OpenAI's logprobs entry.
+    Logprobs(Value),
     Done(Done),
     Error {
         status: u16,
         message: String,
     },
+}
+
+/// OpenAI's logprobs entry of token `t` sampled from `logits`: its log-probability under the
+/// model (log-softmax of the raw logits) and the `top` most likely tokens', with their text,
+/// bytes and (as llama-server adds) id.
+fn logprob_entry(tok: &Tokenizer, logits: &[f32], t: u32, top: usize) -> Value {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = max
+        + logits
+            .iter()
+            .map(|&x| (x as f64 - max).exp())
+            .sum::<f64>()
+            .ln();
+    let entry = |id: u32| {
+        let bytes = tok.token_bytes(id, true);
+        serde_json::json!({
+            "id": id, "token": String::from_utf8_lossy(&bytes), "bytes": bytes,
+            "logprob": logits[id as usize] as f64 - lse,
+        })
+    };
+    let mut v = entry(t);
+    let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+    let k = top.min(order.len());
+    if k > 0 {
+        order.select_nth_unstable_by(k - 1, |&a, &b| {
+            logits[b as usize]
+                .total_cmp(&logits[a as usize])
+                .then(a.cmp(&b))
+        });
+        order.truncate(k);
+        order.sort_by(|&a, &b| {
+            logits[b as usize]
+                .total_cmp(&logits[a as usize])
+                .then(a.cmp(&b))
+        });
+    } else {
+        order.clear();
+    }
+    v["top_logprobs"] = order.into_iter().map(entry).collect::<Vec<_>>().into();
+    v
 }
 
 #[derive(Debug, Clone)]
@@ -326,6 +369,8 @@ struct Active {
     logits: Option<Vec<f32>>,
     /// Generation has stopped; the job ends once `pending` is fed.
     stop: Option<StopReason>,
+    /// Send each generated token's logprobs entry with this many alternatives.
+    logprobs: Option<usize>,
 }
 
 impl Active {
@@ -433,6 +478,7 @@ impl Scheduler<'_> {
             pending: Vec::new(),
             logits: None,
             stop: None,
+            logprobs: job.sampling.logprobs,
         });
         Ok(())
     }
@@ -510,6 +556,10 @@ impl Scheduler<'_> {
                     let seq = &self.slots[a.slot].seq;
                     match a.decoder.step(self.tok, &logits, seq, &SHUTDOWN) {
                         Ok(step) => {
+                            if let (Some(top), Some(&t)) = (a.logprobs, step.feed.first()) {
+                                let entry = logprob_entry(self.tok, &logits, t, top);
+                                let _ = a.events.send(Event::Logprobs(entry));
+                            }
                             a.pending = step.feed;
                             a.stop = step.stop;
                             end = a.stop.filter(|_| a.pending.is_empty());
