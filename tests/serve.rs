@@ -543,8 +543,8 @@ fn the_api_surface_answers_in_each_apis_shape() {
     assert!(serde_json::from_str::<Value>(&body).unwrap()["error"]["message"].is_string());
     // Parameters that would change the answer and are not implemented: a 400 naming them.
     let mut req = chat("hi", 2, false);
-    req["top_logprobs"] = json!(3);
-    req["logprobs"] = json!(true);
+    req["tool_choice"] = json!("required");
+    req["frobnicate"] = json!(true);
     req["user"] = json!("someone");
     let (status, body) = http(
         &s.addr,
@@ -554,7 +554,7 @@ fn the_api_surface_answers_in_each_apis_shape() {
         &req.to_string(),
     );
     assert_eq!(status, 400, "{body}");
-    assert!(body.contains("logprobs, top_logprobs"), "{body}");
+    assert!(body.contains("frobnicate, tool_choice"), "{body}");
     assert!(!body.contains("user"), "{body}");
     let ollama = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}],
                         "options": {"mirostat": 2}, "stream": false});
@@ -616,6 +616,60 @@ fn the_api_surface_answers_in_each_apis_shape() {
     );
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("logit_bias"), "{body}");
+    // n choices: each its own job, seeds seed + i; usage counts the prompt once.
+    let mut req = chat("Name a colour.", 6, false);
+    req["temperature"] = json!(1.0);
+    req["seed"] = json!(5);
+    req["n"] = json!(3);
+    let (status, body) = http(
+        &s.addr,
+        "POST",
+        "/v1/chat/completions",
+        &key,
+        &req.to_string(),
+    );
+    assert_eq!(status, 200, "{body}");
+    let many: Value = serde_json::from_str(&body).unwrap();
+    let choices = many["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3, "{body}");
+    req["n"] = json!(1);
+    req["seed"] = json!(6);
+    let (_, body) = http(
+        &s.addr,
+        "POST",
+        "/v1/chat/completions",
+        &key,
+        &req.to_string(),
+    );
+    let one: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(choices[1]["index"], 1);
+    assert_eq!(
+        choices[1]["message"]["content"],
+        one["choices"][0]["message"]["content"]
+    );
+    let generated: u64 = choices
+        .iter()
+        .map(|c| {
+            let text = c["message"]["content"].as_str().unwrap();
+            assert!(!text.is_empty() || c["finish_reason"] == "stop");
+            1
+        })
+        .sum();
+    assert_eq!(generated, 3);
+    assert_eq!(
+        many["usage"]["prompt_tokens"], one["usage"]["prompt_tokens"],
+        "{body}"
+    );
+    req["n"] = json!(2);
+    req["stream"] = json!(true);
+    let (status, body) = http(
+        &s.addr,
+        "POST",
+        "/v1/chat/completions",
+        &key,
+        &req.to_string(),
+    );
+    assert_eq!(status, 400, "{body}");
     // /detokenize inverts /tokenize.
     let text = "Hello, world! Ünïcode too.";
     let (_, body) = http(

@@ -281,7 +281,7 @@ fn every_bad_parameter_is_a_400_naming_it_and_streams_that_cannot_start_are_4xx(
         ("top_k", json!(1_000_000_000_000_000_000u64), "top_k"),
         ("presence_penalty", json!(9), "presence_penalty"),
         ("max_tokens", json!(0), "max_tokens"),
-        ("n", json!(3), "n"),
+        ("n", json!(99), "n"),
         ("stop", json!(vec!["x"; 40]), "stop"),
     ];
     for (field, value, name) in cases {

@@ -206,6 +206,7 @@ pub(super) fn read_messages(body: &Bytes) -> Result<Ask, String> {
     };
     let (max_tokens, sampling) = sampling.args("")?;
     Ok(Ask {
+        n: 1,
         prompt: Prompt::Chat {
             messages: msgs,
             tools,

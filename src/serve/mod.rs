@@ -377,7 +377,10 @@ async fn prepare(app: &Arc<App>, prompt: Prompt) -> Result<Prepared, Response> {
 }
 
 /// A generation request as read from its body, checked: what to generate from and how.
+#[derive(Clone)]
 struct Ask {
+    /// Choices asked for (`n`): each runs as a job of its own.
+    n: usize,
     prompt: Prompt,
     max_tokens: Option<usize>,
     sampling: Settings,
@@ -411,21 +414,63 @@ async fn begin(
     body: &Bytes,
     read: fn(&Bytes) -> Result<Ask, String>,
 ) -> Result<(UnboundedReceiver<Event>, bool, bool), Response> {
-    let ask = read(body).map_err(bad)?;
-    let n_vocab = app.model.info.n_vocab;
-    if let Some((t, _)) = ask
-        .sampling
-        .logit_bias
-        .iter()
-        .find(|b| b.0 as usize >= n_vocab)
-    {
-        return Err(bad(format!(
-            "logit_bias: {t} is not a token id (0 to {})",
-            n_vocab - 1
-        )));
+    let ask = read_checked(app, body, read).map_err(bad)?;
+    if ask.n > 1 {
+        return Err(bad(
+            "n: more than one choice is served by the chat and completions \
+                        endpoints only, not streamed"
+                .into(),
+        ));
     }
     let (stream, with_tools) = (ask.stream, ask.with_tools);
     Ok((start(app, ask).await?, stream, with_tools))
+}
+
+/// Reads a body with `read` and checks what needs the model (token ids); or the 400's message.
+fn read_checked(
+    app: &Arc<App>,
+    body: &Bytes,
+    read: fn(&Bytes) -> Result<Ask, String>,
+) -> Result<Ask, String> {
+    let ask = read(body)?;
+    let n_vocab = app.model.info.n_vocab;
+    let bias = &ask.sampling.logit_bias;
+    if let Some((t, _)) = bias.iter().find(|b| b.0 as usize >= n_vocab) {
+        return Err(format!(
+            "logit_bias: {t} is not a token id (0 to {})",
+            n_vocab - 1
+        ));
+    }
+    Ok(ask)
+}
+
+/// Runs `ask`'s `n` choices as jobs of their own (seeds `seed + i` when a seed is given) and
+/// collects them all.
+async fn collect_choices(app: &Arc<App>, ask: Ask) -> Result<Vec<Collected>, Response> {
+    let mut handles = Vec::with_capacity(ask.n);
+    let log = observe::REQUEST.try_with(Arc::clone).ok();
+    for i in 0..ask.n {
+        let mut a = ask.clone();
+        a.sampling.seed = a.sampling.seed.map(|s| s.wrapping_add(i as u64));
+        let app = app.clone();
+        let job = async move {
+            let rx = start(&app, a).await?;
+            collect(rx).await
+        };
+        // Each choice's tokens count on the request's line.
+        handles.push(match log.clone() {
+            Some(l) => tokio::spawn(observe::REQUEST.scope(l, job)),
+            None => tokio::spawn(job),
+        });
+    }
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(
+            h.await
+                .map_err(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "a choice's job failed"))??,
+        );
+    }
+    Ok(out)
 }
 
 /// Prepares the prompt, queues the job and waits until it has a slot: the receiver of its

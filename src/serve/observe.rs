@@ -125,9 +125,14 @@ impl RequestLog {
         })
     }
 
-    /// Records the generation's tokens (on this request's line and in the metrics).
+    /// Records a generation's tokens (on this request's line and in the metrics; the choices
+    /// of one request add their generated tokens to one prompt).
     pub fn tokens(&self, prompt: usize, generated: usize) {
-        *self.tokens.lock().unwrap_or_else(|e| e.into_inner()) = Some((prompt, generated));
+        let mut t = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+        *t = Some(match *t {
+            Some((p, g)) => (p.max(prompt), g + generated),
+            None => (prompt, generated),
+        });
         self.metrics.tokens(prompt, generated);
     }
 

@@ -162,6 +162,7 @@ pub(super) fn read_chat(body: &Bytes) -> Result<Ask, String> {
     let (max_tokens, mut sampling) = req.options.into_sampling()?.args("options.")?;
     sampling.grammar = ollama_format(req.format)?;
     Ok(Ask {
+        n: 1,
         prompt: Prompt::Chat {
             messages,
             tools: req.tools,
@@ -314,6 +315,7 @@ pub(super) fn read_generate(body: &Bytes) -> Result<Ask, String> {
         }
     };
     Ok(Ask {
+        n: 1,
         prompt,
         max_tokens,
         sampling,

@@ -18,7 +18,8 @@ use tokio_stream::StreamExt;
 use super::params::{reject_unsupported, Sampling, OPENAI_IGNORED};
 use super::worker::{Done, Event, Prompt};
 use super::{
-    bad, begin, collect, error, has_tools, id, messages, now, parse, split_calls, tools, App, Ask,
+    bad, collect_choices, error, has_tools, id, messages, now, parse, read_checked, split_calls,
+    start, tools, App, Ask, Collected,
 };
 use crate::chat::template::{Message, RenderOptions};
 
@@ -98,11 +99,13 @@ fn usage(d: &Done) -> Value {
 pub(super) fn read_chat(body: &Bytes) -> Result<Ask, String> {
     let req: ChatRequest = parse(body)?;
     reject_unsupported(&req.rest, &OPENAI_IGNORED, "")?;
+    let n = req.sampling.choices()?;
     let think = req.think();
     let messages = messages(&req.messages)?;
     let with_tools = has_tools(&req.tools);
     let (max_tokens, sampling) = req.sampling.args("")?;
     Ok(Ask {
+        n,
         prompt: Prompt::Chat {
             messages,
             tools: req.tools,
@@ -115,49 +118,76 @@ pub(super) fn read_chat(body: &Bytes) -> Result<Ask, String> {
     })
 }
 
-pub async fn chat_completions(State(app): State<Arc<App>>, body: Bytes) -> Response {
-    let (rx, stream, with_tools) = match begin(&app, &body, read_chat).await {
-        Ok(r) => r,
-        Err(e) => return e,
+/// A whole reply's choice `index`: the message (text, tool calls, reasoning), finish reason
+/// and logprobs.
+fn chat_choice(c: Collected, index: usize, cid: &str, with_tools: bool) -> Value {
+    let (text, calls) = split_calls(c.text, with_tools);
+    let mut message = json!({"role": "assistant", "content": text});
+    let mut finish = c.done.finish_reason;
+    if !calls.is_empty() {
+        let v: Vec<Value> = calls
+            .iter()
+            .enumerate()
+            .map(|(i, t)| t.to_openai(i, &format!("{cid}-{index}")))
+            .collect();
+        message["tool_calls"] = v.into();
+        if text.is_empty() {
+            message["content"] = Value::Null;
+        }
+        finish = "tool_calls";
+    }
+    if !c.reasoning.is_empty() {
+        message["reasoning_content"] = c.reasoning.into();
+    }
+    let logprobs = if c.logprobs.is_empty() {
+        Value::Null
+    } else {
+        json!({ "content": c.logprobs })
     };
+    json!({"index": index, "message": message, "finish_reason": finish, "logprobs": logprobs})
+}
+
+/// Usage over several choices: the prompt once, every choice's generated tokens.
+fn usage_of(done: &[Done]) -> Value {
+    let mut u = usage(&done[0]);
+    let generated: usize = done.iter().map(|d| d.completion_tokens).sum();
+    u["completion_tokens"] = generated.into();
+    u["total_tokens"] = (done[0].prompt_tokens + generated).into();
+    u
+}
+
+pub async fn chat_completions(State(app): State<Arc<App>>, body: Bytes) -> Response {
+    let ask = match read_checked(&app, &body, read_chat) {
+        Ok(a) => a,
+        Err(e) => return bad(e),
+    };
+    let (stream, with_tools) = (ask.stream, ask.with_tools);
     let (cid, model, created) = (id("chatcmpl"), app.model.info.name.clone(), now());
     if !stream {
-        return match collect(rx).await {
-            Ok(c) => {
-                let (text, calls) = split_calls(c.text, with_tools);
-                let mut message = json!({"role": "assistant", "content": text});
-                let mut finish = c.done.finish_reason;
-                if !calls.is_empty() {
-                    let v: Vec<Value> = calls
-                        .iter()
-                        .enumerate()
-                        .map(|(i, t)| t.to_openai(i, &cid))
-                        .collect();
-                    message["tool_calls"] = v.into();
-                    if text.is_empty() {
-                        message["content"] = Value::Null;
-                    }
-                    finish = "tool_calls";
-                }
-                if !c.reasoning.is_empty() {
-                    message["reasoning_content"] = c.reasoning.into();
-                }
-                let logprobs = if c.logprobs.is_empty() {
-                    Value::Null
-                } else {
-                    json!({ "content": c.logprobs })
-                };
+        return match collect_choices(&app, ask).await {
+            Ok(cs) => {
+                let done: Vec<Done> = cs.iter().map(|c| c.done.clone()).collect();
+                let choices: Vec<Value> = cs
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, c)| chat_choice(c, i, &cid, with_tools))
+                    .collect();
                 Json(json!({
                     "id": cid, "object": "chat.completion", "created": created, "model": model,
-                    "choices": [{"index": 0, "message": message, "finish_reason": finish,
-                                 "logprobs": logprobs}],
-                    "usage": usage(&c.done),
+                    "choices": choices, "usage": usage_of(&done),
                 }))
                 .into_response()
             }
             Err(e) => e,
         };
     }
+    if ask.n > 1 {
+        return bad("n: more than one choice is not streamed (set stream to false)".into());
+    }
+    let rx = match start(&app, ask).await {
+        Ok(r) => r,
+        Err(e) => return e,
+    };
     // A chunk: a delta, the finish reason at the end, usage, and logprobs entries (which
     // travel in chunks of their own, with an empty delta).
     let chunk =
@@ -233,8 +263,10 @@ pub(super) fn read_completion(body: &Bytes) -> Result<Ask, String> {
     if req.prompt.is_empty() {
         return Err("prompt must not be empty".into());
     }
+    let n = req.sampling.choices()?;
     let (max_tokens, sampling) = req.sampling.args("")?;
     Ok(Ask {
+        n,
         prompt: Prompt::Text(req.prompt),
         max_tokens,
         sampling,
@@ -244,23 +276,39 @@ pub(super) fn read_completion(body: &Bytes) -> Result<Ask, String> {
 }
 
 pub async fn completions(State(app): State<Arc<App>>, body: Bytes) -> Response {
-    let (rx, stream, _) = match begin(&app, &body, read_completion).await {
-        Ok(r) => r,
-        Err(e) => return e,
+    let ask = match read_checked(&app, &body, read_completion) {
+        Ok(a) => a,
+        Err(e) => return bad(e),
     };
     let (cid, model, created) = (id("cmpl"), app.model.info.name.clone(), now());
-    if !stream {
-        return match collect(rx).await {
-            Ok(c) => Json(json!({
-                "id": cid, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": c.text, "finish_reason": c.done.finish_reason,
-                             "logprobs": legacy_logprobs(&c.logprobs)}],
-                "usage": usage(&c.done),
-            }))
-            .into_response(),
+    if !ask.stream {
+        return match collect_choices(&app, ask).await {
+            Ok(cs) => {
+                let done: Vec<Done> = cs.iter().map(|c| c.done.clone()).collect();
+                let choices: Vec<Value> = cs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| {
+                        json!({"index": i, "text": c.text, "finish_reason": c.done.finish_reason,
+                               "logprobs": legacy_logprobs(&c.logprobs)})
+                    })
+                    .collect();
+                Json(json!({
+                    "id": cid, "object": "text_completion", "created": created, "model": model,
+                    "choices": choices, "usage": usage_of(&done),
+                }))
+                .into_response()
+            }
             Err(e) => e,
         };
     }
+    if ask.n > 1 {
+        return bad("n: more than one choice is not streamed (set stream to false)".into());
+    }
+    let rx = match start(&app, ask).await {
+        Ok(r) => r,
+        Err(e) => return e,
+    };
     let events = UnboundedReceiverStream::new(rx).filter_map(move |ev| {
         let v = match ev {
             Event::Started => return None,

@@ -114,7 +114,7 @@ pub struct Sampling {
     pub repeat_penalty: Option<f64>,
     pub seed: Option<u64>,
     pub stop: Option<Stop>,
-    /// Choices per request: only 1 is served.
+    /// Choices per request (read by [`Sampling::choices`]).
     pub n: Option<i64>,
     /// Token id (as a string) → bias added to its logit, −100 to 100; −100 bans it.
     pub logit_bias: Option<std::collections::BTreeMap<String, f64>>,
@@ -245,7 +245,19 @@ fn range(field: &str, v: Option<f64>, lo: f64, hi: f64) -> Result<Option<f32>, S
     }
 }
 
+/// Most choices one request may ask for (each is a job of its own).
+pub const MAX_CHOICES: i64 = 16;
+
 impl Sampling {
+    /// How many choices `n` asks for (1 to [`MAX_CHOICES`]).
+    pub fn choices(&self) -> Result<usize, String> {
+        match self.n {
+            None => Ok(1),
+            Some(n) if (1..=MAX_CHOICES).contains(&n) => Ok(n as usize),
+            Some(n) => Err(format!("n: {n} is out of range (1 to {MAX_CHOICES})")),
+        }
+    }
+
     /// The token limit and sampler flags, or what is wrong with them. `prefix` names where the
     /// fields are (`options.` for Ollama).
     pub fn args(self, prefix: &str) -> Result<(Option<usize>, Settings), String> {
@@ -259,9 +271,6 @@ impl Sampling {
             Some(m) if m >= 1 => Some(m as usize),
             Some(m) => return Err(format!("{}: {m} is not a positive number", f(max_name))),
         };
-        if let Some(n) = self.n.filter(|&n| n != 1) {
-            return Err(format!("{}: {n} choices asked; only 1 is served", f("n")));
-        }
         let top_k = match self.top_k {
             None => None,
             Some(k) if (0..=i32::MAX as i64).contains(&k) => Some(k as usize),
@@ -389,7 +398,6 @@ mod tests {
                 r#"{"max_completion_tokens": -3}"#,
                 "max_completion_tokens: -3 is not a positive number",
             ),
-            (r#"{"n": 2}"#, "n: 2 choices asked; only 1 is served"),
             (
                 r#"{"logit_bias": {"x": 1}}"#,
                 "logit_bias: \"x\" is not a token id",
@@ -404,6 +412,12 @@ mod tests {
         }
         let many = format!(r#"{{"stop": {:?}}}"#, vec!["x"; 17]);
         assert_eq!(check(&many).unwrap_err(), "stop: 17 strings (at most 16)");
+        let n = |json: &str| serde_json::from_str::<Sampling>(json).unwrap().choices();
+        assert_eq!(n(r#"{"n": 3}"#), Ok(3));
+        assert_eq!(
+            n(r#"{"n": 0}"#).unwrap_err(),
+            "n: 0 is out of range (1 to 16)"
+        );
         let o: OllamaOptions = serde_json::from_str(r#"{"top_p": 2}"#).unwrap();
         assert_eq!(
             o.into_sampling().unwrap().args("options.").unwrap_err(),

@@ -215,6 +215,7 @@ pub(super) fn read_responses(body: &Bytes) -> Result<Ask, String> {
     };
     let (max_tokens, sampling) = sampling.args("")?;
     Ok(Ask {
+        n: 1,
         prompt: Prompt::Chat {
             messages: msgs,
             tools,

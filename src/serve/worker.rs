@@ -38,6 +38,7 @@ use crate::tokenizer::Tokenizer;
 const SHARED_PREFILL_CHUNK: usize = 128;
 
 /// What to generate from.
+#[derive(Clone)]
 pub enum Prompt {
     /// Messages rendered through the model's chat template (tools passed to it; `think`: the
     /// template's `enable_thinking`, None for its default).
