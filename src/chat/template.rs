@@ -228,7 +228,8 @@ fn without_generation_tags(source: &str) -> String {
     while let Some(at) = rest.find("{%") {
         out.push_str(&rest[..at]);
         let tag = &rest[at..];
-        let Some(end) = tag.find("%}") else {
+        // The tag's end, after its opening (in "{%}" the "%}" overlaps the "{%").
+        let Some(end) = tag[2..].find("%}").map(|e| e + 2) else {
             out.push_str(tag);
             return out;
         };
@@ -262,6 +263,7 @@ fn python_formatter(
     use minijinja::value::ValueKind;
     match value.kind() {
         ValueKind::Seq | ValueKind::Map => {
+            nesting_ok(value)?;
             let mut s = String::new();
             python_repr(value, &mut s);
             out.write_str(&s)
@@ -269,6 +271,40 @@ fn python_formatter(
         }
         _ => minijinja::escape_formatter(out, state, value),
     }
+}
+
+/// Deepest nesting of lists and dicts that is printed or serialized (Python's own recursion
+/// limit is about a thousand); deeper values are an error, not a stack overflow.
+const MAX_NESTING: usize = 512;
+
+/// Errs when `v` nests lists and dicts deeper than [`MAX_NESTING`] (looking no deeper).
+fn nesting_ok(v: &Value) -> Result<(), Error> {
+    fn deeper(v: &Value, depth: usize) -> bool {
+        use minijinja::value::ValueKind;
+        if depth > MAX_NESTING {
+            return true;
+        }
+        match v.kind() {
+            ValueKind::Seq => v
+                .try_iter()
+                .into_iter()
+                .flatten()
+                .any(|x| deeper(&x, depth + 1)),
+            ValueKind::Map => v
+                .try_iter()
+                .into_iter()
+                .flatten()
+                .any(|k| deeper(&v.get_item(&k).unwrap_or_default(), depth + 1)),
+            _ => false,
+        }
+    }
+    if deeper(v, 0) {
+        return Err(Error::new(
+            ErrorKind::InvalidOperation,
+            format!("a value nested more than {MAX_NESTING} deep"),
+        ));
+    }
+    Ok(())
 }
 
 /// Python's `repr` of a template value.
@@ -564,6 +600,7 @@ fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
     let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
     let separators: Option<Vec<String>> = kwargs.get("separators")?;
     kwargs.assert_all_used()?;
+    nesting_ok(&value)?;
     let (item_sep, key_sep) = match separators.as_deref() {
         None => (
             if indent.is_some() { "," } else { ", " }.to_string(),
@@ -669,6 +706,35 @@ mod tests {
 
     fn render(src: &str, messages: &[Message], opts: &RenderOptions) -> Result<String> {
         ChatTemplate::new(src, "test template", "<s>", "</s>")?.render(messages, opts)
+    }
+
+    #[test]
+    fn generation_tags_become_an_if_and_broken_tags_pass_through() {
+        assert_eq!(
+            without_generation_tags("a{%- generation %}b{% endgeneration -%}c"),
+            "a{%- if true %}b{% endif -%}c"
+        );
+        // Overlapping and unclosed tags are left for the template compiler to report (the
+        // fuzzer's find: "{%}" once sliced past its own end).
+        for s in ["{%}", "{{%}- x", "{%", "{% generation", "%}{%}%}", "é{%}é"] {
+            assert_eq!(without_generation_tags(s), s);
+        }
+    }
+
+    #[test]
+    fn deeply_nested_values_are_an_error_when_printed_or_serialized() {
+        let build = "{%- set ns = namespace(x=[]) %}{%- for i in range(600) %}{%- set ns.x = \
+                     [ns.x] %}{%- endfor %}";
+        for out in ["{{ ns.x }}", "{{ ns.x|tojson }}"] {
+            let e = render(&format!("{build}{out}"), &[], &RenderOptions::default()).unwrap_err();
+            assert!(format!("{e:#}").contains("nested more than 512"), "{e:#}");
+        }
+        let shallow = "{%- set ns = namespace(x=[]) %}{%- for i in range(5) %}{%- set ns.x = \
+                       [ns.x] %}{%- endfor %}{{ ns.x }} {{ ns.x|tojson }}";
+        assert_eq!(
+            render(shallow, &[], &RenderOptions::default()).unwrap(),
+            "[[[[[[]]]]]] [[[[[[]]]]]]"
+        );
     }
 
     #[test]
