@@ -340,7 +340,9 @@ fn parallel_slots_decode_clients_together_and_answer_as_run_does() {
     );
 }
 
-/// The official `openai` Python package (installed by .ci/run) as the client.
+/// The official `openai` Python package (installed by .ci/run) as the client: chat whole and
+/// streamed, models, structured output (20 seeds validated by a pydantic model, `.parse()`),
+/// logprobs whole and streamed, n = 2.
 #[test]
 fn the_openai_python_client_gets_the_same_answer() {
     let have = std::process::Command::new("python3")
@@ -371,6 +373,22 @@ fn the_openai_python_client_gets_the_same_answer() {
             .is_some_and(|m| m.contains("SmolLM2")),
         "{v}"
     );
+    // Structured output validated by the client's own pydantic model, 20 seeds and .parse().
+    assert_eq!(v["people"].as_array().unwrap().len(), 20, "{v}");
+    assert!(v["parsed"]["name"].is_string(), "{v}");
+    let tokens: Vec<&str> = v["logprob_tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(tokens.concat().trim_start(), want, "{v}");
+    assert!(
+        v["top_logprobs"].as_array().unwrap().iter().all(|k| k == 2),
+        "{v}"
+    );
+    assert_eq!(v["streamed_logprob_tokens"], v["logprob_tokens"], "{v}");
+    assert_eq!(v["n2"], json!([0, 1]), "{v}");
 }
 
 /// SIGTERM: the server stops listening and exits cleanly.
