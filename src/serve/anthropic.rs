@@ -19,7 +19,9 @@ use tokio_stream::StreamExt;
 
 use super::params::{reject_unsupported, Sampling, Stop};
 use super::worker::{Done, Event, Prompt};
-use super::{begin, collect, has_tools, id, messages, parse, split_calls, tools, App, Ask};
+use super::{
+    begin, collect, has_tools, id, messages, parse, split_calls, tool_choice, tools, App, Ask,
+};
 
 /// Fields of Anthropic requests that change nothing in what is generated here (bookkeeping,
 /// prompt-caching hints, routing): accepted and ignored.
@@ -172,16 +174,7 @@ fn openai_tools(tools: Option<Value>) -> Result<Option<Value>, String> {
 pub(super) fn read_messages(body: &Bytes) -> Result<Ask, String> {
     let req: MessagesRequest = parse(body)?;
     reject_unsupported(&req.rest, &IGNORED, "")?;
-    if let Some(tc) = &req.tool_choice {
-        let kind = tc.get("type").and_then(Value::as_str).unwrap_or("");
-        // "none" without tools asks for nothing; anything but "auto" otherwise is not done.
-        let harmless = kind == "auto" || (kind == "none" && !has_tools(&req.tools));
-        if !harmless {
-            return Err(format!(
-                "tool_choice: {kind:?} is not implemented by this server (auto)"
-            ));
-        }
-    }
+    let (call, offer) = tool_choice(req.tool_choice.as_ref())?;
     let think = match req
         .thinking
         .as_ref()
@@ -194,8 +187,15 @@ pub(super) fn read_messages(body: &Bytes) -> Result<Ask, String> {
         Some(other) => return Err(format!("thinking.type: {other:?} (enabled or disabled)")),
     };
     let msgs = messages(&openai_messages(req.system.as_ref(), &req.messages)?)?;
-    let tools = openai_tools(req.tools)?;
+    let tools = openai_tools(req.tools)?.filter(|_| offer);
     let with_tools = has_tools(&tools);
+    let think = match (&call, think) {
+        (Some(_), Some(true)) => {
+            return Err("tool_choice: a required call cannot follow thinking (turn it off)".into())
+        }
+        (Some(_), _) => Some(false),
+        (None, t) => t,
+    };
     let sampling = Sampling {
         max_tokens: Some(req.max_tokens),
         temperature: req.temperature,
@@ -207,6 +207,7 @@ pub(super) fn read_messages(body: &Bytes) -> Result<Ask, String> {
     let (max_tokens, sampling) = sampling.args("")?;
     Ok(Ask {
         n: 1,
+        call,
         prompt: Prompt::Chat {
             messages: msgs,
             tools,

@@ -381,12 +381,56 @@ async fn prepare(app: &Arc<App>, prompt: Prompt) -> Result<Prepared, Response> {
 struct Ask {
     /// Choices asked for (`n`): each runs as a job of its own.
     n: usize,
+    /// The answer must be a call of a tool (`tool_choice` "required" or a named function).
+    call: Option<CallChoice>,
     prompt: Prompt,
     max_tokens: Option<usize>,
     sampling: Settings,
     stream: bool,
     /// The request offers tools: look for calls in the answer.
     with_tools: bool,
+}
+
+/// A tool call the request requires: of any of its tools, or of the one named.
+#[derive(Clone, Debug, PartialEq)]
+enum CallChoice {
+    Any,
+    Named(String),
+}
+
+/// What a `tool_choice` asks for: None (auto), no tools at all ("none": the tools are not
+/// offered), or a required call; or what is wrong with it. OpenAI's ("auto", "none",
+/// "required", `{"type": "function", "function": {"name": N}}`), the Responses API's
+/// (`{"type": "function", "name": N}`) and Anthropic's (`{"type": "auto" | "any" | "none" |
+/// "tool", "name": N}`) forms.
+fn tool_choice(v: Option<&Value>) -> Result<(Option<CallChoice>, bool), String> {
+    let named = |n: Option<&Value>| -> Result<Option<CallChoice>, String> {
+        n.and_then(Value::as_str)
+            .map(|n| Some(CallChoice::Named(n.to_string())))
+            .ok_or_else(|| "tool_choice: a named choice needs the function's name".to_string())
+    };
+    let kind = match v {
+        None | Some(Value::Null) => return Ok((None, true)),
+        Some(Value::String(s)) => s.as_str(),
+        Some(o) => o.get("type").and_then(Value::as_str).unwrap_or(""),
+    };
+    match kind {
+        "auto" => Ok((None, true)),
+        "none" => Ok((None, false)),
+        "required" | "any" => Ok((Some(CallChoice::Any), true)),
+        "function" => {
+            let o = v.unwrap_or(&Value::Null);
+            let name = o
+                .get("function")
+                .and_then(|f| f.get("name"))
+                .or(o.get("name"));
+            Ok((named(name)?, true))
+        }
+        "tool" => Ok((named(v.and_then(|o| o.get("name")))?, true)),
+        other => Err(format!(
+            "tool_choice: {other:?} (auto, none, required, or a named function)"
+        )),
+    }
 }
 
 /// Reads a request body as the handler of `path` does (JSON shape, messages, sampling ranges),
@@ -480,8 +524,26 @@ async fn start(app: &Arc<App>, ask: Ask) -> Result<UnboundedReceiver<Event>, Res
         prompt,
         max_tokens,
         sampling,
+        call: ask_call,
         ..
     } = ask;
+    let mut sampling = sampling;
+    if let (Some(choice), Prompt::Chat { tools: Some(t), .. }) = (&ask_call, &prompt) {
+        if sampling.grammar.is_some() {
+            return Err(bad(
+                "tool_choice: a required call cannot be combined with a response format".into(),
+            ));
+        }
+        let syntax = tools::CallSyntax::of_template(app.model.template.source());
+        let only = match choice {
+            CallChoice::Any => None,
+            CallChoice::Named(n) => Some(n.as_str()),
+        };
+        let lark = tools::call_grammar(syntax, t, only).map_err(bad)?;
+        sampling.grammar = Some(crate::grammar::GrammarSpec::Lark(lark));
+    } else if ask_call.is_some() {
+        return Err(bad("tool_choice: a required call needs tools".into()));
+    }
     let prompt = prepare(app, prompt).await?;
     let constraint = match sampling.grammar.clone() {
         Some(spec) => {

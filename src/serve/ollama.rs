@@ -163,6 +163,7 @@ pub(super) fn read_chat(body: &Bytes) -> Result<Ask, String> {
     sampling.grammar = ollama_format(req.format)?;
     Ok(Ask {
         n: 1,
+        call: None,
         prompt: Prompt::Chat {
             messages,
             tools: req.tools,
@@ -316,6 +317,7 @@ pub(super) fn read_generate(body: &Bytes) -> Result<Ask, String> {
     };
     Ok(Ask {
         n: 1,
+        call: None,
         prompt,
         max_tokens,
         sampling,

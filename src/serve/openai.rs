@@ -19,7 +19,7 @@ use super::params::{reject_unsupported, Sampling, OPENAI_IGNORED};
 use super::worker::{Done, Event, Prompt};
 use super::{
     bad, collect_choices, error, has_tools, id, messages, now, parse, read_checked, split_calls,
-    start, tools, App, Ask, Collected,
+    start, tool_choice, tools, App, Ask, Collected,
 };
 use crate::chat::template::{Message, RenderOptions};
 
@@ -39,6 +39,8 @@ struct ChatRequest {
     think: Option<bool>,
     #[serde(default)]
     chat_template_kwargs: Option<Value>,
+    #[serde(default)]
+    tool_choice: Option<Value>,
     #[serde(flatten)]
     sampling: Sampling,
     /// Everything else (see [`reject_unsupported`]).
@@ -100,15 +102,25 @@ pub(super) fn read_chat(body: &Bytes) -> Result<Ask, String> {
     let req: ChatRequest = parse(body)?;
     reject_unsupported(&req.rest, &OPENAI_IGNORED, "")?;
     let n = req.sampling.choices()?;
-    let think = req.think();
+    let (call, offer) = tool_choice(req.tool_choice.as_ref())?;
+    let mut think = req.think();
+    if call.is_some() {
+        // A required call starts the answer: no thinking before it.
+        if think == Some(true) {
+            return Err("tool_choice: a required call cannot follow thinking (turn it off)".into());
+        }
+        think = Some(false);
+    }
     let messages = messages(&req.messages)?;
-    let with_tools = has_tools(&req.tools);
+    let tools = req.tools.filter(|_| offer);
+    let with_tools = has_tools(&tools);
     let (max_tokens, sampling) = req.sampling.args("")?;
     Ok(Ask {
         n,
+        call,
         prompt: Prompt::Chat {
             messages,
-            tools: req.tools,
+            tools,
             think,
         },
         max_tokens,
@@ -267,6 +279,7 @@ pub(super) fn read_completion(body: &Bytes) -> Result<Ask, String> {
     let (max_tokens, sampling) = req.sampling.args("")?;
     Ok(Ask {
         n,
+        call: None,
         prompt: Prompt::Text(req.prompt),
         max_tokens,
         sampling,

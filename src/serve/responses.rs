@@ -18,7 +18,9 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::params::{reject_unsupported, Sampling, OPENAI_IGNORED};
 use super::worker::{Done, Event, Prompt};
-use super::{begin, collect, has_tools, id, messages, now, parse, split_calls, tools, App, Ask};
+use super::{
+    begin, collect, has_tools, id, messages, now, parse, split_calls, tool_choice, tools, App, Ask,
+};
 
 #[derive(Deserialize)]
 struct ResponsesRequest {
@@ -181,15 +183,7 @@ pub(super) fn read_responses(body: &Bytes) -> Result<Ask, String> {
     let req: ResponsesRequest = parse(body)?;
     let ignored: Vec<&str> = OPENAI_IGNORED.iter().chain(&IGNORED).copied().collect();
     reject_unsupported(&req.rest, &ignored, "")?;
-    if let Some(tc) = &req.tool_choice {
-        // "none" without tools asks for nothing; anything but "auto" otherwise is not done.
-        let harmless = tc == "auto" || (tc == "none" && !has_tools(&req.tools));
-        if !harmless {
-            return Err(format!(
-                "tool_choice: {tc} is not implemented by this server (auto)"
-            ));
-        }
-    }
+    let (call, offer) = tool_choice(req.tool_choice.as_ref())?;
     let think = req
         .reasoning
         .as_ref()
@@ -204,8 +198,15 @@ pub(super) fn read_responses(body: &Bytes) -> Result<Ask, String> {
         Some(f) => Some(f.clone()),
     };
     let msgs = messages(&chat_messages(req.instructions.as_deref(), &req.input)?)?;
-    let tools = chat_tools(req.tools)?;
+    let tools = chat_tools(req.tools)?.filter(|_| offer);
     let with_tools = has_tools(&tools);
+    let think = match (&call, think) {
+        (Some(_), Some(true)) => {
+            return Err("tool_choice: a required call cannot follow thinking (turn it off)".into())
+        }
+        (Some(_), _) => Some(false),
+        (None, t) => t,
+    };
     let sampling = Sampling {
         max_tokens: req.max_output_tokens,
         temperature: req.temperature,
@@ -216,6 +217,7 @@ pub(super) fn read_responses(body: &Bytes) -> Result<Ask, String> {
     let (max_tokens, sampling) = sampling.args("")?;
     Ok(Ask {
         n: 1,
+        call,
         prompt: Prompt::Chat {
             messages: msgs,
             tools,

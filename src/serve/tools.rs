@@ -277,3 +277,161 @@ mod tests {
         assert_eq!(h.finish(), (String::new(), vec![]));
     }
 }
+
+/// How a model writes tool calls, as its chat template shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallSyntax {
+    /// `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (Qwen, Hermes).
+    JsonTags,
+    /// `<tool_call><function=NAME><parameter=P>value</parameter></function></tool_call>`
+    /// (Qwen3-Coder, Nemotron 3 Nano).
+    XmlTags,
+    /// One `{"name": ..., "parameters": {...}}` object (Llama 3).
+    LlamaJson,
+}
+
+impl CallSyntax {
+    /// The syntax a chat template teaches (JSON in tags when it shows none).
+    pub fn of_template(source: &str) -> CallSyntax {
+        if source.contains("<function=") {
+            CallSyntax::XmlTags
+        } else if source.contains(OPEN) {
+            CallSyntax::JsonTags
+        } else if source.contains(PYTHON_TAG) || source.contains("\"parameters\"") {
+            CallSyntax::LlamaJson
+        } else {
+            CallSyntax::JsonTags
+        }
+    }
+}
+
+/// A Lark grammar (llguidance) whose every sentence is one or more calls, in `syntax`, of the
+/// request's `tools` (OpenAI's shape), or of the one named `only`: `tool_choice` "required" or
+/// a named function, enforced token by token. Arguments follow each tool's parameter schema
+/// (in the XML syntax: its parameter names, values as text).
+pub fn call_grammar(
+    syntax: CallSyntax,
+    tools: &Value,
+    only: Option<&str>,
+) -> Result<String, String> {
+    let list = tools.as_array().ok_or("tools: expected a list")?;
+    let mut chosen: Vec<(&str, Value)> = Vec::new();
+    for t in list {
+        let f = &t["function"];
+        let name = f["name"]
+            .as_str()
+            .ok_or("tools: a function without a name")?;
+        if only.is_none_or(|o| o == name) {
+            let params = f
+                .get("parameters")
+                .cloned()
+                .filter(Value::is_object)
+                .unwrap_or_else(|| json!({"type": "object"}));
+            chosen.push((name, params));
+        }
+    }
+    if chosen.is_empty() {
+        return Err(match only {
+            Some(o) => format!("tool_choice: no tool is named {o:?}"),
+            None => "tool_choice: \"required\" needs tools".into(),
+        });
+    }
+    let lit = |s: &str| Value::String(s.to_string()).to_string();
+    let mut g = String::from("%llguidance {}\n");
+    match syntax {
+        CallSyntax::JsonTags | CallSyntax::LlamaJson => {
+            let key = if syntax == CallSyntax::JsonTags {
+                "arguments"
+            } else {
+                "parameters"
+            };
+            let alternatives: Vec<Value> = chosen
+                .iter()
+                .map(|(name, params)| {
+                    json!({"type": "object", "properties": {"name": {"const": name}, key: params},
+                           "required": ["name", key], "additionalProperties": false})
+                })
+                .collect();
+            let schema = json!({ "anyOf": alternatives });
+            if syntax == CallSyntax::JsonTags {
+                g += &format!(
+                    "start: call (\"\\n\" call)*\ncall: {} obj {}\nobj: %json {schema}\n",
+                    lit("<tool_call>\n"),
+                    lit("\n</tool_call>")
+                );
+            } else {
+                g += &format!("start: %json {schema}\n");
+            }
+        }
+        CallSyntax::XmlTags => {
+            g += &format!(
+                "start: call (\"\\n\" call)*\ncall: {} fn {}\n",
+                lit("<tool_call>\n"),
+                lit("</tool_call>")
+            );
+            let fns: Vec<String> = (0..chosen.len()).map(|i| format!("fn{i}")).collect();
+            g += &format!("fn: {}\n", fns.join(" | "));
+            for (i, (name, params)) in chosen.iter().enumerate() {
+                let props: Vec<String> = params["properties"]
+                    .as_object()
+                    .map(|m| m.keys().cloned().collect())
+                    .unwrap_or_default();
+                if props.is_empty() {
+                    g += &format!(
+                        "fn{i}: {} {}\n",
+                        lit(&format!("<function={name}>\n")),
+                        lit("</function>\n")
+                    );
+                    continue;
+                }
+                let names: Vec<String> = props.iter().map(|p| lit(p)).collect();
+                g += &format!(
+                    "fn{i}: {} param{i}* {}\nparam{i}: {} ({}) {} VALUE {}\n",
+                    lit(&format!("<function={name}>\n")),
+                    lit("</function>\n"),
+                    lit("<parameter="),
+                    names.join(" | "),
+                    lit(">\n"),
+                    lit("\n</parameter>\n"),
+                );
+            }
+            // A value: text up to the next tag.
+            g += "VALUE: /[^<]+/\n";
+        }
+    }
+    Ok(g)
+}
+
+#[cfg(test)]
+mod grammar_tests {
+    use super::*;
+
+    #[test]
+    fn call_grammars_name_the_tools_and_follow_the_template_syntax() {
+        let tools = json!([{"type": "function", "function": {"name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                           "required": ["city"]}}},
+            {"type": "function", "function": {"name": "now"}}]);
+        assert_eq!(
+            CallSyntax::of_template("{{ '<tool_call>' }}"),
+            CallSyntax::JsonTags
+        );
+        assert_eq!(CallSyntax::of_template("<function=x>"), CallSyntax::XmlTags);
+        assert_eq!(
+            CallSyntax::of_template("<|python_tag|>"),
+            CallSyntax::LlamaJson
+        );
+        let g = call_grammar(CallSyntax::JsonTags, &tools, None).unwrap();
+        assert!(
+            g.contains("\"const\":\"get_weather\"") && g.contains("\"const\":\"now\""),
+            "{g}"
+        );
+        let g = call_grammar(CallSyntax::XmlTags, &tools, Some("get_weather")).unwrap();
+        assert!(
+            g.contains("<function=get_weather>") && !g.contains("now"),
+            "{g}"
+        );
+        assert!(call_grammar(CallSyntax::JsonTags, &tools, Some("nope")).is_err());
+        assert!(call_grammar(CallSyntax::JsonTags, &json!([]), None).is_err());
+    }
+}
