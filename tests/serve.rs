@@ -811,7 +811,7 @@ fn the_api_surface_answers_in_each_apis_shape() {
 /// Structured output (llguidance): replies to a JSON schema validate for 20 seeds at
 /// temperature 1, through OpenAI's response_format, llama-server's json_schema and Ollama's
 /// format; `json_object` gives an object; a Lark grammar limits the answer to its words; a
-/// schema or grammar that cannot be used is a 400 within a second, and GBNF is refused by name.
+/// schema or grammar that cannot be used is a 400 within a second. llama.cpp's GBNF works too.
 #[test]
 fn structured_output_follows_the_schema_or_grammar() {
     let s = start(&[]);
@@ -876,7 +876,7 @@ fn structured_output_follows_the_schema_or_grammar() {
         json!({"response_format": {"type": "json_schema",
                                    "json_schema": {"schema": {"type": "nonsense"}}}}),
         json!({"json_schema": {"type": "string", "pattern": "(unclosed"}}),
-        json!({"grammar": "root ::= \"yes\""}),
+        json!({"grammar": "root ::= (\"yes\""}),
         json!({"grammar": "%llguidance {}\nstart: undefined_rule"}),
         json!({"json_schema": {"type": "object"}, "response_format": {"type": "json_object"}}),
         json!({"response_format": {"type": "xml"}}),
@@ -898,10 +898,29 @@ fn structured_output_follows_the_schema_or_grammar() {
             t0.elapsed()
         );
     }
+    // llama.cpp's GBNF (llama-server's grammar field): three lowercase words.
+    let gbnf = "root ::= item (\",\" ws item){2}\nitem ::= [a-z]+ # a word\nws ::= \" \"?\n";
+    for seed in 0..5 {
+        let mut req = ask(seed);
+        req["messages"][0]["content"] = json!("Name three fruits.");
+        req["grammar"] = json!(gbnf);
+        req["max_tokens"] = json!(40);
+        let (status, v, text) = post(&s.addr, "/v1/chat/completions", &req);
+        assert_eq!(status, 200, "{text}");
+        let answer = v["choices"][0]["message"]["content"].as_str().unwrap();
+        let words: Vec<&str> = answer.split(',').map(str::trim_start).collect();
+        assert_eq!(words.len(), 3, "{text}");
+        assert!(
+            words
+                .iter()
+                .all(|w| !w.is_empty() && w.chars().all(|c| c.is_ascii_lowercase())),
+            "{text}"
+        );
+    }
     let (_, _, text) = post(
         &s.addr,
         "/v1/chat/completions",
-        &json!({"messages": [{"role": "user", "content": "hi"}], "grammar": "root ::= \"a\""}),
+        &json!({"messages": [{"role": "user", "content": "hi"}], "grammar": "root = \"a\""}),
     );
     assert!(text.contains("GBNF"), "{text}");
 }

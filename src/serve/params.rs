@@ -123,7 +123,7 @@ pub struct Sampling {
     pub response_format: Option<Value>,
     /// llama-server's: a JSON schema the answer follows.
     pub json_schema: Option<Value>,
-    /// llama-server's grammar field: a Lark grammar after `%llguidance` (GBNF is not read).
+    /// llama-server's grammar field: GBNF, or a Lark grammar after `%llguidance`.
     pub grammar: Option<String>,
     /// Chat: true to report each token's log-probability; completions: the number of
     /// alternatives to report with it.
@@ -164,15 +164,12 @@ fn grammar_of(
         specs.push(GrammarSpec::JsonSchema(s));
     }
     if let Some(g) = grammar.filter(|g| !g.trim().is_empty()) {
-        match g.trim_start().strip_prefix("%llguidance") {
-            Some(_) => specs.push(GrammarSpec::Lark(g)),
-            None => {
-                return Err(
-                    "grammar: GBNF is not read here; give a Lark grammar (starting with \
-                            %llguidance {}) or a json_schema"
-                        .into(),
-                )
-            }
+        // llguidance's Lark after %llguidance (as llama.cpp reads it), else llama.cpp's GBNF.
+        if g.trim_start().starts_with("%llguidance") {
+            specs.push(GrammarSpec::Lark(g));
+        } else {
+            let lark = crate::grammar::gbnf::to_lark(&g).map_err(|e| format!("grammar: {e}"))?;
+            specs.push(GrammarSpec::Lark(lark));
         }
     }
     if specs.len() > 1 {

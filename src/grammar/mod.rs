@@ -5,6 +5,8 @@
 //! (about 15 ms at most), so a hostile grammar costs its own request a slow step, never the
 //! other slots more than one; a schema it cannot compile is an error before generation starts.
 
+pub mod gbnf;
+
 use std::sync::Arc;
 
 use anyhow::{anyhow, Result};
