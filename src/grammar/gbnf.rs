@@ -10,6 +10,7 @@ pub fn to_lark(gbnf: &str) -> Result<String> {
     let mut p = Parser {
         s: gbnf.chars().collect(),
         i: 0,
+        made: 0,
     };
     let mut out = String::from("%llguidance {}\nstart: g_root\n");
     let mut rules = 0;
@@ -25,6 +26,9 @@ pub fn to_lark(gbnf: &str) -> Result<String> {
         }
         let body = p.alternatives(0)?;
         out += &format!("{}: {body}\n", lark_name(&name));
+        if out.len() > MAX_LARK {
+            bail!("GBNF: the grammar expands past {MAX_LARK} bytes");
+        }
         rules += 1;
     }
     if rules == 0 {
@@ -40,10 +44,16 @@ fn lark_name(gbnf: &str) -> String {
 struct Parser {
     s: Vec<char>,
     i: usize,
+    /// Bytes of Lark made so far, nested pieces counted again in what contains them: bounds
+    /// the work and the memory of expansions.
+    made: usize,
 }
 
 /// Nesting deeper than this is refused (no stack overflow on hostile input).
 const MAX_DEPTH: usize = 64;
+
+/// Largest translation (repetitions are expanded, so nested ones multiply): 4 MiB.
+const MAX_LARK: usize = 4 << 20;
 
 impl Parser {
     fn done(&self) -> bool {
@@ -180,8 +190,17 @@ impl Parser {
         })
     }
 
-    /// `item` with the repetition operator after it, if any.
+    /// `item` with the repetition operator after it, if any (within [`MAX_LARK`] of work).
     fn repeat(&mut self, item: String) -> Result<String> {
+        let out = self.repeat_unbounded(item)?;
+        self.made = self.made.saturating_add(out.len());
+        if self.made > MAX_LARK {
+            bail!("GBNF: the grammar expands past {MAX_LARK} bytes");
+        }
+        Ok(out)
+    }
+
+    fn repeat_unbounded(&mut self, item: String) -> Result<String> {
         Ok(match self.peek() {
             Some(op @ ('*' | '+' | '?')) => {
                 self.i += 1;
@@ -207,6 +226,10 @@ impl Parser {
                 };
                 if max.is_some_and(|m| m < min) || min.max(max.unwrap_or(0)) > 1000 {
                     bail!("GBNF: repetition {{{spec}}} is out of range (at most 1000)");
+                }
+                let copies = max.unwrap_or(min + 1).max(1);
+                if item.len().saturating_mul(copies) > MAX_LARK {
+                    bail!("GBNF: repetition {{{spec}}} expands past {MAX_LARK} bytes");
                 }
                 let mut parts = vec![item.clone(); min];
                 match max {
@@ -348,6 +371,10 @@ mod tests {
             english.contains(r##"/[!"#$%\&'()*+,-.\/:;<=>?@\[\]^_`{|}\~]/+"##),
             "{english}"
         );
+        let bomb = "root ::= ((((\"a\"{1000}){1000}){1000}){1000})";
+        assert!(to_lark(bomb).unwrap_err().to_string().contains("expands past"));
+        let wide = format!("root ::= {}", "(\"abcdefgh\"{999}) ".repeat(2000));
+        assert!(to_lark(&wide).unwrap_err().to_string().contains("expands past"));
         let deep = format!("root ::= {}\"a\"{}", "(".repeat(100), ")".repeat(100));
         assert!(to_lark(&deep).is_err());
     }
