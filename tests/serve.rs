@@ -927,16 +927,25 @@ fn structured_output_follows_the_schema_or_grammar() {
 
 /// The official `ollama` Python client (installed by .ci/run): its list, generate (whole and
 /// streamed, equal to `ggrun run`'s greedy answer), show, ps, chat with tools whole and
-/// streamed (the same text and calls), and chat under a JSON schema.
+/// streamed (the same text and calls), chat under a JSON schema, and a streamed tool call.
 #[test]
 fn the_ollama_python_client_gets_the_same_answers() {
     let s = start(&[]);
+    let llama3 = common::real_template("meta-llama-Llama-3.1-8B-Instruct");
+    let s3 = start(&["--chat-template", llama3.to_str().unwrap()]);
     let prompt = "Name three colours.";
     let v = common::json_output(std::process::Command::new("python3").args([
         concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tools/ollama_client.py"),
         &format!("http://{}", s.addr),
         prompt,
+        &format!("http://{}", s3.addr),
     ]));
+    // A streamed tool call: Llama 3's bare-JSON call, shaped by `format`, parsed in the stream.
+    assert_eq!(v["streamed_calls"][0]["name"], "get_weather", "{v}");
+    assert!(
+        v["streamed_calls"][0]["arguments"]["city"].is_string(),
+        "{v}"
+    );
     let want = run_answer(prompt, 8);
     assert_eq!(v["generate"], want.as_str(), "{v}");
     assert_eq!(v["generate_streamed"], want.as_str(), "{v}");

@@ -372,9 +372,15 @@ mod tests {
             "{english}"
         );
         let bomb = "root ::= ((((\"a\"{1000}){1000}){1000}){1000})";
-        assert!(to_lark(bomb).unwrap_err().to_string().contains("expands past"));
+        assert!(to_lark(bomb)
+            .unwrap_err()
+            .to_string()
+            .contains("expands past"));
         let wide = format!("root ::= {}", "(\"abcdefgh\"{999}) ".repeat(2000));
-        assert!(to_lark(&wide).unwrap_err().to_string().contains("expands past"));
+        assert!(to_lark(&wide)
+            .unwrap_err()
+            .to_string()
+            .contains("expands past"));
         let deep = format!("root ::= {}\"a\"{}", "(".repeat(100), ")".repeat(100));
         assert!(to_lark(&deep).is_err());
     }

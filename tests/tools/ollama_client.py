@@ -1,13 +1,15 @@
 """The official `ollama` Python client against `ggrun serve`'s Ollama API. Prints one JSON line:
 the model list, a greedy /api/generate answer whole and streamed, /api/show and /api/ps, a chat
 with tools whole and streamed (text and calls), and a chat under a JSON schema.
-Usage: ollama_client.py HOST PROMPT"""
+A second HOST (a server with Llama 3.1's template, whose calls are a bare JSON object) gets a
+chat with tools under a `format` schema of such a call: a streamed tool call.
+Usage: ollama_client.py HOST PROMPT LLAMA3_HOST"""
 import json
 import sys
 
 import ollama
 
-host, prompt = sys.argv[1], sys.argv[2]
+host, prompt, llama3 = sys.argv[1], sys.argv[2], sys.argv[3]
 c = ollama.Client(host=host)
 name = c.list().models[0].model
 greedy = {"temperature": 0, "num_predict": 8}
@@ -30,7 +32,19 @@ schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength
           "required": ["city"], "additionalProperties": False}
 formatted = c.chat(model=name, messages=[{"role": "user", "content": "Name a city as JSON."}],
                    format=schema, options={"temperature": 0, "num_predict": 60})
+call_schema = {"type": "object", "properties": {
+    "name": {"const": "get_weather"},
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                   "required": ["city"], "additionalProperties": False}},
+    "required": ["name", "parameters"], "additionalProperties": False}
+c3 = ollama.Client(host=llama3)
+streamed_calls = []
+for p in c3.chat(model=c3.list().models[0].model, messages=msgs, tools=tools, format=call_schema,
+                 options={"temperature": 0, "num_predict": 60}, stream=True):
+    for call in p.message.tool_calls or []:
+        streamed_calls.append({"name": call.function.name, "arguments": dict(call.function.arguments)})
 print(json.dumps({
+    "streamed_calls": streamed_calls,
     "model": name, "generate": whole.response, "generate_streamed": streamed,
     "eval_count": whole.eval_count, "template": show.template,
     "architecture": (show.modelinfo or {}).get("general.architecture"),
