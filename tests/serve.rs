@@ -678,7 +678,9 @@ fn the_api_surface_answers_in_each_apis_shape() {
         many["usage"]["prompt_tokens"], one["usage"]["prompt_tokens"],
         "{body}"
     );
+    // Streamed: both choices' chunks, told apart by index; choice 1 is seed 6's answer.
     req["n"] = json!(2);
+    req["seed"] = json!(5);
     req["stream"] = json!(true);
     let (status, body) = http(
         &s.addr,
@@ -687,7 +689,24 @@ fn the_api_surface_answers_in_each_apis_shape() {
         &key,
         &req.to_string(),
     );
-    assert_eq!(status, 400, "{body}");
+    assert_eq!(status, 200, "{body}");
+    let mut texts = [String::new(), String::new()];
+    let mut finished = [false, false];
+    for data in body.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        if data == "[DONE]" {
+            continue;
+        }
+        let c: Value = serde_json::from_str(data).unwrap();
+        let i = c["choices"][0]["index"].as_u64().unwrap() as usize;
+        texts[i] += c["choices"][0]["delta"]["content"].as_str().unwrap_or("");
+        finished[i] |= !c["choices"][0]["finish_reason"].is_null();
+    }
+    assert_eq!(finished, [true, true], "{body}");
+    assert_eq!(
+        texts[1].as_str(),
+        one["choices"][0]["message"]["content"].as_str().unwrap(),
+        "{body}"
+    );
     // /detokenize inverts /tokenize.
     let text = "Hello, world! Ünïcode too.";
     let (_, body) = http(

@@ -32,7 +32,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use crate::chat::template::Message;
 use crate::engine::load::ModelOptions;
@@ -486,6 +486,55 @@ fn read_checked(
         ));
     }
     Ok(ask)
+}
+
+/// Starts `ask`'s `n` choices for a stream: the first at once (its failure is the response),
+/// the others beside it (seeds `seed + i`); every choice's events come tagged with its index,
+/// the channel closing when all are done.
+async fn start_choices(
+    app: &Arc<App>,
+    ask: Ask,
+) -> Result<UnboundedReceiver<(usize, Event)>, Response> {
+    let (tx, out) = tokio::sync::mpsc::unbounded_channel();
+    let forward = |i: usize,
+                   mut rx: UnboundedReceiver<Event>,
+                   tx: UnboundedSender<(usize, Event)>| async move {
+        while let Some(ev) = rx.recv().await {
+            if tx.send((i, ev)).is_err() {
+                return;
+            }
+        }
+    };
+    let log = observe::REQUEST.try_with(Arc::clone).ok();
+    let mut first = ask.clone();
+    first.n = 1;
+    let rx0 = start(app, first).await?;
+    tokio::spawn(forward(0, rx0, tx.clone()));
+    for i in 1..ask.n {
+        let mut a = ask.clone();
+        a.sampling.seed = a.sampling.seed.map(|s| s.wrapping_add(i as u64));
+        let (app, tx, log) = (app.clone(), tx.clone(), log.clone());
+        let job = async move {
+            match start(&app, a).await {
+                Ok(rx) => forward(i, rx, tx).await,
+                Err(_) => {
+                    let message = "this choice could not start".to_string();
+                    let _ = tx.send((
+                        i,
+                        Event::Error {
+                            status: 500,
+                            message,
+                        },
+                    ));
+                }
+            }
+        };
+        match log {
+            Some(l) => tokio::spawn(observe::REQUEST.scope(l, job)),
+            None => tokio::spawn(job),
+        };
+    }
+    Ok(out)
 }
 
 /// Runs `ask`'s `n` choices as jobs of their own (seeds `seed + i` when a seed is given) and

@@ -19,7 +19,7 @@ use super::params::{reject_unsupported, Sampling, OPENAI_IGNORED};
 use super::worker::{Done, Event, Prompt};
 use super::{
     bad, collect_choices, error, has_tools, id, messages, now, parse, read_checked, split_calls,
-    start, tool_choice, tools, App, Ask, Collected,
+    start, start_choices, tool_choice, tools, App, Ask, Collected,
 };
 use crate::chat::template::{Message, RenderOptions};
 
@@ -193,54 +193,62 @@ pub async fn chat_completions(State(app): State<Arc<App>>, body: Bytes) -> Respo
             Err(e) => e,
         };
     }
-    if ask.n > 1 {
-        return bad("n: more than one choice is not streamed (set stream to false)".into());
-    }
-    let rx = match start(&app, ask).await {
+    let n = ask.n;
+    let rx = match start_choices(&app, ask).await {
         Ok(r) => r,
         Err(e) => return e,
     };
-    // A chunk: a delta, the finish reason at the end, usage, and logprobs entries (which
-    // travel in chunks of their own, with an empty delta).
-    let chunk =
-        move |delta: Value, finish: Option<&str>, usage: Option<Value>, lp: Option<Value>| {
-            let mut v = json!({
-                "id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-            });
-            if let Some(e) = lp {
-                v["choices"][0]["logprobs"] = json!({ "content": [e] });
-            }
-            if let Some(u) = usage {
-                v["usage"] = u;
-            }
-            SseEvent::default().data(v.to_string())
-        };
-    let first = chunk(
-        json!({"role": "assistant", "content": ""}),
-        None,
-        None,
-        None,
-    );
-    // With tools, answer text is held back from where a call may begin.
-    let mut hold = with_tools.then(tools::Holdback::default);
+    // A chunk of choice `i`: a delta, the finish reason at the end, usage, and logprobs
+    // entries (which travel in chunks of their own, with an empty delta).
+    let chunk = move |i: usize,
+                      delta: Value,
+                      finish: Option<&str>,
+                      usage: Option<Value>,
+                      lp: Option<Value>| {
+        let mut v = json!({
+            "id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": i, "delta": delta, "finish_reason": finish}],
+        });
+        if let Some(e) = lp {
+            v["choices"][0]["logprobs"] = json!({ "content": [e] });
+        }
+        if let Some(u) = usage {
+            v["usage"] = u;
+        }
+        SseEvent::default().data(v.to_string())
+    };
+    let first: Vec<Result<SseEvent, Infallible>> = (0..n)
+        .map(|i| {
+            Ok(chunk(
+                i,
+                json!({"role": "assistant", "content": ""}),
+                None,
+                None,
+                None,
+            ))
+        })
+        .collect();
+    // With tools, answer text is held back from where a call may begin (per choice).
+    let mut holds: Vec<Option<tools::Holdback>> = (0..n)
+        .map(|_| with_tools.then(tools::Holdback::default))
+        .collect();
     let call_id = id("call");
-    let events = UnboundedReceiverStream::new(rx).filter_map(move |ev| {
+    let events = UnboundedReceiverStream::new(rx).filter_map(move |(i, ev)| {
         let e = match ev {
             Event::Started => return None,
-            Event::Logprobs(e) => chunk(json!({}), None, None, Some(e)),
+            Event::Logprobs(e) => chunk(i, json!({}), None, None, Some(e)),
             Event::Piece {
                 reasoning: true,
                 text,
-            } => chunk(json!({"reasoning_content": text}), None, None, None),
-            Event::Piece { text, .. } => match &mut hold {
-                Some(h) => chunk(json!({"content": h.push(&text)}), None, None, None),
-                None => chunk(json!({"content": text}), None, None, None),
+            } => chunk(i, json!({"reasoning_content": text}), None, None, None),
+            Event::Piece { text, .. } => match &mut holds[i] {
+                Some(h) => chunk(i, json!({"content": h.push(&text)}), None, None, None),
+                None => chunk(i, json!({"content": text}), None, None, None),
             },
             Event::Done(d) => {
                 let mut delta = json!({});
                 let mut finish = d.finish_reason;
-                if let Some(h) = hold.take() {
+                if let Some(h) = holds[i].take() {
                     let (rest, calls) = h.finish();
                     if !rest.is_empty() {
                         delta["content"] = rest.into();
@@ -249,20 +257,20 @@ pub async fn chat_completions(State(app): State<Arc<App>>, body: Bytes) -> Respo
                         let v: Vec<Value> = calls
                             .iter()
                             .enumerate()
-                            .map(|(i, t)| t.to_openai(i, &call_id))
+                            .map(|(k, t)| t.to_openai(k, &format!("{call_id}-{i}")))
                             .collect();
                         delta["tool_calls"] = v.into();
                         finish = "tool_calls";
                     }
                 }
-                chunk(delta, Some(finish), Some(usage(&d)), None)
+                chunk(i, delta, Some(finish), Some(usage(&d)), None)
             }
             Event::Error { message, .. } => SseEvent::default()
                 .data(json!({"error": {"message": message, "type": "server_error"}}).to_string()),
         };
         Some(Ok::<_, Infallible>(e))
     });
-    let stream = tokio_stream::once(Ok(first))
+    let stream = tokio_stream::iter(first)
         .chain(events)
         .chain(tokio_stream::once(Ok(SseEvent::default().data("[DONE]"))));
     Sse::new(stream).into_response()
