@@ -1101,3 +1101,89 @@ fn logprobs_are_the_models_log_softmax() {
         "{text}"
     );
 }
+
+/// `tool_choice` "required" or a named function makes the answer a call in the syntax the
+/// model's template teaches (Qwen 3's JSON in tags, Qwen3-Coder's XML, Llama 3's JSON), which
+/// comes back parsed as a tool call with arguments of the tool's schema, even from SmolLM2,
+/// which does not call tools on its own; "none" offers no tools; Anthropic's "any" and the
+/// Responses API's named function too.
+#[test]
+fn a_required_tool_choice_makes_a_call_in_the_templates_syntax() {
+    let tools = json!([
+        {"type": "function", "function": {"name": "get_weather", "description": "Weather",
+         "parameters": {"type": "object", "properties": {
+             "city": {"type": "string", "maxLength": 20}}, "required": ["city"]}}},
+        {"type": "function", "function": {"name": "get_time", "description": "Time",
+         "parameters": {"type": "object", "properties": {
+             "zone": {"type": "string", "maxLength": 20}}, "required": ["zone"]}}}]);
+    let ask = |choice: Value| {
+        json!({"messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+               "tools": tools, "tool_choice": choice, "max_tokens": 80, "temperature": 0})
+    };
+    for template in [
+        "Qwen-Qwen3-0.6B",
+        "Qwen3-Coder",
+        "meta-llama-Llama-3.1-8B-Instruct",
+    ] {
+        let path = common::real_template(template);
+        let s = start(&["--chat-template", path.to_str().unwrap()]);
+        for (choice, want) in [
+            (json!("required"), None),
+            (
+                json!({"type": "function", "function": {"name": "get_time"}}),
+                Some("get_time"),
+            ),
+        ] {
+            let (status, v, text) = post(&s.addr, "/v1/chat/completions", &ask(choice));
+            assert_eq!(status, 200, "{template}: {text}");
+            assert_eq!(
+                v["choices"][0]["finish_reason"], "tool_calls",
+                "{template}: {text}"
+            );
+            let call = &v["choices"][0]["message"]["tool_calls"][0]["function"];
+            let name = call["name"].as_str().unwrap();
+            let args: Value = serde_json::from_str(call["arguments"].as_str().unwrap()).unwrap();
+            match want {
+                Some(w) => assert_eq!(name, w, "{template}: {text}"),
+                None => assert!(["get_weather", "get_time"].contains(&name), "{text}"),
+            }
+            let key = if name == "get_time" { "zone" } else { "city" };
+            assert!(args[key].is_string(), "{template}: {text}");
+        }
+        // "none": the tools are not offered (a shorter prompt) and no call is looked for.
+        let (_, with, _) = post(&s.addr, "/v1/chat/completions", &ask(json!("auto")));
+        let (_, none, text) = post(&s.addr, "/v1/chat/completions", &ask(json!("none")));
+        assert!(
+            none["usage"]["prompt_tokens"].as_u64() < with["usage"]["prompt_tokens"].as_u64(),
+            "{template}: {text}"
+        );
+        if template == "Qwen-Qwen3-0.6B" {
+            let anthropic = json!({"max_tokens": 80, "temperature": 0,
+                "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+                "tools": [{"name": "get_weather", "input_schema": tools[0]["function"]["parameters"]}],
+                "tool_choice": {"type": "any"}});
+            let (status, v, text) = post(&s.addr, "/v1/messages", &anthropic);
+            assert_eq!(status, 200, "{text}");
+            assert_eq!(v["stop_reason"], "tool_use", "{text}");
+            let block = v["content"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|b| b["type"] == "tool_use");
+            assert!(block.unwrap()["input"]["city"].is_string(), "{text}");
+            let responses = json!({"input": "What is the weather in Paris?", "temperature": 0,
+                "max_output_tokens": 80,
+                "tools": [{"type": "function", "name": "get_weather",
+                           "parameters": tools[0]["function"]["parameters"]}],
+                "tool_choice": {"type": "function", "name": "get_weather"}});
+            let (status, v, text) = post(&s.addr, "/v1/responses", &responses);
+            assert_eq!(status, 200, "{text}");
+            let item = v["output"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|i| i["type"] == "function_call");
+            assert_eq!(item.unwrap()["name"], "get_weather", "{text}");
+        }
+    }
+}
