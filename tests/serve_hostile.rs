@@ -19,6 +19,28 @@ fn data() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data")
 }
 
+/// The tokens of the prompt the server renders of the tool conversation in its OpenAI shape
+/// (tests/data/templates/tool-conversation.json with tools.json): what every API's shape of
+/// the same conversation must come to.
+fn conversation_tokens(addr: &str) -> usize {
+    let read = |name: &str| -> Value {
+        let text = std::fs::read_to_string(data().join("templates").join(name)).unwrap();
+        serde_json::from_str(&text).unwrap()
+    };
+    let (status, rendered, text) = post(
+        addr,
+        "/apply-template",
+        &json!({"messages": read("tool-conversation.json"), "tools": read("tools.json")}),
+    );
+    assert_eq!(status, 200, "{text}");
+    let (_, tokens, _) = post(
+        addr,
+        "/tokenize",
+        &json!({"content": rendered["prompt"], "add_special": true}),
+    );
+    tokens["tokens"].as_array().unwrap().len()
+}
+
 #[test]
 fn a_tool_conversation_from_the_openai_client_renders_the_first_call_into_the_next_prompt() {
     let qwen3 = common::real_template("Qwen-Qwen3-0.6B");
@@ -488,23 +510,9 @@ fn the_anthropic_client_gets_the_same_answers_and_prompts() {
     };
     assert_eq!(v["stop_reason"], want_stop, "{v}");
     assert_eq!(v["streamed_stop_reason"], want_stop, "{v}");
-    let conv = data().join("templates/tool-conversation.json");
-    let tools = data().join("templates/tools.json");
-    let messages: Value = serde_json::from_str(&std::fs::read_to_string(&conv).unwrap()).unwrap();
-    let tool_defs: Value = serde_json::from_str(&std::fs::read_to_string(&tools).unwrap()).unwrap();
-    let (_, rendered, _) = post(
-        &s.addr,
-        "/apply-template",
-        &json!({"messages": messages, "tools": tool_defs}),
-    );
-    let (_, tokens, _) = post(
-        &s.addr,
-        "/tokenize",
-        &json!({"content": rendered["prompt"], "add_special": true}),
-    );
     assert_eq!(
         v["tool_input_tokens"].as_u64().unwrap() as usize,
-        tokens["tokens"].as_array().unwrap().len(),
+        conversation_tokens(&s.addr),
         "{v}"
     );
     // Errors in Anthropic's shape.
@@ -560,23 +568,9 @@ fn the_responses_api_gets_the_same_answers_and_prompts() {
         _ => "completed",
     };
     assert_eq!(v["status"], want_status, "{v}");
-    let conv = data().join("templates/tool-conversation.json");
-    let tools = data().join("templates/tools.json");
-    let messages: Value = serde_json::from_str(&std::fs::read_to_string(&conv).unwrap()).unwrap();
-    let tool_defs: Value = serde_json::from_str(&std::fs::read_to_string(&tools).unwrap()).unwrap();
-    let (_, rendered, _) = post(
-        &s.addr,
-        "/apply-template",
-        &json!({"messages": messages, "tools": tool_defs}),
-    );
-    let (_, tokens, _) = post(
-        &s.addr,
-        "/tokenize",
-        &json!({"content": rendered["prompt"], "add_special": true}),
-    );
     assert_eq!(
         v["tool_input_tokens"].as_u64().unwrap() as usize,
-        tokens["tokens"].as_array().unwrap().len(),
+        conversation_tokens(&s.addr),
         "{v}"
     );
     let (status, _, text) = post(

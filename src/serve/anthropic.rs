@@ -20,7 +20,8 @@ use tokio_stream::StreamExt;
 use super::params::{reject_unsupported, Sampling, Stop};
 use super::worker::{Done, Event, Prompt};
 use super::{
-    begin, collect, has_tools, id, messages, parse, split_calls, tool_choice, tools, App, Ask,
+    begin, collect, has_tools, id, messages, parse, split_calls, think_for, tool_choice, tools,
+    App, Ask,
 };
 
 /// Fields of Anthropic requests that change nothing in what is generated here (bookkeeping,
@@ -189,13 +190,7 @@ pub(super) fn read_messages(body: &Bytes) -> Result<Ask, String> {
     let msgs = messages(&openai_messages(req.system.as_ref(), &req.messages)?)?;
     let tools = openai_tools(req.tools)?.filter(|_| offer);
     let with_tools = has_tools(&tools);
-    let think = match (&call, think) {
-        (Some(_), Some(true)) => {
-            return Err("tool_choice: a required call cannot follow thinking (turn it off)".into())
-        }
-        (Some(_), _) => Some(false),
-        (None, t) => t,
-    };
+    let think = think_for(&call, think)?;
     let sampling = Sampling {
         max_tokens: Some(req.max_tokens),
         temperature: req.temperature,

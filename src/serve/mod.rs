@@ -433,6 +433,18 @@ fn tool_choice(v: Option<&Value>) -> Result<(Option<CallChoice>, bool), String> 
     }
 }
 
+/// The thinking switch of a turn that `call` may force: a required call starts the answer, so
+/// thinking is off (asking for it is an error); otherwise `think` as asked.
+fn think_for(call: &Option<CallChoice>, think: Option<bool>) -> Result<Option<bool>, String> {
+    match (call, think) {
+        (Some(_), Some(true)) => {
+            Err("tool_choice: a required call cannot follow thinking (turn it off)".into())
+        }
+        (Some(_), _) => Ok(Some(false)),
+        (None, t) => Ok(t),
+    }
+}
+
 /// Reads a request body as the handler of `path` does (JSON shape, messages, sampling ranges),
 /// without a model: what the request parsers' fuzz target runs. An error is the 400's message.
 pub fn read_request(path: &str, body: &[u8]) -> Result<(), String> {

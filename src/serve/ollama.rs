@@ -176,6 +176,15 @@ pub(super) fn read_chat(body: &Bytes) -> Result<Ask, String> {
     })
 }
 
+/// An Ollama stream: one JSON object a line.
+fn ndjson(lines: impl tokio_stream::Stream<Item = Value> + Send + 'static) -> Response {
+    let body = lines.map(|v| Ok::<_, Infallible>(Bytes::from(format!("{v}\n"))));
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(Body::from_stream(body))
+        .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "response"))
+}
+
 /// Tool calls as Ollama writes them (arguments as an object).
 fn ollama_calls(calls: &[tools::ToolCall]) -> Value {
     calls
@@ -251,12 +260,9 @@ pub async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Response {
             }
             Event::Error { message, .. } => json!({"error": message}),
         };
-        Some(Ok::<_, Infallible>(Bytes::from(format!("{v}\n"))))
+        Some(v)
     });
-    Response::builder()
-        .header(header::CONTENT_TYPE, "application/x-ndjson")
-        .body(Body::from_stream(lines))
-        .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "response"))
+    ndjson(lines)
 }
 
 #[derive(Deserialize)]
@@ -362,10 +368,7 @@ pub async fn generate(State(app): State<Arc<App>>, body: Bytes) -> Response {
             Event::Done(d) => done_line(&d, "", ""),
             Event::Error { message, .. } => json!({"error": message}),
         };
-        Some(Ok::<_, Infallible>(Bytes::from(format!("{v}\n"))))
+        Some(v)
     });
-    Response::builder()
-        .header(header::CONTENT_TYPE, "application/x-ndjson")
-        .body(Body::from_stream(lines))
-        .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "response"))
+    ndjson(lines)
 }

@@ -19,7 +19,7 @@ use super::params::{reject_unsupported, Sampling, OPENAI_IGNORED};
 use super::worker::{Done, Event, Prompt};
 use super::{
     bad, collect_choices, error, has_tools, id, messages, now, parse, read_checked, split_calls,
-    start, start_choices, tool_choice, tools, App, Ask, Collected,
+    start, start_choices, think_for, tool_choice, tools, App, Ask, Collected,
 };
 use crate::chat::template::{Message, RenderOptions};
 
@@ -103,14 +103,7 @@ pub(super) fn read_chat(body: &Bytes) -> Result<Ask, String> {
     reject_unsupported(&req.rest, &OPENAI_IGNORED, "")?;
     let n = req.sampling.choices()?;
     let (call, offer) = tool_choice(req.tool_choice.as_ref())?;
-    let mut think = req.think();
-    if call.is_some() {
-        // A required call starts the answer: no thinking before it.
-        if think == Some(true) {
-            return Err("tool_choice: a required call cannot follow thinking (turn it off)".into());
-        }
-        think = Some(false);
-    }
+    let think = think_for(&call, req.think())?;
     let messages = messages(&req.messages)?;
     let tools = req.tools.filter(|_| offer);
     let with_tools = has_tools(&tools);

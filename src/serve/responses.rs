@@ -19,7 +19,8 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use super::params::{reject_unsupported, Sampling, OPENAI_IGNORED};
 use super::worker::{Done, Event, Prompt};
 use super::{
-    begin, collect, has_tools, id, messages, now, parse, split_calls, tool_choice, tools, App, Ask,
+    begin, collect, has_tools, id, messages, now, parse, split_calls, think_for, tool_choice,
+    tools, App, Ask,
 };
 
 #[derive(Deserialize)]
@@ -200,13 +201,7 @@ pub(super) fn read_responses(body: &Bytes) -> Result<Ask, String> {
     let msgs = messages(&chat_messages(req.instructions.as_deref(), &req.input)?)?;
     let tools = chat_tools(req.tools)?.filter(|_| offer);
     let with_tools = has_tools(&tools);
-    let think = match (&call, think) {
-        (Some(_), Some(true)) => {
-            return Err("tool_choice: a required call cannot follow thinking (turn it off)".into())
-        }
-        (Some(_), _) => Some(false),
-        (None, t) => t,
-    };
+    let think = think_for(&call, think)?;
     let sampling = Sampling {
         max_tokens: req.max_output_tokens,
         temperature: req.temperature,
