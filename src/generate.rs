@@ -469,6 +469,12 @@ impl<'a> Decoder<'a> {
         self.sampler.constrain(c);
     }
 
+    /// Whether the next step can sample without waiting (the grammar's mask, when there is
+    /// one, is computed; see [`crate::grammar`]). Waits up to `wait` for it.
+    pub fn ready(&mut self, wait: std::time::Duration) -> bool {
+        self.sampler.ready(wait)
+    }
+
     /// Marks the end of the prompt (generation time counts from here).
     pub fn start(&mut self) {
         self.started = Instant::now();

@@ -143,6 +143,16 @@ impl Sampler {
         self.constraint = Some(c);
     }
 
+    /// Whether [`Sampler::sample`] can run without waiting for the grammar's mask; waits up
+    /// to `wait` for it.
+    pub fn ready(&mut self, wait: std::time::Duration) -> bool {
+        match &mut self.constraint {
+            Some(c) if wait.is_zero() => c.ready(),
+            Some(c) => c.wait(wait),
+            None => true,
+        }
+    }
+
     /// Picks the next token from `logits`, given the tokens so far (for the penalties): the
     /// grammar's mask first, then the chain.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> Result<u32> {

@@ -556,6 +556,27 @@ fn the_api_surface_answers_in_each_apis_shape() {
         v["error"].as_str().unwrap().contains("/api/nothing"),
         "{body}"
     );
+    // Embeddings: known routes that say they are not supported, each in its API's shape.
+    let (status, body) = http(&s.addr, "POST", "/v1/embeddings", &key, r#"{"input":"x"}"#);
+    assert_eq!(status, 501, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("embeddings are not supported"),
+        "{body}"
+    );
+    let (status, body) = http(&s.addr, "POST", "/api/embed", &key, r#"{"input":"x"}"#);
+    assert_eq!(status, 501, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("embeddings are not supported"),
+        "{body}"
+    );
     let (status, body) = http(&s.addr, "GET", "/v1/chat/completions", &key, "");
     assert_eq!(status, 405, "{body}");
     assert!(serde_json::from_str::<Value>(&body).unwrap()["error"]["message"].is_string());
@@ -917,6 +938,42 @@ fn structured_output_follows_the_schema_or_grammar() {
             t0.elapsed()
         );
     }
+    // Deep structures compile on the grammar's own stack (each of these crashed a 2 MiB
+    // thread, and with it the server): a chain of 16,000 Lark rules, one of 1,000 schema
+    // references. Past the size caps: a 400 naming the size.
+    let mut lark = String::from("start: a0\n");
+    for i in 0..16_000 {
+        lark += &format!("a{i}: a{}\n", i + 1);
+    }
+    lark += "a16000: \"z\"\n";
+    assert!(lark.len() < 256 << 10);
+    let mut req = ask(0);
+    req["grammar"] = json!(format!("%llguidance {{}}\n{lark}"));
+    let (status, v, text) = post(&s.addr, "/v1/chat/completions", &req);
+    assert_eq!(status, 200, "{}", &text[..text.len().min(300)]);
+    assert_eq!(v["choices"][0]["message"]["content"], "z");
+    let mut defs = serde_json::Map::new();
+    for i in 0..1000 {
+        let next = format!("#/$defs/d{}", i + 1);
+        defs.insert(
+            format!("d{i}"),
+            json!({"type": "object", "properties": {"x": {"$ref": next}}}),
+        );
+    }
+    defs.insert("d1000".into(), json!({"type": "string"}));
+    let mut req = ask(0);
+    req["json_schema"] = json!({"$ref": "#/$defs/d0", "$defs": defs});
+    req["max_tokens"] = json!(12);
+    let (status, _, text) = post(&s.addr, "/v1/chat/completions", &req);
+    assert_eq!(status, 200, "{}", &text[..text.len().min(300)]);
+    let mut req = ask(0);
+    req["grammar"] = json!(format!(
+        "%llguidance {{}}\n{lark}{}",
+        "\n".repeat(256 << 10)
+    ));
+    let (status, _, text) = post(&s.addr, "/v1/chat/completions", &req);
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("KiB"), "{text}");
     // llama.cpp's GBNF (llama-server's grammar field): three lowercase words.
     let gbnf = "root ::= item (\",\" ws item){2}\nitem ::= [a-z]+ # a word\nws ::= \" \"?\n";
     for seed in 0..5 {

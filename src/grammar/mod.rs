@@ -1,17 +1,28 @@
 //! Structured output: a JSON schema, a Lark grammar or a regular expression compiled by
 //! llguidance (the engine llama.cpp, vLLM and SGLang use) against the model's vocabulary into a
 //! per-request [`Constraint`], which masks each step's logits to the tokens the grammar allows
-//! and follows the tokens sampled. llguidance's default limits bound the work of one mask
-//! (about 15 ms at most), so a hostile grammar costs its own request a slow step, never the
-//! other slots more than one; a schema it cannot compile is an error before generation starts.
+//! and follows the tokens sampled.
+//!
+//! Hostile grammars: llguidance's limits bound a mask's work, yet a crafted schema still takes
+//! hundreds of milliseconds per mask (a chain of a few thousand `anyOf` references measured
+//! 200-400 ms here), and its compiler recurses once per level of a reference chain (about 10 KB
+//! of stack each). So a constraint lives on a thread of its own with a large stack: it compiles
+//! there, and after each token it is given it computes the next mask there, while the caller
+//! runs the forward pass; the server's scheduler asks [`Constraint::ready`] and lets the other
+//! slots go on while a slow mask is computed. Grammar texts are capped at
+//! [`MAX_GRAMMAR_BYTES`] and schemas at [`MAX_SCHEMA_BYTES`], which that stack holds with room.
 
 pub mod gbnf;
 
+use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{anyhow, Result};
 use llguidance::api::TopLevelGrammar;
-use llguidance::toktrie::{ApproximateTokEnv, InferenceCapabilities, TokRxInfo, TokTrie};
+use llguidance::toktrie::{
+    ApproximateTokEnv, InferenceCapabilities, SimpleVob, TokRxInfo, TokTrie,
+};
 use llguidance::{Matcher, ParserFactory};
 
 use crate::tokenizer::{TokenType, Tokenizer};
@@ -27,9 +38,17 @@ pub enum GrammarSpec {
     Regex(String),
 }
 
+/// The longest Lark grammar or regular expression accepted (256 KiB: llama.cpp's sample
+/// grammars are a few KiB; a chain of rules this long still compiles within the stack).
+pub const MAX_GRAMMAR_BYTES: usize = 256 << 10;
+/// The longest JSON schema accepted, serialized (1 MiB).
+pub const MAX_SCHEMA_BYTES: usize = 1 << 20;
+/// The stack of a constraint's thread (address space, touched only as deep as it recurses).
+const STACK_BYTES: usize = 256 << 20;
+
 /// The model's vocabulary as llguidance sees it, ready to compile grammars against.
 pub struct Grammars {
-    factory: ParserFactory,
+    factory: Arc<ParserFactory>,
     /// The trie's end token (where a mask allows it, the grammar may end).
     eos: u32,
     /// Tokens that end generation; allowed wherever the grammar allows its end.
@@ -64,32 +83,99 @@ impl Grammars {
         )?;
         factory.set_stderr_log_level(0);
         Ok(Grammars {
-            factory,
+            factory: Arc::new(factory),
             eos,
             eog: tok.eog.clone(),
         })
     }
 
-    /// The constraint of `spec`, or why it cannot be compiled (a request's 400).
+    /// The constraint of `spec`, or why it cannot be compiled (a request's 400). Blocks while
+    /// it compiles (on the constraint's own thread).
     pub fn compile(&self, spec: &GrammarSpec) -> Result<Constraint, String> {
         let grammar = match spec {
-            GrammarSpec::JsonSchema(s) => TopLevelGrammar::from_json_schema(s.clone()),
+            GrammarSpec::JsonSchema(s) => {
+                let bytes = serde_json::to_vec(s).map_or(usize::MAX, |v| v.len());
+                if bytes > MAX_SCHEMA_BYTES {
+                    return Err(too_long("the JSON schema", bytes, MAX_SCHEMA_BYTES));
+                }
+                TopLevelGrammar::from_json_schema(s.clone())
+            }
+            GrammarSpec::Lark(g) if g.len() > MAX_GRAMMAR_BYTES => {
+                return Err(too_long("the grammar", g.len(), MAX_GRAMMAR_BYTES))
+            }
+            GrammarSpec::Regex(r) if r.len() > MAX_GRAMMAR_BYTES => {
+                return Err(too_long(
+                    "the regular expression",
+                    r.len(),
+                    MAX_GRAMMAR_BYTES,
+                ))
+            }
             GrammarSpec::Lark(g) => TopLevelGrammar::from_lark(g.clone()),
             GrammarSpec::Regex(r) => TopLevelGrammar::from_regex(r),
         };
-        let parser = self
-            .factory
-            .create_parser(grammar)
-            .map_err(|e| first_line(&e.to_string()))?;
-        let matcher = Matcher::new(Ok(parser));
-        if let Some(e) = matcher.get_error() {
-            return Err(first_line(&e));
-        }
+        let factory = self.factory.clone();
+        let (tokens_tx, tokens_rx) = channel::<u32>();
+        let (masks_tx, masks_rx) = channel::<Result<SimpleVob, String>>();
+        let (compiled_tx, compiled_rx) = channel::<Result<(), String>>();
+        std::thread::Builder::new()
+            .name("grammar".into())
+            .stack_size(STACK_BYTES)
+            .spawn(move || {
+                let matcher = factory
+                    .create_parser(grammar)
+                    .map_err(|e| first_line(&e.to_string()))
+                    .map(|p| Matcher::new(Ok(p)))
+                    .and_then(|m| match m.get_error() {
+                        Some(e) => Err(first_line(&e)),
+                        None => Ok(m),
+                    });
+                match matcher {
+                    Ok(m) => {
+                        if compiled_tx.send(Ok(())).is_ok() {
+                            follow(m, &tokens_rx, &masks_tx);
+                        }
+                    }
+                    Err(e) => drop(compiled_tx.send(Err(e))),
+                }
+            })
+            .map_err(|e| format!("the grammar cannot be used: no thread for it ({e})"))?;
+        compiled_rx
+            .recv()
+            .map_err(|_| "the grammar cannot be used: its compiler stopped".to_string())??;
         Ok(Constraint {
-            matcher,
+            tokens: tokens_tx,
+            masks: masks_rx,
+            next: None,
             eos: self.eos,
             eog: self.eog.clone(),
         })
+    }
+}
+
+fn too_long(what: &str, bytes: usize, max: usize) -> String {
+    format!(
+        "the grammar cannot be used: {what} is {} KiB, more than {} KiB",
+        bytes.div_ceil(1024),
+        max >> 10
+    )
+}
+
+/// A constraint's thread: the mask for the next token, then the token sampled, until the
+/// request ends (its [`Constraint`] is dropped) or the grammar fails.
+fn follow(mut m: Matcher, tokens: &Receiver<u32>, masks: &Sender<Result<SimpleVob, String>>) {
+    loop {
+        let mask = m
+            .compute_mask_or_eos()
+            .map_err(|e| first_line(&e.to_string()));
+        let failed = mask.is_err();
+        if masks.send(mask).is_err() || failed {
+            return;
+        }
+        let Ok(t) = tokens.recv() else { return };
+        if let Err(e) = m.consume_token(t) {
+            let _ = masks.send(Err(first_line(&e.to_string())));
+            return;
+        }
     }
 }
 
@@ -99,21 +185,67 @@ fn first_line(s: &str) -> String {
     format!("the grammar cannot be used: {cut}")
 }
 
-/// One request's grammar state.
+/// A grammar that failed while it was followed (a mask past llguidance's limits, a token it
+/// cannot take): the request's fault, not the server's.
+#[derive(Debug)]
+pub struct GrammarFailed(pub String);
+
+impl std::fmt::Display for GrammarFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "structured output: {}", self.0)
+    }
+}
+
+impl std::error::Error for GrammarFailed {}
+
+/// One request's grammar state: the handle of its thread (see the module's doc).
 pub struct Constraint {
-    matcher: Matcher,
+    tokens: Sender<u32>,
+    masks: Receiver<Result<SimpleVob, String>>,
+    /// The next mask, once computed.
+    next: Option<Result<SimpleVob, String>>,
     eos: u32,
     eog: Vec<u32>,
 }
 
 impl Constraint {
+    /// Whether the mask for the next token is computed (so that [`Constraint::mask`] does not
+    /// wait).
+    pub fn ready(&mut self) -> bool {
+        if self.next.is_none() {
+            match self.masks.try_recv() {
+                Ok(m) => self.next = Some(m),
+                Err(TryRecvError::Empty) => return false,
+                Err(TryRecvError::Disconnected) => {
+                    self.next = Some(Err("the grammar stopped".to_string()))
+                }
+            }
+        }
+        true
+    }
+
+    /// Waits up to `timeout` for the next mask; whether it is computed.
+    pub fn wait(&mut self, timeout: Duration) -> bool {
+        if self.next.is_none() {
+            if let Ok(m) = self.masks.recv_timeout(timeout) {
+                self.next = Some(m);
+            }
+        }
+        self.ready()
+    }
+
     /// Sets the logits of tokens the grammar does not allow next to −∞ (where the grammar may
     /// end, the end-of-generation tokens stay allowed; once it is complete, only they are).
+    /// Waits for the mask if it is not computed yet.
     pub fn mask(&mut self, logits: &mut [f32]) -> Result<()> {
-        let mask = self
-            .matcher
-            .compute_mask_or_eos()
-            .map_err(|e| anyhow!("structured output: {}", first_line(&e.to_string())))?;
+        let next = match self.next.take() {
+            Some(m) => m,
+            None => self
+                .masks
+                .recv()
+                .unwrap_or_else(|_| Err("the grammar stopped".to_string())),
+        };
+        let mask = next.map_err(GrammarFailed)?;
         let end = mask.is_allowed(self.eos);
         for (i, l) in logits.iter_mut().enumerate() {
             let id = i as u32;
@@ -129,13 +261,14 @@ impl Constraint {
         Ok(())
     }
 
-    /// Follows a sampled token (end-of-generation tokens end the answer and are not fed).
+    /// Follows a sampled token (end-of-generation tokens end the answer and are not fed); the
+    /// thread starts on the next mask. A token the grammar rejects fails the next mask.
     pub fn commit(&mut self, token: u32) -> Result<()> {
         if self.eog.contains(&token) {
             return Ok(());
         }
-        self.matcher
-            .consume_token(token)
-            .map_err(|e| anyhow!("structured output: {}", first_line(&e.to_string())))
+        // A closed channel means the thread ended on an error, which the next mask reports.
+        let _ = self.tokens.send(token);
+        Ok(())
     }
 }

@@ -119,6 +119,11 @@ pub fn run(a: Options) -> Result<()> {
         .route("/api/show", post(ollama::show))
         .route("/api/ps", get(ollama::ps))
         .route("/api/version", get(ollama::version))
+        .route("/v1/embeddings", post(no_embeddings))
+        .route("/embedding", post(no_embeddings))
+        .route("/embeddings", post(no_embeddings))
+        .route("/api/embed", post(no_embeddings))
+        .route("/api/embeddings", post(no_embeddings))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(app.clone(), admit))
@@ -291,6 +296,20 @@ async fn not_found(req: Request) -> Response {
     error(
         StatusCode::NOT_FOUND,
         format!("no endpoint {} {}", req.method(), req.uri().path()),
+    )
+}
+
+/// Embedding routes of the three APIs: known, and answered with a 501 saying why, so that a
+/// client learns the server runs but does not embed (rather than a 404 that reads as a wrong
+/// address).
+async fn no_embeddings(req: Request) -> Response {
+    error(
+        StatusCode::NOT_IMPLEMENTED,
+        format!(
+            "{}: embeddings are not supported (ggrun serves generation: chat, completions, \
+             messages, responses)",
+            req.uri().path()
+        ),
     )
 }
 

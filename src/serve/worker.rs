@@ -17,7 +17,7 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
 use serde_json::Value;
@@ -29,6 +29,7 @@ use crate::chat::template::{ChatTemplate, Message, RenderOptions};
 use crate::engine::load::{self, ModelOptions};
 use crate::generate::{Decoder, GenParams, Piece, Reasoning, Sequence, StopReason};
 use crate::gguf::Model as Gguf;
+use crate::grammar::GrammarFailed;
 use crate::model::{Forward, State};
 use crate::sample::Settings;
 use crate::tokenizer::Tokenizer;
@@ -36,6 +37,9 @@ use crate::tokenizer::Tokenizer;
 /// Prompt tokens per chunk while other slots decode (each of their tokens waits for it); alone,
 /// a prompt goes in chunks of the batch size (`-b`).
 const SHARED_PREFILL_CHUNK: usize = 128;
+/// How long a step in which no slot ran waits for a slot's grammar mask before it looks for
+/// new jobs again.
+const MASK_WAIT: Duration = Duration::from_millis(5);
 
 /// What to generate from.
 #[derive(Clone)]
@@ -552,7 +556,15 @@ impl Scheduler<'_> {
         while i < self.active.len() {
             let a = &mut self.active[i];
             let mut end = a.stop.filter(|_| a.pending.is_empty());
-            if end.is_none() && a.stop.is_none() {
+            // A slot whose grammar mask is still being computed keeps its logits and sits
+            // out this step; the others go on (see crate::grammar). When no slot ran in this
+            // pass, waiting a little for the mask costs nobody anything.
+            let wait = if runs.is_empty() {
+                MASK_WAIT
+            } else {
+                Duration::ZERO
+            };
+            if end.is_none() && a.stop.is_none() && a.logits.is_some() && a.decoder.ready(wait) {
                 if let Some(logits) = a.logits.take() {
                     let seq = &self.slots[a.slot].seq;
                     match a.decoder.step(self.tok, &logits, seq, &SHUTDOWN) {
@@ -566,11 +578,13 @@ impl Scheduler<'_> {
                             end = a.stop.filter(|_| a.pending.is_empty());
                         }
                         Err(e) => {
-                            // The client went away, or the model computed NaN logits.
+                            // The client went away, its grammar failed, or the model computed
+                            // NaN logits.
                             let a = self.active.remove(i);
+                            let grammar = e.downcast_ref::<GrammarFailed>().is_some();
                             if !a.gone.get() {
                                 let _ = a.events.send(Event::Error {
-                                    status: 500,
+                                    status: if grammar { 400 } else { 500 },
                                     message: format!("{e:#}"),
                                 });
                             }
