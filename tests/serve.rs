@@ -728,6 +728,42 @@ fn the_api_surface_answers_in_each_apis_shape() {
         one["choices"][0]["message"]["content"].as_str().unwrap(),
         "{body}"
     );
+    // Streamed completions too: choice i of n=2 equals the whole completion with seed 5 + i.
+    let ask = |n: u64, seed: u64, stream: bool| {
+        json!({"prompt": "Colours:", "max_tokens": 6, "temperature": 1.0, "seed": seed,
+               "n": n, "stream": stream})
+    };
+    let mut texts = [String::new(), String::new()];
+    let mut finished = [false, false];
+    let (status, body) = http(
+        &s.addr,
+        "POST",
+        "/v1/completions",
+        &key,
+        &ask(2, 5, true).to_string(),
+    );
+    assert_eq!(status, 200, "{body}");
+    for data in body.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        if data == "[DONE]" {
+            continue;
+        }
+        let c: Value = serde_json::from_str(data).unwrap();
+        let i = c["choices"][0]["index"].as_u64().unwrap() as usize;
+        texts[i] += c["choices"][0]["text"].as_str().unwrap_or("");
+        finished[i] |= !c["choices"][0]["finish_reason"].is_null();
+    }
+    assert_eq!(finished, [true, true], "{body}");
+    for (i, text) in texts.iter().enumerate() {
+        let whole = ask(1, 5 + i as u64, false).to_string();
+        let (_, body) = http(&s.addr, "POST", "/v1/completions", &key, &whole);
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            text.as_str(),
+            v["choices"][0]["text"].as_str().unwrap(),
+            "{body}"
+        );
+    }
+    assert_ne!(texts[0], texts[1], "two seeds, one answer: {texts:?}");
     // /detokenize inverts /tokenize.
     let text = "Hello, world! Ünïcode too.";
     let (_, body) = http(

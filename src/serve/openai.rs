@@ -19,7 +19,7 @@ use super::params::{reject_unsupported, Sampling, OPENAI_IGNORED};
 use super::worker::{Done, Event, Prompt};
 use super::{
     bad, collect_choices, error, has_tools, id, messages, now, parse, read_checked, split_calls,
-    start, start_choices, think_for, tool_choice, tools, App, Ask, Collected,
+    start_choices, think_for, tool_choice, tools, App, Ask, Collected,
 };
 use crate::chat::template::{Message, RenderOptions};
 
@@ -316,28 +316,26 @@ pub async fn completions(State(app): State<Arc<App>>, body: Bytes) -> Response {
             Err(e) => e,
         };
     }
-    if ask.n > 1 {
-        return bad("n: more than one choice is not streamed (set stream to false)".into());
-    }
-    let rx = match start(&app, ask).await {
+    // Every choice streams, its chunks tagged with its index (as chat's).
+    let rx = match start_choices(&app, ask).await {
         Ok(r) => r,
         Err(e) => return e,
     };
-    let events = UnboundedReceiverStream::new(rx).filter_map(move |ev| {
+    let events = UnboundedReceiverStream::new(rx).filter_map(move |(i, ev)| {
         let v = match ev {
             Event::Started => return None,
             Event::Logprobs(e) => json!({
                 "id": cid, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": "", "finish_reason": null,
+                "choices": [{"index": i, "text": "", "finish_reason": null,
                              "logprobs": legacy_logprobs(&[e])}],
             }),
             Event::Piece { text, .. } => json!({
                 "id": cid, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": text, "finish_reason": null}],
+                "choices": [{"index": i, "text": text, "finish_reason": null}],
             }),
             Event::Done(d) => json!({
                 "id": cid, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": "", "finish_reason": d.finish_reason}],
+                "choices": [{"index": i, "text": "", "finish_reason": d.finish_reason}],
                 "usage": usage(&d),
             }),
             Event::Error { message, .. } => {
