@@ -8,7 +8,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 
 use crate::backend::cpu::Cpu;
 use crate::model::{Forward, State};
@@ -76,6 +76,14 @@ impl Markup {
     }
 
     /// What the decoder appends to end reasoning when the budget runs out.
+    /// The token that opens reasoning where the model writes it itself (Qwen3's `<think>`).
+    fn open_token(&self) -> Option<u32> {
+        match self {
+            Markup::Think { open, .. } => *open,
+            Markup::Harmony { .. } => None,
+        }
+    }
+
     fn close_text(&self) -> &'static str {
         match self {
             Markup::Think { .. } => CLOSE_THINKING,
@@ -327,6 +335,8 @@ pub struct Engine<'m> {
     pub cpu: Cpu,
     pub tok: Tokenizer,
     pub seq: Sequence,
+    /// Every answer follows this grammar (`--grammar`, `--json-schema`), compiled per reply.
+    grammar: Option<(crate::grammar::Grammars, crate::grammar::GrammarSpec)>,
 }
 
 impl<'m> Engine<'m> {
@@ -342,7 +352,17 @@ impl<'m> Engine<'m> {
             cpu,
             tok,
             seq,
+            grammar: None,
         })
+    }
+
+    /// Makes every answer follow `spec` (compiled here once, so that a grammar that cannot be
+    /// used fails before the model runs).
+    pub fn constrain(&mut self, spec: crate::grammar::GrammarSpec) -> Result<()> {
+        let g = crate::grammar::Grammars::for_vocab(&self.tok)?;
+        g.compile(&spec).map_err(|e| anyhow!("{e}"))?;
+        self.grammar = Some((g, spec));
+        Ok(())
     }
 
     pub fn n_ctx(&self) -> usize {
@@ -375,6 +395,9 @@ impl<'m> Engine<'m> {
         on_piece: &mut dyn FnMut(Piece) -> Result<()>,
     ) -> Result<Outcome> {
         let (mut dec, prompt) = Decoder::new(&self.tok, p, prompt, Box::new(on_piece))?;
+        if let Some((g, spec)) = &self.grammar {
+            dec.constrain(g.compile(spec).map_err(|e| anyhow!("{e}"))?);
+        }
         let t0 = Instant::now();
         let before = self.seq.consumed.len();
         let first = self
@@ -472,7 +495,18 @@ impl<'a> Decoder<'a> {
     /// Whether the next step can sample without waiting (the grammar's mask, when there is
     /// one, is computed; see [`crate::grammar`]). Waits up to `wait` for it.
     pub fn ready(&mut self, wait: std::time::Duration) -> bool {
+        self.hold_grammar();
         self.sampler.ready(wait)
+    }
+
+    /// A grammar shapes the answer: the reasoning before it is free, and the first token may
+    /// open reasoning (Qwen3 writes `<think>` itself) beside what the grammar allows.
+    fn hold_grammar(&mut self) {
+        let parse = matches!(self.p.reasoning, Reasoning::Parse { .. });
+        let open = (parse && !self.inside && self.generated == 0)
+            .then(|| self.markup.open_token())
+            .flatten();
+        self.sampler.hold_grammar(parse && self.inside, open);
     }
 
     /// Marks the end of the prompt (generation time counts from here).
@@ -511,12 +545,14 @@ impl<'a> Decoder<'a> {
                 seq.consumed.len()
             );
         }
+        let parse = matches!(p.reasoning, Reasoning::Parse { .. });
+        let think_budget = p.think_budget;
+        self.hold_grammar();
         let t = self.sampler.sample(logits, &seq.consumed)?;
         if tok.is_eog(t) {
             return stop(StopReason::Eog);
         }
         self.generated += 1;
-        let parse = matches!(p.reasoning, Reasoning::Parse { .. });
         let mut batch = vec![t];
         if self.inside {
             self.thinking += 1;
@@ -524,7 +560,7 @@ impl<'a> Decoder<'a> {
         let budget_spent = parse
             && self.inside
             && !self.markup.closes(t)
-            && p.think_budget.is_some_and(|b| self.thinking >= b);
+            && think_budget.is_some_and(|b| self.thinking >= b);
         if budget_spent {
             batch.extend(tok.encode_continuation(self.markup.close_text(), true));
         }

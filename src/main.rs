@@ -2,23 +2,29 @@
 //! exit status 1. A closed stdout (`ggrun ... | head -1`) ends the program quietly (status 0);
 //! Ctrl-C ends it with status 130.
 
-use clap::Parser;
-
 /// mimalloc keeps freed pages for reuse: the forward pass's large temporaries (tens of MB in
 /// prefill) would otherwise be fresh mmap'd, page-faulted and zeroed memory on every call.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use ggrun::cli::{run, Cli};
+use ggrun::cli::{run, Exit};
 
 fn main() {
-    // llama.cpp spells its layer flag `-ngl`, which no clap short flag can be: accept it.
-    let cli = Cli::parse_from(std::env::args_os().map(|a| {
-        if a == "-ngl" {
-            "--n-gpu-layers".into()
-        } else {
-            a
+    let cli = match ggrun::cli::parse(std::env::args_os()) {
+        Ok(c) => c,
+        Err(Exit::Print(text)) => {
+            print!("{text}");
+            return;
         }
-    }));
+        Err(Exit::Usage(line)) => {
+            let mut lines = line.lines();
+            eprintln!("error: {}", lines.next().unwrap_or_default());
+            // A missing command also shows the help.
+            for l in lines {
+                eprintln!("{l}");
+            }
+            std::process::exit(1);
+        }
+    };
     if let Some(w) = &ggrun_quants::isa::selection().warning {
         eprintln!("warning: {w}");
     }

@@ -126,6 +126,10 @@ pub struct Sampler {
     rng: Rng,
     /// The grammar the tokens must follow: it masks the logits before anything else.
     constraint: Option<Constraint>,
+    /// The grammar waits (the model is thinking: the grammar is the answer's).
+    hold: bool,
+    /// A token allowed beside the grammar's (the one that opens reasoning), not followed by it.
+    beside: Option<u32>,
 }
 
 impl Sampler {
@@ -135,7 +139,17 @@ impl Sampler {
             cfg,
             rng,
             constraint: None,
+            hold: false,
+            beside: None,
         }
+    }
+
+    /// While `hold`, tokens are sampled free and the grammar does not follow them (it
+    /// constrains the answer, not the reasoning before it); `beside` is allowed next beside
+    /// what the grammar allows (the token that opens reasoning), and not followed either.
+    pub fn hold_grammar(&mut self, hold: bool, beside: Option<u32>) {
+        self.hold = hold;
+        self.beside = beside;
     }
 
     /// Makes every sampled token follow `c`.
@@ -147,6 +161,7 @@ impl Sampler {
     /// to `wait` for it.
     pub fn ready(&mut self, wait: std::time::Duration) -> bool {
         match &mut self.constraint {
+            _ if self.hold => true,
             Some(c) if wait.is_zero() => c.ready(),
             Some(c) => c.wait(wait),
             None => true,
@@ -157,14 +172,23 @@ impl Sampler {
     /// grammar's mask first, then the chain.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> Result<u32> {
         let mut l = logits.to_vec();
-        if let Some(g) = &mut self.constraint {
-            g.mask(&mut l)?;
+        let grammar = self.constraint.as_mut().filter(|_| !self.hold);
+        match grammar {
+            Some(g) => {
+                let beside = self.beside.filter(|&b| (b as usize) < l.len());
+                let kept = beside.map(|b| l[b as usize]);
+                g.mask(&mut l)?;
+                if let (Some(b), Some(v)) = (beside, kept) {
+                    l[b as usize] = v;
+                }
+                let t = self.pick(l, history);
+                if Some(t) != beside {
+                    self.constraint.as_mut().map_or(Ok(()), |g| g.commit(t))?;
+                }
+                Ok(t)
+            }
+            None => Ok(self.pick(l, history)),
         }
-        let t = self.pick(l, history);
-        if let Some(g) = &mut self.constraint {
-            g.commit(t)?;
-        }
-        Ok(t)
     }
 
     fn pick(&mut self, mut l: Vec<f32>, history: &[u32]) -> u32 {

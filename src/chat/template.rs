@@ -6,9 +6,7 @@
 //! arguments (`ensure_ascii`, `indent`, `separators`, `sort_keys`).
 //! Renders spend at most [`Limits`]: instructions, output and (in a child process) memory.
 
-use std::path::Path;
-
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 use minijinja::value::Kwargs;
 use minijinja::{Environment, Error, ErrorKind, Value};
 
@@ -21,6 +19,77 @@ pub const CHATML: &str = "{%- for message in messages -%}\
 {{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}\
 {%- endfor -%}\
 {%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}";
+
+/// Llama 3's header format.
+const LLAMA3: &str = "{{- bos_token -}}{%- for message in messages -%}\
+{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' -}}\
+{%- endfor -%}\
+{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}{%- endif -%}";
+
+/// Gemma's turns (a system message joins the first user turn; the assistant is `model`).
+const GEMMA: &str = "{{- bos_token -}}{%- set ns = namespace(system='') -%}\
+{%- for message in messages -%}\
+{%- if message['role'] == 'system' -%}{%- set ns.system = message['content'] + '\n\n' -%}\
+{%- else -%}\
+{{- '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\n' + ns.system + message['content'] | trim + '<end_of_turn>\n' -}}\
+{%- set ns.system = '' -%}\
+{%- endif -%}\
+{%- endfor -%}\
+{%- if add_generation_prompt -%}{{- '<start_of_turn>model\n' -}}{%- endif -%}";
+
+/// Phi-3's tags.
+const PHI3: &str = "{%- for message in messages -%}\
+{{- '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' -}}\
+{%- endfor -%}\
+{%- if add_generation_prompt -%}{{- '<|assistant|>\n' -}}{%- endif -%}";
+
+/// The templates `--chat-template NAME` names (llama.cpp's names for the same formats).
+pub const BUILTIN: [(&str, &str); 4] = [
+    ("chatml", CHATML),
+    ("llama3", LLAMA3),
+    ("gemma", GEMMA),
+    ("phi3", PHI3),
+];
+
+/// Where a template comes from when it is not the model's.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TemplateSource {
+    File(std::path::PathBuf),
+    /// Template text (a built-in one, or one given on the command line); `origin` names it.
+    Text {
+        text: String,
+        origin: String,
+    },
+}
+
+impl TemplateSource {
+    /// llama.cpp's `--chat-template` value: a built-in template's name or the template itself
+    /// (and, as ggrun took before, a file that exists).
+    pub fn from_flag(value: &str) -> Result<TemplateSource> {
+        if let Some((name, text)) = BUILTIN.iter().find(|(n, _)| *n == value) {
+            return Ok(TemplateSource::Text {
+                text: text.to_string(),
+                origin: format!("the built-in {name} template"),
+            });
+        }
+        if value.contains("{{") || value.contains("{%") {
+            return Ok(TemplateSource::Text {
+                text: value.to_string(),
+                origin: "the --chat-template text".into(),
+            });
+        }
+        let p = std::path::Path::new(value);
+        if p.is_file() {
+            return Ok(TemplateSource::File(p.to_path_buf()));
+        }
+        let names: Vec<&str> = BUILTIN.iter().map(|(n, _)| *n).collect();
+        bail!(
+            "--chat-template {value}: not a template name ({}) nor Jinja text; a file is \
+             --chat-template-file FILE",
+            names.join(", ")
+        )
+    }
+}
 
 /// What a render needs besides the messages.
 #[derive(Clone, Debug, Default)]
@@ -43,12 +112,16 @@ pub struct ChatTemplate {
     pub shield: Option<Shield>,
     source: String,
     limits: Limits,
+    /// The model has no template and none was given: this is ChatML, invented.
+    pub fallback: bool,
 }
 
 /// Which template a run uses and how: a file instead of the model's, whether message text
 /// may hold special tokens, and the render limits.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TemplateOptions {
+    /// `--chat-template` (a name, template text, or a file) and `--chat-template-file`.
+    pub chat_template: Option<String>,
     pub file: Option<std::path::PathBuf>,
     /// Read special-token text in messages as control tokens (no [`Shield`]).
     pub parse_message_specials: bool,
@@ -58,7 +131,12 @@ pub struct TemplateOptions {
 impl TemplateOptions {
     /// The template these options ask for (the file, else the model's, else ChatML).
     pub fn load(&self, md: &Metadata, tok: &Tokenizer) -> Result<ChatTemplate> {
-        let mut t = ChatTemplate::for_model(md, tok, self.file.as_deref())?;
+        let source = match (&self.file, &self.chat_template) {
+            (Some(f), _) => Some(TemplateSource::File(f.clone())),
+            (None, Some(v)) => Some(TemplateSource::from_flag(v)?),
+            (None, None) => None,
+        };
+        let mut t = ChatTemplate::for_model(md, tok, source.as_ref())?;
         if self.parse_message_specials {
             t.shield = None;
         }
@@ -102,20 +180,26 @@ impl ChatTemplate {
         &self.source
     }
 
-    /// The template of `override_file` if given, else the model's, else ChatML.
+    /// The template of `over` if given, else the model's, else ChatML (marked as the
+    /// [`ChatTemplate::fallback`]).
     pub fn for_model(
         md: &Metadata,
         tok: &Tokenizer,
-        override_file: Option<&Path>,
+        over: Option<&TemplateSource>,
     ) -> Result<ChatTemplate> {
-        let (source, origin) = match override_file {
-            Some(p) => (
+        let mut fallback = false;
+        let (source, origin) = match over {
+            Some(TemplateSource::File(p)) => (
                 std::fs::read_to_string(p).map_err(|e| anyhow!("{}: {e}", p.display()))?,
                 p.display().to_string(),
             ),
+            Some(TemplateSource::Text { text, origin }) => (text.clone(), origin.clone()),
             None => match md.get_str("tokenizer.chat_template") {
                 Ok(s) => (s.to_string(), "the model's chat template".to_string()),
-                Err(_) => (CHATML.to_string(), "the ChatML fallback".to_string()),
+                Err(_) => {
+                    fallback = true;
+                    (CHATML.to_string(), "the ChatML fallback".to_string())
+                }
             },
         };
         let text = |id: Option<u32>| {
@@ -124,6 +208,7 @@ impl ChatTemplate {
         };
         let mut t = ChatTemplate::new(&source, &origin, &text(tok.bos), &text(tok.eos))?;
         t.shield = Some(tok.shield()?);
+        t.fallback = fallback;
         Ok(t)
     }
 
@@ -138,6 +223,7 @@ impl ChatTemplate {
             shield: None,
             source: source.to_string(),
             limits,
+            fallback: false,
         })
     }
 

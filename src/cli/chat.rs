@@ -24,11 +24,10 @@ use crate::engine::load::{self, GENERATING, INTERRUPTED};
 use crate::generate::{Engine, GenParams, Outcome, Piece, Reasoning, StopReason};
 
 #[derive(Args, Debug)]
+#[command(next_help_heading = "Conversation")]
 pub struct ChatArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
     /// System prompt.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub system: Option<String>,
     /// Most tokens per reply (default: until the model stops or the context is full).
     #[arg(short = 'n', long = "n-predict")]
@@ -36,6 +35,8 @@ pub struct ChatArgs {
     /// In line mode (stdin or stdout not a terminal), print reasoning to stderr.
     #[arg(long = "show-think")]
     pub show_think: bool,
+    #[command(flatten)]
+    pub model: ModelArgs,
     #[command(flatten)]
     pub think: ThinkArgs,
     #[command(flatten)]
@@ -59,6 +60,10 @@ pub fn run(a: ChatArgs, out: &mut dyn Write) -> Result<()> {
     let l = load::load(&g, dev.as_ref(), &opts)?;
     let mut engine = Engine::new(l.model.as_ref(), l.cpu, l.tok, l.n_ctx)?;
     engine.seq.batch = l.batch;
+    a.sampling.check_bias(engine.tok.n_vocab())?;
+    if let Some(spec) = a.sampling.grammar()? {
+        engine.constrain(spec)?;
+    }
     let template = opts.template.load(g.metadata(), &engine.tok)?;
     let mut session = Session::new(engine, template);
     session.system = a.system.clone();

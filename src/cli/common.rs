@@ -12,6 +12,7 @@ use crate::backend::placement::PlacementArgs;
 use crate::chat::template::{ChatTemplate, Limits, TemplateOptions};
 use crate::engine::load::{ModelOptions, GENERATING, INTERRUPTED};
 use crate::gguf::Metadata;
+use crate::grammar::GrammarSpec;
 use crate::sample::{SamplerConfig, Settings};
 use crate::tokenizer::Tokenizer;
 
@@ -28,29 +29,39 @@ pub fn install_ctrl_c() {
 }
 
 #[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Model, context and threads")]
 pub struct ModelArgs {
-    /// The .gguf model file.
-    #[arg(short = 'm', long = "model")]
+    /// The model: a .gguf file (any part of a split one).
+    #[arg(short = 'm', long = "model", value_name = "FILE")]
     pub model: PathBuf,
-    /// Context size in tokens (default: the model's, at most 4096).
-    #[arg(short = 'c', long = "ctx-size", default_value_t = 0)]
+    /// Context size in tokens [default: the model's, at most 4096; 0 too].
+    #[arg(
+        short = 'c',
+        long = "ctx-size",
+        default_value_t = 0,
+        hide_default_value = true
+    )]
     pub ctx_size: usize,
-    /// Threads (default: physical cores).
-    #[arg(short = 't', long, default_value_t = 0)]
+    /// Threads [default: the physical cores].
+    #[arg(short = 't', long, default_value_t = 0, hide_default_value = true)]
     pub threads: usize,
-    /// Prompt tokens per forward pass (default 512).
-    #[arg(short = 'b', long = "batch-size", default_value_t = 0)]
+    /// Prompt tokens per forward pass [default: 512].
+    #[arg(
+        short = 'b',
+        long = "batch-size",
+        default_value_t = 0,
+        hide_default_value = true
+    )]
     pub batch_size: usize,
+    /// llama.cpp's physical batch (`-ub`): the same as -b here, and it wins over -b.
+    #[arg(long = "ubatch-size", value_name = "N", hide = true)]
+    pub ubatch_size: Option<usize>,
     /// Ignore the settings `ggrun tune` saved for this model.
     #[arg(long = "no-profile")]
     pub no_profile: bool,
     /// Exact mode: f32 weights, activations and KV cache (also GGRUN_EXACT=1).
     #[arg(long)]
     pub exact: bool,
-    #[command(flatten)]
-    pub template: TemplateFlags,
-    #[command(flatten)]
-    pub pass: PassFlags,
     /// No progress bar, no timings on stderr.
     #[arg(short = 'q', long)]
     pub quiet: bool,
@@ -58,6 +69,10 @@ pub struct ModelArgs {
     /// less memory, slower on CPUs that have those kernels).
     #[arg(long)]
     pub no_repack: bool,
+    #[command(flatten)]
+    pub template: TemplateFlags,
+    #[command(flatten)]
+    pub pass: PassFlags,
     #[command(flatten)]
     pub place: PlacementFlags,
 }
@@ -86,10 +101,19 @@ impl PassFlags {
 
 /// Which chat template, how messages reach it, and what a render may spend.
 #[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Chat template")]
 pub struct TemplateFlags {
-    /// A Jinja chat template file to use instead of the model's.
-    #[arg(long = "chat-template", value_name = "FILE")]
-    pub chat_template: Option<PathBuf>,
+    /// The chat template instead of the model's: a name (chatml, llama3, gemma, phi3) or the
+    /// Jinja text itself.
+    #[arg(long = "chat-template", value_name = "NAME|TEMPLATE")]
+    pub chat_template: Option<String>,
+    /// The chat template in a Jinja FILE instead of the model's.
+    #[arg(
+        long = "chat-template-file",
+        value_name = "FILE",
+        conflicts_with = "chat_template"
+    )]
+    pub chat_template_file: Option<PathBuf>,
     /// Read special-token text typed in messages (e.g. `<|im_end|>`) as control tokens, as
     /// llama.cpp and Ollama do (default: it reaches the model as the text it is, so that no
     /// message can forge a turn).
@@ -111,7 +135,8 @@ impl TemplateFlags {
     /// The options: a commands' templates render in a child process under these limits.
     pub fn options(&self) -> TemplateOptions {
         TemplateOptions {
-            file: self.chat_template.clone(),
+            chat_template: self.chat_template.clone(),
+            file: self.chat_template_file.clone(),
             parse_message_specials: self.parse_message_specials,
             limits: Limits {
                 fuel: self.fuel,
@@ -135,7 +160,7 @@ impl ModelArgs {
             model: self.model.clone(),
             ctx_size: self.ctx_size,
             threads: self.threads,
-            batch_size: self.batch_size,
+            batch_size: self.ubatch_size.unwrap_or(self.batch_size),
             no_profile: self.no_profile,
             exact: self.exact,
             quiet: self.quiet,
@@ -149,13 +174,20 @@ impl ModelArgs {
 
 /// Where weights go when a CUDA GPU is present (llama.cpp's flags, and a VRAM budget).
 #[derive(Args, Debug, Clone, Default)]
+#[command(next_help_heading = "GPU placement")]
 pub struct PlacementFlags {
     /// Layers on the GPU (`-ngl N` works too), counted from the last; more than the model has
     /// puts the output head there too (default: none, or all with --gpu-mem).
     #[arg(long = "n-gpu-layers")]
     pub n_gpu_layers: Option<usize>,
-    /// Keep the routed experts of the first N layers in RAM.
-    #[arg(long = "n-cpu-moe", default_value_t = 0)]
+    /// Keep the routed experts of the first N layers in RAM [default: none] (`-ncmoe N`;
+    /// `-cmoe` keeps them all there).
+    #[arg(
+        long = "n-cpu-moe",
+        value_name = "N",
+        default_value_t = 0,
+        hide_default_value = true
+    )]
     pub n_cpu_moe: usize,
     /// VRAM budget (e.g. 24GiB): non-expert weights and buffers first, then as many whole expert
     /// layers as fit.
@@ -192,11 +224,26 @@ impl PlacementFlags {
     }
 }
 
+/// llama.cpp's `--logit-bias` value: `15043+1`, `15043-0.5`, `15043-inf`.
+fn parse_bias(s: &str) -> Result<(u32, f32), String> {
+    let at = s
+        .find(['+', '-'])
+        .ok_or_else(|| format!("{s}: expected ID+BIAS or ID-BIAS (e.g. 15043+1)"))?;
+    let id = s[..at]
+        .parse::<u32>()
+        .map_err(|_| format!("{s}: {:?} is not a token id", &s[..at]))?;
+    let bias = s[at..]
+        .parse::<f32>()
+        .map_err(|_| format!("{s}: {:?} is not a bias", &s[at..]))?;
+    Ok((id, bias))
+}
+
 fn parse_size(s: &str) -> Result<u64, String> {
     crate::backend::placement::parse_size(s).map_err(|e| e.to_string())
 }
 
 #[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Sampling and structured output")]
 pub struct SamplingArgs {
     /// Temperature; 0 is greedy (default: the model's recommendation, else 0.8).
     #[arg(long = "temp")]
@@ -225,9 +272,35 @@ pub struct SamplingArgs {
     /// Random seed: the same seed and inputs give the same output (default: random).
     #[arg(short = 's', long)]
     pub seed: Option<u64>,
-    /// Stop before this text (repeatable).
-    #[arg(long = "stop", value_name = "TEXT")]
+    /// Stop before this text (repeatable; `-r`/`--reverse-prompt` work too).
+    #[arg(
+        long = "stop",
+        visible_alias = "reverse-prompt",
+        short = 'r',
+        value_name = "TEXT"
+    )]
     pub stop: Vec<String>,
+    /// Add BIAS to token ID's logit, as `ID+BIAS` or `ID-BIAS` (`ID-inf` bans it; repeatable).
+    #[arg(short = 'l', long = "logit-bias", value_name = "ID(+|-)BIAS", value_parser = parse_bias)]
+    pub logit_bias: Vec<(u32, f32)>,
+    /// The answer follows this grammar: llama.cpp's GBNF, or llguidance's Lark after a
+    /// `%llguidance {}` line (the reasoning of thinking models stays free).
+    #[arg(long, value_name = "GRAMMAR", group = "structured")]
+    pub grammar: Option<String>,
+    /// The answer follows the grammar in FILE.
+    #[arg(long = "grammar-file", value_name = "FILE", group = "structured")]
+    pub grammar_file: Option<PathBuf>,
+    /// The answer is JSON valid against this JSON schema (`{}`: any JSON).
+    #[arg(
+        short = 'j',
+        long = "json-schema",
+        value_name = "SCHEMA",
+        group = "structured"
+    )]
+    pub json_schema: Option<String>,
+    /// The answer is JSON valid against the schema in FILE (`-jf` works too).
+    #[arg(long = "json-schema-file", value_name = "FILE", group = "structured")]
+    pub json_schema_file: Option<PathBuf>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -237,6 +310,7 @@ pub enum OnOff {
 }
 
 #[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Reasoning")]
 pub struct ThinkArgs {
     /// Reasoning on or off (default: the model's own).
     #[arg(long = "think", value_enum)]
@@ -266,9 +340,56 @@ impl SamplingArgs {
             repeat_last_n: self.repeat_last_n,
             seed: self.seed,
             stop: self.stop.clone(),
-            logit_bias: Vec::new(),
+            logit_bias: self.logit_bias.clone(),
             grammar: None,
             logprobs: None,
+        }
+    }
+
+    /// The grammar the answer must follow (`--grammar`, `--json-schema` and their files), if
+    /// any.
+    pub fn grammar(&self) -> Result<Option<GrammarSpec>> {
+        let read = |p: &PathBuf| {
+            std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
+        };
+        let schema = |text: &str, what: &str| -> Result<GrammarSpec> {
+            let v: serde_json::Value = serde_json::from_str(text)
+                .map_err(|e| anyhow::anyhow!("{what}: not JSON ({e})"))?;
+            // llama.cpp's `-j {}` means any JSON value.
+            let v = match v.as_object() {
+                Some(o) if o.is_empty() => {
+                    serde_json::json!({"type": ["object", "array", "string", "number", "boolean", "null"]})
+                }
+                _ => v,
+            };
+            Ok(GrammarSpec::JsonSchema(v))
+        };
+        let text = |g: &str, what: &str| {
+            GrammarSpec::from_grammar_text(g).map_err(|e| anyhow::anyhow!("{what}: {e:#}"))
+        };
+        Ok(
+            match (
+                &self.grammar,
+                &self.grammar_file,
+                &self.json_schema,
+                &self.json_schema_file,
+            ) {
+                (Some(g), ..) => Some(text(g, "--grammar")?),
+                (_, Some(f), ..) => Some(text(&read(f)?, &f.display().to_string())?),
+                (_, _, Some(j), _) => Some(schema(j, "--json-schema")?),
+                (_, _, _, Some(f)) => Some(schema(&read(f)?, &f.display().to_string())?),
+                _ => None,
+            },
+        )
+    }
+
+    /// Errors when a `--logit-bias` names a token the vocabulary does not have.
+    pub fn check_bias(&self, n_vocab: usize) -> Result<()> {
+        match self.logit_bias.iter().find(|b| b.0 as usize >= n_vocab) {
+            Some((t, _)) => {
+                anyhow::bail!("--logit-bias: {t} is not a token id (0 to {})", n_vocab - 1)
+            }
+            None => Ok(()),
         }
     }
 

@@ -5,6 +5,7 @@ mod chat;
 pub mod common;
 mod run;
 mod serve;
+mod spelling;
 mod tune;
 
 use std::io::Write;
@@ -216,6 +217,49 @@ pub enum Command {
         #[command(flatten)]
         pass: common::PassFlags,
     },
+}
+
+/// Why the command line did not give a command: help or the version to print (exit 0), or a
+/// usage error (one line, exit 1).
+pub enum Exit {
+    Print(String),
+    Usage(String),
+}
+
+/// Reads the command line (`args`, the program name first) in llama.cpp's spellings as well
+/// as ours ([`spelling`]).
+pub fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Cli, Exit> {
+    let args = spelling::rewrite(args).map_err(Exit::Usage)?;
+    Cli::try_parse_from(args).map_err(|e| {
+        use clap::error::ErrorKind;
+        match e.kind() {
+            ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => Exit::Print(e.to_string()),
+            ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                Exit::Usage(format!("a command is needed\n{e}"))
+            }
+            _ => Exit::Usage(one_line(&e.render().to_string())),
+        }
+    })
+}
+
+/// clap's error as one line: the message, its tip, and where to read more.
+fn one_line(text: &str) -> String {
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines.next().unwrap_or("bad command line");
+    let mut line = first.trim_start_matches("error: ").to_string();
+    for l in lines {
+        if let Some(tip) = l.strip_prefix("tip: ") {
+            line += &format!("; {tip}");
+        } else if let Some(usage) = l.strip_prefix("Usage: ") {
+            let cmd: Vec<&str> = usage
+                .split_whitespace()
+                .take_while(|w| !w.starts_with(['-', '<', '[']))
+                .collect();
+            line += &format!(" (see `{} --help`)", cmd.join(" "));
+            break;
+        }
+    }
+    line
 }
 
 /// Runs a parsed command, writing results to `out`.

@@ -16,11 +16,10 @@ use crate::engine::load::{self, GENERATING, INTERRUPTED};
 use crate::generate::{Engine, GenParams, Piece, Reasoning, StopReason};
 
 #[derive(Args, Debug)]
+#[command(next_help_heading = "Prompt and output")]
 pub struct RunArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
     /// The prompt (default: read stdin).
-    #[arg(short = 'p', long, conflicts_with = "file")]
+    #[arg(short = 'p', long, conflicts_with = "file", allow_hyphen_values = true)]
     pub prompt: Option<String>,
     /// Read the prompt from a file.
     #[arg(short = 'f', long)]
@@ -32,7 +31,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub raw: bool,
     /// System prompt.
-    #[arg(long, conflicts_with = "raw")]
+    #[arg(long, conflicts_with = "raw", allow_hyphen_values = true)]
     pub system: Option<String>,
     /// Print one JSON object: text, reasoning, stop reason, token counts, timings.
     #[arg(long)]
@@ -40,6 +39,8 @@ pub struct RunArgs {
     /// Print the reasoning to stderr as it streams.
     #[arg(long = "show-think")]
     pub show_think: bool,
+    #[command(flatten)]
+    pub model: ModelArgs,
     #[command(flatten)]
     pub think: ThinkArgs,
     #[command(flatten)]
@@ -95,6 +96,10 @@ pub fn run(a: RunArgs, out: &mut dyn Write) -> Result<()> {
     };
     let mut engine = Engine::new(l.model.as_ref(), l.cpu, l.tok, n_ctx)?;
     engine.seq.batch = l.batch;
+    a.sampling.check_bias(engine.tok.n_vocab())?;
+    if let Some(spec) = a.sampling.grammar()? {
+        engine.constrain(spec)?;
+    }
     if a.think.think.is_some() && !engine.can_think() && !a.model.quiet {
         eprintln!("warning: this model's vocabulary has no <think> tokens; --think has no effect");
     }

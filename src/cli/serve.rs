@@ -5,9 +5,8 @@ use clap::Args;
 use super::common::ModelArgs;
 
 #[derive(Args, Debug)]
+#[command(next_help_heading = "Server")]
 pub struct ServeArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
     /// Address to listen on (127.0.0.1: this machine only).
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
@@ -47,6 +46,8 @@ pub struct ServeArgs {
     /// Seconds a connection may stay open with no request in flight.
     #[arg(long = "idle-timeout", value_name = "SECS", default_value_t = 60)]
     pub idle_timeout: u64,
+    #[command(flatten)]
+    pub model: ModelArgs,
 }
 
 impl ServeArgs {

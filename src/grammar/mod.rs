@@ -46,6 +46,18 @@ pub const MAX_SCHEMA_BYTES: usize = 1 << 20;
 /// The stack of a constraint's thread (address space, touched only as deep as it recurses).
 const STACK_BYTES: usize = 256 << 20;
 
+impl GrammarSpec {
+    /// A grammar as llama.cpp takes one (`grammar` field, `--grammar`): llguidance's Lark after
+    /// a `%llguidance` line, else llama.cpp's GBNF (translated).
+    pub fn from_grammar_text(g: &str) -> Result<GrammarSpec> {
+        if g.trim_start().starts_with("%llguidance") {
+            Ok(GrammarSpec::Lark(g.to_string()))
+        } else {
+            Ok(GrammarSpec::Lark(gbnf::to_lark(g)?))
+        }
+    }
+}
+
 /// The model's vocabulary as llguidance sees it, ready to compile grammars against.
 pub struct Grammars {
     factory: Arc<ParserFactory>,
@@ -236,16 +248,19 @@ impl Constraint {
 
     /// Sets the logits of tokens the grammar does not allow next to −∞ (where the grammar may
     /// end, the end-of-generation tokens stay allowed; once it is complete, only they are).
-    /// Waits for the mask if it is not computed yet.
+    /// Waits for the mask if it is not computed yet; the mask holds until [`Constraint::commit`].
     pub fn mask(&mut self, logits: &mut [f32]) -> Result<()> {
-        let next = match self.next.take() {
-            Some(m) => m,
-            None => self
-                .masks
-                .recv()
-                .unwrap_or_else(|_| Err("the grammar stopped".to_string())),
+        if self.next.is_none() {
+            let m = self.masks.recv();
+            self.next = Some(m.unwrap_or_else(|_| Err("the grammar stopped".to_string())));
+        }
+        // The mask stays until a token is committed (a token sampled beside the grammar, which
+        // opens reasoning, leaves the grammar where it was).
+        let mask = match &self.next {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => return Err(GrammarFailed(e.clone()).into()),
+            None => unreachable!("set above"),
         };
-        let mask = next.map_err(GrammarFailed)?;
         let end = mask.is_allowed(self.eos);
         for (i, l) in logits.iter_mut().enumerate() {
             let id = i as u32;
@@ -268,6 +283,7 @@ impl Constraint {
             return Ok(());
         }
         // A closed channel means the thread ended on an error, which the next mask reports.
+        self.next = None;
         let _ = self.tokens.send(token);
         Ok(())
     }

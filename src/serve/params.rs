@@ -164,13 +164,7 @@ fn grammar_of(
         specs.push(GrammarSpec::JsonSchema(s));
     }
     if let Some(g) = grammar.filter(|g| !g.trim().is_empty()) {
-        // llguidance's Lark after %llguidance (as llama.cpp reads it), else llama.cpp's GBNF.
-        if g.trim_start().starts_with("%llguidance") {
-            specs.push(GrammarSpec::Lark(g));
-        } else {
-            let lark = crate::grammar::gbnf::to_lark(&g).map_err(|e| format!("grammar: {e}"))?;
-            specs.push(GrammarSpec::Lark(lark));
-        }
+        specs.push(GrammarSpec::from_grammar_text(&g).map_err(|e| format!("grammar: {e}"))?);
     }
     if specs.len() > 1 {
         return Err("give one of response_format, json_schema and grammar".into());

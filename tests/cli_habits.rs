@@ -1,0 +1,234 @@
+//! The command line as people coming from llama.cpp and Ollama type it: llama.cpp's flag
+//! spellings, models by name, grammars, and the errors for what has no meaning here.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use serde_json::Value;
+
+/// A tiny qwen3 model (ChatML with Qwen3's thinking switch, `<think>` in the vocabulary).
+fn qwen3(dir: &Path) -> PathBuf {
+    let p = dir.join("q3.gguf");
+    let out = common::ggrun()
+        .args(["gen-model", "--preset", "qwen3", "--out"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    p
+}
+
+fn ggrun(args: &[&str]) -> Output {
+    common::ggrun().args(args).output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn a_grammar_shapes_the_answer_and_leaves_the_reasoning_free() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = qwen3(dir.path());
+    let m = m.to_str().unwrap();
+    let think = common::stdout_of(common::ggrun().args(["tokenize", "-m", m, "<think>"]));
+    let think: Vec<u32> = serde_json::from_str(&think).unwrap();
+    // The bias makes the model open a thinking block (Qwen3 writes `<think>` itself), whose
+    // three tokens the budget allows are free; the answer then follows the grammar.
+    let bias = format!("{}+100", think[0]);
+    for grammar in [
+        vec!["--grammar", r#"root ::= "yes" | "no""#],
+        vec!["-j", r#"{"enum": ["yes", "no"]}"#],
+    ] {
+        let mut args = vec![
+            "run",
+            "-m",
+            m,
+            "-p",
+            "hi",
+            "--think",
+            "on",
+            "--think-budget",
+            "3",
+        ];
+        args.extend(["--temp", "0", "--json", "-q", "-l", &bias]);
+        args.extend(&grammar);
+        let o = ggrun(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["tokens"]["reasoning"], 3, "{v}");
+        let text = v["text"].as_str().unwrap();
+        assert!(["yes", "no", "\"yes\"", "\"no\""].contains(&text), "{v}");
+    }
+    // Without thinking the grammar holds from the first token.
+    let o = ggrun(&[
+        "run",
+        "-m",
+        m,
+        "-p",
+        "hi",
+        "--think",
+        "off",
+        "--temp",
+        "0",
+        "--json",
+        "-q",
+        "--grammar",
+        r#"root ::= [a-c]{3}"#,
+    ]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let text = v["text"].as_str().unwrap();
+    assert!(
+        text.len() == 3 && text.chars().all(|c| ('a'..='c').contains(&c)),
+        "{v}"
+    );
+    // What cannot be used: one line, exit 1.
+    for bad in [
+        vec!["--grammar", "root ::= (\"x\""],
+        vec!["-j", "{not json"],
+        vec!["-l", "99999999+1"],
+        vec!["-l", "12x"],
+    ] {
+        let mut args = vec!["run", "-m", m, "-p", "hi", "-q"];
+        args.extend(&bad);
+        let o = ggrun(&args);
+        assert_eq!(o.status.code(), Some(1), "{bad:?}: {}", stderr(&o));
+        assert_eq!(
+            stderr(&o).trim_end().lines().count(),
+            1,
+            "{bad:?}: {}",
+            stderr(&o)
+        );
+    }
+}
+
+/// A usage mistake: exit 1 and one line on stderr that contains `needle`.
+fn one_line_error(args: &[&str], needle: &str) {
+    let o = ggrun(args);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+    assert!(
+        err.starts_with("error: ") && err.contains(needle),
+        "{args:?}: {err}"
+    );
+}
+
+#[test]
+fn llama_cpp_flags_are_read_under_their_spellings() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = qwen3(dir.path());
+    let m = m.to_str().unwrap();
+    // Its sentinels and no-ops, short and long.
+    let o = ggrun(&[
+        "run",
+        "-m",
+        m,
+        "-p",
+        "hi",
+        "-n",
+        "-1",
+        "--seed",
+        "-1",
+        "-s",
+        "-1",
+        "-t",
+        "-1",
+        "--jinja",
+        "-fa",
+        "-ctk",
+        "f16",
+        "--cache-type-v=f16",
+        "-sys",
+        "Be brief.",
+        "-c",
+        "128",
+        "-ub",
+        "32",
+        "--no-mmap",
+        "--flash-attn",
+        "auto",
+        "--think",
+        "off",
+        "-q",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["tokens"]["generated"].as_u64().unwrap() > 0, "{v}");
+    // -n -1 and the context: generation runs until the model stops or the context is full.
+    assert!(
+        ["eos", "context"].contains(&v["stop_reason"].as_str().unwrap()),
+        "{v}"
+    );
+    // -sys is the system prompt: the prompt grew by it.
+    let plain = ggrun(&[
+        "run", "-m", m, "-p", "hi", "-n", "1", "--think", "off", "-q", "--json",
+    ]);
+    let plain: Value = serde_json::from_slice(&plain.stdout).unwrap();
+    assert!(
+        v["tokens"]["prompt"].as_u64() > plain["tokens"]["prompt"].as_u64(),
+        "{v} {plain}"
+    );
+    // Flags with no meaning here, and misspellings: one line naming them, exit 1.
+    one_line_error(&["run", "-m", m, "-p", "x", "-ctk", "q8_0"], "-ctk q8_0");
+    one_line_error(
+        &["run", "-m", m, "-p", "x", "-md", "d.gguf"],
+        "-md: speculative decoding",
+    );
+    one_line_error(&["run", "-m", m, "-p", "x", "-ts", "1,1"], "-ts:");
+    one_line_error(&["run", "-m", m, "-p", "x", "-np", "2"], "--parallel");
+    one_line_error(&["run", "-m", m, "-p", "x", "-xyz"], "unknown flag -xyz");
+    one_line_error(&["run", "-m", m, "--tp", "3"], "--top-p");
+    one_line_error(&["run", "-m", m, "-p", "x", "-n", "lots"], "lots");
+    one_line_error(&["run", "-p", "x", "-hf"], "-hf needs REPO");
+    one_line_error(&["frobnicate"], "frobnicate");
+    // A text flag's value may start with a dash.
+    let o = ggrun(&["run", "-m", m, "-p", "-fa -xyz", "-n", "1", "-q"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // --chat-template takes a name or the template text; a file is --chat-template-file.
+    let template = |extra: &[&str]| {
+        let mut args = vec!["template", "-m", m];
+        args.extend(extra);
+        ggrun(&args)
+    };
+    let o = template(&["--chat-template", "llama3"]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout)
+            .contains("<|start_header_id|>user<|end_header_id|>\n\nHello<|eot_id|>"),
+        "{}",
+        stderr(&o)
+    );
+    let o = template(&["--chat-template", "{{ messages[0]['content'] }}!"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "Hello!");
+    let file = dir.path().join("t.jinja");
+    std::fs::write(&file, "[{{ messages[0]['content'] }}]").unwrap();
+    let o = template(&["--chat-template-file", file.to_str().unwrap()]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "[Hello]");
+    one_line_error(
+        &["template", "-m", m, "--chat-template", "nosuch"],
+        "chatml, llama3, gemma, phi3",
+    );
+    // Help: grouped as llama-cli's, defaults in words, exit 0.
+    let o = ggrun(&["run", "--help"]);
+    assert!(o.status.success());
+    let help = String::from_utf8_lossy(&o.stdout);
+    for heading in [
+        "Sampling and structured output:",
+        "Model, context and threads:",
+        "GPU placement:",
+    ] {
+        assert!(help.contains(heading), "{help}");
+    }
+    for flag in ["--ctx-size", "--threads", "--batch-size", "--n-cpu-moe"] {
+        let line = help.lines().find(|l| l.contains(flag)).unwrap();
+        assert!(!line.contains("[default: 0]"), "{line}");
+    }
+    assert!(help.contains("the physical cores"), "{help}");
+}
