@@ -13,6 +13,7 @@ pub mod generate;
 pub mod gguf;
 pub mod grammar;
 pub mod info;
+pub mod library;
 pub mod model;
 pub mod profile;
 pub mod routing;

@@ -232,3 +232,160 @@ fn llama_cpp_flags_are_read_under_their_spellings() {
     }
     assert!(help.contains("the physical cores"), "{help}");
 }
+
+/// A fake Ollama store (`tiny` and `tiny:1b`) and a fake Hugging Face cache (`org/Tiny-GGUF`
+/// with Q8_0 and Q4_K_M files), all holding `model`, under `root`.
+fn stores(root: &Path, model: &Path) -> (PathBuf, PathBuf) {
+    use sha2::{Digest, Sha256};
+    let bytes = std::fs::read(model).unwrap();
+    let hex: String = Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let ollama = root.join("ollama");
+    std::fs::create_dir_all(ollama.join("blobs")).unwrap();
+    std::fs::write(ollama.join("blobs").join(format!("sha256-{hex}")), &bytes).unwrap();
+    let manifest = serde_json::json!({"schemaVersion": 2, "layers": [
+        {"mediaType": "application/vnd.ollama.image.template", "digest": "sha256:00", "size": 1},
+        {"mediaType": "application/vnd.ollama.image.model", "digest": format!("sha256:{hex}"),
+         "size": bytes.len()}]});
+    let lib = ollama.join("manifests/registry.ollama.ai/library/tiny");
+    std::fs::create_dir_all(&lib).unwrap();
+    for tag in ["latest", "1b"] {
+        std::fs::write(lib.join(tag), manifest.to_string()).unwrap();
+    }
+    let hf = root.join("hf");
+    let repo = hf.join("models--org--Tiny-GGUF");
+    let snap = repo.join("snapshots/0123abcd");
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+    for q in ["Q8_0", "Q4_K_M"] {
+        std::fs::write(snap.join(format!("Tiny-{q}.gguf")), &bytes).unwrap();
+    }
+    (ollama, hf)
+}
+
+#[test]
+fn models_resolve_by_name_from_the_ollama_store_and_the_hugging_face_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = qwen3(dir.path());
+    let (ollama, hf) = stores(dir.path(), &m);
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let with = |args: &[&str]| {
+        common::ggrun()
+            .args(args)
+            .env("OLLAMA_MODELS", &ollama)
+            .env("HF_HUB_CACHE", &hf)
+            .env("HOME", &home)
+            .output()
+            .unwrap()
+    };
+    let answer = |args: &[&str]| {
+        let o = with(args);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert!(v["tokens"]["generated"].as_u64().unwrap() > 0, "{v}");
+    };
+    // Ollama's habits: `run MODEL PROMPT`, names with tags; -m and -hf the same.
+    answer(&[
+        "run", "tiny", "why", "is", "the", "sky", "blue?", "-n", "2", "-q", "--json",
+    ]);
+    answer(&[
+        "run", "-m", "tiny:1b", "-p", "hi", "-n", "2", "-q", "--json",
+    ]);
+    answer(&[
+        "run",
+        "-m",
+        "org/Tiny-GGUF:q8_0",
+        "-p",
+        "hi",
+        "-n",
+        "2",
+        "-q",
+        "--json",
+    ]);
+    answer(&[
+        "run",
+        "-hf",
+        "org/Tiny-GGUF",
+        "-p",
+        "hi",
+        "-n",
+        "2",
+        "-q",
+        "--json",
+    ]);
+    let o = with(&["info", "-m", "tiny", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = with(&["info", "tiny:1b"]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("qwen3"),
+        "{}",
+        stderr(&o)
+    );
+    // What is not there: one line naming close matches and saying nothing is downloaded.
+    let o = with(&["run", "-m", "tinny", "-p", "hi"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("close matches: tiny:1b, tiny:latest") && err.contains("does not download"),
+        "{err}"
+    );
+    let o = with(&["run", "-hf", "org/Tiny-GGUF:Q5_0", "-p", "hi"]);
+    let err = stderr(&o);
+    assert!(
+        err.contains("no such quantization") && err.contains("Q4_K_M, Q8_0"),
+        "{err}"
+    );
+    let o = with(&["info", "-m", "nothing-like-it"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("no model nothing-like-it"),
+        "{}",
+        stderr(&o)
+    );
+    // A directory or an empty file as the model: plain words.
+    let o = with(&["run", "-m", dir.path().to_str().unwrap(), "-p", "hi"]);
+    assert!(
+        stderr(&o).contains("a directory, not a GGUF file"),
+        "{}",
+        stderr(&o)
+    );
+    let empty = dir.path().join("empty.gguf");
+    std::fs::write(&empty, b"").unwrap();
+    let o = with(&["run", "-m", empty.to_str().unwrap(), "-p", "hi"]);
+    assert!(stderr(&o).contains("empty (0 bytes)"), "{}", stderr(&o));
+    // ls: every name, its size, and how it fits a budget.
+    let size = std::fs::metadata(&m).unwrap().len();
+    for (budget, fits) in [("1GiB", "fits"), ("64KiB", "too large")] {
+        let o = with(&["ls", "--gpu-mem", budget, "--json"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let rows: Vec<Value> = String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let names: Vec<&str> = rows.iter().map(|r| r["name"].as_str().unwrap()).collect();
+        assert_eq!(
+            names,
+            [
+                "org/Tiny-GGUF:Q4_K_M",
+                "org/Tiny-GGUF:Q8_0",
+                "tiny:1b",
+                "tiny:latest"
+            ]
+        );
+        assert!(
+            rows.iter().all(|r| r["bytes"] == size && r["gpu"] == fits),
+            "{rows:?}"
+        );
+    }
+    let o = with(&["ls"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.starts_with("NAME") && text.contains("tiny:latest"),
+        "{text}"
+    );
+}

@@ -100,7 +100,7 @@ fn valid() -> GgufWriter {
 fn corpus() -> Vec<(&'static str, Vec<u8>, &'static str)> {
     let mut v: Vec<(&'static str, Vec<u8>, &'static str)> = Vec::new();
     let good = valid().to_bytes();
-    v.push(("empty", vec![], "empty file"));
+    v.push(("empty", vec![], "empty (0 bytes)"));
     v.push(("truncated magic", b"GGU".to_vec(), "too short"));
     v.push(("bad magic", b"GGML\x03\0\0\0".to_vec(), "not a GGUF file"));
     v.push(("version 1", Raw::header(1, 0, 0).0, "version 1"));

@@ -55,7 +55,8 @@ Alt-Enter, a trailing \\ or a \"\"\" block: multi-line input; Ctrl-C stops a rep
 pub fn run(a: ChatArgs, out: &mut dyn Write) -> Result<()> {
     common::install_ctrl_c();
     let interactive = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
-    let mut opts = a.model.options();
+    a.model.no_words()?;
+    let mut opts = a.model.options()?;
     let (g, dev) = load::open(&mut opts)?;
     let l = load::load(&g, dev.as_ref(), &opts)?;
     let mut engine = Engine::new(l.model.as_ref(), l.cpu, l.tok, l.n_ctx)?;
@@ -274,7 +275,7 @@ fn interactive_loop(
         out,
         "{}ggrun chat · {} · context {} · thinking {think} · /help for commands, Ctrl-D to leave{}",
         SetAttribute(Attribute::Dim),
-        a.model.model.display(),
+        a.model.name().unwrap_or("model"),
         s.engine.n_ctx(),
         SetAttribute(Attribute::Reset)
     )?;

@@ -31,9 +31,13 @@ pub fn install_ctrl_c() {
 #[derive(Args, Debug, Clone)]
 #[command(next_help_heading = "Model, context and threads")]
 pub struct ModelArgs {
-    /// The model: a .gguf file (any part of a split one).
-    #[arg(short = 'm', long = "model", value_name = "FILE")]
-    pub model: PathBuf,
+    /// The model: a .gguf file (any part of a split one), or a name in Ollama's store
+    /// (`smollm2:135m`) or the Hugging Face cache (`org/repo[:quant]`; `-hf` works too).
+    #[arg(short = 'm', long = "model", value_name = "FILE|NAME")]
+    pub model: Option<String>,
+    /// The model, as `-m` (Ollama's `run MODEL`); for `run`, then the prompt's words.
+    #[arg(value_name = "MODEL")]
+    pub positional: Vec<String>,
     /// Context size in tokens [default: the model's, at most 4096; 0 too].
     #[arg(
         short = 'c',
@@ -154,10 +158,35 @@ impl TemplateFlags {
 }
 
 impl ModelArgs {
-    /// The options below the command line.
-    pub fn options(&self) -> ModelOptions {
-        ModelOptions {
-            model: self.model.clone(),
+    /// The model as given: `-m`, else the first positional argument.
+    pub fn name(&self) -> Result<&str> {
+        match (&self.model, self.positional.first()) {
+            (Some(m), _) => Ok(m),
+            (None, Some(m)) => Ok(m),
+            (None, None) => anyhow::bail!("no model: give -m FILE|NAME (or the model first)"),
+        }
+    }
+
+    /// The positional arguments after the model (a `run` prompt's words).
+    pub fn words(&self) -> &[String] {
+        let skip = usize::from(self.model.is_none()).min(self.positional.len());
+        &self.positional[skip..]
+    }
+
+    /// Errors when positional arguments follow the model (commands that take none).
+    pub fn no_words(&self) -> Result<()> {
+        match self.words().first() {
+            Some(w) => anyhow::bail!("unexpected argument {w:?} after the model"),
+            None => Ok(()),
+        }
+    }
+
+    /// The options below the command line, the model's name resolved to its file.
+    pub fn options(&self) -> Result<ModelOptions> {
+        let name = self.name()?;
+        Ok(ModelOptions {
+            model: crate::library::resolve(name)?,
+            name: name.to_string(),
             ctx_size: self.ctx_size,
             threads: self.threads,
             batch_size: self.ubatch_size.unwrap_or(self.batch_size),
@@ -168,7 +197,7 @@ impl ModelArgs {
             place: self.place.args(),
             pass: self.pass.options(),
             template: self.template.options(),
-        }
+        })
     }
 }
 
@@ -236,6 +265,16 @@ fn parse_bias(s: &str) -> Result<(u32, f32), String> {
         .parse::<f32>()
         .map_err(|_| format!("{s}: {:?} is not a bias", &s[at..]))?;
     Ok((id, bias))
+}
+
+/// A `-m` value resolved to its file ([`crate::library::resolve`]).
+pub fn model_path(s: &str) -> Result<PathBuf, String> {
+    crate::library::resolve(s).map_err(|e| format!("{e:#}"))
+}
+
+/// A size flag's value (`24GiB`).
+pub fn parse_size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s)
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {

@@ -45,7 +45,8 @@ pub enum Command {
     /// Print the prompt the chat template makes of a conversation (to compare with other
     /// runners, or to debug a --chat-template file).
     Template {
-        #[arg(short = 'm', long = "model")]
+        /// The model: a .gguf file, or a name in Ollama's store or the Hugging Face cache.
+        #[arg(short = 'm', long = "model", value_name = "FILE|NAME", value_parser = common::model_path)]
         model: PathBuf,
         #[command(flatten)]
         template: common::TemplateFlags,
@@ -65,8 +66,13 @@ pub enum Command {
     },
     /// Describe a GGUF model: architecture, size, tensor types, tokenizer, memory needs.
     Info {
-        /// The .gguf file (any part of a split model opens the whole set).
-        model: PathBuf,
+        /// The model: a .gguf file (any part of a split one), or a name in Ollama's store or
+        /// the Hugging Face cache.
+        #[arg(value_name = "MODEL", value_parser = common::model_path, required_unless_present = "model_flag")]
+        model: Option<PathBuf>,
+        /// The model, as the positional argument.
+        #[arg(short = 'm', long = "model", value_name = "FILE|NAME", value_parser = common::model_path, conflicts_with = "model")]
+        model_flag: Option<PathBuf>,
         /// Print one JSON object instead of the text report.
         #[arg(long)]
         json: bool,
@@ -74,6 +80,17 @@ pub enum Command {
         /// in RAM), computed from the file alone: no GPU is needed to plan for one.
         #[command(flatten)]
         place: common::PlacementFlags,
+    },
+    /// List the models ggrun finds by name: Ollama's store and the Hugging Face cache (names
+    /// to give -m), with their size and whether they fit the GPU budget.
+    #[command(visible_alias = "list")]
+    Ls {
+        /// The budget to judge against (default: the GPU's free memory, when there is one).
+        #[arg(long = "gpu-mem", value_parser = common::parse_size_arg, value_name = "SIZE")]
+        gpu_mem: Option<u64>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
     },
     /// Print the SIMD tier in use and the tiers this CPU supports.
     Cpu,
@@ -88,7 +105,8 @@ pub enum Command {
     /// like llama-bench's pp and tg: per repeat, a fresh context evaluates P random tokens in
     /// batches of -b (pp), and another generates N tokens one at a time (tg).
     Bench {
-        #[arg(short = 'm', long = "model")]
+        /// The model: a .gguf file, or a name in Ollama's store or the Hugging Face cache.
+        #[arg(short = 'm', long = "model", value_name = "FILE|NAME", value_parser = common::model_path)]
         model: PathBuf,
         /// Prompt tokens evaluated (pp).
         #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
@@ -175,7 +193,8 @@ pub enum Command {
     },
     /// Token ids of TEXT as one JSON array (BOS added when the model's metadata asks for it).
     Tokenize {
-        #[arg(short = 'm', long = "model")]
+        /// The model: a .gguf file, or a name in Ollama's store or the Hugging Face cache.
+        #[arg(short = 'm', long = "model", value_name = "FILE|NAME", value_parser = common::model_path)]
         model: PathBuf,
         /// Do not turn control tokens written in the text (e.g. <|im_start|>) into their ids.
         #[arg(long)]
@@ -188,7 +207,8 @@ pub enum Command {
     /// Logits of a token sequence: one batched prefill, then greedy decode steps one token at a
     /// time. Writes raw little-endian f32 rows (n_vocab each) and prints one JSON line.
     Logits {
-        #[arg(short = 'm', long = "model")]
+        /// The model: a .gguf file, or a name in Ollama's store or the Hugging Face cache.
+        #[arg(short = 'm', long = "model", value_name = "FILE|NAME", value_parser = common::model_path)]
         model: PathBuf,
         /// Comma-separated token ids.
         #[arg(long, value_delimiter = ',', required = true, num_args = 1..)]
@@ -262,12 +282,64 @@ fn one_line(text: &str) -> String {
     line
 }
 
+/// `ggrun ls`: each model the stores hold, its size, and how it fits `budget` (the GPU's
+/// free memory when not given): whole, with experts in RAM (the non-expert weights fit), or
+/// not at all.
+fn list_models(budget: Option<u64>, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
+    let budget = budget.or_else(|| {
+        let g = crate::backend::cuda::Gpu::open(0).ok()?;
+        g.memory().ok().map(|(free, _)| free as u64)
+    });
+    let found = crate::library::list();
+    let gib = |b: u64| format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64);
+    if found.is_empty() && !json {
+        let dirs: Vec<String> = [crate::library::ollama_dir(), crate::library::hf_dir()]
+            .into_iter()
+            .flatten()
+            .map(|d| d.display().to_string())
+            .collect();
+        writeln!(out, "no models found in {}", dirs.join(" or "))?;
+        return Ok(());
+    }
+    if !json {
+        writeln!(out, "{:<48} {:>10}  {:<12} GPU", "NAME", "SIZE", "STORE")?;
+    }
+    for f in &found {
+        let info = Model::open(&f.path)
+            .ok()
+            .and_then(|m| ModelInfo::from_model(&m).ok());
+        let fits = match (budget, &info) {
+            (None, _) => "no GPU budget".to_string(),
+            (_, None) => "unreadable".to_string(),
+            (Some(b), Some(i)) if i.non_expert_bytes + i.expert_bytes <= b => "fits".to_string(),
+            (Some(b), Some(i)) if i.expert_bytes > 0 && i.non_expert_bytes <= b => {
+                "fits, experts in RAM".to_string()
+            }
+            (Some(_), Some(_)) => "too large".to_string(),
+        };
+        if json {
+            let v = serde_json::json!({"name": f.name, "path": f.path, "bytes": f.bytes,
+                                       "store": f.store, "gpu": fits, "budget_bytes": budget});
+            writeln!(out, "{v}")?;
+        } else {
+            writeln!(
+                out,
+                "{:<48} {:>10}  {:<12} {fits}",
+                f.name,
+                gib(f.bytes),
+                f.store
+            )?;
+        }
+    }
+    Ok(())
+}
+
 /// Runs a parsed command, writing results to `out`.
 pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(a) => run::run(a, out)?,
         Command::Tune(a) => crate::tune::run(a.options(), out)?,
-        Command::Serve(a) => crate::serve::run(a.options())?,
+        Command::Serve(a) => crate::serve::run(a.options()?)?,
         Command::Chat(a) => chat::run(a, out)?,
         Command::Template {
             model,
@@ -297,7 +369,13 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             };
             write!(out, "{}", t.render_text(&msgs, &opts)?)?;
         }
-        Command::Info { model, json, place } => {
+        Command::Info {
+            model,
+            model_flag,
+            json,
+            place,
+        } => {
+            let model = model.or(model_flag).expect("clap requires one");
             let m = Model::open(&model)?;
             let info = ModelInfo::from_model(&m)?;
             let plan = load::plan_without_device(&m, &place.args(), load::planned_context(&m, 0))?;
@@ -559,6 +637,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             Err(e) => writeln!(out, "no GPU: {e:#}")?,
         },
         Command::RenderTemplate => crate::chat::sandbox::serve_child()?,
+        Command::Ls { gpu_mem, json } => list_models(gpu_mem, json, out)?,
         Command::Cpu => {
             let sel = ggrun_quants::isa::selection();
             let tiers: Vec<_> = ggrun_quants::Isa::available()

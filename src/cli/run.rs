@@ -48,8 +48,16 @@ pub struct RunArgs {
 }
 
 fn read_prompt(a: &RunArgs) -> Result<String> {
+    let words = a.model.words();
     if let Some(p) = &a.prompt {
+        if let Some(w) = words.first() {
+            bail!("unexpected argument {w:?}: the prompt is given by -p");
+        }
         return Ok(p.clone());
+    }
+    if !words.is_empty() {
+        // Ollama's `run MODEL PROMPT...`.
+        return Ok(words.join(" "));
     }
     if let Some(f) = &a.file {
         return std::fs::read_to_string(f).map_err(|e| anyhow!("{}: {e}", f.display()));
@@ -79,7 +87,7 @@ pub fn run(a: RunArgs, out: &mut dyn Write) -> Result<()> {
     common::install_ctrl_c();
     GENERATING.store(true, Ordering::SeqCst);
     let t0 = Instant::now();
-    let mut opts = a.model.options();
+    let mut opts = a.model.options()?;
     let (g, dev) = load::open(&mut opts)?;
     let l = load::load(&g, dev.as_ref(), &opts)?;
     let load_secs = t0.elapsed().as_secs_f64();

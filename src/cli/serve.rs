@@ -52,9 +52,10 @@ pub struct ServeArgs {
 
 impl ServeArgs {
     /// The server's options.
-    pub fn options(&self) -> crate::serve::Options {
-        crate::serve::Options {
-            model: self.model.options(),
+    pub fn options(&self) -> anyhow::Result<crate::serve::Options> {
+        self.model.no_words()?;
+        Ok(crate::serve::Options {
+            model: self.model.options()?,
             host: self.host.clone(),
             port: self.port,
             parallel: self.parallel,
@@ -66,6 +67,6 @@ impl ServeArgs {
             max_connections: self.max_connections,
             header_timeout: self.header_timeout,
             idle_timeout: self.idle_timeout,
-        }
+        })
     }
 }

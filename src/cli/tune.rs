@@ -9,8 +9,8 @@ use crate::backend::placement::parse_size;
 
 #[derive(Args, Debug, Clone)]
 pub struct TuneArgs {
-    /// The .gguf model file.
-    #[arg(short = 'm', long = "model")]
+    /// The model: a .gguf file, or a name in Ollama's store or the Hugging Face cache.
+    #[arg(short = 'm', long = "model", value_name = "FILE|NAME", value_parser = super::common::model_path)]
     pub model: PathBuf,
     /// VRAM budget (e.g. 24GiB; default: what the GPU has free).
     #[arg(long = "gpu-mem", value_parser = size)]

@@ -23,6 +23,8 @@ use crate::tokenizer::Tokenizer;
 #[derive(Clone, Debug)]
 pub struct ModelOptions {
     pub model: PathBuf,
+    /// The model as the user named it (a path, or an Ollama or Hugging Face name).
+    pub name: String,
     /// Context size in tokens (0: the model's, at most 4096).
     pub ctx_size: usize,
     /// Threads (0: the physical cores).

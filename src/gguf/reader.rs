@@ -63,7 +63,10 @@ impl GgufFile {
         let file = File::open(path).map_err(|e| GgufError::io(path, e))?;
         let len = file.metadata().map_err(|e| GgufError::io(path, e))?.len();
         if len == 0 {
-            return Err(GgufError::Format("empty file".into()));
+            return Err(GgufError::Format(format!(
+                "{}: empty (0 bytes), not a GGUF file",
+                path.display()
+            )));
         }
         // SAFETY: the mapping is read-only and private to this process; if another process
         // truncates the file while it is mapped, reads may fault (SIGBUS), which is the accepted

@@ -289,11 +289,11 @@ fn serve_jobs(
     let l = load::load(&g, dev.as_ref(), &args)?;
     let template = args.template.load(g.metadata(), &l.tok)?;
     let tok = l.tok;
-    let name = args
-        .model
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into());
+    // The name the user gave (a path's file name).
+    let name = match std::path::Path::new(&args.name).file_name() {
+        Some(n) if args.name.ends_with(".gguf") => n.to_string_lossy().into_owned(),
+        _ => args.name.clone(),
+    };
     let shared = Arc::new(Model {
         info: ModelInfo {
             name,
