@@ -15,4 +15,4 @@ with open(sys.argv[1], "wb") as f:
     f.write(z.read(name))
 PY
 fi
-echo "$out"
+echo "$PWD/$out"

@@ -389,3 +389,222 @@ fn models_resolve_by_name_from_the_ollama_store_and_the_hugging_face_cache() {
         "{text}"
     );
 }
+
+/// `model` with its chat template's key renamed: a base model as the file would have it.
+fn without_template(model: &Path) -> PathBuf {
+    let mut bytes = std::fs::read(model).unwrap();
+    let key = b"tokenizer.chat_template";
+    let at = bytes.windows(key.len()).position(|w| w == key).unwrap();
+    bytes[at + key.len() - 1] = b'X';
+    let out = model.with_file_name("base.gguf");
+    std::fs::write(&out, bytes).unwrap();
+    out
+}
+
+#[test]
+fn a_model_without_a_chat_template_completes_raw_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = without_template(&qwen3(dir.path()));
+    let m = m.to_str().unwrap();
+    let prompt = "Once upon a time";
+    let ids = common::stdout_of(common::ggrun().args(["tokenize", "-m", m, prompt]));
+    let ids: Vec<u32> = serde_json::from_str(&ids).unwrap();
+    let o = ggrun(&["run", "-m", m, "-p", prompt, "-n", "3", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert_eq!(err.matches("no chat template").count(), 1, "{err}");
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["tokens"]["prompt"], ids.len(), "{v}");
+    // A template given by name: no warning, the prompt in its markers.
+    let o = ggrun(&[
+        "run",
+        "-m",
+        m,
+        "-p",
+        prompt,
+        "-n",
+        "3",
+        "--json",
+        "--chat-template",
+        "chatml",
+    ]);
+    assert!(!stderr(&o).contains("no chat template"), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(
+        v["tokens"]["prompt"].as_u64().unwrap() > ids.len() as u64 + 3,
+        "{v}"
+    );
+    // chat: warned once, and it goes on.
+    let mut c = common::ggrun();
+    c.args(["chat", "-m", m, "-n", "3"]);
+    c.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Hello\nAgain\n")
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        stderr(&o).matches("no chat template").count(),
+        1,
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(stderr(&o).matches("tok/s").count(), 2, "{}", stderr(&o));
+}
+
+/// `ggrun chat` in line mode with `input` on stdin.
+fn chat_lines(args: &[&str], input: &str) -> Output {
+    use std::io::Write;
+    let mut child = common::ggrun()
+        .arg("chat")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn a_full_context_drops_the_oldest_turns_and_the_chat_goes_on() {
+    let m = common::smollm2();
+    let m = m.to_str().unwrap();
+    let talk = "Write a long story about a dragon.\nWrite a long story about a knight.\nName three rivers.\n";
+    let o = chat_lines(&["-m", m, "-c", "256", "--temp", "0"], talk);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(err.matches("tok/s").count(), 3, "{err}");
+    assert!(
+        err.contains("[the context was full: dropped the oldest turn]"),
+        "{err}"
+    );
+    // The policy that fails instead: the turn is an error, the chat goes on, exit 1.
+    let o = chat_lines(
+        &["-m", m, "-c", "256", "--temp", "0", "--ctx-policy", "error"],
+        talk,
+    );
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("the context holds 256"), "{err}");
+    assert!(err.contains("turn(s) failed"), "{err}");
+    // Ollama's commands beside ours.
+    let o = chat_lines(
+        &["-m", m, "-n", "4", "--temp", "0"],
+        "/set parameter temperature 0.25\n/set parameter num_predict 3\n/show parameters\n\
+         /set system Be brief.\n/show system\n/set nothink\n/show info\nHi\n/clear\n/bye\nnever read\n",
+    );
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    for want in [
+        "temperature 0.25",
+        "num_predict 3",
+        "Be brief.",
+        "thinking off",
+        "context",
+        "new conversation",
+    ] {
+        assert!(err.contains(want), "{want}: {err}");
+    }
+    assert!(
+        err.contains("3 tokens"),
+        "num_predict was not applied: {err}"
+    );
+    assert_eq!(err.matches("tok/s").count(), 1, "/bye did not leave: {err}");
+}
+
+/// In a terminal (tmux): a paste of several lines is one message, and a full context drops
+/// the oldest turns with a line saying so, the chat going on.
+#[test]
+fn in_a_terminal_a_paste_is_one_turn_and_a_full_context_goes_on() {
+    use std::process::Command;
+    use std::time::{Duration, Instant};
+    let tmux = |args: &[&str]| {
+        Command::new("tmux")
+            .args(args)
+            .output()
+            .expect("tmux is needed for this test (apt install tmux)")
+    };
+    let session = format!("ggrun-habits-{}", std::process::id());
+    let cmd = format!(
+        "{} chat --temp 0 -c 256 -m {}; echo EXIT=$?; sleep 60",
+        env!("CARGO_BIN_EXE_ggrun"),
+        common::smollm2().display()
+    );
+    let o = tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "150",
+        "-y",
+        "50",
+        &cmd,
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let screen = || {
+        let o = tmux(&["capture-pane", "-p", "-J", "-S", "-400", "-t", &session]);
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let wait_for = |what: &dyn Fn(&str) -> bool, why: &str| {
+        let start = Instant::now();
+        loop {
+            let s = screen();
+            if what(&s) {
+                return s;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "timed out waiting for {why}:\n{s}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_for(&|s| s.contains("/help for commands"), "the banner");
+    // Three lines pasted (tmux pastes in brackets when the program asks for them), then Enter.
+    tmux(&[
+        "set-buffer",
+        "-b",
+        "p",
+        "First line of the paste.\nSecond line.\nThird line: write a long story about a dragon.",
+    ]);
+    tmux(&["paste-buffer", "-p", "-b", "p", "-t", &session]);
+    std::thread::sleep(Duration::from_millis(300));
+    tmux(&["send-keys", "-t", &session, "Enter"]);
+    let s = wait_for(&|s| s.contains("tok/s"), "the reply to the paste");
+    assert_eq!(
+        s.matches("tok/s").count(),
+        1,
+        "the paste became several turns:\n{s}"
+    );
+    tmux(&[
+        "send-keys",
+        "-t",
+        &session,
+        "Write a long story about a knight.",
+        "Enter",
+    ]);
+    let s = wait_for(&|s| s.matches("tok/s").count() == 2, "the second reply");
+    assert!(
+        s.contains("the context was full: dropped the oldest turn"),
+        "{s}"
+    );
+    tmux(&["send-keys", "-t", &session, "/bye", "Enter"]);
+    let s = wait_for(&|s| s.contains("EXIT="), "the exit");
+    assert!(s.contains("EXIT=0"), "{s}");
+    tmux(&["kill-session", "-t", &session]);
+}

@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 use serde::{Deserialize, Serialize};
 
 use super::template::{ChatTemplate, Message, RenderOptions};
@@ -24,6 +24,16 @@ struct Saved {
     messages: Vec<Message>,
 }
 
+/// What a turn does when the conversation and its new message do not fit the context.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ContextPolicy {
+    /// Drop the oldest exchanges (the system prompt stays) and re-read the rest.
+    #[default]
+    Drop,
+    /// Fail the turn (`/reset` or `/clear` start over).
+    Error,
+}
+
 pub struct Session<'m> {
     pub engine: Engine<'m>,
     pub template: ChatTemplate,
@@ -31,6 +41,9 @@ pub struct Session<'m> {
     /// None: the template's default.
     pub think: Option<bool>,
     pub messages: Vec<Message>,
+    pub policy: ContextPolicy,
+    /// Exchanges (a user message and what answered it) the last turn dropped to fit.
+    pub dropped: usize,
     /// The engine's state does not correspond to `messages`.
     stale: bool,
 }
@@ -87,6 +100,8 @@ impl<'m> Session<'m> {
             system: None,
             think: None,
             messages: Vec::new(),
+            policy: ContextPolicy::Drop,
+            dropped: 0,
             stale: true,
         }
     }
@@ -125,14 +140,49 @@ impl<'m> Session<'m> {
         interrupt: &AtomicBool,
         on_piece: &mut dyn FnMut(Piece) -> Result<()>,
     ) -> Result<Outcome> {
-        let (text, reasoning) = self.render_turn(user)?;
-        let tokens = match self.continuation(&text, user) {
+        self.dropped = 0;
+        let n_ctx = self.engine.n_ctx();
+        // Room kept for the answer: what -n asks, else a quarter of the context.
+        let reserve = params.max_tokens.unwrap_or(n_ctx / 4).min(n_ctx / 2);
+        let (text, mut reasoning) = self.render_turn(user)?;
+        let mut tokens = match self.continuation(&text, user) {
             Some(t) => t,
             None => {
                 self.engine.reset()?;
                 prompt_tokens(&self.engine.tok, &text, self.template.shield.is_some())?
             }
         };
+        let mut held = self.engine.seq.consumed.len();
+        while held + tokens.len() + reserve > n_ctx {
+            let exchanges = self.messages.iter().filter(|m| m.role == "user").count();
+            let what = format!(
+                "the conversation and this message are {} tokens; the context holds {n_ctx}",
+                held + tokens.len()
+            );
+            if self.policy == ContextPolicy::Error {
+                bail!("{what} (/reset starts over; --ctx-policy drop drops the oldest turns)");
+            }
+            if exchanges == 0 {
+                // Nothing left to drop: go on if the prompt itself fits.
+                if tokens.len() < n_ctx {
+                    break;
+                }
+                bail!("this message is {} tokens with the system prompt; the context holds {n_ctx} (raise -c)", tokens.len());
+            }
+            // The oldest exchange: its user message and everything up to the next one.
+            let next = self.messages[1..]
+                .iter()
+                .position(|m| m.role == "user")
+                .map_or(self.messages.len(), |i| i + 1);
+            self.messages.drain(..next);
+            self.dropped += 1;
+            let (text, r) = self.render_turn(user)?;
+            reasoning = r;
+            self.engine.reset()?;
+            self.stale = true;
+            held = 0;
+            tokens = prompt_tokens(&self.engine.tok, &text, self.template.shield.is_some())?;
+        }
         let p = GenParams {
             reasoning,
             feed_last: true,

@@ -20,6 +20,11 @@ pub const CHATML: &str = "{%- for message in messages -%}\
 {%- endfor -%}\
 {%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}";
 
+/// A base model's conversation: the messages' text, one after another.
+const TRANSCRIPT: &str = "{%- for message in messages -%}\
+{{- message['content'] -}}{%- if not loop.last -%}{{- '\n' -}}{%- endif -%}\
+{%- endfor -%}";
+
 /// Llama 3's header format.
 const LLAMA3: &str = "{{- bos_token -}}{%- for message in messages -%}\
 {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' -}}\
@@ -209,6 +214,14 @@ impl ChatTemplate {
         let mut t = ChatTemplate::new(&source, &origin, &text(tok.bos), &text(tok.eos))?;
         t.shield = Some(tok.shield()?);
         t.fallback = fallback;
+        Ok(t)
+    }
+
+    /// The plain transcript a base model continues: each message's text on its own line, no
+    /// roles or markers (the system prompt first).
+    pub fn transcript(tok: &Tokenizer) -> Result<ChatTemplate> {
+        let mut t = ChatTemplate::new(TRANSCRIPT, "the plain transcript", "", "")?;
+        t.shield = Some(tok.shield()?);
         Ok(t)
     }
 

@@ -19,7 +19,7 @@ use reedline::{
 };
 
 use super::common::{self, ModelArgs, OnOff, SamplingArgs, ThinkArgs};
-use crate::chat::session::Session;
+use crate::chat::session::{ContextPolicy, Session};
 use crate::engine::load::{self, GENERATING, INTERRUPTED};
 use crate::generate::{Engine, GenParams, Outcome, Piece, Reasoning, StopReason};
 
@@ -35,6 +35,10 @@ pub struct ChatArgs {
     /// In line mode (stdin or stdout not a terminal), print reasoning to stderr.
     #[arg(long = "show-think")]
     pub show_think: bool,
+    /// When a message does not fit the context: drop the oldest turns (the system prompt
+    /// stays) or fail the turn.
+    #[arg(long = "ctx-policy", value_enum, default_value = "drop")]
+    pub ctx_policy: Policy,
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
@@ -43,14 +47,25 @@ pub struct ChatArgs {
     pub sampling: SamplingArgs,
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Policy {
+    Drop,
+    Error,
+}
+
 const HELP: &str = "\
-/exit, /quit      leave (or Ctrl-D)
-/reset            start a new conversation
-/think on|off|default
-/system TEXT      set the system prompt (empty: none); restarts the context
-/save FILE        write the conversation as JSON
-/load FILE        read a saved conversation
-Alt-Enter, a trailing \\ or a \"\"\" block: multi-line input; Ctrl-C stops a reply";
+/exit, /quit, /bye        leave (or Ctrl-D)
+/reset, /clear            start a new conversation
+/think on|off|default     (Ollama's /set think, /set nothink too)
+/system TEXT              set the system prompt (empty: none); restarts the context
+/set system TEXT          the same, as Ollama spells it
+/set parameter NAME VALUE temperature, top_k, top_p, min_p, seed, num_predict,
+                          repeat_penalty, repeat_last_n, presence_penalty,
+                          frequency_penalty, stop
+/show info|system|parameters
+/save FILE                write the conversation as JSON
+/load FILE                read a saved conversation
+Alt-Enter, a trailing \\, a \"\"\" block or a paste: multi-line input; Ctrl-C stops a reply";
 
 pub fn run(a: ChatArgs, out: &mut dyn Write) -> Result<()> {
     common::install_ctrl_c();
@@ -65,10 +80,22 @@ pub fn run(a: ChatArgs, out: &mut dyn Write) -> Result<()> {
     if let Some(spec) = a.sampling.grammar()? {
         engine.constrain(spec)?;
     }
-    let template = opts.template.load(g.metadata(), &engine.tok)?;
+    let mut template = opts.template.load(g.metadata(), &engine.tok)?;
+    if template.fallback {
+        // A base model: each message continues the text so far (no roles, no markers).
+        eprintln!(
+            "warning: this model has no chat template: each message continues the text as \
+             written (--chat-template NAME chats with it)"
+        );
+        template = crate::chat::template::ChatTemplate::transcript(&engine.tok)?;
+    }
     let mut session = Session::new(engine, template);
     session.system = a.system.clone();
     session.think = a.think.enable();
+    session.policy = match a.ctx_policy {
+        Policy::Drop => ContextPolicy::Drop,
+        Policy::Error => ContextPolicy::Error,
+    };
     let params = GenParams {
         max_tokens: a.n_predict,
         sampler: a.sampling.config(g.metadata()),
@@ -77,10 +104,22 @@ pub fn run(a: ChatArgs, out: &mut dyn Write) -> Result<()> {
         think_budget: a.think.think_budget,
         feed_last: true,
     };
+    let info = crate::info::ModelInfo::from_model(&g)?;
+    let mut chat = Chat {
+        params,
+        info: format!(
+            "{} · {} · {:.2} B parameters · context {} (trained {})",
+            a.model.name().unwrap_or("model"),
+            info.architecture,
+            info.parameters as f64 / 1e9,
+            session.engine.n_ctx(),
+            info.context_length.map_or("?".into(), |c| c.to_string()),
+        ),
+    };
     if interactive {
-        interactive_loop(&a, &mut session, &params, out)
+        interactive_loop(&a, &mut session, &mut chat, out)
     } else {
-        line_loop(&a, &mut session, &params, out)
+        line_loop(&a, &mut session, &mut chat, out)
     }
 }
 
@@ -92,36 +131,57 @@ enum Input<'a> {
     Note(String),
 }
 
-fn command<'a>(line: &'a str, s: &mut Session) -> Input<'a> {
+/// What `/show info` prints: set once at the start.
+struct Chat {
+    params: GenParams,
+    info: String,
+}
+
+fn command<'a>(line: &'a str, s: &mut Session, c: &mut Chat) -> Input<'a> {
     let Some(cmd) = line.strip_prefix('/') else {
         return Input::Message(line);
     };
     let (name, arg) = cmd.split_once(' ').unwrap_or((cmd, ""));
     let arg = arg.trim();
     let note = |r: Result<String>| Input::Note(r.unwrap_or_else(|e| format!("error: {e:#}")));
+    let think = |s: &mut Session, v: Option<bool>, word: &str| {
+        s.set_think(v);
+        Input::Note(format!("thinking {word}"))
+    };
     match name {
-        "exit" | "quit" => Input::Exit,
+        "exit" | "quit" | "bye" => Input::Exit,
         "help" | "?" => Input::Note(HELP.to_string()),
-        "reset" => note(s.reset().map(|()| "new conversation".into())),
+        "reset" | "clear" => note(s.reset().map(|()| "new conversation".into())),
         "think" => match arg {
-            "on" | "off" | "default" => {
-                s.set_think(match arg {
-                    "on" => Some(true),
-                    "off" => Some(false),
-                    _ => None,
-                });
-                Input::Note(format!("thinking {arg}"))
-            }
+            "on" => think(s, Some(true), arg),
+            "off" => think(s, Some(false), arg),
+            "default" => think(s, None, arg),
             _ => Input::Note("usage: /think on|off|default".into()),
         },
-        "system" => {
-            s.set_system((!arg.is_empty()).then(|| arg.to_string()));
-            Input::Note(if arg.is_empty() {
-                "system prompt cleared".into()
-            } else {
-                "system prompt set".into()
-            })
+        "system" => set_system(s, arg),
+        "set" => {
+            let (what, rest) = arg.split_once(' ').unwrap_or((arg, ""));
+            match what {
+                "system" => set_system(s, rest.trim()),
+                "think" => think(s, Some(true), "on"),
+                "nothink" => think(s, Some(false), "off"),
+                "parameter" => note(set_parameter(&mut c.params, rest.trim())),
+                "verbose" | "quiet" => Input::Note("timings are shown after each reply".into()),
+                _ => Input::Note(
+                    "usage: /set system TEXT | parameter NAME VALUE | think | nothink".into(),
+                ),
+            }
         }
+        "show" => match arg {
+            "info" => Input::Note(c.info.clone()),
+            "system" => Input::Note(
+                s.system
+                    .clone()
+                    .unwrap_or_else(|| "(no system prompt)".into()),
+            ),
+            "parameters" => Input::Note(parameters(&c.params)),
+            _ => Input::Note("usage: /show info|system|parameters".into()),
+        },
         "save" if !arg.is_empty() => {
             note(s.save(Path::new(arg)).map(|_| format!("saved to {arg}")))
         }
@@ -131,6 +191,76 @@ fn command<'a>(line: &'a str, s: &mut Session) -> Input<'a> {
         ),
         "save" | "load" => Input::Note(format!("usage: /{name} FILE")),
         _ => Input::Note(format!("unknown command /{name} (/help lists them)")),
+    }
+}
+
+fn set_system<'a>(s: &mut Session, text: &str) -> Input<'a> {
+    s.set_system((!text.is_empty()).then(|| text.to_string()));
+    Input::Note(if text.is_empty() {
+        "system prompt cleared".into()
+    } else {
+        "system prompt set".into()
+    })
+}
+
+/// Ollama's `/set parameter NAME VALUE`, on the sampling settings.
+fn set_parameter(p: &mut GenParams, arg: &str) -> Result<String> {
+    let (name, value) = arg
+        .split_once(' ')
+        .map(|(n, v)| (n, v.trim()))
+        .ok_or_else(|| anyhow::anyhow!("usage: /set parameter NAME VALUE"))?;
+    let bad = |e: &dyn std::fmt::Display| anyhow::anyhow!("{name} {value}: {e}");
+    let f = || value.parse::<f32>().map_err(|e| bad(&e));
+    let u = || value.parse::<usize>().map_err(|e| bad(&e));
+    let c = &mut p.sampler;
+    match name {
+        "temperature" => c.temperature = f()?,
+        "top_k" => c.top_k = u()?,
+        "top_p" => c.top_p = f()?,
+        "min_p" => c.min_p = f()?,
+        "repeat_penalty" => c.repeat_penalty = f()?,
+        "presence_penalty" => c.presence_penalty = f()?,
+        "frequency_penalty" => c.frequency_penalty = f()?,
+        "repeat_last_n" => c.penalty_last_n = u()?,
+        "seed" => c.seed = value.parse::<u64>().map_err(|e| bad(&e))?,
+        "num_predict" => {
+            let n: i64 = value.parse().map_err(|e| bad(&e))?;
+            p.max_tokens = usize::try_from(n).ok();
+        }
+        "stop" => p.stop.push(value.to_string()),
+        "num_ctx" => anyhow::bail!("num_ctx: the context is set at start (-c)"),
+        _ => anyhow::bail!("unknown parameter {name} (/help lists them)"),
+    }
+    Ok(format!("set {name} to {value}"))
+}
+
+fn parameters(p: &GenParams) -> String {
+    let c = &p.sampler;
+    format!(
+        "temperature {}\ntop_k {}\ntop_p {}\nmin_p {}\nrepeat_penalty {}\nrepeat_last_n {}\n\
+         presence_penalty {}\nfrequency_penalty {}\nseed {}\nnum_predict {}\nstop {:?}",
+        c.temperature,
+        c.top_k,
+        c.top_p,
+        c.min_p,
+        c.repeat_penalty,
+        c.penalty_last_n,
+        c.presence_penalty,
+        c.frequency_penalty,
+        c.seed,
+        p.max_tokens.map_or("-1".to_string(), |n| n.to_string()),
+        p.stop
+    )
+}
+
+/// The line that says a turn dropped old exchanges to fit the context.
+fn dropped_note(s: &Session) -> Option<String> {
+    match s.dropped {
+        0 => None,
+        1 => Some("[the context was full: dropped the oldest turn]".into()),
+        n => Some(format!(
+            "[the context was full: dropped the {n} oldest turns]"
+        )),
     }
 }
 
@@ -157,7 +287,8 @@ fn stats(o: &Outcome) -> String {
     s
 }
 
-fn line_loop(a: &ChatArgs, s: &mut Session, params: &GenParams, out: &mut dyn Write) -> Result<()> {
+fn line_loop(a: &ChatArgs, s: &mut Session, c: &mut Chat, out: &mut dyn Write) -> Result<()> {
+    let mut failed = 0;
     let stdin = std::io::stdin();
     let mut pending = String::new();
     for line in stdin.lock().lines() {
@@ -174,7 +305,7 @@ fn line_loop(a: &ChatArgs, s: &mut Session, params: &GenParams, out: &mut dyn Wr
         if text.is_empty() {
             continue;
         }
-        match command(text, s) {
+        match command(text, s, c) {
             Input::Exit => break,
             Input::Note(n) => eprintln!("{n}"),
             Input::Message(m) => {
@@ -190,16 +321,41 @@ fn line_loop(a: &ChatArgs, s: &mut Session, params: &GenParams, out: &mut dyn Wr
                     }
                     Ok(())
                 };
-                let o = reply(s, m, params, &mut on_piece)?;
-                writeln!(out)?;
-                out.flush()?;
+                let r = reply(s, m, &c.params, &mut on_piece);
+                if r.is_ok() {
+                    writeln!(out)?;
+                    out.flush()?;
+                }
+                if let Some(n) = dropped_note(s) {
+                    eprintln!("{n}");
+                }
+                let o = match r {
+                    Ok(o) => o,
+                    Err(e) if is_closed_pipe(&e) => return Err(e),
+                    // A failed turn is reported; the chat goes on (and exits 1 at the end).
+                    Err(e) => {
+                        eprintln!("error: {e:#}");
+                        failed += 1;
+                        continue;
+                    }
+                };
                 if !a.model.quiet {
                     eprintln!("[{}]", stats(&o));
                 }
             }
         }
     }
+    if failed > 0 {
+        anyhow::bail!("{failed} turn(s) failed");
+    }
     Ok(())
+}
+
+fn is_closed_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 struct ChatPrompt;
@@ -251,7 +407,7 @@ fn message_text(buffer: &str) -> String {
 fn interactive_loop(
     a: &ChatArgs,
     s: &mut Session,
-    params: &GenParams,
+    c: &mut Chat,
     out: &mut dyn Write,
 ) -> Result<()> {
     let mut keys = default_emacs_keybindings();
@@ -265,7 +421,8 @@ fn interactive_loop(
     let mut editor = Reedline::create()
         .with_edit_mode(Box::new(Emacs::new(keys)))
         .with_history(Box::new(history))
-        .with_validator(Box::new(MultiLine));
+        .with_validator(Box::new(MultiLine))
+        .use_bracketed_paste(true);
     let think = match a.think.think {
         Some(OnOff::On) => "on",
         Some(OnOff::Off) => "off",
@@ -291,7 +448,7 @@ fn interactive_loop(
         if text.is_empty() {
             continue;
         }
-        match command(&text, s) {
+        match command(&text, s, c) {
             Input::Exit => break,
             Input::Note(n) => {
                 writeln!(
@@ -323,8 +480,16 @@ fn interactive_loop(
                     out.flush()?;
                     Ok(())
                 };
-                let r = reply(s, m, params, &mut on_piece);
+                let r = reply(s, m, &c.params, &mut on_piece);
                 write!(out, "{}", SetAttribute(Attribute::Reset))?;
+                if let Some(n) = dropped_note(s) {
+                    write!(
+                        out,
+                        "\n{}{n}{}",
+                        SetAttribute(Attribute::Dim),
+                        SetAttribute(Attribute::Reset)
+                    )?;
+                }
                 match r {
                     Ok(o) => {
                         let note = if o.stop == StopReason::Interrupted {

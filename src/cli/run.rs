@@ -112,11 +112,19 @@ pub fn run(a: RunArgs, out: &mut dyn Write) -> Result<()> {
         eprintln!("warning: this model's vocabulary has no <think> tokens; --think has no effect");
     }
     // The prompt tokens, and how the reply is read.
-    let (tokens, mut engine) = if a.raw {
+    let template = opts.template.load(g.metadata(), &engine.tok)?;
+    // A base model (no template of its own, none given): complete the text, as --raw.
+    let raw = a.raw || template.fallback;
+    if template.fallback && !a.raw && !a.model.quiet {
+        eprintln!(
+            "warning: this model has no chat template: completing the prompt as raw text \
+             (--chat-template NAME chats with it; --raw says this is meant)"
+        );
+    }
+    let (tokens, mut engine) = if raw {
         let t = engine.tok.encode(&user, true)?;
         (t, engine)
     } else {
-        let template = opts.template.load(g.metadata(), &engine.tok)?;
         let mut s = Session::new(engine, template);
         s.system = a.system.clone();
         s.think = a.think.enable();
