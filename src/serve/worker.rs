@@ -288,6 +288,12 @@ fn serve_jobs(
     let (g, dev) = load::open(&mut args)?;
     let l = load::load(&g, dev.as_ref(), &args)?;
     let template = args.template.load(g.metadata(), &l.tok)?;
+    if template.fallback {
+        eprintln!(
+            "warning: this model has no chat template: the chat endpoints use ChatML \
+             (--chat-template NAME chooses one); /v1/completions and raw generate complete text"
+        );
+    }
     let tok = l.tok;
     // The name the user gave (a path's file name).
     let name = match std::path::Path::new(&args.name).file_name() {
