@@ -96,6 +96,46 @@ fn reader_and_info_agree_with_gguf_py_on_every_fixture() {
     }
 }
 
+/// IQ4_XS (issue 26's first i-quant): our dequantizer against gguf-py's, bit for bit, on
+/// tensors our reference quantizer wrote from fresh random values and on raw random blocks
+/// (every scale and code pattern; the f16 scale kept finite).
+#[test]
+fn iq4_xs_dequantizes_as_gguf_py_does() {
+    use ggrun::gguf::{GgufWriter, Value};
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("seed {seed}");
+    let mut state = seed | 1;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let (rows, cols) = (8usize, 1024usize);
+    let x: Vec<f32> = (0..rows * cols)
+        .map(|_| ((next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 3.0)
+        .collect();
+    let ty = GgmlType::IQ4_XS;
+    let mut quantized = vec![0u8; ty.row_bytes((rows * cols) as u64).unwrap() as usize];
+    reference_quantize_fn(ty).unwrap()(&x, &mut quantized);
+    let mut raw: Vec<u8> = (0..quantized.len()).map(|_| next() as u8).collect();
+    for block in raw.chunks_mut(136) {
+        // A finite f16 scale: exponent bits below all-ones.
+        block[1] &= 0xbb;
+    }
+    let mut w = GgufWriter::new();
+    w.kv("general.architecture", Value::str("llama"))
+        .tensor("quantized", &[cols as u64, rows as u64], ty, quantized)
+        .tensor("raw", &[cols as u64, rows as u64], ty, raw);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("iq4_xs.gguf");
+    w.write(&path).unwrap();
+    check_against_gguf_py(&path);
+}
+
 #[test]
 fn reader_and_info_agree_with_gguf_py_on_smollm2() {
     check_against_gguf_py(&common::smollm2());

@@ -71,7 +71,7 @@ pub(crate) fn h(b: [u8; 2]) -> f32 {
 }
 
 #[inline]
-fn to_h(x: f32) -> [u8; 2] {
+pub(crate) fn to_h(x: f32) -> [u8; 2] {
     f32_to_f16(x).to_le_bytes()
 }
 
@@ -189,7 +189,7 @@ fn min_max(x: &[f32]) -> (f32, f32) {
 }
 
 #[inline]
-fn inv(d: f32) -> f32 {
+pub(crate) fn inv(d: f32) -> f32 {
     if d != 0.0 {
         1.0 / d
     } else {
@@ -331,7 +331,7 @@ pub fn quantize_q8_1(x: &[f32], out: &mut [BlockQ8_1]) {
 /// Index of the codebook entry nearest to `x` (ggml's `best_index_int8`: binary search; an exact
 /// midpoint goes to the upper entry).
 #[inline]
-fn iq4nl_index(x: f32) -> u8 {
+pub(crate) fn iq4nl_index(x: f32) -> u8 {
     let val = &IQ4NL_VALUES;
     if x <= val[0] as f32 {
         return 0;
@@ -355,39 +355,50 @@ fn iq4nl_index(x: f32) -> u8 {
     }
 }
 
-/// IQ4_NL as llama-quantize writes it without an importance matrix (ggml's `quantize_iq4_nl`:
-/// weights x², a search over 15 scales around amax/127, then a final pass at the best scale).
-pub fn quantize_iq4_nl(x: &[f32], out: &mut [BlockIq4Nl]) {
+/// The scale of one block of 32 on IQ4_NL's codebook as ggml's `quantize_row_iq4_nl_impl` finds
+/// it without an importance matrix: weights x², a search over 15 scales around amax/127, the
+/// best by weighted least squares; `None` for a block whose magnitude is below 1e-15. IQ4_NL
+/// stores it; IQ4_XS rounds it onto a 6-bit grid under its super-block's scale.
+pub(crate) fn iq4_block_scale(xb: &[f32]) -> Option<f32> {
     const NTRY: i32 = 7;
     let vals = IQ4NL_VALUES.map(|v| v as f32);
+    let max = signed_absmax(xb);
+    if max.abs() < 1e-15 {
+        return None;
+    }
+    let score = |id: f32| {
+        let (mut sumqx, mut sumq2) = (0.0f32, 0.0f32);
+        for &v in xb {
+            let q = vals[iq4nl_index(id * v) as usize];
+            let w = v * v;
+            sumqx += w * q * v;
+            sumq2 += w * q * q;
+        }
+        (sumqx, sumq2)
+    };
+    let d0 = -max / vals[0];
+    let (sumqx, sumq2) = score(1.0 / d0);
+    let mut d = if sumq2 > 0.0 { sumqx / sumq2 } else { 0.0 };
+    let mut best = d * sumqx;
+    for itry in -NTRY..=NTRY {
+        let (sumqx, sumq2) = score((itry as f32 + vals[0]) / max);
+        if sumq2 > 0.0 && sumqx * sumqx > best * sumq2 {
+            d = sumqx / sumq2;
+            best = d * sumqx;
+        }
+    }
+    Some(d)
+}
+
+/// IQ4_NL as llama-quantize writes it without an importance matrix (ggml's `quantize_iq4_nl`:
+/// [`iq4_block_scale`], then a final pass at that scale).
+pub fn quantize_iq4_nl(x: &[f32], out: &mut [BlockIq4Nl]) {
     for (xb, b) in x.chunks_exact(QK).zip(out.iter_mut()) {
-        let max = signed_absmax(xb);
         b.qs = [0; 16];
-        if max.abs() < 1e-15 {
+        let Some(d) = iq4_block_scale(xb) else {
             b.d = to_h(0.0);
             continue;
-        }
-        let score = |id: f32| {
-            let (mut sumqx, mut sumq2) = (0.0f32, 0.0f32);
-            for &v in xb {
-                let q = vals[iq4nl_index(id * v) as usize];
-                let w = v * v;
-                sumqx += w * q * v;
-                sumq2 += w * q * q;
-            }
-            (sumqx, sumq2)
         };
-        let d0 = -max / vals[0];
-        let (sumqx, sumq2) = score(1.0 / d0);
-        let mut d = if sumq2 > 0.0 { sumqx / sumq2 } else { 0.0 };
-        let mut best = d * sumqx;
-        for itry in -NTRY..=NTRY {
-            let (sumqx, sumq2) = score((itry as f32 + vals[0]) / max);
-            if sumq2 > 0.0 && sumqx * sumqx > best * sumq2 {
-                d = sumqx / sumq2;
-                best = d * sumqx;
-            }
-        }
         b.d = to_h(d);
         let id = inv(d);
         for j in 0..16 {

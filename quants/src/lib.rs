@@ -10,6 +10,7 @@
 //! type `t` is `t.row_bytes(n)` bytes.
 
 pub mod float;
+pub mod iquants;
 pub mod isa;
 pub mod kquants;
 pub mod legacy;
@@ -140,7 +141,7 @@ macro_rules! bytes_fn {
 pub(crate) mod scalar {
     //! Byte-slice entry points of the scalar reference kernels.
     use super::*;
-    use crate::{kquants as k, legacy as l, mxfp4 as m};
+    use crate::{iquants as i, kquants as k, legacy as l, mxfp4 as m};
     bytes_fn!(dequant dq_q4_0, l::dequantize_q4_0);
     bytes_fn!(dequant dq_q4_1, l::dequantize_q4_1);
     bytes_fn!(dequant dq_q5_0, l::dequantize_q5_0);
@@ -149,6 +150,7 @@ pub(crate) mod scalar {
     bytes_fn!(dequant dq_q8_1, l::dequantize_q8_1);
     bytes_fn!(dequant dq_iq4_nl, l::dequantize_iq4_nl);
     bytes_fn!(dequant dq_mxfp4, m::dequantize_mxfp4);
+    bytes_fn!(dequant dq_iq4_xs, i::dequantize_iq4_xs);
     bytes_fn!(dequant dq_q2_k, k::dequantize_q2k);
     bytes_fn!(dequant dq_q3_k, k::dequantize_q3k);
     bytes_fn!(dequant dq_q4_k, k::dequantize_q4k);
@@ -165,6 +167,7 @@ pub(crate) mod scalar {
     bytes_fn!(quant q_q8_1_ref, l::quantize_q8_1_ref);
     bytes_fn!(quant q_iq4_nl, l::quantize_iq4_nl);
     bytes_fn!(quant q_mxfp4, m::quantize_mxfp4);
+    bytes_fn!(quant q_iq4_xs, i::quantize_iq4_xs);
     bytes_fn!(quant q_q2_k, k::quantize_q2k);
     bytes_fn!(quant q_q3_k, k::quantize_q3k);
     bytes_fn!(quant q_q4_k, k::quantize_q4k);
@@ -178,6 +181,7 @@ pub(crate) mod scalar {
     bytes_fn!(dot dot_q8_0, l::dot_q8_0);
     bytes_fn!(dot dot_iq4_nl, l::dot_iq4_nl);
     bytes_fn!(dot dot_mxfp4, m::dot_mxfp4);
+    bytes_fn!(dot dot_iq4_xs, i::dot_iq4_xs);
     bytes_fn!(dot dot_q2_k, k::dot_q2k);
     bytes_fn!(dot dot_q3_k, k::dot_q3k);
     bytes_fn!(dot dot_q4_k, k::dot_q4k);
@@ -199,6 +203,7 @@ pub fn dequantize_fn(ty: GgmlType) -> Option<DequantizeFn> {
         Q8_0 => scalar::dq_q8_0,
         Q8_1 => scalar::dq_q8_1,
         IQ4_NL => scalar::dq_iq4_nl,
+        IQ4_XS => scalar::dq_iq4_xs,
         MXFP4 => scalar::dq_mxfp4,
         Q2_K => scalar::dq_q2_k,
         Q3_K => scalar::dq_q3_k,
@@ -211,7 +216,8 @@ pub fn dequantize_fn(ty: GgmlType) -> Option<DequantizeFn> {
 }
 
 /// The reference quantizer of `ty`: what llama-quantize writes for a weight of this type when no
-/// importance matrix is given (ggml's `quantize_row_*_ref`; for IQ4_NL, `quantize_iq4_nl`).
+/// importance matrix is given (ggml's `quantize_row_*_ref`; for IQ4_NL and IQ4_XS,
+/// `quantize_iq4_nl` and `quantize_iq4_xs`).
 /// For Q8_0/Q8_1 this is the reference rounding (half away from zero); see
 /// [`Kernels::quantize_act`] for the activation rounding.
 pub fn reference_quantize_fn(ty: GgmlType) -> Option<QuantizeFn> {
@@ -227,6 +233,7 @@ pub fn reference_quantize_fn(ty: GgmlType) -> Option<QuantizeFn> {
         Q8_0 => scalar::q_q8_0_ref,
         Q8_1 => scalar::q_q8_1_ref,
         IQ4_NL => scalar::q_iq4_nl,
+        IQ4_XS => scalar::q_iq4_xs,
         MXFP4 => scalar::q_mxfp4,
         Q2_K => scalar::q_q2_k,
         Q3_K => scalar::q_q3_k,
@@ -252,6 +259,7 @@ pub fn scalar_kernels(ty: GgmlType) -> Option<Kernels> {
         Q5_1 => scalar::dot_q5_1,
         Q8_0 => scalar::dot_q8_0,
         IQ4_NL => scalar::dot_iq4_nl,
+        IQ4_XS => scalar::dot_iq4_xs,
         MXFP4 => scalar::dot_mxfp4,
         Q2_K => scalar::dot_q2_k,
         Q3_K => scalar::dot_q3_k,

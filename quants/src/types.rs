@@ -148,6 +148,7 @@ impl GgmlType {
                 | Q5_1
                 | Q8_0
                 | IQ4_NL
+                | IQ4_XS
                 | MXFP4
                 | Q2_K
                 | Q3_K
@@ -173,7 +174,7 @@ impl GgmlType {
             BF16 => BF16,
             Q4_0 | Q5_0 | Q8_0 | IQ4_NL | MXFP4 => Q8_0,
             Q4_1 | Q5_1 => Q8_1,
-            Q2_K | Q3_K | Q4_K | Q5_K | Q6_K => Q8_K,
+            Q2_K | Q3_K | Q4_K | Q5_K | Q6_K | IQ4_XS => Q8_K,
             _ => return None,
         })
     }

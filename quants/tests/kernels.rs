@@ -2,8 +2,8 @@
 //! data (seeded per run from the clock unless GGRUN_TEST_SEED is set; the seed is printed so a
 //! failure can be replayed).
 //!
-//! Tolerances: dequantize, activation quantizers and K-quant dots are bit-exact (same integers,
-//! same float expression). Legacy and float dots sum block results in another order than the
+//! Tolerances: dequantize, activation quantizers and K-quant and IQ4_XS dots are bit-exact
+//! (same integers, same float expression). Legacy and float dots sum block results in another order than the
 //! scalar loop: |simd − scalar| ≤ 1e-5 · Σ|block terms| + 1e-6; all SIMD tiers of one machine
 //! agree with each other bit for bit.
 
@@ -13,7 +13,7 @@ use ggrun_quants::{
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-const WEIGHT_TYPES: [GgmlType; 15] = [
+const WEIGHT_TYPES: [GgmlType; 16] = [
     GgmlType::F32,
     GgmlType::F16,
     GgmlType::BF16,
@@ -23,6 +23,7 @@ const WEIGHT_TYPES: [GgmlType; 15] = [
     GgmlType::Q5_1,
     GgmlType::Q8_0,
     GgmlType::IQ4_NL,
+    GgmlType::IQ4_XS,
     GgmlType::MXFP4,
     GgmlType::Q2_K,
     GgmlType::Q3_K,
@@ -140,7 +141,7 @@ fn dot_products_match_scalar_on_every_tier() {
                         f.to_bits(),
                         "{ty} {isa:?} n={n}: tiers disagree"
                     );
-                    if ty.is_k_quant() {
+                    if ty.is_k_quant() || ty == GgmlType::IQ4_XS {
                         assert_eq!(
                             got.to_bits(),
                             want.to_bits(),
@@ -246,6 +247,8 @@ fn reference_quantizers_round_trip_within_their_step() {
         GgmlType::Q8_0 => 0.01,
         GgmlType::Q6_K | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q5_K => 0.07,
         GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4_K | GgmlType::IQ4_NL => 0.14,
+        // The sub-block scale on a 6-bit grid under the super-block's adds its rounding.
+        GgmlType::IQ4_XS => 0.2,
         GgmlType::Q3_K => 0.3,
         _ => 0.6,
     };
