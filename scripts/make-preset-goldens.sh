@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Goldens for the real-width presets from llama.cpp, through ../shared/tools/llamacpp_side.py
-# (llama-cpp-python 0.3.36, CPU build): one-layer files of qwen3moe-30b-a3b (Q4_K_M) and
-# gpt-oss-20b (MXFP4_MOE), rebuilt by `ggrun gen-model` in tests/presets.rs and checked against
+# (llama-cpp-python 0.3.36, CPU build): one-layer files of qwen3moe-30b-a3b (Q4_K_M, IQ4_XS)
+# and gpt-oss-20b (MXFP4_MOE), rebuilt by `ggrun gen-model` in tests/presets.rs and checked against
 # the golden's sha256.
-#   scripts/make-preset-goldens.sh            # writes tests/data/presets/*.golden.json
+#   scripts/make-preset-goldens.sh [PRESET:MIX ...]   # writes tests/data/presets/*.golden.json
 # Per file: the generator command, sha256, prompt, llama.cpp's token ids and greedy
 # continuation, and of each logit row (one per prompt position from one batched eval, then one
 # per greedy decode step) llama.cpp's 32 largest logits as [id, logit] (whole rows of these
@@ -18,7 +18,9 @@ cargo build --release -q
 bin=target/release/ggrun
 mkdir -p "$out"
 decode=8
-for spec in qwen3moe-30b-a3b:q4_k_m gpt-oss-20b:mxfp4; do
+specs=("$@")
+[ ${#specs[@]} -gt 0 ] || specs=(qwen3moe-30b-a3b:q4_k_m qwen3moe-30b-a3b:iq4_xs gpt-oss-20b:mxfp4)
+for spec in "${specs[@]}"; do
   preset=${spec%%:*}; mix=${spec##*:}; name="$preset-$mix-1layer"
   case $preset in
     qwen*) prompt=$'<|im_start|>user\nWhy does a hybrid model need less memory for long contexts?<|im_end|>\n<|im_start|>assistant\n' ;;

@@ -6,7 +6,9 @@
 //!   logits of each row (full rows of a 150-200k vocabulary are too large to keep); on every
 //!   row our top-1 is llama.cpp's unless llama.cpp's own top two are within 1% of its top-32
 //!   spread, and over llama.cpp's top-32 ids our logits are within 2% of that spread (rel-RMS
-//!   ≤ 0.02 per row, median ≤ 0.01), the normal-mode bound of the quantized fixtures.
+//!   ≤ 0.02 per row, median ≤ 0.01), the normal-mode bound of the quantized fixtures;
+//! - (ignored: needs llama-quantize, scripts/check-quantizers.sh) our reference quantizers
+//!   write what llama-quantize writes, byte for byte.
 
 mod common;
 
@@ -31,6 +33,7 @@ fn our_mix(quantize_name: &str) -> &'static str {
         "Q4_0" => "q4_0",
         "Q4_K_M" => "q4_k_m",
         "MXFP4_MOE" => "mxfp4",
+        "IQ4_XS" => "iq4_xs",
         other => panic!("no generator mix for {other}"),
     }
 }
@@ -44,7 +47,7 @@ fn every_tensor_has_the_type_llama_quantize_picks() {
         .filter(|p| p.extension().is_some_and(|e| e == "tsv"))
         .collect();
     tables.sort();
-    assert!(tables.len() >= 7, "mix tables missing");
+    assert!(tables.len() >= 9, "mix tables missing");
     for table in tables {
         let stem = table.file_stem().unwrap().to_string_lossy().to_string();
         let (preset, mix) = stem.rsplit_once('-').unwrap();
@@ -100,7 +103,7 @@ fn llama_cpp_runs_one_layer_presets_as_we_do() {
         .filter(|p| p.to_string_lossy().ends_with(".golden.json"))
         .collect();
     goldens.sort();
-    assert_eq!(goldens.len(), 2, "preset goldens missing");
+    assert_eq!(goldens.len(), 3, "preset goldens missing");
     let cpu = Cpu::new(0, Precision::Normal).unwrap();
     for golden in goldens {
         let j = read_json(&golden);
@@ -184,4 +187,49 @@ fn generate(command: &str, path: &Path) {
         })
         .collect();
     stdout_of(ggrun().args(&args));
+}
+
+/// Our reference quantizers against llama-quantize, byte for byte, on every quantized tensor of
+/// a file it wrote from one of ours: `GGRUN_QUANTIZED=OUT.gguf GGRUN_SOURCE=IN.gguf`, where OUT
+/// is `llama-quantize IN OUT TYPE` (scripts/check-quantizers.sh makes both). Needs llama.cpp,
+/// which CI does not build: run by that script.
+#[test]
+#[ignore]
+fn reference_quantizers_write_what_llama_quantize_writes() {
+    let (Some(q), Some(src)) = (
+        std::env::var_os("GGRUN_QUANTIZED"),
+        std::env::var_os("GGRUN_SOURCE"),
+    ) else {
+        panic!("set GGRUN_QUANTIZED and GGRUN_SOURCE (scripts/check-quantizers.sh)");
+    };
+    let q = Model::open(Path::new(&q)).unwrap();
+    let src = Model::open(Path::new(&src)).unwrap();
+    let mut checked = std::collections::BTreeMap::<String, (usize, usize)>::new();
+    for t in q.tensors() {
+        let ty = t.ty;
+        if matches!(
+            ty,
+            ggrun_quants::GgmlType::F32 | ggrun_quants::GgmlType::F16
+        ) {
+            continue;
+        }
+        let want = q.tensor(&t.name).unwrap();
+        let x = src.tensor(&t.name).unwrap().to_f32().unwrap();
+        let mut ours = vec![0u8; want.data.len()];
+        ggrun_quants::quantize_row(ty, &x, &mut ours).unwrap();
+        let bs = ty.type_size();
+        let differ = ours
+            .chunks(bs)
+            .zip(want.data.chunks(bs))
+            .filter(|(a, b)| a != b)
+            .count();
+        let e = checked.entry(ty.name().to_string()).or_default();
+        e.0 += ours.len() / bs;
+        e.1 += differ;
+    }
+    eprintln!("blocks (total, differing) per type: {checked:?}");
+    assert!(!checked.is_empty());
+    for (ty, (_, differ)) in &checked {
+        assert_eq!(*differ, 0, "{ty}: {checked:?}");
+    }
 }

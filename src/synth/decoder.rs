@@ -64,6 +64,7 @@ pub enum PresetMix {
     Q4_0,
     Q4KM,
     Mxfp4,
+    Iq4Xs,
 }
 
 impl PresetMix {
@@ -75,7 +76,10 @@ impl PresetMix {
             "q4_0" => PresetMix::Q4_0,
             "q4_k_m" => PresetMix::Q4KM,
             "mxfp4" => PresetMix::Mxfp4,
-            _ => bail!("unknown mix {s} for this preset (f32, f16, q8_0, q4_0, q4_k_m, mxfp4)"),
+            "iq4_xs" => PresetMix::Iq4Xs,
+            _ => bail!(
+                "unknown mix {s} for this preset (f32, f16, q8_0, q4_0, q4_k_m, mxfp4, iq4_xs)"
+            ),
         })
     }
 
@@ -87,6 +91,7 @@ impl PresetMix {
             PresetMix::Q4_0 => 2,
             PresetMix::Q4KM => 15,
             PresetMix::Mxfp4 => 38,
+            PresetMix::Iq4Xs => 30,
         }
     }
 
@@ -112,6 +117,14 @@ impl PresetMix {
                     Q6_K
                 }
                 _ => Q4_K,
+            },
+            // Measured (tests/data/mixes/*-IQ4_XS.tsv): attn_v and the first eighth of the
+            // layers' down projections get Q5_K, the output Q6_K.
+            PresetMix::Iq4Xs => match role {
+                Role::Output => Q6_K,
+                Role::AttnV { .. } => Q5_K,
+                Role::FfnDown { layer } | Role::ExpDown { layer } if layer < n_layer / 8 => Q5_K,
+                _ => IQ4_XS,
             },
         };
         fallback(want, ne0)

@@ -118,11 +118,12 @@ fn pick_type(mix: Mix, role: Role, ne0: u64) -> GgmlType {
 /// on rows that are not whole 256-blocks).
 pub(crate) fn fallback(want: GgmlType, ne0: u64) -> GgmlType {
     use GgmlType::*;
-    if want.is_k_quant() && !ne0.is_multiple_of(256) {
+    if want.block_size() == 256 && !ne0.is_multiple_of(256) {
         match want {
             Q4_K => Q5_0,
             Q5_K => Q5_1,
             Q6_K => Q8_0,
+            IQ4_XS => IQ4_NL,
             _ => Q4_0,
         }
     } else {
