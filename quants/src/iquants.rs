@@ -90,12 +90,13 @@ pub fn quantize_iq4_xs(x: &[f32], out: &mut [BlockIq4Xs]) {
     }
 }
 
-/// Weight row · Q8_K activation row: per sub-block the integer sum of code values times
-/// activations, scaled by d_w · d_a · l (llama.cpp's order: `(d_w·d_a·l) · Σ`).
+/// Weight row · Q8_K activation row: per super-block the exact integer Σ_sub-blocks l · Σ(code
+/// value · activation), times d_w · d_a, summed over super-blocks in order (the SIMD kernels
+/// compute the same integers and the same float expression: bit-exact).
 pub fn dot_iq4_xs(w: &[BlockIq4Xs], a: &[BlockQ8K]) -> f32 {
     let mut sum = 0.0f32;
     for (w, a) in w.iter().zip(a) {
-        let dd = h(w.d) * a.d();
+        let mut isum = 0i32;
         for ib in 0..8 {
             let q8 = &a.qs[32 * ib..32 * ib + 32];
             let s: i32 = w
@@ -104,8 +105,9 @@ pub fn dot_iq4_xs(w: &[BlockIq4Xs], a: &[BlockQ8K]) -> f32 {
                 .zip(q8)
                 .map(|(&c, &x)| IQ4NL_VALUES[c as usize] as i32 * x as i32)
                 .sum();
-            sum += dd * w.scale(ib) as f32 * s as f32;
+            isum += w.scale(ib) * s;
         }
+        sum += h(w.d) * a.d() * isum as f32;
     }
     sum
 }

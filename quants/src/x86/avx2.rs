@@ -667,6 +667,7 @@ entry!(dot dot_q3_k, dot_q3k_impl);
 entry!(dot dot_q5_k, dot_q5k_impl);
 entry!(dot dot_q6_k, dot_q6k_impl);
 entry!(dot dot_iq4_xs, dot_iq4_xs_impl);
+entry!(dot4 dot4_iq4_xs, dot4_iq4_xs_impl);
 entry!(dot dot_f32, dot_f32_impl);
 entry!(dot dot_f16, dot_f16_impl);
 entry!(dot dot_bf16, dot_bf16_impl);
@@ -677,28 +678,73 @@ entry!(dequant dequant_iq4_nl, dequant_iq4_nl_impl);
 entry!(quant quantize_q8_0, quantize_q8_0_impl);
 entry!(quant quantize_q8_1, quantize_q8_1_impl);
 
-/// IQ4_XS · Q8_K: each sub-block's codes looked up to signed bytes (IQ4_NL's codebook), the
-/// integer sums by `vpmaddubsw`, then the scalar reference's float expression per sub-block, in
-/// its order: bit-exact with it.
+/// IQ4_XS sub-block `ib`'s codes looked up to signed bytes (IQ4_NL's codebook), in element
+/// order, and their absolute values (for `vpmaddubsw`'s unsigned operand).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn iq4_xs_i8(table: __m256i, w: &BlockIq4Xs, ib: usize) -> (__m256i, __m256i) {
+    let qs: &[u8; 16] = w.qs[16 * ib..16 * ib + 16].try_into().unwrap();
+    let v = _mm256_shuffle_epi8(table, nibbles(qs));
+    (v, _mm256_sign_epi8(v, v))
+}
+
+/// Σ_sub-blocks l · Σ(value · activation) of one super-block against one activation block, as
+/// 8 lanes of i32: the pair sums of `vpmaddubsw` weighted by l in `vpmaddwd`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn iq4_xs_block(units: &[(__m256i, __m256i); 8], ls: &[i16; 8], a: &BlockQ8K) -> i32 {
+    let mut acc = _mm256_setzero_si256();
+    for (ib, &(v, av)) in units.iter().enumerate() {
+        let x = _mm256_loadu_si256(a.qs[32 * ib..].as_ptr().cast());
+        let p = _mm256_maddubs_epi16(av, _mm256_sign_epi8(x, v));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(ls[ib])));
+    }
+    hsum_epi32(acc)
+}
+
+/// A super-block unpacked once: its eight sub-blocks' values and scales.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn iq4_xs_unpack(table: __m256i, w: &BlockIq4Xs) -> ([(__m256i, __m256i); 8], [i16; 8]) {
+    let units = std::array::from_fn(|ib| iq4_xs_i8(table, w, ib));
+    (units, std::array::from_fn(|ib| w.scale(ib) as i16))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn iq4_table() -> __m256i {
+    let t = _mm_loadu_si128(IQ4NL_VALUES.as_ptr().cast());
+    _mm256_set_m128i(t, t)
+}
+
+/// IQ4_XS · Q8_K, bit-exact with the scalar reference (the same integers per super-block, the
+/// same float expression and order).
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_iq4_xs_impl(w: &[BlockIq4Xs], a: &[BlockQ8K]) -> f32 {
-    let t = _mm_loadu_si128(IQ4NL_VALUES.as_ptr().cast());
-    let table = _mm256_set_m128i(t, t);
+    let table = iq4_table();
     let mut sum = 0.0f32;
     for (w, a) in w.iter().zip(a) {
-        let dd = h(w.d) * a.d();
-        let mut s = [0i32; 8];
-        for (ib, s) in s.iter_mut().enumerate() {
-            let qs: &[u8; 16] = w.qs[16 * ib..16 * ib + 16].try_into().unwrap();
-            let wv = _mm256_shuffle_epi8(table, nibbles(qs));
-            let av = _mm256_loadu_si256(a.qs[32 * ib..].as_ptr().cast());
-            *s = hsum_epi32(dot_i8(wv, av));
-        }
-        for (ib, &s) in s.iter().enumerate() {
-            sum += dd * w.scale(ib) as f32 * s as f32;
-        }
+        let (units, ls) = iq4_xs_unpack(table, w);
+        sum += h(w.d) * a.d() * iq4_xs_block(&units, &ls, a) as f32;
     }
     sum
+}
+
+/// Four activation rows at once, each super-block unpacked once; each result equals the
+/// single-row dot's bit for bit.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot4_iq4_xs_impl(w: &[BlockIq4Xs], a: [&[BlockQ8K]; 4], out: &mut [f32; 4]) {
+    let table = iq4_table();
+    let mut sum = [0.0f32; 4];
+    for (i, w) in w.iter().enumerate() {
+        let (units, ls) = iq4_xs_unpack(table, w);
+        let d = h(w.d);
+        for (s, ar) in sum.iter_mut().zip(&a) {
+            let y = &ar[i];
+            *s += d * y.d() * iq4_xs_block(&units, &ls, y) as f32;
+        }
+    }
+    *out = sum;
 }
 
 // ---------------------------------------------------------------------------------------------

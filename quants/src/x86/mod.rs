@@ -50,7 +50,7 @@ pub(crate) fn specialize(mut k: Kernels, isa: Isa) -> Kernels {
         Q4_K => (k.dot, k.tile) = (avx2::dot_q4_k, t4(avx2::tile_q4_k)),
         Q5_K => k.dot = avx2::dot_q5_k,
         Q6_K => k.dot = avx2::dot_q6_k,
-        IQ4_XS => k.dot = avx2::dot_iq4_xs,
+        IQ4_XS => (k.dot, k.dot4) = (avx2::dot_iq4_xs, d4(avx2::dot4_iq4_xs)),
         F32 => k.dot = avx2::dot_f32,
         F16 => k.dot = avx2::dot_f16,
         BF16 => k.dot = avx2::dot_bf16,
