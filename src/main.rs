@@ -6,7 +6,7 @@
 /// prefill) would otherwise be fresh mmap'd, page-faulted and zeroed memory on every call.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use ggrun::cli::{run, Exit};
+use ggrun::cli::{is_closed_pipe, run, Exit};
 
 fn main() {
     let cli = match ggrun::cli::parse(std::env::args_os()) {
@@ -31,11 +31,7 @@ fn main() {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     if let Err(e) = run(cli, &mut out) {
-        let broken_pipe = e.chain().any(|c| {
-            c.downcast_ref::<std::io::Error>()
-                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-        });
-        if broken_pipe {
+        if is_closed_pipe(&e) {
             std::process::exit(0);
         }
         if e.downcast_ref::<ggrun::engine::load::Interrupted>()

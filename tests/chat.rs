@@ -290,31 +290,22 @@ fn raw_greedy_run_reproduces_llama_cpp_on_smollm2() {
 
 #[test]
 fn stdin_prompt_and_stop_strings() {
-    let mut child = common::ggrun()
-        .args([
-            "run",
-            "-q",
-            "--temp",
-            "0",
-            "-n",
-            "40",
-            "--stop",
-            "Black Sea",
-            "-m",
-        ])
-        .arg(common::smollm2())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"Name three rivers in Europe.\n")
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
+    let o = common::output_with_stdin(
+        common::ggrun()
+            .args([
+                "run",
+                "-q",
+                "--temp",
+                "0",
+                "-n",
+                "40",
+                "--stop",
+                "Black Sea",
+                "-m",
+            ])
+            .arg(common::smollm2()),
+        b"Name three rivers in Europe.\n",
+    );
     assert!(o.status.success());
     let text = String::from_utf8(o.stdout).unwrap();
     let full = golden()["generated_text"].as_str().unwrap().to_string();
@@ -577,22 +568,12 @@ fn chat_line_mode_answers_each_line_and_saves() {
         saved.display(),
         saved.display()
     );
-    let mut child = common::ggrun()
-        .args(["chat", "--temp", "0", "-n", "32", "-m"])
-        .arg(common::smollm2())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
+    let o = common::output_with_stdin(
+        common::ggrun()
+            .args(["chat", "--temp", "0", "-n", "32", "-m"])
+            .arg(common::smollm2()),
+        input.as_bytes(),
+    );
     assert!(o.status.success());
     let out = String::from_utf8(o.stdout).unwrap();
     assert_eq!(

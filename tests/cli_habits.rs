@@ -435,20 +435,7 @@ fn a_model_without_a_chat_template_completes_raw_text() {
         "{v}"
     );
     // chat: warned once, and it goes on.
-    let mut c = common::ggrun();
-    c.args(["chat", "-m", m, "-n", "3"]);
-    c.stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut child = c.spawn().unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"Hello\nAgain\n")
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
+    let o = chat_lines(&["-m", m, "-n", "3"], "Hello\nAgain\n");
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(
         stderr(&o).matches("no chat template").count(),
@@ -461,22 +448,7 @@ fn a_model_without_a_chat_template_completes_raw_text() {
 
 /// `ggrun chat` in line mode with `input` on stdin.
 fn chat_lines(args: &[&str], input: &str) -> Output {
-    use std::io::Write;
-    let mut child = common::ggrun()
-        .arg("chat")
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+    common::output_with_stdin(common::ggrun().arg("chat").args(args), input.as_bytes())
 }
 
 #[test]

@@ -353,8 +353,6 @@ fn thinking_off_gives_harmony_an_empty_analysis() {
 /// the conversation saves with both exchanges.
 #[test]
 fn chat_works_on_each_tiny_decoder() {
-    use std::io::Write;
-    use std::process::Stdio;
     let dir = tempfile::tempdir().unwrap();
     for arch in ["qwen2", "qwen3", "qwen3moe", "gemma3", "gpt-oss"] {
         let p = dir.path().join(format!("{arch}.gguf"));
@@ -364,22 +362,13 @@ fn chat_works_on_each_tiny_decoder() {
                 .arg(&p),
         );
         let saved = dir.path().join(format!("{arch}.json"));
-        let mut child = ggrun()
-            .args(["chat", "--temp", "0", "-n", "6", "-m"])
-            .arg(&p)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
         let input = format!("Hello there\nAnd again\n/save {}\n/exit\n", saved.display());
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-        let o = child.wait_with_output().unwrap();
+        let o = output_with_stdin(
+            ggrun()
+                .args(["chat", "--temp", "0", "-n", "6", "-m"])
+                .arg(&p),
+            input.as_bytes(),
+        );
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(o.status.success(), "{arch}: {err}");
         let conv = read_json(&saved);

@@ -9,7 +9,7 @@ use std::net::TcpStream;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::server::{post, start};
+use common::server::{post, start, Server};
 use serde_json::{json, Value};
 
 /// Held by each test: the timings of one must not include the other's load.
@@ -51,21 +51,8 @@ fn stream_times(addr: &str, body: &Value, first: std::sync::mpsc::Sender<()>) ->
 #[test]
 fn a_megabyte_prompt_does_not_stall_another_clients_reply() {
     let _alone = ALONE.lock().unwrap_or_else(|e| e.into_inner());
-    // One compute thread, so the blocking pool has a core of its own to tokenize on.
-    let s = start(&["--parallel", "2", "-t", "1"]);
-    let addr = s.addr.clone();
-    let (first_tx, first) = std::sync::mpsc::channel();
-    let reply = std::thread::spawn(move || {
-        stream_times(
-            &addr,
-            &json!({"messages": [{"role": "user", "content": "Tell me about rivers."}],
-                    "max_tokens": 64, "temperature": 0, "stream": true}),
-            first_tx,
-        )
-    });
-    // Once the reply streams (its prompt is read), a megabyte of one word (too long for the
-    // context: it is tokenized, then refused).
-    first.recv().unwrap();
+    let (s, reply) = a_streamed_reply();
+    // A megabyte of one word (too long for the context: it is tokenized, then refused).
     let word = "x".repeat(1 << 20);
     let t0 = Instant::now();
     let (status, _, text) = post(
@@ -87,17 +74,10 @@ fn a_megabyte_prompt_does_not_stall_another_clients_reply() {
     );
 }
 
-/// The longest gap between consecutive chunks, and the median.
-fn steps(times: &[Instant]) -> (Duration, Duration) {
-    let mut gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
-    gaps.sort();
-    (gaps[gaps.len() / 2], *gaps.last().unwrap())
-}
-
-#[test]
-fn a_hostile_schema_does_not_stall_another_clients_reply() {
-    let _alone = ALONE.lock().unwrap_or_else(|e| e.into_inner());
-    // One compute thread, so a grammar's thread has a core of its own.
+/// A server with two slots and one compute thread (so that the work under test, tokenizing or
+/// a grammar's thread, has a core of its own), and a chat reply streaming from it: returns once
+/// the reply's first chunk arrived (its prompt is read); the handle gives its chunks' times.
+fn a_streamed_reply() -> (Server, std::thread::JoinHandle<Vec<Instant>>) {
     let s = start(&["--parallel", "2", "-t", "1"]);
     let addr = s.addr.clone();
     let (first_tx, first) = std::sync::mpsc::channel();
@@ -109,6 +89,21 @@ fn a_hostile_schema_does_not_stall_another_clients_reply() {
             first_tx,
         )
     });
+    first.recv().unwrap();
+    (s, reply)
+}
+
+/// The longest gap between consecutive chunks, and the median.
+fn steps(times: &[Instant]) -> (Duration, Duration) {
+    let mut gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
+    gaps.sort();
+    (gaps[gaps.len() / 2], *gaps.last().unwrap())
+}
+
+#[test]
+fn a_hostile_schema_does_not_stall_another_clients_reply() {
+    let _alone = ALONE.lock().unwrap_or_else(|e| e.into_inner());
+    let (s, reply) = a_streamed_reply();
     // A chain of 2300 optional references: it compiles in tens of milliseconds, then each
     // mask takes hundreds (llguidance's limits end it after the first), far longer than a step.
     let n = 2300;
@@ -125,7 +120,6 @@ fn a_hostile_schema_does_not_stall_another_clients_reply() {
     let schema = json!({"$ref": "#/$defs/d0", "$defs": defs});
     // Sent as a completion of one short prompt, so that its prefill costs the other reply
     // nothing worth timing.
-    first.recv().unwrap();
     let mut hostile = Vec::new();
     for _ in 0..2 {
         let t0 = Instant::now();

@@ -34,6 +34,17 @@ pub enum ContextPolicy {
     Error,
 }
 
+impl std::str::FromStr for ContextPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<ContextPolicy, String> {
+        match s {
+            "drop" => Ok(ContextPolicy::Drop),
+            "error" => Ok(ContextPolicy::Error),
+            _ => Err(format!("{s}: drop or error")),
+        }
+    }
+}
+
 pub struct Session<'m> {
     pub engine: Engine<'m>,
     pub template: ChatTemplate,

@@ -37,20 +37,14 @@ pub struct ChatArgs {
     pub show_think: bool,
     /// When a message does not fit the context: drop the oldest turns (the system prompt
     /// stays) or fail the turn.
-    #[arg(long = "ctx-policy", value_enum, default_value = "drop")]
-    pub ctx_policy: Policy,
+    #[arg(long = "ctx-policy", value_name = "drop|error", default_value = "drop")]
+    pub ctx_policy: ContextPolicy,
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
     pub think: ThinkArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
-}
-
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Policy {
-    Drop,
-    Error,
 }
 
 const HELP: &str = "\
@@ -92,10 +86,7 @@ pub fn run(a: ChatArgs, out: &mut dyn Write) -> Result<()> {
     let mut session = Session::new(engine, template);
     session.system = a.system.clone();
     session.think = a.think.enable();
-    session.policy = match a.ctx_policy {
-        Policy::Drop => ContextPolicy::Drop,
-        Policy::Error => ContextPolicy::Error,
-    };
+    session.policy = a.ctx_policy;
     let params = GenParams {
         max_tokens: a.n_predict,
         sampler: a.sampling.config(g.metadata()),
@@ -331,7 +322,7 @@ fn line_loop(a: &ChatArgs, s: &mut Session, c: &mut Chat, out: &mut dyn Write) -
                 }
                 let o = match r {
                     Ok(o) => o,
-                    Err(e) if is_closed_pipe(&e) => return Err(e),
+                    Err(e) if super::is_closed_pipe(&e) => return Err(e),
                     // A failed turn is reported; the chat goes on (and exits 1 at the end).
                     Err(e) => {
                         eprintln!("error: {e:#}");
@@ -349,13 +340,6 @@ fn line_loop(a: &ChatArgs, s: &mut Session, c: &mut Chat, out: &mut dyn Write) -
         anyhow::bail!("{failed} turn(s) failed");
     }
     Ok(())
-}
-
-fn is_closed_pipe(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        c.downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-    })
 }
 
 struct ChatPrompt;

@@ -273,11 +273,7 @@ pub fn model_path(s: &str) -> Result<PathBuf, String> {
 }
 
 /// A size flag's value (`24GiB`).
-pub fn parse_size_arg(s: &str) -> Result<u64, String> {
-    parse_size(s)
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
+pub fn parse_size(s: &str) -> Result<u64, String> {
     crate::backend::placement::parse_size(s).map_err(|e| e.to_string())
 }
 

@@ -86,7 +86,7 @@ pub enum Command {
     #[command(visible_alias = "list")]
     Ls {
         /// The budget to judge against (default: the GPU's free memory, when there is one).
-        #[arg(long = "gpu-mem", value_parser = common::parse_size_arg, value_name = "SIZE")]
+        #[arg(long = "gpu-mem", value_parser = common::parse_size, value_name = "SIZE")]
         gpu_mem: Option<u64>,
         /// One JSON object per line.
         #[arg(long)]
@@ -332,6 +332,15 @@ fn list_models(budget: Option<u64>, json: bool, out: &mut dyn Write) -> anyhow::
         }
     }
     Ok(())
+}
+
+/// Whether `e` comes from writing to a closed pipe (`ggrun ... | head -1`): the reader left,
+/// which ends the program quietly.
+pub fn is_closed_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 /// Runs a parsed command, writing results to `out`.

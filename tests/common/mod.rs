@@ -75,6 +75,20 @@ pub fn ggrun() -> std::process::Command {
     c
 }
 
+/// Runs `cmd` with `input` on its stdin (then closed); its status, stdout and stderr.
+pub fn output_with_stdin(cmd: &mut std::process::Command, input: &[u8]) -> std::process::Output {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
 /// Runs `cmd`, which must succeed (its stderr is the failure message); its stdout.
 pub fn stdout_of(cmd: &mut std::process::Command) -> String {
     let out = cmd.output().unwrap();
