@@ -62,6 +62,11 @@ impl ExecutorNeeds {
         device_state: true,
         expert_staging: true,
     };
+    /// A device-resident pass whose RAM experts run on the CPU (the decoder families').
+    pub const RESIDENT: ExecutorNeeds = ExecutorNeeds {
+        device_state: true,
+        expert_staging: false,
+    };
     /// Products on the device one by one, state and experts on the host.
     pub const PRODUCTS_ONLY: ExecutorNeeds = ExecutorNeeds {
         device_state: false,

@@ -808,44 +808,59 @@ extern "C" __global__ void kv_store(const float* kn, const float* vn, float* kc,
 }
 
 #define ATT_WARPS 4
+// Block (head, token) of ATT_WARPS warps over the positions the token sees: all before it and
+// itself, or the last `window` of them (window 0: no window). Lane j of a warp holds dimensions
+// j, j + 32, ... (head dims up to 256). `sinks` (null: none): one logit per head that joins the
+// softmax's maximum and denominator without a value row (gpt-oss).
 extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS)
     attention(const float* q, const float* kc, const float* vc, float* out, const int* pastp,
-              int nh, int nkv, int hd, float scale) {
+              int nh, int nkv, int hd, float scale, int window, const float* sinks) {
     int past = *pastp;
     __shared__ float acc_s[ATT_WARPS][256];
     __shared__ float m_s[ATT_WARPS], l_s[ATT_WARPS];
     int h = blockIdx.x, ti = blockIdx.y;
     int lane = threadIdx.x % 32, wid = threadIdx.x / 32;
-    int per = hd / 32, kvh = h / (nh / nkv), row = nkv * hd;
-    int n = past + ti + 1;
+    int per = (hd + 31) / 32, kvh = h / (nh / nkv), row = nkv * hd;
+    int end = past + ti + 1;
+    int first = (window > 0 && end > window) ? end - window : 0;
     const float* qh = q + ((long long)ti * nh + h) * hd;
     float qv[8], acc[8];
     for (int j = 0; j < per; j++) {
-        qv[j] = qh[lane + 32 * j];
+        int d = lane + 32 * j;
+        qv[j] = d < hd ? qh[d] : 0.0f;
         acc[j] = 0.0f;
     }
     float m = NEG_INF, l = 0.0f;
-    for (int p = wid; p < n; p += ATT_WARPS) {
+    for (int p = first + wid; p < end; p += ATT_WARPS) {
         const float* kr = kc + (long long)p * row + kvh * hd;
         float s = 0.0f;
-        for (int j = 0; j < per; j++) s = fmaf(qv[j], kr[lane + 32 * j], s);
+        for (int j = 0; j < per; j++) {
+            int d = lane + 32 * j;
+            if (d < hd) s = fmaf(qv[j], kr[d], s);
+        }
         s = warp_sum(s) * scale;
         float mn = fmaxf(m, s);
         float corr = expf(m - mn), e = expf(s - mn);
         l = l * corr + e;
         const float* vr = vc + (long long)p * row + kvh * hd;
-        for (int j = 0; j < per; j++) acc[j] = fmaf(acc[j], corr, e * vr[lane + 32 * j]);
+        for (int j = 0; j < per; j++) {
+            int d = lane + 32 * j;
+            acc[j] = fmaf(acc[j], corr, d < hd ? e * vr[d] : 0.0f);
+        }
         m = mn;
     }
-    for (int j = 0; j < per; j++) acc_s[wid][lane + 32 * j] = acc[j];
+    for (int j = 0; j < per; j++) {
+        int d = lane + 32 * j;
+        if (d < hd) acc_s[wid][d] = acc[j];
+    }
     if (lane == 0) {
         m_s[wid] = m;
         l_s[wid] = l;
     }
     __syncthreads();
-    float mx = NEG_INF;
+    float mx = sinks ? sinks[h] : NEG_INF;
     for (int w = 0; w < ATT_WARPS; w++) mx = fmaxf(mx, m_s[w]);
-    float lsum = 0.0f, f[ATT_WARPS];
+    float lsum = sinks ? expf(sinks[h] - mx) : 0.0f, f[ATT_WARPS];
     for (int w = 0; w < ATT_WARPS; w++) {
         f[w] = l_s[w] > 0.0f ? expf(m_s[w] - mx) : 0.0f;
         lsum += l_s[w] * f[w];
@@ -858,19 +873,37 @@ extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS)
     }
 }
 
-// MoE routing, one warp per token: the k experts with the highest sigmoid(logit) + bias (ties to
-// the lower index), their weights sigmoid(logit) (divided by their sum when `norm`, floored at
-// 2^-14), times `scale`. Writes ids and weights (t × k) and counts each selection in `counts`.
+// MoE routing, one warp per token. `gating` 0: the k experts with the highest
+// sigmoid(logit) + bias (Nemotron-H), weighted by sigmoid(logit); 1: the top k of the softmax
+// over all experts, weighted by their probabilities (qwen3moe); 2: the top k logits, weighted by
+// a softmax over those k (gpt-oss). Ties go to the lower index. With `norm` the weights are
+// divided by their sum (floored at 2^-14); all are multiplied by `scale`. Writes ids and weights
+// (t × k) and counts each selection in `counts`. `bias` is read by gating 0 only.
 extern "C" __global__ void route_topk(const float* logits, const float* bias, int* ids, float* wts,
-                                      unsigned int* counts, int ne, int k, int norm, float scale) {
+                                      unsigned int* counts, int ne, int k, int norm, float scale,
+                                      int gating) {
     __shared__ float sel[1024];
     __shared__ float prob[1024];
     int ti = blockIdx.x, lane = threadIdx.x;
     const float* lr = logits + (long long)ti * ne;
-    for (int e = lane; e < ne; e += 32) {
-        float p = 1.0f / (1.0f + expf(-lr[e]));
-        prob[e] = p;
-        sel[e] = p + bias[e];
+    if (gating == 1) {
+        float mx = NEG_INF;
+        for (int e = lane; e < ne; e += 32) mx = fmaxf(mx, lr[e]);
+        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        float s = 0.0f;
+        for (int e = lane; e < ne; e += 32) s += expf(lr[e] - mx);
+        s = warp_sum(s);
+        for (int e = lane; e < ne; e += 32) {
+            float p = expf(lr[e] - mx) / s;
+            prob[e] = p;
+            sel[e] = p;
+        }
+    } else {
+        for (int e = lane; e < ne; e += 32) {
+            float p = gating == 0 ? 1.0f / (1.0f + expf(-lr[e])) : lr[e];
+            prob[e] = p;
+            sel[e] = gating == 0 ? p + bias[e] : p;
+        }
     }
     __syncwarp();
     float sum = 0.0f;
@@ -900,6 +933,15 @@ extern "C" __global__ void route_topk(const float* logits, const float* bias, in
         }
         sum += prob[bi];
         __syncwarp();
+    }
+    if (gating == 2) {
+        // The first selected logit is the largest.
+        float w = 0.0f, top = wts[ti * k], s = 0.0f;
+        for (int r = 0; r < k; r++) s += expf(wts[ti * k + r] - top);
+        if (lane < k) w = expf(wts[ti * k + lane] - top) / s;
+        __syncwarp();
+        if (lane < k) wts[ti * k + lane] = w * scale;
+        return;
     }
     if (lane < k) {
         float w = wts[ti * k + lane];
@@ -936,4 +978,60 @@ extern "C" __global__ void moe_combine(const float* y, const int* pos, const flo
 extern "C" __global__ void add(float* x, const float* y, int n) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) x[i] += y[i];
+}
+
+// Rotates the first n_rot dims of each head (nh heads of hd a row, t rows) by the (cos, sin)
+// pairs of its row in cs (t × n_rot/2 pairs, computed on the host as the CPU does): pairs
+// (i, i + n_rot/2) in neox order, else (2i, 2i + 1). Rounded products, as the CPU's.
+extern "C" __global__ void rope(float* x, const float* cs, int t, int nh, int hd, int n_rot,
+                                int neox) {
+    int half = n_rot / 2;
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)t * nh * half) return;
+    int p = i % half;
+    long long rh = i / half;
+    int h = rh % nh;
+    long long r = rh / nh;
+    float c = cs[(r * half + p) * 2], s = cs[(r * half + p) * 2 + 1];
+    float* head = x + (r * nh + h) * hd;
+    int ia = neox ? p : 2 * p, ib = neox ? p + half : 2 * p + 1;
+    float a = head[ia], b = head[ib];
+    head[ia] = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
+    head[ib] = __fadd_rn(__fmul_rn(a, s), __fmul_rn(b, c));
+}
+
+// y[r] += b[ids[r]] for rows of n (ids null: the one row b).
+extern "C" __global__ void add_bias(float* y, const float* b, const int* ids, int rows, int n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)rows * n) return;
+    int r = i / n, c = i % n;
+    y[i] += b[(long long)(ids ? ids[r] : 0) * n + c];
+}
+
+__device__ __forceinline__ float gelu_tanh(float x) {
+    return 0.5f * x * (1.0f + tanhf(0.7978846f * x * (1.0f + 0.044715f * x * x)));
+}
+
+// g = act(g) · u over n values: 0 SiLU, 1 GELU (tanh), 2 gpt-oss's clamped SwiGLU (gate
+// clamped above at limit, up to ±limit, gate·σ(α·gate)·(up + 1)).
+extern "C" __global__ void gated_act(float* g, const float* u, long long n, int act, float alpha,
+                                     float limit) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float x = g[i], y = u[i];
+    if (act == 0) {
+        g[i] = silu(x) * y;
+    } else if (act == 1) {
+        g[i] = gelu_tanh(x) * y;
+    } else {
+        x = fminf(x, limit);
+        y = fminf(fmaxf(y, -limit), limit);
+        g[i] = x / (1.0f + expf(-alpha * x)) * (y + 1.0f);
+    }
+}
+
+// x = c · tanh(x / c) over n values (logit soft-capping).
+extern "C" __global__ void softcap(float* x, long long n, float c) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] = c * tanhf(x[i] / c);
 }

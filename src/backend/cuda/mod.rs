@@ -12,6 +12,7 @@ mod staging;
 mod state;
 
 pub use graph::StepGraph;
+pub use ops::{DeviceAct, DeviceGating};
 pub use staging::HostPins;
 pub use state::DeviceState;
 

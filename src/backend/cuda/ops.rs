@@ -1,7 +1,8 @@
 //! The device ops besides the matrix products, each a thin launch of a kernel in `kernels.cu`
-//! with its shapes checked first: norms, the Mamba-2 conv, scan and glue, attention over a
-//! device KV cache, MoE routing, the products of routed experts chosen on the device, and the
-//! gather / combine around grouped experts.
+//! with its shapes checked first: norms, the Mamba-2 conv, scan and glue, RoPE, biases, gated
+//! activations, attention over a device KV cache (windows, sinks), MoE routing (sigmoid + bias,
+//! softmax, softmax over the selected), the products of routed experts chosen on the device,
+//! the gather / combine around grouped experts, and logit soft-capping.
 
 use anyhow::{anyhow, bail, Result};
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
@@ -15,6 +16,30 @@ const ROW_THREADS: u32 = 1024;
 
 fn launched(r: Result<(), cudarc::driver::DriverError>) -> Result<()> {
     r.map_err(|e| anyhow!("CUDA launch: {e:?}"))
+}
+
+/// How [`Gpu::route_topk`] turns router logits into expert weights.
+#[derive(Clone, Copy)]
+pub enum DeviceGating<'a> {
+    /// Top k of sigmoid(logit) + bias, weighted by sigmoid(logit) (Nemotron-H).
+    SigmoidBias(&'a CudaSlice<f32>),
+    /// Top k of the softmax over all experts, weighted by their probabilities (qwen3moe).
+    Softmax,
+    /// Top k logits, weighted by a softmax over those k (gpt-oss).
+    SoftmaxSelected,
+}
+
+/// The activation of [`Gpu::gated_act`]: act(gate) · up.
+#[derive(Clone, Copy)]
+pub enum DeviceAct {
+    Silu,
+    /// GELU, tanh approximation.
+    GeluTanh,
+    /// gpt-oss: gate clamped above at `limit`, up to ±limit, gate·σ(α·gate)·(up + 1).
+    SwigluOai {
+        alpha: f32,
+        limit: f32,
+    },
 }
 
 impl Gpu {
@@ -127,11 +152,11 @@ impl Gpu {
     #[allow(clippy::too_many_arguments)]
     pub fn kv_store(
         &self,
-        k_new: &CudaSlice<f32>,
-        v_new: &CudaSlice<f32>,
+        k_new: &CudaView<f32>,
+        v_new: &CudaView<f32>,
         k_cache: &mut CudaSlice<f32>,
         v_cache: &mut CudaSlice<f32>,
-        past_dev: &CudaSlice<i32>,
+        past_dev: &CudaView<i32>,
         past: usize,
         row: usize,
         t: usize,
@@ -158,39 +183,42 @@ impl Gpu {
             .arg(&ni);
         // SAFETY: kv_store(const float* kn, const float* vn, float* kc, float* vc,
         // const int* pastp, int row, int n): it writes n floats of each cache from row *pastp,
-        // which the caller keeps equal to `past` (the device-resident pass writes it from the
-        // state it checked), so within the lengths checked above.
+        // which the callers keep equal to `past` (the device passes write it from the state
+        // they checked), so within the lengths checked above.
         launched(unsafe { launch.launch(LaunchConfig::for_num_elems(n as u32)) }.map(drop))
     }
 
     /// Attention output (t × n_head·head_dim) of queries `q` for the `t` tokens at positions
     /// past.., whose keys and values are already in the caches (rows of n_head_kv·head_dim);
-    /// the kernel reads `past` from `past_dev`.
+    /// the kernel reads `past` from `past_dev`. The shape's window limits each token to the
+    /// last `window` positions; `sinks` (one logit per head) join each softmax.
     #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &self,
         s: &AttnShape,
-        q: &CudaSlice<f32>,
+        sinks: Option<&CudaSlice<f32>>,
+        q: &CudaView<f32>,
         k_cache: &CudaSlice<f32>,
         v_cache: &CudaSlice<f32>,
-        out: &mut CudaSlice<f32>,
+        out: &mut CudaViewMut<f32>,
         t: usize,
         past: usize,
-        past_dev: &CudaSlice<i32>,
+        past_dev: &CudaView<i32>,
     ) -> Result<()> {
         let (nh, nkv, hd) = (s.n_head, s.n_head_kv, s.head_dim);
         let row = nkv * hd;
         if hd == 0
             || hd > 256
-            || !hd.is_multiple_of(32)
             || nkv == 0
             || !nh.is_multiple_of(nkv)
             || q.len() < t * nh * hd
             || out.len() < t * nh * hd
             || k_cache.len() < (past + t) * row
             || v_cache.len() < (past + t) * row
+            || past_dev.is_empty()
+            || sinks.is_some_and(|z| z.len() < nh)
         {
-            bail!("CUDA attention: unsupported shape (head_dim {hd} must be a multiple of 32 up to 256)");
+            bail!("CUDA attention: unsupported shape (head_dim {hd} must be at most 256)");
         }
         let f = self.function("attention")?;
         let cfg = LaunchConfig {
@@ -199,6 +227,8 @@ impl Gpu {
             shared_mem_bytes: 0,
         };
         let args = [nh, nkv, hd].map(|v| v as i32);
+        let window = s.window.map_or(0, |w| w.min(i32::MAX as usize) as i32);
+        let null = 0u64;
         let mut launch = self.stream.launch_builder(&f);
         launch
             .arg(q)
@@ -209,22 +239,27 @@ impl Gpu {
         for v in &args {
             launch.arg(v);
         }
-        launch.arg(&s.scale);
+        launch.arg(&s.scale).arg(&window);
+        match sinks {
+            Some(z) => launch.arg(z),
+            None => launch.arg(&null),
+        };
         // SAFETY: attention(const float* q, const float* kc, const float* vc, float* out,
-        // const int* pastp, int nh, int nkv, int hd, float scale), blocks of 4 warps as the
-        // kernel's launch bounds say; it reads positions < *pastp + t of the caches (*pastp is
-        // `past`, see kv_store), checked above, and
-        // holds at most 256 dimensions per head in shared memory.
+        // const int* pastp, int nh, int nkv, int hd, float scale, int window,
+        // const float* sinks), blocks of 4 warps as the kernel's launch bounds say; it reads
+        // positions < *pastp + t of the caches (*pastp is `past`, see kv_store), checked above,
+        // holds at most 256 dimensions per head in shared memory (lanes past hd idle), and
+        // reads nh sinks when given.
         launched(unsafe { launch.launch(cfg) }.map(drop))
     }
 
-    /// MoE routing of `t` tokens' router logits (t × n_expert): the top `k` by sigmoid + bias
+    /// MoE routing of `t` tokens' router logits (t × n_expert) as `gating` says: the top `k`
     /// into `ids` and their weights into `wts` (t × k each); selections counted in `counts`.
     #[allow(clippy::too_many_arguments)]
     pub fn route_topk(
         &self,
         logits: &CudaSlice<f32>,
-        bias: &CudaSlice<f32>,
+        gating: DeviceGating,
         ids: &mut CudaSlice<i32>,
         wts: &mut CudaSlice<f32>,
         counts: &mut CudaSlice<u32>,
@@ -233,7 +268,7 @@ impl Gpu {
         norm: bool,
         scale: f32,
     ) -> Result<()> {
-        let ne = bias.len();
+        let ne = counts.len();
         if ne == 0
             || ne > 1024
             || k == 0
@@ -242,7 +277,7 @@ impl Gpu {
             || logits.len() < t * ne
             || ids.len() < t * k
             || wts.len() < t * k
-            || counts.len() < ne
+            || matches!(gating, DeviceGating::SigmoidBias(b) if b.len() < ne)
         {
             bail!("CUDA route_topk: unsupported shape ({ne} experts, {k} used)");
         }
@@ -253,13 +288,149 @@ impl Gpu {
             shared_mem_bytes: 0,
         };
         let (nei, ki, ni) = (ne as i32, k as i32, norm as i32);
+        let null = 0u64;
         let mut launch = self.stream.launch_builder(&f);
-        launch.arg(logits).arg(bias).arg(ids).arg(wts).arg(counts);
-        launch.arg(&nei).arg(&ki).arg(&ni).arg(&scale);
+        launch.arg(logits);
+        let mode: i32 = match gating {
+            DeviceGating::SigmoidBias(b) => {
+                launch.arg(b);
+                0
+            }
+            DeviceGating::Softmax => {
+                launch.arg(&null);
+                1
+            }
+            DeviceGating::SoftmaxSelected => {
+                launch.arg(&null);
+                2
+            }
+        };
+        launch.arg(ids).arg(wts).arg(counts);
+        launch.arg(&nei).arg(&ki).arg(&ni).arg(&scale).arg(&mode);
         // SAFETY: route_topk(const float* logits, const float* bias, int* ids, float* wts,
-        // unsigned* counts, int ne, int k, int norm, float scale), one warp per token; ne ≤ 1024
-        // fits its shared arrays and k ≤ 32 its lanes; lengths checked above.
+        // unsigned* counts, int ne, int k, int norm, float scale, int gating), one warp per
+        // token; ne ≤ 1024 fits its shared arrays and k ≤ 32 its lanes; the bias (read by
+        // gating 0 only) and the other lengths checked above.
         launched(unsafe { launch.launch(cfg) }.map(drop))
+    }
+
+    /// Rotates the first `n_rot` dims of each head of `x` (t rows of `n_heads` × `head_dim`)
+    /// by the (cos, sin) pairs of each row in `cs` (t × n_rot/2 pairs, interleaved).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope(
+        &self,
+        x: &mut CudaSlice<f32>,
+        cs: &CudaSlice<f32>,
+        t: usize,
+        n_heads: usize,
+        head_dim: usize,
+        n_rot: usize,
+        neox: bool,
+    ) -> Result<()> {
+        let n = t * n_heads * (n_rot / 2);
+        if n_rot > head_dim
+            || x.len() < t * n_heads * head_dim
+            || cs.len() < t * n_rot
+            || n > i32::MAX as usize
+        {
+            bail!("CUDA rope shape mismatch");
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let f = self.function("rope")?;
+        let args = [t, n_heads, head_dim, n_rot, neox as usize].map(|v| v as i32);
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(x).arg(cs);
+        for v in &args {
+            launch.arg(v);
+        }
+        // SAFETY: rope(float* x, const float* cs, int t, int nh, int hd, int n_rot, int neox),
+        // one thread per (row, head, pair): it touches t × nh × hd floats of x and t × n_rot of
+        // cs, checked above.
+        launched(unsafe { launch.launch(LaunchConfig::for_num_elems(n as u32)) }.map(drop))
+    }
+
+    /// y[r] += b[ids[r]] for `rows` rows of n (ids None: every row adds b, n floats).
+    pub fn add_bias(
+        &self,
+        y: &mut CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        ids: Option<(&CudaSlice<i32>, usize)>,
+        rows: usize,
+        n: usize,
+    ) -> Result<()> {
+        let b_rows = ids.map_or(1, |(_, max)| max + 1);
+        if y.len() < rows * n || b.len() < b_rows * n || ids.is_some_and(|(i, _)| i.len() < rows) {
+            bail!("CUDA add_bias shape mismatch");
+        }
+        if rows * n == 0 {
+            return Ok(());
+        }
+        let f = self.function("add_bias")?;
+        let (ri, ni) = (rows as i32, n as i32);
+        let null = 0u64;
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(y).arg(b);
+        match ids {
+            Some((i, _)) => launch.arg(i),
+            None => launch.arg(&null),
+        };
+        launch.arg(&ri).arg(&ni);
+        // SAFETY: add_bias(float* y, const float* b, const int* ids, int rows, int n): every id
+        // is below the caller's bound on b's rows (expert ids from route_topk, or rows grouped
+        // per expert), lengths checked above.
+        launched(unsafe { launch.launch(LaunchConfig::for_num_elems((rows * n) as u32)) }.map(drop))
+    }
+
+    /// g = act(g) · u over the first n values (see [`DeviceAct`]).
+    pub fn gated_act(
+        &self,
+        g: &mut CudaSlice<f32>,
+        u: &CudaSlice<f32>,
+        n: usize,
+        act: DeviceAct,
+    ) -> Result<()> {
+        if g.len() < n || u.len() < n {
+            bail!("CUDA gated_act shape mismatch");
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let (code, alpha, limit): (i32, f32, f32) = match act {
+            DeviceAct::Silu => (0, 0.0, 0.0),
+            DeviceAct::GeluTanh => (1, 0.0, 0.0),
+            DeviceAct::SwigluOai { alpha, limit } => (2, alpha, limit),
+        };
+        let f = self.function("gated_act")?;
+        let ni = n as i64;
+        let mut launch = self.stream.launch_builder(&f);
+        launch
+            .arg(g)
+            .arg(u)
+            .arg(&ni)
+            .arg(&code)
+            .arg(&alpha)
+            .arg(&limit);
+        // SAFETY: gated_act(float* g, const float* u, long long n, int act, float alpha,
+        // float limit) touches n floats of each, checked above.
+        launched(unsafe { launch.launch(LaunchConfig::for_num_elems(n as u32)) }.map(drop))
+    }
+
+    /// x = c · tanh(x / c) over the first n values.
+    pub fn softcap(&self, x: &mut CudaSlice<f32>, n: usize, c: f32) -> Result<()> {
+        if x.len() < n {
+            bail!("CUDA softcap shape mismatch");
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let f = self.function("softcap")?;
+        let ni = n as i64;
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(x).arg(&ni).arg(&c);
+        // SAFETY: softcap(float* x, long long n, float c) touches n floats, checked above.
+        launched(unsafe { launch.launch(LaunchConfig::for_num_elems(n as u32)) }.map(drop))
     }
 
     /// out[i] = x[idx[i]] for `idx.len()` rows of n floats.

@@ -1,6 +1,7 @@
 //! The decoder's CPU executor: activations in host memory, products on the thread pool (or,
 //! for a weight the placement put on a GPU, on the device, crossing PCIe per product), the KV
-//! caches of [`crate::backend::attention`].
+//! caches of [`crate::backend::attention`]. The CUDA executor borrows its routed experts for
+//! layers whose experts stay in RAM.
 
 use std::ops::Range;
 

@@ -4,11 +4,12 @@
 //! part that is a gated MLP (SiLU, GELU-tanh) or routed experts (softmax routers, SwiGLU or
 //! gpt-oss's clamped SwiGLU, expert biases), each with optional post-norms (gemma3). The
 //! architecture files only read their hyperparameters and tensors into a [`Decoder`] (a
-//! description); the forward pass is written once here over [`Ops`], which an executor
-//! implements: `cpu.rs` (host memory, the thread pool; products of GPU-placed weights cross
-//! PCIe one by one). A device-resident executor is the next step of issue 21.
+//! description); the forward pass is written once here over [`Ops`], which two executors
+//! implement: `cpu.rs` (host memory, the thread pool; products of GPU-placed weights cross
+//! PCIe one by one) and `cuda.rs` (everything but RAM experts resident on the GPU).
 
 mod cpu;
+mod cuda;
 
 use std::ops::Range;
 
@@ -20,7 +21,7 @@ use crate::backend::cpu::{round_f16, silu, Cpu, Matrix, Precision};
 use crate::gguf::Metadata;
 
 /// Rotary position embedding of one layer, as ggml computes it.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Rope {
     /// Dimensions rotated at the start of each head.
     pub n_rot: usize,
@@ -282,8 +283,12 @@ pub struct Decoder<'a> {
     pub layers: Vec<Layer<'a>>,
     pub out_norm: Vec<f32>,
     pub output: Matrix<'a>,
-    /// Selections per expert of each MoE layer, counted over every token run.
+    /// Selections per expert of each MoE layer, counted over the tokens whose experts the CPU
+    /// computed (the device counts its own).
     pub usage: std::sync::Mutex<Vec<Vec<u64>>>,
+    /// The device-resident executor, when the placement put every weight but routed experts on
+    /// the GPU.
+    device: Option<cuda::DeviceDecoder<'a>>,
 }
 
 /// Which of `n_layer` layers use the sliding window, by llama.cpp's rule: an array of booleans
@@ -514,7 +519,7 @@ impl Hyper {
         embd_scale: Option<f32>,
     ) -> Result<Decoder<'a>> {
         let (embd, output, n_vocab) = t.embedding_and_output(self.n_embd)?;
-        let d = Decoder {
+        let mut d = Decoder {
             n_embd: self.n_embd,
             n_vocab,
             n_ctx_train: self.n_ctx_train,
@@ -526,8 +531,10 @@ impl Hyper {
             layers,
             out_norm: t.vector("output_norm.weight", self.n_embd)?,
             output,
+            device: None,
         };
         d.check()?;
+        d.device = cuda::DeviceDecoder::new(&d)?;
         Ok(d)
     }
 }
@@ -719,17 +726,37 @@ impl Forward for Decoder<'_> {
     }
 
     fn expert_usage(&self) -> Result<Vec<(usize, Vec<u64>)>> {
-        let u = self.usage.lock().unwrap_or_else(|e| e.into_inner());
-        Ok(self
-            .layers
-            .iter()
-            .enumerate()
-            .filter(|(_, l)| matches!(l.ffn, FeedForward::Moe(_)))
-            .map(|(i, _)| (i, u[i].clone()))
-            .collect())
+        let mut out: Vec<(usize, Vec<u64>)> = {
+            let u = self.usage.lock().unwrap_or_else(|e| e.into_inner());
+            self.layers
+                .iter()
+                .enumerate()
+                .filter_map(|(i, l)| match &l.ffn {
+                    FeedForward::Moe(m) => {
+                        let mut c = u[i].clone();
+                        c.resize(m.n_expert, 0);
+                        Some((i, c))
+                    }
+                    FeedForward::Gated(_) => None,
+                })
+                .collect()
+        };
+        if let Some(dev) = &self.device {
+            for (layer, counts) in dev.expert_counts()? {
+                if let Some((_, c)) = out.iter_mut().find(|(i, _)| *i == layer) {
+                    for (a, b) in c.iter_mut().zip(counts) {
+                        *a += b as u64;
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 
     fn new_state(&self, n_ctx: usize, precision: Precision) -> Result<State> {
+        if let Some(dev) = &self.device {
+            return dev.new_state(self, n_ctx);
+        }
         let bytes = self
             .layers
             .iter()
@@ -752,7 +779,13 @@ impl Forward for Decoder<'_> {
         tokens: &[u32],
         all_logits: bool,
     ) -> Result<Vec<f32>> {
-        self.pass(&cpu::CpuOps { cpu }, seqs, tokens, all_logits)
+        match &self.device {
+            Some(dev) => {
+                let e = dev.ops(cpu, seqs)?;
+                self.pass(&e, seqs, tokens, all_logits)
+            }
+            None => self.pass(&cpu::CpuOps { cpu }, seqs, tokens, all_logits),
+        }
     }
 }
 

@@ -17,8 +17,8 @@ use cudarc::driver::{CudaEvent, CudaSlice, CudaStream};
 use super::{Attention, Block, Mamba, Moe, NemotronH};
 use crate::backend::cpu::{Cpu, Matrix, Precision};
 use crate::backend::cuda::{
-    DeviceMatrix, DeviceRows, DeviceState, Epilogue, Gpu, Group, HostPins, PassOptions, Prefetch,
-    StepGraph,
+    DeviceGating, DeviceMatrix, DeviceRows, DeviceState, Epilogue, Gpu, Group, HostPins,
+    PassOptions, Prefetch, StepGraph,
 };
 use crate::model::{embed, LayerState, State};
 
@@ -866,9 +866,28 @@ impl<'a> DeviceParts<'a> {
         let (mut kn, mut vn) = (g.output(t * row)?, g.output(t * row)?);
         dev(&b.k)?.launch(&h.slice(..), t, &mut kn.slice_mut(..), Epilogue::Store)?;
         dev(&b.v)?.launch(&h.slice(..), t, &mut vn.slice_mut(..), Epilogue::Store)?;
-        g.kv_store(&kn, &vn, k, v, pos, past, row, t)?;
+        g.kv_store(
+            &kn.slice(..),
+            &vn.slice(..),
+            k,
+            v,
+            &pos.slice(..),
+            past,
+            row,
+            t,
+        )?;
         let mut out = g.output(t * b.q.rows)?;
-        g.attention(&b.shape, &q, k, v, &mut out, t, past, pos)?;
+        g.attention(
+            &b.shape,
+            None,
+            &q.slice(..),
+            k,
+            v,
+            &mut out.slice_mut(..),
+            t,
+            past,
+            &pos.slice(..),
+        )?;
         *len += t;
         dev(&b.o)?.launch(&out.slice(..), t, &mut x.slice_mut(..), Epilogue::Add)
     }
@@ -910,7 +929,7 @@ impl<'a> DeviceParts<'a> {
             let mut c = counts.lock().unwrap_or_else(|e| e.into_inner());
             g.route_topk(
                 &logits,
-                bias,
+                DeviceGating::SigmoidBias(bias),
                 &mut ids,
                 &mut wts,
                 &mut c,

@@ -1,0 +1,499 @@
+//! The decoder's CUDA executor: when the placement puts every weight but routed experts on the
+//! GPU, the hidden rows stay in device memory from the embedding to the head (norms, biases,
+//! RoPE from host-computed angles, attention over device KV caches with windows and sinks,
+//! gated MLPs, routing and experts), and each sequence's caches live there too. Several
+//! sequences share one pass: products run over all their rows, attention over each one's
+//! cache. Layers whose routed experts stay in RAM send the normed rows to the CPU executor and
+//! take its sum back.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Mutex;
+
+use anyhow::{anyhow, bail, Result};
+use cudarc::driver::CudaSlice;
+
+use super::cpu::CpuOps;
+use super::{Act, Attention, Decoder, FeedForward, Gated, Gating, Linear, Moe, Ops, Rope};
+use crate::backend::cpu::{Cpu, Matrix, Precision};
+use crate::backend::cuda::{
+    DeviceAct, DeviceGating, DeviceRows, DeviceState, Epilogue, Gpu, Group,
+};
+use crate::model::{embed, LayerState, Seq, State};
+
+/// Decode batches up to this many tokens run the routed experts with the expert ids left on
+/// the device; larger ones copy the ids back, group the rows per expert and run each selected
+/// expert once over its rows (as Nemotron-H's pass does).
+const ID_PATH_MAX_TOKENS: usize = 4;
+
+/// What the device-resident pass adds to a loaded decoder.
+pub(super) struct DeviceDecoder<'a> {
+    gpu: &'a Gpu,
+    /// Device copies of the description's vectors (norm weights, biases, sinks), found by the
+    /// address of their host values: the description owns them and never changes them after
+    /// loading, so the address names one vector for the model's life.
+    vectors: HashMap<usize, CudaSlice<f32>>,
+    /// Routing counts of each MoE layer whose experts are on the device.
+    counts: Vec<(usize, Mutex<CudaSlice<u32>>)>,
+}
+
+fn key(v: &[f32]) -> usize {
+    v.as_ptr() as usize
+}
+
+/// Whether every weight but routed experts is on the GPU.
+fn resident(d: &Decoder) -> bool {
+    let on = |m: &Matrix| m.device.is_some();
+    on(&d.output)
+        && d.layers.iter().all(|l| {
+            let a = &l.attn;
+            on(&a.q.w)
+                && on(&a.k.w)
+                && on(&a.v.w)
+                && on(&a.o.w)
+                && match &l.ffn {
+                    FeedForward::Gated(f) => on(&f.gate) && on(&f.up) && on(&f.down),
+                    FeedForward::Moe(m) => on(&m.router.w),
+                }
+        })
+}
+
+/// Whether a MoE layer's experts are all on the device.
+fn experts_on_device(m: &Moe) -> bool {
+    m.gate.device.is_some() && m.up.device.is_some() && m.down.device.is_some()
+}
+
+fn dev<'a>(m: &Matrix<'a>) -> Result<DeviceRows<'a>> {
+    m.device
+        .ok_or_else(|| anyhow!("a weight the device pass needs is not on the GPU"))
+}
+
+impl<'a> DeviceDecoder<'a> {
+    /// The device parts of `d` when its placement allows the resident pass (None otherwise:
+    /// the CPU executor runs it, each GPU product crossing PCIe on its own).
+    pub(super) fn new(d: &Decoder<'a>) -> Result<Option<DeviceDecoder<'a>>> {
+        if !resident(d) {
+            return Ok(None);
+        }
+        let gpu = dev(&d.output)?.gpu;
+        let mut host: Vec<&[f32]> = vec![&d.out_norm];
+        let mut counts = Vec::new();
+        for (i, l) in d.layers.iter().enumerate() {
+            let a = &l.attn;
+            host.push(&l.attn_norm);
+            host.push(&l.ffn_norm);
+            for v in [
+                &a.q.b, &a.k.b, &a.v.b, &a.o.b, &a.q_norm, &a.k_norm, &a.sinks,
+            ]
+            .into_iter()
+            .chain([&l.attn_post_norm, &l.ffn_post_norm])
+            .flatten()
+            {
+                host.push(v);
+            }
+            if let FeedForward::Moe(m) = &l.ffn {
+                for v in [&m.router.b, &m.gate_b, &m.up_b, &m.down_b]
+                    .into_iter()
+                    .flatten()
+                {
+                    host.push(v);
+                }
+                if experts_on_device(m) {
+                    counts.push((i, Mutex::new(gpu.zeros(m.n_expert)?)));
+                }
+            }
+        }
+        let mut vectors = HashMap::new();
+        for v in host {
+            if let std::collections::hash_map::Entry::Vacant(e) = vectors.entry(key(v)) {
+                e.insert(gpu.to_device(v)?);
+            }
+        }
+        Ok(Some(DeviceDecoder {
+            gpu,
+            vectors,
+            counts,
+        }))
+    }
+
+    /// A fresh state: each layer's K/V cache in device memory.
+    pub(super) fn new_state(&self, d: &Decoder, n_ctx: usize) -> Result<State> {
+        let layers = d
+            .layers
+            .iter()
+            .map(|l| {
+                let s = &l.attn.shape;
+                Ok(LayerState::Device(DeviceState::attention(
+                    self.gpu,
+                    s.n_head_kv * s.head_dim,
+                    n_ctx,
+                )?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(State::new(layers, n_ctx))
+    }
+
+    /// Routing counts gathered on the device (layer index, count per expert).
+    pub(super) fn expert_counts(&self) -> Result<Vec<(usize, Vec<u32>)>> {
+        self.counts
+            .iter()
+            .map(|(i, c)| {
+                let c = c.lock().unwrap_or_else(|e| e.into_inner());
+                Ok((*i, self.gpu.to_host(&*c)?))
+            })
+            .collect()
+    }
+
+    /// The executor of one pass over `seqs`: checks that their states are on the device and
+    /// at their positions, and puts each sequence's first position in device memory.
+    pub(super) fn ops<'p>(&'p self, cpu: &'p Cpu, seqs: &[Seq]) -> Result<CudaOps<'p, 'a>> {
+        let g = self.gpu;
+        g.set_normal_precision(cpu.precision == Precision::Normal);
+        let mut pos = Vec::with_capacity(seqs.len());
+        for s in seqs {
+            for st in &s.state.layers {
+                match st {
+                    LayerState::Device(DeviceState::Attention { len, .. })
+                        if *len == s.state.pos => {}
+                    LayerState::Device(DeviceState::Attention { len, .. }) => bail!(
+                        "a device K/V cache holds {len} positions, the state {}",
+                        s.state.pos
+                    ),
+                    _ => bail!("a sequence's state is not on the device"),
+                }
+            }
+            pos.push(i32::try_from(s.state.pos)?);
+        }
+        Ok(CudaOps {
+            dev: self,
+            cpu,
+            seq_pos: g.to_device(&pos)?,
+            angles: RefCell::new(Vec::new()),
+        })
+    }
+
+    fn vector(&self, v: &[f32]) -> Result<&CudaSlice<f32>> {
+        self.vectors
+            .get(&key(v))
+            .ok_or_else(|| anyhow!("a vector the device pass needs is not on the GPU"))
+    }
+}
+
+/// One pass's executor (see [`DeviceDecoder::ops`]).
+pub(super) struct CudaOps<'p, 'a> {
+    dev: &'p DeviceDecoder<'a>,
+    cpu: &'p Cpu,
+    /// Each sequence's first position (kv_store and attention read it on the device).
+    seq_pos: CudaSlice<i32>,
+    /// The (cos, sin) table of each RoPE met in this pass, for every row.
+    angles: RefCell<Vec<(Rope, CudaSlice<f32>)>>,
+}
+
+impl CudaOps<'_, '_> {
+    /// Routed experts on the device: ids and weights from the router, then either the id
+    /// products (decode) or the rows grouped per expert (prefill); the weighted sum returned.
+    #[allow(clippy::too_many_arguments)]
+    fn experts(
+        &self,
+        d: &Decoder,
+        m: &Moe,
+        ids: &CudaSlice<i32>,
+        wts: &CudaSlice<f32>,
+        h: &CudaSlice<f32>,
+        t: usize,
+    ) -> Result<CudaSlice<f32>> {
+        let g = self.dev.gpu;
+        let (ne, k, n, ff) = (m.n_expert, m.n_used, d.n_embd, m.ff);
+        let (gate, up, down) = (dev(&m.gate)?, dev(&m.up)?, dev(&m.down)?);
+        let pairs = t * k;
+        let bias = |y: &mut CudaSlice<f32>,
+                    b: &Option<Vec<f32>>,
+                    ids: &CudaSlice<i32>,
+                    width: usize|
+         -> Result<()> {
+            match b {
+                Some(b) => g.add_bias(y, self.dev.vector(b)?, Some((ids, ne - 1)), pairs, width),
+                None => Ok(()),
+            }
+        };
+        let mut out = g.zeros(t * n)?;
+        if t <= ID_PATH_MAX_TOKENS {
+            let (mut gb, mut ub) = (g.output(pairs * ff)?, g.output(pairs * ff)?);
+            for (w, y) in [(&gate, &mut gb), (&up, &mut ub)] {
+                let (x, mut yv) = (h.slice(..), y.slice_mut(..));
+                w.matmul_id(ff, ne, ids, &x, &mut yv, pairs, k, false, Epilogue::Store)?;
+            }
+            bias(&mut gb, &m.gate_b, ids, ff)?;
+            bias(&mut ub, &m.up_b, ids, ff)?;
+            g.gated_act(&mut gb, &ub, pairs * ff, device_act(m.act))?;
+            let mut y = g.output(pairs * n)?;
+            let (x, mut yv) = (gb.slice(..), y.slice_mut(..));
+            down.matmul_id(n, ne, ids, &x, &mut yv, pairs, k, true, Epilogue::Store)?;
+            bias(&mut y, &m.down_b, ids, n)?;
+            g.moe_combine(&y, None, wts, &mut out, t, k, n)?;
+            return Ok(out);
+        }
+        // Rows grouped per expert: row r of the grouped buffers is a token of
+        // token_of_row[r], of expert expert_of_row[r]; pair p's output is row pos[p].
+        let ids_h = g.to_host(ids)?;
+        let mut start = vec![0usize; ne + 1];
+        for &e in &ids_h {
+            start[e as usize + 1] += 1;
+        }
+        for e in 0..ne {
+            start[e + 1] += start[e];
+        }
+        let mut fill = start.clone();
+        let (mut token_of_row, mut expert_of_row) = (vec![0i32; pairs], vec![0i32; pairs]);
+        let mut pos = vec![0i32; pairs];
+        for (p, &e) in ids_h.iter().enumerate() {
+            let r = fill[e as usize];
+            fill[e as usize] += 1;
+            token_of_row[r] = (p / k) as i32;
+            expert_of_row[r] = e;
+            pos[p] = r as i32;
+        }
+        let (rows_d, experts_d) = (g.to_device(&token_of_row)?, g.to_device(&expert_of_row)?);
+        let pos_d = g.to_device(&pos)?;
+        let mut xg = g.output(pairs * n)?;
+        g.gather_rows(h, &rows_d, &mut xg, t, n, t - 1)?;
+        let groups = |rows: usize| -> Vec<Group> {
+            (0..ne)
+                .filter(|&e| start[e + 1] > start[e])
+                .map(|e| (e * rows, start[e], start[e + 1] - start[e]))
+                .collect()
+        };
+        let (mut gb, mut ub) = (g.output(pairs * ff)?, g.output(pairs * ff)?);
+        for (w, y) in [(&gate, &mut gb), (&up, &mut ub)] {
+            let (x, mut yv) = (xg.slice(..), y.slice_mut(..));
+            g.matmul_grouped(w.m, ff, &groups(ff), &x, &mut yv, Epilogue::Store)?;
+        }
+        bias(&mut gb, &m.gate_b, &experts_d, ff)?;
+        bias(&mut ub, &m.up_b, &experts_d, ff)?;
+        g.gated_act(&mut gb, &ub, pairs * ff, device_act(m.act))?;
+        let mut y = g.output(pairs * n)?;
+        let (x, mut yv) = (gb.slice(..), y.slice_mut(..));
+        g.matmul_grouped(down.m, n, &groups(n), &x, &mut yv, Epilogue::Store)?;
+        bias(&mut y, &m.down_b, &experts_d, n)?;
+        g.moe_combine(&y, Some(&pos_d), wts, &mut out, t, k, n)?;
+        Ok(out)
+    }
+}
+
+fn device_act(a: Act) -> DeviceAct {
+    match a {
+        Act::Silu => DeviceAct::Silu,
+        Act::GeluTanh => DeviceAct::GeluTanh,
+        Act::SwigluOai { alpha, limit } => DeviceAct::SwigluOai { alpha, limit },
+    }
+}
+
+impl Ops for CudaOps<'_, '_> {
+    type Rows = CudaSlice<f32>;
+
+    fn embed(&self, d: &Decoder, tokens: &[u32]) -> Result<CudaSlice<f32>> {
+        let mut x = embed(&d.embd, tokens)?;
+        if let Some(s) = d.embd_scale {
+            x.iter_mut().for_each(|v| *v *= s);
+        }
+        self.dev.gpu.to_device(&x)
+    }
+
+    fn norm(&self, x: &CudaSlice<f32>, w: &[f32], eps: f32) -> Result<CudaSlice<f32>> {
+        let g = self.dev.gpu;
+        let mut y = g.output(x.len())?;
+        let rows = x.len() / w.len();
+        g.rms_norm(
+            &x.slice(..),
+            self.dev.vector(w)?,
+            &mut y.slice_mut(..),
+            rows,
+            eps,
+        )?;
+        Ok(y)
+    }
+
+    fn norm_in_place(&self, x: &mut CudaSlice<f32>, w: &[f32], eps: f32) -> Result<()> {
+        *x = self.norm(x, w, eps)?;
+        Ok(())
+    }
+
+    fn linear(&self, l: &Linear, x: &CudaSlice<f32>, t: usize) -> Result<CudaSlice<f32>> {
+        let g = self.dev.gpu;
+        let mut y = g.output(t * l.w.rows)?;
+        dev(&l.w)?.launch(&x.slice(..), t, &mut y.slice_mut(..), Epilogue::Store)?;
+        if let Some(b) = &l.b {
+            g.add_bias(&mut y, self.dev.vector(b)?, None, t, b.len())?;
+        }
+        Ok(y)
+    }
+
+    fn add(&self, x: &mut CudaSlice<f32>, y: &CudaSlice<f32>) -> Result<()> {
+        self.dev.gpu.add(x, y, x.len())
+    }
+
+    fn rope(
+        &self,
+        x: &mut CudaSlice<f32>,
+        r: &Rope,
+        n_heads: usize,
+        head_dim: usize,
+        at: &[(usize, Range<usize>)],
+    ) -> Result<()> {
+        let g = self.dev.gpu;
+        let t = at.last().map_or(0, |(_, rows)| rows.end);
+        let mut angles = self.angles.borrow_mut();
+        if !angles.iter().any(|(known, _)| known == r) {
+            // The CPU's angles, so that both executors rotate by the same values.
+            let half = r.n_rot / 2;
+            let mut cs = vec![(0f32, 0f32); half];
+            let mut table = Vec::with_capacity(t * r.n_rot);
+            for (pos, rows) in at {
+                for i in 0..rows.len() {
+                    r.angles((pos + i) as f32, &mut cs);
+                    table.extend(cs.iter().flat_map(|&(c, s)| [c, s]));
+                }
+            }
+            angles.push((r.clone(), g.to_device(&table)?));
+        }
+        let (_, cs) = angles
+            .iter()
+            .find(|(known, _)| known == r)
+            .expect("the table was just made");
+        g.rope(x, cs, t, n_heads, head_dim, r.n_rot, r.neox)
+    }
+
+    fn attend(
+        &self,
+        layer: usize,
+        a: &Attention,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        seqs: &mut [Seq],
+        segs: &[Range<usize>],
+    ) -> Result<CudaSlice<f32>> {
+        let g = self.dev.gpu;
+        let s = &a.shape;
+        let (qd, kd) = (s.n_head * s.head_dim, s.n_head_kv * s.head_dim);
+        let t = segs.last().map_or(0, |r| r.end);
+        let sinks = a.sinks.as_deref().map(|z| self.dev.vector(z)).transpose()?;
+        let mut out = g.output(t * qd)?;
+        for (i, (seq, r)) in seqs.iter_mut().zip(segs).enumerate() {
+            let LayerState::Device(DeviceState::Attention {
+                k: kc,
+                v: vc,
+                len,
+                row,
+                capacity,
+            }) = &mut seq.state.layers[layer]
+            else {
+                bail!("layer state is not a device attention cache");
+            };
+            let n = r.len();
+            if *len + n > *capacity {
+                bail!("context is full ({capacity} tokens): raise -c/--ctx-size");
+            }
+            let pos = self.seq_pos.slice(i..i + 1);
+            g.kv_store(
+                &k.slice(r.start * kd..r.end * kd),
+                &v.slice(r.start * kd..r.end * kd),
+                kc,
+                vc,
+                &pos,
+                *len,
+                *row,
+                n,
+            )?;
+            g.attention(
+                s,
+                sinks,
+                &q.slice(r.start * qd..r.end * qd),
+                kc,
+                vc,
+                &mut out.slice_mut(r.start * qd..r.end * qd),
+                n,
+                *len,
+                &pos,
+            )?;
+            *len += n;
+        }
+        Ok(out)
+    }
+
+    fn gated(&self, f: &Gated, x: &CudaSlice<f32>, t: usize) -> Result<CudaSlice<f32>> {
+        let g = self.dev.gpu;
+        let ff = f.gate.rows;
+        let (mut gb, mut ub) = (g.output(t * ff)?, g.output(t * ff)?);
+        dev(&f.gate)?.launch(&x.slice(..), t, &mut gb.slice_mut(..), Epilogue::Store)?;
+        dev(&f.up)?.launch(&x.slice(..), t, &mut ub.slice_mut(..), Epilogue::Store)?;
+        g.gated_act(&mut gb, &ub, t * ff, device_act(f.act))?;
+        let mut y = g.output(t * f.down.rows)?;
+        dev(&f.down)?.launch(&gb.slice(..), t, &mut y.slice_mut(..), Epilogue::Store)?;
+        Ok(y)
+    }
+
+    fn moe(
+        &self,
+        d: &Decoder,
+        layer: usize,
+        m: &Moe,
+        h: &CudaSlice<f32>,
+        t: usize,
+    ) -> Result<CudaSlice<f32>> {
+        let g = self.dev.gpu;
+        let Some((_, counts)) = self.dev.counts.iter().find(|(i, _)| *i == layer) else {
+            // Experts in RAM: the CPU routes and computes them.
+            let hh = g.to_host(h)?;
+            let y = CpuOps { cpu: self.cpu }.moe(d, layer, m, &hh, t)?;
+            return g.to_device(&y);
+        };
+        let (ne, k) = (m.n_expert, m.n_used);
+        let logits = self.linear(&m.router, h, t)?;
+        let (mut ids, mut wts) = (g.output::<i32>(t * k)?, g.output(t * k)?);
+        let (gating, norm) = match m.gating {
+            Gating::Softmax { norm } => (DeviceGating::Softmax, norm),
+            Gating::SoftmaxSelected => (DeviceGating::SoftmaxSelected, false),
+        };
+        {
+            let mut c = counts.lock().unwrap_or_else(|e| e.into_inner());
+            if c.len() != ne {
+                bail!("routing counts of layer {layer} do not match its experts");
+            }
+            g.route_topk(
+                &logits, gating, &mut ids, &mut wts, &mut c, t, k, norm, m.scale,
+            )?;
+        }
+        self.experts(d, m, &ids, &wts, h, t)
+    }
+
+    fn logits(
+        &self,
+        d: &Decoder,
+        x: &CudaSlice<f32>,
+        segs: &[Range<usize>],
+        all: bool,
+    ) -> Result<Vec<f32>> {
+        let g = self.dev.gpu;
+        let (n, t) = (d.n_embd, x.len() / d.n_embd);
+        let last: CudaSlice<f32>;
+        let rows = if all {
+            x
+        } else {
+            let idx: Vec<i32> = segs.iter().map(|r| r.end as i32 - 1).collect();
+            let mut y = g.output(idx.len() * n)?;
+            g.gather_rows(x, &g.to_device(&idx)?, &mut y, t, n, t - 1)?;
+            last = y;
+            &last
+        };
+        let h = self.norm(rows, &d.out_norm, d.eps)?;
+        let m = h.len() / n;
+        let mut out = g.output(m * d.n_vocab)?;
+        dev(&d.output)?.launch(&h.slice(..), m, &mut out.slice_mut(..), Epilogue::Store)?;
+        if let Some(c) = d.logit_softcap {
+            g.softcap(&mut out, m * d.n_vocab, c)?;
+        }
+        g.to_host(&out)
+    }
+}
