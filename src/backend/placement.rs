@@ -273,7 +273,9 @@ impl Plan {
                 .or(args.gpu_mem.map(|b| b / DEFAULT_CACHE_SHARE))
                 .filter(|_| plan.staging_bytes > 0);
             if let Some(want) = want {
-                plan.cache_bytes = want.min(budget.saturating_sub(used));
+                // Never more than the experts themselves (a budget of a whole card's free
+                // memory over a small model asked 17 GiB for a cache of a few MiB of experts).
+                plan.cache_bytes = want.min(budget.saturating_sub(used)).min(all_experts);
                 used += plan.cache_bytes;
             }
         }
@@ -767,6 +769,21 @@ mod tests {
         .unwrap();
         assert_eq!(p.expert_layers_on_gpu, vec![5]);
         assert_eq!(p.staging_bytes, 2 * largest);
+        // A budget of a whole card beside a small model: the default cache (an eighth of the
+        // budget) is never more than the experts there are.
+        let p = Plan::new(
+            &g,
+            &PlacementArgs {
+                n_gpu_layers: Some(99),
+                n_cpu_moe: 4,
+                gpu_mem: Some(1 << 40),
+                ..Default::default()
+            },
+            reserve,
+            ctx,
+        )
+        .unwrap();
+        assert!(p.cache_bytes > 0 && p.cache_bytes <= layer(1) + layer(3) + layer(5));
         // Room for everything: no staging.
         let all = fixed + reserve + state + layer(1) + layer(3) + layer(5);
         let p = Plan::new(
