@@ -275,7 +275,12 @@ impl Plan {
             if let Some(want) = want {
                 // Never more than the experts themselves (a budget of a whole card's free
                 // memory over a small model asked 17 GiB for a cache of a few MiB of experts).
-                plan.cache_bytes = want.min(budget.saturating_sub(used)).min(all_experts);
+                let every_expert: u64 = g
+                    .tensors()
+                    .filter(|t| is_expert(&t.name))
+                    .map(|t| t.size_bytes)
+                    .sum();
+                plan.cache_bytes = want.min(budget.saturating_sub(used)).min(every_expert);
                 used += plan.cache_bytes;
             }
         }
@@ -784,6 +789,20 @@ mod tests {
         )
         .unwrap();
         assert!(p.cache_bytes > 0 && p.cache_bytes <= layer(1) + layer(3) + layer(5));
+        // ... and with every expert layer in RAM, the cache may hold all of them.
+        let p = Plan::new(
+            &g,
+            &PlacementArgs {
+                n_gpu_layers: Some(99),
+                n_cpu_moe: 99,
+                gpu_mem: Some(1 << 40),
+                ..Default::default()
+            },
+            reserve,
+            ctx,
+        )
+        .unwrap();
+        assert_eq!(p.cache_bytes, layer(1) + layer(3) + layer(5));
         // Room for everything: no staging.
         let all = fixed + reserve + state + layer(1) + layer(3) + layer(5);
         let p = Plan::new(
