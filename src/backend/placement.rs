@@ -51,26 +51,33 @@ impl PlacementArgs {
 pub struct ExecutorNeeds {
     /// Each sequence's state lives in device memory (K/V caches, Mamba-2 state).
     pub device_state: bool,
-    /// Routed experts left in RAM are staged over PCIe and cached (staging buffers and the
-    /// hot-expert cache).
-    pub expert_staging: bool,
+    /// At most this many staging buffers, each with room for one RAM layer's routed experts,
+    /// which prefill copies over PCIe (0: the CPU computes RAM experts).
+    pub staging_buffers: u64,
+    /// A hot-expert cache in VRAM for the RAM layers' experts.
+    pub expert_cache: bool,
 }
 
 impl ExecutorNeeds {
-    /// A device-resident pass with staging and the cache (Nemotron-H's).
+    /// A device-resident pass with two staging buffers (one layer copied while the GPU computes
+    /// another) and the cache (Nemotron-H's).
     pub const RESIDENT_WITH_STAGING: ExecutorNeeds = ExecutorNeeds {
         device_state: true,
-        expert_staging: true,
+        staging_buffers: 2,
+        expert_cache: true,
     };
-    /// A device-resident pass whose RAM experts run on the CPU (the decoder families').
-    pub const RESIDENT: ExecutorNeeds = ExecutorNeeds {
+    /// A device-resident pass whose prefill stages one RAM layer's experts at a time, decode
+    /// computing them on the CPU (the decoder families').
+    pub const RESIDENT_STAGING_ONE: ExecutorNeeds = ExecutorNeeds {
         device_state: true,
-        expert_staging: false,
+        staging_buffers: 1,
+        expert_cache: false,
     };
     /// Products on the device one by one, state and experts on the host.
     pub const PRODUCTS_ONLY: ExecutorNeeds = ExecutorNeeds {
         device_state: false,
-        expert_staging: false,
+        staging_buffers: 0,
+        expert_cache: false,
     };
 }
 
@@ -251,11 +258,11 @@ impl Plan {
         let all_experts: u64 = experts.values().map(layer_bytes).sum();
         let spills =
             !plan.expert_layers_in_ram.is_empty() || used.saturating_add(all_experts) > budget;
-        if resident && spills && needs.expert_staging {
+        if resident && spills && needs.staging_buffers > 0 {
             let largest = staging_buffer_bytes(g);
             // Two buffers let prefill copy the next RAM layer while the GPU computes the current
             // one; where only one fits, layers are staged one at a time.
-            let most = args.staging_buffers.unwrap_or(2).min(2) as u64;
+            let most = (args.staging_buffers.unwrap_or(2) as u64).min(needs.staging_buffers);
             if let Some(bytes) = [2 * largest, largest]
                 .into_iter()
                 .filter(|&b| b <= most * largest)
@@ -271,7 +278,7 @@ impl Plan {
             let want = args
                 .expert_cache
                 .or(args.gpu_mem.map(|b| b / DEFAULT_CACHE_SHARE))
-                .filter(|_| plan.staging_bytes > 0);
+                .filter(|_| plan.staging_bytes > 0 && needs.expert_cache);
             if let Some(want) = want {
                 // Never more than the experts themselves (a budget of a whole card's free
                 // memory over a small model asked 17 GiB for a cache of a few MiB of experts).
@@ -652,6 +659,24 @@ mod tests {
         );
         assert_eq!(bare.expert_layers_on_gpu.len(), 2);
         assert!(bare.gpu_weight_bytes + reserve <= budget);
+        // One staging buffer and no cache (the decoder families' executor), even when a cache
+        // is asked for: the room of the second buffer holds an expert layer.
+        let one = Plan::for_executor(
+            &g,
+            &PlacementArgs {
+                expert_cache: Some(layer(1) / 4),
+                ..args.clone()
+            },
+            reserve,
+            ctx,
+            ExecutorNeeds::RESIDENT_STAGING_ONE,
+        )
+        .unwrap();
+        assert_eq!(
+            (one.state_bytes, one.staging_bytes, one.cache_bytes),
+            (state, layer(1), 0)
+        );
+        assert_eq!(one.expert_layers_on_gpu.len(), 1);
     }
 
     #[test]

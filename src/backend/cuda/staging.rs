@@ -1,7 +1,8 @@
 //! Routed experts that stay in RAM, brought to the GPU for a prefill batch: the mapped expert
 //! tensors are page-locked where the driver allows (so copies from them are DMA at PCIe speed,
 //! not staged through the driver's bounce buffers), and a staging buffer on the device takes the
-//! experts a batch selected, one layer at a time.
+//! experts a batch selected, one layer at a time; the costs measured so far say whether a batch
+//! copies its experts or leaves them to the CPU.
 
 use std::sync::Arc;
 
@@ -154,6 +155,62 @@ impl Drop for HostPins {
         for &a in &self.starts {
             // SAFETY: `a` was registered by pin_host and not yet unregistered.
             unsafe { sys::cuMemHostUnregister(a as *mut std::ffi::c_void) };
+        }
+    }
+}
+
+/// Costs measured on the runs so far (moving averages), and how often each path ran.
+#[derive(Default)]
+pub struct OffloadCosts {
+    /// Seconds the CPU took per (token, expert) pair of a prefill batch.
+    pub cpu_s_per_pair: Option<f64>,
+    /// Bytes per second of copying selected experts to the GPU: the best of the samples (a
+    /// copy only gets slower than the link by disturbance, and the first copies of a run can be
+    /// several times slower; a moving average of them kept decode from ever copying again).
+    pub copy_bytes_per_s: Option<f64>,
+    /// Copies timed so far (decode times its first [`COPY_SAMPLES`], waiting for each).
+    pub copy_samples: u32,
+    /// Seconds the CPU took per selected expert of a decode step.
+    pub cpu_s_per_decode_expert: Option<f64>,
+    /// Decode steps that copied part of a RAM layer's experts to the GPU.
+    pub split_steps: u64,
+    /// Prefill layer-batches computed from a prefetched copy of the whole layer.
+    pub prefetched_batches: u64,
+    pub cpu_batches: u64,
+    pub gpu_batches: u64,
+}
+
+/// Decode steps whose copies are timed (each waits for its copy, losing the overlap).
+pub const COPY_SAMPLES: u32 = 4;
+
+pub fn average(old: Option<f64>, sample: f64) -> Option<f64> {
+    Some(old.map_or(sample, |o| 0.7 * o + 0.3 * sample))
+}
+
+impl OffloadCosts {
+    /// How many of `n` experts (of `eb` bytes, `cpu` seconds each on the CPU) a decode step
+    /// copies to the GPU while the CPU computes the others: g·copy ≈ (n − g)·cpu, one while
+    /// copies are unmeasured. The CPU keeps at least one (when there are two) so that its cost
+    /// stays measured: an inflated sample that sent every expert to the GPU was never
+    /// corrected, and decode kept copying them all.
+    pub fn copies_beside_cpu(&self, n: usize, cpu: f64, eb: usize) -> usize {
+        match self.copy_bytes_per_s {
+            _ if n == 0 => 0,
+            None => 1,
+            Some(bw) => {
+                let copy = eb as f64 / bw;
+                ((n as f64 * cpu / (cpu + copy)).round() as usize).min(n.saturating_sub(1).max(1))
+            }
+        }
+    }
+
+    /// Whether copying `bytes` of experts beats the CPU on `pairs` (token, expert) pairs. With
+    /// nothing measured yet the CPU runs first, then the copy, so that both get a measurement.
+    pub fn prefers_copy(&self, bytes: usize, pairs: usize) -> bool {
+        match (self.cpu_s_per_pair, self.copy_bytes_per_s) {
+            (None, _) => false,
+            (Some(_), None) => true,
+            (Some(c), Some(bw)) => bytes as f64 / bw < c * pairs as f64,
         }
     }
 }

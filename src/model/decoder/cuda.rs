@@ -4,12 +4,14 @@
 //! gated MLPs, routing and experts), and each sequence's caches live there too. Several
 //! sequences share one pass: products run over all their rows, attention over each one's
 //! cache. Layers whose routed experts stay in RAM send the normed rows to the CPU executor and
-//! take its sum back.
+//! take its sum back, or, for a prefill batch where the costs measured so far say copying pays,
+//! copy the layer's experts into a staging buffer and compute them on the GPU.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Mutex;
+use std::time::Instant;
 
 use anyhow::{anyhow, bail, Result};
 use cudarc::driver::CudaSlice;
@@ -18,7 +20,8 @@ use super::cpu::CpuOps;
 use super::{Act, Attention, Decoder, FeedForward, Gated, Gating, Linear, Moe, Ops, Rope};
 use crate::backend::cpu::{Cpu, Matrix, Precision};
 use crate::backend::cuda::{
-    DeviceAct, DeviceGating, DeviceRows, DeviceState, Epilogue, Gpu, Group,
+    average, DeviceAct, DeviceGating, DeviceMatrix, DeviceRows, DeviceState, Epilogue, Gpu, Group,
+    HostPins, OffloadCosts, COPY_SAMPLES,
 };
 use crate::model::{embed, LayerState, Seq, State};
 
@@ -34,8 +37,70 @@ pub(super) struct DeviceDecoder<'a> {
     /// address of their host values: the description owns them and never changes them after
     /// loading, so the address names one vector for the model's life.
     vectors: HashMap<usize, CudaSlice<f32>>,
-    /// Routing counts of each MoE layer whose experts are on the device.
+    /// Routing counts of each MoE layer routed on the device (experts there, or staged).
     counts: Vec<(usize, Mutex<CudaSlice<u32>>)>,
+    /// Where RAM layers' experts are copied for prefill, when the plan reserved room.
+    staging: Option<Staging>,
+}
+
+/// Device buffers that take one RAM layer's routed experts (gate, up, down) for a prefill
+/// batch that copying pays for, the mapped expert tensors page-locked where the driver allows
+/// (DMA at PCIe speed), and the costs measured so far.
+struct Staging {
+    bufs: Mutex<[DeviceMatrix; 3]>,
+    pins: Option<HostPins>,
+    costs: Mutex<OffloadCosts>,
+}
+
+impl Staging {
+    /// Buffers for the largest RAM layer within `budget` bytes (None, with a note, when they
+    /// do not fit: the CPU then computes RAM experts always).
+    fn new(gpu: &Gpu, ram: &[&Moe], budget: u64) -> Option<Staging> {
+        let most = |f: fn(&Moe) -> usize| ram.iter().map(|m| f(m)).max().unwrap_or(0);
+        let sizes = [
+            most(|m| m.gate.data.len()),
+            most(|m| m.up.data.len()),
+            most(|m| m.down.data.len()),
+        ];
+        let total: usize = sizes.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        if total as u64 > budget {
+            eprintln!(
+                "note: the GPU budget leaves no room to stage RAM experts ({:.2} GiB); the CPU computes them",
+                total as f64 / (1u64 << 30) as f64
+            );
+            return None;
+        }
+        let bufs = match sizes.map(|b| gpu.staging(b)) {
+            [Ok(g), Ok(u), Ok(d)] => [g, u, d],
+            [Err(e), ..] | [_, Err(e), _] | [.., Err(e)] => {
+                eprintln!(
+                    "note: no room to stage RAM experts on the GPU ({e:#}); the CPU computes them"
+                );
+                return None;
+            }
+        };
+        let ranges: Vec<&[u8]> = ram
+            .iter()
+            .flat_map(|m| [m.gate.data, m.up.data, m.down.data])
+            .collect();
+        let pins = gpu
+            .pin_host(&ranges)
+            .map_err(|e| eprintln!("note: {e:#}; expert copies go through pageable memory"))
+            .ok();
+        Some(Staging {
+            bufs: Mutex::new(bufs),
+            pins,
+            costs: Mutex::default(),
+        })
+    }
+}
+
+/// Bytes of a layer's routed experts.
+fn layer_bytes(m: &Moe) -> usize {
+    m.gate.data.len() + m.up.data.len() + m.down.data.len()
 }
 
 fn key(v: &[f32]) -> usize {
@@ -71,12 +136,25 @@ fn dev<'a>(m: &Matrix<'a>) -> Result<DeviceRows<'a>> {
 
 impl<'a> DeviceDecoder<'a> {
     /// The device parts of `d` when its placement allows the resident pass (None otherwise:
-    /// the CPU executor runs it, each GPU product crossing PCIe on its own).
-    pub(super) fn new(d: &Decoder<'a>) -> Result<Option<DeviceDecoder<'a>>> {
+    /// the CPU executor runs it, each GPU product crossing PCIe on its own); `staging_budget`
+    /// is what the plan reserved for staging RAM experts.
+    pub(super) fn new(d: &Decoder<'a>, staging_budget: u64) -> Result<Option<DeviceDecoder<'a>>> {
         if !resident(d) {
             return Ok(None);
         }
         let gpu = dev(&d.output)?.gpu;
+        let ram: Vec<&Moe> = d
+            .layers
+            .iter()
+            .filter_map(|l| match &l.ffn {
+                FeedForward::Moe(m) if !experts_on_device(m) => Some(&**m),
+                _ => None,
+            })
+            .collect();
+        let staging = match staging_budget {
+            0 => None,
+            b => Staging::new(gpu, &ram, b),
+        };
         let mut host: Vec<&[f32]> = vec![&d.out_norm];
         let mut counts = Vec::new();
         for (i, l) in d.layers.iter().enumerate() {
@@ -99,7 +177,7 @@ impl<'a> DeviceDecoder<'a> {
                 {
                     host.push(v);
                 }
-                if experts_on_device(m) {
+                if experts_on_device(m) || staging.is_some() {
                     counts.push((i, Mutex::new(gpu.zeros(m.n_expert)?)));
                 }
             }
@@ -114,7 +192,30 @@ impl<'a> DeviceDecoder<'a> {
             gpu,
             vectors,
             counts,
+            staging,
         }))
+    }
+
+    /// One line on how prefill treated the routed experts left in RAM, when the plan staged
+    /// them.
+    pub(super) fn offload_report(&self) -> Option<String> {
+        let s = self.staging.as_ref()?;
+        let c = s.costs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut line = format!(
+            "RAM experts in prefill: {} layer-batches copied to the GPU, {} computed on the CPU",
+            c.gpu_batches, c.cpu_batches
+        );
+        if let Some(bw) = c.copy_bytes_per_s {
+            line += &format!("; copies {:.1} GB/s", bw / 1e9);
+        }
+        if let Some(t) = c.cpu_s_per_pair {
+            line += &format!("; CPU {:.1} µs per token-expert", t * 1e6);
+        }
+        line += match &s.pins {
+            Some(_) => "; page-locked",
+            None => "; not page-locked",
+        };
+        Some(line)
     }
 
     /// A fresh state: each layer's K/V cache in device memory.
@@ -191,13 +292,15 @@ pub(super) struct CudaOps<'p, 'a> {
 }
 
 impl CudaOps<'_, '_> {
-    /// Routed experts on the device: ids and weights from the router, then either the id
-    /// products (decode) or the rows grouped per expert (prefill); the weighted sum returned.
+    /// Routed experts on the device (`w`: gate, up and down, where they are now): ids and
+    /// weights from the router, then either the id products (decode) or the rows grouped per
+    /// expert (prefill); the weighted sum returned.
     #[allow(clippy::too_many_arguments)]
     fn experts(
         &self,
         d: &Decoder,
         m: &Moe,
+        [gate, up, down]: [DeviceRows; 3],
         ids: &CudaSlice<i32>,
         wts: &CudaSlice<f32>,
         h: &CudaSlice<f32>,
@@ -205,7 +308,6 @@ impl CudaOps<'_, '_> {
     ) -> Result<CudaSlice<f32>> {
         let g = self.dev.gpu;
         let (ne, k, n, ff) = (m.n_expert, m.n_used, d.n_embd, m.ff);
-        let (gate, up, down) = (dev(&m.gate)?, dev(&m.up)?, dev(&m.down)?);
         let pairs = t * k;
         let bias = |y: &mut CudaSlice<f32>,
                     b: &Option<Vec<f32>>,
@@ -443,13 +545,32 @@ impl Ops for CudaOps<'_, '_> {
         t: usize,
     ) -> Result<CudaSlice<f32>> {
         let g = self.dev.gpu;
-        let Some((_, counts)) = self.dev.counts.iter().find(|(i, _)| *i == layer) else {
-            // Experts in RAM: the CPU routes and computes them.
-            let hh = g.to_host(h)?;
-            let y = CpuOps { cpu: self.cpu }.moe(d, layer, m, &hh, t)?;
-            return g.to_device(&y);
-        };
         let (ne, k) = (m.n_expert, m.n_used);
+        let on_device = experts_on_device(m);
+        let staging = self.dev.staging.as_ref();
+        let copy = !on_device
+            && t > ID_PATH_MAX_TOKENS
+            && staging.is_some_and(|s| {
+                let c = s.costs.lock().unwrap_or_else(|e| e.into_inner());
+                c.prefers_copy(layer_bytes(m), t * k)
+            });
+        let counts = match self.dev.counts.iter().find(|(i, _)| *i == layer) {
+            Some((_, c)) if on_device || copy => c,
+            _ => {
+                // Experts in RAM: the CPU routes and computes them (timed for prefill, so that
+                // the next batch can choose).
+                let hh = g.to_host(h)?;
+                let started = Instant::now();
+                let y = CpuOps { cpu: self.cpu }.moe(d, layer, m, &hh, t)?;
+                if let (Some(s), true) = (staging, t > ID_PATH_MAX_TOKENS) {
+                    let spent = started.elapsed().as_secs_f64();
+                    let mut c = s.costs.lock().unwrap_or_else(|e| e.into_inner());
+                    c.cpu_s_per_pair = average(c.cpu_s_per_pair, spent / (t * k) as f64);
+                    c.cpu_batches += 1;
+                }
+                return g.to_device(&y);
+            }
+        };
         let logits = self.linear(&m.router, h, t)?;
         let (mut ids, mut wts) = (g.output::<i32>(t * k)?, g.output(t * k)?);
         let (gating, norm) = match m.gating {
@@ -465,7 +586,45 @@ impl Ops for CudaOps<'_, '_> {
                 &logits, gating, &mut ids, &mut wts, &mut c, t, k, norm, m.scale,
             )?;
         }
-        self.experts(d, m, &ids, &wts, h, t)
+        let Some(s) = staging.filter(|_| copy) else {
+            let w = [dev(&m.gate)?, dev(&m.up)?, dev(&m.down)?];
+            return self.experts(d, m, w, &ids, &wts, h, t);
+        };
+        // The whole layer copied over (a prefill batch selects most experts), on the compute
+        // stream after the work that read the buffers last; the first copies are timed.
+        let mut bufs = s.bufs.lock().unwrap_or_else(|e| e.into_inner());
+        let measure = s
+            .costs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .copy_samples
+            < COPY_SAMPLES;
+        if measure {
+            g.synchronize()?;
+        }
+        let started = Instant::now();
+        for (buf, w) in bufs.iter_mut().zip([&m.gate, &m.up, &m.down]) {
+            buf.restage(w.ty, w.cols)?;
+            g.stage_rows(buf, 0, w.data)?;
+        }
+        {
+            let mut c = s.costs.lock().unwrap_or_else(|e| e.into_inner());
+            if measure {
+                g.synchronize()?;
+                let bw = layer_bytes(m) as f64 / started.elapsed().as_secs_f64().max(1e-9);
+                c.copy_bytes_per_s = Some(c.copy_bytes_per_s.map_or(bw, |b| b.max(bw)));
+                c.copy_samples += 1;
+            }
+            c.gpu_batches += 1;
+        }
+        let [bg, bu, bd] = &*bufs;
+        let w = [(bg, &m.gate), (bu, &m.up), (bd, &m.down)].map(|(b, w)| DeviceRows {
+            gpu: g,
+            m: b,
+            start: 0,
+            rows: w.rows,
+        });
+        self.experts(d, m, w, &ids, &wts, h, t)
     }
 
     fn logits(

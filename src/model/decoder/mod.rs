@@ -534,7 +534,8 @@ impl Hyper {
             device: None,
         };
         d.check()?;
-        d.device = cuda::DeviceDecoder::new(&d)?;
+        let staging = t.opts.device.map_or(0, |w| w.plan.staging_bytes);
+        d.device = cuda::DeviceDecoder::new(&d, staging)?;
         Ok(d)
     }
 }
@@ -723,6 +724,10 @@ impl Forward for Decoder<'_> {
 
     fn n_ctx_train(&self) -> usize {
         self.n_ctx_train
+    }
+
+    fn offload_report(&self) -> Option<String> {
+        self.device.as_ref()?.offload_report()
     }
 
     fn expert_usage(&self) -> Result<Vec<(usize, Vec<u64>)>> {

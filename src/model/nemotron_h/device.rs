@@ -17,8 +17,8 @@ use cudarc::driver::{CudaEvent, CudaSlice, CudaStream};
 use super::{Attention, Block, Mamba, Moe, NemotronH};
 use crate::backend::cpu::{Cpu, Matrix, Precision};
 use crate::backend::cuda::{
-    DeviceGating, DeviceMatrix, DeviceRows, DeviceState, Epilogue, Gpu, Group, HostPins,
-    PassOptions, Prefetch, StepGraph,
+    average, DeviceGating, DeviceMatrix, DeviceRows, DeviceState, Epilogue, Gpu, Group, HostPins,
+    OffloadCosts, PassOptions, Prefetch, StepGraph, COPY_SAMPLES,
 };
 use crate::model::{embed, LayerState, State};
 
@@ -91,7 +91,7 @@ const MAX_GRAPHS: usize = 64;
 struct Offload {
     stage: Mutex<Staging>,
     pins: Option<HostPins>,
-    costs: Mutex<Costs>,
+    costs: Mutex<OffloadCosts>,
     prefetch: Prefetch,
     /// The hot-expert cache of each RAM MoE layer (by layer index), when the plan has one.
     caches: Vec<(usize, Mutex<ExpertCache>)>,
@@ -188,62 +188,6 @@ struct Pairs {
     start: Vec<usize>,
     rows_idx: CudaSlice<i32>,
     pos: CudaSlice<i32>,
-}
-
-/// Costs measured on the runs so far (moving averages), and how often each path ran.
-#[derive(Default)]
-struct Costs {
-    /// Seconds the CPU took per (token, expert) pair of a prefill batch.
-    cpu_s_per_pair: Option<f64>,
-    /// Bytes per second of copying selected experts to the GPU: the best of the samples (a
-    /// copy only gets slower than the link by disturbance, and the first copies of a run can be
-    /// several times slower; a moving average of them kept decode from ever copying again).
-    copy_bytes_per_s: Option<f64>,
-    /// Copies timed so far (decode times its first [`COPY_SAMPLES`], waiting for each).
-    copy_samples: u32,
-    /// Seconds the CPU took per selected expert of a decode step.
-    cpu_s_per_decode_expert: Option<f64>,
-    /// Decode steps that copied part of a RAM layer's experts to the GPU.
-    split_steps: u64,
-    /// Prefill layer-batches computed from a prefetched copy of the whole layer.
-    prefetched_batches: u64,
-    cpu_batches: u64,
-    gpu_batches: u64,
-}
-
-/// Decode steps whose copies are timed (each waits for its copy, losing the overlap).
-const COPY_SAMPLES: u32 = 4;
-
-fn average(old: Option<f64>, sample: f64) -> Option<f64> {
-    Some(old.map_or(sample, |o| 0.7 * o + 0.3 * sample))
-}
-
-impl Costs {
-    /// How many of `n` experts (of `eb` bytes, `cpu` seconds each on the CPU) a decode step
-    /// copies to the GPU while the CPU computes the others: g·copy ≈ (n − g)·cpu, one while
-    /// copies are unmeasured. The CPU keeps at least one (when there are two) so that its cost
-    /// stays measured: an inflated sample that sent every expert to the GPU was never
-    /// corrected, and decode kept copying them all.
-    fn copies_beside_cpu(&self, n: usize, cpu: f64, eb: usize) -> usize {
-        match self.copy_bytes_per_s {
-            _ if n == 0 => 0,
-            None => 1,
-            Some(bw) => {
-                let copy = eb as f64 / bw;
-                ((n as f64 * cpu / (cpu + copy)).round() as usize).min(n.saturating_sub(1).max(1))
-            }
-        }
-    }
-
-    /// Whether copying `bytes` of experts beats the CPU on `pairs` (token, expert) pairs. With
-    /// nothing measured yet the CPU runs first, then the copy, so that both get a measurement.
-    fn prefers_copy(&self, bytes: usize, pairs: usize) -> bool {
-        match (self.cpu_s_per_pair, self.copy_bytes_per_s) {
-            (None, _) => false,
-            (Some(_), None) => true,
-            (Some(c), Some(bw)) => bytes as f64 / bw < c * pairs as f64,
-        }
-    }
 }
 
 /// Bytes of one routed expert (its up and down rows) of the first MoE layer in RAM.
