@@ -397,7 +397,7 @@ fn a_batched_step_equals_each_sequence_alone() {
         );
         let gg = Model::open(&p).unwrap();
         let m = model::load(&gg).unwrap();
-        check_batch_equals_alone(m.as_ref(), &prompts, &next, arch);
+        check_batch_equals_alone(m.as_ref(), &prompts, &next, arch, 1e-3);
     }
 }
 

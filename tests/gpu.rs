@@ -839,11 +839,16 @@ fn decoder_models_on_the_gpu_match_the_cpu() {
                 (0..17).map(|i| 90 + i * 5).collect(),
                 vec![7, 8],
             );
+            // With RAM experts, a batch may compute a RAM layer on the other executor than
+            // each sequence alone did (the measured CPU-or-copy choice): in normal mode that
+            // is the executors' difference, bounded as above.
+            let normal_tol = if args.n_cpu_moe > 0 { 0.03 } else { 1e-3 };
             common::check_batch_equals_alone(
                 m.as_ref(),
                 &[&a, &b, &c],
                 &[&[5], &[61, 62, 63], &[200]],
                 &format!("{arch} {what}"),
+                normal_tol,
             );
         }
     }
