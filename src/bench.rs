@@ -1,7 +1,9 @@
 //! `ggrun bench`: prompt-processing (pp) and generation (tg) speed, measured the way
 //! llama-bench and ../shared/tools/llamacpp_side.py do — a warm-up round that is dropped, then the
 //! median over repeats; random prompt tokens from a fixed seed; pp and tg are separate tests,
-//! each on an empty context (tgN: N tokens generated one at a time from a random first token).
+//! each on an empty context (tgN: N tokens generated one at a time from a random first token),
+//! or, with a depth (llama-bench's `-d`), on a context already holding that many tokens: they
+//! are evaluated once, untimed, and each test starts from a restored copy of that state.
 
 use std::path::Path;
 use std::time::Instant;
@@ -18,6 +20,8 @@ use crate::sample::argmax;
 pub struct BenchResult {
     pub n_prompt: usize,
     pub n_gen: usize,
+    /// Tokens in the context before each test.
+    pub depth: usize,
     pub pp: Vec<f64>,
     pub tg: Vec<f64>,
     /// Read bandwidth (bytes/s) measured right before each measured tg round, when asked for.
@@ -42,8 +46,8 @@ fn median(v: &[f64]) -> f64 {
 /// (reading them is a device round trip per MoE layer where routing runs on the GPU).
 pub const ROUTING_SNAPSHOT_EVERY: usize = 32;
 
-/// Runs `reps` measured rounds after one warm-up round; the prompt goes in forward passes of
-/// `batch` tokens. With `routing`, the model's selection counts are recorded into it after each
+/// Runs `reps` measured rounds after one warm-up round, each test on a context holding `depth`
+/// tokens; the prompt (and the depth) goes in forward passes of `batch` tokens. With `routing`, the model's selection counts are recorded into it after each
 /// prompt pass and every [`ROUTING_SNAPSHOT_EVERY`] generated tokens. With `bandwidth`, it is
 /// called right before each measured tg round (the roofline of that round: this machine's
 /// bandwidth drifts between runs, so a bandwidth taken apart from the tokens says little).
@@ -53,6 +57,7 @@ pub fn run(
     cpu: &Cpu,
     n_prompt: usize,
     n_gen: usize,
+    depth: usize,
     batch: usize,
     reps: usize,
     mut routing: Option<&mut RoutingWindow>,
@@ -78,14 +83,31 @@ pub fn run(
         seed ^= seed << 17;
         seed
     };
+    let random = |next: &mut dyn FnMut() -> u64| (10 + next() % (nv as u64 - 20)) as u32;
+    // One state for every test, allocated once (a long context is many pages to fault in).
+    let mut st = m.new_state(depth + n_prompt.max(n_gen), cpu.precision)?;
+    let at_depth = match depth {
+        0 => None,
+        _ => {
+            let filler: Vec<u32> = (0..depth).map(|_| random(&mut next)).collect();
+            for chunk in filler.chunks(batch.max(1)) {
+                m.forward(cpu, &mut st, chunk, false)?;
+                tokens += chunk.len() as u64;
+            }
+            record(tokens, &mut routing)?;
+            Some(st.to_bytes()?)
+        }
+    };
+    let reset = |st: &mut crate::backend::state::State| match &at_depth {
+        Some(saved) => st.restore(saved),
+        None => st.clear(),
+    };
     let (mut pp, mut tg, mut tg_bandwidth) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..=reps {
-        let prompt: Vec<u32> = (0..n_prompt)
-            .map(|_| (10 + next() % (nv as u64 - 20)) as u32)
-            .collect();
-        let mut tok = (10 + next() % (nv as u64 - 20)) as u32;
-        let mut st = m.new_state(n_prompt.max(n_gen), cpu.precision)?;
+        let prompt: Vec<u32> = (0..n_prompt).map(|_| random(&mut next)).collect();
+        let mut tok = random(&mut next);
         if n_prompt > 0 {
+            reset(&mut st)?;
             let t0 = Instant::now();
             for chunk in prompt.chunks(batch.max(1)) {
                 m.forward(cpu, &mut st, chunk, false)?;
@@ -97,7 +119,7 @@ pub fn run(
             }
         }
         if n_gen > 0 {
-            st.clear()?;
+            reset(&mut st)?;
             if let (true, Some(bw)) = (round > 0, bandwidth) {
                 tg_bandwidth.push(bw());
             }
@@ -118,6 +140,7 @@ pub fn run(
     Ok(BenchResult {
         n_prompt,
         n_gen,
+        depth,
         pp,
         tg,
         tg_bandwidth,
@@ -157,6 +180,7 @@ impl BenchResult {
             "isa": ggrun_quants::isa::active().name(),
             "prompt": self.n_prompt,
             "gen": self.n_gen,
+            "depth": self.depth,
             "pp_tok_s": median(&self.pp),
             "tg_tok_s": median(&self.tg),
             "pp_all": self.pp,
@@ -165,8 +189,12 @@ impl BenchResult {
     }
 
     pub fn to_text(&self, model: &Path, threads: usize) -> String {
+        let at = match self.depth {
+            0 => String::new(),
+            d => format!(" @ d{d}"),
+        };
         format!(
-            "model {}\nthreads {threads}, {}\npp{} {:9.2} tok/s\ntg{} {:9.2} tok/s",
+            "model {}\nthreads {threads}, {}\npp{}{at} {:9.2} tok/s\ntg{}{at} {:9.2} tok/s",
             model.display(),
             ggrun_quants::isa::active().name(),
             self.n_prompt,
@@ -245,6 +273,88 @@ pub fn read_bandwidth(g: &Model, cpu: &Cpu, passes: usize) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::cpu::Precision;
+    use crate::backend::state::{LayerState, State};
+    use crate::model::Seq;
+    use std::sync::Mutex;
+
+    /// A model whose one "cache" row per position holds the token there, and which records,
+    /// for every pass, the position it started at, its length and the cache's first 16 values.
+    struct Recorder(Mutex<Vec<(usize, usize, Vec<f32>)>>);
+
+    impl Forward for Recorder {
+        fn n_vocab(&self) -> usize {
+            64
+        }
+        fn n_ctx_train(&self) -> usize {
+            1 << 20
+        }
+        fn new_state(&self, n_ctx: usize, _: Precision) -> Result<State> {
+            let cache = LayerState::Attention {
+                k: vec![0.0; n_ctx],
+                v: vec![0.0; n_ctx],
+                len: 0,
+                row: 1,
+                capacity: n_ctx,
+                f16: false,
+            };
+            Ok(State::new(vec![cache], n_ctx))
+        }
+        fn run(&self, _: &Cpu, seqs: &mut [Seq], tokens: &[u32], _: bool) -> Result<Vec<f32>> {
+            let st = &mut *seqs[0].state;
+            let LayerState::Attention { k, len, .. } = &mut st.layers[0] else {
+                unreachable!()
+            };
+            anyhow::ensure!(*len == st.pos && st.pos + tokens.len() <= st.n_ctx);
+            for (i, &t) in tokens.iter().enumerate() {
+                k[st.pos + i] = t as f32;
+            }
+            let head = k[..16.min(k.len())].to_vec();
+            self.0.lock().unwrap().push((st.pos, tokens.len(), head));
+            *len += tokens.len();
+            st.pos += tokens.len();
+            Ok(vec![0.0; 64])
+        }
+    }
+
+    /// With a depth, the context is filled once, and every pp pass and tg step of every round
+    /// starts from that same context: at the depth, over the same first tokens.
+    #[test]
+    fn every_test_runs_at_the_depth_over_the_same_context() {
+        let m = Recorder(Mutex::new(Vec::new()));
+        let cpu = Cpu::new(1, Precision::Exact).unwrap();
+        let (depth, p, n, batch, reps) = (40, 12, 5, 16, 2);
+        let r = run(&m, &cpu, p, n, depth, batch, reps, None, None).unwrap();
+        assert_eq!((r.pp.len(), r.tg.len(), r.depth), (reps, reps, depth));
+        let passes = m.0.into_inner().unwrap();
+        // The depth in passes of `batch` tokens, once; then per round one pp (in passes of
+        // `batch`) and n tg steps.
+        let fill: Vec<(usize, usize)> = passes[..3].iter().map(|x| (x.0, x.1)).collect();
+        assert_eq!(fill, vec![(0, 16), (16, 16), (32, 8)]);
+        let filled = passes[2].2.clone();
+        let rest = &passes[3..];
+        assert_eq!(rest.len(), (reps + 1) * (1 + n));
+        for round in rest.chunks(1 + n) {
+            assert_eq!(
+                (round[0].0, round[0].1),
+                (depth, p),
+                "pp starts at the depth"
+            );
+            for (i, step) in round[1..].iter().enumerate() {
+                assert_eq!(
+                    (step.0, step.1),
+                    (depth + i, 1),
+                    "tg steps follow the depth"
+                );
+            }
+        }
+        assert!(rest.iter().all(|x| x.2 == filled), "the depth is restored");
+        // No depth: every test on an empty context.
+        let m = Recorder(Mutex::new(Vec::new()));
+        run(&m, &cpu, p, n, 0, batch, 1, None, None).unwrap();
+        let starts: Vec<usize> = m.0.into_inner().unwrap().iter().map(|x| x.0).collect();
+        assert_eq!(starts, [0, 0, 1, 2, 3, 4].repeat(2));
+    }
 
     /// Each round's share is its own tg against the bandwidth read right before it; the
     /// reported figure is their median, not the median tg over the median bandwidth.
@@ -253,6 +363,7 @@ mod tests {
         let r = BenchResult {
             n_prompt: 0,
             n_gen: 8,
+            depth: 0,
             pp: vec![],
             tg: vec![10.0, 30.0, 20.0],
             tg_bandwidth: vec![2e9, 3e9, 8e9],

@@ -84,6 +84,18 @@ fn a_closed_stdout_ends_quietly() {
     assert_eq!(out.status.code(), Some(0), "{err}");
 }
 
+/// `-d N` (llama-bench's depth) measures pp and tg on a context already holding N tokens.
+#[test]
+fn bench_measures_at_a_depth() {
+    let model = common::fixtures().join("nemo-tiny-q4_0.gguf");
+    let v = common::json_output(common::ggrun().args(["bench", "-m"]).arg(&model).args([
+        "-p", "16", "-n", "4", "-d", "48", "-r", "1", "-t", "1", "--json",
+    ]));
+    assert_eq!(v["depth"].as_u64(), Some(48), "{v}");
+    assert!(v["pp_tok_s"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["tg_tok_s"].as_f64().unwrap() > 0.0, "{v}");
+}
+
 #[test]
 fn bench_json_reports_pp_and_tg() {
     let model = common::fixtures().join("nemo-tiny-q4_0.gguf");

@@ -121,6 +121,10 @@ pub enum Command {
         /// Tokens generated one at a time (tg).
         #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
         n_gen: usize,
+        /// Tokens already in the context before each test (llama-bench's -d): pp and tg are
+        /// measured at that depth (evaluated once, untimed, and restored before each test).
+        #[arg(short = 'd', long = "n-depth", default_value_t = 0)]
+        depth: usize,
         /// Threads (default: physical cores).
         #[arg(short = 't', long, default_value_t = 0)]
         threads: usize,
@@ -466,6 +470,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             model,
             n_prompt,
             n_gen,
+            depth,
             batch_size,
             no_profile,
             mut threads,
@@ -494,7 +499,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
                 batch = n_prompt;
             }
             let g = Model::open(&model)?;
-            let dev = load::device_weights(&g, &place, json, n_prompt + n_gen)?;
+            let dev = load::device_weights(&g, &place, json, depth + n_prompt.max(n_gen))?;
             let opts = crate::model::LoadOptions {
                 repack: load::repack(no_repack, precision, &g),
                 device: dev.as_ref(),
@@ -509,6 +514,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
                 &cpu,
                 n_prompt,
                 n_gen,
+                depth,
                 batch,
                 reps.max(1),
                 window.as_mut(),
