@@ -27,7 +27,12 @@ fn vocab() -> &'static Tokenizer {
         let p = std::env::temp_dir().join(format!("ggrun-fuzz-tpl-{}.gguf", std::process::id()));
         write_tiny("qwen3", TinyMix::F32, 1, false, &p).unwrap();
         let g = Model::open(&p).unwrap();
-        Tokenizer::from_metadata(g.metadata()).unwrap()
+        let t = Tokenizer::from_metadata(g.metadata()).unwrap();
+        drop(g);
+        // The tokenizer owns its vocabulary: the file is not needed past here (each fuzz run
+        // left one in the temp folder).
+        let _ = std::fs::remove_file(&p);
+        t
     })
 }
 
