@@ -136,6 +136,54 @@ fn iq4_xs_dequantizes_as_gguf_py_does() {
     check_against_gguf_py(&path);
 }
 
+/// The grid i-quants (IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M), which ggrun reads
+/// but does not write: our dequantizers against gguf-py's, bit for bit, on random blocks (every
+/// grid row, sign and scale pattern; the f16 scale kept finite).
+#[test]
+fn grid_iquants_dequantize_as_gguf_py_does() {
+    use ggrun::gguf::{GgufWriter, Value};
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("seed {seed}");
+    let mut state = seed | 1;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let (rows, cols) = (16u64, 2048u64);
+    let mut w = GgufWriter::new();
+    w.kv("general.architecture", Value::str("llama"));
+    for ty in [
+        GgmlType::IQ2_XXS,
+        GgmlType::IQ2_XS,
+        GgmlType::IQ2_S,
+        GgmlType::IQ3_XXS,
+        GgmlType::IQ3_S,
+        GgmlType::IQ1_S,
+        GgmlType::IQ1_M,
+    ] {
+        let mut raw: Vec<u8> = (0..ty.row_bytes(rows * cols).unwrap())
+            .map(|_| next() as u8)
+            .collect();
+        let bb = ty.type_size();
+        // Bit 14 of the f16 scale cleared: at bytes 0-1, or for IQ1_M in the top nibble of the
+        // last of its four scale words.
+        let hi = if ty == GgmlType::IQ1_M { bb - 1 } else { 1 };
+        for block in raw.chunks_mut(bb) {
+            block[hi] &= 0xbf;
+        }
+        w.tensor(&ty.name().to_lowercase(), &[cols, rows], ty, raw);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("grid-iquants.gguf");
+    w.write(&path).unwrap();
+    check_against_gguf_py(&path);
+}
+
 #[test]
 fn reader_and_info_agree_with_gguf_py_on_smollm2() {
     check_against_gguf_py(&common::smollm2());
@@ -181,9 +229,9 @@ fn info_reports_nemotron_layer_patterns_and_state() {
             "MEM*EM*E"
         };
         assert_eq!(info.layer_pattern.as_deref(), Some(want), "{name}");
-        // 2 kv heads × (32 + 32) dims × 2 bytes × 1024 tokens per attention layer.
+        // 2 kv heads × (32 + 32) dims × 4 bytes (f32 rows) × 1024 tokens per attention layer.
         let attn = want.matches('*').count() as u64;
-        assert_eq!(info.kv_bytes_per_1k, Some(attn * 2 * 64 * 2 * 1024));
+        assert_eq!(info.kv_bytes_per_1k, Some(attn * 2 * 64 * 4 * 1024));
         // conv 3 × (512 + 2·2·32) f32 + SSM 512 × 32 f32 per Mamba layer.
         let mamba = want.matches('M').count() as u64;
         assert_eq!(
