@@ -10,6 +10,9 @@
 //! type `t` is `t.row_bytes(n)` bytes.
 
 pub mod float;
+pub mod iq_grid;
+#[rustfmt::skip] // generated: scripts/gen-iq-grids.py lays the tables out
+mod iq_tables;
 pub mod iquants;
 pub mod isa;
 pub mod kquants;
@@ -141,7 +144,7 @@ macro_rules! bytes_fn {
 pub(crate) mod scalar {
     //! Byte-slice entry points of the scalar reference kernels.
     use super::*;
-    use crate::{iquants as i, kquants as k, legacy as l, mxfp4 as m};
+    use crate::{iq_grid as g, iquants as i, kquants as k, legacy as l, mxfp4 as m};
     bytes_fn!(dequant dq_q4_0, l::dequantize_q4_0);
     bytes_fn!(dequant dq_q4_1, l::dequantize_q4_1);
     bytes_fn!(dequant dq_q5_0, l::dequantize_q5_0);
@@ -151,6 +154,13 @@ pub(crate) mod scalar {
     bytes_fn!(dequant dq_iq4_nl, l::dequantize_iq4_nl);
     bytes_fn!(dequant dq_mxfp4, m::dequantize_mxfp4);
     bytes_fn!(dequant dq_iq4_xs, i::dequantize_iq4_xs);
+    bytes_fn!(dequant dq_iq2_xxs, g::dequantize_iq2_xxs);
+    bytes_fn!(dequant dq_iq2_xs, g::dequantize_iq2_xs);
+    bytes_fn!(dequant dq_iq2_s, g::dequantize_iq2_s);
+    bytes_fn!(dequant dq_iq3_xxs, g::dequantize_iq3_xxs);
+    bytes_fn!(dequant dq_iq3_s, g::dequantize_iq3_s);
+    bytes_fn!(dequant dq_iq1_s, g::dequantize_iq1_s);
+    bytes_fn!(dequant dq_iq1_m, g::dequantize_iq1_m);
     bytes_fn!(dequant dq_q2_k, k::dequantize_q2k);
     bytes_fn!(dequant dq_q3_k, k::dequantize_q3k);
     bytes_fn!(dequant dq_q4_k, k::dequantize_q4k);
@@ -182,6 +192,13 @@ pub(crate) mod scalar {
     bytes_fn!(dot dot_iq4_nl, l::dot_iq4_nl);
     bytes_fn!(dot dot_mxfp4, m::dot_mxfp4);
     bytes_fn!(dot dot_iq4_xs, i::dot_iq4_xs);
+    bytes_fn!(dot dot_iq2_xxs, g::dot_iq2_xxs);
+    bytes_fn!(dot dot_iq2_xs, g::dot_iq2_xs);
+    bytes_fn!(dot dot_iq2_s, g::dot_iq2_s);
+    bytes_fn!(dot dot_iq3_xxs, g::dot_iq3_xxs);
+    bytes_fn!(dot dot_iq3_s, g::dot_iq3_s);
+    bytes_fn!(dot dot_iq1_s, g::dot_iq1_s);
+    bytes_fn!(dot dot_iq1_m, g::dot_iq1_m);
     bytes_fn!(dot dot_q2_k, k::dot_q2k);
     bytes_fn!(dot dot_q3_k, k::dot_q3k);
     bytes_fn!(dot dot_q4_k, k::dot_q4k);
@@ -204,6 +221,13 @@ pub fn dequantize_fn(ty: GgmlType) -> Option<DequantizeFn> {
         Q8_1 => scalar::dq_q8_1,
         IQ4_NL => scalar::dq_iq4_nl,
         IQ4_XS => scalar::dq_iq4_xs,
+        IQ2_XXS => scalar::dq_iq2_xxs,
+        IQ2_XS => scalar::dq_iq2_xs,
+        IQ2_S => scalar::dq_iq2_s,
+        IQ3_XXS => scalar::dq_iq3_xxs,
+        IQ3_S => scalar::dq_iq3_s,
+        IQ1_S => scalar::dq_iq1_s,
+        IQ1_M => scalar::dq_iq1_m,
         MXFP4 => scalar::dq_mxfp4,
         Q2_K => scalar::dq_q2_k,
         Q3_K => scalar::dq_q3_k,
@@ -260,6 +284,13 @@ pub fn scalar_kernels(ty: GgmlType) -> Option<Kernels> {
         Q8_0 => scalar::dot_q8_0,
         IQ4_NL => scalar::dot_iq4_nl,
         IQ4_XS => scalar::dot_iq4_xs,
+        IQ2_XXS => scalar::dot_iq2_xxs,
+        IQ2_XS => scalar::dot_iq2_xs,
+        IQ2_S => scalar::dot_iq2_s,
+        IQ3_XXS => scalar::dot_iq3_xxs,
+        IQ3_S => scalar::dot_iq3_s,
+        IQ1_S => scalar::dot_iq1_s,
+        IQ1_M => scalar::dot_iq1_m,
         MXFP4 => scalar::dot_mxfp4,
         Q2_K => scalar::dot_q2_k,
         Q3_K => scalar::dot_q3_k,

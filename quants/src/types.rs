@@ -149,6 +149,13 @@ impl GgmlType {
                 | Q8_0
                 | IQ4_NL
                 | IQ4_XS
+                | IQ2_XXS
+                | IQ2_XS
+                | IQ2_S
+                | IQ3_XXS
+                | IQ3_S
+                | IQ1_S
+                | IQ1_M
                 | MXFP4
                 | Q2_K
                 | Q3_K
@@ -175,6 +182,7 @@ impl GgmlType {
             Q4_0 | Q5_0 | Q8_0 | IQ4_NL | MXFP4 => Q8_0,
             Q4_1 | Q5_1 => Q8_1,
             Q2_K | Q3_K | Q4_K | Q5_K | Q6_K | IQ4_XS => Q8_K,
+            IQ2_XXS | IQ2_XS | IQ2_S | IQ3_XXS | IQ3_S | IQ1_S | IQ1_M => Q8_K,
             _ => return None,
         })
     }
