@@ -141,9 +141,9 @@ fn group_sum(grid: &[u8], signs: u8, a: &[i8]) -> i32 {
 }
 
 /// One super-block's grid rows, sign bytes and odd scales for the IQ2/IQ3 layouts: `row(k)` is
-/// group k's grid row (eight or four bytes), `signs(k)` its sign byte, `scale(k)` the odd
-/// integer 2s + 1 (IQ2, IQ3_XXS) or 1 + 2s (IQ3_S) that multiplies it.
-trait Groups {
+/// grid row k (eight or four bytes), `signs(k)` the sign byte of weights 8k..8k+8, `scale(k)`
+/// the odd integer 2s + 1 (IQ2, IQ3_XXS) or 1 + 2s (IQ3_S) that multiplies them.
+pub(crate) trait Groups {
     /// Weights per grid row (8 or 4).
     const WIDTH: usize;
     /// The float factor of the odd scales: weights are d · scale · FACTOR · grid · sign.
@@ -154,6 +154,18 @@ trait Groups {
     fn signs(&self, k: usize) -> u8;
     /// The odd scale of the weights starting at 8k.
     fn scale(&self, k: usize) -> i32;
+    /// The magnitudes of weights 8k..8k+8, packed little-endian.
+    #[inline]
+    fn row64(&self, k: usize) -> u64 {
+        if Self::WIDTH == 8 {
+            u64::from_le_bytes(self.row(k))
+        } else {
+            let (lo, hi) = (self.row(2 * k), self.row(2 * k + 1));
+            u64::from_le_bytes(std::array::from_fn(
+                |j| if j < 4 { lo[j] } else { hi[j - 4] },
+            ))
+        }
+    }
 }
 
 impl Groups for BlockIq2Xxs {
@@ -276,14 +288,7 @@ fn dot_groups<B: Groups>(w: &[B], a: &[BlockQ8K]) -> f32 {
         let mut isum = 0i32;
         for k in 0..QK_K / 8 {
             let q8 = &a.qs[8 * k..8 * k + 8];
-            let s = if B::WIDTH == 8 {
-                group_sum(&b.row(k), b.signs(k), q8)
-            } else {
-                let (lo, hi) = (b.row(2 * k), b.row(2 * k + 1));
-                let row: [u8; 8] = std::array::from_fn(|j| if j < 4 { lo[j] } else { hi[j - 4] });
-                group_sum(&row, b.signs(k), q8)
-            };
-            isum += b.scale(k) * s;
+            isum += b.scale(k) * group_sum(&b.row64(k).to_le_bytes(), b.signs(k), q8);
         }
         sum += b.d() * a.d() * isum as f32;
     }
@@ -342,7 +347,7 @@ const IQ1_DELTA: f32 = 0.125;
 
 /// The IQ1 layouts per group of eight: grid row (i8 values), the offset's sign (±1), and the
 /// odd scale 2s + 1.
-trait Iq1 {
+pub(crate) trait Iq1 {
     fn d(&self) -> f32;
     fn group(&self, k: usize) -> ([i8; 8], i32, i32);
 }

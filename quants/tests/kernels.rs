@@ -248,10 +248,19 @@ fn grid_iquant_dots_equal_the_dot_of_dequantized_rows() {
                     (got - exact).abs() <= 1e-5 * mag + 1e-6,
                     "{ty} n={n}: {got} vs {exact}"
                 );
-                // The SIMD tiers have no kernels of their own for these yet: the scalar one.
+                // The x86 tiers' dots (AVX2; NEON has none yet and uses the scalar) sum the same
+                // integers in the same float expression: bit for bit, and so do their
+                // four-token dots (prefill) against four single dots.
+                let acts = activations(&s, &mut r, n, 4);
+                let want: Vec<u32> = acts.iter().map(|x| (s.dot)(&w, x).to_bits()).collect();
                 for isa in simd_tiers() {
                     let k = kernels_for(ty, isa).unwrap();
                     assert_eq!((k.dot)(&w, &a).to_bits(), (got as f32).to_bits(), "{ty}");
+                    if let Some(dot4) = k.dot4 {
+                        let mut out = [0f32; 4];
+                        dot4(&w, [&acts[0], &acts[1], &acts[2], &acts[3]], &mut out);
+                        assert_eq!(out.map(f32::to_bits).to_vec(), want, "{ty} {isa:?} dot4");
+                    }
                 }
             }
         }
