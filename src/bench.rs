@@ -274,7 +274,7 @@ pub fn read_bandwidth(g: &Model, cpu: &Cpu, passes: usize) -> f64 {
 mod tests {
     use super::*;
     use crate::backend::cpu::Precision;
-    use crate::backend::state::{LayerState, State};
+    use crate::backend::state::{KvRows, LayerState, State};
     use crate::model::Seq;
     use std::sync::Mutex;
 
@@ -291,18 +291,22 @@ mod tests {
         }
         fn new_state(&self, n_ctx: usize, _: Precision) -> Result<State> {
             let cache = LayerState::Attention {
-                k: vec![0.0; n_ctx],
-                v: vec![0.0; n_ctx],
+                k: KvRows::F32(vec![0.0; n_ctx]),
+                v: KvRows::F32(vec![0.0; n_ctx]),
                 len: 0,
                 row: 1,
                 capacity: n_ctx,
-                f16: false,
             };
             Ok(State::new(vec![cache], n_ctx))
         }
         fn run(&self, _: &Cpu, seqs: &mut [Seq], tokens: &[u32], _: bool) -> Result<Vec<f32>> {
             let st = &mut *seqs[0].state;
-            let LayerState::Attention { k, len, .. } = &mut st.layers[0] else {
+            let LayerState::Attention {
+                k: KvRows::F32(k),
+                len,
+                ..
+            } = &mut st.layers[0]
+            else {
                 unreachable!()
             };
             anyhow::ensure!(*len == st.pos && st.pos + tokens.len() <= st.n_ctx);

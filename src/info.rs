@@ -237,7 +237,7 @@ impl ModelInfo {
         }
         if let Some(kv) = self.kv_bytes_per_1k {
             line(
-                "KV cache (f32 rows)",
+                "KV cache (f16)",
                 format!("{} per 1k tokens", human_bytes(kv)),
             );
         }
@@ -416,9 +416,9 @@ fn state_sizes(
         .map(|i| {
             (n_kv[i] as u128)
                 .saturating_mul(k_len as u128 + v_len as u128)
-                // 1024 tokens of f32 values: what ggrun allocates (its caches hold f32 rows,
-                // rounded to f16 in normal precision; llama.cpp's f16 cache is half this).
-                .saturating_mul(4096)
+                // 1024 tokens of f16 values: the CPU cache in normal precision, as llama.cpp's
+                // (exact mode and the GPU's device cache hold f32, twice this).
+                .saturating_mul(2048)
         })
         .fold(0u128, u128::saturating_add);
     let mut rec = 0u128;
@@ -487,8 +487,8 @@ mod tests {
             .tensor_f32("blk.0.ffn_up_exps.weight", &[32, 2, 2], &[0.0; 128])
             .tensor_f32("output_norm.weight", &[32], &[1.0; 32]);
         let info = ModelInfo::from_model(&model(&w)).unwrap();
-        // 30 layers × 3 kv heads × (64 + 64) dims × 4 bytes × 1024 tokens.
-        assert_eq!(info.kv_bytes_per_1k, Some(30 * 3 * 128 * 4 * 1024));
+        // 30 layers × 3 kv heads × (64 + 64) dims × 2 bytes × 1024 tokens.
+        assert_eq!(info.kv_bytes_per_1k, Some(30 * 3 * 128 * 2 * 1024));
         assert_eq!(info.layer_pattern, None);
         assert_eq!(info.expert_bytes, 512);
         assert_eq!(info.expert_bytes_per_layer.get(&0), Some(&512));

@@ -229,9 +229,9 @@ fn info_reports_nemotron_layer_patterns_and_state() {
             "MEM*EM*E"
         };
         assert_eq!(info.layer_pattern.as_deref(), Some(want), "{name}");
-        // 2 kv heads × (32 + 32) dims × 4 bytes (f32 rows) × 1024 tokens per attention layer.
+        // 2 kv heads × (32 + 32) dims × 2 bytes (f16) × 1024 tokens per attention layer.
         let attn = want.matches('*').count() as u64;
-        assert_eq!(info.kv_bytes_per_1k, Some(attn * 2 * 64 * 4 * 1024));
+        assert_eq!(info.kv_bytes_per_1k, Some(attn * 2 * 64 * 2 * 1024));
         // conv 3 × (512 + 2·2·32) f32 + SSM 512 × 32 f32 per Mamba layer.
         let mamba = want.matches('M').count() as u64;
         assert_eq!(

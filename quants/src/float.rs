@@ -109,33 +109,57 @@ pub fn sum_bytes(bytes: &[u8]) -> u64 {
         .fold(tail, u64::wrapping_add)
 }
 
+/// An element of a KV cache row: f32, or f16 bits (the cache's storage in normal precision).
+/// The kernels convert f16 rows to f32 as they read them, so a row stored as f16 gives exactly
+/// what the same values stored as f32 give.
+pub trait KvElem: Copy + Send + Sync + 'static {
+    const F16: bool;
+    fn to_f32(self) -> f32;
+}
+
+impl KvElem for f32 {
+    const F16: bool = false;
+    #[inline]
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl KvElem for u16 {
+    const F16: bool = true;
+    #[inline]
+    fn to_f32(self) -> f32 {
+        f16_to_f32(self)
+    }
+}
+
 /// `out += Σ_p w[p] · v[p·stride ..][..out.len()]`, position by position in p order with one
 /// rounding per term (fused multiply-add): the attention's value accumulation. The SIMD twins
 /// keep `out` in registers across the positions and equal this bit for bit.
-pub type WeightedRowsFn = fn(&mut [f32], &[f32], &[f32], usize);
+pub type WeightedRowsFn<T = f32> = fn(&mut [f32], &[f32], &[T], usize);
 
-pub fn weighted_rows_scalar(out: &mut [f32], w: &[f32], v: &[f32], stride: usize) {
+pub fn weighted_rows_scalar<T: KvElem>(out: &mut [f32], w: &[f32], v: &[T], stride: usize) {
     for (p, &wp) in w.iter().enumerate() {
         let row = &v[p * stride..p * stride + out.len()];
         for (o, x) in out.iter_mut().zip(row) {
-            *o = wp.mul_add(*x, *o);
+            *o = wp.mul_add(x.to_f32(), *o);
         }
     }
 }
 
 /// The weighted-rows kernel of the active tier.
-pub fn weighted_rows_fn() -> WeightedRowsFn {
+pub fn weighted_rows_fn<T: KvElem>() -> WeightedRowsFn<T> {
     weighted_rows_for(crate::isa::active())
 }
 
 /// The weighted-rows kernel of `isa` (scalar where the tier has none).
-pub fn weighted_rows_for(isa: crate::Isa) -> WeightedRowsFn {
+pub fn weighted_rows_for<T: KvElem>(isa: crate::Isa) -> WeightedRowsFn<T> {
     #[cfg(target_arch = "x86_64")]
     if isa >= crate::Isa::Avx2 && isa <= crate::Isa::Avx512Vnni && isa.is_available() {
-        return crate::x86::weighted_rows;
+        return crate::x86::weighted_rows::<T>;
     }
     let _ = isa;
-    weighted_rows_scalar
+    weighted_rows_scalar::<T>
 }
 
 /// For each of the `qs.len() / hd` queries j (rows of `hd` in `qs`):
@@ -143,31 +167,34 @@ pub fn weighted_rows_for(isa: crate::Isa) -> WeightedRowsFn {
 /// sum taken in d order (product rounded, then added), the order the attention's q·k scores are
 /// defined with. The SIMD twins put positions in lanes and let the queries of a GQA group share
 /// each row load, so they keep that order and equal this bit for bit.
-pub type DotRowsFn = fn(&[f32], usize, &[f32], usize, &mut [f32]);
+pub type DotRowsFn<T = f32> = fn(&[T], usize, &[f32], usize, &mut [f32]);
 
-pub fn dot_rows_scalar(k: &[f32], stride: usize, qs: &[f32], hd: usize, out: &mut [f32]) {
+pub fn dot_rows_scalar<T: KvElem>(k: &[T], stride: usize, qs: &[f32], hd: usize, out: &mut [f32]) {
     let g = (qs.len() / hd.max(1)).max(1);
     let n = out.len() / g;
     for (q, out) in qs.chunks(hd.max(1)).zip(out.chunks_mut(n.max(1))) {
         for (p, o) in out.iter_mut().enumerate() {
             let row = &k[p * stride..p * stride + hd];
-            *o = row.iter().zip(q).fold(-0.0f32, |acc, (a, b)| acc + a * b);
+            *o = row
+                .iter()
+                .zip(q)
+                .fold(-0.0f32, |acc, (a, b)| acc + a.to_f32() * b);
         }
     }
 }
 
 /// The position-parallel q·k kernel of the active tier.
-pub fn dot_rows_fn() -> DotRowsFn {
+pub fn dot_rows_fn<T: KvElem>() -> DotRowsFn<T> {
     dot_rows_for(crate::isa::active())
 }
 
-pub fn dot_rows_for(isa: crate::Isa) -> DotRowsFn {
+pub fn dot_rows_for<T: KvElem>(isa: crate::Isa) -> DotRowsFn<T> {
     #[cfg(target_arch = "x86_64")]
     if isa >= crate::Isa::Avx2 && isa <= crate::Isa::Avx512Vnni && isa.is_available() {
-        return crate::x86::dot_rows;
+        return crate::x86::dot_rows::<T>;
     }
     let _ = isa;
-    dot_rows_scalar
+    dot_rows_scalar::<T>
 }
 
 #[cfg(test)]

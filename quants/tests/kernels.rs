@@ -550,6 +550,47 @@ fn position_parallel_dots_keep_the_sequential_order() {
     }
 }
 
+/// KV rows stored as f16 (normal precision's cache): every tier's q·k and value kernels over
+/// f16 rows give bit for bit what they give over the same values as f32 rows.
+#[test]
+fn f16_kv_rows_give_what_the_same_values_as_f32_give() {
+    use ggrun_quants::float::{dot_rows_for, f16_to_f32, f32_to_f16, weighted_rows_for};
+    let mut r = rng();
+    for isa in Isa::available() {
+        for (n, hd, stride, g) in [
+            (1, 64, 64, 1),
+            (21, 64, 576, 3),
+            (17, 12, 12, 2),
+            (40, 128, 256, 6),
+        ] {
+            let k16: Vec<u16> = floats(&mut r, (n - 1) * stride + hd)
+                .iter()
+                .map(|&x| f32_to_f16(x))
+                .collect();
+            let k32: Vec<f32> = k16.iter().map(|&b| f16_to_f32(b)).collect();
+            let qs = floats(&mut r, g * hd);
+            let (mut a, mut b) = (vec![0f32; g * n], vec![0f32; g * n]);
+            dot_rows_for::<f32>(isa)(&k32, stride, &qs, hd, &mut a);
+            dot_rows_for::<u16>(isa)(&k16, stride, &qs, hd, &mut b);
+            assert_eq!(
+                a.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                b.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                "dot_rows {isa:?} {n} {hd}"
+            );
+            let w = floats(&mut r, n);
+            let y0 = floats(&mut r, hd);
+            let (mut a, mut b) = (y0.clone(), y0);
+            weighted_rows_for::<f32>(isa)(&mut a, &w, &k32, stride);
+            weighted_rows_for::<u16>(isa)(&mut b, &w, &k16, stride);
+            assert_eq!(
+                a.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                b.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                "weighted_rows {isa:?} {n} {hd}"
+            );
+        }
+    }
+}
+
 #[test]
 fn eight_row_prefill_kernels_follow_their_reference_order() {
     use ggrun_quants::legacy::octet_reference;

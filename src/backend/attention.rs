@@ -2,14 +2,15 @@
 //! window of recent positions and with a per-head sink logit (gpt-oss).
 //!
 //! Normal precision mirrors llama.cpp's F16 cache without flash attention: K and V are stored
-//! rounded to f16, and the query and the softmax weights meet them rounded to f16. Exact
-//! precision keeps everything in f32. Heads run in parallel on the calling rayon pool.
+//! as f16, and the query and the softmax weights meet them rounded to f16. Exact precision
+//! keeps everything in f32. Heads run in parallel on the calling rayon pool.
 
 use anyhow::{bail, Result};
 use rayon::prelude::*;
 
 use super::cpu::round_f16_slice;
-use super::state::LayerState;
+use super::state::{KvRows, LayerState};
+use ggrun_quants::float::KvElem;
 
 /// Shape of one attention layer.
 #[derive(Clone, Copy, Debug)]
@@ -22,22 +23,23 @@ pub struct AttnShape {
     pub window: Option<usize>,
 }
 
-/// Bytes of a cache for `n_ctx` positions (K and V, f32 values).
-pub fn cache_bytes(shape: &AttnShape, n_ctx: usize) -> u64 {
-    2 * (shape.n_head_kv * shape.head_dim) as u64 * n_ctx as u64 * 4
+/// Bytes of a cache for `n_ctx` positions (K and V, f16 or f32 values).
+pub fn cache_bytes(shape: &AttnShape, n_ctx: usize, f16: bool) -> u64 {
+    let elem = if f16 { 2 } else { 4 };
+    2 * (shape.n_head_kv * shape.head_dim) as u64 * n_ctx as u64 * elem
 }
 
 /// A fresh cache for `n_ctx` positions; an error, not an abort, when memory for it cannot be
 /// had (its pages are the OS's zero pages until written).
 pub fn new_cache(shape: &AttnShape, n_ctx: usize, f16: bool) -> Result<LayerState> {
     let row = shape.n_head_kv * shape.head_dim;
-    let zeros = || -> Result<Vec<f32>> {
+    let zeros = || -> Result<KvRows> {
         row.checked_mul(n_ctx)
-            .and_then(|n| bytemuck::allocation::try_zeroed_vec(n).ok())
+            .and_then(|n| KvRows::zeroed(n, f16))
             .ok_or_else(|| {
                 anyhow::anyhow!(
                     "cannot allocate a {:.1} GiB KV cache for {n_ctx} tokens (lower -c/--ctx-size)",
-                    cache_bytes(shape, n_ctx) as f64 / (1u64 << 30) as f64
+                    cache_bytes(shape, n_ctx, f16) as f64 / (1u64 << 30) as f64
                 )
             })
     };
@@ -47,7 +49,6 @@ pub fn new_cache(shape: &AttnShape, n_ctx: usize, f16: bool) -> Result<LayerStat
         len: 0,
         row,
         capacity: n_ctx,
-        f16,
     })
 }
 
@@ -140,34 +141,46 @@ pub fn attend(
         len,
         row,
         capacity,
-        f16,
     } = state
     else {
         bail!("layer state is not an attention cache");
     };
-    let (row, f16) = (*row, *f16);
+    let row = *row;
     if *len + t > *capacity {
         bail!("context is full ({} tokens): raise -c/--ctx-size", capacity);
     }
     let past = *len;
-    let store = |dst: &mut [f32], src: &[f32]| {
-        dst.copy_from_slice(src);
-        if f16 {
-            round_f16_slice(dst);
-        }
-    };
-    store(&mut kc[past * row..(past + t) * row], k);
-    store(&mut vc[past * row..(past + t) * row], v);
+    kc.write(past * row, k);
+    vc.write(past * row, v);
     *len += t;
+    match (&*kc, &*vc) {
+        (KvRows::F32(kc), KvRows::F32(vc)) => Ok(attend_rows(kc, vc, row, past, s, sinks, q, t)),
+        (KvRows::F16(kc), KvRows::F16(vc)) => Ok(attend_rows(kc, vc, row, past, s, sinks, q, t)),
+        _ => bail!("a KV cache holds K and V in different types"),
+    }
+}
 
+/// The attention of `t` new queries over `past + t` cached positions of K and V rows of `T`
+/// (f16 rows: the query and the softmax weights rounded to f16 as they meet them).
+#[allow(clippy::too_many_arguments)]
+fn attend_rows<T: KvElem>(
+    kc: &[T],
+    vc: &[T],
+    row: usize,
+    past: usize,
+    s: &AttnShape,
+    sinks: Option<&[f32]>,
+    q: &[f32],
+    t: usize,
+) -> Vec<f32> {
+    let f16 = T::F16;
     let (nh, hd) = (s.n_head, s.head_dim);
     // SIMD kernels of the active tier: q·k for eight positions at once (each summed in d
     // order, which reproduces llama.cpp's greedy continuations), and the value accumulation
     // over all positions with the output in registers.
-    let dot_rows = ggrun_quants::float::dot_rows_fn();
-    let weighted_rows = ggrun_quants::float::weighted_rows_fn();
+    let dot_rows = ggrun_quants::float::dot_rows_fn::<T>();
+    let weighted_rows = ggrun_quants::float::weighted_rows_fn::<T>();
     let group = nh / s.n_head_kv;
-    let (kc, vc) = (&kc[..], &vc[..]);
     // Tasks: a few query heads of one KV head (up to four in prefill, so that each K row load
     // serves them all; one in decode, so that every head is its own task) over a run of tokens.
     let heads = if t > 1 { group.min(4) } else { 1 };
@@ -217,7 +230,7 @@ pub fn attend(
             out[(ti * nh + h0) * hd..(ti * nh + h0 + g) * hd].copy_from_slice(src);
         }
     }
-    Ok(out)
+    out
 }
 
 #[cfg(test)]

@@ -4,6 +4,60 @@
 
 use anyhow::{anyhow, bail, Result};
 
+/// A KV cache's rows: f32 (exact mode), or f16 bits (normal precision: llama.cpp's F16 cache,
+/// half the bytes, holding exactly the values that f32 rows rounded to f16 would).
+#[derive(Debug)]
+pub enum KvRows {
+    F32(Vec<f32>),
+    F16(Vec<u16>),
+}
+
+impl KvRows {
+    /// `n` zeros (the OS's zero pages until written); None when the memory cannot be had.
+    pub fn zeroed(n: usize, f16: bool) -> Option<KvRows> {
+        Some(match f16 {
+            false => KvRows::F32(bytemuck::allocation::try_zeroed_vec(n).ok()?),
+            true => KvRows::F16(bytemuck::allocation::try_zeroed_vec(n).ok()?),
+        })
+    }
+
+    /// Elements held.
+    pub fn len(&self) -> usize {
+        match self {
+            KvRows::F32(v) => v.len(),
+            KvRows::F16(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Writes `src` at element `at`, rounded to f16 (nearest even) when the rows are f16.
+    pub fn write(&mut self, at: usize, src: &[f32]) {
+        match self {
+            KvRows::F32(v) => v[at..at + src.len()].copy_from_slice(src),
+            KvRows::F16(v) => {
+                use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+                let dst: &mut [half::f16] = v[at..at + src.len()].reinterpret_cast_mut();
+                dst.convert_from_f32_slice(src);
+            }
+        }
+    }
+
+    /// The first `n` elements as f32.
+    pub fn to_f32(&self, n: usize) -> std::borrow::Cow<'_, [f32]> {
+        match self {
+            KvRows::F32(v) => std::borrow::Cow::Borrowed(&v[..n]),
+            KvRows::F16(v) => {
+                use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+                let h: &[half::f16] = v[..n].reinterpret_cast();
+                std::borrow::Cow::Owned(h.to_f32_vec())
+            }
+        }
+    }
+}
+
 /// Per-layer state of one sequence: KV cache rows or Mamba conv/SSM state, on the host or on a
 /// GPU.
 #[derive(Debug)]
@@ -11,12 +65,11 @@ pub enum LayerState {
     None,
     /// K and V rows (kv_heads × head_dim each) for positions 0..len, capacity n_ctx.
     Attention {
-        k: Vec<f32>,
-        v: Vec<f32>,
+        k: KvRows,
+        v: KvRows,
         len: usize,
         row: usize,
         capacity: usize,
-        f16: bool,
     },
     /// conv: (d_conv − 1) × channels, ssm: heads × head_dim × d_state.
     Mamba {
@@ -88,8 +141,8 @@ impl State {
                     body.push(1);
                     body.extend_from_slice(&(*len as u64).to_le_bytes());
                     let n = len * (k.len() / self.n_ctx.max(1));
-                    put_f32s(body, &k[..n]);
-                    put_f32s(body, &v[..n]);
+                    put_f32s(body, &k.to_f32(n));
+                    put_f32s(body, &v.to_f32(n));
                 }
                 LayerState::Mamba { conv, ssm } => {
                     body.push(2);
@@ -165,8 +218,11 @@ impl State {
                         return Err(bad());
                     }
                     let n = n_len * (k.len() / *capacity);
-                    floats(get(4 * n)?, &mut k[..n]);
-                    floats(get(4 * n)?, &mut v[..n]);
+                    let mut rows = vec![0f32; n];
+                    floats(get(4 * n)?, &mut rows);
+                    k.write(0, &rows);
+                    floats(get(4 * n)?, &mut rows);
+                    v.write(0, &rows);
                     *len = n_len;
                 }
                 (2, LayerState::Mamba { conv, ssm }) => {

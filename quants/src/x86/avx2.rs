@@ -11,6 +11,7 @@
 
 use core::arch::x86_64::*;
 
+use crate::float::KvElem;
 use crate::iq_grid::{
     BlockIq1M, BlockIq1S, BlockIq2S, BlockIq2Xs, BlockIq2Xxs, BlockIq3S, BlockIq3Xxs, Groups, Iq1,
 };
@@ -1260,8 +1261,19 @@ pub(crate) fn ssm_row(s: &mut [f32], b: &[f32], c: &[f32], da: f32, xdt: f32) ->
     unsafe { ssm_row_impl(s, b, c, da, xdt) }
 }
 
+/// Eight elements of a KV row as f32 (f16 rows converted as they load).
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn weighted_rows_impl(out: &mut [f32], w: &[f32], v: &[f32], stride: usize) {
+#[inline]
+unsafe fn load8<T: KvElem>(p: *const T) -> __m256 {
+    if T::F16 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+    } else {
+        _mm256_loadu_ps(p.cast())
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn weighted_rows_impl<T: KvElem>(out: &mut [f32], w: &[f32], v: &[T], stride: usize) {
     let (n, hd) = (w.len(), out.len());
     assert!(
         n == 0 || (n - 1) * stride + hd <= v.len(),
@@ -1280,7 +1292,7 @@ unsafe fn weighted_rows_impl(out: &mut [f32], w: &[f32], v: &[f32], stride: usiz
             let wv = _mm256_set1_ps(wp);
             let row = v.as_ptr().add(p * stride + d0);
             for (j, a) in acc.iter_mut().enumerate().take(lanes) {
-                *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(row.add(8 * j)), *a);
+                *a = _mm256_fmadd_ps(wv, load8(row.add(8 * j)), *a);
             }
         }
         for (j, a) in acc.iter().enumerate().take(lanes) {
@@ -1290,12 +1302,12 @@ unsafe fn weighted_rows_impl(out: &mut [f32], w: &[f32], v: &[f32], stride: usiz
     }
     for d in d0..hd {
         for (p, &wp) in w.iter().enumerate() {
-            out[d] = wp.mul_add(v[p * stride + d], out[d]);
+            out[d] = wp.mul_add(v[p * stride + d].to_f32(), out[d]);
         }
     }
 }
 
-pub(crate) fn weighted_rows(out: &mut [f32], w: &[f32], v: &[f32], stride: usize) {
+pub(crate) fn weighted_rows<T: KvElem>(out: &mut [f32], w: &[f32], v: &[T], stride: usize) {
     // SAFETY: selected by float::weighted_rows_for only when an AVX2 tier is available; the
     // assert in weighted_rows_impl bounds every row read, and writes stay below out.len().
     unsafe { weighted_rows_impl(out, w, v, stride) }
@@ -1337,7 +1349,7 @@ pub(super) unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
 const DOT_QUERIES: usize = 4;
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_rows_impl(k: &[f32], stride: usize, qs: &[f32], hd: usize, out: &mut [f32]) {
+unsafe fn dot_rows_impl<T: KvElem>(k: &[T], stride: usize, qs: &[f32], hd: usize, out: &mut [f32]) {
     let g = qs.len() / hd.max(1);
     if g == 0 {
         return;
@@ -1356,7 +1368,7 @@ unsafe fn dot_rows_impl(k: &[f32], stride: usize, qs: &[f32], hd: usize, out: &m
                 let mut acc = [_mm256_set1_ps(-0.0); DOT_QUERIES];
                 for d0 in (0..hd).step_by(8) {
                     let rows = [0, 1, 2, 3, 4, 5, 6, 7]
-                        .map(|i| _mm256_loadu_ps(k.as_ptr().add((p + i) * stride + d0)));
+                        .map(|i| load8(k.as_ptr().add((p + i) * stride + d0)));
                     let t = transpose8(rows);
                     for (j, a) in acc.iter_mut().enumerate().take(gj) {
                         let q = qs.as_ptr().add((j0 + j) * hd + d0);
@@ -1385,7 +1397,7 @@ unsafe fn dot_rows_impl(k: &[f32], stride: usize, qs: &[f32], hd: usize, out: &m
     }
 }
 
-pub(crate) fn dot_rows(k: &[f32], stride: usize, qs: &[f32], hd: usize, out: &mut [f32]) {
+pub(crate) fn dot_rows<T: KvElem>(k: &[T], stride: usize, qs: &[f32], hd: usize, out: &mut [f32]) {
     // SAFETY: selected by float::dot_rows_for only when an AVX2 tier is available; the assert
     // in dot_rows_impl bounds every row read, and every query and output index is below the
     // slices' lengths (g·hd = qs.len(), g·n = out.len()).

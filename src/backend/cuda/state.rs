@@ -6,7 +6,7 @@ use anyhow::{anyhow, bail, Result};
 use cudarc::driver::CudaSlice;
 
 use super::Gpu;
-use crate::backend::state::LayerState;
+use crate::backend::state::{KvRows, LayerState};
 
 /// One layer's state on the device.
 pub enum DeviceState {
@@ -100,10 +100,10 @@ impl DeviceState {
                 // Only the rows in use cross PCIe (snapshots of a long context's cache would
                 // otherwise copy its whole capacity); the rest of the host cache stays zero.
                 let used = len * row;
-                let back = |d: &CudaSlice<f32>| -> Result<Vec<f32>> {
+                let back = |d: &CudaSlice<f32>| -> Result<KvRows> {
                     let mut h = vec![0f32; d.len()];
                     cuda(d.stream().memcpy_dtoh(&d.slice(..used), &mut h[..used]))?;
-                    Ok(h)
+                    Ok(KvRows::F32(h))
                 };
                 LayerState::Attention {
                     k: back(k)?,
@@ -111,7 +111,6 @@ impl DeviceState {
                     len: *len,
                     row: *row,
                     capacity: *capacity,
-                    f16: false,
                 }
             }
         })
@@ -146,8 +145,8 @@ impl DeviceState {
             ) if k.len() == hk.len() && row == hr && capacity == hcap && *hl <= *hcap => {
                 let s = k.stream().clone();
                 let used = *hl * *hr;
-                cuda(s.memcpy_htod(&hk[..used], &mut k.slice_mut(..used)))?;
-                cuda(s.memcpy_htod(&hv[..used], &mut v.slice_mut(..used)))?;
+                cuda(s.memcpy_htod(&*hk.to_f32(used), &mut k.slice_mut(..used)))?;
+                cuda(s.memcpy_htod(&*hv.to_f32(used), &mut v.slice_mut(..used)))?;
                 *len = *hl;
             }
             _ => bail!("saved state does not match this model and context size"),

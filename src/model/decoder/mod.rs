@@ -765,7 +765,7 @@ impl Forward for Decoder<'_> {
         let bytes = self
             .layers
             .iter()
-            .map(|l| attention::cache_bytes(&l.attn.shape, n_ctx))
+            .map(|l| attention::cache_bytes(&l.attn.shape, n_ctx, precision == Precision::Normal))
             .sum();
         crate::backend::cpu::ensure_memory(bytes, &format!("the KV cache of {n_ctx} tokens"))
             .map_err(|e| anyhow::anyhow!("{e} (lower -c/--ctx-size)"))?;

@@ -519,7 +519,9 @@ impl Forward for NemotronH<'_> {
             .layers
             .iter()
             .map(|l| match &l.block {
-                Block::Attention(Attention { shape, .. }) => attention::cache_bytes(shape, n_ctx),
+                Block::Attention(Attention { shape, .. }) => {
+                    attention::cache_bytes(shape, n_ctx, precision == Precision::Normal)
+                }
                 _ => 0,
             })
             .sum();
