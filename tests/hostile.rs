@@ -199,6 +199,19 @@ fn corpus() -> Vec<(&'static str, Vec<u8>, &'static str)> {
         r.0,
         "not a multiple of the Q4_0 block size",
     ));
+    // An i-quant row of 300 elements (super-blocks are 256), and an IQ1_M tensor whose
+    // super-blocks would end past the file.
+    let mut r = Raw::header(3, 1, 0);
+    r.tensor("a", &[300], GgmlType::IQ2_XXS.id(), 0).data(128);
+    v.push((
+        "i-quant row not whole blocks",
+        r.0,
+        "not a multiple of the IQ2_XXS block size",
+    ));
+    let mut r = Raw::header(3, 1, 0);
+    r.tensor("a", &[256, 1 << 20], GgmlType::IQ1_M.id(), 0)
+        .data(64);
+    v.push(("i-quant tensor past EOF", r.0, "past the end"));
     let mut r = Raw::header(3, 1, 0);
     r.tensor("a", &[32], 0, 1 << 20).data(128);
     v.push(("offset past EOF", r.0, "past the end"));
