@@ -109,6 +109,55 @@ pub fn sum_bytes(bytes: &[u8]) -> u64 {
         .fold(tail, u64::wrapping_add)
 }
 
+/// Cephes' single-precision exp: n = round(x·log2 e), r = x − n·ln 2 (in two parts), then a
+/// degree-5 polynomial in r, times 2^n; within 2 ulp of e^x over [−87, 88] (the argument is
+/// clamped there; below, 2^n underflows to 0). Every multiply-add is fused, so the SIMD twins
+/// compute the same values bit for bit.
+#[inline]
+pub fn exp_cephes(x: f32) -> f32 {
+    let x = x.clamp(-87.336_54, 88.376_26);
+    let n = x.mul_add(std::f32::consts::LOG2_E, 0.5).floor();
+    let r = n.mul_add(-0.693_359_4, x);
+    let r = n.mul_add(2.121_944_4e-4, r);
+    let z = r * r;
+    let mut y = 1.987_569_1e-4f32;
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        0.166_666_65,
+        0.5,
+    ] {
+        y = y.mul_add(r, c);
+    }
+    let y = y.mul_add(z, r) + 1.0;
+    y * f32::from_bits(((n as i32 + 127) << 23) as u32)
+}
+
+/// `xs[i] = e^(xs[i] − max)` for every element (the softmax's exponentials).
+pub type ExpShiftedFn = fn(&mut [f32], f32);
+
+pub fn exp_shifted_scalar(xs: &mut [f32], max: f32) {
+    for x in xs.iter_mut() {
+        *x = exp_cephes(*x - max);
+    }
+}
+
+/// The exp kernel of `isa` (scalar where the tier has none).
+pub fn exp_shifted_for(isa: crate::Isa) -> ExpShiftedFn {
+    #[cfg(target_arch = "x86_64")]
+    if isa >= crate::Isa::Avx2 && isa <= crate::Isa::Avx512Vnni && isa.is_available() {
+        return crate::x86::exp_shifted;
+    }
+    let _ = isa;
+    exp_shifted_scalar
+}
+
+/// The exp kernel of the active tier.
+pub fn exp_shifted_fn() -> ExpShiftedFn {
+    exp_shifted_for(crate::isa::active())
+}
+
 /// An element of a KV cache row: f32, or f16 bits (the cache's storage in normal precision).
 /// The kernels convert f16 rows to f32 as they read them, so a row stored as f16 gives exactly
 /// what the same values stored as f32 give.

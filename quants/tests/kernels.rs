@@ -550,6 +550,47 @@ fn position_parallel_dots_keep_the_sequential_order() {
     }
 }
 
+/// The softmax's exponentials: every tier equals the scalar Cephes exp bit for bit, and that is
+/// within 2 ulp of e^x (f64) wherever the result is a normal float.
+#[test]
+fn exponentials_match_the_scalar_twin_and_the_true_exp() {
+    use ggrun_quants::float::{exp_cephes, exp_shifted_for, exp_shifted_scalar};
+    let mut r = rng();
+    for n in [1usize, 7, 8, 33, 1000] {
+        let xs: Vec<f32> = (0..n)
+            .map(|i| match i % 5 {
+                0 => r.random_range(-100.0..0.0),
+                1 => r.random_range(-1.0..1.0),
+                _ => r.random_range(-20.0..5.0),
+            })
+            .collect();
+        let max = r.random_range(-3.0..3.0);
+        let mut want = xs.clone();
+        exp_shifted_scalar(&mut want, max);
+        for isa in Isa::available() {
+            let mut got = xs.clone();
+            exp_shifted_for(isa)(&mut got, max);
+            assert_eq!(
+                got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                "{isa:?} n={n}"
+            );
+        }
+    }
+    for i in 0..200_000 {
+        let x = -87.0 + 175.0 * (i as f32 / 200_000.0);
+        let (got, true_exp) = (exp_cephes(x) as f64, (x as f64).exp());
+        if true_exp < f32::MIN_POSITIVE as f64 {
+            continue;
+        }
+        let ulp = (true_exp as f32).abs() as f64 * f32::EPSILON as f64;
+        assert!(
+            (got - true_exp).abs() <= 2.0 * ulp,
+            "exp({x}) = {got}, not {true_exp}"
+        );
+    }
+}
+
 /// KV rows stored as f16 (normal precision's cache): every tier's q·k and value kernels over
 /// f16 rows give bit for bit what they give over the same values as f32 rows.
 #[test]

@@ -82,22 +82,27 @@ pub fn attend_each(
     Ok(out)
 }
 
-/// Scores (q·k) into attention weights in place: scaled, exponentiated against their maximum,
+/// Scores (q·k) into attention weights in place: scaled, exponentiated against their maximum
+/// (Cephes' exp, eight lanes at a time where the tier has SIMD: within 2 ulp of e^x),
 /// normalised by their sum (taken in f64, in position order), and rounded to f16 when the
 /// cache is f16 (where llama.cpp's weights meet an f16 V). A sink logit joins the maximum and
 /// the sum but has no value row. Separate passes, so that the scaling and the maximum
 /// vectorize and the sum stays in a register (a call to exp in the same loop spilled it to the
 /// stack every position).
-fn softmax_weights(sc: &mut [f32], scale: f32, sink: Option<f32>, f16: bool) {
+fn softmax_weights(
+    sc: &mut [f32],
+    scale: f32,
+    sink: Option<f32>,
+    f16: bool,
+    exp_shifted: ggrun_quants::float::ExpShiftedFn,
+) {
     for x in sc.iter_mut() {
         *x *= scale;
     }
     let max = max_of(sc).max(sink.unwrap_or(f32::NEG_INFINITY));
-    for x in sc.iter_mut() {
-        *x = (*x - max).exp();
-    }
-    let sum: f64 =
-        sc.iter().map(|&x| x as f64).sum::<f64>() + sink.map_or(0.0, |z| ((z - max).exp()) as f64);
+    exp_shifted(sc, max);
+    let sink = sink.map_or(0.0, |z| ggrun_quants::float::exp_cephes(z - max) as f64);
+    let sum: f64 = sc.iter().map(|&x| x as f64).sum::<f64>() + sink;
     let inv = (1.0 / sum) as f32;
     for x in sc.iter_mut() {
         *x *= inv;
@@ -180,6 +185,7 @@ fn attend_rows<T: KvElem>(
     // over all positions with the output in registers.
     let dot_rows = ggrun_quants::float::dot_rows_fn::<T>();
     let weighted_rows = ggrun_quants::float::weighted_rows_fn::<T>();
+    let exp_shifted = ggrun_quants::float::exp_shifted_fn();
     let group = nh / s.n_head_kv;
     // Tasks: a few query heads of one KV head (up to four in prefill, so that each K row load
     // serves them all; one in decode, so that every head is its own task) over a run of tokens.
@@ -214,7 +220,7 @@ fn attend_rows<T: KvElem>(
                 let sc_all = &mut scores[..g * n];
                 dot_rows(&kc[first * row + kvh * hd..], row, &qg, hd, sc_all);
                 for (j, sc) in sc_all.chunks_mut(n).enumerate() {
-                    softmax_weights(sc, s.scale, sinks.map(|z| z[h0 + j]), f16);
+                    softmax_weights(sc, s.scale, sinks.map(|z| z[h0 + j]), f16, exp_shifted);
                     let at = ((ti - t0) * g + j) * hd;
                     weighted_rows(&mut o[at..at + hd], sc, &vc[first * row + kvh * hd..], row);
                 }

@@ -1261,6 +1261,57 @@ pub(crate) fn ssm_row(s: &mut [f32], b: &[f32], c: &[f32], da: f32, xdt: f32) ->
     unsafe { ssm_row_impl(s, b, c, da, xdt) }
 }
 
+/// [`crate::float::exp_cephes`] of eight lanes, the same operations in the same order.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn exp8(x: __m256) -> __m256 {
+    let x = _mm256_min_ps(
+        _mm256_max_ps(x, _mm256_set1_ps(-87.336_54)),
+        _mm256_set1_ps(88.376_26),
+    );
+    let n = _mm256_floor_ps(_mm256_fmadd_ps(
+        x,
+        _mm256_set1_ps(std::f32::consts::LOG2_E),
+        _mm256_set1_ps(0.5),
+    ));
+    let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693_359_4), x);
+    let r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.121_944_4e-4), r);
+    let z = _mm256_mul_ps(r, r);
+    let mut y = _mm256_set1_ps(1.987_569_1e-4);
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        0.166_666_65,
+        0.5,
+    ] {
+        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
+    }
+    let y = _mm256_add_ps(_mm256_fmadd_ps(y, z, r), _mm256_set1_ps(1.0));
+    let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+        _mm256_cvtps_epi32(n),
+        _mm256_set1_epi32(127),
+    ));
+    _mm256_mul_ps(y, _mm256_castsi256_ps(e))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn exp_shifted_impl(xs: &mut [f32], max: f32) {
+    let m = _mm256_set1_ps(max);
+    let mut chunks = xs.chunks_exact_mut(8);
+    for c in &mut chunks {
+        let v = _mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), m);
+        _mm256_storeu_ps(c.as_mut_ptr(), exp8(v));
+    }
+    crate::float::exp_shifted_scalar(chunks.into_remainder(), max);
+}
+
+pub(crate) fn exp_shifted(xs: &mut [f32], max: f32) {
+    // SAFETY: selected by float::exp_shifted_for only when an AVX2 tier is available; loads and
+    // stores stay within each whole chunk of eight.
+    unsafe { exp_shifted_impl(xs, max) }
+}
+
 /// Eight elements of a KV row as f32 (f16 rows converted as they load).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
