@@ -115,24 +115,31 @@ pub fn sum_bytes(bytes: &[u8]) -> u64 {
 /// compute the same values bit for bit.
 #[inline]
 pub fn exp_cephes(x: f32) -> f32 {
-    let x = x.clamp(-87.336_54, 88.376_26);
+    let x = x.clamp(EXP_RANGE.0, EXP_RANGE.1);
     let n = x.mul_add(std::f32::consts::LOG2_E, 0.5).floor();
-    let r = n.mul_add(-0.693_359_4, x);
-    let r = n.mul_add(2.121_944_4e-4, r);
+    let r = n.mul_add(-EXP_LN2.0, x);
+    let r = n.mul_add(EXP_LN2.1, r);
     let z = r * r;
-    let mut y = 1.987_569_1e-4f32;
-    for c in [
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        0.166_666_65,
-        0.5,
-    ] {
+    let mut y = EXP_POLY[0];
+    for &c in &EXP_POLY[1..] {
         y = y.mul_add(r, c);
     }
     let y = y.mul_add(z, r) + 1.0;
     y * f32::from_bits(((n as i32 + 127) << 23) as u32)
 }
+
+/// [`exp_cephes`]'s argument range, ln 2 in two parts (subtracted, then added back), and its
+/// polynomial's coefficients from the highest power; the SIMD twins read the same constants.
+pub(crate) const EXP_RANGE: (f32, f32) = (-87.336_54, 88.376_26);
+pub(crate) const EXP_LN2: (f32, f32) = (0.693_359_4, 2.121_944_4e-4);
+pub(crate) const EXP_POLY: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    0.166_666_65,
+    0.5,
+];
 
 /// `xs[i] = e^(xs[i] − max)` for every element (the softmax's exponentials).
 pub type ExpShiftedFn = fn(&mut [f32], f32);

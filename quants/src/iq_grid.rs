@@ -345,6 +345,9 @@ pub fn dot_iq3_s(w: &[BlockIq3S], a: &[BlockQ8K]) -> f32 {
 /// IQ1 offset: +1/8, or −1/8 where the flag is set.
 const IQ1_DELTA: f32 = 0.125;
 
+/// The float factor of IQ1's integer dot: weights are d · (2s + 1) · (8 · grid ± 1) / 8.
+pub(crate) const IQ1_FACTOR: f32 = 0.125;
+
 /// The IQ1 layouts per group of eight: grid row (i8 values), the offset's sign (±1), and the
 /// odd scale 2s + 1.
 pub(crate) trait Iq1 {
@@ -417,7 +420,7 @@ fn dot_iq1<B: Iq1>(w: &[B], a: &[BlockQ8K]) -> f32 {
         }
         sum += b.d() * a.d() * isum as f32;
     }
-    sum * 0.125
+    sum * IQ1_FACTOR
 }
 
 pub fn dequantize_iq1_s(blocks: &[BlockIq1S], out: &mut [f32]) {

@@ -14,6 +14,7 @@ use core::arch::x86_64::*;
 use crate::float::KvElem;
 use crate::iq_grid::{
     BlockIq1M, BlockIq1S, BlockIq2S, BlockIq2Xs, BlockIq2Xxs, BlockIq3S, BlockIq3Xxs, Groups, Iq1,
+    IQ1_FACTOR,
 };
 use crate::iquants::BlockIq4Xs;
 use crate::kquants::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K};
@@ -872,13 +873,20 @@ macro_rules! grid_dots {
 }
 
 grid_dots!(
-    dot_iq2_xxs, dot4_iq2_xxs => dot_iq2_xxs_impl, dot4_iq2_xxs_impl(BlockIq2Xxs, grid_units, 0.125),
-    dot_iq2_xs, dot4_iq2_xs => dot_iq2_xs_impl, dot4_iq2_xs_impl(BlockIq2Xs, grid_units, 0.125),
-    dot_iq2_s, dot4_iq2_s => dot_iq2_s_impl, dot4_iq2_s_impl(BlockIq2S, grid_units, 0.125),
-    dot_iq3_xxs, dot4_iq3_xxs => dot_iq3_xxs_impl, dot4_iq3_xxs_impl(BlockIq3Xxs, grid_units, 0.25),
-    dot_iq3_s, dot4_iq3_s => dot_iq3_s_impl, dot4_iq3_s_impl(BlockIq3S, grid_units, 1.0),
-    dot_iq1_s, dot4_iq1_s => dot_iq1_s_impl, dot4_iq1_s_impl(BlockIq1S, iq1_units, 0.125),
-    dot_iq1_m, dot4_iq1_m => dot_iq1_m_impl, dot4_iq1_m_impl(BlockIq1M, iq1_units, 0.125),
+    dot_iq2_xxs, dot4_iq2_xxs =>
+        dot_iq2_xxs_impl, dot4_iq2_xxs_impl(BlockIq2Xxs, grid_units, <BlockIq2Xxs as Groups>::FACTOR),
+    dot_iq2_xs, dot4_iq2_xs =>
+        dot_iq2_xs_impl, dot4_iq2_xs_impl(BlockIq2Xs, grid_units, <BlockIq2Xs as Groups>::FACTOR),
+    dot_iq2_s, dot4_iq2_s =>
+        dot_iq2_s_impl, dot4_iq2_s_impl(BlockIq2S, grid_units, <BlockIq2S as Groups>::FACTOR),
+    dot_iq3_xxs, dot4_iq3_xxs =>
+        dot_iq3_xxs_impl, dot4_iq3_xxs_impl(BlockIq3Xxs, grid_units, <BlockIq3Xxs as Groups>::FACTOR),
+    dot_iq3_s, dot4_iq3_s =>
+        dot_iq3_s_impl, dot4_iq3_s_impl(BlockIq3S, grid_units, <BlockIq3S as Groups>::FACTOR),
+    dot_iq1_s, dot4_iq1_s =>
+        dot_iq1_s_impl, dot4_iq1_s_impl(BlockIq1S, iq1_units, IQ1_FACTOR),
+    dot_iq1_m, dot4_iq1_m =>
+        dot_iq1_m_impl, dot4_iq1_m_impl(BlockIq1M, iq1_units, IQ1_FACTOR),
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -1265,26 +1273,21 @@ pub(crate) fn ssm_row(s: &mut [f32], b: &[f32], c: &[f32], da: f32, xdt: f32) ->
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn exp8(x: __m256) -> __m256 {
+    use crate::float::{EXP_LN2, EXP_POLY, EXP_RANGE};
     let x = _mm256_min_ps(
-        _mm256_max_ps(x, _mm256_set1_ps(-87.336_54)),
-        _mm256_set1_ps(88.376_26),
+        _mm256_max_ps(x, _mm256_set1_ps(EXP_RANGE.0)),
+        _mm256_set1_ps(EXP_RANGE.1),
     );
     let n = _mm256_floor_ps(_mm256_fmadd_ps(
         x,
         _mm256_set1_ps(std::f32::consts::LOG2_E),
         _mm256_set1_ps(0.5),
     ));
-    let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693_359_4), x);
-    let r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.121_944_4e-4), r);
+    let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-EXP_LN2.0), x);
+    let r = _mm256_fmadd_ps(n, _mm256_set1_ps(EXP_LN2.1), r);
     let z = _mm256_mul_ps(r, r);
-    let mut y = _mm256_set1_ps(1.987_569_1e-4);
-    for c in [
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        0.166_666_65,
-        0.5,
-    ] {
+    let mut y = _mm256_set1_ps(EXP_POLY[0]);
+    for &c in &EXP_POLY[1..] {
         y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
     }
     let y = _mm256_add_ps(_mm256_fmadd_ps(y, z, r), _mm256_set1_ps(1.0));
