@@ -13,7 +13,7 @@ mod state;
 
 pub use graph::StepGraph;
 pub use ops::{DeviceAct, DeviceGating};
-pub use staging::{average, HostPins, OffloadCosts, COPY_SAMPLES};
+pub use staging::{average, time_copies, HostPins, OffloadCosts, COPY_SAMPLES};
 pub use state::DeviceState;
 
 use std::collections::HashMap;

@@ -187,6 +187,22 @@ pub fn average(old: Option<f64>, sample: f64) -> Option<f64> {
     Some(old.map_or(sample, |o| 0.7 * o + 0.3 * sample))
 }
 
+/// Waits for the copies queued since `started` (`bytes` of them) and records their speed in
+/// `costs` (the best sample: a copy only gets slower than the link by disturbance).
+pub fn time_copies(
+    g: &Gpu,
+    costs: &std::sync::Mutex<OffloadCosts>,
+    bytes: usize,
+    started: std::time::Instant,
+) -> Result<()> {
+    g.synchronize()?;
+    let mut c = costs.lock().unwrap_or_else(|e| e.into_inner());
+    let bw = bytes as f64 / started.elapsed().as_secs_f64().max(1e-9);
+    c.copy_bytes_per_s = Some(c.copy_bytes_per_s.map_or(bw, |b| b.max(bw)));
+    c.copy_samples += 1;
+    Ok(())
+}
+
 impl OffloadCosts {
     /// How many of `n` experts (of `eb` bytes, `cpu` seconds each on the CPU) a decode step
     /// copies to the GPU while the CPU computes the others: g·copy ≈ (n − g)·cpu, one while

@@ -20,8 +20,8 @@ use super::cpu::CpuOps;
 use super::{Act, Attention, Decoder, FeedForward, Gated, Gating, Linear, Moe, Ops, Rope};
 use crate::backend::cpu::{Cpu, Matrix, Precision};
 use crate::backend::cuda::{
-    average, DeviceAct, DeviceGating, DeviceMatrix, DeviceRows, DeviceState, Epilogue, Gpu, Group,
-    HostPins, OffloadCosts, COPY_SAMPLES,
+    average, time_copies, DeviceAct, DeviceGating, DeviceMatrix, DeviceRows, DeviceState, Epilogue,
+    Gpu, Group, HostPins, OffloadCosts, COPY_SAMPLES,
 };
 use crate::model::{embed, LayerState, Seq, State};
 
@@ -607,16 +607,13 @@ impl Ops for CudaOps<'_, '_> {
             buf.restage(w.ty, w.cols)?;
             g.stage_rows(buf, 0, w.data)?;
         }
-        {
-            let mut c = s.costs.lock().unwrap_or_else(|e| e.into_inner());
-            if measure {
-                g.synchronize()?;
-                let bw = layer_bytes(m) as f64 / started.elapsed().as_secs_f64().max(1e-9);
-                c.copy_bytes_per_s = Some(c.copy_bytes_per_s.map_or(bw, |b| b.max(bw)));
-                c.copy_samples += 1;
-            }
-            c.gpu_batches += 1;
+        if measure {
+            time_copies(g, &s.costs, layer_bytes(m), started)?;
         }
+        s.costs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .gpu_batches += 1;
         let [bg, bu, bd] = &*bufs;
         let w = [(bg, &m.gate), (bu, &m.up), (bd, &m.down)].map(|(b, w)| DeviceRows {
             gpu: g,

@@ -17,8 +17,8 @@ use cudarc::driver::{CudaEvent, CudaSlice, CudaStream};
 use super::{Attention, Block, Mamba, Moe, NemotronH};
 use crate::backend::cpu::{Cpu, Matrix, Precision};
 use crate::backend::cuda::{
-    average, DeviceGating, DeviceMatrix, DeviceRows, DeviceState, Epilogue, Gpu, Group, HostPins,
-    OffloadCosts, PassOptions, Prefetch, StepGraph, COPY_SAMPLES,
+    average, time_copies, DeviceGating, DeviceMatrix, DeviceRows, DeviceState, Epilogue, Gpu,
+    Group, HostPins, OffloadCosts, PassOptions, Prefetch, StepGraph, COPY_SAMPLES,
 };
 use crate::model::{embed, LayerState, State};
 
@@ -283,16 +283,6 @@ impl Offload {
             prefetch,
             caches,
         })
-    }
-
-    /// Waits for the copies queued since `started` (`bytes` of them) and records their speed.
-    fn copy_timed(&self, g: &Gpu, bytes: usize, started: Instant) -> Result<()> {
-        g.synchronize()?;
-        let mut c = self.costs.lock().unwrap_or_else(|e| e.into_inner());
-        let bw = bytes as f64 / started.elapsed().as_secs_f64().max(1e-9);
-        c.copy_bytes_per_s = Some(c.copy_bytes_per_s.map_or(bw, |b| b.max(bw)));
-        c.copy_samples += 1;
-        Ok(())
     }
 
     fn cache(&self, layer: usize) -> Option<&Mutex<ExpertCache>> {
@@ -1093,7 +1083,7 @@ impl<'a> DeviceParts<'a> {
             next += e - first;
         }
         if measure {
-            o.copy_timed(g, copied, started)?;
+            time_copies(g, &o.costs, copied, started)?;
         }
         let (up_m, down_m): (&DeviceMatrix, &DeviceMatrix) = (up_s, down_s);
         let up_of = |e: usize| DeviceRows {
@@ -1373,7 +1363,7 @@ impl<'a> DeviceParts<'a> {
             copied += up_rows.len() + down_rows.len();
         }
         if measure {
-            o.copy_timed(g, copied, started)?;
+            time_copies(g, &o.costs, copied, started)?;
         }
         let (up_s, down_s): (&DeviceMatrix, &DeviceMatrix) = (up_s, down_s);
         let c = &*c;
