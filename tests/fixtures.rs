@@ -96,24 +96,29 @@ fn reader_and_info_agree_with_gguf_py_on_every_fixture() {
     }
 }
 
-/// IQ4_XS (issue 26's first i-quant): our dequantizer against gguf-py's, bit for bit, on
-/// tensors our reference quantizer wrote from fresh random values and on raw random blocks
-/// (every scale and code pattern; the f16 scale kept finite).
-#[test]
-fn iq4_xs_dequantizes_as_gguf_py_does() {
-    use ggrun::gguf::{GgufWriter, Value};
+/// A xorshift generator seeded from the clock (the seed printed, so a failure can be replayed).
+fn clock_seeded() -> impl FnMut() -> u64 {
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos() as u64;
     eprintln!("seed {seed}");
     let mut state = seed | 1;
-    let mut next = move || {
+    move || {
         state ^= state << 13;
         state ^= state >> 7;
         state ^= state << 17;
         state
-    };
+    }
+}
+
+/// IQ4_XS (issue 26's first i-quant): our dequantizer against gguf-py's, bit for bit, on
+/// tensors our reference quantizer wrote from fresh random values and on raw random blocks
+/// (every scale and code pattern; the f16 scale kept finite).
+#[test]
+fn iq4_xs_dequantizes_as_gguf_py_does() {
+    use ggrun::gguf::{GgufWriter, Value};
+    let mut next = clock_seeded();
     let (rows, cols) = (8usize, 1024usize);
     let x: Vec<f32> = (0..rows * cols)
         .map(|_| ((next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 3.0)
@@ -142,18 +147,7 @@ fn iq4_xs_dequantizes_as_gguf_py_does() {
 #[test]
 fn grid_iquants_dequantize_as_gguf_py_does() {
     use ggrun::gguf::{GgufWriter, Value};
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    eprintln!("seed {seed}");
-    let mut state = seed | 1;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut next = clock_seeded();
     let (rows, cols) = (16u64, 2048u64);
     let mut w = GgufWriter::new();
     w.kv("general.architecture", Value::str("llama"));

@@ -194,6 +194,21 @@ fn dequantize_and_activation_quantizers_are_bit_exact_on_every_tier() {
     }
 }
 
+/// The dot of the dequantized weight and activation rows in f64, and Σ|w·a| (the scale of
+/// the rounding a dot may show).
+fn dequantized_dot(s: &ggrun_quants::Kernels, w: &[u8], a: &[u8], n: usize) -> (f64, f64) {
+    let (mut wf, mut af) = (vec![0f32; n], vec![0f32; n]);
+    (s.dequantize)(w, &mut wf);
+    dequantize_fn(s.act_ty).unwrap()(a, &mut af);
+    let exact: f64 = wf.iter().zip(&af).map(|(p, q)| *p as f64 * *q as f64).sum();
+    let mag: f64 = wf
+        .iter()
+        .zip(&af)
+        .map(|(p, q)| (*p as f64 * *q as f64).abs())
+        .sum();
+    (exact, mag)
+}
+
 /// The grid i-quants, which ggrun reads but does not write.
 const READ_ONLY_TYPES: [GgmlType; 7] = [
     GgmlType::IQ2_XXS,
@@ -234,15 +249,7 @@ fn grid_iquant_dots_equal_the_dot_of_dequantized_rows() {
                 let w = random_blocks(&mut r, ty, n);
                 let mut a = vec![0u8; s.act_ty.row_bytes(n as u64).unwrap() as usize];
                 (s.quantize_act)(&floats(&mut r, n), &mut a);
-                let (mut wf, mut af) = (vec![0f32; n], vec![0f32; n]);
-                (s.dequantize)(&w, &mut wf);
-                dequantize_fn(s.act_ty).unwrap()(&a, &mut af);
-                let exact: f64 = wf.iter().zip(&af).map(|(p, q)| *p as f64 * *q as f64).sum();
-                let mag: f64 = wf
-                    .iter()
-                    .zip(&af)
-                    .map(|(p, q)| (*p as f64 * *q as f64).abs())
-                    .sum();
+                let (exact, mag) = dequantized_dot(&s, &w, &a, n);
                 let got = (s.dot)(&w, &a) as f64;
                 assert!(
                     (got - exact).abs() <= 1e-5 * mag + 1e-6,
@@ -278,15 +285,9 @@ fn scalar_dot_equals_the_dot_of_dequantized_rows() {
             let x = floats(&mut r, n);
             let mut a = vec![0u8; s.act_ty.row_bytes(n as u64).unwrap() as usize];
             (s.quantize_act)(&x, &mut a);
-            let (mut wf, mut af) = (vec![0f32; n], vec![0f32; n]);
-            (s.dequantize)(&w, &mut wf);
+            let (exact, mag) = dequantized_dot(&s, &w, &a, n);
+            let mut af = vec![0f32; n];
             dequantize_fn(s.act_ty).unwrap()(&a, &mut af);
-            let exact: f64 = wf.iter().zip(&af).map(|(p, q)| *p as f64 * *q as f64).sum();
-            let mag: f64 = wf
-                .iter()
-                .zip(&af)
-                .map(|(p, q)| (*p as f64 * *q as f64).abs())
-                .sum();
             let got = (s.dot)(&w, &a) as f64;
             // Q4_1/Q5_1 fold each block's min m through the f16-rounded s = f16(d·Σq): that
             // rounding (relative 2^-11) errs by up to |m|·|s|·2^-11 per block, which can dwarf
