@@ -768,3 +768,78 @@ fn a_run_interrupted_in_its_prompt_reports_what_it_read() {
         "{line}"
     );
 }
+
+/// Ctrl-C in a terminal signals the whole foreground process group, the template renderer
+/// (a child process) with it: a press while a slow template renders stops the turn like a press
+/// during the prompt, and the render is not reported as failed.
+#[cfg(target_os = "linux")]
+#[test]
+fn ctrl_c_while_the_template_renders_stops_the_turn() {
+    use std::io::Write;
+    use std::os::unix::process::CommandExt;
+    // About a second of loops (minijinja caps one range at 100k elements), then ChatML.
+    let dir = tempfile::tempdir().unwrap();
+    let template = dir.path().join("slow.jinja");
+    std::fs::write(
+        &template,
+        "{%- set ns = namespace(n=0) -%}{%- for j in range(6000) -%}{%- for i in range(1000) -%}\
+         {%- set ns.n = ns.n + 1 -%}{%- endfor -%}{%- endfor -%}\
+         {%- for m in messages -%}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n\
+         {% endfor -%}<|im_start|>assistant\n",
+    )
+    .unwrap();
+    let mut child = common::ggrun()
+        .args([
+            "chat",
+            "--temp",
+            "0",
+            "-n",
+            "8",
+            "--template-fuel",
+            "1000000000",
+        ])
+        .arg("--chat-template-file")
+        .arg(&template)
+        .arg("-m")
+        .arg(common::smollm2())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // A group of its own, as a shell gives a foreground job: the signal goes to the group.
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"Tell me about rivers.\n").unwrap();
+    // Wait for the renderer: a child of ggrun running `render-template`.
+    let renderer_running = || {
+        std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            // stat: pid (comm) state ppid ...
+            let ppid = stat
+                .rsplit(')')
+                .next()
+                .and_then(|t| t.split_whitespace().nth(1));
+            ppid == Some(&pid.to_string())
+                && String::from_utf8_lossy(&cmdline).contains("render-template")
+        })
+    };
+    let start = Instant::now();
+    while !renderer_running() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no renderer started"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // SAFETY: kill(2) with a negative pid signals that process group; no memory is involved.
+    assert_eq!(unsafe { libc::kill(-(pid as i32), libc::SIGINT) }, 0);
+    drop(stdin);
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("renderer failed"), "{err}");
+    assert!(err.contains("stopped: interrupted"), "{err}");
+    assert_eq!(o.status.code(), Some(0), "{err}");
+}

@@ -58,14 +58,20 @@ pub fn render(
         max_output: limits.max_output,
         max_memory: limits.max_memory,
     })?;
-    let mut child = Command::new(this_program())
+    let mut command = Command::new(this_program());
+    command
         .arg(COMMAND)
         // mimalloc reserves 1 GiB of address space up front unless told not to; the limit is
         // set on top of what the child has mapped when it starts.
         .env("MIMALLOC_ARENA_RESERVE", "0")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::piped());
+    // A process group of its own: Ctrl-C in the terminal signals the whole foreground group,
+    // and it is ours to handle (chat stops the turn), not a reason for the render to die.
+    #[cfg(unix)]
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    let mut child = command
         .spawn()
         .map_err(|e| anyhow!("{origin}: cannot start the template renderer: {e}"))?;
     // Feed and drain on threads of their own so that neither side blocks on a full pipe.
