@@ -296,6 +296,7 @@ mod tests {
                 len: 0,
                 row: 1,
                 capacity: n_ctx,
+                k_tiled: false,
             };
             Ok(State::new(vec![cache], n_ctx))
         }

@@ -189,16 +189,33 @@ impl KvElem for u16 {
     }
 }
 
-/// `out += Σ_p w[p] · v[p·stride ..][..out.len()]`, position by position in p order with one
-/// rounding per term (fused multiply-add): the attention's value accumulation. The SIMD twins
-/// keep `out` in registers across the positions and equal this bit for bit.
-pub type WeightedRowsFn<T = f32> = fn(&mut [f32], &[f32], &[T], usize);
+/// For each of `heads` heads h: `out_h += Σ_p w_h[p] · v[p·stride ..][..cols]`, where `out`
+/// holds the heads' rows of `cols = out.len() / heads` and `w` their weights over
+/// `n = w.len() / heads` positions: the attention's value accumulation for the query heads of
+/// one KV head (a GQA group), which share every row of V. Each element sums its terms in
+/// position order with one rounding per term (fused multiply-add); the SIMD twins keep the
+/// outputs in registers across the positions and let the heads share each row load, and equal
+/// this bit for bit.
+pub type WeightedRowsFn<T = f32> = fn(&mut [f32], &[f32], usize, &[T], usize);
 
-pub fn weighted_rows_scalar<T: KvElem>(out: &mut [f32], w: &[f32], v: &[T], stride: usize) {
-    for (p, &wp) in w.iter().enumerate() {
-        let row = &v[p * stride..p * stride + out.len()];
-        for (o, x) in out.iter_mut().zip(row) {
-            *o = wp.mul_add(x.to_f32(), *o);
+pub fn weighted_rows_scalar<T: KvElem>(
+    out: &mut [f32],
+    w: &[f32],
+    heads: usize,
+    v: &[T],
+    stride: usize,
+) {
+    let heads = heads.max(1);
+    let (cols, n) = (out.len() / heads, w.len() / heads);
+    if cols == 0 || n == 0 {
+        return;
+    }
+    for (out, w) in out.chunks_mut(cols).zip(w.chunks(n)) {
+        for (p, &wp) in w.iter().enumerate() {
+            let row = &v[p * stride..p * stride + cols];
+            for (o, x) in out.iter_mut().zip(row) {
+                *o = wp.mul_add(x.to_f32(), *o);
+            }
         }
     }
 }
@@ -218,13 +235,11 @@ pub fn weighted_rows_for<T: KvElem>(isa: crate::Isa) -> WeightedRowsFn<T> {
     weighted_rows_scalar::<T>
 }
 
-/// For each of the `qs.len() / hd` queries j (rows of `hd` in `qs`):
-/// `out[j·n + p] = Σ_d k[p·stride + d] · qs[j·hd + d]` for p < n = `out.len()` / queries, each
-/// sum taken in d order (product rounded, then added), the order the attention's q·k scores are
-/// defined with. The SIMD twins put positions in lanes and let the queries of a GQA group share
-/// each row load, so they keep that order and equal this bit for bit.
-pub type DotRowsFn<T = f32> = fn(&[T], usize, &[f32], usize, &mut [f32]);
-
+/// The definition of the attention's q·k scores over rows: for each of the `qs.len() / hd`
+/// queries j, `out[j·n + p] = Σ_d k[p·stride + d] · qs[j·hd + d]` for p < n = `out.len()` /
+/// queries, each sum taken in d order (product rounded, then added), the order that reproduces
+/// llama.cpp's greedy continuations. The kernels read K in tile layout ([`DotTilesFn`]); this
+/// is their reference.
 pub fn dot_rows_scalar<T: KvElem>(k: &[T], stride: usize, qs: &[f32], hd: usize, out: &mut [f32]) {
     let g = (qs.len() / hd.max(1)).max(1);
     let n = out.len() / g;
@@ -239,18 +254,56 @@ pub fn dot_rows_scalar<T: KvElem>(k: &[T], stride: usize, qs: &[f32], hd: usize,
     }
 }
 
-/// The position-parallel q·k kernel of the active tier.
-pub fn dot_rows_fn<T: KvElem>() -> DotRowsFn<T> {
-    dot_rows_for(crate::isa::active())
+/// Positions per tile of a K cache in tile layout: within a tile, each column's values for the
+/// eight positions are adjacent, so that a kernel loads one column of eight positions as one
+/// vector (no transposes) and streams a KV head's part of a tile as one contiguous run.
+pub const K_TILE: usize = 8;
+
+/// The index of position `p`, column `c` in a K cache of `row` columns in tile layout.
+#[inline]
+pub fn k_tile_index(p: usize, c: usize, row: usize) -> usize {
+    (p / K_TILE) * K_TILE * row + c * K_TILE + p % K_TILE
 }
 
-pub fn dot_rows_for<T: KvElem>(isa: crate::Isa) -> DotRowsFn<T> {
+/// q·k over whole tiles of a K cache in tile layout: `k` starts at a tile, `row` columns per
+/// position, the KV head's columns from `col`. For each of the `qs.len() / hd` queries j:
+/// `out[j·n + p] = Σ_d k(p, col + d) · qs[j·hd + d]` for p < n = `out.len()` / queries (a
+/// multiple of [`K_TILE`]), each sum taken in d order (product rounded, then added): the scores
+/// of [`dot_rows_scalar`] over the same values in row layout, bit for bit. Over f16 rows the
+/// queries must hold f16 values (the attention rounds them so), which makes every product exact.
+pub type DotTilesFn<T = f32> = fn(&[T], usize, usize, &[f32], usize, &mut [f32]);
+
+pub fn dot_tiles_scalar<T: KvElem>(
+    k: &[T],
+    row: usize,
+    col: usize,
+    qs: &[f32],
+    hd: usize,
+    out: &mut [f32],
+) {
+    let g = (qs.len() / hd.max(1)).max(1);
+    let n = out.len() / g;
+    for (q, out) in qs.chunks(hd.max(1)).zip(out.chunks_mut(n.max(1))) {
+        for (p, o) in out.iter_mut().enumerate() {
+            *o = q.iter().enumerate().fold(-0.0f32, |acc, (d, b)| {
+                acc + k[k_tile_index(p, col + d, row)].to_f32() * b
+            });
+        }
+    }
+}
+
+/// The tile-layout q·k kernel of the active tier.
+pub fn dot_tiles_fn<T: KvElem>() -> DotTilesFn<T> {
+    dot_tiles_for(crate::isa::active())
+}
+
+pub fn dot_tiles_for<T: KvElem>(isa: crate::Isa) -> DotTilesFn<T> {
     #[cfg(target_arch = "x86_64")]
     if isa >= crate::Isa::Avx2 && isa <= crate::Isa::Avx512Vnni && isa.is_available() {
-        return crate::x86::dot_rows::<T>;
+        return crate::x86::dot_tiles::<T>;
     }
     let _ = isa;
-    dot_rows_scalar::<T>
+    dot_tiles_scalar::<T>
 }
 
 #[cfg(test)]

@@ -485,30 +485,41 @@ fn weighted_rows_match_the_scalar_reference_bit_for_bit() {
     use ggrun_quants::float::{weighted_rows_for, weighted_rows_scalar};
     let mut r = rng();
     for isa in Isa::available() {
-        // (positions, columns, stride): head sizes below, at and above a register slice.
-        for (n, hd, stride) in [
-            (1, 64, 64),
-            (5, 7, 7),
-            (9, 8, 24),
-            (33, 64, 192),
-            (4, 100, 128),
+        // (positions, columns, stride, heads): head sizes below, at and above a register
+        // slice; GQA groups of one to eight heads (blocks of three and six, and a remainder).
+        for (n, hd, stride, g) in [
+            (1, 64, 64, 1),
+            (5, 7, 7, 1),
+            (9, 8, 24, 2),
+            (33, 64, 192, 3),
+            (4, 100, 128, 1),
+            (17, 32, 96, 8),
+            (12, 16, 48, 7),
+            (6, 72, 144, 4),
         ] {
             let v = floats(&mut r, (n - 1) * stride + hd);
-            let w = floats(&mut r, n);
-            let y0 = floats(&mut r, hd);
+            let w = floats(&mut r, g * n);
+            let y0 = floats(&mut r, g * hd);
             let (mut a, mut b) = (y0.clone(), y0.clone());
-            weighted_rows_scalar(&mut a, &w, &v, stride);
-            weighted_rows_for(isa)(&mut b, &w, &v, stride);
+            weighted_rows_scalar(&mut a, &w, g, &v, stride);
+            weighted_rows_for(isa)(&mut b, &w, g, &v, stride);
             assert!(
                 a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
-                "{isa:?} {n} {hd}"
+                "{isa:?} {n} {hd} {g}"
             );
+            // Each head alone gives its own row.
+            for h in 0..g {
+                let mut alone = y0[h * hd..(h + 1) * hd].to_vec();
+                weighted_rows_for(isa)(&mut alone, &w[h * n..(h + 1) * n], 1, &v, stride);
+                assert_eq!(alone, b[h * hd..(h + 1) * hd], "{isa:?} {n} {hd} head {h}");
+            }
             // The reference is the plain sum, up to f32 rounding: n+1 additions, each off by at
             // most half an ulp of a partial sum bounded by Σ|terms|.
-            for (d, got) in a.iter().enumerate() {
-                let terms = (0..n).map(|p| w[p] as f64 * v[p * stride + d] as f64);
-                let want: f64 = y0[d] as f64 + terms.clone().sum::<f64>();
-                let mag: f64 = (y0[d] as f64).abs() + terms.map(f64::abs).sum::<f64>();
+            for (i, got) in a.iter().enumerate() {
+                let (h, d) = (i / hd, i % hd);
+                let terms = (0..n).map(|p| w[h * n + p] as f64 * v[p * stride + d] as f64);
+                let want: f64 = y0[i] as f64 + terms.clone().sum::<f64>();
+                let mag: f64 = (y0[i] as f64).abs() + terms.map(f64::abs).sum::<f64>();
                 let tol = (n + 1) as f64 * 6e-8 * mag + 1e-30;
                 assert!((*got as f64 - want).abs() <= tol, "{got} vs {want} ({mag})");
             }
@@ -516,36 +527,72 @@ fn weighted_rows_match_the_scalar_reference_bit_for_bit() {
     }
 }
 
+/// q·k over a K cache in tile layout: every tier equals the scalar twin bit for bit, and both
+/// give what the row-layout kernel gives over the same values (f32 and f16 rows).
 #[test]
-fn position_parallel_dots_keep_the_sequential_order() {
-    use ggrun_quants::float::{dot_rows_for, dot_rows_scalar};
+fn tile_layout_dots_equal_the_row_layout_dots() {
+    use ggrun_quants::float::{
+        dot_rows_scalar, dot_tiles_for, dot_tiles_scalar, f16_to_f32, f32_to_f16, k_tile_index,
+    };
     let mut r = rng();
-    for isa in Isa::available() {
-        // (positions, head size, row stride, queries): one query, a GQA group of three, and
-        // more queries than one register pass holds.
-        for (n, hd, stride, g) in [
-            (1, 64, 64, 1),
-            (8, 64, 192, 1),
-            (21, 64, 576, 3),
-            (17, 12, 12, 2),
-            (40, 64, 128, 6),
-        ] {
-            let k = floats(&mut r, (n - 1) * stride + hd);
-            let qs = floats(&mut r, g * hd);
-            let (mut a, mut b) = (vec![0f32; g * n], vec![0f32; g * n]);
-            dot_rows_scalar(&k, stride, &qs, hd, &mut a);
-            dot_rows_for(isa)(&k, stride, &qs, hd, &mut b);
-            assert!(
-                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
-                "{isa:?} {n} {g}"
-            );
-            for j in 0..g {
+    // (tiles, head size, KV heads, queries): one query, GQA groups of two, three and seven
+    // (blocks of three and a remainder), tile counts around the blocks of eight, four, three.
+    for (tiles, hd, nkv, g) in [
+        (1, 64, 1, 1),
+        (9, 64, 3, 1),
+        (5, 64, 3, 3),
+        (7, 40, 2, 2),
+        (11, 128, 2, 7),
+        (2, 12, 4, 3),
+    ] {
+        let (row, n) = (nkv * hd, tiles * 8);
+        let rows32 = floats(&mut r, n * row);
+        let rows16: Vec<u16> = rows32.iter().map(|&x| f32_to_f16(x)).collect();
+        let mut tiled32 = vec![0f32; n * row];
+        let mut tiled16 = vec![0u16; n * row];
+        for p in 0..n {
+            for c in 0..row {
+                tiled32[k_tile_index(p, c, row)] = rows32[p * row + c];
+                tiled16[k_tile_index(p, c, row)] = rows16[p * row + c];
+            }
+        }
+        let qs = floats(&mut r, g * hd);
+        let qs16: Vec<f32> = qs.iter().map(|&x| f16_to_f32(f32_to_f16(x))).collect();
+        for kvh in 0..nkv {
+            let col = kvh * hd;
+            let mut want = vec![0f32; g * n];
+            dot_rows_scalar(&rows32[col..], row, &qs, hd, &mut want);
+            let mut scalar = vec![0f32; g * n];
+            dot_tiles_scalar(&tiled32, row, col, &qs, hd, &mut scalar);
+            assert_eq!(scalar, want, "scalar {tiles} {hd} {g}");
+            let mut want16 = vec![0f32; g * n];
+            dot_rows_scalar(&rows16[col..], row, &qs16, hd, &mut want16);
+            let first: f32 = (0..hd).map(|d| rows32[col + d] * qs[d]).sum();
+            assert_eq!(want[0].to_bits(), first.to_bits(), "the sum in d order");
+            for isa in Isa::available() {
+                let mut got = vec![0f32; g * n];
+                dot_tiles_for::<f32>(isa)(&tiled32, row, col, &qs, hd, &mut got);
+                assert!(
+                    got.iter()
+                        .zip(&want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "f32 {isa:?} {tiles} {hd} {g}"
+                );
+                let mut got = vec![0f32; g * n];
+                dot_tiles_for::<u16>(isa)(&tiled16, row, col, &qs16, hd, &mut got);
+                assert!(
+                    got.iter()
+                        .zip(&want16)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "f16 {isa:?} {tiles} {hd} {g}"
+                );
                 // Query j alone gives its own row of scores.
-                let mut alone = vec![0f32; n];
-                dot_rows_for(isa)(&k, stride, &qs[j * hd..(j + 1) * hd], hd, &mut alone);
-                assert_eq!(alone, b[j * n..(j + 1) * n], "{isa:?} {n} query {j}");
-                let want: f32 = k[..hd].iter().zip(&qs[j * hd..]).map(|(a, b)| a * b).sum();
-                assert_eq!(a[j * n].to_bits(), want.to_bits());
+                for j in 0..g {
+                    let mut alone = vec![0f32; n];
+                    let q = &qs16[j * hd..(j + 1) * hd];
+                    dot_tiles_for::<u16>(isa)(&tiled16, row, col, q, hd, &mut alone);
+                    assert_eq!(alone, got[j * n..(j + 1) * n], "{isa:?} query {j}");
+                }
             }
         }
     }
@@ -592,11 +639,12 @@ fn exponentials_match_the_scalar_twin_and_the_true_exp() {
     }
 }
 
-/// KV rows stored as f16 (normal precision's cache): every tier's q·k and value kernels over
-/// f16 rows give bit for bit what they give over the same values as f32 rows.
+/// V rows stored as f16 (normal precision's cache): every tier's value kernel over f16 rows
+/// gives bit for bit what it gives over the same values as f32 rows (the q·k kernel's twin
+/// property is in the tile-layout test).
 #[test]
 fn f16_kv_rows_give_what_the_same_values_as_f32_give() {
-    use ggrun_quants::float::{dot_rows_for, f16_to_f32, f32_to_f16, weighted_rows_for};
+    use ggrun_quants::float::{f16_to_f32, f32_to_f16, weighted_rows_for};
     let mut r = rng();
     for isa in Isa::available() {
         for (n, hd, stride, g) in [
@@ -605,25 +653,16 @@ fn f16_kv_rows_give_what_the_same_values_as_f32_give() {
             (17, 12, 12, 2),
             (40, 128, 256, 6),
         ] {
-            let k16: Vec<u16> = floats(&mut r, (n - 1) * stride + hd)
+            let v16: Vec<u16> = floats(&mut r, (n - 1) * stride + hd)
                 .iter()
                 .map(|&x| f32_to_f16(x))
                 .collect();
-            let k32: Vec<f32> = k16.iter().map(|&b| f16_to_f32(b)).collect();
-            let qs = floats(&mut r, g * hd);
-            let (mut a, mut b) = (vec![0f32; g * n], vec![0f32; g * n]);
-            dot_rows_for::<f32>(isa)(&k32, stride, &qs, hd, &mut a);
-            dot_rows_for::<u16>(isa)(&k16, stride, &qs, hd, &mut b);
-            assert_eq!(
-                a.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-                b.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-                "dot_rows {isa:?} {n} {hd}"
-            );
-            let w = floats(&mut r, n);
-            let y0 = floats(&mut r, hd);
+            let v32: Vec<f32> = v16.iter().map(|&b| f16_to_f32(b)).collect();
+            let w = floats(&mut r, g * n);
+            let y0 = floats(&mut r, g * hd);
             let (mut a, mut b) = (y0.clone(), y0);
-            weighted_rows_for::<f32>(isa)(&mut a, &w, &k32, stride);
-            weighted_rows_for::<u16>(isa)(&mut b, &w, &k16, stride);
+            weighted_rows_for::<f32>(isa)(&mut a, &w, g, &v32, stride);
+            weighted_rows_for::<u16>(isa)(&mut b, &w, g, &v16, stride);
             assert_eq!(
                 a.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
                 b.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),

@@ -10,7 +10,7 @@ use rayon::prelude::*;
 
 use super::cpu::round_f16_slice;
 use super::state::{KvRows, LayerState};
-use ggrun_quants::float::KvElem;
+use ggrun_quants::float::{DotTilesFn, KvElem, K_TILE};
 
 /// Shape of one attention layer.
 #[derive(Clone, Copy, Debug)]
@@ -23,18 +23,21 @@ pub struct AttnShape {
     pub window: Option<usize>,
 }
 
-/// Bytes of a cache for `n_ctx` positions (K and V, f16 or f32 values).
+/// Bytes of a CPU cache for `n_ctx` positions (K and V, f16 or f32 values, whole K tiles).
 pub fn cache_bytes(shape: &AttnShape, n_ctx: usize, f16: bool) -> u64 {
     let elem = if f16 { 2 } else { 4 };
-    2 * (shape.n_head_kv * shape.head_dim) as u64 * n_ctx as u64 * elem
+    let positions = n_ctx.next_multiple_of(K_TILE) as u64;
+    2 * (shape.n_head_kv * shape.head_dim) as u64 * positions * elem
 }
 
 /// A fresh cache for `n_ctx` positions; an error, not an abort, when memory for it cannot be
 /// had (its pages are the OS's zero pages until written).
 pub fn new_cache(shape: &AttnShape, n_ctx: usize, f16: bool) -> Result<LayerState> {
     let row = shape.n_head_kv * shape.head_dim;
+    // K in tile layout holds whole tiles; V as many positions (the same allocation size).
+    let positions = n_ctx.next_multiple_of(K_TILE);
     let zeros = || -> Result<KvRows> {
-        row.checked_mul(n_ctx)
+        row.checked_mul(positions)
             .and_then(|n| KvRows::zeroed(n, f16))
             .ok_or_else(|| {
                 anyhow::anyhow!(
@@ -49,6 +52,7 @@ pub fn new_cache(shape: &AttnShape, n_ctx: usize, f16: bool) -> Result<LayerStat
         len: 0,
         row,
         capacity: n_ctx,
+        k_tiled: true,
     })
 }
 
@@ -146,17 +150,18 @@ pub fn attend(
         len,
         row,
         capacity,
+        k_tiled: true,
     } = state
     else {
-        bail!("layer state is not an attention cache");
+        bail!("layer state is not a CPU attention cache");
     };
     let row = *row;
     if *len + t > *capacity {
         bail!("context is full ({} tokens): raise -c/--ctx-size", capacity);
     }
     let past = *len;
-    kc.write(past * row, k);
-    vc.write(past * row, v);
+    kc.write_rows(past, row, true, k);
+    vc.write_rows(past, row, false, v);
     *len += t;
     match (&*kc, &*vc) {
         (KvRows::F32(kc), KvRows::F32(vc)) => Ok(attend_rows(kc, vc, row, past, s, sinks, q, t)),
@@ -167,6 +172,12 @@ pub fn attend(
 
 /// The attention of `t` new queries over `past + t` cached positions of K and V rows of `T`
 /// (f16 rows: the query and the softmax weights rounded to f16 as they meet them).
+///
+/// The query heads of one KV head (a GQA group) share every K and V row load. A decode step
+/// (`t` = 1) over a long cache splits its work three ways so that every thread streams its own
+/// part of the cache: scores over runs of positions, then each head's softmax, then value sums
+/// over slices of the head's columns. Every path computes each score and each output element
+/// in the same order, so they agree bit for bit.
 #[allow(clippy::too_many_arguments)]
 fn attend_rows<T: KvElem>(
     kc: &[T],
@@ -178,18 +189,20 @@ fn attend_rows<T: KvElem>(
     q: &[f32],
     t: usize,
 ) -> Vec<f32> {
+    if t == 1 && past + 1 >= SPLIT_DECODE_AT {
+        return attend_one_split(kc, vc, row, past, s, sinks, q);
+    }
     let f16 = T::F16;
     let (nh, hd) = (s.n_head, s.head_dim);
     // SIMD kernels of the active tier: q·k for eight positions at once (each summed in d
     // order, which reproduces llama.cpp's greedy continuations), and the value accumulation
-    // over all positions with the output in registers.
-    let dot_rows = ggrun_quants::float::dot_rows_fn::<T>();
+    // over all positions with the outputs in registers.
+    let dot = ggrun_quants::float::dot_tiles_fn::<T>();
     let weighted_rows = ggrun_quants::float::weighted_rows_fn::<T>();
     let exp_shifted = ggrun_quants::float::exp_shifted_fn();
     let group = nh / s.n_head_kv;
-    // Tasks: a few query heads of one KV head (up to four in prefill, so that each K row load
-    // serves them all; one in decode, so that every head is its own task) over a run of tokens.
-    let heads = if t > 1 { group.min(4) } else { 1 };
+    // Tasks: the query heads of one KV head (up to four in prefill) over a run of tokens.
+    let heads = if t > 1 { group.min(4) } else { group };
     const TOKENS_PER_TASK: usize = 16;
     // (first head, heads, first token), the heads all of one KV head.
     let tasks: Vec<(usize, usize, usize)> = (0..s.n_head_kv)
@@ -207,6 +220,7 @@ fn attend_rows<T: KvElem>(
             let t1 = (t0 + TOKENS_PER_TASK).min(t);
             let mut o = vec![0f32; (t1 - t0) * g * hd];
             let mut scores = vec![0f32; g * (past + t1)];
+            let mut scratch = Vec::new();
             let mut qg = vec![0f32; g * hd];
             for ti in t0..t1 {
                 // Positions first..end: all before and at this token, or the window's.
@@ -218,12 +232,23 @@ fn attend_rows<T: KvElem>(
                     round_f16_slice(&mut qg);
                 }
                 let sc_all = &mut scores[..g * n];
-                dot_rows(&kc[first * row + kvh * hd..], row, &qg, hd, sc_all);
+                tile_scores(
+                    dot,
+                    kc,
+                    row,
+                    kvh * hd,
+                    &qg,
+                    hd,
+                    first..end,
+                    sc_all,
+                    &mut scratch,
+                );
                 for (j, sc) in sc_all.chunks_mut(n).enumerate() {
                     softmax_weights(sc, s.scale, sinks.map(|z| z[h0 + j]), f16, exp_shifted);
-                    let at = ((ti - t0) * g + j) * hd;
-                    weighted_rows(&mut o[at..at + hd], sc, &vc[first * row + kvh * hd..], row);
                 }
+                let at = (ti - t0) * g * hd;
+                let o = &mut o[at..at + g * hd];
+                weighted_rows(o, sc_all, g, &vc[first * row + kvh * hd..], row);
             }
             o
         })
@@ -239,9 +264,229 @@ fn attend_rows<T: KvElem>(
     out
 }
 
+/// The scores of queries `qg` (the heads of one KV head, `hd` values each) at positions `at`
+/// over a K cache in tile layout, the KV head's columns from `col`: each head's `at.len()`
+/// scores in `out`, heads `at.len()` apart. The kernel computes whole tiles; where `at` does
+/// not begin and end on tile boundaries, they go to `scratch` and the positions outside `at`
+/// are dropped.
+#[allow(clippy::too_many_arguments)]
+fn tile_scores<T: KvElem>(
+    dot: DotTilesFn<T>,
+    kc: &[T],
+    row: usize,
+    col: usize,
+    qg: &[f32],
+    hd: usize,
+    at: std::ops::Range<usize>,
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    let (t0, t1) = (at.start / K_TILE, at.end.div_ceil(K_TILE));
+    let (n, whole) = (at.len(), (t1 - t0) * K_TILE);
+    let k = &kc[t0 * K_TILE * row..];
+    if whole == n {
+        return dot(k, row, col, qg, hd, out);
+    }
+    let g = out.len() / n.max(1);
+    scratch.resize(g * whole, 0.0);
+    dot(k, row, col, qg, hd, scratch);
+    let skip = at.start - t0 * K_TILE;
+    for (o, s) in out.chunks_mut(n).zip(scratch.chunks(whole)) {
+        o.copy_from_slice(&s[skip..skip + n]);
+    }
+}
+
+/// Cached positions from which a decode step splits its work over positions and columns
+/// rather than KV heads alone (below it, one task per KV head costs less than three rounds of
+/// tasks).
+const SPLIT_DECODE_AT: usize = 1024;
+
+/// [`attend_rows`] for one new token over a long cache: (1) scores of a GQA group over runs of
+/// positions, (2) each head's softmax, (3) the group's value sums over slices of columns, each
+/// element over every position in order.
+fn attend_one_split<T: KvElem>(
+    kc: &[T],
+    vc: &[T],
+    row: usize,
+    past: usize,
+    s: &AttnShape,
+    sinks: Option<&[f32]>,
+    q: &[f32],
+) -> Vec<f32> {
+    const POSITIONS_PER_TASK: usize = 512;
+    const COLUMNS_PER_TASK: usize = 32;
+    let (nh, nkv, hd) = (s.n_head, s.n_head_kv, s.head_dim);
+    let group = nh / nkv;
+    let end = past + 1;
+    let first = s.window.map_or(0, |w| end.saturating_sub(w));
+    let n = end - first;
+    let dot = ggrun_quants::float::dot_tiles_fn::<T>();
+    let weighted_rows = ggrun_quants::float::weighted_rows_fn::<T>();
+    let exp_shifted = ggrun_quants::float::exp_shifted_fn();
+    let mut qr = q[..nh * hd].to_vec();
+    if T::F16 {
+        round_f16_slice(&mut qr);
+    }
+    let runs = n.div_ceil(POSITIONS_PER_TASK);
+    let score_tasks: Vec<(usize, usize)> = (0..nkv)
+        .flat_map(|kvh| (0..runs).map(move |r| (kvh, r * POSITIONS_PER_TASK)))
+        .collect();
+    let parts: Vec<Vec<f32>> = score_tasks
+        .par_iter()
+        .map(|&(kvh, p0)| {
+            let len = POSITIONS_PER_TASK.min(n - p0);
+            let mut sc = vec![0f32; group * len];
+            let qg = &qr[kvh * group * hd..(kvh + 1) * group * hd];
+            let at = first + p0..first + p0 + len;
+            tile_scores(dot, kc, row, kvh * hd, qg, hd, at, &mut sc, &mut Vec::new());
+            sc
+        })
+        .collect();
+    // Head h's weights are w[h·n..(h+1)·n]; the heads of a KV head are adjacent.
+    let mut w = vec![0f32; nh * n];
+    for (&(kvh, p0), sc) in score_tasks.iter().zip(&parts) {
+        let len = sc.len() / group;
+        for (j, run) in sc.chunks(len).enumerate() {
+            w[(kvh * group + j) * n + p0..][..len].copy_from_slice(run);
+        }
+    }
+    w.par_chunks_mut(n)
+        .enumerate()
+        .for_each(|(h, sc)| softmax_weights(sc, s.scale, sinks.map(|z| z[h]), T::F16, exp_shifted));
+    let width = if hd.is_multiple_of(COLUMNS_PER_TASK) {
+        COLUMNS_PER_TASK
+    } else {
+        hd
+    };
+    let value_tasks: Vec<(usize, usize)> = (0..nkv)
+        .flat_map(|kvh| (0..hd).step_by(width).map(move |c0| (kvh, c0)))
+        .collect();
+    let sums: Vec<Vec<f32>> = value_tasks
+        .par_iter()
+        .map(|&(kvh, c0)| {
+            let mut o = vec![0f32; group * width];
+            let wg = &w[kvh * group * n..(kvh + 1) * group * n];
+            weighted_rows(&mut o, wg, group, &vc[first * row + kvh * hd + c0..], row);
+            o
+        })
+        .collect();
+    let mut out = vec![0f32; nh * hd];
+    for (&(kvh, c0), o) in value_tasks.iter().zip(&sums) {
+        for (j, cols) in o.chunks(width).enumerate() {
+            out[(kvh * group + j) * hd + c0..][..width].copy_from_slice(cols);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
-    use super::max_of;
+    use super::*;
+    use ggrun_quants::float::{dot_rows_scalar, f32_to_f16, weighted_rows_scalar};
+
+    /// One query head at a time with the scalar kernels: what every path must equal bit for bit.
+    #[allow(clippy::too_many_arguments)]
+    fn reference<T: KvElem>(
+        kc: &[T],
+        vc: &[T],
+        row: usize,
+        past: usize,
+        s: &AttnShape,
+        sinks: Option<&[f32]>,
+        q: &[f32],
+        t: usize,
+    ) -> Vec<f32> {
+        let (nh, hd) = (s.n_head, s.head_dim);
+        let group = nh / s.n_head_kv;
+        let mut out = vec![0f32; t * nh * hd];
+        for ti in 0..t {
+            let end = past + ti + 1;
+            let first = s.window.map_or(0, |w| end.saturating_sub(w));
+            let n = end - first;
+            for h in 0..nh {
+                let kvh = h / group;
+                let mut qh = q[(ti * nh + h) * hd..][..hd].to_vec();
+                if T::F16 {
+                    round_f16_slice(&mut qh);
+                }
+                let mut sc = vec![0f32; n];
+                dot_rows_scalar(&kc[first * row + kvh * hd..], row, &qh, hd, &mut sc);
+                let exp = ggrun_quants::float::exp_shifted_scalar;
+                softmax_weights(&mut sc, s.scale, sinks.map(|z| z[h]), T::F16, exp);
+                let o = &mut out[(ti * nh + h) * hd..][..hd];
+                weighted_rows_scalar(o, &sc, 1, &vc[first * row + kvh * hd..], row);
+            }
+        }
+        out
+    }
+
+    /// Decode at short and long caches (one task per KV head, and the three-way split), and a
+    /// prefill chunk, with and without a window and sinks, over f32 and f16 rows: every path
+    /// equals the one-head-at-a-time scalar reference bit for bit.
+    #[test]
+    fn every_path_equals_the_scalar_reference() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rand = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        };
+        for (nh, nkv, hd) in [(9, 3, 64), (8, 2, 40), (4, 4, 32)] {
+            for (past, t) in [
+                (40, 1),
+                (1500, 1),
+                (1100, 5),
+                (2100, 1),
+                (13, 20),
+                (1027, 1),
+            ] {
+                for (window, sink) in [(None, false), (Some(700), true), (Some(9), false)] {
+                    let s = AttnShape {
+                        n_head: nh,
+                        n_head_kv: nkv,
+                        head_dim: hd,
+                        scale: 1.0 / (hd as f32).sqrt(),
+                        window,
+                    };
+                    let row = nkv * hd;
+                    let len = (past + t) * row;
+                    let k32: Vec<f32> = (0..len).map(|_| 2.0 * rand()).collect();
+                    let v32: Vec<f32> = (0..len).map(|_| rand()).collect();
+                    let q: Vec<f32> = (0..t * nh * hd).map(|_| 2.0 * rand()).collect();
+                    let sinks: Vec<f32> = (0..nh).map(|_| rand()).collect();
+                    let sinks = sink.then_some(&sinks[..]);
+                    // The cache as attend keeps it: K in tile layout, whole tiles.
+                    let mut cache = new_cache(&s, past + t, false).unwrap();
+                    let LayerState::Attention { k, v, .. } = &mut cache else {
+                        unreachable!()
+                    };
+                    k.write_rows(0, row, true, &k32);
+                    v.write_rows(0, row, false, &v32);
+                    let (KvRows::F32(kt), KvRows::F32(vt)) = (&*k, &*v) else {
+                        unreachable!()
+                    };
+                    let got = attend_rows(kt, vt, row, past, &s, sinks, &q, t);
+                    let want = reference(&k32, &v32, row, past, &s, sinks, &q, t);
+                    assert!(got == want, "f32 {nh}/{nkv}×{hd} past {past} t {t}");
+                    let k16: Vec<u16> = k32.iter().map(|&x| f32_to_f16(x)).collect();
+                    let v16: Vec<u16> = v32.iter().map(|&x| f32_to_f16(x)).collect();
+                    let mut cache = new_cache(&s, past + t, true).unwrap();
+                    let LayerState::Attention { k, v, .. } = &mut cache else {
+                        unreachable!()
+                    };
+                    k.write_rows(0, row, true, &k32);
+                    v.write_rows(0, row, false, &v32);
+                    let (KvRows::F16(kt), KvRows::F16(vt)) = (&*k, &*v) else {
+                        unreachable!()
+                    };
+                    let got = attend_rows(kt, vt, row, past, &s, sinks, &q, t);
+                    let want = reference(&k16, &v16, row, past, &s, sinks, &q, t);
+                    assert!(got == want, "f16 {nh}/{nkv}×{hd} past {past} t {t}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn the_lane_maximum_is_the_maximum() {

@@ -881,8 +881,9 @@ mod tests {
         assert_eq!(p.expert_layers_in_ram.len(), 0);
     }
 
-    /// The planner's state size is what a sequence's state really holds: the host state the
-    /// model allocates (the device state has the same f32 layout) at a few context sizes.
+    /// The planner's state size is what a sequence's state really holds on a GPU: the host
+    /// state the model allocates, in f32 and position for position as the device state (the
+    /// host cache rounds its positions up to whole K tiles), at a few context sizes.
     #[test]
     fn state_bytes_match_the_state_the_model_allocates() {
         let dir = tempfile::tempdir().unwrap();
@@ -896,7 +897,17 @@ mod tests {
                 .layers
                 .iter()
                 .map(|l| match l {
-                    crate::model::LayerState::Attention { k, v, .. } => k.len() + v.len(),
+                    crate::model::LayerState::Attention {
+                        k,
+                        v,
+                        row,
+                        capacity,
+                        ..
+                    } => {
+                        let tiles = capacity.next_multiple_of(ggrun_quants::float::K_TILE);
+                        assert_eq!(k.len() + v.len(), 2 * row * tiles);
+                        2 * row * capacity
+                    }
                     crate::model::LayerState::Mamba { conv, ssm } => conv.len() + ssm.len(),
                     _ => 0,
                 })

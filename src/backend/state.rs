@@ -3,6 +3,7 @@
 //! saved to bytes and restored exactly.
 
 use anyhow::{anyhow, bail, Result};
+use ggrun_quants::float::{f16_to_f32, k_tile_index};
 
 /// A KV cache's rows: f32 (exact mode), or f16 bits (normal precision: llama.cpp's F16 cache,
 /// half the bytes, holding exactly the values that f32 rows rounded to f16 would).
@@ -33,28 +34,54 @@ impl KvRows {
         self.len() == 0
     }
 
-    /// Writes `src` at element `at`, rounded to f16 (nearest even) when the rows are f16.
-    pub fn write(&mut self, at: usize, src: &[f32]) {
+    /// Writes whole rows `src` (of `row` values each) at positions from `pos`, rounded to f16
+    /// (nearest even) when the rows are f16; in tile layout when `tiled` (see
+    /// [`ggrun_quants::float::k_tile_index`]), else position after position.
+    pub fn write_rows(&mut self, pos: usize, row: usize, tiled: bool, src: &[f32]) {
+        use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+        let at = pos * row;
+        if !tiled {
+            match self {
+                KvRows::F32(v) => v[at..at + src.len()].copy_from_slice(src),
+                KvRows::F16(v) => {
+                    let dst: &mut [half::f16] = v[at..at + src.len()].reinterpret_cast_mut();
+                    dst.convert_from_f32_slice(src);
+                }
+            }
+            return;
+        }
+        let index = |i: usize| k_tile_index(pos + i / row, i % row, row);
         match self {
-            KvRows::F32(v) => v[at..at + src.len()].copy_from_slice(src),
+            KvRows::F32(v) => src.iter().enumerate().for_each(|(i, &x)| v[index(i)] = x),
             KvRows::F16(v) => {
-                use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
-                let dst: &mut [half::f16] = v[at..at + src.len()].reinterpret_cast_mut();
-                dst.convert_from_f32_slice(src);
+                let h: &mut [half::f16] = v.reinterpret_cast_mut();
+                src.iter()
+                    .enumerate()
+                    .for_each(|(i, &x)| h[index(i)] = half::f16::from_f32(x));
             }
         }
     }
 
-    /// The first `n` elements as f32.
-    pub fn to_f32(&self, n: usize) -> std::borrow::Cow<'_, [f32]> {
-        match self {
-            KvRows::F32(v) => std::borrow::Cow::Borrowed(&v[..n]),
-            KvRows::F16(v) => {
-                use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
-                let h: &[half::f16] = v[..n].reinterpret_cast();
-                std::borrow::Cow::Owned(h.to_f32_vec())
-            }
+    /// The first `n` positions' rows (of `row` values) as f32, position after position, from
+    /// either layout.
+    pub fn rows_f32(&self, n: usize, row: usize, tiled: bool) -> std::borrow::Cow<'_, [f32]> {
+        use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+        use std::borrow::Cow;
+        let len = n * row;
+        if !tiled {
+            return match self {
+                KvRows::F32(v) => Cow::Borrowed(&v[..len]),
+                KvRows::F16(v) => {
+                    let h: &[half::f16] = v[..len].reinterpret_cast();
+                    Cow::Owned(h.to_f32_vec())
+                }
+            };
         }
+        let index = |i: usize| k_tile_index(i / row, i % row, row);
+        Cow::Owned(match self {
+            KvRows::F32(v) => (0..len).map(|i| v[index(i)]).collect(),
+            KvRows::F16(v) => (0..len).map(|i| f16_to_f32(v[index(i)])).collect(),
+        })
     }
 }
 
@@ -63,13 +90,16 @@ impl KvRows {
 #[derive(Debug)]
 pub enum LayerState {
     None,
-    /// K and V rows (kv_heads × head_dim each) for positions 0..len, capacity n_ctx.
+    /// K and V rows (kv_heads × head_dim each) for positions 0..len, capacity n_ctx. The CPU
+    /// keeps K in tile layout (`k_tiled`; its rows then reach to whole tiles past the capacity),
+    /// the host form of a GPU cache position after position.
     Attention {
         k: KvRows,
         v: KvRows,
         len: usize,
         row: usize,
         capacity: usize,
+        k_tiled: bool,
     },
     /// conv: (d_conv − 1) × channels, ssm: heads × head_dim × d_state.
     Mamba {
@@ -137,12 +167,18 @@ impl State {
             };
             match l {
                 LayerState::None | LayerState::Device(_) => body.push(0u8),
-                LayerState::Attention { k, v, len, .. } => {
+                LayerState::Attention {
+                    k,
+                    v,
+                    len,
+                    row,
+                    k_tiled,
+                    ..
+                } => {
                     body.push(1);
                     body.extend_from_slice(&(*len as u64).to_le_bytes());
-                    let n = len * (k.len() / self.n_ctx.max(1));
-                    put_f32s(body, &k.to_f32(n));
-                    put_f32s(body, &v.to_f32(n));
+                    put_f32s(body, &k.rows_f32(*len, *row, *k_tiled));
+                    put_f32s(body, &v.rows_f32(*len, *row, false));
                 }
                 LayerState::Mamba { conv, ssm } => {
                     body.push(2);
@@ -209,20 +245,21 @@ impl State {
                         k,
                         v,
                         len,
+                        row,
                         capacity,
-                        ..
+                        k_tiled,
                     },
                 ) => {
                     let n_len = u(get(8)?);
                     if n_len > *capacity {
                         return Err(bad());
                     }
-                    let n = n_len * (k.len() / *capacity);
+                    let n = n_len * *row;
                     let mut rows = vec![0f32; n];
                     floats(get(4 * n)?, &mut rows);
-                    k.write(0, &rows);
+                    k.write_rows(0, *row, *k_tiled, &rows);
                     floats(get(4 * n)?, &mut rows);
-                    v.write(0, &rows);
+                    v.write_rows(0, *row, false, &rows);
                     *len = n_len;
                 }
                 (2, LayerState::Mamba { conv, ssm }) => {

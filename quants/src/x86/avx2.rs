@@ -1326,45 +1326,126 @@ unsafe fn load8<T: KvElem>(p: *const T) -> __m256 {
     }
 }
 
+/// `H` heads × `L` eight-column lanes of [`weighted_rows_impl`], the accumulators held in
+/// registers over all `n` positions: `out` points at the first head's first column (heads `hd`
+/// apart), `w` at its weights (heads `n` apart), `v` at the first row's first column.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn weighted_rows_impl<T: KvElem>(out: &mut [f32], w: &[f32], v: &[T], stride: usize) {
-    let (n, hd) = (w.len(), out.len());
-    assert!(
-        n == 0 || (n - 1) * stride + hd <= v.len(),
-        "weighted_rows: rows out of range"
-    );
-    // Columns in slices of up to 64 (eight registers), each slice held in registers over all
-    // positions; every element still sums its terms in position order.
-    let mut d0 = 0;
-    while d0 + 8 <= hd {
-        let lanes = ((hd - d0) / 8).min(8);
-        let mut acc = [_mm256_setzero_ps(); 8];
-        for (j, a) in acc.iter_mut().enumerate().take(lanes) {
-            *a = _mm256_loadu_ps(out.as_ptr().add(d0 + 8 * j));
+#[inline]
+unsafe fn weighted_block<T: KvElem, const L: usize, const H: usize>(
+    out: *mut f32,
+    hd: usize,
+    w: *const f32,
+    n: usize,
+    v: *const T,
+    stride: usize,
+) {
+    let mut acc = [[_mm256_setzero_ps(); L]; H];
+    for (h, a) in acc.iter_mut().enumerate() {
+        for (l, a) in a.iter_mut().enumerate() {
+            *a = _mm256_loadu_ps(out.add(h * hd + 8 * l));
         }
-        for (p, &wp) in w.iter().enumerate() {
-            let wv = _mm256_set1_ps(wp);
-            let row = v.as_ptr().add(p * stride + d0);
-            for (j, a) in acc.iter_mut().enumerate().take(lanes) {
-                *a = _mm256_fmadd_ps(wv, load8(row.add(8 * j)), *a);
+    }
+    for p in 0..n {
+        let row = v.add(p * stride);
+        let mut x = [_mm256_setzero_ps(); L];
+        for (l, x) in x.iter_mut().enumerate() {
+            *x = load8(row.add(8 * l));
+        }
+        for (h, a) in acc.iter_mut().enumerate() {
+            let wv = _mm256_set1_ps(*w.add(h * n + p));
+            for (a, x) in a.iter_mut().zip(&x) {
+                *a = _mm256_fmadd_ps(wv, *x, *a);
             }
         }
-        for (j, a) in acc.iter().enumerate().take(lanes) {
-            _mm256_storeu_ps(out.as_mut_ptr().add(d0 + 8 * j), *a);
-        }
-        d0 += 8 * lanes;
     }
-    for d in d0..hd {
-        for (p, &wp) in w.iter().enumerate() {
-            out[d] = wp.mul_add(v[p * stride + d].to_f32(), out[d]);
+    for (h, a) in acc.iter().enumerate() {
+        for (l, a) in a.iter().enumerate() {
+            _mm256_storeu_ps(out.add(h * hd + 8 * l), *a);
         }
     }
 }
 
-pub(crate) fn weighted_rows<T: KvElem>(out: &mut [f32], w: &[f32], v: &[T], stride: usize) {
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn weighted_rows_impl<T: KvElem>(
+    out: &mut [f32],
+    w: &[f32],
+    heads: usize,
+    v: &[T],
+    stride: usize,
+) {
+    let g = heads.max(1);
+    let (hd, n) = (out.len() / g, w.len() / g);
+    assert!(
+        g * hd == out.len() && g * n == w.len() && (n == 0 || (n - 1) * stride + hd <= v.len()),
+        "weighted_rows: rows out of range"
+    );
+    // Slices of 32 columns for blocks of up to three heads, then slices of eight for blocks of
+    // up to eight: each row load serves the block's heads, twelve (or eight) accumulators stay
+    // in registers, and every element still sums its terms in position order.
+    let (o, wp, vp) = (out.as_mut_ptr(), w.as_ptr(), v.as_ptr());
+    let mut d0 = 0;
+    while d0 + 32 <= hd {
+        for h0 in (0..g).step_by(3) {
+            let at = (
+                o.add(h0 * hd + d0),
+                hd,
+                wp.add(h0 * n),
+                n,
+                vp.add(d0),
+                stride,
+            );
+            match (g - h0).min(3) {
+                3 => weighted_block::<T, 4, 3>(at.0, at.1, at.2, at.3, at.4, at.5),
+                2 => weighted_block::<T, 4, 2>(at.0, at.1, at.2, at.3, at.4, at.5),
+                _ => weighted_block::<T, 4, 1>(at.0, at.1, at.2, at.3, at.4, at.5),
+            }
+        }
+        d0 += 32;
+    }
+    while d0 + 8 <= hd {
+        for h0 in (0..g).step_by(8) {
+            let at = (
+                o.add(h0 * hd + d0),
+                hd,
+                wp.add(h0 * n),
+                n,
+                vp.add(d0),
+                stride,
+            );
+            match (g - h0).min(8) {
+                8 => weighted_block::<T, 1, 8>(at.0, at.1, at.2, at.3, at.4, at.5),
+                7 => weighted_block::<T, 1, 7>(at.0, at.1, at.2, at.3, at.4, at.5),
+                6 => weighted_block::<T, 1, 6>(at.0, at.1, at.2, at.3, at.4, at.5),
+                5 => weighted_block::<T, 1, 5>(at.0, at.1, at.2, at.3, at.4, at.5),
+                4 => weighted_block::<T, 1, 4>(at.0, at.1, at.2, at.3, at.4, at.5),
+                3 => weighted_block::<T, 1, 3>(at.0, at.1, at.2, at.3, at.4, at.5),
+                2 => weighted_block::<T, 1, 2>(at.0, at.1, at.2, at.3, at.4, at.5),
+                _ => weighted_block::<T, 1, 1>(at.0, at.1, at.2, at.3, at.4, at.5),
+            }
+        }
+        d0 += 8;
+    }
+    for h in 0..g {
+        for d in d0..hd {
+            let o = &mut out[h * hd + d];
+            for p in 0..n {
+                *o = w[h * n + p].mul_add(v[p * stride + d].to_f32(), *o);
+            }
+        }
+    }
+}
+
+pub(crate) fn weighted_rows<T: KvElem>(
+    out: &mut [f32],
+    w: &[f32],
+    heads: usize,
+    v: &[T],
+    stride: usize,
+) {
     // SAFETY: selected by float::weighted_rows_for only when an AVX2 tier is available; the
-    // assert in weighted_rows_impl bounds every row read, and writes stay below out.len().
-    unsafe { weighted_rows_impl(out, w, v, stride) }
+    // assert in weighted_rows_impl bounds every row read (p < n, columns below hd) and every
+    // weight index (h·n + p with h < g, p < n), and writes stay below out.len() = g·hd.
+    unsafe { weighted_rows_impl(out, w, heads, v, stride) }
 }
 
 /// Eight rows of eight floats transposed: lane i of result d is element d of row i.
@@ -1399,61 +1480,119 @@ pub(super) unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
     ]
 }
 
-/// Queries per pass of [`dot_rows_impl`] (their accumulators stay in registers).
-const DOT_QUERIES: usize = 4;
+/// `TL` tiles × `QN` queries of [`dot_tiles_impl`]: accumulators for eight positions each,
+/// summed over the head's columns in order. `k` points at the first tile's first column of the
+/// KV head (tiles `8·row` apart), `q` at the first query (queries `hd` apart), `out` at the first
+/// query's first score (queries `n` apart). For f16 rows the query is f16 too, so each product
+/// is exact (the contract of [`crate::float::DotTilesFn`]) and a fused multiply-add rounds as
+/// the product-then-add of the definition does.
+/// How far ahead [`dot_tile_block`] asks for K: the cache of a long context comes from DRAM,
+/// and a KV head's part of a tile is a short run that the hardware prefetcher alone follows
+/// late.
+const PREFETCH_BLOCKS: usize = 2;
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_rows_impl<T: KvElem>(k: &[T], stride: usize, qs: &[f32], hd: usize, out: &mut [f32]) {
-    let g = qs.len() / hd.max(1);
-    if g == 0 {
-        return;
-    }
-    let n = out.len() / g;
-    assert!(
-        g * hd == qs.len() && g * n == out.len() && (n == 0 || (n - 1) * stride + hd <= k.len()),
-        "dot_rows: rows out of range"
-    );
-    let mut p = 0;
-    if hd.is_multiple_of(8) {
-        while p + 8 <= n {
-            // Up to four queries per pass over the eight rows: each transposed tile serves all.
-            for j0 in (0..g).step_by(DOT_QUERIES) {
-                let gj = (g - j0).min(DOT_QUERIES);
-                let mut acc = [_mm256_set1_ps(-0.0); DOT_QUERIES];
-                for d0 in (0..hd).step_by(8) {
-                    let rows = [0, 1, 2, 3, 4, 5, 6, 7]
-                        .map(|i| load8(k.as_ptr().add((p + i) * stride + d0)));
-                    let t = transpose8(rows);
-                    for (j, a) in acc.iter_mut().enumerate().take(gj) {
-                        let q = qs.as_ptr().add((j0 + j) * hd + d0);
-                        for (dd, col) in t.iter().enumerate() {
-                            *a = _mm256_add_ps(*a, _mm256_mul_ps(*col, _mm256_set1_ps(*q.add(dd))));
-                        }
-                    }
-                }
-                for (j, a) in acc.iter().enumerate().take(gj) {
-                    _mm256_storeu_ps(out.as_mut_ptr().add((j0 + j) * n + p), *a);
-                }
+#[inline]
+unsafe fn dot_tile_block<T: KvElem, const TL: usize, const QN: usize>(
+    k: *const T,
+    row: usize,
+    q: *const f32,
+    hd: usize,
+    out: *mut f32,
+    n: usize,
+) {
+    let mut acc = [[_mm256_set1_ps(-0.0); QN]; TL];
+    for d in 0..hd {
+        let mut qb = [_mm256_setzero_ps(); QN];
+        for (j, b) in qb.iter_mut().enumerate() {
+            *b = _mm256_set1_ps(*q.add(j * hd + d));
+        }
+        for (t, a) in acc.iter_mut().enumerate() {
+            if d % 4 == 0 {
+                // The same columns PREFETCH_BLOCKS blocks ahead (past the end a hint only).
+                let ahead = k.wrapping_add((t + PREFETCH_BLOCKS * TL) * 8 * row + d * 8);
+                _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
             }
-            p += 8;
+            let x = load8(k.add(t * 8 * row + d * 8));
+            for (a, b) in a.iter_mut().zip(&qb) {
+                *a = if T::F16 {
+                    _mm256_fmadd_ps(x, *b, *a)
+                } else {
+                    _mm256_add_ps(*a, _mm256_mul_ps(x, *b))
+                };
+            }
         }
     }
-    if p < n {
-        for j in 0..g {
-            crate::float::dot_rows_scalar(
-                &k[p * stride..],
-                stride,
-                &qs[j * hd..(j + 1) * hd],
-                hd,
-                &mut out[j * n + p..(j + 1) * n],
-            );
+    for (t, a) in acc.iter().enumerate() {
+        for (j, a) in a.iter().enumerate() {
+            _mm256_storeu_ps(out.add(j * n + 8 * t), *a);
         }
     }
 }
 
-pub(crate) fn dot_rows<T: KvElem>(k: &[T], stride: usize, qs: &[f32], hd: usize, out: &mut [f32]) {
-    // SAFETY: selected by float::dot_rows_for only when an AVX2 tier is available; the assert
-    // in dot_rows_impl bounds every row read, and every query and output index is below the
-    // slices' lengths (g·hd = qs.len(), g·n = out.len()).
-    unsafe { dot_rows_impl(k, stride, qs, hd, out) }
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_tiles_impl<T: KvElem>(
+    k: &[T],
+    row: usize,
+    col: usize,
+    qs: &[f32],
+    hd: usize,
+    out: &mut [f32],
+) {
+    let g = qs.len() / hd.max(1);
+    if g == 0 || hd == 0 {
+        return;
+    }
+    let n = out.len() / g;
+    let tiles = n / 8;
+    assert!(
+        g * hd == qs.len()
+            && g * n == out.len()
+            && n == 8 * tiles
+            && col + hd <= row
+            && (tiles == 0 || (tiles - 1) * 8 * row + (col + hd) * 8 <= k.len()),
+        "dot_tiles: tiles out of range"
+    );
+    // Queries in blocks of up to three, tiles in blocks that keep eight or nine accumulators
+    // (independent sums) in flight.
+    let (kp, o) = (k.as_ptr().add(col * 8), out.as_mut_ptr());
+    for j0 in (0..g).step_by(3) {
+        let qn = (g - j0).min(3);
+        let q = qs.as_ptr().add(j0 * hd);
+        let block = [8, 4, 3][qn - 1];
+        let mut t = 0;
+        while t + block <= tiles {
+            let at = (kp.add(t * 8 * row), row, q, hd, o.add(j0 * n + 8 * t), n);
+            match qn {
+                1 => dot_tile_block::<T, 8, 1>(at.0, at.1, at.2, at.3, at.4, at.5),
+                2 => dot_tile_block::<T, 4, 2>(at.0, at.1, at.2, at.3, at.4, at.5),
+                _ => dot_tile_block::<T, 3, 3>(at.0, at.1, at.2, at.3, at.4, at.5),
+            }
+            t += block;
+        }
+        while t < tiles {
+            let at = (kp.add(t * 8 * row), row, q, hd, o.add(j0 * n + 8 * t), n);
+            match qn {
+                1 => dot_tile_block::<T, 1, 1>(at.0, at.1, at.2, at.3, at.4, at.5),
+                2 => dot_tile_block::<T, 1, 2>(at.0, at.1, at.2, at.3, at.4, at.5),
+                _ => dot_tile_block::<T, 1, 3>(at.0, at.1, at.2, at.3, at.4, at.5),
+            }
+            t += 1;
+        }
+    }
+}
+
+pub(crate) fn dot_tiles<T: KvElem>(
+    k: &[T],
+    row: usize,
+    col: usize,
+    qs: &[f32],
+    hd: usize,
+    out: &mut [f32],
+) {
+    // SAFETY: selected by float::dot_tiles_for only when an AVX2 tier is available; the assert
+    // in dot_tiles_impl bounds every tile read (the last tile's last column of this KV head is
+    // at (tiles−1)·8·row + (col+hd)·8 − 1), every query read (j·hd + d < g·hd) and every write
+    // (j·n + p < g·n).
+    unsafe { dot_tiles_impl(k, row, col, qs, hd, out) }
 }

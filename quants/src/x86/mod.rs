@@ -6,7 +6,7 @@ mod vnni;
 
 use crate::{GgmlType, Isa, Kernels};
 
-pub(crate) use avx2::{dot_rows, exp_shifted, ssm_row, weighted_rows};
+pub(crate) use avx2::{dot_tiles, exp_shifted, ssm_row, weighted_rows};
 
 /// `k` (the scalar kernels of one type) with every kernel that `isa` or a lower x86 tier
 /// implements swapped in. The caller has checked `isa.is_available()`.

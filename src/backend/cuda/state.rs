@@ -111,6 +111,7 @@ impl DeviceState {
                     len: *len,
                     row: *row,
                     capacity: *capacity,
+                    k_tiled: false,
                 }
             }
         })
@@ -140,13 +141,17 @@ impl DeviceState {
                     len: hl,
                     row: hr,
                     capacity: hcap,
-                    ..
+                    k_tiled,
                 },
-            ) if k.len() == hk.len() && row == hr && capacity == hcap && *hl <= *hcap => {
+            ) if row == hr && capacity == hcap && *hl <= *hcap => {
                 let s = k.stream().clone();
                 let used = *hl * *hr;
-                cuda(s.memcpy_htod(&*hk.to_f32(used), &mut k.slice_mut(..used)))?;
-                cuda(s.memcpy_htod(&*hv.to_f32(used), &mut v.slice_mut(..used)))?;
+                let (hk, hv) = (
+                    hk.rows_f32(*hl, *hr, *k_tiled),
+                    hv.rows_f32(*hl, *hr, false),
+                );
+                cuda(s.memcpy_htod(&*hk, &mut k.slice_mut(..used)))?;
+                cuda(s.memcpy_htod(&*hv, &mut v.slice_mut(..used)))?;
                 *len = *hl;
             }
             _ => bail!("saved state does not match this model and context size"),
