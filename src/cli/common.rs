@@ -38,7 +38,9 @@ pub struct ModelArgs {
     /// The model, as `-m` (Ollama's `run MODEL`); for `run`, then the prompt's words.
     #[arg(value_name = "MODEL")]
     pub positional: Vec<String>,
-    /// Context size in tokens [default: the model's, at most 4096; 0 too].
+    /// Context size in tokens [default: the model's trained length, on the CPU as far as half
+    /// the free memory holds its KV caches (at least 4096); with a GPU placement at most 4096;
+    /// 0 too].
     #[arg(
         short = 'c',
         long = "ctx-size",

@@ -391,7 +391,8 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             let model = model.or(model_flag).expect("clap requires one");
             let m = Model::open(&model)?;
             let info = ModelInfo::from_model(&m)?;
-            let plan = load::plan_without_device(&m, &place.args(), load::planned_context(&m, 0))?;
+            let plan =
+                load::plan_without_device(&m, &place.args(), load::planned_context(&m, 0, None))?;
             if json {
                 let mut v = info.to_json();
                 if let Some(p) = &plan {

@@ -25,7 +25,7 @@ pub struct ModelOptions {
     pub model: PathBuf,
     /// The model as the user named it (a path, or an Ollama or Hugging Face name).
     pub name: String,
-    /// Context size in tokens (0: the model's, at most 4096).
+    /// Context size in tokens (0: [`default_context`]).
     pub ctx_size: usize,
     /// Threads (0: the physical cores).
     pub threads: usize,
@@ -68,15 +68,63 @@ const COMPUTE_RESERVE: u64 = 512 << 20;
 /// Free device memory left unplanned (the CUDA context, the kernels, allocator slack).
 pub const DEVICE_MARGIN: u64 = 256 << 20;
 
-/// The context a run of `g` gets when `asked` for (0: the model's trained length, at most 4096),
-/// known before loading: what the planner sizes the device state for.
-pub fn planned_context(g: &Model, asked: usize) -> usize {
+/// The context a run of `g` gets when it `asked` for that many tokens (0: [`default_context`]),
+/// known before loading: what the planner sizes the device state for. `cpu`: the number of
+/// sequences and the precision of states held in host memory, whose default follows the memory
+/// available; None for states on a GPU (their default stays at [`BASE_CONTEXT`]).
+pub fn planned_context(g: &Model, asked: usize, cpu: Option<(usize, bool)>) -> usize {
+    if asked > 0 {
+        return asked;
+    }
     let trained = g
         .architecture()
         .ok()
         .and_then(|a| g.metadata().get_usize(&format!("{a}.context_length")).ok())
-        .unwrap_or(4096);
-    context_size(asked, trained)
+        .unwrap_or(0);
+    let fits = cpu.and_then(|(sequences, exact)| cpu_context_fit(g, sequences, exact));
+    default_context(trained, fits)
+}
+
+/// The host-state side of [`planned_context`] for these options: None when they place
+/// anything on a GPU.
+fn cpu_states(opts: &ModelOptions) -> Option<(usize, bool)> {
+    (!opts.place.wants_gpu()).then_some((opts.place.sequences.max(1), opts.exact))
+}
+
+/// The smallest default context (or the trained length, when shorter): what every run got
+/// before the default followed the memory.
+pub const BASE_CONTEXT: usize = 4096;
+
+/// The share of the memory available at load, less the model file (which the OS caches), that
+/// a default context's KV caches may take.
+const DEFAULT_KV_SHARE: f64 = 0.5;
+
+/// The default context: the model's `trained` length (unknown: [`BASE_CONTEXT`]), capped at
+/// the `fits` tokens the memory holds (when known), and never below `BASE_CONTEXT` (or the
+/// trained length when shorter), where a smaller cache would only lose what runs did before.
+pub fn default_context(trained: usize, fits: Option<usize>) -> usize {
+    let trained = if trained == 0 { BASE_CONTEXT } else { trained };
+    let floor = trained.min(BASE_CONTEXT);
+    fits.map_or(floor, |f| trained.min(f.max(floor)))
+}
+
+/// Tokens whose CPU KV caches (f16 rows in normal precision, f32 in exact; `sequences` of them)
+/// fit the memory available now beside the model file; None when either size is unknown.
+fn cpu_context_fit(g: &Model, sequences: usize, exact: bool) -> Option<usize> {
+    let available = crate::backend::cpu::available_memory()?;
+    let file: u64 = g.parts.iter().map(|p| p.bytes().len() as u64).sum();
+    // The device layout's figure (f32 rows) per token; the CPU's normal cache is f16.
+    let at = |n| crate::backend::placement::state_bytes(g, n).ok();
+    let per_token = at(2)?.checked_sub(at(1)?)? / if exact { 1 } else { 2 };
+    Some(tokens_that_fit(available, file, per_token, sequences))
+}
+
+/// Tokens of `per_token` bytes for each of `sequences` that fit [`DEFAULT_KV_SHARE`] of the
+/// memory `available` less the model `file`, in whole 256-token steps.
+fn tokens_that_fit(available: u64, file: u64, per_token: u64, sequences: usize) -> usize {
+    let budget = available.saturating_sub(file) as f64 * DEFAULT_KV_SHARE;
+    let tokens = budget / (per_token.max(1) * sequences.max(1) as u64) as f64;
+    (tokens as usize) / 256 * 256
 }
 
 /// The plan `place` makes for `g` against its budget alone (no device is opened: this is
@@ -141,17 +189,6 @@ pub fn device_weights(
     Ok(Some(DeviceWeights::new(gpu, plan, names)))
 }
 
-/// The context size: asked, else the model's trained length capped at 4096.
-pub fn context_size(asked: usize, n_ctx_train: usize) -> usize {
-    if asked > 0 {
-        asked
-    } else if n_ctx_train > 0 {
-        n_ctx_train.min(4096)
-    } else {
-        4096
-    }
-}
-
 /// Reads every page of the mapped model once so the first tokens do not stall on page faults,
 /// with a progress bar on stderr when that takes more than a moment. Skipped when the model
 /// does not fit in available memory (sparse MoE models then fault in only what they use).
@@ -202,7 +239,7 @@ pub fn prefault(g: &Model, quiet: bool) -> Result<()> {
 pub fn open(opts: &mut ModelOptions) -> Result<(Model, Option<DeviceWeights>)> {
     apply_profile(opts)?;
     let g = Model::open(&opts.model)?;
-    let n_ctx = planned_context(&g, opts.ctx_size);
+    let n_ctx = planned_context(&g, opts.ctx_size, cpu_states(opts));
     let dev = device_weights(&g, &opts.place, opts.quiet, n_ctx)?;
     Ok((g, dev))
 }
@@ -245,7 +282,15 @@ pub fn load<'g>(
             args.ctx_size
         );
     }
-    let n_ctx = context_size(args.ctx_size, trained);
+    let n_ctx = planned_context(g, args.ctx_size, cpu_states(args));
+    if args.ctx_size == 0 && n_ctx > BASE_CONTEXT && !args.quiet {
+        let why = if n_ctx == trained {
+            "the model's trained length"
+        } else {
+            "what fits half the memory available"
+        };
+        eprintln!("context: {n_ctx} tokens ({why}; -c sets it)");
+    }
     Ok(Loaded {
         model,
         tok,
@@ -315,5 +360,38 @@ pub fn precision(exact_flag: bool) -> Precision {
         Precision::Exact
     } else {
         Precision::Normal
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{default_context, tokens_that_fit, BASE_CONTEXT};
+
+    /// Half of what the model file leaves, split among the sequences, in 256-token steps.
+    #[test]
+    fn the_memory_share_divides_among_the_sequences() {
+        let gib = 1u64 << 30;
+        // Nemotron 3 Nano's f16 cache: 6 attention layers × K and V × 2 KV heads × 128 × 2 bytes.
+        let per_token = 6 * 2 * 2 * 128 * 2;
+        assert_eq!(tokens_that_fit(16 * gib, 4 * gib, per_token, 1), 1 << 20);
+        assert_eq!(tokens_that_fit(16 * gib, 4 * gib, per_token, 4), 1 << 18);
+        assert_eq!(tokens_that_fit(16 * gib, 4 * gib, 1000, 3) % 256, 0);
+        assert!(tokens_that_fit(16 * gib, 4 * gib, 1000, 3) as u64 * 1000 * 3 <= 6 * gib);
+        assert_eq!(tokens_that_fit(4 * gib, 8 * gib, per_token, 1), 0);
+    }
+
+    /// The trained length, capped by what fits, never below the old default (or the trained
+    /// length when shorter); unknown memory or a GPU state keeps the old default.
+    #[test]
+    fn the_default_context_follows_the_memory_within_its_bounds() {
+        assert_eq!(default_context(0, None), BASE_CONTEXT);
+        assert_eq!(default_context(0, Some(1 << 20)), BASE_CONTEXT);
+        assert_eq!(default_context(2048, None), 2048);
+        assert_eq!(default_context(2048, Some(1 << 20)), 2048);
+        assert_eq!(default_context(2048, Some(512)), 2048);
+        assert_eq!(default_context(8192, None), BASE_CONTEXT);
+        assert_eq!(default_context(8192, Some(100_000)), 8192);
+        assert_eq!(default_context(1 << 20, Some(20_224)), 20_224);
+        assert_eq!(default_context(1 << 20, Some(1000)), BASE_CONTEXT);
     }
 }
