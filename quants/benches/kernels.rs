@@ -9,13 +9,14 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use ggrun_quants::{kernels_for, packed, reference_quantize_fn, GgmlType, Isa, Kernels};
 use std::hint::black_box;
 
-const TYPES: [GgmlType; 15] = [
+const TYPES: [GgmlType; 16] = [
     GgmlType::Q4_0,
     GgmlType::Q5_0,
     GgmlType::Q8_0,
     GgmlType::Q4_1,
     GgmlType::Q5_1,
     GgmlType::IQ4_NL,
+    GgmlType::IQ4_XS,
     GgmlType::MXFP4,
     GgmlType::Q2_K,
     GgmlType::Q3_K,

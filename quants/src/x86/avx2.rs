@@ -19,7 +19,7 @@ use crate::iq_grid::{
 use crate::iquants::BlockIq4Xs;
 use crate::kquants::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K};
 use crate::legacy::{
-    h, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, BlockQ8_1, IQ4NL_VALUES,
+    BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, BlockQ8_1, IQ4NL_VALUES,
 };
 use crate::mxfp4::{e8m0_half, BlockMxfp4, FP4_VALUES};
 use bytemuck::{cast_slice, cast_slice_mut};
@@ -466,7 +466,7 @@ unsafe fn dot_q2k_impl(w: &[BlockQ2K], a: &[BlockQ8K]) -> f32 {
         }
         let bs = _mm256_loadu_si256(y.bsums.as_ptr().cast());
         let (sum, msum) = hsum2_epi32(s, _mm256_madd_epi16(bs, mins));
-        acc += y.d() * (h(b.d) * sum as f32 - h(b.dmin) * msum as f32);
+        acc += y.d() * (h_f16c(b.d) * sum as f32 - h_f16c(b.dmin) * msum as f32);
     }
     acc
 }
@@ -485,72 +485,107 @@ unsafe fn dot_q3k_impl(w: &[BlockQ3K], a: &[BlockQ8K]) -> f32 {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q5k_impl(w: &[BlockQ5K], a: &[BlockQ8K]) -> f32 {
     let m4 = _mm256_set1_epi8(15);
-    w.iter()
-        .zip(a)
-        .map(|(b, y)| {
-            let qh = _mm256_loadu_si256(b.qh.as_ptr().cast());
-            let mut q = [_mm256_setzero_si256(); 8];
-            for c in 0..4 {
-                let v = _mm256_loadu_si256(b.qs.as_ptr().add(32 * c).cast());
-                q[2 * c] = _mm256_or_si256(_mm256_and_si256(v, m4), bit_to(qh, 2 * c, 16));
-                q[2 * c + 1] = _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4),
-                    bit_to(qh, 2 * c + 1, 16),
-                );
-            }
-            let (sc, mins) = k4_scales_simd(&b.scales);
-            q4k_term(
-                &Q4kUnpacked {
-                    q,
-                    sc,
-                    mins,
-                    d: h(b.d),
-                    dmin: h(b.dmin),
-                },
-                y,
-            )
-        })
-        .sum()
+    // A plain loop: a closure here is compiled as a function of its own, the block's registers
+    // passed through memory. `Sum` for f32 folds from −0.0, as this does.
+    let mut acc = -0.0f32;
+    for (b, y) in w.iter().zip(a) {
+        let qh = _mm256_loadu_si256(b.qh.as_ptr().cast());
+        let mut q = [_mm256_setzero_si256(); 8];
+        for c in 0..4 {
+            let v = _mm256_loadu_si256(b.qs.as_ptr().add(32 * c).cast());
+            q[2 * c] = _mm256_or_si256(_mm256_and_si256(v, m4), bit_to(qh, 2 * c, 16));
+            q[2 * c + 1] = _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4),
+                bit_to(qh, 2 * c + 1, 16),
+            );
+        }
+        let (sc, mins) = k4_scales_simd(&b.scales);
+        let u = Q4kUnpacked {
+            q,
+            sc,
+            mins,
+            d: h_f16c(b.d),
+            dmin: h_f16c(b.dmin),
+        };
+        acc += q4k_term(&u, y);
+    }
+    acc
+}
+
+/// One Q6_K super-block against its activations, before the horizontal sums: the lanes of
+/// Σ scale · (q + 32) · a, and of Σ scale · bsum (the offset's share).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn q6k_lanes(b: &BlockQ6K, y: &BlockQ8K) -> (__m256i, __m256i) {
+    let m4 = _mm256_set1_epi8(15);
+    let m3 = _mm256_set1_epi8(3);
+    let mut q = [_mm256_setzero_si256(); 8];
+    for half in 0..2 {
+        let l0 = _mm256_loadu_si256(b.ql.as_ptr().add(64 * half).cast());
+        let l1 = _mm256_loadu_si256(b.ql.as_ptr().add(64 * half + 32).cast());
+        let hh = _mm256_loadu_si256(b.qh.as_ptr().add(32 * half).cast());
+        // The two high bits of each value, moved to bits 4..5.
+        let h0 = _mm256_slli_epi16::<4>(_mm256_and_si256(hh, m3));
+        let h1 = _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<2>(hh), m3));
+        let h2 = _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<4>(hh), m3));
+        let h3 = _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<6>(hh), m3));
+        q[4 * half] = _mm256_or_si256(_mm256_and_si256(l0, m4), h0);
+        q[4 * half + 1] = _mm256_or_si256(_mm256_and_si256(l1, m4), h1);
+        q[4 * half + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(l0), m4), h2);
+        q[4 * half + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(l1), m4), h3);
+    }
+    let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(b.scales.as_ptr().cast()));
+    let sc = scale_pairs(sc16);
+    let mut s = _mm256_setzero_si256();
+    for (c, (qc, scc)) in q.iter().zip(&sc).enumerate() {
+        let ay = _mm256_loadu_si256(y.qs.as_ptr().add(32 * c).cast());
+        s = pairs_madd(s, _mm256_maddubs_epi16(*qc, ay), *scc);
+    }
+    let bs = _mm256_loadu_si256(y.bsums.as_ptr().cast());
+    (s, _mm256_madd_epi16(bs, sc16))
+}
+
+/// A Q6_K super-block's term `a.d · d · (Σ sc·(q+32)·a − 32 · Σ sc·bsum)` from its integer sums
+/// (values were stored as q + 32, 0..63).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn q6k_term(b: &BlockQ6K, y: &BlockQ8K, sum: i32, off: i32) -> f32 {
+    y.d() * h_f16c(b.d) * (sum - 32 * off) as f32
+}
+
+/// f16 bytes → f32 by F16C: exact, as the scalar `h` is, which goes through the `half` crate's
+/// portable conversion (measured: a third of the Q6_K dot's time per super-block).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn h_f16c(b: [u8; 2]) -> f32 {
+    _mm_cvtss_f32(_mm_cvtph_ps(
+        _mm_cvtsi32_si128(u16::from_le_bytes(b) as i32),
+    ))
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q6k_impl(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
-    let m4 = _mm256_set1_epi8(15);
-    let m3 = _mm256_set1_epi8(3);
-    w.iter()
-        .zip(a)
-        .map(|(b, y)| {
-            let mut q = [_mm256_setzero_si256(); 8];
-            for half in 0..2 {
-                let l0 = _mm256_loadu_si256(b.ql.as_ptr().add(64 * half).cast());
-                let l1 = _mm256_loadu_si256(b.ql.as_ptr().add(64 * half + 32).cast());
-                let hh = _mm256_loadu_si256(b.qh.as_ptr().add(32 * half).cast());
-                let hb = |v: __m256i| _mm256_slli_epi16::<4>(_mm256_and_si256(v, m3));
-                q[4 * half] = _mm256_or_si256(_mm256_and_si256(l0, m4), hb(hh));
-                q[4 * half + 1] =
-                    _mm256_or_si256(_mm256_and_si256(l1, m4), hb(_mm256_srli_epi16::<2>(hh)));
-                q[4 * half + 2] = _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(l0), m4),
-                    hb(_mm256_srli_epi16::<4>(hh)),
-                );
-                q[4 * half + 3] = _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(l1), m4),
-                    hb(_mm256_srli_epi16::<6>(hh)),
-                );
-            }
-            let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(b.scales.as_ptr().cast()));
-            let sc = scale_pairs(sc16);
-            let mut s = _mm256_setzero_si256();
-            for (c, (qc, scc)) in q.iter().zip(&sc).enumerate() {
-                let ay = _mm256_loadu_si256(y.qs.as_ptr().add(32 * c).cast());
-                s = pairs_madd(s, _mm256_maddubs_epi16(*qc, ay), *scc);
-            }
-            // Values were stored as q + 32 (0..63): remove 32 · Σ scale · bsum.
-            let bs = _mm256_loadu_si256(y.bsums.as_ptr().cast());
-            let (sum, off) = hsum2_epi32(s, _mm256_madd_epi16(bs, sc16));
-            y.d() * h(b.d) * (sum - 32 * off) as f32
-        })
-        .sum()
+    // Plain loops (a closure here is compiled as a function of its own, the block's registers
+    // passed through memory), super-blocks in pairs whose four integer sums share one
+    // horizontal sum. The terms and their float sum are the scalar reference's, in its order
+    // (`Sum` for f32 folds from −0.0).
+    let n = w.len().min(a.len());
+    let mut acc = -0.0f32;
+    let mut i = 0;
+    while i + 2 <= n {
+        let (s0, o0) = q6k_lanes(&w[i], &a[i]);
+        let (s1, o1) = q6k_lanes(&w[i + 1], &a[i + 1]);
+        let [s0, o0, s1, o1] = hsum4_epi32(s0, o0, s1, o1);
+        acc += q6k_term(&w[i], &a[i], s0, o0);
+        acc += q6k_term(&w[i + 1], &a[i + 1], s1, o1);
+        i += 2;
+    }
+    if i < n {
+        let (s, o) = q6k_lanes(&w[i], &a[i]);
+        let (s, o) = hsum2_epi32(s, o);
+        acc += q6k_term(&w[i], &a[i], s, o);
+    }
+    acc
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -730,7 +765,7 @@ unsafe fn dot_iq4_xs_impl(w: &[BlockIq4Xs], a: &[BlockQ8K]) -> f32 {
     let mut sum = 0.0f32;
     for (w, a) in w.iter().zip(a) {
         let (units, ls) = iq4_xs_unpack(table, w);
-        sum += h(w.d) * a.d() * iq4_xs_block(&units, &ls, a) as f32;
+        sum += h_f16c(w.d) * a.d() * iq4_xs_block(&units, &ls, a) as f32;
     }
     sum
 }
@@ -743,7 +778,7 @@ unsafe fn dot4_iq4_xs_impl(w: &[BlockIq4Xs], a: [&[BlockQ8K]; 4], out: &mut [f32
     let mut sum = [0.0f32; 4];
     for (i, w) in w.iter().enumerate() {
         let (units, ls) = iq4_xs_unpack(table, w);
-        let d = h(w.d);
+        let d = h_f16c(w.d);
         for (s, ar) in sum.iter_mut().zip(&a) {
             let y = &ar[i];
             *s += d * y.d() * iq4_xs_block(&units, &ls, y) as f32;
@@ -901,6 +936,22 @@ unsafe fn pairs_madd(acc: __m256i, p: __m256i, sc: __m256i) -> __m256i {
     _mm256_add_epi32(acc, _mm256_madd_epi16(p, sc))
 }
 
+/// [Σ lanes of `a`, of `b`, of `c`, of `d`]: four sums for the work of two.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn hsum4_epi32(a: __m256i, b: __m256i, c: __m256i, d: __m256i) -> [i32; 4] {
+    let ab = _mm256_hadd_epi32(a, b); // a01 a23 b01 b23 | a45 a67 b45 b67
+    let cd = _mm256_hadd_epi32(c, d);
+    let abcd = _mm256_hadd_epi32(ab, cd); // a0123 b0123 c0123 d0123 | a4567 b4567 ...
+    let s = _mm_add_epi32(
+        _mm256_castsi256_si128(abcd),
+        _mm256_extracti128_si256::<1>(abcd),
+    );
+    let mut out = [0i32; 4];
+    _mm_storeu_si128(out.as_mut_ptr().cast(), s);
+    out
+}
+
 /// (Σ lanes of `a`, Σ lanes of `b`).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
@@ -947,8 +998,8 @@ macro_rules! q4k_unpack {
             q: nibble_chunks(&b.qs),
             sc,
             mins,
-            d: h(b.d),
-            dmin: h(b.dmin),
+            d: h_f16c(b.d),
+            dmin: h_f16c(b.dmin),
         }
     }};
 }
@@ -1061,7 +1112,7 @@ unsafe fn q3k_unpack(b: &BlockQ3K) -> Q3kUnpacked {
         q: q3k_values(b),
         sc: scale_pairs(sc16),
         sc16,
-        d: h(b.d),
+        d: h_f16c(b.d),
     }
 }
 
