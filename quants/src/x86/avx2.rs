@@ -466,7 +466,7 @@ unsafe fn dot_q2k_impl(w: &[BlockQ2K], a: &[BlockQ8K]) -> f32 {
         }
         let bs = _mm256_loadu_si256(y.bsums.as_ptr().cast());
         let (sum, msum) = hsum2_epi32(s, _mm256_madd_epi16(bs, mins));
-        acc += y.d() * (h_f16c(b.d) * sum as f32 - h_f16c(b.dmin) * msum as f32);
+        acc += y.d() * (fp16(b.d) * sum as f32 - fp16(b.dmin) * msum as f32);
     }
     acc
 }
@@ -504,8 +504,8 @@ unsafe fn dot_q5k_impl(w: &[BlockQ5K], a: &[BlockQ8K]) -> f32 {
             q,
             sc,
             mins,
-            d: h_f16c(b.d),
-            dmin: h_f16c(b.dmin),
+            d: fp16(b.d),
+            dmin: fp16(b.dmin),
         };
         acc += q4k_term(&u, y);
     }
@@ -550,17 +550,7 @@ unsafe fn q6k_lanes(b: &BlockQ6K, y: &BlockQ8K) -> (__m256i, __m256i) {
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn q6k_term(b: &BlockQ6K, y: &BlockQ8K, sum: i32, off: i32) -> f32 {
-    y.d() * h_f16c(b.d) * (sum - 32 * off) as f32
-}
-
-/// f16 bytes → f32 by F16C: exact, as the scalar `h` is, which goes through the `half` crate's
-/// portable conversion (measured: a third of the Q6_K dot's time per super-block).
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn h_f16c(b: [u8; 2]) -> f32 {
-    _mm_cvtss_f32(_mm_cvtph_ps(
-        _mm_cvtsi32_si128(u16::from_le_bytes(b) as i32),
-    ))
+    y.d() * fp16(b.d) * (sum - 32 * off) as f32
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -765,7 +755,7 @@ unsafe fn dot_iq4_xs_impl(w: &[BlockIq4Xs], a: &[BlockQ8K]) -> f32 {
     let mut sum = 0.0f32;
     for (w, a) in w.iter().zip(a) {
         let (units, ls) = iq4_xs_unpack(table, w);
-        sum += h_f16c(w.d) * a.d() * iq4_xs_block(&units, &ls, a) as f32;
+        sum += fp16(w.d) * a.d() * iq4_xs_block(&units, &ls, a) as f32;
     }
     sum
 }
@@ -778,7 +768,7 @@ unsafe fn dot4_iq4_xs_impl(w: &[BlockIq4Xs], a: [&[BlockQ8K]; 4], out: &mut [f32
     let mut sum = [0.0f32; 4];
     for (i, w) in w.iter().enumerate() {
         let (units, ls) = iq4_xs_unpack(table, w);
-        let d = h_f16c(w.d);
+        let d = fp16(w.d);
         for (s, ar) in sum.iter_mut().zip(&a) {
             let y = &ar[i];
             *s += d * y.d() * iq4_xs_block(&units, &ls, y) as f32;
@@ -998,8 +988,8 @@ macro_rules! q4k_unpack {
             q: nibble_chunks(&b.qs),
             sc,
             mins,
-            d: h_f16c(b.d),
-            dmin: h_f16c(b.dmin),
+            d: fp16(b.d),
+            dmin: fp16(b.dmin),
         }
     }};
 }
@@ -1112,7 +1102,7 @@ unsafe fn q3k_unpack(b: &BlockQ3K) -> Q3kUnpacked {
         q: q3k_values(b),
         sc: scale_pairs(sc16),
         sc16,
-        d: h_f16c(b.d),
+        d: fp16(b.d),
     }
 }
 
