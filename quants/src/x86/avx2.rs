@@ -512,11 +512,17 @@ unsafe fn dot_q5k_impl(w: &[BlockQ5K], a: &[BlockQ8K]) -> f32 {
     acc
 }
 
-/// One Q6_K super-block against its activations, before the horizontal sums: the lanes of
-/// Σ scale · (q + 32) · a, and of Σ scale · bsum (the offset's share).
+/// One Q6_K super-block unpacked for `vpmaddubsw`: the 256 values (q + 32, 0..63) as eight
+/// registers of 32, each chunk's pair of scales as 16-bit lanes, and the sixteen scales.
+struct Q6kUnpacked {
+    q: [__m256i; 8],
+    sc: [__m256i; 8],
+    sc16: __m256i,
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn q6k_lanes(b: &BlockQ6K, y: &BlockQ8K) -> (__m256i, __m256i) {
+unsafe fn q6k_unpack(b: &BlockQ6K) -> Q6kUnpacked {
     let m4 = _mm256_set1_epi8(15);
     let m3 = _mm256_set1_epi8(3);
     let mut q = [_mm256_setzero_si256(); 8];
@@ -535,14 +541,25 @@ unsafe fn q6k_lanes(b: &BlockQ6K, y: &BlockQ8K) -> (__m256i, __m256i) {
         q[4 * half + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(l1), m4), h3);
     }
     let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(b.scales.as_ptr().cast()));
-    let sc = scale_pairs(sc16);
+    Q6kUnpacked {
+        q,
+        sc: scale_pairs(sc16),
+        sc16,
+    }
+}
+
+/// An unpacked Q6_K super-block against its activations, before the horizontal sums: the
+/// lanes of Σ scale · (q + 32) · a, and of Σ scale · bsum (the offset's share).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn q6k_lanes(u: &Q6kUnpacked, y: &BlockQ8K) -> (__m256i, __m256i) {
     let mut s = _mm256_setzero_si256();
-    for (c, (qc, scc)) in q.iter().zip(&sc).enumerate() {
+    for (c, (qc, scc)) in u.q.iter().zip(&u.sc).enumerate() {
         let ay = _mm256_loadu_si256(y.qs.as_ptr().add(32 * c).cast());
         s = pairs_madd(s, _mm256_maddubs_epi16(*qc, ay), *scc);
     }
     let bs = _mm256_loadu_si256(y.bsums.as_ptr().cast());
-    (s, _mm256_madd_epi16(bs, sc16))
+    (s, _mm256_madd_epi16(bs, u.sc16))
 }
 
 /// A Q6_K super-block's term `a.d · d · (Σ sc·(q+32)·a − 32 · Σ sc·bsum)` from its integer sums
@@ -563,19 +580,39 @@ unsafe fn dot_q6k_impl(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
     let mut acc = -0.0f32;
     let mut i = 0;
     while i + 2 <= n {
-        let (s0, o0) = q6k_lanes(&w[i], &a[i]);
-        let (s1, o1) = q6k_lanes(&w[i + 1], &a[i + 1]);
+        let (s0, o0) = q6k_lanes(&q6k_unpack(&w[i]), &a[i]);
+        let (s1, o1) = q6k_lanes(&q6k_unpack(&w[i + 1]), &a[i + 1]);
         let [s0, o0, s1, o1] = hsum4_epi32(s0, o0, s1, o1);
         acc += q6k_term(&w[i], &a[i], s0, o0);
         acc += q6k_term(&w[i + 1], &a[i + 1], s1, o1);
         i += 2;
     }
     if i < n {
-        let (s, o) = q6k_lanes(&w[i], &a[i]);
+        let (s, o) = q6k_lanes(&q6k_unpack(&w[i]), &a[i]);
         let (s, o) = hsum2_epi32(s, o);
         acc += q6k_term(&w[i], &a[i], s, o);
     }
     acc
+}
+
+/// Four activation rows at once (prefill), each super-block unpacked once; each result equals
+/// the single-row dot's bit for bit (the same integer sums and terms, each row's terms added in
+/// the same order).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot4_q6k_impl(w: &[BlockQ6K], a: [&[BlockQ8K]; 4], out: &mut [f32; 4]) {
+    let mut acc = [-0.0f32; 4];
+    for (i, b) in w.iter().enumerate() {
+        let u = q6k_unpack(b);
+        for r in [0, 2] {
+            let (y0, y1) = (&a[r][i], &a[r + 1][i]);
+            let (s0, o0) = q6k_lanes(&u, y0);
+            let (s1, o1) = q6k_lanes(&u, y1);
+            let [s0, o0, s1, o1] = hsum4_epi32(s0, o0, s1, o1);
+            acc[r] += q6k_term(b, y0, s0, o0);
+            acc[r + 1] += q6k_term(b, y1, s1, o1);
+        }
+    }
+    *out = acc;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -696,6 +733,7 @@ entry!(dot dot_q2_k, dot_q2k_impl);
 entry!(dot dot_q3_k, dot_q3k_impl);
 entry!(dot dot_q5_k, dot_q5k_impl);
 entry!(dot dot_q6_k, dot_q6k_impl);
+entry!(dot4 dot4_q6_k, dot4_q6k_impl);
 entry!(dot dot_iq4_xs, dot_iq4_xs_impl);
 entry!(dot4 dot4_iq4_xs, dot4_iq4_xs_impl);
 entry!(dot dot_f32, dot_f32_impl);

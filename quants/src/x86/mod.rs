@@ -49,7 +49,7 @@ pub(crate) fn specialize(mut k: Kernels, isa: Isa) -> Kernels {
         Q3_K => (k.dot, k.tile) = (avx2::dot_q3_k, t4(avx2::tile_q3_k)),
         Q4_K => (k.dot, k.tile) = (avx2::dot_q4_k, t4(avx2::tile_q4_k)),
         Q5_K => k.dot = avx2::dot_q5_k,
-        Q6_K => k.dot = avx2::dot_q6_k,
+        Q6_K => (k.dot, k.dot4) = (avx2::dot_q6_k, d4(avx2::dot4_q6_k)),
         IQ4_XS => (k.dot, k.dot4) = (avx2::dot_iq4_xs, d4(avx2::dot4_iq4_xs)),
         IQ2_XXS => (k.dot, k.dot4) = (avx2::dot_iq2_xxs, d4(avx2::dot4_iq2_xxs)),
         IQ2_XS => (k.dot, k.dot4) = (avx2::dot_iq2_xs, d4(avx2::dot4_iq2_xs)),
