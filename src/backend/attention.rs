@@ -420,6 +420,34 @@ mod tests {
         out
     }
 
+    /// [`attend`] on a fresh cache (f16 or f32) that already holds the first `past` rows of `k`
+    /// and `v`, for the `t` rows after them.
+    #[allow(clippy::too_many_arguments)]
+    fn through_attend(
+        s: &AttnShape,
+        f16: bool,
+        k: &[f32],
+        v: &[f32],
+        past: usize,
+        sinks: Option<&[f32]>,
+        q: &[f32],
+        t: usize,
+    ) -> Vec<f32> {
+        let row = s.n_head_kv * s.head_dim;
+        let mut cache = new_cache(s, past + t, f16).unwrap();
+        let LayerState::Attention {
+            k: kc, v: vc, len, ..
+        } = &mut cache
+        else {
+            unreachable!()
+        };
+        kc.write_rows(0, row, true, &k[..past * row]);
+        vc.write_rows(0, row, false, &v[..past * row]);
+        *len = past;
+        let (k, v) = (&k[past * row..], &v[past * row..]);
+        attend(&mut cache, s, sinks, q, k, v, t).unwrap()
+    }
+
     /// Decode at short and long caches (one task per KV head, and the three-way split), and a
     /// prefill chunk, with and without a window and sinks, over f32 and f16 rows: every path
     /// equals the one-head-at-a-time scalar reference bit for bit.
@@ -456,31 +484,12 @@ mod tests {
                     let q: Vec<f32> = (0..t * nh * hd).map(|_| 2.0 * rand()).collect();
                     let sinks: Vec<f32> = (0..nh).map(|_| rand()).collect();
                     let sinks = sink.then_some(&sinks[..]);
-                    // The cache as attend keeps it: K in tile layout, whole tiles.
-                    let mut cache = new_cache(&s, past + t, false).unwrap();
-                    let LayerState::Attention { k, v, .. } = &mut cache else {
-                        unreachable!()
-                    };
-                    k.write_rows(0, row, true, &k32);
-                    v.write_rows(0, row, false, &v32);
-                    let (KvRows::F32(kt), KvRows::F32(vt)) = (&*k, &*v) else {
-                        unreachable!()
-                    };
-                    let got = attend_rows(kt, vt, row, past, &s, sinks, &q, t);
+                    let got = through_attend(&s, false, &k32, &v32, past, sinks, &q, t);
                     let want = reference(&k32, &v32, row, past, &s, sinks, &q, t);
                     assert!(got == want, "f32 {nh}/{nkv}×{hd} past {past} t {t}");
                     let k16: Vec<u16> = k32.iter().map(|&x| f32_to_f16(x)).collect();
                     let v16: Vec<u16> = v32.iter().map(|&x| f32_to_f16(x)).collect();
-                    let mut cache = new_cache(&s, past + t, true).unwrap();
-                    let LayerState::Attention { k, v, .. } = &mut cache else {
-                        unreachable!()
-                    };
-                    k.write_rows(0, row, true, &k32);
-                    v.write_rows(0, row, false, &v32);
-                    let (KvRows::F16(kt), KvRows::F16(vt)) = (&*k, &*v) else {
-                        unreachable!()
-                    };
-                    let got = attend_rows(kt, vt, row, past, &s, sinks, &q, t);
+                    let got = through_attend(&s, true, &k32, &v32, past, sinks, &q, t);
                     let want = reference(&k16, &v16, row, past, &s, sinks, &q, t);
                     assert!(got == want, "f16 {nh}/{nkv}×{hd} past {past} t {t}");
                 }

@@ -3,7 +3,7 @@
 //! saved to bytes and restored exactly.
 
 use anyhow::{anyhow, bail, Result};
-use ggrun_quants::float::{f16_to_f32, k_tile_index};
+use ggrun_quants::float::{f16_to_f32, f32_to_f16, k_tile_index, K_TILE};
 
 /// A KV cache's rows: f32 (exact mode), or f16 bits (normal precision: llama.cpp's F16 cache,
 /// half the bytes, holding exactly the values that f32 rows rounded to f16 would).
@@ -50,14 +50,18 @@ impl KvRows {
             }
             return;
         }
-        let index = |i: usize| k_tile_index(pos + i / row, i % row, row);
-        match self {
-            KvRows::F32(v) => src.iter().enumerate().for_each(|(i, &x)| v[index(i)] = x),
-            KvRows::F16(v) => {
-                let h: &mut [half::f16] = v.reinterpret_cast_mut();
-                src.iter()
+        // Position p's column c is K_TILE elements after its column c − 1.
+        for (p, r) in (pos..).zip(src.chunks_exact(row)) {
+            let base = k_tile_index(p, 0, row);
+            match self {
+                KvRows::F32(v) => r
+                    .iter()
                     .enumerate()
-                    .for_each(|(i, &x)| h[index(i)] = half::f16::from_f32(x));
+                    .for_each(|(c, &x)| v[base + c * K_TILE] = x),
+                KvRows::F16(v) => r
+                    .iter()
+                    .enumerate()
+                    .for_each(|(c, &x)| v[base + c * K_TILE] = f32_to_f16(x)),
             }
         }
     }
@@ -77,11 +81,16 @@ impl KvRows {
                 }
             };
         }
-        let index = |i: usize| k_tile_index(i / row, i % row, row);
-        Cow::Owned(match self {
-            KvRows::F32(v) => (0..len).map(|i| v[index(i)]).collect(),
-            KvRows::F16(v) => (0..len).map(|i| f16_to_f32(v[index(i)])).collect(),
-        })
+        let mut out = Vec::with_capacity(len);
+        for p in 0..n {
+            let base = k_tile_index(p, 0, row);
+            let cols = (0..row).map(|c| base + c * K_TILE);
+            match self {
+                KvRows::F32(v) => out.extend(cols.map(|i| v[i])),
+                KvRows::F16(v) => out.extend(cols.map(|i| f16_to_f32(v[i]))),
+            }
+        }
+        Cow::Owned(out)
     }
 }
 
@@ -300,5 +309,31 @@ impl State {
             );
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KvRows;
+
+    /// Rows written in tile layout (from a position inside a tile, ending inside another) read
+    /// back as the same rows, position after position, in f32 and f16; so do rows written in
+    /// row layout.
+    #[test]
+    fn rows_read_back_from_either_layout() {
+        let (row, n) = (12, 21);
+        let src: Vec<f32> = (0..n * row).map(|i| i as f32 * 0.25 - 7.0).collect();
+        for tiled in [true, false] {
+            for f16 in [false, true] {
+                let mut k = KvRows::zeroed(32 * row, f16).unwrap();
+                k.write_rows(0, row, tiled, &src[..3 * row]);
+                k.write_rows(3, row, tiled, &src[3 * row..]);
+                assert_eq!(
+                    k.rows_f32(n, row, tiled)[..],
+                    src[..],
+                    "tiled {tiled} f16 {f16}"
+                );
+            }
+        }
     }
 }

@@ -1462,44 +1462,41 @@ unsafe fn weighted_rows_impl<T: KvElem>(
     // up to eight: each row load serves the block's heads, twelve (or eight) accumulators stay
     // in registers, and every element still sums its terms in position order.
     let (o, wp, vp) = (out.as_mut_ptr(), w.as_ptr(), v.as_ptr());
+    // The block of heads h0.. at columns d0.. (L lanes, H heads).
+    macro_rules! block {
+        ($l:literal, $h:literal, $h0:expr, $d0:expr) => {
+            weighted_block::<T, $l, $h>(
+                o.add($h0 * hd + $d0),
+                hd,
+                wp.add($h0 * n),
+                n,
+                vp.add($d0),
+                stride,
+            )
+        };
+    }
     let mut d0 = 0;
     while d0 + 32 <= hd {
         for h0 in (0..g).step_by(3) {
-            let at = (
-                o.add(h0 * hd + d0),
-                hd,
-                wp.add(h0 * n),
-                n,
-                vp.add(d0),
-                stride,
-            );
             match (g - h0).min(3) {
-                3 => weighted_block::<T, 4, 3>(at.0, at.1, at.2, at.3, at.4, at.5),
-                2 => weighted_block::<T, 4, 2>(at.0, at.1, at.2, at.3, at.4, at.5),
-                _ => weighted_block::<T, 4, 1>(at.0, at.1, at.2, at.3, at.4, at.5),
+                3 => block!(4, 3, h0, d0),
+                2 => block!(4, 2, h0, d0),
+                _ => block!(4, 1, h0, d0),
             }
         }
         d0 += 32;
     }
     while d0 + 8 <= hd {
         for h0 in (0..g).step_by(8) {
-            let at = (
-                o.add(h0 * hd + d0),
-                hd,
-                wp.add(h0 * n),
-                n,
-                vp.add(d0),
-                stride,
-            );
             match (g - h0).min(8) {
-                8 => weighted_block::<T, 1, 8>(at.0, at.1, at.2, at.3, at.4, at.5),
-                7 => weighted_block::<T, 1, 7>(at.0, at.1, at.2, at.3, at.4, at.5),
-                6 => weighted_block::<T, 1, 6>(at.0, at.1, at.2, at.3, at.4, at.5),
-                5 => weighted_block::<T, 1, 5>(at.0, at.1, at.2, at.3, at.4, at.5),
-                4 => weighted_block::<T, 1, 4>(at.0, at.1, at.2, at.3, at.4, at.5),
-                3 => weighted_block::<T, 1, 3>(at.0, at.1, at.2, at.3, at.4, at.5),
-                2 => weighted_block::<T, 1, 2>(at.0, at.1, at.2, at.3, at.4, at.5),
-                _ => weighted_block::<T, 1, 1>(at.0, at.1, at.2, at.3, at.4, at.5),
+                8 => block!(1, 8, h0, d0),
+                7 => block!(1, 7, h0, d0),
+                6 => block!(1, 6, h0, d0),
+                5 => block!(1, 5, h0, d0),
+                4 => block!(1, 4, h0, d0),
+                3 => block!(1, 3, h0, d0),
+                2 => block!(1, 2, h0, d0),
+                _ => block!(1, 1, h0, d0),
             }
         }
         d0 += 8;
@@ -1635,26 +1632,36 @@ unsafe fn dot_tiles_impl<T: KvElem>(
     // Queries in blocks of up to three, tiles in blocks that keep eight or nine accumulators
     // (independent sums) in flight.
     let (kp, o) = (k.as_ptr().add(col * 8), out.as_mut_ptr());
+    // TL tiles from tile t against QN queries from j0.
+    macro_rules! block {
+        ($tl:literal, $qn:literal, $t:expr, $j0:expr) => {
+            dot_tile_block::<T, $tl, $qn>(
+                kp.add($t * 8 * row),
+                row,
+                qs.as_ptr().add($j0 * hd),
+                hd,
+                o.add($j0 * n + 8 * $t),
+                n,
+            )
+        };
+    }
     for j0 in (0..g).step_by(3) {
         let qn = (g - j0).min(3);
-        let q = qs.as_ptr().add(j0 * hd);
         let block = [8, 4, 3][qn - 1];
         let mut t = 0;
         while t + block <= tiles {
-            let at = (kp.add(t * 8 * row), row, q, hd, o.add(j0 * n + 8 * t), n);
             match qn {
-                1 => dot_tile_block::<T, 8, 1>(at.0, at.1, at.2, at.3, at.4, at.5),
-                2 => dot_tile_block::<T, 4, 2>(at.0, at.1, at.2, at.3, at.4, at.5),
-                _ => dot_tile_block::<T, 3, 3>(at.0, at.1, at.2, at.3, at.4, at.5),
+                1 => block!(8, 1, t, j0),
+                2 => block!(4, 2, t, j0),
+                _ => block!(3, 3, t, j0),
             }
             t += block;
         }
         while t < tiles {
-            let at = (kp.add(t * 8 * row), row, q, hd, o.add(j0 * n + 8 * t), n);
             match qn {
-                1 => dot_tile_block::<T, 1, 1>(at.0, at.1, at.2, at.3, at.4, at.5),
-                2 => dot_tile_block::<T, 1, 2>(at.0, at.1, at.2, at.3, at.4, at.5),
-                _ => dot_tile_block::<T, 1, 3>(at.0, at.1, at.2, at.3, at.4, at.5),
+                1 => block!(1, 1, t, j0),
+                2 => block!(1, 2, t, j0),
+                _ => block!(1, 3, t, j0),
             }
             t += 1;
         }
