@@ -161,10 +161,7 @@ fn smollm2_agrees_with_llama_cpp_top1_and_continuation() {
         assert!(e <= 0.05, "{precision:?}: last prompt row {e}");
         // The README's bar (16 tokens) holds in normal precision, which rounds as llama.cpp does
         // (all 32 agree on x86); exact precision parts at a near-tie after ~10 tokens.
-        let llama_order = matches!(
-            ggrun_quants::isa::active(),
-            ggrun_quants::Isa::Avx2 | ggrun_quants::Isa::Avx512 | ggrun_quants::Isa::Avx512Vnni
-        );
+        let llama_order = ggrun_quants::isa::active().is_x86();
         let need = if precision == Precision::Normal && llama_order {
             16
         } else {

@@ -153,7 +153,7 @@ pub fn exp_shifted_scalar(xs: &mut [f32], max: f32) {
 /// The exp kernel of `isa` (scalar where the tier has none).
 pub fn exp_shifted_for(isa: crate::Isa) -> ExpShiftedFn {
     #[cfg(target_arch = "x86_64")]
-    if isa >= crate::Isa::Avx2 && isa <= crate::Isa::Avx512Vnni && isa.is_available() {
+    if isa.is_x86() && isa.is_available() {
         return crate::x86::exp_shifted;
     }
     let _ = isa;
@@ -228,7 +228,7 @@ pub fn weighted_rows_fn<T: KvElem>() -> WeightedRowsFn<T> {
 /// The weighted-rows kernel of `isa` (scalar where the tier has none).
 pub fn weighted_rows_for<T: KvElem>(isa: crate::Isa) -> WeightedRowsFn<T> {
     #[cfg(target_arch = "x86_64")]
-    if isa >= crate::Isa::Avx2 && isa <= crate::Isa::Avx512Vnni && isa.is_available() {
+    if isa.is_x86() && isa.is_available() {
         return crate::x86::weighted_rows::<T>;
     }
     let _ = isa;
@@ -299,7 +299,7 @@ pub fn dot_tiles_fn<T: KvElem>() -> DotTilesFn<T> {
 
 pub fn dot_tiles_for<T: KvElem>(isa: crate::Isa) -> DotTilesFn<T> {
     #[cfg(target_arch = "x86_64")]
-    if isa >= crate::Isa::Avx2 && isa <= crate::Isa::Avx512Vnni && isa.is_available() {
+    if isa.is_x86() && isa.is_available() {
         return crate::x86::dot_tiles::<T>;
     }
     let _ = isa;

@@ -1,7 +1,7 @@
 //! Instruction-set tiers and their runtime detection. The active tier is chosen once, at first
 //! use: the best one this CPU supports, or the one named by `GGRUN_ISA` (scalar, avx2, avx512,
-//! avx512vnni, neon, neon-dotprod) when this CPU supports it. AMX is never used: some VMs list it
-//! in /proc/cpuinfo but fault on its instructions. Also here: how far ahead the x86 packed
+//! avxvnni, avx512vnni, neon, neon-dotprod) when this CPU supports it. AMX is never used: some
+//! VMs list it in /proc/cpuinfo but fault on its instructions. Also here: how far ahead the x86 packed
 //! kernels prefetch their weights, which depends on the CPU's vendor.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,6 +15,8 @@ pub enum Isa {
     Avx2,
     /// AVX-512 F/BW/VL (plus the AVX2 tier).
     Avx512,
+    /// AVX2 with AVX-VNNI (the VEX `vpdpbusd` of Intel client cores without AVX-512).
+    AvxVnni,
     /// AVX-512 with VNNI (`vpdpbusd`).
     Avx512Vnni,
     /// AArch64 Advanced SIMD.
@@ -24,10 +26,11 @@ pub enum Isa {
 }
 
 impl Isa {
-    pub const ALL: [Isa; 6] = [
+    pub const ALL: [Isa; 7] = [
         Isa::Scalar,
         Isa::Avx2,
         Isa::Avx512,
+        Isa::AvxVnni,
         Isa::Avx512Vnni,
         Isa::Neon,
         Isa::NeonDotprod,
@@ -38,6 +41,7 @@ impl Isa {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
+            Isa::AvxVnni => "avxvnni",
             Isa::Avx512Vnni => "avx512vnni",
             Isa::Neon => "neon",
             Isa::NeonDotprod => "neon-dotprod",
@@ -68,6 +72,8 @@ impl Isa {
                     && is_x86_feature_detected!("avx512vl")
             }
             #[cfg(target_arch = "x86_64")]
+            Isa::AvxVnni => Isa::Avx2.is_available() && is_x86_feature_detected!("avxvnni"),
+            #[cfg(target_arch = "x86_64")]
             Isa::Avx512Vnni => Isa::Avx512.is_available() && is_x86_feature_detected!("avx512vnni"),
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => std::arch::is_aarch64_feature_detected!("neon"),
@@ -79,6 +85,14 @@ impl Isa {
             #[allow(unreachable_patterns)]
             _ => false,
         }
+    }
+
+    /// Whether this is one of the x86-64 SIMD tiers (which all include AVX2).
+    pub fn is_x86(self) -> bool {
+        matches!(
+            self,
+            Isa::Avx2 | Isa::Avx512 | Isa::AvxVnni | Isa::Avx512Vnni
+        )
     }
 
     /// Every tier this CPU supports, lowest first.

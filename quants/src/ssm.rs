@@ -49,7 +49,7 @@ pub fn ssm_row_fn() -> SsmRowFn {
 /// The state-row kernel of `isa` (scalar where the tier has none).
 pub fn ssm_row_for(isa: crate::Isa) -> SsmRowFn {
     #[cfg(target_arch = "x86_64")]
-    if isa >= crate::Isa::Avx2 && isa <= crate::Isa::Avx512Vnni && isa.is_available() {
+    if isa.is_x86() && isa.is_available() {
         return crate::x86::ssm_row;
     }
     let _ = isa;

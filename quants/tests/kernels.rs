@@ -420,7 +420,7 @@ fn tiles_and_four_row_kernels_equal_single_dots_bit_for_bit() {
             }
         }
     }
-    if std::env::var("GGRUN_EXPECT_ISA").is_ok_and(|v| v.contains("avx512vnni")) {
+    if std::env::var("GGRUN_EXPECT_ISA").is_ok_and(|v| v.contains("vnni")) {
         assert!(tested > 0, "no tile kernel was tested");
     }
 }
@@ -713,7 +713,7 @@ fn eight_row_prefill_kernels_follow_their_reference_order() {
             }
         }
     }
-    if std::env::var("GGRUN_EXPECT_ISA").is_ok_and(|v| v.contains("avx512vnni")) {
+    if std::env::var("GGRUN_EXPECT_ISA").is_ok_and(|v| v.contains("vnni")) {
         assert!(tested > 0, "no eight-row kernel was tested");
     }
 }

@@ -8,11 +8,64 @@ use crate::{GgmlType, Isa, Kernels};
 
 pub(crate) use avx2::{dot_tiles, exp_shifted, ssm_row, weighted_rows};
 
+/// Installs a VNNI tier's kernels (module `vnni::$m`, its packed kernels for Q4_0, Q5_0, Q8_0).
+macro_rules! install_vnni {
+    ($k:ident, $m:ident, [$p4:path, $p5:path, $p8:path]) => {{
+        use vnni::$m as v;
+        match $k.ty {
+            Q4_0 => {
+                ($k.dot, $k.dot4, $k.tile, $k.rows4) = (
+                    v::dot_q4_0,
+                    d4(v::dot4_q4_0),
+                    t4(v::tile_q4_0),
+                    r4(v::rows4_q4_0),
+                );
+                $k.octet = Some(v::octet_q4_0);
+                $k.packed = Some($p4);
+            }
+            Q5_0 => {
+                ($k.dot, $k.dot4, $k.tile, $k.rows4) = (
+                    v::dot_q5_0,
+                    d4(v::dot4_q5_0),
+                    t4(v::tile_q5_0),
+                    r4(v::rows4_q5_0),
+                );
+                $k.octet = Some(v::octet_q5_0);
+                $k.packed = Some($p5);
+            }
+            Q8_0 => {
+                ($k.dot, $k.dot4, $k.tile, $k.rows4) = (
+                    v::dot_q8_0,
+                    d4(v::dot4_q8_0),
+                    t4(v::tile_q8_0),
+                    r4(v::rows4_q8_0),
+                );
+                $k.octet = Some(v::octet_q8_0);
+                $k.packed = Some($p8);
+            }
+            IQ4_NL => {
+                ($k.dot, $k.dot4, $k.tile, $k.rows4) = (
+                    v::dot_iq4_nl,
+                    d4(v::dot4_iq4_nl),
+                    t4(v::tile_iq4_nl),
+                    r4(v::rows4_iq4_nl),
+                );
+                $k.octet = Some(v::octet_iq4_nl);
+            }
+            Q4_1 => ($k.dot, $k.dot4, $k.tile) = (v::dot_q4_1, d4(v::dot4_q4_1), t4(v::tile_q4_1)),
+            Q5_1 => ($k.dot, $k.dot4, $k.tile) = (v::dot_q5_1, d4(v::dot4_q5_1), t4(v::tile_q5_1)),
+            Q3_K => $k.octet = Some(v::octet_q3_k),
+            Q4_K => $k.octet = Some(v::octet_q4_k),
+            _ => {}
+        }
+    }};
+}
+
 /// `k` (the scalar kernels of one type) with every kernel that `isa` or a lower x86 tier
 /// implements swapped in. The caller has checked `isa.is_available()`.
 pub(crate) fn specialize(mut k: Kernels, isa: Isa) -> Kernels {
     use GgmlType::*;
-    if isa < Isa::Avx2 || isa > Isa::Avx512Vnni {
+    if !isa.is_x86() {
         return k;
     }
     match k.ty {
@@ -68,58 +121,27 @@ pub(crate) fn specialize(mut k: Kernels, isa: Isa) -> Kernels {
         Q8_1 => k.quantize_act = avx2::quantize_q8_1,
         _ => {}
     }
-    // The AVX-512 tier runs the AVX2 kernels; with VNNI the legacy dots use vpdpbusd.
-    if isa == Isa::Avx512Vnni {
-        match k.ty {
-            Q4_0 => {
-                (k.dot, k.dot4, k.tile, k.rows4) = (
-                    vnni::dot_q4_0,
-                    d4(vnni::dot4_q4_0),
-                    t4(vnni::tile_q4_0),
-                    r4(vnni::rows4_q4_0),
-                );
-                k.octet = Some(vnni::octet_q4_0);
-                k.packed = Some(packed::packed_q4_0_vnni);
-            }
-            Q5_0 => {
-                (k.dot, k.dot4, k.tile, k.rows4) = (
-                    vnni::dot_q5_0,
-                    d4(vnni::dot4_q5_0),
-                    t4(vnni::tile_q5_0),
-                    r4(vnni::rows4_q5_0),
-                );
-                k.octet = Some(vnni::octet_q5_0);
-                k.packed = Some(packed::packed_q5_0_vnni);
-            }
-            Q8_0 => {
-                (k.dot, k.dot4, k.tile, k.rows4) = (
-                    vnni::dot_q8_0,
-                    d4(vnni::dot4_q8_0),
-                    t4(vnni::tile_q8_0),
-                    r4(vnni::rows4_q8_0),
-                );
-                k.octet = Some(vnni::octet_q8_0);
-                k.packed = Some(packed::packed_q8_0_vnni);
-            }
-            IQ4_NL => {
-                (k.dot, k.dot4, k.tile, k.rows4) = (
-                    vnni::dot_iq4_nl,
-                    d4(vnni::dot4_iq4_nl),
-                    t4(vnni::tile_iq4_nl),
-                    r4(vnni::rows4_iq4_nl),
-                );
-                k.octet = Some(vnni::octet_iq4_nl);
-            }
-            Q4_1 => {
-                (k.dot, k.dot4, k.tile) = (vnni::dot_q4_1, d4(vnni::dot4_q4_1), t4(vnni::tile_q4_1))
-            }
-            Q5_1 => {
-                (k.dot, k.dot4, k.tile) = (vnni::dot_q5_1, d4(vnni::dot4_q5_1), t4(vnni::tile_q5_1))
-            }
-            Q3_K => k.octet = Some(vnni::octet_q3_k),
-            Q4_K => k.octet = Some(vnni::octet_q4_k),
-            _ => {}
-        }
+    // The AVX-512 tier runs the AVX2 kernels; the VNNI tiers swap in their `vpdpbusd` kernels.
+    match isa {
+        Isa::AvxVnni => install_vnni!(
+            k,
+            avxvnni,
+            [
+                packed::packed_q4_0_avxvnni,
+                packed::packed_q5_0_avxvnni,
+                packed::packed_q8_0_avxvnni
+            ]
+        ),
+        Isa::Avx512Vnni => install_vnni!(
+            k,
+            avx512,
+            [
+                packed::packed_q4_0_avx512vnni,
+                packed::packed_q5_0_avx512vnni,
+                packed::packed_q8_0_avx512vnni
+            ]
+        ),
+        _ => {}
     }
     k
 }

@@ -4,7 +4,7 @@
 //! row's exact integer block sum, then the reference's float step, so results equal
 //! [`crate::packed::reference`] bit for bit.
 //!
-//! VNNI: every weight as an unsigned code `u = w + o` (Q4_0: o = 8, Q5_0: 16, Q8_0: 128, the
+//! VNNI (AVX-512 VNNI and AVX-VNNI alike): every weight as an unsigned code `u = w + o` (Q4_0: o = 8, Q5_0: 16, Q8_0: 128, the
 //! latter by flipping the sign bit) into `vpdpbusd`, seeded with `−o · Σa`. AVX2: `vpmaddubsw`
 //! on the codes (Q4_0/Q5_0, whose codes are small enough that two products add in 16 bits), or
 //! on |w| and a with w's sign (Q8_0), widened by `vpmaddwd`.
@@ -108,18 +108,33 @@ unsafe fn isum_signed_avx2(r: &[__m256i; 8], y: &BlockQ8_0, _offset_sum: i32) ->
     s
 }
 
-/// Σ u·a − o·Σa with `vpdpbusd`, two chains.
-#[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512vnni")]
-#[inline]
-unsafe fn isum_vnni(r: &[__m256i; 8], y: &BlockQ8_0, offset_sum: i32) -> __m256i {
-    let mut s0 = _mm256_set1_epi32(-offset_sum);
-    let mut s1 = _mm256_setzero_si256();
-    for c in 0..4 {
-        s0 = _mm256_dpbusd_epi32(s0, r[c], bcast(y, c));
-        s1 = _mm256_dpbusd_epi32(s1, r[c + 4], bcast(y, c + 4));
-    }
-    _mm256_add_epi32(s0, s1)
+/// Σ u·a − o·Σa with `vpdpbusd` (the tier's `dpbusd`), two chains.
+macro_rules! isum_vnni {
+    ($name:ident, $feat:literal, $dpbusd:path) => {
+        #[target_feature(enable = $feat)]
+        #[inline]
+        unsafe fn $name(r: &[__m256i; 8], y: &BlockQ8_0, offset_sum: i32) -> __m256i {
+            let mut s0 = _mm256_set1_epi32(-offset_sum);
+            let mut s1 = _mm256_setzero_si256();
+            for c in 0..4 {
+                s0 = $dpbusd(s0, r[c], bcast(y, c));
+                s1 = $dpbusd(s1, r[c + 4], bcast(y, c + 4));
+            }
+            _mm256_add_epi32(s0, s1)
+        }
+    };
 }
+
+isum_vnni!(
+    isum_avx512vnni,
+    "avx2,fma,f16c,avx512vl,avx512bw,avx512vnni",
+    super::vnni::avx512::dpbusd
+);
+isum_vnni!(
+    isum_avxvnni,
+    "avx2,fma,f16c,avxvnni",
+    super::vnni::avxvnni::dpbusd
+);
 
 /// One packed kernel: `$regs` unpacks a block's quants, `$isum` forms the eight block sums
 /// given `offset · Σa`, `$bb` is the packed block size.
@@ -201,29 +216,56 @@ packed_kernel!(
     272
 );
 packed_kernel!(
-    q4_0_vnni,
-    packed_q4_0_vnni,
-    "avx2,fma,f16c,avx512vl,avx512vnni",
+    q4_0_avx512vnni,
+    packed_q4_0_avx512vnni,
+    "avx2,fma,f16c,avx512vl,avx512bw,avx512vnni",
     regs_q4_0,
-    isum_vnni,
+    isum_avx512vnni,
     8,
     144
 );
 packed_kernel!(
-    q5_0_vnni,
-    packed_q5_0_vnni,
-    "avx2,fma,f16c,avx512vl,avx512vnni",
+    q5_0_avx512vnni,
+    packed_q5_0_avx512vnni,
+    "avx2,fma,f16c,avx512vl,avx512bw,avx512vnni",
     regs_q5_0,
-    isum_vnni,
+    isum_avx512vnni,
     16,
     176
 );
 packed_kernel!(
-    q8_0_vnni,
-    packed_q8_0_vnni,
-    "avx2,fma,f16c,avx512vl,avx512vnni",
+    q8_0_avx512vnni,
+    packed_q8_0_avx512vnni,
+    "avx2,fma,f16c,avx512vl,avx512bw,avx512vnni",
     regs_q8_0_u,
-    isum_vnni,
+    isum_avx512vnni,
+    128,
+    272
+);
+packed_kernel!(
+    q4_0_avxvnni,
+    packed_q4_0_avxvnni,
+    "avx2,fma,f16c,avxvnni",
+    regs_q4_0,
+    isum_avxvnni,
+    8,
+    144
+);
+packed_kernel!(
+    q5_0_avxvnni,
+    packed_q5_0_avxvnni,
+    "avx2,fma,f16c,avxvnni",
+    regs_q5_0,
+    isum_avxvnni,
+    16,
+    176
+);
+packed_kernel!(
+    q8_0_avxvnni,
+    packed_q8_0_avxvnni,
+    "avx2,fma,f16c,avxvnni",
+    regs_q8_0_u,
+    isum_avxvnni,
     128,
     272
 );

@@ -1,9 +1,13 @@
-//! AVX-512 VNNI variants of the AVX2 legacy dots: the same 256-bit loop and float order (so
-//! results are bit-identical to the AVX2 tier and to llama.cpp, which does the same on VNNI
-//! machines), with `vpdpbusd` replacing `vpmaddubsw` + `vpmaddwd` for the integer part. Wider
+//! The VNNI tiers: the AVX2 legacy dots and the prefill tiles with `vpdpbusd` doing the integer
+//! part, written once and instantiated for two instruction sets that share it — AVX-512 VNNI
+//! (EVEX, on 256-bit registers: AVX-512 servers, Zen 4/5) and AVX-VNNI (VEX: Intel client cores
+//! from Alder Lake on, which have no AVX-512). Each module supplies `dpbusd` and `bit4` with its
+//! own instructions; everything else is the same code, so the two tiers give the same results
+//! bit for bit. The single-row dots keep the AVX2 loop and float order (results bit-identical to
+//! the AVX2 tier and to llama.cpp, which does the same on VNNI machines). Wider
 //! two-blocks-per-register kernels were tried and dropped: no faster here, and their different
-//! summation order moved results away from llama.cpp's. `x86::specialize` installs these only
-//! after `Isa::Avx512Vnni` was detected.
+//! summation order moved results away from llama.cpp's. `x86::specialize` installs a module's
+//! kernels only after its tier was detected.
 
 use core::arch::x86_64::*;
 
@@ -16,113 +20,15 @@ use crate::legacy::IQ4NL_VALUES;
 use crate::legacy::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, BlockQ8_1};
 use bytemuck::cast_slice;
 
-/// Σ w·a of signed bytes as 8 lanes of i32: |w| × (a with w's sign), with `vpdpbusd`.
-#[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512vnni")]
-#[inline]
-unsafe fn dot_i8_vnni(w: __m256i, a: __m256i) -> __m256i {
-    _mm256_dpbusd_epi32(
-        _mm256_setzero_si256(),
-        _mm256_sign_epi8(w, w),
-        _mm256_sign_epi8(a, w),
-    )
-}
-
-/// Σ w·a with unsigned w.
-#[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512vnni")]
-#[inline]
-unsafe fn dot_u8_vnni(w: __m256i, a: __m256i) -> __m256i {
-    _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, a)
-}
-
-signed_dot!(
-    q4_0,
-    q4_0_4,
-    "avx2,fma,f16c,avx512vl,avx512vnni",
-    dot_i8_vnni,
-    BlockQ4_0,
-    q4_0_i8
-);
-signed_dot!(
-    q5_0,
-    q5_0_4,
-    "avx2,fma,f16c,avx512vl,avx512vnni",
-    dot_i8_vnni,
-    BlockQ5_0,
-    q5_0_i8
-);
-signed_dot!(
-    q8_0,
-    q8_0_4,
-    "avx2,fma,f16c,avx512vl,avx512vnni",
-    dot_i8_vnni,
-    BlockQ8_0,
-    q8_0_i8
-);
-signed_dot!(
-    iq4_nl,
-    iq4_nl_4,
-    "avx2,fma,f16c,avx512vl,avx512vnni",
-    dot_i8_vnni,
-    BlockQ4_0,
-    iq4_nl_i8
-);
-unsigned_dot!(
-    q4_1,
-    q4_1_4,
-    "avx2,fma,f16c,avx512vl,avx512vnni",
-    dot_u8_vnni,
-    BlockQ4_1,
-    q4_1_u8
-);
-unsigned_dot!(
-    q5_1,
-    q5_1_4,
-    "avx2,fma,f16c,avx512vl,avx512vnni",
-    dot_u8_vnni,
-    BlockQ5_1,
-    q5_1_u8
-);
-
 // ---------------------------------------------------------------------------------------------
-// Four-row × four-token tiles. A signed weight w is written as u − o with u an unsigned byte
-// and o a per-type offset, so `vpdpbusd` multiplies u with the activation directly; seeding each
+// Four-row × four-token tiles. A signed weight w is written as u − o with u an unsigned byte and
+// o a per-type offset, so `vpdpbusd` multiplies u with the activation directly; seeding each
 // product with −o·(sum of each group of four activation bytes) makes every 32-bit lane exactly
-// the lane `dot_i8_vnni` computes. Scale products and the float accumulation are the
-// single-row ones, so each of the sixteen results equals one `dot` bit for bit.
-
-#[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512vnni")]
-#[inline]
-unsafe fn q4_0_u(b: &BlockQ4_0) -> __m256i {
-    nibbles(&b.qs)
-}
-
-#[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512bw,avx512vnni")]
-#[inline]
-unsafe fn q5_0_u(b: &BlockQ5_0) -> __m256i {
-    // The fifth bits as a byte mask straight from qh (AVX-512BW), 0x10 where set.
-    let hi = _mm256_maskz_mov_epi8(u32::from_le_bytes(b.qh), _mm256_set1_epi8(0x10));
-    _mm256_or_si256(nibbles(&b.qs), hi)
-}
-
-#[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512vnni")]
-#[inline]
-unsafe fn q8_0_u(b: &BlockQ8_0) -> __m256i {
-    _mm256_xor_si256(load32(&b.qs), _mm256_set1_epi8(0x80u8 as i8))
-}
-
-#[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512vnni")]
-#[inline]
-unsafe fn iq4_nl_u(b: &BlockQ4_0) -> __m256i {
-    let t = _mm_xor_si128(
-        _mm_loadu_si128(IQ4NL_VALUES.as_ptr().cast()),
-        _mm_set1_epi8(0x80u8 as i8),
-    );
-    _mm256_shuffle_epi8(_mm256_set_m128i(t, t), nibbles(&b.qs))
-}
-
+// the lane `dot_i8_vnni` computes. Scale products and the float accumulation are the single-row
+// ones, so each of the sixteen results equals one `dot` bit for bit.
 macro_rules! offset_tile {
-    ($name:ident, $rows4:ident, $wb:ty, $unpack:ident, $offset:literal) => {
-        #[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512bw,avx512vnni")]
+    ($feat:literal, $name:ident, $rows4:ident, $wb:ty, $unpack:ident, $offset:literal) => {
+        #[target_feature(enable = $feat)]
         unsafe fn $name(w: [&[$wb]; 4], a: [&[BlockQ8_0]; 4], out: &mut [[f32; 4]; 4]) {
             let n = w[0].len();
             let (w, a) = (w.map(|r| &r[..n]), a.map(|r| &r[..n]));
@@ -137,10 +43,10 @@ macro_rules! offset_tile {
                 for j in 0..4 {
                     let y = &a[j][i];
                     let ya = load32(&y.qs);
-                    let seed = _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, off, ya));
+                    let seed = _mm256_sub_epi32(zero, dpbusd(zero, off, ya));
                     let da = _mm256_set1_ps(fp16(y.d));
                     for r in 0..4 {
-                        let s = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(seed, u[r], ya));
+                        let s = _mm256_cvtepi32_ps(dpbusd(seed, u[r], ya));
                         acc[r][j] = _mm256_fmadd_ps(_mm256_mul_ps(dw[r], da), s, acc[r][j]);
                     }
                 }
@@ -153,7 +59,7 @@ macro_rules! offset_tile {
         }
 
         /// Four rows, one token (decode): the activation block is prepared once per block.
-        #[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512bw,avx512vnni")]
+        #[target_feature(enable = $feat)]
         unsafe fn $rows4(w: [&[$wb]; 4], a: &[BlockQ8_0], out: &mut [f32; 4]) {
             let n = w[0].len();
             let (w, a) = (w.map(|r| &r[..n]), &a[..n]);
@@ -163,11 +69,11 @@ macro_rules! offset_tile {
             for i in 0..n {
                 let y = &a[i];
                 let ya = load32(&y.qs);
-                let seed = _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(zero, off, ya));
+                let seed = _mm256_sub_epi32(zero, dpbusd(zero, off, ya));
                 let da = _mm256_set1_ps(fp16(y.d));
                 for r in 0..4 {
                     let b = &w[r][i];
-                    let s = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(seed, $unpack(b), ya));
+                    let s = _mm256_cvtepi32_ps(dpbusd(seed, $unpack(b), ya));
                     let d = _mm256_mul_ps(_mm256_set1_ps(fp16(b.d)), da);
                     acc[r] = _mm256_fmadd_ps(d, s, acc[r]);
                 }
@@ -179,17 +85,12 @@ macro_rules! offset_tile {
     };
 }
 
-offset_tile!(q4_0_tile, q4_0_rows4, BlockQ4_0, q4_0_u, 8);
-offset_tile!(q5_0_tile, q5_0_rows4, BlockQ5_0, q5_0_u, 16);
-offset_tile!(q8_0_tile, q8_0_rows4, BlockQ8_0, q8_0_u, 128);
-offset_tile!(iq4_nl_tile, iq4_nl_rows4, BlockQ4_0, iq4_nl_u, 128);
-
-/// Q4_1 / Q5_1 tiles against Q8_1 activations: the weights are unsigned already, so
-/// `vpdpbusd` takes them as they are; the minimum terms f16(m)·f16(s) are accumulated per token
-/// in the lanes of a 128-bit register, in block order, as the single-row dot accumulates them.
+/// Q4_1 / Q5_1 tiles against Q8_1 activations: the weights are unsigned already, so `vpdpbusd`
+/// takes them as they are; the minimum terms f16(m)·f16(s) are accumulated per token in the
+/// lanes of a 128-bit register, in block order, as the single-row dot accumulates them.
 macro_rules! unsigned_tile {
-    ($name:ident, $wb:ty, $unpack:ident) => {
-        #[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512bw,avx512vnni")]
+    ($feat:literal, $name:ident, $wb:ty, $unpack:ident) => {
+        #[target_feature(enable = $feat)]
         unsafe fn $name(w: [&[$wb]; 4], a: [&[BlockQ8_1]; 4], out: &mut [[f32; 4]; 4]) {
             let n = w[0].len();
             let (w, a) = (w.map(|r| &r[..n]), a.map(|r| &r[..n]));
@@ -214,7 +115,7 @@ macro_rules! unsigned_tile {
                     let ya = load32(&y.qs);
                     let da = _mm256_set1_ps(fp16(y.d));
                     for r in 0..4 {
-                        let s = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(zero, u[r], ya));
+                        let s = _mm256_cvtepi32_ps(dpbusd(zero, u[r], ya));
                         acc[r][j] = _mm256_fmadd_ps(_mm256_mul_ps(dw[r], da), s, acc[r][j]);
                     }
                 }
@@ -230,28 +131,17 @@ macro_rules! unsigned_tile {
     };
 }
 
-#[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512bw,avx512vnni")]
-#[inline]
-unsafe fn q5_1_u(b: &BlockQ5_1) -> __m256i {
-    let hi = _mm256_maskz_mov_epi8(u32::from_le_bytes(b.qh), _mm256_set1_epi8(0x10));
-    _mm256_or_si256(nibbles(&b.qs), hi)
-}
-
-unsigned_tile!(q4_1_tile, BlockQ4_1, q4_1_u8);
-unsigned_tile!(q5_1_tile, BlockQ5_1, q5_1_u);
-
 // ---------------------------------------------------------------------------------------------
 // Eight rows × many tokens with the rows in the lanes (prefill). The eight rows' blocks are
 // unpacked once and transposed so that register g of a block holds bytes 4g..4g+3 of every row;
-// `vpdpbusd` against a broadcast group of four activation bytes then accumulates each row's whole
-// block sum in its own lane, and one convert, multiply and FMA serve eight rows. The activation
-// goes in unsigned (a + 128); the row's −128·Σw, computed once per block, seeds the sum.
-// Float order per (row, token): acc = fma(f16(dw)·f16(da), Σ_block, acc) over blocks — not the
-// single-row dot's (which sums eight partial lanes), see `octet_reference`.
-
+// `vpdpbusd` against a broadcast group of four activation bytes then accumulates each row's
+// whole block sum in its own lane, and one convert, multiply and FMA serve eight rows. The
+// activation goes in unsigned (a + 128); the row's −128·Σw, computed once per block, seeds the
+// sum. Float order per (row, token): acc = fma(f16(dw)·f16(da), Σ_block, acc) over blocks — not
+// the single-row dot's (which sums eight partial lanes), see `octet_reference`.
 macro_rules! octet {
-    ($name:ident, $wb:ty, $unpack:ident) => {
-        #[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512bw,avx512vnni")]
+    ($feat:literal, $name:ident, $wb:ty, $unpack:ident) => {
+        #[target_feature(enable = $feat)]
         unsafe fn $name(w: [&[$wb]; 8], a: &[&[BlockQ8_0]], out: &mut [f32]) {
             let nb = w[0].len();
             let nt = a.len();
@@ -267,7 +157,7 @@ macro_rules! octet {
                 let t = transpose8(rows).map(|v| _mm256_castps_si256(v));
                 let mut sw = zero;
                 for g in &t {
-                    sw = _mm256_dpbusd_epi32(sw, ones, *g);
+                    sw = dpbusd(sw, ones, *g);
                 }
                 seeds.push(_mm256_sub_epi32(zero, _mm256_slli_epi32::<7>(sw)));
                 groups.extend_from_slice(&t);
@@ -284,8 +174,8 @@ macro_rules! octet {
                 };
                 let (mut s0, mut s1) = (seed, zero);
                 for k in 0..4 {
-                    s0 = _mm256_dpbusd_epi32(s0, grp(k), g[k]);
-                    s1 = _mm256_dpbusd_epi32(s1, grp(k + 4), g[k + 4]);
+                    s0 = dpbusd(s0, grp(k), g[k]);
+                    s1 = dpbusd(s1, grp(k + 4), g[k + 4]);
                 }
                 _mm256_add_epi32(s0, s1)
             };
@@ -334,249 +224,417 @@ macro_rules! octet {
     };
 }
 
-octet!(q4_0_octet, BlockQ4_0, q4_0_i8);
-octet!(q5_0_octet, BlockQ5_0, q5_0_i8);
-octet!(q8_0_octet, BlockQ8_0, q8_0_i8);
-octet!(iq4_nl_octet, BlockQ4_0, iq4_nl_i8);
-
-entry_octet!(
-    octet_q4_0 => q4_0_octet, octet_q5_0 => q5_0_octet, octet_q8_0 => q8_0_octet,
-    octet_iq4_nl => iq4_nl_octet,
-);
-
-// ---------------------------------------------------------------------------------------------
-// Q4_K, eight rows × n tokens with the rows in the lanes (prefill). Per super-block the eight
-// rows' nibbles are transposed once into 64 group registers (sub-block j, group g: elements
-// 32j + 4g .. +4 of every row) and their 6-bit scales and mins into lanes; per token each
-// sub-block's eight broadcast activation groups meet the group registers through `vpdpbusd`
-// (nibbles are unsigned, so no offset), the sub-block sums are weighted by the rows' scales in
-// 32 bits, and the float step is the single-row dot's expression, without FMA:
-// `a.d · (d · Σ sc·isum − dmin · Σ min·bsum)`, added to an accumulator that starts at −0.
-// So each result equals the Q4_K `dot` bit for bit.
-
-/// One super-block of eight rows, unpacked for [`q4k_octet`].
-struct Q4kOctet {
-    q: [__m256i; 64],
-    sc: [__m256i; 8],
-    mn: [__m256i; 8],
-    d: __m256,
-    dmin: __m256,
-}
-
-/// The K-quant eight-row skeleton: `unpack` turns the eight rows' block b into what `term`
-/// needs; per token, `term` gives the eight rows' block terms, summed in block order onto −0.
-#[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512vnni")]
-#[inline]
-unsafe fn rows_in_lanes<B, U>(
-    w: [&[B]; 8],
-    a: &[&[BlockQ8K]],
-    out: &mut [f32],
-    unpack: impl Fn([&B; 8]) -> U,
-    term: impl Fn(&U, &BlockQ8K) -> __m256,
-) {
-    let nb = w[0].len();
-    let nt = a.len();
-    assert!(out.len() >= 8 * nt && w.iter().all(|r| r.len() == nb));
-    assert!(a.iter().all(|r| r.len() >= nb));
-    let blocks: Vec<U> = (0..nb)
-        .map(|b| unpack(std::array::from_fn(|r| &w[r][b])))
-        .collect();
-    let mut lanes = [0f32; 8];
-    for (t, row) in a.iter().enumerate() {
-        let mut acc = _mm256_set1_ps(-0.0);
-        for (u, y) in blocks.iter().zip(row.iter()) {
-            acc = _mm256_add_ps(acc, term(u, y));
-        }
-        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
-        for (r, v) in lanes.iter().enumerate() {
-            out[r * nt + t] = *v;
-        }
-    }
-}
-
-/// Eight rows' eight 32-byte registers (rows × chunks) as 64 group registers: chunk c, group g
-/// holds bytes 4g..4g + 4 of chunk c of every row.
-#[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512vnni")]
-#[inline]
-unsafe fn transpose_chunks(chunks: [[__m256i; 8]; 8]) -> [__m256i; 64] {
-    let mut q = [_mm256_setzero_si256(); 64];
-    for c in 0..8 {
-        let regs = [0, 1, 2, 3, 4, 5, 6, 7].map(|r| _mm256_castsi256_ps(chunks[r][c]));
-        for (g, reg) in transpose8(regs).into_iter().enumerate() {
-            q[8 * c + g] = _mm256_castps_si256(reg);
-        }
-    }
-    q
-}
-
-/// Four activation bytes at `p` in every 32-bit lane.
-#[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512vnni")]
-#[inline]
-unsafe fn bcast4(p: *const i8) -> __m256i {
-    _mm256_set1_epi32(core::ptr::read_unaligned(p.cast::<i32>()))
-}
-
-#[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512vnni")]
-unsafe fn q4k_octet(w: [&[BlockQ4K]; 8], a: &[&[BlockQ8K]], out: &mut [f32]) {
-    let unpack = |rows: [&BlockQ4K; 8]| {
-        let lanes_of = |f: &dyn Fn(&BlockQ4K) -> i32| {
-            let v: [i32; 8] = std::array::from_fn(|r| f(rows[r]));
-            _mm256_loadu_si256(v.as_ptr().cast())
-        };
-        let sc = std::array::from_fn(|j| lanes_of(&|blk| scale_min_k4(j, &blk.scales).0 as i32));
-        let mn = std::array::from_fn(|j| lanes_of(&|blk| scale_min_k4(j, &blk.scales).1 as i32));
-        let d = rows.map(|blk| fp16(blk.d));
-        let dmin = rows.map(|blk| fp16(blk.dmin));
-        Q4kOctet {
-            q: transpose_chunks(rows.map(|blk| nibble_chunks(&blk.qs))),
-            sc,
-            mn,
-            d: _mm256_loadu_ps(d.as_ptr()),
-            dmin: _mm256_loadu_ps(dmin.as_ptr()),
-        }
-    };
-    let term = |u: &Q4kOctet, y: &BlockQ8K| {
-        let mut s = _mm256_setzero_si256();
-        let mut m = _mm256_setzero_si256();
-        for j in 0..8 {
-            let mut isum = _mm256_setzero_si256();
-            for g in 0..8 {
-                let ag = bcast4(y.qs.as_ptr().add(32 * j + 4 * g));
-                isum = _mm256_dpbusd_epi32(isum, u.q[8 * j + g], ag);
-            }
-            s = _mm256_add_epi32(s, _mm256_mullo_epi32(isum, u.sc[j]));
-            let bs = y.bsum(2 * j) + y.bsum(2 * j + 1);
-            m = _mm256_add_epi32(m, _mm256_mullo_epi32(u.mn[j], _mm256_set1_epi32(bs)));
-        }
-        let ds = _mm256_mul_ps(u.d, _mm256_cvtepi32_ps(s));
-        let dm = _mm256_mul_ps(u.dmin, _mm256_cvtepi32_ps(m));
-        _mm256_mul_ps(_mm256_set1_ps(y.d()), _mm256_sub_ps(ds, dm))
-    };
-    rows_in_lanes(w, a, out, unpack, term)
-}
-
-/// Q3_K the same way: values stored as q + 4 (0..7) transposed per chunk of 32 (two 16-element
-/// sub-blocks, four groups each), sub-block sums weighted by the rows' signed scales, the
-/// `4 · Σ scale · bsum` correction in 32 bits, and `q3k_term`'s float expression
-/// `(a.d · d) · (Σ − 4 · off)`: each result equals the Q3_K `dot` bit for bit.
-struct Q3kOctet {
-    q: [__m256i; 64],
-    sc: [__m256i; 16],
-    d: __m256,
-}
-
-#[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512vnni")]
-unsafe fn q3k_octet(w: [&[BlockQ3K]; 8], a: &[&[BlockQ8K]], out: &mut [f32]) {
-    let unpack = |rows: [&BlockQ3K; 8]| {
-        let scales = rows.map(|blk| q3k_scales(&blk.scales));
-        let sc = std::array::from_fn(|j| {
-            let v: [i32; 8] = std::array::from_fn(|r| scales[r][j] as i32);
-            _mm256_loadu_si256(v.as_ptr().cast())
-        });
-        let d = rows.map(|blk| fp16(blk.d));
-        Q3kOctet {
-            q: transpose_chunks(rows.map(|blk| q3k_values(blk))),
-            sc,
-            d: _mm256_loadu_ps(d.as_ptr()),
-        }
-    };
-    let term = |u: &Q3kOctet, y: &BlockQ8K| {
-        let mut s = _mm256_setzero_si256();
-        let mut off = _mm256_setzero_si256();
-        for j in 0..16 {
-            let mut isum = _mm256_setzero_si256();
-            for g in 0..4 {
-                let ag = bcast4(y.qs.as_ptr().add(16 * j + 4 * g));
-                isum = _mm256_dpbusd_epi32(isum, u.q[4 * j + g], ag);
-            }
-            s = _mm256_add_epi32(s, _mm256_mullo_epi32(isum, u.sc[j]));
-            let bs = _mm256_set1_epi32(y.bsum(j));
-            off = _mm256_add_epi32(off, _mm256_mullo_epi32(u.sc[j], bs));
-        }
-        let x = _mm256_sub_epi32(s, _mm256_slli_epi32::<2>(off));
-        _mm256_mul_ps(
-            _mm256_mul_ps(_mm256_set1_ps(y.d()), u.d),
-            _mm256_cvtepi32_ps(x),
-        )
-    };
-    rows_in_lanes(w, a, out, unpack, term)
-}
-
-pub(crate) fn octet_q3_k(w: [&[u8]; 8], a: &[&[u8]], out: &mut [f32]) {
-    let a: Vec<&[BlockQ8K]> = a.iter().map(|r| cast_slice(r)).collect();
-    // SAFETY: installed by x86::specialize only when Isa::Avx512Vnni is available; the kernel
-    // asserts every length it indexes by.
-    unsafe { q3k_octet(w.map(cast_slice), &a, out) }
-}
-
-pub(crate) fn octet_q4_k(w: [&[u8]; 8], a: &[&[u8]], out: &mut [f32]) {
-    let a: Vec<&[BlockQ8K]> = a.iter().map(|r| cast_slice(r)).collect();
-    // SAFETY: installed by x86::specialize only when Isa::Avx512Vnni is available; the kernel
-    // asserts every length it indexes by.
-    unsafe { q4k_octet(w.map(cast_slice), &a, out) }
-}
-
 macro_rules! entry_tile {
     ($($name:ident => $imp:ident),* $(,)?) => {
         $(
             pub(crate) fn $name(w: [&[u8]; 4], a: [&[u8]; 4], out: &mut [[f32; 4]; 4]) {
-                // SAFETY: installed by x86::specialize only when Isa::Avx512Vnni is available.
+                // SAFETY: installed by x86::specialize only on this module's tier.
                 unsafe { $imp(w.map(cast_slice), a.map(cast_slice), out) }
             }
         )*
     };
 }
 
-entry_tile!(
-    tile_q4_0 => q4_0_tile, tile_q5_0 => q5_0_tile, tile_q8_0 => q8_0_tile,
-    tile_iq4_nl => iq4_nl_tile, tile_q4_1 => q4_1_tile,
-    tile_q5_1 => q5_1_tile,
-);
-
 macro_rules! entry_rows4 {
     ($($name:ident => $imp:ident),* $(,)?) => {
         $(
             pub(crate) fn $name(w: [&[u8]; 4], a: &[u8], out: &mut [f32; 4]) {
-                // SAFETY: installed by x86::specialize only when Isa::Avx512Vnni is available.
+                // SAFETY: installed by x86::specialize only on this module's tier.
                 unsafe { $imp(w.map(cast_slice), cast_slice(a), out) }
             }
         )*
     };
 }
 
-entry_rows4!(
-    rows4_q4_0 => q4_0_rows4, rows4_q5_0 => q5_0_rows4, rows4_q8_0 => q8_0_rows4,
-    rows4_iq4_nl => iq4_nl_rows4,
-);
-
 macro_rules! entry {
     ($($name:ident => $imp:ident),* $(,)?) => {
         $(
             pub(crate) fn $name(w: &[u8], a: &[u8]) -> f32 {
-                // SAFETY: installed by x86::specialize only when Isa::Avx512Vnni is available.
+                // SAFETY: installed by x86::specialize only on this module's tier.
                 unsafe { $imp(cast_slice(w), cast_slice(a)) }
             }
         )*
     };
 }
 
-entry!(
-    dot_q4_0 => q4_0, dot_q5_0 => q5_0, dot_q8_0 => q8_0,
-    dot_iq4_nl => iq4_nl, dot_q4_1 => q4_1, dot_q5_1 => q5_1,
-);
-
 macro_rules! entry4 {
     ($($name:ident => $imp:ident),* $(,)?) => {
         $(
             pub(crate) fn $name(w: &[u8], a: [&[u8]; 4], out: &mut [f32; 4]) {
-                // SAFETY: installed by x86::specialize only when Isa::Avx512Vnni is available.
+                // SAFETY: installed by x86::specialize only on this module's tier.
                 unsafe { $imp(cast_slice(w), a.map(cast_slice), out) }
             }
         )*
     };
 }
 
-entry4!(
-    dot4_q4_0 => q4_0_4, dot4_q5_0 => q5_0_4, dot4_q8_0 => q8_0_4,
-    dot4_iq4_nl => iq4_nl_4, dot4_q4_1 => q4_1_4, dot4_q5_1 => q5_1_4,
-);
+/// Every kernel of a VNNI tier, for the target features `$feat`; the invoking module defines
+/// `dpbusd` (u8 × i8 groups of four, summed into i32 lanes) and `bit4` (0x10 in byte i where
+/// bit i of a Q5 block's `qh` is set) for those features.
+macro_rules! vnni_kernels {
+    ($feat:literal) => {
+        /// Σ w·a of signed bytes as 8 lanes of i32: |w| × (a with w's sign), with `vpdpbusd`.
+        #[target_feature(enable = $feat)]
+        #[inline]
+        unsafe fn dot_i8_vnni(w: __m256i, a: __m256i) -> __m256i {
+            dpbusd(
+                _mm256_setzero_si256(),
+                _mm256_sign_epi8(w, w),
+                _mm256_sign_epi8(a, w),
+            )
+        }
+
+        /// Σ w·a with unsigned w.
+        #[target_feature(enable = $feat)]
+        #[inline]
+        unsafe fn dot_u8_vnni(w: __m256i, a: __m256i) -> __m256i {
+            dpbusd(_mm256_setzero_si256(), w, a)
+        }
+
+        signed_dot!(
+            q4_0,
+            q4_0_4,
+            $feat,
+            dot_i8_vnni,
+            BlockQ4_0,
+            q4_0_i8
+        );
+        signed_dot!(
+            q5_0,
+            q5_0_4,
+            $feat,
+            dot_i8_vnni,
+            BlockQ5_0,
+            q5_0_i8
+        );
+        signed_dot!(
+            q8_0,
+            q8_0_4,
+            $feat,
+            dot_i8_vnni,
+            BlockQ8_0,
+            q8_0_i8
+        );
+        signed_dot!(
+            iq4_nl,
+            iq4_nl_4,
+            $feat,
+            dot_i8_vnni,
+            BlockQ4_0,
+            iq4_nl_i8
+        );
+        unsigned_dot!(
+            q4_1,
+            q4_1_4,
+            $feat,
+            dot_u8_vnni,
+            BlockQ4_1,
+            q4_1_u8
+        );
+        unsigned_dot!(
+            q5_1,
+            q5_1_4,
+            $feat,
+            dot_u8_vnni,
+            BlockQ5_1,
+            q5_1_u8
+        );
+
+        #[target_feature(enable = $feat)]
+        #[inline]
+        unsafe fn q4_0_u(b: &BlockQ4_0) -> __m256i {
+            nibbles(&b.qs)
+        }
+
+        #[target_feature(enable = $feat)]
+        #[inline]
+        unsafe fn q5_0_u(b: &BlockQ5_0) -> __m256i {
+            // The fifth bits as a byte mask straight from qh (AVX-512BW), 0x10 where set.
+            let hi = bit4(b.qh);
+            _mm256_or_si256(nibbles(&b.qs), hi)
+        }
+
+        #[target_feature(enable = $feat)]
+        #[inline]
+        unsafe fn q8_0_u(b: &BlockQ8_0) -> __m256i {
+            _mm256_xor_si256(load32(&b.qs), _mm256_set1_epi8(0x80u8 as i8))
+        }
+
+        #[target_feature(enable = $feat)]
+        #[inline]
+        unsafe fn iq4_nl_u(b: &BlockQ4_0) -> __m256i {
+            let t = _mm_xor_si128(
+                _mm_loadu_si128(IQ4NL_VALUES.as_ptr().cast()),
+                _mm_set1_epi8(0x80u8 as i8),
+            );
+            _mm256_shuffle_epi8(_mm256_set_m128i(t, t), nibbles(&b.qs))
+        }
+
+        offset_tile!($feat, q4_0_tile, q4_0_rows4, BlockQ4_0, q4_0_u, 8);
+        offset_tile!($feat, q5_0_tile, q5_0_rows4, BlockQ5_0, q5_0_u, 16);
+        offset_tile!($feat, q8_0_tile, q8_0_rows4, BlockQ8_0, q8_0_u, 128);
+        offset_tile!($feat, iq4_nl_tile, iq4_nl_rows4, BlockQ4_0, iq4_nl_u, 128);
+
+        #[target_feature(enable = $feat)]
+        #[inline]
+        unsafe fn q5_1_u(b: &BlockQ5_1) -> __m256i {
+            let hi = bit4(b.qh);
+            _mm256_or_si256(nibbles(&b.qs), hi)
+        }
+
+        unsigned_tile!($feat, q4_1_tile, BlockQ4_1, q4_1_u8);
+        unsigned_tile!($feat, q5_1_tile, BlockQ5_1, q5_1_u);
+
+        octet!($feat, q4_0_octet, BlockQ4_0, q4_0_i8);
+        octet!($feat, q5_0_octet, BlockQ5_0, q5_0_i8);
+        octet!($feat, q8_0_octet, BlockQ8_0, q8_0_i8);
+        octet!($feat, iq4_nl_octet, BlockQ4_0, iq4_nl_i8);
+
+        entry_octet!(
+            octet_q4_0 => q4_0_octet, octet_q5_0 => q5_0_octet, octet_q8_0 => q8_0_octet,
+            octet_iq4_nl => iq4_nl_octet,
+        );
+
+        // -----------------------------------------------------------------------------------------
+        // Q4_K, eight rows × n tokens with the rows in the lanes (prefill). Per
+        // super-block the eight rows' nibbles are transposed once into 64 group
+        // registers (sub-block j, group g: elements 32j + 4g .. +4 of every row) and
+        // their 6-bit scales and mins into lanes; per token each sub-block's eight
+        // broadcast activation groups meet the group registers through `vpdpbusd`
+        // (nibbles are unsigned, so no offset), the sub-block sums are weighted by the
+        // rows' scales in 32 bits, and the float step is the single-row dot's
+        // expression, without FMA: `a.d · (d · Σ sc·isum − dmin · Σ min·bsum)`, added to
+        // an accumulator that starts at −0. So each result equals the Q4_K `dot` bit for
+        // bit.
+
+        /// One super-block of eight rows, unpacked for [`q4k_octet`].
+        struct Q4kOctet {
+            q: [__m256i; 64],
+            sc: [__m256i; 8],
+            mn: [__m256i; 8],
+            d: __m256,
+            dmin: __m256,
+        }
+
+        /// The K-quant eight-row skeleton: `unpack` turns the eight rows' block b into
+        /// what `term` needs; per token, `term` gives the eight rows' block terms,
+        /// summed in block order onto −0.
+        #[target_feature(enable = $feat)]
+        #[inline]
+        unsafe fn rows_in_lanes<B, U>(
+            w: [&[B]; 8],
+            a: &[&[BlockQ8K]],
+            out: &mut [f32],
+            unpack: impl Fn([&B; 8]) -> U,
+            term: impl Fn(&U, &BlockQ8K) -> __m256,
+        ) {
+            let nb = w[0].len();
+            let nt = a.len();
+            assert!(out.len() >= 8 * nt && w.iter().all(|r| r.len() == nb));
+            assert!(a.iter().all(|r| r.len() >= nb));
+            let blocks: Vec<U> = (0..nb)
+                .map(|b| unpack(std::array::from_fn(|r| &w[r][b])))
+                .collect();
+            let mut lanes = [0f32; 8];
+            for (t, row) in a.iter().enumerate() {
+                let mut acc = _mm256_set1_ps(-0.0);
+                for (u, y) in blocks.iter().zip(row.iter()) {
+                    acc = _mm256_add_ps(acc, term(u, y));
+                }
+                _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+                for (r, v) in lanes.iter().enumerate() {
+                    out[r * nt + t] = *v;
+                }
+            }
+        }
+
+        /// Eight rows' eight 32-byte registers (rows × chunks) as 64 group registers:
+        /// chunk c, group g holds bytes 4g..4g + 4 of chunk c of every row.
+        #[target_feature(enable = $feat)]
+        #[inline]
+        unsafe fn transpose_chunks(chunks: [[__m256i; 8]; 8]) -> [__m256i; 64] {
+            let mut q = [_mm256_setzero_si256(); 64];
+            for c in 0..8 {
+                let regs = [0, 1, 2, 3, 4, 5, 6, 7].map(|r| _mm256_castsi256_ps(chunks[r][c]));
+                for (g, reg) in transpose8(regs).into_iter().enumerate() {
+                    q[8 * c + g] = _mm256_castps_si256(reg);
+                }
+            }
+            q
+        }
+
+        /// Four activation bytes at `p` in every 32-bit lane.
+        #[target_feature(enable = $feat)]
+        #[inline]
+        unsafe fn bcast4(p: *const i8) -> __m256i {
+            _mm256_set1_epi32(core::ptr::read_unaligned(p.cast::<i32>()))
+        }
+
+        #[target_feature(enable = $feat)]
+        unsafe fn q4k_octet(w: [&[BlockQ4K]; 8], a: &[&[BlockQ8K]], out: &mut [f32]) {
+            let unpack = |rows: [&BlockQ4K; 8]| {
+                let lanes_of = |f: &dyn Fn(&BlockQ4K) -> i32| {
+                    let v: [i32; 8] = std::array::from_fn(|r| f(rows[r]));
+                    _mm256_loadu_si256(v.as_ptr().cast())
+                };
+                let sc = std::array::from_fn(|j| {
+                    lanes_of(&|blk| scale_min_k4(j, &blk.scales).0 as i32)
+                });
+                let mn = std::array::from_fn(|j| {
+                    lanes_of(&|blk| scale_min_k4(j, &blk.scales).1 as i32)
+                });
+                let d = rows.map(|blk| fp16(blk.d));
+                let dmin = rows.map(|blk| fp16(blk.dmin));
+                Q4kOctet {
+                    q: transpose_chunks(rows.map(|blk| nibble_chunks(&blk.qs))),
+                    sc,
+                    mn,
+                    d: _mm256_loadu_ps(d.as_ptr()),
+                    dmin: _mm256_loadu_ps(dmin.as_ptr()),
+                }
+            };
+            let term = |u: &Q4kOctet, y: &BlockQ8K| {
+                let mut s = _mm256_setzero_si256();
+                let mut m = _mm256_setzero_si256();
+                for j in 0..8 {
+                    let mut isum = _mm256_setzero_si256();
+                    for g in 0..8 {
+                        let ag = bcast4(y.qs.as_ptr().add(32 * j + 4 * g));
+                        isum = dpbusd(isum, u.q[8 * j + g], ag);
+                    }
+                    s = _mm256_add_epi32(s, _mm256_mullo_epi32(isum, u.sc[j]));
+                    let bs = y.bsum(2 * j) + y.bsum(2 * j + 1);
+                    m = _mm256_add_epi32(m, _mm256_mullo_epi32(u.mn[j], _mm256_set1_epi32(bs)));
+                }
+                let ds = _mm256_mul_ps(u.d, _mm256_cvtepi32_ps(s));
+                let dm = _mm256_mul_ps(u.dmin, _mm256_cvtepi32_ps(m));
+                _mm256_mul_ps(_mm256_set1_ps(y.d()), _mm256_sub_ps(ds, dm))
+            };
+            rows_in_lanes(w, a, out, unpack, term)
+        }
+
+        /// Q3_K the same way: values stored as q + 4 (0..7) transposed per chunk of 32
+        /// (two 16-element sub-blocks, four groups each), sub-block sums weighted by
+        /// the rows' signed scales, the `4 · Σ scale · bsum` correction in 32 bits, and
+        /// `q3k_term`'s float expression `(a.d · d) · (Σ − 4 · off)`: each result
+        /// equals the Q3_K `dot` bit for bit.
+        struct Q3kOctet {
+            q: [__m256i; 64],
+            sc: [__m256i; 16],
+            d: __m256,
+        }
+
+        #[target_feature(enable = $feat)]
+        unsafe fn q3k_octet(w: [&[BlockQ3K]; 8], a: &[&[BlockQ8K]], out: &mut [f32]) {
+            let unpack = |rows: [&BlockQ3K; 8]| {
+                let scales = rows.map(|blk| q3k_scales(&blk.scales));
+                let sc = std::array::from_fn(|j| {
+                    let v: [i32; 8] = std::array::from_fn(|r| scales[r][j] as i32);
+                    _mm256_loadu_si256(v.as_ptr().cast())
+                });
+                let d = rows.map(|blk| fp16(blk.d));
+                Q3kOctet {
+                    q: transpose_chunks(rows.map(|blk| q3k_values(blk))),
+                    sc,
+                    d: _mm256_loadu_ps(d.as_ptr()),
+                }
+            };
+            let term = |u: &Q3kOctet, y: &BlockQ8K| {
+                let mut s = _mm256_setzero_si256();
+                let mut off = _mm256_setzero_si256();
+                for j in 0..16 {
+                    let mut isum = _mm256_setzero_si256();
+                    for g in 0..4 {
+                        let ag = bcast4(y.qs.as_ptr().add(16 * j + 4 * g));
+                        isum = dpbusd(isum, u.q[4 * j + g], ag);
+                    }
+                    s = _mm256_add_epi32(s, _mm256_mullo_epi32(isum, u.sc[j]));
+                    let bs = _mm256_set1_epi32(y.bsum(j));
+                    off = _mm256_add_epi32(off, _mm256_mullo_epi32(u.sc[j], bs));
+                }
+                let x = _mm256_sub_epi32(s, _mm256_slli_epi32::<2>(off));
+                _mm256_mul_ps(
+                    _mm256_mul_ps(_mm256_set1_ps(y.d()), u.d),
+                    _mm256_cvtepi32_ps(x),
+                )
+            };
+            rows_in_lanes(w, a, out, unpack, term)
+        }
+
+        pub(crate) fn octet_q3_k(w: [&[u8]; 8], a: &[&[u8]], out: &mut [f32]) {
+            let a: Vec<&[BlockQ8K]> = a.iter().map(|r| cast_slice(r)).collect();
+            // SAFETY: installed by x86::specialize only on this module's tier; the kernel
+            // asserts every length it indexes by.
+            unsafe { q3k_octet(w.map(cast_slice), &a, out) }
+        }
+
+        pub(crate) fn octet_q4_k(w: [&[u8]; 8], a: &[&[u8]], out: &mut [f32]) {
+            let a: Vec<&[BlockQ8K]> = a.iter().map(|r| cast_slice(r)).collect();
+            // SAFETY: installed by x86::specialize only on this module's tier; the kernel
+            // asserts every length it indexes by.
+            unsafe { q4k_octet(w.map(cast_slice), &a, out) }
+        }
+
+        entry_tile!(
+            tile_q4_0 => q4_0_tile, tile_q5_0 => q5_0_tile, tile_q8_0 => q8_0_tile,
+            tile_iq4_nl => iq4_nl_tile, tile_q4_1 => q4_1_tile,
+            tile_q5_1 => q5_1_tile,
+        );
+
+        entry_rows4!(
+            rows4_q4_0 => q4_0_rows4, rows4_q5_0 => q5_0_rows4, rows4_q8_0 => q8_0_rows4,
+            rows4_iq4_nl => iq4_nl_rows4,
+        );
+
+        entry!(
+            dot_q4_0 => q4_0, dot_q5_0 => q5_0, dot_q8_0 => q8_0,
+            dot_iq4_nl => iq4_nl, dot_q4_1 => q4_1, dot_q5_1 => q5_1,
+        );
+
+        entry4!(
+            dot4_q4_0 => q4_0_4, dot4_q5_0 => q5_0_4, dot4_q8_0 => q8_0_4,
+            dot4_iq4_nl => iq4_nl_4, dot4_q4_1 => q4_1_4, dot4_q5_1 => q5_1_4,
+        );
+    };
+}
+
+/// AVX-512 VNNI: EVEX `vpdpbusd` on 256-bit registers.
+pub(super) mod avx512 {
+    use super::*;
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512bw,avx512vnni")]
+    #[inline]
+    pub(in crate::x86) unsafe fn dpbusd(acc: __m256i, u: __m256i, a: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(acc, u, a)
+    }
+
+    /// The fifth bits as a byte mask straight from `qh` (AVX-512BW).
+    #[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512bw,avx512vnni")]
+    #[inline]
+    unsafe fn bit4(qh: [u8; 4]) -> __m256i {
+        _mm256_maskz_mov_epi8(u32::from_le_bytes(qh), _mm256_set1_epi8(0x10))
+    }
+
+    vnni_kernels!("avx2,fma,f16c,avx512vl,avx512bw,avx512vnni");
+}
+
+/// AVX-VNNI: the VEX encoding of `vpdpbusd`, for CPUs without AVX-512.
+pub(super) mod avxvnni {
+    use super::*;
+    use crate::x86::avx2::bits_to_bytes;
+
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    #[inline]
+    pub(in crate::x86) unsafe fn dpbusd(acc: __m256i, u: __m256i, a: __m256i) -> __m256i {
+        _mm256_dpbusd_avx_epi32(acc, u, a)
+    }
+
+    /// The fifth bits through the AVX2 byte expansion.
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    #[inline]
+    unsafe fn bit4(qh: [u8; 4]) -> __m256i {
+        _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(0x10))
+    }
+
+    vnni_kernels!("avx2,fma,f16c,avxvnni");
+}
