@@ -85,7 +85,7 @@ pub fn run(
     };
     let random = |next: &mut dyn FnMut() -> u64| (10 + next() % (nv as u64 - 20)) as u32;
     // One state for every test, allocated once (a long context is many pages to fault in).
-    let mut st = m.new_state(depth + n_prompt.max(n_gen), cpu.precision)?;
+    let mut st = m.new_state(depth + n_prompt.max(n_gen), cpu.kv)?;
     let at_depth = match depth {
         0 => None,
         _ => {
@@ -274,7 +274,7 @@ pub fn read_bandwidth(g: &Model, cpu: &Cpu, passes: usize) -> f64 {
 mod tests {
     use super::*;
     use crate::backend::cpu::Precision;
-    use crate::backend::state::{KvRows, LayerState, State};
+    use crate::backend::state::{KvRows, KvTypes, LayerState, State};
     use crate::model::Seq;
     use std::sync::Mutex;
 
@@ -289,7 +289,7 @@ mod tests {
         fn n_ctx_train(&self) -> usize {
             1 << 20
         }
-        fn new_state(&self, n_ctx: usize, _: Precision) -> Result<State> {
+        fn new_state(&self, n_ctx: usize, _: KvTypes) -> Result<State> {
             let cache = LayerState::Attention {
                 k: KvRows::F32(vec![0.0; n_ctx]),
                 v: KvRows::F32(vec![0.0; n_ctx]),

@@ -200,7 +200,7 @@ pub struct Sequence {
 impl Sequence {
     pub fn new(model: &dyn Forward, n_ctx: usize, cpu: &Cpu) -> Result<Sequence> {
         Ok(Sequence {
-            state: model.new_state(n_ctx, cpu.precision)?,
+            state: model.new_state(n_ctx, cpu.kv)?,
             consumed: Vec::new(),
             snapshots: Snapshots::default(),
             batch: PREFILL_BATCH,
@@ -212,7 +212,7 @@ impl Sequence {
     pub fn reset(&mut self, model: &dyn Forward, cpu: &Cpu) -> Result<()> {
         self.consumed.clear();
         if self.state.clear().is_err() {
-            self.state = model.new_state(self.state.n_ctx, cpu.precision)?;
+            self.state = model.new_state(self.state.n_ctx, cpu.kv)?;
         }
         Ok(())
     }

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Value as Json};
 
+use crate::backend::state::KvType;
 use crate::gguf::{MetaError, Model};
 
 /// Bytes and tensor count of one type.
@@ -164,6 +165,12 @@ impl ModelInfo {
                 "expert_bytes": self.expert_bytes,
                 "expert_bytes_per_moe_layer": per_layer,
                 "kv_cache_bytes_per_1k_tokens": self.kv_bytes_per_1k,
+                "kv_cache_bytes_per_1k_tokens_by_type": self.kv_bytes_per_1k.map(|f16| {
+                    KvType::NAMED
+                        .iter()
+                        .map(|&t| (t.name().to_string(), json!(kv_bytes_as(f16, t))))
+                        .collect::<serde_json::Map<_, _>>()
+                }),
                 "recurrent_state_bytes_per_sequence": self.recurrent_state_bytes,
             },
         })
@@ -236,9 +243,13 @@ impl ModelInfo {
             );
         }
         if let Some(kv) = self.kv_bytes_per_1k {
+            let others: Vec<String> = [KvType::Q8_0, KvType::Q4_0]
+                .iter()
+                .map(|&t| format!("{} {}", t.name(), human_bytes(kv_bytes_as(kv, t))))
+                .collect();
             line(
                 "KV cache (f16)",
-                format!("{} per 1k tokens", human_bytes(kv)),
+                format!("{} per 1k tokens ({})", human_bytes(kv), others.join(", ")),
             );
         }
         if self.recurrent_state_bytes > 0 {
@@ -445,6 +456,13 @@ fn state_sizes(
     }
     let clamp = |x: u128| x.min(u64::MAX as u128) as u64;
     Ok((attention.then(|| clamp(kv)), clamp(rec)))
+}
+
+/// The KV bytes of `f16` bytes' worth of f16 values held as `ty` (bytes per 32 values: f16 64,
+/// q8_0 34, q4_0 18).
+fn kv_bytes_as(f16: u64, ty: KvType) -> u64 {
+    let per_32 = ty.bytes(32, 1).unwrap_or(64);
+    (f16 as u128 * per_32 as u128 / 64).min(u64::MAX as u128) as u64
 }
 
 #[cfg(test)]

@@ -606,7 +606,7 @@ fn measure(
     row.ram = cpu_bytes;
     let cpu = Cpu::new(load::threads(c.threads, true), Precision::Normal)?;
     let r = (|| -> Result<(f64, f64)> {
-        let mut st = m.new_state(n_ctx, cpu.precision)?;
+        let mut st = m.new_state(n_ctx, cpu.kv)?;
         // Warm-up: a short prompt and a few tokens (kernels, caches, page-locking).
         let warm = &prompt[..prompt.len().min(16)];
         m.forward(&cpu, &mut st, warm, false)?;

@@ -177,7 +177,12 @@ fn llama_cpp_flags_are_read_under_their_spellings() {
         "{v} {plain}"
     );
     // Flags with no meaning here, and misspellings: one line naming them, exit 1.
-    one_line_error(&["run", "-m", m, "-p", "x", "-ctk", "q8_0"], "-ctk q8_0");
+    one_line_error(&["run", "-m", m, "-p", "x", "-ctk", "q5_1"], "q5_1");
+    // A block cache needs whole blocks per head (this model's heads are 16 wide).
+    one_line_error(
+        &["run", "-m", m, "-p", "x", "-ctv", "q8_0"],
+        "multiple of 32",
+    );
     one_line_error(
         &["run", "-m", m, "-p", "x", "-md", "d.gguf"],
         "-md: speculative decoding",

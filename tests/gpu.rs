@@ -419,7 +419,9 @@ fn whole_and_split_models_on_the_gpu_match_the_float64_reference() {
             if prefetch && args.expert_cache.is_some() {
                 // The prompt again, now that the caches hold experts: its rows replace the first
                 // run's, against the same reference.
-                let mut st = m.new_state(64, Precision::Exact).unwrap();
+                let mut st = m
+                    .new_state(64, ggrun::backend::state::KvTypes::F32)
+                    .unwrap();
                 let again = m.forward(&cpu, &mut st, &g.prompt_tokens, true).unwrap();
                 rows[..again.len()].copy_from_slice(&again);
             }
@@ -513,7 +515,7 @@ fn device_state_chunks_and_restores() {
         let gg = Model::open(&g.model).unwrap();
         let dev = placed(&gg, &ALL_ON_GPU);
         let m = model::load_with(&gg, opts(&dev, false)).unwrap();
-        let st = m.new_state(8, cpu.precision).unwrap();
+        let st = m.new_state(8, cpu.kv).unwrap();
         assert!(
             st.layers.iter().any(|l| matches!(l, LayerState::Device(_))),
             "{name}: the state is not on the device"
@@ -714,7 +716,7 @@ fn decode_steps_as_cuda_graphs_match_launches_bit_for_bit() {
         )
         .unwrap();
         let cpu = Cpu::new(4, precision).unwrap();
-        let mut st = m.new_state(64, precision).unwrap();
+        let mut st = m.new_state(64, cpu.kv).unwrap();
         let mut rows = Vec::new();
         for round in 0..2 {
             st.clear().unwrap();
@@ -797,7 +799,7 @@ fn decoder_models_on_the_gpu_match_the_cpu() {
             for (what, args, resident) in &splits {
                 let dev = placed(&gg, args);
                 let m = model::load_with(&gg, opts(&dev, false)).unwrap();
-                let st = m.new_state(8, precision).unwrap();
+                let st = m.new_state(8, cpu.kv).unwrap();
                 assert_eq!(
                     matches!(st.layers[0], LayerState::Device(_)),
                     *resident,

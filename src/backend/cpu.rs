@@ -9,6 +9,7 @@ use ggrun_quants::{kernels, packed, GgmlType, Kernels};
 use rayon::prelude::*;
 
 use super::cuda::DeviceRows;
+use super::state::KvTypes;
 use crate::gguf::TensorView;
 
 /// MemAvailable from /proc/meminfo, in bytes (None where there is no such file).
@@ -131,11 +132,13 @@ pub enum Precision {
     Exact,
 }
 
-/// The CPU context: thread pool and numeric mode.
+/// The CPU context: thread pool, numeric mode and the types of the KV caches it keeps.
 pub struct Cpu {
     pool: rayon::ThreadPool,
     pub threads: usize,
     pub precision: Precision,
+    /// f16 K and V by default; f32 in exact precision, whatever was asked.
+    pub kv: KvTypes,
 }
 
 impl Cpu {
@@ -154,7 +157,19 @@ impl Cpu {
             pool,
             threads,
             precision,
+            kv: match precision {
+                Precision::Normal => KvTypes::F16,
+                Precision::Exact => KvTypes::F32,
+            },
         })
+    }
+
+    /// KV caches of types `kv` (`-ctk`/`-ctv`) in normal precision; exact precision keeps f32.
+    pub fn with_kv_types(mut self, kv: KvTypes) -> Cpu {
+        if self.precision == Precision::Normal {
+            self.kv = kv;
+        }
+        self
     }
 
     /// Runs `f` inside the pool (so that rayon calls in it use these threads).

@@ -883,7 +883,7 @@ mod tests {
 
     /// The planner's state size is what a sequence's state really holds on a GPU: the host
     /// state the model allocates, in f32 and position for position as the device state (the
-    /// host cache rounds its positions up to whole K tiles), at a few context sizes.
+    /// host cache rounds its K positions up to whole tiles), at a few context sizes.
     #[test]
     fn state_bytes_match_the_state_the_model_allocates() {
         let dir = tempfile::tempdir().unwrap();
@@ -891,7 +891,7 @@ mod tests {
         let m = crate::model::load_with(&g, Default::default()).unwrap();
         for n_ctx in [1, 100, 4096] {
             let st = m
-                .new_state(n_ctx, crate::backend::cpu::Precision::Exact)
+                .new_state(n_ctx, crate::backend::state::KvTypes::F32)
                 .unwrap();
             let held: usize = st
                 .layers
@@ -905,7 +905,11 @@ mod tests {
                         ..
                     } => {
                         let tiles = capacity.next_multiple_of(ggrun_quants::float::K_TILE);
-                        assert_eq!(k.len() + v.len(), 2 * row * tiles);
+                        let elems = |r: &crate::backend::state::KvRows| match r {
+                            crate::backend::state::KvRows::F32(x) => x.len(),
+                            _ => panic!("f32 rows expected"),
+                        };
+                        assert_eq!((elems(k), elems(v)), (row * tiles, row * capacity));
                         2 * row * capacity
                     }
                     crate::model::LayerState::Mamba { conv, ssm } => conv.len() + ssm.len(),

@@ -4,42 +4,130 @@
 
 use anyhow::{anyhow, bail, Result};
 use ggrun_quants::float::{f16_to_f32, f32_to_f16, k_tile_index, K_TILE};
+use ggrun_quants::GgmlType;
 
-/// A KV cache's rows: f32 (exact mode), or f16 bits (normal precision: llama.cpp's F16 cache,
-/// half the bytes, holding exactly the values that f32 rows rounded to f16 would).
+/// The element type of a KV cache's K or V rows, by llama.cpp's `--cache-type-k/-v` names:
+/// f32 (exact mode), f16 (the default), and the block formats q8_0 and q4_0 (32 values per
+/// block with an f16 scale, quantized as llama.cpp quantizes its cache rows).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KvType {
+    F32,
+    F16,
+    Q8_0,
+    Q4_0,
+}
+
+impl KvType {
+    /// The types `--cache-type-k/-v` take.
+    pub const NAMED: [KvType; 3] = [KvType::F16, KvType::Q8_0, KvType::Q4_0];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KvType::F32 => "f32",
+            KvType::F16 => "f16",
+            KvType::Q8_0 => "q8_0",
+            KvType::Q4_0 => "q4_0",
+        }
+    }
+
+    /// A `--cache-type-k/-v` value: one of [`KvType::NAMED`].
+    pub fn parse(s: &str) -> std::result::Result<KvType, String> {
+        KvType::NAMED
+            .into_iter()
+            .find(|t| t.name().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| {
+                let names: Vec<_> = KvType::NAMED.iter().map(|t| t.name()).collect();
+                format!(
+                    "KV cache type {s:?} is not supported (use {})",
+                    names.join(", ")
+                )
+            })
+    }
+
+    /// The block format of a quantized type.
+    pub fn block_type(self) -> Option<GgmlType> {
+        match self {
+            KvType::Q8_0 => Some(GgmlType::Q8_0),
+            KvType::Q4_0 => Some(GgmlType::Q4_0),
+            KvType::F32 | KvType::F16 => None,
+        }
+    }
+
+    /// Bytes of `n` rows of `row` values (None: not whole blocks, or too large).
+    pub fn bytes(self, row: usize, n: usize) -> Option<u64> {
+        let per_row = match self.block_type() {
+            Some(ty) => ty.row_bytes(row as u64)?,
+            None => row as u64 * if self == KvType::F32 { 4 } else { 2 },
+        };
+        per_row.checked_mul(n as u64)
+    }
+}
+
+/// The types of a cache's K and V rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct KvTypes {
+    pub k: KvType,
+    pub v: KvType,
+}
+
+impl KvTypes {
+    pub const F32: KvTypes = KvTypes {
+        k: KvType::F32,
+        v: KvType::F32,
+    };
+    pub const F16: KvTypes = KvTypes {
+        k: KvType::F16,
+        v: KvType::F16,
+    };
+}
+
+/// A KV cache's rows: f32 (exact mode), f16 bits (normal precision: llama.cpp's F16 cache,
+/// half the bytes, holding exactly the values that f32 rows rounded to f16 would), or blocks of
+/// a quantized type, each row `ty.row_bytes(row)` bytes, position after position.
 #[derive(Debug)]
 pub enum KvRows {
     F32(Vec<f32>),
     F16(Vec<u16>),
+    Quant { ty: GgmlType, data: Vec<u8> },
 }
 
 impl KvRows {
-    /// `n` zeros (the OS's zero pages until written); None when the memory cannot be had.
-    pub fn zeroed(n: usize, f16: bool) -> Option<KvRows> {
-        Some(match f16 {
-            false => KvRows::F32(bytemuck::allocation::try_zeroed_vec(n).ok()?),
-            true => KvRows::F16(bytemuck::allocation::try_zeroed_vec(n).ok()?),
+    /// Room for `n` positions of `row` values (f32 and f16 hold `n · row` elements; the caller
+    /// rounds `n` up to whole tiles for tiled K), zeros (the OS's zero pages until written);
+    /// None when the memory cannot be had.
+    pub fn zeroed(ty: KvType, row: usize, n: usize) -> Option<KvRows> {
+        let elems = row.checked_mul(n)?;
+        Some(match ty {
+            KvType::F32 => KvRows::F32(bytemuck::allocation::try_zeroed_vec(elems).ok()?),
+            KvType::F16 => KvRows::F16(bytemuck::allocation::try_zeroed_vec(elems).ok()?),
+            KvType::Q8_0 | KvType::Q4_0 => {
+                let bytes = usize::try_from(ty.bytes(row, n)?).ok()?;
+                KvRows::Quant {
+                    ty: ty.block_type()?,
+                    data: bytemuck::allocation::try_zeroed_vec(bytes).ok()?,
+                }
+            }
         })
     }
 
-    /// Elements held.
-    pub fn len(&self) -> usize {
-        match self {
-            KvRows::F32(v) => v.len(),
-            KvRows::F16(v) => v.len(),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Writes whole rows `src` (of `row` values each) at positions from `pos`, rounded to f16
-    /// (nearest even) when the rows are f16; in tile layout when `tiled` (see
-    /// [`ggrun_quants::float::k_tile_index`]), else position after position.
+    /// Writes whole rows `src` (of `row` values each) at positions from `pos`: rounded to f16
+    /// (nearest even) when the rows are f16, quantized when they are blocks; in tile layout
+    /// when `tiled` (f32 and f16 only, see [`ggrun_quants::float::k_tile_index`]), else
+    /// position after position.
     pub fn write_rows(&mut self, pos: usize, row: usize, tiled: bool, src: &[f32]) {
         use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
         let at = pos * row;
+        if let KvRows::Quant { ty, data } = self {
+            let rb = ty.row_bytes(row as u64).expect("whole blocks") as usize;
+            let quantize = quantizer(*ty);
+            for (r, dst) in src
+                .chunks_exact(row)
+                .zip(data[pos * rb..].chunks_exact_mut(rb))
+            {
+                quantize(r, dst);
+            }
+            return;
+        }
         if !tiled {
             match self {
                 KvRows::F32(v) => v[at..at + src.len()].copy_from_slice(src),
@@ -47,6 +135,7 @@ impl KvRows {
                     let dst: &mut [half::f16] = v[at..at + src.len()].reinterpret_cast_mut();
                     dst.convert_from_f32_slice(src);
                 }
+                KvRows::Quant { .. } => unreachable!("handled above"),
             }
             return;
         }
@@ -62,16 +151,25 @@ impl KvRows {
                     .iter()
                     .enumerate()
                     .for_each(|(c, &x)| v[base + c * K_TILE] = f32_to_f16(x)),
+                KvRows::Quant { .. } => unreachable!("handled above"),
             }
         }
     }
 
     /// The first `n` positions' rows (of `row` values) as f32, position after position, from
-    /// either layout.
+    /// any layout.
     pub fn rows_f32(&self, n: usize, row: usize, tiled: bool) -> std::borrow::Cow<'_, [f32]> {
         use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
         use std::borrow::Cow;
         let len = n * row;
+        if let KvRows::Quant { ty, data } = self {
+            let rb = ty.row_bytes(row as u64).expect("whole blocks") as usize;
+            let mut out = vec![0f32; len];
+            for (dst, src) in out.chunks_exact_mut(row).zip(data.chunks_exact(rb)) {
+                ggrun_quants::dequantize_row(*ty, src, dst).expect("a KV block type");
+            }
+            return Cow::Owned(out);
+        }
         if !tiled {
             return match self {
                 KvRows::F32(v) => Cow::Borrowed(&v[..len]),
@@ -79,6 +177,7 @@ impl KvRows {
                     let h: &[half::f16] = v[..len].reinterpret_cast();
                     Cow::Owned(h.to_f32_vec())
                 }
+                KvRows::Quant { .. } => unreachable!("handled above"),
             };
         }
         let mut out = Vec::with_capacity(len);
@@ -88,9 +187,23 @@ impl KvRows {
             match self {
                 KvRows::F32(v) => out.extend(cols.map(|i| v[i])),
                 KvRows::F16(v) => out.extend(cols.map(|i| f16_to_f32(v[i]))),
+                KvRows::Quant { .. } => unreachable!("handled above"),
             }
         }
         Cow::Owned(out)
+    }
+}
+
+/// How a cache row is quantized to block type `ty`: llama.cpp's CPU quantizer for it (for
+/// q8_0 the SIMD one its activations use, for q4_0 the reference).
+pub fn quantizer(ty: GgmlType) -> ggrun_quants::QuantizeFn {
+    match ty {
+        GgmlType::Q8_0 => {
+            ggrun_quants::kernels(ty)
+                .expect("q8_0 kernels")
+                .quantize_act
+        }
+        _ => ggrun_quants::reference_quantize_fn(ty).expect("a KV block type"),
     }
 }
 
@@ -314,7 +427,7 @@ impl State {
 
 #[cfg(test)]
 mod tests {
-    use super::KvRows;
+    use super::{KvRows, KvType};
 
     /// Rows written in tile layout (from a position inside a tile, ending inside another) read
     /// back as the same rows, position after position, in f32 and f16; so do rows written in
@@ -324,16 +437,67 @@ mod tests {
         let (row, n) = (12, 21);
         let src: Vec<f32> = (0..n * row).map(|i| i as f32 * 0.25 - 7.0).collect();
         for tiled in [true, false] {
-            for f16 in [false, true] {
-                let mut k = KvRows::zeroed(32 * row, f16).unwrap();
+            for ty in [KvType::F32, KvType::F16] {
+                let mut k = KvRows::zeroed(ty, row, 32).unwrap();
                 k.write_rows(0, row, tiled, &src[..3 * row]);
                 k.write_rows(3, row, tiled, &src[3 * row..]);
                 assert_eq!(
                     k.rows_f32(n, row, tiled)[..],
                     src[..],
-                    "tiled {tiled} f16 {f16}"
+                    "tiled {tiled} {ty:?}"
                 );
             }
         }
+    }
+
+    /// Block rows read back within a quantization step's bound of what was written (the step
+    /// of a block is its largest magnitude over 127 for q8_0, over 8 for q4_0; rounding is
+    /// within half a step, plus the f16 rounding of the scale (2^-11 relative, times up to 127
+    /// steps) for q8_0; q4_0 clamps the largest value of the sign opposite to the block's
+    /// extreme to 7 steps, a full step off), and writing what was read back reproduces the
+    /// same bytes: a saved state restores exactly.
+    #[test]
+    fn block_rows_read_back_within_a_step_and_round_trip_exactly() {
+        let (row, n) = (64, 9);
+        let mut x = 0x2545_f491_u32;
+        let src: Vec<f32> = (0..n * row)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                (x as f32 / u32::MAX as f32 - 0.5) * 6.0
+            })
+            .collect();
+        for (ty, levels, bound) in [(KvType::Q8_0, 127.0, 0.57), (KvType::Q4_0, 8.0, 1.01)] {
+            let mut k = KvRows::zeroed(ty, row, 16).unwrap();
+            k.write_rows(0, row, false, &src[..2 * row]);
+            k.write_rows(2, row, false, &src[2 * row..]);
+            let back = k.rows_f32(n, row, false).into_owned();
+            for (b, (got, want)) in back.chunks(32).zip(src.chunks(32)).enumerate() {
+                let amax = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let step = amax / levels;
+                for (g, w) in got.iter().zip(want) {
+                    assert!((g - w).abs() <= bound * step + 1e-6, "{ty:?} block {b}");
+                }
+            }
+            let mut again = KvRows::zeroed(ty, row, 16).unwrap();
+            again.write_rows(0, row, false, &back);
+            match (&k, &again) {
+                (KvRows::Quant { data: a, .. }, KvRows::Quant { data: b, .. }) => {
+                    assert_eq!(a, b, "{ty:?}")
+                }
+                _ => panic!("block rows expected"),
+            }
+        }
+    }
+
+    #[test]
+    fn cache_type_names_parse_and_others_are_refused() {
+        for ty in KvType::NAMED {
+            assert_eq!(KvType::parse(ty.name()), Ok(ty));
+        }
+        assert_eq!(KvType::parse("Q8_0"), Ok(KvType::Q8_0));
+        let e = KvType::parse("q5_1").unwrap_err();
+        assert!(e.contains("q5_1") && e.contains("q8_0"), "{e}");
     }
 }

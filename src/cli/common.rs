@@ -9,6 +9,7 @@ use clap::{Args, ValueEnum};
 
 use crate::backend::cuda::{PassOptions, Prefetch};
 use crate::backend::placement::PlacementArgs;
+use crate::backend::state::{KvType, KvTypes};
 use crate::chat::template::{ChatTemplate, Limits, TemplateOptions};
 use crate::engine::load::{ModelOptions, GENERATING, INTERRUPTED};
 use crate::gguf::Metadata;
@@ -76,11 +77,35 @@ pub struct ModelArgs {
     #[arg(long)]
     pub no_repack: bool,
     #[command(flatten)]
+    pub cache: CacheFlags,
+    #[command(flatten)]
     pub template: TemplateFlags,
     #[command(flatten)]
     pub pass: PassFlags,
     #[command(flatten)]
     pub place: PlacementFlags,
+}
+
+/// The KV cache's element types, by llama.cpp's names.
+#[derive(Args, Debug, Clone, Default)]
+pub struct CacheFlags {
+    /// K cache type: f16, q8_0 or q4_0 [default: f16] (`-ctk`). For layers run on the CPU (a
+    /// GPU's cache stays f32); exact mode keeps f32.
+    #[arg(long = "cache-type-k", value_name = "TYPE", value_parser = KvType::parse)]
+    pub k: Option<KvType>,
+    /// V cache type: f16, q8_0 or q4_0 [default: f16] (`-ctv`), as the K cache's.
+    #[arg(long = "cache-type-v", value_name = "TYPE", value_parser = KvType::parse)]
+    pub v: Option<KvType>,
+}
+
+impl CacheFlags {
+    /// The types asked for, f16 where none was.
+    pub fn types(&self) -> KvTypes {
+        KvTypes {
+            k: self.k.unwrap_or(KvType::F16),
+            v: self.v.unwrap_or(KvType::F16),
+        }
+    }
 }
 
 /// How a device-resident pass runs: switches for measurements and tests (hidden; the defaults
@@ -196,6 +221,7 @@ impl ModelArgs {
             exact: self.exact,
             quiet: self.quiet,
             no_repack: self.no_repack,
+            kv: self.cache.types(),
             place: self.place.args(),
             pass: self.pass.options(),
             template: self.template.options(),

@@ -139,6 +139,8 @@ pub enum Command {
         #[arg(long)]
         no_repack: bool,
         #[command(flatten)]
+        cache: common::CacheFlags,
+        #[command(flatten)]
         place: common::PlacementFlags,
         #[command(flatten)]
         pass: common::PassFlags,
@@ -236,6 +238,8 @@ pub enum Command {
         /// less memory, slower on CPUs that have those kernels).
         #[arg(long)]
         no_repack: bool,
+        #[command(flatten)]
+        cache: common::CacheFlags,
         #[command(flatten)]
         place: common::PlacementFlags,
         #[command(flatten)]
@@ -424,6 +428,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             ctx_size,
             exact,
             no_repack,
+            cache,
             place,
             pass,
         } => {
@@ -441,14 +446,15 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
                 pass: pass.options(),
             };
             let m = crate::model::load_with(&g, opts)?;
-            let cpu = Cpu::new(load::threads(threads, false), precision)?;
+            let cpu =
+                Cpu::new(load::threads(threads, false), precision)?.with_kv_types(cache.types());
             if tokens.len() + decode > n_ctx {
                 anyhow::bail!(
                     "{} prompt tokens + {decode} decode steps do not fit in a context of {n_ctx} (raise -c/--ctx-size)",
                     tokens.len()
                 );
             }
-            let mut state = m.new_state(n_ctx, precision)?;
+            let mut state = m.new_state(n_ctx, cpu.kv)?;
             let mut rows = m.forward(&cpu, &mut state, &tokens, true)?;
             let nv = m.n_vocab();
             let mut generated = Vec::with_capacity(decode);
@@ -482,6 +488,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             routing_stats,
             routing_window,
             no_repack,
+            cache,
             place,
             pass,
         } => {
@@ -507,7 +514,8 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
                 pass: pass.options(),
             };
             let m = crate::model::load_with(&g, opts)?;
-            let cpu = Cpu::new(load::threads(threads, false), precision)?;
+            let cpu =
+                Cpu::new(load::threads(threads, false), precision)?.with_kv_types(cache.types());
             let mut window = routing_stats.then(|| RoutingWindow::new(routing_window));
             let bandwidth = || crate::bench::read_bandwidth(&g, &cpu, 2);
             let r = crate::bench::run(
@@ -527,6 +535,8 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             };
             if json {
                 let mut v = r.to_json(&model, cpu.threads);
+                v["type_k"] = cpu.kv.k.name().into();
+                v["type_v"] = cpu.kv.v.name().into();
                 v["repacked_bytes"] = g.derived_bytes().into();
                 if let Some(d) = &dev {
                     v["gpu"] = d.gpu.name.clone().into();

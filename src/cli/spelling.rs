@@ -145,17 +145,6 @@ pub fn rewrite(args: impl IntoIterator<Item = OsString>) -> Result<Vec<OsString>
                 out.push(u32::MAX.to_string().into());
                 continue;
             }
-            "--cache-type-k" | "--cache-type-v" => {
-                let v = value.ok_or(format!("{typed} needs a type (f16)"))?;
-                if v != "f16" {
-                    return Err(format!(
-                        "{typed} {v}: the KV cache is f16 here (q8_0 and q4_0 caches are not \
-                         supported yet)"
-                    ));
-                }
-                i += usize::from(takes_next);
-                continue;
-            }
             // llama.cpp's sentinels: -1 = no limit, a random seed, every core.
             "-n" | "--n-predict" if matches!(value.as_deref(), Some("-1" | "-2")) => {
                 i += usize::from(takes_next);
@@ -240,8 +229,8 @@ mod tests {
         assert_eq!(rw("run -n -1 -s -1 --seed=-1 -t -1").unwrap(), "run");
         assert_eq!(rw("run -n -2 -n 5").unwrap(), "run -n 5");
         assert_eq!(
-            rw("run --jinja -fa -ctk f16 -ctv=f16 --no-mmap").unwrap(),
-            "run"
+            rw("run --jinja -fa -ctk q8_0 -ctv=q4_0 --no-mmap").unwrap(),
+            "run --cache-type-k q8_0 --cache-type-v=q4_0"
         );
         assert_eq!(rw("run -fa on -p x").unwrap(), "run -p x");
         assert_eq!(
@@ -264,7 +253,6 @@ mod tests {
         assert!(rw("run -md d.gguf")
             .unwrap_err()
             .starts_with("-md: speculative"));
-        assert!(rw("run -ctk q8_0").unwrap_err().contains("q8_0"));
         assert!(rw("run -ts 1,1").unwrap_err().starts_with("-ts:"));
         assert!(rw("run -xyz 3")
             .unwrap_err()

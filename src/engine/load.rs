@@ -12,6 +12,7 @@ use rayon::prelude::*;
 use crate::backend::cpu::{Cpu, Precision};
 use crate::backend::cuda::{DeviceWeights, Gpu, PassOptions};
 use crate::backend::placement::{PlacementArgs, Plan};
+use crate::backend::state::KvTypes;
 use crate::chat::template::TemplateOptions;
 use crate::generate::PREFILL_BATCH;
 use crate::gguf::Model;
@@ -39,6 +40,8 @@ pub struct ModelOptions {
     pub quiet: bool,
     /// Keep weights only in the file's layout (no packed copies).
     pub no_repack: bool,
+    /// The types of KV caches held in host memory (`-ctk`/`-ctv`; exact mode keeps f32).
+    pub kv: KvTypes,
     pub place: PlacementArgs,
     /// How a device-resident pass runs (measurement switches).
     pub pass: PassOptions,
@@ -70,9 +73,9 @@ pub const DEVICE_MARGIN: u64 = 256 << 20;
 
 /// The context a run of `g` gets when it `asked` for that many tokens (0: [`default_context`]),
 /// known before loading: what the planner sizes the device state for. `cpu`: the number of
-/// sequences and the precision of states held in host memory, whose default follows the memory
-/// available; None for states on a GPU (their default stays at [`BASE_CONTEXT`]).
-pub fn planned_context(g: &Model, asked: usize, cpu: Option<(usize, bool)>) -> usize {
+/// sequences and the KV cache types of states held in host memory, whose default follows the
+/// memory available; None for states on a GPU (their default stays at [`BASE_CONTEXT`]).
+pub fn planned_context(g: &Model, asked: usize, cpu: Option<(usize, KvTypes)>) -> usize {
     if asked > 0 {
         return asked;
     }
@@ -81,14 +84,22 @@ pub fn planned_context(g: &Model, asked: usize, cpu: Option<(usize, bool)>) -> u
         .ok()
         .and_then(|a| g.metadata().get_usize(&format!("{a}.context_length")).ok())
         .unwrap_or(0);
-    let fits = cpu.and_then(|(sequences, exact)| cpu_context_fit(g, sequences, exact));
+    let fits = cpu.and_then(|(sequences, kv)| cpu_context_fit(g, sequences, kv));
     default_context(trained, fits)
 }
 
 /// The host-state side of [`planned_context`] for these options: None when they place
 /// anything on a GPU.
-fn cpu_states(opts: &ModelOptions) -> Option<(usize, bool)> {
-    (!opts.place.wants_gpu()).then_some((opts.place.sequences.max(1), opts.exact))
+fn cpu_states(opts: &ModelOptions) -> Option<(usize, KvTypes)> {
+    (!opts.place.wants_gpu()).then_some((opts.place.sequences.max(1), host_kv_types(opts)))
+}
+
+/// The KV cache types of states held in host memory: f32 in exact precision, else as asked.
+fn host_kv_types(opts: &ModelOptions) -> KvTypes {
+    match precision(opts.exact) {
+        Precision::Exact => KvTypes::F32,
+        Precision::Normal => opts.kv,
+    }
 }
 
 /// The smallest default context (or the trained length, when shorter): what every run got
@@ -108,14 +119,17 @@ pub fn default_context(trained: usize, fits: Option<usize>) -> usize {
     fits.map_or(floor, |f| trained.min(f.max(floor)))
 }
 
-/// Tokens whose CPU KV caches (f16 rows in normal precision, f32 in exact; `sequences` of them)
-/// fit the memory available now beside the model file; None when either size is unknown.
-fn cpu_context_fit(g: &Model, sequences: usize, exact: bool) -> Option<usize> {
+/// Tokens whose CPU KV caches (rows of types `kv`; `sequences` of them) fit the memory
+/// available now beside the model file; None when either size is unknown.
+fn cpu_context_fit(g: &Model, sequences: usize, kv: KvTypes) -> Option<usize> {
     let available = crate::backend::cpu::available_memory()?;
     let file: u64 = g.parts.iter().map(|p| p.bytes().len() as u64).sum();
-    // The device layout's figure (f32 rows) per token; the CPU's normal cache is f16.
+    // The device layout's figure (f32 K and V rows) per token, scaled to these types' bytes
+    // per 32 values (f32 128, f16 64, q8_0 34, q4_0 18).
     let at = |n| crate::backend::placement::state_bytes(g, n).ok();
-    let per_token = at(2)?.checked_sub(at(1)?)? / if exact { 1 } else { 2 };
+    let per_token_f32 = at(2)?.checked_sub(at(1)?)?;
+    let per_32 = kv.k.bytes(32, 1)? + kv.v.bytes(32, 1)?;
+    let per_token = per_token_f32 * per_32 / 256;
     Some(tokens_that_fit(available, file, per_token, sequences))
 }
 
@@ -274,7 +288,15 @@ pub fn load<'g>(
         pass: args.pass,
     };
     let model = crate::model::load_with(g, opts)?;
-    let cpu = Cpu::new(threads(args.threads, args.quiet), precision)?;
+    let cpu = Cpu::new(threads(args.threads, args.quiet), precision)?.with_kv_types(args.kv);
+    if args.kv != KvTypes::F16 && !args.quiet {
+        if args.place.wants_gpu() {
+            eprintln!("note: -ctk/-ctv set the KV cache of layers run on the CPU; layers on the GPU keep an f32 cache");
+        }
+        if precision == Precision::Exact {
+            eprintln!("note: exact mode keeps the KV cache in f32 (-ctk/-ctv ignored)");
+        }
+    }
     let trained = model.n_ctx_train();
     if args.ctx_size > trained && trained > 0 && !args.quiet {
         eprintln!(

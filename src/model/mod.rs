@@ -160,8 +160,9 @@ pub trait Forward: Sync {
     fn n_vocab(&self) -> usize;
     /// The architecture's trained context length.
     fn n_ctx_train(&self) -> usize;
-    /// A fresh state for a context of `n_ctx` tokens (memory allocated once, here).
-    fn new_state(&self, n_ctx: usize, precision: crate::backend::cpu::Precision) -> Result<State>;
+    /// A fresh state for a context of `n_ctx` tokens (memory allocated once, here), with KV
+    /// caches held in host memory of types `kv` (a GPU's caches keep their own type).
+    fn new_state(&self, n_ctx: usize, kv: crate::backend::state::KvTypes) -> Result<State>;
     /// One line on how prefill treated routed experts left in RAM (GPU placements only).
     fn offload_report(&self) -> Option<String> {
         None

@@ -636,6 +636,7 @@ pub fn write_nemotron(p: &NemotronPreset, mix: Mix, seed: u64, path: &Path) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::state::KvTypes;
 
     /// The mix rules reproduce ../shared/spec/mixes/*.tsv for the real 52-layer model.
     #[test]
@@ -652,7 +653,7 @@ mod tests {
             let mut last = Vec::new();
             for precision in [Precision::Exact, Precision::Normal] {
                 let cpu = Cpu::new(1, precision).unwrap();
-                let mut st = m.new_state(16, precision).unwrap();
+                let mut st = m.new_state(16, cpu.kv).unwrap();
                 let l = m.forward(&cpu, &mut st, &[256, 5, 9, 77], true).unwrap();
                 assert_eq!(l.len(), 4 * 1024);
                 assert!(l.iter().all(|v| v.is_finite()), "{mix:?}");
@@ -688,7 +689,7 @@ mod tests {
         };
         let m = crate::model::nemotron_h::NemotronH::load(&t).unwrap();
         let cpu = Cpu::new(1, Precision::Normal).unwrap();
-        let mut st = m.new_state(200, Precision::Normal).unwrap();
+        let mut st = m.new_state(200, KvTypes::F16).unwrap();
         let toks: Vec<u32> = (0..200u32).map(|i| (i * 7919) % 1024).collect();
         m.forward(&cpu, &mut st, &toks, false).unwrap();
         for (layer, counts) in m.routing_counts().unwrap() {

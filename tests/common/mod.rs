@@ -154,7 +154,7 @@ pub fn golden(name: &str) -> Golden {
 
 /// Logits of the last token after feeding `tokens` in chunks of `chunk`, and the state.
 pub fn chunked(m: &dyn Forward, cpu: &Cpu, tokens: &[u32], chunk: usize) -> (Vec<f32>, State) {
-    let mut st = m.new_state(tokens.len() + 8, cpu.precision).unwrap();
+    let mut st = m.new_state(tokens.len() + 8, cpu.kv).unwrap();
     let mut last = Vec::new();
     for c in tokens.chunks(chunk) {
         last = m.forward(cpu, &mut st, c, false).unwrap();
@@ -186,14 +186,14 @@ pub fn check_chunks_and_restore(m: &dyn Forward, cpu: &Cpu, toks: &[u32], tol: f
         out
     };
     let a = cont(st);
-    let mut fresh = m.new_state(toks.len() + 8, cpu.precision).unwrap();
+    let mut fresh = m.new_state(toks.len() + 8, cpu.kv).unwrap();
     fresh.restore(&saved).unwrap();
     let b = cont(fresh);
     assert!(
         a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
         "{name}: restored state diverged"
     );
-    let mut other = m.new_state(toks.len() + 9, cpu.precision).unwrap();
+    let mut other = m.new_state(toks.len() + 9, cpu.kv).unwrap();
     assert!(
         other.restore(&saved).is_err(),
         "{name}: a foreign state was accepted"
@@ -219,7 +219,7 @@ pub fn run(
     steps: usize,
     forced: Option<&[u32]>,
 ) -> (Vec<f32>, Vec<u32>) {
-    let mut st = m.new_state(prompt.len() + steps, cpu.precision).unwrap();
+    let mut st = m.new_state(prompt.len() + steps, cpu.kv).unwrap();
     let mut rows = m.forward(cpu, &mut st, prompt, true).unwrap();
     let nv = m.n_vocab();
     let mut gen = Vec::new();
@@ -284,7 +284,7 @@ pub fn check_batch_equals_alone(
             prompts
                 .iter()
                 .map(|p| {
-                    let mut st = m.new_state(n_ctx, precision).unwrap();
+                    let mut st = m.new_state(n_ctx, cpu.kv).unwrap();
                     m.forward(&cpu, &mut st, p, false).unwrap();
                     st
                 })

@@ -1426,14 +1426,11 @@ unsafe fn weighted_block<T: KvElem, const L: usize, const H: usize>(
     }
     for p in 0..n {
         let row = v.add(p * stride);
-        let mut x = [_mm256_setzero_ps(); L];
-        for (l, x) in x.iter_mut().enumerate() {
-            *x = load8(row.add(8 * l));
-        }
-        for (h, a) in acc.iter_mut().enumerate() {
-            let wv = _mm256_set1_ps(*w.add(h * n + p));
-            for (a, x) in a.iter_mut().zip(&x) {
-                *a = _mm256_fmadd_ps(wv, *x, *a);
+        let wv: [__m256; H] = std::array::from_fn(|h| _mm256_set1_ps(*w.add(h * n + p)));
+        for l in 0..L {
+            let x = load8(row.add(8 * l));
+            for (a, wv) in acc.iter_mut().zip(&wv) {
+                a[l] = _mm256_fmadd_ps(*wv, x, a[l]);
             }
         }
     }
@@ -1458,9 +1455,11 @@ unsafe fn weighted_rows_impl<T: KvElem>(
         g * hd == out.len() && g * n == w.len() && (n == 0 || (n - 1) * stride + hd <= v.len()),
         "weighted_rows: rows out of range"
     );
-    // Slices of 32 columns for blocks of up to three heads, then slices of eight for blocks of
-    // up to eight: each row load serves the block's heads, twelve (or eight) accumulators stay
-    // in registers, and every element still sums its terms in position order.
+    // Slices of 32 columns for blocks of up to two heads, then slices of eight for blocks of
+    // up to eight: each row load serves the block's heads, eight accumulators stay in
+    // registers, and every element still sums its terms in position order. (Blocks of three
+    // heads need 17 of AVX2's 16 registers: the spilled accumulator's store and reload sat in
+    // its FMA chain and halved the speed.)
     let (o, wp, vp) = (out.as_mut_ptr(), w.as_ptr(), v.as_ptr());
     // The block of heads h0.. at columns d0.. (L lanes, H heads).
     macro_rules! block {
@@ -1477,9 +1476,8 @@ unsafe fn weighted_rows_impl<T: KvElem>(
     }
     let mut d0 = 0;
     while d0 + 32 <= hd {
-        for h0 in (0..g).step_by(3) {
-            match (g - h0).min(3) {
-                3 => block!(4, 3, h0, d0),
+        for h0 in (0..g).step_by(2) {
+            match (g - h0).min(2) {
                 2 => block!(4, 2, h0, d0),
                 _ => block!(4, 1, h0, d0),
             }

@@ -17,7 +17,8 @@ use anyhow::{bail, Context, Result};
 
 use super::{segments, Forward, Seq, State, Tensors};
 use crate::backend::attention::{self, AttnShape};
-use crate::backend::cpu::{round_f16, silu, Cpu, Matrix, Precision};
+use crate::backend::cpu::{round_f16, silu, Cpu, Matrix};
+use crate::backend::state::KvTypes;
 use crate::gguf::Metadata;
 
 /// Rotary position embedding of one layer, as ggml computes it.
@@ -758,21 +759,21 @@ impl Forward for Decoder<'_> {
         Ok(out)
     }
 
-    fn new_state(&self, n_ctx: usize, precision: Precision) -> Result<State> {
+    fn new_state(&self, n_ctx: usize, kv: KvTypes) -> Result<State> {
         if let Some(dev) = &self.device {
             return dev.new_state(self, n_ctx);
         }
         let bytes = self
             .layers
             .iter()
-            .map(|l| attention::cache_bytes(&l.attn.shape, n_ctx, precision == Precision::Normal))
+            .map(|l| attention::cache_bytes(&l.attn.shape, n_ctx, kv))
             .sum();
         crate::backend::cpu::ensure_memory(bytes, &format!("the KV cache of {n_ctx} tokens"))
             .map_err(|e| anyhow::anyhow!("{e} (lower -c/--ctx-size)"))?;
         let layers = self
             .layers
             .iter()
-            .map(|l| attention::new_cache(&l.attn.shape, n_ctx, precision == Precision::Normal))
+            .map(|l| attention::new_cache(&l.attn.shape, n_ctx, kv))
             .collect::<Result<_>>()?;
         Ok(State::new(layers, n_ctx))
     }

@@ -13,6 +13,7 @@ use crate::backend::attention::{self, AttnShape};
 use crate::backend::cpu::{rms_norm, sigmoid, softplus, Cpu, Matrix, Precision};
 use crate::backend::cuda::MlpJob;
 use crate::backend::ssm::{self, SsmShape};
+use crate::backend::state::KvTypes;
 
 /// Mamba-2 mixer weights.
 struct Mamba<'a> {
@@ -511,7 +512,7 @@ impl Forward for NemotronH<'_> {
         self.routing_counts()
     }
 
-    fn new_state(&self, n_ctx: usize, precision: Precision) -> Result<State> {
+    fn new_state(&self, n_ctx: usize, kv: KvTypes) -> Result<State> {
         if let Some(d) = &self.dev {
             return d.new_state(self, n_ctx);
         }
@@ -520,7 +521,7 @@ impl Forward for NemotronH<'_> {
             .iter()
             .map(|l| match &l.block {
                 Block::Attention(Attention { shape, .. }) => {
-                    attention::cache_bytes(shape, n_ctx, precision == Precision::Normal)
+                    attention::cache_bytes(shape, n_ctx, kv)
                 }
                 _ => 0,
             })
@@ -532,9 +533,7 @@ impl Forward for NemotronH<'_> {
             .iter()
             .map(|l| match &l.block {
                 Block::Mamba(_) => Ok(ssm::new_state(&self.ssm)),
-                Block::Attention(Attention { shape, .. }) => {
-                    attention::new_cache(shape, n_ctx, precision == Precision::Normal)
-                }
+                Block::Attention(Attention { shape, .. }) => attention::new_cache(shape, n_ctx, kv),
                 _ => Ok(LayerState::None),
             })
             .collect::<Result<_>>()?;
