@@ -270,7 +270,9 @@ impl State {
     }
 
     /// Serialises the state (little-endian f32s with a small header) for save/restore; layers
-    /// held on a GPU are copied back first.
+    /// held on a GPU are copied back first. Block KV rows are saved as the values they hold,
+    /// which are rotated (see `attention::k_rotation`): restore into a state with the same
+    /// cache types, as the in-process prompt cache and `bench -d` do.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let mut out = Vec::new();
         let mut put = |v: u64| out.extend_from_slice(&v.to_le_bytes());
