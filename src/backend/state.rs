@@ -251,7 +251,7 @@ pub struct State {
 }
 
 impl State {
-    /// Empties the state in place, as [`Forward::new_state`] makes it but without allocating:
+    /// Empties the state in place, as [`crate::model::Forward::new_state`] makes it but without allocating:
     /// a fresh state of a long context is hundreds of megabytes of pages to fault in again.
     pub fn clear(&mut self) -> Result<()> {
         for l in &mut self.layers {

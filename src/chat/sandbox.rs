@@ -130,7 +130,7 @@ pub fn render(
     bail!("{origin}: the template renderer failed ({status})")
 }
 
-/// The child's side: reads a [`Job`] on stdin, limits its own memory, renders, and writes the
+/// The child's side: reads a `Job` on stdin, limits its own memory, renders, and writes the
 /// prompt on stdout (or one line on stderr and exit status 1).
 pub fn serve_child() -> Result<()> {
     let mut input = Vec::new();

@@ -255,7 +255,7 @@ pub enum Exit {
 }
 
 /// Reads the command line (`args`, the program name first) in llama.cpp's spellings as well
-/// as ours ([`spelling`]).
+/// as ours (`spelling`).
 pub fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Cli, Exit> {
     let args = spelling::rewrite(args).map_err(Exit::Usage)?;
     Cli::try_parse_from(args).map_err(|e| {

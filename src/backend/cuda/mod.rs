@@ -486,7 +486,7 @@ impl Gpu {
     /// the tensor cores, one launch for all groups (a layer's selected experts in prefill, which
     /// one by one left most of the GPU idle: an expert's product is a few dozen row tiles);
     /// otherwise (exact mode, columns not in whole 32-column steps, or no group of
-    /// [`TILED_FROM`] tokens: decode-sized batches) one product per group.
+    /// `TILED_FROM` tokens: decode-sized batches) one product per group.
     #[allow(clippy::too_many_arguments)]
     pub fn matmul_grouped(
         &self,

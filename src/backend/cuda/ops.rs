@@ -351,7 +351,7 @@ impl Gpu {
         launched(unsafe { launch.launch(LaunchConfig::for_num_elems(n as u32)) }.map(drop))
     }
 
-    /// y[r] += b[ids[r]] for `rows` rows of n (ids None: every row adds b, n floats).
+    /// `y[r] += b[ids[r]]` for `rows` rows of n (ids None: every row adds b, n floats).
     pub fn add_bias(
         &self,
         y: &mut CudaSlice<f32>,
@@ -433,7 +433,7 @@ impl Gpu {
         launched(unsafe { launch.launch(LaunchConfig::for_num_elems(n as u32)) }.map(drop))
     }
 
-    /// out[i] = x[idx[i]] for `idx.len()` rows of n floats.
+    /// `out[i] = x[idx[i]]` for `idx.len()` rows of n floats.
     pub fn gather_rows(
         &self,
         x: &CudaSlice<f32>,
@@ -457,7 +457,7 @@ impl Gpu {
         launched(unsafe { launch.launch(cfg) }.map(drop))
     }
 
-    /// x[t] += Σ_s wts[t·k + s] · y[pos[t·k + s]] (y row t·k + s without `pos`), rows of n.
+    /// `x[t] += Σ_s wts[t·k + s] · y[pos[t·k + s]]` (y row t·k + s without `pos`), rows of n.
     /// With `pos`, y may have fewer rows than pairs (some pairs computed elsewhere, weight 0);
     /// positions outside y's rows are skipped.
     #[allow(clippy::too_many_arguments)]
@@ -608,7 +608,7 @@ impl Gpu {
 
 impl DeviceRows<'_> {
     /// The routed experts' products for decode, with the expert ids on the device: pair p
-    /// multiplies expert ids[p] (rows ids[p]·`rows_per_expert` .. of this stacked matrix) by x
+    /// multiplies expert `ids[p]` (rows `ids[p]·rows_per_expert ..` of this stacked matrix) by x
     /// row p / k (row p when `x_per_pair`) into y row p (`rows_per_expert` wide), as `epi` says.
     #[allow(clippy::too_many_arguments)]
     pub fn matmul_id(

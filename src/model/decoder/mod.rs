@@ -4,7 +4,7 @@
 //! part that is a gated MLP (SiLU, GELU-tanh) or routed experts (softmax routers, SwiGLU or
 //! gpt-oss's clamped SwiGLU, expert biases), each with optional post-norms (gemma3). The
 //! architecture files only read their hyperparameters and tensors into a [`Decoder`] (a
-//! description); the forward pass is written once here over [`Ops`], which two executors
+//! description); the forward pass is written once here over `Ops`, which two executors
 //! implement: `cpu.rs` (host memory, the thread pool; products of GPU-placed weights cross
 //! PCIe one by one) and `cuda.rs` (everything but RAM experts resident on the GPU).
 
