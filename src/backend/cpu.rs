@@ -132,6 +132,17 @@ pub enum Precision {
     Exact,
 }
 
+impl Precision {
+    /// The types of the KV caches held in host memory when `asked` for: exact precision keeps
+    /// f32 whatever was asked.
+    pub fn kv_types(self, asked: KvTypes) -> KvTypes {
+        match self {
+            Precision::Normal => asked,
+            Precision::Exact => KvTypes::F32,
+        }
+    }
+}
+
 /// The CPU context: thread pool, numeric mode and the types of the KV caches it keeps.
 pub struct Cpu {
     pool: rayon::ThreadPool,
@@ -157,18 +168,13 @@ impl Cpu {
             pool,
             threads,
             precision,
-            kv: match precision {
-                Precision::Normal => KvTypes::F16,
-                Precision::Exact => KvTypes::F32,
-            },
+            kv: precision.kv_types(KvTypes::F16),
         })
     }
 
     /// KV caches of types `kv` (`-ctk`/`-ctv`) in normal precision; exact precision keeps f32.
     pub fn with_kv_types(mut self, kv: KvTypes) -> Cpu {
-        if self.precision == Precision::Normal {
-            self.kv = kv;
-        }
+        self.kv = self.precision.kv_types(kv);
         self
     }
 

@@ -91,15 +91,8 @@ pub fn planned_context(g: &Model, asked: usize, cpu: Option<(usize, KvTypes)>) -
 /// The host-state side of [`planned_context`] for these options: None when they place
 /// anything on a GPU.
 fn cpu_states(opts: &ModelOptions) -> Option<(usize, KvTypes)> {
-    (!opts.place.wants_gpu()).then_some((opts.place.sequences.max(1), host_kv_types(opts)))
-}
-
-/// The KV cache types of states held in host memory: f32 in exact precision, else as asked.
-fn host_kv_types(opts: &ModelOptions) -> KvTypes {
-    match precision(opts.exact) {
-        Precision::Exact => KvTypes::F32,
-        Precision::Normal => opts.kv,
-    }
+    let kv = precision(opts.exact).kv_types(opts.kv);
+    (!opts.place.wants_gpu()).then_some((opts.place.sequences.max(1), kv))
 }
 
 /// The smallest default context (or the trained length, when shorter): what every run got

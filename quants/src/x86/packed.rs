@@ -4,10 +4,10 @@
 //! row's exact integer block sum, then the reference's float step, so results equal
 //! [`crate::packed::reference`] bit for bit.
 //!
-//! VNNI (AVX-512 VNNI and AVX-VNNI alike): every weight as an unsigned code `u = w + o` (Q4_0: o = 8, Q5_0: 16, Q8_0: 128, the
-//! latter by flipping the sign bit) into `vpdpbusd`, seeded with `−o · Σa`. AVX2: `vpmaddubsw`
-//! on the codes (Q4_0/Q5_0, whose codes are small enough that two products add in 16 bits), or
-//! on |w| and a with w's sign (Q8_0), widened by `vpmaddwd`.
+//! VNNI (AVX-512 VNNI and AVX-VNNI alike): every weight as an unsigned code `u = w + o` (Q4_0:
+//! o = 8, Q5_0: 16, Q8_0: 128, the latter by flipping the sign bit) into `vpdpbusd`, seeded with
+//! `−o · Σa`. AVX2: `vpmaddubsw` on the codes (Q4_0/Q5_0, whose codes are small enough that two
+//! products add in 16 bits), or on |w| and a with w's sign (Q8_0), widened by `vpmaddwd`.
 
 use core::arch::x86_64::*;
 
