@@ -594,6 +594,27 @@ fn run_in_chunks<K: Keys, V: Values>(
     let tn = qs.len() / (nh * hd);
     // Token i sees positions 0..at + i + 1; rows (token, head) are `n_max` scores apart.
     let n_max = at + tn;
+    // Every row's scores are held at once: at long depth the run goes in shorter runs that
+    // keep them within SCORES_MAX floats (each token's results are its own: no bit changes).
+    let per_run = (SCORES_MAX / (g * n_max)).max(1);
+    if tn > per_run {
+        let mut o = Vec::with_capacity(tn * g * hd);
+        for i0 in (0..tn).step_by(per_run) {
+            let i1 = (i0 + per_run).min(tn);
+            let qs = &qs[i0 * nh * hd..i1 * nh * hd];
+            o.extend(run_in_chunks(
+                keys,
+                values,
+                step,
+                h0,
+                g,
+                at + i0,
+                qs,
+                exp_shifted,
+            ));
+        }
+        return o;
+    }
     let rows = tn * g;
     let mut qg = Vec::with_capacity(rows * hd);
     for i in 0..tn {
@@ -641,6 +662,10 @@ fn run_in_chunks<K: Keys, V: Values>(
     }
     o
 }
+
+/// The most scores [`run_in_chunks`] holds at once (16 MiB of f32 per task; small under test,
+/// so that the unit tests take the shorter runs too).
+const SCORES_MAX: usize = if cfg!(test) { 4096 } else { 1 << 22 };
 
 /// The scores of queries `qg` (the heads of one KV head, `hd` values each) at positions `at`
 /// over a K cache in tile layout, the KV head's columns from `col`: each head's `at.len()`
