@@ -126,7 +126,7 @@ pub fn concentrated_layers(usage: &[(usize, Vec<u64>)], k: usize) -> Vec<usize> 
 pub fn run(a: Options, out: &mut dyn Write) -> Result<()> {
     let g = Model::open(&a.model)?;
     crate::model::check_architecture(&g)?;
-    let n_ctx = load::planned_context(&g, a.ctx_size, None);
+    let n_ctx = load::planned_context(&g, a.ctx_size, load::StateMemory::Unknown);
     let tok = crate::tokenizer::Tokenizer::from_metadata(g.metadata())?;
     let text = match &a.calib {
         Some(p) => std::fs::read_to_string(p).with_context(|| p.display().to_string())?,

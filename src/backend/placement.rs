@@ -85,6 +85,8 @@ impl ExecutorNeeds {
 #[derive(Clone, Debug, Default)]
 pub struct Plan {
     gpu: BTreeSet<String>,
+    /// The context (tokens per sequence) the state was planned for.
+    pub n_ctx: usize,
     /// Bytes of the weights placed on the GPU.
     pub gpu_weight_bytes: u64,
     /// Bytes of the weights left in RAM.
@@ -198,6 +200,7 @@ impl Plan {
         let tied = g.tensors().all(|t| t.name != "output.weight");
         let mut plan = Plan {
             reserved_bytes: reserve,
+            n_ctx,
             ..Plan::default()
         };
         // Candidates: non-expert weights, and expert tensors grouped by layer.
@@ -351,10 +354,11 @@ impl Plan {
     /// One line for stderr: what went where.
     pub fn summary(&self) -> String {
         format!(
-            "GPU: {} of weights + {} of buffers + {} of state + {} of staging + {} of expert cache; RAM: {} of weights; routed experts on the GPU for {} layers, in RAM for {}",
+            "GPU: {} of weights + {} of buffers + {} of state ({} tokens of context) + {} of staging + {} of expert cache; RAM: {} of weights; routed experts on the GPU for {} layers, in RAM for {}",
             gib(self.gpu_weight_bytes),
             gib(self.reserved_bytes),
             gib(self.state_bytes),
+            self.n_ctx,
             gib(self.staging_bytes),
             gib(self.cache_bytes),
             gib(self.cpu_weight_bytes),

@@ -395,12 +395,12 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             let model = model.or(model_flag).expect("clap requires one");
             let m = Model::open(&model)?;
             let info = ModelInfo::from_model(&m)?;
-            let plan =
-                load::plan_without_device(&m, &place.args(), load::planned_context(&m, 0, None))?;
+            let plan = load::plan_without_device(&m, &place.args())?;
             if json {
                 let mut v = info.to_json();
                 if let Some(p) = &plan {
                     v["placement"] = serde_json::json!({
+                        "n_ctx": p.n_ctx,
                         "gpu_weight_bytes": p.gpu_weight_bytes,
                         "reserved_bytes": p.reserved_bytes,
                         "state_bytes": p.state_bytes,

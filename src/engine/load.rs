@@ -71,28 +71,46 @@ const COMPUTE_RESERVE: u64 = 512 << 20;
 /// Free device memory left unplanned (the CUDA context, the kernels, allocator slack).
 pub const DEVICE_MARGIN: u64 = 256 << 20;
 
-/// The context a run of `g` gets when it `asked` for that many tokens (0: [`default_context`]),
-/// known before loading: what the planner sizes the device state for. `cpu`: the number of
-/// sequences and the KV cache types of states held in host memory, whose default follows the
-/// memory available; None for states on a GPU (their default stays at [`BASE_CONTEXT`]).
-pub fn planned_context(g: &Model, asked: usize, cpu: Option<(usize, KvTypes)>) -> usize {
+/// Where a run's sequence states live, which the default context follows.
+#[derive(Clone, Copy, Debug)]
+pub enum StateMemory {
+    /// Host memory: this many sequences with KV caches of these types.
+    Host { sequences: usize, kv: KvTypes },
+    /// A GPU: this many sequences in a budget of this many bytes.
+    Device { sequences: usize, budget: u64 },
+    /// Not known before loading ([`BASE_CONTEXT`] then).
+    Unknown,
+}
+
+/// The context a run of `g` gets when it `asked` for that many tokens (0: [`default_context`]
+/// capped by what fits where the states live), known before loading: what the planner sizes
+/// the device state for.
+pub fn planned_context(g: &Model, asked: usize, states: StateMemory) -> usize {
     if asked > 0 {
         return asked;
     }
-    let trained = g
-        .architecture()
-        .ok()
-        .and_then(|a| g.metadata().get_usize(&format!("{a}.context_length")).ok())
-        .unwrap_or(0);
-    let fits = cpu.and_then(|(sequences, kv)| cpu_context_fit(g, sequences, kv));
-    default_context(trained, fits)
+    let fits = match states {
+        StateMemory::Host { sequences, kv } => cpu_context_fit(g, sequences, kv),
+        StateMemory::Device { sequences, budget } => device_context_fit(g, sequences, budget),
+        StateMemory::Unknown => None,
+    };
+    default_context(trained_context(g), fits)
 }
 
-/// The host-state side of [`planned_context`] for these options: None when they place
-/// anything on a GPU.
-fn cpu_states(opts: &ModelOptions) -> Option<(usize, KvTypes)> {
-    let kv = precision(opts.exact).kv_types(opts.kv);
-    (!opts.place.wants_gpu()).then_some((opts.place.sequences.max(1), kv))
+/// The context length the file says the model was trained on (0: not said).
+fn trained_context(g: &Model) -> usize {
+    g.architecture()
+        .ok()
+        .and_then(|a| g.metadata().get_usize(&format!("{a}.context_length")).ok())
+        .unwrap_or(0)
+}
+
+/// States in host memory for these options (a run without device weights).
+fn host_states(opts: &ModelOptions) -> StateMemory {
+    StateMemory::Host {
+        sequences: opts.place.sequences.max(1),
+        kv: precision(opts.exact).kv_types(opts.kv),
+    }
 }
 
 /// The smallest default context (or the trained length, when shorter): what every run got
@@ -110,6 +128,37 @@ pub fn default_context(trained: usize, fits: Option<usize>) -> usize {
     let trained = if trained == 0 { BASE_CONTEXT } else { trained };
     let floor = trained.min(BASE_CONTEXT);
     fits.map_or(floor, |f| trained.min(f.max(floor)))
+}
+
+/// The share of a GPU budget a default context's device states may take when the whole model
+/// does not fit beside them (one part in this many): more pushes expert layers into RAM.
+const DEFAULT_DEVICE_STATE_SHARE: u64 = 8;
+
+/// Tokens whose device states (`sequences` of them, the planner's f32 layout) fit a GPU
+/// `budget`: the room the whole model file and the compute buffers leave, or an eighth of the
+/// budget when that is more (the model spills anyway); None when the state size is unknown.
+fn device_context_fit(g: &Model, sequences: usize, budget: u64) -> Option<usize> {
+    let at = |n| crate::backend::placement::state_bytes(g, n).ok();
+    let (fixed, per_token) = (at(0)?, at(2)?.checked_sub(at(1)?)?);
+    Some(device_tokens(
+        budget,
+        g.file_bytes(),
+        fixed,
+        per_token,
+        sequences,
+    ))
+}
+
+/// Tokens of `per_token` bytes (beside `fixed` bytes) for each of `sequences` that fit the
+/// room a `file` leaves in a GPU `budget` with the compute buffers, or an eighth of the budget
+/// when that is more, in whole 256-token steps.
+fn device_tokens(budget: u64, file: u64, fixed: u64, per_token: u64, sequences: usize) -> usize {
+    let room = budget
+        .saturating_sub(file + COMPUTE_RESERVE)
+        .max(budget / DEFAULT_DEVICE_STATE_SHARE);
+    let per_sequence = room / sequences.max(1) as u64;
+    let tokens = per_sequence.saturating_sub(fixed) / per_token.max(1);
+    usize::try_from(tokens).unwrap_or(usize::MAX) / 256 * 256
 }
 
 /// Tokens whose CPU KV caches (rows of types `kv`; `sequences` of them) fit the memory
@@ -135,19 +184,38 @@ fn tokens_that_fit(available: u64, file: u64, per_token: u64, sequences: usize) 
 }
 
 /// The plan `place` makes for `g` against its budget alone (no device is opened: this is
-/// what `info` reports) with the state of an `n_ctx`-token context, or None when they ask for
-/// no GPU.
-pub fn plan_without_device(g: &Model, place: &PlacementArgs, n_ctx: usize) -> Result<Option<Plan>> {
+/// what `info` reports) at the default context for that budget (unknown without --gpu-mem:
+/// [`BASE_CONTEXT`]), or None when they ask for no GPU.
+pub fn plan_without_device(g: &Model, place: &PlacementArgs) -> Result<Option<Plan>> {
     if !place.wants_gpu() {
         return Ok(None);
     }
-    plan(g, place, n_ctx).map(Some)
+    plan_with_context(g, place, 0).map(Some)
 }
 
 /// The plan `place` makes for `g` at an `n_ctx`-token context against its budget (`tune`'s
 /// candidates; no device is opened).
 pub fn plan_for_budget(g: &Model, place: &PlacementArgs, n_ctx: usize) -> Result<Plan> {
     plan(g, place, n_ctx)
+}
+
+/// The plan for `place` (its `gpu_mem` the budget) at `ctx_size` tokens, or (0) at the default
+/// context for the budget, or the floor context ([`default_context`] with the memory unknown)
+/// when the default's state leaves the weights no room.
+fn plan_with_context(g: &Model, place: &PlacementArgs, ctx_size: usize) -> Result<Plan> {
+    let states = match place.gpu_mem {
+        Some(budget) => StateMemory::Device {
+            sequences: place.sequences.max(1),
+            budget,
+        },
+        None => StateMemory::Unknown,
+    };
+    let n_ctx = planned_context(g, ctx_size, states);
+    let floor = default_context(trained_context(g), None);
+    match plan(g, place, n_ctx) {
+        Err(_) if ctx_size == 0 && n_ctx > floor => plan(g, place, floor),
+        planned => planned,
+    }
 }
 
 /// The plan for `g`'s family's executor (what it allocates is what is reserved).
@@ -157,13 +225,14 @@ fn plan(g: &Model, place: &PlacementArgs, n_ctx: usize) -> Result<Plan> {
 }
 
 /// The weights `place` puts on the GPU, or None: when it asks for no GPU, or when there is
-/// none (said in one line on stderr; the CPU then runs everything). A plan that cannot fit the
-/// budget is an error.
+/// none (said in one line on stderr; the CPU then runs everything). The plan's context is
+/// `ctx_size`, or (0) the default for the budget (see [`planned_context`]; the plan's `n_ctx`
+/// says which). A plan that cannot fit the budget is an error.
 pub fn device_weights(
     g: &Model,
     place: &PlacementArgs,
     quiet: bool,
-    n_ctx: usize,
+    ctx_size: usize,
 ) -> Result<Option<DeviceWeights>> {
     let mut args = place.clone();
     if !args.wants_gpu() {
@@ -188,7 +257,7 @@ pub fn device_weights(
         );
     }
     args.gpu_mem = Some(args.gpu_mem.map_or(free, |b| b.min(free)));
-    let plan = plan(g, &args, n_ctx)?;
+    let plan = plan_with_context(g, &args, ctx_size)?;
     if !quiet {
         eprintln!("{}: {}", gpu.name, plan.summary());
     }
@@ -246,8 +315,7 @@ pub fn prefault(g: &Model, quiet: bool) -> Result<()> {
 pub fn open(opts: &mut ModelOptions) -> Result<(Model, Option<DeviceWeights>)> {
     apply_profile(opts)?;
     let g = Model::open(&opts.model)?;
-    let n_ctx = planned_context(&g, opts.ctx_size, cpu_states(opts));
-    let dev = device_weights(&g, &opts.place, opts.quiet, n_ctx)?;
+    let dev = device_weights(&g, &opts.place, opts.quiet, opts.ctx_size)?;
     Ok((g, dev))
 }
 
@@ -297,10 +365,15 @@ pub fn load<'g>(
             args.ctx_size
         );
     }
-    let n_ctx = planned_context(g, args.ctx_size, cpu_states(args));
+    let n_ctx = match device {
+        Some(d) => d.plan.n_ctx,
+        None => planned_context(g, args.ctx_size, host_states(args)),
+    };
     if args.ctx_size == 0 && n_ctx > BASE_CONTEXT && !args.quiet {
         let why = if n_ctx == trained {
             "the model's trained length"
+        } else if device.is_some() {
+            "what fits the GPU budget beside the weights, or an eighth of it"
         } else {
             "what fits half the memory available"
         };
@@ -380,7 +453,34 @@ pub fn precision(exact_flag: bool) -> Precision {
 
 #[cfg(test)]
 mod tests {
-    use super::{default_context, tokens_that_fit, BASE_CONTEXT};
+    use super::{default_context, device_tokens, tokens_that_fit, BASE_CONTEXT, COMPUTE_RESERVE};
+
+    /// On a GPU: the room the whole model leaves, or an eighth of the budget when the model
+    /// spills anyway, per sequence, less each sequence's fixed (Mamba) state.
+    #[test]
+    fn the_device_default_takes_the_room_left_or_an_eighth() {
+        let gib = 1u64 << 30;
+        // Nemotron 3 Nano's device state: f32 K and V rows of 6 attention layers, 2 KV heads
+        // of 128; its Mamba states are the fixed part.
+        let per_token = 6 * 2 * 2 * 128 * 4;
+        let fixed = 50 << 20;
+        // Q4_0 (17.8 GiB) in 24 GiB: what the file leaves (262144 tokens need 3 GiB).
+        let q4 = device_tokens(24 * gib, 17 * gib + gib * 8 / 10, fixed, per_token, 1);
+        let left = 24 * gib - (17 * gib + gib * 8 / 10) - COMPUTE_RESERVE - fixed;
+        assert_eq!(q4, (left / per_token) as usize / 256 * 256);
+        assert!(q4 >= 262_144, "{q4}");
+        // Q8_0 (31.2 GiB) spills: an eighth of the budget.
+        let q8 = device_tokens(24 * gib, 31 * gib, fixed, per_token, 1);
+        assert_eq!(q8, ((3 * gib - fixed) / per_token) as usize / 256 * 256);
+        // Four sequences share it.
+        let four = device_tokens(24 * gib, 31 * gib, fixed, per_token, 4);
+        assert_eq!(
+            four,
+            ((3 * gib / 4 - fixed) / per_token) as usize / 256 * 256
+        );
+        // A budget below the fixed state: no tokens (the floor context then applies).
+        assert_eq!(device_tokens(100 << 20, gib, 200 << 20, per_token, 1), 0);
+    }
 
     /// Half of what the model file leaves, split among the sequences, in 256-token steps.
     #[test]
