@@ -6,6 +6,8 @@
 
 use core::arch::aarch64::*;
 
+mod packed;
+
 use crate::kquants::{
     k4_scales16, q3k_scales, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K,
 };
@@ -28,7 +30,7 @@ unsafe fn dot16_neon(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
 /// The same with `sdot` (inline assembly: the `vdotq_s32` intrinsic is not stable Rust yet).
 #[target_feature(enable = "neon,dotprod")]
 #[inline]
-unsafe fn dot16_sdot(mut acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+pub(super) unsafe fn dot16_sdot(mut acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
     // SAFETY: a register-only instruction; the caller's target features include dotprod.
     core::arch::asm!(
         "sdot {acc:v}.4s, {a:v}.16b, {b:v}.16b",
@@ -499,5 +501,6 @@ pub(crate) fn specialize(mut k: Kernels, isa: Isa) -> Kernels {
     if let Some(f) = dot {
         k.dot = f;
     }
+    k.packed = packed::kernel(k.ty, d);
     k
 }
