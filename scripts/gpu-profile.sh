@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
 # Where a forward pass spends its GPU time: kernel times summed by kernel name, from Nsight
 # Compute, on the device machine (carrying .device, as scripts/gpu-test.sh builds it).
-#   scripts/gpu-profile.sh [LAYERS] [MIX] [BENCH ARGS...]   # default: 8 q8_0 -p 512 -n 0 -ngl 999
-# Generates a LAYERS-layer Nemotron-width synthetic model into /tmp, runs `ggrun bench` once to
+#   scripts/gpu-profile.sh [MODEL] [BENCH ARGS...]   # default: q8_0 -p 512 -n 0 -ngl 999
+# MODEL is a name scripts/device-model.sh knows (a Nemotron-width mix, PRESET/MIX or
+# PRESET/MIX/LAYERS, e.g. gpt-oss-20b/mxfp4/4). Generates it into /tmp, runs `ggrun bench` once to
 # compile and cache the kernels, then once under ncu (each kernel timed alone, caches and clocks
 # left as they are), and prints the top kernels; the raw CSV is $OUT/profile.csv.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-layers="${1:-8}"; mix="${2:-q8_0}"; shift 2 || true
+. scripts/device-model.sh "${1:-q8_0}"; shift || true
 [ $# -gt 0 ] || set -- -p 512 -n 0 -ngl 999
 for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
   [ -d "$d" ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
 done
 export GGRUN_CACHE_DIR="${GGRUN_CACHE_DIR:-/tmp/ggrun-cache}"
-m="/tmp/nano$layers-$mix.gguf"
-[ -s "$m" ] || .device/ggrun gen-model --layers "$layers" --mix "$mix" --out "$m" >/dev/null
+m="$model_file"
+# shellcheck disable=SC2086
+[ -s "$m" ] || .device/ggrun gen-model $gen_args --out "$m" >/dev/null
 .device/ggrun bench -m "$m" -r 1 --json --no-profile "$@"
 csv="${OUT:-/tmp}/profile.csv"
 ncu --cache-control none --clock-control none --metrics gpu__time_duration.sum --csv \

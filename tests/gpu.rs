@@ -693,56 +693,90 @@ fn tune_on_the_device_picks_a_plan_within_the_budget() {
 }
 
 /// Decode steps replayed as CUDA graphs (on unless the pass options say off) compute what the
-/// same steps launched one by one do, bit for bit (the same kernels at the same addresses), in both precisions, over a prompt and
-/// twelve greedy steps; with graphs on, the steps after the second really ran as graphs; a
-/// cleared state (the same buffers) replays its graph from position 0 again.
+/// same steps launched one by one do, bit for bit (the same kernels at the same addresses), in
+/// both precisions, over a prompt and twelve greedy steps, for Nemotron-H and for the decoder
+/// families (gemma3's two RoPEs, gpt-oss's sinks and biases, qwen3moe's routing), and for three
+/// sequences decoding in one pass (one graph for the three); with graphs on, the steps after
+/// the second really ran as graphs; cleared states (the same buffers) replay their graph from
+/// their start again.
 #[test]
 #[ignore = "needs a CUDA GPU: run scripts/gpu-test.sh on the device machine"]
 fn decode_steps_as_cuda_graphs_match_launches_bit_for_bit() {
-    let g = golden("nemo-tiny-q8_0");
-    let gg = Model::open(&g.model).unwrap();
-    let steps = |graphs: bool, precision: Precision| {
-        let dev = placed(&gg, &ALL_ON_GPU);
-        let pass = PassOptions {
-            cuda_graphs: graphs,
-            ..Default::default()
-        };
-        let m = model::load_with(
-            &gg,
-            LoadOptions {
-                pass,
-                ..opts(&dev, false)
-            },
-        )
-        .unwrap();
-        let cpu = Cpu::new(4, precision).unwrap();
-        let mut st = m.new_state(64, cpu.kv).unwrap();
-        let mut rows = Vec::new();
-        for round in 0..2 {
-            st.clear().unwrap();
-            let mut l = m.forward(&cpu, &mut st, &g.prompt_tokens, false).unwrap();
-            for _ in 0..12 {
-                let tok = ggrun::sample::argmax(&l) as u32;
-                l = m.forward(&cpu, &mut st, &[tok], false).unwrap();
-                if round == 1 || !graphs {
-                    rows.push(l.clone());
+    use ggrun::synth::decoder::{write_tiny, TinyMix};
+    let dir = std::env::temp_dir().join("ggrun-gpu-graphs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut files = vec![(golden("nemo-tiny-q8_0").model, 1)];
+    for (arch, mix) in [
+        ("qwen3moe", TinyMix::Q8_0),
+        ("gemma3", TinyMix::Q8_0),
+        ("gpt-oss", TinyMix::Mxfp4),
+    ] {
+        let path = dir.join(format!("{arch}.gguf"));
+        write_tiny(arch, mix, 3, false, &path).unwrap();
+        files.push((path.clone(), 1));
+        files.push((path, 3));
+    }
+    let prompts: [Vec<u32>; 3] = [
+        (0..11).map(|i| 40 + (i * 7) % 200).collect(),
+        (0..5).map(|i| 90 + i * 3).collect(),
+        vec![7, 8, 9],
+    ];
+    for (path, n_seqs) in &files {
+        let gg = Model::open(path).unwrap();
+        let steps = |graphs: bool, precision: Precision| {
+            let dev = placed(&gg, &ALL_ON_GPU);
+            let pass = PassOptions {
+                cuda_graphs: graphs,
+                ..Default::default()
+            };
+            let m = model::load_with(
+                &gg,
+                LoadOptions {
+                    pass,
+                    ..opts(&dev, false)
+                },
+            )
+            .unwrap();
+            let cpu = Cpu::new(4, precision).unwrap();
+            let mut states: Vec<_> = (0..*n_seqs)
+                .map(|_| m.new_state(64, cpu.kv).unwrap())
+                .collect();
+            let mut rows = Vec::new();
+            for round in 0..2 {
+                let mut last = Vec::new();
+                for (st, p) in states.iter_mut().zip(&prompts) {
+                    st.clear().unwrap();
+                    last.push(m.forward(&cpu, st, p, false).unwrap());
+                }
+                for _ in 0..12 {
+                    let toks: Vec<[u32; 1]> = last
+                        .iter()
+                        .map(|l| [ggrun::sample::argmax(l) as u32])
+                        .collect();
+                    let runs: Vec<&[u32]> = toks.iter().map(|t| &t[..]).collect();
+                    let mut refs: Vec<&mut _> = states.iter_mut().collect();
+                    last = m.forward_seqs(&cpu, &mut refs, &runs).unwrap();
+                    if round == 1 || !graphs {
+                        rows.push(last.concat());
+                    }
                 }
             }
+            let report = m.offload_report().unwrap_or_default();
+            (rows, report)
+        };
+        let name = format!("{} ({n_seqs} sequences)", path.display());
+        for precision in [Precision::Exact, Precision::Normal] {
+            let (off, report_off) = steps(false, precision);
+            let (on, report_on) = steps(true, precision);
+            assert!(report_off.is_empty(), "{name}: {report_off}");
+            assert!(
+                report_on.contains("ran as CUDA graphs"),
+                "{name}: graphs did not run: {report_on:?}"
+            );
+            // Graphs on: the second round's 12 steps; off: both rounds' (the same tokens).
+            assert_eq!(off[12..], on[..], "{name} {precision:?}");
+            eprintln!("{name} {precision:?}: {report_on}");
         }
-        let report = m.offload_report().unwrap_or_default();
-        (rows, report)
-    };
-    for precision in [Precision::Exact, Precision::Normal] {
-        let (off, report_off) = steps(false, precision);
-        let (on, report_on) = steps(true, precision);
-        assert!(report_off.is_empty(), "{report_off}");
-        assert!(
-            report_on.contains("ran as CUDA graphs"),
-            "graphs did not run: {report_on:?}"
-        );
-        // Graphs on: the second round's 12 steps; off: both rounds' (the same tokens).
-        assert_eq!(off[12..], on[..], "{precision:?}");
-        eprintln!("{precision:?}: {report_on}");
     }
 }
 

@@ -6,12 +6,14 @@
 //! For now the GPU computes the matrix products of the weights placed on it (activations cross
 //! PCIe per product); the other ops run on the CPU.
 
+mod experts;
 mod graph;
 mod ops;
 mod staging;
 mod state;
 
-pub use graph::StepGraph;
+pub use experts::ExpertCache;
+pub use graph::{Found, Graphs, StepGraph};
 pub use ops::{DeviceAct, DeviceGating};
 pub use staging::{average, time_copies, HostPins, OffloadCosts, COPY_SAMPLES};
 pub use state::DeviceState;

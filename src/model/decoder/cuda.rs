@@ -5,9 +5,9 @@
 //! sequences share one pass: products run over all their rows, attention over each one's
 //! cache. Layers whose routed experts stay in RAM send the normed rows to the CPU executor and
 //! take its sum back, or, for a prefill batch where the costs measured so far say copying pays,
-//! copy the layer's experts into a staging buffer and compute them on the GPU.
+//! copy the layer's experts into a staging buffer and compute them on the GPU. Where every
+//! routed expert is on the device, decode steps (one token per sequence) replay as CUDA graphs.
 
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Mutex;
@@ -21,9 +21,9 @@ use super::{Act, Attention, Decoder, FeedForward, Gated, Gating, Linear, Moe, Op
 use crate::backend::cpu::{Cpu, Matrix, Precision};
 use crate::backend::cuda::{
     average, time_copies, DeviceAct, DeviceGating, DeviceMatrix, DeviceRows, DeviceState, Epilogue,
-    Gpu, Group, HostPins, OffloadCosts, COPY_SAMPLES,
+    Found, Gpu, Graphs, Group, HostPins, OffloadCosts, PassOptions, StepGraph, COPY_SAMPLES,
 };
-use crate::model::{embed, LayerState, Seq, State};
+use crate::model::{embed, segments, LayerState, Seq, State};
 
 /// Decode batches up to this many tokens run the routed experts with the expert ids left on
 /// the device; larger ones copy the ids back, group the rows per expert and run each selected
@@ -41,6 +41,60 @@ pub(super) struct DeviceDecoder<'a> {
     counts: Vec<(usize, Mutex<CudaSlice<u32>>)>,
     /// Where RAM layers' experts are copied for prefill, when the plan reserved room.
     staging: Option<Staging>,
+    /// The model's distinct RoPEs (gemma3 has two), in the order of [`StepInputs::angles`].
+    ropes: Vec<Rope>,
+    /// Decode steps captured as CUDA graphs (only where every routed expert is on the device:
+    /// a step with RAM experts waits for the CPU).
+    graphs: Mutex<Graphs<DecoderStep>>,
+}
+
+/// What a pass reads from device memory besides the weights and the states, written by the
+/// host before it runs: each sequence's first position (kv_store and attention read it there)
+/// and, for each of the model's RoPEs, the (cos, sin) pairs of every row (the CPU's angles, so
+/// that both executors rotate by the same values). A captured step keeps its own, refilled
+/// before each replay.
+struct StepInputs {
+    pos: CudaSlice<i32>,
+    angles: Vec<CudaSlice<f32>>,
+}
+
+/// A captured decode step and the inputs it reads.
+struct DecoderStep {
+    graph: StepGraph,
+    inputs: StepInputs,
+}
+
+/// The host values of a pass's [`StepInputs`]: positions, and one angle table per RoPE.
+fn host_inputs(ropes: &[Rope], seqs: &[Seq]) -> Result<(Vec<i32>, Vec<Vec<f32>>)> {
+    let pos = seqs
+        .iter()
+        .map(|s| i32::try_from(s.state.pos).map_err(|_| anyhow!("position out of range")))
+        .collect::<Result<Vec<_>>>()?;
+    let tables = ropes
+        .iter()
+        .map(|r| {
+            let mut cs = vec![(0f32, 0f32); r.n_rot / 2];
+            let rows: usize = seqs.iter().map(|s| s.len).sum();
+            let mut table = Vec::with_capacity(rows * r.n_rot);
+            for s in seqs {
+                for i in 0..s.len {
+                    r.angles((s.state.pos + i) as f32, &mut cs);
+                    table.extend(cs.iter().flat_map(|&(c, s)| [c, s]));
+                }
+            }
+            table
+        })
+        .collect();
+    Ok((pos, tables))
+}
+
+/// The embedded tokens (times the embedding scale), on the host.
+fn embedded(d: &Decoder, tokens: &[u32]) -> Result<Vec<f32>> {
+    let mut x = embed(&d.embd, tokens)?;
+    if let Some(s) = d.embd_scale {
+        x.iter_mut().for_each(|v| *v *= s);
+    }
+    Ok(x)
 }
 
 /// Device buffers that take one RAM layer's routed experts (gate, up, down) for a prefill
@@ -138,7 +192,11 @@ impl<'a> DeviceDecoder<'a> {
     /// The device parts of `d` when its placement allows the resident pass (None otherwise:
     /// the CPU executor runs it, each GPU product crossing PCIe on its own); `staging_budget`
     /// is what the plan reserved for staging RAM experts.
-    pub(super) fn new(d: &Decoder<'a>, staging_budget: u64) -> Result<Option<DeviceDecoder<'a>>> {
+    pub(super) fn new(
+        d: &Decoder<'a>,
+        staging_budget: u64,
+        pass: PassOptions,
+    ) -> Result<Option<DeviceDecoder<'a>>> {
         if !resident(d) {
             return Ok(None);
         }
@@ -188,18 +246,31 @@ impl<'a> DeviceDecoder<'a> {
                 e.insert(gpu.to_device(v)?);
             }
         }
+        let mut ropes: Vec<Rope> = Vec::new();
+        for l in &d.layers {
+            if !ropes.contains(&l.attn.rope) {
+                ropes.push(l.attn.rope.clone());
+            }
+        }
+        let graphs = Graphs::new(pass.cuda_graphs && ram.is_empty());
         Ok(Some(DeviceDecoder {
             gpu,
             vectors,
             counts,
             staging,
+            ropes,
+            graphs: Mutex::new(graphs),
         }))
     }
 
     /// One line on how prefill treated the routed experts left in RAM, when the plan staged
-    /// them.
+    /// them, or on the decode steps replayed as CUDA graphs, when there were some.
     pub(super) fn offload_report(&self) -> Option<String> {
-        let s = self.staging.as_ref()?;
+        let Some(s) = self.staging.as_ref() else {
+            let g = self.graphs.lock().unwrap_or_else(|e| e.into_inner());
+            let replays = g.replays();
+            return (replays > 0).then(|| format!("{replays} decode steps ran as CUDA graphs"));
+        };
         let c = s.costs.lock().unwrap_or_else(|e| e.into_inner());
         let mut line = format!(
             "RAM experts in prefill: {} layer-batches copied to the GPU, {} computed on the CPU",
@@ -246,13 +317,20 @@ impl<'a> DeviceDecoder<'a> {
             .collect()
     }
 
-    /// The executor of one pass over `seqs`: checks that their states are on the device and
-    /// at their positions, and puts each sequence's first position in device memory.
-    pub(super) fn ops<'p>(&'p self, cpu: &'p Cpu, seqs: &[Seq]) -> Result<CudaOps<'p, 'a>> {
+    /// One pass over `seqs` (see [`Decoder::pass`]): a decode step replayed or captured as a
+    /// CUDA graph where graphs are on, else the pass launched op by op.
+    pub(super) fn run(
+        &self,
+        d: &Decoder<'a>,
+        cpu: &Cpu,
+        seqs: &mut [Seq],
+        tokens: &[u32],
+        all_logits: bool,
+    ) -> Result<Vec<f32>> {
         let g = self.gpu;
         g.set_normal_precision(cpu.precision == Precision::Normal);
-        let mut pos = Vec::with_capacity(seqs.len());
-        for s in seqs {
+        segments(seqs, tokens.len())?;
+        for s in seqs.iter() {
             for st in &s.state.layers {
                 match st {
                     LayerState::Device(DeviceState::Attention { len, .. })
@@ -264,14 +342,127 @@ impl<'a> DeviceDecoder<'a> {
                     _ => bail!("a sequence's state is not on the device"),
                 }
             }
-            pos.push(i32::try_from(s.state.pos)?);
         }
-        Ok(CudaOps {
+        // One token per sequence; with routed experts, few enough that their ids stay on the
+        // device (more are grouped on the host, which a graph cannot replay).
+        let moe = d
+            .layers
+            .iter()
+            .any(|l| matches!(l.ffn, FeedForward::Moe(_)));
+        let decode = !all_logits
+            && seqs.iter().all(|s| s.len == 1)
+            && (!moe || tokens.len() <= ID_PATH_MAX_TOKENS);
+        if decode {
+            if let Some(logits) = self.decode_step(d, cpu, seqs, tokens)? {
+                return Ok(logits);
+            }
+        }
+        let (pos, tables) = host_inputs(&self.ropes, seqs)?;
+        let inputs = StepInputs {
+            pos: g.to_device(&pos)?,
+            angles: tables
+                .iter()
+                .map(|t| g.to_device(t))
+                .collect::<Result<_>>()?,
+        };
+        let e = CudaOps {
             dev: self,
             cpu,
-            seq_pos: g.to_device(&pos)?,
-            angles: RefCell::new(Vec::new()),
-        })
+            inputs: &inputs,
+            x: None,
+        };
+        let rows = d.pass(&e, seqs, tokens, all_logits)?;
+        e.host(rows)
+    }
+
+    /// A decode step as a CUDA graph (see [`Graphs`]): replayed when these states' step was
+    /// captured, captured when it ran once before; None: run it as usual.
+    fn decode_step(
+        &self,
+        d: &Decoder<'a>,
+        cpu: &Cpu,
+        seqs: &mut [Seq],
+        tokens: &[u32],
+    ) -> Result<Option<Vec<f32>>> {
+        let g = self.gpu;
+        let mut graphs = self.graphs.lock().unwrap_or_else(|e| e.into_inner());
+        if !graphs.is_on() {
+            return Ok(None);
+        }
+        let mut key = vec![(cpu.precision == Precision::Normal) as u64];
+        for s in seqs.iter() {
+            for st in &s.state.layers {
+                if let LayerState::Device(DeviceState::Attention { k, v, .. }) = st {
+                    key.extend([g.address(k), g.address(v)]);
+                }
+            }
+        }
+        let x = embedded(d, tokens)?;
+        let (pos, tables) = host_inputs(&self.ropes, seqs)?;
+        match graphs.find(&key) {
+            Found::Run => return Ok(None),
+            Found::Replay(mut step) => {
+                g.upload_into(&x, &mut step.graph.x)?;
+                g.upload_into(&pos, &mut step.inputs.pos)?;
+                for (t, buf) in tables.iter().zip(&mut step.inputs.angles) {
+                    g.upload_into(t, buf)?;
+                }
+                step.graph.launch()?;
+                for s in seqs.iter_mut() {
+                    for st in s.state.layers.iter_mut() {
+                        if let LayerState::Device(DeviceState::Attention { len, .. }) = st {
+                            *len += 1;
+                        }
+                    }
+                    s.state.pos += 1;
+                }
+                let logits = g.to_host(&step.graph.logits)?;
+                graphs.keep(key, step);
+                return Ok(Some(logits));
+            }
+            Found::Capture => {}
+        }
+        let inputs = StepInputs {
+            pos: g.to_device(&pos)?,
+            angles: tables
+                .iter()
+                .map(|t| g.to_device(t))
+                .collect::<Result<_>>()?,
+        };
+        let before: Vec<usize> = seqs.iter().map(|s| s.state.pos).collect();
+        let (xd, logits) = (g.to_device(&x)?, g.output(seqs.len() * d.n_vocab)?);
+        let captured = g.capture_step(xd, logits, |x, logits| {
+            let e = CudaOps {
+                dev: self,
+                cpu,
+                inputs: &inputs,
+                x: Some(&*x),
+            };
+            let rows = d.pass(&e, seqs, tokens, false)?;
+            g.copy_into(&rows, logits)
+        });
+        match captured {
+            Ok(graph) => {
+                // The capture moved the host's lengths and positions on; now the step runs.
+                graph.launch()?;
+                let logits = g.to_host(&graph.logits)?;
+                graphs.keep(key, DecoderStep { graph, inputs });
+                Ok(Some(logits))
+            }
+            Err(e) => {
+                // Nothing captured ran: put the host's lengths and positions back.
+                for (s, pos) in seqs.iter_mut().zip(before) {
+                    for st in s.state.layers.iter_mut() {
+                        if let LayerState::Device(DeviceState::Attention { len, .. }) = st {
+                            *len = pos;
+                        }
+                    }
+                    s.state.pos = pos;
+                }
+                graphs.turn_off(&e);
+                Ok(None)
+            }
+        }
     }
 
     fn vector(&self, v: &[f32]) -> Result<&CudaSlice<f32>> {
@@ -281,14 +472,14 @@ impl<'a> DeviceDecoder<'a> {
     }
 }
 
-/// One pass's executor (see [`DeviceDecoder::ops`]).
+/// One pass's executor (see [`DeviceDecoder::run`]).
 pub(super) struct CudaOps<'p, 'a> {
     dev: &'p DeviceDecoder<'a>,
     cpu: &'p Cpu,
-    /// Each sequence's first position (kv_store and attention read it on the device).
-    seq_pos: CudaSlice<i32>,
-    /// The (cos, sin) table of each RoPE met in this pass, for every row.
-    angles: RefCell<Vec<(Rope, CudaSlice<f32>)>>,
+    inputs: &'p StepInputs,
+    /// The embedded tokens already on the device (a captured step's input buffer), or None:
+    /// `embed` uploads them.
+    x: Option<&'p CudaSlice<f32>>,
 }
 
 impl CudaOps<'_, '_> {
@@ -395,11 +586,10 @@ impl Ops for CudaOps<'_, '_> {
     type Rows = CudaSlice<f32>;
 
     fn embed(&self, d: &Decoder, tokens: &[u32]) -> Result<CudaSlice<f32>> {
-        let mut x = embed(&d.embd, tokens)?;
-        if let Some(s) = d.embd_scale {
-            x.iter_mut().for_each(|v| *v *= s);
+        match self.x {
+            Some(x) => self.dev.gpu.duplicate(x),
+            None => self.dev.gpu.to_device(&embedded(d, tokens)?),
         }
-        self.dev.gpu.to_device(&x)
     }
 
     fn norm(&self, x: &CudaSlice<f32>, w: &[f32], eps: f32) -> Result<CudaSlice<f32>> {
@@ -445,24 +635,14 @@ impl Ops for CudaOps<'_, '_> {
     ) -> Result<()> {
         let g = self.dev.gpu;
         let t = at.last().map_or(0, |(_, rows)| rows.end);
-        let mut angles = self.angles.borrow_mut();
-        if !angles.iter().any(|(known, _)| known == r) {
-            // The CPU's angles, so that both executors rotate by the same values.
-            let half = r.n_rot / 2;
-            let mut cs = vec![(0f32, 0f32); half];
-            let mut table = Vec::with_capacity(t * r.n_rot);
-            for (pos, rows) in at {
-                for i in 0..rows.len() {
-                    r.angles((pos + i) as f32, &mut cs);
-                    table.extend(cs.iter().flat_map(|&(c, s)| [c, s]));
-                }
-            }
-            angles.push((r.clone(), g.to_device(&table)?));
-        }
-        let (_, cs) = angles
+        let cs = self
+            .dev
+            .ropes
             .iter()
-            .find(|(known, _)| known == r)
-            .expect("the table was just made");
+            .position(|known| known == r)
+            .map(|i| &self.inputs.angles[i])
+            .filter(|cs| cs.len() >= t * r.n_rot)
+            .ok_or_else(|| anyhow!("no RoPE angles on the device for this pass"))?;
         g.rope(x, cs, t, n_heads, head_dim, r.n_rot, r.neox)
     }
 
@@ -497,7 +677,7 @@ impl Ops for CudaOps<'_, '_> {
             if *len + n > *capacity {
                 bail!("context is full ({capacity} tokens): raise -c/--ctx-size");
             }
-            let pos = self.seq_pos.slice(i..i + 1);
+            let pos = self.inputs.pos.slice(i..i + 1);
             g.kv_store(
                 &k.slice(r.start * kd..r.end * kd),
                 &v.slice(r.start * kd..r.end * kd),
@@ -630,11 +810,13 @@ impl Ops for CudaOps<'_, '_> {
         x: &CudaSlice<f32>,
         segs: &[Range<usize>],
         all: bool,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<CudaSlice<f32>> {
         let g = self.dev.gpu;
         let (n, t) = (d.n_embd, x.len() / d.n_embd);
         let last: CudaSlice<f32>;
-        let rows = if all {
+        // Every row when asked, or when each segment is one row (a decode step: no gather,
+        // whose row indices would come from the host).
+        let rows = if all || segs.iter().all(|r| r.len() == 1) {
             x
         } else {
             let idx: Vec<i32> = segs.iter().map(|r| r.end as i32 - 1).collect();
@@ -650,6 +832,10 @@ impl Ops for CudaOps<'_, '_> {
         if let Some(c) = d.logit_softcap {
             g.softcap(&mut out, m * d.n_vocab, c)?;
         }
-        g.to_host(&out)
+        Ok(out)
+    }
+
+    fn host(&self, x: CudaSlice<f32>) -> Result<Vec<f32>> {
+        self.dev.gpu.to_host(&x)
     }
 }

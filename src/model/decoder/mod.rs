@@ -536,7 +536,7 @@ impl Hyper {
         };
         d.check()?;
         let staging = t.opts.device.map_or(0, |w| w.plan.staging_bytes);
-        d.device = cuda::DeviceDecoder::new(&d, staging)?;
+        d.device = cuda::DeviceDecoder::new(&d, staging, t.opts.pass)?;
         Ok(d)
     }
 }
@@ -566,14 +566,15 @@ impl<'a> Decoder<'a> {
     }
 
     /// The forward pass over the tokens of `seqs` (consecutive runs of `tokens`), on the
-    /// executor `e`: logits of every row when `all_logits`, else of each sequence's last.
+    /// executor `e`: logits of every row when `all_logits`, else of each sequence's last, where
+    /// the executor keeps its rows.
     fn pass<E: Ops>(
         &self,
         e: &E,
         seqs: &mut [Seq],
         tokens: &[u32],
         all_logits: bool,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<E::Rows> {
         let t = tokens.len();
         let segs = segments(seqs, t)?;
         let at: Vec<(usize, Range<usize>)> = seqs
@@ -675,14 +676,16 @@ trait Ops {
         t: usize,
     ) -> Result<Self::Rows>;
     /// The head over every row (`all`) or each segment's last: final norm, vocabulary
-    /// projection, soft-cap; on the host.
+    /// projection, soft-cap.
     fn logits(
         &self,
         d: &Decoder,
         x: &Self::Rows,
         segs: &[Range<usize>],
         all: bool,
-    ) -> Result<Vec<f32>>;
+    ) -> Result<Self::Rows>;
+    /// Rows on the host.
+    fn host(&self, x: Self::Rows) -> Result<Vec<f32>>;
 }
 
 /// The k experts a router row picks, with their weights (ties to the lower index).
@@ -786,10 +789,7 @@ impl Forward for Decoder<'_> {
         all_logits: bool,
     ) -> Result<Vec<f32>> {
         match &self.device {
-            Some(dev) => {
-                let e = dev.ops(cpu, seqs)?;
-                self.pass(&e, seqs, tokens, all_logits)
-            }
+            Some(dev) => dev.run(self, cpu, seqs, tokens, all_logits),
             None => self.pass(&cpu::CpuOps { cpu }, seqs, tokens, all_logits),
         }
     }

@@ -17,8 +17,9 @@ use cudarc::driver::{CudaEvent, CudaSlice, CudaStream};
 use super::{Attention, Block, Mamba, Moe, NemotronH};
 use crate::backend::cpu::{Cpu, Matrix, Precision};
 use crate::backend::cuda::{
-    average, time_copies, DeviceGating, DeviceMatrix, DeviceRows, DeviceState, Epilogue, Gpu,
-    Group, HostPins, OffloadCosts, PassOptions, Prefetch, StepGraph, COPY_SAMPLES,
+    average, time_copies, DeviceGating, DeviceMatrix, DeviceRows, DeviceState, Epilogue,
+    ExpertCache, Found, Gpu, Graphs, Group, HostPins, OffloadCosts, PassOptions, Prefetch,
+    StepGraph, COPY_SAMPLES,
 };
 use crate::model::{embed, LayerState, State};
 
@@ -63,26 +64,11 @@ pub(super) struct DeviceParts<'a> {
     /// The position of a pass's first token, which kv_store and attention read on the device
     /// (written before each pass).
     pos: Mutex<CudaSlice<i32>>,
-    /// Decode steps captured as CUDA graphs.
-    graphs: Mutex<Graphs>,
+    /// Decode steps captured as CUDA graphs (only where the whole pass is on the device: no
+    /// RAM experts, whose steps wait for the CPU); tests/gpu.rs compares them with plain
+    /// launches bit for bit.
+    graphs: Mutex<Graphs<StepGraph>>,
 }
-
-/// Decode steps replayed as CUDA graphs (on unless [`PassOptions::cuda_graphs`] is off; tests/gpu.rs
-/// compares them with plain launches bit for bit): a state's first decode step runs as usual
-/// (it loads the kernels), its second is captured, later ones replay. Only where the whole pass is on the device (no RAM
-/// experts: their steps wait for the CPU). A capture that fails turns graphs off for the model,
-/// with one line on stderr.
-struct Graphs {
-    on: bool,
-    /// Keys of states that ran one uncaptured decode step.
-    seen: Vec<Vec<u64>>,
-    steps: Vec<StepGraph>,
-    /// Decode steps that ran as a graph.
-    replays: u64,
-}
-
-/// Captured decode steps kept (one per state the server's slots use, most recent first).
-const MAX_GRAPHS: usize = 64;
 
 /// Prefill of layers whose routed experts stay in RAM: per batch and layer, either the CPU
 /// computes the selected experts, or they are copied (from page-locked mapped memory where the
@@ -95,64 +81,6 @@ struct Offload {
     prefetch: Prefetch,
     /// The hot-expert cache of each RAM MoE layer (by layer index), when the plan has one.
     caches: Vec<(usize, Mutex<ExpertCache>)>,
-}
-
-/// A RAM layer's most used experts kept in device memory for decode. Each step counts the
-/// selections (decayed, so the counts follow recent routing); a selected expert in the cache
-/// is computed there without a copy, and the experts a step copies over take the slots of the
-/// least used ones that this step does not need.
-struct ExpertCache {
-    up: DeviceMatrix,
-    down: DeviceMatrix,
-    /// Expert → slot, and slot → expert.
-    slot_of: Vec<Option<usize>>,
-    holder: Vec<Option<usize>>,
-    /// Selections per expert, each step's counts decayed by [`CACHE_DECAY`].
-    uses: Vec<f64>,
-    lookups: u64,
-    hits: u64,
-}
-
-/// Per decode step, older selections count this much less (a memory of a few hundred tokens).
-const CACHE_DECAY: f64 = 0.995;
-
-impl ExpertCache {
-    /// Counts a step's selected experts.
-    fn note(&mut self, selected: &[usize]) {
-        for u in self.uses.iter_mut() {
-            *u *= CACHE_DECAY;
-        }
-        for &e in selected {
-            self.uses[e] += 1.0;
-            self.lookups += 1;
-            self.hits += self.slot_of[e].is_some() as u64;
-        }
-    }
-
-    /// A slot for expert `e` (not cached): a free one, else that of the least used expert
-    /// outside `keep` when `e` is used at least as much. None: `e` is not worth a slot.
-    fn admit(&mut self, e: usize, keep: &[bool]) -> Option<usize> {
-        let slot = match self.holder.iter().position(Option::is_none) {
-            Some(s) => s,
-            None => {
-                let (s, victim) = self
-                    .holder
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(s, h)| h.map(|v| (s, v)))
-                    .filter(|&(_, v)| !keep[v])
-                    .min_by(|a, b| self.uses[a.1].total_cmp(&self.uses[b.1]))?;
-                if self.uses[victim] > self.uses[e] {
-                    return None;
-                }
-                self.slot_of[victim] = None;
-                s
-            }
-        };
-        self.holder[slot] = Some(e);
-        self.slot_of[e] = Some(slot);
-        Some(slot)
-    }
 }
 
 /// Device buffers for RAM experts, each an up and a down buffer with room for a whole layer's.
@@ -275,7 +203,7 @@ impl Offload {
                 stage.copy = Some(c);
             }
         }
-        let caches = ExpertCache::for_layers(gpu, m, &ram_layers, cache_budget);
+        let caches = caches_for(gpu, m, &ram_layers, cache_budget);
         Some(Offload {
             stage: Mutex::new(stage),
             pins,
@@ -293,58 +221,32 @@ impl Offload {
     }
 }
 
-impl ExpertCache {
-    /// Equal caches for the RAM layers out of `budget` bytes; none when they would hold fewer
-    /// than two steps' experts each (2·k: a step keeps its own k and admits up to k).
-    fn for_layers(
-        gpu: &Gpu,
-        m: &NemotronH,
-        layers: &[(usize, &Moe)],
-        budget: u64,
-    ) -> Vec<(usize, Mutex<ExpertCache>)> {
-        let Some(eb) = expert_bytes(m) else {
-            return Vec::new();
-        };
-        let per_layer = budget / layers.len().max(1) as u64;
-        let slots = ((per_layer / eb.max(1) as u64) as usize).min(m.n_expert);
-        if budget == 0 || slots < 2 * m.n_expert_used {
-            if budget > 0 {
-                eprintln!(
-                    "note: an expert cache of {:.2} GiB holds fewer than {} experts per RAM layer; none is kept",
-                    budget as f64 / (1u64 << 30) as f64,
-                    2 * m.n_expert_used
-                );
-            }
-            return Vec::new();
-        }
-        let mut out = Vec::new();
-        for &(i, b) in layers {
-            let (ub, db) = (b.up.data.len() / m.n_expert, b.down.data.len() / m.n_expert);
-            let made = (|| -> Result<ExpertCache> {
-                let mut up = gpu.staging(slots * ub)?;
-                let mut down = gpu.staging(slots * db)?;
-                up.restage(b.up.ty, b.up.cols)?;
-                down.restage(b.down.ty, b.down.cols)?;
-                Ok(ExpertCache {
-                    up,
-                    down,
-                    slot_of: vec![None; m.n_expert],
-                    holder: vec![None; slots],
-                    uses: vec![0.0; m.n_expert],
-                    lookups: 0,
-                    hits: 0,
-                })
-            })();
-            match made {
-                Ok(c) => out.push((i, Mutex::new(c))),
-                Err(e) => {
-                    eprintln!("note: no room for the expert cache of layer {i} ({e:#})");
-                    break;
-                }
-            }
-        }
-        out
+/// Equal caches for the RAM layers out of `budget` bytes (none when they would hold too few
+/// experts, see [`ExpertCache::slots`]).
+fn caches_for(
+    gpu: &Gpu,
+    m: &NemotronH,
+    layers: &[(usize, &Moe)],
+    budget: u64,
+) -> Vec<(usize, Mutex<ExpertCache>)> {
+    let Some(eb) = expert_bytes(m) else {
+        return Vec::new();
+    };
+    let slots = ExpertCache::slots(budget, layers.len(), eb, m.n_expert, m.n_expert_used);
+    let mut out = Vec::new();
+    if slots == 0 {
+        return out;
     }
+    for &(i, b) in layers {
+        match ExpertCache::new(gpu, &[&b.up, &b.down], m.n_expert, slots) {
+            Ok(c) => out.push((i, Mutex::new(c))),
+            Err(e) => {
+                eprintln!("note: no room for the expert cache of layer {i} ({e:#})");
+                break;
+            }
+        }
+    }
+    out
 }
 
 /// The device copy of a weight the placement put on the GPU.
@@ -421,12 +323,7 @@ impl<'a> DeviceParts<'a> {
             out_norm: up(&m.out_norm)?,
             offload,
             pos: Mutex::new(gpu.zeros(1)?),
-            graphs: Mutex::new(Graphs {
-                on,
-                seen: Vec::new(),
-                steps: Vec::new(),
-                replays: 0,
-            }),
+            graphs: Mutex::new(Graphs::new(on)),
         }))
     }
 
@@ -438,7 +335,7 @@ impl<'a> DeviceParts<'a> {
                 .graphs
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .replays;
+                .replays();
             return (replays > 0).then(|| format!("{replays} decode steps ran as CUDA graphs"));
         };
         let c = o.costs.lock().unwrap_or_else(|e| e.into_inner());
@@ -473,7 +370,7 @@ impl<'a> DeviceParts<'a> {
             }
         }
         if let Some((_, first)) = o.caches.first() {
-            let slots = first.lock().unwrap_or_else(|e| e.into_inner()).holder.len();
+            let slots = first.lock().unwrap_or_else(|e| e.into_inner()).len();
             let (hits, lookups) = o.caches.iter().fold((0, 0), |(h, l), (_, c)| {
                 let c = c.lock().unwrap_or_else(|e| e.into_inner());
                 (h + c.hits, l + c.lookups)
@@ -636,34 +533,29 @@ impl<'a> DeviceParts<'a> {
     ) -> Result<Option<Vec<f32>>> {
         let g = self.gpu;
         let mut graphs = self.graphs.lock().unwrap_or_else(|e| e.into_inner());
-        if !graphs.on {
+        if !graphs.is_on() {
             return Ok(None);
         }
         let Some(key) = self.graph_key(state, cpu.precision) else {
             return Ok(None);
         };
         let x = embed(&m.embd, tokens)?;
-        if let Some(i) = graphs.steps.iter().position(|s| s.key == key) {
-            let mut step = graphs.steps.remove(i);
-            g.upload_into(&x, &mut step.x)?;
-            step.launch()?;
-            for st in state.layers.iter_mut() {
-                if let LayerState::Device(DeviceState::Attention { len, .. }) = st {
-                    *len += 1;
+        match graphs.find(&key) {
+            Found::Run => return Ok(None),
+            Found::Replay(mut step) => {
+                g.upload_into(&x, &mut step.x)?;
+                step.launch()?;
+                for st in state.layers.iter_mut() {
+                    if let LayerState::Device(DeviceState::Attention { len, .. }) = st {
+                        *len += 1;
+                    }
                 }
+                state.pos += 1;
+                let logits = g.to_host(&step.logits)?;
+                graphs.keep(key, step);
+                return Ok(Some(logits));
             }
-            state.pos += 1;
-            let logits = g.to_host(&step.logits)?;
-            graphs.steps.insert(0, step);
-            graphs.replays += 1;
-            return Ok(Some(logits));
-        }
-        if !graphs.seen.contains(&key) {
-            graphs.seen.push(key);
-            if graphs.seen.len() > MAX_GRAPHS {
-                graphs.seen.remove(0);
-            }
-            return Ok(None);
+            Found::Capture => {}
         }
         let lens: Vec<usize> = state
             .layers
@@ -674,7 +566,7 @@ impl<'a> DeviceParts<'a> {
             })
             .collect();
         let (xd, logits) = (g.to_device(&x)?, g.output(m.n_vocab)?);
-        let captured = g.capture_step(key, xd, logits, |x, logits| {
+        let captured = g.capture_step(xd, logits, |x, logits| {
             self.layers_and_head(m, cpu, state, x, 1, 1, logits, pos)
         });
         match captured {
@@ -682,8 +574,7 @@ impl<'a> DeviceParts<'a> {
                 step.launch()?;
                 state.pos += 1;
                 let logits = g.to_host(&step.logits)?;
-                graphs.steps.insert(0, step);
-                graphs.steps.truncate(MAX_GRAPHS);
+                graphs.keep(key, step);
                 Ok(Some(logits))
             }
             Err(e) => {
@@ -693,9 +584,7 @@ impl<'a> DeviceParts<'a> {
                         *len = l;
                     }
                 }
-                eprintln!("CUDA graphs off for this model: {e:#}");
-                graphs.on = false;
-                graphs.steps.clear();
+                graphs.turn_off(&e);
                 Ok(None)
             }
         }
@@ -1242,7 +1131,7 @@ impl<'a> DeviceParts<'a> {
             let up_of = |e: usize| match in_cache(e) {
                 Some((c, s)) => DeviceRows {
                     gpu: g,
-                    m: &c.up,
+                    m: &c.mats[0],
                     start: s * ff,
                     rows: ff,
                 },
@@ -1256,7 +1145,7 @@ impl<'a> DeviceParts<'a> {
             let down_of = |e: usize| match in_cache(e) {
                 Some((c, s)) => DeviceRows {
                     gpu: g,
-                    m: &c.down,
+                    m: &c.mats[1],
                     start: s * n,
                     rows: n,
                 },
@@ -1350,8 +1239,8 @@ impl<'a> DeviceParts<'a> {
             let (up_rows, down_rows) = expert_rows(b, n, e..e + 1);
             match c.admit(e, &on_gpu) {
                 Some(slot) => {
-                    g.stage_rows(&mut c.up, slot * ff, up_rows)?;
-                    g.stage_rows(&mut c.down, slot * n, down_rows)?;
+                    g.stage_rows(&mut c.mats[0], slot * ff, up_rows)?;
+                    g.stage_rows(&mut c.mats[1], slot * n, down_rows)?;
                 }
                 None => {
                     g.stage_rows(up_s, next * ff, up_rows)?;
@@ -1385,8 +1274,8 @@ impl<'a> DeviceParts<'a> {
                 rows,
             }
         }
-        let up_of = |e: usize| rows_in(g, (up_s, &c.up), (staged_at[e], c.slot_of[e]), ff);
-        let down_of = |e: usize| rows_in(g, (down_s, &c.down), (staged_at[e], c.slot_of[e]), n);
+        let up_of = |e: usize| rows_in(g, (up_s, &c.mats[0]), (staged_at[e], c.slot_of[e]), ff);
+        let down_of = |e: usize| rows_in(g, (down_s, &c.mats[1]), (staged_at[e], c.slot_of[e]), n);
         self.grouped_pairs(m, &pairs, &up_of, &down_of, &masked, h, x, 1, ff)?;
         for (e, list) in per_expert.iter_mut().enumerate() {
             if on_gpu[e] {
