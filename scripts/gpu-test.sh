@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 case "${1:-}" in
   build)
     cargo build --release
-    rm -rf .device && mkdir -p .device
+    # Keep what else was packed there (llama.cpp's source or build for the comparisons).
+    rm -rf .device/fixtures .device/ggrun .device/gpu-tests && mkdir -p .device
     cp target/release/ggrun .device/
     cargo test --release --no-run --test gpu --message-format=json 2>/dev/null |
       python3 -c '

@@ -112,10 +112,14 @@ fn matmul_of_every_weight_type_matches_the_cpu_dequantization() {
             // Decode-sized batches (a block per four rows and token) and tiled ones, partial
             // tiles included, in exact and normal precision. Normal precision puts tiles on the
             // tensor cores (bf16 operands: each product is off by at most 2·2⁻⁸ of itself, so
-            // the bound is 2⁻⁷ of Σ|w·x|) and, for the 32-element block types, quantizes decode
+            // the bound is 2⁻⁷ of Σ|w·x|) and, for the legacy and K-quant types, quantizes decode
             // activations to int8 (each off by at most half a step, amax/254 of its block of
-            // 32, so the bound is Σ over blocks of amax/254 · Σ|w|, beside f32's 1e-5).
-            let int8 = matches!(ty, Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0);
+            // 32, so the bound is Σ over blocks of amax/254 · Σ|w|, beside f32's 1e-5; a
+            // K-quant's minimum is applied to the float sum of the activations, exactly).
+            let int8 = matches!(
+                ty,
+                Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q2_K | Q3_K | Q4_K | Q5_K | Q6_K
+            );
             for (t, normal) in [
                 (1usize, false),
                 (5, false),
@@ -783,8 +787,9 @@ fn decode_steps_as_cuda_graphs_match_launches_bit_for_bit() {
 /// The decoder architectures (qwen2, qwen3, qwen3moe, gemma3, gpt-oss with MXFP4 experts) on
 /// the GPU — all weights (the device-resident pass), the routed experts of the first two layers
 /// left in RAM (resident; the prompt's first RAM layer computed on the CPU, the second copied to
-/// a staging buffer and computed on the GPU), and only the last two layers (each product
-/// crossing PCIe) — compute what the CPU does: in exact mode every row within 1e-3 rel-RMS of
+/// a staging buffer and computed on the GPU), the same with a hot-expert cache (decode splits
+/// each RAM layer's experts between the cache and the CPU), and only the last two layers (each
+/// product crossing PCIe) — compute what the CPU does: in exact mode every row within 1e-3 rel-RMS of
 /// the CPU's exact rows and top-1 always equal, and the median row within 1e-5; in normal
 /// precision (tensor cores, int8 decode) the median row within 0.03 and top-1 on 90% of rows,
 /// the fixtures' normal-mode bounds. Resident placements keep their state on the device; three
@@ -825,6 +830,15 @@ fn decoder_models_on_the_gpu_match_the_cpu() {
                 },
                 false,
             ),
+            (
+                "experts of layers 0-1 in RAM, a hot-expert cache",
+                PlacementArgs {
+                    n_cpu_moe: 2,
+                    expert_cache: Some(1 << 30),
+                    ..ALL_ON_GPU
+                },
+                true,
+            ),
         ];
         for precision in [Precision::Exact, Precision::Normal] {
             let cpu = Cpu::new(4, precision).unwrap();
@@ -850,6 +864,14 @@ fn decoder_models_on_the_gpu_match_the_cpu() {
                         args.n_cpu_moe > 0,
                         "{arch} {what}: {report}"
                     );
+                    // Decode computes cached experts on the GPU (the cache holds every expert
+                    // of a RAM layer here; copies start once the CPU's cost is measured).
+                    if args.expert_cache.is_some() {
+                        assert!(
+                            report.contains("expert cache") && !report.contains(" 0.0% of"),
+                            "{arch} {what}: the cache did not serve: {report}"
+                        );
+                    }
                 }
                 let (errs, top1) = compare(&rows, &want, m.n_vocab());
                 let (med, max) = (median(&errs), errs.iter().copied().fold(0.0, f64::max));

@@ -66,12 +66,12 @@ impl ExecutorNeeds {
         staging_buffers: 2,
         expert_cache: true,
     };
-    /// A device-resident pass whose prefill stages one RAM layer's experts at a time, decode
-    /// computing them on the CPU (the decoder families').
+    /// A device-resident pass whose prefill stages one RAM layer's experts at a time and whose
+    /// decode keeps the hot-expert cache (the decoder families').
     pub const RESIDENT_STAGING_ONE: ExecutorNeeds = ExecutorNeeds {
         device_state: true,
         staging_buffers: 1,
-        expert_cache: false,
+        expert_cache: true,
     };
     /// Products on the device one by one, state and experts on the host.
     pub const PRODUCTS_ONLY: ExecutorNeeds = ExecutorNeeds {
@@ -663,8 +663,8 @@ mod tests {
         );
         assert_eq!(bare.expert_layers_on_gpu.len(), 2);
         assert!(bare.gpu_weight_bytes + reserve <= budget);
-        // One staging buffer and no cache (the decoder families' executor), even when a cache
-        // is asked for: the room of the second buffer holds an expert layer.
+        // One staging buffer and the cache asked for (the decoder families' executor): the
+        // room of the second buffer holds an expert layer.
         let one = Plan::for_executor(
             &g,
             &PlacementArgs {
@@ -678,7 +678,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             (one.state_bytes, one.staging_bytes, one.cache_bytes),
-            (state, layer(1), 0)
+            (state, layer(1), layer(1) / 4)
         );
         assert_eq!(one.expert_layers_on_gpu.len(), 1);
     }

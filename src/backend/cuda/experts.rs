@@ -5,6 +5,8 @@
 //! in the cache is computed there without a copy, and the experts a step copies over take the
 //! slots of the least used ones that this step does not need.
 
+use std::sync::Mutex;
+
 use anyhow::Result;
 
 use super::{DeviceMatrix, DeviceRows, Gpu};
@@ -147,5 +149,62 @@ impl ExpertCache {
 
     pub fn is_empty(&self) -> bool {
         self.holder.is_empty()
+    }
+}
+
+/// The hot-expert caches of a model's RAM layers, by layer index.
+#[derive(Default)]
+pub struct ExpertCaches(Vec<(usize, Mutex<ExpertCache>)>);
+
+impl ExpertCaches {
+    /// Equal caches for the RAM `layers` (index, stacked expert tensors) out of `budget`
+    /// bytes: none when they would hold too few experts (see [`ExpertCache::slots`]), and
+    /// caches for as many layers as the device has room for (a note names the first without).
+    pub fn new(
+        gpu: &Gpu,
+        layers: &[(usize, Vec<&Matrix>)],
+        n_expert: usize,
+        n_used: usize,
+        budget: u64,
+    ) -> ExpertCaches {
+        let mut out = ExpertCaches::default();
+        let Some((_, first)) = layers.first() else {
+            return out;
+        };
+        let eb = first.iter().map(|t| t.data.len()).sum::<usize>() / n_expert.max(1);
+        let slots = ExpertCache::slots(budget, layers.len(), eb, n_expert, n_used);
+        for (i, tensors) in layers.iter().filter(|_| slots > 0) {
+            match ExpertCache::new(gpu, tensors, n_expert, slots) {
+                Ok(c) => out.0.push((*i, Mutex::new(c))),
+                Err(e) => {
+                    eprintln!("note: no room for the expert cache of layer {i} ({e:#})");
+                    break;
+                }
+            }
+        }
+        out
+    }
+
+    /// Layer `layer`'s cache, when it has one.
+    pub fn get(&self, layer: usize) -> Option<&Mutex<ExpertCache>> {
+        self.0.iter().find(|(l, _)| *l == layer).map(|(_, c)| c)
+    }
+
+    /// "; expert cache: …" (slots, layers, hit rate) for an offload report; empty without
+    /// caches.
+    pub fn report(&self) -> String {
+        let Some((_, first)) = self.0.first() else {
+            return String::new();
+        };
+        let slots = first.lock().unwrap_or_else(|e| e.into_inner()).len();
+        let (hits, lookups) = self.0.iter().fold((0, 0), |(h, l), (_, c)| {
+            let c = c.lock().unwrap_or_else(|e| e.into_inner());
+            (h + c.hits, l + c.lookups)
+        });
+        format!(
+            "; expert cache: {slots} experts in each of {} RAM layers, {:.1}% of {lookups} decode selections hit",
+            self.0.len(),
+            100.0 * hits as f64 / lookups.max(1) as f64
+        )
     }
 }

@@ -56,12 +56,26 @@ __device__ __forceinline__ float half_to_float(u16 h) {
 
 __device__ __forceinline__ float f16at(const u8* p) { return half_to_float((u16)(p[0] | (p[1] << 8))); }
 
-__device__ __constant__ i8 IQ4NL[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
-                                         1,    13,   25,  38,  53,  69,  89,  113};
+// The 16-entry value tables of IQ4_NL and MXFP4 are not read from __constant__ memory: its
+// reads serialize when the lanes of a warp ask for different entries, as dequantizing lanes do
+// (MXFP4 decode ran at ~5% of the memory bandwidth that way).
 
-// MXFP4: twice the E2M1 value of each nibble, and 2^(e − 128) from the block's exponent byte
-// (the bits of that float; e < 2 are the subnormals), as ggrun_quants::mxfp4.
-__device__ __constant__ i8 FP4V[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+// IQ4_NL's value of nibble q (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69,
+// 89, 113), by a byte permute of the table held in immediates.
+__device__ __forceinline__ int iq4nl_value(int q) {
+    u32 v = q & 8 ? __byte_perm(0x26190D01u, 0x71594535u, q & 7)
+                  : __byte_perm(0xBFAD9881u, 0xF6EADDCFu, q & 7);
+    return (int)(i8)(v & 0xff);
+}
+
+// MXFP4: twice the E2M1 value of nibble q (0, 1, 2, 3, 4, 6, 8, 12, and their negatives for
+// q ≥ 8), and 2^(e − 128) from the block's exponent byte (the bits of that float; e < 2 are
+// the subnormals), as ggrun_quants::mxfp4.
+__device__ __forceinline__ int fp4_value(int q) {
+    int m = q & 7;
+    int v = m < 4 ? m : (2 + (m & 1)) << ((m >> 1) - 1);
+    return q & 8 ? -v : v;
+}
 __device__ __forceinline__ float e8m0_half(u8 e) {
     return __int_as_float(e < 2 ? (0x00200000 << e) : ((int)(e - 1) << 23));
 }
@@ -111,7 +125,7 @@ __device__ __forceinline__ void deq8(const u8* row, int e0, float* w) {
         for (int i = 0; i < 8; i++) {
             int e = j + i;
             int q = e < 16 ? (b[2 + e] & 15) : (b[2 + e - 16] >> 4);
-            w[i] = T == T_Q4_0 ? (float)(q - 8) * d : (float)IQ4NL[q] * d;
+            w[i] = T == T_Q4_0 ? (float)(q - 8) * d : (float)iq4nl_value(q) * d;
         }
     } else if (T == T_MXFP4) {
         const u8* b = row + (e0 / 32) * 17;
@@ -120,7 +134,7 @@ __device__ __forceinline__ void deq8(const u8* row, int e0, float* w) {
         for (int i = 0; i < 8; i++) {
             int e = j + i;
             int q = e < 16 ? (b[1 + e] & 15) : (b[1 + e - 16] >> 4);
-            w[i] = (float)FP4V[q] * d;
+            w[i] = (float)fp4_value(q) * d;
         }
     } else if (T == T_Q4_1) {
         const u8* b = row + (e0 / 32) * 20;
@@ -287,17 +301,24 @@ __device__ __forceinline__ float rows_dot(const u8* w, long long row_bytes, int 
     return rows_total(acc, n);
 }
 
-// Decode with int8 activations (normal precision), for the 32-element block types: each lane
-// quantizes its eight activations against its block's absolute maximum (the four lanes of a
-// block agree through two shuffles), as llama.cpp's q8_1 does, and multiplies them with the
-// weights' integers four at a time (dp4a) instead of converting every weight to float. The
-// activations of a chunk are quantized once and shared by the block's MV_ROWS rows.
+// Decode with int8 activations (normal precision), for the legacy and K-quant block types: each
+// lane quantizes its eight activations against the absolute maximum of their block of 32 (the
+// four lanes of a block agree through two shuffles), as llama.cpp's q8_1 does, and multiplies
+// them with the weights' integers four at a time (dp4a) instead of converting every weight to
+// float. The activations of a chunk are quantized once and shared by the block's MV_ROWS rows.
+// A lane's eight weights are d · q + m with one scale d and offset m (a K-quant's sub-block
+// scale and minimum folded in), so its share is d · dx · Σ q·xq + m · Σ x.
 #define FOR_EACH_INT8_TYPE(X) \
     X(q4_0, T_Q4_0) \
     X(q4_1, T_Q4_1) \
     X(q5_0, T_Q5_0) \
     X(q5_1, T_Q5_1) \
-    X(q8_0, T_Q8_0)
+    X(q8_0, T_Q8_0) \
+    X(q2_k, T_Q2_K) \
+    X(q3_k, T_Q3_K) \
+    X(q4_k, T_Q4_K) \
+    X(q5_k, T_Q5_K) \
+    X(q6_k, T_Q6_K)
 
 // Four bytes at a 2-byte aligned address (every quant field these types use is one).
 __device__ __forceinline__ int ld_a2(const u8* p) {
@@ -310,16 +331,71 @@ __device__ __forceinline__ int spread4(u32 b) {
     return (int)((b & 1) | ((b & 2) << 7) | ((b & 4) << 14) | ((b & 8) << 21));
 }
 
-// Bytes in a block of type T, and where its quants start.
+// Bytes and elements of a block of type T, and whether its values carry an offset.
 template <int T> struct Block32 {
-    static const int bytes = T == T_Q8_0 ? 34 : T == T_Q4_0 ? 18 : T == T_Q4_1 ? 20 : T == T_Q5_0 ? 22 : 24;
-    static const int has_min = T == T_Q4_1 || T == T_Q5_1;
+    static const int elems = T == T_Q2_K || T == T_Q3_K || T == T_Q4_K || T == T_Q5_K || T == T_Q6_K ? 256 : 32;
+    static const int bytes = T == T_Q8_0 ? 34 : T == T_Q4_0 ? 18 : T == T_Q4_1 ? 20 : T == T_Q5_0 ? 22
+                           : T == T_Q5_1 ? 24 : T == T_Q2_K ? 84 : T == T_Q3_K ? 110 : T == T_Q4_K ? 144
+                           : T == T_Q5_K ? 176 : 210;
+    static const int has_min = T == T_Q4_1 || T == T_Q5_1 || T == T_Q2_K || T == T_Q4_K || T == T_Q5_K;
 };
 
-// Elements j..j+7 (j = 0, 8, 16, 24) of the block at b as two words of four signed bytes, with
-// the block's scale d and minimum m (0 for the types without one): value = d · q + m.
+// Elements j..j+7 (j a multiple of 8) of the block at b as two words of four signed bytes q,
+// with their scale d and offset m: value = d · q + m.
 template <int T>
 __device__ __forceinline__ void block_ints(const u8* b, int j, int* w, float* d, float* m) {
+    if (T == T_Q4_K || T == T_Q5_K) {
+        // Sub-block j / 32 of 64-element pairs c: low nibbles, then high; Q5_K's fifth bits
+        // in qh bit 2c + hi of each element's byte.
+        int c = j / 64, hi = (j % 64) >= 32, l = j % 32, sc, mn;
+        scale_min_k4(j / 32, b + 4, &sc, &mn);
+        *d = f16at(b) * (float)sc;
+        *m = -f16at(b + 2) * (float)mn;
+        const u8* q = b + (T == T_Q4_K ? 16 : 48) + 32 * c + l;
+        int shift = hi ? 4 : 0;
+        int lo = (ld_a2(q) >> shift) & 0x0F0F0F0F, up = (ld_a2(q + 4) >> shift) & 0x0F0F0F0F;
+        if (T == T_Q5_K) {
+            int bit = 2 * c + hi;
+            lo |= ((ld_a2(b + 16 + l) >> bit) & 0x01010101) << 4;
+            up |= ((ld_a2(b + 20 + l) >> bit) & 0x01010101) << 4;
+        }
+        w[0] = lo;
+        w[1] = up;
+        return;
+    }
+    if (T == T_Q6_K) {
+        int half = j / 128, quarter = (j % 128) / 32, l = j % 32;
+        *d = f16at(b + 208) * (float)(i8)b[192 + j / 16];
+        *m = 0.0f;
+        const u8* ql = b + 64 * half + (quarter & 1 ? 32 : 0) + l;
+        const u8* qh = b + 128 + 32 * half + l;
+        int shift = quarter & 2 ? 4 : 0;
+        for (int h = 0; h < 2; h++) {
+            int lo = (ld_a2(ql + 4 * h) >> shift) & 0x0F0F0F0F;
+            int hb = ((ld_a2(qh + 4 * h) >> (2 * quarter)) & 0x03030303) << 4;
+            w[h] = __vsubss4(lo | hb, 0x20202020);
+        }
+        return;
+    }
+    if (T == T_Q3_K) {
+        int half = j / 128, p = (j % 128) / 32, l = j % 32;
+        *d = f16at(b + 108) * (float)q3k_scale(j / 16, b + 96);
+        *m = 0.0f;
+        for (int h = 0; h < 2; h++) {
+            int q = (ld_a2(b + 32 + 32 * half + l + 4 * h) >> (2 * p)) & 0x03030303;
+            int hb = (ld_a2(b + l + 4 * h) >> (4 * half + p)) & 0x01010101;
+            w[h] = __vsubss4(q | (hb << 2), 0x04040404);
+        }
+        return;
+    }
+    if (T == T_Q2_K) {
+        int half = j / 128, p = (j % 128) / 32, l = j % 32;
+        int sc = b[j / 16];
+        *d = f16at(b + 80) * (float)(sc & 15);
+        *m = -f16at(b + 82) * (float)(sc >> 4);
+        for (int h = 0; h < 2; h++) w[h] = (ld_a2(b + 16 + 32 * half + l + 4 * h) >> (2 * p)) & 0x03030303;
+        return;
+    }
     *d = f16at(b);
     *m = Block32<T>::has_min ? f16at(b + 2) : 0.0f;
     if (T == T_Q8_0) {
@@ -377,12 +453,12 @@ __device__ __forceinline__ float rows_dot_i8(const u8* w, long long row_bytes, i
             for (int i = 0; i < 4; i++) v |= (u32)(__float2int_rn(xv[4 * h + i] * inv) & 255) << (8 * i);
             xq[h] = (int)v;
         }
-        long long blk = (long long)(e / 32) * Block32<T>::bytes;
+        long long blk = (long long)(e / Block32<T>::elems) * Block32<T>::bytes;
 #pragma unroll
         for (int j = 0; j < MV_ROWS; j++) {
             int wq[2];
             float d, m;
-            block_ints<T>(rowp[j] + blk, e % 32, wq, &d, &m);
+            block_ints<T>(rowp[j] + blk, e % Block32<T>::elems, wq, &d, &m);
             int s = __dp4a(wq[1], xq[1], __dp4a(wq[0], xq[0], 0));
             if (ok) acc[j] += d * dx * (float)s + (Block32<T>::has_min ? m * sx : 0.0f);
         }

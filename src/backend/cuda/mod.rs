@@ -12,7 +12,7 @@ mod ops;
 mod staging;
 mod state;
 
-pub use experts::ExpertCache;
+pub use experts::{ExpertCache, ExpertCaches};
 pub use graph::{Found, Graphs, StepGraph};
 pub use ops::{DeviceAct, DeviceGating};
 pub use staging::{average, time_copies, HostPins, OffloadCosts, COPY_SAMPLES};
@@ -45,8 +45,8 @@ pub struct Gpu {
     /// Kernel handles looked up so far, by name.
     functions: Mutex<HashMap<String, CudaFunction>>,
     /// Normal precision: batches of [`TILED_FROM`] tokens and more may run on the tensor cores
-    /// (bf16 operands, f32 sums) and smaller ones on int8 activations (dp4a, for the 32-element
-    /// block types); otherwise (exact) every product keeps its activations in f32.
+    /// (bf16 operands, f32 sums) and smaller ones on int8 activations (dp4a, for the legacy and
+    /// K-quant block types); otherwise (exact) every product keeps its activations in f32.
     normal_precision: AtomicBool,
     /// The device's name, as the driver reports it.
     pub name: String,
@@ -560,7 +560,10 @@ impl Gpu {
     /// The decode kernel for type `ty`: int8 activations in normal precision where it has them.
     fn rows_kernel(&self, ty: GgmlType) -> Kernel {
         use GgmlType::*;
-        let int8 = matches!(ty, Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0);
+        let int8 = matches!(
+            ty,
+            Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q2_K | Q3_K | Q4_K | Q5_K | Q6_K
+        );
         if int8 && self.normal_precision.load(Ordering::Relaxed) {
             Kernel::RowsI8
         } else {

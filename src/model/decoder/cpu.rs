@@ -32,6 +32,56 @@ fn expert_rows(b: Option<&[f32]>, e: usize, rows: usize) -> Option<&[f32]> {
 }
 
 impl CpuOps<'_> {
+    /// The weighted sum over t rows of `h` of the routed experts in `per_expert` (each
+    /// expert's (row, weight) pairs), each expert once over its rows.
+    pub(super) fn experts(
+        &self,
+        d: &Decoder,
+        m: &Moe,
+        h: &[f32],
+        t: usize,
+        per_expert: &[Vec<(usize, f32)>],
+    ) -> Result<Vec<f32>> {
+        let (n, ff) = (d.n_embd, m.ff);
+        let used: Vec<usize> = (0..per_expert.len())
+            .filter(|&e| !per_expert[e].is_empty())
+            .collect();
+        let outs: Vec<Vec<f32>> = used
+            .par_iter()
+            .map(|&e| -> Result<Vec<f32>> {
+                let rows = &per_expert[e];
+                let mut xs = Vec::with_capacity(rows.len() * n);
+                for &(ti, _) in rows {
+                    xs.extend_from_slice(&h[ti * n..(ti + 1) * n]);
+                }
+                self.gated_rows(
+                    [
+                        &m.gate.slice_rows(e * ff, ff),
+                        &m.up.slice_rows(e * ff, ff),
+                        &m.down.slice_rows(e * n, n),
+                    ],
+                    [
+                        expert_rows(m.gate_b.as_deref(), e, ff),
+                        expert_rows(m.up_b.as_deref(), e, ff),
+                        expert_rows(m.down_b.as_deref(), e, n),
+                    ],
+                    m.act,
+                    &xs,
+                    rows.len(),
+                )
+            })
+            .collect::<Result<_>>()?;
+        let mut out = vec![0f32; t * n];
+        for (&e, y) in used.iter().zip(&outs) {
+            for (&(ti, w), yr) in per_expert[e].iter().zip(y.chunks(n)) {
+                for (o, v) in out[ti * n..(ti + 1) * n].iter_mut().zip(yr) {
+                    *o += w * v;
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// down · act(gate · x + b_gate, up · x + b_up) + b_down over t rows of x: a gated MLP,
     /// or one routed expert (its rows of the stacked matrices and its biases).
     fn gated_rows(
@@ -144,11 +194,11 @@ impl Ops for CpuOps<'_> {
     /// Routes each token to its experts and returns their weighted sum; each selected expert
     /// runs once over its tokens, the experts concurrently.
     fn moe(&self, d: &Decoder, layer: usize, m: &Moe, h: &Vec<f32>, t: usize) -> Result<Vec<f32>> {
-        let (ne, k, n, ff) = (m.n_expert, m.n_used, d.n_embd, m.ff);
+        let ne = m.n_expert;
         let logits = self.linear(&m.router, h, t)?;
         let mut per_expert: Vec<Vec<(usize, f32)>> = vec![Vec::new(); ne];
         for (ti, row) in logits.chunks(ne).enumerate() {
-            for (e, w) in route(row, k, m.gating) {
+            for (e, w) in route(row, m.n_used, m.gating) {
                 per_expert[e].push((ti, w * m.scale));
             }
         }
@@ -160,41 +210,7 @@ impl Ops for CpuOps<'_> {
                 *c += r.len() as u64;
             }
         }
-        let used: Vec<usize> = (0..ne).filter(|&e| !per_expert[e].is_empty()).collect();
-        let outs: Vec<Vec<f32>> = used
-            .par_iter()
-            .map(|&e| -> Result<Vec<f32>> {
-                let rows = &per_expert[e];
-                let mut xs = Vec::with_capacity(rows.len() * n);
-                for &(ti, _) in rows {
-                    xs.extend_from_slice(&h[ti * n..(ti + 1) * n]);
-                }
-                self.gated_rows(
-                    [
-                        &m.gate.slice_rows(e * ff, ff),
-                        &m.up.slice_rows(e * ff, ff),
-                        &m.down.slice_rows(e * n, n),
-                    ],
-                    [
-                        expert_rows(m.gate_b.as_deref(), e, ff),
-                        expert_rows(m.up_b.as_deref(), e, ff),
-                        expert_rows(m.down_b.as_deref(), e, n),
-                    ],
-                    m.act,
-                    &xs,
-                    rows.len(),
-                )
-            })
-            .collect::<Result<_>>()?;
-        let mut out = vec![0f32; t * n];
-        for (&e, y) in used.iter().zip(&outs) {
-            for (&(ti, w), yr) in per_expert[e].iter().zip(y.chunks(n)) {
-                for (o, v) in out[ti * n..(ti + 1) * n].iter_mut().zip(yr) {
-                    *o += w * v;
-                }
-            }
-        }
-        Ok(out)
+        self.experts(d, m, h, t, &per_expert)
     }
 
     fn logits(

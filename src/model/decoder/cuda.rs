@@ -21,7 +21,8 @@ use super::{Act, Attention, Decoder, FeedForward, Gated, Gating, Linear, Moe, Op
 use crate::backend::cpu::{Cpu, Matrix, Precision};
 use crate::backend::cuda::{
     average, time_copies, DeviceAct, DeviceGating, DeviceMatrix, DeviceRows, DeviceState, Epilogue,
-    Found, Gpu, Graphs, Group, HostPins, OffloadCosts, PassOptions, StepGraph, COPY_SAMPLES,
+    ExpertCache, ExpertCaches, Found, Gpu, Graphs, Group, HostPins, OffloadCosts, PassOptions,
+    StepGraph, COPY_SAMPLES,
 };
 use crate::model::{embed, segments, LayerState, Seq, State};
 
@@ -56,6 +57,19 @@ pub(super) struct DeviceDecoder<'a> {
 struct StepInputs {
     pos: CudaSlice<i32>,
     angles: Vec<CudaSlice<f32>>,
+}
+
+impl StepInputs {
+    /// Device copies of [`host_inputs`]' values.
+    fn upload(g: &Gpu, (pos, tables): &(Vec<i32>, Vec<Vec<f32>>)) -> Result<StepInputs> {
+        Ok(StepInputs {
+            pos: g.to_device(pos)?,
+            angles: tables
+                .iter()
+                .map(|t| g.to_device(t))
+                .collect::<Result<_>>()?,
+        })
+    }
 }
 
 /// A captured decode step and the inputs it reads.
@@ -104,12 +118,21 @@ struct Staging {
     bufs: Mutex<[DeviceMatrix; 3]>,
     pins: Option<HostPins>,
     costs: Mutex<OffloadCosts>,
+    /// The hot-expert caches of the RAM layers, when the plan has room for them.
+    caches: ExpertCaches,
 }
 
 impl Staging {
     /// Buffers for the largest RAM layer within `budget` bytes (None, with a note, when they
-    /// do not fit: the CPU then computes RAM experts always).
-    fn new(gpu: &Gpu, ram: &[&Moe], budget: u64) -> Option<Staging> {
+    /// do not fit: the CPU then computes RAM experts always), and equal hot-expert caches for
+    /// the RAM layers (`ram`: index and layer) out of `cache_budget` bytes.
+    fn new(
+        gpu: &Gpu,
+        ram_layers: &[(usize, &Moe)],
+        budget: u64,
+        cache_budget: u64,
+    ) -> Option<Staging> {
+        let ram: Vec<&Moe> = ram_layers.iter().map(|(_, m)| *m).collect();
         let most = |f: fn(&Moe) -> usize| ram.iter().map(|m| f(m)).max().unwrap_or(0);
         let sizes = [
             most(|m| m.gate.data.len()),
@@ -144,11 +167,24 @@ impl Staging {
             .pin_host(&ranges)
             .map_err(|e| eprintln!("note: {e:#}; expert copies go through pageable memory"))
             .ok();
+        let tensors: Vec<(usize, Vec<&Matrix>)> = ram_layers
+            .iter()
+            .map(|(i, m)| (*i, vec![&m.gate, &m.up, &m.down]))
+            .collect();
+        let (ne, k) = ram_layers
+            .first()
+            .map_or((0, 0), |(_, m)| (m.n_expert, m.n_used));
+        let caches = ExpertCaches::new(gpu, &tensors, ne, k, cache_budget);
         Some(Staging {
             bufs: Mutex::new(bufs),
             pins,
             costs: Mutex::default(),
+            caches,
         })
+    }
+
+    fn cache(&self, layer: usize) -> Option<&Mutex<ExpertCache>> {
+        self.caches.get(layer)
     }
 }
 
@@ -195,23 +231,25 @@ impl<'a> DeviceDecoder<'a> {
     pub(super) fn new(
         d: &Decoder<'a>,
         staging_budget: u64,
+        cache_budget: u64,
         pass: PassOptions,
     ) -> Result<Option<DeviceDecoder<'a>>> {
         if !resident(d) {
             return Ok(None);
         }
         let gpu = dev(&d.output)?.gpu;
-        let ram: Vec<&Moe> = d
+        let ram: Vec<(usize, &Moe)> = d
             .layers
             .iter()
-            .filter_map(|l| match &l.ffn {
-                FeedForward::Moe(m) if !experts_on_device(m) => Some(&**m),
+            .enumerate()
+            .filter_map(|(i, l)| match &l.ffn {
+                FeedForward::Moe(m) if !experts_on_device(m) => Some((i, &**m)),
                 _ => None,
             })
             .collect();
         let staging = match staging_budget {
             0 => None,
-            b => Staging::new(gpu, &ram, b),
+            b => Staging::new(gpu, &ram, b, cache_budget),
         };
         let mut host: Vec<&[f32]> = vec![&d.out_norm];
         let mut counts = Vec::new();
@@ -286,6 +324,10 @@ impl<'a> DeviceDecoder<'a> {
             Some(_) => "; page-locked",
             None => "; not page-locked",
         };
+        line += &s.caches.report();
+        if c.split_steps > 0 {
+            line += &format!("; {} decode steps copied experts", c.split_steps);
+        }
         Some(line)
     }
 
@@ -357,14 +399,7 @@ impl<'a> DeviceDecoder<'a> {
                 return Ok(logits);
             }
         }
-        let (pos, tables) = host_inputs(&self.ropes, seqs)?;
-        let inputs = StepInputs {
-            pos: g.to_device(&pos)?,
-            angles: tables
-                .iter()
-                .map(|t| g.to_device(t))
-                .collect::<Result<_>>()?,
-        };
+        let inputs = StepInputs::upload(g, &host_inputs(&self.ropes, seqs)?)?;
         let e = CudaOps {
             dev: self,
             cpu,
@@ -398,13 +433,13 @@ impl<'a> DeviceDecoder<'a> {
             }
         }
         let x = embedded(d, tokens)?;
-        let (pos, tables) = host_inputs(&self.ropes, seqs)?;
+        let host = host_inputs(&self.ropes, seqs)?;
         match graphs.find(&key) {
             Found::Run => return Ok(None),
             Found::Replay(mut step) => {
                 g.upload_into(&x, &mut step.graph.x)?;
-                g.upload_into(&pos, &mut step.inputs.pos)?;
-                for (t, buf) in tables.iter().zip(&mut step.inputs.angles) {
+                g.upload_into(&host.0, &mut step.inputs.pos)?;
+                for (t, buf) in host.1.iter().zip(&mut step.inputs.angles) {
                     g.upload_into(t, buf)?;
                 }
                 step.graph.launch()?;
@@ -422,13 +457,7 @@ impl<'a> DeviceDecoder<'a> {
             }
             Found::Capture => {}
         }
-        let inputs = StepInputs {
-            pos: g.to_device(&pos)?,
-            angles: tables
-                .iter()
-                .map(|t| g.to_device(t))
-                .collect::<Result<_>>()?,
-        };
+        let inputs = StepInputs::upload(g, &host)?;
         let before: Vec<usize> = seqs.iter().map(|s| s.state.pos).collect();
         let (xd, logits) = (g.to_device(&x)?, g.output(seqs.len() * d.n_vocab)?);
         let captured = g.capture_step(xd, logits, |x, logits| {
@@ -483,16 +512,19 @@ pub(super) struct CudaOps<'p, 'a> {
 }
 
 impl CudaOps<'_, '_> {
-    /// Routed experts on the device (`w`: gate, up and down, where they are now): ids and
-    /// weights from the router, then either the id products (decode) or the rows grouped per
-    /// expert (prefill); the weighted sum returned.
+    /// Routed experts on the device (`w`: gate, up and down, where they are now, `n_in`
+    /// experts stacked in each): ids (into `w`) and weights from the router, then either the
+    /// id products (decode) or the rows grouped per expert (prefill, `w` holding every
+    /// expert); the weighted sum returned. The expert biases are indexed by `bias_ids` (the
+    /// layer's expert ids, which `ids` are too unless `w` is a cache's slots).
     #[allow(clippy::too_many_arguments)]
     fn experts(
         &self,
         d: &Decoder,
         m: &Moe,
         [gate, up, down]: [DeviceRows; 3],
-        ids: &CudaSlice<i32>,
+        (ids, n_in): (&CudaSlice<i32>, usize),
+        bias_ids: &CudaSlice<i32>,
         wts: &CudaSlice<f32>,
         h: &CudaSlice<f32>,
         t: usize,
@@ -515,17 +547,20 @@ impl CudaOps<'_, '_> {
             let (mut gb, mut ub) = (g.output(pairs * ff)?, g.output(pairs * ff)?);
             for (w, y) in [(&gate, &mut gb), (&up, &mut ub)] {
                 let (x, mut yv) = (h.slice(..), y.slice_mut(..));
-                w.matmul_id(ff, ne, ids, &x, &mut yv, pairs, k, false, Epilogue::Store)?;
+                w.matmul_id(ff, n_in, ids, &x, &mut yv, pairs, k, false, Epilogue::Store)?;
             }
-            bias(&mut gb, &m.gate_b, ids, ff)?;
-            bias(&mut ub, &m.up_b, ids, ff)?;
+            bias(&mut gb, &m.gate_b, bias_ids, ff)?;
+            bias(&mut ub, &m.up_b, bias_ids, ff)?;
             g.gated_act(&mut gb, &ub, pairs * ff, device_act(m.act))?;
             let mut y = g.output(pairs * n)?;
             let (x, mut yv) = (gb.slice(..), y.slice_mut(..));
-            down.matmul_id(n, ne, ids, &x, &mut yv, pairs, k, true, Epilogue::Store)?;
-            bias(&mut y, &m.down_b, ids, n)?;
+            down.matmul_id(n, n_in, ids, &x, &mut yv, pairs, k, true, Epilogue::Store)?;
+            bias(&mut y, &m.down_b, bias_ids, n)?;
             g.moe_combine(&y, None, wts, &mut out, t, k, n)?;
             return Ok(out);
+        }
+        if n_in != ne {
+            bail!("grouped expert products need every expert of the layer");
         }
         // Rows grouped per expert: row r of the grouped buffers is a token of
         // token_of_row[r], of expert expert_of_row[r]; pair p's output is row pos[p].
@@ -570,6 +605,115 @@ impl CudaOps<'_, '_> {
         g.matmul_grouped(down.m, n, &groups(n), &x, &mut yv, Epilogue::Store)?;
         bias(&mut y, &m.down_b, &experts_d, n)?;
         g.moe_combine(&y, Some(&pos_d), wts, &mut out, t, k, n)?;
+        Ok(out)
+    }
+}
+
+impl CudaOps<'_, '_> {
+    /// A decode step (t ≤ [`ID_PATH_MAX_TOKENS`]) of a RAM layer with a hot-expert cache, the
+    /// ids and weights routed on the device: the selected experts in the cache run there; of
+    /// the others, the most used are copied into cache slots they win (as many as the measured
+    /// costs say finish with the CPU's share, which computes the rest meanwhile).
+    #[allow(clippy::too_many_arguments)]
+    fn cached_decode(
+        &self,
+        d: &Decoder,
+        m: &Moe,
+        s: &Staging,
+        cache: &Mutex<ExpertCache>,
+        ids: &CudaSlice<i32>,
+        wts: &CudaSlice<f32>,
+        h: &CudaSlice<f32>,
+        t: usize,
+    ) -> Result<CudaSlice<f32>> {
+        let g = self.dev.gpu;
+        let (ne, k, n) = (m.n_expert, m.n_used, d.n_embd);
+        let (ids_h, wts_h, hh) = (g.to_host(ids)?, g.to_host(wts)?, g.to_host(h)?);
+        let mut selected = vec![false; ne];
+        for &e in &ids_h {
+            selected[e as usize] = true;
+        }
+        let chosen: Vec<usize> = (0..ne).filter(|&e| selected[e]).collect();
+        let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
+        c.note(&chosen);
+        let mut on_gpu: Vec<bool> = (0..ne)
+            .map(|e| selected[e] && c.slot_of[e].is_some())
+            .collect();
+        let mut rest: Vec<usize> = chosen.iter().copied().filter(|&e| !on_gpu[e]).collect();
+        rest.sort_by(|&a, &b| c.uses[b].total_cmp(&c.uses[a]).then(a.cmp(&b)));
+        let (n_copy, measure) = {
+            let mut costs = s.costs.lock().unwrap_or_else(|e| e.into_inner());
+            let n_copy = costs.cpu_s_per_decode_expert.map_or(0, |cpu| {
+                costs.copies_beside_cpu(rest.len(), cpu, layer_bytes(m) / ne.max(1))
+            });
+            costs.split_steps += (n_copy > 0) as u64;
+            (n_copy, n_copy > 0 && costs.copy_samples < COPY_SAMPLES)
+        };
+        for &e in &rest[..n_copy] {
+            on_gpu[e] = true;
+        }
+        if measure {
+            g.synchronize()?;
+        }
+        let started = Instant::now();
+        let mut copied = 0;
+        let tensors = [&m.gate, &m.up, &m.down];
+        for &e in &rest[..n_copy] {
+            match c.admit(e, &on_gpu) {
+                Some(slot) => copied += c.fill(g, slot, e, &tensors)?,
+                None => on_gpu[e] = false,
+            }
+        }
+        if measure && copied > 0 {
+            time_copies(g, &s.costs, copied, started)?;
+        }
+        // The GPU's share, queued: its pairs point at cache slots, the CPU's weigh nothing.
+        let mut out = None;
+        if on_gpu.iter().any(|&v| v) {
+            let slots: Vec<i32> = ids_h
+                .iter()
+                .map(|&e| match (on_gpu[e as usize], c.slot_of[e as usize]) {
+                    (true, Some(slot)) => slot as i32,
+                    _ => 0,
+                })
+                .collect();
+            let masked: Vec<f32> = ids_h
+                .iter()
+                .zip(&wts_h)
+                .map(|(&e, &w)| if on_gpu[e as usize] { w } else { 0.0 })
+                .collect();
+            let (slots, masked) = (g.to_device(&slots)?, g.to_device(&masked)?);
+            let w = [0, 1, 2].map(|i| c.all(g, i));
+            out = Some(self.experts(d, m, w, (&slots, c.len()), ids, &masked, h, t)?);
+        }
+        drop(c);
+        // The CPU's share meanwhile, timed per expert.
+        let mut per_expert: Vec<Vec<(usize, f32)>> = vec![Vec::new(); ne];
+        for (p, (&e, &w)) in ids_h.iter().zip(&wts_h).enumerate() {
+            if !on_gpu[e as usize] {
+                per_expert[e as usize].push((p / k, w));
+            }
+        }
+        let on_cpu = per_expert.iter().filter(|l| !l.is_empty()).count();
+        let mut out = match out {
+            Some(o) => o,
+            None => g.zeros(t * n)?,
+        };
+        if on_cpu > 0 {
+            let started = Instant::now();
+            let y = CpuOps { cpu: self.cpu }.experts(d, m, &hh, t, &per_expert)?;
+            let sample = started.elapsed().as_secs_f64() / on_cpu as f64;
+            {
+                // A sample far above the estimate (the CPU preempted, a cold cache) moves it
+                // by at most a factor of three.
+                let mut costs = s.costs.lock().unwrap_or_else(|e| e.into_inner());
+                let sample = costs
+                    .cpu_s_per_decode_expert
+                    .map_or(sample, |e| sample.min(3.0 * e));
+                costs.cpu_s_per_decode_expert = average(costs.cpu_s_per_decode_expert, sample);
+            }
+            g.add(&mut out, &g.to_device(&y)?, t * n)?;
+        }
         Ok(out)
     }
 }
@@ -734,8 +878,12 @@ impl Ops for CudaOps<'_, '_> {
                 let c = s.costs.lock().unwrap_or_else(|e| e.into_inner());
                 c.prefers_copy(layer_bytes(m), t * k)
             });
+        // A decode step of a RAM layer with a hot-expert cache routes on the device too.
+        let cached = !on_device
+            && t <= ID_PATH_MAX_TOKENS
+            && staging.is_some_and(|s| s.cache(layer).is_some());
         let counts = match self.dev.counts.iter().find(|(i, _)| *i == layer) {
-            Some((_, c)) if on_device || copy => c,
+            Some((_, c)) if on_device || copy || cached => c,
             _ => {
                 // Experts in RAM: the CPU routes and computes them (timed for prefill, so that
                 // the next batch can choose).
@@ -766,9 +914,15 @@ impl Ops for CudaOps<'_, '_> {
                 &logits, gating, &mut ids, &mut wts, &mut c, t, k, norm, m.scale,
             )?;
         }
+        if !on_device && !copy {
+            // Decode with the layer's hot-expert cache (see the guard above).
+            let cache = staging.and_then(|s| s.cache(layer).map(|c| (s, c)));
+            let (s, cache) = cache.ok_or_else(|| anyhow!("no expert cache for layer {layer}"))?;
+            return self.cached_decode(d, m, s, cache, &ids, &wts, h, t);
+        }
         let Some(s) = staging.filter(|_| copy) else {
             let w = [dev(&m.gate)?, dev(&m.up)?, dev(&m.down)?];
-            return self.experts(d, m, w, &ids, &wts, h, t);
+            return self.experts(d, m, w, (&ids, ne), &ids, &wts, h, t);
         };
         // The whole layer copied over (a prefill batch selects most experts), on the compute
         // stream after the work that read the buffers last; the first copies are timed.
@@ -801,7 +955,7 @@ impl Ops for CudaOps<'_, '_> {
             start: 0,
             rows: w.rows,
         });
-        self.experts(d, m, w, &ids, &wts, h, t)
+        self.experts(d, m, w, (&ids, ne), &ids, &wts, h, t)
     }
 
     fn logits(

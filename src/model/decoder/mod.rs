@@ -535,8 +535,11 @@ impl Hyper {
             device: None,
         };
         d.check()?;
-        let staging = t.opts.device.map_or(0, |w| w.plan.staging_bytes);
-        d.device = cuda::DeviceDecoder::new(&d, staging, t.opts.pass)?;
+        let (staging, cache) = t
+            .opts
+            .device
+            .map_or((0, 0), |w| (w.plan.staging_bytes, w.plan.cache_bytes));
+        d.device = cuda::DeviceDecoder::new(&d, staging, cache, t.opts.pass)?;
         Ok(d)
     }
 }

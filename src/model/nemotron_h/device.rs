@@ -18,8 +18,8 @@ use super::{Attention, Block, Mamba, Moe, NemotronH};
 use crate::backend::cpu::{Cpu, Matrix, Precision};
 use crate::backend::cuda::{
     average, time_copies, DeviceGating, DeviceMatrix, DeviceRows, DeviceState, Epilogue,
-    ExpertCache, Found, Gpu, Graphs, Group, HostPins, OffloadCosts, PassOptions, Prefetch,
-    StepGraph, COPY_SAMPLES,
+    ExpertCache, ExpertCaches, Found, Gpu, Graphs, Group, HostPins, OffloadCosts, PassOptions,
+    Prefetch, StepGraph, COPY_SAMPLES,
 };
 use crate::model::{embed, LayerState, State};
 
@@ -80,7 +80,7 @@ struct Offload {
     costs: Mutex<OffloadCosts>,
     prefetch: Prefetch,
     /// The hot-expert cache of each RAM MoE layer (by layer index), when the plan has one.
-    caches: Vec<(usize, Mutex<ExpertCache>)>,
+    caches: ExpertCaches,
 }
 
 /// Device buffers for RAM experts, each an up and a down buffer with room for a whole layer's.
@@ -203,7 +203,11 @@ impl Offload {
                 stage.copy = Some(c);
             }
         }
-        let caches = caches_for(gpu, m, &ram_layers, cache_budget);
+        let tensors: Vec<(usize, Vec<&Matrix>)> = ram_layers
+            .iter()
+            .map(|(i, b)| (*i, vec![&b.up, &b.down]))
+            .collect();
+        let caches = ExpertCaches::new(gpu, &tensors, m.n_expert, m.n_expert_used, cache_budget);
         Some(Offload {
             stage: Mutex::new(stage),
             pins,
@@ -214,39 +218,8 @@ impl Offload {
     }
 
     fn cache(&self, layer: usize) -> Option<&Mutex<ExpertCache>> {
-        self.caches
-            .iter()
-            .find(|(l, _)| *l == layer)
-            .map(|(_, c)| c)
+        self.caches.get(layer)
     }
-}
-
-/// Equal caches for the RAM layers out of `budget` bytes (none when they would hold too few
-/// experts, see [`ExpertCache::slots`]).
-fn caches_for(
-    gpu: &Gpu,
-    m: &NemotronH,
-    layers: &[(usize, &Moe)],
-    budget: u64,
-) -> Vec<(usize, Mutex<ExpertCache>)> {
-    let Some(eb) = expert_bytes(m) else {
-        return Vec::new();
-    };
-    let slots = ExpertCache::slots(budget, layers.len(), eb, m.n_expert, m.n_expert_used);
-    let mut out = Vec::new();
-    if slots == 0 {
-        return out;
-    }
-    for &(i, b) in layers {
-        match ExpertCache::new(gpu, &[&b.up, &b.down], m.n_expert, slots) {
-            Ok(c) => out.push((i, Mutex::new(c))),
-            Err(e) => {
-                eprintln!("note: no room for the expert cache of layer {i} ({e:#})");
-                break;
-            }
-        }
-    }
-    out
 }
 
 /// The device copy of a weight the placement put on the GPU.
@@ -369,18 +342,7 @@ impl<'a> DeviceParts<'a> {
                 line += &format!("; copying pays from ~{t} tokens");
             }
         }
-        if let Some((_, first)) = o.caches.first() {
-            let slots = first.lock().unwrap_or_else(|e| e.into_inner()).len();
-            let (hits, lookups) = o.caches.iter().fold((0, 0), |(h, l), (_, c)| {
-                let c = c.lock().unwrap_or_else(|e| e.into_inner());
-                (h + c.hits, l + c.lookups)
-            });
-            line += &format!(
-                "; expert cache: {slots} experts in each of {} RAM layers, {:.1}% of {lookups} decode selections hit",
-                o.caches.len(),
-                100.0 * hits as f64 / lookups.max(1) as f64
-            );
-        }
+        line += &o.caches.report();
         if let Some(p) = &o.pins {
             line += &format!(
                 "; {:.2} GiB page-locked",
