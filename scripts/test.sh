@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's checks: formatting, clippy, the whole test suite on this CPU (every SIMD tier it
-# has), and the quant kernels' tests on aarch64 under qemu (NEON and NEON+dotprod).
+# has), the quant kernels' tests on aarch64 under qemu (NEON and NEON+dotprod), and the runner
+# itself there on a fixture.
 # Needs what .ci/run installs; run `bash .ci/run` on a fresh machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,6 +43,23 @@ for t in gguf_parse tokenize template request; do
   fi
   echo "fuzz $t: $(grep -o 'Done [0-9]* runs in [0-9]* second(s)' "$scratch/$t.log" | tail -1)"
 done
+
+# The runner itself on aarch64 under qemu: on the Q8_0 fixture (every legacy matrix packed) the
+# packed NEON kernels give the x86 packed path's logits bit for bit, at both NEON tiers (files
+# with unpacked legacy matrices differ in the last bits: x86's single-row dots sum in 8 lanes).
+fixtures="${GGRUN_FIXTURES:-../shared/fixtures}"
+m="$fixtures/nemo-tiny-q8_0.gguf"
+toks=1,2,3,4,5,6,7,8,9,10,11,12
+cargo run -q --bin ggrun -- logits -m "$m" --tokens $toks --out "$scratch/x86.f32" -t 2 >/dev/null
+for isa in neon neon-dotprod; do
+  GGRUN_ISA=$isa cargo run -q --target aarch64-unknown-linux-gnu --bin ggrun -- \
+    logits -m "$m" --tokens $toks --out "$scratch/arm-$isa.f32" -t 2 >/dev/null
+  if ! cmp -s "$scratch/x86.f32" "$scratch/arm-$isa.f32"; then
+    echo "aarch64 ($isa): the logits differ from x86's"
+    exit 1
+  fi
+done
+echo "aarch64 runner: packed NEON logits equal x86's bit for bit (neon, neon-dotprod)"
 
 # One closing line over every test binary above.
 awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed\n", p, f }' "$log"
