@@ -82,6 +82,35 @@ pub struct Kernels {
     pub quantize_act: QuantizeFn,
 }
 
+impl Kernels {
+    /// Weight row `w` · each activation row `a(j)` for `j` in `js`, handed to `put(j, value)`:
+    /// four activation rows a call where the tier has a four-token dot (each result equal to
+    /// the single-row dot's), the rest one by one.
+    #[inline]
+    pub fn dots<'a>(
+        &self,
+        w: &[u8],
+        js: std::ops::Range<usize>,
+        a: impl Fn(usize) -> &'a [u8],
+        mut put: impl FnMut(usize, f32),
+    ) {
+        let mut j = js.start;
+        if let Some(dot4) = self.dot4 {
+            while j + 4 <= js.end {
+                let mut four = [0f32; 4];
+                dot4(w, [a(j), a(j + 1), a(j + 2), a(j + 3)], &mut four);
+                for (x, v) in four.into_iter().enumerate() {
+                    put(j + x, v);
+                }
+                j += 4;
+            }
+        }
+        for j in j..js.end {
+            put(j, (self.dot)(w, a(j)));
+        }
+    }
+}
+
 /// Errors of the row-level helpers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum QuantError {

@@ -432,25 +432,10 @@ impl Keys for Blocks<'_> {
         for (x, b) in qg.chunks_exact(hd).zip(qq.chunks_exact_mut(qb)) {
             (self.kernels.quantize_act)(x, b);
         }
-        let k = &self.kernels;
         for (i, p) in at.enumerate() {
             let kr = self.span(row, p, col, hd);
-            let mut j = 0;
-            // Four heads per key row where the tier has a four-token dot (equal to four dots).
-            if let Some(dot4) = k.dot4 {
-                while j + 4 <= g {
-                    let mut o = [0f32; 4];
-                    let a = std::array::from_fn(|x| &qq[(j + x) * qb..(j + x + 1) * qb]);
-                    dot4(kr, a, &mut o);
-                    for (x, v) in o.into_iter().enumerate() {
-                        out[(j + x) * n + i] = v;
-                    }
-                    j += 4;
-                }
-            }
-            for j in j..g {
-                out[j * n + i] = (k.dot)(kr, &qq[j * qb..(j + 1) * qb]);
-            }
+            let head = |j: usize| &qq[j * qb..(j + 1) * qb];
+            self.kernels.dots(kr, 0..g, head, |j, v| out[j * n + i] = v);
         }
     }
 }

@@ -332,19 +332,7 @@ impl Cpu {
                             for ii in i..rows {
                                 let o = &mut out[ii * t..(ii + 1) * t];
                                 let wr = wr(ii);
-                                // Four tokens per pass where the tier can (same bits as four dots).
-                                let mut j = t0;
-                                if let Some(dot4) = k.dot4 {
-                                    while j + 4 <= t1 {
-                                        let mut four = [0f32; 4];
-                                        dot4(wr, [a(j), a(j + 1), a(j + 2), a(j + 3)], &mut four);
-                                        o[j..j + 4].copy_from_slice(&four);
-                                        j += 4;
-                                    }
-                                }
-                                for (jj, v) in o.iter_mut().enumerate().take(t1).skip(j) {
-                                    *v = (k.dot)(wr, a(jj));
-                                }
+                                k.dots(wr, t0..t1, a, |j, v| o[j] = v);
                             }
                         }
                     })
