@@ -613,7 +613,10 @@ impl CudaOps<'_, '_> {
     /// A decode step (t ≤ [`ID_PATH_MAX_TOKENS`]) of a RAM layer with a hot-expert cache, the
     /// ids and weights routed on the device: the selected experts in the cache run there; of
     /// the others, the most used are copied into cache slots they win (as many as the measured
-    /// costs say finish with the CPU's share, which computes the rest meanwhile).
+    /// costs say finish with the CPU's share), and the CPU computes the rest while the GPU runs
+    /// its share. Known limit: the index tables go up after the copies are queued, and an
+    /// upload from pageable memory waits for them, so the CPU's share starts only once the
+    /// copies are done (the costs assume they overlap).
     #[allow(clippy::too_many_arguments)]
     fn cached_decode(
         &self,
