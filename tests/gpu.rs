@@ -858,7 +858,7 @@ fn decoder_models_on_the_gpu_match_the_cpu() {
                     // The prompt's first RAM layer runs on the CPU (its cost measured), the
                     // second is copied to the staging buffer (copying not yet measured).
                     let report = m.offload_report().unwrap_or_default();
-                    let staged = "1 layer-batches copied to the GPU, 1 computed on the CPU";
+                    let staged = "1 layer-batches copied to the GPU (0 of them prefetched whole), 1 computed on the CPU";
                     assert_eq!(
                         report.contains(staged),
                         args.n_cpu_moe > 0,
@@ -888,6 +888,38 @@ fn decoder_models_on_the_gpu_match_the_cpu() {
                     common::check_chunks_and_restore(m.as_ref(), &cpu, &prompt, 1e-4, &name);
                 }
             }
+        }
+        if arch == "qwen3moe" || arch == "gpt-oss" {
+            // Prefill prefetching the RAM layers (copy stream, two buffers) computes what the
+            // CPU does, in exact mode within the bounds above.
+            let cpu = Cpu::new(4, Precision::Exact).unwrap();
+            let (want, forced) = run(model::load(&gg).unwrap().as_ref(), &cpu, &prompt, 12, None);
+            let dev = placed(&gg, &splits[1].1);
+            let pass = PassOptions {
+                prefetch: Prefetch::On,
+                ..Default::default()
+            };
+            let m = model::load_with(
+                &gg,
+                LoadOptions {
+                    pass,
+                    ..opts(&dev, false)
+                },
+            )
+            .unwrap();
+            let (rows, _) = run(m.as_ref(), &cpu, &prompt, 12, Some(&forced));
+            let report = m.offload_report().unwrap_or_default();
+            assert!(
+                report.contains("(2 of them prefetched whole)"),
+                "{arch}: prefill did not prefetch: {report}"
+            );
+            let (errs, top1) = compare(&rows, &want, m.n_vocab());
+            let (med, max) = (median(&errs), errs.iter().copied().fold(0.0, f64::max));
+            eprintln!("{arch} prefetched: median {med:.2e} max {max:.2e} top1 {top1:.3}");
+            assert!(
+                max <= 1e-3 && med <= 1e-5 && top1 == 1.0,
+                "{arch} prefetched"
+            );
         }
         for (what, args, _) in &splits[..2] {
             let dev = placed(&gg, args);
