@@ -776,23 +776,17 @@ impl CudaOps<'_, '_> {
         for &e in &rest[..n_copy] {
             on_gpu[e] = true;
         }
-        if measure {
-            g.synchronize()?;
-        }
-        let started = Instant::now();
-        let mut copied = 0;
-        let tensors = [&m.gate, &m.up, &m.down];
+        // Slots first, so that the index tables go up before any copy is queued (an upload
+        // from pageable memory waits for everything queued before it, which would hold the
+        // CPU's share until the copies ended).
+        let mut admitted = Vec::with_capacity(n_copy);
         for &e in &rest[..n_copy] {
             match c.admit(e, &on_gpu) {
-                Some(slot) => copied += c.fill(g, slot, e, &tensors)?,
+                Some(slot) => admitted.push((e, slot)),
                 None => on_gpu[e] = false,
             }
         }
-        if measure && copied > 0 {
-            time_copies(g, &s.costs, copied, started)?;
-        }
-        // The GPU's share, queued: its pairs point at cache slots, the CPU's weigh nothing.
-        let mut out = None;
+        let mut tables = None;
         if on_gpu.iter().any(|&v| v) {
             let slots: Vec<i32> = ids_h
                 .iter()
@@ -806,9 +800,25 @@ impl CudaOps<'_, '_> {
                 .zip(&wts_h)
                 .map(|(&e, &w)| if on_gpu[e as usize] { w } else { 0.0 })
                 .collect();
-            let (slots, masked) = (g.to_device(&slots)?, g.to_device(&masked)?);
+            tables = Some((g.to_device(&slots)?, g.to_device(&masked)?));
+        }
+        if measure {
+            g.synchronize()?;
+        }
+        let started = Instant::now();
+        let mut copied = 0;
+        let tensors = [&m.gate, &m.up, &m.down];
+        for &(e, slot) in &admitted {
+            copied += c.fill(g, slot, e, &tensors)?;
+        }
+        if measure && copied > 0 {
+            time_copies(g, &s.costs, copied, started)?;
+        }
+        // The GPU's share, queued: its pairs point at cache slots, the CPU's weigh nothing.
+        let mut out = None;
+        if let Some((slots, masked)) = &tables {
             let w = [0, 1, 2].map(|i| c.all(g, i));
-            out = Some(self.experts(d, m, w, (&slots, c.len()), ids, &masked, h, t)?);
+            out = Some(self.experts(d, m, w, (slots, c.len()), ids, masked, h, t)?);
         }
         drop(c);
         // The CPU's share meanwhile, timed per expert.
