@@ -507,30 +507,32 @@ impl<'a> DeviceDecoder<'a> {
                 }
             }
         }
+        // The step's inputs are made only when it replays or is captured.
+        let replay = match graphs.find(&key) {
+            Found::Run => return Ok(None),
+            Found::Replay(step) => Some(step),
+            Found::Capture => None,
+        };
         let x = embedded(d, tokens)?;
         let host = host_inputs(&self.ropes, seqs)?;
-        match graphs.find(&key) {
-            Found::Run => return Ok(None),
-            Found::Replay(mut step) => {
-                g.upload_into(&x, &mut step.graph.x)?;
-                g.upload_into(&host.0, &mut step.inputs.pos)?;
-                for (t, buf) in host.1.iter().zip(&mut step.inputs.angles) {
-                    g.upload_into(t, buf)?;
-                }
-                step.graph.launch()?;
-                for s in seqs.iter_mut() {
-                    for st in s.state.layers.iter_mut() {
-                        if let LayerState::Device(DeviceState::Attention { len, .. }) = st {
-                            *len += 1;
-                        }
-                    }
-                    s.state.pos += 1;
-                }
-                let logits = g.to_host(&step.graph.logits)?;
-                graphs.keep(key, step);
-                return Ok(Some(logits));
+        if let Some(mut step) = replay {
+            g.upload_into(&x, &mut step.graph.x)?;
+            g.upload_into(&host.0, &mut step.inputs.pos)?;
+            for (t, buf) in host.1.iter().zip(&mut step.inputs.angles) {
+                g.upload_into(t, buf)?;
             }
-            Found::Capture => {}
+            step.graph.launch()?;
+            for s in seqs.iter_mut() {
+                for st in s.state.layers.iter_mut() {
+                    if let LayerState::Device(DeviceState::Attention { len, .. }) = st {
+                        *len += 1;
+                    }
+                }
+                s.state.pos += 1;
+            }
+            let logits = g.to_host(&step.graph.logits)?;
+            graphs.keep(key, step);
+            return Ok(Some(logits));
         }
         let inputs = StepInputs::upload(g, &host)?;
         let before: Vec<usize> = seqs.iter().map(|s| s.state.pos).collect();
@@ -735,9 +737,7 @@ impl CudaOps<'_, '_> {
     /// ids and weights routed on the device: the selected experts in the cache run there; of
     /// the others, the most used are copied into cache slots they win (as many as the measured
     /// costs say finish with the CPU's share), and the CPU computes the rest while the GPU runs
-    /// its share. Known limit: the index tables go up after the copies are queued, and an
-    /// upload from pageable memory waits for them, so the CPU's share starts only once the
-    /// copies are done (the costs assume they overlap).
+    /// its share and the copies.
     #[allow(clippy::too_many_arguments)]
     fn cached_decode(
         &self,

@@ -1201,8 +1201,7 @@ impl<'a> DeviceParts<'a> {
             let (up_rows, down_rows) = expert_rows(b, n, e..e + 1);
             match c.admit(e, &on_gpu) {
                 Some(slot) => {
-                    g.stage_rows(&mut c.mats[0], slot * ff, up_rows)?;
-                    g.stage_rows(&mut c.mats[1], slot * n, down_rows)?;
+                    c.fill(g, slot, e, &[&b.up, &b.down])?;
                 }
                 None => {
                     g.stage_rows(up_s, next * ff, up_rows)?;
