@@ -10,6 +10,8 @@
 # and the prefill time of each (usage.timings).
 # With LLAMA_SERVER=path/to/llama-server the same load goes to llama.cpp's server instead
 # (-np PARALLEL slots of 4096 tokens each, continuous batching, its own build of the template).
+# GGRUN=path/to/ggrun uses that binary instead of building one (the device machine has no Rust),
+# and GGRUN_ARGS adds placement flags to the server (e.g. "-ngl 999" on the GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model="$1"; n="${2:-64}"; threads="${3:-0}"; parallel="${4:-8}"
@@ -25,8 +27,11 @@ if [ -n "${LLAMA_SERVER:-}" ]; then
     curl -sf "http://$addr/health" >/dev/null 2>&1 && break; sleep 0.2
   done
 else
-  cargo build --release -q
-  target/release/ggrun serve -m "$model" --port 0 -c 4096 -t "$threads" --parallel "$parallel" -q 2>"$log" &
+  bin="${GGRUN:-}"
+  [ -n "$bin" ] || { cargo build --release -q; bin=target/release/ggrun; }
+  # shellcheck disable=SC2086
+  "$bin" serve -m "$model" --port 0 -c 4096 -t "$threads" --parallel "$parallel" -q \
+    ${GGRUN_ARGS:-} 2>"$log" &
   pid=$!
   for _ in $(seq 100); do grep -q "listening on" "$log" && break; sleep 0.2; done
   addr=$(sed -n 's/^listening on http:\/\///p' "$log")

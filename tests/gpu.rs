@@ -588,8 +588,18 @@ fn mamba_conv_and_scan_on_the_device_match_the_cpu() {
             let dw = gpu.to_device(&w).unwrap();
             let db = gpu.to_device(&bias).unwrap();
             let mut dxbc = gpu.to_device(&vec![f32::NAN; t * ch]).unwrap();
-            gpu.mamba_conv(&dx, &mut dconv, &dw, Some(&db), &mut dxbc, t, ch, s.d_conv)
-                .unwrap();
+            let (x_view, mut xbc_view) = (dx.slice(..), dxbc.slice_mut(..));
+            gpu.mamba_conv(
+                &x_view,
+                &mut dconv,
+                &dw,
+                Some(&db),
+                &mut xbc_view,
+                t,
+                ch,
+                s.d_conv,
+            )
+            .unwrap();
             let mut dssm = gpu.to_device(&ssm0).unwrap();
             let mut dy = gpu.to_device(&vec![f32::NAN; t * s.d_inner]).unwrap();
             let (ddt, da, dd) = (
@@ -597,7 +607,8 @@ fn mamba_conv_and_scan_on_the_device_match_the_cpu() {
                 gpu.to_device(&a).unwrap(),
                 gpu.to_device(&d).unwrap(),
             );
-            gpu.mamba_scan(&s, &dxbc, &ddt, &da, &dd, &mut dssm, &mut dy, t)
+            let (xbc_view, dt_view, mut y_view) = (dxbc.slice(..), ddt.slice(..), dy.slice_mut(..));
+            gpu.mamba_scan(&s, &xbc_view, &dt_view, &da, &dd, &mut dssm, &mut y_view, t)
                 .unwrap();
             let close = |what: &str, got: &[f32], want: &[f32]| {
                 assert_eq!(got.len(), want.len());
@@ -709,7 +720,8 @@ fn decode_steps_as_cuda_graphs_match_launches_bit_for_bit() {
     use ggrun::synth::decoder::{write_tiny, TinyMix};
     let dir = std::env::temp_dir().join("ggrun-gpu-graphs");
     std::fs::create_dir_all(&dir).unwrap();
-    let mut files = vec![(golden("nemo-tiny-q8_0").model, 1)];
+    let nemo = golden("nemo-tiny-q8_0").model;
+    let mut files = vec![(nemo.clone(), 1), (nemo, 3)];
     for (arch, mix) in [
         ("qwen3moe", TinyMix::Q8_0),
         ("gemma3", TinyMix::Q8_0),
@@ -780,6 +792,53 @@ fn decode_steps_as_cuda_graphs_match_launches_bit_for_bit() {
             // Graphs on: the second round's 12 steps; off: both rounds' (the same tokens).
             assert_eq!(off[12..], on[..], "{name} {precision:?}");
             eprintln!("{name} {precision:?}: {report_on}");
+        }
+    }
+}
+
+/// Nemotron-H's device-resident pass over several sequences at once (the products over all
+/// their rows, Mamba scans and attention per sequence with its own state and position)
+/// computes what each sequence does alone: decode steps and a prompt chunk beside them, all on
+/// the GPU and with routed experts in RAM (bounds as in `check_batch_equals_alone`; with RAM
+/// experts a batch may pick the other executor for a layer, so normal mode gets 0.03).
+#[test]
+#[ignore = "needs a CUDA GPU: run scripts/gpu-test.sh on the device machine"]
+fn nemotron_h_sequences_in_one_device_pass_match_each_alone() {
+    for name in ["nemo-tiny-q8_0", "nemo-tiny-q4_k_m"] {
+        let gg = Model::open(&golden(name).model).unwrap();
+        let split = PlacementArgs {
+            n_cpu_moe: 2,
+            sequences: 3,
+            ..ALL_ON_GPU
+        };
+        let all = PlacementArgs {
+            sequences: 3,
+            ..ALL_ON_GPU
+        };
+        for (what, args, normal_tol) in [
+            ("all on the GPU", all, 1e-3),
+            ("experts of layers 0-1 in RAM", split, 0.03),
+        ] {
+            let dev = placed(&gg, &args);
+            let m = model::load_with(&gg, opts(&dev, false)).unwrap();
+            let (a, b, c): (Vec<u32>, Vec<u32>, Vec<u32>) = (
+                (0..9).map(|i| 40 + i * 3).collect(),
+                (0..17).map(|i| 90 + i * 5).collect(),
+                vec![7, 8],
+            );
+            for next in [
+                &[&[5u32][..], &[61], &[200]][..],
+                &[&[5], &[61, 62, 63, 64, 65], &[200]],
+            ] {
+                common::check_batch_equals_alone(
+                    m.as_ref(),
+                    &[&a, &b, &c],
+                    next,
+                    &format!("{name} {what}"),
+                    normal_tol,
+                );
+            }
+            eprintln!("{name} {what}: 3 sequences in one pass match each alone");
         }
     }
 }
@@ -858,7 +917,7 @@ fn decoder_models_on_the_gpu_match_the_cpu() {
                     // The prompt's first RAM layer runs on the CPU (its cost measured), the
                     // second is copied to the staging buffer (copying not yet measured).
                     let report = m.offload_report().unwrap_or_default();
-                    let staged = "1 layer-batches copied to the GPU, 1 computed on the CPU";
+                    let staged = "1 layer-batches copied to the GPU (0 of them prefetched whole), 1 computed on the CPU";
                     assert_eq!(
                         report.contains(staged),
                         args.n_cpu_moe > 0,
@@ -888,6 +947,38 @@ fn decoder_models_on_the_gpu_match_the_cpu() {
                     common::check_chunks_and_restore(m.as_ref(), &cpu, &prompt, 1e-4, &name);
                 }
             }
+        }
+        if arch == "qwen3moe" || arch == "gpt-oss" {
+            // Prefill prefetching the RAM layers (copy stream, two buffers) computes what the
+            // CPU does, in exact mode within the bounds above.
+            let cpu = Cpu::new(4, Precision::Exact).unwrap();
+            let (want, forced) = run(model::load(&gg).unwrap().as_ref(), &cpu, &prompt, 12, None);
+            let dev = placed(&gg, &splits[1].1);
+            let pass = PassOptions {
+                prefetch: Prefetch::On,
+                ..Default::default()
+            };
+            let m = model::load_with(
+                &gg,
+                LoadOptions {
+                    pass,
+                    ..opts(&dev, false)
+                },
+            )
+            .unwrap();
+            let (rows, _) = run(m.as_ref(), &cpu, &prompt, 12, Some(&forced));
+            let report = m.offload_report().unwrap_or_default();
+            assert!(
+                report.contains("(2 of them prefetched whole)"),
+                "{arch}: prefill did not prefetch: {report}"
+            );
+            let (errs, top1) = compare(&rows, &want, m.n_vocab());
+            let (med, max) = (median(&errs), errs.iter().copied().fold(0.0, f64::max));
+            eprintln!("{arch} prefetched: median {med:.2e} max {max:.2e} top1 {top1:.3}");
+            assert!(
+                max <= 1e-3 && med <= 1e-5 && top1 == 1.0,
+                "{arch} prefetched"
+            );
         }
         for (what, args, _) in &splits[..2] {
             let dev = placed(&gg, args);

@@ -60,17 +60,10 @@ pub struct ExecutorNeeds {
 
 impl ExecutorNeeds {
     /// A device-resident pass with two staging buffers (one layer copied while the GPU computes
-    /// another) and the cache (Nemotron-H's).
+    /// another) and the hot-expert cache (every family's).
     pub const RESIDENT_WITH_STAGING: ExecutorNeeds = ExecutorNeeds {
         device_state: true,
         staging_buffers: 2,
-        expert_cache: true,
-    };
-    /// A device-resident pass whose prefill stages one RAM layer's experts at a time and whose
-    /// decode keeps the hot-expert cache (the decoder families').
-    pub const RESIDENT_STAGING_ONE: ExecutorNeeds = ExecutorNeeds {
-        device_state: true,
-        staging_buffers: 1,
         expert_cache: true,
     };
     /// Products on the device one by one, state and experts on the host.
@@ -663,24 +656,6 @@ mod tests {
         );
         assert_eq!(bare.expert_layers_on_gpu.len(), 2);
         assert!(bare.gpu_weight_bytes + reserve <= budget);
-        // One staging buffer and the cache asked for (the decoder families' executor): the
-        // room of the second buffer holds an expert layer.
-        let one = Plan::for_executor(
-            &g,
-            &PlacementArgs {
-                expert_cache: Some(layer(1) / 4),
-                ..args.clone()
-            },
-            reserve,
-            ctx,
-            ExecutorNeeds::RESIDENT_STAGING_ONE,
-        )
-        .unwrap();
-        assert_eq!(
-            (one.state_bytes, one.staging_bytes, one.cache_bytes),
-            (state, layer(1), layer(1) / 4)
-        );
-        assert_eq!(one.expert_layers_on_gpu.len(), 1);
     }
 
     #[test]

@@ -296,22 +296,22 @@ const FAMILIES: [Family; 5] = [
     Family {
         archs: &["llama"],
         load: |t, _| Ok(Box::new(llama::load(t)?)),
-        device: ExecutorNeeds::RESIDENT_STAGING_ONE,
+        device: ExecutorNeeds::RESIDENT_WITH_STAGING,
     },
     Family {
         archs: &["qwen2", "qwen3", "qwen3moe"],
         load: |t, arch| Ok(Box::new(qwen::load(t, arch)?)),
-        device: ExecutorNeeds::RESIDENT_STAGING_ONE,
+        device: ExecutorNeeds::RESIDENT_WITH_STAGING,
     },
     Family {
         archs: &["gemma3"],
         load: |t, _| Ok(Box::new(gemma3::load(t)?)),
-        device: ExecutorNeeds::RESIDENT_STAGING_ONE,
+        device: ExecutorNeeds::RESIDENT_WITH_STAGING,
     },
     Family {
         archs: &["gpt-oss"],
         load: |t, _| Ok(Box::new(gpt_oss::load(t)?)),
-        device: ExecutorNeeds::RESIDENT_STAGING_ONE,
+        device: ExecutorNeeds::RESIDENT_WITH_STAGING,
     },
 ];
 

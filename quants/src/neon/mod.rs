@@ -1,12 +1,18 @@
 //! AArch64 NEON kernels, with and without the dot-product extension (`sdot`). Blocks are unpacked
 //! to signed bytes (two 16-byte registers per 32 elements) and multiplied with the activation
 //! bytes; each block's integer sum is reduced exactly and scaled in the scalar reference's order,
-//! so legacy and K-quant dots are bit-exact with scalar. Functions are `unsafe`
+//! so legacy, K-quant and i-quant dots are bit-exact with scalar. Functions are `unsafe`
 //! only for their CPU features; `specialize` installs them only after detection.
 
 use core::arch::aarch64::*;
 
+mod iquants;
 mod packed;
+
+use iquants::{
+    iq1m_d, iq1m_n, iq1s_d, iq1s_n, iq2s_d, iq2s_n, iq2xs_d, iq2xs_n, iq2xxs_d, iq2xxs_n, iq3s_d,
+    iq3s_n, iq3xxs_d, iq3xxs_n, iq4xs_d, iq4xs_n,
+};
 
 use crate::kquants::{
     k4_scales16, q3k_scales, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K,
@@ -461,6 +467,10 @@ entry!(
     e_q8_0_d => q8_0_d, e_iq4_nl_d => iq4_nl_d, e_q4_1_d => q4_1_d, e_q5_1_d => q5_1_d,
     e_q2k_n => q2k_n, e_q3k_n => q3k_n, e_q4k_n => q4k_n, e_q5k_n => q5k_n, e_q6k_n => q6k_n,
     e_q2k_d => q2k_d, e_q3k_d => q3k_d, e_q4k_d => q4k_d, e_q5k_d => q5k_d, e_q6k_d => q6k_d,
+    e_iq4xs_n => iq4xs_n, e_iq2xxs_n => iq2xxs_n, e_iq2xs_n => iq2xs_n, e_iq2s_n => iq2s_n,
+    e_iq3xxs_n => iq3xxs_n, e_iq3s_n => iq3s_n, e_iq1s_n => iq1s_n, e_iq1m_n => iq1m_n,
+    e_iq4xs_d => iq4xs_d, e_iq2xxs_d => iq2xxs_d, e_iq2xs_d => iq2xs_d, e_iq2s_d => iq2s_d,
+    e_iq3xxs_d => iq3xxs_d, e_iq3s_d => iq3s_d, e_iq1s_d => iq1s_d, e_iq1m_d => iq1m_d,
 );
 
 /// `k` with the NEON kernels of its type swapped in (dotprod ones at that tier).
@@ -496,6 +506,22 @@ pub(crate) fn specialize(mut k: Kernels, isa: Isa) -> Kernels {
         (Q4_K, true) => Some(e_q4k_d),
         (Q5_K, true) => Some(e_q5k_d),
         (Q6_K, true) => Some(e_q6k_d),
+        (IQ4_XS, false) => Some(e_iq4xs_n),
+        (IQ2_XXS, false) => Some(e_iq2xxs_n),
+        (IQ2_XS, false) => Some(e_iq2xs_n),
+        (IQ2_S, false) => Some(e_iq2s_n),
+        (IQ3_XXS, false) => Some(e_iq3xxs_n),
+        (IQ3_S, false) => Some(e_iq3s_n),
+        (IQ1_S, false) => Some(e_iq1s_n),
+        (IQ1_M, false) => Some(e_iq1m_n),
+        (IQ4_XS, true) => Some(e_iq4xs_d),
+        (IQ2_XXS, true) => Some(e_iq2xxs_d),
+        (IQ2_XS, true) => Some(e_iq2xs_d),
+        (IQ2_S, true) => Some(e_iq2s_d),
+        (IQ3_XXS, true) => Some(e_iq3xxs_d),
+        (IQ3_S, true) => Some(e_iq3s_d),
+        (IQ1_S, true) => Some(e_iq1s_d),
+        (IQ1_M, true) => Some(e_iq1m_d),
         _ => None,
     };
     if let Some(f) = dot {

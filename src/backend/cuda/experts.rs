@@ -30,29 +30,36 @@ pub struct ExpertCache {
 const CACHE_DECAY: f64 = 0.995;
 
 impl ExpertCache {
-    /// Slots per layer for `layers` caches sharing `budget` bytes, experts of `expert_bytes`:
-    /// 0 (no cache, with a note when a budget was given) when they would hold fewer than two
-    /// steps' experts each (2·`n_used`: a step keeps its own and admits up to as many).
+    /// Slots per layer, and how many of the `layers` RAM layers get a cache, for caches
+    /// sharing `budget` bytes, experts of `expert_bytes`: equal slots for every layer when
+    /// that gives each at least two steps' experts (2·`n_used`: a step keeps its own and
+    /// admits up to as many), else that least for as many layers as it fits (the first ones),
+    /// else none (with a note when a budget was given).
     pub fn slots(
         budget: u64,
         layers: usize,
         expert_bytes: usize,
         n_expert: usize,
         n_used: usize,
-    ) -> usize {
-        let per_layer = budget / layers.max(1) as u64;
-        let slots = ((per_layer / expert_bytes.max(1) as u64) as usize).min(n_expert);
-        if budget == 0 || slots < 2 * n_used {
-            if budget > 0 {
-                eprintln!(
-                    "note: an expert cache of {:.2} GiB holds fewer than {} experts per RAM layer; none is kept",
-                    budget as f64 / (1u64 << 30) as f64,
-                    2 * n_used
-                );
-            }
-            return 0;
+    ) -> (usize, usize) {
+        let eb = expert_bytes.max(1) as u64;
+        let least = (2 * n_used).min(n_expert);
+        let equal = ((budget / layers.max(1) as u64 / eb) as usize).min(n_expert);
+        if budget == 0 || least == 0 {
+            return (0, 0);
         }
-        slots
+        if equal >= least {
+            return (equal, layers);
+        }
+        let cached = ((budget / (least as u64 * eb)) as usize).min(layers);
+        if cached == 0 {
+            eprintln!(
+                "note: an expert cache of {:.2} GiB holds fewer than {least} experts; none is kept",
+                budget as f64 / (1u64 << 30) as f64,
+            );
+            return (0, 0);
+        }
+        (least, cached)
     }
 
     /// An empty cache of `slots` experts of a layer whose stacked expert tensors are
@@ -158,8 +165,8 @@ pub struct ExpertCaches(Vec<(usize, Mutex<ExpertCache>)>);
 
 impl ExpertCaches {
     /// Equal caches for the RAM `layers` (index, stacked expert tensors) out of `budget`
-    /// bytes: none when they would hold too few experts (see [`ExpertCache::slots`]), and
-    /// caches for as many layers as the device has room for (a note names the first without).
+    /// bytes, for all of them or the first ones (see [`ExpertCache::slots`]), as far as the
+    /// device has room (a note names the first layer without).
     pub fn new(
         gpu: &Gpu,
         layers: &[(usize, Vec<&Matrix>)],
@@ -172,8 +179,8 @@ impl ExpertCaches {
             return out;
         };
         let eb = first.iter().map(|t| t.data.len()).sum::<usize>() / n_expert.max(1);
-        let slots = ExpertCache::slots(budget, layers.len(), eb, n_expert, n_used);
-        for (i, tensors) in layers.iter().filter(|_| slots > 0) {
+        let (slots, cached) = ExpertCache::slots(budget, layers.len(), eb, n_expert, n_used);
+        for (i, tensors) in &layers[..cached] {
             match ExpertCache::new(gpu, tensors, n_expert, slots) {
                 Ok(c) => out.0.push((*i, Mutex::new(c))),
                 Err(e) => {
@@ -202,9 +209,29 @@ impl ExpertCaches {
             (h + c.hits, l + c.lookups)
         });
         format!(
-            "; expert cache: {slots} experts in each of {} RAM layers, {:.1}% of {lookups} decode selections hit",
+            "; expert cache: {slots} experts in each of {} RAM layers, {:.1}% of their {lookups} decode selections hit",
             self.0.len(),
             100.0 * hits as f64 / lookups.max(1) as f64
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ExpertCache;
+
+    /// Equal slots for every layer when each gets two steps' experts; else two steps' experts
+    /// for as many layers as fit; else none.
+    #[test]
+    fn caches_take_equal_slots_or_the_least_for_the_first_layers() {
+        let mb = 1u64 << 20;
+        // gpt-oss widths: 32 experts of 13.2 MB, 4 used, 12 RAM layers.
+        let eb = 13_200_000;
+        assert_eq!(ExpertCache::slots(4096 * mb, 12, eb, 32, 4), (27, 12));
+        assert_eq!(ExpertCache::slots(1024 * mb, 12, eb, 32, 4), (8, 10));
+        assert_eq!(ExpertCache::slots(50 * mb, 12, eb, 32, 4), (0, 0));
+        assert_eq!(ExpertCache::slots(0, 12, eb, 32, 4), (0, 0));
+        // Never more slots than experts.
+        assert_eq!(ExpertCache::slots(u64::MAX / 2, 2, 1000, 16, 2), (16, 2));
     }
 }

@@ -504,11 +504,11 @@ impl Gpu {
     #[allow(clippy::too_many_arguments)]
     pub fn mamba_conv(
         &self,
-        x: &CudaSlice<f32>,
+        x: &CudaView<f32>,
         state: &mut CudaSlice<f32>,
         w: &CudaSlice<f32>,
         bias: Option<&CudaSlice<f32>>,
-        out: &mut CudaSlice<f32>,
+        out: &mut CudaViewMut<f32>,
         t: usize,
         ch: usize,
         k: usize,
@@ -561,12 +561,12 @@ impl Gpu {
     pub fn mamba_scan(
         &self,
         s: &crate::backend::ssm::SsmShape,
-        xbc: &CudaSlice<f32>,
-        dt: &CudaSlice<f32>,
+        xbc: &CudaView<f32>,
+        dt: &CudaView<f32>,
         a: &CudaSlice<f32>,
         d: &CudaSlice<f32>,
         ssm: &mut CudaSlice<f32>,
-        y: &mut CudaSlice<f32>,
+        y: &mut CudaViewMut<f32>,
         t: usize,
     ) -> Result<()> {
         let (hd, ds, nh) = (s.head_dim(), s.d_state, s.n_head);

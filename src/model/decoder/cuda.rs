@@ -13,8 +13,10 @@ use std::ops::Range;
 use std::sync::Mutex;
 use std::time::Instant;
 
+use std::sync::Arc;
+
 use anyhow::{anyhow, bail, Result};
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream};
 
 use super::cpu::CpuOps;
 use super::{Act, Attention, Decoder, FeedForward, Gated, Gating, Linear, Moe, Ops, Rope};
@@ -22,7 +24,7 @@ use crate::backend::cpu::{Cpu, Matrix, Precision};
 use crate::backend::cuda::{
     average, time_copies, DeviceAct, DeviceGating, DeviceMatrix, DeviceRows, DeviceState, Epilogue,
     ExpertCache, ExpertCaches, Found, Gpu, Graphs, Group, HostPins, OffloadCosts, PassOptions,
-    StepGraph, COPY_SAMPLES,
+    Prefetch, StepGraph, COPY_SAMPLES,
 };
 use crate::model::{embed, segments, LayerState, Seq, State};
 
@@ -111,15 +113,67 @@ fn embedded(d: &Decoder, tokens: &[u32]) -> Result<Vec<f32>> {
     Ok(x)
 }
 
-/// Device buffers that take one RAM layer's routed experts (gate, up, down) for a prefill
+/// Device buffers that take one RAM layer's routed experts (gate, up, down) each for a prefill
 /// batch that copying pays for, the mapped expert tensors page-locked where the driver allows
 /// (DMA at PCIe speed), and the costs measured so far.
 struct Staging {
-    bufs: Mutex<[DeviceMatrix; 3]>,
+    stage: Mutex<Buffers>,
+    prefetch: Prefetch,
     pins: Option<HostPins>,
     costs: Mutex<OffloadCosts>,
     /// The hot-expert caches of the RAM layers, when the plan has room for them.
     caches: ExpertCaches,
+}
+
+/// Buffer 0 takes one RAM layer at a time, copied on the compute stream. With a second buffer
+/// and a copy stream, a prefill batch that copying pays for prefetches its RAM layers into the
+/// two in turn: while the GPU computes up to RAM layer i, the copy stream fills the other
+/// buffer with the next one.
+struct Buffers {
+    bufs: Vec<[DeviceMatrix; 3]>,
+    copy: Option<Arc<CudaStream>>,
+    /// This pass's RAM layers in order, when it prefetches (else empty).
+    plan: Vec<usize>,
+    /// Per buffer: the layer being copied into it and the event its copy completes.
+    filling: [Option<(usize, CudaEvent)>; 2],
+}
+
+impl Buffers {
+    /// Buffer 0 for layer `m`'s experts, once the copy stream has finished filling it.
+    fn first_for(&mut self, g: &Gpu, m: &Moe) -> Result<&mut [DeviceMatrix; 3]> {
+        if let Some((_, ev)) = self.filling[0].take() {
+            g.compute_wait(&ev)?;
+        }
+        let bufs = &mut self.bufs[0];
+        for (buf, w) in bufs.iter_mut().zip([&m.gate, &m.up, &m.down]) {
+            buf.restage(w.ty, w.cols)?;
+        }
+        Ok(bufs)
+    }
+
+    /// Queues the copy of layer `m`'s experts (index `layer`) into buffer `slot` on the copy
+    /// stream, after `ready` (the compute stream's last use of that buffer).
+    fn fill(
+        &mut self,
+        g: &Gpu,
+        slot: usize,
+        layer: usize,
+        m: &Moe,
+        ready: &CudaEvent,
+    ) -> Result<()> {
+        let copy = self.copy.clone().ok_or_else(|| anyhow!("no copy stream"))?;
+        copy.wait(ready)
+            .map_err(|e| anyhow!("CUDA event wait: {e:?}"))?;
+        for (buf, w) in self.bufs[slot].iter_mut().zip([&m.gate, &m.up, &m.down]) {
+            buf.restage(w.ty, w.cols)?;
+            g.stage_rows_on(&copy, buf, 0, w.data)?;
+        }
+        let done = copy
+            .record_event(None)
+            .map_err(|e| anyhow!("CUDA event: {e:?}"))?;
+        self.filling[slot] = Some((layer, done));
+        Ok(())
+    }
 }
 
 impl Staging {
@@ -131,6 +185,7 @@ impl Staging {
         ram_layers: &[(usize, &Moe)],
         budget: u64,
         cache_budget: u64,
+        prefetch: Prefetch,
     ) -> Option<Staging> {
         let ram: Vec<&Moe> = ram_layers.iter().map(|(_, m)| *m).collect();
         let most = |f: fn(&Moe) -> usize| ram.iter().map(|m| f(m)).max().unwrap_or(0);
@@ -150,9 +205,13 @@ impl Staging {
             );
             return None;
         }
-        let bufs = match sizes.map(|b| gpu.staging(b)) {
-            [Ok(g), Ok(u), Ok(d)] => [g, u, d],
-            [Err(e), ..] | [_, Err(e), _] | [.., Err(e)] => {
+        let buffer = || match sizes.map(|b| gpu.staging(b)) {
+            [Ok(g), Ok(u), Ok(d)] => Ok([g, u, d]),
+            [Err(e), ..] | [_, Err(e), _] | [.., Err(e)] => Err(e),
+        };
+        let first = match buffer() {
+            Ok(b) => b,
+            Err(e) => {
                 eprintln!(
                     "note: no room to stage RAM experts on the GPU ({e:#}); the CPU computes them"
                 );
@@ -174,9 +233,24 @@ impl Staging {
         let (ne, k) = ram_layers
             .first()
             .map_or((0, 0), |(_, m)| (m.n_expert, m.n_used));
+        let mut stage = Buffers {
+            bufs: vec![first],
+            copy: None,
+            plan: Vec::new(),
+            filling: [None, None],
+        };
+        // Prefetching needs room for two layers and page-locked sources (a copy from pageable
+        // memory holds the host thread until it is done, so nothing would overlap).
+        if pins.is_some() && 2 * total as u64 <= budget {
+            if let (Ok(second), Ok(copy)) = (buffer(), gpu.copy_stream()) {
+                stage.bufs.push(second);
+                stage.copy = Some(copy);
+            }
+        }
         let caches = ExpertCaches::new(gpu, &tensors, ne, k, cache_budget);
         Some(Staging {
-            bufs: Mutex::new(bufs),
+            stage: Mutex::new(stage),
+            prefetch,
             pins,
             costs: Mutex::default(),
             caches,
@@ -249,7 +323,7 @@ impl<'a> DeviceDecoder<'a> {
             .collect();
         let staging = match staging_budget {
             0 => None,
-            b => Staging::new(gpu, &ram, b, cache_budget),
+            b => Staging::new(gpu, &ram, b, cache_budget, pass.prefetch),
         };
         let mut host: Vec<&[f32]> = vec![&d.out_norm];
         let mut counts = Vec::new();
@@ -311,8 +385,8 @@ impl<'a> DeviceDecoder<'a> {
         };
         let c = s.costs.lock().unwrap_or_else(|e| e.into_inner());
         let mut line = format!(
-            "RAM experts in prefill: {} layer-batches copied to the GPU, {} computed on the CPU",
-            c.gpu_batches, c.cpu_batches
+            "RAM experts in prefill: {} layer-batches copied to the GPU ({} of them prefetched whole), {} computed on the CPU",
+            c.gpu_batches, c.prefetched_batches, c.cpu_batches
         );
         if let Some(bw) = c.copy_bytes_per_s {
             line += &format!("; copies {:.1} GB/s", bw / 1e9);
@@ -400,6 +474,7 @@ impl<'a> DeviceDecoder<'a> {
             }
         }
         let inputs = StepInputs::upload(g, &host_inputs(&self.ropes, seqs)?)?;
+        self.start_prefetch(d, tokens.len())?;
         let e = CudaOps {
             dev: self,
             cpu,
@@ -432,30 +507,32 @@ impl<'a> DeviceDecoder<'a> {
                 }
             }
         }
+        // The step's inputs are made only when it replays or is captured.
+        let replay = match graphs.find(&key) {
+            Found::Run => return Ok(None),
+            Found::Replay(step) => Some(step),
+            Found::Capture => None,
+        };
         let x = embedded(d, tokens)?;
         let host = host_inputs(&self.ropes, seqs)?;
-        match graphs.find(&key) {
-            Found::Run => return Ok(None),
-            Found::Replay(mut step) => {
-                g.upload_into(&x, &mut step.graph.x)?;
-                g.upload_into(&host.0, &mut step.inputs.pos)?;
-                for (t, buf) in host.1.iter().zip(&mut step.inputs.angles) {
-                    g.upload_into(t, buf)?;
-                }
-                step.graph.launch()?;
-                for s in seqs.iter_mut() {
-                    for st in s.state.layers.iter_mut() {
-                        if let LayerState::Device(DeviceState::Attention { len, .. }) = st {
-                            *len += 1;
-                        }
-                    }
-                    s.state.pos += 1;
-                }
-                let logits = g.to_host(&step.graph.logits)?;
-                graphs.keep(key, step);
-                return Ok(Some(logits));
+        if let Some(mut step) = replay {
+            g.upload_into(&x, &mut step.graph.x)?;
+            g.upload_into(&host.0, &mut step.inputs.pos)?;
+            for (t, buf) in host.1.iter().zip(&mut step.inputs.angles) {
+                g.upload_into(t, buf)?;
             }
-            Found::Capture => {}
+            step.graph.launch()?;
+            for s in seqs.iter_mut() {
+                for st in s.state.layers.iter_mut() {
+                    if let LayerState::Device(DeviceState::Attention { len, .. }) = st {
+                        *len += 1;
+                    }
+                }
+                s.state.pos += 1;
+            }
+            let logits = g.to_host(&step.graph.logits)?;
+            graphs.keep(key, step);
+            return Ok(Some(logits));
         }
         let inputs = StepInputs::upload(g, &host)?;
         let before: Vec<usize> = seqs.iter().map(|s| s.state.pos).collect();
@@ -492,6 +569,52 @@ impl<'a> DeviceDecoder<'a> {
                 Ok(None)
             }
         }
+    }
+
+    /// For a prefill batch that copying RAM layers pays for (by the measured costs, or as
+    /// `--prefetch` says), plans the pass's RAM layers for prefetching and starts copying the
+    /// first two into the two buffers.
+    fn start_prefetch(&self, d: &Decoder, t: usize) -> Result<()> {
+        let Some(s) = &self.staging else {
+            return Ok(());
+        };
+        let mut stage = s.stage.lock().unwrap_or_else(|e| e.into_inner());
+        stage.plan.clear();
+        if t <= ID_PATH_MAX_TOKENS || stage.bufs.len() < 2 {
+            return Ok(());
+        }
+        let ram: Vec<(usize, &Moe)> = d
+            .layers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| match &l.ffn {
+                FeedForward::Moe(m) if !experts_on_device(m) => Some((i, &**m)),
+                _ => None,
+            })
+            .collect();
+        let Some(&(_, first)) = ram.first() else {
+            return Ok(());
+        };
+        let pays = match s.prefetch {
+            Prefetch::On => true,
+            Prefetch::Off => false,
+            Prefetch::Auto => {
+                let c = s.costs.lock().unwrap_or_else(|e| e.into_inner());
+                c.cpu_s_per_pair.is_some()
+                    && c.copy_bytes_per_s.is_some()
+                    && c.prefers_copy(layer_bytes(first), t * first.n_used)
+            }
+        };
+        if !pays {
+            return Ok(());
+        }
+        stage.plan = ram.iter().map(|(i, _)| *i).collect();
+        // The buffers may still be read by work queued before this pass.
+        let ready = self.gpu.compute_event()?;
+        for (slot, &(layer, m)) in ram.iter().take(2).enumerate() {
+            stage.fill(self.gpu, slot, layer, m, &ready)?;
+        }
+        Ok(())
     }
 
     fn vector(&self, v: &[f32]) -> Result<&CudaSlice<f32>> {
@@ -614,9 +737,7 @@ impl CudaOps<'_, '_> {
     /// ids and weights routed on the device: the selected experts in the cache run there; of
     /// the others, the most used are copied into cache slots they win (as many as the measured
     /// costs say finish with the CPU's share), and the CPU computes the rest while the GPU runs
-    /// its share. Known limit: the index tables go up after the copies are queued, and an
-    /// upload from pageable memory waits for them, so the CPU's share starts only once the
-    /// copies are done (the costs assume they overlap).
+    /// its share and the copies.
     #[allow(clippy::too_many_arguments)]
     fn cached_decode(
         &self,
@@ -655,23 +776,17 @@ impl CudaOps<'_, '_> {
         for &e in &rest[..n_copy] {
             on_gpu[e] = true;
         }
-        if measure {
-            g.synchronize()?;
-        }
-        let started = Instant::now();
-        let mut copied = 0;
-        let tensors = [&m.gate, &m.up, &m.down];
+        // Slots first, so that the index tables go up before any copy is queued (an upload
+        // from pageable memory waits for everything queued before it, which would hold the
+        // CPU's share until the copies ended).
+        let mut admitted = Vec::with_capacity(n_copy);
         for &e in &rest[..n_copy] {
             match c.admit(e, &on_gpu) {
-                Some(slot) => copied += c.fill(g, slot, e, &tensors)?,
+                Some(slot) => admitted.push((e, slot)),
                 None => on_gpu[e] = false,
             }
         }
-        if measure && copied > 0 {
-            time_copies(g, &s.costs, copied, started)?;
-        }
-        // The GPU's share, queued: its pairs point at cache slots, the CPU's weigh nothing.
-        let mut out = None;
+        let mut tables = None;
         if on_gpu.iter().any(|&v| v) {
             let slots: Vec<i32> = ids_h
                 .iter()
@@ -685,9 +800,25 @@ impl CudaOps<'_, '_> {
                 .zip(&wts_h)
                 .map(|(&e, &w)| if on_gpu[e as usize] { w } else { 0.0 })
                 .collect();
-            let (slots, masked) = (g.to_device(&slots)?, g.to_device(&masked)?);
+            tables = Some((g.to_device(&slots)?, g.to_device(&masked)?));
+        }
+        if measure {
+            g.synchronize()?;
+        }
+        let started = Instant::now();
+        let mut copied = 0;
+        let tensors = [&m.gate, &m.up, &m.down];
+        for &(e, slot) in &admitted {
+            copied += c.fill(g, slot, e, &tensors)?;
+        }
+        if measure && copied > 0 {
+            time_copies(g, &s.costs, copied, started)?;
+        }
+        // The GPU's share, queued: its pairs point at cache slots, the CPU's weigh nothing.
+        let mut out = None;
+        if let Some((slots, masked)) = &tables {
             let w = [0, 1, 2].map(|i| c.all(g, i));
-            out = Some(self.experts(d, m, w, (&slots, c.len()), ids, &masked, h, t)?);
+            out = Some(self.experts(d, m, w, (slots, c.len()), ids, masked, h, t)?);
         }
         drop(c);
         // The CPU's share meanwhile, timed per expert.
@@ -881,6 +1012,13 @@ impl Ops for CudaOps<'_, '_> {
                 let c = s.costs.lock().unwrap_or_else(|e| e.into_inner());
                 c.prefers_copy(layer_bytes(m), t * k)
             });
+        // A layer this prefill prefetches is computed from its buffer.
+        let prefetched = !on_device
+            && staging.is_some_and(|s| {
+                let stage = s.stage.lock().unwrap_or_else(|e| e.into_inner());
+                stage.plan.contains(&layer)
+            });
+        let copy = copy || prefetched;
         // A decode step of a RAM layer with a hot-expert cache routes on the device too.
         let cached = !on_device
             && t <= ID_PATH_MAX_TOKENS
@@ -927,9 +1065,39 @@ impl Ops for CudaOps<'_, '_> {
             let w = [dev(&m.gate)?, dev(&m.up)?, dev(&m.down)?];
             return self.experts(d, m, w, (&ids, ne), &ids, &wts, h, t);
         };
+        let mut stage = s.stage.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(at) = stage.plan.iter().position(|&l| l == layer) {
+            // Prefetched: wait for its copy, compute, then the buffer takes the RAM layer two
+            // on.
+            let slot = at % 2;
+            match stage.filling[slot].take() {
+                Some((l, ev)) if l == layer => g.compute_wait(&ev)?,
+                _ => bail!("RAM layer {layer} was not prefetched into staging buffer {slot}"),
+            }
+            let y = {
+                let [bg, bu, bd] = &stage.bufs[slot];
+                let w = [(bg, &m.gate), (bu, &m.up), (bd, &m.down)].map(|(b, w)| DeviceRows {
+                    gpu: g,
+                    m: b,
+                    start: 0,
+                    rows: w.rows,
+                });
+                self.experts(d, m, w, (&ids, ne), &ids, &wts, h, t)?
+            };
+            if let Some(&next) = stage.plan.get(at + 2) {
+                if let FeedForward::Moe(nm) = &d.layers[next].ffn {
+                    let ready = g.compute_event()?;
+                    stage.fill(g, slot, next, nm, &ready)?;
+                }
+            }
+            let mut c = s.costs.lock().unwrap_or_else(|e| e.into_inner());
+            c.gpu_batches += 1;
+            c.prefetched_batches += 1;
+            return Ok(y);
+        }
         // The whole layer copied over (a prefill batch selects most experts), on the compute
         // stream after the work that read the buffers last; the first copies are timed.
-        let mut bufs = s.bufs.lock().unwrap_or_else(|e| e.into_inner());
+        let bufs = stage.first_for(g, m)?;
         let measure = s
             .costs
             .lock()
@@ -941,7 +1109,6 @@ impl Ops for CudaOps<'_, '_> {
         }
         let started = Instant::now();
         for (buf, w) in bufs.iter_mut().zip([&m.gate, &m.up, &m.down]) {
-            buf.restage(w.ty, w.cols)?;
             g.stage_rows(buf, 0, w.data)?;
         }
         if measure {

@@ -6,6 +6,7 @@
 //! kernels compute the selected experts while the GPU runs the shared expert, and take the sum
 //! back.
 
+use std::ops::Range;
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -21,7 +22,7 @@ use crate::backend::cuda::{
     ExpertCache, ExpertCaches, Found, Gpu, Graphs, Group, HostPins, OffloadCosts, PassOptions,
     Prefetch, StepGraph, COPY_SAMPLES,
 };
-use crate::model::{embed, LayerState, State};
+use crate::model::{embed, segments, LayerState, Seq, State};
 
 /// Decode batches up to this many tokens run the routed experts with the expert ids left on
 /// the device (each (token, slot) pair reads its expert's rows); larger batches copy the ids
@@ -61,8 +62,8 @@ pub(super) struct DeviceParts<'a> {
     out_norm: CudaSlice<f32>,
     /// Where routed experts stay in RAM: what brings them over for prefill.
     offload: Option<Offload>,
-    /// The position of a pass's first token, which kv_store and attention read on the device
-    /// (written before each pass).
+    /// Each sequence's first position in a pass, which kv_store and attention read on the
+    /// device (written before each pass; grown when a pass has more sequences).
     pos: Mutex<CudaSlice<i32>>,
     /// Decode steps captured as CUDA graphs (only where the whole pass is on the device: no
     /// RAM experts, whose steps wait for the CPU); tests/gpu.rs compares them with plain
@@ -392,75 +393,92 @@ impl<'a> DeviceParts<'a> {
     }
 
     /// The forward pass with the hidden state on the device (see the module comment).
+    /// One pass over `seqs` (consecutive runs of `tokens`, each extending its sequence's
+    /// state): the products run once over every sequence's rows, the Mamba scans and the
+    /// attention per sequence. A decode step (one token per sequence, few enough that the
+    /// expert ids stay on the device) replays as a CUDA graph where graphs are on.
     pub(super) fn run(
         &self,
         m: &NemotronH,
         cpu: &Cpu,
-        state: &mut State,
+        seqs: &mut [Seq],
         tokens: &[u32],
         all_logits: bool,
     ) -> Result<Vec<f32>> {
         let g = self.gpu;
         let t = tokens.len();
-        state.check_room(t)?;
+        let segs = segments(seqs, t)?;
         g.set_normal_precision(cpu.precision == Precision::Normal);
-        // The kernels take the position from device memory: every cache must be at it.
-        for st in &state.layers {
-            if let LayerState::Device(DeviceState::Attention { len, .. }) = st {
-                if *len != state.pos {
-                    bail!(
-                        "a device K/V cache holds {len} positions, the state {}",
-                        state.pos
-                    );
+        // The kernels take the positions from device memory: every cache must be at its
+        // sequence's.
+        let mut positions = Vec::with_capacity(seqs.len());
+        for s in seqs.iter() {
+            for st in &s.state.layers {
+                if let LayerState::Device(DeviceState::Attention { len, .. }) = st {
+                    if *len != s.state.pos {
+                        bail!(
+                            "a device K/V cache holds {len} positions, the state {}",
+                            s.state.pos
+                        );
+                    }
                 }
             }
+            positions
+                .push(i32::try_from(s.state.pos).map_err(|_| anyhow!("position out of range"))?);
         }
         let mut pos = self.pos.lock().unwrap_or_else(|e| e.into_inner());
-        g.upload_into(&[state.pos as i32], &mut pos)?;
-        if t == 1 && !all_logits {
-            if let Some(logits) = self.decode_step(m, cpu, state, tokens, &pos)? {
+        if pos.len() < positions.len() {
+            // A new buffer (captured steps are keyed by its address).
+            *pos = g.zeros(positions.len())?;
+        }
+        g.upload_into(&positions, &mut pos)?;
+        let decode = !all_logits && segs.iter().all(|r| r.len() == 1) && t <= ID_PATH_MAX_TOKENS;
+        if decode {
+            if let Some(logits) = self.decode_step(m, cpu, seqs, &segs, tokens, &pos)? {
                 return Ok(logits);
             }
         }
         let mut x = g.to_device(&embed(&m.embd, tokens)?)?;
         self.start_prefetch(m, t)?;
-        let rows = if all_logits { t } else { 1 };
+        let rows = if all_logits { t } else { seqs.len() };
         let mut logits = g.output(rows * m.n_vocab)?;
-        self.layers_and_head(m, cpu, state, &mut x, t, rows, &mut logits, &pos)?;
-        state.pos += t;
+        self.layers_and_head(m, cpu, seqs, &segs, &mut x, all_logits, &mut logits, &pos)?;
+        for s in seqs.iter_mut() {
+            s.state.pos += s.len;
+        }
         g.to_host(&logits)
     }
 
-    /// Every layer over the hidden state `x` (t × n_embd), then the head: the final norm and
-    /// vocabulary projection of the last `rows` rows into `logits`. Host bookkeeping: each
-    /// attention layer's length grows by t (not `state.pos`: the caller's).
+    /// Every layer over the hidden state `x` (the rows of `segs`, one run per sequence), then
+    /// the head: the final norm and vocabulary projection of every row (`all`) or of each
+    /// sequence's last into `logits`. Host bookkeeping: each attention layer's length grows by
+    /// its sequence's rows (the positions are the caller's).
     #[allow(clippy::too_many_arguments)]
     fn layers_and_head(
         &self,
         m: &NemotronH,
         cpu: &Cpu,
-        state: &mut State,
+        seqs: &mut [Seq],
+        segs: &[Range<usize>],
         x: &mut CudaSlice<f32>,
-        t: usize,
-        rows: usize,
+        all: bool,
         logits: &mut CudaSlice<f32>,
         pos: &CudaSlice<i32>,
     ) -> Result<()> {
         let g = self.gpu;
         let n = m.n_embd;
+        let t = segs.last().map_or(0, |r| r.end);
         let mut h = g.output(t * n)?;
-        for (i, ((l, dl), st)) in m
-            .layers
-            .iter()
-            .zip(&self.layers)
-            .zip(state.layers.iter_mut())
-            .enumerate()
-        {
+        for (i, (l, dl)) in m.layers.iter().zip(&self.layers).enumerate() {
             g.rms_norm(&x.slice(..), &dl.norm, &mut h.slice_mut(..), t, m.eps)?;
+            let mut sts: Vec<&mut LayerState> =
+                seqs.iter_mut().map(|s| &mut s.state.layers[i]).collect();
             match (&l.block, &dl.block) {
-                (Block::Mamba(b), DeviceBlock::Mamba(p)) => self.mamba(m, b, p, st, &h, x, t),
+                (Block::Mamba(b), DeviceBlock::Mamba(p)) => {
+                    self.mamba(m, b, p, &mut sts, segs, &h, x)
+                }
                 (Block::Attention(b), DeviceBlock::Attention) => {
-                    self.attention(b, st, &h, x, t, pos)
+                    self.attention(b, &mut sts, segs, &h, x, pos)
                 }
                 (Block::Moe(b), DeviceBlock::Moe { bias, counts }) => {
                     self.moe(m, cpu, i, b, bias, counts, &h, x, t)
@@ -472,7 +490,20 @@ impl<'a> DeviceParts<'a> {
             }
             .with_context(|| format!("layer {i}"))?;
         }
-        let last = x.slice((t - rows) * n..);
+        // The rows the head reads: all of them, each sequence's only row (a decode step: no
+        // gather, whose indices would come from the host), or each sequence's last.
+        let gathered;
+        let (last, rows) = if all || segs.iter().all(|r| r.len() == 1) {
+            (x.slice(..), t)
+        } else if let [r] = segs {
+            (x.slice((r.end - 1) * n..r.end * n), 1)
+        } else {
+            let idx: Vec<i32> = segs.iter().map(|r| r.end as i32 - 1).collect();
+            let mut y = g.output(idx.len() * n)?;
+            g.gather_rows(x, &g.to_device(&idx)?, &mut y, t, n, t - 1)?;
+            gathered = y;
+            (gathered.slice(..), segs.len())
+        };
         let mut hn = g.output(rows * n)?;
         g.rms_norm(&last, &self.out_norm, &mut hn.slice_mut(..), rows, m.eps)?;
         dev(&m.output)?.launch(
@@ -483,13 +514,14 @@ impl<'a> DeviceParts<'a> {
         )
     }
 
-    /// A decode step as a CUDA graph when graphs are on (see [`Graphs`]): replayed when this
-    /// state's step was captured, captured when it ran once before; None: run it as usual.
+    /// A decode step as a CUDA graph when graphs are on (see [`Graphs`]): replayed when these
+    /// states' step was captured, captured when it ran once before; None: run it as usual.
     fn decode_step(
         &self,
         m: &NemotronH,
         cpu: &Cpu,
-        state: &mut State,
+        seqs: &mut [Seq],
+        segs: &[Range<usize>],
         tokens: &[u32],
         pos: &CudaSlice<i32>,
     ) -> Result<Option<Vec<f32>>> {
@@ -498,52 +530,66 @@ impl<'a> DeviceParts<'a> {
         if !graphs.is_on() {
             return Ok(None);
         }
-        let Some(key) = self.graph_key(state, cpu.precision) else {
+        let Some(key) = self.graph_key(seqs, pos, cpu.precision) else {
             return Ok(None);
         };
         let x = embed(&m.embd, tokens)?;
+        let step_taken = |seqs: &mut [Seq]| {
+            for s in seqs.iter_mut() {
+                s.state.pos += 1;
+            }
+        };
         match graphs.find(&key) {
             Found::Run => return Ok(None),
             Found::Replay(mut step) => {
                 g.upload_into(&x, &mut step.x)?;
                 step.launch()?;
-                for st in state.layers.iter_mut() {
-                    if let LayerState::Device(DeviceState::Attention { len, .. }) = st {
-                        *len += 1;
+                for s in seqs.iter_mut() {
+                    for st in s.state.layers.iter_mut() {
+                        if let LayerState::Device(DeviceState::Attention { len, .. }) = st {
+                            *len += 1;
+                        }
                     }
                 }
-                state.pos += 1;
+                step_taken(seqs);
                 let logits = g.to_host(&step.logits)?;
                 graphs.keep(key, step);
                 return Ok(Some(logits));
             }
             Found::Capture => {}
         }
-        let lens: Vec<usize> = state
-            .layers
+        let lens: Vec<Vec<usize>> = seqs
             .iter()
-            .map(|st| match st {
-                LayerState::Device(DeviceState::Attention { len, .. }) => *len,
-                _ => 0,
+            .map(|s| {
+                s.state
+                    .layers
+                    .iter()
+                    .map(|st| match st {
+                        LayerState::Device(DeviceState::Attention { len, .. }) => *len,
+                        _ => 0,
+                    })
+                    .collect()
             })
             .collect();
-        let (xd, logits) = (g.to_device(&x)?, g.output(m.n_vocab)?);
+        let (xd, logits) = (g.to_device(&x)?, g.output(seqs.len() * m.n_vocab)?);
         let captured = g.capture_step(xd, logits, |x, logits| {
-            self.layers_and_head(m, cpu, state, x, 1, 1, logits, pos)
+            self.layers_and_head(m, cpu, seqs, segs, x, false, logits, pos)
         });
         match captured {
             Ok(step) => {
                 step.launch()?;
-                state.pos += 1;
+                step_taken(seqs);
                 let logits = g.to_host(&step.logits)?;
                 graphs.keep(key, step);
                 Ok(Some(logits))
             }
             Err(e) => {
                 // Nothing captured ran: put the host's lengths back and run the step as usual.
-                for (st, l) in state.layers.iter_mut().zip(lens) {
-                    if let LayerState::Device(DeviceState::Attention { len, .. }) = st {
-                        *len = l;
+                for (s, lens) in seqs.iter_mut().zip(lens) {
+                    for (st, l) in s.state.layers.iter_mut().zip(lens) {
+                        if let LayerState::Device(DeviceState::Attention { len, .. }) = st {
+                            *len = l;
+                        }
                     }
                 }
                 graphs.turn_off(&e);
@@ -552,38 +598,47 @@ impl<'a> DeviceParts<'a> {
         }
     }
 
-    /// What a captured step depends on besides the model: the precision (which kernels run)
-    /// and the addresses of the state's device buffers. None when some layer's state is not on
-    /// the device.
-    fn graph_key(&self, state: &State, precision: Precision) -> Option<Vec<u64>> {
+    /// What a captured step depends on besides the model: the precision (which kernels run),
+    /// the position buffer and the addresses of the states' device buffers, sequence after
+    /// sequence. None when some layer's state is not on the device.
+    fn graph_key(
+        &self,
+        seqs: &[Seq],
+        pos: &CudaSlice<i32>,
+        precision: Precision,
+    ) -> Option<Vec<u64>> {
         let g = self.gpu;
-        let mut key = vec![(precision == Precision::Normal) as u64];
-        for st in &state.layers {
-            match st {
-                LayerState::Device(DeviceState::Mamba { conv, ssm }) => {
-                    key.extend([g.address(conv), g.address(ssm)]);
+        let mut key = vec![(precision == Precision::Normal) as u64, g.address(pos)];
+        for s in seqs {
+            for st in &s.state.layers {
+                match st {
+                    LayerState::Device(DeviceState::Mamba { conv, ssm }) => {
+                        key.extend([g.address(conv), g.address(ssm)]);
+                    }
+                    LayerState::Device(DeviceState::Attention { k, v, .. }) => {
+                        key.extend([g.address(k), g.address(v)]);
+                    }
+                    // Layers without a state (MoE, MLP).
+                    LayerState::None => {}
+                    _ => return None,
                 }
-                LayerState::Device(DeviceState::Attention { k, v, .. }) => {
-                    key.extend([g.address(k), g.address(v)]);
-                }
-                // Layers without a state (MoE, MLP).
-                LayerState::None => {}
-                _ => return None,
             }
         }
         Some(key)
     }
 
+    /// A Mamba-2 layer: the projections over every row, the conv and the scan over each
+    /// sequence's rows with its own state.
     #[allow(clippy::too_many_arguments)]
     fn mamba(
         &self,
         m: &NemotronH,
         b: &Mamba,
         p: &MambaParams,
-        st: &mut LayerState,
+        sts: &mut [&mut LayerState],
+        segs: &[Range<usize>],
         h: &CudaSlice<f32>,
         x: &mut CudaSlice<f32>,
-        t: usize,
     ) -> Result<()> {
         let MambaParams {
             conv_w,
@@ -593,10 +648,8 @@ impl<'a> DeviceParts<'a> {
             d,
             norm,
         } = p;
-        let LayerState::Device(DeviceState::Mamba { conv, ssm }) = st else {
-            bail!("layer state is not a device Mamba state");
-        };
         let (g, s) = (self.gpu, &m.ssm);
+        let t = segs.last().map_or(0, |r| r.end);
         let (di, ch, nh) = (s.d_inner, s.conv_channels(), s.n_head);
         let mut zx = g.output(t * b.ssm_in.rows)?;
         dev(&b.ssm_in)?.launch(&h.slice(..), t, &mut zx.slice_mut(..), Epilogue::Store)?;
@@ -604,76 +657,100 @@ impl<'a> DeviceParts<'a> {
         let mut dt = g.output(t * nh)?;
         g.mamba_split(s, &zx, dt_bias, &mut xbc, &mut dt, t)?;
         let mut xc = g.output(t * ch)?;
-        g.mamba_conv(
-            &xbc,
-            conv,
-            conv_w,
-            conv_b.as_ref(),
-            &mut xc,
-            t,
-            ch,
-            s.d_conv,
-        )?;
         let mut y = g.output(t * di)?;
-        g.mamba_scan(s, &xc, &dt, a, d, ssm, &mut y, t)?;
+        for (st, r) in sts.iter_mut().zip(segs) {
+            let LayerState::Device(DeviceState::Mamba { conv, ssm }) = &mut **st else {
+                bail!("layer state is not a device Mamba state");
+            };
+            let n = r.len();
+            let (rc, rd) = (r.start * ch..r.end * ch, r.start * nh..r.end * nh);
+            g.mamba_conv(
+                &xbc.slice(rc.clone()),
+                conv,
+                conv_w,
+                conv_b.as_ref(),
+                &mut xc.slice_mut(rc.clone()),
+                n,
+                ch,
+                s.d_conv,
+            )?;
+            g.mamba_scan(
+                s,
+                &xc.slice(rc),
+                &dt.slice(rd),
+                a,
+                d,
+                ssm,
+                &mut y.slice_mut(r.start * di..r.end * di),
+                n,
+            )?;
+        }
         g.mamba_gate_norm(s, &mut y, &zx, norm, t, m.eps)?;
         dev(&b.out)?.launch(&y.slice(..), t, &mut x.slice_mut(..), Epilogue::Add)
     }
 
+    /// An attention layer: the projections over every row, the cache writes and the attention
+    /// over each sequence's rows with its own cache and position (`pos[i]`, sequence i's).
     fn attention(
         &self,
         b: &Attention,
-        st: &mut LayerState,
+        sts: &mut [&mut LayerState],
+        segs: &[Range<usize>],
         h: &CudaSlice<f32>,
         x: &mut CudaSlice<f32>,
-        t: usize,
         pos: &CudaSlice<i32>,
     ) -> Result<()> {
-        let LayerState::Device(DeviceState::Attention {
-            k,
-            v,
-            len,
-            row,
-            capacity,
-        }) = st
-        else {
-            bail!("layer state is not a device attention cache");
-        };
-        if *len + t > *capacity {
-            bail!("context is full ({capacity} tokens): raise -c/--ctx-size");
-        }
         let g = self.gpu;
-        let (past, row) = (*len, *row);
-        let mut q = g.output(t * b.q.rows)?;
+        let t = segs.last().map_or(0, |r| r.end);
+        let qd = b.q.rows;
+        let mut q = g.output(t * qd)?;
         dev(&b.q)?.launch(&h.slice(..), t, &mut q.slice_mut(..), Epilogue::Store)?;
-        // K and V of the new positions, then into the caches at the position the kernel reads
-        // from device memory (a captured decode step replays at every position).
-        let (mut kn, mut vn) = (g.output(t * row)?, g.output(t * row)?);
+        let kd = b.k.rows;
+        let (mut kn, mut vn) = (g.output(t * kd)?, g.output(t * kd)?);
         dev(&b.k)?.launch(&h.slice(..), t, &mut kn.slice_mut(..), Epilogue::Store)?;
         dev(&b.v)?.launch(&h.slice(..), t, &mut vn.slice_mut(..), Epilogue::Store)?;
-        g.kv_store(
-            &kn.slice(..),
-            &vn.slice(..),
-            k,
-            v,
-            &pos.slice(..),
-            past,
-            row,
-            t,
-        )?;
-        let mut out = g.output(t * b.q.rows)?;
-        g.attention(
-            &b.shape,
-            None,
-            &q.slice(..),
-            k,
-            v,
-            &mut out.slice_mut(..),
-            t,
-            past,
-            &pos.slice(..),
-        )?;
-        *len += t;
+        let mut out = g.output(t * qd)?;
+        for (i, (st, r)) in sts.iter_mut().zip(segs).enumerate() {
+            let LayerState::Device(DeviceState::Attention {
+                k,
+                v,
+                len,
+                row,
+                capacity,
+            }) = &mut **st
+            else {
+                bail!("layer state is not a device attention cache");
+            };
+            let n = r.len();
+            if *len + n > *capacity {
+                bail!("context is full ({capacity} tokens): raise -c/--ctx-size");
+            }
+            // K and V of the new positions, then into the cache at the position the kernel
+            // reads from device memory (a captured decode step replays at every position).
+            let p = pos.slice(i..i + 1);
+            g.kv_store(
+                &kn.slice(r.start * kd..r.end * kd),
+                &vn.slice(r.start * kd..r.end * kd),
+                k,
+                v,
+                &p,
+                *len,
+                *row,
+                n,
+            )?;
+            g.attention(
+                &b.shape,
+                None,
+                &q.slice(r.start * qd..r.end * qd),
+                k,
+                v,
+                &mut out.slice_mut(r.start * qd..r.end * qd),
+                n,
+                *len,
+                &p,
+            )?;
+            *len += n;
+        }
         dev(&b.o)?.launch(&out.slice(..), t, &mut x.slice_mut(..), Epilogue::Add)
     }
 
@@ -1201,8 +1278,7 @@ impl<'a> DeviceParts<'a> {
             let (up_rows, down_rows) = expert_rows(b, n, e..e + 1);
             match c.admit(e, &on_gpu) {
                 Some(slot) => {
-                    g.stage_rows(&mut c.mats[0], slot * ff, up_rows)?;
-                    g.stage_rows(&mut c.mats[1], slot * n, down_rows)?;
+                    c.fill(g, slot, e, &[&b.up, &b.down])?;
                 }
                 None => {
                     g.stage_rows(up_s, next * ff, up_rows)?;

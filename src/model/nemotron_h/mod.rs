@@ -548,15 +548,7 @@ impl Forward for NemotronH<'_> {
         all_logits: bool,
     ) -> Result<Vec<f32>> {
         if let Some(d) = &self.dev {
-            // The device pass runs one sequence at a time.
-            let mut out = Vec::new();
-            let mut at = 0;
-            for seq in seqs.iter_mut() {
-                let toks = &tokens[at..at + seq.len];
-                at += seq.len;
-                out.extend(d.run(self, cpu, seq.state, toks, all_logits)?);
-            }
-            return Ok(out);
+            return d.run(self, cpu, seqs, tokens, all_logits);
         }
         let t = tokens.len();
         let segs = segments(seqs, t)?;
