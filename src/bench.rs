@@ -12,6 +12,7 @@ use anyhow::Result;
 use serde_json::json;
 
 use crate::backend::cpu::Cpu;
+use crate::backend::state::State;
 use crate::gguf::Model;
 use crate::model::Forward;
 use crate::routing::RoutingWindow;
@@ -22,6 +23,8 @@ pub struct BenchResult {
     pub n_gen: usize,
     /// Tokens in the context before each test.
     pub depth: usize,
+    /// Sequences generating together in tg (its figures are their aggregate).
+    pub sequences: usize,
     pub pp: Vec<f64>,
     pub tg: Vec<f64>,
     /// Read bandwidth (bytes/s) measured right before each measured tg round, when asked for.
@@ -60,6 +63,7 @@ pub fn run(
     depth: usize,
     batch: usize,
     reps: usize,
+    sequences: usize,
     mut routing: Option<&mut RoutingWindow>,
     bandwidth: Option<&dyn Fn() -> f64>,
 ) -> Result<BenchResult> {
@@ -84,8 +88,12 @@ pub fn run(
         seed
     };
     let random = |next: &mut dyn FnMut() -> u64| (10 + next() % (nv as u64 - 20)) as u32;
-    // One state for every test, allocated once (a long context is many pages to fault in).
+    // One state for every test, allocated once (a long context is many pages to fault in);
+    // tg with several sequences gets the others' beside it.
     let mut st = m.new_state(depth + n_prompt.max(n_gen), cpu.kv)?;
+    let mut others = (1..sequences.max(1))
+        .map(|_| m.new_state(depth + n_gen, cpu.kv))
+        .collect::<Result<Vec<_>>>()?;
     let at_depth = match depth {
         0 => None,
         _ => {
@@ -120,20 +128,37 @@ pub fn run(
         }
         if n_gen > 0 {
             reset(&mut st)?;
+            for o in others.iter_mut() {
+                reset(o)?;
+            }
             if let (true, Some(bw)) = (round > 0, bandwidth) {
                 tg_bandwidth.push(bw());
             }
+            // Each sequence starts from its own token; a step takes one token of each, in one
+            // pass when there are several (the server's slots).
+            let mut toks: Vec<u32> = std::iter::once(tok)
+                .chain(others.iter().map(|_| random(&mut next)))
+                .collect();
             let t0 = Instant::now();
             for i in 0..n_gen {
-                let l = m.forward(cpu, &mut st, &[tok], false)?;
-                tok = argmax(&l) as u32;
-                tokens += 1;
+                if others.is_empty() {
+                    let l = m.forward(cpu, &mut st, &toks, false)?;
+                    toks[0] = argmax(&l) as u32;
+                } else {
+                    let mut states: Vec<&mut State> =
+                        std::iter::once(&mut st).chain(others.iter_mut()).collect();
+                    let runs: Vec<&[u32]> = toks.chunks(1).collect();
+                    let rows = m.forward_seqs(cpu, &mut states, &runs)?;
+                    toks = rows.iter().map(|l| argmax(l) as u32).collect();
+                }
+                tokens += toks.len() as u64;
                 if (i + 1) % ROUTING_SNAPSHOT_EVERY == 0 || i + 1 == n_gen {
                     record(tokens, &mut routing)?;
                 }
             }
+            tok = toks[0];
             if round > 0 {
-                tg.push(n_gen as f64 / t0.elapsed().as_secs_f64());
+                tg.push((n_gen * toks.len()) as f64 / t0.elapsed().as_secs_f64());
             }
         }
     }
@@ -141,6 +166,7 @@ pub fn run(
         n_prompt,
         n_gen,
         depth,
+        sequences: sequences.max(1),
         pp,
         tg,
         tg_bandwidth,
@@ -181,6 +207,7 @@ impl BenchResult {
             "prompt": self.n_prompt,
             "gen": self.n_gen,
             "depth": self.depth,
+            "sequences": self.sequences,
             "pp_tok_s": median(&self.pp),
             "tg_tok_s": median(&self.tg),
             "pp_all": self.pp,
@@ -193,8 +220,12 @@ impl BenchResult {
             0 => String::new(),
             d => format!(" @ d{d}"),
         };
+        let seqs = match self.sequences {
+            1 => String::new(),
+            n => format!(" x{n} sequences"),
+        };
         format!(
-            "model {}\nthreads {threads}, {}\npp{}{at} {:9.2} tok/s\ntg{}{at} {:9.2} tok/s",
+            "model {}\nthreads {threads}, {}\npp{}{at} {:9.2} tok/s\ntg{}{at}{seqs} {:9.2} tok/s",
             model.display(),
             ggrun_quants::isa::active().name(),
             self.n_prompt,
@@ -322,6 +353,47 @@ mod tests {
         }
     }
 
+    /// A model that records, per pass, each sequence's position and run length.
+    struct Steps(Mutex<Vec<Vec<(usize, usize)>>>);
+
+    impl Forward for Steps {
+        fn n_vocab(&self) -> usize {
+            64
+        }
+        fn n_ctx_train(&self) -> usize {
+            1 << 20
+        }
+        fn new_state(&self, n_ctx: usize, _: KvTypes) -> Result<State> {
+            Ok(State::new(vec![LayerState::None], n_ctx))
+        }
+        fn run(&self, _: &Cpu, seqs: &mut [Seq], _: &[u32], _: bool) -> Result<Vec<f32>> {
+            let pass: Vec<(usize, usize)> = seqs.iter().map(|s| (s.state.pos, s.len)).collect();
+            for s in seqs.iter_mut() {
+                s.state.pos += s.len;
+            }
+            self.0.lock().unwrap().push(pass);
+            Ok(vec![0.0; 64 * seqs.len()])
+        }
+    }
+
+    /// tg with several sequences: every step is one pass of one token of each, every round
+    /// starts them all from an empty context, and the figure counts every sequence's tokens.
+    #[test]
+    fn several_sequences_generate_in_one_pass_per_step() {
+        let m = Steps(Mutex::new(Vec::new()));
+        let cpu = Cpu::new(1, Precision::Exact).unwrap();
+        let (n, reps, seqs) = (4, 2, 3);
+        let r = run(&m, &cpu, 0, n, 0, 1, reps, seqs, None, None).unwrap();
+        assert_eq!((r.tg.len(), r.sequences), (reps, seqs));
+        let passes = std::mem::take(&mut *m.0.lock().unwrap());
+        assert_eq!(passes.len(), (reps + 1) * n);
+        for (i, pass) in passes.iter().enumerate() {
+            assert_eq!(pass, &vec![(i % n, 1); seqs], "pass {i}");
+        }
+        let one = run(&m, &cpu, 0, n, 0, 1, reps, 1, None, None).unwrap();
+        assert_eq!(one.sequences, 1);
+    }
+
     /// With a depth, the context is filled once, and every pp pass and tg step of every round
     /// starts from that same context: at the depth, over the same first tokens.
     #[test]
@@ -329,7 +401,7 @@ mod tests {
         let m = Recorder(Mutex::new(Vec::new()));
         let cpu = Cpu::new(1, Precision::Exact).unwrap();
         let (depth, p, n, batch, reps) = (40, 12, 5, 16, 2);
-        let r = run(&m, &cpu, p, n, depth, batch, reps, None, None).unwrap();
+        let r = run(&m, &cpu, p, n, depth, batch, reps, 1, None, None).unwrap();
         assert_eq!((r.pp.len(), r.tg.len(), r.depth), (reps, reps, depth));
         let passes = m.0.into_inner().unwrap();
         // The depth in passes of `batch` tokens, once; then per round one pp (in passes of
@@ -356,7 +428,7 @@ mod tests {
         assert!(rest.iter().all(|x| x.2 == filled), "the depth is restored");
         // No depth: every test on an empty context.
         let m = Recorder(Mutex::new(Vec::new()));
-        run(&m, &cpu, p, n, 0, batch, 1, None, None).unwrap();
+        run(&m, &cpu, p, n, 0, batch, 1, 1, None, None).unwrap();
         let starts: Vec<usize> = m.0.into_inner().unwrap().iter().map(|x| x.0).collect();
         assert_eq!(starts, [0, 0, 1, 2, 3, 4].repeat(2));
     }
@@ -369,6 +441,7 @@ mod tests {
             n_prompt: 0,
             n_gen: 8,
             depth: 0,
+            sequences: 1,
             pp: vec![],
             tg: vec![10.0, 30.0, 20.0],
             tg_bandwidth: vec![2e9, 3e9, 8e9],

@@ -131,6 +131,10 @@ pub enum Command {
         /// Measured repeats (after one warm-up round).
         #[arg(short = 'r', long = "repetitions", default_value_t = 3)]
         reps: usize,
+        /// Sequences generating together in tg (as the server's --parallel slots do: one token
+        /// of each per step); tg is then their aggregate tokens/s.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
+        sequences: u64,
         /// Exact mode (also GGRUN_EXACT=1).
         #[arg(long)]
         exact: bool,
@@ -482,6 +486,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             no_profile,
             mut threads,
             reps,
+            sequences,
             exact,
             json,
             roofline,
@@ -493,7 +498,9 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             pass,
         } => {
             let precision = load::precision(exact);
+            let sequences = sequences as usize;
             let mut place = place.args();
+            place.sequences = sequences;
             let mut batch = batch_size;
             let mut ctx = 0;
             let open = crate::profile::Open {
@@ -526,6 +533,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
                 depth,
                 batch,
                 reps.max(1),
+                sequences,
                 window.as_mut(),
                 roofline.then_some(&bandwidth as &dyn Fn() -> f64),
             )?;
