@@ -43,6 +43,26 @@ impl std::fmt::Debug for DeviceState {
     }
 }
 
+/// Checks a sequence's state before a device pass: every layer state is on the device (Mamba
+/// states, and layers without a state, only where `mamba` allows them), and every K/V cache holds exactly the state's
+/// positions (the kernels read the position from device memory, so a cache that fell behind
+/// would be written at the wrong place). Returns the position as the kernels take it.
+pub fn device_position(state: &crate::backend::state::State, mamba: bool) -> Result<i32> {
+    for st in &state.layers {
+        match st {
+            LayerState::Device(DeviceState::Attention { len, .. }) if *len != state.pos => bail!(
+                "a device K/V cache holds {len} positions, the state {}",
+                state.pos
+            ),
+            LayerState::Device(DeviceState::Attention { .. }) => {}
+            LayerState::Device(DeviceState::Mamba { .. }) if mamba => {}
+            LayerState::None if mamba => {}
+            _ => bail!("a sequence's state is not on the device"),
+        }
+    }
+    i32::try_from(state.pos).map_err(|_| anyhow!("position out of range"))
+}
+
 fn cuda<T>(r: Result<T, cudarc::driver::DriverError>) -> Result<T> {
     r.map_err(|e| anyhow!("CUDA: {e:?}"))
 }

@@ -22,9 +22,9 @@ use super::cpu::CpuOps;
 use super::{Act, Attention, Decoder, FeedForward, Gated, Gating, Linear, Moe, Ops, Rope};
 use crate::backend::cpu::{Cpu, Matrix, Precision};
 use crate::backend::cuda::{
-    average, time_copies, DeviceAct, DeviceGating, DeviceMatrix, DeviceRows, DeviceState, Epilogue,
-    ExpertCache, ExpertCaches, Found, Gpu, Graphs, Group, HostPins, OffloadCosts, PassOptions,
-    Prefetch, StepGraph, COPY_SAMPLES,
+    average, device_position, time_copies, DeviceAct, DeviceGating, DeviceMatrix, DeviceRows,
+    DeviceState, Epilogue, ExpertCache, ExpertCaches, Found, Gpu, Graphs, Group, HostPins,
+    OffloadCosts, PassOptions, Prefetch, StepGraph, COPY_SAMPLES,
 };
 use crate::model::{embed, segments, LayerState, Seq, State};
 
@@ -447,17 +447,7 @@ impl<'a> DeviceDecoder<'a> {
         g.set_normal_precision(cpu.precision == Precision::Normal);
         segments(seqs, tokens.len())?;
         for s in seqs.iter() {
-            for st in &s.state.layers {
-                match st {
-                    LayerState::Device(DeviceState::Attention { len, .. })
-                        if *len == s.state.pos => {}
-                    LayerState::Device(DeviceState::Attention { len, .. }) => bail!(
-                        "a device K/V cache holds {len} positions, the state {}",
-                        s.state.pos
-                    ),
-                    _ => bail!("a sequence's state is not on the device"),
-                }
-            }
+            device_position(s.state, false)?;
         }
         // One token per sequence; with routed experts, few enough that their ids stay on the
         // device (more are grouped on the host, which a graph cannot replay).

@@ -18,9 +18,9 @@ use cudarc::driver::{CudaEvent, CudaSlice, CudaStream};
 use super::{Attention, Block, Mamba, Moe, NemotronH};
 use crate::backend::cpu::{Cpu, Matrix, Precision};
 use crate::backend::cuda::{
-    average, time_copies, DeviceGating, DeviceMatrix, DeviceRows, DeviceState, Epilogue,
-    ExpertCache, ExpertCaches, Found, Gpu, Graphs, Group, HostPins, OffloadCosts, PassOptions,
-    Prefetch, StepGraph, COPY_SAMPLES,
+    average, device_position, time_copies, DeviceGating, DeviceMatrix, DeviceRows, DeviceState,
+    Epilogue, ExpertCache, ExpertCaches, Found, Gpu, Graphs, Group, HostPins, OffloadCosts,
+    PassOptions, Prefetch, StepGraph, COPY_SAMPLES,
 };
 use crate::model::{embed, segments, LayerState, Seq, State};
 
@@ -409,23 +409,10 @@ impl<'a> DeviceParts<'a> {
         let t = tokens.len();
         let segs = segments(seqs, t)?;
         g.set_normal_precision(cpu.precision == Precision::Normal);
-        // The kernels take the positions from device memory: every cache must be at its
-        // sequence's.
-        let mut positions = Vec::with_capacity(seqs.len());
-        for s in seqs.iter() {
-            for st in &s.state.layers {
-                if let LayerState::Device(DeviceState::Attention { len, .. }) = st {
-                    if *len != s.state.pos {
-                        bail!(
-                            "a device K/V cache holds {len} positions, the state {}",
-                            s.state.pos
-                        );
-                    }
-                }
-            }
-            positions
-                .push(i32::try_from(s.state.pos).map_err(|_| anyhow!("position out of range"))?);
-        }
+        let positions = seqs
+            .iter()
+            .map(|s| device_position(s.state, true))
+            .collect::<Result<Vec<_>>>()?;
         let mut pos = self.pos.lock().unwrap_or_else(|e| e.into_inner());
         if pos.len() < positions.len() {
             // A new buffer (captured steps are keyed by its address).
