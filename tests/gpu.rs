@@ -309,6 +309,23 @@ fn opts(dev: &DeviceWeights, repack: bool) -> LoadOptions<'_> {
     }
 }
 
+/// The model on `dev` (as [`opts`]) with these pass options.
+fn load_with_pass<'g>(
+    gg: &'g Model,
+    dev: &'g DeviceWeights,
+    repack: bool,
+    pass: PassOptions,
+) -> Box<dyn ggrun::model::Forward + 'g> {
+    model::load_with(
+        gg,
+        LoadOptions {
+            pass,
+            ..opts(dev, repack)
+        },
+    )
+    .unwrap()
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU: run scripts/gpu-test.sh on the device machine"]
 fn whole_and_split_models_on_the_gpu_match_the_float64_reference() {
@@ -411,14 +428,7 @@ fn whole_and_split_models_on_the_gpu_match_the_float64_reference() {
                 },
                 ..Default::default()
             };
-            let m = model::load_with(
-                &gg,
-                LoadOptions {
-                    pass,
-                    ..opts(&dev, true)
-                },
-            )
-            .unwrap();
+            let m = load_with_pass(&gg, &dev, true, pass);
             let (mut rows, _) = run(m.as_ref(), &cpu, &g.prompt_tokens, steps, forced);
             if prefetch && args.expert_cache.is_some() {
                 // The prompt again, now that the caches hold experts: its rows replace the first
@@ -745,14 +755,7 @@ fn decode_steps_as_cuda_graphs_match_launches_bit_for_bit() {
                 cuda_graphs: graphs,
                 ..Default::default()
             };
-            let m = model::load_with(
-                &gg,
-                LoadOptions {
-                    pass,
-                    ..opts(&dev, false)
-                },
-            )
-            .unwrap();
+            let m = load_with_pass(&gg, &dev, false, pass);
             let cpu = Cpu::new(4, precision).unwrap();
             let mut states: Vec<_> = (0..*n_seqs)
                 .map(|_| m.new_state(64, cpu.kv).unwrap())
@@ -958,14 +961,7 @@ fn decoder_models_on_the_gpu_match_the_cpu() {
                 prefetch: Prefetch::On,
                 ..Default::default()
             };
-            let m = model::load_with(
-                &gg,
-                LoadOptions {
-                    pass,
-                    ..opts(&dev, false)
-                },
-            )
-            .unwrap();
+            let m = load_with_pass(&gg, &dev, false, pass);
             let (rows, _) = run(m.as_ref(), &cpu, &prompt, 12, Some(&forced));
             let report = m.offload_report().unwrap_or_default();
             assert!(

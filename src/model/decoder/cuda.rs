@@ -312,15 +312,7 @@ impl<'a> DeviceDecoder<'a> {
             return Ok(None);
         }
         let gpu = dev(&d.output)?.gpu;
-        let ram: Vec<(usize, &Moe)> = d
-            .layers
-            .iter()
-            .enumerate()
-            .filter_map(|(i, l)| match &l.ffn {
-                FeedForward::Moe(m) if !experts_on_device(m) => Some((i, &**m)),
-                _ => None,
-            })
-            .collect();
+        let ram = ram_layers(d);
         let staging = match staging_budget {
             0 => None,
             b => Staging::new(gpu, &ram, b, cache_budget, pass.prefetch),
@@ -573,15 +565,7 @@ impl<'a> DeviceDecoder<'a> {
         if t <= ID_PATH_MAX_TOKENS || stage.bufs.len() < 2 {
             return Ok(());
         }
-        let ram: Vec<(usize, &Moe)> = d
-            .layers
-            .iter()
-            .enumerate()
-            .filter_map(|(i, l)| match &l.ffn {
-                FeedForward::Moe(m) if !experts_on_device(m) => Some((i, &**m)),
-                _ => None,
-            })
-            .collect();
+        let ram = ram_layers(d);
         let Some(&(_, first)) = ram.first() else {
             return Ok(());
         };
@@ -840,6 +824,18 @@ impl CudaOps<'_, '_> {
         }
         Ok(out)
     }
+}
+
+/// The MoE layers whose routed experts stay in RAM, with their index.
+fn ram_layers<'d, 'a>(d: &'d Decoder<'a>) -> Vec<(usize, &'d Moe<'a>)> {
+    d.layers
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| match &l.ffn {
+            FeedForward::Moe(m) if !experts_on_device(m) => Some((i, &**m)),
+            _ => None,
+        })
+        .collect()
 }
 
 fn device_act(a: Act) -> DeviceAct {
