@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The project's checks: formatting, clippy, the whole test suite on this CPU (every SIMD tier it
-# has), the quant kernels' tests on aarch64 under qemu (NEON and NEON+dotprod), and the runner
+# has), the quant kernels' tests on aarch64 under qemu (NEON, +dotprod, +i8mm), and the runner
 # itself there on a fixture.
 # Needs what .ci/run installs; run `bash .ci/run` on a fresh machine.
 set -euo pipefail
@@ -22,7 +22,7 @@ trap 'rm -f "$log"' EXIT
 GGRUN_SMOLLM2="$(scripts/fetch-smollm2.sh)" GGRUN_TEMPLATES="$(scripts/fetch-templates.sh)" \
   cargo test --workspace 2>&1 | tee -a "$log"
 
-GGRUN_EXPECT_ISA=neon,neon-dotprod cargo test -p ggrun-quants --tests \
+GGRUN_EXPECT_ISA=neon,neon-dotprod,neon-i8mm cargo test -p ggrun-quants --tests \
   --target aarch64-unknown-linux-gnu 2>&1 | tee -a "$log"
 
 # A short run of each fuzz target from its corpus (cargo-fuzz on this stable toolchain, no
@@ -45,13 +45,13 @@ for t in gguf_parse tokenize template request; do
 done
 
 # The runner itself on aarch64 under qemu: on the Q8_0 fixture (every legacy matrix packed) the
-# packed NEON kernels give the x86 packed path's logits bit for bit, at both NEON tiers (files
+# packed NEON kernels give the x86 packed path's logits bit for bit, at every NEON tier (files
 # with unpacked legacy matrices differ in the last bits: x86's single-row dots sum in 8 lanes).
 fixtures="${GGRUN_FIXTURES:-../shared/fixtures}"
 m="$fixtures/nemo-tiny-q8_0.gguf"
 toks=1,2,3,4,5,6,7,8,9,10,11,12
 cargo run -q --bin ggrun -- logits -m "$m" --tokens $toks --out "$scratch/x86.f32" -t 2 >/dev/null
-for isa in neon neon-dotprod; do
+for isa in neon neon-dotprod neon-i8mm; do
   GGRUN_ISA=$isa cargo run -q --target aarch64-unknown-linux-gnu --bin ggrun -- \
     logits -m "$m" --tokens $toks --out "$scratch/arm-$isa.f32" -t 2 >/dev/null
   if ! cmp -s "$scratch/x86.f32" "$scratch/arm-$isa.f32"; then
@@ -59,7 +59,7 @@ for isa in neon neon-dotprod; do
     exit 1
   fi
 done
-echo "aarch64 runner: packed NEON logits equal x86's bit for bit (neon, neon-dotprod)"
+echo "aarch64 runner: packed NEON logits equal x86's bit for bit (neon, neon-dotprod, neon-i8mm)"
 
 # One closing line over every test binary above.
 awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed\n", p, f }' "$log"

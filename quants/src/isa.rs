@@ -1,6 +1,6 @@
 //! Instruction-set tiers and their runtime detection. The active tier is chosen once, at first
 //! use: the best one this CPU supports, or the one named by `GGRUN_ISA` (scalar, avx2, avx512,
-//! avxvnni, avx512vnni, neon, neon-dotprod) when this CPU supports it. AMX is never used: some
+//! avxvnni, avx512vnni, neon, neon-dotprod, neon-i8mm) when this CPU supports it. AMX is never used: some
 //! VMs list it in /proc/cpuinfo but fault on its instructions. Also here: how far ahead the x86 packed
 //! kernels prefetch their weights, which depends on the CPU's vendor.
 
@@ -23,10 +23,12 @@ pub enum Isa {
     Neon,
     /// NEON with the dot-product extension (`sdot`).
     NeonDotprod,
+    /// NEON with `sdot` and the int8 matrix multiply (`smmla`, FEAT_I8MM).
+    NeonI8mm,
 }
 
 impl Isa {
-    pub const ALL: [Isa; 7] = [
+    pub const ALL: [Isa; 8] = [
         Isa::Scalar,
         Isa::Avx2,
         Isa::Avx512,
@@ -34,6 +36,7 @@ impl Isa {
         Isa::Avx512Vnni,
         Isa::Neon,
         Isa::NeonDotprod,
+        Isa::NeonI8mm,
     ];
 
     pub fn name(self) -> &'static str {
@@ -45,6 +48,7 @@ impl Isa {
             Isa::Avx512Vnni => "avx512vnni",
             Isa::Neon => "neon",
             Isa::NeonDotprod => "neon-dotprod",
+            Isa::NeonI8mm => "neon-i8mm",
         }
     }
 
@@ -81,6 +85,10 @@ impl Isa {
             Isa::NeonDotprod => {
                 std::arch::is_aarch64_feature_detected!("neon")
                     && std::arch::is_aarch64_feature_detected!("dotprod")
+            }
+            #[cfg(target_arch = "aarch64")]
+            Isa::NeonI8mm => {
+                Isa::NeonDotprod.is_available() && std::arch::is_aarch64_feature_detected!("i8mm")
             }
             #[allow(unreachable_patterns)]
             _ => false,

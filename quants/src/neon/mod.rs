@@ -478,7 +478,7 @@ pub(crate) fn specialize(mut k: Kernels, isa: Isa) -> Kernels {
     use GgmlType::*;
     let d = match isa {
         Isa::Neon => false,
-        Isa::NeonDotprod => true,
+        Isa::NeonDotprod | Isa::NeonI8mm => true,
         _ => return k,
     };
     let dot: Option<crate::DotFn> = match (k.ty, d) {
@@ -527,6 +527,6 @@ pub(crate) fn specialize(mut k: Kernels, isa: Isa) -> Kernels {
     if let Some(f) = dot {
         k.dot = f;
     }
-    k.packed = packed::kernel(k.ty, d);
+    k.packed = packed::kernel(k.ty, isa);
     k
 }

@@ -8,7 +8,11 @@
 //!
 //! With `sdot`, one instruction per register adds four products into each row's lane. Without
 //! it, `smull` pairs two rows per eight products and `sadalp` widens them into (row, half)
-//! lanes, which one pairwise add per block folds back into one lane per row.
+//! lanes, which one pairwise add per block folds back into one lane per row. With `smmla`
+//! (i8mm), tokens go in pairs: the group registers are zipped into two-row, eight-element
+//! registers once per block, and one instruction multiplies two rows by two tokens (eight
+//! products each), half the instructions of `sdot` per token; a single token (decode) runs
+//! the `sdot` kernel.
 
 use core::arch::aarch64::*;
 
@@ -117,6 +121,72 @@ unsafe fn isum_neon(r: &Regs, y: &BlockQ8_0) -> (int32x4_t, int32x4_t) {
     (vpaddq_s32(p[0], p[1]), vpaddq_s32(p[2], p[3]))
 }
 
+/// `smmla`: `acc` (lanes r0·t0, r0·t1, r1·t0, r1·t1) plus the products of two rows of eight
+/// signed bytes (`rows`) with two tokens' eight (`toks`).
+#[target_feature(enable = "neon,i8mm")]
+#[inline]
+unsafe fn mmla(mut acc: int32x4_t, rows: int8x16_t, toks: int8x16_t) -> int32x4_t {
+    // SAFETY: a register-only instruction; the caller's target features include i8mm.
+    core::arch::asm!(
+        "smmla {acc:v}.4s, {a:v}.16b, {b:v}.16b",
+        acc = inout(vreg) acc,
+        a = in(vreg) rows,
+        b = in(vreg) toks,
+        options(pure, nomem, nostack, preserves_flags)
+    );
+    acc
+}
+
+/// A block's registers for `smmla`: `[p][q]` holds rows 2q and 2q + 1, elements 8p..8p + 8
+/// (group registers 2p and 2p + 1 zipped by 32-bit lanes).
+#[target_feature(enable = "neon")]
+#[inline]
+unsafe fn row_pairs(r: &Regs) -> [[int8x16_t; 4]; 4] {
+    std::array::from_fn(|p| {
+        let (g0, g1) = (2 * p, 2 * p + 1);
+        let z = |a: int8x16_t, b: int8x16_t, second: bool| {
+            let (a, b) = (vreinterpretq_s32_s8(a), vreinterpretq_s32_s8(b));
+            vreinterpretq_s8_s32(if second {
+                vzip2q_s32(a, b)
+            } else {
+                vzip1q_s32(a, b)
+            })
+        };
+        [
+            z(r[2 * g0], r[2 * g1], false),
+            z(r[2 * g0], r[2 * g1], true),
+            z(r[2 * g0 + 1], r[2 * g1 + 1], false),
+            z(r[2 * g0 + 1], r[2 * g1 + 1], true),
+        ]
+    })
+}
+
+/// The eight rows' block sums for two tokens with `smmla`: ((rows 0–3, rows 4–7) of y0, the
+/// same of y1).
+#[target_feature(enable = "neon,i8mm")]
+#[inline]
+#[allow(clippy::type_complexity)]
+unsafe fn isum_mmla(
+    rp: &[[int8x16_t; 4]; 4],
+    y0: &BlockQ8_0,
+    y1: &BlockQ8_0,
+) -> ((int32x4_t, int32x4_t), (int32x4_t, int32x4_t)) {
+    let mut acc = [vdupq_n_s32(0); 4];
+    for (p, regs) in rp.iter().enumerate() {
+        let a = vcombine_s8(
+            vld1_s8(y0.qs.as_ptr().add(8 * p).cast()),
+            vld1_s8(y1.qs.as_ptr().add(8 * p).cast()),
+        );
+        for (ac, &w) in acc.iter_mut().zip(regs) {
+            *ac = mmla(*ac, w, a);
+        }
+    }
+    (
+        (vuzp1q_s32(acc[0], acc[1]), vuzp1q_s32(acc[2], acc[3])),
+        (vuzp2q_s32(acc[0], acc[1]), vuzp2q_s32(acc[2], acc[3])),
+    )
+}
+
 /// The eight rows' f16 scales as f32 (rows 0–3, rows 4–7), converted exactly by `fcvtl`.
 #[target_feature(enable = "neon")]
 #[inline]
@@ -212,16 +282,80 @@ packed_kernel!(
     272
 );
 
-/// The packed kernel of `ty` at this tier (`dotprod`: with `sdot`).
-pub(super) fn kernel(ty: crate::GgmlType, dotprod: bool) -> Option<crate::PackedFn> {
+/// One `smmla` kernel (tokens in pairs; an odd last token paired with itself, its copy
+/// discarded), over `$regs` and blocks of `$bb` bytes; a single token runs `$one` (`sdot`).
+macro_rules! packed_kernel_mmla {
+    ($name:ident, $entry:ident, $regs:ident, $bb:expr, $one:ident) => {
+        #[target_feature(enable = "neon,dotprod,i8mm")]
+        unsafe fn $name(packed: &[u8], act: &[&[BlockQ8_0]], out: &mut [f32]) {
+            let nb = packed.len() / $bb;
+            let nt = act.len();
+            assert!(packed.len() == nb * $bb && out.len() >= 8 * nt);
+            assert!(act.iter().all(|a| a.len() >= nb));
+            let base = packed.as_ptr();
+            let mut lanes = [0f32; 8];
+            for t0 in (0..nt).step_by(TOKENS) {
+                let t1 = (t0 + TOKENS).min(nt);
+                let mut acc = [(vdupq_n_f32(0.0), vdupq_n_f32(0.0)); TOKENS];
+                for b in 0..nb {
+                    let blk = base.add(b * $bb);
+                    let rp = row_pairs(&$regs(blk.add(16)));
+                    let (dlo, dhi) = scales(blk);
+                    for j in (t0..t1).step_by(2) {
+                        let j2 = (j + 1).min(t1 - 1);
+                        let (y0, y1) = (act[j].get_unchecked(b), act[j2].get_unchecked(b));
+                        let (s0, s1) = isum_mmla(&rp, y0, y1);
+                        let pair = [(j, y0, s0), (j2, y1, s1)];
+                        for (jj, y, (lo, hi)) in pair.into_iter().take(1 + (j2 > j) as usize) {
+                            let ac = &mut acc[jj - t0];
+                            let dy = vdupq_n_f32(h(y.d));
+                            ac.0 = vfmaq_f32(ac.0, vmulq_f32(dlo, dy), vcvtq_f32_s32(lo));
+                            ac.1 = vfmaq_f32(ac.1, vmulq_f32(dhi, dy), vcvtq_f32_s32(hi));
+                        }
+                    }
+                }
+                for (j, ac) in (t0..t1).zip(acc) {
+                    vst1q_f32(lanes.as_mut_ptr(), ac.0);
+                    vst1q_f32(lanes.as_mut_ptr().add(4), ac.1);
+                    for (r, v) in lanes.iter().enumerate() {
+                        out[r * nt + j] = *v;
+                    }
+                }
+            }
+        }
+
+        pub(super) fn $entry(packed: &[u8], act: &[&[u8]], sums: &[&[i32]], out: &mut [f32]) {
+            if act.len() == 1 {
+                return $one(packed, act, sums, out);
+            }
+            assert_eq!(sums.len(), act.len());
+            let act: Vec<&[BlockQ8_0]> = act.iter().map(|a| cast_slice(a)).collect();
+            // SAFETY: installed by neon::specialize only where the CPU has neon, dotprod and
+            // i8mm; the kernel asserts the lengths it reads by (the unchecked reads are below
+            // them) and loads whole blocks inside `packed`.
+            unsafe { $name(packed, &act, out) }
+        }
+    };
+}
+
+packed_kernel_mmla!(q4_0_m, packed_q4_0_mmla, regs_q4_0, 144, packed_q4_0_sdot);
+packed_kernel_mmla!(q5_0_m, packed_q5_0_mmla, regs_q5_0, 176, packed_q5_0_sdot);
+packed_kernel_mmla!(q8_0_m, packed_q8_0_mmla, regs_q8_0, 272, packed_q8_0_sdot);
+
+/// The packed kernel of `ty` at this NEON tier.
+pub(super) fn kernel(ty: crate::GgmlType, isa: crate::Isa) -> Option<crate::PackedFn> {
     use crate::GgmlType::*;
-    Some(match (ty, dotprod) {
-        (Q4_0, false) => packed_q4_0_neon,
-        (Q5_0, false) => packed_q5_0_neon,
-        (Q8_0, false) => packed_q8_0_neon,
-        (Q4_0, true) => packed_q4_0_sdot,
-        (Q5_0, true) => packed_q5_0_sdot,
-        (Q8_0, true) => packed_q8_0_sdot,
+    use crate::Isa::*;
+    Some(match (ty, isa) {
+        (Q4_0, Neon) => packed_q4_0_neon,
+        (Q5_0, Neon) => packed_q5_0_neon,
+        (Q8_0, Neon) => packed_q8_0_neon,
+        (Q4_0, NeonDotprod) => packed_q4_0_sdot,
+        (Q5_0, NeonDotprod) => packed_q5_0_sdot,
+        (Q8_0, NeonDotprod) => packed_q8_0_sdot,
+        (Q4_0, NeonI8mm) => packed_q4_0_mmla,
+        (Q5_0, NeonI8mm) => packed_q5_0_mmla,
+        (Q8_0, NeonI8mm) => packed_q8_0_mmla,
         _ => return None,
     })
 }
