@@ -392,11 +392,11 @@ impl<'a> DeviceParts<'a> {
         Ok(out)
     }
 
-    /// The forward pass with the hidden state on the device (see the module comment).
-    /// One pass over `seqs` (consecutive runs of `tokens`, each extending its sequence's
-    /// state): the products run once over every sequence's rows, the Mamba scans and the
-    /// attention per sequence. A decode step (one token per sequence, few enough that the
-    /// expert ids stay on the device) replays as a CUDA graph where graphs are on.
+    /// The forward pass with the hidden state on the device (see the module comment), over
+    /// `seqs` (consecutive runs of `tokens`, each extending its sequence's state): the
+    /// products run once over every sequence's rows, the Mamba scans and the attention per
+    /// sequence. A decode step (one token per sequence, few enough that the expert ids stay on
+    /// the device) replays as a CUDA graph where graphs are on.
     pub(super) fn run(
         &self,
         m: &NemotronH,
