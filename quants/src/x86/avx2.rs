@@ -798,18 +798,30 @@ unsafe fn dot_iq4_xs_impl(w: &[BlockIq4Xs], a: &[BlockQ8K]) -> f32 {
     sum
 }
 
-/// Four activation rows at once, each super-block unpacked once; each result equals the
-/// single-row dot's bit for bit.
+/// Four activation rows at once: each sub-block's values looked up once for the four, one
+/// accumulator per row (no unpacked super-block held in registers), and one horizontal sum
+/// for the four rows' integers per super-block; each result equals the single-row dot's bit
+/// for bit (the same integers in the same float expression).
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot4_iq4_xs_impl(w: &[BlockIq4Xs], a: [&[BlockQ8K]; 4], out: &mut [f32; 4]) {
     let table = iq4_table();
     let mut sum = [0.0f32; 4];
     for (i, w) in w.iter().enumerate() {
-        let (units, ls) = iq4_xs_unpack(table, w);
+        let ys = [&a[0][i], &a[1][i], &a[2][i], &a[3][i]];
+        let mut acc = [_mm256_setzero_si256(); 4];
+        for ib in 0..8 {
+            let (v, av) = iq4_xs_i8(table, w, ib);
+            let sc = _mm256_set1_epi16(w.scale(ib) as i16);
+            for (ac, y) in acc.iter_mut().zip(&ys) {
+                let x = _mm256_loadu_si256(y.qs[32 * ib..].as_ptr().cast());
+                let p = _mm256_maddubs_epi16(av, _mm256_sign_epi8(x, v));
+                *ac = _mm256_add_epi32(*ac, _mm256_madd_epi16(p, sc));
+            }
+        }
+        let isums = hsum4_epi32(acc[0], acc[1], acc[2], acc[3]);
         let d = fp16(w.d);
-        for (s, ar) in sum.iter_mut().zip(&a) {
-            let y = &ar[i];
-            *s += d * y.d() * iq4_xs_block(&units, &ls, y) as f32;
+        for ((s, y), is) in sum.iter_mut().zip(&ys).zip(isums) {
+            *s += d * y.d() * is as f32;
         }
     }
     *out = sum;
@@ -903,10 +915,10 @@ unsafe fn iq1_units<B: Iq1>(b: &B) -> [GridUnit; 8] {
     units
 }
 
-/// Row · Q8_K row and four rows at once (each super-block unpacked once; each result the
+/// Row · Q8_K row and four rows at once (each unit made once for the four; each result the
 /// single-row dot's), with `$factor` as the scalar dot's.
 macro_rules! grid_dots {
-    ($($dot:ident, $dot4:ident => $imp:ident, $imp4:ident ($block:ty, $units:ident, $factor:expr)),* $(,)?) => {
+    ($($dot:ident, $dot4:ident => $imp:ident, $imp4:ident ($block:ty, $units:ident, $unit:ident, $factor:expr)),* $(,)?) => {
         $(
             #[target_feature(enable = "avx2,fma,f16c")]
             unsafe fn $imp(w: &[$block], a: &[BlockQ8K]) -> f32 {
@@ -920,11 +932,22 @@ macro_rules! grid_dots {
             unsafe fn $imp4(w: &[$block], a: [&[BlockQ8K]; 4], out: &mut [f32; 4]) {
                 let mut sum = [0.0f32; 4];
                 for (i, b) in w.iter().enumerate() {
-                    let units = $units(b);
+                    // Each unit made once for the four rows, one accumulator per row, one
+                    // horizontal sum for the four: grid_block's integers.
+                    let ys = [&a[0][i], &a[1][i], &a[2][i], &a[3][i]];
+                    let mut acc = [_mm256_setzero_si256(); 4];
+                    for u in 0..8 {
+                        let (mag, sign, sc) = $unit(b, u);
+                        for (ac, y) in acc.iter_mut().zip(&ys) {
+                            let x = _mm256_loadu_si256(y.qs[32 * u..].as_ptr().cast());
+                            let p = _mm256_maddubs_epi16(mag, _mm256_sign_epi8(x, sign));
+                            *ac = _mm256_add_epi32(*ac, _mm256_madd_epi16(p, sc));
+                        }
+                    }
+                    let isums = hsum4_epi32(acc[0], acc[1], acc[2], acc[3]);
                     let db = b.d();
-                    for (s, ar) in sum.iter_mut().zip(&a) {
-                        let y = &ar[i];
-                        *s += db * y.d() * grid_block(&units, y) as f32;
+                    for ((s, y), is) in sum.iter_mut().zip(&ys).zip(isums) {
+                        *s += db * y.d() * is as f32;
                     }
                 }
                 *out = sum.map(|s| s * $factor);
@@ -937,19 +960,19 @@ macro_rules! grid_dots {
 
 grid_dots!(
     dot_iq2_xxs, dot4_iq2_xxs =>
-        dot_iq2_xxs_impl, dot4_iq2_xxs_impl(BlockIq2Xxs, grid_units, <BlockIq2Xxs as Groups>::FACTOR),
+        dot_iq2_xxs_impl, dot4_iq2_xxs_impl(BlockIq2Xxs, grid_units, grid_unit, <BlockIq2Xxs as Groups>::FACTOR),
     dot_iq2_xs, dot4_iq2_xs =>
-        dot_iq2_xs_impl, dot4_iq2_xs_impl(BlockIq2Xs, grid_units, <BlockIq2Xs as Groups>::FACTOR),
+        dot_iq2_xs_impl, dot4_iq2_xs_impl(BlockIq2Xs, grid_units, grid_unit, <BlockIq2Xs as Groups>::FACTOR),
     dot_iq2_s, dot4_iq2_s =>
-        dot_iq2_s_impl, dot4_iq2_s_impl(BlockIq2S, grid_units, <BlockIq2S as Groups>::FACTOR),
+        dot_iq2_s_impl, dot4_iq2_s_impl(BlockIq2S, grid_units, grid_unit, <BlockIq2S as Groups>::FACTOR),
     dot_iq3_xxs, dot4_iq3_xxs =>
-        dot_iq3_xxs_impl, dot4_iq3_xxs_impl(BlockIq3Xxs, grid_units, <BlockIq3Xxs as Groups>::FACTOR),
+        dot_iq3_xxs_impl, dot4_iq3_xxs_impl(BlockIq3Xxs, grid_units, grid_unit, <BlockIq3Xxs as Groups>::FACTOR),
     dot_iq3_s, dot4_iq3_s =>
-        dot_iq3_s_impl, dot4_iq3_s_impl(BlockIq3S, grid_units, <BlockIq3S as Groups>::FACTOR),
+        dot_iq3_s_impl, dot4_iq3_s_impl(BlockIq3S, grid_units, grid_unit, <BlockIq3S as Groups>::FACTOR),
     dot_iq1_s, dot4_iq1_s =>
-        dot_iq1_s_impl, dot4_iq1_s_impl(BlockIq1S, iq1_units, IQ1_FACTOR),
+        dot_iq1_s_impl, dot4_iq1_s_impl(BlockIq1S, iq1_units, iq1_unit, IQ1_FACTOR),
     dot_iq1_m, dot4_iq1_m =>
-        dot_iq1_m_impl, dot4_iq1_m_impl(BlockIq1M, iq1_units, IQ1_FACTOR),
+        dot_iq1_m_impl, dot4_iq1_m_impl(BlockIq1M, iq1_units, iq1_unit, IQ1_FACTOR),
 );
 
 // ---------------------------------------------------------------------------------------------
