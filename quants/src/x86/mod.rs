@@ -56,6 +56,7 @@ macro_rules! install_vnni {
             Q5_1 => ($k.dot, $k.dot4, $k.tile) = (v::dot_q5_1, d4(v::dot4_q5_1), t4(v::tile_q5_1)),
             Q3_K => $k.octet = Some(v::octet_q3_k),
             Q4_K => $k.octet = Some(v::octet_q4_k),
+            IQ4_XS => $k.octet = Some(v::octet_iq4_xs),
             _ => {}
         }
     }};

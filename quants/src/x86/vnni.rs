@@ -15,6 +15,7 @@ use super::avx2::{
     entry_octet, fp16, fp16_mul, hsum_ps, iq4_nl_i8, load32, nibble_chunks, nibbles, q3k_values,
     q4_0_i8, q4_1_u8, q5_0_i8, q5_1_u8, q8_0_i8, signed_dot, transpose8, unsigned_dot,
 };
+use crate::iquants::BlockIq4Xs;
 use crate::kquants::{q3k_scales, scale_min_k4, BlockQ3K, BlockQ4K, BlockQ8K};
 use crate::legacy::IQ4NL_VALUES;
 use crate::legacy::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, BlockQ8_1};
@@ -559,6 +560,68 @@ macro_rules! vnni_kernels {
                 )
             };
             rows_in_lanes(w, a, out, unpack, term)
+        }
+
+        /// IQ4_XS the same way: each sub-block's codes looked up to IQ4_NL's values plus
+        /// 128 (unsigned bytes for `vpdpbusd`; 128 · the sub-block's activation sum, from
+        /// the bsums, taken back off), transposed per sub-block; the sub-block sums weighted
+        /// by the rows' 6-bit scales in 32 bits, and the single-row dot's float expression
+        /// `(d · a.d) · Σ`: each result equals the IQ4_XS `dot` bit for bit.
+        struct Iq4XsOctet {
+            q: [__m256i; 64],
+            sc: [__m256i; 8],
+            d: __m256,
+        }
+
+        #[target_feature(enable = $feat)]
+        unsafe fn iq4xs_octet(w: [&[BlockIq4Xs]; 8], a: &[&[BlockQ8K]], out: &mut [f32]) {
+            let t = _mm_xor_si128(
+                _mm_loadu_si128(IQ4NL_VALUES.as_ptr().cast()),
+                _mm_set1_epi8(-128),
+            );
+            let table = _mm256_set_m128i(t, t);
+            let unpack = |rows: [&BlockIq4Xs; 8]| {
+                let chunks = rows.map(|blk| {
+                    std::array::from_fn(|ib| {
+                        let qs: &[u8; 16] = blk.qs[16 * ib..16 * ib + 16].try_into().unwrap();
+                        _mm256_shuffle_epi8(table, nibbles(qs))
+                    })
+                });
+                let sc = std::array::from_fn(|ib| {
+                    let v: [i32; 8] = std::array::from_fn(|r| rows[r].scale(ib));
+                    _mm256_loadu_si256(v.as_ptr().cast())
+                });
+                let d = rows.map(|blk| fp16(blk.d));
+                Iq4XsOctet {
+                    q: transpose_chunks(chunks),
+                    sc,
+                    d: _mm256_loadu_ps(d.as_ptr()),
+                }
+            };
+            let term = |u: &Iq4XsOctet, y: &BlockQ8K| {
+                let mut s = _mm256_setzero_si256();
+                for j in 0..8 {
+                    let bs = 128 * (y.bsum(2 * j) + y.bsum(2 * j + 1));
+                    let mut isum = _mm256_set1_epi32(-bs);
+                    for g in 0..8 {
+                        let ag = bcast4(y.qs.as_ptr().add(32 * j + 4 * g));
+                        isum = dpbusd(isum, u.q[8 * j + g], ag);
+                    }
+                    s = _mm256_add_epi32(s, _mm256_mullo_epi32(isum, u.sc[j]));
+                }
+                _mm256_mul_ps(
+                    _mm256_mul_ps(u.d, _mm256_set1_ps(y.d())),
+                    _mm256_cvtepi32_ps(s),
+                )
+            };
+            rows_in_lanes(w, a, out, unpack, term)
+        }
+
+        pub(crate) fn octet_iq4_xs(w: [&[u8]; 8], a: &[&[u8]], out: &mut [f32]) {
+            let a: Vec<&[BlockQ8K]> = a.iter().map(|r| cast_slice(r)).collect();
+            // SAFETY: installed by x86::specialize only on this module's tier; the kernel
+            // asserts every length it indexes by.
+            unsafe { iq4xs_octet(w.map(cast_slice), &a, out) }
         }
 
         pub(crate) fn octet_q3_k(w: [&[u8]; 8], a: &[&[u8]], out: &mut [f32]) {
