@@ -268,6 +268,23 @@ fn grid_iquant_dots_equal_the_dot_of_dequantized_rows() {
                         dot4(&w, [&acts[0], &acts[1], &acts[2], &acts[3]], &mut out);
                         assert_eq!(out.map(f32::to_bits).to_vec(), want, "{ty} {isa:?} dot4");
                     }
+                    // The eight-row prefill kernels (VNNI tiers): eight random rows against
+                    // the four activations, each result the single-row dot's bit for bit.
+                    if let Some(octet) = k.octet {
+                        let rows: Vec<Vec<u8>> =
+                            (0..8).map(|_| random_blocks(&mut r, ty, n)).collect();
+                        let rs: [&[u8]; 8] = std::array::from_fn(|i| rows[i].as_slice());
+                        let a4: Vec<&[u8]> = acts.iter().map(|v| v.as_slice()).collect();
+                        let mut out = vec![0f32; 8 * a4.len()];
+                        octet(rs, &a4, &mut out);
+                        for (i, row) in rows.iter().enumerate() {
+                            for (j, act) in acts.iter().enumerate() {
+                                let d = (k.dot)(row, act);
+                                let got = out[i * a4.len() + j];
+                                assert_eq!(got.to_bits(), d.to_bits(), "{ty} {isa:?} octet");
+                            }
+                        }
+                    }
                 }
             }
         }

@@ -891,6 +891,26 @@ unsafe fn grid_block(units: &[GridUnit; 8], a: &BlockQ8K) -> i32 {
     hsum_epi32(acc)
 }
 
+/// Unit u of a grid super-block as 32 signed weights (magnitude with its sign) and the odd
+/// scales of its two halves of 16 (the eight-row VNNI kernels' unpack).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(super) unsafe fn grid_values<B: Groups>(b: &B, u: usize) -> (__m256i, [i32; 2]) {
+    let (mag, sign, _) = grid_unit(b, u);
+    (
+        _mm256_sign_epi8(mag, sign),
+        [b.scale(4 * u), b.scale(4 * u + 2)],
+    )
+}
+
+/// The same for IQ1: weights 8 · grid ± 1 and the odd scales of the two halves.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(super) unsafe fn iq1_values<B: Iq1>(b: &B, u: usize) -> (__m256i, [i32; 2]) {
+    let (_, v, _) = iq1_unit(b, u);
+    (v, [b.group(4 * u).2, b.group(4 * u + 2).2])
+}
+
 /// A super-block's eight units (closures would lose the target features, and with them the
 /// inlining: decode fell from ~160 to ~105 tok/s that way).
 #[target_feature(enable = "avx2,fma,f16c")]

@@ -57,6 +57,13 @@ macro_rules! install_vnni {
             Q3_K => $k.octet = Some(v::octet_q3_k),
             Q4_K => $k.octet = Some(v::octet_q4_k),
             IQ4_XS => $k.octet = Some(v::octet_iq4_xs),
+            IQ2_XXS => $k.octet = Some(v::octet_iq2_xxs),
+            IQ2_XS => $k.octet = Some(v::octet_iq2_xs),
+            IQ2_S => $k.octet = Some(v::octet_iq2_s),
+            IQ3_XXS => $k.octet = Some(v::octet_iq3_xxs),
+            IQ3_S => $k.octet = Some(v::octet_iq3_s),
+            IQ1_S => $k.octet = Some(v::octet_iq1_s),
+            IQ1_M => $k.octet = Some(v::octet_iq1_m),
             _ => {}
         }
     }};

@@ -12,8 +12,13 @@
 use core::arch::x86_64::*;
 
 use super::avx2::{
-    entry_octet, fp16, fp16_mul, hsum_ps, iq4_nl_i8, load32, nibble_chunks, nibbles, q3k_values,
-    q4_0_i8, q4_1_u8, q5_0_i8, q5_1_u8, q8_0_i8, signed_dot, transpose8, unsigned_dot,
+    entry_octet, fp16, fp16_mul, grid_values, hsum_ps, iq1_values, iq4_nl_i8, load32,
+    nibble_chunks, nibbles, q3k_values, q4_0_i8, q4_1_u8, q5_0_i8, q5_1_u8, q8_0_i8, signed_dot,
+    transpose8, unsigned_dot,
+};
+use crate::iq_grid::{
+    BlockIq1M, BlockIq1S, BlockIq2S, BlockIq2Xs, BlockIq2Xxs, BlockIq3S, BlockIq3Xxs, Groups, Iq1,
+    IQ1_FACTOR,
 };
 use crate::iquants::BlockIq4Xs;
 use crate::kquants::{q3k_scales, scale_min_k4, BlockQ3K, BlockQ4K, BlockQ8K};
@@ -272,6 +277,31 @@ macro_rules! entry4 {
 /// Every kernel of a VNNI tier, for the target features `$feat`; the invoking module defines
 /// `dpbusd` (u8 × i8 groups of four, summed into i32 lanes) and `bit4` (0x10 in byte i where
 /// bit i of a Q5 block's `qh` is set) for those features.
+/// The grid i-quants' eight-row entries of a tier: each casts the rows and runs the tier's
+/// `grid_octet` with the type's unpack, scale and factor.
+macro_rules! entry_grid_octet {
+    ($($entry:ident => $block:ty, $values:ident, $d:path, $factor:expr;)*) => {
+        $(
+            pub(crate) fn $entry(w: [&[u8]; 8], a: &[&[u8]], out: &mut [f32]) {
+                let a: Vec<&[BlockQ8K]> = a.iter().map(|r| cast_slice(r)).collect();
+                // SAFETY: installed by x86::specialize only on this module's tier; the kernel
+                // asserts every length it indexes by, and `values` needs only AVX2, which
+                // every VNNI tier has.
+                unsafe {
+                    grid_octet::<$block>(
+                        w.map(cast_slice),
+                        &a,
+                        out,
+                        $values::<$block>,
+                        $d,
+                        $factor,
+                    )
+                }
+            }
+        )*
+    };
+}
+
 macro_rules! vnni_kernels {
     ($feat:literal) => {
         /// Σ w·a of signed bytes as 8 lanes of i32: |w| × (a with w's sign), with `vpdpbusd`.
@@ -623,6 +653,79 @@ macro_rules! vnni_kernels {
             // asserts every length it indexes by.
             unsafe { iq4xs_octet(w.map(cast_slice), &a, out) }
         }
+
+        /// The grid i-quants the same way: each unit of 32 signed weights plus 128
+        /// (unsigned for `vpdpbusd`; 128 · each half's activation sum taken back off),
+        /// transposed per unit; each half's sum weighted by the rows' odd scales in 32 bits,
+        /// the single-row dot's `(d · a.d) · Σ` per super-block and its factor at the end:
+        /// each result equals the type's `dot` bit for bit.
+        struct GridOctet {
+            q: [__m256i; 64],
+            sc: [__m256i; 16],
+            d: __m256,
+        }
+
+        /// The grid octet over one block type: `values` unpacks unit u of a super-block,
+        /// `d` is its scale, `factor` the type's float factor.
+        #[target_feature(enable = $feat)]
+        unsafe fn grid_octet<B>(
+            w: [&[B]; 8],
+            a: &[&[BlockQ8K]],
+            out: &mut [f32],
+            values: unsafe fn(&B, usize) -> (__m256i, [i32; 2]),
+            d: fn(&B) -> f32,
+            factor: f32,
+        ) {
+            let unpack = |rows: [&B; 8]| {
+                let mut chunks = [[_mm256_setzero_si256(); 8]; 8];
+                let mut sc16 = [[0i32; 8]; 16];
+                for (r, blk) in rows.iter().enumerate() {
+                    for u in 0..8 {
+                        let (v, s) = values(blk, u);
+                        chunks[r][u] = _mm256_xor_si256(v, _mm256_set1_epi8(-128));
+                        sc16[2 * u][r] = s[0];
+                        sc16[2 * u + 1][r] = s[1];
+                    }
+                }
+                let ds = rows.map(d);
+                GridOctet {
+                    q: transpose_chunks(chunks),
+                    sc: sc16.map(|v| _mm256_loadu_si256(v.as_ptr().cast())),
+                    d: _mm256_loadu_ps(ds.as_ptr()),
+                }
+            };
+            let term = |u: &GridOctet, y: &BlockQ8K| {
+                let mut s = _mm256_setzero_si256();
+                for j in 0..8 {
+                    for half in 0..2 {
+                        let mut isum = _mm256_set1_epi32(-128 * y.bsum(2 * j + half));
+                        for g in 4 * half..4 * half + 4 {
+                            let ag = bcast4(y.qs.as_ptr().add(32 * j + 4 * g));
+                            isum = dpbusd(isum, u.q[8 * j + g], ag);
+                        }
+                        s = _mm256_add_epi32(s, _mm256_mullo_epi32(isum, u.sc[2 * j + half]));
+                    }
+                }
+                _mm256_mul_ps(
+                    _mm256_mul_ps(u.d, _mm256_set1_ps(y.d())),
+                    _mm256_cvtepi32_ps(s),
+                )
+            };
+            rows_in_lanes(w, a, out, unpack, term);
+            for v in out[..8 * a.len()].iter_mut() {
+                *v *= factor;
+            }
+        }
+
+        entry_grid_octet!(
+            octet_iq2_xxs => BlockIq2Xxs, grid_values, Groups::d, <BlockIq2Xxs as Groups>::FACTOR;
+            octet_iq2_xs => BlockIq2Xs, grid_values, Groups::d, <BlockIq2Xs as Groups>::FACTOR;
+            octet_iq2_s => BlockIq2S, grid_values, Groups::d, <BlockIq2S as Groups>::FACTOR;
+            octet_iq3_xxs => BlockIq3Xxs, grid_values, Groups::d, <BlockIq3Xxs as Groups>::FACTOR;
+            octet_iq3_s => BlockIq3S, grid_values, Groups::d, <BlockIq3S as Groups>::FACTOR;
+            octet_iq1_s => BlockIq1S, iq1_values, Iq1::d, IQ1_FACTOR;
+            octet_iq1_m => BlockIq1M, iq1_values, Iq1::d, IQ1_FACTOR;
+        );
 
         pub(crate) fn octet_q3_k(w: [&[u8]; 8], a: &[&[u8]], out: &mut [f32]) {
             let a: Vec<&[BlockQ8K]> = a.iter().map(|r| cast_slice(r)).collect();
