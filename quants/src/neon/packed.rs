@@ -205,6 +205,35 @@ unsafe fn scales(blk: *const u8) -> (float32x4_t, float32x4_t) {
     (lo, hi)
 }
 
+/// The float step of one block for one token: `ac += (d_rows · d_y) · Σ` for rows 0–3 and 4–7
+/// (`fma`, the packed reference's order).
+#[target_feature(enable = "neon")]
+#[inline]
+unsafe fn block_step(
+    ac: &mut (float32x4_t, float32x4_t),
+    (dlo, dhi): (float32x4_t, float32x4_t),
+    y: &BlockQ8_0,
+    (lo, hi): (int32x4_t, int32x4_t),
+) {
+    let dy = vdupq_n_f32(h(y.d));
+    ac.0 = vfmaq_f32(ac.0, vmulq_f32(dlo, dy), vcvtq_f32_s32(lo));
+    ac.1 = vfmaq_f32(ac.1, vmulq_f32(dhi, dy), vcvtq_f32_s32(hi));
+}
+
+/// Tokens `t0..` of the slice in `acc`: each token's eight rows into `out` (row r at r·nt + j).
+#[target_feature(enable = "neon")]
+#[inline]
+unsafe fn store_slice(acc: &[(float32x4_t, float32x4_t)], t0: usize, nt: usize, out: &mut [f32]) {
+    let mut lanes = [0f32; 8];
+    for (j, ac) in (t0..).zip(acc) {
+        vst1q_f32(lanes.as_mut_ptr(), ac.0);
+        vst1q_f32(lanes.as_mut_ptr().add(4), ac.1);
+        for (r, v) in lanes.iter().enumerate() {
+            out[r * nt + j] = *v;
+        }
+    }
+}
+
 /// One packed kernel: `$regs` unpacks a block's quants, `$isum` forms the eight block sums,
 /// `$bb` is the packed block size.
 macro_rules! packed_kernel {
@@ -216,29 +245,19 @@ macro_rules! packed_kernel {
             assert!(packed.len() == nb * $bb && out.len() >= 8 * nt);
             assert!(act.iter().all(|a| a.len() >= nb));
             let base = packed.as_ptr();
-            let mut lanes = [0f32; 8];
             for t0 in (0..nt).step_by(TOKENS) {
                 let t1 = (t0 + TOKENS).min(nt);
                 let mut acc = [(vdupq_n_f32(0.0), vdupq_n_f32(0.0)); TOKENS];
                 for b in 0..nb {
                     let blk = base.add(b * $bb);
                     let regs = $regs(blk.add(16));
-                    let (dlo, dhi) = scales(blk);
+                    let d = scales(blk);
                     for (j, ac) in (t0..t1).zip(acc.iter_mut()) {
                         let y = act[j].get_unchecked(b);
-                        let (lo, hi) = $isum(&regs, y);
-                        let dy = vdupq_n_f32(h(y.d));
-                        ac.0 = vfmaq_f32(ac.0, vmulq_f32(dlo, dy), vcvtq_f32_s32(lo));
-                        ac.1 = vfmaq_f32(ac.1, vmulq_f32(dhi, dy), vcvtq_f32_s32(hi));
+                        block_step(ac, d, y, $isum(&regs, y));
                     }
                 }
-                for (j, ac) in (t0..t1).zip(acc) {
-                    vst1q_f32(lanes.as_mut_ptr(), ac.0);
-                    vst1q_f32(lanes.as_mut_ptr().add(4), ac.1);
-                    for (r, v) in lanes.iter().enumerate() {
-                        out[r * nt + j] = *v;
-                    }
-                }
+                store_slice(&acc[..t1 - t0], t0, nt, out);
             }
         }
 
@@ -293,34 +312,24 @@ macro_rules! packed_kernel_mmla {
             assert!(packed.len() == nb * $bb && out.len() >= 8 * nt);
             assert!(act.iter().all(|a| a.len() >= nb));
             let base = packed.as_ptr();
-            let mut lanes = [0f32; 8];
             for t0 in (0..nt).step_by(TOKENS) {
                 let t1 = (t0 + TOKENS).min(nt);
                 let mut acc = [(vdupq_n_f32(0.0), vdupq_n_f32(0.0)); TOKENS];
                 for b in 0..nb {
                     let blk = base.add(b * $bb);
                     let rp = row_pairs(&$regs(blk.add(16)));
-                    let (dlo, dhi) = scales(blk);
+                    let d = scales(blk);
                     for j in (t0..t1).step_by(2) {
                         let j2 = (j + 1).min(t1 - 1);
                         let (y0, y1) = (act[j].get_unchecked(b), act[j2].get_unchecked(b));
                         let (s0, s1) = isum_mmla(&rp, y0, y1);
-                        let pair = [(j, y0, s0), (j2, y1, s1)];
-                        for (jj, y, (lo, hi)) in pair.into_iter().take(1 + (j2 > j) as usize) {
-                            let ac = &mut acc[jj - t0];
-                            let dy = vdupq_n_f32(h(y.d));
-                            ac.0 = vfmaq_f32(ac.0, vmulq_f32(dlo, dy), vcvtq_f32_s32(lo));
-                            ac.1 = vfmaq_f32(ac.1, vmulq_f32(dhi, dy), vcvtq_f32_s32(hi));
+                        block_step(&mut acc[j - t0], d, y0, s0);
+                        if j2 > j {
+                            block_step(&mut acc[j2 - t0], d, y1, s1);
                         }
                     }
                 }
-                for (j, ac) in (t0..t1).zip(acc) {
-                    vst1q_f32(lanes.as_mut_ptr(), ac.0);
-                    vst1q_f32(lanes.as_mut_ptr().add(4), ac.1);
-                    for (r, v) in lanes.iter().enumerate() {
-                        out[r * nt + j] = *v;
-                    }
-                }
+                store_slice(&acc[..t1 - t0], t0, nt, out);
             }
         }
 
