@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The project's checks: formatting, clippy, the whole test suite on this CPU (every SIMD tier it
+# The project's checks: formatting, clippy, the CUDA kernels' syntax, the whole test suite on this CPU (every SIMD tier it
 # has), the quant kernels' tests on aarch64 under qemu (NEON, +dotprod, +i8mm), and the runner
 # itself there on a fixture.
 # Needs what .ci/run installs; run `bash .ci/run` on a fresh machine.
@@ -8,6 +8,10 @@ cd "$(dirname "$0")/.."
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+# The CUDA kernels' syntax and types, by the host compiler (no GPU or toolkit here; NVRTC on the
+# device compiles them for real: scripts/gpu-test.sh).
+g++ -std=c++17 -fsyntax-only -Werror=return-type -Wno-unknown-pragmas \
+  -include scripts/cuda-host-stub.h -x c++ src/backend/cuda/kernels.cu
 
 # The tiers this CPU advertises must be detected and tested, not silently skipped.
 expect=""
