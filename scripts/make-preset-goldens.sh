@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Goldens for the real-width presets from llama.cpp, through ../shared/tools/llamacpp_side.py
-# (llama-cpp-python 0.3.36, CPU build): one-layer files of qwen3moe-30b-a3b (Q4_K_M, IQ4_XS)
+# (llama-cpp-python 0.3.36, CPU build): one-layer files of qwen3moe-30b-a3b (Q4_K_M, IQ4_XS,
+# IQ3_XXS, IQ2_XXS)
 # and gpt-oss-20b (MXFP4_MOE), rebuilt by `ggrun gen-model` in tests/presets.rs and checked against
 # the golden's sha256.
 #   scripts/make-preset-goldens.sh [PRESET:MIX ...]   # writes tests/data/presets/*.golden.json
@@ -19,7 +20,8 @@ bin=target/release/ggrun
 mkdir -p "$out"
 decode=8
 specs=("$@")
-[ ${#specs[@]} -gt 0 ] || specs=(qwen3moe-30b-a3b:q4_k_m qwen3moe-30b-a3b:iq4_xs gpt-oss-20b:mxfp4)
+[ ${#specs[@]} -gt 0 ] || specs=(qwen3moe-30b-a3b:q4_k_m qwen3moe-30b-a3b:iq4_xs gpt-oss-20b:mxfp4
+  qwen3moe-30b-a3b:iq3_xxs qwen3moe-30b-a3b:iq2_xxs)
 for spec in "${specs[@]}"; do
   preset=${spec%%:*}; mix=${spec##*:}; name="$preset-$mix-1layer"
   case $preset in

@@ -17,7 +17,8 @@ bin=target/release/ggrun
 mkdir -p "$out"
 for spec in qwen3moe-30b-a3b:Q8_0 qwen3moe-30b-a3b:Q4_0 qwen3moe-30b-a3b:Q4_K_M \
             qwen3moe-30b-a3b:IQ4_XS gpt-oss-20b:Q8_0 gpt-oss-20b:Q4_0 gpt-oss-20b:Q4_K_M \
-            gpt-oss-20b:MXFP4_MOE gpt-oss-20b:IQ4_XS; do
+            gpt-oss-20b:MXFP4_MOE gpt-oss-20b:IQ4_XS qwen3moe-30b-a3b:IQ3_XXS \
+            qwen3moe-30b-a3b:IQ2_XXS gpt-oss-20b:IQ3_XXS gpt-oss-20b:IQ2_XXS; do
   preset=${spec%%:*}; mix=${spec##*:}
   skel="$tmp/$preset-f16.gguf"
   [ -e "$skel" ] || $bin gen-model --preset "$preset" --mix f16 --skeleton --out "$skel" >/dev/null

@@ -36,6 +36,8 @@ fn our_mix(quantize_name: &str) -> &'static str {
         "Q4_K_M" => "q4_k_m",
         "MXFP4_MOE" => "mxfp4",
         "IQ4_XS" => "iq4_xs",
+        "IQ3_XXS" => "iq3_xxs",
+        "IQ2_XXS" => "iq2_xxs",
         other => panic!("no generator mix for {other}"),
     }
 }
@@ -105,7 +107,7 @@ fn llama_cpp_runs_one_layer_presets_as_we_do() {
         .filter(|p| p.to_string_lossy().ends_with(".golden.json"))
         .collect();
     goldens.sort();
-    assert_eq!(goldens.len(), 3, "preset goldens missing");
+    assert_eq!(goldens.len(), 5, "preset goldens missing");
     let cpu = Cpu::new(0, Precision::Normal).unwrap();
     for golden in goldens {
         let j = read_json(&golden);

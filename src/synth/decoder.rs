@@ -65,6 +65,8 @@ pub enum PresetMix {
     Q4KM,
     Mxfp4,
     Iq4Xs,
+    Iq3Xxs,
+    Iq2Xxs,
 }
 
 impl PresetMix {
@@ -77,8 +79,11 @@ impl PresetMix {
             "q4_k_m" => PresetMix::Q4KM,
             "mxfp4" => PresetMix::Mxfp4,
             "iq4_xs" => PresetMix::Iq4Xs,
+            "iq3_xxs" => PresetMix::Iq3Xxs,
+            "iq2_xxs" => PresetMix::Iq2Xxs,
             _ => bail!(
-                "unknown mix {s} for this preset (f32, f16, q8_0, q4_0, q4_k_m, mxfp4, iq4_xs)"
+                "unknown mix {s} for this preset (f32, f16, q8_0, q4_0, q4_k_m, mxfp4, iq4_xs, \
+                 iq3_xxs, iq2_xxs)"
             ),
         })
     }
@@ -92,6 +97,8 @@ impl PresetMix {
             PresetMix::Q4KM => 15,
             PresetMix::Mxfp4 => 38,
             PresetMix::Iq4Xs => 30,
+            PresetMix::Iq3Xxs => 23,
+            PresetMix::Iq2Xxs => 19,
         }
     }
 
@@ -126,6 +133,25 @@ impl PresetMix {
                 Role::FfnDown { layer } | Role::ExpDown { layer } if layer < n_layer / 8 => Q5_K,
                 _ => IQ4_XS,
             },
+            // Measured (tests/data/mixes/*-IQ3_XXS.tsv, *-IQ2_XXS.tsv); an output whose rows
+            // are not whole 256-blocks gets Q8_0 in every mix.
+            PresetMix::Iq3Xxs | PresetMix::Iq2Xxs if role == Role::Output => {
+                return if ne0.is_multiple_of(256) { Q5_K } else { Q8_0 };
+            }
+            PresetMix::Iq3Xxs => match role {
+                Role::TokenEmbd | Role::AttnOut => IQ3_S,
+                Role::Attn => IQ2_S,
+                Role::AttnV { .. } => Q4_K,
+                Role::FfnDown { layer } | Role::ExpDown { layer } if layer < n_layer / 8 => Q4_K,
+                Role::FfnDown { .. } | Role::ExpDown { .. } => Q3_K,
+                _ => IQ3_XXS,
+            },
+            PresetMix::Iq2Xxs => match role {
+                Role::TokenEmbd => Q2_K,
+                Role::AttnV { .. } => Q4_K,
+                Role::FfnDown { layer } | Role::ExpDown { layer } if layer < n_layer / 8 => Q2_K,
+                _ => IQ2_XXS,
+            },
         };
         fallback(want, ne0)
     }
@@ -136,7 +162,9 @@ impl PresetMix {
 enum Role {
     TokenEmbd,
     Output,
+    /// attn_q, attn_k.
     Attn,
+    AttnOut,
     AttnV {
         layer: usize,
     },
@@ -480,7 +508,7 @@ fn writer(
         wr.matrix(
             &b("attn_output.weight"),
             &[qd, e],
-            Role::Attn,
+            Role::AttnOut,
             std_in(qd as usize),
         );
         if matches!(arch, "qwen2" | "gpt-oss") {

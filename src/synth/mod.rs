@@ -18,6 +18,7 @@ use rayon::prelude::*;
 use crate::gguf::{GgufWriter, Value};
 
 pub mod decoder;
+mod grid;
 
 /// The real Nemotron 3 Nano layer pattern (M Mamba-2, E MoE, * attention).
 pub const NANO_PATTERN: &str = "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME";
@@ -123,7 +124,7 @@ pub(crate) fn fallback(want: GgmlType, ne0: u64) -> GgmlType {
             Q4_K => Q5_0,
             Q5_K => Q5_1,
             Q6_K => Q8_0,
-            IQ4_XS => IQ4_NL,
+            IQ4_XS | IQ2_XXS | IQ2_XS | IQ2_S | IQ3_XXS | IQ3_S | IQ1_S | IQ1_M => IQ4_NL,
             _ => Q4_0,
         }
     } else {
@@ -275,7 +276,12 @@ fn add_rows(
         Box::new(move || {
             let rb = ty.row_bytes(ne0 as u64).expect("whole blocks") as usize;
             let orb = out_ty.row_bytes(ne0 as u64).expect("whole blocks") as usize;
-            let q = reference_quantize_fn(ty).expect("quantizable type");
+            // The grid i-quants have no quantizer: random valid blocks (see `grid`).
+            let q = |x: &[f32], r: usize, o: &mut [u8]| match reference_quantize_fn(ty) {
+                Some(q) => q(x, o),
+                None if grid::synthesizes(ty) => grid::write_row(ty, x, seed ^ r as u64, o),
+                None => panic!("no way to write {ty}"),
+            };
             let dq = ggrun_quants::dequantize_fn(ty).expect("dequantizable type");
             let mut out = vec![0u8; orb * rows];
             out.par_chunks_mut(orb).enumerate().for_each(|(r, o)| {
@@ -283,11 +289,11 @@ fn add_rows(
                 values(seed, &name_owned, r, init, &mut x);
                 if deq {
                     let mut b = vec![0u8; rb];
-                    q(&x, &mut b);
+                    q(&x, r, &mut b);
                     dq(&b, &mut x);
                     o.copy_from_slice(bytemuck::cast_slice(&x));
                 } else {
-                    q(&x, o);
+                    q(&x, r, o);
                 }
             });
             out
