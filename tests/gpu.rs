@@ -42,6 +42,34 @@ fn values(seed: u64, n: usize) -> Vec<f32> {
         .collect()
 }
 
+/// `rows` × `cols` random values quantized to `ty` by the reference quantizer, on the device.
+fn random_matrix(
+    gpu: &Gpu,
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    seed: u64,
+) -> ggrun::backend::cuda::DeviceMatrix {
+    let rb = ty.row_bytes(cols as u64).unwrap() as usize;
+    let quantize = reference_quantize_fn(ty).unwrap();
+    let mut data = vec![0u8; rows * rb];
+    for (src, dst) in values(seed, rows * cols)
+        .chunks(cols)
+        .zip(data.chunks_mut(rb))
+    {
+        quantize(src, dst);
+    }
+    let m = Matrix {
+        ty,
+        data: &data,
+        rows,
+        cols,
+        packed: None,
+        device: None,
+    };
+    gpu.upload(&m).unwrap()
+}
+
 fn seed() -> u64 {
     let s = std::env::var("GGRUN_TEST_SEED")
         .ok()
@@ -79,7 +107,8 @@ fn matmul_of_every_weight_type_matches_the_cpu_dequantization() {
     let seed = seed();
     use GgmlType::*;
     let types = [
-        F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, MXFP4, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K,
+        F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, IQ4_XS, MXFP4, Q2_K, Q3_K, Q4_K,
+        Q5_K, Q6_K,
     ];
     for (k, ty) in types.into_iter().enumerate() {
         // Nemotron's widths where the blocks divide them, else a K-quant width.
@@ -118,14 +147,26 @@ fn matmul_of_every_weight_type_matches_the_cpu_dequantization() {
             // K-quant's minimum is applied to the float sum of the activations, exactly).
             let int8 = matches!(
                 ty,
-                Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q2_K | Q3_K | Q4_K | Q5_K | Q6_K
+                Q4_0 | Q4_1
+                    | Q5_0
+                    | Q5_1
+                    | Q8_0
+                    | IQ4_XS
+                    | MXFP4
+                    | Q2_K
+                    | Q3_K
+                    | Q4_K
+                    | Q5_K
+                    | Q6_K
             );
             for (t, normal) in [
                 (1usize, false),
+                (3, false),
                 (5, false),
                 (8, false),
                 (67, false),
                 (1, true),
+                (3, true),
                 (5, true),
                 (8, true),
                 (67, true),
@@ -148,6 +189,22 @@ fn matmul_of_every_weight_type_matches_the_cpu_dequantization() {
                         on_mma || on_int8,
                         "{ty} t={t}: the normal-precision kernel ran where it should not, or did not run"
                     );
+                }
+                if t < 8 {
+                    // A decode block of several tokens gives each token what it gets alone, bit
+                    // for bit (the weights are shared, the order of each token's sums is not
+                    // changed).
+                    gpu.set_normal_precision(normal);
+                    let mut dyj = gpu.to_device(&vec![f32::NAN; rows]).unwrap();
+                    for j in 0..t {
+                        let dxj = gpu.to_device(&x[j * cols..(j + 1) * cols]).unwrap();
+                        gpu.matmul(&dm, &dxj, 1, &mut dyj).unwrap();
+                        let alone = gpu.to_host(&dyj).unwrap();
+                        assert!(
+                            alone.iter().zip(&y[j * rows..(j + 1) * rows]).all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "{ty} cols={cols} t={t} normal precision {normal} token {j}: not what it gets alone"
+                        );
+                    }
                 }
                 for j in 0..t {
                     let xj = &x[j * cols..(j + 1) * cols];
@@ -176,6 +233,190 @@ fn matmul_of_every_weight_type_matches_the_cpu_dequantization() {
                             "{ty} cols={cols} t={t} normal precision {normal} row {r} token {j}: {got} vs {want}"
                         );
                     }
+                }
+            }
+        }
+    }
+}
+
+/// Decode's fused expert kernels give what the separate launches give, bit for bit: the gate
+/// and up products with their biases and the gated activation in one pass, against two
+/// products, two bias additions and `gated_act`; a product with its bias added in the kernel,
+/// against the product and `add_bias`. Four 48-row "experts" (MXFP4 at gpt-oss's width, Q8_0
+/// and Q4_K), three tokens of two experts each, bias rows chosen by ids unlike the weights'
+/// (as with a cache's slots), in both precisions and with two activations; outputs poisoned.
+#[test]
+#[ignore = "needs a CUDA GPU: run scripts/gpu-test.sh on the device machine"]
+fn fused_expert_kernels_equal_the_separate_launches() {
+    use ggrun::backend::cuda::{DeviceAct, DeviceRows};
+    let gpu = Gpu::open(0).expect("a CUDA device");
+    let seed = seed();
+    let (experts, rows, k, t) = (4usize, 48usize, 2usize, 3usize);
+    let pairs = t * k;
+    let ids = gpu.to_device(&[3i32, 0, 1, 3, 2, 1]).unwrap();
+    let bias_ids = gpu.to_device(&[7i32, 4, 5, 0, 6, 2]).unwrap();
+    let cases = [
+        (GgmlType::MXFP4, 2880usize),
+        (GgmlType::Q8_0, 2688),
+        (GgmlType::Q4_K, 4096),
+    ];
+    for (c, (ty, cols)) in cases.into_iter().enumerate() {
+        let upload = |s: u64| random_matrix(&gpu, ty, experts * rows, cols, s);
+        let s = seed ^ (c as u64) << 8;
+        let (gm, um) = (upload(s ^ 1), upload(s ^ 2));
+        let on = |m| DeviceRows {
+            gpu: &gpu,
+            m,
+            start: 0,
+            rows: experts * rows,
+        };
+        let (gate, up) = (on(&gm), on(&um));
+        let bg = gpu.to_device(&values(s ^ 3, 8 * rows)).unwrap();
+        let bu = gpu.to_device(&values(s ^ 4, 8 * rows)).unwrap();
+        let x = gpu.to_device(&values(s ^ 5, t * cols)).unwrap();
+        let poisoned = || gpu.to_device(&vec![f32::NAN; pairs * rows]).unwrap();
+        let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+        for normal in [false, true] {
+            gpu.set_normal_precision(normal);
+            for act in [
+                DeviceAct::Silu,
+                DeviceAct::SwigluOai {
+                    alpha: 1.702,
+                    limit: 7.0,
+                },
+            ] {
+                let (mut g, mut u) = (poisoned(), poisoned());
+                for (w, y, b) in [(&gate, &mut g, &bg), (&up, &mut u, &bu)] {
+                    let mut yv = y.slice_mut(..);
+                    w.matmul_id(
+                        rows,
+                        experts,
+                        &ids,
+                        &x.slice(..),
+                        &mut yv,
+                        pairs,
+                        k,
+                        false,
+                        None,
+                        Epilogue::Store,
+                    )
+                    .unwrap();
+                    gpu.add_bias(y, b, Some((&bias_ids, 7)), pairs, rows)
+                        .unwrap();
+                }
+                let mut fused_bias = poisoned();
+                let mut yv = fused_bias.slice_mut(..);
+                let bias = Some((&bg, &bias_ids));
+                gate.matmul_id(
+                    rows,
+                    experts,
+                    &ids,
+                    &x.slice(..),
+                    &mut yv,
+                    pairs,
+                    k,
+                    false,
+                    bias,
+                    Epilogue::Store,
+                )
+                .unwrap();
+                assert_eq!(
+                    bits(gpu.to_host(&fused_bias).unwrap()),
+                    bits(gpu.to_host(&g).unwrap()),
+                    "{ty} normal {normal}: the product with its bias in the kernel differs"
+                );
+                gpu.gated_act(&mut g, &u, pairs * rows, act).unwrap();
+                let mut fused = poisoned();
+                let mut yv = fused.slice_mut(..);
+                gate.matmul_gated_id(
+                    &up,
+                    rows,
+                    experts,
+                    &ids,
+                    &x.slice(..),
+                    &mut yv,
+                    pairs,
+                    k,
+                    (Some(&bg), Some(&bu), &bias_ids),
+                    act,
+                )
+                .unwrap();
+                let (want, got) = (gpu.to_host(&g).unwrap(), gpu.to_host(&fused).unwrap());
+                assert!(
+                    want.iter().all(|v| v.is_finite()),
+                    "{ty}: separate launches left a row"
+                );
+                assert_eq!(
+                    bits(got),
+                    bits(want),
+                    "{ty} normal {normal}: the fused gate/up differs"
+                );
+            }
+        }
+    }
+}
+
+/// Attention's q, k and v in one launch give what three products and their bias additions
+/// give, bit for bit: 4096, 512 and 512 rows (gpt-oss's shapes, at 2880 columns) of Q8_0 and
+/// MXFP4, k without a bias, for 1, 3 and 8 tokens (8: the tiled kernels, products one after
+/// another with the biases added after them) in both precisions; and with v of another type
+/// (one after another). Outputs are compared with poisoned separate runs.
+#[test]
+#[ignore = "needs a CUDA GPU: run scripts/gpu-test.sh on the device machine"]
+fn three_products_in_one_launch_equal_them_one_by_one() {
+    use ggrun::backend::cuda::DeviceRows;
+    let gpu = Gpu::open(0).expect("a CUDA device");
+    let seed = seed();
+    let cols = 2880usize;
+    let upload = |ty: GgmlType, rows: usize, s: u64| random_matrix(&gpu, ty, rows, cols, s);
+    let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+    use GgmlType::*;
+    for (c, types) in [[Q8_0; 3], [MXFP4; 3], [Q8_0, Q8_0, Q4_0]]
+        .into_iter()
+        .enumerate()
+    {
+        let s = seed ^ (c as u64) << 12;
+        let shapes = [4096usize, 512, 512];
+        let ms: Vec<_> = (0..3)
+            .map(|i| upload(types[i], shapes[i], s ^ i as u64))
+            .collect();
+        let ws: Vec<_> = ms
+            .iter()
+            .map(|m| DeviceRows {
+                gpu: &gpu,
+                m,
+                start: 0,
+                rows: m.rows,
+            })
+            .collect();
+        let bq = gpu.to_device(&values(s ^ 7, 4096)).unwrap();
+        let bv = gpu.to_device(&values(s ^ 8, 512)).unwrap();
+        let biases = [Some(&bq), None, Some(&bv)];
+        for t in [1usize, 3, 8] {
+            let x = gpu
+                .to_device(&values(s ^ 9 ^ (t as u64) << 20, t * cols))
+                .unwrap();
+            for normal in [false, true] {
+                gpu.set_normal_precision(normal);
+                let parts = [
+                    (&ws[0], biases[0]),
+                    (&ws[1], biases[1]),
+                    (&ws[2], biases[2]),
+                ];
+                let fused = gpu.matmul3(parts, &x, t).unwrap();
+                for i in 0..3 {
+                    let mut y = gpu.to_device(&vec![f32::NAN; t * shapes[i]]).unwrap();
+                    gpu.matmul(ws[i].m, &x, t, &mut y).unwrap();
+                    if let Some(b) = biases[i] {
+                        gpu.add_bias(&mut y, b, None, t, shapes[i]).unwrap();
+                    }
+                    let want = gpu.to_host(&y).unwrap();
+                    assert!(want.iter().all(|v| v.is_finite()));
+                    assert_eq!(
+                        bits(gpu.to_host(&fused[i]).unwrap()),
+                        bits(want),
+                        "{types:?} t={t} normal {normal}: product {i} differs"
+                    );
                 }
             }
         }

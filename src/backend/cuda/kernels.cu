@@ -21,6 +21,7 @@ typedef unsigned int u32;
     X(q5_1, T_Q5_1) \
     X(q8_0, T_Q8_0) \
     X(iq4_nl, T_IQ4_NL) \
+    X(iq4_xs, T_IQ4_XS) \
     X(mxfp4, T_MXFP4) \
     X(q2_k, T_Q2_K) \
     X(q3_k, T_Q3_K) \
@@ -45,6 +46,7 @@ typedef unsigned int u32;
 #define T_Q5_K 13
 #define T_Q6_K 14
 #define T_IQ4_NL 20
+#define T_IQ4_XS 23
 #define T_BF16 30
 #define T_MXFP4 39
 
@@ -54,7 +56,8 @@ __device__ __forceinline__ float half_to_float(u16 h) {
     return f;
 }
 
-__device__ __forceinline__ float f16at(const u8* p) { return half_to_float((u16)(p[0] | (p[1] << 8))); }
+// An f16 at a 2-byte aligned address (every f16 field of the block types is one).
+__device__ __forceinline__ float f16at(const u8* p) { return half_to_float(*(const u16*)p); }
 
 // The 16-entry value tables of IQ4_NL and MXFP4 are not read from __constant__ memory: its
 // reads serialize when the lanes of a warp ask for different entries, as dequantizing lanes do
@@ -68,6 +71,29 @@ __device__ __forceinline__ int iq4nl_value(int q) {
     return (int)(i8)(v & 0xff);
 }
 
+// A 16-entry table of signed bytes applied to four nibbles (one a byte, 0..15): both halves
+// (entries 0..7 in lo0/lo1, 8..15 in hi0/hi1) permuted by the nibbles' low three bits, each
+// byte taken from the half its bit 3 names.
+__device__ __forceinline__ int values4(int w, u32 lo0, u32 lo1, u32 hi0, u32 hi1) {
+    u32 sel = (w & 7) | ((w >> 4) & 0x70) | ((w >> 8) & 0x700) | ((w >> 12) & 0x7000);
+    u32 lo = __byte_perm(lo0, lo1, sel);
+    u32 hi = __byte_perm(hi0, hi1, sel);
+    u32 m = (((u32)w >> 3) & 0x01010101u) * 0xFFu;
+    return (int)((hi & m) | (lo & ~m));
+}
+
+// IQ4_NL's values of four nibbles as four signed bytes.
+__device__ __forceinline__ int iq4nl_values4(int w) {
+    return values4(w, 0xBFAD9881u, 0xF6EADDCFu, 0x26190D01u, 0x71594535u);
+}
+
+// IQ4_XS's signed 6-bit scale of sub-block ib (0..8) of the super-block at b.
+__device__ __forceinline__ int iq4xs_scale(const u8* b, int ib) {
+    int lo = (b[4 + ib / 2] >> (4 * (ib % 2))) & 15;
+    int hi = ((b[2] | (b[3] << 8)) >> (2 * ib)) & 3;
+    return (lo | (hi << 4)) - 32;
+}
+
 // MXFP4: twice the E2M1 value of nibble q (0, 1, 2, 3, 4, 6, 8, 12, and their negatives for
 // q ≥ 8), and 2^(e − 128) from the block's exponent byte (the bits of that float; e < 2 are
 // the subnormals), as ggrun_quants::mxfp4.
@@ -78,6 +104,10 @@ __device__ __forceinline__ int fp4_value(int q) {
 }
 __device__ __forceinline__ float e8m0_half(u8 e) {
     return __int_as_float(e < 2 ? (0x00200000 << e) : ((int)(e - 1) << 23));
+}
+// Twice the E2M1 values of four nibbles as four signed bytes.
+__device__ __forceinline__ int fp4_values4(int w) {
+    return values4(w, 0x03020100u, 0x0C080604u, 0xFDFEFF00u, 0xF4F8FAFCu);
 }
 
 // Q4_K / Q5_K: the 6-bit (scale, min) of sub-block j.
@@ -126,6 +156,18 @@ __device__ __forceinline__ void deq8(const u8* row, int e0, float* w) {
             int e = j + i;
             int q = e < 16 ? (b[2 + e] & 15) : (b[2 + e - 16] >> 4);
             w[i] = T == T_Q4_0 ? (float)(q - 8) * d : (float)iq4nl_value(q) * d;
+        }
+    } else if (T == T_IQ4_XS) {
+        // 136 bytes per 256: d, the scales' high bits (u16), their low nibbles (4 bytes), and
+        // per sub-block of 32 sixteen bytes (element j low nibble of byte j, j + 16 high).
+        const u8* b = row + (e0 / 256) * 136;
+        int e = e0 % 256, ib = e / 32, j = e % 32;
+        float dl = f16at(b) * (float)iq4xs_scale(b, ib);
+        const u8* q = b + 8 + 16 * ib;
+        for (int i = 0; i < 8; i++) {
+            int k = j + i;
+            int n = k < 16 ? (q[k] & 15) : (q[k - 16] >> 4);
+            w[i] = dl * (float)iq4nl_value(n);
         }
     } else if (T == T_MXFP4) {
         const u8* b = row + (e0 / 32) * 17;
@@ -220,6 +262,13 @@ __device__ __forceinline__ void deq8(const u8* row, int e0, float* w) {
     }
 }
 
+// The activations (SiLU; GELU, tanh approximation).
+__device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
+
+__device__ __forceinline__ float gelu_tanh(float x) {
+    return 0.5f * x * (1.0f + tanhf(0.7978846f * x * (1.0f + 0.044715f * x * x)));
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
@@ -236,13 +285,18 @@ __device__ __forceinline__ void put(float* out, float v, int epi) {
     *out = epi == EPI_ADD ? *out + v : v;
 }
 
-// The decode kernels: a block of MV_WARPS warps computes MV_ROWS rows for one token. Warp w
-// takes the 256-element chunks w, w + MV_WARPS, ... of the rows, each lane eight consecutive
-// elements of a chunk; the rows share each load of the activations, and every weight load is
-// unconditional (a chunk past the end reads the first one and is not summed), so the loads of
-// all MV_ROWS rows are in flight together. Partial sums meet in shared memory.
+// The decode kernels: a block of MV_WARPS warps computes MV_ROWS rows for NT tokens (1, or
+// MV_TOKENS for batches of several sequences' steps, so that the weights are read once for
+// them). Warp w takes the 256-element chunks w, w + MV_WARPS, ... of the rows, each lane eight
+// consecutive elements of a chunk; the rows share each load of the activations, the tokens each
+// load of the weights, and every load is unconditional (a chunk past the end reads the first
+// one and is not summed; a token past the batch reads the first token and is not stored), so
+// the loads of all MV_ROWS rows are in flight together. Partial sums meet in shared memory. A
+// token's sums are formed in the same order whatever its companions, so its results are those
+// of a one-token block bit for bit.
 #define MV_WARPS 4
 #define MV_ROWS 4
+#define MV_TOKENS 4
 
 // Eight activations x[e0..e0+8), as two 16-byte loads where aligned.
 __device__ __forceinline__ void load_x8(const float* x, int e0, float* xv) {
@@ -256,52 +310,72 @@ __device__ __forceinline__ void load_x8(const float* x, int e0, float* xv) {
     }
 }
 
-// The block's per-warp partial sums `acc` of MV_ROWS rows meet in shared memory: thread j < n
-// returns row j's total (the others 0).
-__device__ __forceinline__ float rows_total(const float* acc, int n) {
-    __shared__ float part[MV_WARPS][MV_ROWS];
+// The block's per-warp partial sums acc[token][row] of R rows meet in shared memory: thread
+// i < NT·R returns the total of token i / R, row i % R (the others 0).
+template <int NT, int R>
+__device__ __forceinline__ float rows_total(float (*acc)[R]) {
+    __shared__ float part[MV_WARPS][NT * R];
     int lane = threadIdx.x % 32, wid = threadIdx.x / 32;
 #pragma unroll
-    for (int j = 0; j < MV_ROWS; j++) {
-        float s = warp_sum(acc[j]);
-        if (lane == 0) part[wid][j] = s;
+    for (int tt = 0; tt < NT; tt++) {
+#pragma unroll
+        for (int j = 0; j < R; j++) {
+            float s = warp_sum(acc[tt][j]);
+            if (lane == 0) part[wid][tt * R + j] = s;
+        }
     }
     __syncthreads();
     float sum = 0.0f;
-    if (threadIdx.x < n) {
+    if (threadIdx.x < NT * R) {
         for (int i = 0; i < MV_WARPS; i++) sum += part[i][threadIdx.x];
     }
     return sum;
 }
 
-// Σ_c row_j[c] · x[c] for the first `n` (≤ MV_ROWS) of the rows at w + j·row_bytes, by the
-// whole block; thread j < n returns row j's sum (others return 0).
-template <int T>
-__device__ __forceinline__ float rows_dot(const u8* w, long long row_bytes, int n, const float* x,
-                                          int cols) {
-    int lane = threadIdx.x % 32, wid = threadIdx.x / 32;
-    float acc[MV_ROWS] = {};
-    const u8* rowp[MV_ROWS];
+// The R row pointers of a decode block: the first `n` (≤ MV_ROWS) rows at w + j·row_bytes, and
+// with R = 2·MV_ROWS the same rows at w2 after them (a gate's rows, then up's); rows past n
+// read row 0 and are not stored.
+template <int R>
+__device__ __forceinline__ void row_pointers(const u8* w, const u8* w2, long long row_bytes, int n,
+                                             const u8** rowp) {
 #pragma unroll
-    for (int j = 0; j < MV_ROWS; j++) rowp[j] = w + (j < n ? j : 0) * row_bytes;
-    float v[8], xv[8];
+    for (int j = 0; j < R; j++) {
+        int r = j % MV_ROWS;
+        rowp[j] = (j < MV_ROWS ? w : w2) + (r < n ? r : 0) * row_bytes;
+    }
+}
+
+// Σ_c row_j[c] · x_t[c] for the R rows (row_pointers) and the first `nt` (≤ NT) of the
+// activation rows at x + t·cols, by the whole block; returns as rows_total.
+template <int T, int NT, int R>
+__device__ __forceinline__ float rows_dot(const u8* w, const u8* w2, long long row_bytes, int n,
+                                          const float* x, int cols, int nt) {
+    int lane = threadIdx.x % 32, wid = threadIdx.x / 32;
+    float acc[NT][R] = {};
+    const u8* rowp[R];
+    row_pointers<R>(w, w2, row_bytes, n, rowp);
+    float v[8], xv[NT][8];
     for (int base = wid * 256; base < cols; base += 256 * MV_WARPS) {
         int e0 = base + 8 * lane;
         bool ok = e0 < cols;
         int e = ok ? e0 : 0;
-        load_x8(x, e, xv);
 #pragma unroll
-        for (int j = 0; j < MV_ROWS; j++) {
+        for (int tt = 0; tt < NT; tt++) load_x8(x + (long long)(tt < nt ? tt : 0) * cols, e, xv[tt]);
+#pragma unroll
+        for (int j = 0; j < R; j++) {
             deq8<T>(rowp[j], e, v);
             if (ok) {
-                for (int i = 0; i < 8; i++) acc[j] = fmaf(v[i], xv[i], acc[j]);
+#pragma unroll
+                for (int tt = 0; tt < NT; tt++) {
+                    for (int i = 0; i < 8; i++) acc[tt][j] = fmaf(v[i], xv[tt][i], acc[tt][j]);
+                }
             }
         }
     }
-    return rows_total(acc, n);
+    return rows_total<NT, R>(acc);
 }
 
-// Decode with int8 activations (normal precision), for the legacy and K-quant block types: each
+// Decode with int8 activations (normal precision), for the legacy, K-quant, IQ4_XS and MXFP4 types: each
 // lane quantizes its eight activations against the absolute maximum of their block of 32 (the
 // four lanes of a block agree through two shuffles), as llama.cpp's q8_1 does, and multiplies
 // them with the weights' integers four at a time (dp4a) instead of converting every weight to
@@ -314,6 +388,8 @@ __device__ __forceinline__ float rows_dot(const u8* w, long long row_bytes, int 
     X(q5_0, T_Q5_0) \
     X(q5_1, T_Q5_1) \
     X(q8_0, T_Q8_0) \
+    X(iq4_xs, T_IQ4_XS) \
+    X(mxfp4, T_MXFP4) \
     X(q2_k, T_Q2_K) \
     X(q3_k, T_Q3_K) \
     X(q4_k, T_Q4_K) \
@@ -326,6 +402,19 @@ __device__ __forceinline__ int ld_a2(const u8* p) {
     return (int)((u32)q[0] | ((u32)q[1] << 16));
 }
 
+// Eight bytes at any address as two words, by aligned 4-byte loads and funnel shifts (blocks
+// of 17, 18, 22 or 34 bytes leave most fields unaligned; byte or 2-byte loads cost a load
+// instruction per byte or two). The third load holds byte p + 7, so it stays within the
+// allocation; where p is aligned it repeats the second.
+__device__ __forceinline__ void ld8(const u8* p, int* w) {
+    unsigned long long a = (unsigned long long)p;
+    u32 s = 8 * (u32)(a & 3);
+    const u32* q = (const u32*)(a & ~3ull);
+    u32 a0 = q[0], a1 = q[1], a2 = q[s ? 2 : 1];
+    w[0] = (int)__funnelshift_r(a0, a1, s);
+    w[1] = (int)__funnelshift_r(a1, a2, s);
+}
+
 // Bits 0..3 of b moved to bit 0 of bytes 0..3.
 __device__ __forceinline__ int spread4(u32 b) {
     return (int)((b & 1) | ((b & 2) << 7) | ((b & 4) << 14) | ((b & 8) << 21));
@@ -333,10 +422,11 @@ __device__ __forceinline__ int spread4(u32 b) {
 
 // Bytes and elements of a block of type T, and whether its values carry an offset.
 template <int T> struct Block32 {
-    static const int elems = T == T_Q2_K || T == T_Q3_K || T == T_Q4_K || T == T_Q5_K || T == T_Q6_K ? 256 : 32;
+    static const int elems = T == T_Q2_K || T == T_Q3_K || T == T_Q4_K || T == T_Q5_K || T == T_Q6_K
+                             || T == T_IQ4_XS ? 256 : 32;
     static const int bytes = T == T_Q8_0 ? 34 : T == T_Q4_0 ? 18 : T == T_Q4_1 ? 20 : T == T_Q5_0 ? 22
                            : T == T_Q5_1 ? 24 : T == T_Q2_K ? 84 : T == T_Q3_K ? 110 : T == T_Q4_K ? 144
-                           : T == T_Q5_K ? 176 : 210;
+                           : T == T_Q5_K ? 176 : T == T_IQ4_XS ? 136 : T == T_MXFP4 ? 17 : 210;
     static const int has_min = T == T_Q4_1 || T == T_Q5_1 || T == T_Q2_K || T == T_Q4_K || T == T_Q5_K;
 };
 
@@ -344,6 +434,26 @@ template <int T> struct Block32 {
 // with their scale d and offset m: value = d · q + m.
 template <int T>
 __device__ __forceinline__ void block_ints(const u8* b, int j, int* w, float* d, float* m) {
+    if (T == T_MXFP4) {
+        // Twice the E2M1 values, so half the block's power of two (the values are exact).
+        *d = e8m0_half(b[0]);
+        *m = 0.0f;
+        int shift = j >= 16 ? 4 : 0, q[2];
+        ld8(b + 1 + (j & 15), q);
+        w[0] = fp4_values4((q[0] >> shift) & 0x0F0F0F0F);
+        w[1] = fp4_values4((q[1] >> shift) & 0x0F0F0F0F);
+        return;
+    }
+    if (T == T_IQ4_XS) {
+        int ib = j / 32, l = j % 32;
+        *d = f16at(b) * (float)iq4xs_scale(b, ib);
+        *m = 0.0f;
+        int shift = l >= 16 ? 4 : 0, q[2];
+        ld8(b + 8 + 16 * ib + (l & 15), q);
+        w[0] = iq4nl_values4((q[0] >> shift) & 0x0F0F0F0F);
+        w[1] = iq4nl_values4((q[1] >> shift) & 0x0F0F0F0F);
+        return;
+    }
     if (T == T_Q4_K || T == T_Q5_K) {
         // Sub-block j / 32 of 64-element pairs c: low nibbles, then high; Q5_K's fifth bits
         // in qh bit 2c + hi of each element's byte.
@@ -351,13 +461,14 @@ __device__ __forceinline__ void block_ints(const u8* b, int j, int* w, float* d,
         scale_min_k4(j / 32, b + 4, &sc, &mn);
         *d = f16at(b) * (float)sc;
         *m = -f16at(b + 2) * (float)mn;
-        const u8* q = b + (T == T_Q4_K ? 16 : 48) + 32 * c + l;
-        int shift = hi ? 4 : 0;
-        int lo = (ld_a2(q) >> shift) & 0x0F0F0F0F, up = (ld_a2(q + 4) >> shift) & 0x0F0F0F0F;
+        int shift = hi ? 4 : 0, q[2];
+        ld8(b + (T == T_Q4_K ? 16 : 48) + 32 * c + l, q);
+        int lo = (q[0] >> shift) & 0x0F0F0F0F, up = (q[1] >> shift) & 0x0F0F0F0F;
         if (T == T_Q5_K) {
-            int bit = 2 * c + hi;
-            lo |= ((ld_a2(b + 16 + l) >> bit) & 0x01010101) << 4;
-            up |= ((ld_a2(b + 20 + l) >> bit) & 0x01010101) << 4;
+            int bit = 2 * c + hi, h[2];
+            ld8(b + 16 + l, h);
+            lo |= ((h[0] >> bit) & 0x01010101) << 4;
+            up |= ((h[1] >> bit) & 0x01010101) << 4;
         }
         w[0] = lo;
         w[1] = up;
@@ -367,12 +478,13 @@ __device__ __forceinline__ void block_ints(const u8* b, int j, int* w, float* d,
         int half = j / 128, quarter = (j % 128) / 32, l = j % 32;
         *d = f16at(b + 208) * (float)(i8)b[192 + j / 16];
         *m = 0.0f;
-        const u8* ql = b + 64 * half + (quarter & 1 ? 32 : 0) + l;
-        const u8* qh = b + 128 + 32 * half + l;
+        int ql[2], qh[2];
+        ld8(b + 64 * half + (quarter & 1 ? 32 : 0) + l, ql);
+        ld8(b + 128 + 32 * half + l, qh);
         int shift = quarter & 2 ? 4 : 0;
         for (int h = 0; h < 2; h++) {
-            int lo = (ld_a2(ql + 4 * h) >> shift) & 0x0F0F0F0F;
-            int hb = ((ld_a2(qh + 4 * h) >> (2 * quarter)) & 0x03030303) << 4;
+            int lo = (ql[h] >> shift) & 0x0F0F0F0F;
+            int hb = ((qh[h] >> (2 * quarter)) & 0x03030303) << 4;
             w[h] = __vsubss4(lo | hb, 0x20202020);
         }
         return;
@@ -381,9 +493,12 @@ __device__ __forceinline__ void block_ints(const u8* b, int j, int* w, float* d,
         int half = j / 128, p = (j % 128) / 32, l = j % 32;
         *d = f16at(b + 108) * (float)q3k_scale(j / 16, b + 96);
         *m = 0.0f;
+        int qs[2], hm[2];
+        ld8(b + 32 + 32 * half + l, qs);
+        ld8(b + l, hm);
         for (int h = 0; h < 2; h++) {
-            int q = (ld_a2(b + 32 + 32 * half + l + 4 * h) >> (2 * p)) & 0x03030303;
-            int hb = (ld_a2(b + l + 4 * h) >> (4 * half + p)) & 0x01010101;
+            int q = (qs[h] >> (2 * p)) & 0x03030303;
+            int hb = (hm[h] >> (4 * half + p)) & 0x01010101;
             w[h] = __vsubss4(q | (hb << 2), 0x04040404);
         }
         return;
@@ -393,21 +508,21 @@ __device__ __forceinline__ void block_ints(const u8* b, int j, int* w, float* d,
         int sc = b[j / 16];
         *d = f16at(b + 80) * (float)(sc & 15);
         *m = -f16at(b + 82) * (float)(sc >> 4);
-        for (int h = 0; h < 2; h++) w[h] = (ld_a2(b + 16 + 32 * half + l + 4 * h) >> (2 * p)) & 0x03030303;
+        ld8(b + 16 + 32 * half + l, w);
+        for (int h = 0; h < 2; h++) w[h] = (w[h] >> (2 * p)) & 0x03030303;
         return;
     }
     *d = f16at(b);
     *m = Block32<T>::has_min ? f16at(b + 2) : 0.0f;
     if (T == T_Q8_0) {
-        w[0] = ld_a2(b + 2 + j);
-        w[1] = ld_a2(b + 6 + j);
+        ld8(b + 2 + j, w);
         return;
     }
     const int qh_at = Block32<T>::has_min ? 4 : 2;
     const int qs_at = qh_at + (T == T_Q5_0 || T == T_Q5_1 ? 4 : 0);
-    const u8* q = b + qs_at + (j & 15);
-    int shift = j >= 16 ? 4 : 0;
-    int lo = (ld_a2(q) >> shift) & 0x0F0F0F0F, hi = (ld_a2(q + 4) >> shift) & 0x0F0F0F0F;
+    int shift = j >= 16 ? 4 : 0, q[2];
+    ld8(b + qs_at + (j & 15), q);
+    int lo = (q[0] >> shift) & 0x0F0F0F0F, hi = (q[1] >> shift) & 0x0F0F0F0F;
     if (T == T_Q5_0 || T == T_Q5_1) {
         u32 qh = (u32)ld_a2(b + qh_at) >> j;
         lo |= spread4(qh & 15) << 4;
@@ -424,72 +539,116 @@ __device__ __forceinline__ void block_ints(const u8* b, int j, int* w, float* d,
     w[1] = hi;
 }
 
-// rows_dot with int8 activations (see above); the same contract.
-template <int T>
-__device__ __forceinline__ float rows_dot_i8(const u8* w, long long row_bytes, int n, const float* x,
-                                             int cols) {
-    int lane = threadIdx.x % 32, wid = threadIdx.x / 32;
-    float acc[MV_ROWS] = {};
-    const u8* rowp[MV_ROWS];
-#pragma unroll
-    for (int j = 0; j < MV_ROWS; j++) rowp[j] = w + (j < n ? j : 0) * row_bytes;
+// A lane's eight activations x[e..e+8) in int8 against the absolute maximum of their block of
+// 32 (the four lanes of a block agree through two shuffles; every lane of the warp takes part):
+// the two words of four signed bytes, the step dx and the float sum of the eight.
+__device__ __forceinline__ void quantize8(const float* x, int e, int* xq, float* dx, float* sx) {
     float xv[8];
+    load_x8(x, e, xv);
+    float amax = 0.0f, sum = 0.0f;
+    for (int i = 0; i < 8; i++) {
+        amax = fmaxf(amax, fabsf(xv[i]));
+        sum += xv[i];
+    }
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+    float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    for (int h = 0; h < 2; h++) {
+        u32 v = 0;
+        for (int i = 0; i < 4; i++) v |= (u32)(__float2int_rn(xv[4 * h + i] * inv) & 255) << (8 * i);
+        xq[h] = (int)v;
+    }
+    *dx = amax / 127.0f;
+    *sx = sum;
+}
+
+// rows_dot with int8 activations (see above); the same contract.
+template <int T, int NT, int R>
+__device__ __forceinline__ float rows_dot_i8(const u8* w, const u8* w2, long long row_bytes, int n,
+                                             const float* x, int cols, int nt) {
+    int lane = threadIdx.x % 32, wid = threadIdx.x / 32;
+    float acc[NT][R] = {};
+    const u8* rowp[R];
+    row_pointers<R>(w, w2, row_bytes, n, rowp);
     for (int base = wid * 256; base < cols; base += 256 * MV_WARPS) {
         int e0 = base + 8 * lane;
         bool ok = e0 < cols;
         int e = ok ? e0 : 0;
-        load_x8(x, e, xv);
-        float amax = 0.0f, sx = 0.0f;
-        for (int i = 0; i < 8; i++) {
-            amax = fmaxf(amax, fabsf(xv[i]));
-            sx += xv[i];
-        }
-        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
-        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
-        float dx = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-        int xq[2];
-        for (int h = 0; h < 2; h++) {
-            u32 v = 0;
-            for (int i = 0; i < 4; i++) v |= (u32)(__float2int_rn(xv[4 * h + i] * inv) & 255) << (8 * i);
-            xq[h] = (int)v;
-        }
+        int xq[NT][2];
+        float dx[NT], sx[NT];
+#pragma unroll
+        for (int tt = 0; tt < NT; tt++)
+            quantize8(x + (long long)(tt < nt ? tt : 0) * cols, e, xq[tt], &dx[tt], &sx[tt]);
         long long blk = (long long)(e / Block32<T>::elems) * Block32<T>::bytes;
 #pragma unroll
-        for (int j = 0; j < MV_ROWS; j++) {
+        for (int j = 0; j < R; j++) {
             int wq[2];
             float d, m;
             block_ints<T>(rowp[j] + blk, e % Block32<T>::elems, wq, &d, &m);
-            int s = __dp4a(wq[1], xq[1], __dp4a(wq[0], xq[0], 0));
-            if (ok) acc[j] += d * dx * (float)s + (Block32<T>::has_min ? m * sx : 0.0f);
+#pragma unroll
+            for (int tt = 0; tt < NT; tt++) {
+                // Rounded step by step (no contraction left to the compiler), so that a
+                // token's sums do not depend on the code around them.
+                int s = __dp4a(wq[1], xq[tt][1], __dp4a(wq[0], xq[tt][0], 0));
+                float v = __fmaf_rn(__fmul_rn(d, dx[tt]), (float)s, acc[tt][j]);
+                if (Block32<T>::has_min) v = __fmaf_rn(m, sx[tt], v);
+                if (ok) acc[tt][j] = v;
+            }
         }
     }
-    return rows_total(acc, n);
+    return rows_total<NT, R>(acc);
 }
 
-// y[t][r] = Σ_c w[r][c] · x[t][c] for `tokens` rows of x (written as `epi` says): one block
-// per MV_ROWS rows and token; with I8, activations in int8 (rows_dot_i8).
-template <int T, bool I8>
-__device__ void matmul(const u8* w, const float* x, float* y, int rows, int cols, long long row_bytes,
-                       int tokens, int epi) {
-    int r0 = blockIdx.x * MV_ROWS;
-    int t = blockIdx.y;
-    if (r0 >= rows || t >= tokens) return;
-    int n = min(MV_ROWS, rows - r0);
+// y[t][r] = Σ_c w[r][c] · x[t][c] (+ b[r] where b is not null) for `tokens` rows of x,
+// written as `epi` says: rows blk·MV_ROWS.. and tokens blockIdx.y·NT.. of it; with I8,
+// activations in int8 (rows_dot_i8).
+template <int T, bool I8, int NT>
+__device__ void matmul_block(int blk, const u8* w, const float* x, float* y, const float* b,
+                             int rows, int cols, long long row_bytes, int tokens, int epi) {
+    int r0 = blk * MV_ROWS;
+    int t0 = blockIdx.y * NT;
+    if (r0 >= rows || t0 >= tokens) return;
+    int n = min(MV_ROWS, rows - r0), nt = min(NT, tokens - t0);
     const u8* wr = w + (long long)r0 * row_bytes;
-    const float* xt = x + (long long)t * cols;
+    const float* xt = x + (long long)t0 * cols;
     float s;
-    if constexpr (I8) s = rows_dot_i8<T>(wr, row_bytes, n, xt, cols);
-    else s = rows_dot<T>(wr, row_bytes, n, xt, cols);
-    if (threadIdx.x < n) put(y + (long long)t * rows + r0 + threadIdx.x, s, epi);
+    if constexpr (I8) s = rows_dot_i8<T, NT, MV_ROWS>(wr, wr, row_bytes, n, xt, cols, nt);
+    else s = rows_dot<T, NT, MV_ROWS>(wr, wr, row_bytes, n, xt, cols, nt);
+    int tt = threadIdx.x / MV_ROWS, j = threadIdx.x % MV_ROWS;
+    if (tt < nt && j < n) {
+        if (b) s += b[r0 + j];
+        put(y + (long long)(t0 + tt) * rows + r0 + j, s, epi);
+    }
+}
+
+// Three products of the same activations in one launch (attention's q, k and v in decode: k
+// and v alone are too few rows to fill the GPU): the row blocks of product i follow those of
+// product i − 1, each stored with its bias added (none where null).
+template <int T, bool I8, int NT>
+__device__ void matmul3(const u8* w0, const u8* w1, const u8* w2, float* y0, float* y1, float* y2,
+                        const float* b0, const float* b1, const float* b2, int rows0, int rows1,
+                        int rows2, const float* x, int cols, long long row_bytes, int tokens) {
+    int blk = blockIdx.x;
+    int n0 = (rows0 + MV_ROWS - 1) / MV_ROWS, n1 = (rows1 + MV_ROWS - 1) / MV_ROWS;
+    if (blk < n0) {
+        matmul_block<T, I8, NT>(blk, w0, x, y0, b0, rows0, cols, row_bytes, tokens, EPI_STORE);
+    } else if (blk < n0 + n1) {
+        matmul_block<T, I8, NT>(blk - n0, w1, x, y1, b1, rows1, cols, row_bytes, tokens, EPI_STORE);
+    } else {
+        matmul_block<T, I8, NT>(blk - n0 - n1, w2, x, y2, b2, rows2, cols, row_bytes, tokens,
+                                EPI_STORE);
+    }
 }
 
 // The products of routed experts for decode: pair p (token p / k, its slot p % k) multiplies
 // expert ids[p] (rows ids[p]·rows .. +rows of the stacked w) by x row p / k (or row p when
-// `x_per_pair`), writing y row p as `epi` says. One block per MV_ROWS rows and pair; no copy of
-// expert ids to the host.
+// `x_per_pair`), adds row bids[p] of the bias b (rows of `rows`; none where null: the expert's
+// own id where ids index a cache's slots) and writes y row p as `epi` says. One block per
+// MV_ROWS rows and pair; no copy of expert ids to the host.
 template <int T, bool I8>
-__device__ void matmul_id(const u8* w, const float* x, float* y, const int* ids, int rows, int cols,
-                          long long row_bytes, int pairs, int k, int x_per_pair, int epi) {
+__device__ void matmul_id(const u8* w, const float* x, float* y, const int* ids, const float* b,
+                          const int* bids, int rows, int cols, long long row_bytes, int pairs, int k, int x_per_pair,
+                          int epi) {
     int r0 = blockIdx.x * MV_ROWS;
     int p = blockIdx.y;
     if (r0 >= rows || p >= pairs) return;
@@ -498,20 +657,97 @@ __device__ void matmul_id(const u8* w, const float* x, float* y, const int* ids,
     const float* xt = x + (long long)(x_per_pair ? p : p / k) * cols;
     const u8* wr = w + (e * rows + r0) * row_bytes;
     float s;
-    if constexpr (I8) s = rows_dot_i8<T>(wr, row_bytes, n, xt, cols);
-    else s = rows_dot<T>(wr, row_bytes, n, xt, cols);
-    if (threadIdx.x < n) put(y + (long long)p * rows + r0 + threadIdx.x, s, epi);
+    if constexpr (I8) s = rows_dot_i8<T, 1, MV_ROWS>(wr, wr, row_bytes, n, xt, cols, 1);
+    else s = rows_dot<T, 1, MV_ROWS>(wr, wr, row_bytes, n, xt, cols, 1);
+    if (threadIdx.x < n) {
+        if (b) s += b[(long long)bids[p] * rows + r0 + threadIdx.x];
+        put(y + (long long)p * rows + r0 + threadIdx.x, s, epi);
+    }
+}
+
+// A gated activation of gate value g and up value u: SiLU (act 0) or GELU-tanh (1) of g times
+// u, or gpt-oss's clamped SwiGLU (2: g capped at limit, u clamped to ±limit,
+// g·σ(α·g)·(u + 1)).
+__device__ __forceinline__ float gated(float g, float u, int act, float alpha, float limit) {
+    if (act == 0) return silu(g) * u;
+    if (act == 1) return gelu_tanh(g) * u;
+    g = fminf(g, limit);
+    u = fminf(fmaxf(u, -limit), limit);
+    return g / (1.0f + expf(-alpha * g)) * (u + 1.0f);
+}
+
+// A routed expert's gate and up products for decode with their biases (bg, bu: rows bids[p];
+// none where null) and the gated activation, in one pass: y row p = gated(gate_e · x + bg,
+// up_e · x + bu) for pair p, expert e = ids[p], token p / k. A block takes MV_ROWS rows of both matrices
+// (eight rows sharing each load of x); each product is what matmul_id gives, so y is what the
+// separate products, bias additions and gated_act give, bit for bit.
+template <int T, bool I8>
+__device__ void matmul_gated_id(const u8* wg, const u8* wu, const float* x, float* y,
+                                const int* ids, const float* bg, const float* bu,
+                                const int* bids, int rows,
+                                int cols, long long row_bytes, int pairs, int k, int act,
+                                float alpha, float limit) {
+    int r0 = blockIdx.x * MV_ROWS;
+    int p = blockIdx.y;
+    if (r0 >= rows || p >= pairs) return;
+    int n = min(MV_ROWS, rows - r0);
+    long long e = ids[p];
+    const float* xt = x + (long long)(p / k) * cols;
+    long long at = (e * rows + r0) * row_bytes;
+    float s;
+    if constexpr (I8) s = rows_dot_i8<T, 1, 2 * MV_ROWS>(wg + at, wu + at, row_bytes, n, xt, cols, 1);
+    else s = rows_dot<T, 1, 2 * MV_ROWS>(wg + at, wu + at, row_bytes, n, xt, cols, 1);
+    __shared__ float total[2 * MV_ROWS];
+    if (threadIdx.x < 2 * MV_ROWS) total[threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.x < n) {
+        long long r = (bg || bu ? (long long)bids[p] : 0) * rows + r0 + threadIdx.x;
+        float g = total[threadIdx.x], u = total[threadIdx.x + MV_ROWS];
+        if (bg) g += bg[r];
+        if (bu) u += bu[r];
+        y[(long long)p * rows + r0 + threadIdx.x] = gated(g, u, act, alpha, limit);
+    }
 }
 
 #define MATMUL_FAMILY(name, s, T, I8)                                                            \
     extern "C" __global__ void name##s(const u8* w, const float* x, float* y, int rows, int cols,\
-                                       long long row_bytes, int tokens, int epi) {             \
-        matmul<T, I8>(w, x, y, rows, cols, row_bytes, tokens, epi);                              \
+                                       long long row_bytes, int tokens, int epi, const float* b) {\
+        matmul_block<T, I8, 1>(blockIdx.x, w, x, y, b, rows, cols, row_bytes, tokens, epi);      \
+    }                                                                                            \
+    extern "C" __global__ void name##s##_x4(const u8* w, const float* x, float* y, int rows,    \
+                                            int cols, long long row_bytes, int tokens, int epi, \
+                                            const float* b) {                                   \
+        matmul_block<T, I8, MV_TOKENS>(blockIdx.x, w, x, y, b, rows, cols, row_bytes, tokens, epi);\
+    }                                                                                            \
+    extern "C" __global__ void name##s##_3(const u8* w0, const u8* w1, const u8* w2, float* y0, \
+                                           float* y1, float* y2, const float* b0,              \
+                                           const float* b1, const float* b2, int rows0,        \
+                                           int rows1, int rows2, const float* x, int cols,     \
+                                           long long row_bytes, int tokens) {                  \
+        matmul3<T, I8, 1>(w0, w1, w2, y0, y1, y2, b0, b1, b2, rows0, rows1, rows2, x, cols,      \
+                          row_bytes, tokens);                                                    \
+    }                                                                                            \
+    extern "C" __global__ void name##s##_3_x4(const u8* w0, const u8* w1, const u8* w2,         \
+                                              float* y0, float* y1, float* y2, const float* b0, \
+                                              const float* b1, const float* b2, int rows0,      \
+                                              int rows1, int rows2, const float* x, int cols,   \
+                                              long long row_bytes, int tokens) {                \
+        matmul3<T, I8, MV_TOKENS>(w0, w1, w2, y0, y1, y2, b0, b1, b2, rows0, rows1, rows2, x,    \
+                                  cols, row_bytes, tokens);                                      \
     }                                                                                            \
     extern "C" __global__ void name##s##_id(const u8* w, const float* x, float* y, const int* ids,\
-                                            int rows, int cols, long long row_bytes, int pairs, \
-                                            int k, int x_per_pair, int epi) {                   \
-        matmul_id<T, I8>(w, x, y, ids, rows, cols, row_bytes, pairs, k, x_per_pair, epi);        \
+                                            const float* b, const int* bids, int rows, int cols,\
+                                            long long row_bytes, int pairs, int k,              \
+                                            int x_per_pair, int epi) {                          \
+        matmul_id<T, I8>(w, x, y, ids, b, bids, rows, cols, row_bytes, pairs, k, x_per_pair, epi);\
+    }                                                                                            \
+    extern "C" __global__ void name##s##_gated_id(const u8* wg, const u8* wu, const float* x,   \
+                                                  float* y, const int* ids, const float* bg,    \
+                                                  const float* bu, const int* bids, int rows,   \
+                                                  int cols, long long row_bytes, int pairs,     \
+                                                  int k, int act, float alpha, float limit) {   \
+        matmul_gated_id<T, I8>(wg, wu, x, y, ids, bg, bu, bids, rows, cols, row_bytes, pairs, k, \
+                               act, alpha, limit);                                               \
     }
 #define MATMUL(s, T) MATMUL_FAMILY(matmul_, s, T, false)
 #define MATMUL_I8(s, T) MATMUL_FAMILY(matmul_i8_, s, T, true)
@@ -716,8 +952,6 @@ FOR_EACH_TYPE(MATMUL_MMA_GROUPED)
 
 // ---------------------------------------------------------------------------------------------
 // Mamba-2 on the device (building blocks of the device-resident forward pass).
-
-__device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
 
 // Causal depthwise convolution of `t` rows of xBC (t × ch) with per-channel kernels w (ch × k)
 // and an optional bias, then SiLU; `state` holds the previous k − 1 inputs (rows, oldest first).
@@ -1084,26 +1318,13 @@ extern "C" __global__ void add_bias(float* y, const float* b, const int* ids, in
     y[i] += b[(long long)(ids ? ids[r] : 0) * n + c];
 }
 
-__device__ __forceinline__ float gelu_tanh(float x) {
-    return 0.5f * x * (1.0f + tanhf(0.7978846f * x * (1.0f + 0.044715f * x * x)));
-}
-
 // g = act(g) · u over n values: 0 SiLU, 1 GELU (tanh), 2 gpt-oss's clamped SwiGLU (gate
 // clamped above at limit, up to ±limit, gate·σ(α·gate)·(up + 1)).
 extern "C" __global__ void gated_act(float* g, const float* u, long long n, int act, float alpha,
                                      float limit) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    float x = g[i], y = u[i];
-    if (act == 0) {
-        g[i] = silu(x) * y;
-    } else if (act == 1) {
-        g[i] = gelu_tanh(x) * y;
-    } else {
-        x = fminf(x, limit);
-        y = fminf(fmaxf(y, -limit), limit);
-        g[i] = x / (1.0f + expf(-alpha * x)) * (y + 1.0f);
-    }
+    g[i] = gated(g[i], u[i], act, alpha, limit);
 }
 
 // x = c · tanh(x / c) over n values (logit soft-capping).

@@ -109,13 +109,40 @@ impl DeviceRows<'_> {
         y: &mut CudaViewMut<f32>,
         epi: Epilogue,
     ) -> Result<()> {
-        let rb = self.m.row_bytes;
-        let w = self
-            .m
-            .data
-            .slice(self.start * rb..(self.start + self.rows) * rb);
+        self.product(x, t, y, epi, None)
+    }
+
+    /// Queues y = x · wᵀ + b (b: one value per row, added in the product's kernel in decode).
+    pub fn launch_biased(
+        &self,
+        x: &CudaView<f32>,
+        t: usize,
+        y: &mut CudaViewMut<f32>,
+        b: Option<&CudaSlice<f32>>,
+    ) -> Result<()> {
+        self.product(x, t, y, Epilogue::Store, b)
+    }
+
+    fn product(
+        &self,
+        x: &CudaView<f32>,
+        t: usize,
+        y: &mut CudaViewMut<f32>,
+        epi: Epilogue,
+        b: Option<&CudaSlice<f32>>,
+    ) -> Result<()> {
+        let (w, rb) = (self.view(), self.m.row_bytes);
+        let (ty, rows, cols) = (self.m.ty, self.rows, self.m.cols);
         self.gpu
-            .launch_matmul(self.m.ty, &w, rb, self.rows, self.m.cols, x, t, y, epi)
+            .launch_matmul(ty, &w, rb, rows, cols, x, t, y, epi, b)
+    }
+
+    /// The bytes of these rows.
+    fn view(&self) -> CudaView<'_, u8> {
+        let rb = self.m.row_bytes;
+        self.m
+            .data
+            .slice(self.start * rb..(self.start + self.rows) * rb)
     }
 }
 
@@ -410,7 +437,92 @@ impl Gpu {
             t,
             &mut y.slice_mut(..),
             Epilogue::Store,
+            None,
         )
+    }
+
+    /// Three products of the same x (t × cols), each with its bias where given (attention's
+    /// q, k and v): one launch for decode-sized batches where the three share type and width,
+    /// else one product (and bias) after another. The same values either way.
+    pub fn matmul3(
+        &self,
+        parts: [(&DeviceRows, Option<&CudaSlice<f32>>); 3],
+        x: &CudaSlice<f32>,
+        t: usize,
+    ) -> Result<[CudaSlice<f32>; 3]> {
+        let [(w0, b0), (w1, b1), (w2, b2)] = parts;
+        let (mut y0, mut y1, mut y2) = (
+            self.output(t * w0.rows)?,
+            self.output(t * w1.rows)?,
+            self.output(t * w2.rows)?,
+        );
+        let (ty, cols, rb) = (w0.m.ty, w0.m.cols, w0.m.row_bytes);
+        let same = [w1, w2]
+            .iter()
+            .all(|w| (w.m.ty, w.m.cols, w.m.row_bytes) == (ty, cols, rb));
+        let kind = self.kind_for(ty, t, cols);
+        let rows_kind = kind == Kernel::Rows || kind == Kernel::RowsI8;
+        let short = [(b0, w0), (b1, w1), (b2, w2)]
+            .iter()
+            .any(|(b, w)| b.is_some_and(|b| b.len() < w.rows));
+        if x.len() < t * cols || short {
+            bail!("CUDA matmul3 shape mismatch");
+        }
+        if !same || !rows_kind {
+            for ((w, b), y) in parts.iter().zip([&mut y0, &mut y1, &mut y2]) {
+                w.launch_biased(&x.slice(..), t, &mut y.slice_mut(..), *b)?;
+            }
+        } else {
+            let name = kernel_name(ty, kind)?;
+            let f = self.function(&format!("{name}_3{}", if t > 1 { "_x4" } else { "" }))?;
+            let per_block = if t > 1 { MV_TOKENS } else { 1 };
+            let blocks: u32 = [w0, w1, w2]
+                .iter()
+                .map(|w| (w.rows as u32).div_ceil(MV_ROWS))
+                .sum();
+            let cfg = LaunchConfig {
+                grid_dim: (blocks, (t as u32).div_ceil(per_block), 1),
+                block_dim: (32 * MV_WARPS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (v0, v1, v2) = (w0.view(), w1.view(), w2.view());
+            let rows = [w0.rows, w1.rows, w2.rows].map(|r| r as i32);
+            let (c, rbi, tokens) = (cols as i32, rb as i64, t as i32);
+            let null = 0u64;
+            let mut launch = self.stream.launch_builder(&f);
+            launch.arg(&v0).arg(&v1).arg(&v2);
+            launch.arg(&mut y0).arg(&mut y1).arg(&mut y2);
+            for b in [b0, b1, b2] {
+                match b {
+                    Some(b) => launch.arg(b),
+                    None => launch.arg(&null),
+                };
+            }
+            launch.arg(&rows[0]).arg(&rows[1]).arg(&rows[2]);
+            launch.arg(x).arg(&c).arg(&rbi).arg(&tokens);
+            // SAFETY: matmul_<type>_3[_x4](const u8* w0, w1, w2, float* y0, y1, y2,
+            // const float* b0, b1, b2, int rows0, rows1, rows2, const float* x, int cols,
+            // long long row_bytes, int tokens): each w_i holds rows_i rows of row_bytes (views
+            // of exactly those rows), y_i t × rows_i floats (allocated above), b_i null or at
+            // least rows_i long, x t × cols floats (checked above).
+            unsafe { launch.launch(cfg) }.map_err(|e| anyhow!("CUDA launch: {e:?}"))?;
+        }
+        Ok([y0, y1, y2])
+    }
+
+    /// Which kernel a product of t tokens runs on.
+    fn kind_for(&self, ty: GgmlType, t: usize, cols: usize) -> Kernel {
+        // One block per four rows and one token, or four tokens of a larger decode-sized batch
+        // (int8 activations in normal precision where the type has them); from eight tokens
+        // up, 128 × 64 tiles on the tensor cores (normal precision, whole 32-column steps) or
+        // 32 × 64 f32 tiles (weights dequantized once per tile into shared memory).
+        if t < TILED_FROM {
+            self.rows_kernel(ty)
+        } else if self.normal_precision.load(Ordering::Relaxed) && cols.is_multiple_of(32) {
+            Kernel::Mma
+        } else {
+            Kernel::Tiled
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -425,22 +537,32 @@ impl Gpu {
         t: usize,
         y: &mut CudaViewMut<f32>,
         epi: Epilogue,
+        bias: Option<&CudaSlice<f32>>,
     ) -> Result<()> {
-        if x.len() < t * cols || y.len() < t * rows || w.len() < rows * row_bytes {
+        if x.len() < t * cols
+            || y.len() < t * rows
+            || w.len() < rows * row_bytes
+            || bias.is_some_and(|b| b.len() < rows || epi != Epilogue::Store)
+        {
             bail!("CUDA matmul shape mismatch");
         }
-        // One block per four rows and token for decode-sized batches (int8 activations in normal
-        // precision where the type has them); from eight tokens up, 128 × 64 tiles on the tensor
-        // cores (normal precision, whole 32-column steps) or 32 × 64 f32 tiles (weights
-        // dequantized once per tile into shared memory).
-        let kind = if t < TILED_FROM {
-            self.rows_kernel(ty)
-        } else if self.normal_precision.load(Ordering::Relaxed) && cols.is_multiple_of(32) {
-            Kernel::Mma
+        let kind = self.kind_for(ty, t, cols);
+        // Decode-sized batches of several tokens read each weight once for MV_TOKENS of them.
+        let per_block = if kind == Kernel::Rows || kind == Kernel::RowsI8 {
+            if t > 1 {
+                MV_TOKENS
+            } else {
+                1
+            }
         } else {
-            Kernel::Tiled
+            1
         };
-        let f = self.function(&kernel_name(ty, kind)?)?;
+        let name = kernel_name(ty, kind)?;
+        let f = if per_block > 1 {
+            self.function(&format!("{name}_x4"))?
+        } else {
+            self.function(&name)?
+        };
         let cfg = if kind == Kernel::Mma {
             LaunchConfig {
                 grid_dim: (
@@ -459,28 +581,44 @@ impl Gpu {
             }
         } else {
             LaunchConfig {
-                grid_dim: ((rows as u32).div_ceil(MV_ROWS), t as u32, 1),
+                grid_dim: (
+                    (rows as u32).div_ceil(MV_ROWS),
+                    (t as u32).div_ceil(per_block),
+                    1,
+                ),
                 block_dim: (32 * MV_WARPS, 1, 1),
                 shared_mem_bytes: 0,
             }
         };
         let (r, c, rb, tokens) = (rows as i32, cols as i32, row_bytes as i64, t as i32);
         let epi = epi as i32;
+        let null = 0u64;
+        let rows_kind = kind == Kernel::Rows || kind == Kernel::RowsI8;
         let mut launch = self.stream.launch_builder(&f);
         launch
             .arg(w)
             .arg(x)
-            .arg(y)
+            .arg(&mut *y)
             .arg(&r)
             .arg(&c)
             .arg(&rb)
             .arg(&tokens)
             .arg(&epi);
+        if rows_kind {
+            match bias {
+                Some(b) => launch.arg(b),
+                None => launch.arg(&null),
+            };
+        }
         // SAFETY: the kernel's signature is (const u8*, const float*, float*, int, int, long long,
-        // int, int), matching the arguments pushed above; it reads rows × row_bytes bytes of `w` and
-        // t × cols floats of `x`, writes t × rows floats of `y`, all checked above.
+        // int, int), and for the decode kernels a last const float* (the bias, null or `rows`
+        // long), matching the arguments pushed above; it reads rows × row_bytes bytes of `w`
+        // and t × cols floats of `x`, writes t × rows floats of `y`, all checked above.
         unsafe { launch.launch(cfg) }.map_err(|e| anyhow!("CUDA launch: {e:?}"))?;
-        Ok(())
+        match bias {
+            Some(b) if !rows_kind => self.add_bias_view(y, b, None, t, rows),
+            _ => Ok(()),
+        }
     }
 
     /// For each group `(w_row, row, count)`: rows `row..row + count` of y (each `rows` wide) =
@@ -514,7 +652,7 @@ impl Gpu {
                 let wv = w.data.slice(w_row * rb..(w_row + rows) * rb);
                 let xv = x.slice(row * cols..(row + count) * cols);
                 let mut yv = y.slice_mut(row * rows..(row + count) * rows);
-                self.launch_matmul(w.ty, &wv, rb, rows, cols, &xv, count, &mut yv, epi)?;
+                self.launch_matmul(w.ty, &wv, rb, rows, cols, &xv, count, &mut yv, epi, None)?;
             }
             return Ok(());
         }
@@ -562,7 +700,7 @@ impl Gpu {
         use GgmlType::*;
         let int8 = matches!(
             ty,
-            Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q2_K | Q3_K | Q4_K | Q5_K | Q6_K
+            Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | IQ4_XS | MXFP4 | Q2_K | Q3_K | Q4_K | Q5_K | Q6_K
         );
         if int8 && self.normal_precision.load(Ordering::Relaxed) {
             Kernel::RowsI8
@@ -598,6 +736,8 @@ const TILED_FROM: usize = 8;
 /// kernels.cu).
 const MV_WARPS: u32 = 4;
 const MV_ROWS: u32 = 4;
+/// Tokens per block of the decode kernels' `_x4` variants (`MV_TOKENS` in kernels.cu).
+const MV_TOKENS: u32 = 4;
 
 /// The tensor-core kernels' tile (`MMA_ROWS`, `MMA_TOKENS`, `MMA_THREADS` in kernels.cu).
 const MMA_ROWS: u32 = 128;
@@ -629,6 +769,7 @@ fn kernel_name(ty: GgmlType, kind: Kernel) -> Result<String> {
         Q5_1 => "q5_1",
         Q8_0 => "q8_0",
         IQ4_NL => "iq4_nl",
+        IQ4_XS => "iq4_xs",
         MXFP4 => "mxfp4",
         Q2_K => "q2_k",
         Q3_K => "q3_k",

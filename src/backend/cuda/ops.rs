@@ -42,6 +42,17 @@ pub enum DeviceAct {
     },
 }
 
+impl DeviceAct {
+    /// The kernels' (act, alpha, limit) arguments.
+    fn code(self) -> (i32, f32, f32) {
+        match self {
+            DeviceAct::Silu => (0, 0.0, 0.0),
+            DeviceAct::GeluTanh => (1, 0.0, 0.0),
+            DeviceAct::SwigluOai { alpha, limit } => (2, alpha, limit),
+        }
+    }
+}
+
 impl Gpu {
     /// x += y over the first `n` values.
     pub fn add(&self, x: &mut CudaSlice<f32>, y: &CudaSlice<f32>, n: usize) -> Result<()> {
@@ -360,6 +371,18 @@ impl Gpu {
         rows: usize,
         n: usize,
     ) -> Result<()> {
+        self.add_bias_view(&mut y.slice_mut(..), b, ids, rows, n)
+    }
+
+    /// [`Gpu::add_bias`] on a view.
+    pub(super) fn add_bias_view(
+        &self,
+        y: &mut CudaViewMut<f32>,
+        b: &CudaSlice<f32>,
+        ids: Option<(&CudaSlice<i32>, usize)>,
+        rows: usize,
+        n: usize,
+    ) -> Result<()> {
         let b_rows = ids.map_or(1, |(_, max)| max + 1);
         if y.len() < rows * n || b.len() < b_rows * n || ids.is_some_and(|(i, _)| i.len() < rows) {
             bail!("CUDA add_bias shape mismatch");
@@ -397,11 +420,7 @@ impl Gpu {
         if n == 0 {
             return Ok(());
         }
-        let (code, alpha, limit): (i32, f32, f32) = match act {
-            DeviceAct::Silu => (0, 0.0, 0.0),
-            DeviceAct::GeluTanh => (1, 0.0, 0.0),
-            DeviceAct::SwigluOai { alpha, limit } => (2, alpha, limit),
-        };
+        let (code, alpha, limit) = act.code();
         let f = self.function("gated_act")?;
         let ni = n as i64;
         let mut launch = self.stream.launch_builder(&f);
@@ -609,7 +628,9 @@ impl Gpu {
 impl DeviceRows<'_> {
     /// The routed experts' products for decode, with the expert ids on the device: pair p
     /// multiplies expert `ids[p]` (rows `ids[p]·rows_per_expert ..` of this stacked matrix) by x
-    /// row p / k (row p when `x_per_pair`) into y row p (`rows_per_expert` wide), as `epi` says.
+    /// row p / k (row p when `x_per_pair`), adds row `bias_ids[p]` of `bias` (rows of
+    /// `rows_per_expert`: the experts' own ids where `ids` index a cache's slots) where given,
+    /// into y row p (`rows_per_expert` wide), as `epi` says.
     #[allow(clippy::too_many_arguments)]
     pub fn matmul_id(
         &self,
@@ -621,6 +642,7 @@ impl DeviceRows<'_> {
         pairs: usize,
         k: usize,
         x_per_pair: bool,
+        bias: Option<(&CudaSlice<f32>, &CudaSlice<i32>)>,
         epi: super::Epilogue,
     ) -> Result<()> {
         let (cols, rb) = (self.m.cols, self.m.row_bytes);
@@ -630,6 +652,8 @@ impl DeviceRows<'_> {
             || ids.len() < pairs
             || x.len() < x_rows * cols
             || y.len() < pairs * rows_per_expert
+            || bias
+                .is_some_and(|(b, i)| !b.len().is_multiple_of(rows_per_expert) || i.len() < pairs)
         {
             bail!("CUDA matmul_id shape mismatch");
         }
@@ -638,19 +662,15 @@ impl DeviceRows<'_> {
             "{}_id",
             super::kernel_name(self.m.ty, g.rows_kernel(self.m.ty))?
         ))?;
-        let cfg = LaunchConfig {
-            grid_dim: (
-                (rows_per_expert as u32).div_ceil(super::MV_ROWS),
-                pairs as u32,
-                1,
-            ),
-            block_dim: (32 * super::MV_WARPS, 1, 1),
-            shared_mem_bytes: 0,
-        };
         let (r, c, rbi) = (rows_per_expert as i32, cols as i32, rb as i64);
         let (p, ki, xp, ep) = (pairs as i32, k as i32, x_per_pair as i32, epi as i32);
+        let null = 0u64;
         let mut launch = g.stream.launch_builder(&f);
         launch.arg(&self.m.data).arg(x).arg(y).arg(ids);
+        match bias {
+            Some((b, i)) => launch.arg(b).arg(i),
+            None => launch.arg(&null).arg(&null),
+        };
         launch
             .arg(&r)
             .arg(&c)
@@ -660,10 +680,103 @@ impl DeviceRows<'_> {
             .arg(&xp)
             .arg(&ep);
         // SAFETY: matmul_<type>_id(const u8* w, const float* x, float* y, const int* ids,
-        // int rows, int cols, long long row_bytes, int pairs, int k, int x_per_pair, int epi):
-        // every id
-        // comes from route_topk over this matrix's n_expert experts, so it reads within the
-        // n_expert × rows_per_expert rows; x and y lengths checked above.
-        launched(unsafe { launch.launch(cfg) }.map(drop))
+        // const float* b, const int* bids, int rows, int cols, long long row_bytes, int pairs,
+        // int k, int x_per_pair, int epi): every id comes from route_topk over this matrix's
+        // n_expert experts, so it reads within the n_expert × rows_per_expert rows; every bias
+        // id is an expert of the layer whose bias b holds (null both, or a row per expert); x
+        // and y lengths checked above.
+        launched(unsafe { launch.launch(id_grid(rows_per_expert, pairs)) }.map(drop))
+    }
+
+    /// Decode's gate and up products of the routed experts in one pass (this matrix the gate,
+    /// `up` of the same type and shape), with their biases where given and the gated
+    /// activation: y row p = act(gate_e · x + bg_e) · (up_e · x + bu_e) (gpt-oss's clamped
+    /// form as [`Gpu::gated_act`]), e = `ids[p]`, x row p / k. The same values as two
+    /// [`DeviceRows::matmul_id`], the biases and `gated_act`, bit for bit.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_gated_id(
+        &self,
+        up: &DeviceRows,
+        rows_per_expert: usize,
+        n_expert: usize,
+        ids: &CudaSlice<i32>,
+        x: &CudaView<f32>,
+        y: &mut CudaViewMut<f32>,
+        pairs: usize,
+        k: usize,
+        (bg, bu, bias_ids): (
+            Option<&CudaSlice<f32>>,
+            Option<&CudaSlice<f32>>,
+            &CudaSlice<i32>,
+        ),
+        act: DeviceAct,
+    ) -> Result<()> {
+        let (cols, rb) = (self.m.cols, self.m.row_bytes);
+        let short = |b: Option<&CudaSlice<f32>>| {
+            b.is_some_and(|b| !b.len().is_multiple_of(rows_per_expert))
+        };
+        if self.start != 0
+            || up.start != 0
+            || self.rows != rows_per_expert * n_expert
+            || (up.m.ty, up.rows, up.m.cols, up.m.row_bytes) != (self.m.ty, self.rows, cols, rb)
+            || ids.len() < pairs
+            || x.len() < pairs.div_ceil(k) * cols
+            || y.len() < pairs * rows_per_expert
+            || short(bg)
+            || short(bu)
+            || bias_ids.len() < pairs
+        {
+            bail!("CUDA matmul_gated_id shape mismatch");
+        }
+        let g = self.gpu;
+        let f = g.function(&format!(
+            "{}_gated_id",
+            super::kernel_name(self.m.ty, g.rows_kernel(self.m.ty))?
+        ))?;
+        let (code, alpha, limit) = act.code();
+        let (r, c, rbi) = (rows_per_expert as i32, cols as i32, rb as i64);
+        let (p, ki) = (pairs as i32, k as i32);
+        let null = 0u64;
+        let mut launch = g.stream.launch_builder(&f);
+        launch
+            .arg(&self.m.data)
+            .arg(&up.m.data)
+            .arg(x)
+            .arg(y)
+            .arg(ids);
+        for b in [bg, bu] {
+            match b {
+                Some(b) => launch.arg(b),
+                None => launch.arg(&null),
+            };
+        }
+        launch
+            .arg(bias_ids)
+            .arg(&r)
+            .arg(&c)
+            .arg(&rbi)
+            .arg(&p)
+            .arg(&ki);
+        launch.arg(&code).arg(&alpha).arg(&limit);
+        // SAFETY: matmul_<type>_gated_id(const u8* wg, const u8* wu, const float* x, float* y,
+        // const int* ids, const float* bg, const float* bu, const int* bids, int rows,
+        // int cols, long long row_bytes, int pairs, int k, int act, float alpha, float limit):
+        // both matrices have this shape and every id comes from route_topk over its n_expert
+        // experts; every bias id is an expert of the layer whose biases bg and bu hold (null,
+        // or a row per expert); x and y lengths checked above.
+        launched(unsafe { launch.launch(id_grid(rows_per_expert, pairs)) }.map(drop))
+    }
+}
+
+/// The decode expert kernels' grid: a block per MV_ROWS rows and pair.
+fn id_grid(rows_per_expert: usize, pairs: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (
+            (rows_per_expert as u32).div_ceil(super::MV_ROWS),
+            pairs as u32,
+            1,
+        ),
+        block_dim: (32 * super::MV_WARPS, 1, 1),
+        shared_mem_bytes: 0,
     }
 }

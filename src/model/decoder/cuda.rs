@@ -641,18 +641,60 @@ impl CudaOps<'_, '_> {
         };
         let mut out = g.zeros(t * n)?;
         if t <= ID_PATH_MAX_TOKENS {
-            let (mut gb, mut ub) = (g.output(pairs * ff)?, g.output(pairs * ff)?);
-            for (w, y) in [(&gate, &mut gb), (&up, &mut ub)] {
-                let (x, mut yv) = (h.slice(..), y.slice_mut(..));
-                w.matmul_id(ff, n_in, ids, &x, &mut yv, pairs, k, false, Epilogue::Store)?;
+            // Gate, up, their biases and the activation in one pass; down with its bias.
+            let vector = |b: &Option<Vec<f32>>| b.as_ref().map(|b| self.dev.vector(b)).transpose();
+            let (bg, bu, bd) = (vector(&m.gate_b)?, vector(&m.up_b)?, vector(&m.down_b)?);
+            let mut act = g.output(pairs * ff)?;
+            let (x, mut yv) = (h.slice(..), act.slice_mut(..));
+            if gate.m.ty == up.m.ty {
+                let (biases, a) = ((bg, bu, bias_ids), device_act(m.act));
+                gate.matmul_gated_id(&up, ff, n_in, ids, &x, &mut yv, pairs, k, biases, a)?;
+            } else {
+                // Gate and up of different types (a mix may give them different ones).
+                let mut ub = g.output(pairs * ff)?;
+                let (bg, bu) = (bg.map(|b| (b, bias_ids)), bu.map(|b| (b, bias_ids)));
+                gate.matmul_id(
+                    ff,
+                    n_in,
+                    ids,
+                    &x,
+                    &mut yv,
+                    pairs,
+                    k,
+                    false,
+                    bg,
+                    Epilogue::Store,
+                )?;
+                let mut uv = ub.slice_mut(..);
+                up.matmul_id(
+                    ff,
+                    n_in,
+                    ids,
+                    &x,
+                    &mut uv,
+                    pairs,
+                    k,
+                    false,
+                    bu,
+                    Epilogue::Store,
+                )?;
+                g.gated_act(&mut act, &ub, pairs * ff, device_act(m.act))?;
             }
-            bias(&mut gb, &m.gate_b, bias_ids, ff)?;
-            bias(&mut ub, &m.up_b, bias_ids, ff)?;
-            g.gated_act(&mut gb, &ub, pairs * ff, device_act(m.act))?;
             let mut y = g.output(pairs * n)?;
-            let (x, mut yv) = (gb.slice(..), y.slice_mut(..));
-            down.matmul_id(n, n_in, ids, &x, &mut yv, pairs, k, true, Epilogue::Store)?;
-            bias(&mut y, &m.down_b, bias_ids, n)?;
+            let (x, mut yv) = (act.slice(..), y.slice_mut(..));
+            let bd = bd.map(|b| (b, bias_ids));
+            down.matmul_id(
+                n,
+                n_in,
+                ids,
+                &x,
+                &mut yv,
+                pairs,
+                k,
+                true,
+                bd,
+                Epilogue::Store,
+            )?;
             g.moe_combine(&y, None, wts, &mut out, t, k, n)?;
             return Ok(out);
         }
@@ -876,13 +918,23 @@ impl Ops for CudaOps<'_, '_> {
     }
 
     fn linear(&self, l: &Linear, x: &CudaSlice<f32>, t: usize) -> Result<CudaSlice<f32>> {
-        let g = self.dev.gpu;
-        let mut y = g.output(t * l.w.rows)?;
-        dev(&l.w)?.launch(&x.slice(..), t, &mut y.slice_mut(..), Epilogue::Store)?;
-        if let Some(b) = &l.b {
-            g.add_bias(&mut y, self.dev.vector(b)?, None, t, b.len())?;
-        }
+        let mut y = self.dev.gpu.output(t * l.w.rows)?;
+        let b = l.b.as_ref().map(|b| self.dev.vector(b)).transpose()?;
+        dev(&l.w)?.launch_biased(&x.slice(..), t, &mut y.slice_mut(..), b)?;
         Ok(y)
+    }
+
+    fn qkv(
+        &self,
+        a: &Attention,
+        x: &CudaSlice<f32>,
+        t: usize,
+    ) -> Result<(CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>)> {
+        let bias = |l: &Linear| l.b.as_ref().map(|b| self.dev.vector(b)).transpose();
+        let (wq, wk, wv) = (dev(&a.q.w)?, dev(&a.k.w)?, dev(&a.v.w)?);
+        let parts = [(&wq, bias(&a.q)?), (&wk, bias(&a.k)?), (&wv, bias(&a.v)?)];
+        let [q, k, v] = self.dev.gpu.matmul3(parts, x, t)?;
+        Ok((q, k, v))
     }
 
     fn add(&self, x: &mut CudaSlice<f32>, y: &CudaSlice<f32>) -> Result<()> {

@@ -592,11 +592,7 @@ impl<'a> Decoder<'a> {
                 let a = &l.attn;
                 let s = &a.shape;
                 let h = e.norm(&x, &l.attn_norm, eps)?;
-                let (mut q, mut k, v) = (
-                    e.linear(&a.q, &h, t)?,
-                    e.linear(&a.k, &h, t)?,
-                    e.linear(&a.v, &h, t)?,
-                );
+                let (mut q, mut k, v) = e.qkv(a, &h, t)?;
                 if let Some(w) = &a.q_norm {
                     e.norm_in_place(&mut q, w, eps)?;
                 }
@@ -642,6 +638,19 @@ trait Ops {
     fn norm_in_place(&self, x: &mut Self::Rows, w: &[f32], eps: f32) -> Result<()>;
     /// x · wᵀ (+ bias) over t rows.
     fn linear(&self, l: &Linear, x: &Self::Rows, t: usize) -> Result<Self::Rows>;
+    /// The attention's q, k and v of the same rows (an executor may run them as one).
+    fn qkv(
+        &self,
+        a: &Attention,
+        x: &Self::Rows,
+        t: usize,
+    ) -> Result<(Self::Rows, Self::Rows, Self::Rows)> {
+        Ok((
+            self.linear(&a.q, x, t)?,
+            self.linear(&a.k, x, t)?,
+            self.linear(&a.v, x, t)?,
+        ))
+    }
     /// x += y.
     fn add(&self, x: &mut Self::Rows, y: &Self::Rows) -> Result<()>;
     /// Rotates each head of x (rows of `n_heads` × `head_dim`); `at`: each sequence's first

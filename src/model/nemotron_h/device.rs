@@ -802,6 +802,7 @@ impl<'a> DeviceParts<'a> {
                         pairs,
                         k,
                         false,
+                        None,
                         Epilogue::Relu2,
                     )?;
                     let mut y = g.output(pairs * n)?;
@@ -814,6 +815,7 @@ impl<'a> DeviceParts<'a> {
                         pairs,
                         k,
                         true,
+                        None,
                         Epilogue::Store,
                     )?;
                     g.moe_combine(&y, None, &wts, x, t, k, n)?;
