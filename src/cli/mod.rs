@@ -189,7 +189,7 @@ pub enum Command {
         pattern: Option<String>,
         /// nemotron-3-nano: f32, q8_0, q4_0, q4_k_m (default), q3_k_m; qwen3moe-30b-a3b and
         /// gpt-oss-20b: f32, f16, q8_0, q4_0, q4_k_m (qwen's default), mxfp4 (gpt-oss's
-        /// default), iq4_xs; tiny decoders: f32, q8_0 (default), q4_0, mxfp4.
+        /// default), iq4_xs, iq3_xxs, iq2_xxs; tiny decoders: f32, q8_0 (default), q4_0, mxfp4.
         #[arg(long)]
         mix: Option<String>,
         /// Write only the header, the data a hole of the file's size (llama-quantize --dry-run

@@ -425,7 +425,7 @@ unsafe fn quantize_q8_1_impl(x: &[f32], out: &mut [BlockQ8_1]) {
 /// The 2-bit fields of a Q2_K/Q3_K `qs` as 8 chunks of 32 (chunk 4h+p: half h, shift 2p).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn two_bit_chunks(qs: &[u8; 64]) -> [__m256i; 8] {
+pub(super) unsafe fn two_bit_chunks(qs: &[u8; 64]) -> [__m256i; 8] {
     let m3 = _mm256_set1_epi8(3);
     let mut q = [_mm256_setzero_si256(); 8];
     for half in 0..2 {
@@ -482,26 +482,33 @@ unsafe fn dot_q3k_impl(w: &[BlockQ3K], a: &[BlockQ8K]) -> f32 {
     acc
 }
 
+/// Q5_K's 256 values (0..31), element order, 32 a register.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(super) unsafe fn q5k_values(b: &BlockQ5K) -> [__m256i; 8] {
+    let m4 = _mm256_set1_epi8(15);
+    let qh = _mm256_loadu_si256(b.qh.as_ptr().cast());
+    let mut q = [_mm256_setzero_si256(); 8];
+    for c in 0..4 {
+        let v = _mm256_loadu_si256(b.qs.as_ptr().add(32 * c).cast());
+        q[2 * c] = _mm256_or_si256(_mm256_and_si256(v, m4), bit_to(qh, 2 * c, 16));
+        q[2 * c + 1] = _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4),
+            bit_to(qh, 2 * c + 1, 16),
+        );
+    }
+    q
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q5k_impl(w: &[BlockQ5K], a: &[BlockQ8K]) -> f32 {
-    let m4 = _mm256_set1_epi8(15);
     // A plain loop: a closure here is compiled as a function of its own, the block's registers
     // passed through memory. `Sum` for f32 folds from −0.0, as this does.
     let mut acc = -0.0f32;
     for (b, y) in w.iter().zip(a) {
-        let qh = _mm256_loadu_si256(b.qh.as_ptr().cast());
-        let mut q = [_mm256_setzero_si256(); 8];
-        for c in 0..4 {
-            let v = _mm256_loadu_si256(b.qs.as_ptr().add(32 * c).cast());
-            q[2 * c] = _mm256_or_si256(_mm256_and_si256(v, m4), bit_to(qh, 2 * c, 16));
-            q[2 * c + 1] = _mm256_or_si256(
-                _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4),
-                bit_to(qh, 2 * c + 1, 16),
-            );
-        }
         let (sc, mins) = k4_scales_simd(&b.scales);
         let u = Q4kUnpacked {
-            q,
+            q: q5k_values(b),
             sc,
             mins,
             d: fp16(b.d),
@@ -523,6 +530,18 @@ struct Q6kUnpacked {
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn q6k_unpack(b: &BlockQ6K) -> Q6kUnpacked {
+    let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(b.scales.as_ptr().cast()));
+    Q6kUnpacked {
+        q: q6k_values(b),
+        sc: scale_pairs(sc16),
+        sc16,
+    }
+}
+
+/// Q6_K's 256 values stored as q + 32 (0..63), element order, 32 a register.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(super) unsafe fn q6k_values(b: &BlockQ6K) -> [__m256i; 8] {
     let m4 = _mm256_set1_epi8(15);
     let m3 = _mm256_set1_epi8(3);
     let mut q = [_mm256_setzero_si256(); 8];
@@ -540,12 +559,7 @@ unsafe fn q6k_unpack(b: &BlockQ6K) -> Q6kUnpacked {
         q[4 * half + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(l0), m4), h2);
         q[4 * half + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(l1), m4), h3);
     }
-    let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(b.scales.as_ptr().cast()));
-    Q6kUnpacked {
-        q,
-        sc: scale_pairs(sc16),
-        sc16,
-    }
+    q
 }
 
 /// An unpacked Q6_K super-block against its activations, before the horizontal sums: the

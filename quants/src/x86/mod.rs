@@ -54,8 +54,11 @@ macro_rules! install_vnni {
             }
             Q4_1 => ($k.dot, $k.dot4, $k.tile) = (v::dot_q4_1, d4(v::dot4_q4_1), t4(v::tile_q4_1)),
             Q5_1 => ($k.dot, $k.dot4, $k.tile) = (v::dot_q5_1, d4(v::dot4_q5_1), t4(v::tile_q5_1)),
+            Q2_K => $k.octet = Some(v::octet_q2_k),
             Q3_K => $k.octet = Some(v::octet_q3_k),
             Q4_K => $k.octet = Some(v::octet_q4_k),
+            Q5_K => $k.octet = Some(v::octet_q5_k),
+            Q6_K => $k.octet = Some(v::octet_q6_k),
             IQ4_XS => $k.octet = Some(v::octet_iq4_xs),
             IQ2_XXS => $k.octet = Some(v::octet_iq2_xxs),
             IQ2_XS => $k.octet = Some(v::octet_iq2_xs),

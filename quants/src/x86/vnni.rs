@@ -13,15 +13,17 @@ use core::arch::x86_64::*;
 
 use super::avx2::{
     entry_octet, fp16, fp16_mul, grid_values, hsum_ps, iq1_values, iq4_nl_i8, load32,
-    nibble_chunks, nibbles, q3k_values, q4_0_i8, q4_1_u8, q5_0_i8, q5_1_u8, q8_0_i8, signed_dot,
-    transpose8, unsigned_dot,
+    nibble_chunks, nibbles, q3k_values, q4_0_i8, q4_1_u8, q5_0_i8, q5_1_u8, q5k_values, q6k_values,
+    q8_0_i8, signed_dot, transpose8, two_bit_chunks, unsigned_dot,
 };
 use crate::iq_grid::{
     BlockIq1M, BlockIq1S, BlockIq2S, BlockIq2Xs, BlockIq2Xxs, BlockIq3S, BlockIq3Xxs, Groups, Iq1,
     IQ1_FACTOR,
 };
 use crate::iquants::BlockIq4Xs;
-use crate::kquants::{q3k_scales, scale_min_k4, BlockQ3K, BlockQ4K, BlockQ8K};
+use crate::kquants::{
+    q3k_scales, scale_min_k4, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K,
+};
 use crate::legacy::IQ4NL_VALUES;
 use crate::legacy::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, BlockQ8_1};
 use bytemuck::cast_slice;
@@ -501,23 +503,30 @@ macro_rules! vnni_kernels {
             _mm256_set1_epi32(core::ptr::read_unaligned(p.cast::<i32>()))
         }
 
+        /// The Q4_K eight-row kernel over Q4_K and Q5_K: `values` gives a super-block's 256
+        /// unsigned values in element order, 32 a register (nibbles; Q5_K's with the fifth
+        /// bit); both types share the scales, mins and float expression.
         #[target_feature(enable = $feat)]
-        unsafe fn q4k_octet(w: [&[BlockQ4K]; 8], a: &[&[BlockQ8K]], out: &mut [f32]) {
-            let unpack = |rows: [&BlockQ4K; 8]| {
-                let lanes_of = |f: &dyn Fn(&BlockQ4K) -> i32| {
-                    let v: [i32; 8] = std::array::from_fn(|r| f(rows[r]));
+        #[inline]
+        unsafe fn k4_octet<B>(
+            w: [&[B]; 8],
+            a: &[&[BlockQ8K]],
+            out: &mut [f32],
+            values: impl Fn(&B) -> [__m256i; 8],
+            parts: impl Fn(&B) -> (&[u8; 12], [u8; 2], [u8; 2]),
+        ) {
+            let unpack = |rows: [&B; 8]| {
+                let parts = rows.map(&parts);
+                let lanes_of = |f: &dyn Fn(&[u8; 12]) -> i32| {
+                    let v: [i32; 8] = std::array::from_fn(|r| f(parts[r].0));
                     _mm256_loadu_si256(v.as_ptr().cast())
                 };
-                let sc = std::array::from_fn(|j| {
-                    lanes_of(&|blk| scale_min_k4(j, &blk.scales).0 as i32)
-                });
-                let mn = std::array::from_fn(|j| {
-                    lanes_of(&|blk| scale_min_k4(j, &blk.scales).1 as i32)
-                });
-                let d = rows.map(|blk| fp16(blk.d));
-                let dmin = rows.map(|blk| fp16(blk.dmin));
+                let sc = std::array::from_fn(|j| lanes_of(&|s| scale_min_k4(j, s).0 as i32));
+                let mn = std::array::from_fn(|j| lanes_of(&|s| scale_min_k4(j, s).1 as i32));
+                let d = parts.map(|p| fp16(p.1));
+                let dmin = parts.map(|p| fp16(p.2));
                 Q4kOctet {
-                    q: transpose_chunks(rows.map(|blk| nibble_chunks(&blk.qs))),
+                    q: transpose_chunks(rows.map(&values)),
                     sc,
                     mn,
                     d: _mm256_loadu_ps(d.as_ptr()),
@@ -544,33 +553,53 @@ macro_rules! vnni_kernels {
             rows_in_lanes(w, a, out, unpack, term)
         }
 
-        /// Q3_K the same way: values stored as q + 4 (0..7) transposed per chunk of 32
-        /// (two 16-element sub-blocks, four groups each), sub-block sums weighted by
-        /// the rows' signed scales, the `4 · Σ scale · bsum` correction in 32 bits, and
-        /// `q3k_term`'s float expression `(a.d · d) · (Σ − 4 · off)`: each result
-        /// equals the Q3_K `dot` bit for bit.
-        struct Q3kOctet {
+        #[target_feature(enable = $feat)]
+        unsafe fn q4k_octet(w: [&[BlockQ4K]; 8], a: &[&[BlockQ8K]], out: &mut [f32]) {
+            let values = |b: &BlockQ4K| nibble_chunks(&b.qs);
+            k4_octet(w, a, out, values, |b| (&b.scales, b.d, b.dmin))
+        }
+
+        #[target_feature(enable = $feat)]
+        unsafe fn q5k_octet(w: [&[BlockQ5K]; 8], a: &[&[BlockQ8K]], out: &mut [f32]) {
+            let values = |b: &BlockQ5K| q5k_values(b);
+            k4_octet(w, a, out, values, |b| (&b.scales, b.d, b.dmin))
+        }
+
+        /// Q3_K and Q6_K the same way: values stored as q + offset (Q3_K: + 4, 0..7; Q6_K:
+        /// + 32, 0..63) transposed per chunk of 32 (two 16-element sub-blocks, four groups
+        /// each), sub-block sums weighted by the rows' signed scales, the `offset · Σ
+        /// scale · bsum` correction in 32 bits (offset = 1 << SHIFT), and the single-row
+        /// dots' float expression `(a.d · d) · (Σ − offset · Σ scale · bsum)`: each result
+        /// equals the type's `dot` bit for bit.
+        struct Signed16Octet {
             q: [__m256i; 64],
             sc: [__m256i; 16],
             d: __m256,
         }
 
         #[target_feature(enable = $feat)]
-        unsafe fn q3k_octet(w: [&[BlockQ3K]; 8], a: &[&[BlockQ8K]], out: &mut [f32]) {
-            let unpack = |rows: [&BlockQ3K; 8]| {
-                let scales = rows.map(|blk| q3k_scales(&blk.scales));
+        #[inline]
+        unsafe fn signed16_octet<B, const SHIFT: i32>(
+            w: [&[B]; 8],
+            a: &[&[BlockQ8K]],
+            out: &mut [f32],
+            values: impl Fn(&B) -> [__m256i; 8],
+            scales_and_d: impl Fn(&B) -> ([i8; 16], [u8; 2]),
+        ) {
+            let unpack = |rows: [&B; 8]| {
+                let parts = rows.map(&scales_and_d);
                 let sc = std::array::from_fn(|j| {
-                    let v: [i32; 8] = std::array::from_fn(|r| scales[r][j] as i32);
+                    let v: [i32; 8] = std::array::from_fn(|r| parts[r].0[j] as i32);
                     _mm256_loadu_si256(v.as_ptr().cast())
                 });
-                let d = rows.map(|blk| fp16(blk.d));
-                Q3kOctet {
-                    q: transpose_chunks(rows.map(|blk| q3k_values(blk))),
+                let d = parts.map(|p| fp16(p.1));
+                Signed16Octet {
+                    q: transpose_chunks(rows.map(&values)),
                     sc,
                     d: _mm256_loadu_ps(d.as_ptr()),
                 }
             };
-            let term = |u: &Q3kOctet, y: &BlockQ8K| {
+            let term = |u: &Signed16Octet, y: &BlockQ8K| {
                 let mut s = _mm256_setzero_si256();
                 let mut off = _mm256_setzero_si256();
                 for j in 0..16 {
@@ -583,11 +612,74 @@ macro_rules! vnni_kernels {
                     let bs = _mm256_set1_epi32(y.bsum(j));
                     off = _mm256_add_epi32(off, _mm256_mullo_epi32(u.sc[j], bs));
                 }
-                let x = _mm256_sub_epi32(s, _mm256_slli_epi32::<2>(off));
+                let x = _mm256_sub_epi32(s, _mm256_slli_epi32::<SHIFT>(off));
                 _mm256_mul_ps(
                     _mm256_mul_ps(_mm256_set1_ps(y.d()), u.d),
                     _mm256_cvtepi32_ps(x),
                 )
+            };
+            rows_in_lanes(w, a, out, unpack, term)
+        }
+
+        #[target_feature(enable = $feat)]
+        unsafe fn q3k_octet(w: [&[BlockQ3K]; 8], a: &[&[BlockQ8K]], out: &mut [f32]) {
+            let values = |b: &BlockQ3K| q3k_values(b);
+            signed16_octet::<_, 2>(w, a, out, values, |b| (q3k_scales(&b.scales), b.d))
+        }
+
+        #[target_feature(enable = $feat)]
+        unsafe fn q6k_octet(w: [&[BlockQ6K]; 8], a: &[&[BlockQ8K]], out: &mut [f32]) {
+            let values = |b: &BlockQ6K| q6k_values(b);
+            signed16_octet::<_, 5>(w, a, out, values, |b| (b.scales, b.d))
+        }
+
+        /// Q2_K the same way: values 0..3 transposed per chunk of 32, each 16-element
+        /// sub-block's sum weighted by the rows' 4-bit scales and its activation sum by their
+        /// 4-bit mins, in 32 bits, and the single-row dot's float expression `a.d · (d · Σ −
+        /// dmin · Σ min · bsum)`: each result equals the Q2_K `dot` bit for bit.
+        struct Q2kOctet {
+            q: [__m256i; 64],
+            sc: [__m256i; 16],
+            mn: [__m256i; 16],
+            d: __m256,
+            dmin: __m256,
+        }
+
+        #[target_feature(enable = $feat)]
+        unsafe fn q2k_octet(w: [&[BlockQ2K]; 8], a: &[&[BlockQ8K]], out: &mut [f32]) {
+            let unpack = |rows: [&BlockQ2K; 8]| {
+                let lanes_of = |f: &dyn Fn(&BlockQ2K) -> i32| {
+                    let v: [i32; 8] = std::array::from_fn(|r| f(rows[r]));
+                    _mm256_loadu_si256(v.as_ptr().cast())
+                };
+                let sc = std::array::from_fn(|j| lanes_of(&|b| (b.scales[j] & 15) as i32));
+                let mn = std::array::from_fn(|j| lanes_of(&|b| (b.scales[j] >> 4) as i32));
+                let d = rows.map(|b| fp16(b.d));
+                let dmin = rows.map(|b| fp16(b.dmin));
+                Q2kOctet {
+                    q: transpose_chunks(rows.map(|b| two_bit_chunks(&b.qs))),
+                    sc,
+                    mn,
+                    d: _mm256_loadu_ps(d.as_ptr()),
+                    dmin: _mm256_loadu_ps(dmin.as_ptr()),
+                }
+            };
+            let term = |u: &Q2kOctet, y: &BlockQ8K| {
+                let mut s = _mm256_setzero_si256();
+                let mut m = _mm256_setzero_si256();
+                for j in 0..16 {
+                    let mut isum = _mm256_setzero_si256();
+                    for g in 0..4 {
+                        let ag = bcast4(y.qs.as_ptr().add(16 * j + 4 * g));
+                        isum = dpbusd(isum, u.q[4 * j + g], ag);
+                    }
+                    s = _mm256_add_epi32(s, _mm256_mullo_epi32(isum, u.sc[j]));
+                    let bs = _mm256_set1_epi32(y.bsum(j));
+                    m = _mm256_add_epi32(m, _mm256_mullo_epi32(u.mn[j], bs));
+                }
+                let ds = _mm256_mul_ps(u.d, _mm256_cvtepi32_ps(s));
+                let dm = _mm256_mul_ps(u.dmin, _mm256_cvtepi32_ps(m));
+                _mm256_mul_ps(_mm256_set1_ps(y.d()), _mm256_sub_ps(ds, dm))
             };
             rows_in_lanes(w, a, out, unpack, term)
         }
@@ -727,6 +819,13 @@ macro_rules! vnni_kernels {
             octet_iq1_m => BlockIq1M, iq1_values, Iq1::d, IQ1_FACTOR;
         );
 
+        pub(crate) fn octet_q2_k(w: [&[u8]; 8], a: &[&[u8]], out: &mut [f32]) {
+            let a: Vec<&[BlockQ8K]> = a.iter().map(|r| cast_slice(r)).collect();
+            // SAFETY: installed by x86::specialize only on this module's tier; the kernel
+            // asserts every length it indexes by.
+            unsafe { q2k_octet(w.map(cast_slice), &a, out) }
+        }
+
         pub(crate) fn octet_q3_k(w: [&[u8]; 8], a: &[&[u8]], out: &mut [f32]) {
             let a: Vec<&[BlockQ8K]> = a.iter().map(|r| cast_slice(r)).collect();
             // SAFETY: installed by x86::specialize only on this module's tier; the kernel
@@ -739,6 +838,19 @@ macro_rules! vnni_kernels {
             // SAFETY: installed by x86::specialize only on this module's tier; the kernel
             // asserts every length it indexes by.
             unsafe { q4k_octet(w.map(cast_slice), &a, out) }
+        }
+
+        pub(crate) fn octet_q5_k(w: [&[u8]; 8], a: &[&[u8]], out: &mut [f32]) {
+            let a: Vec<&[BlockQ8K]> = a.iter().map(|r| cast_slice(r)).collect();
+            // SAFETY: installed by x86::specialize only on this module's tier; the kernel
+            // asserts every length it indexes by.
+            unsafe { q5k_octet(w.map(cast_slice), &a, out) }
+        }
+        pub(crate) fn octet_q6_k(w: [&[u8]; 8], a: &[&[u8]], out: &mut [f32]) {
+            let a: Vec<&[BlockQ8K]> = a.iter().map(|r| cast_slice(r)).collect();
+            // SAFETY: installed by x86::specialize only on this module's tier; the kernel
+            // asserts every length it indexes by.
+            unsafe { q6k_octet(w.map(cast_slice), &a, out) }
         }
 
         entry_tile!(
