@@ -194,6 +194,46 @@ fn dequantize_and_activation_quantizers_are_bit_exact_on_every_tier() {
     }
 }
 
+/// Q8_K activations on the blocks random floats rarely give: an all-zero block, the largest
+/// magnitude reached twice with both signs (the first decides the scale's sign), at the block's
+/// last element, values that land on half steps, and NaN lanes (the scalar search skips them).
+#[test]
+fn q8k_activation_quantizers_match_scalar_on_edge_blocks() {
+    let mut r = rng();
+    let mut blocks: Vec<Vec<f32>> = vec![vec![0.0; 256]];
+    let mut tie = floats(&mut r, 256);
+    tie[17] = 3.5;
+    tie[200] = -3.5;
+    blocks.push(tie.clone());
+    tie[17] = -3.5;
+    tie[200] = 3.5;
+    blocks.push(tie);
+    let mut last = floats(&mut r, 256);
+    last[255] = -9.0;
+    blocks.push(last);
+    // -127/max · x = k + 0.5 for x = -(k + 0.5)·max/127 with max = 127: exact half steps.
+    let mut halves: Vec<f32> = (0..256).map(|i| -((i % 100) as f32 + 0.5)).collect();
+    halves[0] = 127.0;
+    blocks.push(halves);
+    let mut nan = floats(&mut r, 256);
+    nan[3] = f32::NAN;
+    nan[130] = f32::NAN;
+    blocks.push(nan);
+    let s = scalar_kernels(GgmlType::Q4_K).unwrap();
+    assert_eq!(s.act_ty, GgmlType::Q8_K);
+    let x: Vec<f32> = blocks.concat();
+    let mut want = vec![0u8; s.act_ty.row_bytes(x.len() as u64).unwrap() as usize];
+    (s.quantize_act)(&x, &mut want);
+    for isa in simd_tiers() {
+        let k = kernels_for(GgmlType::Q4_K, isa).unwrap();
+        let mut got = vec![0u8; want.len()];
+        (k.quantize_act)(&x, &mut got);
+        for (b, (g, w)) in got.chunks(292).zip(want.chunks(292)).enumerate() {
+            assert_eq!(g, w, "{isa:?} Q8_K block {b}");
+        }
+    }
+}
+
 /// The dot of the dequantized weight and activation rows in f64, and Σ|w·a| (the scale of
 /// the rounding a dot may show).
 fn dequantized_dot(s: &ggrun_quants::Kernels, w: &[u8], a: &[u8], n: usize) -> (f64, f64) {

@@ -17,12 +17,12 @@ use crate::iq_grid::{
     IQ1_FACTOR,
 };
 use crate::iquants::BlockIq4Xs;
-use crate::kquants::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K};
+use crate::kquants::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K, QK_K};
 use crate::legacy::{
     BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, BlockQ8_1, IQ4NL_VALUES,
 };
 use crate::mxfp4::{e8m0_half, BlockMxfp4, FP4_VALUES};
-use bytemuck::{cast_slice, cast_slice_mut};
+use bytemuck::{cast_slice, cast_slice_mut, Zeroable};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers.
@@ -419,6 +419,74 @@ unsafe fn quantize_q8_1_impl(x: &[f32], out: &mut [BlockQ8_1]) {
     }
 }
 
+/// Q8_K (the K-quants' and i-quants' activations), bit-exact with `kquants::quantize_q8k` for
+/// finite input and quiet NaNs: the signed value of largest magnitude (the first such), `iscale = −127 / max`,
+/// each value `iscale · x` rounded half to even and capped at 127, the block sums of 16.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_q8_k_impl(x: &[f32], out: &mut [BlockQ8K]) {
+    const RN: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    for (xb, y) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
+        let p = xb.as_ptr();
+        let mut m = _mm256_setzero_ps();
+        for c in 0..32 {
+            // A NaN lane keeps m, as the scalar loop's `>` skips NaN.
+            m = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(p.add(8 * c)), abs), m);
+        }
+        let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+        let m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+        if amax == 0.0 {
+            *y = BlockQ8K::zeroed();
+            continue;
+        }
+        let target = _mm256_set1_ps(amax);
+        let mut max = amax;
+        for c in 0..32 {
+            let v = _mm256_and_ps(_mm256_loadu_ps(p.add(8 * c)), abs);
+            let hit = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(v, target));
+            if hit != 0 {
+                max = xb[8 * c + hit.trailing_zeros() as usize];
+                break;
+            }
+        }
+        let iscale = -127.0 / max;
+        let vs = _mm256_set1_ps(iscale);
+        let cap = _mm256_set1_epi32(127);
+        let mut sums = [_mm256_setzero_si256(); 16];
+        for c in 0..8 {
+            let i: [__m256i; 4] = std::array::from_fn(|k| {
+                let v = _mm256_mul_ps(vs, _mm256_loadu_ps(p.add(32 * c + 8 * k)));
+                // NaN to 0, what the scalar `nearest_int` makes of a quiet NaN.
+                let v = _mm256_and_ps(v, _mm256_cmp_ps::<_CMP_ORD_Q>(v, v));
+                _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_round_ps::<RN>(v)), cap)
+            });
+            sums[2 * c] = _mm256_add_epi32(i[0], i[1]);
+            sums[2 * c + 1] = _mm256_add_epi32(i[2], i[3]);
+            // |q| <= 127: the packs do not saturate.
+            let p8 = _mm256_packs_epi16(
+                _mm256_packs_epi32(i[0], i[1]),
+                _mm256_packs_epi32(i[2], i[3]),
+            );
+            let p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256(y.qs.as_mut_ptr().add(32 * c).cast(), p8);
+        }
+        // Four groups' eight lanes at a time to four sums: two rounds of hadd, then the halves.
+        let mut bs = [_mm_setzero_si128(); 4];
+        for (q, b) in bs.iter_mut().enumerate() {
+            let g = &sums[4 * q..4 * q + 4];
+            let h = _mm256_hadd_epi32(_mm256_hadd_epi32(g[0], g[1]), _mm256_hadd_epi32(g[2], g[3]));
+            *b = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h));
+        }
+        _mm_storeu_si128(y.bsums.as_mut_ptr().cast(), _mm_packs_epi32(bs[0], bs[1]));
+        _mm_storeu_si128(
+            y.bsums.as_mut_ptr().add(16).cast(),
+            _mm_packs_epi32(bs[2], bs[3]),
+        );
+        y.d = (1.0 / iscale).to_le_bytes();
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // K-quants.
 
@@ -759,6 +827,7 @@ entry!(dequant dequant_q8_0, dequant_q8_0_impl);
 entry!(dequant dequant_iq4_nl, dequant_iq4_nl_impl);
 entry!(quant quantize_q8_0, quantize_q8_0_impl);
 entry!(quant quantize_q8_1, quantize_q8_1_impl);
+entry!(quant quantize_q8_k, quantize_q8_k_impl);
 
 /// IQ4_XS sub-block `ib`'s codes looked up to signed bytes (IQ4_NL's codebook), in element
 /// order, and their absolute values (for `vpmaddubsw`'s unsigned operand).

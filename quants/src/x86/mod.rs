@@ -130,6 +130,7 @@ pub(crate) fn specialize(mut k: Kernels, isa: Isa) -> Kernels {
     match k.act_ty {
         Q8_0 => k.quantize_act = avx2::quantize_q8_0,
         Q8_1 => k.quantize_act = avx2::quantize_q8_1,
+        Q8_K => k.quantize_act = avx2::quantize_q8_k,
         _ => {}
     }
     // The AVX-512 tier runs the AVX2 kernels; the VNNI tiers swap in their `vpdpbusd` kernels.
