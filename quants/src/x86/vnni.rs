@@ -565,8 +565,8 @@ macro_rules! vnni_kernels {
             k4_octet(w, a, out, values, |b| (&b.scales, b.d, b.dmin))
         }
 
-        /// Q3_K and Q6_K the same way: values stored as q + offset (Q3_K: + 4, 0..7; Q6_K:
-        /// + 32, 0..63) transposed per chunk of 32 (two 16-element sub-blocks, four groups
+        /// Q3_K and Q6_K the same way: values stored as q plus an offset (Q3_K's 4: 0..7;
+        /// Q6_K's 32: 0..63) transposed per chunk of 32 (two 16-element sub-blocks, four groups
         /// each), sub-block sums weighted by the rows' signed scales, the `offset · Σ
         /// scale · bsum` correction in 32 bits (offset = 1 << SHIFT), and the single-row
         /// dots' float expression `(a.d · d) · (Σ − offset · Σ scale · bsum)`: each result
