@@ -652,8 +652,9 @@ impl DeviceRows<'_> {
             || ids.len() < pairs
             || x.len() < x_rows * cols
             || y.len() < pairs * rows_per_expert
-            || bias
-                .is_some_and(|(b, i)| !b.len().is_multiple_of(rows_per_expert) || i.len() < pairs)
+            || bias.is_some_and(|(b, i)| {
+                !expert_bias_fits(b.len(), rows_per_expert) || i.len() < pairs
+            })
         {
             bail!("CUDA matmul_id shape mismatch");
         }
@@ -713,7 +714,7 @@ impl DeviceRows<'_> {
     ) -> Result<()> {
         let (cols, rb) = (self.m.cols, self.m.row_bytes);
         let short = |b: Option<&CudaSlice<f32>>| {
-            b.is_some_and(|b| !b.len().is_multiple_of(rows_per_expert))
+            b.is_some_and(|b| !expert_bias_fits(b.len(), rows_per_expert))
         };
         if self.start != 0
             || up.start != 0
@@ -778,5 +779,29 @@ fn id_grid(rows_per_expert: usize, pairs: usize) -> LaunchConfig {
         ),
         block_dim: (32 * super::MV_WARPS, 1, 1),
         shared_mem_bytes: 0,
+    }
+}
+
+/// Whether an expert-indexed bias of `len` values holds whole rows of `rows_per_expert` for at
+/// least one expert (the kernels read `bias[id · rows_per_expert + r]` for the layer's expert
+/// ids; an empty or ragged bias is a caller's bug).
+fn expert_bias_fits(len: usize, rows_per_expert: usize) -> bool {
+    rows_per_expert > 0 && len >= rows_per_expert && len.is_multiple_of(rows_per_expert)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::expert_bias_fits;
+
+    #[test]
+    fn an_expert_bias_holds_whole_rows_of_at_least_one_expert() {
+        assert!(expert_bias_fits(32 * 2880, 2880));
+        assert!(expert_bias_fits(2880, 2880));
+        assert!(!expert_bias_fits(0, 2880), "an empty bias passed");
+        assert!(
+            !expert_bias_fits(2 * 2880 + 1, 2880),
+            "a ragged bias passed"
+        );
+        assert!(!expert_bias_fits(8, 0));
     }
 }
