@@ -451,7 +451,9 @@ macro_rules! vnni_kernels {
 
         /// The K-quant eight-row skeleton: `unpack` turns the eight rows' block b into
         /// what `term` needs; per token, `term` gives the eight rows' block terms,
-        /// summed in block order onto −0.
+        /// summed in block order onto −0. Blocks are the outer loop (one unpacked block at
+        /// a time, in L1), tokens the inner, in runs of up to 64 tokens whose accumulators
+        /// stay on the stack.
         #[target_feature(enable = $feat)]
         #[inline]
         unsafe fn rows_in_lanes<B, U>(
@@ -461,22 +463,26 @@ macro_rules! vnni_kernels {
             unpack: impl Fn([&B; 8]) -> U,
             term: impl Fn(&U, &BlockQ8K) -> __m256,
         ) {
+            const RUN: usize = 64;
             let nb = w[0].len();
             let nt = a.len();
             assert!(out.len() >= 8 * nt && w.iter().all(|r| r.len() == nb));
             assert!(a.iter().all(|r| r.len() >= nb));
-            let blocks: Vec<U> = (0..nb)
-                .map(|b| unpack(std::array::from_fn(|r| &w[r][b])))
-                .collect();
             let mut lanes = [0f32; 8];
-            for (t, row) in a.iter().enumerate() {
-                let mut acc = _mm256_set1_ps(-0.0);
-                for (u, y) in blocks.iter().zip(row.iter()) {
-                    acc = _mm256_add_ps(acc, term(u, y));
+            for t0 in (0..nt).step_by(RUN) {
+                let run = &a[t0..nt.min(t0 + RUN)];
+                let mut acc = [_mm256_set1_ps(-0.0); RUN];
+                for b in 0..nb {
+                    let u = unpack(std::array::from_fn(|r| &w[r][b]));
+                    for (acc, row) in acc.iter_mut().zip(run) {
+                        *acc = _mm256_add_ps(*acc, term(&u, &row[b]));
+                    }
                 }
-                _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
-                for (r, v) in lanes.iter().enumerate() {
-                    out[r * nt + t] = *v;
+                for (i, acc) in acc.iter().take(run.len()).enumerate() {
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), *acc);
+                    for (r, v) in lanes.iter().enumerate() {
+                        out[r * nt + t0 + i] = *v;
+                    }
                 }
             }
         }
