@@ -132,6 +132,42 @@ fn bench(c: &mut Criterion) {
                     })
                 });
             }
+            if let Some(dot4) = k.dot4 {
+                // Four tokens per row (prefill without a wider kernel), per token.
+                let acts = act_rows(&k, n, 4);
+                g.throughput(Throughput::Bytes(4 * w.len() as u64));
+                g.bench_function(BenchmarkId::new("dot4", isa.name()), |b| {
+                    b.iter(|| {
+                        let mut out = [0f32; 4];
+                        for wr in w.chunks(row_bytes) {
+                            dot4(
+                                black_box(wr),
+                                [&acts[0], &acts[1], &acts[2], &acts[3]],
+                                &mut out,
+                            );
+                        }
+                        out[0]
+                    })
+                });
+                g.throughput(Throughput::Bytes(w.len() as u64));
+            }
+            if let Some(octet) = k.octet {
+                // Eight rows × four tokens (a small prefill block), per token.
+                let acts = act_rows(&k, n, 4);
+                let a: Vec<&[u8]> = acts.iter().map(|v| v.as_slice()).collect();
+                g.throughput(Throughput::Bytes(4 * w.len() as u64));
+                g.bench_function(BenchmarkId::new("octet4", isa.name()), |b| {
+                    b.iter(|| {
+                        let mut out = [0f32; 8 * 4];
+                        for rows8 in w.chunks(8 * row_bytes) {
+                            let r: Vec<&[u8]> = rows8.chunks(row_bytes).collect();
+                            octet(black_box(std::array::from_fn(|i| r[i])), &a, &mut out);
+                        }
+                        out[0]
+                    })
+                });
+                g.throughput(Throughput::Bytes(w.len() as u64));
+            }
             if let Some(octet) = k.octet {
                 // Eight rows × sixteen tokens on the file's layout (prefill), per token.
                 let acts = act_rows(&k, n, 16);
