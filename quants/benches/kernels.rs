@@ -152,37 +152,23 @@ fn bench(c: &mut Criterion) {
                 g.throughput(Throughput::Bytes(w.len() as u64));
             }
             if let Some(octet) = k.octet {
-                // Eight rows × four tokens (a small prefill block), per token.
-                let acts = act_rows(&k, n, 4);
-                let a: Vec<&[u8]> = acts.iter().map(|v| v.as_slice()).collect();
-                g.throughput(Throughput::Bytes(4 * w.len() as u64));
-                g.bench_function(BenchmarkId::new("octet4", isa.name()), |b| {
-                    b.iter(|| {
-                        let mut out = [0f32; 8 * 4];
-                        for rows8 in w.chunks(8 * row_bytes) {
-                            let r: Vec<&[u8]> = rows8.chunks(row_bytes).collect();
-                            octet(black_box(std::array::from_fn(|i| r[i])), &a, &mut out);
-                        }
-                        out[0]
-                    })
-                });
-                g.throughput(Throughput::Bytes(w.len() as u64));
-            }
-            if let Some(octet) = k.octet {
-                // Eight rows × sixteen tokens on the file's layout (prefill), per token.
-                let acts = act_rows(&k, n, 16);
-                let a: Vec<&[u8]> = acts.iter().map(|v| v.as_slice()).collect();
-                g.throughput(Throughput::Bytes(16 * w.len() as u64));
-                g.bench_function(BenchmarkId::new("octet16", isa.name()), |b| {
-                    b.iter(|| {
-                        let mut out = [0f32; 8 * 16];
-                        for rows8 in w.chunks(8 * row_bytes) {
-                            let r: Vec<&[u8]> = rows8.chunks(row_bytes).collect();
-                            octet(black_box(std::array::from_fn(|i| r[i])), &a, &mut out);
-                        }
-                        out[0]
-                    })
-                });
+                // Eight rows × four tokens (a small prefill block) and × sixteen (prefill), on
+                // the file's layout, per token.
+                for nt in [4usize, 16] {
+                    let acts = act_rows(&k, n, nt);
+                    let a: Vec<&[u8]> = acts.iter().map(|v| v.as_slice()).collect();
+                    g.throughput(Throughput::Bytes((nt * w.len()) as u64));
+                    g.bench_function(BenchmarkId::new(format!("octet{nt}"), isa.name()), |b| {
+                        b.iter(|| {
+                            let mut out = vec![0f32; 8 * nt];
+                            for rows8 in w.chunks(8 * row_bytes) {
+                                let r: Vec<&[u8]> = rows8.chunks(row_bytes).collect();
+                                octet(black_box(std::array::from_fn(|i| r[i])), &a, &mut out);
+                            }
+                            out[0]
+                        })
+                    });
+                }
                 g.throughput(Throughput::Bytes(w.len() as u64));
             }
             if let Some(kernel) = k.packed {
