@@ -17,6 +17,8 @@ struct dim3 { unsigned x, y, z; };
 extern dim3 threadIdx, blockIdx, blockDim, gridDim;
 struct float2 { float x, y; };
 struct float4 { float x, y, z, w; };
+struct int2 { int x, y; };
+int2 make_int2(int, int);
 struct uint4 { unsigned x, y, z, w; };
 uint4 make_uint4(unsigned, unsigned, unsigned, unsigned);
 float __shfl_xor_sync(unsigned, float, int);

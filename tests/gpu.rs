@@ -239,6 +239,54 @@ fn matmul_of_every_weight_type_matches_the_cpu_dequantization() {
     }
 }
 
+/// Decode's int8 activations, quantized once per product on the device, are what the host
+/// computes in f32 for each block of 32: step amax/127, values x · (127/amax) rounded to the
+/// nearest (ties to even), and the sum of each eight in order; bit for bit, over widths that
+/// end in a partial 256-column chunk, rows with an all-zero block (step 0, values 0) and a
+/// block holding the row's large values.
+#[test]
+#[ignore = "needs a CUDA GPU: run scripts/gpu-test.sh on the device machine"]
+fn decode_activations_quantize_to_int8_as_the_host_computes() {
+    let gpu = Gpu::open(0).expect("a CUDA device");
+    let seed = seed();
+    for (rows, cols) in [(1usize, 2688usize), (3, 1856), (5, 4096), (2, 96)] {
+        let mut x = values(seed ^ cols as u64, rows * cols);
+        x[32..64].fill(0.0);
+        let dx = gpu.to_device(&x).unwrap();
+        let xq = gpu.quantize_q8(&dx.slice(..), rows, cols).unwrap();
+        let got = gpu.to_host(&xq).unwrap();
+        let rb = ggrun::backend::cuda::q8_row_bytes(cols);
+        assert_eq!(got.len(), rows * rb);
+        for r in 0..rows {
+            let (row, xr) = (&got[r * rb..(r + 1) * rb], &x[r * cols..(r + 1) * cols]);
+            let float = |at: usize| f32::from_le_bytes(row[at..at + 4].try_into().unwrap());
+            for (b, xb) in xr.chunks(32).enumerate() {
+                let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+                let step = float(cols + 4 * b);
+                assert_eq!(
+                    step.to_bits(),
+                    (amax / 127.0).to_bits(),
+                    "row {r} block {b} step"
+                );
+                for (i, v) in xb.iter().enumerate() {
+                    let want = (v * inv).round_ties_even() as i8;
+                    let at = 32 * b + i;
+                    assert_eq!(row[at] as i8, want, "row {r} cols {cols} value {at}");
+                }
+                for (e, eight) in xb.chunks(8).enumerate() {
+                    let sum = eight.iter().fold(0f32, |s, v| s + v);
+                    let got = float(cols + cols / 8 + 4 * (4 * b + e));
+                    assert_eq!(got.to_bits(), sum.to_bits(), "row {r} block {b} sum {e}");
+                }
+            }
+        }
+    }
+    // A width the blocks of 32 do not divide is refused, not read past.
+    let dx = gpu.to_device(&vec![1f32; 100]).unwrap();
+    assert!(gpu.quantize_q8(&dx.slice(..), 1, 100).is_err());
+}
+
 /// Decode's fused expert kernels give what the separate launches give, bit for bit: the gate
 /// and up products with their biases and the gated activation in one pass, against two
 /// products, two bias additions and `gated_act`; a product with its bias added in the kernel,

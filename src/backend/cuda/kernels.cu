@@ -375,11 +375,10 @@ __device__ __forceinline__ float rows_dot(const u8* w, const u8* w2, long long r
     return rows_total<NT, R>(acc);
 }
 
-// Decode with int8 activations (normal precision), for the legacy, K-quant, IQ4_XS and MXFP4 types: each
-// lane quantizes its eight activations against the absolute maximum of their block of 32 (the
-// four lanes of a block agree through two shuffles), as llama.cpp's q8_1 does, and multiplies
-// them with the weights' integers four at a time (dp4a) instead of converting every weight to
-// float. The activations of a chunk are quantized once and shared by the block's MV_ROWS rows.
+// Decode with int8 activations (normal precision), for the legacy, K-quant, IQ4_XS and MXFP4
+// types: the activations are quantized against the absolute maximum of each block of 32, as
+// llama.cpp's q8_1 does, once per product (quantize_q8), and each lane multiplies its eight
+// with the weights' integers four at a time (dp4a) instead of converting every weight to float.
 // A lane's eight weights are d · q + m with one scale d and offset m (a K-quant's sub-block
 // scale and minimum folded in), so its share is d · dx · Σ q·xq + m · Σ x.
 #define FOR_EACH_INT8_TYPE(X) \
@@ -562,23 +561,57 @@ __device__ __forceinline__ void quantize8(const float* x, int e, int* xq, float*
     *sx = sum;
 }
 
-// rows_dot with int8 activations (see above); the same contract.
+// Decode's activations in int8, quantized once per product by `quantize_q8` rather than by
+// every block of rows: row r of a quantized x lies at xq + r · q8_row_bytes(cols) and holds the
+// cols signed bytes, then the step of each block of 32 (floats), then the float sum of each
+// eight (rows padded to 16 bytes; cols is a multiple of 32, as every int8 type's block is).
+__device__ __forceinline__ long long q8_row_bytes(int cols) {
+    return ((long long)cols * 13 / 8 + 15) & ~15ll;
+}
+
+// quantize8 over `rows` rows of x (rows × cols floats) into xq: a warp per 256 columns of a row
+// (blockIdx.y), the values every decode block computed for itself before.
+extern "C" __global__ void quantize_q8(const float* x, u8* xq, int rows, int cols) {
+    int lane = threadIdx.x % 32;
+    int e0 = (blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32) * 256 + 8 * lane;
+    int r = blockIdx.y;
+    if (r >= rows) return;
+    bool ok = e0 < cols;
+    int e = ok ? e0 : 0, q[2];
+    float dx, sx;
+    quantize8(x + (long long)r * cols, e, q, &dx, &sx);
+    if (!ok) return;
+    u8* row = xq + r * q8_row_bytes(cols);
+    *(int2*)(row + e) = make_int2(q[0], q[1]);
+    if (e % 32 == 0) ((float*)(row + cols))[e / 32] = dx;
+    ((float*)(row + cols + cols / 8))[e / 8] = sx;
+}
+
+// rows_dot with the activations quantized by quantize_q8 (xq: the first of the nt rows); the
+// same contract.
 template <int T, int NT, int R>
 __device__ __forceinline__ float rows_dot_i8(const u8* w, const u8* w2, long long row_bytes, int n,
-                                             const float* x, int cols, int nt) {
+                                             const u8* xq, int cols, int nt) {
     int lane = threadIdx.x % 32, wid = threadIdx.x / 32;
     float acc[NT][R] = {};
     const u8* rowp[R];
     row_pointers<R>(w, w2, row_bytes, n, rowp);
+    long long xrb = q8_row_bytes(cols);
     for (int base = wid * 256; base < cols; base += 256 * MV_WARPS) {
         int e0 = base + 8 * lane;
         bool ok = e0 < cols;
         int e = ok ? e0 : 0;
-        int xq[NT][2];
+        int xq8[NT][2];
         float dx[NT], sx[NT];
 #pragma unroll
-        for (int tt = 0; tt < NT; tt++)
-            quantize8(x + (long long)(tt < nt ? tt : 0) * cols, e, xq[tt], &dx[tt], &sx[tt]);
+        for (int tt = 0; tt < NT; tt++) {
+            const u8* xr = xq + (tt < nt ? tt : 0) * xrb;
+            int2 v = *(const int2*)(xr + e);
+            xq8[tt][0] = v.x;
+            xq8[tt][1] = v.y;
+            dx[tt] = ((const float*)(xr + cols))[e / 32];
+            sx[tt] = ((const float*)(xr + cols + cols / 8))[e / 8];
+        }
         long long blk = (long long)(e / Block32<T>::elems) * Block32<T>::bytes;
 #pragma unroll
         for (int j = 0; j < R; j++) {
@@ -589,7 +622,7 @@ __device__ __forceinline__ float rows_dot_i8(const u8* w, const u8* w2, long lon
             for (int tt = 0; tt < NT; tt++) {
                 // Rounded step by step (no contraction left to the compiler), so that a
                 // token's sums do not depend on the code around them.
-                int s = __dp4a(wq[1], xq[tt][1], __dp4a(wq[0], xq[tt][0], 0));
+                int s = __dp4a(wq[1], xq8[tt][1], __dp4a(wq[0], xq8[tt][0], 0));
                 float v = __fmaf_rn(__fmul_rn(d, dx[tt]), (float)s, acc[tt][j]);
                 if (Block32<T>::has_min) v = __fmaf_rn(m, sx[tt], v);
                 if (ok) acc[tt][j] = v;
@@ -599,21 +632,33 @@ __device__ __forceinline__ float rows_dot_i8(const u8* w, const u8* w2, long lon
     return rows_total<NT, R>(acc);
 }
 
+// Row `r` of the activations a decode kernel was given: floats, or rows of quantize_q8 (I8).
+template <bool I8>
+__device__ __forceinline__ const void* x_row(const void* x, long long r, int cols) {
+    if constexpr (I8) return (const u8*)x + r * q8_row_bytes(cols);
+    else return (const float*)x + r * cols;
+}
+
+// The sums of a decode block's R rows (see rows_dot) on f32 or quantized activations.
+template <int T, bool I8, int NT, int R>
+__device__ __forceinline__ float rows_sum(const u8* w, const u8* w2, long long row_bytes, int n,
+                                          const void* x, int cols, int nt) {
+    if constexpr (I8) return rows_dot_i8<T, NT, R>(w, w2, row_bytes, n, (const u8*)x, cols, nt);
+    else return rows_dot<T, NT, R>(w, w2, row_bytes, n, (const float*)x, cols, nt);
+}
+
 // y[t][r] = Σ_c w[r][c] · x[t][c] (+ b[r] where b is not null) for `tokens` rows of x,
-// written as `epi` says: rows blk·MV_ROWS.. and tokens blockIdx.y·NT.. of it; with I8,
-// activations in int8 (rows_dot_i8).
+// written as `epi` says: rows blk·MV_ROWS.. and tokens blockIdx.y·NT.. of it; with I8, x is
+// quantize_q8's rows.
 template <int T, bool I8, int NT>
-__device__ void matmul_block(int blk, const u8* w, const float* x, float* y, const float* b,
+__device__ void matmul_block(int blk, const u8* w, const void* x, float* y, const float* b,
                              int rows, int cols, long long row_bytes, int tokens, int epi) {
     int r0 = blk * MV_ROWS;
     int t0 = blockIdx.y * NT;
     if (r0 >= rows || t0 >= tokens) return;
     int n = min(MV_ROWS, rows - r0), nt = min(NT, tokens - t0);
     const u8* wr = w + (long long)r0 * row_bytes;
-    const float* xt = x + (long long)t0 * cols;
-    float s;
-    if constexpr (I8) s = rows_dot_i8<T, NT, MV_ROWS>(wr, wr, row_bytes, n, xt, cols, nt);
-    else s = rows_dot<T, NT, MV_ROWS>(wr, wr, row_bytes, n, xt, cols, nt);
+    float s = rows_sum<T, I8, NT, MV_ROWS>(wr, wr, row_bytes, n, x_row<I8>(x, t0, cols), cols, nt);
     int tt = threadIdx.x / MV_ROWS, j = threadIdx.x % MV_ROWS;
     if (tt < nt && j < n) {
         if (b) s += b[r0 + j];
@@ -627,7 +672,7 @@ __device__ void matmul_block(int blk, const u8* w, const float* x, float* y, con
 template <int T, bool I8, int NT>
 __device__ void matmul3(const u8* w0, const u8* w1, const u8* w2, float* y0, float* y1, float* y2,
                         const float* b0, const float* b1, const float* b2, int rows0, int rows1,
-                        int rows2, const float* x, int cols, long long row_bytes, int tokens) {
+                        int rows2, const void* x, int cols, long long row_bytes, int tokens) {
     int blk = blockIdx.x;
     int n0 = (rows0 + MV_ROWS - 1) / MV_ROWS, n1 = (rows1 + MV_ROWS - 1) / MV_ROWS;
     if (blk < n0) {
@@ -646,7 +691,7 @@ __device__ void matmul3(const u8* w0, const u8* w1, const u8* w2, float* y0, flo
 // own id where ids index a cache's slots) and writes y row p as `epi` says. One block per
 // MV_ROWS rows and pair; no copy of expert ids to the host.
 template <int T, bool I8>
-__device__ void matmul_id(const u8* w, const float* x, float* y, const int* ids, const float* b,
+__device__ void matmul_id(const u8* w, const void* x, float* y, const int* ids, const float* b,
                           const int* bids, int rows, int cols, long long row_bytes, int pairs, int k, int x_per_pair,
                           int epi) {
     int r0 = blockIdx.x * MV_ROWS;
@@ -654,11 +699,9 @@ __device__ void matmul_id(const u8* w, const float* x, float* y, const int* ids,
     if (r0 >= rows || p >= pairs) return;
     int n = min(MV_ROWS, rows - r0);
     long long e = ids[p];
-    const float* xt = x + (long long)(x_per_pair ? p : p / k) * cols;
+    const void* xt = x_row<I8>(x, x_per_pair ? p : p / k, cols);
     const u8* wr = w + (e * rows + r0) * row_bytes;
-    float s;
-    if constexpr (I8) s = rows_dot_i8<T, 1, MV_ROWS>(wr, wr, row_bytes, n, xt, cols, 1);
-    else s = rows_dot<T, 1, MV_ROWS>(wr, wr, row_bytes, n, xt, cols, 1);
+    float s = rows_sum<T, I8, 1, MV_ROWS>(wr, wr, row_bytes, n, xt, cols, 1);
     if (threadIdx.x < n) {
         if (b) s += b[(long long)bids[p] * rows + r0 + threadIdx.x];
         put(y + (long long)p * rows + r0 + threadIdx.x, s, epi);
@@ -682,7 +725,7 @@ __device__ __forceinline__ float gated(float g, float u, int act, float alpha, f
 // (eight rows sharing each load of x); each product is what matmul_id gives, so y is what the
 // separate products, bias additions and gated_act give, bit for bit.
 template <int T, bool I8>
-__device__ void matmul_gated_id(const u8* wg, const u8* wu, const float* x, float* y,
+__device__ void matmul_gated_id(const u8* wg, const u8* wu, const void* x, float* y,
                                 const int* ids, const float* bg, const float* bu,
                                 const int* bids, int rows,
                                 int cols, long long row_bytes, int pairs, int k, int act,
@@ -692,11 +735,9 @@ __device__ void matmul_gated_id(const u8* wg, const u8* wu, const float* x, floa
     if (r0 >= rows || p >= pairs) return;
     int n = min(MV_ROWS, rows - r0);
     long long e = ids[p];
-    const float* xt = x + (long long)(p / k) * cols;
     long long at = (e * rows + r0) * row_bytes;
-    float s;
-    if constexpr (I8) s = rows_dot_i8<T, 1, 2 * MV_ROWS>(wg + at, wu + at, row_bytes, n, xt, cols, 1);
-    else s = rows_dot<T, 1, 2 * MV_ROWS>(wg + at, wu + at, row_bytes, n, xt, cols, 1);
+    float s = rows_sum<T, I8, 1, 2 * MV_ROWS>(wg + at, wu + at, row_bytes, n,
+                                              x_row<I8>(x, p / k, cols), cols, 1);
     __shared__ float total[2 * MV_ROWS];
     if (threadIdx.x < 2 * MV_ROWS) total[threadIdx.x] = s;
     __syncthreads();
@@ -710,42 +751,42 @@ __device__ void matmul_gated_id(const u8* wg, const u8* wu, const float* x, floa
 }
 
 #define MATMUL_FAMILY(name, s, T, I8)                                                            \
-    extern "C" __global__ void name##s(const u8* w, const float* x, float* y, int rows, int cols,\
+    extern "C" __global__ void name##s(const u8* w, const void* x, float* y, int rows, int cols, \
                                        long long row_bytes, int tokens, int epi, const float* b) {\
         matmul_block<T, I8, 1>(blockIdx.x, w, x, y, b, rows, cols, row_bytes, tokens, epi);      \
     }                                                                                            \
-    extern "C" __global__ void name##s##_x4(const u8* w, const float* x, float* y, int rows,    \
-                                            int cols, long long row_bytes, int tokens, int epi, \
-                                            const float* b) {                                   \
+    extern "C" __global__ void name##s##_x4(const u8* w, const void* x, float* y, int rows,      \
+                                            int cols, long long row_bytes, int tokens, int epi,  \
+                                            const float* b) {                                    \
         matmul_block<T, I8, MV_TOKENS>(blockIdx.x, w, x, y, b, rows, cols, row_bytes, tokens, epi);\
     }                                                                                            \
-    extern "C" __global__ void name##s##_3(const u8* w0, const u8* w1, const u8* w2, float* y0, \
-                                           float* y1, float* y2, const float* b0,              \
-                                           const float* b1, const float* b2, int rows0,        \
-                                           int rows1, int rows2, const float* x, int cols,     \
-                                           long long row_bytes, int tokens) {                  \
+    extern "C" __global__ void name##s##_3(const u8* w0, const u8* w1, const u8* w2, float* y0,  \
+                                           float* y1, float* y2, const float* b0,                \
+                                           const float* b1, const float* b2, int rows0,          \
+                                           int rows1, int rows2, const void* x, int cols,        \
+                                           long long row_bytes, int tokens) {                    \
         matmul3<T, I8, 1>(w0, w1, w2, y0, y1, y2, b0, b1, b2, rows0, rows1, rows2, x, cols,      \
                           row_bytes, tokens);                                                    \
     }                                                                                            \
-    extern "C" __global__ void name##s##_3_x4(const u8* w0, const u8* w1, const u8* w2,         \
-                                              float* y0, float* y1, float* y2, const float* b0, \
-                                              const float* b1, const float* b2, int rows0,      \
-                                              int rows1, int rows2, const float* x, int cols,   \
-                                              long long row_bytes, int tokens) {                \
+    extern "C" __global__ void name##s##_3_x4(const u8* w0, const u8* w1, const u8* w2,          \
+                                              float* y0, float* y1, float* y2, const float* b0,  \
+                                              const float* b1, const float* b2, int rows0,       \
+                                              int rows1, int rows2, const void* x, int cols,     \
+                                              long long row_bytes, int tokens) {                 \
         matmul3<T, I8, MV_TOKENS>(w0, w1, w2, y0, y1, y2, b0, b1, b2, rows0, rows1, rows2, x,    \
                                   cols, row_bytes, tokens);                                      \
     }                                                                                            \
-    extern "C" __global__ void name##s##_id(const u8* w, const float* x, float* y, const int* ids,\
-                                            const float* b, const int* bids, int rows, int cols,\
-                                            long long row_bytes, int pairs, int k,              \
-                                            int x_per_pair, int epi) {                          \
+    extern "C" __global__ void name##s##_id(const u8* w, const void* x, float* y, const int* ids,\
+                                            const float* b, const int* bids, int rows, int cols, \
+                                            long long row_bytes, int pairs, int k,               \
+                                            int x_per_pair, int epi) {                           \
         matmul_id<T, I8>(w, x, y, ids, b, bids, rows, cols, row_bytes, pairs, k, x_per_pair, epi);\
     }                                                                                            \
-    extern "C" __global__ void name##s##_gated_id(const u8* wg, const u8* wu, const float* x,   \
-                                                  float* y, const int* ids, const float* bg,    \
-                                                  const float* bu, const int* bids, int rows,   \
-                                                  int cols, long long row_bytes, int pairs,     \
-                                                  int k, int act, float alpha, float limit) {   \
+    extern "C" __global__ void name##s##_gated_id(const u8* wg, const u8* wu, const void* x,     \
+                                                  float* y, const int* ids, const float* bg,     \
+                                                  const float* bu, const int* bids, int rows,    \
+                                                  int cols, long long row_bytes, int pairs,      \
+                                                  int k, int act, float alpha, float limit) {    \
         matmul_gated_id<T, I8>(wg, wu, x, y, ids, bg, bu, bids, rows, cols, row_bytes, pairs, k, \
                                act, alpha, limit);                                               \
     }

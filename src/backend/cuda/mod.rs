@@ -418,6 +418,37 @@ impl Gpu {
         unsafe { self.stream.alloc(n) }.map_err(|e| anyhow!("CUDA alloc: {e:?}"))
     }
 
+    /// `rows` rows of x (`cols` wide, a multiple of 32) in int8 for the decode kernels of
+    /// [`Kernel::RowsI8`]: per row the cols bytes, a step per 32 and a sum per 8, as
+    /// `quantize_q8` in kernels.cu lays them out ([`q8_row_bytes`] a row). Quantizing once
+    /// per product spares every block of rows from quantizing all of x for itself.
+    pub fn quantize_q8(
+        &self,
+        x: &CudaView<f32>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<CudaSlice<u8>> {
+        if rows == 0 || rows > 65535 || !cols.is_multiple_of(32) || x.len() < rows * cols {
+            bail!("CUDA quantize_q8 shape mismatch ({rows} rows of {cols})");
+        }
+        let mut xq = self.output::<u8>(rows * q8_row_bytes(cols))?;
+        let f = self.function("quantize_q8")?;
+        // Eight warps a block, a warp per 256 columns.
+        let cfg = LaunchConfig {
+            grid_dim: ((cols as u32).div_ceil(8 * 256), rows as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (r, c) = (rows as i32, cols as i32);
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(x).arg(&mut xq).arg(&r).arg(&c);
+        // SAFETY: quantize_q8(const float* x, u8* xq, int rows, int cols) reads rows × cols
+        // floats and writes within rows × q8_row_bytes(cols) bytes (only the padding at the end
+        // of each row is left unwritten, and no kernel reads it), checked and allocated above.
+        unsafe { launch.launch(cfg) }.map_err(|e| anyhow!("CUDA launch: {e:?}"))?;
+        Ok(xq)
+    }
+
     /// y (t × w.rows) = x (t × w.cols) · wᵀ on the device, activations in f32.
     pub fn matmul(
         &self,
@@ -489,6 +520,10 @@ impl Gpu {
             let rows = [w0.rows, w1.rows, w2.rows].map(|r| r as i32);
             let (c, rbi, tokens) = (cols as i32, rb as i64, t as i32);
             let null = 0u64;
+            let xq = match kind {
+                Kernel::RowsI8 => Some(self.quantize_q8(&x.slice(..), t, cols)?),
+                _ => None,
+            };
             let mut launch = self.stream.launch_builder(&f);
             launch.arg(&v0).arg(&v1).arg(&v2);
             launch.arg(&mut y0).arg(&mut y1).arg(&mut y2);
@@ -499,12 +534,17 @@ impl Gpu {
                 };
             }
             launch.arg(&rows[0]).arg(&rows[1]).arg(&rows[2]);
-            launch.arg(x).arg(&c).arg(&rbi).arg(&tokens);
-            // SAFETY: matmul_<type>_3[_x4](const u8* w0, w1, w2, float* y0, y1, y2,
-            // const float* b0, b1, b2, int rows0, rows1, rows2, const float* x, int cols,
+            match &xq {
+                Some(xq) => launch.arg(xq),
+                None => launch.arg(x),
+            };
+            launch.arg(&c).arg(&rbi).arg(&tokens);
+            // SAFETY: matmul_[i8_]<type>_3[_x4](const u8* w0, w1, w2, float* y0, y1, y2,
+            // const float* b0, b1, b2, int rows0, rows1, rows2, const void* x, int cols,
             // long long row_bytes, int tokens): each w_i holds rows_i rows of row_bytes (views
             // of exactly those rows), y_i t × rows_i floats (allocated above), b_i null or at
-            // least rows_i long, x t × cols floats (checked above).
+            // least rows_i long, x t × cols floats (checked above) or, for the int8 kernels,
+            // its t rows from quantize_q8.
             unsafe { launch.launch(cfg) }.map_err(|e| anyhow!("CUDA launch: {e:?}"))?;
         }
         Ok([y0, y1, y2])
@@ -594,10 +634,17 @@ impl Gpu {
         let epi = epi as i32;
         let null = 0u64;
         let rows_kind = kind == Kernel::Rows || kind == Kernel::RowsI8;
+        let xq = match kind {
+            Kernel::RowsI8 => Some(self.quantize_q8(x, t, cols)?),
+            _ => None,
+        };
         let mut launch = self.stream.launch_builder(&f);
+        launch.arg(w);
+        match &xq {
+            Some(xq) => launch.arg(xq),
+            None => launch.arg(x),
+        };
         launch
-            .arg(w)
-            .arg(x)
             .arg(&mut *y)
             .arg(&r)
             .arg(&c)
@@ -610,10 +657,12 @@ impl Gpu {
                 None => launch.arg(&null),
             };
         }
-        // SAFETY: the kernel's signature is (const u8*, const float*, float*, int, int, long long,
-        // int, int), and for the decode kernels a last const float* (the bias, null or `rows`
-        // long), matching the arguments pushed above; it reads rows × row_bytes bytes of `w`
-        // and t × cols floats of `x`, writes t × rows floats of `y`, all checked above.
+        // SAFETY: the kernel's signature is (const u8*, const float* or, for the int8 decode
+        // kernels, const void*, float*, int, int, long long, int, int), and for the decode
+        // kernels a last const float* (the bias, null or `rows` long), matching the arguments
+        // pushed above; it reads rows × row_bytes bytes of `w` and t × cols floats of `x` (t
+        // rows of quantize_q8 for the int8 kernels), writes t × rows floats of `y`, all
+        // checked above.
         unsafe { launch.launch(cfg) }.map_err(|e| anyhow!("CUDA launch: {e:?}"))?;
         match bias {
             Some(b) if !rows_kind => self.add_bias_view(y, b, None, t, rows),
@@ -709,6 +758,21 @@ impl Gpu {
         }
     }
 
+    /// x's `rows` rows quantized for the decode kernel of type `ty` where it runs on int8
+    /// activations (see [`Gpu::quantize_q8`]), None where it reads them as floats.
+    pub(super) fn quantized_for(
+        &self,
+        ty: GgmlType,
+        x: &CudaView<f32>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Option<CudaSlice<u8>>> {
+        match self.rows_kernel(ty) {
+            Kernel::RowsI8 => Ok(Some(self.quantize_q8(x, rows, cols)?)),
+            _ => Ok(None),
+        }
+    }
+
     /// Waits for all queued work and returns the memory pool's unused memory to the driver
     /// (the pool keeps what frees return: see `keep_pool_memory`), so that the free memory the
     /// device reports next counts only live buffers.
@@ -727,6 +791,12 @@ impl Gpu {
             .synchronize()
             .map_err(|e| anyhow!("CUDA: {e:?}"))
     }
+}
+
+/// Bytes of a row of `cols` activations quantized for the int8 decode kernels (`q8_row_bytes`
+/// in kernels.cu): the int8 values, a float step per 32 and a float sum per 8, padded to 16.
+pub fn q8_row_bytes(cols: usize) -> usize {
+    (cols * 13 / 8 + 15) & !15
 }
 
 /// Batches from this many tokens up run the tiled kernel.
@@ -748,7 +818,7 @@ const MMA_THREADS: u32 = 256;
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kernel {
     Rows,
-    /// Rows with the activations quantized to int8 in the kernel (`FOR_EACH_INT8_TYPE`).
+    /// Rows on activations quantized to int8 by `quantize_q8` (`FOR_EACH_INT8_TYPE`).
     RowsI8,
     Tiled,
     Mma,

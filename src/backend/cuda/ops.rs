@@ -666,8 +666,14 @@ impl DeviceRows<'_> {
         let (r, c, rbi) = (rows_per_expert as i32, cols as i32, rb as i64);
         let (p, ki, xp, ep) = (pairs as i32, k as i32, x_per_pair as i32, epi as i32);
         let null = 0u64;
+        let xq = g.quantized_for(self.m.ty, x, x_rows, cols)?;
         let mut launch = g.stream.launch_builder(&f);
-        launch.arg(&self.m.data).arg(x).arg(y).arg(ids);
+        launch.arg(&self.m.data);
+        match &xq {
+            Some(xq) => launch.arg(xq),
+            None => launch.arg(x),
+        };
+        launch.arg(y).arg(ids);
         match bias {
             Some((b, i)) => launch.arg(b).arg(i),
             None => launch.arg(&null).arg(&null),
@@ -680,12 +686,13 @@ impl DeviceRows<'_> {
             .arg(&ki)
             .arg(&xp)
             .arg(&ep);
-        // SAFETY: matmul_<type>_id(const u8* w, const float* x, float* y, const int* ids,
+        // SAFETY: matmul_[i8_]<type>_id(const u8* w, const void* x, float* y, const int* ids,
         // const float* b, const int* bids, int rows, int cols, long long row_bytes, int pairs,
         // int k, int x_per_pair, int epi): every id comes from route_topk over this matrix's
         // n_expert experts, so it reads within the n_expert × rows_per_expert rows; every bias
         // id is an expert of the layer whose bias b holds (null both, or a row per expert); x
-        // and y lengths checked above.
+        // (floats, or for the int8 kernels its rows from quantize_q8) and y lengths checked
+        // above.
         launched(unsafe { launch.launch(id_grid(rows_per_expert, pairs)) }.map(drop))
     }
 
@@ -738,13 +745,14 @@ impl DeviceRows<'_> {
         let (r, c, rbi) = (rows_per_expert as i32, cols as i32, rb as i64);
         let (p, ki) = (pairs as i32, k as i32);
         let null = 0u64;
+        let xq = g.quantized_for(self.m.ty, x, pairs.div_ceil(k), cols)?;
         let mut launch = g.stream.launch_builder(&f);
-        launch
-            .arg(&self.m.data)
-            .arg(&up.m.data)
-            .arg(x)
-            .arg(y)
-            .arg(ids);
+        launch.arg(&self.m.data).arg(&up.m.data);
+        match &xq {
+            Some(xq) => launch.arg(xq),
+            None => launch.arg(x),
+        };
+        launch.arg(y).arg(ids);
         for b in [bg, bu] {
             match b {
                 Some(b) => launch.arg(b),
@@ -759,12 +767,13 @@ impl DeviceRows<'_> {
             .arg(&p)
             .arg(&ki);
         launch.arg(&code).arg(&alpha).arg(&limit);
-        // SAFETY: matmul_<type>_gated_id(const u8* wg, const u8* wu, const float* x, float* y,
+        // SAFETY: matmul_[i8_]<type>_gated_id(const u8* wg, const u8* wu, const void* x, float* y,
         // const int* ids, const float* bg, const float* bu, const int* bids, int rows,
         // int cols, long long row_bytes, int pairs, int k, int act, float alpha, float limit):
         // both matrices have this shape and every id comes from route_topk over its n_expert
         // experts; every bias id is an expert of the layer whose biases bg and bu hold (null,
-        // or a row per expert); x and y lengths checked above.
+        // or a row per expert); x (floats, or its rows from quantize_q8 for the int8 kernels)
+        // and y lengths checked above.
         launched(unsafe { launch.launch(id_grid(rows_per_expert, pairs)) }.map(drop))
     }
 }
