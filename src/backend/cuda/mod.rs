@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use anyhow::{anyhow, bail, Result};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut,
-    DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use ggrun_quants::GgmlType;
 
@@ -520,10 +520,8 @@ impl Gpu {
             let rows = [w0.rows, w1.rows, w2.rows].map(|r| r as i32);
             let (c, rbi, tokens) = (cols as i32, rb as i64, t as i32);
             let null = 0u64;
-            let xq = match kind {
-                Kernel::RowsI8 => Some(self.quantize_q8(&x.slice(..), t, cols)?),
-                _ => None,
-            };
+            let xv = x.slice(..);
+            let xq = self.quantized_for(ty, &xv, t, cols)?;
             let mut launch = self.stream.launch_builder(&f);
             launch.arg(&v0).arg(&v1).arg(&v2);
             launch.arg(&mut y0).arg(&mut y1).arg(&mut y2);
@@ -534,10 +532,7 @@ impl Gpu {
                 };
             }
             launch.arg(&rows[0]).arg(&rows[1]).arg(&rows[2]);
-            match &xq {
-                Some(xq) => launch.arg(xq),
-                None => launch.arg(x),
-            };
+            push_x(&mut launch, &xv, &xq);
             launch.arg(&c).arg(&rbi).arg(&tokens);
             // SAFETY: matmul_[i8_]<type>_3[_x4](const u8* w0, w1, w2, float* y0, y1, y2,
             // const float* b0, b1, b2, int rows0, rows1, rows2, const void* x, int cols,
@@ -640,10 +635,7 @@ impl Gpu {
         };
         let mut launch = self.stream.launch_builder(&f);
         launch.arg(w);
-        match &xq {
-            Some(xq) => launch.arg(xq),
-            None => launch.arg(x),
-        };
+        push_x(&mut launch, x, &xq);
         launch
             .arg(&mut *y)
             .arg(&r)
@@ -791,6 +783,19 @@ impl Gpu {
             .synchronize()
             .map_err(|e| anyhow!("CUDA: {e:?}"))
     }
+}
+
+/// Pushes a decode kernel's activations: `xq` (rows of [`Gpu::quantize_q8`]) where the kernel
+/// takes int8, else the floats x.
+fn push_x<'a, 'c: 'a>(
+    launch: &mut LaunchArgs<'a>,
+    x: &'a CudaView<'c, f32>,
+    xq: &'a Option<CudaSlice<u8>>,
+) {
+    match xq {
+        Some(xq) => launch.arg(xq),
+        None => launch.arg(x),
+    };
 }
 
 /// Bytes of a row of `cols` activations quantized for the int8 decode kernels (`q8_row_bytes`

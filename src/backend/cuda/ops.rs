@@ -5,7 +5,7 @@
 //! the gather / combine around grouped experts, and logit soft-capping.
 
 use anyhow::{anyhow, bail, Result};
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
 use super::{DeviceRows, Gpu};
 use crate::backend::attention::AttnShape;
@@ -626,6 +626,36 @@ impl Gpu {
 }
 
 impl DeviceRows<'_> {
+    /// What both routed-expert kernels check and set up: this matrix stacks `n_expert` experts
+    /// of `rows_per_expert` rows (`shape`: those two, the pairs, x's rows), `ids` and y (of
+    /// `y_len`) hold a row per pair and x `x_rows` rows. Returns the kernel
+    /// `<this type's decode kernel>_<suffix>` and x quantized where that kernel takes int8.
+    fn expert_kernel(
+        &self,
+        suffix: &str,
+        (rows_per_expert, n_expert, pairs, x_rows): (usize, usize, usize, usize),
+        ids: &CudaSlice<i32>,
+        x: &CudaView<f32>,
+        y_len: usize,
+    ) -> Result<(CudaFunction, Option<CudaSlice<u8>>)> {
+        let cols = self.m.cols;
+        if self.start != 0
+            || self.rows != rows_per_expert * n_expert
+            || ids.len() < pairs
+            || x.len() < x_rows * cols
+            || y_len < pairs * rows_per_expert
+        {
+            bail!("CUDA matmul_{suffix} shape mismatch");
+        }
+        let g = self.gpu;
+        let kind = g.rows_kernel(self.m.ty);
+        let f = g.function(&format!(
+            "{}_{suffix}",
+            super::kernel_name(self.m.ty, kind)?
+        ))?;
+        Ok((f, g.quantized_for(self.m.ty, x, x_rows, cols)?))
+    }
+
     /// The routed experts' products for decode, with the expert ids on the device: pair p
     /// multiplies expert `ids[p]` (rows `ids[p]·rows_per_expert ..` of this stacked matrix) by x
     /// row p / k (row p when `x_per_pair`), adds row `bias_ids[p]` of `bias` (rows of
@@ -645,34 +675,23 @@ impl DeviceRows<'_> {
         bias: Option<(&CudaSlice<f32>, &CudaSlice<i32>)>,
         epi: super::Epilogue,
     ) -> Result<()> {
-        let (cols, rb) = (self.m.cols, self.m.row_bytes);
-        let x_rows = if x_per_pair { pairs } else { pairs.div_ceil(k) };
-        if self.start != 0
-            || self.rows != rows_per_expert * n_expert
-            || ids.len() < pairs
-            || x.len() < x_rows * cols
-            || y.len() < pairs * rows_per_expert
-            || bias.is_some_and(|(b, i)| {
-                !expert_bias_fits(b.len(), rows_per_expert) || i.len() < pairs
-            })
+        if bias.is_some_and(|(b, i)| !expert_bias_fits(b.len(), rows_per_expert) || i.len() < pairs)
         {
-            bail!("CUDA matmul_id shape mismatch");
+            bail!("CUDA matmul_id: the bias does not fit the experts");
         }
-        let g = self.gpu;
-        let f = g.function(&format!(
-            "{}_id",
-            super::kernel_name(self.m.ty, g.rows_kernel(self.m.ty))?
-        ))?;
-        let (r, c, rbi) = (rows_per_expert as i32, cols as i32, rb as i64);
+        let x_rows = if x_per_pair { pairs } else { pairs.div_ceil(k) };
+        let shape = (rows_per_expert, n_expert, pairs, x_rows);
+        let (f, xq) = self.expert_kernel("id", shape, ids, x, y.len())?;
+        let (r, c, rbi) = (
+            rows_per_expert as i32,
+            self.m.cols as i32,
+            self.m.row_bytes as i64,
+        );
         let (p, ki, xp, ep) = (pairs as i32, k as i32, x_per_pair as i32, epi as i32);
         let null = 0u64;
-        let xq = g.quantized_for(self.m.ty, x, x_rows, cols)?;
-        let mut launch = g.stream.launch_builder(&f);
+        let mut launch = self.gpu.stream.launch_builder(&f);
         launch.arg(&self.m.data);
-        match &xq {
-            Some(xq) => launch.arg(xq),
-            None => launch.arg(x),
-        };
+        super::push_x(&mut launch, x, &xq);
         launch.arg(y).arg(ids);
         match bias {
             Some((b, i)) => launch.arg(b).arg(i),
@@ -723,35 +742,23 @@ impl DeviceRows<'_> {
         let short = |b: Option<&CudaSlice<f32>>| {
             b.is_some_and(|b| !expert_bias_fits(b.len(), rows_per_expert))
         };
-        if self.start != 0
-            || up.start != 0
-            || self.rows != rows_per_expert * n_expert
+        if up.start != 0
             || (up.m.ty, up.rows, up.m.cols, up.m.row_bytes) != (self.m.ty, self.rows, cols, rb)
-            || ids.len() < pairs
-            || x.len() < pairs.div_ceil(k) * cols
-            || y.len() < pairs * rows_per_expert
             || short(bg)
             || short(bu)
             || bias_ids.len() < pairs
         {
-            bail!("CUDA matmul_gated_id shape mismatch");
+            bail!("CUDA matmul_gated_id: up or a bias does not fit the gate");
         }
-        let g = self.gpu;
-        let f = g.function(&format!(
-            "{}_gated_id",
-            super::kernel_name(self.m.ty, g.rows_kernel(self.m.ty))?
-        ))?;
+        let shape = (rows_per_expert, n_expert, pairs, pairs.div_ceil(k));
+        let (f, xq) = self.expert_kernel("gated_id", shape, ids, x, y.len())?;
         let (code, alpha, limit) = act.code();
         let (r, c, rbi) = (rows_per_expert as i32, cols as i32, rb as i64);
         let (p, ki) = (pairs as i32, k as i32);
         let null = 0u64;
-        let xq = g.quantized_for(self.m.ty, x, pairs.div_ceil(k), cols)?;
-        let mut launch = g.stream.launch_builder(&f);
+        let mut launch = self.gpu.stream.launch_builder(&f);
         launch.arg(&self.m.data).arg(&up.m.data);
-        match &xq {
-            Some(xq) => launch.arg(xq),
-            None => launch.arg(x),
-        };
+        super::push_x(&mut launch, x, &xq);
         launch.arg(y).arg(ids);
         for b in [bg, bu] {
             match b {
