@@ -287,6 +287,113 @@ fn decode_activations_quantize_to_int8_as_the_host_computes() {
     assert!(gpu.quantize_q8(&dx.slice(..), 1, 100).is_err());
 }
 
+/// Attention on the device over a long cache, where decode splits each head's positions into
+/// runs merged afterwards, matches a float64 softmax on the host: Nemotron's heads (32 over 2
+/// KV heads of 128) at 5000 positions for one and three new tokens, gpt-oss's (64 over 8 of 64)
+/// with a 128-position window and sinks, a first token alone (one position), and 40 tokens
+/// after 3000 (prefill's unsplit kernel). Outputs are
+/// poisoned first. Bound per output value: 1e-4 · Σ p·|v| + 1e-6 (f32 sums over thousands of
+/// positions in another order, and expf).
+#[test]
+#[ignore = "needs a CUDA GPU: run scripts/gpu-test.sh on the device machine"]
+fn attention_over_a_long_cache_matches_the_host() {
+    use ggrun::backend::attention::AttnShape;
+    let gpu = Gpu::open(0).expect("a CUDA device");
+    let seed = seed();
+    // (heads, kv heads, head dim, window, sinks, capacity, past, new tokens)
+    let cases = [
+        (
+            32usize, 2usize, 128usize, None, false, 8192usize, 4999usize, 1usize,
+        ),
+        (32, 2, 128, None, false, 8192, 4997, 3),
+        (64, 8, 64, Some(128usize), true, 4096, 3000, 1),
+        (32, 2, 128, None, false, 8192, 0, 1),
+        // Prefill-sized: heads × tokens fill the GPU unsplit.
+        (32, 2, 128, None, false, 4096, 3000, 40),
+    ];
+    for (c, &(nh, nkv, hd, window, with_sinks, capacity, past, t)) in cases.iter().enumerate() {
+        let row = nkv * hd;
+        let shape = AttnShape {
+            n_head: nh,
+            n_head_kv: nkv,
+            head_dim: hd,
+            scale: 1.0 / (hd as f32).sqrt(),
+            window,
+        };
+        let s = seed ^ (c as u64) << 32;
+        let q = values(s, t * nh * hd);
+        let mut kc = values(s ^ 1, capacity * row);
+        let vc = values(s ^ 2, capacity * row);
+        // A few keys that stand out, so the softmax is not flat.
+        for p in (0..capacity).step_by(97) {
+            kc[p * row..(p + 1) * row]
+                .iter_mut()
+                .for_each(|v| *v *= 4.0);
+        }
+        let sinks: Vec<f32> = values(s ^ 3, nh).iter().map(|v| 2.0 * v).collect();
+        let (dq, dk, dv) = (
+            gpu.to_device(&q).unwrap(),
+            gpu.to_device(&kc).unwrap(),
+            gpu.to_device(&vc).unwrap(),
+        );
+        let dsinks = gpu.to_device(&sinks).unwrap();
+        let dpast = gpu.to_device(&[past as i32]).unwrap();
+        let mut dout = gpu.to_device(&vec![f32::NAN; t * nh * hd]).unwrap();
+        gpu.attention(
+            &shape,
+            with_sinks.then_some(&dsinks),
+            &dq.slice(..),
+            &dk,
+            &dv,
+            &mut dout.slice_mut(..),
+            t,
+            past,
+            &dpast.slice(..),
+        )
+        .unwrap();
+        let out = gpu.to_host(&dout).unwrap();
+        for ti in 0..t {
+            let end = past + ti + 1;
+            let first = window.map_or(0, |w| end.saturating_sub(w));
+            for h in 0..nh {
+                let kvh = h / (nh / nkv);
+                let qh = &q[(ti * nh + h) * hd..][..hd];
+                let logits: Vec<f64> = (first..end)
+                    .map(|p| {
+                        let kr = &kc[p * row + kvh * hd..][..hd];
+                        let d: f64 = qh.iter().zip(kr).map(|(a, b)| *a as f64 * *b as f64).sum();
+                        d * shape.scale as f64
+                    })
+                    .collect();
+                let sink = with_sinks.then(|| sinks[h] as f64);
+                let mx = logits
+                    .iter()
+                    .chain(sink.iter())
+                    .fold(f64::NEG_INFINITY, |m, v| m.max(*v));
+                let denom: f64 = logits
+                    .iter()
+                    .chain(sink.iter())
+                    .map(|l| (l - mx).exp())
+                    .sum();
+                for d in 0..hd {
+                    let (mut want, mut mag) = (0f64, 0f64);
+                    for (i, p) in (first..end).enumerate() {
+                        let w = (logits[i] - mx).exp() / denom;
+                        let v = vc[p * row + kvh * hd + d] as f64;
+                        want += w * v;
+                        mag += w * v.abs();
+                    }
+                    let got = out[(ti * nh + h) * hd + d] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-4 * mag + 1e-6,
+                        "case {c} token {ti} head {h} dim {d}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// Decode's fused expert kernels give what the separate launches give, bit for bit: the gate
 /// and up products with their biases and the gated activation in one pass, against two
 /// products, two bias additions and `gated_act`; a product with its bias added in the kernel,

@@ -561,10 +561,14 @@ __device__ __forceinline__ void quantize8(const float* x, int e, int* xq, float*
     *sx = sum;
 }
 
-// Decode's activations in int8, quantized once per product by `quantize_q8` rather than by
-// every block of rows: row r of a quantized x lies at xq + r · q8_row_bytes(cols) and holds the
-// cols signed bytes, then the step of each block of 32 (floats), then the float sum of each
-// eight (rows padded to 16 bytes; cols is a multiple of 32, as every int8 type's block is).
+// Decode's activations in int8. A block of one token quantizes its activations itself
+// (quantize8, each chunk once for the block's rows); the blocks of several tokens (MV_TOKENS)
+// read them quantized once per product by quantize_q8, which spares every block quantizing all
+// of x for each of its tokens but costs a launch, a loss where a block has one token (measured:
+// Nemotron-width decode 6% slower). Row r of a quantized x lies at xq + r · q8_row_bytes(cols)
+// and holds the cols signed bytes, then the step of each block of 32 (floats), then the float
+// sum of each eight (rows padded to 16 bytes; cols is a multiple of 32, as every int8 type's
+// block is).
 __device__ __forceinline__ long long q8_row_bytes(int cols) {
     return ((long long)cols * 13 / 8 + 15) & ~15ll;
 }
@@ -587,11 +591,11 @@ extern "C" __global__ void quantize_q8(const float* x, u8* xq, int rows, int col
     ((float*)(row + cols + cols / 8))[e / 8] = sx;
 }
 
-// rows_dot with the activations quantized by quantize_q8 (xq: the first of the nt rows); the
-// same contract.
+// rows_dot with int8 activations: for one token (NT 1) x is the token's floats, quantized
+// here; for several, x holds quantize_q8's rows (the first of the nt). The same contract.
 template <int T, int NT, int R>
 __device__ __forceinline__ float rows_dot_i8(const u8* w, const u8* w2, long long row_bytes, int n,
-                                             const u8* xq, int cols, int nt) {
+                                             const void* x, int cols, int nt) {
     int lane = threadIdx.x % 32, wid = threadIdx.x / 32;
     float acc[NT][R] = {};
     const u8* rowp[R];
@@ -603,14 +607,18 @@ __device__ __forceinline__ float rows_dot_i8(const u8* w, const u8* w2, long lon
         int e = ok ? e0 : 0;
         int xq8[NT][2];
         float dx[NT], sx[NT];
+        if constexpr (NT == 1) {
+            quantize8((const float*)x, e, xq8[0], &dx[0], &sx[0]);
+        } else {
 #pragma unroll
-        for (int tt = 0; tt < NT; tt++) {
-            const u8* xr = xq + (tt < nt ? tt : 0) * xrb;
-            int2 v = *(const int2*)(xr + e);
-            xq8[tt][0] = v.x;
-            xq8[tt][1] = v.y;
-            dx[tt] = ((const float*)(xr + cols))[e / 32];
-            sx[tt] = ((const float*)(xr + cols + cols / 8))[e / 8];
+            for (int tt = 0; tt < NT; tt++) {
+                const u8* xr = (const u8*)x + (tt < nt ? tt : 0) * xrb;
+                int2 v = *(const int2*)(xr + e);
+                xq8[tt][0] = v.x;
+                xq8[tt][1] = v.y;
+                dx[tt] = ((const float*)(xr + cols))[e / 32];
+                sx[tt] = ((const float*)(xr + cols + cols / 8))[e / 8];
+            }
         }
         long long blk = (long long)(e / Block32<T>::elems) * Block32<T>::bytes;
 #pragma unroll
@@ -632,24 +640,25 @@ __device__ __forceinline__ float rows_dot_i8(const u8* w, const u8* w2, long lon
     return rows_total<NT, R>(acc);
 }
 
-// Row `r` of the activations a decode kernel was given: floats, or rows of quantize_q8 (I8).
-template <bool I8>
+// Row `r` of the activations a decode kernel of NT tokens a block was given: floats, or with
+// int8 activations and several tokens a block, quantize_q8's rows.
+template <bool I8, int NT>
 __device__ __forceinline__ const void* x_row(const void* x, long long r, int cols) {
-    if constexpr (I8) return (const u8*)x + r * q8_row_bytes(cols);
+    if constexpr (I8 && NT > 1) return (const u8*)x + r * q8_row_bytes(cols);
     else return (const float*)x + r * cols;
 }
 
-// The sums of a decode block's R rows (see rows_dot) on f32 or quantized activations.
+// The sums of a decode block's R rows (see rows_dot) on f32 or int8 activations.
 template <int T, bool I8, int NT, int R>
 __device__ __forceinline__ float rows_sum(const u8* w, const u8* w2, long long row_bytes, int n,
                                           const void* x, int cols, int nt) {
-    if constexpr (I8) return rows_dot_i8<T, NT, R>(w, w2, row_bytes, n, (const u8*)x, cols, nt);
+    if constexpr (I8) return rows_dot_i8<T, NT, R>(w, w2, row_bytes, n, x, cols, nt);
     else return rows_dot<T, NT, R>(w, w2, row_bytes, n, (const float*)x, cols, nt);
 }
 
 // y[t][r] = Σ_c w[r][c] · x[t][c] (+ b[r] where b is not null) for `tokens` rows of x,
-// written as `epi` says: rows blk·MV_ROWS.. and tokens blockIdx.y·NT.. of it; with I8, x is
-// quantize_q8's rows.
+// written as `epi` says: rows blk·MV_ROWS.. and tokens blockIdx.y·NT.. of it; with I8 and
+// NT > 1, x is quantize_q8's rows.
 template <int T, bool I8, int NT>
 __device__ void matmul_block(int blk, const u8* w, const void* x, float* y, const float* b,
                              int rows, int cols, long long row_bytes, int tokens, int epi) {
@@ -658,7 +667,7 @@ __device__ void matmul_block(int blk, const u8* w, const void* x, float* y, cons
     if (r0 >= rows || t0 >= tokens) return;
     int n = min(MV_ROWS, rows - r0), nt = min(NT, tokens - t0);
     const u8* wr = w + (long long)r0 * row_bytes;
-    float s = rows_sum<T, I8, NT, MV_ROWS>(wr, wr, row_bytes, n, x_row<I8>(x, t0, cols), cols, nt);
+    float s = rows_sum<T, I8, NT, MV_ROWS>(wr, wr, row_bytes, n, x_row<I8, NT>(x, t0, cols), cols, nt);
     int tt = threadIdx.x / MV_ROWS, j = threadIdx.x % MV_ROWS;
     if (tt < nt && j < n) {
         if (b) s += b[r0 + j];
@@ -699,7 +708,7 @@ __device__ void matmul_id(const u8* w, const void* x, float* y, const int* ids, 
     if (r0 >= rows || p >= pairs) return;
     int n = min(MV_ROWS, rows - r0);
     long long e = ids[p];
-    const void* xt = x_row<I8>(x, x_per_pair ? p : p / k, cols);
+    const void* xt = x_row<I8, 1>(x, x_per_pair ? p : p / k, cols);
     const u8* wr = w + (e * rows + r0) * row_bytes;
     float s = rows_sum<T, I8, 1, MV_ROWS>(wr, wr, row_bytes, n, xt, cols, 1);
     if (threadIdx.x < n) {
@@ -737,7 +746,7 @@ __device__ void matmul_gated_id(const u8* wg, const u8* wu, const void* x, float
     long long e = ids[p];
     long long at = (e * rows + r0) * row_bytes;
     float s = rows_sum<T, I8, 1, 2 * MV_ROWS>(wg + at, wu + at, row_bytes, n,
-                                              x_row<I8>(x, p / k, cols), cols, 1);
+                                              x_row<I8, 1>(x, p / k, cols), cols, 1);
     __shared__ float total[2 * MV_ROWS];
     if (threadIdx.x < 2 * MV_ROWS) total[threadIdx.x] = s;
     __syncthreads();
@@ -1142,10 +1151,6 @@ extern "C" __global__ void mamba_gate_norm(float* y, const float* zx, const floa
     for (int i = threadIdx.x; i < gs; i += blockDim.x) yr[i] = (yr[i] * inv) * norm[g * gs + i];
 }
 
-// Causal attention for the `t` new tokens at positions past..past+t−1 over the cached K and V
-// (rows of n_kv·hd, positions 0..past+t−1 already stored). Block (head, token) of ATT_WARPS
-// warps: warp w takes positions w, w + ATT_WARPS, ... with an online softmax, each lane holding
-// hd / 32 dimensions; the warps' partial results are merged at the end.
 // The K and V rows of `t` new positions (n = t · row floats each) into the caches at position
 // *pastp: the position is read on the device, so that a captured decode step (a CUDA graph)
 // replays at every position.
@@ -1159,21 +1164,35 @@ extern "C" __global__ void kv_store(const float* kn, const float* vn, float* kc,
 }
 
 #define ATT_WARPS 4
-// Block (head, token) of ATT_WARPS warps over the positions the token sees: all before it and
-// itself, or the last `window` of them (window 0: no window). Lane j of a warp holds dimensions
-// j, j + 32, ... (head dims up to 256). `sinks` (null: none): one logit per head that joins the
+// Causal attention for the `t` new tokens at positions past..past+t−1 over the cached K and V
+// (rows of n_kv·hd, positions 0..past+t−1 already stored), *pastp read on the device. Block
+// (head, token, split) of ATT_WARPS warps takes split blockIdx.z of the gridDim.z equal runs of
+// the positions the token sees (all before it and itself, or the last `window` of them; window
+// 0: no window): warp w takes positions w, w + ATT_WARPS, ... of the run with an online
+// softmax, lane j holding dimensions j, j + 32, ... (head dims up to 256), and the warps merge
+// at the end. Without SPLIT (one run) the block writes the head's output; with it (decode over
+// a long cache, where heads × tokens alone leave most of the GPU idle) it writes its run's
+// partial (max, sum of exponentials, unnormalized values: hd + 2 floats at `part`) and
+// attention_merge combines them. `sinks` (null: none): one logit per head that joins the
 // softmax's maximum and denominator without a value row (gpt-oss).
-extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS)
-    attention(const float* q, const float* kc, const float* vc, float* out, const int* pastp,
-              int nh, int nkv, int hd, float scale, int window, const float* sinks) {
+template <bool SPLIT>
+__device__ void attention_runs(const float* q, const float* kc, const float* vc, float* out,
+                               float* part, const int* pastp, int nh, int nkv, int hd,
+                               float scale, int window, const float* sinks) {
     int past = *pastp;
     __shared__ float acc_s[ATT_WARPS][256];
     __shared__ float m_s[ATT_WARPS], l_s[ATT_WARPS];
-    int h = blockIdx.x, ti = blockIdx.y;
+    int h = blockIdx.x, ti = blockIdx.y, splits = SPLIT ? gridDim.z : 1;
     int lane = threadIdx.x % 32, wid = threadIdx.x / 32;
     int per = (hd + 31) / 32, kvh = h / (nh / nkv), row = nkv * hd;
     int end = past + ti + 1;
     int first = (window > 0 && end > window) ? end - window : 0;
+    int lo = first, hi = end;
+    if (SPLIT) {
+        int run = (end - first + splits - 1) / splits;
+        lo = first + blockIdx.z * run;
+        hi = min(end, lo + run);
+    }
     const float* qh = q + ((long long)ti * nh + h) * hd;
     float qv[8], acc[8];
     for (int j = 0; j < per; j++) {
@@ -1182,7 +1201,7 @@ extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS)
         acc[j] = 0.0f;
     }
     float m = NEG_INF, l = 0.0f;
-    for (int p = first + wid; p < end; p += ATT_WARPS) {
+    for (int p = lo + wid; p < hi; p += ATT_WARPS) {
         const float* kr = kc + (long long)p * row + kvh * hd;
         float s = 0.0f;
         for (int j = 0; j < per; j++) {
@@ -1209,18 +1228,65 @@ extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS)
         l_s[wid] = l;
     }
     __syncthreads();
-    float mx = sinks ? sinks[h] : NEG_INF;
+    // Sinks join once, where the head's output is written.
+    const bool last = !SPLIT;
+    float mx = last && sinks ? sinks[h] : NEG_INF;
     for (int w = 0; w < ATT_WARPS; w++) mx = fmaxf(mx, m_s[w]);
-    float lsum = sinks ? expf(sinks[h] - mx) : 0.0f, f[ATT_WARPS];
+    float lsum = last && sinks ? expf(sinks[h] - mx) : 0.0f, f[ATT_WARPS];
     for (int w = 0; w < ATT_WARPS; w++) {
         f[w] = l_s[w] > 0.0f ? expf(m_s[w] - mx) : 0.0f;
         lsum += l_s[w] * f[w];
     }
-    float* o = out + ((long long)ti * nh + h) * hd;
+    long long head = (long long)ti * nh + h;
+    float* o = last ? out + head * hd : part + (head * splits + blockIdx.z) * (hd + 2) + 2;
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {
         float v = 0.0f;
         for (int w = 0; w < ATT_WARPS; w++) v = fmaf(acc_s[w][d], f[w], v);
-        o[d] = v / lsum;
+        o[d] = last ? v / lsum : v;
+    }
+    if (!last && threadIdx.x == 0) {
+        o[-2] = mx;
+        o[-1] = lsum;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS)
+    attention(const float* q, const float* kc, const float* vc, float* out, const int* pastp,
+              int nh, int nkv, int hd, float scale, int window, const float* sinks) {
+    attention_runs<false>(q, kc, vc, out, nullptr, pastp, nh, nkv, hd, scale, window, sinks);
+}
+
+extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS)
+    attention_split(const float* q, const float* kc, const float* vc, float* part,
+                    const int* pastp, int nh, int nkv, int hd, float scale, int window,
+                    const float* sinks) {
+    attention_runs<true>(q, kc, vc, nullptr, part, pastp, nh, nkv, hd, scale, window, sinks);
+}
+
+// The output of head blockIdx.x, token blockIdx.y from the `splits` partials attention wrote
+// (hd + 2 floats each: max, sum, values): a run with no positions (sum 0) counts for nothing;
+// the head's sink (where `sinks` is not null) joins the maximum and the denominator.
+extern "C" __global__ void attention_merge(const float* part, float* out, int nh, int hd,
+                                           int splits, const float* sinks) {
+    int h = blockIdx.x;
+    long long head = (long long)blockIdx.y * nh + h;
+    const float* pp = part + head * splits * (hd + 2);
+    float mx = sinks ? sinks[h] : NEG_INF;
+    for (int s = 0; s < splits; s++) {
+        if (pp[s * (hd + 2) + 1] > 0.0f) mx = fmaxf(mx, pp[s * (hd + 2)]);
+    }
+    float lsum = sinks ? expf(sinks[h] - mx) : 0.0f;
+    for (int s = 0; s < splits; s++) {
+        float l = pp[s * (hd + 2) + 1];
+        if (l > 0.0f) lsum += l * expf(pp[s * (hd + 2)] - mx);
+    }
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float v = 0.0f;
+        for (int s = 0; s < splits; s++) {
+            const float* r = pp + s * (hd + 2);
+            if (r[1] > 0.0f) v = fmaf(r[2 + d], expf(r[0] - mx), v);
+        }
+        out[head * hd + d] = v / lsum;
     }
 }
 

@@ -419,9 +419,10 @@ impl Gpu {
     }
 
     /// `rows` rows of x (`cols` wide, a multiple of 32) in int8 for the decode kernels of
-    /// [`Kernel::RowsI8`]: per row the cols bytes, a step per 32 and a sum per 8, as
-    /// `quantize_q8` in kernels.cu lays them out ([`q8_row_bytes`] a row). Quantizing once
-    /// per product spares every block of rows from quantizing all of x for itself.
+    /// [`Kernel::RowsI8`] that take several tokens a block: per row the cols bytes, a step per
+    /// 32 and a sum per 8, as `quantize_q8` in kernels.cu lays them out ([`q8_row_bytes`] a
+    /// row). Quantizing once per product spares every block quantizing all of x for each of
+    /// its tokens (one-token blocks quantize their own: see kernels.cu).
     pub fn quantize_q8(
         &self,
         x: &CudaView<f32>,
@@ -521,7 +522,10 @@ impl Gpu {
             let (c, rbi, tokens) = (cols as i32, rb as i64, t as i32);
             let null = 0u64;
             let xv = x.slice(..);
-            let xq = self.quantized_for(ty, &xv, t, cols)?;
+            let xq = match kind {
+                Kernel::RowsI8 if t > 1 => Some(self.quantize_q8(&xv, t, cols)?),
+                _ => None,
+            };
             let mut launch = self.stream.launch_builder(&f);
             launch.arg(&v0).arg(&v1).arg(&v2);
             launch.arg(&mut y0).arg(&mut y1).arg(&mut y2);
@@ -630,7 +634,7 @@ impl Gpu {
         let null = 0u64;
         let rows_kind = kind == Kernel::Rows || kind == Kernel::RowsI8;
         let xq = match kind {
-            Kernel::RowsI8 => Some(self.quantize_q8(x, t, cols)?),
+            Kernel::RowsI8 if per_block > 1 => Some(self.quantize_q8(x, t, cols)?),
             _ => None,
         };
         let mut launch = self.stream.launch_builder(&f);
@@ -750,21 +754,6 @@ impl Gpu {
         }
     }
 
-    /// x's `rows` rows quantized for the decode kernel of type `ty` where it runs on int8
-    /// activations (see [`Gpu::quantize_q8`]), None where it reads them as floats.
-    pub(super) fn quantized_for(
-        &self,
-        ty: GgmlType,
-        x: &CudaView<f32>,
-        rows: usize,
-        cols: usize,
-    ) -> Result<Option<CudaSlice<u8>>> {
-        match self.rows_kernel(ty) {
-            Kernel::RowsI8 => Ok(Some(self.quantize_q8(x, rows, cols)?)),
-            _ => Ok(None),
-        }
-    }
-
     /// Waits for all queued work and returns the memory pool's unused memory to the driver
     /// (the pool keeps what frees return: see `keep_pool_memory`), so that the free memory the
     /// device reports next counts only live buffers.
@@ -786,7 +775,7 @@ impl Gpu {
 }
 
 /// Pushes a decode kernel's activations: `xq` (rows of [`Gpu::quantize_q8`]) where the kernel
-/// takes int8, else the floats x.
+/// takes them quantized, else the floats x.
 fn push_x<'a, 'c: 'a>(
     launch: &mut LaunchArgs<'a>,
     x: &'a CudaView<'c, f32>,

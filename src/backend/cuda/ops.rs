@@ -14,6 +14,13 @@ use crate::backend::ssm::SsmShape;
 /// Threads per block of the row-wise kernels (norms).
 const ROW_THREADS: u32 = 1024;
 
+/// Decode attention's blocks (heads × tokens × splits of the positions) aim at this many: a
+/// few per multiprocessor of a large GPU.
+const ATT_BLOCKS: usize = 1024;
+/// The fewest positions a split of a full cache takes, and the most splits.
+const ATT_MIN_RUN: usize = 128;
+const ATT_MAX_SPLITS: usize = 64;
+
 fn launched(r: Result<(), cudarc::driver::DriverError>) -> Result<()> {
     r.map_err(|e| anyhow!("CUDA launch: {e:?}"))
 }
@@ -202,7 +209,9 @@ impl Gpu {
     /// Attention output (t × n_head·head_dim) of queries `q` for the `t` tokens at positions
     /// past.., whose keys and values are already in the caches (rows of n_head_kv·head_dim);
     /// the kernel reads `past` from `past_dev`. The shape's window limits each token to the
-    /// last `window` positions; `sinks` (one logit per head) join each softmax.
+    /// last `window` positions; `sinks` (one logit per head) join each softmax. Decode-sized
+    /// batches split each head's positions into runs (`attention_split`, then
+    /// `attention_merge`: split-K), so that a long cache is read by the whole GPU.
     #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &self,
@@ -231,9 +240,23 @@ impl Gpu {
         {
             bail!("CUDA attention: unsupported shape (head_dim {hd} must be at most 256)");
         }
-        let f = self.function("attention")?;
+        // Decode over a long cache splits each head's positions into runs, so that heads ×
+        // tokens × runs blocks fill the GPU; the runs' count follows the cache's capacity (or
+        // the window), not `past`, so that a captured step replays at every position.
+        let seen = s.window.unwrap_or(usize::MAX).min(k_cache.len() / row);
+        let splits = (ATT_BLOCKS / (nh * t).max(1))
+            .min(seen.div_ceil(ATT_MIN_RUN))
+            .clamp(1, ATT_MAX_SPLITS);
+        let mut part = match splits {
+            1 => None,
+            _ => Some(self.output::<f32>(t * nh * splits * (hd + 2))?),
+        };
+        let f = self.function(match splits {
+            1 => "attention",
+            _ => "attention_split",
+        })?;
         let cfg = LaunchConfig {
-            grid_dim: (nh as u32, t as u32, 1),
+            grid_dim: (nh as u32, t as u32, splits as u32),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -241,12 +264,12 @@ impl Gpu {
         let window = s.window.map_or(0, |w| w.min(i32::MAX as usize) as i32);
         let null = 0u64;
         let mut launch = self.stream.launch_builder(&f);
-        launch
-            .arg(q)
-            .arg(k_cache)
-            .arg(v_cache)
-            .arg(out)
-            .arg(past_dev);
+        launch.arg(q).arg(k_cache).arg(v_cache);
+        match &mut part {
+            Some(p) => launch.arg(p),
+            None => launch.arg(&mut *out),
+        };
+        launch.arg(past_dev);
         for v in &args {
             launch.arg(v);
         }
@@ -255,12 +278,34 @@ impl Gpu {
             Some(z) => launch.arg(z),
             None => launch.arg(&null),
         };
-        // SAFETY: attention(const float* q, const float* kc, const float* vc, float* out,
-        // const int* pastp, int nh, int nkv, int hd, float scale, int window,
-        // const float* sinks), blocks of 4 warps as the kernel's launch bounds say; it reads
-        // positions < *pastp + t of the caches (*pastp is `past`, see kv_store), checked above,
-        // holds at most 256 dimensions per head in shared memory (lanes past hd idle), and
-        // reads nh sinks when given.
+        // SAFETY: attention[_split](const float* q, const float* kc, const float* vc,
+        // float* out (or part), const int* pastp, int nh, int nkv, int hd, float scale,
+        // int window, const float* sinks), blocks of 4 warps as the kernels' launch bounds say;
+        // they read positions < *pastp + t of the caches (*pastp is `past`, see kv_store),
+        // checked above, hold at most 256 dimensions per head in shared memory (lanes past hd
+        // idle) and read nh sinks when given; attention writes t · nh · hd floats of out,
+        // attention_split t · nh · splits · (hd + 2) floats of part (allocated so).
+        launched(unsafe { launch.launch(cfg) }.map(drop))?;
+        let Some(part) = part else {
+            return Ok(());
+        };
+        let f = self.function("attention_merge")?;
+        let cfg = LaunchConfig {
+            grid_dim: (nh as u32, t as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (nhi, hdi, si) = (nh as i32, hd as i32, splits as i32);
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(&part).arg(out).arg(&nhi).arg(&hdi).arg(&si);
+        match sinks {
+            Some(z) => launch.arg(z),
+            None => launch.arg(&null),
+        };
+        // SAFETY: attention_merge(const float* part, float* out, int nh, int hd, int splits,
+        // const float* sinks), a block per head and token: it reads the t · nh · splits
+        // partials attention wrote above, writes t · nh · hd floats of out and reads nh sinks
+        // when given (lengths checked above).
         launched(unsafe { launch.launch(cfg) }.map(drop))
     }
 
@@ -629,7 +674,8 @@ impl DeviceRows<'_> {
     /// What both routed-expert kernels check and set up: this matrix stacks `n_expert` experts
     /// of `rows_per_expert` rows (`shape`: those two, the pairs, x's rows), `ids` and y (of
     /// `y_len`) hold a row per pair and x `x_rows` rows. Returns the kernel
-    /// `<this type's decode kernel>_<suffix>` and x quantized where that kernel takes int8.
+    /// `<this type's decode kernel>_<suffix>` (one token a block: it takes the floats and
+    /// quantizes them itself where it runs on int8).
     fn expert_kernel(
         &self,
         suffix: &str,
@@ -637,7 +683,7 @@ impl DeviceRows<'_> {
         ids: &CudaSlice<i32>,
         x: &CudaView<f32>,
         y_len: usize,
-    ) -> Result<(CudaFunction, Option<CudaSlice<u8>>)> {
+    ) -> Result<CudaFunction> {
         let cols = self.m.cols;
         if self.start != 0
             || self.rows != rows_per_expert * n_expert
@@ -649,11 +695,10 @@ impl DeviceRows<'_> {
         }
         let g = self.gpu;
         let kind = g.rows_kernel(self.m.ty);
-        let f = g.function(&format!(
+        g.function(&format!(
             "{}_{suffix}",
             super::kernel_name(self.m.ty, kind)?
-        ))?;
-        Ok((f, g.quantized_for(self.m.ty, x, x_rows, cols)?))
+        ))
     }
 
     /// The routed experts' products for decode, with the expert ids on the device: pair p
@@ -681,7 +726,7 @@ impl DeviceRows<'_> {
         }
         let x_rows = if x_per_pair { pairs } else { pairs.div_ceil(k) };
         let shape = (rows_per_expert, n_expert, pairs, x_rows);
-        let (f, xq) = self.expert_kernel("id", shape, ids, x, y.len())?;
+        let f = self.expert_kernel("id", shape, ids, x, y.len())?;
         let (r, c, rbi) = (
             rows_per_expert as i32,
             self.m.cols as i32,
@@ -690,9 +735,7 @@ impl DeviceRows<'_> {
         let (p, ki, xp, ep) = (pairs as i32, k as i32, x_per_pair as i32, epi as i32);
         let null = 0u64;
         let mut launch = self.gpu.stream.launch_builder(&f);
-        launch.arg(&self.m.data);
-        super::push_x(&mut launch, x, &xq);
-        launch.arg(y).arg(ids);
+        launch.arg(&self.m.data).arg(x).arg(y).arg(ids);
         match bias {
             Some((b, i)) => launch.arg(b).arg(i),
             None => launch.arg(&null).arg(&null),
@@ -710,8 +753,7 @@ impl DeviceRows<'_> {
         // int k, int x_per_pair, int epi): every id comes from route_topk over this matrix's
         // n_expert experts, so it reads within the n_expert × rows_per_expert rows; every bias
         // id is an expert of the layer whose bias b holds (null both, or a row per expert); x
-        // (floats, or for the int8 kernels its rows from quantize_q8) and y lengths checked
-        // above.
+        // (floats) and y lengths checked above.
         launched(unsafe { launch.launch(id_grid(rows_per_expert, pairs)) }.map(drop))
     }
 
@@ -751,15 +793,18 @@ impl DeviceRows<'_> {
             bail!("CUDA matmul_gated_id: up or a bias does not fit the gate");
         }
         let shape = (rows_per_expert, n_expert, pairs, pairs.div_ceil(k));
-        let (f, xq) = self.expert_kernel("gated_id", shape, ids, x, y.len())?;
+        let f = self.expert_kernel("gated_id", shape, ids, x, y.len())?;
         let (code, alpha, limit) = act.code();
         let (r, c, rbi) = (rows_per_expert as i32, cols as i32, rb as i64);
         let (p, ki) = (pairs as i32, k as i32);
         let null = 0u64;
         let mut launch = self.gpu.stream.launch_builder(&f);
-        launch.arg(&self.m.data).arg(&up.m.data);
-        super::push_x(&mut launch, x, &xq);
-        launch.arg(y).arg(ids);
+        launch
+            .arg(&self.m.data)
+            .arg(&up.m.data)
+            .arg(x)
+            .arg(y)
+            .arg(ids);
         for b in [bg, bu] {
             match b {
                 Some(b) => launch.arg(b),
@@ -779,8 +824,7 @@ impl DeviceRows<'_> {
         // int cols, long long row_bytes, int pairs, int k, int act, float alpha, float limit):
         // both matrices have this shape and every id comes from route_topk over its n_expert
         // experts; every bias id is an expert of the layer whose biases bg and bu hold (null,
-        // or a row per expert); x (floats, or its rows from quantize_q8 for the int8 kernels)
-        // and y lengths checked above.
+        // or a row per expert); x (floats) and y lengths checked above.
         launched(unsafe { launch.launch(id_grid(rows_per_expert, pairs)) }.map(drop))
     }
 }
