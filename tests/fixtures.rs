@@ -141,8 +141,8 @@ fn iq4_xs_dequantizes_as_gguf_py_does() {
     check_against_gguf_py(&path);
 }
 
-/// The grid i-quants (IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M), which ggrun reads
-/// but does not write: our dequantizers against gguf-py's, bit for bit, on random blocks (every
+/// The grid i-quants (IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M): our dequantizers
+/// against gguf-py's, bit for bit, on random blocks (every
 /// grid row, sign and scale pattern; the f16 scale kept finite).
 #[test]
 fn grid_iquants_dequantize_as_gguf_py_does() {

@@ -70,7 +70,7 @@ fn bench(c: &mut Criterion) {
                 }
             }
             None => {
-                // The grid i-quants have no quantizer: any bytes are valid blocks of them
+                // The grid i-quants without a quantizer: any bytes are valid blocks of them
                 // (every index field is in range) once each block's f16 scale is finite.
                 for (i, b) in w.iter_mut().enumerate() {
                     *b = (x[i % x.len()].to_bits() >> 7) as u8;

@@ -11,6 +11,7 @@
 
 pub mod float;
 pub mod iq_grid;
+pub mod iq_quant;
 #[rustfmt::skip] // generated: scripts/gen-iq-grids.py lays the tables out
 mod iq_tables;
 pub mod iquants;
@@ -173,7 +174,9 @@ macro_rules! bytes_fn {
 pub(crate) mod scalar {
     //! Byte-slice entry points of the scalar reference kernels.
     use super::*;
-    use crate::{iq_grid as g, iquants as i, kquants as k, legacy as l, mxfp4 as m};
+    use crate::{
+        iq_grid as g, iq_quant as gq, iquants as i, kquants as k, legacy as l, mxfp4 as m,
+    };
     bytes_fn!(dequant dq_q4_0, l::dequantize_q4_0);
     bytes_fn!(dequant dq_q4_1, l::dequantize_q4_1);
     bytes_fn!(dequant dq_q5_0, l::dequantize_q5_0);
@@ -207,6 +210,7 @@ pub(crate) mod scalar {
     bytes_fn!(quant q_iq4_nl, l::quantize_iq4_nl);
     bytes_fn!(quant q_mxfp4, m::quantize_mxfp4);
     bytes_fn!(quant q_iq4_xs, i::quantize_iq4_xs);
+    bytes_fn!(quant q_iq3_xxs, gq::quantize_iq3_xxs);
     bytes_fn!(quant q_q2_k, k::quantize_q2k);
     bytes_fn!(quant q_q3_k, k::quantize_q3k);
     bytes_fn!(quant q_q4_k, k::quantize_q4k);
@@ -287,6 +291,7 @@ pub fn reference_quantize_fn(ty: GgmlType) -> Option<QuantizeFn> {
         Q8_1 => scalar::q_q8_1_ref,
         IQ4_NL => scalar::q_iq4_nl,
         IQ4_XS => scalar::q_iq4_xs,
+        IQ3_XXS => scalar::q_iq3_xxs,
         MXFP4 => scalar::q_mxfp4,
         Q2_K => scalar::q_q2_k,
         Q3_K => scalar::q_q3_k,

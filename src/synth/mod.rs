@@ -276,10 +276,10 @@ fn add_rows(
         Box::new(move || {
             let rb = ty.row_bytes(ne0 as u64).expect("whole blocks") as usize;
             let orb = out_ty.row_bytes(ne0 as u64).expect("whole blocks") as usize;
-            // The grid i-quants have no quantizer: random valid blocks (see `grid`).
+            // The grid i-quants: random valid blocks (see `grid`).
             let q = |x: &[f32], r: usize, o: &mut [u8]| match reference_quantize_fn(ty) {
+                _ if grid::synthesizes(ty) => grid::write_row(ty, x, seed ^ r as u64, o),
                 Some(q) => q(x, o),
-                None if grid::synthesizes(ty) => grid::write_row(ty, x, seed ^ r as u64, o),
                 None => panic!("no way to write {ty}"),
             };
             let dq = ggrun_quants::dequantize_fn(ty).expect("dequantizable type");
