@@ -1,18 +1,20 @@
 //! Reference quantizers of the grid i-quants, transcriptions of ggml's (the bytes llama-quantize
 //! writes without an importance matrix, float operations in ggml's order; ggml-base is
-//! compiled without FMA contraction, so none is used here): IQ3_XXS. A group of four weights
-//! (their magnitudes; an even number of signs flipped per eight, the cheapest one where odd)
-//! must land on a row of the grid: candidate scales are tried, each group's nearest levels
-//! looked up in a map of the 4096 level patterns, and a pattern off the grid replaced by the
-//! best of its nearest grid rows (precomputed per pattern, as ggml's `iq3xs_init_impl` does).
+//! compiled without FMA contraction, so none is used here): IQ3_XXS and IQ3_S. A group of
+//! four weights (their magnitudes; IQ3_XXS flips an even number of signs per eight, the
+//! cheapest one where odd) must land on a row of the grid: candidate scales are tried, each
+//! group's nearest levels looked up in a map of the 4096 level patterns, and a pattern off the
+//! grid replaced by the best of its nearest grid rows (precomputed per pattern, as ggml's
+//! `iq3xs_init_impl` does). ggml's IQ3_S writer misplaces the blocks after an all-zero block
+//! of 32 (see [`quantize_iq3_s`]); this one writes the same bytes.
 
 // The quantizers walk groups by index, as ggml's do.
 #![allow(clippy::needless_range_loop)]
 
 use std::sync::OnceLock;
 
-use crate::iq_grid::BlockIq3Xxs;
-use crate::iq_tables::IQ3XXS_GRID;
+use crate::iq_grid::{BlockIq3S, BlockIq3Xxs};
+use crate::iq_tables::{IQ3S_GRID, IQ3XXS_GRID};
 use crate::kquants::{nearest_int, QK_K};
 
 /// A group's levels 0..7 per weight packed three bits each: the map's index.
@@ -23,35 +25,33 @@ fn pattern(levels: &[i8]) -> usize {
         .fold(0, |u, (i, &l)| u | ((l as usize) << (3 * i)))
 }
 
-/// The values of IQ3XXS_GRID's bytes, level l at index l.
-const LEVEL_VALUES: [u8; 8] = [4, 12, 20, 28, 36, 44, 52, 62];
-
-/// The grid's row `j` as the quantizer sees it: four odd values 2l + 1 of the levels l its
-/// bytes stand for (ggml builds this grid from its own table of level patterns, in the same
-/// row order as the dequantizer's IQ3XXS_GRID).
-fn row(j: usize) -> [i8; 4] {
-    IQ3XXS_GRID[j].to_le_bytes().map(|b| {
-        let l = LEVEL_VALUES.iter().position(|&v| v == b).unwrap_or(0);
-        2 * l as i8 + 1
-    })
-}
-
-/// For each of the 4096 level patterns of a group of four: its grid row (≥ 0), or −(offset + 1)
-/// of its entry in `neighbours`: a count n, then the n rows nearest to it (every row at the
-/// smallest two squared distances, by distance then row).
-struct Tables {
+/// A grid as the quantizer sees it (ggml's `iq3_data`): each row as four odd values 2l + 1 of
+/// the levels l its bytes stand for (ggml builds its rows from a table of level patterns in
+/// the dequantizer's row order), and for each of the 4096 level patterns of a group of four its
+/// row (≥ 0) or −(offset + 1) of its entry in `neighbours`: a count n, then the n rows nearest
+/// to it (every row at the smallest `distances_wanted` squared distances, by distance then row).
+struct Grid {
+    rows: Vec<[i8; 4]>,
     map: Vec<i32>,
     neighbours: Vec<u16>,
 }
 
-fn iq3xxs_tables() -> &'static Tables {
-    static TABLES: OnceLock<Tables> = OnceLock::new();
-    TABLES.get_or_init(|| {
-        const DISTANCES_WANTED: usize = 2;
+impl Grid {
+    /// ggml's `iq3xs_init_impl` for a dequantizer's `table`, whose bytes take the values
+    /// `level_values` (level l at index l).
+    fn new(table: &[u32], level_values: &[u8; 8], distances_wanted: usize) -> Grid {
+        let rows: Vec<[i8; 4]> = table
+            .iter()
+            .map(|r| {
+                r.to_le_bytes().map(|b| {
+                    let l = level_values.iter().position(|&v| v == b).unwrap_or(0);
+                    2 * l as i8 + 1
+                })
+            })
+            .collect();
         let mut map = vec![-1i32; 4096];
-        for j in 0..IQ3XXS_GRID.len() {
-            let levels = row(j).map(|v| (v - 1) / 2);
-            map[pattern(&levels)] = j as i32;
+        for (j, r) in rows.iter().enumerate() {
+            map[pattern(&r.map(|v| (v - 1) / 2))] = j as i32;
         }
         let mut neighbours = Vec::new();
         for i in 0..4096 {
@@ -59,12 +59,14 @@ fn iq3xxs_tables() -> &'static Tables {
                 continue;
             }
             let pos: [i32; 4] = std::array::from_fn(|k| 2 * ((i >> (3 * k)) & 7) as i32 + 1);
-            let mut dist: Vec<(i32, usize)> = (0..IQ3XXS_GRID.len())
-                .map(|j| {
-                    let d2 = row(j)
+            let mut dist: Vec<(i32, usize)> = rows
+                .iter()
+                .enumerate()
+                .map(|(j, r)| {
+                    let d2 = r
                         .iter()
                         .zip(&pos)
-                        .map(|(&g, &p)| (g as i32 - p) * (g as i32 - p))
+                        .map(|(&g, &p)| (g as i32 - p).pow(2))
                         .sum();
                     (d2, j)
                 })
@@ -76,7 +78,7 @@ fn iq3xxs_tables() -> &'static Tables {
             let (mut d2, mut have) = (dist[0].0, 1);
             for &(d, j) in &dist {
                 if d > d2 {
-                    if have == DISTANCES_WANTED {
+                    if have == distances_wanted {
                         break;
                     }
                     d2 = d;
@@ -86,43 +88,154 @@ fn iq3xxs_tables() -> &'static Tables {
             }
             neighbours[at] = (neighbours.len() - at - 1) as u16;
         }
-        Tables { map, neighbours }
-    })
+        Grid {
+            rows,
+            map,
+            neighbours,
+        }
+    }
+
+    /// The row of a group's levels, or a negative entry (see [`Grid`]).
+    fn index(&self, levels: &[i8]) -> i32 {
+        self.map[pattern(levels)]
+    }
+
+    /// ggml's `iq3_find_best_neighbour` for the off-grid entry `m`: of its listed rows, the
+    /// one whose values times `scale` are nearest to `xval` under `weight`; its levels into `l`.
+    fn best_neighbour(
+        &self,
+        m: i32,
+        xval: &[f32],
+        weight: &[f32],
+        scale: f32,
+        l: &mut [i8],
+    ) -> usize {
+        let list = &self.neighbours[(-m - 1) as usize..];
+        let n = list[0] as usize;
+        let (mut best_d2, mut best) = (f32::MAX, 0);
+        for &j in &list[1..=n] {
+            let g = self.rows[j as usize];
+            let mut d2 = 0.0f32;
+            for i in 0..4 {
+                let diff = scale * g[i] as f32 - xval[i];
+                d2 += weight[i] * diff * diff;
+            }
+            if d2 < best_d2 {
+                best_d2 = d2;
+                best = j as usize;
+            }
+        }
+        for i in 0..4 {
+            l[i] = (self.rows[best][i] - 1) / 2;
+        }
+        best
+    }
 }
 
-/// ggml's `iq3_find_best_neighbour`: of the rows listed at `list` (count first), the one whose
-/// values times `scale` are nearest to `xval` under `weight`; its levels into `l`.
-fn best_neighbour(list: &[u16], xval: &[f32], weight: &[f32], scale: f32, l: &mut [i8]) -> usize {
-    let n = list[0] as usize;
-    let (mut best_d2, mut best) = (f32::MAX, usize::MAX);
-    for &j in &list[1..=n] {
-        let g = row(j as usize);
-        let mut d2 = 0.0f32;
-        for i in 0..4 {
-            let diff = scale * g[i] as f32 - xval[i];
-            d2 += weight[i] * diff * diff;
-        }
-        if d2 < best_d2 {
-            best_d2 = d2;
-            best = j as usize;
-        }
-    }
-    let g = row(best);
-    for i in 0..4 {
-        l[i] = (g[i] - 1) / 2;
-    }
-    best
+fn iq3xxs_grid() -> &'static Grid {
+    static GRID: OnceLock<Grid> = OnceLock::new();
+    GRID.get_or_init(|| Grid::new(&IQ3XXS_GRID, &[4, 12, 20, 28, 36, 44, 52, 62], 2))
+}
+
+fn iq3s_grid() -> &'static Grid {
+    static GRID: OnceLock<Grid> = OnceLock::new();
+    GRID.get_or_init(|| Grid::new(&IQ3S_GRID, &[1, 3, 5, 7, 9, 11, 13, 15], 3))
 }
 
 /// ggml's `GROUP_MAX_EPS_IQ3_XXS`: a block of 32 whose largest magnitude is below it is zero.
 const GROUP_MAX_EPS: f32 = 1e-8;
 
+/// How the two IQ3 searches differ (ggml's code for each, not a design).
+struct Search {
+    /// Candidate scales (15 + 0.2·is)/max for is in −steps..=steps.
+    steps: i32,
+    /// Whether a group counts as on the grid before any candidate won (IQ3_XXS: yes).
+    on_grid_at_first: bool,
+    /// Whether the final pass re-fits every group at the chosen scale (IQ3_S) or only those
+    /// off the grid (IQ3_XXS).
+    refit_all: bool,
+}
+
+/// The levels (0..7) and scale of 32 magnitudes `xval` under `weight` on `grid`: the candidate
+/// scale whose on-grid levels fit best, then a re-fit at that scale (ggml's search, shared by
+/// quantize_row_iq3_xxs_impl and quantize_row_iq3_s_impl). `max` is xval's largest value.
+fn search(
+    grid: &Grid,
+    xval: &[f32; 32],
+    weight: &[f32; 32],
+    max: f32,
+    how: &Search,
+) -> ([i8; 32], f32) {
+    const K_MAX_Q: i32 = 8;
+    let waux: [f32; 32] = std::array::from_fn(|i| weight[i].sqrt());
+    let nearest = |id: f32, v: f32| nearest_int(0.5 * (id * v - 1.0)).clamp(0, K_MAX_Q - 1) as i8;
+    let mut l = [0i8; 32];
+    let mut best = 0.0f32;
+    let mut scale = max / (2 * K_MAX_Q - 1) as f32;
+    let mut on_grid = [how.on_grid_at_first; 8];
+    for is in -how.steps..=how.steps {
+        let id = ((2 * K_MAX_Q - 1) as f32 + is as f32 * 0.2) / max;
+        let this_scale = 1.0 / id;
+        let mut laux = [0i8; 32];
+        let mut on_grid_aux = [true; 8];
+        for k in 0..8 {
+            let r = 4 * k..4 * k + 4;
+            for i in r.clone() {
+                laux[i] = nearest(id, xval[i]);
+            }
+            let m = grid.index(&laux[r.clone()]);
+            if m < 0 {
+                on_grid_aux[k] = false;
+                let (xv, wv) = (&xval[r.clone()], &waux[r.clone()]);
+                grid.best_neighbour(m, xv, wv, this_scale, &mut laux[r]);
+            }
+        }
+        let (sumqx, sumq2) = sums(weight, xval, &laux);
+        if sumq2 > 0.0 && sumqx * sumqx > best * sumq2 {
+            scale = sumqx / sumq2;
+            best = scale * sumqx;
+            l = laux;
+            on_grid = on_grid_aux;
+        }
+    }
+    if on_grid.contains(&false) && scale > 0.0 {
+        let id = 1.0 / scale;
+        for k in 0..8 {
+            if on_grid[k] && !how.refit_all {
+                continue;
+            }
+            let r = 4 * k..4 * k + 4;
+            let levels: [i8; 4] = std::array::from_fn(|i| nearest(id, xval[4 * k + i]));
+            let mut m = grid.index(&levels);
+            if m < 0 {
+                let (xv, wv) = (&xval[r.clone()], &waux[r.clone()]);
+                m = grid.best_neighbour(m, xv, wv, scale, &mut [0; 4]) as i32;
+            }
+            for i in 0..4 {
+                l[4 * k + i] = (grid.rows[m as usize][i] - 1) / 2;
+            }
+        }
+        let (sumqx, sumq2) = sums(weight, xval, &l);
+        if sumq2 > 0.0 {
+            scale = sumqx / sumq2;
+        }
+    }
+    (l, scale)
+}
+
+/// The largest of `v` as ggml's MAX macro finds it.
+fn max_of(v: &[f32]) -> f32 {
+    v[1..].iter().fold(v[0], |m, &x| if m > x { m } else { x })
+}
+
 /// ggml's `quantize_row_iq3_xxs_ref`: x (a multiple of 256 values) into IQ3_XXS blocks.
 pub fn quantize_iq3_xxs(x: &[f32], out: &mut [BlockIq3Xxs]) {
-    const K_MAX_Q: i32 = 8;
-    let t = iq3xxs_tables();
-    let grid_of = |l: &[i8]| t.map[pattern(l)];
-    let neighbours_of = |m: i32| &t.neighbours[(-m - 1) as usize..];
+    let grid = iq3xxs_grid();
+    let how = Search {
+        steps: 15,
+        on_grid_at_first: true,
+        refit_all: false,
+    };
     for (xbl, b) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
         let mut q3 = [0u8; 96];
         let mut scales = [0.0f32; QK_K / 32];
@@ -130,9 +243,10 @@ pub fn quantize_iq3_xxs(x: &[f32], out: &mut [BlockIq3Xxs]) {
         for ib in 0..QK_K / 32 {
             let xb = &xbl[32 * ib..32 * ib + 32];
             let weight: [f32; 32] = std::array::from_fn(|i| xb[i] * xb[i]);
-            let waux: [f32; 32] = std::array::from_fn(|i| weight[i].sqrt());
             let mut xval = [0.0f32; 32];
             let mut block_signs = [0u32; 4];
+            // Seven signs of eight are stored, the eighth is their parity: where the count of
+            // negatives is odd, the cheapest weight's sign is flipped instead.
             for k in 0..4 {
                 let (mut nflip, mut s) = (0, 0u32);
                 for i in 0..8 {
@@ -159,80 +273,12 @@ pub fn quantize_iq3_xxs(x: &[f32], out: &mut [BlockIq3Xxs]) {
                 }
                 block_signs[k] = s & 127;
             }
-            let mut max = xval[0];
-            for &v in &xval[1..] {
-                max = if max > v { max } else { v };
-            }
-            let mut l = [0i8; 32];
+            let max = max_of(&xval);
             if max < GROUP_MAX_EPS {
                 scales[ib] = 0.0;
                 continue;
             }
-            let mut best = 0.0f32;
-            let mut scale = max / (2 * K_MAX_Q - 1) as f32;
-            let mut on_grid = [true; 8];
-            for is in -15..=15 {
-                let id = ((2 * K_MAX_Q - 1) as f32 + is as f32 * 0.2) / max;
-                let this_scale = 1.0 / id;
-                let mut laux = [0i8; 32];
-                let mut on_grid_aux = [true; 8];
-                for k in 0..8 {
-                    for i in 0..4 {
-                        let q = nearest_int(0.5 * (id * xval[4 * k + i] - 1.0));
-                        laux[4 * k + i] = q.clamp(0, K_MAX_Q - 1) as i8;
-                    }
-                    let m = grid_of(&laux[4 * k..4 * k + 4]);
-                    if m < 0 {
-                        on_grid_aux[k] = false;
-                        let r = 4 * k..4 * k + 4;
-                        best_neighbour(
-                            neighbours_of(m),
-                            &xval[r.clone()],
-                            &waux[r.clone()],
-                            this_scale,
-                            &mut laux[r],
-                        );
-                    }
-                }
-                let (sumqx, sumq2) = sums(&weight, &xval, &laux);
-                if sumq2 > 0.0 && sumqx * sumqx > best * sumq2 {
-                    scale = sumqx / sumq2;
-                    best = scale * sumqx;
-                    l = laux;
-                    on_grid = on_grid_aux;
-                }
-            }
-            if on_grid.contains(&false) && scale > 0.0 {
-                let id = 1.0 / scale;
-                for k in 0..8 {
-                    if on_grid[k] {
-                        continue;
-                    }
-                    let r = 4 * k..4 * k + 4;
-                    for i in r.clone() {
-                        l[i] = nearest_int(0.5 * (id * xval[i] - 1.0)).clamp(0, K_MAX_Q - 1) as i8;
-                    }
-                    let mut m = grid_of(&l[r.clone()]);
-                    if m < 0 {
-                        let list = neighbours_of(m);
-                        m = best_neighbour(
-                            list,
-                            &xval[r.clone()],
-                            &waux[r.clone()],
-                            scale,
-                            &mut [0; 4],
-                        ) as i32;
-                    }
-                    let g = row(m as usize);
-                    for i in 0..4 {
-                        l[4 * k + i] = (g[i] - 1) / 2;
-                    }
-                }
-                let (sumqx, sumq2) = sums(&weight, &xval, &l);
-                if sumq2 > 0.0 {
-                    scale = sumqx / sumq2;
-                }
-            }
+            let (l, mut scale) = search(grid, &xval, &weight, max, &how);
             if scale < 0.0 {
                 scale = -scale;
                 for s in &mut block_signs {
@@ -240,7 +286,7 @@ pub fn quantize_iq3_xxs(x: &[f32], out: &mut [BlockIq3Xxs]) {
                 }
             }
             for k in 0..8 {
-                let m = grid_of(&l[4 * k..4 * k + 4]);
+                let m = grid.index(&l[4 * k..4 * k + 4]);
                 debug_assert!(m >= 0, "a group's levels are off the grid");
                 q3[8 * ib + k] = m.max(0) as u8;
             }
@@ -250,12 +296,12 @@ pub fn quantize_iq3_xxs(x: &[f32], out: &mut [BlockIq3Xxs]) {
             scales[ib] = scale;
             max_scale = if max_scale > scale { max_scale } else { scale };
         }
+        *b = BlockIq3Xxs {
+            d: [0; 2],
+            qs: [0; 64],
+            scales: [0; 32],
+        };
         if max_scale == 0.0 {
-            *b = BlockIq3Xxs {
-                d: [0; 2],
-                qs: [0; 64],
-                scales: [0; 32],
-            };
             continue;
         }
         let d = max_scale / 31.0;
@@ -269,6 +315,82 @@ pub fn quantize_iq3_xxs(x: &[f32], out: &mut [BlockIq3Xxs]) {
         }
         b.qs.copy_from_slice(&q3[..64]);
         b.scales.copy_from_slice(&q3[64..]);
+    }
+}
+
+/// ggml's `quantize_row_iq3_s_ref` (blocks of 32): x (a multiple of 256 values) into IQ3_S.
+pub fn quantize_iq3_s(x: &[f32], out: &mut [BlockIq3S]) {
+    let grid = iq3s_grid();
+    let how = Search {
+        steps: 9,
+        on_grid_at_first: false,
+        refit_all: true,
+    };
+    for (xbl, b) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
+        *b = BlockIq3S {
+            d: [0; 2],
+            qs: [0; 64],
+            qh: [0; 8],
+            signs: [0; 32],
+            scales: [0; 4],
+        };
+        let mut scales = [0.0f32; QK_K / 32];
+        let mut max_scale = 0.0f32;
+        // Where the next block of 32 puts its grid rows and signs. As in ggml, an all-zero
+        // block does not advance it (its `continue` skips the increments), so the blocks after
+        // one land a slot early and dequantize with the wrong scale and high bits; the files
+        // llama-quantize writes hold the same bytes.
+        let mut slot = 0;
+        for ib in 0..QK_K / 32 {
+            let xb = &xbl[32 * ib..32 * ib + 32];
+            let weight: [f32; 32] = std::array::from_fn(|i| xb[i] * xb[i]);
+            let mut xval = [0.0f32; 32];
+            let mut block_signs = [0u8; 4];
+            for k in 0..4 {
+                for i in 0..8 {
+                    let v = xb[8 * k + i];
+                    if v >= 0.0 {
+                        xval[8 * k + i] = v;
+                    } else {
+                        xval[8 * k + i] = -v;
+                        block_signs[k] |= 1 << i;
+                    }
+                }
+            }
+            let max = max_of(&xval);
+            if max == 0.0 {
+                scales[ib] = 0.0;
+                continue;
+            }
+            let (l, mut scale) = search(grid, &xval, &weight, max, &how);
+            if scale < 0.0 {
+                scale = -scale;
+                for s in &mut block_signs {
+                    *s = !*s;
+                }
+            }
+            for k in 0..8 {
+                let m = grid.index(&l[4 * k..4 * k + 4]);
+                debug_assert!(m >= 0, "a group's levels are off the grid");
+                let m = m.max(0) as usize;
+                b.qs[8 * slot + k] = m as u8;
+                b.qh[ib] |= ((m >> 8) << k) as u8;
+            }
+            b.signs[4 * slot..4 * slot + 4].copy_from_slice(&block_signs);
+            slot += 1;
+            scales[ib] = scale;
+            max_scale = if max_scale > scale { max_scale } else { scale };
+        }
+        if max_scale == 0.0 {
+            continue;
+        }
+        let d = max_scale / 31.0;
+        b.d = crate::float::f32_to_f16(d * 1.033).to_le_bytes();
+        let id = 1.0 / d;
+        let nibble = |s: f32| nearest_int(0.5 * (id * s - 1.0)).clamp(0, 15) as u8;
+        for ib in (0..QK_K / 32).step_by(2) {
+            b.scales[ib / 2] = nibble(scales[ib]) | nibble(scales[ib + 1]) << 4;
+        }
     }
 }
 
@@ -286,97 +408,111 @@ fn sums(weight: &[f32; 32], xval: &[f32; 32], l: &[i8; 32]) -> (f32, f32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::iq_grid::dequantize_iq3_xxs;
+    use crate::iq_grid::{dequantize_iq3_s, dequantize_iq3_xxs};
+    use bytemuck::Zeroable;
 
-    /// What ggml writes for 16 rows of 512 values (normal, scaled down, with outliers, uniform,
-    /// a zero block of 32 and a zero super-block): its `ggml_quantize_chunk` without an
-    /// importance matrix, run on llama.cpp's libggml-base (the source vendored in
-    /// llama-cpp-python 0.3.36) by a ten-line C caller, on the committed input.
-    #[test]
-    fn iq3_xxs_writes_ggml_s_bytes() {
-        let input = include_bytes!("../tests/data/iq3_xxs.input.f32");
-        let want = include_bytes!("../tests/data/iq3_xxs.ggml.bin");
-        let x: Vec<f32> = input
+    /// The committed input: 16 rows of 512 values (normal, scaled down, with outliers,
+    /// uniform, a zero block of 32 and a zero super-block).
+    fn input() -> Vec<f32> {
+        include_bytes!("../tests/data/iq3.input.f32")
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect();
-        let mut ours = vec![
-            BlockIq3Xxs {
-                d: [0; 2],
-                qs: [0; 64],
-                scales: [0; 32]
-            };
-            x.len() / QK_K
-        ];
-        quantize_iq3_xxs(&x, &mut ours);
-        let ours: &[u8] = bytemuck::cast_slice(&ours);
-        assert_eq!(ours.len(), want.len());
-        for (i, (a, b)) in ours.chunks(98).zip(want.chunks(98)).enumerate() {
-            assert_eq!(a, b, "block {i} differs from ggml's");
-        }
+            .collect()
     }
 
-    /// The map names every grid row by its levels, and every pattern off the grid has
-    /// neighbours, each of them a grid row.
-    #[test]
-    fn every_level_pattern_has_a_row_or_neighbours() {
-        let t = iq3xxs_tables();
-        let on: usize = t.map.iter().filter(|&&m| m >= 0).count();
-        assert_eq!(on, IQ3XXS_GRID.len());
-        for (u, &m) in t.map.iter().enumerate() {
-            if m >= 0 {
-                let levels = row(m as usize).map(|v| (v - 1) / 2);
-                assert_eq!(pattern(&levels), u);
-            } else {
-                let list = &t.neighbours[(-m - 1) as usize..];
-                assert!(list[0] > 0, "pattern {u} has no neighbours");
-                assert!(list[1..=list[0] as usize]
-                    .iter()
-                    .all(|&j| (j as usize) < IQ3XXS_GRID.len()));
-            }
-        }
-    }
-
-    /// Fresh random rows round-trip within IQ3_XXS's error: relative RMS error below 0.25
-    /// (3.06 bits a weight; ggml's own bytes for such rows sit at 0.20-0.22, without an
-    /// importance matrix), and zeros stay zero.
-    #[test]
-    fn quantized_rows_dequantize_near_the_input() {
+    /// Fresh roughly normal values (a sum of four uniforms), seeded from the clock.
+    fn fresh(n: usize) -> Vec<f32> {
         let mut s = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_nanos() as u64
             | 1;
         eprintln!("seed {s}");
-        let x: Vec<f32> = (0..4 * QK_K)
+        (0..n)
             .map(|_| {
                 s ^= s << 13;
                 s ^= s >> 7;
                 s ^= s << 17;
-                // A sum of uniforms: roughly normal.
                 (0..4)
                     .map(|k| ((s >> (16 * k)) & 0xffff) as f32 / 65536.0 - 0.5)
                     .sum::<f32>()
             })
-            .collect();
-        let blank = BlockIq3Xxs {
-            d: [0; 2],
-            qs: [0; 64],
-            scales: [0; 32],
-        };
-        let mut q = vec![blank; 4];
-        quantize_iq3_xxs(&x, &mut q);
-        let mut y = vec![0.0f32; x.len()];
-        dequantize_iq3_xxs(&q, &mut y);
-        let err: f32 = x.iter().zip(&y).map(|(a, b)| (a - b) * (a - b)).sum();
+            .collect()
+    }
+
+    fn relative_rms(x: &[f32], y: &[f32]) -> f32 {
+        let err: f32 = x.iter().zip(y).map(|(a, b)| (a - b) * (a - b)).sum();
         let norm: f32 = x.iter().map(|a| a * a).sum();
+        (err / norm).sqrt()
+    }
+
+    fn assert_blocks_equal(ours: &[u8], want: &[u8], block: usize, ty: &str) {
+        assert_eq!(ours.len(), want.len());
+        for (i, (a, b)) in ours.chunks(block).zip(want.chunks(block)).enumerate() {
+            assert_eq!(a, b, "{ty} block {i} differs from ggml's");
+        }
+    }
+
+    /// What ggml writes for the committed input: its `ggml_quantize_chunk` without an
+    /// importance matrix, run on llama.cpp's libggml-base (the source vendored in
+    /// llama-cpp-python 0.3.36) by scripts/ggml-quantize-rows.c (types 18 and 21).
+    #[test]
+    fn iq3_quantizers_write_ggml_s_bytes() {
+        let x = input();
+        let blank = BlockIq3Xxs::zeroed();
+        let mut xxs = vec![blank; x.len() / QK_K];
+        quantize_iq3_xxs(&x, &mut xxs);
+        let want = include_bytes!("../tests/data/iq3_xxs.ggml.bin");
+        assert_blocks_equal(bytemuck::cast_slice(&xxs), want, 98, "IQ3_XXS");
+        let mut s = vec![BlockIq3S::zeroed(); x.len() / QK_K];
+        quantize_iq3_s(&x, &mut s);
+        let want = include_bytes!("../tests/data/iq3_s.ggml.bin");
+        assert_blocks_equal(bytemuck::cast_slice(&s), want, 110, "IQ3_S");
+    }
+
+    /// Each grid's map names every row by its levels, and every pattern off the grid has
+    /// neighbours, each of them a row.
+    #[test]
+    fn every_level_pattern_has_a_row_or_neighbours() {
+        for (grid, rows) in [(iq3xxs_grid(), 256), (iq3s_grid(), 512)] {
+            assert_eq!(grid.rows.len(), rows);
+            assert_eq!(grid.map.iter().filter(|&&m| m >= 0).count(), rows);
+            for (u, &m) in grid.map.iter().enumerate() {
+                if m >= 0 {
+                    assert_eq!(pattern(&grid.rows[m as usize].map(|v| (v - 1) / 2)), u);
+                } else {
+                    let list = &grid.neighbours[(-m - 1) as usize..];
+                    assert!(list[0] > 0, "pattern {u} has no neighbours");
+                    let n = list[0] as usize;
+                    assert!(list[1..=n].iter().all(|&j| (j as usize) < rows));
+                }
+            }
+        }
+    }
+
+    /// Fresh random rows round-trip within each type's error: relative RMS error below 0.25
+    /// for IQ3_XXS (3.06 bits a weight) and 0.2 for IQ3_S (3.44); ggml's own bytes for such
+    /// rows without an importance matrix sit at 0.21 and ~0.17. Zeros stay zero.
+    #[test]
+    fn quantized_rows_dequantize_near_the_input() {
+        let x = fresh(4 * QK_K);
+        let mut y = vec![0.0f32; x.len()];
+        let mut q = vec![BlockIq3Xxs::zeroed(); 4];
+        quantize_iq3_xxs(&x, &mut q);
+        dequantize_iq3_xxs(&q, &mut y);
         assert!(
-            (err / norm).sqrt() < 0.25,
-            "relative RMS error {}",
-            (err / norm).sqrt()
+            relative_rms(&x, &y) < 0.25,
+            "IQ3_XXS {}",
+            relative_rms(&x, &y)
         );
-        let mut z = vec![blank; 1];
+        let mut q = vec![BlockIq3S::zeroed(); 4];
+        quantize_iq3_s(&x, &mut q);
+        dequantize_iq3_s(&q, &mut y);
+        assert!(relative_rms(&x, &y) < 0.2, "IQ3_S {}", relative_rms(&x, &y));
+        let (mut z, mut zs) = ([BlockIq3Xxs::zeroed()], [BlockIq3S::zeroed()]);
         quantize_iq3_xxs(&[0.0; QK_K], &mut z);
-        assert_eq!(bytemuck::bytes_of(&z[0]), &[0u8; 98][..]);
+        quantize_iq3_s(&[0.0; QK_K], &mut zs);
+        assert!(bytemuck::bytes_of(&z[0]).iter().all(|&b| b == 0));
+        assert!(bytemuck::bytes_of(&zs[0]).iter().all(|&b| b == 0));
     }
 }

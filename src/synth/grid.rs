@@ -1,5 +1,5 @@
 //! Synthetic weights in the grid i-quants (IQ2_XXS, IQ2_S, IQ3_XXS, IQ3_S). Their quantizers
-//! are searches over the grid (IQ3_XXS's, the one here, runs at about a million weights a
+//! are searches over the grid (IQ3_XXS's, one of those here, runs at about a million weights a
 //! second on one core: an hour for an 8-layer Qwen3-width file on two), and a synthetic
 //! model's weights are random either way, so its grid-typed matrices are written as random
 //! valid blocks instead: grid rows drawn from a hash of the position, each weight's sign
