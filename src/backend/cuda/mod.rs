@@ -653,11 +653,11 @@ impl Gpu {
                 None => launch.arg(&null),
             };
         }
-        // SAFETY: the kernel's signature is (const u8*, const float* or, for the int8 decode
-        // kernels, const void*, float*, int, int, long long, int, int), and for the decode
-        // kernels a last const float* (the bias, null or `rows` long), matching the arguments
-        // pushed above; it reads rows × row_bytes bytes of `w` and t × cols floats of `x` (t
-        // rows of quantize_q8 for the int8 kernels), writes t × rows floats of `y`, all
+        // SAFETY: the kernel's signature is (const u8*, const float* (const void* for the
+        // decode kernels), float*, int, int, long long, int, int), and for the decode kernels a
+        // last const float* (the bias, null or `rows` long), matching the arguments pushed
+        // above; it reads rows × row_bytes bytes of `w` and t × cols floats of `x` (t rows of
+        // quantize_q8 for the int8 four-token kernels), writes t × rows floats of `y`, all
         // checked above.
         unsafe { launch.launch(cfg) }.map_err(|e| anyhow!("CUDA launch: {e:?}"))?;
         match bias {
@@ -812,7 +812,8 @@ const MMA_THREADS: u32 = 256;
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kernel {
     Rows,
-    /// Rows on activations quantized to int8 by `quantize_q8` (`FOR_EACH_INT8_TYPE`).
+    /// Rows on int8 activations (`FOR_EACH_INT8_TYPE`): quantized in the kernel by one-token
+    /// blocks, by `quantize_q8` for the four-token ones.
     RowsI8,
     Tiled,
     Mma,
