@@ -1,6 +1,6 @@
-//! Reference quantizers of the grid i-quants, transcriptions of ggml's (the bytes llama-quantize
-//! writes without an importance matrix, float operations in ggml's order; ggml-base is
-//! compiled without FMA contraction, so none is used here): IQ3_XXS and IQ3_S. A group of
+//! Reference quantizers of the grid i-quants, transcriptions of ggml's (the bytes ggml writes
+//! without an importance matrix, float operations in ggml's order; ggml-base is compiled
+//! without FMA contraction, so none is used here): IQ3_XXS and IQ3_S. A group of
 //! four weights (their magnitudes; IQ3_XXS flips an even number of signs per eight, the
 //! cheapest one where odd) must land on a row of the grid: candidate scales are tried, each
 //! group's nearest levels looked up in a map of the 4096 level patterns, and a pattern off the
@@ -132,11 +132,13 @@ impl Grid {
     }
 }
 
+/// IQ3_XXS's 256 rows (byte values 4, 12, ..., 62), neighbours at the two nearest distances.
 fn iq3xxs_grid() -> &'static Grid {
     static GRID: OnceLock<Grid> = OnceLock::new();
     GRID.get_or_init(|| Grid::new(&IQ3XXS_GRID, &[4, 12, 20, 28, 36, 44, 52, 62], 2))
 }
 
+/// IQ3_S's 512 rows (byte values 1, 3, ..., 15), neighbours at the three nearest distances.
 fn iq3s_grid() -> &'static Grid {
     static GRID: OnceLock<Grid> = OnceLock::new();
     GRID.get_or_init(|| Grid::new(&IQ3S_GRID, &[1, 3, 5, 7, 9, 11, 13, 15], 3))
