@@ -5,7 +5,7 @@
 //! super-block's f16 scale. Dequantizers compute what gguf-py's do, operation for operation;
 //! dots take Q8_K activations and sum exact integers per super-block (the grid value with its
 //! sign times the activation, times the odd scale) before one float product, as llama.cpp's
-//! reference dots do. Their quantizers (IQ3_XXS and IQ3_S so far) are in [`crate::iq_quant`].
+//! reference dots do. Their quantizers (IQ3_XXS, IQ3_S and IQ2_S so far) are in [`crate::iq_quant`].
 
 // The decoders walk groups by index, as the format is described.
 #![allow(clippy::needless_range_loop)]

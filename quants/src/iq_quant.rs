@@ -1,11 +1,11 @@
 //! Reference quantizers of the grid i-quants, transcriptions of ggml's (the bytes ggml writes
 //! without an importance matrix, float operations in ggml's order; ggml-base is compiled
-//! without FMA contraction, so none is used here): IQ3_XXS and IQ3_S. A group of
-//! four weights (their magnitudes; IQ3_XXS flips an even number of signs per eight, the
-//! cheapest one where odd) must land on a row of the grid: candidate scales are tried, each
-//! group's nearest levels looked up in a map of the 4096 level patterns, and a pattern off the
-//! grid replaced by the best of its nearest grid rows (precomputed per pattern, as ggml's
-//! `iq3xs_init_impl` does). ggml's IQ3_S writer misplaces the blocks after an all-zero block
+//! without FMA contraction, so none is used here): IQ3_XXS, IQ3_S and IQ2_S. A group of
+//! four weights (eight for IQ2_S; their magnitudes, IQ3_XXS flipping an even number of signs
+//! per eight, the cheapest one where odd) must land on a row of the grid: candidate scales are
+//! tried, each group's nearest levels looked up in a map of the level patterns, and a pattern
+//! off the grid replaced by the best of its nearest grid rows (precomputed per pattern, as
+//! ggml's `iq3xs_init_impl` and `iq2xs_init_impl` do). ggml's IQ3_S writer misplaces the blocks after an all-zero block
 //! of 32 (see [`quantize_iq3_s`]); this one writes the same bytes.
 
 // The quantizers walk groups by index, as ggml's do.
@@ -13,52 +13,61 @@
 
 use std::sync::OnceLock;
 
-use crate::iq_grid::{BlockIq3S, BlockIq3Xxs};
-use crate::iq_tables::{IQ3S_GRID, IQ3XXS_GRID};
+use bytemuck::Zeroable;
+
+use crate::iq_grid::{BlockIq2S, BlockIq3S, BlockIq3Xxs};
+use crate::iq_tables::{IQ2S_GRID, IQ3S_GRID, IQ3XXS_GRID};
 use crate::kquants::{nearest_int, QK_K};
 
-/// A group's levels 0..7 per weight packed three bits each: the map's index.
-fn pattern(levels: &[i8]) -> usize {
+/// A group's levels packed `bits` each (three for groups of four, two for eight): the map's
+/// index.
+fn pattern(levels: &[i8], bits: usize) -> usize {
     levels
         .iter()
         .enumerate()
-        .fold(0, |u, (i, &l)| u | ((l as usize) << (3 * i)))
+        .fold(0, |u, (i, &l)| u | ((l as usize) << (bits * i)))
 }
 
-/// A grid as the quantizer sees it (ggml's `iq3_data`): each row as four odd values 2l + 1 of
-/// the levels l its bytes stand for (ggml builds its rows from a table of level patterns in
-/// the dequantizer's row order), and for each of the 4096 level patterns of a group of four its
-/// row (≥ 0) or −(offset + 1) of its entry in `neighbours`: a count n, then the n rows nearest
-/// to it (every row at the smallest `distances_wanted` squared distances, by distance then row).
-struct Grid {
-    rows: Vec<[i8; 4]>,
+/// A grid as the quantizer sees it (ggml's `iq3_data` and `iq2_data`): each row as N odd
+/// values 2l + 1 of the levels l its bytes stand for (ggml builds its rows from a table of
+/// level patterns in the dequantizer's row order), and for each level pattern of a group of N
+/// (4096 of four at three bits a level; 43692 of eight at two, as ggml sizes it) its row (≥ 0)
+/// or −(offset + 1) of its entry in `neighbours`: a count n, then the n rows nearest to it
+/// (every row at the smallest `distances_wanted` squared distances, by distance then row).
+struct Grid<const N: usize> {
+    rows: Vec<[i8; N]>,
     map: Vec<i32>,
     neighbours: Vec<u16>,
 }
 
-impl Grid {
-    /// ggml's `iq3xs_init_impl` for a dequantizer's `table`, whose bytes take the values
-    /// `level_values` (level l at index l).
-    fn new(table: &[u32], level_values: &[u8; 8], distances_wanted: usize) -> Grid {
-        let rows: Vec<[i8; 4]> = table
+impl<const N: usize> Grid<N> {
+    /// Bits a level in a pattern.
+    const BITS: usize = if N == 4 { 3 } else { 2 };
+
+    /// ggml's `iq3xs_init_impl` / `iq2xs_init_impl` for a dequantizer's rows `table`, whose
+    /// bytes take the values `level_values` (level l at index l).
+    fn new(table: &[[u8; N]], level_values: &[u8], patterns: usize, wanted: usize) -> Self {
+        let rows: Vec<[i8; N]> = table
             .iter()
             .map(|r| {
-                r.to_le_bytes().map(|b| {
+                r.map(|b| {
                     let l = level_values.iter().position(|&v| v == b).unwrap_or(0);
                     2 * l as i8 + 1
                 })
             })
             .collect();
-        let mut map = vec![-1i32; 4096];
+        let mut map = vec![-1i32; patterns];
         for (j, r) in rows.iter().enumerate() {
-            map[pattern(&r.map(|v| (v - 1) / 2))] = j as i32;
+            map[pattern(&r.map(|v| (v - 1) / 2), Self::BITS)] = j as i32;
         }
         let mut neighbours = Vec::new();
-        for i in 0..4096 {
+        let level_mask = (1 << Self::BITS) - 1;
+        for i in 0..patterns {
             if map[i] >= 0 {
                 continue;
             }
-            let pos: [i32; 4] = std::array::from_fn(|k| 2 * ((i >> (3 * k)) & 7) as i32 + 1);
+            let pos: [i32; N] =
+                std::array::from_fn(|k| 2 * ((i >> (Self::BITS * k)) & level_mask) as i32 + 1);
             let mut dist: Vec<(i32, usize)> = rows
                 .iter()
                 .enumerate()
@@ -78,7 +87,7 @@ impl Grid {
             let (mut d2, mut have) = (dist[0].0, 1);
             for &(d, j) in &dist {
                 if d > d2 {
-                    if have == distances_wanted {
+                    if have == wanted {
                         break;
                     }
                     d2 = d;
@@ -97,10 +106,10 @@ impl Grid {
 
     /// The row of a group's levels, or a negative entry (see [`Grid`]).
     fn index(&self, levels: &[i8]) -> i32 {
-        self.map[pattern(levels)]
+        self.map[pattern(levels, Self::BITS)]
     }
 
-    /// ggml's `iq3_find_best_neighbour` for the off-grid entry `m`: of its listed rows, the
+    /// ggml's `iq3_find_best_neighbour` (`iq2_` for eight) for the off-grid entry `m`: of its listed rows, the
     /// one whose values times `scale` are nearest to `xval` under `weight`; its levels into `l`.
     fn best_neighbour(
         &self,
@@ -116,7 +125,7 @@ impl Grid {
         for &j in &list[1..=n] {
             let g = self.rows[j as usize];
             let mut d2 = 0.0f32;
-            for i in 0..4 {
+            for i in 0..N {
                 let diff = scale * g[i] as f32 - xval[i];
                 d2 += weight[i] * diff * diff;
             }
@@ -125,7 +134,7 @@ impl Grid {
                 best = j as usize;
             }
         }
-        for i in 0..4 {
+        for i in 0..N {
             l[i] = (self.rows[best][i] - 1) / 2;
         }
         best
@@ -133,55 +142,76 @@ impl Grid {
 }
 
 /// IQ3_XXS's 256 rows (byte values 4, 12, ..., 62), neighbours at the two nearest distances.
-fn iq3xxs_grid() -> &'static Grid {
-    static GRID: OnceLock<Grid> = OnceLock::new();
-    GRID.get_or_init(|| Grid::new(&IQ3XXS_GRID, &[4, 12, 20, 28, 36, 44, 52, 62], 2))
+fn iq3xxs_grid() -> &'static Grid<4> {
+    static GRID: OnceLock<Grid<4>> = OnceLock::new();
+    GRID.get_or_init(|| {
+        let rows: Vec<[u8; 4]> = IQ3XXS_GRID.iter().map(|r| r.to_le_bytes()).collect();
+        Grid::new(&rows, &[4, 12, 20, 28, 36, 44, 52, 62], 4096, 2)
+    })
 }
 
 /// IQ3_S's 512 rows (byte values 1, 3, ..., 15), neighbours at the three nearest distances.
-fn iq3s_grid() -> &'static Grid {
-    static GRID: OnceLock<Grid> = OnceLock::new();
-    GRID.get_or_init(|| Grid::new(&IQ3S_GRID, &[1, 3, 5, 7, 9, 11, 13, 15], 3))
+fn iq3s_grid() -> &'static Grid<4> {
+    static GRID: OnceLock<Grid<4>> = OnceLock::new();
+    GRID.get_or_init(|| {
+        let rows: Vec<[u8; 4]> = IQ3S_GRID.iter().map(|r| r.to_le_bytes()).collect();
+        Grid::new(&rows, &[1, 3, 5, 7, 9, 11, 13, 15], 4096, 3)
+    })
 }
 
-/// ggml's `GROUP_MAX_EPS_IQ3_XXS`: a block of 32 whose largest magnitude is below it is zero.
+/// IQ2_S's 1024 rows of eight (byte values 8, 25, 43), neighbours at the nearest distance.
+fn iq2s_grid() -> &'static Grid<8> {
+    static GRID: OnceLock<Grid<8>> = OnceLock::new();
+    GRID.get_or_init(|| {
+        let rows: Vec<[u8; 8]> = IQ2S_GRID.iter().map(|r| r.to_le_bytes()).collect();
+        Grid::new(&rows, &[8, 25, 43], 43692, 1)
+    })
+}
+
+/// ggml's `GROUP_MAX_EPS_IQ3_XXS` and `_IQ2_S`: a block whose largest magnitude is below it is
+/// zero.
 const GROUP_MAX_EPS: f32 = 1e-8;
 
 /// How the two IQ3 searches differ (ggml's code for each, not a design).
 struct Search {
-    /// Candidate scales (15 + 0.2·is)/max for is in −steps..=steps.
+    /// The largest level + 1 (ggml's kMaxQ: 8 for IQ3, 3 for IQ2_S).
+    k_max_q: i32,
+    /// Candidate scales (2·k_max_q − 1 + step·is)/max for is in −steps..=steps.
     steps: i32,
-    /// Whether a group counts as on the grid before any candidate won (IQ3_XXS: yes).
+    step: f32,
+    /// Whether a group counts as on the grid before any candidate won (IQ3_XXS, IQ2_S: yes).
     on_grid_at_first: bool,
     /// Whether the final pass re-fits every group at the chosen scale (IQ3_S) or only those
-    /// off the grid (IQ3_XXS).
+    /// off the grid.
     refit_all: bool,
 }
 
-/// The levels (0..7) and scale of 32 magnitudes `xval` under `weight` on `grid`: the candidate
-/// scale whose on-grid levels fit best, then a re-fit at that scale (ggml's search, shared by
-/// quantize_row_iq3_xxs_impl and quantize_row_iq3_s_impl). `max` is xval's largest value.
-fn search(
-    grid: &Grid,
-    xval: &[f32; 32],
-    weight: &[f32; 32],
+/// The levels and scale of B magnitudes `xval` (groups of N) under `weight` on `grid`: the
+/// candidate scale whose on-grid levels fit best, then a re-fit at that scale (ggml's search,
+/// shared by quantize_row_iq3_xxs_impl, quantize_row_iq3_s_impl and quantize_row_iq2_s_impl).
+/// `max` is xval's largest value.
+fn search<const N: usize, const B: usize>(
+    grid: &Grid<N>,
+    xval: &[f32; B],
+    weight: &[f32; B],
     max: f32,
     how: &Search,
-) -> ([i8; 32], f32) {
-    const K_MAX_Q: i32 = 8;
-    let waux: [f32; 32] = std::array::from_fn(|i| weight[i].sqrt());
-    let nearest = |id: f32, v: f32| nearest_int(0.5 * (id * v - 1.0)).clamp(0, K_MAX_Q - 1) as i8;
-    let mut l = [0i8; 32];
+) -> ([i8; B], f32) {
+    let groups = B / N;
+    let k_max_q = how.k_max_q;
+    let waux: [f32; B] = std::array::from_fn(|i| weight[i].sqrt());
+    let nearest = |id: f32, v: f32| nearest_int(0.5 * (id * v - 1.0)).clamp(0, k_max_q - 1) as i8;
+    let mut l = [0i8; B];
     let mut best = 0.0f32;
-    let mut scale = max / (2 * K_MAX_Q - 1) as f32;
+    let mut scale = max / (2 * k_max_q - 1) as f32;
     let mut on_grid = [how.on_grid_at_first; 8];
     for is in -how.steps..=how.steps {
-        let id = ((2 * K_MAX_Q - 1) as f32 + is as f32 * 0.2) / max;
+        let id = ((2 * k_max_q - 1) as f32 + is as f32 * how.step) / max;
         let this_scale = 1.0 / id;
-        let mut laux = [0i8; 32];
+        let mut laux = [0i8; B];
         let mut on_grid_aux = [true; 8];
-        for k in 0..8 {
-            let r = 4 * k..4 * k + 4;
+        for k in 0..groups {
+            let r = N * k..N * k + N;
             for i in r.clone() {
                 laux[i] = nearest(id, xval[i]);
             }
@@ -200,21 +230,21 @@ fn search(
             on_grid = on_grid_aux;
         }
     }
-    if on_grid.contains(&false) && scale > 0.0 {
+    if on_grid[..groups].contains(&false) && scale > 0.0 {
         let id = 1.0 / scale;
-        for k in 0..8 {
+        for k in 0..groups {
             if on_grid[k] && !how.refit_all {
                 continue;
             }
-            let r = 4 * k..4 * k + 4;
-            let levels: [i8; 4] = std::array::from_fn(|i| nearest(id, xval[4 * k + i]));
+            let r = N * k..N * k + N;
+            let levels: [i8; N] = std::array::from_fn(|i| nearest(id, xval[N * k + i]));
             let mut m = grid.index(&levels);
             if m < 0 {
                 let (xv, wv) = (&xval[r.clone()], &waux[r.clone()]);
-                m = grid.best_neighbour(m, xv, wv, scale, &mut [0; 4]) as i32;
+                m = grid.best_neighbour(m, xv, wv, scale, &mut [0; N]) as i32;
             }
-            for i in 0..4 {
-                l[4 * k + i] = (grid.rows[m as usize][i] - 1) / 2;
+            for i in 0..N {
+                l[N * k + i] = (grid.rows[m as usize][i] - 1) / 2;
             }
         }
         let (sumqx, sumq2) = sums(weight, xval, &l);
@@ -234,7 +264,9 @@ fn max_of(v: &[f32]) -> f32 {
 pub fn quantize_iq3_xxs(x: &[f32], out: &mut [BlockIq3Xxs]) {
     let grid = iq3xxs_grid();
     let how = Search {
+        k_max_q: 8,
         steps: 15,
+        step: 0.2,
         on_grid_at_first: true,
         refit_all: false,
     };
@@ -324,7 +356,9 @@ pub fn quantize_iq3_xxs(x: &[f32], out: &mut [BlockIq3Xxs]) {
 pub fn quantize_iq3_s(x: &[f32], out: &mut [BlockIq3S]) {
     let grid = iq3s_grid();
     let how = Search {
+        k_max_q: 8,
         steps: 9,
+        step: 0.2,
         on_grid_at_first: false,
         refit_all: true,
     };
@@ -396,10 +430,82 @@ pub fn quantize_iq3_s(x: &[f32], out: &mut [BlockIq3S]) {
     }
 }
 
+/// ggml's `quantize_row_iq2_s_ref` (blocks of 16, groups of eight): x (a multiple of 256
+/// values) into IQ2_S.
+pub fn quantize_iq2_s(x: &[f32], out: &mut [BlockIq2S]) {
+    let grid = iq2s_grid();
+    let how = Search {
+        k_max_q: 3,
+        steps: 9,
+        step: 0.1,
+        on_grid_at_first: true,
+        refit_all: false,
+    };
+    for (xbl, b) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
+        *b = BlockIq2S::zeroed();
+        let mut sumx2 = 0.0f32;
+        for &v in xbl {
+            sumx2 += v * v;
+        }
+        let sigma2 = 2.0 * sumx2 / QK_K as f32;
+        let mut scales = [0.0f32; QK_K / 16];
+        let mut max_scale = 0.0f32;
+        for ib in 0..QK_K / 16 {
+            let xb = &xbl[16 * ib..16 * ib + 16];
+            let weight: [f32; 16] = std::array::from_fn(|i| 0.25 * sigma2 + xb[i] * xb[i]);
+            let mut xval = [0.0f32; 16];
+            let mut block_signs = [0u8; 2];
+            for k in 0..2 {
+                for i in 0..8 {
+                    let v = xb[8 * k + i];
+                    if v >= 0.0 {
+                        xval[8 * k + i] = v;
+                    } else {
+                        xval[8 * k + i] = -v;
+                        block_signs[k] |= 1 << i;
+                    }
+                }
+            }
+            let max = max_of(&xval);
+            if max < GROUP_MAX_EPS {
+                scales[ib] = 0.0;
+                continue;
+            }
+            let (l, mut scale) = search(grid, &xval, &weight, max, &how);
+            if scale < 0.0 {
+                scale = -scale;
+                for s in &mut block_signs {
+                    *s = !*s;
+                }
+            }
+            for k in 0..2 {
+                let m = grid.index(&l[8 * k..8 * k + 8]);
+                debug_assert!(m >= 0, "a group's levels are off the grid");
+                let (m, i8) = (m.max(0) as usize, 2 * ib + k);
+                b.qs[i8] = m as u8;
+                b.qh[i8 / 4] |= ((m >> 8) << (2 * (i8 % 4))) as u8;
+                b.signs[i8] = block_signs[k];
+            }
+            scales[ib] = scale;
+            max_scale = if max_scale > scale { max_scale } else { scale };
+        }
+        if max_scale == 0.0 {
+            continue;
+        }
+        let d = max_scale / 31.0;
+        b.d = crate::float::f32_to_f16(d * 0.9875).to_le_bytes();
+        let id = 1.0 / d;
+        for ib in 0..QK_K / 16 {
+            let l = nearest_int(0.5 * (id * scales[ib] - 1.0)).clamp(0, 15) as u8;
+            b.scales[ib / 2] |= l << (4 * (ib % 2));
+        }
+    }
+}
+
 /// Σ w·x·q and Σ w·q² for the odd values q = 2l + 1, in ggml's order.
-fn sums(weight: &[f32; 32], xval: &[f32; 32], l: &[i8; 32]) -> (f32, f32) {
+fn sums<const B: usize>(weight: &[f32; B], xval: &[f32; B], l: &[i8; B]) -> (f32, f32) {
     let (mut sumqx, mut sumq2) = (0.0f32, 0.0f32);
-    for i in 0..32 {
+    for i in 0..B {
         let (w, q) = (weight[i], (2 * l[i] as i32 + 1) as f32);
         sumqx += w * xval[i] * q;
         sumq2 += w * q * q;
@@ -410,13 +516,13 @@ fn sums(weight: &[f32; 32], xval: &[f32; 32], l: &[i8; 32]) -> (f32, f32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::iq_grid::{dequantize_iq3_s, dequantize_iq3_xxs};
+    use crate::iq_grid::{dequantize_iq2_s, dequantize_iq3_s, dequantize_iq3_xxs};
     use bytemuck::Zeroable;
 
     /// The committed input: 16 rows of 512 values (normal, scaled down, with outliers,
     /// uniform, a zero block of 32 and a zero super-block).
     fn input() -> Vec<f32> {
-        include_bytes!("../tests/data/iq3.input.f32")
+        include_bytes!("../tests/data/grid.input.f32")
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
             .collect()
@@ -457,9 +563,9 @@ mod tests {
 
     /// What ggml writes for the committed input: its `ggml_quantize_chunk` without an
     /// importance matrix, run on llama.cpp's libggml-base (the source vendored in
-    /// llama-cpp-python 0.3.36) by scripts/ggml-quantize-rows.c (types 18 and 21).
+    /// llama-cpp-python 0.3.36) by scripts/ggml-quantize-rows.c (types 18, 21 and 22).
     #[test]
-    fn iq3_quantizers_write_ggml_s_bytes() {
+    fn grid_quantizers_write_ggml_s_bytes() {
         let x = input();
         let blank = BlockIq3Xxs::zeroed();
         let mut xxs = vec![blank; x.len() / QK_K];
@@ -470,18 +576,23 @@ mod tests {
         quantize_iq3_s(&x, &mut s);
         let want = include_bytes!("../tests/data/iq3_s.ggml.bin");
         assert_blocks_equal(bytemuck::cast_slice(&s), want, 110, "IQ3_S");
+        let mut s2 = vec![BlockIq2S::zeroed(); x.len() / QK_K];
+        quantize_iq2_s(&x, &mut s2);
+        let want = include_bytes!("../tests/data/iq2_s.ggml.bin");
+        assert_blocks_equal(bytemuck::cast_slice(&s2), want, 82, "IQ2_S");
     }
 
     /// Each grid's map names every row by its levels, and every pattern off the grid has
     /// neighbours, each of them a row.
     #[test]
     fn every_level_pattern_has_a_row_or_neighbours() {
-        for (grid, rows) in [(iq3xxs_grid(), 256), (iq3s_grid(), 512)] {
+        fn check<const N: usize>(grid: &Grid<N>, rows: usize) {
             assert_eq!(grid.rows.len(), rows);
             assert_eq!(grid.map.iter().filter(|&&m| m >= 0).count(), rows);
             for (u, &m) in grid.map.iter().enumerate() {
                 if m >= 0 {
-                    assert_eq!(pattern(&grid.rows[m as usize].map(|v| (v - 1) / 2)), u);
+                    let levels = grid.rows[m as usize].map(|v| (v - 1) / 2);
+                    assert_eq!(pattern(&levels, Grid::<N>::BITS), u);
                 } else {
                     let list = &grid.neighbours[(-m - 1) as usize..];
                     assert!(list[0] > 0, "pattern {u} has no neighbours");
@@ -490,11 +601,15 @@ mod tests {
                 }
             }
         }
+        check(iq3xxs_grid(), 256);
+        check(iq3s_grid(), 512);
+        check(iq2s_grid(), 1024);
     }
 
     /// Fresh random rows round-trip within each type's error: relative RMS error below 0.25
-    /// for IQ3_XXS (3.06 bits a weight) and 0.2 for IQ3_S (3.44); ggml's own bytes for such
-    /// rows without an importance matrix sit at 0.21 and ~0.17. Zeros stay zero.
+    /// for IQ3_XXS (3.06 bits a weight), 0.2 for IQ3_S (3.44) and 0.4 for IQ2_S (2.56); ggml's
+    /// own bytes for such rows without an importance matrix sit at 0.21, ~0.17 and ~0.26.
+    /// Zeros stay zero.
     #[test]
     fn quantized_rows_dequantize_near_the_input() {
         let x = fresh(4 * QK_K);
@@ -511,6 +626,10 @@ mod tests {
         quantize_iq3_s(&x, &mut q);
         dequantize_iq3_s(&q, &mut y);
         assert!(relative_rms(&x, &y) < 0.2, "IQ3_S {}", relative_rms(&x, &y));
+        let mut q = vec![BlockIq2S::zeroed(); 4];
+        quantize_iq2_s(&x, &mut q);
+        dequantize_iq2_s(&q, &mut y);
+        assert!(relative_rms(&x, &y) < 0.4, "IQ2_S {}", relative_rms(&x, &y));
         let (mut z, mut zs) = ([BlockIq3Xxs::zeroed()], [BlockIq3S::zeroed()]);
         quantize_iq3_xxs(&[0.0; QK_K], &mut z);
         quantize_iq3_s(&[0.0; QK_K], &mut zs);
