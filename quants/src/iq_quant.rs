@@ -255,6 +255,21 @@ fn search<const N: usize, const B: usize>(
     (l, scale)
 }
 
+/// The magnitudes of B weights as ggml takes them (`x >= 0 ? x : -x`) and their signs, a bit
+/// per weight and a byte per eight (S = B / 8).
+fn magnitudes_and_signs<const B: usize, const S: usize>(xb: &[f32]) -> ([f32; B], [u8; S]) {
+    let (mut xval, mut signs) = ([0.0f32; B], [0u8; S]);
+    for (i, &v) in xb[..B].iter().enumerate() {
+        if v >= 0.0 {
+            xval[i] = v;
+        } else {
+            xval[i] = -v;
+            signs[i / 8] |= 1 << (i % 8);
+        }
+    }
+    (xval, signs)
+}
+
 /// The largest of `v` as ggml's MAX macro finds it.
 fn max_of(v: &[f32]) -> f32 {
     v[1..].iter().fold(v[0], |m, &x| if m > x { m } else { x })
@@ -277,23 +292,13 @@ pub fn quantize_iq3_xxs(x: &[f32], out: &mut [BlockIq3Xxs]) {
         for ib in 0..QK_K / 32 {
             let xb = &xbl[32 * ib..32 * ib + 32];
             let weight: [f32; 32] = std::array::from_fn(|i| xb[i] * xb[i]);
-            let mut xval = [0.0f32; 32];
+            let (mut xval, bytes) = magnitudes_and_signs::<32, 4>(xb);
             let mut block_signs = [0u32; 4];
             // Seven signs of eight are stored, the eighth is their parity: where the count of
             // negatives is odd, the cheapest weight's sign is flipped instead.
             for k in 0..4 {
-                let (mut nflip, mut s) = (0, 0u32);
-                for i in 0..8 {
-                    let v = xb[8 * k + i];
-                    if v >= 0.0 {
-                        xval[8 * k + i] = v;
-                    } else {
-                        xval[8 * k + i] = -v;
-                        nflip += 1;
-                        s |= 1 << i;
-                    }
-                }
-                if nflip % 2 == 1 {
+                let mut s = bytes[k] as u32;
+                if s.count_ones() % 2 == 1 {
                     let cost = |i: usize| weight[8 * k + i] * xb[8 * k + i] * xb[8 * k + i];
                     let (mut imin, mut min) = (0, cost(0));
                     for i in 1..8 {
@@ -380,19 +385,7 @@ pub fn quantize_iq3_s(x: &[f32], out: &mut [BlockIq3S]) {
         for ib in 0..QK_K / 32 {
             let xb = &xbl[32 * ib..32 * ib + 32];
             let weight: [f32; 32] = std::array::from_fn(|i| xb[i] * xb[i]);
-            let mut xval = [0.0f32; 32];
-            let mut block_signs = [0u8; 4];
-            for k in 0..4 {
-                for i in 0..8 {
-                    let v = xb[8 * k + i];
-                    if v >= 0.0 {
-                        xval[8 * k + i] = v;
-                    } else {
-                        xval[8 * k + i] = -v;
-                        block_signs[k] |= 1 << i;
-                    }
-                }
-            }
+            let (xval, mut block_signs) = magnitudes_and_signs::<32, 4>(xb);
             let max = max_of(&xval);
             if max == 0.0 {
                 scales[ib] = 0.0;
@@ -453,19 +446,7 @@ pub fn quantize_iq2_s(x: &[f32], out: &mut [BlockIq2S]) {
         for ib in 0..QK_K / 16 {
             let xb = &xbl[16 * ib..16 * ib + 16];
             let weight: [f32; 16] = std::array::from_fn(|i| 0.25 * sigma2 + xb[i] * xb[i]);
-            let mut xval = [0.0f32; 16];
-            let mut block_signs = [0u8; 2];
-            for k in 0..2 {
-                for i in 0..8 {
-                    let v = xb[8 * k + i];
-                    if v >= 0.0 {
-                        xval[8 * k + i] = v;
-                    } else {
-                        xval[8 * k + i] = -v;
-                        block_signs[k] |= 1 << i;
-                    }
-                }
-            }
+            let (xval, mut block_signs) = magnitudes_and_signs::<16, 2>(xb);
             let max = max_of(&xval);
             if max < GROUP_MAX_EPS {
                 scales[ib] = 0.0;
