@@ -1290,6 +1290,191 @@ extern "C" __global__ void attention_merge(const float* part, float* out, int nh
     }
 }
 
+// Prefill attention on the tensor cores (normal precision; flash attention): the rows of a KV
+// head are its query heads' (token, head) pairs, token-major, so that the heads sharing the KV
+// head (GQA) read each K and V tile once. Block (tile of FA_ROWS rows, KV head) of FA_WARPS
+// warps, a warp 16 rows: per FA_KV positions the block converts K and V to f16 in shared
+// memory, each warp computes its 16 × FA_KV logits with f16 mma.sync (f32 sums) against its
+// query fragments held in registers, masks them (causal, window), folds them into an online
+// softmax (a thread holds two rows' quarter; the four threads of a row agree on its maximum
+// through shuffles) and adds P·V with the probabilities as f16 A fragments taken straight from
+// the logit accumulators and V's B fragments by ldmatrix.trans. `sinks` (null: none) join each
+// row's maximum and denominator. Head dims: HD a multiple of 16 (instantiated 64 and 128).
+#define FA_WARPS 4
+#define FA_ROWS (16 * FA_WARPS)
+#define FA_KV 64
+
+// Two floats as an f16 pair (lo in the low half), rounded to nearest even.
+__device__ __forceinline__ u32 pack_f16(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// c += a · b on an m16n8k16 tile: f16 operands, f32 sums.
+__device__ __forceinline__ void mma_f16(float* c, const u32* a, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <int HD>
+__device__ void attention_flash(const float* q, const float* kc, const float* vc, float* out,
+                                const int* pastp, int t, int nh, int nkv, float scale,
+                                int window, const float* sinks) {
+    constexpr int PAD = HD + 8;  // rows of 16-byte multiples, fragment loads in distinct banks
+    __shared__ __align__(16) unsigned short ks[FA_KV][PAD];
+    __shared__ __align__(16) unsigned short vs[FA_KV][PAD];
+    int past = *pastp;
+    int tid = threadIdx.x, lane = tid % 32, wid = tid / 32, gid = lane >> 2, tig = lane & 3;
+    int g = nh / nkv, kvh = blockIdx.y, row = nkv * HD, rows = t * g;
+    int r0 = blockIdx.x * FA_ROWS;
+    // The positions the block's tokens see: from the first token's first to the last's end.
+    int t_lo = r0 / g, t_hi = min(t - 1, (r0 + FA_ROWS - 1) / g);
+    int e_lo = past + t_lo + 1, hi = past + t_hi + 1;
+    int lo = (window > 0 && e_lo > window) ? e_lo - window : 0;
+    // This thread's rows: gid and gid + 8 of its warp's 16 (a and b).
+    int ra = r0 + wid * 16 + gid, rb = ra + 8;
+    bool va = ra < rows, vb = rb < rows;
+    int ta = va ? ra / g : 0, tb = vb ? rb / g : 0;
+    int ha = kvh * g + ra % g, hb = kvh * g + rb % g;
+    int enda = past + ta + 1, endb = past + tb + 1;
+    int firsta = (window > 0 && enda > window) ? enda - window : 0;
+    int firstb = (window > 0 && endb > window) ? endb - window : 0;
+    const float* qra = q + ((long long)ta * nh + ha) * HD;
+    const float* qrb = q + ((long long)tb * nh + hb) * HD;
+    u32 qf[HD / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; kk++) {
+        int c = kk * 16 + 2 * tig;
+        float2 a0 = va ? *(const float2*)(qra + c) : make_float2(0.0f, 0.0f);
+        float2 a1 = va ? *(const float2*)(qra + c + 8) : make_float2(0.0f, 0.0f);
+        float2 b0 = vb ? *(const float2*)(qrb + c) : make_float2(0.0f, 0.0f);
+        float2 b1 = vb ? *(const float2*)(qrb + c + 8) : make_float2(0.0f, 0.0f);
+        qf[kk][0] = pack_f16(a0.x, a0.y);
+        qf[kk][1] = pack_f16(b0.x, b0.y);
+        qf[kk][2] = pack_f16(a1.x, a1.y);
+        qf[kk][3] = pack_f16(b1.x, b1.y);
+    }
+    float o[HD / 8][4];
+#pragma unroll
+    for (int n = 0; n < HD / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+    // A sink starts the row's maximum with a denominator term of 1 (held by one of its four
+    // threads).
+    float ma = sinks && va ? sinks[ha] : NEG_INF, mb = sinks && vb ? sinks[hb] : NEG_INF;
+    float la = sinks && va && tig == 0 ? 1.0f : 0.0f, lb = sinks && vb && tig == 0 ? 1.0f : 0.0f;
+    for (int p0 = lo; p0 < hi; p0 += FA_KV) {
+        __syncthreads();  // the previous tile's fragments are read
+        for (int i = tid; i < FA_KV * HD / 4; i += 32 * FA_WARPS) {
+            int pp = i / (HD / 4), c = (i % (HD / 4)) * 4, p = p0 + pp;
+            float4 k4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f), v4 = k4;
+            if (p < hi) {
+                long long at = (long long)p * row + kvh * HD + c;
+                k4 = *(const float4*)(kc + at);
+                v4 = *(const float4*)(vc + at);
+            }
+            *(uint2*)&ks[pp][c] = make_uint2(pack_f16(k4.x, k4.y), pack_f16(k4.z, k4.w));
+            *(uint2*)&vs[pp][c] = make_uint2(pack_f16(v4.x, v4.y), pack_f16(v4.z, v4.w));
+        }
+        __syncthreads();
+        // Logits: s[j] is the 16 × 8 tile of positions p0 + 8j.. (c0, c1: row a, positions
+        // 2·tig and 2·tig + 1; c2, c3: row b).
+        float s[FA_KV / 8][4];
+#pragma unroll
+        for (int j = 0; j < FA_KV / 8; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+#pragma unroll
+            for (int j = 0; j < FA_KV / 8; j++) {
+                const unsigned short* kr = &ks[8 * j + gid][16 * kk + 2 * tig];
+                mma_f16(s[j], qf[kk], *(const u32*)kr, *(const u32*)(kr + 8));
+            }
+        }
+        float xa = ma, xb = mb;
+#pragma unroll
+        for (int j = 0; j < FA_KV / 8; j++) {
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                int p = p0 + 8 * j + 2 * tig + (c & 1);
+                bool in = c < 2 ? va && p >= firsta && p < enda : vb && p >= firstb && p < endb;
+                s[j][c] = in ? s[j][c] * scale : NEG_INF;
+            }
+            xa = fmaxf(xa, fmaxf(s[j][0], s[j][1]));
+            xb = fmaxf(xb, fmaxf(s[j][2], s[j][3]));
+        }
+        xa = fmaxf(xa, __shfl_xor_sync(0xffffffffu, xa, 1));
+        xa = fmaxf(xa, __shfl_xor_sync(0xffffffffu, xa, 2));
+        xb = fmaxf(xb, __shfl_xor_sync(0xffffffffu, xb, 1));
+        xb = fmaxf(xb, __shfl_xor_sync(0xffffffffu, xb, 2));
+        // A row with nothing seen yet keeps -inf; its base 0 makes every term 0.
+        float ba = xa == NEG_INF ? 0.0f : xa, bb = xb == NEG_INF ? 0.0f : xb;
+        float ca = expf(ma - ba), cb = expf(mb - bb);
+        ma = xa;
+        mb = xb;
+        la *= ca;
+        lb *= cb;
+        u32 pa[FA_KV / 8], pb[FA_KV / 8];
+#pragma unroll
+        for (int j = 0; j < FA_KV / 8; j++) {
+            float e0 = expf(s[j][0] - ba), e1 = expf(s[j][1] - ba);
+            float e2 = expf(s[j][2] - bb), e3 = expf(s[j][3] - bb);
+            la += e0 + e1;
+            lb += e2 + e3;
+            pa[j] = pack_f16(e0, e1);
+            pb[j] = pack_f16(e2, e3);
+        }
+#pragma unroll
+        for (int n = 0; n < HD / 8; n++) {
+            o[n][0] *= ca;
+            o[n][1] *= ca;
+            o[n][2] *= cb;
+            o[n][3] *= cb;
+        }
+        // P · V: positions 16·kk.. as the k of an A fragment (two logit tiles), V's 8 × 8
+        // matrices transposed into B fragments, two dimension tiles per ldmatrix.
+#pragma unroll
+        for (int kk = 0; kk < FA_KV / 16; kk++) {
+            u32 a[4] = {pa[2 * kk], pb[2 * kk], pa[2 * kk + 1], pb[2 * kk + 1]};
+#pragma unroll
+            for (int n = 0; n < HD / 8; n += 2) {
+                const unsigned short* vr =
+                    &vs[16 * kk + (lane & 7) + ((lane >> 3) & 1) * 8][8 * n + (lane >> 4) * 8];
+                u32 b[4];
+                u32 addr = (u32)__cvta_generic_to_shared(vr);
+                asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                             : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+                             : "r"(addr));
+                mma_f16(o[n], a, b[0], b[1]);
+                mma_f16(o[n + 1], a, b[2], b[3]);
+            }
+        }
+    }
+    la += __shfl_xor_sync(0xffffffffu, la, 1);
+    la += __shfl_xor_sync(0xffffffffu, la, 2);
+    lb += __shfl_xor_sync(0xffffffffu, lb, 1);
+    lb += __shfl_xor_sync(0xffffffffu, lb, 2);
+    float* oa = out + ((long long)ta * nh + ha) * HD;
+    float* ob = out + ((long long)tb * nh + hb) * HD;
+#pragma unroll
+    for (int n = 0; n < HD / 8; n++) {
+        int d = 8 * n + 2 * tig;
+        if (va) *(float2*)(oa + d) = make_float2(o[n][0] / la, o[n][1] / la);
+        if (vb) *(float2*)(ob + d) = make_float2(o[n][2] / lb, o[n][3] / lb);
+    }
+}
+
+#define ATTENTION_FLASH(HD)                                                                      \
+    extern "C" __global__ void __launch_bounds__(32 * FA_WARPS) attention_flash_##HD(            \
+        const float* q, const float* kc, const float* vc, float* out, const int* pastp, int t,  \
+        int nh, int nkv, float scale, int window, const float* sinks) {                          \
+        attention_flash<HD>(q, kc, vc, out, pastp, t, nh, nkv, scale, window, sinks);            \
+    }
+
+ATTENTION_FLASH(64)
+ATTENTION_FLASH(128)
+
 // MoE routing, one warp per token. `gating` 0: the k experts with the highest
 // sigmoid(logit) + bias (Nemotron-H), weighted by sigmoid(logit); 1: the top k of the softmax
 // over all experts, weighted by their probabilities (qwen3moe); 2: the top k logits, weighted by

@@ -4,6 +4,8 @@
 //! softmax, softmax over the selected), the products of routed experts chosen on the device,
 //! the gather / combine around grouped experts, and logit soft-capping.
 
+use std::sync::atomic::Ordering;
+
 use anyhow::{anyhow, bail, Result};
 use cudarc::driver::{CudaFunction, CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
@@ -20,6 +22,12 @@ const ATT_BLOCKS: usize = 1024;
 /// The fewest positions a split of a full cache takes, and the most splits.
 const ATT_MIN_RUN: usize = 128;
 const ATT_MAX_SPLITS: usize = 64;
+/// Batches of this many tokens and more attend on the tensor cores in normal precision
+/// (`attention_flash_<head dim>`, for head dims 64 and 128); its blocks take 64 (token, head)
+/// rows of a KV head each, so smaller batches leave the GPU idle and keep the split kernels.
+const FLASH_FROM: usize = 32;
+/// Query rows per block of the flash kernels (FA_ROWS in kernels.cu).
+const FLASH_ROWS: usize = 64;
 
 fn launched(r: Result<(), cudarc::driver::DriverError>) -> Result<()> {
     r.map_err(|e| anyhow!("CUDA launch: {e:?}"))
@@ -240,6 +248,12 @@ impl Gpu {
         {
             bail!("CUDA attention: unsupported shape (head_dim {hd} must be at most 256)");
         }
+        if self.normal_precision.load(Ordering::Relaxed)
+            && t >= FLASH_FROM
+            && matches!(hd, 64 | 128)
+        {
+            return self.attention_flash(s, sinks, q, k_cache, v_cache, out, t, past_dev);
+        }
         // Decode over a long cache splits each head's positions into runs, so that heads ×
         // tokens × runs blocks fill the GPU; the runs' count follows the cache's capacity (or
         // the window), not `past`, so that a captured step replays at every position.
@@ -306,6 +320,55 @@ impl Gpu {
         // const float* sinks), a block per head and token: it reads the t · nh · splits
         // partials attention wrote above, writes t · nh · hd floats of out and reads nh sinks
         // when given (lengths checked above).
+        launched(unsafe { launch.launch(cfg) }.map(drop))
+    }
+
+    /// [`Gpu::attention`] on the tensor cores (f16 operands, f32 sums and softmax), the shape
+    /// checked by the caller: a block per 64 (token, query head) rows of a KV head.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_flash(
+        &self,
+        s: &AttnShape,
+        sinks: Option<&CudaSlice<f32>>,
+        q: &CudaView<f32>,
+        k_cache: &CudaSlice<f32>,
+        v_cache: &CudaSlice<f32>,
+        out: &mut CudaViewMut<f32>,
+        t: usize,
+        past_dev: &CudaView<i32>,
+    ) -> Result<()> {
+        let (nh, nkv, hd) = (s.n_head, s.n_head_kv, s.head_dim);
+        let f = self.function(&format!("attention_flash_{hd}"))?;
+        let rows = t * (nh / nkv);
+        let cfg = LaunchConfig {
+            grid_dim: (rows.div_ceil(FLASH_ROWS) as u32, nkv as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let args = [t, nh, nkv].map(|v| v as i32);
+        let window = s.window.map_or(0, |w| w.min(i32::MAX as usize) as i32);
+        let null = 0u64;
+        let mut launch = self.stream.launch_builder(&f);
+        launch
+            .arg(q)
+            .arg(k_cache)
+            .arg(v_cache)
+            .arg(out)
+            .arg(past_dev);
+        for v in &args {
+            launch.arg(v);
+        }
+        launch.arg(&s.scale).arg(&window);
+        match sinks {
+            Some(z) => launch.arg(z),
+            None => launch.arg(&null),
+        };
+        // SAFETY: attention_flash_<hd>(const float* q, const float* kc, const float* vc,
+        // float* out, const int* pastp, int t, int nh, int nkv, float scale, int window,
+        // const float* sinks), 4 warps a block as its launch bounds say; hd is the instantiated
+        // head size. It reads t · nh · hd floats of q, positions < *pastp + t of the caches
+        // (*pastp is `past`, see kv_store) and nh sinks when given, and writes t · nh · hd
+        // floats of out: the lengths Gpu::attention checked.
         launched(unsafe { launch.launch(cfg) }.map(drop))
     }
 
