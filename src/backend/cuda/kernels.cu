@@ -1164,6 +1164,7 @@ extern "C" __global__ void kv_store(const float* kn, const float* vn, float* kc,
 }
 
 #define ATT_WARPS 4
+#define ATT_STEP 4
 // Causal attention for the `t` new tokens at positions past..past+t−1 over the cached K and V
 // (rows of n_kv·hd, positions 0..past+t−1 already stored), *pastp read on the device. Block
 // (head, token, split) of ATT_WARPS warps takes split blockIdx.z of the gridDim.z equal runs of
@@ -1175,16 +1176,16 @@ extern "C" __global__ void kv_store(const float* kn, const float* vn, float* kc,
 // partial (max, sum of exponentials, unnormalized values: hd + 2 floats at `part`) and
 // attention_merge combines them. `sinks` (null: none): one logit per head that joins the
 // softmax's maximum and denominator without a value row (gpt-oss).
-template <bool SPLIT>
+template <bool SPLIT, int PER>
 __device__ void attention_runs(const float* q, const float* kc, const float* vc, float* out,
                                float* part, const int* pastp, int nh, int nkv, int hd,
                                float scale, int window, const float* sinks) {
     int past = *pastp;
-    __shared__ float acc_s[ATT_WARPS][256];
+    __shared__ float acc_s[ATT_WARPS][32 * PER];
     __shared__ float m_s[ATT_WARPS], l_s[ATT_WARPS];
     int h = blockIdx.x, ti = blockIdx.y, splits = SPLIT ? gridDim.z : 1;
     int lane = threadIdx.x % 32, wid = threadIdx.x / 32;
-    int per = (hd + 31) / 32, kvh = h / (nh / nkv), row = nkv * hd;
+    int kvh = h / (nh / nkv), row = nkv * hd;
     int end = past + ti + 1;
     int first = (window > 0 && end > window) ? end - window : 0;
     int lo = first, hi = end;
@@ -1194,32 +1195,55 @@ __device__ void attention_runs(const float* q, const float* kc, const float* vc,
         hi = min(end, lo + run);
     }
     const float* qh = q + ((long long)ti * nh + h) * hd;
-    float qv[8], acc[8];
-    for (int j = 0; j < per; j++) {
+    float qv[PER], acc[PER];
+#pragma unroll
+    for (int j = 0; j < PER; j++) {
         int d = lane + 32 * j;
         qv[j] = d < hd ? qh[d] : 0.0f;
         acc[j] = 0.0f;
     }
     float m = NEG_INF, l = 0.0f;
-    for (int p = lo + wid; p < hi; p += ATT_WARPS) {
-        const float* kr = kc + (long long)p * row + kvh * hd;
-        float s = 0.0f;
-        for (int j = 0; j < per; j++) {
-            int d = lane + 32 * j;
-            if (d < hd) s = fmaf(qv[j], kr[d], s);
+    // ATT_STEP consecutive positions a warp per iteration: their K and V loads in flight
+    // together and one rescale of the accumulators (a position past the run reads the run's
+    // last and weighs 0).
+    for (int p0 = lo + wid * ATT_STEP; p0 < hi; p0 += ATT_WARPS * ATT_STEP) {
+        float s[ATT_STEP], vv[ATT_STEP][PER];
+#pragma unroll
+        for (int i = 0; i < ATT_STEP; i++) {
+            long long at = (long long)min(p0 + i, hi - 1) * row + kvh * hd;
+            float a = 0.0f;
+#pragma unroll
+            for (int j = 0; j < PER; j++) {
+                int d = lane + 32 * j;
+                bool in = d < hd;
+                a = fmaf(qv[j], in ? kc[at + d] : 0.0f, a);
+                vv[i][j] = in ? vc[at + d] : 0.0f;
+            }
+            s[i] = a;
         }
-        s = warp_sum(s) * scale;
-        float mn = fmaxf(m, s);
-        float corr = expf(m - mn), e = expf(s - mn);
-        l = l * corr + e;
-        const float* vr = vc + (long long)p * row + kvh * hd;
-        for (int j = 0; j < per; j++) {
-            int d = lane + 32 * j;
-            acc[j] = fmaf(acc[j], corr, d < hd ? e * vr[d] : 0.0f);
+        float mn = m;
+#pragma unroll
+        for (int i = 0; i < ATT_STEP; i++) {
+            s[i] = p0 + i < hi ? warp_sum(s[i]) * scale : NEG_INF;
+            mn = fmaxf(mn, s[i]);
+        }
+        float corr = expf(m - mn), e[ATT_STEP];
+        l *= corr;
+#pragma unroll
+        for (int i = 0; i < ATT_STEP; i++) {
+            e[i] = expf(s[i] - mn);
+            l += e[i];
+        }
+#pragma unroll
+        for (int j = 0; j < PER; j++) {
+            float a = acc[j] * corr;
+#pragma unroll
+            for (int i = 0; i < ATT_STEP; i++) a = fmaf(e[i], vv[i][j], a);
+            acc[j] = a;
         }
         m = mn;
     }
-    for (int j = 0; j < per; j++) {
+    for (int j = 0; j < PER; j++) {
         int d = lane + 32 * j;
         if (d < hd) acc_s[wid][d] = acc[j];
     }
@@ -1250,17 +1274,34 @@ __device__ void attention_runs(const float* q, const float* kc, const float* vc,
     }
 }
 
+// attention_runs with PER (a lane's dimensions: 1, 2, 4 or 8) fixed for the head size, so that
+// the query and the accumulators stay in registers.
+template <bool SPLIT>
+__device__ __forceinline__ void attention_by_size(const float* q, const float* kc,
+                                                  const float* vc, float* out, float* part,
+                                                  const int* pastp, int nh, int nkv, int hd,
+                                                  float scale, int window, const float* sinks) {
+    if (hd <= 32)
+        attention_runs<SPLIT, 1>(q, kc, vc, out, part, pastp, nh, nkv, hd, scale, window, sinks);
+    else if (hd <= 64)
+        attention_runs<SPLIT, 2>(q, kc, vc, out, part, pastp, nh, nkv, hd, scale, window, sinks);
+    else if (hd <= 128)
+        attention_runs<SPLIT, 4>(q, kc, vc, out, part, pastp, nh, nkv, hd, scale, window, sinks);
+    else
+        attention_runs<SPLIT, 8>(q, kc, vc, out, part, pastp, nh, nkv, hd, scale, window, sinks);
+}
+
 extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS)
     attention(const float* q, const float* kc, const float* vc, float* out, const int* pastp,
               int nh, int nkv, int hd, float scale, int window, const float* sinks) {
-    attention_runs<false>(q, kc, vc, out, nullptr, pastp, nh, nkv, hd, scale, window, sinks);
+    attention_by_size<false>(q, kc, vc, out, nullptr, pastp, nh, nkv, hd, scale, window, sinks);
 }
 
 extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS)
     attention_split(const float* q, const float* kc, const float* vc, float* part,
                     const int* pastp, int nh, int nkv, int hd, float scale, int window,
                     const float* sinks) {
-    attention_runs<true>(q, kc, vc, nullptr, part, pastp, nh, nkv, hd, scale, window, sinks);
+    attention_by_size<true>(q, kc, vc, nullptr, part, pastp, nh, nkv, hd, scale, window, sinks);
 }
 
 // The output of head blockIdx.x, token blockIdx.y from the `splits` partials attention wrote
