@@ -697,8 +697,11 @@ mod tests {
             1,
         )
         .unwrap();
-        let per_token = crate::backend::placement::state_bytes(&g, 2).unwrap()
-            - crate::backend::placement::state_bytes(&g, 1).unwrap();
+        let per_token =
+            crate::backend::placement::state_bytes(&g, 2, crate::backend::state::KvType::F16)
+                .unwrap()
+                - crate::backend::placement::state_bytes(&g, 1, crate::backend::state::KvType::F16)
+                    .unwrap();
         assert!(per_token > 0);
         let fixed = base.gpu_weight_bytes + base.reserved_bytes + base.staging_bytes;
         let budget = fixed + base.state_bytes + 1000 * per_token;

@@ -288,7 +288,7 @@ fn decode_activations_quantize_to_int8_as_the_host_computes() {
 }
 
 /// Attention on the device over a long cache matches a float64 softmax on the host, in both
-/// precisions: Nemotron's heads (32 over 2 KV heads of 128) at 5000 positions for one and three
+/// precisions and over f32 and f16 caches (the reference from the values the cache holds): Nemotron's heads (32 over 2 KV heads of 128) at 5000 positions for one and three
 /// new tokens (decode splits each head's positions into runs merged afterwards), gpt-oss's (64
 /// over 8 of 64) with a 128-position window and sinks, a first token alone (one position), and
 /// prefill-sized batches, which in normal precision run on the tensor cores: 40 tokens after
@@ -303,6 +303,7 @@ fn decode_activations_quantize_to_int8_as_the_host_computes() {
 #[ignore = "needs a CUDA GPU: run scripts/gpu-test.sh on the device machine"]
 fn attention_over_a_long_cache_matches_the_host() {
     use ggrun::backend::attention::AttnShape;
+    use ggrun::backend::cuda::DeviceKv;
     let gpu = Gpu::open(0).expect("a CUDA device");
     let seed = seed();
     // (heads, kv heads, head dim, window, sinks, capacity, past, new tokens)
@@ -340,91 +341,115 @@ fn attention_over_a_long_cache_matches_the_host() {
                 .for_each(|v| *v *= 4.0);
         }
         let sinks: Vec<f32> = values(s ^ 3, nh).iter().map(|v| 2.0 * v).collect();
-        // The float64 reference per (token, head): the output, Σ p·|v| per dimension, and the
-        // largest Σ |q·k| over the positions (what f16 rounding of q and k can move a logit by).
-        let mut want = vec![0f64; t * nh * hd];
-        let mut mag = vec![0f64; t * nh * hd];
-        let mut qk_abs = vec![0f64; t * nh];
-        for ti in 0..t {
-            let end = past + ti + 1;
-            let first = window.map_or(0, |w| end.saturating_sub(w));
-            for h in 0..nh {
-                let kvh = h / (nh / nkv);
-                let qh = &q[(ti * nh + h) * hd..][..hd];
-                let at = (ti * nh + h) * hd;
-                let mut logits = Vec::with_capacity(end - first);
-                for p in first..end {
-                    let kr = &kc[p * row + kvh * hd..][..hd];
-                    let (mut d, mut a) = (0f64, 0f64);
-                    for (x, y) in qh.iter().zip(kr) {
-                        d += *x as f64 * *y as f64;
-                        a += (*x as f64 * *y as f64).abs();
+        let dq = gpu.to_device(&q).unwrap();
+        let dsinks = gpu.to_device(&sinks).unwrap();
+        let dpast = gpu.to_device(&[past as i32]).unwrap();
+        // An f32 cache (exact mode's) and an f16 one (normal precision's), the reference
+        // computed from the values the cache holds.
+        for f16 in [false, true] {
+            let (kc, vc) = match f16 {
+                false => (kc.clone(), vc.clone()),
+                true => (round_f16(&kc), round_f16(&vc)),
+            };
+            // The float64 reference per (token, head): the output, Σ p·|v| per dimension, and the
+            // largest Σ |q·k| over the positions (what f16 rounding of q and k can move a logit by).
+            let mut want = vec![0f64; t * nh * hd];
+            let mut mag = vec![0f64; t * nh * hd];
+            let mut qk_abs = vec![0f64; t * nh];
+            for ti in 0..t {
+                let end = past + ti + 1;
+                let first = window.map_or(0, |w| end.saturating_sub(w));
+                for h in 0..nh {
+                    let kvh = h / (nh / nkv);
+                    let qh = &q[(ti * nh + h) * hd..][..hd];
+                    let at = (ti * nh + h) * hd;
+                    let mut logits = Vec::with_capacity(end - first);
+                    for p in first..end {
+                        let kr = &kc[p * row + kvh * hd..][..hd];
+                        let (mut d, mut a) = (0f64, 0f64);
+                        for (x, y) in qh.iter().zip(kr) {
+                            d += *x as f64 * *y as f64;
+                            a += (*x as f64 * *y as f64).abs();
+                        }
+                        logits.push(d * shape.scale as f64);
+                        qk_abs[ti * nh + h] = qk_abs[ti * nh + h].max(a);
                     }
-                    logits.push(d * shape.scale as f64);
-                    qk_abs[ti * nh + h] = qk_abs[ti * nh + h].max(a);
-                }
-                let sink = with_sinks.then(|| sinks[h] as f64);
-                let mx = logits
-                    .iter()
-                    .chain(sink.iter())
-                    .fold(f64::NEG_INFINITY, |m, v| m.max(*v));
-                let denom: f64 = logits
-                    .iter()
-                    .chain(sink.iter())
-                    .map(|l| (l - mx).exp())
-                    .sum();
-                for (i, p) in (first..end).enumerate() {
-                    let w = (logits[i] - mx).exp() / denom;
-                    let vr = &vc[p * row + kvh * hd..][..hd];
-                    for d in 0..hd {
-                        want[at + d] += w * vr[d] as f64;
-                        mag[at + d] += w * (vr[d] as f64).abs();
+                    let sink = with_sinks.then(|| sinks[h] as f64);
+                    let mx = logits
+                        .iter()
+                        .chain(sink.iter())
+                        .fold(f64::NEG_INFINITY, |m, v| m.max(*v));
+                    let denom: f64 = logits
+                        .iter()
+                        .chain(sink.iter())
+                        .map(|l| (l - mx).exp())
+                        .sum();
+                    for (i, p) in (first..end).enumerate() {
+                        let w = (logits[i] - mx).exp() / denom;
+                        let vr = &vc[p * row + kvh * hd..][..hd];
+                        for d in 0..hd {
+                            want[at + d] += w * vr[d] as f64;
+                            mag[at + d] += w * (vr[d] as f64).abs();
+                        }
                     }
                 }
             }
-        }
-        let (dq, dk, dv) = (
-            gpu.to_device(&q).unwrap(),
-            gpu.to_device(&kc).unwrap(),
-            gpu.to_device(&vc).unwrap(),
-        );
-        let dsinks = gpu.to_device(&sinks).unwrap();
-        let dpast = gpu.to_device(&[past as i32]).unwrap();
-        for normal in [false, true] {
-            gpu.set_normal_precision(normal);
-            let flash = normal && t >= 32;
-            let mut dout = gpu.to_device(&vec![f32::NAN; t * nh * hd]).unwrap();
-            gpu.attention(
-                &shape,
-                with_sinks.then_some(&dsinks),
-                &dq.slice(..),
-                &dk,
-                &dv,
-                &mut dout.slice_mut(..),
-                t,
-                past,
-                &dpast.slice(..),
-            )
-            .unwrap();
-            let out = gpu.to_host(&dout).unwrap();
-            for (i, (&got, (&want, &mag))) in out.iter().zip(want.iter().zip(&mag)).enumerate() {
-                let (ti, h, d) = (i / (nh * hd), i / hd % nh, i % hd);
-                // f16 (unit roundoff 2^-11) moves each logit by at most scale · 2 · 2^-11 · Σ|q·k|
-                // and so each probability by twice that; v and p are rounded once each.
-                let u = 2f64.powi(-11);
-                let tol = if flash {
-                    let dl = shape.scale as f64 * 2.0 * u * qk_abs[ti * nh + h];
-                    (2.0 * dl + 3.0 * u) * mag + 1e-5
-                } else {
-                    1e-4 * mag + 1e-6
-                };
-                assert!(
-                    (got as f64 - want).abs() <= tol,
-                    "case {c} (normal {normal}) token {ti} head {h} dim {d}: {got} vs {want}"
-                );
+            let cache = |x: &[f32]| match f16 {
+                false => DeviceKv::F32(gpu.to_device(x).unwrap()),
+                true => DeviceKv::F16(gpu.to_device(&to_f16_bits(x)).unwrap()),
+            };
+            let (dk, dv) = (cache(&kc), cache(&vc));
+            for normal in [false, true] {
+                gpu.set_normal_precision(normal);
+                let flash = normal && t >= 32;
+                let mut dout = gpu.to_device(&vec![f32::NAN; t * nh * hd]).unwrap();
+                gpu.attention(
+                    &shape,
+                    with_sinks.then_some(&dsinks),
+                    &dq.slice(..),
+                    &dk,
+                    &dv,
+                    &mut dout.slice_mut(..),
+                    t,
+                    past,
+                    &dpast.slice(..),
+                )
+                .unwrap();
+                let out = gpu.to_host(&dout).unwrap();
+                for (i, (&got, (&want, &mag))) in out.iter().zip(want.iter().zip(&mag)).enumerate()
+                {
+                    let (ti, h, d) = (i / (nh * hd), i / hd % nh, i % hd);
+                    // f16 (unit roundoff 2^-11) moves each logit by at most scale · 2 · 2^-11 · Σ|q·k|
+                    // and so each probability by twice that; v and p are rounded once each.
+                    let u = 2f64.powi(-11);
+                    let tol = if flash {
+                        let dl = shape.scale as f64 * 2.0 * u * qk_abs[ti * nh + h];
+                        (2.0 * dl + 3.0 * u) * mag + 1e-5
+                    } else {
+                        1e-4 * mag + 1e-6
+                    };
+                    assert!(
+                        (got as f64 - want).abs() <= tol,
+                        "case {c} (normal {normal}, f16 cache {f16}) token {ti} head {h} dim {d}: \
+                     {got} vs {want}"
+                    );
+                }
             }
         }
     }
+}
+
+fn to_f16_bits(x: &[f32]) -> Vec<u16> {
+    x.iter()
+        .map(|&v| ggrun_quants::float::f32_to_f16(v))
+        .collect()
+}
+
+/// The values an f16 cache holds for `x`.
+fn round_f16(x: &[f32]) -> Vec<f32> {
+    x.iter()
+        .map(|&v| ggrun_quants::float::f16_to_f32(ggrun_quants::float::f32_to_f16(v)))
+        .collect()
 }
 
 /// Decode's fused expert kernels give what the separate launches give, bit for bit: the gate
@@ -715,6 +740,7 @@ const ALL_ON_GPU: PlacementArgs = PlacementArgs {
     experts_in_ram: None,
     staging_buffers: None,
     expert_cache: None,
+    exact: false,
 };
 
 /// The weights `args` place on device 0 (planned for a 64-token context, with what the

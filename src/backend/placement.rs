@@ -8,8 +8,9 @@
 
 use std::collections::BTreeSet;
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 
+use crate::backend::state::KvType;
 use crate::gguf::{Model as Gguf, TensorInfo};
 
 /// The placement flags.
@@ -34,6 +35,8 @@ pub struct PlacementArgs {
     /// from the budget before whole expert layers (so more of them may stay in RAM); default an
     /// eighth of `gpu_mem` when experts spill.
     pub expert_cache: Option<u64>,
+    /// Exact mode: the device KV caches hold f32 values (otherwise f16).
+    pub exact: bool,
 }
 
 impl PlacementArgs {
@@ -42,6 +45,14 @@ impl PlacementArgs {
         self.n_gpu_layers.is_some_and(|n| n > 0)
             || self.gpu_mem.is_some()
             || self.experts_in_ram.is_some()
+    }
+
+    /// The element type of the device KV caches (what `DeviceState::attention` allocates).
+    pub fn device_kv(&self) -> KvType {
+        match self.exact {
+            true => KvType::F32,
+            false => KvType::F16,
+        }
     }
 }
 
@@ -226,7 +237,8 @@ impl Plan {
         let budget = args.gpu_mem.unwrap_or(u64::MAX);
         let resident = output_on_gpu && first_gpu_layer == 0;
         if resident && needs.device_state {
-            plan.state_bytes = state_bytes(g, n_ctx)? * args.sequences.max(1) as u64;
+            plan.state_bytes =
+                state_bytes(g, n_ctx, args.device_kv())? * args.sequences.max(1) as u64;
         }
         let reserve = reserve + plan.state_bytes;
         if fixed_bytes.saturating_add(reserve) > budget {
@@ -379,10 +391,11 @@ pub fn staging_buffer_bytes(g: &Gguf) -> u64 {
         .sum()
 }
 
-/// Device bytes of one sequence's state at `n_ctx` tokens: f32 K and V rows for every layer
-/// with KV heads (`attention.head_count_kv`, per layer or one value), and for the Mamba-2 layers
-/// of hybrid models (no KV heads and no feed-forward) the conv window and the SSM state.
-pub fn state_bytes(g: &Gguf, n_ctx: usize) -> Result<u64> {
+/// Device bytes of one sequence's state at `n_ctx` tokens: K and V rows of type `kv` for every
+/// layer with KV heads (`attention.head_count_kv`, per layer or one value), and for the Mamba-2
+/// layers of hybrid models (no KV heads and no feed-forward) the conv window and the SSM state
+/// (f32).
+pub fn state_bytes(g: &Gguf, n_ctx: usize, kv: KvType) -> Result<u64> {
     let md = g.metadata();
     let arch = g.architecture()?;
     let key = |k: &str| format!("{arch}.{k}");
@@ -415,9 +428,12 @@ pub fn state_bytes(g: &Gguf, n_ctx: usize) -> Result<u64> {
         _ => 0,
     };
     let mut total = 0u64;
-    for (kv, f) in n_kv.iter().zip(&ff) {
-        total += if *kv > 0 {
-            2 * n_ctx as u64 * (kv * head_dim) as u64 * 4
+    for (n, f) in n_kv.iter().zip(&ff) {
+        total += if *n > 0 {
+            let row = kv.bytes(n * head_dim, 1).ok_or_else(|| {
+                anyhow!("a KV row of {} values is not whole blocks", n * head_dim)
+            })?;
+            2 * n_ctx as u64 * row
         } else if *f == 0 {
             mamba
         } else {
@@ -618,7 +634,7 @@ mod tests {
         let layer =
             |l: usize| bytes_of(&g, |n| n.starts_with(&format!("blk.{l}.")) && is_expert(n));
         let (reserve, ctx) = (1000, 100);
-        let state = state_bytes(&g, ctx).unwrap();
+        let state = state_bytes(&g, ctx, KvType::F16).unwrap();
         let all_ram = PlacementArgs {
             n_gpu_layers: Some(99),
             n_cpu_moe: 99,
@@ -679,7 +695,7 @@ mod tests {
         .gpu_weight_bytes;
         let reserve = 1000;
         let ctx = 100;
-        let state = state_bytes(&g, ctx).unwrap();
+        let state = state_bytes(&g, ctx, KvType::F16).unwrap();
         // Room for the fixed part, the state of a 100-token context and two and a half expert
         // layers (all three equal here): they do not all fit, so two staging buffers (each the
         // largest expert layer) come first and no whole layer fits beside them.
@@ -896,7 +912,7 @@ mod tests {
                 })
                 .sum();
             assert_eq!(
-                state_bytes(&g, n_ctx).unwrap(),
+                state_bytes(&g, n_ctx, KvType::F32).unwrap(),
                 4 * held as u64,
                 "n_ctx {n_ctx}"
             );

@@ -89,8 +89,8 @@ pub struct ModelArgs {
 /// The KV cache's element types, by llama.cpp's names.
 #[derive(Args, Debug, Clone, Default)]
 pub struct CacheFlags {
-    /// K cache type: f16, q8_0 or q4_0 [default: f16] (`-ctk`). For layers run on the CPU (a
-    /// GPU's cache stays f32); exact mode keeps f32.
+    /// K cache type: f16, q8_0 or q4_0 [default: f16] (`-ctk`). The block types are for layers
+    /// run on the CPU (a GPU's cache is f16); exact mode keeps f32.
     #[arg(long = "cache-type-k", value_name = "TYPE", value_parser = KvType::parse)]
     pub k: Option<KvType>,
     /// V cache type: f16, q8_0 or q4_0 [default: f16] (`-ctv`), as the K cache's.
@@ -222,7 +222,10 @@ impl ModelArgs {
             quiet: self.quiet,
             no_repack: self.no_repack,
             kv: self.cache.types(),
-            place: self.place.args(),
+            place: PlacementArgs {
+                exact: self.exact,
+                ..self.place.args()
+            },
             pass: self.pass.options(),
             template: self.template.options(),
         })
@@ -277,6 +280,7 @@ impl PlacementFlags {
             experts_in_ram: self.experts_in_ram.clone(),
             staging_buffers: self.staging_buffers,
             expert_cache: self.expert_cache,
+            exact: false,
         }
     }
 }

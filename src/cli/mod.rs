@@ -443,7 +443,11 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             } else {
                 ctx_size
             };
-            let dev = load::device_weights(&g, &place.args(), false, n_ctx)?;
+            let place = crate::backend::placement::PlacementArgs {
+                exact,
+                ..place.args()
+            };
+            let dev = load::device_weights(&g, &place, false, n_ctx)?;
             let opts = crate::model::LoadOptions {
                 repack: load::repack(no_repack, precision, &g),
                 device: dev.as_ref(),
@@ -501,6 +505,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<()> {
             let sequences = sequences as usize;
             let mut place = place.args();
             place.sequences = sequences;
+            place.exact = exact;
             let mut batch = batch_size;
             let mut ctx = 0;
             let open = crate::profile::Open {

@@ -12,7 +12,7 @@ use rayon::prelude::*;
 use crate::backend::cpu::{Cpu, Precision};
 use crate::backend::cuda::{DeviceWeights, Gpu, PassOptions};
 use crate::backend::placement::{PlacementArgs, Plan};
-use crate::backend::state::KvTypes;
+use crate::backend::state::{KvType, KvTypes};
 use crate::chat::template::TemplateOptions;
 use crate::generate::PREFILL_BATCH;
 use crate::gguf::Model;
@@ -76,8 +76,12 @@ pub const DEVICE_MARGIN: u64 = 256 << 20;
 pub enum StateMemory {
     /// Host memory: this many sequences with KV caches of these types.
     Host { sequences: usize, kv: KvTypes },
-    /// A GPU: this many sequences in a budget of this many bytes.
-    Device { sequences: usize, budget: u64 },
+    /// A GPU: this many sequences in a budget of this many bytes, K/V rows of this type.
+    Device {
+        sequences: usize,
+        budget: u64,
+        kv: KvType,
+    },
     /// Not known before loading ([`BASE_CONTEXT`] then).
     Unknown,
 }
@@ -91,7 +95,11 @@ pub fn planned_context(g: &Model, asked: usize, states: StateMemory) -> usize {
     }
     let fits = match states {
         StateMemory::Host { sequences, kv } => cpu_context_fit(g, sequences, kv),
-        StateMemory::Device { sequences, budget } => device_context_fit(g, sequences, budget),
+        StateMemory::Device {
+            sequences,
+            budget,
+            kv,
+        } => device_context_fit(g, sequences, budget, kv),
         StateMemory::Unknown => None,
     };
     default_context(trained_context(g), fits)
@@ -134,11 +142,11 @@ pub fn default_context(trained: usize, fits: Option<usize>) -> usize {
 /// does not fit beside them (one part in this many): more pushes expert layers into RAM.
 const DEFAULT_DEVICE_STATE_SHARE: u64 = 8;
 
-/// Tokens whose device states (`sequences` of them, the planner's f32 layout) fit a GPU
-/// `budget`: the room the whole model file and the compute buffers leave, or an eighth of the
-/// budget when that is more (the model spills anyway); None when the state size is unknown.
-fn device_context_fit(g: &Model, sequences: usize, budget: u64) -> Option<usize> {
-    let at = |n| crate::backend::placement::state_bytes(g, n).ok();
+/// Tokens whose device states (`sequences` of them, K/V rows of type `kv`) fit a GPU `budget`:
+/// the room the whole model file and the compute buffers leave, or an eighth of the budget
+/// when that is more (the model spills anyway); None when the state size is unknown.
+fn device_context_fit(g: &Model, sequences: usize, budget: u64, kv: KvType) -> Option<usize> {
+    let at = |n| crate::backend::placement::state_bytes(g, n, kv).ok();
     let (fixed, per_token) = (at(0)?, at(2)?.checked_sub(at(1)?)?);
     Some(device_tokens(
         budget,
@@ -168,7 +176,7 @@ fn cpu_context_fit(g: &Model, sequences: usize, kv: KvTypes) -> Option<usize> {
     let file: u64 = g.parts.iter().map(|p| p.bytes().len() as u64).sum();
     // The device layout's figure (f32 K and V rows) per token, scaled to these types' bytes
     // per 32 values (f32 128, f16 64, q8_0 34, q4_0 18).
-    let at = |n| crate::backend::placement::state_bytes(g, n).ok();
+    let at = |n| crate::backend::placement::state_bytes(g, n, KvType::F32).ok();
     let per_token_f32 = at(2)?.checked_sub(at(1)?)?;
     let per_32 = kv.k.bytes(32, 1)? + kv.v.bytes(32, 1)?;
     let per_token = per_token_f32 * per_32 / 256;
@@ -207,6 +215,7 @@ fn plan_with_context(g: &Model, place: &PlacementArgs, ctx_size: usize) -> Resul
         Some(budget) => StateMemory::Device {
             sequences: place.sequences.max(1),
             budget,
+            kv: place.device_kv(),
         },
         None => StateMemory::Unknown,
     };
@@ -314,6 +323,7 @@ pub fn prefault(g: &Model, quiet: bool) -> Result<()> {
 /// the file and its device weights, for [`load`].
 pub fn open(opts: &mut ModelOptions) -> Result<(Model, Option<DeviceWeights>)> {
     apply_profile(opts)?;
+    opts.place.exact = opts.exact;
     let g = Model::open(&opts.model)?;
     let dev = device_weights(&g, &opts.place, opts.quiet, opts.ctx_size)?;
     Ok((g, dev))
@@ -352,7 +362,7 @@ pub fn load<'g>(
     let cpu = Cpu::new(threads(args.threads, args.quiet), precision)?.with_kv_types(args.kv);
     if args.kv != KvTypes::F16 && !args.quiet {
         if args.place.wants_gpu() {
-            eprintln!("note: -ctk/-ctv set the KV cache of layers run on the CPU; layers on the GPU keep an f32 cache");
+            eprintln!("note: q8_0/q4_0 caches are for layers run on the CPU; layers on the GPU keep an f16 cache");
         }
         if precision == Precision::Exact {
             eprintln!("note: exact mode keeps the KV cache in f32 (-ctk/-ctv ignored)");

@@ -1151,16 +1151,38 @@ extern "C" __global__ void mamba_gate_norm(float* y, const float* zx, const floa
     for (int i = threadIdx.x; i < gs; i += blockDim.x) yr[i] = (yr[i] * inv) * norm[g * gs + i];
 }
 
+// KV cache elements: f32 (exact mode) or f16 bits (normal precision, as the CPU's default
+// cache), read and written as floats.
+__device__ __forceinline__ float kv_get(const float* c, long long i) { return c[i]; }
+__device__ __forceinline__ float kv_get(const u16* c, long long i) { return half_to_float(c[i]); }
+__device__ __forceinline__ void kv_put(float* c, long long i, float v) { c[i] = v; }
+__device__ __forceinline__ void kv_put(u16* c, long long i, float v) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    c[i] = h;
+}
+
 // The K and V rows of `t` new positions (n = t · row floats each) into the caches at position
 // *pastp: the position is read on the device, so that a captured decode step (a CUDA graph)
 // replays at every position.
-extern "C" __global__ void kv_store(const float* kn, const float* vn, float* kc, float* vc,
-                                    const int* pastp, int row, int n) {
+template <typename C>
+__device__ void kv_store_rows(const float* kn, const float* vn, C* kc, C* vc, const int* pastp,
+                              int row, int n) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     long long at = (long long)(*pastp) * row + i;
-    kc[at] = kn[i];
-    vc[at] = vn[i];
+    kv_put(kc, at, kn[i]);
+    kv_put(vc, at, vn[i]);
+}
+
+extern "C" __global__ void kv_store(const float* kn, const float* vn, float* kc, float* vc,
+                                    const int* pastp, int row, int n) {
+    kv_store_rows(kn, vn, kc, vc, pastp, row, n);
+}
+
+extern "C" __global__ void kv_store_f16(const float* kn, const float* vn, u16* kc, u16* vc,
+                                        const int* pastp, int row, int n) {
+    kv_store_rows(kn, vn, kc, vc, pastp, row, n);
 }
 
 #define ATT_WARPS 4
@@ -1176,8 +1198,8 @@ extern "C" __global__ void kv_store(const float* kn, const float* vn, float* kc,
 // partial (max, sum of exponentials, unnormalized values: hd + 2 floats at `part`) and
 // attention_merge combines them. `sinks` (null: none): one logit per head that joins the
 // softmax's maximum and denominator without a value row (gpt-oss).
-template <bool SPLIT, int PER>
-__device__ void attention_runs(const float* q, const float* kc, const float* vc, float* out,
+template <bool SPLIT, int PER, typename C>
+__device__ void attention_runs(const float* q, const C* kc, const C* vc, float* out,
                                float* part, const int* pastp, int nh, int nkv, int hd,
                                float scale, int window, const float* sinks) {
     int past = *pastp;
@@ -1216,8 +1238,8 @@ __device__ void attention_runs(const float* q, const float* kc, const float* vc,
             for (int j = 0; j < PER; j++) {
                 int d = lane + 32 * j;
                 bool in = d < hd;
-                a = fmaf(qv[j], in ? kc[at + d] : 0.0f, a);
-                vv[i][j] = in ? vc[at + d] : 0.0f;
+                a = fmaf(qv[j], in ? kv_get(kc, at + d) : 0.0f, a);
+                vv[i][j] = in ? kv_get(vc, at + d) : 0.0f;
             }
             s[i] = a;
         }
@@ -1276,11 +1298,11 @@ __device__ void attention_runs(const float* q, const float* kc, const float* vc,
 
 // attention_runs with PER (a lane's dimensions: 1, 2, 4 or 8) fixed for the head size, so that
 // the query and the accumulators stay in registers.
-template <bool SPLIT>
-__device__ __forceinline__ void attention_by_size(const float* q, const float* kc,
-                                                  const float* vc, float* out, float* part,
-                                                  const int* pastp, int nh, int nkv, int hd,
-                                                  float scale, int window, const float* sinks) {
+template <bool SPLIT, typename C>
+__device__ __forceinline__ void attention_by_size(const float* q, const C* kc, const C* vc,
+                                                  float* out, float* part, const int* pastp,
+                                                  int nh, int nkv, int hd, float scale,
+                                                  int window, const float* sinks) {
     if (hd <= 32)
         attention_runs<SPLIT, 1>(q, kc, vc, out, part, pastp, nh, nkv, hd, scale, window, sinks);
     else if (hd <= 64)
@@ -1291,18 +1313,23 @@ __device__ __forceinline__ void attention_by_size(const float* q, const float* k
         attention_runs<SPLIT, 8>(q, kc, vc, out, part, pastp, nh, nkv, hd, scale, window, sinks);
 }
 
-extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS)
-    attention(const float* q, const float* kc, const float* vc, float* out, const int* pastp,
-              int nh, int nkv, int hd, float scale, int window, const float* sinks) {
-    attention_by_size<false>(q, kc, vc, out, nullptr, pastp, nh, nkv, hd, scale, window, sinks);
-}
+// attention and attention_split over an f32 cache (no suffix) and an f16 one (_f16).
+#define ATTENTION(sfx, C)                                                                        \
+    extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS) attention##sfx(                  \
+        const float* q, const C* kc, const C* vc, float* out, const int* pastp, int nh, int nkv, \
+        int hd, float scale, int window, const float* sinks) {                                   \
+        attention_by_size<false>(q, kc, vc, out, nullptr, pastp, nh, nkv, hd, scale, window,     \
+                                 sinks);                                                         \
+    }                                                                                            \
+    extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS) attention_split##sfx(            \
+        const float* q, const C* kc, const C* vc, float* part, const int* pastp, int nh,         \
+        int nkv, int hd, float scale, int window, const float* sinks) {                          \
+        attention_by_size<true>(q, kc, vc, nullptr, part, pastp, nh, nkv, hd, scale, window,     \
+                                sinks);                                                          \
+    }
 
-extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS)
-    attention_split(const float* q, const float* kc, const float* vc, float* part,
-                    const int* pastp, int nh, int nkv, int hd, float scale, int window,
-                    const float* sinks) {
-    attention_by_size<true>(q, kc, vc, nullptr, part, pastp, nh, nkv, hd, scale, window, sinks);
-}
+ATTENTION(, float)
+ATTENTION(_f16, u16)
 
 // The output of head blockIdx.x, token blockIdx.y from the `splits` partials attention wrote
 // (hd + 2 floats each: max, sum, values): a run with no positions (sum 0) counts for nothing;
@@ -1334,8 +1361,8 @@ extern "C" __global__ void attention_merge(const float* part, float* out, int nh
 // Prefill attention on the tensor cores (normal precision; flash attention): the rows of a KV
 // head are its query heads' (token, head) pairs, token-major, so that the heads sharing the KV
 // head (GQA) read each K and V tile once. Block (tile of FA_ROWS rows, KV head) of FA_WARPS
-// warps, a warp 16 rows: per FA_KV positions the block converts K and V to f16 in shared
-// memory, each warp computes its 16 × FA_KV logits with f16 mma.sync (f32 sums) against its
+// warps, a warp 16 rows: per FA_KV positions the block stages K and V as f16 in shared memory
+// (an f32 cache converted on the way), each warp computes its 16 × FA_KV logits with f16 mma.sync (f32 sums) against its
 // query fragments held in registers, masks them (causal, window), folds them into an online
 // softmax (a thread holds two rows' quarter; the four threads of a row agree on its maximum
 // through shuffles) and adds P·V with the probabilities as f16 A fragments taken straight from
@@ -1361,8 +1388,17 @@ __device__ __forceinline__ void mma_f16(float* c, const u32* a, u32 b0, u32 b1) 
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-template <int HD>
-__device__ void attention_flash(const float* q, const float* kc, const float* vc, float* out,
+// Four cache elements at `at` as f16 bits into shared memory (zeros where `in` is false).
+__device__ __forceinline__ void stage4(const float* c, long long at, bool in, u16* dst) {
+    float4 v = in ? *(const float4*)(c + at) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    *(uint2*)dst = make_uint2(pack_f16(v.x, v.y), pack_f16(v.z, v.w));
+}
+__device__ __forceinline__ void stage4(const u16* c, long long at, bool in, u16* dst) {
+    *(uint2*)dst = in ? *(const uint2*)(c + at) : make_uint2(0u, 0u);
+}
+
+template <int HD, typename C>
+__device__ void attention_flash(const float* q, const C* kc, const C* vc, float* out,
                                 const int* pastp, int t, int nh, int nkv, float scale,
                                 int window, const float* sinks) {
     constexpr int PAD = HD + 8;  // rows of 16-byte multiples, fragment loads in distinct banks
@@ -1410,14 +1446,9 @@ __device__ void attention_flash(const float* q, const float* kc, const float* vc
         __syncthreads();  // the previous tile's fragments are read
         for (int i = tid; i < FA_KV * HD / 4; i += 32 * FA_WARPS) {
             int pp = i / (HD / 4), c = (i % (HD / 4)) * 4, p = p0 + pp;
-            float4 k4 = make_float4(0.0f, 0.0f, 0.0f, 0.0f), v4 = k4;
-            if (p < hi) {
-                long long at = (long long)p * row + kvh * HD + c;
-                k4 = *(const float4*)(kc + at);
-                v4 = *(const float4*)(vc + at);
-            }
-            *(uint2*)&ks[pp][c] = make_uint2(pack_f16(k4.x, k4.y), pack_f16(k4.z, k4.w));
-            *(uint2*)&vs[pp][c] = make_uint2(pack_f16(v4.x, v4.y), pack_f16(v4.z, v4.w));
+            long long at = (long long)p * row + kvh * HD + c;
+            stage4(kc, at, p < hi, &ks[pp][c]);
+            stage4(vc, at, p < hi, &vs[pp][c]);
         }
         __syncthreads();
         // Logits: s[j] is the 16 × 8 tile of positions p0 + 8j.. (c0, c1: row a, positions
@@ -1506,15 +1537,17 @@ __device__ void attention_flash(const float* q, const float* kc, const float* vc
     }
 }
 
-#define ATTENTION_FLASH(HD)                                                                      \
-    extern "C" __global__ void __launch_bounds__(32 * FA_WARPS) attention_flash_##HD(            \
-        const float* q, const float* kc, const float* vc, float* out, const int* pastp, int t,  \
-        int nh, int nkv, float scale, int window, const float* sinks) {                          \
+#define ATTENTION_FLASH(HD, sfx, C)                                                              \
+    extern "C" __global__ void __launch_bounds__(32 * FA_WARPS) attention_flash_##HD##sfx(       \
+        const float* q, const C* kc, const C* vc, float* out, const int* pastp, int t, int nh,   \
+        int nkv, float scale, int window, const float* sinks) {                                  \
         attention_flash<HD>(q, kc, vc, out, pastp, t, nh, nkv, scale, window, sinks);            \
     }
 
-ATTENTION_FLASH(64)
-ATTENTION_FLASH(128)
+ATTENTION_FLASH(64, , float)
+ATTENTION_FLASH(128, , float)
+ATTENTION_FLASH(64, _f16, u16)
+ATTENTION_FLASH(128, _f16, u16)
 
 // MoE routing, one warp per token. `gating` 0: the k experts with the highest
 // sigmoid(logit) + bias (Nemotron-H), weighted by sigmoid(logit); 1: the top k of the softmax

@@ -16,7 +16,7 @@ pub use experts::{ExpertCache, ExpertCaches};
 pub use graph::{Found, Graphs, StepGraph};
 pub use ops::{DeviceAct, DeviceGating};
 pub use staging::{average, time_copies, HostPins, OffloadCosts, COPY_SAMPLES};
-pub use state::{device_position, DeviceState};
+pub use state::{device_position, DeviceKv, DeviceState};
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -9,9 +9,10 @@ use std::sync::atomic::Ordering;
 use anyhow::{anyhow, bail, Result};
 use cudarc::driver::{CudaFunction, CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
-use super::{DeviceRows, Gpu};
+use super::{DeviceKv, DeviceRows, Gpu};
 use crate::backend::attention::AttnShape;
 use crate::backend::ssm::SsmShape;
+use crate::backend::state::KvType;
 
 /// Threads per block of the row-wise kernels (norms).
 const ROW_THREADS: u32 = 1024;
@@ -28,6 +29,22 @@ const ATT_MAX_SPLITS: usize = 64;
 const FLASH_FROM: usize = 32;
 /// Query rows per block of the flash kernels (FA_ROWS in kernels.cu).
 const FLASH_ROWS: usize = 64;
+
+/// The suffix of the kernels that read a cache of this type.
+fn kv_suffix(c: &DeviceKv) -> &'static str {
+    match c {
+        DeviceKv::F32(_) => "",
+        DeviceKv::F16(_) => "_f16",
+    }
+}
+
+/// A K or V cache as a kernel argument (its element type picks the kernel: [`kv_suffix`]).
+fn push_kv<'a>(launch: &mut cudarc::driver::LaunchArgs<'a>, c: &'a DeviceKv) {
+    match c {
+        DeviceKv::F32(s) => launch.arg(s),
+        DeviceKv::F16(s) => launch.arg(s),
+    };
+}
 
 fn launched(r: Result<(), cudarc::driver::DriverError>) -> Result<()> {
     r.map_err(|e| anyhow!("CUDA launch: {e:?}"))
@@ -174,14 +191,15 @@ impl Gpu {
     }
 
     /// The K and V rows of `t` new positions (`row` floats each) into the caches at position
-    /// `past`, which the kernel reads from `past_dev` (checked here against the host's copy).
+    /// `past` (rounded to f16 for an f16 cache), which the kernel reads from `past_dev`
+    /// (checked here against the host's copy).
     #[allow(clippy::too_many_arguments)]
     pub fn kv_store(
         &self,
         k_new: &CudaView<f32>,
         v_new: &CudaView<f32>,
-        k_cache: &mut CudaSlice<f32>,
-        v_cache: &mut CudaSlice<f32>,
+        k_cache: &mut DeviceKv,
+        v_cache: &mut DeviceKv,
         past_dev: &CudaView<i32>,
         past: usize,
         row: usize,
@@ -193,22 +211,23 @@ impl Gpu {
             || k_cache.len() < (past + t) * row
             || v_cache.len() < (past + t) * row
             || past_dev.is_empty()
+            || k_cache.ty() != v_cache.ty()
         {
             bail!("CUDA kv_store shape mismatch");
         }
-        let f = self.function("kv_store")?;
+        let f = self.function(match k_cache.ty() {
+            KvType::F32 => "kv_store",
+            _ => "kv_store_f16",
+        })?;
         let (r, ni) = (row as i32, n as i32);
         let mut launch = self.stream.launch_builder(&f);
-        launch
-            .arg(k_new)
-            .arg(v_new)
-            .arg(k_cache)
-            .arg(v_cache)
-            .arg(past_dev)
-            .arg(&r)
-            .arg(&ni);
-        // SAFETY: kv_store(const float* kn, const float* vn, float* kc, float* vc,
-        // const int* pastp, int row, int n): it writes n floats of each cache from row *pastp,
+        launch.arg(k_new).arg(v_new);
+        push_kv(&mut launch, k_cache);
+        push_kv(&mut launch, v_cache);
+        launch.arg(past_dev).arg(&r).arg(&ni);
+        // SAFETY: kv_store[_f16](const float* kn, const float* vn, float* (u16*) kc,
+        // float* (u16*) vc, const int* pastp, int row, int n), the cache element type the
+        // kernel's name says: it writes n values of each cache from row *pastp,
         // which the callers keep equal to `past` (the device passes write it from the state
         // they checked), so within the lengths checked above.
         launched(unsafe { launch.launch(LaunchConfig::for_num_elems(n as u32)) }.map(drop))
@@ -226,8 +245,8 @@ impl Gpu {
         s: &AttnShape,
         sinks: Option<&CudaSlice<f32>>,
         q: &CudaView<f32>,
-        k_cache: &CudaSlice<f32>,
-        v_cache: &CudaSlice<f32>,
+        k_cache: &DeviceKv,
+        v_cache: &DeviceKv,
         out: &mut CudaViewMut<f32>,
         t: usize,
         past: usize,
@@ -245,9 +264,11 @@ impl Gpu {
             || v_cache.len() < (past + t) * row
             || past_dev.is_empty()
             || sinks.is_some_and(|z| z.len() < nh)
+            || k_cache.ty() != v_cache.ty()
         {
             bail!("CUDA attention: unsupported shape (head_dim {hd} must be at most 256)");
         }
+        let sfx = kv_suffix(k_cache);
         if self.normal_precision.load(Ordering::Relaxed)
             && t >= FLASH_FROM
             && matches!(hd, 64 | 128)
@@ -265,9 +286,9 @@ impl Gpu {
             1 => None,
             _ => Some(self.output::<f32>(t * nh * splits * (hd + 2))?),
         };
-        let f = self.function(match splits {
-            1 => "attention",
-            _ => "attention_split",
+        let f = self.function(&match splits {
+            1 => format!("attention{sfx}"),
+            _ => format!("attention_split{sfx}"),
         })?;
         let cfg = LaunchConfig {
             grid_dim: (nh as u32, t as u32, splits as u32),
@@ -278,7 +299,9 @@ impl Gpu {
         let window = s.window.map_or(0, |w| w.min(i32::MAX as usize) as i32);
         let null = 0u64;
         let mut launch = self.stream.launch_builder(&f);
-        launch.arg(q).arg(k_cache).arg(v_cache);
+        launch.arg(q);
+        push_kv(&mut launch, k_cache);
+        push_kv(&mut launch, v_cache);
         match &mut part {
             Some(p) => launch.arg(p),
             None => launch.arg(&mut *out),
@@ -292,7 +315,7 @@ impl Gpu {
             Some(z) => launch.arg(z),
             None => launch.arg(&null),
         };
-        // SAFETY: attention[_split](const float* q, const float* kc, const float* vc,
+        // SAFETY: attention[_split][_f16](const float* q, const float* (u16*) kc, vc,
         // float* out (or part), const int* pastp, int nh, int nkv, int hd, float scale,
         // int window, const float* sinks), blocks of 4 warps as the kernels' launch bounds say;
         // they read positions < *pastp + t of the caches (*pastp is `past`, see kv_store),
@@ -331,14 +354,14 @@ impl Gpu {
         s: &AttnShape,
         sinks: Option<&CudaSlice<f32>>,
         q: &CudaView<f32>,
-        k_cache: &CudaSlice<f32>,
-        v_cache: &CudaSlice<f32>,
+        k_cache: &DeviceKv,
+        v_cache: &DeviceKv,
         out: &mut CudaViewMut<f32>,
         t: usize,
         past_dev: &CudaView<i32>,
     ) -> Result<()> {
         let (nh, nkv, hd) = (s.n_head, s.n_head_kv, s.head_dim);
-        let f = self.function(&format!("attention_flash_{hd}"))?;
+        let f = self.function(&format!("attention_flash_{hd}{}", kv_suffix(k_cache)))?;
         let rows = t * (nh / nkv);
         let cfg = LaunchConfig {
             grid_dim: (rows.div_ceil(FLASH_ROWS) as u32, nkv as u32, 1),
@@ -349,12 +372,10 @@ impl Gpu {
         let window = s.window.map_or(0, |w| w.min(i32::MAX as usize) as i32);
         let null = 0u64;
         let mut launch = self.stream.launch_builder(&f);
-        launch
-            .arg(q)
-            .arg(k_cache)
-            .arg(v_cache)
-            .arg(out)
-            .arg(past_dev);
+        launch.arg(q);
+        push_kv(&mut launch, k_cache);
+        push_kv(&mut launch, v_cache);
+        launch.arg(out).arg(past_dev);
         for v in &args {
             launch.arg(v);
         }
@@ -363,7 +384,7 @@ impl Gpu {
             Some(z) => launch.arg(z),
             None => launch.arg(&null),
         };
-        // SAFETY: attention_flash_<hd>(const float* q, const float* kc, const float* vc,
+        // SAFETY: attention_flash_<hd>[_f16](const float* q, const float* (u16*) kc, vc,
         // float* out, const int* pastp, int t, int nh, int nkv, float scale, int window,
         // const float* sinks), 4 warps a block as its launch bounds say; hd is the instantiated
         // head size. It reads t · nh · hd floats of q, positions < *pastp + t of the caches

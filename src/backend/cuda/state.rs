@@ -1,12 +1,89 @@
 //! A sequence's per-layer state in device memory, for the device-resident forward pass: the
-//! Mamba-2 conv and SSM state, or an attention layer's K and V cache (f32 rows). It converts to
-//! and from the host form ([`LayerState`]) for save and restore.
+//! Mamba-2 conv and SSM state, or an attention layer's K and V cache (f16 rows in normal
+//! precision, f32 in exact mode). It converts to and from the host form ([`LayerState`]) for
+//! save and restore.
 
 use anyhow::{anyhow, bail, Result};
 use cudarc::driver::CudaSlice;
 
 use super::Gpu;
-use crate::backend::state::{KvRows, LayerState};
+use crate::backend::state::{KvRows, KvType, KvTypes, LayerState};
+use ggrun_quants::float::f32_to_f16;
+
+/// A K or V cache on the device: f32 rows (exact mode) or f16 bits (normal precision: the
+/// CPU's default cache type, half the bytes of f32).
+pub enum DeviceKv {
+    F32(CudaSlice<f32>),
+    F16(CudaSlice<u16>),
+}
+
+impl DeviceKv {
+    /// `n` zeroed values of type `ty` (the block types are not kept on the device: f16).
+    fn zeros(g: &Gpu, ty: KvType, n: usize) -> Result<DeviceKv> {
+        Ok(match ty {
+            KvType::F32 => DeviceKv::F32(g.zeros(n)?),
+            _ => DeviceKv::F16(g.zeros(n)?),
+        })
+    }
+
+    /// Values held (positions × row).
+    pub fn len(&self) -> usize {
+        match self {
+            DeviceKv::F32(s) => s.len(),
+            DeviceKv::F16(s) => s.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn ty(&self) -> KvType {
+        match self {
+            DeviceKv::F32(_) => KvType::F32,
+            DeviceKv::F16(_) => KvType::F16,
+        }
+    }
+
+    /// The device address (graph keys).
+    pub fn address(&self, g: &Gpu) -> u64 {
+        match self {
+            DeviceKv::F32(s) => g.address(s),
+            DeviceKv::F16(s) => g.address(s),
+        }
+    }
+
+    /// The first `used` values back in host memory, the rest zero.
+    fn to_host(&self, used: usize) -> Result<KvRows> {
+        Ok(match self {
+            DeviceKv::F32(d) => {
+                let mut h = vec![0f32; d.len()];
+                cuda(d.stream().memcpy_dtoh(&d.slice(..used), &mut h[..used]))?;
+                KvRows::F32(h)
+            }
+            DeviceKv::F16(d) => {
+                let mut h = vec![0u16; d.len()];
+                cuda(d.stream().memcpy_dtoh(&d.slice(..used), &mut h[..used]))?;
+                KvRows::F16(h)
+            }
+        })
+    }
+
+    /// Writes `rows` (f32 values) at the start, rounded to f16 for an f16 cache.
+    fn load(&mut self, rows: &[f32]) -> Result<()> {
+        match self {
+            DeviceKv::F32(d) => {
+                let s = d.stream().clone();
+                cuda(s.memcpy_htod(rows, &mut d.slice_mut(..rows.len())))
+            }
+            DeviceKv::F16(d) => {
+                let s = d.stream().clone();
+                let h: Vec<u16> = rows.iter().map(|&v| f32_to_f16(v)).collect();
+                cuda(s.memcpy_htod(&h, &mut d.slice_mut(..h.len())))
+            }
+        }
+    }
+}
 
 /// One layer's state on the device.
 pub enum DeviceState {
@@ -15,10 +92,10 @@ pub enum DeviceState {
         conv: CudaSlice<f32>,
         ssm: CudaSlice<f32>,
     },
-    /// K and V rows of `row` floats for positions 0..len, room for `capacity`.
+    /// K and V rows of `row` values for positions 0..len, room for `capacity`.
     Attention {
-        k: CudaSlice<f32>,
-        v: CudaSlice<f32>,
+        k: DeviceKv,
+        v: DeviceKv,
         len: usize,
         row: usize,
         capacity: usize,
@@ -76,14 +153,20 @@ impl DeviceState {
         })
     }
 
-    /// An empty K/V cache of `capacity` positions of `row` floats.
-    pub fn attention(g: &Gpu, row: usize, capacity: usize) -> Result<DeviceState> {
+    /// An empty K/V cache of `capacity` positions of `row` values: f32 where the asked types
+    /// are (exact mode), otherwise f16 (the block types of `-ctk/-ctv` are kept on the CPU
+    /// only).
+    pub fn attention(g: &Gpu, row: usize, capacity: usize, kv: KvTypes) -> Result<DeviceState> {
+        let ty = match kv == KvTypes::F32 {
+            true => KvType::F32,
+            false => KvType::F16,
+        };
         let n = row
             .checked_mul(capacity)
             .ok_or_else(|| anyhow!("KV cache size overflows"))?;
         Ok(DeviceState::Attention {
-            k: g.zeros(n.max(1))?,
-            v: g.zeros(n.max(1))?,
+            k: DeviceKv::zeros(g, ty, n.max(1))?,
+            v: DeviceKv::zeros(g, ty, n.max(1))?,
             len: 0,
             row,
             capacity,
@@ -120,14 +203,9 @@ impl DeviceState {
                 // Only the rows in use cross PCIe (snapshots of a long context's cache would
                 // otherwise copy its whole capacity); the rest of the host cache stays zero.
                 let used = len * row;
-                let back = |d: &CudaSlice<f32>| -> Result<KvRows> {
-                    let mut h = vec![0f32; d.len()];
-                    cuda(d.stream().memcpy_dtoh(&d.slice(..used), &mut h[..used]))?;
-                    Ok(KvRows::F32(h))
-                };
                 LayerState::Attention {
-                    k: back(k)?,
-                    v: back(v)?,
+                    k: k.to_host(used)?,
+                    v: v.to_host(used)?,
                     len: *len,
                     row: *row,
                     capacity: *capacity,
@@ -164,14 +242,8 @@ impl DeviceState {
                     k_tiled,
                 },
             ) if row == hr && capacity == hcap && *hl <= *hcap => {
-                let s = k.stream().clone();
-                let used = *hl * *hr;
-                let (hk, hv) = (
-                    hk.rows_f32(*hl, *hr, *k_tiled),
-                    hv.rows_f32(*hl, *hr, false),
-                );
-                cuda(s.memcpy_htod(&*hk, &mut k.slice_mut(..used)))?;
-                cuda(s.memcpy_htod(&*hv, &mut v.slice_mut(..used)))?;
+                k.load(&hk.rows_f32(*hl, *hr, *k_tiled))?;
+                v.load(&hv.rows_f32(*hl, *hr, false))?;
                 *len = *hl;
             }
             _ => bail!("saved state does not match this model and context size"),

@@ -26,6 +26,7 @@ use crate::backend::cuda::{
     DeviceState, Epilogue, ExpertCache, ExpertCaches, Found, Gpu, Graphs, Group, HostPins,
     OffloadCosts, PassOptions, Prefetch, StepGraph, COPY_SAMPLES,
 };
+use crate::backend::state::KvTypes;
 use crate::model::{embed, segments, LayerState, Seq, State};
 
 /// Decode batches up to this many tokens run the routed experts with the expert ids left on
@@ -397,8 +398,8 @@ impl<'a> DeviceDecoder<'a> {
         Some(line)
     }
 
-    /// A fresh state: each layer's K/V cache in device memory.
-    pub(super) fn new_state(&self, d: &Decoder, n_ctx: usize) -> Result<State> {
+    /// A fresh state: each layer's K/V cache in device memory (f16, or f32 where `kv` asks).
+    pub(super) fn new_state(&self, d: &Decoder, n_ctx: usize, kv: KvTypes) -> Result<State> {
         let layers = d
             .layers
             .iter()
@@ -408,6 +409,7 @@ impl<'a> DeviceDecoder<'a> {
                     self.gpu,
                     s.n_head_kv * s.head_dim,
                     n_ctx,
+                    kv,
                 )?))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -485,7 +487,7 @@ impl<'a> DeviceDecoder<'a> {
         for s in seqs.iter() {
             for st in &s.state.layers {
                 if let LayerState::Device(DeviceState::Attention { k, v, .. }) = st {
-                    key.extend([g.address(k), g.address(v)]);
+                    key.extend([k.address(g), v.address(g)]);
                 }
             }
         }

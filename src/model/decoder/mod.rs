@@ -776,7 +776,7 @@ impl Forward for Decoder<'_> {
 
     fn new_state(&self, n_ctx: usize, kv: KvTypes) -> Result<State> {
         if let Some(dev) = &self.device {
-            return dev.new_state(self, n_ctx);
+            return dev.new_state(self, n_ctx, kv);
         }
         let bytes = self
             .layers

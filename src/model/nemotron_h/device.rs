@@ -22,6 +22,7 @@ use crate::backend::cuda::{
     Epilogue, ExpertCache, ExpertCaches, Found, Gpu, Graphs, Group, HostPins, OffloadCosts,
     PassOptions, Prefetch, StepGraph, COPY_SAMPLES,
 };
+use crate::backend::state::KvTypes;
 use crate::model::{embed, segments, LayerState, Seq, State};
 
 /// Decode batches up to this many tokens run the routed experts with the expert ids left on
@@ -356,7 +357,7 @@ impl<'a> DeviceParts<'a> {
     }
 
     /// A fresh per-sequence state in device memory.
-    pub(super) fn new_state(&self, m: &NemotronH, n_ctx: usize) -> Result<State> {
+    pub(super) fn new_state(&self, m: &NemotronH, n_ctx: usize, kv: KvTypes) -> Result<State> {
         let s = &m.ssm;
         let layers = m
             .layers
@@ -372,6 +373,7 @@ impl<'a> DeviceParts<'a> {
                         self.gpu,
                         a.shape.n_head_kv * a.shape.head_dim,
                         n_ctx,
+                        kv,
                     )?),
                     _ => LayerState::None,
                 })
@@ -603,7 +605,7 @@ impl<'a> DeviceParts<'a> {
                         key.extend([g.address(conv), g.address(ssm)]);
                     }
                     LayerState::Device(DeviceState::Attention { k, v, .. }) => {
-                        key.extend([g.address(k), g.address(v)]);
+                        key.extend([k.address(g), v.address(g)]);
                     }
                     // Layers without a state (MoE, MLP).
                     LayerState::None => {}

@@ -514,7 +514,7 @@ impl Forward for NemotronH<'_> {
 
     fn new_state(&self, n_ctx: usize, kv: KvTypes) -> Result<State> {
         if let Some(d) = &self.dev {
-            return d.new_state(self, n_ctx);
+            return d.new_state(self, n_ctx, kv);
         }
         let bytes = self
             .layers
