@@ -162,9 +162,9 @@ fn info_reports_the_plan_placement_flags_make_without_a_gpu() {
 
 /// Without -c, a GPU placement's context is the model's trained length capped by what the
 /// budget holds beside the weights (an eighth of it when the model spills), never below 4096:
-/// SmolLM2 (trained on 8192 tokens; 92 MiB of weights, 45 KiB of f32 K/V per token) gets all
-/// of it in 2 GiB, and in 900 MiB what the weights and the 512 MiB of buffers leave (296 MiB:
-/// 6,735 tokens, in 256-token steps).
+/// SmolLM2 (trained on 8192 tokens; a 93.8 MiB file, 22.5 KiB of f16 K/V per token, the
+/// device cache's type) gets all of it in 2 GiB, and in 750 MiB what the file and the 512 MiB
+/// of buffers leave (144.2 MiB: 6,562 tokens, in 256-token steps 6,400).
 #[test]
 fn the_default_context_on_a_gpu_follows_the_budget() {
     let model = common::smollm2();
@@ -177,7 +177,7 @@ fn the_default_context_on_a_gpu_follows_the_budget() {
         v["placement"]["n_ctx"].as_u64().unwrap()
     };
     assert_eq!(n_ctx("2GiB"), 8192);
-    assert_eq!(n_ctx("900MiB"), 6656);
+    assert_eq!(n_ctx("750MiB"), 6400);
 }
 
 /// `tune` on a CPU-only machine measures thread and batch plans, saves the winner as the

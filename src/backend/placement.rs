@@ -97,8 +97,9 @@ pub struct Plan {
     pub cpu_weight_bytes: u64,
     /// Device memory reserved beside the weights (compute buffers).
     pub reserved_bytes: u64,
-    /// Device memory of one sequence's state at the planned context (f32 K/V caches of the
-    /// attention layers, Mamba-2 conv and SSM states), when the whole pass runs on the device.
+    /// Device memory of one sequence's state at the planned context (K/V caches of the
+    /// attention layers, f16 or in exact mode f32, and Mamba-2 conv and SSM states), when the
+    /// whole pass runs on the device.
     pub state_bytes: u64,
     /// Device memory for staging: when routed experts stay in RAM and everything else is on
     /// the GPU, a prefill batch can copy the experts it selected into a buffer of one expert

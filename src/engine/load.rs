@@ -470,11 +470,11 @@ mod tests {
     #[test]
     fn the_device_default_takes_the_room_left_or_an_eighth() {
         let gib = 1u64 << 30;
-        // Nemotron 3 Nano's device state: f32 K and V rows of 6 attention layers, 2 KV heads
+        // Nemotron 3 Nano's device state: f16 K and V rows of 6 attention layers, 2 KV heads
         // of 128; its Mamba states are the fixed part.
-        let per_token = 6 * 2 * 2 * 128 * 4;
+        let per_token = 6 * 2 * 2 * 128 * 2;
         let fixed = 50 << 20;
-        // Q4_0 (17.8 GiB) in 24 GiB: what the file leaves (262144 tokens need 3 GiB).
+        // Q4_0 (17.8 GiB) in 24 GiB: what the file leaves (262144 tokens need 1.5 GiB).
         let q4 = device_tokens(24 * gib, 17 * gib + gib * 8 / 10, fixed, per_token, 1);
         let left = 24 * gib - (17 * gib + gib * 8 / 10) - COMPUTE_RESERVE - fixed;
         assert_eq!(q4, (left / per_token) as usize / 256 * 256);
