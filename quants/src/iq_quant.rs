@@ -1,12 +1,14 @@
 //! Reference quantizers of the grid i-quants, transcriptions of ggml's (the bytes ggml writes
 //! without an importance matrix, float operations in ggml's order; ggml-base is compiled
-//! without FMA contraction, so none is used here): IQ3_XXS, IQ3_S and IQ2_S. A group of
+//! without FMA contraction, so none is used here): IQ3_XXS, IQ3_S, IQ2_S and IQ1_M. A group of
 //! four weights (eight for IQ2_S; their magnitudes, IQ3_XXS flipping an even number of signs
 //! per eight, the cheapest one where odd) must land on a row of the grid: candidate scales are
 //! tried, each group's nearest levels looked up in a map of the level patterns, and a pattern
 //! off the grid replaced by the best of its nearest grid rows (precomputed per pattern, as
 //! ggml's `iq3xs_init_impl` and `iq2xs_init_impl` do). ggml's IQ3_S writer misplaces the blocks after an all-zero block
-//! of 32 (see [`quantize_iq3_s`]); this one writes the same bytes.
+//! of 32 (see [`quantize_iq3_s`]); this one writes the same bytes. IQ1_M (three levels, groups
+//! of eight) instead splits each block of 16's sorted weights exhaustively (see
+//! [`quantize_iq1_m`]).
 
 // The quantizers walk groups by index, as ggml's do.
 #![allow(clippy::needless_range_loop)]
@@ -15,8 +17,8 @@ use std::sync::OnceLock;
 
 use bytemuck::Zeroable;
 
-use crate::iq_grid::{BlockIq2S, BlockIq3S, BlockIq3Xxs};
-use crate::iq_tables::{IQ2S_GRID, IQ3S_GRID, IQ3XXS_GRID};
+use crate::iq_grid::{BlockIq1M, BlockIq2S, BlockIq3S, BlockIq3Xxs};
+use crate::iq_tables::{IQ1S_GRID, IQ2S_GRID, IQ3S_GRID, IQ3XXS_GRID};
 use crate::kquants::{nearest_int, QK_K};
 
 /// A group's levels packed `bits` each (three for groups of four, two for eight): the map's
@@ -41,6 +43,36 @@ struct Grid<const N: usize> {
 }
 
 impl<const N: usize> Grid<N> {
+    /// ggml's `iq1_find_best_neighbour2` for the off-grid entry `m`: of its listed rows, the one
+    /// whose levels, as the values `level_values` times `scale`, are nearest to `xval` under
+    /// `weight`.
+    fn best_neighbour_of_values(
+        &self,
+        m: i32,
+        xval: &[f32],
+        weight: &[f32],
+        scale: f32,
+        level_values: &[f32; 3],
+    ) -> usize {
+        let list = &self.neighbours[(-m - 1) as usize..];
+        let n = list[0] as usize;
+        let (mut best_d2, mut best) = (f32::MAX, list[1] as usize);
+        for &j in &list[1..=n] {
+            let g = self.rows[j as usize];
+            let mut d2 = 0.0f32;
+            for i in 0..N {
+                let q = level_values[((g[i] - 1) / 2) as usize];
+                let diff = scale * q - xval[i];
+                d2 += weight[i] * diff * diff;
+            }
+            if d2 < best_d2 {
+                best_d2 = d2;
+                best = j as usize;
+            }
+        }
+        best
+    }
+
     /// Bits a level in a pattern.
     const BITS: usize = if N == 4 { 3 } else { 2 };
 
@@ -165,6 +197,16 @@ fn iq2s_grid() -> &'static Grid<8> {
     GRID.get_or_init(|| {
         let rows: Vec<[u8; 8]> = IQ2S_GRID.iter().map(|r| r.to_le_bytes()).collect();
         Grid::new(&rows, &[8, 25, 43], 43692, 1)
+    })
+}
+
+/// IQ1_M's (and IQ1_S's) 2048 rows of eight levels (bytes −1, 0, 1), neighbours at the three
+/// nearest distances.
+fn iq1_grid() -> &'static Grid<8> {
+    static GRID: OnceLock<Grid<8>> = OnceLock::new();
+    GRID.get_or_init(|| {
+        let rows: Vec<[u8; 8]> = IQ1S_GRID.iter().map(|r| r.to_le_bytes()).collect();
+        Grid::new(&rows, &[0xff, 0x00, 0x01], 43692, 3)
     })
 }
 
@@ -483,6 +525,199 @@ pub fn quantize_iq2_s(x: &[f32], out: &mut [BlockIq2S]) {
     }
 }
 
+/// IQ1_M's offset: a block of 16's groups take the values {−1, 0, 1} shifted by ± this.
+const IQ1M_DELTA: f32 = 0.125;
+
+/// ggml's `quantize_row_iq1_m_impl` without an importance matrix (blocks of 16, groups of
+/// eight): x (a multiple of 256 values) into IQ1_M. Per block the best split of its sorted
+/// weights into the three levels is found exhaustively for each of the four shift signs (one
+/// per group of eight), a group off the grid takes its nearest listed row, and the super-block
+/// scale is refitted over the 3-bit block scales.
+pub fn quantize_iq1_m(x: &[f32], out: &mut [BlockIq1M]) {
+    const BLOCK: usize = 16;
+    let grid = iq1_grid();
+    let x_p = [-1.0 + IQ1M_DELTA, IQ1M_DELTA, 1.0 + IQ1M_DELTA];
+    let x_m = [-1.0 - IQ1M_DELTA, -IQ1M_DELTA, 1.0 - IQ1M_DELTA];
+    let masks = [0x00u8, 0x80, 0x08, 0x88];
+    // The values of group k (0 or 1) of a block whose shifts are `shift` (0: +,+ 1: +,− 2: −,+
+    // 3: −,−).
+    let values = |shift: usize, k: usize| {
+        let plus = if k == 0 {
+            shift < 2
+        } else {
+            shift.is_multiple_of(2)
+        };
+        if plus {
+            &x_p
+        } else {
+            &x_m
+        }
+    };
+    for (xbl, y) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
+        *y = BlockIq1M::zeroed();
+        let mut scales = [0.0f32; QK_K / BLOCK];
+        let mut shifts = [0usize; QK_K / BLOCK];
+        let mut max_scale = 0.0f32;
+        for ib in 0..QK_K / BLOCK {
+            let xb = &xbl[BLOCK * ib..BLOCK * ib + BLOCK];
+            let weight: [f32; BLOCK] = std::array::from_fn(|i| xb[i] * xb[i]);
+            let max = xb.iter().fold(xb[0].abs(), |m, v| m.max(v.abs()));
+            if max < 1e-7 {
+                continue;
+            }
+            // Weights sorted (stably, as glibc's merge sort) with prefix sums per half.
+            let mut idx: [usize; BLOCK] = std::array::from_fn(|j| j);
+            idx.sort_by(|&a, &b| {
+                xb[a]
+                    .partial_cmp(&xb[b])
+                    .unwrap_or(std::cmp::Ordering::Equal)
+            });
+            let (mut px, mut pw) = ([[0.0f32; BLOCK + 1]; 2], [[0.0f32; BLOCK + 1]; 2]);
+            for j in 0..BLOCK {
+                let i = idx[j];
+                let h = (i >= BLOCK / 2) as usize;
+                px[h][j + 1] = px[h][j] + weight[i] * xb[i];
+                px[1 - h][j + 1] = px[1 - h][j];
+                pw[h][j + 1] = pw[h][j] + weight[i];
+                pw[1 - h][j + 1] = pw[1 - h][j];
+            }
+            let txs = [px[0][BLOCK], px[1][BLOCK]];
+            let tws = [pw[0][BLOCK], pw[1][BLOCK]];
+            let (p2, m2) = (x_p[2], x_m[2]);
+            let cp1 = x_p[0] * x_p[0] - x_p[1] * x_p[1];
+            let cp2 = x_p[1] * x_p[1] - x_p[2] * x_p[2];
+            let cm1 = x_m[0] * x_m[0] - x_m[1] * x_m[1];
+            let cm2 = x_m[1] * x_m[1] - x_m[2] * x_m[2];
+            let (mut best_score, mut scale) = (-f32::MAX, max);
+            let mut best: Option<(usize, usize, usize)> = None;
+            for i1 in 0..=BLOCK {
+                for i2 in i1..=BLOCK {
+                    let (mut qx_p, mut qx_m, mut q2_p, mut q2_m) =
+                        ([0.0f32; 2], [0.0; 2], [0.0; 2], [0.0; 2]);
+                    for h in 0..2 {
+                        let sx = px[h][i1] + px[h][i2];
+                        qx_p[h] = txs[h] * p2 - sx;
+                        qx_m[h] = txs[h] * m2 - sx;
+                        q2_p[h] = tws[h] * p2 * p2 + pw[h][i1] * cp1 + pw[h][i2] * cp2;
+                        q2_m[h] = tws[h] * m2 * m2 + pw[h][i1] * cm1 + pw[h][i2] * cm2;
+                    }
+                    let sumqx = [
+                        qx_p[0] + qx_p[1],
+                        qx_p[0] + qx_m[1],
+                        qx_m[0] + qx_p[1],
+                        qx_m[0] + qx_m[1],
+                    ];
+                    let sumq2 = [
+                        q2_p[0] + q2_p[1],
+                        q2_p[0] + q2_m[1],
+                        q2_m[0] + q2_p[1],
+                        q2_m[0] + q2_m[1],
+                    ];
+                    for k in 0..4 {
+                        if sumq2[k] > 0.0 && sumqx[k] * sumqx[k] > best_score * sumq2[k] {
+                            scale = sumqx[k] / sumq2[k];
+                            best_score = scale * sumqx[k];
+                            best = Some((i1, i2, k));
+                        }
+                    }
+                }
+            }
+            let Some((i1, i2, mut shift)) = best else {
+                continue;
+            };
+            let mut l = [0i8; BLOCK];
+            for j in 0..BLOCK {
+                l[idx[j]] = if j < i1 {
+                    0
+                } else if j < i2 {
+                    1
+                } else {
+                    2
+                };
+            }
+            if scale < 0.0 {
+                for v in &mut l {
+                    *v = 2 - *v;
+                }
+                scale = -scale;
+                shift = 3 - shift;
+            }
+            let mut index = [0usize; 2];
+            let mut all_on_grid = true;
+            for k in 0..2 {
+                let m = grid.index(&l[8 * k..8 * k + 8]);
+                index[k] = if m >= 0 {
+                    m as usize
+                } else {
+                    all_on_grid = false;
+                    let r = 8 * k..8 * k + 8;
+                    grid.best_neighbour_of_values(
+                        m,
+                        &xb[r.clone()],
+                        &weight[r],
+                        scale,
+                        values(shift, k),
+                    )
+                };
+            }
+            if !all_on_grid {
+                let (mut sumqx, mut sumq2) = (0.0f32, 0.0f32);
+                for k in 0..2 {
+                    let (g, xx) = (grid.rows[index[k]], values(shift, k));
+                    for j in 0..8 {
+                        let (w, q) = (weight[8 * k + j], xx[((g[j] - 1) / 2) as usize]);
+                        sumqx += w * q * xb[8 * k + j];
+                        sumq2 += w * q * q;
+                    }
+                }
+                if sumqx > 0.0 && sumq2 > 0.0 {
+                    scale = sumqx / sumq2;
+                }
+            }
+            y.qs[2 * ib] = index[0] as u8;
+            y.qs[2 * ib + 1] = index[1] as u8;
+            y.qh[ib] = ((index[0] >> 8) | ((index[1] >> 8) << 4)) as u8;
+            scales[ib] = scale;
+            shifts[ib] = shift;
+            max_scale = if max_scale > scale { max_scale } else { scale };
+        }
+        if max_scale == 0.0 {
+            continue;
+        }
+        let mut sc = [0u16; 4];
+        let d = max_scale / 15.0;
+        let id = 1.0 / d;
+        let (mut sumqx, mut sumq2) = (0.0f32, 0.0f32);
+        for ib in 0..QK_K / BLOCK {
+            let l = nearest_int(0.5 * (id * scales[ib] - 1.0)).clamp(0, 7);
+            sc[ib / 4] |= (l as u16) << (3 * (ib % 4));
+            y.qh[ib] |= masks[shifts[ib]];
+            let xb = &xbl[BLOCK * ib..BLOCK * ib + BLOCK];
+            for k in 0..2 {
+                let xx = values(shifts[ib], k);
+                let row =
+                    y.qs[2 * ib + k] as usize + (((y.qh[ib] as usize) << (8 - 4 * k)) & 0x700);
+                let g = grid.rows[row];
+                for j in 0..8 {
+                    let w = xb[8 * k + j] * xb[8 * k + j];
+                    let q = xx[((g[j] - 1) / 2) as usize] * (2 * l + 1) as f32;
+                    sumqx += w * q * xb[8 * k + j];
+                    sumq2 += w * q * q;
+                }
+            }
+        }
+        let d = if sumq2 > 0.0 { sumqx / sumq2 } else { d };
+        let s = crate::float::f32_to_f16(d * 1.1125);
+        sc[0] |= (s & 0x000f) << 12;
+        sc[1] |= (s & 0x00f0) << 8;
+        sc[2] |= (s & 0x0f00) << 4;
+        sc[3] |= s & 0xf000;
+        for (dst, v) in y.scales.chunks_exact_mut(2).zip(sc) {
+            dst.copy_from_slice(&v.to_le_bytes());
+        }
+    }
+}
+
 /// Σ w·x·q and Σ w·q² for the odd values q = 2l + 1, in ggml's order.
 fn sums<const B: usize>(weight: &[f32; B], xval: &[f32; B], l: &[i8; B]) -> (f32, f32) {
     let (mut sumqx, mut sumq2) = (0.0f32, 0.0f32);
@@ -497,7 +732,9 @@ fn sums<const B: usize>(weight: &[f32; B], xval: &[f32; B], l: &[i8; B]) -> (f32
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::iq_grid::{dequantize_iq2_s, dequantize_iq3_s, dequantize_iq3_xxs};
+    use crate::iq_grid::{
+        dequantize_iq1_m, dequantize_iq2_s, dequantize_iq3_s, dequantize_iq3_xxs,
+    };
     use bytemuck::Zeroable;
 
     /// The committed input: 16 rows of 512 values (normal, scaled down, with outliers,
@@ -544,7 +781,7 @@ mod tests {
 
     /// What ggml writes for the committed input: its `ggml_quantize_chunk` without an
     /// importance matrix, run on llama.cpp's libggml-base (the source vendored in
-    /// llama-cpp-python 0.3.36) by scripts/ggml-quantize-rows.c (types 18, 21 and 22).
+    /// llama-cpp-python 0.3.36) by scripts/ggml-quantize-rows.c (types 18, 21, 22 and 29).
     #[test]
     fn grid_quantizers_write_ggml_s_bytes() {
         let x = input();
@@ -561,6 +798,10 @@ mod tests {
         quantize_iq2_s(&x, &mut s2);
         let want = include_bytes!("../tests/data/iq2_s.ggml.bin");
         assert_blocks_equal(bytemuck::cast_slice(&s2), want, 82, "IQ2_S");
+        let mut m1 = vec![BlockIq1M::zeroed(); x.len() / QK_K];
+        quantize_iq1_m(&x, &mut m1);
+        let want = include_bytes!("../tests/data/iq1_m.ggml.bin");
+        assert_blocks_equal(bytemuck::cast_slice(&m1), want, 56, "IQ1_M");
     }
 
     /// Each grid's map names every row by its levels, and every pattern off the grid has
@@ -585,11 +826,13 @@ mod tests {
         check(iq3xxs_grid(), 256);
         check(iq3s_grid(), 512);
         check(iq2s_grid(), 1024);
+        check(iq1_grid(), 2048);
     }
 
     /// Fresh random rows round-trip within each type's error: relative RMS error below 0.25
-    /// for IQ3_XXS (3.06 bits a weight), 0.2 for IQ3_S (3.44) and 0.4 for IQ2_S (2.56); ggml's
-    /// own bytes for such rows without an importance matrix sit at 0.21, ~0.17 and ~0.26.
+    /// for IQ3_XXS (3.06 bits a weight), 0.2 for IQ3_S (3.44), 0.4 for IQ2_S (2.56) and 0.7
+    /// for IQ1_M (1.75); ggml's own bytes for such rows without an importance matrix sit at
+    /// 0.21, ~0.17, ~0.26 and ~0.55 (the same bytes for IQ1_M: 0.55 and 0.58 in two runs).
     /// Zeros stay zero.
     #[test]
     fn quantized_rows_dequantize_near_the_input() {
@@ -611,6 +854,10 @@ mod tests {
         quantize_iq2_s(&x, &mut q);
         dequantize_iq2_s(&q, &mut y);
         assert!(relative_rms(&x, &y) < 0.4, "IQ2_S {}", relative_rms(&x, &y));
+        let mut q = vec![BlockIq1M::zeroed(); 4];
+        quantize_iq1_m(&x, &mut q);
+        dequantize_iq1_m(&q, &mut y);
+        assert!(relative_rms(&x, &y) < 0.7, "IQ1_M {}", relative_rms(&x, &y));
         let (mut z, mut zs) = ([BlockIq3Xxs::zeroed()], [BlockIq3S::zeroed()]);
         quantize_iq3_xxs(&[0.0; QK_K], &mut z);
         quantize_iq3_s(&[0.0; QK_K], &mut zs);

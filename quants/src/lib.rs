@@ -213,6 +213,7 @@ pub(crate) mod scalar {
     bytes_fn!(quant q_iq3_xxs, gq::quantize_iq3_xxs);
     bytes_fn!(quant q_iq3_s, gq::quantize_iq3_s);
     bytes_fn!(quant q_iq2_s, gq::quantize_iq2_s);
+    bytes_fn!(quant q_iq1_m, gq::quantize_iq1_m);
     bytes_fn!(quant q_q2_k, k::quantize_q2k);
     bytes_fn!(quant q_q3_k, k::quantize_q3k);
     bytes_fn!(quant q_q4_k, k::quantize_q4k);
@@ -296,6 +297,7 @@ pub fn reference_quantize_fn(ty: GgmlType) -> Option<QuantizeFn> {
         IQ3_XXS => scalar::q_iq3_xxs,
         IQ3_S => scalar::q_iq3_s,
         IQ2_S => scalar::q_iq2_s,
+        IQ1_M => scalar::q_iq1_m,
         MXFP4 => scalar::q_mxfp4,
         Q2_K => scalar::q_q2_k,
         Q3_K => scalar::q_q3_k,
