@@ -236,9 +236,15 @@ impl Gpu {
     /// Attention output (t × n_head·head_dim) of queries `q` for the `t` tokens at positions
     /// past.., whose keys and values are already in the caches (rows of n_head_kv·head_dim);
     /// the kernel reads `past` from `past_dev`. The shape's window limits each token to the
-    /// last `window` positions; `sinks` (one logit per head) join each softmax. Decode-sized
-    /// batches split each head's positions into runs (`attention_split`, then
-    /// `attention_merge`: split-K), so that a long cache is read by the whole GPU.
+    /// last `window` positions; `sinks` (one logit per head) join each softmax.
+    ///
+    /// In normal precision with head dims 64 and 128 the tensor cores take prefill-sized
+    /// batches, in blocks of 64 (token, query head) rows of a KV head (`attention_flash_<hd>`:
+    /// the GQA heads read each K/V tile once). Otherwise a block per head and token walks the
+    /// positions in f32; decode-sized batches split each head's positions into runs
+    /// (`attention_split`, then `attention_merge`: split-K), so that a long cache is read by
+    /// the whole GPU. The runs' count follows the cache's capacity (or the window), not
+    /// `past`, so that a captured step replays at every position.
     #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &self,
@@ -269,33 +275,39 @@ impl Gpu {
             bail!("CUDA attention: unsupported shape (head_dim {hd} must be at most 256)");
         }
         let sfx = kv_suffix(k_cache);
-        if self.normal_precision.load(Ordering::Relaxed)
-            && t >= FLASH_FROM
-            && matches!(hd, 64 | 128)
-        {
-            return self.attention_flash(s, sinks, q, k_cache, v_cache, out, t, past_dev);
-        }
-        // Decode over a long cache splits each head's positions into runs, so that heads ×
-        // tokens × runs blocks fill the GPU; the runs' count follows the cache's capacity (or
-        // the window), not `past`, so that a captured step replays at every position.
         let seen = s.window.unwrap_or(usize::MAX).min(k_cache.len() / row);
-        let splits = (ATT_BLOCKS / (nh * t).max(1))
-            .min(seen.div_ceil(ATT_MIN_RUN))
-            .clamp(1, ATT_MAX_SPLITS);
-        let mut part = match splits {
-            1 => None,
-            _ => Some(self.output::<f32>(t * nh * splits * (hd + 2))?),
+        let rows = t * (nh / nkv);
+        let tensor = self.normal_precision.load(Ordering::Relaxed) && matches!(hd, 64 | 128);
+        // (kernel, grid, splits)
+        let (name, grid, splits) = if tensor && t >= FLASH_FROM {
+            let grid = (rows.div_ceil(FLASH_ROWS) as u32, nkv as u32, 1);
+            (format!("attention_flash_{hd}{sfx}"), grid, 1)
+        } else {
+            let splits = (ATT_BLOCKS / (nh * t).max(1))
+                .min(seen.div_ceil(ATT_MIN_RUN))
+                .clamp(1, ATT_MAX_SPLITS);
+            let name = match splits {
+                1 => format!("attention{sfx}"),
+                _ => format!("attention_split{sfx}"),
+            };
+            (name, (nh as u32, t as u32, splits as u32), splits)
         };
-        let f = self.function(&match splits {
-            1 => format!("attention{sfx}"),
-            _ => format!("attention_split{sfx}"),
-        })?;
+        let flash = name.starts_with("attention_flash");
+        let mut part = match name.contains("split") {
+            false => None,
+            true => Some(self.output::<f32>(t * nh * splits * (hd + 2))?),
+        };
+        let f = self.function(&name)?;
         let cfg = LaunchConfig {
-            grid_dim: (nh as u32, t as u32, splits as u32),
+            grid_dim: grid,
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
-        let args = [nh, nkv, hd].map(|v| v as i32);
+        let dims = match flash {
+            true => [t, nh, nkv],
+            false => [nh, nkv, hd],
+        }
+        .map(|v| v as i32);
         let window = s.window.map_or(0, |w| w.min(i32::MAX as usize) as i32);
         let null = 0u64;
         let mut launch = self.stream.launch_builder(&f);
@@ -307,7 +319,7 @@ impl Gpu {
             None => launch.arg(&mut *out),
         };
         launch.arg(past_dev);
-        for v in &args {
+        for v in &dims {
             launch.arg(v);
         }
         launch.arg(&s.scale).arg(&window);
@@ -315,13 +327,15 @@ impl Gpu {
             Some(z) => launch.arg(z),
             None => launch.arg(&null),
         };
-        // SAFETY: attention[_split][_f16](const float* q, const float* (u16*) kc, vc,
-        // float* out (or part), const int* pastp, int nh, int nkv, int hd, float scale,
-        // int window, const float* sinks), blocks of 4 warps as the kernels' launch bounds say;
-        // they read positions < *pastp + t of the caches (*pastp is `past`, see kv_store),
-        // checked above, hold at most 256 dimensions per head in shared memory (lanes past hd
-        // idle) and read nh sinks when given; attention writes t · nh · hd floats of out,
-        // attention_split t · nh · splits · (hd + 2) floats of part (allocated so).
+        // SAFETY: the kernels take (const float* q, const float* (u16*) kc, vc, float* out
+        // or part, const int* pastp, then int t, nh, nkv (attention_flash*) or int nh, nkv, hd
+        // (attention*), float scale, int window, const float* sinks), their cache element type
+        // the name's suffix; blocks of 4 warps as their launch bounds say. They read positions
+        // < *pastp + t of the caches (*pastp is `past`, see kv_store), checked above,
+        // t · nh · hd floats of q and nh sinks when given; the f32 kernels hold at most 256
+        // dimensions per head (lanes past hd idle), the flash kernels exactly hd (64 or 128,
+        // their instance). Unsplit they write t · nh · hd floats of out, split
+        // t · nh · splits · (hd + 2) floats of part (allocated so).
         launched(unsafe { launch.launch(cfg) }.map(drop))?;
         let Some(part) = part else {
             return Ok(());
@@ -343,53 +357,6 @@ impl Gpu {
         // const float* sinks), a block per head and token: it reads the t · nh · splits
         // partials attention wrote above, writes t · nh · hd floats of out and reads nh sinks
         // when given (lengths checked above).
-        launched(unsafe { launch.launch(cfg) }.map(drop))
-    }
-
-    /// [`Gpu::attention`] on the tensor cores (f16 operands, f32 sums and softmax), the shape
-    /// checked by the caller: a block per 64 (token, query head) rows of a KV head.
-    #[allow(clippy::too_many_arguments)]
-    fn attention_flash(
-        &self,
-        s: &AttnShape,
-        sinks: Option<&CudaSlice<f32>>,
-        q: &CudaView<f32>,
-        k_cache: &DeviceKv,
-        v_cache: &DeviceKv,
-        out: &mut CudaViewMut<f32>,
-        t: usize,
-        past_dev: &CudaView<i32>,
-    ) -> Result<()> {
-        let (nh, nkv, hd) = (s.n_head, s.n_head_kv, s.head_dim);
-        let f = self.function(&format!("attention_flash_{hd}{}", kv_suffix(k_cache)))?;
-        let rows = t * (nh / nkv);
-        let cfg = LaunchConfig {
-            grid_dim: (rows.div_ceil(FLASH_ROWS) as u32, nkv as u32, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let args = [t, nh, nkv].map(|v| v as i32);
-        let window = s.window.map_or(0, |w| w.min(i32::MAX as usize) as i32);
-        let null = 0u64;
-        let mut launch = self.stream.launch_builder(&f);
-        launch.arg(q);
-        push_kv(&mut launch, k_cache);
-        push_kv(&mut launch, v_cache);
-        launch.arg(out).arg(past_dev);
-        for v in &args {
-            launch.arg(v);
-        }
-        launch.arg(&s.scale).arg(&window);
-        match sinks {
-            Some(z) => launch.arg(z),
-            None => launch.arg(&null),
-        };
-        // SAFETY: attention_flash_<hd>[_f16](const float* q, const float* (u16*) kc, vc,
-        // float* out, const int* pastp, int t, int nh, int nkv, float scale, int window,
-        // const float* sinks), 4 warps a block as its launch bounds say; hd is the instantiated
-        // head size. It reads t · nh · hd floats of q, positions < *pastp + t of the caches
-        // (*pastp is `past`, see kv_store) and nh sinks when given, and writes t · nh · hd
-        // floats of out: the lengths Gpu::attention checked.
         launched(unsafe { launch.launch(cfg) }.map(drop))
     }
 
