@@ -1,6 +1,7 @@
 //! Reference quantizers of the grid i-quants, transcriptions of ggml's (the bytes ggml writes
-//! without an importance matrix, float operations in ggml's order; ggml-base is compiled
-//! without FMA contraction, so none is used here): IQ3_XXS, IQ3_S, IQ2_S and IQ1_M. A group of
+//! without an importance matrix, or with one for the types ggml requires it of; float operations
+//! in ggml's order; ggml-base is compiled without FMA contraction, so none is used here):
+//! IQ3_XXS, IQ3_S, IQ2_S and IQ1_M, and with an importance matrix IQ2_XXS and IQ2_XS. A group of
 //! four weights (eight for IQ2_S; their magnitudes, IQ3_XXS flipping an even number of signs
 //! per eight, the cheapest one where odd) must land on a row of the grid: candidate scales are
 //! tried, each group's nearest levels looked up in a map of the level patterns, and a pattern
@@ -17,8 +18,8 @@ use std::sync::OnceLock;
 
 use bytemuck::Zeroable;
 
-use crate::iq_grid::{BlockIq1M, BlockIq2S, BlockIq3S, BlockIq3Xxs};
-use crate::iq_tables::{IQ1S_GRID, IQ2S_GRID, IQ3S_GRID, IQ3XXS_GRID};
+use crate::iq_grid::{BlockIq1M, BlockIq2S, BlockIq2Xs, BlockIq2Xxs, BlockIq3S, BlockIq3Xxs};
+use crate::iq_tables::{IQ1S_GRID, IQ2S_GRID, IQ2XS_GRID, IQ2XXS_GRID, IQ3S_GRID, IQ3XXS_GRID};
 use crate::kquants::{nearest_int, QK_K};
 
 /// A group's levels packed `bits` each (three for groups of four, two for eight): the map's
@@ -173,6 +174,25 @@ impl<const N: usize> Grid<N> {
     }
 }
 
+/// IQ2_XXS's 256 rows of eight (byte values 8, 25, 43), neighbours at the two nearest
+/// distances.
+fn iq2xxs_grid() -> &'static Grid<8> {
+    static GRID: OnceLock<Grid<8>> = OnceLock::new();
+    GRID.get_or_init(|| {
+        let rows: Vec<[u8; 8]> = IQ2XXS_GRID.iter().map(|r| r.to_le_bytes()).collect();
+        Grid::new(&rows, &[8, 25, 43], 43692, 2)
+    })
+}
+
+/// IQ2_XS's 512 rows of eight (byte values 8, 25, 43), neighbours at the two nearest distances.
+fn iq2xs_grid() -> &'static Grid<8> {
+    static GRID: OnceLock<Grid<8>> = OnceLock::new();
+    GRID.get_or_init(|| {
+        let rows: Vec<[u8; 8]> = IQ2XS_GRID.iter().map(|r| r.to_le_bytes()).collect();
+        Grid::new(&rows, &[8, 25, 43], 43692, 2)
+    })
+}
+
 /// IQ3_XXS's 256 rows (byte values 4, 12, ..., 62), neighbours at the two nearest distances.
 fn iq3xxs_grid() -> &'static Grid<4> {
     static GRID: OnceLock<Grid<4>> = OnceLock::new();
@@ -226,26 +246,37 @@ struct Search {
     /// Whether the final pass re-fits every group at the chosen scale (IQ3_S) or only those
     /// off the grid.
     refit_all: bool,
+    /// Whether the final pass runs even when every group landed on the grid (IQ2_XXS).
+    refit_always: bool,
+}
+
+impl Search {
+    /// The levels (all 0) and scale (max / (2·k_max_q − 1)) the IQ3 and IQ2_S searches keep
+    /// where no candidate fits.
+    fn start<const B: usize>(&self, max: f32) -> ([i8; B], f32) {
+        ([0; B], max / (2 * self.k_max_q - 1) as f32)
+    }
 }
 
 /// The levels and scale of B magnitudes `xval` (groups of N) under `weight` on `grid`: the
 /// candidate scale whose on-grid levels fit best, then a re-fit at that scale (ggml's search,
 /// shared by quantize_row_iq3_xxs_impl, quantize_row_iq3_s_impl and quantize_row_iq2_s_impl).
-/// `max` is xval's largest value.
+/// `max` is xval's largest value (IQ2_XXS: its largest level times its first fit's scale),
+/// `start` the levels and scale kept where no candidate fits.
 fn search<const N: usize, const B: usize>(
     grid: &Grid<N>,
     xval: &[f32; B],
     weight: &[f32; B],
     max: f32,
+    start: ([i8; B], f32),
     how: &Search,
 ) -> ([i8; B], f32) {
     let groups = B / N;
     let k_max_q = how.k_max_q;
     let waux: [f32; B] = std::array::from_fn(|i| weight[i].sqrt());
     let nearest = |id: f32, v: f32| nearest_int(0.5 * (id * v - 1.0)).clamp(0, k_max_q - 1) as i8;
-    let mut l = [0i8; B];
+    let (mut l, mut scale) = start;
     let mut best = 0.0f32;
-    let mut scale = max / (2 * k_max_q - 1) as f32;
     let mut on_grid = [how.on_grid_at_first; 8];
     for is in -how.steps..=how.steps {
         let id = ((2 * k_max_q - 1) as f32 + is as f32 * how.step) / max;
@@ -272,7 +303,7 @@ fn search<const N: usize, const B: usize>(
             on_grid = on_grid_aux;
         }
     }
-    if on_grid[..groups].contains(&false) && scale > 0.0 {
+    if (how.refit_always || on_grid[..groups].contains(&false)) && scale > 0.0 {
         let id = 1.0 / scale;
         for k in 0..groups {
             if on_grid[k] && !how.refit_all {
@@ -312,6 +343,235 @@ fn magnitudes_and_signs<const B: usize, const S: usize>(xb: &[f32]) -> ([f32; B]
     (xval, signs)
 }
 
+/// The magnitudes and sign sets of B weights for the types that store seven signs of each
+/// eight, the eighth their parity (IQ3_XXS, IQ2_XXS, IQ2_XS; S = B / 8 sets): where the count of
+/// negatives is odd, the cheapest weight's (w·x²) sign is flipped instead, its magnitude
+/// negated.
+fn parity_signs<const B: usize, const S: usize>(
+    xb: &[f32],
+    weight: &[f32; B],
+) -> ([f32; B], [u32; S]) {
+    let (mut xval, bytes) = magnitudes_and_signs::<B, S>(xb);
+    let mut block_signs = [0u32; S];
+    for k in 0..S {
+        let mut s = bytes[k] as u32;
+        if s.count_ones() % 2 == 1 {
+            let cost = |i: usize| weight[8 * k + i] * xb[8 * k + i] * xb[8 * k + i];
+            let (mut imin, mut min) = (0, cost(0));
+            for i in 1..8 {
+                if cost(i) < min {
+                    min = cost(i);
+                    imin = i;
+                }
+            }
+            xval[8 * k + imin] = -xval[8 * k + imin];
+            s ^= 1 << imin;
+        }
+        block_signs[k] = s & 127;
+    }
+    (xval, block_signs)
+}
+
+/// ggml's `make_qp_quants` for 32 values under weights `w`: levels up to nmax and their scale,
+/// the best of nine candidate scales then up to five passes moving single levels. ggml keeps
+/// the levels as bytes, so a negative x (IQ2_XXS flips one sign of each odd set) wraps to
+/// 255 where the bytes are read back; this does the same.
+fn make_qp_quants(nmax: i32, x: &[f32; 32], w: &[f32; 32]) -> ([i8; 32], f32) {
+    let mut l = [0u8; 32];
+    let max = x.iter().fold(0.0f32, |m, &v| if m > v { m } else { v });
+    if max < 1e-15 {
+        return ([0; 32], 0.0);
+    }
+    let mut iscale = nmax as f32 / max;
+    for i in 0..32 {
+        l[i] = nearest_int(iscale * x[i]) as u8;
+    }
+    let scale = 1.0 / iscale;
+    let mut best_mse = 0.0f32;
+    for i in 0..32 {
+        let diff = x[i] - scale * l[i] as f32;
+        best_mse += w[i] * diff * diff;
+    }
+    for is in -4..=4 {
+        if is == 0 {
+            continue;
+        }
+        let iscale_is = (0.1 * is as f32 + nmax as f32) / max;
+        let scale_is = 1.0 / iscale_is;
+        let mut mse = 0.0f32;
+        for i in 0..32 {
+            let li = nearest_int(iscale_is * x[i]).min(nmax);
+            let diff = x[i] - scale_is * li as f32;
+            mse += w[i] * diff * diff;
+        }
+        if mse < best_mse {
+            best_mse = mse;
+            iscale = iscale_is;
+        }
+    }
+    let (mut sumlx, mut suml2) = (0.0f32, 0.0f32);
+    for i in 0..32 {
+        let li = nearest_int(iscale * x[i]).min(nmax);
+        l[i] = li as u8;
+        sumlx += w[i] * x[i] * li as f32;
+        suml2 += w[i] * li as f32 * li as f32;
+    }
+    for _ in 0..5 {
+        let mut changed = 0;
+        for i in 0..32 {
+            let li = l[i] as f32;
+            let mut slx = sumlx - w[i] * x[i] * li;
+            let mut sl2 = suml2 - w[i] * li * li;
+            if slx > 0.0 && sl2 > 0.0 {
+                let new_l = nearest_int(x[i] * sl2 / slx).min(nmax);
+                if new_l != l[i] as i32 {
+                    slx += w[i] * x[i] * new_l as f32;
+                    sl2 += w[i] * new_l as f32 * new_l as f32;
+                    if slx * slx * suml2 > sumlx * sumlx * sl2 {
+                        l[i] = new_l as u8;
+                        sumlx = slx;
+                        suml2 = sl2;
+                        changed += 1;
+                    }
+                }
+            }
+        }
+        if changed == 0 {
+            break;
+        }
+    }
+    let scale = if suml2 > 0.0 { sumlx / suml2 } else { 0.0 };
+    (l.map(|v| v as i8), scale)
+}
+
+/// ggml's `quantize_row_iq2_xxs_impl`, which requires an importance matrix: one row `x` (a
+/// multiple of 256 values) into IQ2_XXS under `imatrix` (one weight per column, as
+/// llama-quantize passes it).
+pub fn quantize_iq2_xxs(x: &[f32], imatrix: &[f32], out: &mut [BlockIq2Xxs]) {
+    let grid = iq2xxs_grid();
+    let how = Search {
+        k_max_q: 3,
+        steps: 6,
+        step: 0.1,
+        on_grid_at_first: true,
+        refit_all: true,
+        refit_always: true,
+    };
+    for (ibl, (xbl, b)) in x.chunks_exact(QK_K).zip(out.iter_mut()).enumerate() {
+        *b = BlockIq2Xxs::zeroed();
+        let mut q2 = [0u32; QK_K / 16];
+        let mut sumx2 = 0.0f32;
+        for &v in xbl {
+            sumx2 += v * v;
+        }
+        let sigma2 = sumx2 / QK_K as f32;
+        let mut scales = [0.0f32; QK_K / 32];
+        let mut max_scale = 0.0f32;
+        for ib in 0..QK_K / 32 {
+            let xb = &xbl[32 * ib..32 * ib + 32];
+            let qw = &imatrix[QK_K * ibl + 32 * ib..][..32];
+            let weight: [f32; 32] =
+                std::array::from_fn(|i| qw[i] * (sigma2 + xb[i] * xb[i]).sqrt());
+            let (xval, block_signs) = parity_signs::<32, 4>(xb, &weight);
+            let max = max_of(&xval);
+            if max < 1e-15 {
+                continue;
+            }
+            let (l0, scale0) = make_qp_quants(how.k_max_q + 1, &xval, &weight);
+            let eff_max = scale0 * how.k_max_q as f32;
+            if eff_max <= 0.0 {
+                continue;
+            }
+            let (l, scale) = search(grid, &xval, &weight, eff_max, (l0, scale0), &how);
+            for k in 0..4 {
+                let m = grid.index(&l[8 * k..8 * k + 8]);
+                debug_assert!(m >= 0, "a group's levels are off the grid");
+                q2[2 * ib] |= (m.max(0) as u32) << (8 * k);
+                q2[2 * ib + 1] |= block_signs[k] << (7 * k);
+            }
+            scales[ib] = scale;
+            max_scale = if max_scale > scale { max_scale } else { scale };
+        }
+        if max_scale == 0.0 {
+            continue;
+        }
+        let d = max_scale / 31.0;
+        b.d = crate::float::f32_to_f16(d).to_le_bytes();
+        let id = 1.0 / d;
+        for ib in 0..QK_K / 32 {
+            let l = nearest_int(0.5 * (id * scales[ib] - 1.0)).clamp(0, 15) as u32;
+            q2[2 * ib + 1] |= l << 28;
+        }
+        for (dst, v) in b.qs.chunks_exact_mut(4).zip(q2) {
+            dst.copy_from_slice(&v.to_le_bytes());
+        }
+    }
+}
+
+/// ggml's `quantize_row_iq2_xs_impl`, which requires an importance matrix: one row `x` (a
+/// multiple of 256 values) into IQ2_XS under `imatrix` (one weight per column). Blocks of 16,
+/// the search of IQ2_S; each group's grid row (nine bits) and seven signs in a u16.
+pub fn quantize_iq2_xs(x: &[f32], imatrix: &[f32], out: &mut [BlockIq2Xs]) {
+    let grid = iq2xs_grid();
+    let how = Search {
+        k_max_q: 3,
+        steps: 9,
+        step: 0.1,
+        on_grid_at_first: true,
+        refit_all: false,
+        refit_always: false,
+    };
+    for (ibl, (xbl, b)) in x.chunks_exact(QK_K).zip(out.iter_mut()).enumerate() {
+        *b = BlockIq2Xs::zeroed();
+        let mut q2 = [0u16; QK_K / 8];
+        let mut sumx2 = 0.0f32;
+        for &v in xbl {
+            sumx2 += v * v;
+        }
+        let sigma2 = sumx2 / QK_K as f32;
+        let mut scales = [0.0f32; QK_K / 16];
+        let mut max_scale = 0.0f32;
+        for ib in 0..QK_K / 16 {
+            let xb = &xbl[16 * ib..16 * ib + 16];
+            let qw = &imatrix[QK_K * ibl + 16 * ib..][..16];
+            let weight: [f32; 16] =
+                std::array::from_fn(|i| qw[i] * (sigma2 + xb[i] * xb[i]).sqrt());
+            let (xval, mut block_signs) = parity_signs::<16, 2>(xb, &weight);
+            let max = max_of(&xval);
+            if max < 1e-15 {
+                continue;
+            }
+            let (l, mut scale) = search(grid, &xval, &weight, max, how.start(max), &how);
+            if scale < 0.0 {
+                scale = -scale;
+                for s in &mut block_signs {
+                    *s = !*s & 127;
+                }
+            }
+            for k in 0..2 {
+                let m = grid.index(&l[8 * k..8 * k + 8]);
+                debug_assert!(m >= 0, "a group's levels are off the grid");
+                q2[2 * ib + k] = m.max(0) as u16 | (block_signs[k] << 9) as u16;
+            }
+            scales[ib] = scale;
+            max_scale = if max_scale > scale { max_scale } else { scale };
+        }
+        if max_scale == 0.0 {
+            continue;
+        }
+        let d = max_scale / 31.0;
+        b.d = crate::float::f32_to_f16(d).to_le_bytes();
+        let id = 1.0 / d;
+        for ib in 0..QK_K / 16 {
+            let l = nearest_int(0.5 * (id * scales[ib] - 1.0)).clamp(0, 15) as u8;
+            b.scales[ib / 2] |= l << (4 * (ib % 2));
+        }
+        for (dst, v) in b.qs.chunks_exact_mut(2).zip(q2) {
+            dst.copy_from_slice(&v.to_le_bytes());
+        }
+    }
+}
+
 /// The largest of `v` as ggml's MAX macro finds it.
 fn max_of(v: &[f32]) -> f32 {
     v[1..].iter().fold(v[0], |m, &x| if m > x { m } else { x })
@@ -326,6 +586,7 @@ pub fn quantize_iq3_xxs(x: &[f32], out: &mut [BlockIq3Xxs]) {
         step: 0.2,
         on_grid_at_first: true,
         refit_all: false,
+        refit_always: false,
     };
     for (xbl, b) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
         let mut q3 = [0u8; 96];
@@ -334,32 +595,13 @@ pub fn quantize_iq3_xxs(x: &[f32], out: &mut [BlockIq3Xxs]) {
         for ib in 0..QK_K / 32 {
             let xb = &xbl[32 * ib..32 * ib + 32];
             let weight: [f32; 32] = std::array::from_fn(|i| xb[i] * xb[i]);
-            let (mut xval, bytes) = magnitudes_and_signs::<32, 4>(xb);
-            let mut block_signs = [0u32; 4];
-            // Seven signs of eight are stored, the eighth is their parity: where the count of
-            // negatives is odd, the cheapest weight's sign is flipped instead.
-            for k in 0..4 {
-                let mut s = bytes[k] as u32;
-                if s.count_ones() % 2 == 1 {
-                    let cost = |i: usize| weight[8 * k + i] * xb[8 * k + i] * xb[8 * k + i];
-                    let (mut imin, mut min) = (0, cost(0));
-                    for i in 1..8 {
-                        if cost(i) < min {
-                            min = cost(i);
-                            imin = i;
-                        }
-                    }
-                    xval[8 * k + imin] = -xval[8 * k + imin];
-                    s ^= 1 << imin;
-                }
-                block_signs[k] = s & 127;
-            }
+            let (xval, mut block_signs) = parity_signs::<32, 4>(xb, &weight);
             let max = max_of(&xval);
             if max < GROUP_MAX_EPS {
                 scales[ib] = 0.0;
                 continue;
             }
-            let (l, mut scale) = search(grid, &xval, &weight, max, &how);
+            let (l, mut scale) = search(grid, &xval, &weight, max, how.start(max), &how);
             if scale < 0.0 {
                 scale = -scale;
                 for s in &mut block_signs {
@@ -408,6 +650,7 @@ pub fn quantize_iq3_s(x: &[f32], out: &mut [BlockIq3S]) {
         step: 0.2,
         on_grid_at_first: false,
         refit_all: true,
+        refit_always: false,
     };
     for (xbl, b) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
         *b = BlockIq3S {
@@ -433,7 +676,7 @@ pub fn quantize_iq3_s(x: &[f32], out: &mut [BlockIq3S]) {
                 scales[ib] = 0.0;
                 continue;
             }
-            let (l, mut scale) = search(grid, &xval, &weight, max, &how);
+            let (l, mut scale) = search(grid, &xval, &weight, max, how.start(max), &how);
             if scale < 0.0 {
                 scale = -scale;
                 for s in &mut block_signs {
@@ -475,6 +718,7 @@ pub fn quantize_iq2_s(x: &[f32], out: &mut [BlockIq2S]) {
         step: 0.1,
         on_grid_at_first: true,
         refit_all: false,
+        refit_always: false,
     };
     for (xbl, b) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
         *b = BlockIq2S::zeroed();
@@ -494,7 +738,7 @@ pub fn quantize_iq2_s(x: &[f32], out: &mut [BlockIq2S]) {
                 scales[ib] = 0.0;
                 continue;
             }
-            let (l, mut scale) = search(grid, &xval, &weight, max, &how);
+            let (l, mut scale) = search(grid, &xval, &weight, max, how.start(max), &how);
             if scale < 0.0 {
                 scale = -scale;
                 for s in &mut block_signs {
@@ -733,7 +977,8 @@ fn sums<const B: usize>(weight: &[f32; B], xval: &[f32; B], l: &[i8; B]) -> (f32
 mod tests {
     use super::*;
     use crate::iq_grid::{
-        dequantize_iq1_m, dequantize_iq2_s, dequantize_iq3_s, dequantize_iq3_xxs,
+        dequantize_iq1_m, dequantize_iq2_s, dequantize_iq2_xs, dequantize_iq2_xxs,
+        dequantize_iq3_s, dequantize_iq3_xxs,
     };
     use bytemuck::Zeroable;
 
@@ -781,7 +1026,8 @@ mod tests {
 
     /// What ggml writes for the committed input: its `ggml_quantize_chunk` without an
     /// importance matrix, run on llama.cpp's libggml-base (the source vendored in
-    /// llama-cpp-python 0.3.36) by scripts/ggml-quantize-rows.c (types 18, 21, 22 and 29).
+    /// llama-cpp-python 0.3.36) by scripts/ggml-quantize-rows.c (types 18, 21, 22 and 29; 16
+    /// and 17 with the committed importance matrix).
     #[test]
     fn grid_quantizers_write_ggml_s_bytes() {
         let x = input();
@@ -802,6 +1048,24 @@ mod tests {
         quantize_iq1_m(&x, &mut m1);
         let want = include_bytes!("../tests/data/iq1_m.ggml.bin");
         assert_blocks_equal(bytemuck::cast_slice(&m1), want, 56, "IQ1_M");
+        // IQ2_XXS needs an importance matrix: the committed one (positive, every 37th ×10).
+        let imatrix: Vec<f32> = include_bytes!("../tests/data/grid.imatrix.f32")
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        let row = imatrix.len();
+        let mut xx = vec![BlockIq2Xxs::zeroed(); x.len() / QK_K];
+        for (xr, out) in x.chunks_exact(row).zip(xx.chunks_exact_mut(row / QK_K)) {
+            quantize_iq2_xxs(xr, &imatrix, out);
+        }
+        let want = include_bytes!("../tests/data/iq2_xxs.ggml.bin");
+        assert_blocks_equal(bytemuck::cast_slice(&xx), want, 66, "IQ2_XXS");
+        let mut xs = vec![BlockIq2Xs::zeroed(); x.len() / QK_K];
+        for (xr, out) in x.chunks_exact(row).zip(xs.chunks_exact_mut(row / QK_K)) {
+            quantize_iq2_xs(xr, &imatrix, out);
+        }
+        let want = include_bytes!("../tests/data/iq2_xs.ggml.bin");
+        assert_blocks_equal(bytemuck::cast_slice(&xs), want, 74, "IQ2_XS");
     }
 
     /// Each grid's map names every row by its levels, and every pattern off the grid has
@@ -827,12 +1091,16 @@ mod tests {
         check(iq3s_grid(), 512);
         check(iq2s_grid(), 1024);
         check(iq1_grid(), 2048);
+        check(iq2xxs_grid(), 256);
+        check(iq2xs_grid(), 512);
     }
 
     /// Fresh random rows round-trip within each type's error: relative RMS error below 0.25
     /// for IQ3_XXS (3.06 bits a weight), 0.2 for IQ3_S (3.44), 0.4 for IQ2_S (2.56) and 0.7
     /// for IQ1_M (1.75); ggml's own bytes for such rows without an importance matrix sit at
     /// 0.21, ~0.17, ~0.26 and ~0.55 (the same bytes for IQ1_M: 0.55 and 0.58 in two runs).
+    /// IQ2_XXS (2.06) and IQ2_XS (2.31) under a flat importance matrix: below 0.45 and 0.4
+    /// (0.33-0.34 and 0.29-0.30 in two runs, the bytes ggml writes).
     /// Zeros stay zero.
     #[test]
     fn quantized_rows_dequantize_near_the_input() {
@@ -858,6 +1126,24 @@ mod tests {
         quantize_iq1_m(&x, &mut q);
         dequantize_iq1_m(&q, &mut y);
         assert!(relative_rms(&x, &y) < 0.7, "IQ1_M {}", relative_rms(&x, &y));
+        // The importance-matrix types under a flat matrix.
+        let flat = vec![1.0f32; x.len()];
+        let mut q = vec![BlockIq2Xxs::zeroed(); 4];
+        quantize_iq2_xxs(&x, &flat, &mut q);
+        dequantize_iq2_xxs(&q, &mut y);
+        assert!(
+            relative_rms(&x, &y) < 0.45,
+            "IQ2_XXS {}",
+            relative_rms(&x, &y)
+        );
+        let mut q = vec![BlockIq2Xs::zeroed(); 4];
+        quantize_iq2_xs(&x, &flat, &mut q);
+        dequantize_iq2_xs(&q, &mut y);
+        assert!(
+            relative_rms(&x, &y) < 0.4,
+            "IQ2_XS {}",
+            relative_rms(&x, &y)
+        );
         let (mut z, mut zs) = ([BlockIq3Xxs::zeroed()], [BlockIq3S::zeroed()]);
         quantize_iq3_xxs(&[0.0; QK_K], &mut z);
         quantize_iq3_s(&[0.0; QK_K], &mut zs);
