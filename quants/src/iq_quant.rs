@@ -1,14 +1,14 @@
 //! Reference quantizers of the grid i-quants, transcriptions of ggml's (the bytes ggml writes
 //! without an importance matrix, or with one for the types ggml requires it of; float operations
 //! in ggml's order; ggml-base is compiled without FMA contraction, so none is used here):
-//! IQ3_XXS, IQ3_S, IQ2_S and IQ1_M, and with an importance matrix IQ2_XXS and IQ2_XS. A group of
+//! IQ3_XXS, IQ3_S, IQ2_S and IQ1_M, and with an importance matrix IQ2_XXS, IQ2_XS and IQ1_S. A group of
 //! four weights (eight for IQ2_S; their magnitudes, IQ3_XXS flipping an even number of signs
 //! per eight, the cheapest one where odd) must land on a row of the grid: candidate scales are
 //! tried, each group's nearest levels looked up in a map of the level patterns, and a pattern
 //! off the grid replaced by the best of its nearest grid rows (precomputed per pattern, as
 //! ggml's `iq3xs_init_impl` and `iq2xs_init_impl` do). ggml's IQ3_S writer misplaces the blocks after an all-zero block
-//! of 32 (see [`quantize_iq3_s`]); this one writes the same bytes. IQ1_M (three levels, groups
-//! of eight) instead splits each block of 16's sorted weights exhaustively (see
+//! of 32 (see [`quantize_iq3_s`]); this one writes the same bytes. IQ1_M and IQ1_S (three
+//! levels, groups of eight) instead split each block's sorted weights exhaustively (see
 //! [`quantize_iq1_m`]).
 
 // The quantizers walk groups by index, as ggml's do.
@@ -18,7 +18,9 @@ use std::sync::OnceLock;
 
 use bytemuck::Zeroable;
 
-use crate::iq_grid::{BlockIq1M, BlockIq2S, BlockIq2Xs, BlockIq2Xxs, BlockIq3S, BlockIq3Xxs};
+use crate::iq_grid::{
+    BlockIq1M, BlockIq1S, BlockIq2S, BlockIq2Xs, BlockIq2Xxs, BlockIq3S, BlockIq3Xxs,
+};
 use crate::iq_tables::{IQ1S_GRID, IQ2S_GRID, IQ2XS_GRID, IQ2XXS_GRID, IQ3S_GRID, IQ3XXS_GRID};
 use crate::kquants::{nearest_int, QK_K};
 
@@ -769,8 +771,9 @@ pub fn quantize_iq2_s(x: &[f32], out: &mut [BlockIq2S]) {
     }
 }
 
-/// IQ1_M's offset: a block of 16's groups take the values {−1, 0, 1} shifted by ± this.
-const IQ1M_DELTA: f32 = 0.125;
+/// IQ1_S's and IQ1_M's offset: a block's (IQ1_M: a group's) values {−1, 0, 1} shifted by ±
+/// this.
+const IQ1_DELTA: f32 = 0.125;
 
 /// ggml's `quantize_row_iq1_m_impl` without an importance matrix (blocks of 16, groups of
 /// eight): x (a multiple of 256 values) into IQ1_M. Per block the best split of its sorted
@@ -780,8 +783,8 @@ const IQ1M_DELTA: f32 = 0.125;
 pub fn quantize_iq1_m(x: &[f32], out: &mut [BlockIq1M]) {
     const BLOCK: usize = 16;
     let grid = iq1_grid();
-    let x_p = [-1.0 + IQ1M_DELTA, IQ1M_DELTA, 1.0 + IQ1M_DELTA];
-    let x_m = [-1.0 - IQ1M_DELTA, -IQ1M_DELTA, 1.0 - IQ1M_DELTA];
+    let x_p = [-1.0 + IQ1_DELTA, IQ1_DELTA, 1.0 + IQ1_DELTA];
+    let x_m = [-1.0 - IQ1_DELTA, -IQ1_DELTA, 1.0 - IQ1_DELTA];
     let masks = [0x00u8, 0x80, 0x08, 0x88];
     // The values of group k (0 or 1) of a block whose shifts are `shift` (0: +,+ 1: +,− 2: −,+
     // 3: −,−).
@@ -809,13 +812,8 @@ pub fn quantize_iq1_m(x: &[f32], out: &mut [BlockIq1M]) {
             if max < 1e-7 {
                 continue;
             }
-            // Weights sorted (stably, as glibc's merge sort) with prefix sums per half.
-            let mut idx: [usize; BLOCK] = std::array::from_fn(|j| j);
-            idx.sort_by(|&a, &b| {
-                xb[a]
-                    .partial_cmp(&xb[b])
-                    .unwrap_or(std::cmp::Ordering::Equal)
-            });
+            // Weights in ascending order with prefix sums per half.
+            let idx = ascending::<BLOCK>(xb);
             let (mut px, mut pw) = ([[0.0f32; BLOCK + 1]; 2], [[0.0f32; BLOCK + 1]; 2]);
             for j in 0..BLOCK {
                 let i = idx[j];
@@ -962,6 +960,147 @@ pub fn quantize_iq1_m(x: &[f32], out: &mut [BlockIq1M]) {
     }
 }
 
+/// The order of B values ascending, ties in place: ggml sorts with qsort, which glibc (2.36
+/// here, where the goldens were made) runs as a stable merge sort.
+fn ascending<const B: usize>(xb: &[f32]) -> [usize; B] {
+    let mut idx: [usize; B] = std::array::from_fn(|j| j);
+    idx.sort_by(|&a, &b| {
+        xb[a]
+            .partial_cmp(&xb[b])
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    idx
+}
+
+/// ggml's `quantize_row_iq1_s_impl`, which requires an importance matrix: one row `x` (a
+/// multiple of 256 values) into IQ1_S under `imatrix` (one weight per column). Per block of 32
+/// the best split of its sorted weights into the levels −1, 0, 1, shifted by ±IQ1_DELTA (one
+/// shift a block), found exhaustively; groups of eight off the grid take their nearest listed
+/// row.
+pub fn quantize_iq1_s(x: &[f32], imatrix: &[f32], out: &mut [BlockIq1S]) {
+    const BLOCK: usize = 32;
+    let grid = iq1_grid();
+    let x_p = [-1.0 + IQ1_DELTA, IQ1_DELTA, 1.0 + IQ1_DELTA];
+    let x_m = [-1.0 - IQ1_DELTA, -IQ1_DELTA, 1.0 - IQ1_DELTA];
+    for (ibl, (xbl, y)) in x.chunks_exact(QK_K).zip(out.iter_mut()).enumerate() {
+        *y = BlockIq1S::zeroed();
+        let mut qh = [0u16; QK_K / BLOCK];
+        let mut scales = [0.0f32; QK_K / BLOCK];
+        let mut shifts = [1i32; QK_K / BLOCK];
+        let mut max_scale = 0.0f32;
+        let mut sumx2 = 0.0f32;
+        for &v in xbl {
+            sumx2 += v * v;
+        }
+        let sigma2 = 2.0 * sumx2 / QK_K as f32;
+        for ib in 0..QK_K / BLOCK {
+            let xb = &xbl[BLOCK * ib..BLOCK * ib + BLOCK];
+            let qw = &imatrix[QK_K * ibl + BLOCK * ib..][..BLOCK];
+            let weight: [f32; BLOCK] =
+                std::array::from_fn(|i| qw[i] * (sigma2 + xb[i] * xb[i]).sqrt());
+            let max = xb.iter().fold(xb[0].abs(), |m, v| m.max(v.abs()));
+            if max < 1e-12 {
+                continue;
+            }
+            let idx = ascending::<BLOCK>(xb);
+            let (mut sumx, mut sumw) = ([0.0f32; BLOCK + 1], [0.0f32; BLOCK + 1]);
+            for j in 0..BLOCK {
+                let i = idx[j];
+                sumx[j + 1] = sumx[j] + weight[i] * xb[i];
+                sumw[j + 1] = sumw[j] + weight[i];
+            }
+            let (mut best_score, mut scale) = (-f32::MAX, max);
+            let mut best: Option<(usize, usize, i32)> = None;
+            for i1 in 0..=BLOCK {
+                for i2 in i1..=BLOCK {
+                    for (xx, shift) in [(&x_p, 1), (&x_m, -1)] {
+                        let sumqx = (sumx[i1] - sumx[0]) * xx[0]
+                            + (sumx[i2] - sumx[i1]) * xx[1]
+                            + (sumx[BLOCK] - sumx[i2]) * xx[2];
+                        let sumq2 = (sumw[i1] - sumw[0]) * xx[0] * xx[0]
+                            + (sumw[i2] - sumw[i1]) * xx[1] * xx[1]
+                            + (sumw[BLOCK] - sumw[i2]) * xx[2] * xx[2];
+                        if sumq2 > 0.0 && sumqx * sumqx > best_score * sumq2 {
+                            scale = sumqx / sumq2;
+                            best_score = scale * sumqx;
+                            best = Some((i1, i2, shift));
+                        }
+                    }
+                }
+            }
+            let Some((i1, i2, mut shift)) = best else {
+                continue;
+            };
+            let mut l = [0i8; BLOCK];
+            for j in 0..BLOCK {
+                l[idx[j]] = if j < i1 {
+                    0
+                } else if j < i2 {
+                    1
+                } else {
+                    2
+                };
+            }
+            if scale < 0.0 {
+                for v in &mut l {
+                    *v = 2 - *v;
+                }
+                scale = -scale;
+                shift = -shift;
+            }
+            let xx = if shift == 1 { &x_p } else { &x_m };
+            let mut index = [0usize; BLOCK / 8];
+            let mut all_on_grid = true;
+            for k in 0..BLOCK / 8 {
+                let m = grid.index(&l[8 * k..8 * k + 8]);
+                index[k] = if m >= 0 {
+                    m as usize
+                } else {
+                    all_on_grid = false;
+                    let r = 8 * k..8 * k + 8;
+                    grid.best_neighbour_of_values(m, &xb[r.clone()], &weight[r], scale, xx)
+                };
+            }
+            if !all_on_grid {
+                let (mut sumqx, mut sumq2) = (0.0f32, 0.0f32);
+                for k in 0..BLOCK / 8 {
+                    let g = grid.rows[index[k]];
+                    for j in 0..8 {
+                        let (w, q) = (weight[8 * k + j], xx[((g[j] - 1) / 2) as usize]);
+                        sumqx += w * q * xb[8 * k + j];
+                        sumq2 += w * q * q;
+                    }
+                }
+                if sumqx > 0.0 && sumq2 > 0.0 {
+                    scale = sumqx / sumq2;
+                }
+            }
+            for k in 0..BLOCK / 8 {
+                y.qs[(BLOCK / 8) * ib + k] = index[k] as u8;
+                qh[ib] |= ((index[k] >> 8) << (3 * k)) as u16;
+            }
+            scales[ib] = scale;
+            shifts[ib] = shift;
+            max_scale = if max_scale > scale { max_scale } else { scale };
+        }
+        if max_scale != 0.0 {
+            let d = max_scale / 15.0;
+            y.d = crate::float::f32_to_f16(d * 1.125).to_le_bytes();
+            let id = 1.0 / d;
+            for ib in 0..QK_K / BLOCK {
+                let mut l = nearest_int(0.5 * (id * scales[ib] - 1.0)).clamp(0, 7);
+                if shifts[ib] == -1 {
+                    l |= 8;
+                }
+                qh[ib] |= (l as u16) << 12;
+            }
+        }
+        for (dst, v) in y.qh.chunks_exact_mut(2).zip(qh) {
+            dst.copy_from_slice(&v.to_le_bytes());
+        }
+    }
+}
+
 /// Σ w·x·q and Σ w·q² for the odd values q = 2l + 1, in ggml's order.
 fn sums<const B: usize>(weight: &[f32; B], xval: &[f32; B], l: &[i8; B]) -> (f32, f32) {
     let (mut sumqx, mut sumq2) = (0.0f32, 0.0f32);
@@ -977,8 +1116,8 @@ fn sums<const B: usize>(weight: &[f32; B], xval: &[f32; B], l: &[i8; B]) -> (f32
 mod tests {
     use super::*;
     use crate::iq_grid::{
-        dequantize_iq1_m, dequantize_iq2_s, dequantize_iq2_xs, dequantize_iq2_xxs,
-        dequantize_iq3_s, dequantize_iq3_xxs,
+        dequantize_iq1_m, dequantize_iq1_s, dequantize_iq2_s, dequantize_iq2_xs,
+        dequantize_iq2_xxs, dequantize_iq3_s, dequantize_iq3_xxs,
     };
     use bytemuck::Zeroable;
 
@@ -1026,8 +1165,8 @@ mod tests {
 
     /// What ggml writes for the committed input: its `ggml_quantize_chunk` without an
     /// importance matrix, run on llama.cpp's libggml-base (the source vendored in
-    /// llama-cpp-python 0.3.36) by scripts/ggml-quantize-rows.c (types 18, 21, 22 and 29; 16
-    /// and 17 with the committed importance matrix).
+    /// llama-cpp-python 0.3.36) by scripts/ggml-quantize-rows.c (types 18, 21, 22 and 29;
+    /// 16, 17 and 19 with the committed importance matrix).
     #[test]
     fn grid_quantizers_write_ggml_s_bytes() {
         let x = input();
@@ -1066,6 +1205,12 @@ mod tests {
         }
         let want = include_bytes!("../tests/data/iq2_xs.ggml.bin");
         assert_blocks_equal(bytemuck::cast_slice(&xs), want, 74, "IQ2_XS");
+        let mut s1 = vec![BlockIq1S::zeroed(); x.len() / QK_K];
+        for (xr, out) in x.chunks_exact(row).zip(s1.chunks_exact_mut(row / QK_K)) {
+            quantize_iq1_s(xr, &imatrix, out);
+        }
+        let want = include_bytes!("../tests/data/iq1_s.ggml.bin");
+        assert_blocks_equal(bytemuck::cast_slice(&s1), want, 50, "IQ1_S");
     }
 
     /// Each grid's map names every row by its levels, and every pattern off the grid has
@@ -1099,8 +1244,9 @@ mod tests {
     /// for IQ3_XXS (3.06 bits a weight), 0.2 for IQ3_S (3.44), 0.4 for IQ2_S (2.56) and 0.7
     /// for IQ1_M (1.75); ggml's own bytes for such rows without an importance matrix sit at
     /// 0.21, ~0.17, ~0.26 and ~0.55 (the same bytes for IQ1_M: 0.55 and 0.58 in two runs).
-    /// IQ2_XXS (2.06) and IQ2_XS (2.31) under a flat importance matrix: below 0.45 and 0.4
-    /// (0.33-0.34 and 0.29-0.30 in two runs, the bytes ggml writes).
+    /// IQ2_XXS (2.06), IQ2_XS (2.31) and IQ1_S (1.56) under a flat importance matrix: below
+    /// 0.45, 0.4 and 0.7 (0.33-0.34, 0.29-0.30 and 0.48-0.49 in two runs, the bytes ggml
+    /// writes).
     /// Zeros stay zero.
     #[test]
     fn quantized_rows_dequantize_near_the_input() {
@@ -1144,6 +1290,10 @@ mod tests {
             "IQ2_XS {}",
             relative_rms(&x, &y)
         );
+        let mut q = vec![BlockIq1S::zeroed(); 4];
+        quantize_iq1_s(&x, &flat, &mut q);
+        dequantize_iq1_s(&q, &mut y);
+        assert!(relative_rms(&x, &y) < 0.7, "IQ1_S {}", relative_rms(&x, &y));
         let (mut z, mut zs) = ([BlockIq3Xxs::zeroed()], [BlockIq3S::zeroed()]);
         quantize_iq3_xxs(&[0.0; QK_K], &mut z);
         quantize_iq3_s(&[0.0; QK_K], &mut zs);
