@@ -462,18 +462,13 @@ pub fn quantize_iq2_xxs(x: &[f32], imatrix: &[f32], out: &mut [BlockIq2Xxs]) {
     for (ibl, (xbl, b)) in x.chunks_exact(QK_K).zip(out.iter_mut()).enumerate() {
         *b = BlockIq2Xxs::zeroed();
         let mut q2 = [0u32; QK_K / 16];
-        let mut sumx2 = 0.0f32;
-        for &v in xbl {
-            sumx2 += v * v;
-        }
-        let sigma2 = sumx2 / QK_K as f32;
+        let sigma2 = sum_of_squares(xbl) / QK_K as f32;
         let mut scales = [0.0f32; QK_K / 32];
         let mut max_scale = 0.0f32;
         for ib in 0..QK_K / 32 {
             let xb = &xbl[32 * ib..32 * ib + 32];
             let qw = &imatrix[QK_K * ibl + 32 * ib..][..32];
-            let weight: [f32; 32] =
-                std::array::from_fn(|i| qw[i] * (sigma2 + xb[i] * xb[i]).sqrt());
+            let weight: [f32; 32] = imatrix_weights(xb, qw, sigma2);
             let (xval, block_signs) = parity_signs::<32, 4>(xb, &weight);
             let max = max_of(&xval);
             if max < 1e-15 {
@@ -526,18 +521,13 @@ pub fn quantize_iq2_xs(x: &[f32], imatrix: &[f32], out: &mut [BlockIq2Xs]) {
     for (ibl, (xbl, b)) in x.chunks_exact(QK_K).zip(out.iter_mut()).enumerate() {
         *b = BlockIq2Xs::zeroed();
         let mut q2 = [0u16; QK_K / 8];
-        let mut sumx2 = 0.0f32;
-        for &v in xbl {
-            sumx2 += v * v;
-        }
-        let sigma2 = sumx2 / QK_K as f32;
+        let sigma2 = sum_of_squares(xbl) / QK_K as f32;
         let mut scales = [0.0f32; QK_K / 16];
         let mut max_scale = 0.0f32;
         for ib in 0..QK_K / 16 {
             let xb = &xbl[16 * ib..16 * ib + 16];
             let qw = &imatrix[QK_K * ibl + 16 * ib..][..16];
-            let weight: [f32; 16] =
-                std::array::from_fn(|i| qw[i] * (sigma2 + xb[i] * xb[i]).sqrt());
+            let weight: [f32; 16] = imatrix_weights(xb, qw, sigma2);
             let (xval, mut block_signs) = parity_signs::<16, 2>(xb, &weight);
             let max = max_of(&xval);
             if max < 1e-15 {
@@ -572,6 +562,21 @@ pub fn quantize_iq2_xs(x: &[f32], imatrix: &[f32], out: &mut [BlockIq2Xs]) {
             dst.copy_from_slice(&v.to_le_bytes());
         }
     }
+}
+
+/// Σ v², in order.
+fn sum_of_squares(v: &[f32]) -> f32 {
+    let mut s = 0.0f32;
+    for &x in v {
+        s += x * x;
+    }
+    s
+}
+
+/// The weights of B values `xb` under their importance-matrix entries `qw`, as ggml takes them:
+/// qw · √(σ² + x²).
+fn imatrix_weights<const B: usize>(xb: &[f32], qw: &[f32], sigma2: f32) -> [f32; B] {
+    std::array::from_fn(|i| qw[i] * (sigma2 + xb[i] * xb[i]).sqrt())
 }
 
 /// The largest of `v` as ggml's MAX macro finds it.
@@ -724,11 +729,7 @@ pub fn quantize_iq2_s(x: &[f32], out: &mut [BlockIq2S]) {
     };
     for (xbl, b) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
         *b = BlockIq2S::zeroed();
-        let mut sumx2 = 0.0f32;
-        for &v in xbl {
-            sumx2 += v * v;
-        }
-        let sigma2 = 2.0 * sumx2 / QK_K as f32;
+        let sigma2 = 2.0 * sum_of_squares(xbl) / QK_K as f32;
         let mut scales = [0.0f32; QK_K / 16];
         let mut max_scale = 0.0f32;
         for ib in 0..QK_K / 16 {
@@ -867,16 +868,7 @@ pub fn quantize_iq1_m(x: &[f32], out: &mut [BlockIq1M]) {
             let Some((i1, i2, mut shift)) = best else {
                 continue;
             };
-            let mut l = [0i8; BLOCK];
-            for j in 0..BLOCK {
-                l[idx[j]] = if j < i1 {
-                    0
-                } else if j < i2 {
-                    1
-                } else {
-                    2
-                };
-            }
+            let mut l = split_levels::<BLOCK>(&idx, i1, i2);
             if scale < 0.0 {
                 for v in &mut l {
                     *v = 2 - *v;
@@ -884,38 +876,7 @@ pub fn quantize_iq1_m(x: &[f32], out: &mut [BlockIq1M]) {
                 scale = -scale;
                 shift = 3 - shift;
             }
-            let mut index = [0usize; 2];
-            let mut all_on_grid = true;
-            for k in 0..2 {
-                let m = grid.index(&l[8 * k..8 * k + 8]);
-                index[k] = if m >= 0 {
-                    m as usize
-                } else {
-                    all_on_grid = false;
-                    let r = 8 * k..8 * k + 8;
-                    grid.best_neighbour_of_values(
-                        m,
-                        &xb[r.clone()],
-                        &weight[r],
-                        scale,
-                        values(shift, k),
-                    )
-                };
-            }
-            if !all_on_grid {
-                let (mut sumqx, mut sumq2) = (0.0f32, 0.0f32);
-                for k in 0..2 {
-                    let (g, xx) = (grid.rows[index[k]], values(shift, k));
-                    for j in 0..8 {
-                        let (w, q) = (weight[8 * k + j], xx[((g[j] - 1) / 2) as usize]);
-                        sumqx += w * q * xb[8 * k + j];
-                        sumq2 += w * q * q;
-                    }
-                }
-                if sumqx > 0.0 && sumq2 > 0.0 {
-                    scale = sumqx / sumq2;
-                }
-            }
+            let (index, scale) = iq1_rows(grid, &l, xb, &weight, scale, |k| values(shift, k));
             y.qs[2 * ib] = index[0] as u8;
             y.qs[2 * ib + 1] = index[1] as u8;
             y.qh[ib] = ((index[0] >> 8) | ((index[1] >> 8) << 4)) as u8;
@@ -972,6 +933,64 @@ fn ascending<const B: usize>(xb: &[f32]) -> [usize; B] {
     idx
 }
 
+/// Levels 0, 1, 2 for B values from their ascending order `idx`: the first i1 take 0, up to
+/// i2 take 1, the rest 2.
+fn split_levels<const B: usize>(idx: &[usize; B], i1: usize, i2: usize) -> [i8; B] {
+    let mut l = [0i8; B];
+    for (j, &i) in idx.iter().enumerate() {
+        l[i] = if j < i1 {
+            0
+        } else if j < i2 {
+            1
+        } else {
+            2
+        };
+    }
+    l
+}
+
+/// The grid rows of an IQ1 block's groups of eight levels `l` (at most four groups; a group
+/// off the grid takes its nearest listed row under group k's values `values(k)` and `scale`),
+/// and the scale refitted to those rows where any group was off the grid (ggml keeps the
+/// split's scale otherwise, and a refit that is not positive).
+fn iq1_rows<'a>(
+    grid: &Grid<8>,
+    l: &[i8],
+    xb: &[f32],
+    weight: &[f32],
+    mut scale: f32,
+    values: impl Fn(usize) -> &'a [f32; 3],
+) -> ([usize; 4], f32) {
+    let groups = l.len() / 8;
+    let mut index = [0usize; 4];
+    let mut all_on_grid = true;
+    for k in 0..groups {
+        let r = 8 * k..8 * k + 8;
+        let m = grid.index(&l[r.clone()]);
+        index[k] = if m >= 0 {
+            m as usize
+        } else {
+            all_on_grid = false;
+            grid.best_neighbour_of_values(m, &xb[r.clone()], &weight[r], scale, values(k))
+        };
+    }
+    if !all_on_grid {
+        let (mut sumqx, mut sumq2) = (0.0f32, 0.0f32);
+        for k in 0..groups {
+            let (g, xx) = (grid.rows[index[k]], values(k));
+            for j in 0..8 {
+                let (w, q) = (weight[8 * k + j], xx[((g[j] - 1) / 2) as usize]);
+                sumqx += w * q * xb[8 * k + j];
+                sumq2 += w * q * q;
+            }
+        }
+        if sumqx > 0.0 && sumq2 > 0.0 {
+            scale = sumqx / sumq2;
+        }
+    }
+    (index, scale)
+}
+
 /// ggml's `quantize_row_iq1_s_impl`, which requires an importance matrix: one row `x` (a
 /// multiple of 256 values) into IQ1_S under `imatrix` (one weight per column). Per block of 32
 /// the best split of its sorted weights into the levels −1, 0, 1, shifted by ±IQ1_DELTA (one
@@ -988,16 +1007,11 @@ pub fn quantize_iq1_s(x: &[f32], imatrix: &[f32], out: &mut [BlockIq1S]) {
         let mut scales = [0.0f32; QK_K / BLOCK];
         let mut shifts = [1i32; QK_K / BLOCK];
         let mut max_scale = 0.0f32;
-        let mut sumx2 = 0.0f32;
-        for &v in xbl {
-            sumx2 += v * v;
-        }
-        let sigma2 = 2.0 * sumx2 / QK_K as f32;
+        let sigma2 = 2.0 * sum_of_squares(xbl) / QK_K as f32;
         for ib in 0..QK_K / BLOCK {
             let xb = &xbl[BLOCK * ib..BLOCK * ib + BLOCK];
             let qw = &imatrix[QK_K * ibl + BLOCK * ib..][..BLOCK];
-            let weight: [f32; BLOCK] =
-                std::array::from_fn(|i| qw[i] * (sigma2 + xb[i] * xb[i]).sqrt());
+            let weight: [f32; BLOCK] = imatrix_weights(xb, qw, sigma2);
             let max = xb.iter().fold(xb[0].abs(), |m, v| m.max(v.abs()));
             if max < 1e-12 {
                 continue;
@@ -1031,16 +1045,7 @@ pub fn quantize_iq1_s(x: &[f32], imatrix: &[f32], out: &mut [BlockIq1S]) {
             let Some((i1, i2, mut shift)) = best else {
                 continue;
             };
-            let mut l = [0i8; BLOCK];
-            for j in 0..BLOCK {
-                l[idx[j]] = if j < i1 {
-                    0
-                } else if j < i2 {
-                    1
-                } else {
-                    2
-                };
-            }
+            let mut l = split_levels::<BLOCK>(&idx, i1, i2);
             if scale < 0.0 {
                 for v in &mut l {
                     *v = 2 - *v;
@@ -1049,32 +1054,7 @@ pub fn quantize_iq1_s(x: &[f32], imatrix: &[f32], out: &mut [BlockIq1S]) {
                 shift = -shift;
             }
             let xx = if shift == 1 { &x_p } else { &x_m };
-            let mut index = [0usize; BLOCK / 8];
-            let mut all_on_grid = true;
-            for k in 0..BLOCK / 8 {
-                let m = grid.index(&l[8 * k..8 * k + 8]);
-                index[k] = if m >= 0 {
-                    m as usize
-                } else {
-                    all_on_grid = false;
-                    let r = 8 * k..8 * k + 8;
-                    grid.best_neighbour_of_values(m, &xb[r.clone()], &weight[r], scale, xx)
-                };
-            }
-            if !all_on_grid {
-                let (mut sumqx, mut sumq2) = (0.0f32, 0.0f32);
-                for k in 0..BLOCK / 8 {
-                    let g = grid.rows[index[k]];
-                    for j in 0..8 {
-                        let (w, q) = (weight[8 * k + j], xx[((g[j] - 1) / 2) as usize]);
-                        sumqx += w * q * xb[8 * k + j];
-                        sumq2 += w * q * q;
-                    }
-                }
-                if sumqx > 0.0 && sumq2 > 0.0 {
-                    scale = sumqx / sumq2;
-                }
-            }
+            let (index, scale) = iq1_rows(grid, &l, xb, &weight, scale, |_| xx);
             for k in 0..BLOCK / 8 {
                 y.qs[(BLOCK / 8) * ib + k] = index[k] as u8;
                 qh[ib] |= ((index[k] >> 8) << (3 * k)) as u16;
