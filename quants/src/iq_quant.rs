@@ -492,12 +492,10 @@ pub fn quantize_iq2_xxs(x: &[f32], imatrix: &[f32], out: &mut [BlockIq2Xxs]) {
         if max_scale == 0.0 {
             continue;
         }
-        let d = max_scale / 31.0;
+        let (d, l) = scale_indices(&scales, max_scale, 16);
         b.d = crate::float::f32_to_f16(d).to_le_bytes();
-        let id = 1.0 / d;
         for ib in 0..QK_K / 32 {
-            let l = nearest_int(0.5 * (id * scales[ib] - 1.0)).clamp(0, 15) as u32;
-            q2[2 * ib + 1] |= l << 28;
+            q2[2 * ib + 1] |= (l[ib] as u32) << 28;
         }
         for (dst, v) in b.qs.chunks_exact_mut(4).zip(q2) {
             dst.copy_from_slice(&v.to_le_bytes());
@@ -551,17 +549,29 @@ pub fn quantize_iq2_xs(x: &[f32], imatrix: &[f32], out: &mut [BlockIq2Xs]) {
         if max_scale == 0.0 {
             continue;
         }
-        let d = max_scale / 31.0;
+        let (d, l) = scale_indices(&scales, max_scale, 16);
         b.d = crate::float::f32_to_f16(d).to_le_bytes();
-        let id = 1.0 / d;
         for ib in 0..QK_K / 16 {
-            let l = nearest_int(0.5 * (id * scales[ib] - 1.0)).clamp(0, 15) as u8;
-            b.scales[ib / 2] |= l << (4 * (ib % 2));
+            b.scales[ib / 2] |= (l[ib] as u8) << (4 * (ib % 2));
         }
         for (dst, v) in b.qs.chunks_exact_mut(2).zip(q2) {
             dst.copy_from_slice(&v.to_le_bytes());
         }
     }
+}
+
+/// A super-block's scale d = max_scale / (2·levels − 1) and each block's scale index l in
+/// 0..levels, the block's scale nearest d·(2l + 1) / 2 (ggml's encoding of the block scales of
+/// the grid i-quants: 16 levels, IQ1's 8).
+fn scale_indices<const N: usize>(
+    scales: &[f32; N],
+    max_scale: f32,
+    levels: i32,
+) -> (f32, [i32; N]) {
+    let d = max_scale / (2 * levels - 1) as f32;
+    let id = 1.0 / d;
+    let l = scales.map(|s| nearest_int(0.5 * (id * s - 1.0)).clamp(0, levels - 1));
+    (d, l)
 }
 
 /// Σ v², in order.
@@ -634,13 +644,11 @@ pub fn quantize_iq3_xxs(x: &[f32], out: &mut [BlockIq3Xxs]) {
         if max_scale == 0.0 {
             continue;
         }
-        let d = max_scale / 31.0;
+        let (d, l) = scale_indices(&scales, max_scale, 16);
         b.d = crate::float::f32_to_f16(d * 1.0125).to_le_bytes();
-        let id = 1.0 / d;
         for ib in 0..QK_K / 32 {
-            let s = nearest_int(0.5 * (id * scales[ib] - 1.0)).clamp(0, 15) as u32;
             let at = 64 + 4 * ib;
-            let v = u32::from_le_bytes(q3[at..at + 4].try_into().unwrap()) | s << 28;
+            let v = u32::from_le_bytes(q3[at..at + 4].try_into().unwrap()) | (l[ib] as u32) << 28;
             q3[at..at + 4].copy_from_slice(&v.to_le_bytes());
         }
         b.qs.copy_from_slice(&q3[..64]);
@@ -705,12 +713,10 @@ pub fn quantize_iq3_s(x: &[f32], out: &mut [BlockIq3S]) {
         if max_scale == 0.0 {
             continue;
         }
-        let d = max_scale / 31.0;
+        let (d, l) = scale_indices(&scales, max_scale, 16);
         b.d = crate::float::f32_to_f16(d * 1.033).to_le_bytes();
-        let id = 1.0 / d;
-        let nibble = |s: f32| nearest_int(0.5 * (id * s - 1.0)).clamp(0, 15) as u8;
         for ib in (0..QK_K / 32).step_by(2) {
-            b.scales[ib / 2] = nibble(scales[ib]) | nibble(scales[ib + 1]) << 4;
+            b.scales[ib / 2] = l[ib] as u8 | (l[ib + 1] as u8) << 4;
         }
     }
 }
@@ -762,12 +768,10 @@ pub fn quantize_iq2_s(x: &[f32], out: &mut [BlockIq2S]) {
         if max_scale == 0.0 {
             continue;
         }
-        let d = max_scale / 31.0;
+        let (d, l) = scale_indices(&scales, max_scale, 16);
         b.d = crate::float::f32_to_f16(d * 0.9875).to_le_bytes();
-        let id = 1.0 / d;
         for ib in 0..QK_K / 16 {
-            let l = nearest_int(0.5 * (id * scales[ib] - 1.0)).clamp(0, 15) as u8;
-            b.scales[ib / 2] |= l << (4 * (ib % 2));
+            b.scales[ib / 2] |= (l[ib] as u8) << (4 * (ib % 2));
         }
     }
 }
@@ -888,11 +892,10 @@ pub fn quantize_iq1_m(x: &[f32], out: &mut [BlockIq1M]) {
             continue;
         }
         let mut sc = [0u16; 4];
-        let d = max_scale / 15.0;
-        let id = 1.0 / d;
+        let (d, ls) = scale_indices(&scales, max_scale, 8);
         let (mut sumqx, mut sumq2) = (0.0f32, 0.0f32);
         for ib in 0..QK_K / BLOCK {
-            let l = nearest_int(0.5 * (id * scales[ib] - 1.0)).clamp(0, 7);
+            let l = ls[ib];
             sc[ib / 4] |= (l as u16) << (3 * (ib % 4));
             y.qh[ib] |= masks[shifts[ib]];
             let xb = &xbl[BLOCK * ib..BLOCK * ib + BLOCK];
@@ -1064,11 +1067,10 @@ pub fn quantize_iq1_s(x: &[f32], imatrix: &[f32], out: &mut [BlockIq1S]) {
             max_scale = if max_scale > scale { max_scale } else { scale };
         }
         if max_scale != 0.0 {
-            let d = max_scale / 15.0;
+            let (d, ls) = scale_indices(&scales, max_scale, 8);
             y.d = crate::float::f32_to_f16(d * 1.125).to_le_bytes();
-            let id = 1.0 / d;
             for ib in 0..QK_K / BLOCK {
-                let mut l = nearest_int(0.5 * (id * scales[ib] - 1.0)).clamp(0, 7);
+                let mut l = ls[ib];
                 if shifts[ib] == -1 {
                     l |= 8;
                 }
