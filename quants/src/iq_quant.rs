@@ -374,6 +374,19 @@ fn parity_signs<const B: usize, const S: usize>(
     (xval, block_signs)
 }
 
+/// A negative fitted scale made positive with every stored sign flipped (seven-bit sign sets;
+/// ggml: "should never happen"), as ggml's IQ3_XXS, IQ2_XXS and IQ2_XS writers do.
+fn positive_with_parity_signs(scale: f32, signs: &mut [u32]) -> f32 {
+    // ggml's test (`scale < 0`): a NaN scale stays as it is.
+    if scale < 0.0 {
+        for s in signs {
+            *s = !*s & 127;
+        }
+        return -scale;
+    }
+    scale
+}
+
 /// ggml's `make_qp_quants` for 32 values under weights `w`: levels up to nmax and their scale,
 /// the best of nine candidate scales then up to five passes moving single levels. ggml keeps
 /// the levels as bytes, so a negative x (IQ2_XXS flips one sign of each odd set) wraps to
@@ -469,7 +482,7 @@ pub fn quantize_iq2_xxs(x: &[f32], imatrix: &[f32], out: &mut [BlockIq2Xxs]) {
             let xb = &xbl[32 * ib..32 * ib + 32];
             let qw = &imatrix[QK_K * ibl + 32 * ib..][..32];
             let weight: [f32; 32] = imatrix_weights(xb, qw, sigma2);
-            let (xval, block_signs) = parity_signs::<32, 4>(xb, &weight);
+            let (xval, mut block_signs) = parity_signs::<32, 4>(xb, &weight);
             let max = max_of(&xval);
             if max < 1e-15 {
                 continue;
@@ -480,6 +493,7 @@ pub fn quantize_iq2_xxs(x: &[f32], imatrix: &[f32], out: &mut [BlockIq2Xxs]) {
                 continue;
             }
             let (l, scale) = search(grid, &xval, &weight, eff_max, (l0, scale0), &how);
+            let scale = positive_with_parity_signs(scale, &mut block_signs);
             for k in 0..4 {
                 let m = grid.index(&l[8 * k..8 * k + 8]);
                 debug_assert!(m >= 0, "a group's levels are off the grid");
@@ -531,13 +545,8 @@ pub fn quantize_iq2_xs(x: &[f32], imatrix: &[f32], out: &mut [BlockIq2Xs]) {
             if max < 1e-15 {
                 continue;
             }
-            let (l, mut scale) = search(grid, &xval, &weight, max, how.start(max), &how);
-            if scale < 0.0 {
-                scale = -scale;
-                for s in &mut block_signs {
-                    *s = !*s & 127;
-                }
-            }
+            let (l, scale) = search(grid, &xval, &weight, max, how.start(max), &how);
+            let scale = positive_with_parity_signs(scale, &mut block_signs);
             for k in 0..2 {
                 let m = grid.index(&l[8 * k..8 * k + 8]);
                 debug_assert!(m >= 0, "a group's levels are off the grid");
@@ -618,13 +627,8 @@ pub fn quantize_iq3_xxs(x: &[f32], out: &mut [BlockIq3Xxs]) {
                 scales[ib] = 0.0;
                 continue;
             }
-            let (l, mut scale) = search(grid, &xval, &weight, max, how.start(max), &how);
-            if scale < 0.0 {
-                scale = -scale;
-                for s in &mut block_signs {
-                    *s = !*s & 127;
-                }
-            }
+            let (l, scale) = search(grid, &xval, &weight, max, how.start(max), &how);
+            let scale = positive_with_parity_signs(scale, &mut block_signs);
             for k in 0..8 {
                 let m = grid.index(&l[4 * k..4 * k + 4]);
                 debug_assert!(m >= 0, "a group's levels are off the grid");
