@@ -323,7 +323,6 @@ pub fn prefault(g: &Model, quiet: bool) -> Result<()> {
 /// the file and its device weights, for [`load`].
 pub fn open(opts: &mut ModelOptions) -> Result<(Model, Option<DeviceWeights>)> {
     apply_profile(opts)?;
-    opts.place.exact = opts.exact;
     let g = Model::open(&opts.model)?;
     let dev = device_weights(&g, &opts.place, opts.quiet, opts.ctx_size)?;
     Ok((g, dev))
