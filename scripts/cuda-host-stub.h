@@ -55,3 +55,9 @@ float atomicAdd(float*, float);
 int min(int, int);
 int max(int, int);
 long long min(long long, long long);
+int __popc(unsigned);
+unsigned __vadd4(unsigned, unsigned);
+unsigned __vsub4(unsigned, unsigned);
+// The grid i-quants' tables, which backend/cuda/mod.rs writes in front of kernels.cu.
+extern const unsigned long long iq2xxs_grid[256], iq2xs_grid[512], iq2s_grid[1024], iq1s_grid[2048];
+extern const unsigned int iq3xxs_grid[256], iq3s_grid[512];

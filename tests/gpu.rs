@@ -70,6 +70,19 @@ fn random_matrix(
     gpu.upload(&m).unwrap()
 }
 
+/// One row quantized to `ty`: by the reference quantizer, or for the i-quants that ggml
+/// quantizes only under an importance matrix, under a flat one.
+fn quantize_row(ty: GgmlType, src: &[f32], dst: &mut [u8]) {
+    use ggrun_quants::iq_quant::{quantize_iq1_s, quantize_iq2_xs, quantize_iq2_xxs};
+    let flat = vec![1.0f32; src.len()];
+    match ty {
+        GgmlType::IQ2_XXS => quantize_iq2_xxs(src, &flat, bytemuck::cast_slice_mut(dst)),
+        GgmlType::IQ2_XS => quantize_iq2_xs(src, &flat, bytemuck::cast_slice_mut(dst)),
+        GgmlType::IQ1_S => quantize_iq1_s(src, &flat, bytemuck::cast_slice_mut(dst)),
+        _ => reference_quantize_fn(ty).expect("a reference quantizer")(src, dst),
+    }
+}
+
 fn seed() -> u64 {
     let s = std::env::var("GGRUN_TEST_SEED")
         .ok()
@@ -95,7 +108,39 @@ fn dot_and_magnitude(w: &[f32], x: &[f32]) -> (f64, f64) {
 #[test]
 #[ignore = "needs a CUDA GPU: run scripts/gpu-test.sh on the device machine"]
 fn matmul_of_every_weight_type_matches_the_cpu_dequantization() {
+    use GgmlType::*;
     let gpu = Gpu::open(0).expect("a CUDA device");
+    let types = [
+        F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, IQ4_XS, MXFP4, Q2_K, Q3_K, Q4_K,
+        Q5_K, Q6_K, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M,
+    ];
+    matmul_matches_the_cpu_dequantization(&gpu, &types);
+}
+
+/// The consumer cards' targets (sm_80: RTX 30 and A100, sm_86: RTX 30 laptops and A-series
+/// workstation cards, sm_89: RTX 40): the kernels compile for each, and the sm_80 build runs
+/// here (the driver translates its PTX) with the products and attention tests' results.
+#[test]
+#[ignore = "needs a CUDA GPU: run scripts/gpu-test.sh on the device machine"]
+fn kernels_built_for_the_consumer_cards_compile_and_run() {
+    use GgmlType::*;
+    for target in [(8, 9), (8, 6), (8, 0)] {
+        let gpu = Gpu::open_with_kernels_for(0, Some(target))
+            .unwrap_or_else(|e| panic!("kernels for sm_{}{}: {e:#}", target.0, target.1));
+        if target == (8, 0) {
+            let types = [
+                F16, Q4_0, Q5_0, Q8_0, Q4_K, Q6_K, IQ4_XS, MXFP4, IQ2_XXS, IQ3_S, IQ1_M,
+            ];
+            matmul_matches_the_cpu_dequantization(&gpu, &types);
+            attention_matches_the_host(&gpu);
+        }
+    }
+}
+
+/// Products by matrices of each of `types` (reference-quantized random values) against the
+/// float64 product of the CPU's dequantization, on every kernel family a batch size selects.
+fn matmul_matches_the_cpu_dequantization(gpu: &Gpu, types: &[GgmlType]) {
+    use GgmlType::*;
     eprintln!(
         "{} sm_{}{} kernels {} ({})",
         gpu.name,
@@ -105,12 +150,7 @@ fn matmul_of_every_weight_type_matches_the_cpu_dequantization() {
         if gpu.compiled { "compiled" } else { "cached" }
     );
     let seed = seed();
-    use GgmlType::*;
-    let types = [
-        F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, IQ4_XS, MXFP4, Q2_K, Q3_K, Q4_K,
-        Q5_K, Q6_K,
-    ];
-    for (k, ty) in types.into_iter().enumerate() {
+    for (k, &ty) in types.iter().enumerate() {
         // Nemotron's widths where the blocks divide them, else a K-quant width.
         for cols in [2688usize, 1856, 4096] {
             if cols % ty.block_size() != 0 {
@@ -120,9 +160,8 @@ fn matmul_of_every_weight_type_matches_the_cpu_dequantization() {
             let rb = ty.row_bytes(cols as u64).unwrap() as usize;
             let wf = values(seed ^ k as u64, rows * cols);
             let mut data = vec![0u8; rows * rb];
-            let q = reference_quantize_fn(ty).unwrap();
             for (src, dst) in wf.chunks(cols).zip(data.chunks_mut(rb)) {
-                q(src, dst);
+                quantize_row(ty, src, dst);
             }
             let m = Matrix {
                 ty,
@@ -141,24 +180,11 @@ fn matmul_of_every_weight_type_matches_the_cpu_dequantization() {
             // Decode-sized batches (a block per four rows and token) and tiled ones, partial
             // tiles included, in exact and normal precision. Normal precision puts tiles on the
             // tensor cores (bf16 operands: each product is off by at most 2·2⁻⁸ of itself, so
-            // the bound is 2⁻⁷ of Σ|w·x|) and, for the legacy and K-quant types, quantizes decode
+            // the bound is 2⁻⁷ of Σ|w·x|) and, for the block types but IQ4_NL, quantizes decode
             // activations to int8 (each off by at most half a step, amax/254 of its block of
             // 32, so the bound is Σ over blocks of amax/254 · Σ|w|, beside f32's 1e-5; a
             // K-quant's minimum is applied to the float sum of the activations, exactly).
-            let int8 = matches!(
-                ty,
-                Q4_0 | Q4_1
-                    | Q5_0
-                    | Q5_1
-                    | Q8_0
-                    | IQ4_XS
-                    | MXFP4
-                    | Q2_K
-                    | Q3_K
-                    | Q4_K
-                    | Q5_K
-                    | Q6_K
-            );
+            let int8 = !matches!(ty, F32 | F16 | BF16 | IQ4_NL);
             for (t, normal) in [
                 (1usize, false),
                 (3, false),
@@ -302,9 +328,14 @@ fn decode_activations_quantize_to_int8_as_the_host_computes() {
 #[test]
 #[ignore = "needs a CUDA GPU: run scripts/gpu-test.sh on the device machine"]
 fn attention_over_a_long_cache_matches_the_host() {
+    attention_matches_the_host(&Gpu::open(0).expect("a CUDA device"));
+}
+
+/// Decode and prefill attention (split or not, f32 and f16 caches, both precisions) against
+/// the host's, over caches of thousands of positions, windows and sinks.
+fn attention_matches_the_host(gpu: &Gpu) {
     use ggrun::backend::attention::AttnShape;
     use ggrun::backend::cuda::DeviceKv;
-    let gpu = Gpu::open(0).expect("a CUDA device");
     let seed = seed();
     // (heads, kv heads, head dim, window, sinks, capacity, past, new tokens)
     let cases = [

@@ -13,7 +13,7 @@ pub mod float;
 pub mod iq_grid;
 pub mod iq_quant;
 #[rustfmt::skip] // generated: scripts/gen-iq-grids.py lays the tables out
-mod iq_tables;
+pub mod iq_tables;
 pub mod iquants;
 pub mod isa;
 pub mod kquants;

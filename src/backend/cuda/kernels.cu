@@ -1,5 +1,6 @@
 // ggrun's CUDA kernels, compiled by NVRTC on first use (backend/cuda/mod.rs caches the PTX per GPU
-// architecture). Weights stay in their GGUF block layout on the device; every kernel here reads
+// architecture; it puts the grid i-quants' tables, iq2xxs_grid and the others, in front of this
+// file as device arrays generated from ggrun_quants::iq_tables). Weights stay in their GGUF block layout on the device; every kernel here reads
 // them through `deq8`, which dequantizes eight consecutive elements of a row exactly as the CPU
 // reference does (ggrun_quants' dequantize_*), so the GPU computes the same function.
 
@@ -27,7 +28,18 @@ typedef unsigned int u32;
     X(q3_k, T_Q3_K) \
     X(q4_k, T_Q4_K) \
     X(q5_k, T_Q5_K) \
-    X(q6_k, T_Q6_K)
+    X(q6_k, T_Q6_K) \
+    FOR_EACH_GRID_TYPE(X)
+
+// The grid i-quants (ggrun_quants::iq_grid).
+#define FOR_EACH_GRID_TYPE(X) \
+    X(iq2_xxs, T_IQ2_XXS) \
+    X(iq2_xs, T_IQ2_XS) \
+    X(iq2_s, T_IQ2_S) \
+    X(iq3_xxs, T_IQ3_XXS) \
+    X(iq3_s, T_IQ3_S) \
+    X(iq1_s, T_IQ1_S) \
+    X(iq1_m, T_IQ1_M)
 
 // −∞ (NVRTC has no math.h).
 #define NEG_INF __int_as_float(0xff800000)
@@ -45,8 +57,15 @@ typedef unsigned int u32;
 #define T_Q4_K 12
 #define T_Q5_K 13
 #define T_Q6_K 14
+#define T_IQ2_XXS 16
+#define T_IQ2_XS 17
+#define T_IQ3_XXS 18
+#define T_IQ1_S 19
 #define T_IQ4_NL 20
+#define T_IQ3_S 21
+#define T_IQ2_S 22
 #define T_IQ4_XS 23
+#define T_IQ1_M 29
 #define T_BF16 30
 #define T_MXFP4 39
 
@@ -130,10 +149,182 @@ __device__ __forceinline__ int q3k_scale(int j, const u8* s) {
     return (low | (high << 4)) - 32;
 }
 
+// Bits 0..3 of b moved to bit 0 of bytes 0..3.
+__device__ __forceinline__ int spread4(u32 b) {
+    return (int)((b & 1) | ((b & 2) << 7) | ((b & 4) << 14) | ((b & 8) << 21));
+}
+
+// Bytes and elements of a block of type T, and whether its values carry an offset.
+template <int T> struct Block32 {
+    static const int elems = T == T_Q2_K || T == T_Q3_K || T == T_Q4_K || T == T_Q5_K || T == T_Q6_K
+                             || T == T_IQ4_XS || T == T_IQ2_XXS || T == T_IQ2_XS || T == T_IQ2_S
+                             || T == T_IQ3_XXS || T == T_IQ3_S || T == T_IQ1_S || T == T_IQ1_M ? 256 : 32;
+    static const int bytes = T == T_Q8_0 ? 34 : T == T_Q4_0 ? 18 : T == T_Q4_1 ? 20 : T == T_Q5_0 ? 22
+                           : T == T_Q5_1 ? 24 : T == T_Q2_K ? 84 : T == T_Q3_K ? 110 : T == T_Q4_K ? 144
+                           : T == T_Q5_K ? 176 : T == T_IQ4_XS ? 136 : T == T_MXFP4 ? 17
+                           : T == T_IQ2_XXS ? 66 : T == T_IQ2_XS ? 74 : T == T_IQ2_S ? 82
+                           : T == T_IQ3_XXS ? 98 : T == T_IQ3_S ? 110 : T == T_IQ1_S ? 50
+                           : T == T_IQ1_M ? 56 : 210;
+    static const int has_min = T == T_Q4_1 || T == T_Q5_1 || T == T_Q2_K || T == T_Q4_K || T == T_Q5_K;
+};
+
+// The grid i-quants: super-blocks of 256 weights in groups of eight, each group a grid row's
+// magnitudes (IQ3: two rows of four) with a sign per weight under an odd scale, or (IQ1) a row
+// of -1/0/1 with an offset of ±1/8. Field offsets as the block structs of ggrun_quants::iq_grid.
+__device__ __forceinline__ bool is_grid(int T) {
+    return T == T_IQ2_XXS || T == T_IQ2_XS || T == T_IQ2_S || T == T_IQ3_XXS || T == T_IQ3_S
+        || T == T_IQ1_S || T == T_IQ1_M;
+}
+
+// A KSIGNS entry computed: seven sign bits and an eighth that makes the count of set bits even.
+__device__ __forceinline__ u32 ksigns(u32 i) { return i | ((__popc(i) & 1) << 7); }
+
+// Four bytes at a 2-byte aligned address (every quant field the block types have is one).
+__device__ __forceinline__ int ld_a2(const u8* p) {
+    const u16* q = (const u16*)p;
+    return (int)((u32)q[0] | ((u32)q[1] << 16));
+}
+
+// Group k (weights 8k..8k+8) of the IQ2/IQ3 super-block at b: the eight magnitudes as two words
+// of bytes, the sign byte (bit j: weight j negative) and the odd scale (2s + 1; IQ3_S: 1 + 2s).
+template <int T>
+__device__ __forceinline__ void grid_group(const u8* b, int k, u32* g, u32* signs, int* odd) {
+    if (T == T_IQ2_XXS) {
+        // d, then per 32 weights four grid rows and a u32 of four 7-bit signs and the scale.
+        const u8* q = b + 2 + 8 * (k / 4);
+        u32 aux = (u32)ld_a2(q + 4);
+        unsigned long long r = iq2xxs_grid[q[k % 4]];
+        g[0] = (u32)r;
+        g[1] = (u32)(r >> 32);
+        *signs = ksigns((aux >> (7 * (k % 4))) & 127);
+        *odd = 2 * (int)(aux >> 28) + 1;
+    } else if (T == T_IQ2_XS) {
+        // d, 32 u16 (row in the low nine bits, signs in the high seven), sixteen scale nibbles.
+        u32 v = *(const u16*)(b + 2 + 2 * k);
+        unsigned long long r = iq2xs_grid[v & 511];
+        g[0] = (u32)r;
+        g[1] = (u32)(r >> 32);
+        *signs = ksigns(v >> 9);
+        *odd = 2 * ((b[66 + k / 4] >> (4 * ((k / 2) % 2))) & 15) + 1;
+    } else if (T == T_IQ2_S) {
+        // d, 32 low row bytes, 32 sign bytes, the rows' high two bits, sixteen scale nibbles.
+        int idx = b[2 + k] | (((b[66 + k / 4] >> (2 * (k % 4))) & 3) << 8);
+        unsigned long long r = iq2s_grid[idx];
+        g[0] = (u32)r;
+        g[1] = (u32)(r >> 32);
+        *signs = b[34 + k];
+        *odd = 2 * ((b[74 + k / 4] >> (4 * ((k / 2) % 2))) & 15) + 1;
+    } else if (T == T_IQ3_XXS) {
+        // d, 64 rows of four, per 32 weights a u32 of four 7-bit signs and the scale.
+        g[0] = iq3xxs_grid[b[2 + 2 * k]];
+        g[1] = iq3xxs_grid[b[3 + 2 * k]];
+        u32 aux = (u32)ld_a2(b + 66 + 4 * (k / 4));
+        *signs = ksigns((aux >> (7 * (k % 4))) & 127);
+        *odd = 2 * (int)(aux >> 28) + 1;
+    } else {
+        // IQ3_S: d, 64 low row bytes, their ninth bits, 32 sign bytes, eight scale nibbles.
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            int r = 2 * k + h;
+            g[h] = iq3s_grid[b[2 + r] | (((b[66 + r / 8] >> (r % 8)) & 1) << 8)];
+        }
+        *signs = b[74 + k];
+        *odd = 1 + 2 * ((b[106 + k / 8] >> (4 * ((k / 4) % 2))) & 15);
+    }
+}
+
+// Group k of the IQ1 super-block at b: the row's eight values (-1, 0, 1 as signed bytes), the
+// offset's sign (±1), the odd scale 2s + 1 and the super-block's scale d.
+template <int T>
+__device__ __forceinline__ void iq1_group(const u8* b, int k, u32* g, int* delta, int* odd,
+                                          float* d) {
+    int idx;
+    if (T == T_IQ1_S) {
+        // d, 32 low row bytes, per 32 weights a u16: four high-bit triples, the scale, the sign.
+        *d = f16at(b);
+        u32 qh = *(const u16*)(b + 34 + 2 * (k / 4));
+        idx = b[2 + k] | (((qh >> (3 * (k % 4))) & 7) << 8);
+        *delta = qh & 0x8000 ? -1 : 1;
+        *odd = 2 * (int)((qh >> 12) & 7) + 1;
+    } else {
+        // IQ1_M: 32 low row bytes, a nibble per row (high bits, offset sign), four u16 of
+        // sixteen 3-bit scales whose top nibbles make the f16 super-block scale.
+        const u16* sc = (const u16*)(b + 48);
+        u32 bits = (sc[0] >> 12) | ((sc[1] >> 8) & 0x00f0) | ((sc[2] >> 4) & 0x0f00) | (sc[3] & 0xf000);
+        *d = half_to_float((u16)bits);
+        int nib = (b[32 + k / 2] >> (4 * (k % 2))) & 15;
+        idx = b[k] | ((nib & 7) << 8);
+        *delta = nib & 8 ? -1 : 1;
+        int m = k / 2;
+        *odd = 2 * ((sc[m / 4] >> (3 * (m % 4))) & 7) + 1;
+    }
+    unsigned long long r = iq1s_grid[idx];
+    g[0] = (u32)r;
+    g[1] = (u32)(r >> 32);
+}
+
+// Elements j..j+7 (j a multiple of 8) of a grid super-block as floats, computed as
+// ggrun_quants' dequantizers do: IQ2 d·(0.5 + s)·¼, IQ3_XXS d·(0.5 + s)·½, IQ3_S d·(1 + 2s),
+// times magnitude and sign; IQ1 d·(2s + 1)·(value ± ⅛).
+template <int T>
+__device__ __forceinline__ void deq8_grid(const u8* b, int j, float* w) {
+    u32 g[2];
+    if (T == T_IQ1_S || T == T_IQ1_M) {
+        int delta, odd;
+        float d;
+        iq1_group<T>(b, j / 8, g, &delta, &odd, &d);
+        float dl = d * (float)odd, off = (float)delta * 0.125f;
+#pragma unroll
+        for (int i = 0; i < 8; i++) w[i] = dl * ((float)(i8)(g[i / 4] >> (8 * (i % 4))) + off);
+        return;
+    }
+    u32 signs;
+    int odd;
+    grid_group<T>(b, j / 8, g, &signs, &odd);
+    float d = f16at(b), s = (float)((odd - 1) / 2);
+    float dl = T == T_IQ3_S ? d * (float)odd
+             : T == T_IQ3_XXS ? d * (0.5f + s) * 0.5f : d * (0.5f + s) * 0.25f;
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        float v = dl * (float)((g[i / 4] >> (8 * (i % 4))) & 0xff);
+        w[i] = (signs >> i) & 1 ? -v : v;
+    }
+}
+
+// The same elements as signed bytes q with their scale d (value = d · q): IQ2/IQ3 the signed
+// magnitudes (at most 62) under d·(2s + 1)·(⅛, ¼ or 1); IQ1 8·value ± 1 under d·(2s + 1)·⅛.
+template <int T>
+__device__ __forceinline__ void grid_ints(const u8* b, int j, int* w, float* d) {
+    u32 g[2];
+    if (T == T_IQ1_S || T == T_IQ1_M) {
+        int delta, odd;
+        float dsup;
+        iq1_group<T>(b, j / 8, g, &delta, &odd, &dsup);
+        *d = dsup * (float)odd * 0.125f;
+        u32 off = delta > 0 ? 0x01010101u : 0xFFFFFFFFu;
+#pragma unroll
+        for (int h = 0; h < 2; h++) w[h] = (int)__vadd4((g[h] << 3) & 0xF8F8F8F8u, off);
+        return;
+    }
+    u32 signs;
+    int odd;
+    grid_group<T>(b, j / 8, g, &signs, &odd);
+    const float factor = T == T_IQ3_S ? 1.0f : T == T_IQ3_XXS ? 0.25f : 0.125f;
+    *d = f16at(b) * (float)odd * factor;
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        // 0xFF in the bytes whose sign bit is set: (g ^ m) − m negates exactly those.
+        u32 m = (u32)spread4((signs >> (4 * h)) & 15) * 0xFFu;
+        w[h] = (int)__vsub4(g[h] ^ m, m);
+    }
+}
+
 // Elements e0..e0+7 (e0 a multiple of 8) of a row of type T.
 template <int T>
 __device__ __forceinline__ void deq8(const u8* row, int e0, float* w) {
-    if (T == T_F32) {
+    if (is_grid(T)) {
+        deq8_grid<T>(row + (e0 / 256) * Block32<T>::bytes, e0 % 256, w);
+    } else if (T == T_F32) {
         const float* r = (const float*)row;
         for (int i = 0; i < 8; i++) w[i] = r[e0 + i];
     } else if (T == T_F16) {
@@ -393,13 +584,8 @@ __device__ __forceinline__ float rows_dot(const u8* w, const u8* w2, long long r
     X(q3_k, T_Q3_K) \
     X(q4_k, T_Q4_K) \
     X(q5_k, T_Q5_K) \
-    X(q6_k, T_Q6_K)
-
-// Four bytes at a 2-byte aligned address (every quant field these types use is one).
-__device__ __forceinline__ int ld_a2(const u8* p) {
-    const u16* q = (const u16*)p;
-    return (int)((u32)q[0] | ((u32)q[1] << 16));
-}
+    X(q6_k, T_Q6_K) \
+    FOR_EACH_GRID_TYPE(X)
 
 // Eight bytes at any address as two words, by aligned 4-byte loads and funnel shifts (blocks
 // of 17, 18, 22 or 34 bytes leave most fields unaligned; byte or 2-byte loads cost a load
@@ -414,25 +600,15 @@ __device__ __forceinline__ void ld8(const u8* p, int* w) {
     w[1] = (int)__funnelshift_r(a1, a2, s);
 }
 
-// Bits 0..3 of b moved to bit 0 of bytes 0..3.
-__device__ __forceinline__ int spread4(u32 b) {
-    return (int)((b & 1) | ((b & 2) << 7) | ((b & 4) << 14) | ((b & 8) << 21));
-}
-
-// Bytes and elements of a block of type T, and whether its values carry an offset.
-template <int T> struct Block32 {
-    static const int elems = T == T_Q2_K || T == T_Q3_K || T == T_Q4_K || T == T_Q5_K || T == T_Q6_K
-                             || T == T_IQ4_XS ? 256 : 32;
-    static const int bytes = T == T_Q8_0 ? 34 : T == T_Q4_0 ? 18 : T == T_Q4_1 ? 20 : T == T_Q5_0 ? 22
-                           : T == T_Q5_1 ? 24 : T == T_Q2_K ? 84 : T == T_Q3_K ? 110 : T == T_Q4_K ? 144
-                           : T == T_Q5_K ? 176 : T == T_IQ4_XS ? 136 : T == T_MXFP4 ? 17 : 210;
-    static const int has_min = T == T_Q4_1 || T == T_Q5_1 || T == T_Q2_K || T == T_Q4_K || T == T_Q5_K;
-};
-
 // Elements j..j+7 (j a multiple of 8) of the block at b as two words of four signed bytes q,
 // with their scale d and offset m: value = d · q + m.
 template <int T>
 __device__ __forceinline__ void block_ints(const u8* b, int j, int* w, float* d, float* m) {
+    if (is_grid(T)) {
+        grid_ints<T>(b, j, w, d);
+        *m = 0.0f;
+        return;
+    }
     if (T == T_MXFP4) {
         // Twice the E2M1 values, so half the block's power of two (the values are exact).
         *d = e8m0_half(b[0]);
