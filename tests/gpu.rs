@@ -22,7 +22,7 @@ use ggrun::backend::cuda::{DeviceWeights, Epilogue, Gpu, PassOptions, Prefetch};
 use ggrun::backend::placement::{PlacementArgs, Plan};
 use ggrun::gguf::Model;
 use ggrun::model::{self, LayerState, LoadOptions};
-use ggrun_quants::{dequantize_fn, reference_quantize_fn, GgmlType};
+use ggrun_quants::{dequantize_fn, quantize_fn, reference_quantize_fn, GgmlType};
 
 /// Deterministic pseudo-random values in [-1, 1) from `seed`, some of them scaled up.
 fn values(seed: u64, n: usize) -> Vec<f32> {
@@ -68,19 +68,6 @@ fn random_matrix(
         device: None,
     };
     gpu.upload(&m).unwrap()
-}
-
-/// One row quantized to `ty`: by the reference quantizer, or for the i-quants that ggml
-/// quantizes only under an importance matrix, under a flat one.
-fn quantize_row(ty: GgmlType, src: &[f32], dst: &mut [u8]) {
-    use ggrun_quants::iq_quant::{quantize_iq1_s, quantize_iq2_xs, quantize_iq2_xxs};
-    let flat = vec![1.0f32; src.len()];
-    match ty {
-        GgmlType::IQ2_XXS => quantize_iq2_xxs(src, &flat, bytemuck::cast_slice_mut(dst)),
-        GgmlType::IQ2_XS => quantize_iq2_xs(src, &flat, bytemuck::cast_slice_mut(dst)),
-        GgmlType::IQ1_S => quantize_iq1_s(src, &flat, bytemuck::cast_slice_mut(dst)),
-        _ => reference_quantize_fn(ty).expect("a reference quantizer")(src, dst),
-    }
 }
 
 fn seed() -> u64 {
@@ -160,8 +147,9 @@ fn matmul_matches_the_cpu_dequantization(gpu: &Gpu, types: &[GgmlType]) {
             let rb = ty.row_bytes(cols as u64).unwrap() as usize;
             let wf = values(seed ^ k as u64, rows * cols);
             let mut data = vec![0u8; rows * rb];
+            let q = quantize_fn(ty).unwrap();
             for (src, dst) in wf.chunks(cols).zip(data.chunks_mut(rb)) {
-                quantize_row(ty, src, dst);
+                q(src, dst);
             }
             let m = Matrix {
                 ty,

@@ -309,6 +309,30 @@ pub fn reference_quantize_fn(ty: GgmlType) -> Option<QuantizeFn> {
     })
 }
 
+/// A quantizer for every type that has one: [`reference_quantize_fn`], or for the i-quants ggml
+/// quantizes only under an importance matrix (IQ2_XXS, IQ2_XS, IQ1_S) that quantizer under a
+/// flat one (every column weighted alike), for synthetic weights and tests.
+pub fn quantize_fn(ty: GgmlType) -> Option<QuantizeFn> {
+    fn flat<B: bytemuck::Pod>(q: fn(&[f32], &[f32], &mut [B])) -> impl Fn(&[f32], &mut [u8]) {
+        move |x, out| q(x, &vec![1.0; x.len()], bytemuck::cast_slice_mut(out))
+    }
+    fn iq2_xxs(x: &[f32], out: &mut [u8]) {
+        flat(iq_quant::quantize_iq2_xxs)(x, out)
+    }
+    fn iq2_xs(x: &[f32], out: &mut [u8]) {
+        flat(iq_quant::quantize_iq2_xs)(x, out)
+    }
+    fn iq1_s(x: &[f32], out: &mut [u8]) {
+        flat(iq_quant::quantize_iq1_s)(x, out)
+    }
+    match ty {
+        GgmlType::IQ2_XXS => Some(iq2_xxs),
+        GgmlType::IQ2_XS => Some(iq2_xs),
+        GgmlType::IQ1_S => Some(iq1_s),
+        _ => reference_quantize_fn(ty),
+    }
+}
+
 /// The scalar kernels of `ty`, the reference every SIMD kernel is tested against.
 pub fn scalar_kernels(ty: GgmlType) -> Option<Kernels> {
     use GgmlType::*;
@@ -403,4 +427,49 @@ pub fn quantize_row(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<(), Qua
     check(ty, src.len(), dst.len())?;
     f(src, dst);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every quantized weight type has a quantizer ([`quantize_fn`]; IQ2_XXS, IQ2_XS and IQ1_S
+    /// under a flat importance matrix), and quantizing then dequantizing uniform random values
+    /// keeps them within the type's precision (relative RMS error, bounds by bits a weight).
+    #[test]
+    fn every_weight_type_quantizes_within_its_precision() {
+        use GgmlType::*;
+        let cols = 512;
+        let mut s = 0x2545_f491_4f6c_dd1du64;
+        let x: Vec<f32> = (0..cols)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect();
+        for ty in [
+            Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, IQ4_XS, MXFP4, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K,
+            IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M,
+        ] {
+            let q = quantize_fn(ty).unwrap_or_else(|| panic!("{ty}: no quantizer"));
+            let mut b = vec![0u8; ty.row_bytes(cols as u64).unwrap() as usize];
+            q(&x, &mut b);
+            let mut y = vec![0f32; cols];
+            dequantize_row(ty, &b, &mut y).unwrap();
+            let err = x.iter().zip(&y).map(|(a, b)| (a - b).powi(2)).sum::<f32>();
+            let rel = (err / x.iter().map(|a| a * a).sum::<f32>()).sqrt();
+            // About 1.5 times what each group measured on these values.
+            let bound = match ty {
+                Q8_0 | Q5_0 | Q5_1 | Q5_K | Q6_K => 0.05,
+                Q4_0 | Q4_1 | Q4_K | IQ4_NL | IQ4_XS => 0.1,
+                MXFP4 | Q3_K | IQ3_S => 0.2,
+                Q2_K | IQ2_S | IQ2_XS | IQ3_XXS => 0.4,
+                IQ2_XXS => 0.5,
+                _ => 0.75,
+            };
+            assert!(rel < bound, "{ty}: relative RMS error {rel}");
+        }
+    }
 }

@@ -14,13 +14,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Result};
-use ggrun_quants::{reference_quantize_fn, GgmlType};
+use ggrun_quants::{quantize_fn, GgmlType};
 use rayon::prelude::*;
 
 use crate::gguf::{GgufWriter, Value};
 
 pub mod decoder;
-mod grid;
 
 /// The real Nemotron 3 Nano layer pattern (M Mamba-2, E MoE, * attention).
 pub const NANO_PATTERN: &str = "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME";
@@ -286,12 +285,7 @@ fn add_rows(
         Box::new(move || {
             let rb = ty.row_bytes(ne0 as u64).expect("whole blocks") as usize;
             let orb = out_ty.row_bytes(ne0 as u64).expect("whole blocks") as usize;
-            // The grid i-quants: random valid blocks (see `grid`).
-            let q = |x: &[f32], r: usize, o: &mut [u8]| match reference_quantize_fn(ty) {
-                _ if grid::synthesizes(ty) => grid::write_row(ty, x, seed ^ r as u64, o),
-                Some(q) => q(x, o),
-                None => panic!("no way to write {ty}"),
-            };
+            let q = quantize_fn(ty).unwrap_or_else(|| panic!("no quantizer for {ty}"));
             let dq = ggrun_quants::dequantize_fn(ty).expect("dequantizable type");
             let mut out = vec![0u8; orb * rows];
             let distinct = if experts { rows.min(ROW_POOL) } else { rows };
@@ -301,11 +295,11 @@ fn add_rows(
                 values(seed, &name_owned, r, init, &mut x);
                 if deq {
                     let mut b = vec![0u8; rb];
-                    q(&x, r, &mut b);
+                    q(&x, &mut b);
                     dq(&b, &mut x);
                     o.copy_from_slice(bytemuck::cast_slice(&x));
                 } else {
-                    q(&x, r, o);
+                    q(&x, o);
                 }
             });
             let pool = &*pool;
