@@ -69,7 +69,7 @@ fn a_megabyte_prompt_does_not_stall_another_clients_reply() {
     eprintln!("megabyte prompt refused after {tokenizing:?}; the other reply's steps: median {median:?}, longest {longest:?}");
     // No step of the other reply waited for the tokenizer (it took many steps' time).
     assert!(
-        longest < median * 3 + Duration::from_millis(30),
+        not_stalled(median, longest),
         "longest step {longest:?}, median {median:?}, tokenizing {tokenizing:?}"
     );
 }
@@ -91,6 +91,15 @@ fn a_streamed_reply() -> (Server, std::thread::JoinHandle<Vec<Instant>>) {
     });
     first.recv().unwrap();
     (s, reply)
+}
+
+/// Whether the other reply's longest step is short of a stall. A stalled step waits for the
+/// hostile work itself: a mask of the hostile schema (200-400 ms), tokenizing the megabyte
+/// (300 ms and more). Sharing two cores with that work stretches steps far less, yet more than
+/// a tight bound allows: with one more busy thread on this two-core VM the longest step was
+/// 58-66 ms at medians of 14-18 ms, and a CI run once saw 92 ms. The bound sits between.
+fn not_stalled(median: Duration, longest: Duration) -> bool {
+    longest < median * 3 + Duration::from_millis(120)
 }
 
 /// The longest gap between consecutive chunks, and the median.
@@ -147,7 +156,7 @@ fn a_hostile_schema_does_not_stall_another_clients_reply() {
         "hostile schema requests took {hostile:?}; the other reply's steps: median {median:?}, longest {longest:?}"
     );
     assert!(
-        longest < median * 3 + Duration::from_millis(30),
+        not_stalled(median, longest),
         "longest step {longest:?}, median {median:?}, hostile requests {hostile:?}"
     );
 }
