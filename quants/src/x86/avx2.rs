@@ -58,7 +58,7 @@ pub(super) unsafe fn hsum_ps(v: __m256) -> f32 {
 
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn hsum_epi32(v: __m256i) -> i32 {
+pub(super) unsafe fn hsum_epi32(v: __m256i) -> i32 {
     let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
     let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
     let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01>(s));
@@ -1105,7 +1105,7 @@ unsafe fn pairs_madd(acc: __m256i, p: __m256i, sc: __m256i) -> __m256i {
 /// [Σ lanes of `a`, of `b`, of `c`, of `d`]: four sums for the work of two.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn hsum4_epi32(a: __m256i, b: __m256i, c: __m256i, d: __m256i) -> [i32; 4] {
+pub(super) unsafe fn hsum4_epi32(a: __m256i, b: __m256i, c: __m256i, d: __m256i) -> [i32; 4] {
     let ab = _mm256_hadd_epi32(a, b); // a01 a23 b01 b23 | a45 a67 b45 b67
     let cd = _mm256_hadd_epi32(c, d);
     let abcd = _mm256_hadd_epi32(ab, cd); // a0123 b0123 c0123 d0123 | a4567 b4567 ...

@@ -59,7 +59,10 @@ macro_rules! install_vnni {
             Q4_K => $k.octet = Some(v::octet_q4_k),
             Q5_K => $k.octet = Some(v::octet_q5_k),
             Q6_K => $k.octet = Some(v::octet_q6_k),
-            IQ4_XS => $k.octet = Some(v::octet_iq4_xs),
+            IQ4_XS => {
+                $k.dot = v::dot_iq4_xs;
+                $k.octet = Some(v::octet_iq4_xs);
+            }
             IQ2_XXS => $k.octet = Some(v::octet_iq2_xxs),
             IQ2_XS => $k.octet = Some(v::octet_iq2_xs),
             IQ2_S => $k.octet = Some(v::octet_iq2_s),

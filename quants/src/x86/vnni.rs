@@ -4,7 +4,9 @@
 //! from Alder Lake on, which have no AVX-512). Each module supplies `dpbusd` and `bit4` with its
 //! own instructions; everything else is the same code, so the two tiers give the same results
 //! bit for bit. The single-row dots keep the AVX2 loop and float order (results bit-identical to
-//! the AVX2 tier and to llama.cpp, which does the same on VNNI machines). Wider
+//! the AVX2 tier and to llama.cpp, which does the same on VNNI machines); IQ4_XS's, whose
+//! integers per super-block are exact in any order, takes `vpdpbusd` too (decode's hottest dot
+//! on i-quant MoE files, where two cores are compute-bound). Wider
 //! two-blocks-per-register kernels were tried and dropped: no faster here, and their different
 //! summation order moved results away from llama.cpp's. `x86::specialize` installs a module's
 //! kernels only after its tier was detected.
@@ -12,9 +14,9 @@
 use core::arch::x86_64::*;
 
 use super::avx2::{
-    entry_octet, fp16, fp16_mul, grid_values, hsum_ps, iq1_values, iq4_nl_i8, load32,
-    nibble_chunks, nibbles, q3k_values, q4_0_i8, q4_1_u8, q5_0_i8, q5_1_u8, q5k_values, q6k_values,
-    q8_0_i8, signed_dot, transpose8, two_bit_chunks, unsigned_dot,
+    entry_octet, fp16, fp16_mul, grid_values, hsum4_epi32, hsum_epi32, hsum_ps, iq1_values,
+    iq4_nl_i8, load32, nibble_chunks, nibbles, q3k_values, q4_0_i8, q4_1_u8, q5_0_i8, q5_1_u8,
+    q5k_values, q6k_values, q8_0_i8, signed_dot, transpose8, two_bit_chunks, unsigned_dot,
 };
 use crate::iq_grid::{
     BlockIq1M, BlockIq1S, BlockIq2S, BlockIq2Xs, BlockIq2Xxs, BlockIq3S, BlockIq3Xxs, Groups, Iq1,
@@ -745,6 +747,103 @@ macro_rules! vnni_kernels {
             rows_in_lanes(w, a, out, unpack, term)
         }
 
+        /// One IQ4_XS super-block against one Q8_K block as 8 lanes of i32 whose sum is the
+        /// scalar dot's integer. Sub-blocks go in pairs: one load of their 32 code bytes gives
+        /// both halves of each (low nibbles: elements 0..16, high: 16..32), looked up with 128
+        /// added (unsigned for `vpdpbusd`) against the matching activation halves; the pair's
+        /// lanes are weighted by its two scales in 32 bits, and 128 · Σ scale · (sub-block
+        /// activation sum) is taken off, those sums from the block's `bsums`.
+        #[target_feature(enable = $feat)]
+        #[inline]
+        unsafe fn iq4_xs_lanes(table: __m256i, w: &BlockIq4Xs, y: &BlockQ8K) -> __m256i {
+            let zero = _mm256_setzero_si256();
+            let m4 = _mm256_set1_epi8(15);
+            // The eight 6-bit scales in i32 lanes: 4 low bits from scales_l, 2 from scales_h.
+            let lo = _mm256_srlv_epi32(
+                _mm256_set1_epi32(u32::from_le_bytes(w.scales_l) as i32),
+                _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28),
+            );
+            let hi = _mm256_srlv_epi32(
+                _mm256_set1_epi32(u16::from_le_bytes(w.scales_h) as i32),
+                _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14),
+            );
+            let ls = _mm256_sub_epi32(
+                _mm256_or_si256(
+                    _mm256_and_si256(lo, _mm256_set1_epi32(15)),
+                    _mm256_slli_epi32::<4>(_mm256_and_si256(hi, _mm256_set1_epi32(3))),
+                ),
+                _mm256_set1_epi32(32),
+            );
+            let pair_sums = _mm256_madd_epi16(
+                _mm256_loadu_si256(y.bsums.as_ptr().cast()),
+                _mm256_set1_epi16(1),
+            );
+            let mut acc = _mm256_sub_epi32(
+                zero,
+                _mm256_slli_epi32::<7>(_mm256_mullo_epi32(ls, pair_sums)),
+            );
+            let x = y.qs.as_ptr();
+            for j in 0..4 {
+                let q = _mm256_loadu_si256(w.qs[32 * j..].as_ptr().cast());
+                let ulo = _mm256_shuffle_epi8(table, _mm256_and_si256(q, m4));
+                let uhi = _mm256_shuffle_epi8(
+                    table,
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4),
+                );
+                let xlo = _mm256_loadu2_m128i(x.add(64 * j + 32).cast(), x.add(64 * j).cast());
+                let xhi =
+                    _mm256_loadu2_m128i(x.add(64 * j + 48).cast(), x.add(64 * j + 16).cast());
+                let p = dpbusd(dpbusd(zero, ulo, xlo), uhi, xhi);
+                let sc = _mm256_permutevar8x32_epi32(
+                    ls,
+                    _mm256_setr_epi32(
+                        2 * j as i32,
+                        2 * j as i32,
+                        2 * j as i32,
+                        2 * j as i32,
+                        2 * j as i32 + 1,
+                        2 * j as i32 + 1,
+                        2 * j as i32 + 1,
+                        2 * j as i32 + 1,
+                    ),
+                );
+                acc = _mm256_add_epi32(acc, _mm256_mullo_epi32(p, sc));
+            }
+            acc
+        }
+
+        /// IQ4_XS · Q8_K with `vpdpbusd`, four super-blocks' lanes summed horizontally at
+        /// once; the same integer per super-block and the same float expression, in the same
+        /// order, as the scalar dot: bit for bit.
+        #[target_feature(enable = $feat)]
+        unsafe fn iq4_xs_dot(w: &[BlockIq4Xs], a: &[BlockQ8K]) -> f32 {
+            let n = w.len().min(a.len());
+            let (w, a) = (&w[..n], &a[..n]);
+            let t = _mm_xor_si128(
+                _mm_loadu_si128(IQ4NL_VALUES.as_ptr().cast()),
+                _mm_set1_epi8(-128),
+            );
+            let table = _mm256_set_m128i(t, t);
+            let mut sum = 0.0f32;
+            let mut i = 0;
+            while i + 4 <= n {
+                let isums = hsum4_epi32(
+                    iq4_xs_lanes(table, &w[i], &a[i]),
+                    iq4_xs_lanes(table, &w[i + 1], &a[i + 1]),
+                    iq4_xs_lanes(table, &w[i + 2], &a[i + 2]),
+                    iq4_xs_lanes(table, &w[i + 3], &a[i + 3]),
+                );
+                for (k, is) in isums.into_iter().enumerate() {
+                    sum += fp16(w[i + k].d) * a[i + k].d() * is as f32;
+                }
+                i += 4;
+            }
+            for (w, y) in w[i..].iter().zip(&a[i..]) {
+                sum += fp16(w.d) * y.d() * hsum_epi32(iq4_xs_lanes(table, w, y)) as f32;
+            }
+            sum
+        }
+
         pub(crate) fn octet_iq4_xs(w: [&[u8]; 8], a: &[&[u8]], out: &mut [f32]) {
             let a: Vec<&[BlockQ8K]> = a.iter().map(|r| cast_slice(r)).collect();
             // SAFETY: installed by x86::specialize only on this module's tier; the kernel
@@ -873,6 +972,7 @@ macro_rules! vnni_kernels {
         entry!(
             dot_q4_0 => q4_0, dot_q5_0 => q5_0, dot_q8_0 => q8_0,
             dot_iq4_nl => iq4_nl, dot_q4_1 => q4_1, dot_q5_1 => q5_1,
+            dot_iq4_xs => iq4_xs_dot,
         );
 
         entry4!(
