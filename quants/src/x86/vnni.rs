@@ -451,17 +451,20 @@ macro_rules! vnni_kernels {
             dmin: __m256,
         }
 
-        /// The K-quant eight-row skeleton: `unpack` turns the eight rows' block b into
-        /// what `term` needs; per token, `term` gives the eight rows' block terms,
-        /// summed in block order onto −0. Blocks are the outer loop (one unpacked block at
-        /// a time, in L1), tokens the inner, in runs of up to 64 tokens whose accumulators
-        /// stay on the stack.
+        /// The eight-row skeleton of the super-block types: `unpack` turns the eight rows'
+        /// block b into what `term` needs; per token, `term` gives the eight rows' block
+        /// terms, summed in block order onto `start`, the single-row dot's first value (−0
+        /// for the K-quants, whose scalar dots fold with `Sum`; +0 for IQ4_XS and the grid
+        /// types, so that a row of zero terms keeps the dot's sign of zero). Blocks are the
+        /// outer loop (one unpacked block at a time, in L1), tokens the inner, in runs of
+        /// up to 64 tokens whose accumulators stay on the stack.
         #[target_feature(enable = $feat)]
         #[inline]
         unsafe fn rows_in_lanes<B, U>(
             w: [&[B]; 8],
             a: &[&[BlockQ8K]],
             out: &mut [f32],
+            start: f32,
             unpack: impl Fn([&B; 8]) -> U,
             term: impl Fn(&U, &BlockQ8K) -> __m256,
         ) {
@@ -473,7 +476,7 @@ macro_rules! vnni_kernels {
             let mut lanes = [0f32; 8];
             for t0 in (0..nt).step_by(RUN) {
                 let run = &a[t0..nt.min(t0 + RUN)];
-                let mut acc = [_mm256_set1_ps(-0.0); RUN];
+                let mut acc = [_mm256_set1_ps(start); RUN];
                 for b in 0..nb {
                     let u = unpack(std::array::from_fn(|r| &w[r][b]));
                     for (acc, row) in acc.iter_mut().zip(run) {
@@ -558,7 +561,7 @@ macro_rules! vnni_kernels {
                 let dm = _mm256_mul_ps(u.dmin, _mm256_cvtepi32_ps(m));
                 _mm256_mul_ps(_mm256_set1_ps(y.d()), _mm256_sub_ps(ds, dm))
             };
-            rows_in_lanes(w, a, out, unpack, term)
+            rows_in_lanes(w, a, out, -0.0, unpack, term)
         }
 
         #[target_feature(enable = $feat)]
@@ -626,7 +629,7 @@ macro_rules! vnni_kernels {
                     _mm256_cvtepi32_ps(x),
                 )
             };
-            rows_in_lanes(w, a, out, unpack, term)
+            rows_in_lanes(w, a, out, -0.0, unpack, term)
         }
 
         #[target_feature(enable = $feat)]
@@ -689,7 +692,7 @@ macro_rules! vnni_kernels {
                 let dm = _mm256_mul_ps(u.dmin, _mm256_cvtepi32_ps(m));
                 _mm256_mul_ps(_mm256_set1_ps(y.d()), _mm256_sub_ps(ds, dm))
             };
-            rows_in_lanes(w, a, out, unpack, term)
+            rows_in_lanes(w, a, out, -0.0, unpack, term)
         }
 
         /// IQ4_XS the same way: each sub-block's codes looked up to IQ4_NL's values plus
@@ -744,7 +747,7 @@ macro_rules! vnni_kernels {
                     _mm256_cvtepi32_ps(s),
                 )
             };
-            rows_in_lanes(w, a, out, unpack, term)
+            rows_in_lanes(w, a, out, 0.0, unpack, term)
         }
 
         /// One IQ4_XS super-block against one Q8_K block as 8 lanes of i32 whose sum is the
@@ -908,7 +911,7 @@ macro_rules! vnni_kernels {
                     _mm256_cvtepi32_ps(s),
                 )
             };
-            rows_in_lanes(w, a, out, unpack, term);
+            rows_in_lanes(w, a, out, 0.0, unpack, term);
             for v in out[..8 * a.len()].iter_mut() {
                 *v *= factor;
             }
