@@ -706,13 +706,20 @@ macro_rules! vnni_kernels {
             d: __m256,
         }
 
+        /// IQ4_NL's codebook plus 128 (unsigned bytes for `vpdpbusd`) in both 128-bit lanes.
         #[target_feature(enable = $feat)]
-        unsafe fn iq4xs_octet(w: [&[BlockIq4Xs]; 8], a: &[&[BlockQ8K]], out: &mut [f32]) {
+        #[inline]
+        unsafe fn iq4_u8_table() -> __m256i {
             let t = _mm_xor_si128(
                 _mm_loadu_si128(IQ4NL_VALUES.as_ptr().cast()),
                 _mm_set1_epi8(-128),
             );
-            let table = _mm256_set_m128i(t, t);
+            _mm256_set_m128i(t, t)
+        }
+
+        #[target_feature(enable = $feat)]
+        unsafe fn iq4xs_octet(w: [&[BlockIq4Xs]; 8], a: &[&[BlockQ8K]], out: &mut [f32]) {
+            let table = iq4_u8_table();
             let unpack = |rows: [&BlockIq4Xs; 8]| {
                 let chunks = rows.map(|blk| {
                     std::array::from_fn(|ib| {
@@ -797,19 +804,12 @@ macro_rules! vnni_kernels {
                 let xhi =
                     _mm256_loadu2_m128i(x.add(64 * j + 48).cast(), x.add(64 * j + 16).cast());
                 let p = dpbusd(dpbusd(zero, ulo, xlo), uhi, xhi);
-                let sc = _mm256_permutevar8x32_epi32(
-                    ls,
-                    _mm256_setr_epi32(
-                        2 * j as i32,
-                        2 * j as i32,
-                        2 * j as i32,
-                        2 * j as i32,
-                        2 * j as i32 + 1,
-                        2 * j as i32 + 1,
-                        2 * j as i32 + 1,
-                        2 * j as i32 + 1,
-                    ),
+                // Scale 2j in the low four lanes, 2j + 1 in the high four.
+                let pick = _mm256_add_epi32(
+                    _mm256_set1_epi32(2 * j as i32),
+                    _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1),
                 );
+                let sc = _mm256_permutevar8x32_epi32(ls, pick);
                 acc = _mm256_add_epi32(acc, _mm256_mullo_epi32(p, sc));
             }
             acc
@@ -822,11 +822,7 @@ macro_rules! vnni_kernels {
         unsafe fn iq4_xs_dot(w: &[BlockIq4Xs], a: &[BlockQ8K]) -> f32 {
             let n = w.len().min(a.len());
             let (w, a) = (&w[..n], &a[..n]);
-            let t = _mm_xor_si128(
-                _mm_loadu_si128(IQ4NL_VALUES.as_ptr().cast()),
-                _mm_set1_epi8(-128),
-            );
-            let table = _mm256_set_m128i(t, t);
+            let table = iq4_u8_table();
             let mut sum = 0.0f32;
             let mut i = 0;
             while i + 4 <= n {
