@@ -1013,6 +1013,145 @@ fn device_state_chunks_and_restores() {
     }
 }
 
+/// RMSNorm of one row in float64: x · w / sqrt(mean(x²) + eps).
+fn rms_norm_f64(x: &[f32], w: &[f32], eps: f32) -> Vec<f64> {
+    let ms = x.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / x.len() as f64;
+    let inv = 1.0 / (ms + eps as f64).sqrt();
+    x.iter()
+        .zip(w)
+        .map(|(&v, &w)| v as f64 * inv * w as f64)
+        .collect()
+}
+
+/// The decoder's fused glue: the residual add with the next norm (bit for bit what the add and
+/// the norm launched apart give, and within 1e-5 · (1 + |ref|) of float64), and the per-head
+/// q/k norms with RoPE in one launch (within 1e-5 · (1 + |ref|) of a float64 norm and rotation
+/// by the same (cos, sin) table), for head dims 64, 128 and 256, full and partial rotation,
+/// both pairings, with and without norm weights. Outputs are poisoned (NaN) first.
+#[test]
+#[ignore = "needs a CUDA GPU: run scripts/gpu-test.sh on the device machine"]
+fn fused_decoder_glue_matches_the_host() {
+    use ggrun::backend::attention::AttnShape;
+    let gpu = Gpu::open(0).expect("a CUDA device");
+    let seed = seed();
+    let close = |got: f32, want: f64| (got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs());
+    for (n, rows) in [(2048usize, 1usize), (2880, 3), (96, 5)] {
+        let sd = seed ^ (n * 10 + rows) as u64;
+        let (x0, y, w) = (
+            values(sd, rows * n),
+            values(sd ^ 1, rows * n),
+            values(sd ^ 2, n),
+        );
+        let eps = 1e-6f32;
+        let (wd, yd) = (gpu.to_device(&w).unwrap(), gpu.to_device(&y).unwrap());
+        let mut xd = gpu.to_device(&x0).unwrap();
+        let mut hd = gpu.to_device(&vec![f32::NAN; rows * n]).unwrap();
+        gpu.add_rms_norm(&mut xd, &yd, &wd, &mut hd, eps).unwrap();
+        let (x1, h) = (gpu.to_host(&xd).unwrap(), gpu.to_host(&hd).unwrap());
+        // The same by two launches.
+        let mut xs = gpu.to_device(&x0).unwrap();
+        gpu.add(&mut xs, &yd, rows * n).unwrap();
+        let mut hs = gpu.to_device(&vec![f32::NAN; rows * n]).unwrap();
+        gpu.rms_norm(&xs.slice(..), &wd, &mut hs.slice_mut(..), rows, eps)
+            .unwrap();
+        assert_eq!(x1, gpu.to_host(&xs).unwrap(), "add_rms_norm's sum, n {n}");
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(&h),
+            bits(&gpu.to_host(&hs).unwrap()),
+            "add_rms_norm, n {n}"
+        );
+        for r in 0..rows {
+            let sum: Vec<f32> = (0..n).map(|i| x0[r * n + i] + y[r * n + i]).collect();
+            assert_eq!(
+                &x1[r * n..(r + 1) * n],
+                &sum[..],
+                "add_rms_norm's sum, row {r}"
+            );
+            let want = rms_norm_f64(&sum, &w, eps);
+            for (i, (&g, &wv)) in h[r * n..(r + 1) * n].iter().zip(&want).enumerate() {
+                assert!(
+                    close(g, wv),
+                    "add_rms_norm n {n} row {r} [{i}]: {g} vs {wv}"
+                );
+            }
+        }
+    }
+    let cases = [
+        (128usize, 128usize, true, true, 4usize, 2usize, 3usize),
+        (128, 64, false, true, 8, 8, 1),
+        (64, 64, true, false, 6, 2, 5),
+        (256, 256, false, false, 4, 1, 2),
+        (256, 128, true, true, 8, 4, 33),
+    ];
+    for (ci, &(hd, n_rot, neox, normed, nh, nkv, t)) in cases.iter().enumerate() {
+        let sd = seed ^ (1000 + ci) as u64;
+        let q0 = values(sd, t * nh * hd);
+        let k0 = values(sd ^ 1, t * nkv * hd);
+        let (qw, kw) = (values(sd ^ 2, hd), values(sd ^ 3, hd));
+        let half = n_rot / 2;
+        let cs: Vec<f32> = values(sd ^ 4, t * half)
+            .iter()
+            .flat_map(|&v| {
+                let th = 40.0 * v;
+                [th.cos(), th.sin()]
+            })
+            .collect();
+        let eps = 1e-6f32;
+        let shape = AttnShape {
+            n_head: nh,
+            n_head_kv: nkv,
+            head_dim: hd,
+            scale: 1.0,
+            window: None,
+        };
+        let mut qd = gpu.to_device(&q0).unwrap();
+        let mut kd = gpu.to_device(&k0).unwrap();
+        let (qwd, kwd) = (gpu.to_device(&qw).unwrap(), gpu.to_device(&kw).unwrap());
+        let csd = gpu.to_device(&cs).unwrap();
+        let norms = match normed {
+            true => (Some(&qwd), Some(&kwd)),
+            false => (None, None),
+        };
+        gpu.qk_norm_rope(&mut qd, &mut kd, norms, &csd, &shape, t, (n_rot, neox), eps)
+            .unwrap();
+        let (q, k) = (gpu.to_host(&qd).unwrap(), gpu.to_host(&kd).unwrap());
+        for (got, x0, w, heads, what) in [(&q, &q0, &qw, nh, "q"), (&k, &k0, &kw, nkv, "k")] {
+            for r in 0..t {
+                for h in 0..heads {
+                    let at = (r * heads + h) * hd;
+                    let head = &x0[at..at + hd];
+                    let mut v: Vec<f64> = match normed {
+                        true => rms_norm_f64(head, w, eps),
+                        false => head.iter().map(|&v| v as f64).collect(),
+                    };
+                    for p in 0..half {
+                        let (c, s) = (
+                            cs[(r * half + p) * 2] as f64,
+                            cs[(r * half + p) * 2 + 1] as f64,
+                        );
+                        let (ia, ib) = if neox {
+                            (p, p + half)
+                        } else {
+                            (2 * p, 2 * p + 1)
+                        };
+                        let (a, b) = (v[ia], v[ib]);
+                        v[ia] = a * c - b * s;
+                        v[ib] = a * s + b * c;
+                    }
+                    for (i, want) in v.iter().enumerate() {
+                        let g = got[at + i];
+                        assert!(
+                            close(g, *want),
+                            "qk_norm_rope case {ci} {what} row {r} head {h} [{i}]: {g} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU: run scripts/gpu-test.sh on the device machine"]
 fn mamba_conv_and_scan_on_the_device_match_the_cpu() {

@@ -1291,6 +1291,23 @@ extern "C" __global__ void rms_norm(const float* x, const float* w, float* y, in
     for (int i = threadIdx.x; i < n; i += blockDim.x) yr[i] = (xr[i] * inv) * w[i];
 }
 
+// The residual add and the next norm of a decoder layer in one pass: x[t] += y[t], then
+// h[t] = RMSNorm(x[t]) · w, one block per row; the same sums as add then rms_norm, bit for bit.
+extern "C" __global__ void add_rms_norm(float* x, const float* y, const float* w, float* h, int n,
+                                        float eps) {
+    float* xr = x + (long long)blockIdx.x * n;
+    const float* yr = y + (long long)blockIdx.x * n;
+    float* hr = h + (long long)blockIdx.x * n;
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = xr[i] + yr[i];
+        xr[i] = v;
+        s = fmaf(v, v, s);
+    }
+    float inv = rsqrtf(block_sum(s) / (float)n + eps);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) hr[i] = (xr[i] * inv) * w[i];
+}
+
 __device__ __forceinline__ float softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
 
 // Splits the Mamba input projection zx (t × width: z | xBC | dt) into xBC (t × ch) and the
@@ -1810,14 +1827,15 @@ extern "C" __global__ void gather_rows(const float* x, const int* idx, float* ou
     out[i] = x[(long long)idx[r] * n + c];
 }
 
-// x[t] += Σ_s wts[t·k + s] · y[pos[t·k + s]] (pos null: y row t·k + s) for n-wide rows; a
-// position outside y's `y_rows` rows is skipped.
+// x[t] += Σ_s wts[t·k + s] · y[pos[t·k + s]] (pos null: y row t·k + s) for n-wide rows, or
+// x[t] = the sum where `accumulate` is 0 (x unread); a position outside y's `y_rows` rows is
+// skipped.
 extern "C" __global__ void moe_combine(const float* y, const int* pos, const float* wts, float* x,
-                                       int t, int k, int n, int y_rows) {
+                                       int t, int k, int n, int y_rows, int accumulate) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long long)t * n) return;
     int ti = i / n, c = i % n;
-    float acc = x[i];
+    float acc = accumulate ? x[i] : 0.0f;
     for (int s = 0; s < k; s++) {
         int p = ti * k + s;
         long long r = pos ? pos[p] : p;
@@ -1832,24 +1850,45 @@ extern "C" __global__ void add(float* x, const float* y, int n) {
     if (i < n) x[i] += y[i];
 }
 
-// Rotates the first n_rot dims of each head (nh heads of hd a row, t rows) by the (cos, sin)
+// Attention's per-head q and k norms and RoPE in one launch, a warp per head: the q heads of
+// the t rows (nh a row), then their k heads (nkv a row), each RMSNorm'd over its hd values
+// times qw (kw) where that is not null, then its first n_rot dims rotated by the (cos, sin)
 // pairs of its row in cs (t × n_rot/2 pairs, computed on the host as the CPU does): pairs
-// (i, i + n_rot/2) in neox order, else (2i, 2i + 1). Rounded products, as the CPU's.
-extern "C" __global__ void rope(float* x, const float* cs, int t, int nh, int hd, int n_rot,
-                                int neox) {
+// (i, i + n_rot/2) in neox order, else (2i, 2i + 1). Rounded products, as the CPU's. hd ≤ 256.
+#define QK_WARPS 4
+extern "C" __global__ void __launch_bounds__(32 * QK_WARPS)
+qk_norm_rope(float* q, float* k, const float* qw, const float* kw, const float* cs, int t, int nh,
+             int nkv, int hd, int n_rot, int neox, float eps) {
+    __shared__ float buf[QK_WARPS][256];
+    int lane = threadIdx.x % 32, wid = threadIdx.x / 32;
+    long long head = (long long)blockIdx.x * QK_WARPS + wid;
+    long long qheads = (long long)t * nh;
+    if (head >= qheads + (long long)t * nkv) return;
+    bool is_q = head < qheads;
+    long long j = is_q ? head : head - qheads;
+    long long r = j / (is_q ? nh : nkv);
+    float* x = (is_q ? q : k) + j * hd;
+    const float* w = is_q ? qw : kw;
+    float* v = buf[wid];
+    float s = 0.0f;
+    for (int i = lane; i < hd; i += 32) {
+        v[i] = x[i];
+        s = fmaf(v[i], v[i], s);
+    }
+    if (w) {
+        float inv = rsqrtf(warp_sum(s) / (float)hd + eps);
+        for (int i = lane; i < hd; i += 32) v[i] = (v[i] * inv) * w[i];
+    }
+    __syncwarp();
     int half = n_rot / 2;
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (long long)t * nh * half) return;
-    int p = i % half;
-    long long rh = i / half;
-    int h = rh % nh;
-    long long r = rh / nh;
-    float c = cs[(r * half + p) * 2], s = cs[(r * half + p) * 2 + 1];
-    float* head = x + (r * nh + h) * hd;
-    int ia = neox ? p : 2 * p, ib = neox ? p + half : 2 * p + 1;
-    float a = head[ia], b = head[ib];
-    head[ia] = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
-    head[ib] = __fadd_rn(__fmul_rn(a, s), __fmul_rn(b, c));
+    for (int p = lane; p < half; p += 32) {
+        float c = cs[(r * half + p) * 2], sn = cs[(r * half + p) * 2 + 1];
+        int ia = neox ? p : 2 * p, ib = neox ? p + half : 2 * p + 1;
+        float a = v[ia], b = v[ib];
+        x[ia] = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, sn));
+        x[ib] = __fadd_rn(__fmul_rn(a, sn), __fmul_rn(b, c));
+    }
+    for (int i = n_rot + lane; i < hd; i += 32) x[i] = v[i];
 }
 
 // y[r] += b[ids[r]] for rows of n (ids null: the one row b).

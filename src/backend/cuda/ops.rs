@@ -1,8 +1,9 @@
 //! The device ops besides the matrix products, each a thin launch of a kernel in `kernels.cu`
-//! with its shapes checked first: norms, the Mamba-2 conv, scan and glue, RoPE, biases, gated
-//! activations, attention over a device KV cache (windows, sinks), MoE routing (sigmoid + bias,
-//! softmax, softmax over the selected), the products of routed experts chosen on the device,
-//! the gather / combine around grouped experts, and logit soft-capping.
+//! with its shapes checked first: norms (one with the residual add before it), the Mamba-2
+//! conv, scan and glue, attention's q/k norms with RoPE, biases, gated activations, attention
+//! over a device KV cache (windows, sinks), MoE routing (sigmoid + bias, softmax, softmax over
+//! the selected), the products of routed experts chosen on the device, the gather / combine
+//! around grouped experts, and logit soft-capping.
 
 use std::sync::atomic::Ordering;
 
@@ -16,6 +17,8 @@ use crate::backend::state::KvType;
 
 /// Threads per block of the row-wise kernels (norms).
 const ROW_THREADS: u32 = 1024;
+/// Heads per block of `qk_norm_rope` (a warp each: QK_WARPS in kernels.cu).
+const QK_WARPS: usize = 4;
 
 /// Decode attention's blocks (heads × tokens × splits of the positions) aim at this many: a
 /// few per multiprocessor of a large GPU.
@@ -124,6 +127,36 @@ impl Gpu {
         launch.arg(x).arg(w).arg(y).arg(&ni).arg(&eps);
         // SAFETY: rms_norm(const float* x, const float* w, float* y, int n, float eps) with one
         // block per row reads and writes rows × n floats, checked above.
+        launched(unsafe { launch.launch(cfg) }.map(drop))
+    }
+
+    /// x += y, then h = RMSNorm(x) · w, for the rows of `w.len()` values of x (one launch: a
+    /// decoder layer's residual add and the norm after it).
+    pub fn add_rms_norm(
+        &self,
+        x: &mut CudaSlice<f32>,
+        y: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        h: &mut CudaSlice<f32>,
+        eps: f32,
+    ) -> Result<()> {
+        let n = w.len();
+        let rows = x.len().checked_div(n).unwrap_or(0);
+        if rows == 0 || x.len() != rows * n || y.len() < rows * n || h.len() < rows * n {
+            bail!("CUDA add_rms_norm shape mismatch");
+        }
+        let f = self.function("add_rms_norm")?;
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let ni = n as i32;
+        let mut launch = self.stream.launch_builder(&f);
+        launch.arg(x).arg(y).arg(w).arg(h).arg(&ni).arg(&eps);
+        // SAFETY: add_rms_norm(float* x, const float* y, const float* w, float* h, int n,
+        // float eps) with one block per row touches rows × n floats of x, y and h and n of w,
+        // checked above.
         launched(unsafe { launch.launch(cfg) }.map(drop))
     }
 
@@ -421,41 +454,64 @@ impl Gpu {
         launched(unsafe { launch.launch(cfg) }.map(drop))
     }
 
-    /// Rotates the first `n_rot` dims of each head of `x` (t rows of `n_heads` × `head_dim`)
-    /// by the (cos, sin) pairs of each row in `cs` (t × n_rot/2 pairs, interleaved).
+    /// Attention's q and k heads (t rows of `s.n_head` and `s.n_head_kv` heads) each RMSNorm'd
+    /// times `q_norm` / `k_norm` where given, then rotated by the (cos, sin) pairs of each row
+    /// in `cs` (t × n_rot/2 pairs, interleaved), in one launch.
     #[allow(clippy::too_many_arguments)]
-    pub fn rope(
+    pub fn qk_norm_rope(
         &self,
-        x: &mut CudaSlice<f32>,
+        q: &mut CudaSlice<f32>,
+        k: &mut CudaSlice<f32>,
+        (q_norm, k_norm): (Option<&CudaSlice<f32>>, Option<&CudaSlice<f32>>),
         cs: &CudaSlice<f32>,
+        s: &AttnShape,
         t: usize,
-        n_heads: usize,
-        head_dim: usize,
-        n_rot: usize,
-        neox: bool,
+        (n_rot, neox): (usize, bool),
+        eps: f32,
     ) -> Result<()> {
-        let n = t * n_heads * (n_rot / 2);
-        if n_rot > head_dim
-            || x.len() < t * n_heads * head_dim
+        let (nh, nkv, hd) = (s.n_head, s.n_head_kv, s.head_dim);
+        let heads = t * (nh + nkv);
+        if hd > 256
+            || n_rot > hd
+            || q.len() < t * nh * hd
+            || k.len() < t * nkv * hd
             || cs.len() < t * n_rot
-            || n > i32::MAX as usize
+            || q_norm.is_some_and(|w| w.len() < hd)
+            || k_norm.is_some_and(|w| w.len() < hd)
+            || heads > i32::MAX as usize
         {
-            bail!("CUDA rope shape mismatch");
+            bail!("CUDA qk_norm_rope shape mismatch (head dim {hd} must be at most 256)");
         }
-        if n == 0 {
+        if heads == 0 || (n_rot == 0 && q_norm.is_none() && k_norm.is_none()) {
             return Ok(());
         }
-        let f = self.function("rope")?;
-        let args = [t, n_heads, head_dim, n_rot, neox as usize].map(|v| v as i32);
+        let f = self.function("qk_norm_rope")?;
+        let cfg = LaunchConfig {
+            grid_dim: (heads.div_ceil(QK_WARPS) as u32, 1, 1),
+            block_dim: (32 * QK_WARPS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let args = [t, nh, nkv, hd, n_rot, neox as usize].map(|v| v as i32);
+        let null = 0u64;
         let mut launch = self.stream.launch_builder(&f);
-        launch.arg(x).arg(cs);
+        launch.arg(q).arg(k);
+        for w in [q_norm, k_norm] {
+            match w {
+                Some(w) => launch.arg(w),
+                None => launch.arg(&null),
+            };
+        }
+        launch.arg(cs);
         for v in &args {
             launch.arg(v);
         }
-        // SAFETY: rope(float* x, const float* cs, int t, int nh, int hd, int n_rot, int neox),
-        // one thread per (row, head, pair): it touches t × nh × hd floats of x and t × n_rot of
-        // cs, checked above.
-        launched(unsafe { launch.launch(LaunchConfig::for_num_elems(n as u32)) }.map(drop))
+        launch.arg(&eps);
+        // SAFETY: qk_norm_rope(float* q, float* k, const float* qw, const float* kw,
+        // const float* cs, int t, int nh, int nkv, int hd, int n_rot, int neox, float eps), a
+        // warp per head in blocks of QK_WARPS warps (its launch bounds): it touches t × nh × hd
+        // floats of q, t × nkv × hd of k, hd of each norm weight given and t × n_rot of cs,
+        // checked above, and holds a head of at most 256 values in shared memory.
+        launched(unsafe { launch.launch(cfg) }.map(drop))
     }
 
     /// `y[r] += b[ids[r]]` for `rows` rows of n (ids None: every row adds b, n floats).
@@ -573,8 +629,10 @@ impl Gpu {
     }
 
     /// `x[t] += Σ_s wts[t·k + s] · y[pos[t·k + s]]` (y row t·k + s without `pos`), rows of n.
-    /// With `pos`, y may have fewer rows than pairs (some pairs computed elsewhere, weight 0);
-    /// positions outside y's rows are skipped.
+    /// `x[t] += Σ_s wts[t·k + s] · y[pos[t·k + s]]` (y row t·k + s without `pos`), rows of n;
+    /// without `accumulate`, x = the sum (its old values unread). With `pos`, y may have fewer
+    /// rows than pairs (some pairs computed elsewhere, weight 0); positions outside y's rows
+    /// are skipped.
     #[allow(clippy::too_many_arguments)]
     pub fn moe_combine(
         &self,
@@ -585,6 +643,7 @@ impl Gpu {
         t: usize,
         k: usize,
         n: usize,
+        accumulate: bool,
     ) -> Result<()> {
         let y_rows_needed = if pos.is_some() { 1 } else { t * k };
         if y.len() < y_rows_needed * n
@@ -596,7 +655,7 @@ impl Gpu {
         }
         let f = self.function("moe_combine")?;
         let cfg = LaunchConfig::for_num_elems((t * n) as u32);
-        let args = [t, k, n, y.len() / n.max(1)].map(|v| v as i32);
+        let args = [t, k, n, y.len() / n.max(1), accumulate as usize].map(|v| v as i32);
         let null = 0u64;
         let mut launch = self.stream.launch_builder(&f);
         launch.arg(y);
@@ -609,7 +668,7 @@ impl Gpu {
             launch.arg(v);
         }
         // SAFETY: moe_combine(const float* y, const int* pos, const float* wts, float* x, int t,
-        // int k, int n, int y_rows): the kernel skips positions outside y's rows; the other
+        // int k, int n, int y_rows, int accumulate): the kernel skips positions outside y's rows; the other
         // lengths are checked above.
         launched(unsafe { launch.launch(cfg) }.map(drop))
     }

@@ -8,7 +8,7 @@ use std::ops::Range;
 use anyhow::Result;
 use rayon::prelude::*;
 
-use super::{route, Act, Attention, Decoder, Gated, Linear, Moe, Ops, Rope};
+use super::{route, Act, Attention, Decoder, Gated, Linear, Moe, Ops};
 use crate::backend::attention;
 use crate::backend::cpu::{rms_norm, Cpu, Matrix, Precision};
 use crate::model::{embed, LayerState, Seq};
@@ -150,22 +150,29 @@ impl Ops for CpuOps<'_> {
         Ok(())
     }
 
-    fn rope(
+    fn add_norm(&self, x: &mut Vec<f32>, y: &Vec<f32>, w: &[f32], eps: f32) -> Result<Vec<f32>> {
+        self.add(x, y)?;
+        self.norm(x, w, eps)
+    }
+
+    fn qk_norm_rope(
         &self,
-        x: &mut Vec<f32>,
-        r: &Rope,
-        n_heads: usize,
-        head_dim: usize,
+        a: &Attention,
+        q: &mut Vec<f32>,
+        k: &mut Vec<f32>,
+        eps: f32,
         at: &[(usize, Range<usize>)],
     ) -> Result<()> {
-        let w = n_heads * head_dim;
-        for (pos, rows) in at {
-            r.apply(
-                &mut x[rows.start * w..rows.end * w],
-                n_heads,
-                head_dim,
-                *pos,
-            );
+        let s = &a.shape;
+        for (x, norm, n_heads) in [(q, &a.q_norm, s.n_head), (k, &a.k_norm, s.n_head_kv)] {
+            if let Some(w) = norm {
+                rms_norm(x, w, eps);
+            }
+            let width = n_heads * s.head_dim;
+            for (pos, rows) in at {
+                let rows = &mut x[rows.start * width..rows.end * width];
+                a.rope.apply(rows, n_heads, s.head_dim, *pos);
+            }
         }
         Ok(())
     }

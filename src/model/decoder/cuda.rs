@@ -641,7 +641,8 @@ impl CudaOps<'_, '_> {
                 None => Ok(()),
             }
         };
-        let mut out = g.zeros(t * n)?;
+        // Every row of it is written by the combine below.
+        let mut out = g.output(t * n)?;
         if t <= ID_PATH_MAX_TOKENS {
             // Gate, up, their biases and the activation in one pass; down with its bias.
             let vector = |b: &Option<Vec<f32>>| b.as_ref().map(|b| self.dev.vector(b)).transpose();
@@ -697,7 +698,7 @@ impl CudaOps<'_, '_> {
                 bd,
                 Epilogue::Store,
             )?;
-            g.moe_combine(&y, None, wts, &mut out, t, k, n)?;
+            g.moe_combine(&y, None, wts, &mut out, t, k, n, false)?;
             return Ok(out);
         }
         if n_in != ne {
@@ -745,7 +746,7 @@ impl CudaOps<'_, '_> {
         let (x, mut yv) = (gb.slice(..), y.slice_mut(..));
         g.matmul_grouped(down.m, n, &groups(n), &x, &mut yv, Epilogue::Store)?;
         bias(&mut y, &m.down_b, &experts_d, n)?;
-        g.moe_combine(&y, Some(&pos_d), wts, &mut out, t, k, n)?;
+        g.moe_combine(&y, Some(&pos_d), wts, &mut out, t, k, n, false)?;
         Ok(out)
     }
 }
@@ -943,15 +944,28 @@ impl Ops for CudaOps<'_, '_> {
         self.dev.gpu.add(x, y, x.len())
     }
 
-    fn rope(
+    fn add_norm(
         &self,
         x: &mut CudaSlice<f32>,
-        r: &Rope,
-        n_heads: usize,
-        head_dim: usize,
+        y: &CudaSlice<f32>,
+        w: &[f32],
+        eps: f32,
+    ) -> Result<CudaSlice<f32>> {
+        let g = self.dev.gpu;
+        let mut h = g.output(x.len())?;
+        g.add_rms_norm(x, y, self.dev.vector(w)?, &mut h, eps)?;
+        Ok(h)
+    }
+
+    fn qk_norm_rope(
+        &self,
+        a: &Attention,
+        q: &mut CudaSlice<f32>,
+        k: &mut CudaSlice<f32>,
+        eps: f32,
         at: &[(usize, Range<usize>)],
     ) -> Result<()> {
-        let g = self.dev.gpu;
+        let r = &a.rope;
         let t = at.last().map_or(0, |(_, rows)| rows.end);
         let cs = self
             .dev
@@ -961,7 +975,12 @@ impl Ops for CudaOps<'_, '_> {
             .map(|i| &self.inputs.angles[i])
             .filter(|cs| cs.len() >= t * r.n_rot)
             .ok_or_else(|| anyhow!("no RoPE angles on the device for this pass"))?;
-        g.rope(x, cs, t, n_heads, head_dim, r.n_rot, r.neox)
+        let norm = |w: &Option<Vec<f32>>| w.as_ref().map(|w| self.dev.vector(w)).transpose();
+        let norms = (norm(&a.q_norm)?, norm(&a.k_norm)?);
+        let rot = (r.n_rot, r.neox);
+        self.dev
+            .gpu
+            .qk_norm_rope(q, k, norms, cs, &a.shape, t, rot, eps)
     }
 
     fn attend(

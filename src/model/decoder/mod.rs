@@ -587,35 +587,36 @@ impl<'a> Decoder<'a> {
             .collect();
         let eps = self.eps;
         let mut x = e.embed(self, tokens)?;
+        // The attention input of the next layer: each layer's last residual add computes it
+        // (add_norm), so that an executor may do both in one step.
+        let mut h = match self.layers.first() {
+            Some(l) => Some(e.norm(&x, &l.attn_norm, eps)?),
+            None => None,
+        };
         for (i, l) in self.layers.iter().enumerate() {
             let mut layer = || -> Result<()> {
                 let a = &l.attn;
-                let s = &a.shape;
-                let h = e.norm(&x, &l.attn_norm, eps)?;
-                let (mut q, mut k, v) = e.qkv(a, &h, t)?;
-                if let Some(w) = &a.q_norm {
-                    e.norm_in_place(&mut q, w, eps)?;
-                }
-                if let Some(w) = &a.k_norm {
-                    e.norm_in_place(&mut k, w, eps)?;
-                }
-                e.rope(&mut q, &a.rope, s.n_head, s.head_dim, &at)?;
-                e.rope(&mut k, &a.rope, s.n_head_kv, s.head_dim, &at)?;
+                let hin = h.take().context("no attention input")?;
+                let (mut q, mut k, v) = e.qkv(a, &hin, t)?;
+                e.qk_norm_rope(a, &mut q, &mut k, eps, &at)?;
                 let o = e.attend(i, a, &q, &k, &v, seqs, &segs)?;
                 let mut y = e.linear(&a.o, &o, t)?;
                 if let Some(w) = &l.attn_post_norm {
                     e.norm_in_place(&mut y, w, eps)?;
                 }
-                e.add(&mut x, &y)?;
-                let h = e.norm(&x, &l.ffn_norm, eps)?;
+                let hf = e.add_norm(&mut x, &y, &l.ffn_norm, eps)?;
                 let mut y = match &l.ffn {
-                    FeedForward::Gated(f) => e.gated(f, &h, t)?,
-                    FeedForward::Moe(m) => e.moe(self, i, m, &h, t)?,
+                    FeedForward::Gated(f) => e.gated(f, &hf, t)?,
+                    FeedForward::Moe(m) => e.moe(self, i, m, &hf, t)?,
                 };
                 if let Some(w) = &l.ffn_post_norm {
                     e.norm_in_place(&mut y, w, eps)?;
                 }
-                e.add(&mut x, &y)
+                match self.layers.get(i + 1) {
+                    Some(next) => h = Some(e.add_norm(&mut x, &y, &next.attn_norm, eps)?),
+                    None => e.add(&mut x, &y)?,
+                }
+                Ok(())
             };
             layer().with_context(|| format!("layer {i}"))?;
         }
@@ -653,14 +654,22 @@ trait Ops {
     }
     /// x += y.
     fn add(&self, x: &mut Self::Rows, y: &Self::Rows) -> Result<()>;
-    /// Rotates each head of x (rows of `n_heads` × `head_dim`); `at`: each sequence's first
-    /// position and its rows.
-    fn rope(
+    /// x += y, then RMSNorm(x) · w (the residual add and the norm that follows it).
+    fn add_norm(
         &self,
         x: &mut Self::Rows,
-        r: &Rope,
-        n_heads: usize,
-        head_dim: usize,
+        y: &Self::Rows,
+        w: &[f32],
+        eps: f32,
+    ) -> Result<Self::Rows>;
+    /// Attention's q and k: each head RMSNorm'd by the attention's q/k norms where it has
+    /// them, then rotated by its RoPE; `at`: each sequence's first position and its rows.
+    fn qk_norm_rope(
+        &self,
+        a: &Attention,
+        q: &mut Self::Rows,
+        k: &mut Self::Rows,
+        eps: f32,
         at: &[(usize, Range<usize>)],
     ) -> Result<()>;
     /// Appends each sequence's k and v rows (`segs`) to its cache of layer `layer` and returns

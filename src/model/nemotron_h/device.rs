@@ -820,7 +820,7 @@ impl<'a> DeviceParts<'a> {
                         None,
                         Epilogue::Store,
                     )?;
-                    g.moe_combine(&y, None, &wts, x, t, k, n)?;
+                    g.moe_combine(&y, None, &wts, x, t, k, n, true)?;
                 } else {
                     let ids_h = g.to_host(&ids)?;
                     let up_of = |e: usize| DeviceRows {
@@ -1455,6 +1455,6 @@ impl<'a> DeviceParts<'a> {
         products(up_of, ff, &xg, &mut u, Epilogue::Relu2)?;
         let mut y = g.output(pairs * n)?;
         products(down_of, n, &u, &mut y, Epilogue::Store)?;
-        g.moe_combine(&y, Some(pos_d), wts, x, t, k, n)
+        g.moe_combine(&y, Some(pos_d), wts, x, t, k, n, true)
     }
 }
