@@ -720,18 +720,24 @@ macro_rules! vnni_kernels {
         #[target_feature(enable = $feat)]
         unsafe fn iq4xs_octet(w: [&[BlockIq4Xs]; 8], a: &[&[BlockQ8K]], out: &mut [f32]) {
             let table = iq4_u8_table();
+            // Plain loops: the array closures this was written with compiled as functions of
+            // their own (not inlined), 7.6% of an IQ4_XS prefill.
             let unpack = |rows: [&BlockIq4Xs; 8]| {
-                let chunks = rows.map(|blk| {
-                    std::array::from_fn(|ib| {
+                let mut chunks = [[_mm256_setzero_si256(); 8]; 8];
+                let mut scales = [[0i32; 8]; 8];
+                let mut d = [0f32; 8];
+                for (r, blk) in rows.iter().enumerate() {
+                    for (ib, chunk) in chunks[r].iter_mut().enumerate() {
                         let qs: &[u8; 16] = blk.qs[16 * ib..16 * ib + 16].try_into().unwrap();
-                        _mm256_shuffle_epi8(table, nibbles(qs))
-                    })
-                });
-                let sc = std::array::from_fn(|ib| {
-                    let v: [i32; 8] = std::array::from_fn(|r| rows[r].scale(ib));
-                    _mm256_loadu_si256(v.as_ptr().cast())
-                });
-                let d = rows.map(|blk| fp16(blk.d));
+                        *chunk = _mm256_shuffle_epi8(table, nibbles(qs));
+                        scales[ib][r] = blk.scale(ib);
+                    }
+                    d[r] = fp16(blk.d);
+                }
+                let mut sc = [_mm256_setzero_si256(); 8];
+                for (v, s) in sc.iter_mut().zip(&scales) {
+                    *v = _mm256_loadu_si256(s.as_ptr().cast());
+                }
                 Iq4XsOctet {
                     q: transpose_chunks(chunks),
                     sc,
