@@ -25,8 +25,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::{anyhow, bail, Result};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut,
-    DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr,
+    DeviceRepr, LaunchArgs, LaunchConfig, PinnedHostSlice, PushKernelArg, ValidAsZeroBits,
 };
 use ggrun_quants::GgmlType;
 
@@ -121,6 +121,9 @@ pub struct Gpu {
     pub name: String,
     /// Compute capability (major, minor).
     pub arch: (i32, i32),
+    /// Page-locked host memory that larger copies back pass through (see [`Gpu::to_host`]),
+    /// grown to the largest such copy so far.
+    readback: Mutex<Option<PinnedHostSlice<u8>>>,
     /// Where the compiled kernels are cached.
     pub kernel_cache: PathBuf,
     /// Whether this start compiled the kernels (false: they came from the cache).
@@ -420,6 +423,7 @@ impl Gpu {
             normal_precision: AtomicBool::new(false),
             name,
             arch,
+            readback: Mutex::default(),
             kernel_cache,
             compiled,
         })
@@ -472,11 +476,56 @@ impl Gpu {
             .map_err(|e| anyhow!("CUDA copy: {e:?}"))
     }
 
-    /// Copies values back (waits for the stream).
+    /// Copies values back (waits for the stream). From READBACK_MIN bytes up (a step's
+    /// logits: 600 KB for a 151936-token vocabulary) the DMA goes to page-locked memory kept
+    /// for the purpose and the values are copied out of it on the host: measured on an H100,
+    /// 151936 floats came back in 18 µs to page-locked memory and 70-80 µs to pageable memory,
+    /// which the driver stages through its own buffers piece by piece.
     pub fn to_host<T: DeviceRepr>(&self, x: &CudaSlice<T>) -> Result<Vec<T>> {
-        self.stream
-            .clone_dtoh(x)
-            .map_err(|e| anyhow!("CUDA copy: {e:?}"))
+        let bytes = x.len() * std::mem::size_of::<T>();
+        if !(READBACK_MIN..=READBACK_MAX).contains(&bytes) {
+            return self
+                .stream
+                .clone_dtoh(x)
+                .map_err(|e| anyhow!("CUDA copy: {e:?}"));
+        }
+        let mut slot = self.readback.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.as_ref().is_none_or(|p| p.len() < bytes) {
+            *slot = None;
+            // SAFETY: page-locked host memory of `bytes` bytes, cacheable (flags 0: the
+            // host reads it back, which write-combined memory makes slow); only reached
+            // through this lock.
+            let p = unsafe { self.ctx.alloc_pinned_with_flags::<u8>(bytes, 0) }
+                .map_err(|e| anyhow!("CUDA page-locked allocation: {e:?}"))?;
+            *slot = Some(p);
+        }
+        let pinned = slot.as_mut().expect("allocated above");
+        let staged = pinned
+            .as_mut_slice()
+            .map_err(|e| anyhow!("CUDA copy: {e:?}"))?;
+        let (src, _sync) = x.device_ptr(&self.stream);
+        // SAFETY: copies `bytes` bytes of the device buffer x (its whole length) into the
+        // first `bytes` of the page-locked buffer, which is at least that long and which
+        // nothing else touches while the lock is held; the stream is synchronized below
+        // before the bytes are read.
+        unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(
+                &mut staged[..bytes],
+                src,
+                self.stream.cu_stream(),
+            )
+        }
+        .map_err(|e| anyhow!("CUDA copy: {e:?}"))?;
+        self.synchronize()?;
+        let mut out = Vec::<T>::with_capacity(x.len());
+        // SAFETY: DeviceRepr types are plain data for which any bytes copied from a device
+        // buffer of that type are valid values; `out` has room for x.len() values (`bytes`
+        // bytes) and the staged bytes were written by the copy above, now complete.
+        unsafe {
+            std::ptr::copy_nonoverlapping(staged.as_ptr(), out.as_mut_ptr() as *mut u8, bytes);
+            out.set_len(x.len());
+        }
+        Ok(out)
     }
 
     /// A zeroed device buffer of `n` values.
@@ -893,6 +942,10 @@ const TILED_FROM: usize = 8;
 /// kernels.cu).
 const MV_WARPS: u32 = 4;
 const MV_ROWS: u32 = 4;
+/// Copies back of at least this many bytes go through the page-locked readback buffer (smaller
+/// ones gain little), and of at most this many (the buffer is kept for the process).
+const READBACK_MIN: usize = 64 << 10;
+const READBACK_MAX: usize = 64 << 20;
 /// Tokens per block of the decode kernels' `_x4` variants (`MV_TOKENS` in kernels.cu).
 const MV_TOKENS: u32 = 4;
 
