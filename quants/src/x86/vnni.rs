@@ -6,7 +6,7 @@
 //! bit for bit. The single-row dots keep the AVX2 loop and float order (results bit-identical to
 //! the AVX2 tier and to llama.cpp, which does the same on VNNI machines); IQ4_XS's, whose
 //! integers per super-block are exact in any order, takes `vpdpbusd` too (decode's hottest dot
-//! on i-quant MoE files, where two cores are compute-bound). Wider
+//! on i-quant MoE files), and prefetches its weights ahead as the AVX2 dots do. Wider
 //! two-blocks-per-register kernels were tried and dropped: no faster here, and their different
 //! summation order moved results away from llama.cpp's. `x86::specialize` installs a module's
 //! kernels only after its tier was detected.
@@ -15,8 +15,9 @@ use core::arch::x86_64::*;
 
 use super::avx2::{
     entry_octet, fp16, fp16_mul, grid_values, hsum4_epi32, hsum_epi32, hsum_ps, iq1_values,
-    iq4_nl_i8, load32, nibble_chunks, nibbles, q3k_values, q4_0_i8, q4_1_u8, q5_0_i8, q5_1_u8,
-    q5k_values, q6k_values, q8_0_i8, signed_dot, transpose8, two_bit_chunks, unsigned_dot,
+    iq4_nl_i8, load32, nibble_chunks, nibbles, prefetch_ahead, q3k_values, q4_0_i8, q4_1_u8,
+    q5_0_i8, q5_1_u8, q5k_values, q6k_values, q8_0_i8, signed_dot, transpose8, two_bit_chunks,
+    unsigned_dot,
 };
 use crate::iq_grid::{
     BlockIq1M, BlockIq1S, BlockIq2S, BlockIq2Xs, BlockIq2Xxs, BlockIq3S, BlockIq3Xxs, Groups, Iq1,
@@ -832,6 +833,7 @@ macro_rules! vnni_kernels {
             let mut sum = 0.0f32;
             let mut i = 0;
             while i + 4 <= n {
+                prefetch_ahead(&w[i], 9);
                 let isums = hsum4_epi32(
                     iq4_xs_lanes(table, &w[i], &a[i]),
                     iq4_xs_lanes(table, &w[i + 1], &a[i + 1]),
