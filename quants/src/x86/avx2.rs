@@ -568,19 +568,20 @@ pub(super) unsafe fn q5k_values(b: &BlockQ5K) -> [__m256i; 8] {
     q
 }
 
-/// How far ahead of its position a single-row dot asks for the weights it will read next.
-/// Decode streams every weight row once from memory, a row of a few hundred bytes to a few KiB
-/// per call, too short for the hardware prefetchers to get ahead: on an Emerald Rapids VM at 2
-/// threads, prefetching 4 KiB ahead in the IQ4_XS and Q6_K dots took a Qwen3-width IQ4_XS
-/// decode from 27.3 to 35.9 tok/s (1 and 2 KiB gained less, 8 and 16 KiB the same).
-const PREFETCH_AHEAD: usize = 4096;
-
-/// Asks for the `lines` cache lines that start PREFETCH_AHEAD bytes past `p`: the data the
-/// caller reads that far on (the rest of its row, or the rows after it). A prefetch is a hint
-/// that never faults, so the address may lie past the end of the weights.
+/// Asks for the `lines` cache lines that start `dist` bytes past `p` (nothing where `dist` is
+/// 0): the weights a single-row dot reads that far on, the rest of its row or the rows after
+/// it. Decode streams every row once from memory, a few hundred bytes to a few KiB per call,
+/// too short for the hardware prefetchers; the distance is the packed kernels'
+/// ([`crate::isa::weight_prefetch_bytes`]: 8 KiB on Intel, none elsewhere). On an Emerald
+/// Rapids VM at 2 threads it took a Qwen3-width IQ4_XS decode from 27.3 to 35 tok/s (the IQ4_XS
+/// and Q6_K dots). A prefetch is a hint that never faults, so the address may lie past the end
+/// of the weights.
 #[inline(always)]
-pub(super) fn prefetch_ahead<T>(p: *const T, lines: usize) {
-    let p = p.cast::<i8>().wrapping_add(PREFETCH_AHEAD);
+pub(super) fn prefetch_ahead<T>(p: *const T, lines: usize, dist: usize) {
+    if dist == 0 {
+        return;
+    }
+    let p = p.cast::<i8>().wrapping_add(dist);
     for l in 0..lines {
         // SAFETY: PREFETCHT0 only hints the cache (SSE, present on every x86-64); it reads
         // nothing into the program and never faults, whatever the address.
@@ -593,8 +594,9 @@ unsafe fn dot_q5k_impl(w: &[BlockQ5K], a: &[BlockQ8K]) -> f32 {
     // A plain loop: a closure here is compiled as a function of its own, the block's registers
     // passed through memory. `Sum` for f32 folds from −0.0, as this does.
     let mut acc = -0.0f32;
+    let dist = crate::isa::weight_prefetch_bytes();
     for (b, y) in w.iter().zip(a) {
-        prefetch_ahead(b, 3);
+        prefetch_ahead(b, 3, dist);
         let (sc, mins) = k4_scales_simd(&b.scales);
         let u = Q4kUnpacked {
             q: q5k_values(b),
@@ -682,8 +684,9 @@ unsafe fn dot_q6k_impl(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
     let n = w.len().min(a.len());
     let mut acc = -0.0f32;
     let mut i = 0;
+    let dist = crate::isa::weight_prefetch_bytes();
     while i + 2 <= n {
-        prefetch_ahead(&w[i], 7);
+        prefetch_ahead(&w[i], 7, dist);
         let (s0, o0) = q6k_lanes(&q6k_unpack(&w[i]), &a[i]);
         let (s1, o1) = q6k_lanes(&q6k_unpack(&w[i + 1]), &a[i + 1]);
         let [s0, o0, s1, o1] = hsum4_epi32(s0, o0, s1, o1);
@@ -896,8 +899,9 @@ unsafe fn iq4_table() -> __m256i {
 unsafe fn dot_iq4_xs_impl(w: &[BlockIq4Xs], a: &[BlockQ8K]) -> f32 {
     let table = iq4_table();
     let mut sum = 0.0f32;
+    let dist = crate::isa::weight_prefetch_bytes();
     for (w, a) in w.iter().zip(a) {
-        prefetch_ahead(w, 3);
+        prefetch_ahead(w, 3, dist);
         let (units, ls) = iq4_xs_unpack(table, w);
         sum += fp16(w.d) * a.d() * iq4_xs_block(&units, &ls, a) as f32;
     }
@@ -1250,8 +1254,9 @@ unsafe fn q4k_term(u: &Q4kUnpacked, y: &BlockQ8K) -> f32 {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4k(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
     let mut acc = -0.0f32;
+    let dist = crate::isa::weight_prefetch_bytes();
     for (b, y) in w.iter().zip(a) {
-        prefetch_ahead(b, 3);
+        prefetch_ahead(b, 3, dist);
         acc += q4k_term(&q4k_unpack!(b), y);
     }
     acc

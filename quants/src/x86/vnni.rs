@@ -832,8 +832,9 @@ macro_rules! vnni_kernels {
             let table = iq4_u8_table();
             let mut sum = 0.0f32;
             let mut i = 0;
+            let dist = crate::isa::weight_prefetch_bytes();
             while i + 4 <= n {
-                prefetch_ahead(&w[i], 9);
+                prefetch_ahead(&w[i], 9, dist);
                 let isums = hsum4_epi32(
                     iq4_xs_lanes(table, &w[i], &a[i]),
                     iq4_xs_lanes(table, &w[i + 1], &a[i + 1]),
