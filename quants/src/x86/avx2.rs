@@ -568,24 +568,38 @@ pub(super) unsafe fn q5k_values(b: &BlockQ5K) -> [__m256i; 8] {
     q
 }
 
-/// Asks for the `lines` cache lines that start `dist` bytes past `p` (nothing where `dist` is
-/// 0): the weights a single-row dot reads that far on, the rest of its row or the rows after
-/// it. Decode streams every row once from memory, a few hundred bytes to a few KiB per call,
-/// too short for the hardware prefetchers; the distance is the packed kernels'
-/// ([`crate::isa::weight_prefetch_bytes`]: 8 KiB on Intel, none elsewhere). On an Emerald
-/// Rapids VM at 2 threads it took a Qwen3-width IQ4_XS decode from 27.3 to 35 tok/s (the IQ4_XS
-/// and Q6_K dots). A prefetch is a hint that never faults, so the address may lie past the end
-/// of the weights.
-#[inline(always)]
-pub(super) fn prefetch_ahead<T>(p: *const T, lines: usize, dist: usize) {
-    if dist == 0 {
-        return;
+/// A single-row dot's weight prefetch: the packed kernels' stream ([`crate::isa::prefetch`] at
+/// [`crate::isa::weight_prefetch_bytes`]: 8 KiB on Intel, none elsewhere) over a row of
+/// blocks. Decode streams every row once from memory, a few hundred bytes to a few KiB per
+/// call, too short for the hardware prefetchers: on an Emerald Rapids VM at 2 threads the
+/// IQ4_XS and Q6_K dots' prefetch took a Qwen3-width IQ4_XS decode from 27.3 to 35 tok/s.
+pub(super) struct Prefetch<'a> {
+    row: &'a [u8],
+    block: usize,
+    dist: usize,
+    ahead: usize,
+}
+
+impl<'a> Prefetch<'a> {
+    #[inline(always)]
+    pub(super) fn new<B: bytemuck::Pod>(row: &'a [B]) -> Prefetch<'a> {
+        let dist = crate::isa::weight_prefetch_bytes();
+        Prefetch {
+            row: cast_slice(row),
+            block: std::mem::size_of::<B>(),
+            dist,
+            ahead: dist,
+        }
     }
-    let p = p.cast::<i8>().wrapping_add(dist);
-    for l in 0..lines {
-        // SAFETY: PREFETCHT0 only hints the cache (SSE, present on every x86-64); it reads
-        // nothing into the program and never faults, whatever the address.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64 * l)) };
+
+    /// Asks for the lines `dist` bytes past the end of block `i` not asked for yet (running on
+    /// past the row into the rows after it, as decode reads them).
+    #[inline(always)]
+    pub(super) fn through(&mut self, i: usize) {
+        if self.dist > 0 {
+            self.ahead =
+                crate::isa::prefetch(self.row, self.ahead, (i + 1) * self.block + self.dist);
+        }
     }
 }
 
@@ -594,9 +608,9 @@ unsafe fn dot_q5k_impl(w: &[BlockQ5K], a: &[BlockQ8K]) -> f32 {
     // A plain loop: a closure here is compiled as a function of its own, the block's registers
     // passed through memory. `Sum` for f32 folds from −0.0, as this does.
     let mut acc = -0.0f32;
-    let dist = crate::isa::weight_prefetch_bytes();
-    for (b, y) in w.iter().zip(a) {
-        prefetch_ahead(b, 3, dist);
+    let mut ahead = Prefetch::new(w);
+    for (i, (b, y)) in w.iter().zip(a).enumerate() {
+        ahead.through(i);
         let (sc, mins) = k4_scales_simd(&b.scales);
         let u = Q4kUnpacked {
             q: q5k_values(b),
@@ -684,9 +698,9 @@ unsafe fn dot_q6k_impl(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
     let n = w.len().min(a.len());
     let mut acc = -0.0f32;
     let mut i = 0;
-    let dist = crate::isa::weight_prefetch_bytes();
+    let mut ahead = Prefetch::new(w);
     while i + 2 <= n {
-        prefetch_ahead(&w[i], 7, dist);
+        ahead.through(i + 1);
         let (s0, o0) = q6k_lanes(&q6k_unpack(&w[i]), &a[i]);
         let (s1, o1) = q6k_lanes(&q6k_unpack(&w[i + 1]), &a[i + 1]);
         let [s0, o0, s1, o1] = hsum4_epi32(s0, o0, s1, o1);
@@ -899,9 +913,9 @@ unsafe fn iq4_table() -> __m256i {
 unsafe fn dot_iq4_xs_impl(w: &[BlockIq4Xs], a: &[BlockQ8K]) -> f32 {
     let table = iq4_table();
     let mut sum = 0.0f32;
-    let dist = crate::isa::weight_prefetch_bytes();
-    for (w, a) in w.iter().zip(a) {
-        prefetch_ahead(w, 3, dist);
+    let mut ahead = Prefetch::new(w);
+    for (i, (w, a)) in w.iter().zip(a).enumerate() {
+        ahead.through(i);
         let (units, ls) = iq4_xs_unpack(table, w);
         sum += fp16(w.d) * a.d() * iq4_xs_block(&units, &ls, a) as f32;
     }
@@ -1254,9 +1268,9 @@ unsafe fn q4k_term(u: &Q4kUnpacked, y: &BlockQ8K) -> f32 {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4k(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
     let mut acc = -0.0f32;
-    let dist = crate::isa::weight_prefetch_bytes();
-    for (b, y) in w.iter().zip(a) {
-        prefetch_ahead(b, 3, dist);
+    let mut ahead = Prefetch::new(w);
+    for (i, (b, y)) in w.iter().zip(a).enumerate() {
+        ahead.through(i);
         acc += q4k_term(&q4k_unpack!(b), y);
     }
     acc

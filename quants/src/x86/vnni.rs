@@ -15,9 +15,9 @@ use core::arch::x86_64::*;
 
 use super::avx2::{
     entry_octet, fp16, fp16_mul, grid_values, hsum4_epi32, hsum_epi32, hsum_ps, iq1_values,
-    iq4_nl_i8, load32, nibble_chunks, nibbles, prefetch_ahead, q3k_values, q4_0_i8, q4_1_u8,
-    q5_0_i8, q5_1_u8, q5k_values, q6k_values, q8_0_i8, signed_dot, transpose8, two_bit_chunks,
-    unsigned_dot,
+    iq4_nl_i8, load32, nibble_chunks, nibbles, q3k_values, q4_0_i8, q4_1_u8, q5_0_i8, q5_1_u8,
+    q5k_values, q6k_values, q8_0_i8, signed_dot, transpose8, two_bit_chunks, unsigned_dot,
+    Prefetch,
 };
 use crate::iq_grid::{
     BlockIq1M, BlockIq1S, BlockIq2S, BlockIq2Xs, BlockIq2Xxs, BlockIq3S, BlockIq3Xxs, Groups, Iq1,
@@ -832,9 +832,9 @@ macro_rules! vnni_kernels {
             let table = iq4_u8_table();
             let mut sum = 0.0f32;
             let mut i = 0;
-            let dist = crate::isa::weight_prefetch_bytes();
+            let mut ahead = Prefetch::new(w);
             while i + 4 <= n {
-                prefetch_ahead(&w[i], 9, dist);
+                ahead.through(i + 3);
                 let isums = hsum4_epi32(
                     iq4_xs_lanes(table, &w[i], &a[i]),
                     iq4_xs_lanes(table, &w[i + 1], &a[i + 1]),
