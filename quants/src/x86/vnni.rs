@@ -452,13 +452,21 @@ macro_rules! vnni_kernels {
             dmin: __m256,
         }
 
+        /// Tokens a `term` call of the eight-row kernels takes: each unpacked weight register
+        /// is loaded once for all of them (with one token a call, the `vpdpbusd` stream waited
+        /// on two loads an instruction, the weights' spilled register and the activations'
+        /// broadcast), and their sums form side by side.
+        const TERM_TOKENS: usize = 4;
+
         /// The eight-row skeleton of the super-block types: `unpack` turns the eight rows'
-        /// block b into what `term` needs; per token, `term` gives the eight rows' block
-        /// terms, summed in block order onto `start`, the single-row dot's first value (−0
-        /// for the K-quants, whose scalar dots fold with `Sum`; +0 for IQ4_XS and the grid
-        /// types, so that a row of zero terms keeps the dot's sign of zero). Blocks are the
-        /// outer loop (one unpacked block at a time, in L1), tokens the inner, in runs of
-        /// up to 64 tokens whose accumulators stay on the stack.
+        /// block b into what `term` needs; per TERM_TOKENS tokens, `term` gives each token's
+        /// eight rows' block terms, summed in block order onto `start`, the single-row dot's
+        /// first value (−0 for the K-quants, whose scalar dots fold with `Sum`; +0 for IQ4_XS
+        /// and the grid types, so that a row of zero terms keeps the dot's sign of zero).
+        /// Blocks are the outer loop (one unpacked block at a time, in L1), tokens the inner,
+        /// in runs of up to 64 tokens whose accumulators stay on the stack; a run's last call
+        /// repeats its last token where fewer than TERM_TOKENS are left (those terms are
+        /// dropped). A token's terms do not depend on its companions.
         #[target_feature(enable = $feat)]
         #[inline]
         unsafe fn rows_in_lanes<B, U>(
@@ -467,7 +475,7 @@ macro_rules! vnni_kernels {
             out: &mut [f32],
             start: f32,
             unpack: impl Fn([&B; 8]) -> U,
-            term: impl Fn(&U, &BlockQ8K) -> __m256,
+            term: impl Fn(&U, [&BlockQ8K; TERM_TOKENS]) -> [__m256; TERM_TOKENS],
         ) {
             const RUN: usize = 64;
             let nb = w[0].len();
@@ -480,8 +488,15 @@ macro_rules! vnni_kernels {
                 let mut acc = [_mm256_set1_ps(start); RUN];
                 for b in 0..nb {
                     let u = unpack(std::array::from_fn(|r| &w[r][b]));
-                    for (acc, row) in acc.iter_mut().zip(run) {
-                        *acc = _mm256_add_ps(*acc, term(&u, &row[b]));
+                    for (i, acc) in (0..run.len())
+                        .step_by(TERM_TOKENS)
+                        .zip(acc.chunks_mut(TERM_TOKENS))
+                    {
+                        let ys = std::array::from_fn(|k| &run[(i + k).min(run.len() - 1)][b]);
+                        let terms = term(&u, ys);
+                        for (acc, t) in acc.iter_mut().zip(terms).take(run.len() - i) {
+                            *acc = _mm256_add_ps(*acc, t);
+                        }
                     }
                 }
                 for (i, acc) in acc.iter().take(run.len()).enumerate() {
@@ -545,22 +560,28 @@ macro_rules! vnni_kernels {
                     dmin: _mm256_loadu_ps(dmin.as_ptr()),
                 }
             };
-            let term = |u: &Q4kOctet, y: &BlockQ8K| {
-                let mut s = _mm256_setzero_si256();
-                let mut m = _mm256_setzero_si256();
+            let term = |u: &Q4kOctet, ys: [&BlockQ8K; TERM_TOKENS]| {
+                let mut s = [_mm256_setzero_si256(); TERM_TOKENS];
+                let mut m = [_mm256_setzero_si256(); TERM_TOKENS];
                 for j in 0..8 {
-                    let mut isum = _mm256_setzero_si256();
+                    let mut isum = [_mm256_setzero_si256(); TERM_TOKENS];
                     for g in 0..8 {
-                        let ag = bcast4(y.qs.as_ptr().add(32 * j + 4 * g));
-                        isum = dpbusd(isum, u.q[8 * j + g], ag);
+                        let q = u.q[8 * j + g];
+                        for (isum, y) in isum.iter_mut().zip(ys) {
+                            *isum = dpbusd(*isum, q, bcast4(y.qs.as_ptr().add(32 * j + 4 * g)));
+                        }
                     }
-                    s = _mm256_add_epi32(s, _mm256_mullo_epi32(isum, u.sc[j]));
-                    let bs = y.bsum(2 * j) + y.bsum(2 * j + 1);
-                    m = _mm256_add_epi32(m, _mm256_mullo_epi32(u.mn[j], _mm256_set1_epi32(bs)));
+                    for k in 0..TERM_TOKENS {
+                        s[k] = _mm256_add_epi32(s[k], _mm256_mullo_epi32(isum[k], u.sc[j]));
+                        let bs = _mm256_set1_epi32(ys[k].bsum(2 * j) + ys[k].bsum(2 * j + 1));
+                        m[k] = _mm256_add_epi32(m[k], _mm256_mullo_epi32(u.mn[j], bs));
+                    }
                 }
-                let ds = _mm256_mul_ps(u.d, _mm256_cvtepi32_ps(s));
-                let dm = _mm256_mul_ps(u.dmin, _mm256_cvtepi32_ps(m));
-                _mm256_mul_ps(_mm256_set1_ps(y.d()), _mm256_sub_ps(ds, dm))
+                std::array::from_fn(|k| {
+                    let ds = _mm256_mul_ps(u.d, _mm256_cvtepi32_ps(s[k]));
+                    let dm = _mm256_mul_ps(u.dmin, _mm256_cvtepi32_ps(m[k]));
+                    _mm256_mul_ps(_mm256_set1_ps(ys[k].d()), _mm256_sub_ps(ds, dm))
+                })
             };
             rows_in_lanes(w, a, out, -0.0, unpack, term)
         }
@@ -611,24 +632,30 @@ macro_rules! vnni_kernels {
                     d: _mm256_loadu_ps(d.as_ptr()),
                 }
             };
-            let term = |u: &Signed16Octet, y: &BlockQ8K| {
-                let mut s = _mm256_setzero_si256();
-                let mut off = _mm256_setzero_si256();
+            let term = |u: &Signed16Octet, ys: [&BlockQ8K; TERM_TOKENS]| {
+                let mut s = [_mm256_setzero_si256(); TERM_TOKENS];
+                let mut off = [_mm256_setzero_si256(); TERM_TOKENS];
                 for j in 0..16 {
-                    let mut isum = _mm256_setzero_si256();
+                    let mut isum = [_mm256_setzero_si256(); TERM_TOKENS];
                     for g in 0..4 {
-                        let ag = bcast4(y.qs.as_ptr().add(16 * j + 4 * g));
-                        isum = dpbusd(isum, u.q[4 * j + g], ag);
+                        let q = u.q[4 * j + g];
+                        for (isum, y) in isum.iter_mut().zip(ys) {
+                            *isum = dpbusd(*isum, q, bcast4(y.qs.as_ptr().add(16 * j + 4 * g)));
+                        }
                     }
-                    s = _mm256_add_epi32(s, _mm256_mullo_epi32(isum, u.sc[j]));
-                    let bs = _mm256_set1_epi32(y.bsum(j));
-                    off = _mm256_add_epi32(off, _mm256_mullo_epi32(u.sc[j], bs));
+                    for k in 0..TERM_TOKENS {
+                        s[k] = _mm256_add_epi32(s[k], _mm256_mullo_epi32(isum[k], u.sc[j]));
+                        let bs = _mm256_set1_epi32(ys[k].bsum(j));
+                        off[k] = _mm256_add_epi32(off[k], _mm256_mullo_epi32(u.sc[j], bs));
+                    }
                 }
-                let x = _mm256_sub_epi32(s, _mm256_slli_epi32::<SHIFT>(off));
-                _mm256_mul_ps(
-                    _mm256_mul_ps(_mm256_set1_ps(y.d()), u.d),
-                    _mm256_cvtepi32_ps(x),
-                )
+                std::array::from_fn(|k| {
+                    let x = _mm256_sub_epi32(s[k], _mm256_slli_epi32::<SHIFT>(off[k]));
+                    _mm256_mul_ps(
+                        _mm256_mul_ps(_mm256_set1_ps(ys[k].d()), u.d),
+                        _mm256_cvtepi32_ps(x),
+                    )
+                })
             };
             rows_in_lanes(w, a, out, -0.0, unpack, term)
         }
@@ -676,22 +703,28 @@ macro_rules! vnni_kernels {
                     dmin: _mm256_loadu_ps(dmin.as_ptr()),
                 }
             };
-            let term = |u: &Q2kOctet, y: &BlockQ8K| {
-                let mut s = _mm256_setzero_si256();
-                let mut m = _mm256_setzero_si256();
+            let term = |u: &Q2kOctet, ys: [&BlockQ8K; TERM_TOKENS]| {
+                let mut s = [_mm256_setzero_si256(); TERM_TOKENS];
+                let mut m = [_mm256_setzero_si256(); TERM_TOKENS];
                 for j in 0..16 {
-                    let mut isum = _mm256_setzero_si256();
+                    let mut isum = [_mm256_setzero_si256(); TERM_TOKENS];
                     for g in 0..4 {
-                        let ag = bcast4(y.qs.as_ptr().add(16 * j + 4 * g));
-                        isum = dpbusd(isum, u.q[4 * j + g], ag);
+                        let q = u.q[4 * j + g];
+                        for (isum, y) in isum.iter_mut().zip(ys) {
+                            *isum = dpbusd(*isum, q, bcast4(y.qs.as_ptr().add(16 * j + 4 * g)));
+                        }
                     }
-                    s = _mm256_add_epi32(s, _mm256_mullo_epi32(isum, u.sc[j]));
-                    let bs = _mm256_set1_epi32(y.bsum(j));
-                    m = _mm256_add_epi32(m, _mm256_mullo_epi32(u.mn[j], bs));
+                    for k in 0..TERM_TOKENS {
+                        s[k] = _mm256_add_epi32(s[k], _mm256_mullo_epi32(isum[k], u.sc[j]));
+                        let bs = _mm256_set1_epi32(ys[k].bsum(j));
+                        m[k] = _mm256_add_epi32(m[k], _mm256_mullo_epi32(u.mn[j], bs));
+                    }
                 }
-                let ds = _mm256_mul_ps(u.d, _mm256_cvtepi32_ps(s));
-                let dm = _mm256_mul_ps(u.dmin, _mm256_cvtepi32_ps(m));
-                _mm256_mul_ps(_mm256_set1_ps(y.d()), _mm256_sub_ps(ds, dm))
+                std::array::from_fn(|k| {
+                    let ds = _mm256_mul_ps(u.d, _mm256_cvtepi32_ps(s[k]));
+                    let dm = _mm256_mul_ps(u.dmin, _mm256_cvtepi32_ps(m[k]));
+                    _mm256_mul_ps(_mm256_set1_ps(ys[k].d()), _mm256_sub_ps(ds, dm))
+                })
             };
             rows_in_lanes(w, a, out, -0.0, unpack, term)
         }
@@ -745,21 +778,28 @@ macro_rules! vnni_kernels {
                     d: _mm256_loadu_ps(d.as_ptr()),
                 }
             };
-            let term = |u: &Iq4XsOctet, y: &BlockQ8K| {
-                let mut s = _mm256_setzero_si256();
+            let term = |u: &Iq4XsOctet, ys: [&BlockQ8K; TERM_TOKENS]| {
+                let mut s = [_mm256_setzero_si256(); TERM_TOKENS];
                 for j in 0..8 {
-                    let bs = 128 * (y.bsum(2 * j) + y.bsum(2 * j + 1));
-                    let mut isum = _mm256_set1_epi32(-bs);
+                    let mut isum = ys.map(|y| {
+                        _mm256_set1_epi32(-128 * (y.bsum(2 * j) + y.bsum(2 * j + 1)))
+                    });
                     for g in 0..8 {
-                        let ag = bcast4(y.qs.as_ptr().add(32 * j + 4 * g));
-                        isum = dpbusd(isum, u.q[8 * j + g], ag);
+                        let q = u.q[8 * j + g];
+                        for (isum, y) in isum.iter_mut().zip(ys) {
+                            *isum = dpbusd(*isum, q, bcast4(y.qs.as_ptr().add(32 * j + 4 * g)));
+                        }
                     }
-                    s = _mm256_add_epi32(s, _mm256_mullo_epi32(isum, u.sc[j]));
+                    for k in 0..TERM_TOKENS {
+                        s[k] = _mm256_add_epi32(s[k], _mm256_mullo_epi32(isum[k], u.sc[j]));
+                    }
                 }
-                _mm256_mul_ps(
-                    _mm256_mul_ps(u.d, _mm256_set1_ps(y.d())),
-                    _mm256_cvtepi32_ps(s),
-                )
+                std::array::from_fn(|k| {
+                    _mm256_mul_ps(
+                        _mm256_mul_ps(u.d, _mm256_set1_ps(ys[k].d())),
+                        _mm256_cvtepi32_ps(s[k]),
+                    )
+                })
             };
             rows_in_lanes(w, a, out, 0.0, unpack, term)
         }
@@ -899,22 +939,30 @@ macro_rules! vnni_kernels {
                     d: _mm256_loadu_ps(ds.as_ptr()),
                 }
             };
-            let term = |u: &GridOctet, y: &BlockQ8K| {
-                let mut s = _mm256_setzero_si256();
+            let term = |u: &GridOctet, ys: [&BlockQ8K; TERM_TOKENS]| {
+                let mut s = [_mm256_setzero_si256(); TERM_TOKENS];
                 for j in 0..8 {
                     for half in 0..2 {
-                        let mut isum = _mm256_set1_epi32(-128 * y.bsum(2 * j + half));
+                        let mut isum = ys.map(|y| _mm256_set1_epi32(-128 * y.bsum(2 * j + half)));
                         for g in 4 * half..4 * half + 4 {
-                            let ag = bcast4(y.qs.as_ptr().add(32 * j + 4 * g));
-                            isum = dpbusd(isum, u.q[8 * j + g], ag);
+                            let q = u.q[8 * j + g];
+                            for (isum, y) in isum.iter_mut().zip(ys) {
+                                *isum =
+                                    dpbusd(*isum, q, bcast4(y.qs.as_ptr().add(32 * j + 4 * g)));
+                            }
                         }
-                        s = _mm256_add_epi32(s, _mm256_mullo_epi32(isum, u.sc[2 * j + half]));
+                        for k in 0..TERM_TOKENS {
+                            let sc = u.sc[2 * j + half];
+                            s[k] = _mm256_add_epi32(s[k], _mm256_mullo_epi32(isum[k], sc));
+                        }
                     }
                 }
-                _mm256_mul_ps(
-                    _mm256_mul_ps(u.d, _mm256_set1_ps(y.d())),
-                    _mm256_cvtepi32_ps(s),
-                )
+                std::array::from_fn(|k| {
+                    _mm256_mul_ps(
+                        _mm256_mul_ps(u.d, _mm256_set1_ps(ys[k].d())),
+                        _mm256_cvtepi32_ps(s[k]),
+                    )
+                })
             };
             rows_in_lanes(w, a, out, 0.0, unpack, term);
             for v in out[..8 * a.len()].iter_mut() {
