@@ -754,26 +754,62 @@ macro_rules! vnni_kernels {
         #[target_feature(enable = $feat)]
         unsafe fn iq4xs_octet(w: [&[BlockIq4Xs]; 8], a: &[&[BlockQ8K]], out: &mut [f32]) {
             let table = iq4_u8_table();
-            // Plain loops: the array closures this was written with compiled as functions of
-            // their own (not inlined), 7.6% of an IQ4_XS prefill.
+            let m4 = _mm256_set1_epi8(15);
+            // The codes transposed before the lookup, which works on bytes in any order: rows
+            // r and r + 4 share a register (low and high 128 bits), and a 4 × 4 transpose of
+            // words in each half leaves word d of the eight rows' 16 code bytes in one
+            // register, whose low nibbles are group d and high nibbles group 4 + d. Half the
+            // shuffles of transposing the looked-up 32-byte chunks (`transpose_chunks`), which
+            // made the unpacking as costly as 13 tokens' terms. Plain loops: array closures
+            // here compiled as functions of their own (not inlined).
             let unpack = |rows: [&BlockIq4Xs; 8]| {
-                let mut chunks = [[_mm256_setzero_si256(); 8]; 8];
-                let mut scales = [[0i32; 8]; 8];
+                let mut q = [_mm256_setzero_si256(); 64];
+                for ib in 0..8 {
+                    let mut a = [_mm256_setzero_si256(); 4];
+                    for (r, a) in a.iter_mut().enumerate() {
+                        let lo = rows[r].qs[16 * ib..16 * ib + 16].as_ptr();
+                        let hi = rows[r + 4].qs[16 * ib..16 * ib + 16].as_ptr();
+                        *a = _mm256_loadu2_m128i(hi.cast(), lo.cast());
+                    }
+                    let t0 = _mm256_unpacklo_epi32(a[0], a[1]);
+                    let t1 = _mm256_unpackhi_epi32(a[0], a[1]);
+                    let t2 = _mm256_unpacklo_epi32(a[2], a[3]);
+                    let t3 = _mm256_unpackhi_epi32(a[2], a[3]);
+                    let words = [
+                        _mm256_unpacklo_epi64(t0, t2),
+                        _mm256_unpackhi_epi64(t0, t2),
+                        _mm256_unpacklo_epi64(t1, t3),
+                        _mm256_unpackhi_epi64(t1, t3),
+                    ];
+                    for (d, w) in words.into_iter().enumerate() {
+                        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(w), m4);
+                        q[8 * ib + d] = _mm256_shuffle_epi8(table, _mm256_and_si256(w, m4));
+                        q[8 * ib + 4 + d] = _mm256_shuffle_epi8(table, hi);
+                    }
+                }
+                // The 6-bit scales: four low bits from scales_l, two high from scales_h.
+                let mut sl = [0i32; 8];
+                let mut sh = [0i32; 8];
                 let mut d = [0f32; 8];
                 for (r, blk) in rows.iter().enumerate() {
-                    for (ib, chunk) in chunks[r].iter_mut().enumerate() {
-                        let qs: &[u8; 16] = blk.qs[16 * ib..16 * ib + 16].try_into().unwrap();
-                        *chunk = _mm256_shuffle_epi8(table, nibbles(qs));
-                        scales[ib][r] = blk.scale(ib);
-                    }
+                    sl[r] = i32::from_le_bytes(blk.scales_l);
+                    sh[r] = u16::from_le_bytes(blk.scales_h) as i32;
                     d[r] = fp16(blk.d);
                 }
+                let sl = _mm256_loadu_si256(sl.as_ptr().cast());
+                let sh = _mm256_loadu_si256(sh.as_ptr().cast());
                 let mut sc = [_mm256_setzero_si256(); 8];
-                for (v, s) in sc.iter_mut().zip(&scales) {
-                    *v = _mm256_loadu_si256(s.as_ptr().cast());
+                for (ib, sc) in sc.iter_mut().enumerate() {
+                    let lo = _mm256_srlv_epi32(sl, _mm256_set1_epi32(4 * ib as i32));
+                    let hi = _mm256_srlv_epi32(sh, _mm256_set1_epi32(2 * ib as i32));
+                    let v = _mm256_or_si256(
+                        _mm256_and_si256(lo, _mm256_set1_epi32(15)),
+                        _mm256_slli_epi32::<4>(_mm256_and_si256(hi, _mm256_set1_epi32(3))),
+                    );
+                    *sc = _mm256_sub_epi32(v, _mm256_set1_epi32(32));
                 }
                 Iq4XsOctet {
-                    q: transpose_chunks(chunks),
+                    q,
                     sc,
                     d: _mm256_loadu_ps(d.as_ptr()),
                 }
