@@ -15,8 +15,9 @@ use core::arch::x86_64::*;
 
 use super::avx2::{
     entry_octet, fp16, fp16_mul, grid_values, hsum4_epi32, hsum_epi32, hsum_ps, iq1_values,
-    iq4_nl_i8, load32, nibbles, q3k_values, q4_0_i8, q4_1_u8, q5_0_i8, q5_1_u8, q5k_values,
-    q6k_values, q8_0_i8, signed_dot, transpose8, two_bit_chunks, unsigned_dot, Prefetch,
+    iq4_nl_i8, load32, nibble_chunks, nibbles, q3k_values, q4_0_i8, q4_1_u8, q5_0_i8, q5_1_u8,
+    q5k_values, q6k_values, q8_0_i8, signed_dot, transpose8, two_bit_chunks, unsigned_dot,
+    Prefetch,
 };
 use crate::iq_grid::{
     BlockIq1M, BlockIq1S, BlockIq2S, BlockIq2Xs, BlockIq2Xxs, BlockIq3S, BlockIq3Xxs, Groups, Iq1,
@@ -529,17 +530,16 @@ macro_rules! vnni_kernels {
             _mm256_set1_epi32(core::ptr::read_unaligned(p.cast::<i32>()))
         }
 
-        /// The Q4_K eight-row kernel over Q4_K and Q5_K: `values` gives the eight rows'
-        /// super-blocks' 256 unsigned values (nibbles; Q5_K's with the fifth bit) as 64 group
-        /// registers (see [`transpose_chunks`]); both types share the scales, mins and float
-        /// expression.
+        /// The Q4_K eight-row kernel over Q4_K and Q5_K: `values` gives a super-block's 256
+        /// unsigned values in element order, 32 a register (nibbles; Q5_K's with the fifth
+        /// bit); both types share the scales, mins and float expression.
         #[target_feature(enable = $feat)]
         #[inline]
         unsafe fn k4_octet<B>(
             w: [&[B]; 8],
             a: &[&[BlockQ8K]],
             out: &mut [f32],
-            values: impl Fn([&B; 8]) -> [__m256i; 64],
+            values: impl Fn(&B) -> [__m256i; 8],
             parts: impl Fn(&B) -> (&[u8; 12], [u8; 2], [u8; 2]),
         ) {
             let unpack = |rows: [&B; 8]| {
@@ -553,7 +553,7 @@ macro_rules! vnni_kernels {
                 let d = parts.map(|p| fp16(p.1));
                 let dmin = parts.map(|p| fp16(p.2));
                 Q4kOctet {
-                    q: values(rows),
+                    q: transpose_chunks(rows.map(&values)),
                     sc,
                     mn,
                     d: _mm256_loadu_ps(d.as_ptr()),
@@ -586,52 +586,15 @@ macro_rules! vnni_kernels {
             rows_in_lanes(w, a, out, -0.0, unpack, term)
         }
 
-        /// The eight rows' 32 code bytes of each pair of sub-blocks transposed as words
-        /// (`transpose8`) before the nibbles are split: word g's low nibbles are group g of
-        /// the pair's first sub-block, its high nibbles group g of the second. Half the
-        /// shuffles of transposing the split values (Q4_K octet4 60 -> 52-57 us per call);
-        /// `fifth` ORs bits into group g of sub-block c (0..8).
-        #[target_feature(enable = $feat)]
-        #[inline]
-        unsafe fn k4_groups(
-            qs: [&[u8; 128]; 8],
-            fifth: impl Fn(usize, usize) -> __m256i,
-        ) -> [__m256i; 64] {
-            let m4 = _mm256_set1_epi8(15);
-            let mut q = [_mm256_setzero_si256(); 64];
-            for c in 0..4 {
-                let mut raw = [_mm256_setzero_ps(); 8];
-                for (r, raw) in raw.iter_mut().enumerate() {
-                    *raw = _mm256_loadu_ps(qs[r].as_ptr().add(32 * c).cast());
-                }
-                for (g, v) in transpose8(raw).into_iter().enumerate() {
-                    let v = _mm256_castps_si256(v);
-                    let lo = _mm256_and_si256(v, m4);
-                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4);
-                    q[8 * (2 * c) + g] = _mm256_or_si256(lo, fifth(2 * c, g));
-                    q[8 * (2 * c + 1) + g] = _mm256_or_si256(hi, fifth(2 * c + 1, g));
-                }
-            }
-            q
-        }
-
         #[target_feature(enable = $feat)]
         unsafe fn q4k_octet(w: [&[BlockQ4K]; 8], a: &[&[BlockQ8K]], out: &mut [f32]) {
-            let values = |rows: [&BlockQ4K; 8]| {
-                let mut qs = [&rows[0].qs; 8];
-                for (q, b) in qs.iter_mut().zip(rows) {
-                    *q = &b.qs;
-                }
-                k4_groups(qs, |_, _| _mm256_setzero_si256())
-            };
+            let values = |b: &BlockQ4K| nibble_chunks(&b.qs);
             k4_octet(w, a, out, values, |b| (&b.scales, b.d, b.dmin))
         }
 
         #[target_feature(enable = $feat)]
         unsafe fn q5k_octet(w: [&[BlockQ5K]; 8], a: &[&[BlockQ8K]], out: &mut [f32]) {
-            // Split per row, then transposed: transposing the code and qh bytes first
-            // (`k4_groups` with the fifth bits) measured slower here (octet4 60 -> 76 us).
-            let values = |rows: [&BlockQ5K; 8]| transpose_chunks(rows.map(|b| q5k_values(b)));
+            let values = |b: &BlockQ5K| q5k_values(b);
             k4_octet(w, a, out, values, |b| (&b.scales, b.d, b.dmin))
         }
 
