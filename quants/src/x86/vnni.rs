@@ -530,6 +530,27 @@ macro_rules! vnni_kernels {
             _mm256_set1_epi32(core::ptr::read_unaligned(p.cast::<i32>()))
         }
 
+        /// Each token's `isum` plus, over groups g0..g0 + n of a super-block, `vpdpbusd` of
+        /// group register q[g] with the token's activation bytes 4g..4g + 4: the weight
+        /// register is loaded once for the TERM_TOKENS tokens.
+        #[target_feature(enable = $feat)]
+        #[inline]
+        unsafe fn group_sums(
+            q: &[__m256i; 64],
+            g0: usize,
+            n: usize,
+            ys: [&BlockQ8K; TERM_TOKENS],
+            mut isum: [__m256i; TERM_TOKENS],
+        ) -> [__m256i; TERM_TOKENS] {
+            for g in g0..g0 + n {
+                let w = q[g];
+                for (isum, y) in isum.iter_mut().zip(ys) {
+                    *isum = dpbusd(*isum, w, bcast4(y.qs.as_ptr().add(4 * g)));
+                }
+            }
+            isum
+        }
+
         /// The Q4_K eight-row kernel over Q4_K and Q5_K: `values` gives a super-block's 256
         /// unsigned values in element order, 32 a register (nibbles; Q5_K's with the fifth
         /// bit); both types share the scales, mins and float expression.
@@ -564,13 +585,8 @@ macro_rules! vnni_kernels {
                 let mut s = [_mm256_setzero_si256(); TERM_TOKENS];
                 let mut m = [_mm256_setzero_si256(); TERM_TOKENS];
                 for j in 0..8 {
-                    let mut isum = [_mm256_setzero_si256(); TERM_TOKENS];
-                    for g in 0..8 {
-                        let q = u.q[8 * j + g];
-                        for (isum, y) in isum.iter_mut().zip(ys) {
-                            *isum = dpbusd(*isum, q, bcast4(y.qs.as_ptr().add(32 * j + 4 * g)));
-                        }
-                    }
+                    let zero = [_mm256_setzero_si256(); TERM_TOKENS];
+                    let isum = group_sums(&u.q, 8 * j, 8, ys, zero);
                     for k in 0..TERM_TOKENS {
                         s[k] = _mm256_add_epi32(s[k], _mm256_mullo_epi32(isum[k], u.sc[j]));
                         let bs = _mm256_set1_epi32(ys[k].bsum(2 * j) + ys[k].bsum(2 * j + 1));
@@ -636,13 +652,8 @@ macro_rules! vnni_kernels {
                 let mut s = [_mm256_setzero_si256(); TERM_TOKENS];
                 let mut off = [_mm256_setzero_si256(); TERM_TOKENS];
                 for j in 0..16 {
-                    let mut isum = [_mm256_setzero_si256(); TERM_TOKENS];
-                    for g in 0..4 {
-                        let q = u.q[4 * j + g];
-                        for (isum, y) in isum.iter_mut().zip(ys) {
-                            *isum = dpbusd(*isum, q, bcast4(y.qs.as_ptr().add(16 * j + 4 * g)));
-                        }
-                    }
+                    let zero = [_mm256_setzero_si256(); TERM_TOKENS];
+                    let isum = group_sums(&u.q, 4 * j, 4, ys, zero);
                     for k in 0..TERM_TOKENS {
                         s[k] = _mm256_add_epi32(s[k], _mm256_mullo_epi32(isum[k], u.sc[j]));
                         let bs = _mm256_set1_epi32(ys[k].bsum(j));
@@ -707,13 +718,8 @@ macro_rules! vnni_kernels {
                 let mut s = [_mm256_setzero_si256(); TERM_TOKENS];
                 let mut m = [_mm256_setzero_si256(); TERM_TOKENS];
                 for j in 0..16 {
-                    let mut isum = [_mm256_setzero_si256(); TERM_TOKENS];
-                    for g in 0..4 {
-                        let q = u.q[4 * j + g];
-                        for (isum, y) in isum.iter_mut().zip(ys) {
-                            *isum = dpbusd(*isum, q, bcast4(y.qs.as_ptr().add(16 * j + 4 * g)));
-                        }
-                    }
+                    let zero = [_mm256_setzero_si256(); TERM_TOKENS];
+                    let isum = group_sums(&u.q, 4 * j, 4, ys, zero);
                     for k in 0..TERM_TOKENS {
                         s[k] = _mm256_add_epi32(s[k], _mm256_mullo_epi32(isum[k], u.sc[j]));
                         let bs = _mm256_set1_epi32(ys[k].bsum(j));
@@ -817,15 +823,10 @@ macro_rules! vnni_kernels {
             let term = |u: &Iq4XsOctet, ys: [&BlockQ8K; TERM_TOKENS]| {
                 let mut s = [_mm256_setzero_si256(); TERM_TOKENS];
                 for j in 0..8 {
-                    let mut isum = ys.map(|y| {
+                    let init = ys.map(|y| {
                         _mm256_set1_epi32(-128 * (y.bsum(2 * j) + y.bsum(2 * j + 1)))
                     });
-                    for g in 0..8 {
-                        let q = u.q[8 * j + g];
-                        for (isum, y) in isum.iter_mut().zip(ys) {
-                            *isum = dpbusd(*isum, q, bcast4(y.qs.as_ptr().add(32 * j + 4 * g)));
-                        }
-                    }
+                    let isum = group_sums(&u.q, 8 * j, 8, ys, init);
                     for k in 0..TERM_TOKENS {
                         s[k] = _mm256_add_epi32(s[k], _mm256_mullo_epi32(isum[k], u.sc[j]));
                     }
@@ -979,14 +980,8 @@ macro_rules! vnni_kernels {
                 let mut s = [_mm256_setzero_si256(); TERM_TOKENS];
                 for j in 0..8 {
                     for half in 0..2 {
-                        let mut isum = ys.map(|y| _mm256_set1_epi32(-128 * y.bsum(2 * j + half)));
-                        for g in 4 * half..4 * half + 4 {
-                            let q = u.q[8 * j + g];
-                            for (isum, y) in isum.iter_mut().zip(ys) {
-                                *isum =
-                                    dpbusd(*isum, q, bcast4(y.qs.as_ptr().add(32 * j + 4 * g)));
-                            }
-                        }
+                        let init = ys.map(|y| _mm256_set1_epi32(-128 * y.bsum(2 * j + half)));
+                        let isum = group_sums(&u.q, 8 * j + 4 * half, 4, ys, init);
                         for k in 0..TERM_TOKENS {
                             let sc = u.sc[2 * j + half];
                             s[k] = _mm256_add_epi32(s[k], _mm256_mullo_epi32(isum[k], sc));
