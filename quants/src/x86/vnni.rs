@@ -551,6 +551,32 @@ macro_rules! vnni_kernels {
             isum
         }
 
+        /// The sixteen 16-element sub-blocks' sums for each token: Σ_j sc[j] · (sub-block j's
+        /// group sums), and Σ_j bw[j] · (the token's activation sum over sub-block j), in 32
+        /// bits (Q3_K/Q6_K weight the activation sums by their scales for the offset, Q2_K
+        /// by its mins).
+        #[target_feature(enable = $feat)]
+        #[inline]
+        unsafe fn sub16_sums(
+            q: &[__m256i; 64],
+            sc: &[__m256i; 16],
+            bw: &[__m256i; 16],
+            ys: [&BlockQ8K; TERM_TOKENS],
+        ) -> ([__m256i; TERM_TOKENS], [__m256i; TERM_TOKENS]) {
+            let mut s = [_mm256_setzero_si256(); TERM_TOKENS];
+            let mut b = [_mm256_setzero_si256(); TERM_TOKENS];
+            for j in 0..16 {
+                let zero = [_mm256_setzero_si256(); TERM_TOKENS];
+                let isum = group_sums(q, 4 * j, 4, ys, zero);
+                for k in 0..TERM_TOKENS {
+                    s[k] = _mm256_add_epi32(s[k], _mm256_mullo_epi32(isum[k], sc[j]));
+                    let bs = _mm256_set1_epi32(ys[k].bsum(j));
+                    b[k] = _mm256_add_epi32(b[k], _mm256_mullo_epi32(bw[j], bs));
+                }
+            }
+            (s, b)
+        }
+
         /// The Q4_K eight-row kernel over Q4_K and Q5_K: `values` gives a super-block's 256
         /// unsigned values in element order, 32 a register (nibbles; Q5_K's with the fifth
         /// bit); both types share the scales, mins and float expression.
@@ -649,17 +675,7 @@ macro_rules! vnni_kernels {
                 }
             };
             let term = |u: &Signed16Octet, ys: [&BlockQ8K; TERM_TOKENS]| {
-                let mut s = [_mm256_setzero_si256(); TERM_TOKENS];
-                let mut off = [_mm256_setzero_si256(); TERM_TOKENS];
-                for j in 0..16 {
-                    let zero = [_mm256_setzero_si256(); TERM_TOKENS];
-                    let isum = group_sums(&u.q, 4 * j, 4, ys, zero);
-                    for k in 0..TERM_TOKENS {
-                        s[k] = _mm256_add_epi32(s[k], _mm256_mullo_epi32(isum[k], u.sc[j]));
-                        let bs = _mm256_set1_epi32(ys[k].bsum(j));
-                        off[k] = _mm256_add_epi32(off[k], _mm256_mullo_epi32(u.sc[j], bs));
-                    }
-                }
+                let (s, off) = sub16_sums(&u.q, &u.sc, &u.sc, ys);
                 std::array::from_fn(|k| {
                     let x = _mm256_sub_epi32(s[k], _mm256_slli_epi32::<SHIFT>(off[k]));
                     _mm256_mul_ps(
@@ -715,17 +731,7 @@ macro_rules! vnni_kernels {
                 }
             };
             let term = |u: &Q2kOctet, ys: [&BlockQ8K; TERM_TOKENS]| {
-                let mut s = [_mm256_setzero_si256(); TERM_TOKENS];
-                let mut m = [_mm256_setzero_si256(); TERM_TOKENS];
-                for j in 0..16 {
-                    let zero = [_mm256_setzero_si256(); TERM_TOKENS];
-                    let isum = group_sums(&u.q, 4 * j, 4, ys, zero);
-                    for k in 0..TERM_TOKENS {
-                        s[k] = _mm256_add_epi32(s[k], _mm256_mullo_epi32(isum[k], u.sc[j]));
-                        let bs = _mm256_set1_epi32(ys[k].bsum(j));
-                        m[k] = _mm256_add_epi32(m[k], _mm256_mullo_epi32(u.mn[j], bs));
-                    }
-                }
+                let (s, m) = sub16_sums(&u.q, &u.sc, &u.mn, ys);
                 std::array::from_fn(|k| {
                     let ds = _mm256_mul_ps(u.d, _mm256_cvtepi32_ps(s[k]));
                     let dm = _mm256_mul_ps(u.dmin, _mm256_cvtepi32_ps(m[k]));
