@@ -486,7 +486,7 @@ __device__ __forceinline__ void put(float* out, float v, int epi) {
 // token's sums are formed in the same order whatever its companions, so its results are those
 // of a one-token block bit for bit.
 #define MV_WARPS 4
-#define MV_ROWS 4
+#define MV_ROWS 2
 #define MV_TOKENS 4
 
 // Eight activations x[e0..e0+8), as two 16-byte loads where aligned.
@@ -737,11 +737,12 @@ __device__ __forceinline__ void quantize8(const float* x, int e, int* xq, float*
     *sx = sum;
 }
 
-// Decode's activations in int8. A block of one token quantizes its activations itself
-// (quantize8, each chunk once for the block's rows); the blocks of several tokens (MV_TOKENS)
-// read them quantized once per product by quantize_q8, which spares every block quantizing all
-// of x for each of its tokens but costs a launch, a loss where a block has one token (measured:
-// Nemotron-width decode 6% slower). Row r of a quantized x lies at xq + r · q8_row_bytes(cols)
+// Decode's activations in int8, quantized once per product by quantize_q8 (a launch of its
+// own) and read by every block: with four rows a block, each block quantizing x for itself
+// was 6% faster on Nemotron-width decode, but with fewer rows a block (more blocks, shorter
+// walks: what llama.cpp's mat-vec does) that work multiplies; two rows a block reading
+// quantized rows measured 228-241 tok/s against 211-220 on a 48-layer Qwen3-width Q4_K_M
+// (BENCHMARKS.md). Row r of a quantized x lies at xq + r · q8_row_bytes(cols)
 // and holds the cols signed bytes, then the step of each block of 32 (floats), then the float
 // sum of each eight (rows padded to 16 bytes; cols is a multiple of 32, as every int8 type's
 // block is).
@@ -750,7 +751,7 @@ __device__ __forceinline__ long long q8_row_bytes(int cols) {
 }
 
 // quantize8 over `rows` rows of x (rows × cols floats) into xq: a warp per 256 columns of a row
-// (blockIdx.y), the values every decode block computed for itself before.
+// (blockIdx.y), the values every decode kernel on int8 activations reads.
 extern "C" __global__ void quantize_q8(const float* x, u8* xq, int rows, int cols) {
     int lane = threadIdx.x % 32;
     int e0 = (blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32) * 256 + 8 * lane;
@@ -767,49 +768,66 @@ extern "C" __global__ void quantize_q8(const float* x, u8* xq, int rows, int col
     ((float*)(row + cols + cols / 8))[e / 8] = sx;
 }
 
-// rows_dot with int8 activations: for one token (NT 1) x is the token's floats, quantized
-// here; for several, x holds quantize_q8's rows (the first of the nt). The same contract.
+// The distance between the two groups of eight elements a lane of rows_dot_i8 takes: elements
+// whose quantized values share their bytes (a nibble type's low and high halves, Q6_K's
+// quarters q and q + 2, Q2_K's and Q3_K's bit pairs p and p + 1), so that both groups' loads of
+// the weights are the same loads; 8 (the next group) for the types without such a pair.
+template <int T> struct PairStride {
+    static const int v = T == T_Q4_0 || T == T_Q4_1 || T == T_Q5_0 || T == T_Q5_1 || T == T_IQ4_XS
+                                 || T == T_MXFP4 ? 16
+                         : T == T_Q2_K || T == T_Q3_K || T == T_Q4_K || T == T_Q5_K ? 32
+                         : T == T_Q6_K ? 64 : 8;
+};
+
+// rows_dot with int8 activations: x holds quantize_q8's rows (the first of the nt). The same
+// contract. A warp takes 512-element chunks; lane L the group ga of eight (below) and the group
+// PairStride after it, both within one block of the type (rows are whole blocks), so one check
+// covers both.
 template <int T, int NT, int R>
 __device__ __forceinline__ float rows_dot_i8(const u8* w, const u8* w2, long long row_bytes, int n,
                                              const void* x, int cols, int nt) {
     int lane = threadIdx.x % 32, wid = threadIdx.x / 32;
+    const int P = PairStride<T>::v, G = P / 8;
+    int ga = (lane / G) * 2 * G + lane % G;
     float acc[NT][R] = {};
     const u8* rowp[R];
     row_pointers<R>(w, w2, row_bytes, n, rowp);
     long long xrb = q8_row_bytes(cols);
-    for (int base = wid * 256; base < cols; base += 256 * MV_WARPS) {
-        int e0 = base + 8 * lane;
+    for (int base = wid * 512; base < cols; base += 512 * MV_WARPS) {
+        int e0 = base + 8 * ga;
         bool ok = e0 < cols;
-        int e = ok ? e0 : 0;
-        int xq8[NT][2];
-        float dx[NT], sx[NT];
-        if constexpr (NT == 1) {
-            quantize8((const float*)x, e, xq8[0], &dx[0], &sx[0]);
-        } else {
+        int e[2] = {ok ? e0 : 0, (ok ? e0 : 0) + P};
+        int xq8[NT][2][2];
+        float dx[NT][2], sx[NT][2];
 #pragma unroll
-            for (int tt = 0; tt < NT; tt++) {
-                const u8* xr = (const u8*)x + (tt < nt ? tt : 0) * xrb;
-                int2 v = *(const int2*)(xr + e);
-                xq8[tt][0] = v.x;
-                xq8[tt][1] = v.y;
-                dx[tt] = ((const float*)(xr + cols))[e / 32];
-                sx[tt] = ((const float*)(xr + cols + cols / 8))[e / 8];
+        for (int tt = 0; tt < NT; tt++) {
+            const u8* xr = (const u8*)x + (tt < nt ? tt : 0) * xrb;
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                int2 v = *(const int2*)(xr + e[h]);
+                xq8[tt][h][0] = v.x;
+                xq8[tt][h][1] = v.y;
+                dx[tt][h] = ((const float*)(xr + cols))[e[h] / 32];
+                sx[tt][h] = ((const float*)(xr + cols + cols / 8))[e[h] / 8];
             }
         }
-        long long blk = (long long)(e / Block32<T>::elems) * Block32<T>::bytes;
+        long long blk = (long long)(e[0] / Block32<T>::elems) * Block32<T>::bytes;
 #pragma unroll
         for (int j = 0; j < R; j++) {
-            int wq[2];
-            float d, m;
-            block_ints<T>(rowp[j] + blk, e % Block32<T>::elems, wq, &d, &m);
 #pragma unroll
-            for (int tt = 0; tt < NT; tt++) {
-                // Rounded step by step (no contraction left to the compiler), so that a
-                // token's sums do not depend on the code around them.
-                int s = __dp4a(wq[1], xq8[tt][1], __dp4a(wq[0], xq8[tt][0], 0));
-                float v = __fmaf_rn(__fmul_rn(d, dx[tt]), (float)s, acc[tt][j]);
-                if (Block32<T>::has_min) v = __fmaf_rn(m, sx[tt], v);
-                if (ok) acc[tt][j] = v;
+            for (int h = 0; h < 2; h++) {
+                int wq[2];
+                float d, m;
+                block_ints<T>(rowp[j] + blk, e[h] % Block32<T>::elems, wq, &d, &m);
+#pragma unroll
+                for (int tt = 0; tt < NT; tt++) {
+                    // Rounded step by step (no contraction left to the compiler), so that a
+                    // token's sums do not depend on the code around them.
+                    int s = __dp4a(wq[1], xq8[tt][h][1], __dp4a(wq[0], xq8[tt][h][0], 0));
+                    float v = __fmaf_rn(__fmul_rn(d, dx[tt][h]), (float)s, acc[tt][j]);
+                    if (Block32<T>::has_min) v = __fmaf_rn(m, sx[tt][h], v);
+                    if (ok) acc[tt][j] = v;
+                }
             }
         }
     }
@@ -817,10 +835,10 @@ __device__ __forceinline__ float rows_dot_i8(const u8* w, const u8* w2, long lon
 }
 
 // Row `r` of the activations a decode kernel of NT tokens a block was given: floats, or with
-// int8 activations and several tokens a block, quantize_q8's rows.
+// int8 activations quantize_q8's rows.
 template <bool I8, int NT>
 __device__ __forceinline__ const void* x_row(const void* x, long long r, int cols) {
-    if constexpr (I8 && NT > 1) return (const u8*)x + r * q8_row_bytes(cols);
+    if constexpr (I8) return (const u8*)x + r * q8_row_bytes(cols);
     else return (const float*)x + r * cols;
 }
 
@@ -833,8 +851,8 @@ __device__ __forceinline__ float rows_sum(const u8* w, const u8* w2, long long r
 }
 
 // y[t][r] = Σ_c w[r][c] · x[t][c] (+ b[r] where b is not null) for `tokens` rows of x,
-// written as `epi` says: rows blk·MV_ROWS.. and tokens blockIdx.y·NT.. of it; with I8 and
-// NT > 1, x is quantize_q8's rows.
+// written as `epi` says: rows blk·MV_ROWS.. and tokens blockIdx.y·NT.. of it; with I8, x is
+// quantize_q8's rows.
 template <int T, bool I8, int NT>
 __device__ void matmul_block(int blk, const u8* w, const void* x, float* y, const float* b,
                              int rows, int cols, long long row_bytes, int tokens, int epi) {

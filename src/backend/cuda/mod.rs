@@ -544,10 +544,9 @@ impl Gpu {
     }
 
     /// `rows` rows of x (`cols` wide, a multiple of 32) in int8 for the decode kernels of
-    /// [`Kernel::RowsI8`] that take several tokens a block: per row the cols bytes, a step per
-    /// 32 and a sum per 8, as `quantize_q8` in kernels.cu lays them out ([`q8_row_bytes`] a
-    /// row). Quantizing once per product spares every block quantizing all of x for each of
-    /// its tokens (one-token blocks quantize their own: see kernels.cu).
+    /// [`Kernel::RowsI8`]: per row the cols bytes, a step per 32 and a sum per 8, as
+    /// `quantize_q8` in kernels.cu lays them out ([`q8_row_bytes`] a row). Quantizing once per
+    /// product spares every block quantizing all of x for each of its tokens.
     pub fn quantize_q8(
         &self,
         x: &CudaView<f32>,
@@ -573,6 +572,21 @@ impl Gpu {
         // of each row is left unwritten, and no kernel reads it), checked and allocated above.
         unsafe { launch.launch(cfg) }.map_err(|e| anyhow!("CUDA launch: {e:?}"))?;
         Ok(xq)
+    }
+
+    /// The `rows` rows of x (`cols` wide) as a decode kernel of `kind` takes them: quantized
+    /// by [`Gpu::quantize_q8`] where it runs on int8, else None (the floats; see [`push_x`]).
+    fn decode_x(
+        &self,
+        kind: Kernel,
+        x: &CudaView<f32>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Option<CudaSlice<u8>>> {
+        match kind {
+            Kernel::RowsI8 => self.quantize_q8(x, rows, cols).map(Some),
+            _ => Ok(None),
+        }
     }
 
     /// y (t × w.rows) = x (t × w.cols) · wᵀ on the device, activations in f32.
@@ -647,10 +661,7 @@ impl Gpu {
             let (c, rbi, tokens) = (cols as i32, rb as i64, t as i32);
             let null = 0u64;
             let xv = x.slice(..);
-            let xq = match kind {
-                Kernel::RowsI8 if t > 1 => Some(self.quantize_q8(&xv, t, cols)?),
-                _ => None,
-            };
+            let xq = self.decode_x(kind, &xv, t, cols)?;
             let mut launch = self.stream.launch_builder(&f);
             launch.arg(&v0).arg(&v1).arg(&v2);
             launch.arg(&mut y0).arg(&mut y1).arg(&mut y2);
@@ -758,10 +769,7 @@ impl Gpu {
         let epi = epi as i32;
         let null = 0u64;
         let rows_kind = kind == Kernel::Rows || kind == Kernel::RowsI8;
-        let xq = match kind {
-            Kernel::RowsI8 if per_block > 1 => Some(self.quantize_q8(x, t, cols)?),
-            _ => None,
-        };
+        let xq = self.decode_x(kind, x, t, cols)?;
         let mut launch = self.stream.launch_builder(&f);
         launch.arg(w);
         push_x(&mut launch, x, &xq);
@@ -782,7 +790,7 @@ impl Gpu {
         // decode kernels), float*, int, int, long long, int, int), and for the decode kernels a
         // last const float* (the bias, null or `rows` long), matching the arguments pushed
         // above; it reads rows × row_bytes bytes of `w` and t × cols floats of `x` (t rows of
-        // quantize_q8 for the int8 four-token kernels), writes t × rows floats of `y`, all
+        // quantize_q8 for the int8 kernels), writes t × rows floats of `y`, all
         // checked above.
         unsafe { launch.launch(cfg) }.map_err(|e| anyhow!("CUDA launch: {e:?}"))?;
         match bias {
@@ -941,7 +949,7 @@ const TILED_FROM: usize = 8;
 /// Warps per block of the decode kernels, and rows per block (`MV_WARPS`, `MV_ROWS` in
 /// kernels.cu).
 const MV_WARPS: u32 = 4;
-const MV_ROWS: u32 = 4;
+const MV_ROWS: u32 = 2;
 /// Copies back of at least this many bytes go through the page-locked readback buffer (smaller
 /// ones gain little), and of at most this many (the buffer is kept for the process).
 const READBACK_MIN: usize = 64 << 10;

@@ -784,8 +784,8 @@ impl DeviceRows<'_> {
     /// What both routed-expert kernels check and set up: this matrix stacks `n_expert` experts
     /// of `rows_per_expert` rows (`shape`: those two, the pairs, x's rows), `ids` and y (of
     /// `y_len`) hold a row per pair and x `x_rows` rows. Returns the kernel
-    /// `<this type's decode kernel>_<suffix>` (one token a block: it takes the floats and
-    /// quantizes them itself where it runs on int8).
+    /// `<this type's decode kernel>_<suffix>` (one token a block; on int8 it reads x's rows
+    /// quantized by [`Gpu::quantize_q8`], which the caller launches).
     fn expert_kernel(
         &self,
         suffix: &str,
@@ -844,8 +844,12 @@ impl DeviceRows<'_> {
         );
         let (p, ki, xp, ep) = (pairs as i32, k as i32, x_per_pair as i32, epi as i32);
         let null = 0u64;
-        let mut launch = self.gpu.stream.launch_builder(&f);
-        launch.arg(&self.m.data).arg(x).arg(y).arg(ids);
+        let g = self.gpu;
+        let xq = g.decode_x(g.rows_kernel(self.m.ty), x, x_rows, self.m.cols)?;
+        let mut launch = g.stream.launch_builder(&f);
+        launch.arg(&self.m.data);
+        super::push_x(&mut launch, x, &xq);
+        launch.arg(y).arg(ids);
         match bias {
             Some((b, i)) => launch.arg(b).arg(i),
             None => launch.arg(&null).arg(&null),
@@ -863,7 +867,7 @@ impl DeviceRows<'_> {
         // int k, int x_per_pair, int epi): every id comes from route_topk over this matrix's
         // n_expert experts, so it reads within the n_expert × rows_per_expert rows; every bias
         // id is an expert of the layer whose bias b holds (null both, or a row per expert); x
-        // (floats) and y lengths checked above.
+        // (floats, or its rows from quantize_q8 for the int8 kernels) and y lengths checked above.
         launched(unsafe { launch.launch(id_grid(rows_per_expert, pairs)) }.map(drop))
     }
 
@@ -908,13 +912,12 @@ impl DeviceRows<'_> {
         let (r, c, rbi) = (rows_per_expert as i32, cols as i32, rb as i64);
         let (p, ki) = (pairs as i32, k as i32);
         let null = 0u64;
-        let mut launch = self.gpu.stream.launch_builder(&f);
-        launch
-            .arg(&self.m.data)
-            .arg(&up.m.data)
-            .arg(x)
-            .arg(y)
-            .arg(ids);
+        let g = self.gpu;
+        let xq = g.decode_x(g.rows_kernel(self.m.ty), x, pairs.div_ceil(k), cols)?;
+        let mut launch = g.stream.launch_builder(&f);
+        launch.arg(&self.m.data).arg(&up.m.data);
+        super::push_x(&mut launch, x, &xq);
+        launch.arg(y).arg(ids);
         for b in [bg, bu] {
             match b {
                 Some(b) => launch.arg(b),
@@ -934,7 +937,8 @@ impl DeviceRows<'_> {
         // int cols, long long row_bytes, int pairs, int k, int act, float alpha, float limit):
         // both matrices have this shape and every id comes from route_topk over its n_expert
         // experts; every bias id is an expert of the layer whose biases bg and bu hold (null,
-        // or a row per expert); x (floats) and y lengths checked above.
+        // or a row per expert); x (floats, or its rows from quantize_q8 for the int8 kernels)
+        // and y lengths checked above.
         launched(unsafe { launch.launch(id_grid(rows_per_expert, pairs)) }.map(drop))
     }
 }
