@@ -243,12 +243,14 @@ fn order_prefix(cand: &mut [(u32, f32)], m: usize) {
 /// summed in id order), and min-p alone sorts only the tokens within ln(min_p) of the top
 /// logit (with a margin no rounding reaches); with neither, everything is sorted.
 fn truncated(l: &[f32], c: &SamplerConfig) -> Vec<(u32, f32)> {
-    let mut cand: Vec<(u32, f32)> = l.iter().enumerate().map(|(i, &v)| (i as u32, v)).collect();
-    if c.top_k > 0 && c.top_k < cand.len() {
-        order_prefix(&mut cand, c.top_k);
-        cand.truncate(c.top_k);
+    if c.top_k > 0 && c.top_k < l.len() {
+        let mut cand = top_candidates(l, c.top_k);
         top_p(&mut cand, c.top_p);
-    } else if c.top_p < 1.0 {
+        min_p(&mut cand, c.min_p);
+        return cand;
+    }
+    let mut cand: Vec<(u32, f32)> = l.iter().enumerate().map(|(i, &v)| (i as u32, v)).collect();
+    if c.top_p < 1.0 {
         let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
         let total: f64 = l.iter().map(|&v| (v as f64 - max).exp()).sum();
         let (mut m, mut cum, mut done) = (64.min(cand.len()), 0.0, 0);
@@ -284,13 +286,45 @@ fn truncated(l: &[f32], c: &SamplerConfig) -> Vec<(u32, f32)> {
     } else {
         cand.sort_by(by_logit);
     }
-    if c.min_p > 0.0 && !cand.is_empty() {
-        let p = softmax(&cand);
-        let cut = p[0] * c.min_p as f64;
+    min_p(&mut cand, c.min_p);
+    cand
+}
+
+/// The `k` (< l.len()) highest candidates, in order. The row is cut into at least k slices;
+/// their maxima are k different tokens' logits, so the least of them is at most the k-th
+/// largest logit, and only the tokens at or above it (a few hundred of a vocabulary) are
+/// selected among. NaNs, which the order puts first (or last, negative), are kept too.
+fn top_candidates(l: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let floor = l
+        .chunks(l.len() / k)
+        .map(|s| max_of(s, f32::NEG_INFINITY))
+        .fold(f32::INFINITY, |m, x| if x < m { x } else { m });
+    let mut cand = Vec::new();
+    for (j, s) in l.chunks(LANES).enumerate() {
+        // Tested for all sixteen at once.
+        if s.iter().fold(false, |any, &x| any | kept(x, floor)) {
+            let at = (j * LANES) as u32;
+            cand.extend((at..).zip(s.iter().copied()).filter(|x| kept(x.1, floor)));
+        }
+    }
+    order_prefix(&mut cand, k);
+    cand.truncate(k);
+    cand
+}
+
+/// At or above the floor, or NaN (no short circuit, so that sixteen compare as a vector).
+fn kept(x: f32, floor: f32) -> bool {
+    (x >= floor) | x.is_nan()
+}
+
+/// Min-p over ordered candidates: those whose probability is at least `min_p` times the first's.
+fn min_p(cand: &mut Vec<(u32, f32)>, min_p: f32) {
+    if min_p > 0.0 && !cand.is_empty() {
+        let p = softmax(cand);
+        let cut = p[0] * min_p as f64;
         let keep = p.iter().take_while(|&&pi| pi >= cut).count();
         cand.truncate(keep.max(1));
     }
-    cand
 }
 
 /// Top-p over ordered candidates: the shortest prefix whose probability reaches `top_p`.
@@ -346,26 +380,33 @@ fn softmax(cand: &[(u32, f32)]) -> Vec<f64> {
 /// into vector compares (a 151936-token vocabulary: 117 µs a token scanned one by one, as
 /// measured on the device's host), then its first position.
 pub fn argmax(v: &[f32]) -> usize {
-    const LANES: usize = 16;
     let Some(&first) = v.first() else {
         return 0;
     };
     if first.is_nan() {
         return 0;
     }
-    let mut lanes = [first; LANES];
+    let max = max_of(v, first);
+    // 0.0 and -0.0 are equal here as in the comparisons above, so the first of either wins.
+    v.iter().position(|&x| x == max).unwrap_or(0)
+}
+
+/// Lanes of the maximum searches, wide enough for the compiler's vector compares.
+const LANES: usize = 16;
+
+/// The largest of `start` and the values of v, NaNs passed over, in LANES independent lanes.
+fn max_of(v: &[f32], start: f32) -> f32 {
+    let mut lanes = [start; LANES];
     let mut chunks = v.chunks_exact(LANES);
     for c in &mut chunks {
         for (m, &x) in lanes.iter_mut().zip(c) {
             *m = if x > *m { x } else { *m };
         }
     }
-    let max = lanes
+    lanes
         .iter()
         .chain(chunks.remainder())
-        .fold(first, |m, &x| if x > m { x } else { m });
-    // 0.0 and -0.0 are equal here as in the comparisons above, so the first of either wins.
-    v.iter().position(|&x| x == max).unwrap_or(0)
+        .fold(start, |m, &x| if x > m { x } else { m })
 }
 
 #[cfg(test)]
@@ -614,6 +655,26 @@ mod tests {
                     }
                 }
             }
+        }
+        // NaNs (positive ones rank first, negative last) and infinities: top-k keeps the
+        // full sort's candidates.
+        let ids = |v: Vec<(u32, f32)>| {
+            v.into_iter()
+                .map(|x| (x.0, x.1.to_bits()))
+                .collect::<Vec<_>>()
+        };
+        let mut l: Vec<f32> = (0..1000).map(|i| ((i * 37) % 101) as f32 * 0.1).collect();
+        l[5] = f32::NAN;
+        l[600] = -f32::NAN;
+        l[7] = f32::INFINITY;
+        l[8] = f32::NEG_INFINITY;
+        for top_k in [1, 3, 40, 999] {
+            let c = SamplerConfig { top_k, ..cfg(1.0) };
+            assert_eq!(
+                ids(truncated(&l, &c)),
+                ids(truncated_by_full_sort(&l, &c)),
+                "{c:?}"
+            );
         }
         // Non-finite logits: no panic, and a candidate is left.
         for l in [
