@@ -539,7 +539,7 @@ impl<'a> Decoder<'a> {
         if pos >= n_ctx {
             return stop(StopReason::Context);
         }
-        if logits.iter().any(|x| x.is_nan()) {
+        if crate::sample::has_nan(logits) {
             bail!(
                 "the model computed NaN logits after {} tokens (a corrupt or badly quantized weight?)",
                 seq.consumed.len()

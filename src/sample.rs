@@ -391,6 +391,14 @@ pub fn argmax(v: &[f32]) -> usize {
     v.iter().position(|&x| x == max).unwrap_or(0)
 }
 
+/// Whether any value is NaN, tested sixteen at a time without a short circuit inside each
+/// sixteen, so that they compare as a vector (a 151936-token row, measured on the development
+/// VM in a generic x86-64 build: 20 µs, against 94 µs value by value).
+pub fn has_nan(v: &[f32]) -> bool {
+    v.chunks(LANES)
+        .any(|s| s.iter().fold(false, |any, x| any | x.is_nan()))
+}
+
 /// Lanes of the maximum searches, wide enough for the compiler's vector compares.
 const LANES: usize = 16;
 
@@ -422,6 +430,18 @@ mod tests {
             }
         }
         best
+    }
+
+    #[test]
+    fn has_nan_finds_a_nan_anywhere() {
+        let mut v = vec![1.0f32; 100];
+        assert!(!has_nan(&v) && !has_nan(&[]));
+        for at in [0, 15, 16, 17, 63, 99] {
+            v[at] = if at % 2 == 0 { f32::NAN } else { -f32::NAN };
+            assert!(has_nan(&v), "{at}");
+            v[at] = f32::INFINITY;
+            assert!(!has_nan(&v), "{at}");
+        }
     }
 
     #[test]
