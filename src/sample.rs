@@ -251,7 +251,7 @@ fn truncated(l: &[f32], c: &SamplerConfig) -> Vec<(u32, f32)> {
     }
     let mut cand: Vec<(u32, f32)> = l.iter().enumerate().map(|(i, &v)| (i as u32, v)).collect();
     if c.top_p < 1.0 {
-        let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let max = max_of(l, f32::NEG_INFINITY) as f64;
         let total: f64 = l.iter().map(|&v| (v as f64 - max).exp()).sum();
         let (mut m, mut cum, mut done) = (64.min(cand.len()), 0.0, 0);
         order_prefix(&mut cand, m);
@@ -272,7 +272,7 @@ fn truncated(l: &[f32], c: &SamplerConfig) -> Vec<(u32, f32)> {
         };
         cand.truncate(keep.max(1));
     } else if c.min_p > 0.0 {
-        let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let max = max_of(l, f32::NEG_INFINITY);
         let floor = max as f64 + (c.min_p as f64).ln() - 1e-3;
         let near: Vec<(u32, f32)> = cand
             .iter()
@@ -626,12 +626,7 @@ mod tests {
             cand.truncate(c.top_k);
         }
         top_p(&mut cand, c.top_p);
-        if c.min_p > 0.0 {
-            let p = softmax(&cand);
-            let cut = p[0] * c.min_p as f64;
-            let keep = p.iter().take_while(|&&pi| pi >= cut).count();
-            cand.truncate(keep.max(1));
-        }
+        min_p(&mut cand, c.min_p);
         cand
     }
 
